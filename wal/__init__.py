@@ -1,0 +1,22 @@
+"""The write-ahead log: format, writer, reader, segments and group commit.
+
+Imports only the standard library, msgpack and `wbcache.errors` (DESIGN.md, layout).
+"""
+
+from __future__ import annotations
+
+from wbcache.wal.commit import GroupCommitter
+from wbcache.wal.format import FORMAT_VERSION, MAX_RECORD_SIZE
+from wbcache.wal.reader import SegmentReader
+from wbcache.wal.segments import SegmentFile, list_segments
+from wbcache.wal.writer import LogWriter
+
+__all__ = [
+    "FORMAT_VERSION",
+    "GroupCommitter",
+    "LogWriter",
+    "MAX_RECORD_SIZE",
+    "SegmentFile",
+    "SegmentReader",
+    "list_segments",
+]

@@ -1,0 +1,129 @@
+"""`GroupCommitter`: one write and one fdatasync for every record queued meanwhile.
+
+Leader/follower, with no background thread and no fixed delay: a writer that finds no I/O in
+progress becomes the leader, takes everything queued so far, drops the lock, writes it with one
+`write` and (when asked) one `fdatasync`, then wakes every waiter. Writers that queue while the
+leader is busy wait; the first of them still not covered when the leader finishes leads the next
+batch. A lone writer therefore pays exactly one write + fdatasync, and under load the batches
+grow by themselves.
+
+The committer shares the sequencer's lock: records are queued in LSN order under that lock, and
+every method here except `add_listener` must be called with it held.
+
+Invariants (under the lock): durable_lsn <= written_lsn <= queued_lsn; every record with
+LSN <= written_lsn has been handed to the OS, every record with LSN <= durable_lsn is fsync'd.
+Once an I/O error is seen, `failure` is set for good: after a failed fsync the kernel may have
+dropped the dirty pages, so a later fsync that succeeds proves nothing (the "fsyncgate" lesson).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from wbcache.errors import LogFailedError
+from wbcache.wal import crashpoints
+from wbcache.wal.writer import LogWriter
+
+Listener = Callable[[int, int], None]
+
+
+class GroupCommitter:
+    def __init__(self, lock: threading.Lock, writer: LogWriter, *, next_lsn: int,
+                 sync_every_batch: bool) -> None:
+        self._lock = lock
+        self._cond = threading.Condition(lock)
+        self._writer = writer
+        self._sync_every_batch = sync_every_batch
+        self._pending: list[bytes] = []
+        self._pending_first_lsn = next_lsn
+        self.queued_lsn = next_lsn - 1
+        self.written_lsn = next_lsn - 1
+        self.durable_lsn = next_lsn - 1
+        self._leader_active = False
+        self._sync_wanted = False
+        self.failure: BaseException | None = None
+        self._listeners: list[Listener] = []
+        self.fsyncs = 0
+        self.batches = 0
+
+    @property
+    def acknowledged_lsn(self) -> int:
+        """Highest LSN whose writer may return: fsync'd, or written under fsync="interval"."""
+        return self.durable_lsn if self._sync_every_batch else self.written_lsn
+
+    def check(self) -> None:
+        """Raise `LogFailedError` if the log has failed. Lock held."""
+        if self.failure is not None:
+            raise LogFailedError(
+                f"the log failed ({self.failure}); writes are refused until the cache is reopened"
+            ) from self.failure
+
+    def append(self, lsn: int, frame: bytes) -> None:
+        """Queue the framed record `lsn` (the next LSN in order). Lock held."""
+        self._pending.append(frame)
+        self.queued_lsn = lsn
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call `listener(acknowledged_lsn, durable_lsn)` after every batch, lock held."""
+        self._listeners.append(listener)
+
+    def wait(self, lsn: int, *, durable: bool = False) -> None:
+        """Return once record `lsn` is acknowledged (or fsync'd, if `durable`). Lock held.
+
+        Raises `LogFailedError` if the log fails before that.
+        """
+        while (self.durable_lsn if durable else self.acknowledged_lsn) < lsn:
+            self.check()
+            if self._leader_active:
+                self._cond.wait()
+            else:
+                if durable:
+                    self._sync_wanted = True
+                self._lead()
+        # A failure after our record was covered does not concern this write.
+
+    def _lead(self) -> None:
+        """Write (and maybe fsync) everything queued, with the lock released meanwhile."""
+        frames, self._pending = self._pending, []
+        first_lsn, last_lsn = self._pending_first_lsn, self.queued_lsn
+        self._pending_first_lsn = last_lsn + 1
+        do_sync = self._sync_every_batch or self._sync_wanted
+        self._sync_wanted = False
+        self._leader_active = True
+        error: BaseException | None = None
+        self._lock.release()
+        try:
+            if frames:
+                self._writer.append(frames[0] if len(frames) == 1 else b"".join(frames),
+                                    first_lsn, last_lsn)
+            if do_sync:
+                self._writer.sync()
+        except BaseException as exc:  # an interrupted write leaves the log in an unknown state too
+            error = exc
+        finally:
+            self._lock.acquire()
+            self._leader_active = False
+        self.batches += 1
+        if error is None:
+            self.written_lsn = last_lsn
+            if do_sync:
+                self.durable_lsn = last_lsn
+                self.fsyncs += 1
+        else:
+            self.failure = error
+        if crashpoints.ARMED:
+            crashpoints.reached("wal.before_ack")
+        self._cond.notify_all()
+        for listener in self._listeners:
+            listener(self.acknowledged_lsn, self.durable_lsn)
+        if error is not None and not isinstance(error, Exception):
+            raise error
+
+    def close(self) -> None:
+        """Write and fsync whatever is queued, then close the writer. Lock held."""
+        try:
+            if self.failure is None:
+                self.wait(self.queued_lsn, durable=True)
+        finally:
+            self._writer.close()

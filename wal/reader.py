@@ -1,0 +1,192 @@
+"""`SegmentReader`: reads the records of one segment and tells a torn tail from corruption.
+
+The policy, applied in `_damage`:
+  * A bad record in the LAST segment with no valid record anywhere after it is a torn tail:
+    the write that was cut off by the crash was never acknowledged (its fsync never returned),
+    so instead of considering this an error we report where the valid data ends and how many
+    bytes follow it. Zero-filled and garbage tails fall under this rule.
+  * A bad record followed by a valid one, or a bad record in any earlier segment, is corruption:
+    `CorruptLogError` naming the segment and the offset. Nothing is deleted.
+  * A record whose checksum is right but whose content is wrong (an LSN out of sequence, an
+    unknown operation) is corruption wherever it is: a torn write cannot produce it.
+
+Segments are mapped, not read: a damaged length field can make the reader slice at most
+`MAX_RECORD_SIZE` bytes, and a huge file is never loaded whole.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+
+from wbcache.errors import CorruptLogError, UnsupportedFormatError
+from wbcache.wal.format import (
+    FORMAT_VERSION,
+    FRAME,
+    FRAME_MAGIC,
+    FRAME_SIZE,
+    HEADER_SIZE,
+    MAX_RECORD_SIZE,
+    OP_BATCH,
+    OP_DELETE,
+    OP_INCR,
+    OP_PUT,
+    header_version,
+)
+
+_EMPTY = b""
+
+
+def decode_payload(payload: bytes) -> Any:
+    """msgpack-decode a record payload. Limits follow len(payload), itself capped."""
+    return msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True)
+
+
+def _is_key(key: object) -> bool:
+    return type(key) is str or type(key) is bytes
+
+
+def _valid_op(item: list[Any], start: int) -> bool:
+    """Whether item[start:] is a well-formed operation (op code first)."""
+    size = len(item) - start
+    op = item[start]
+    if op == OP_PUT:
+        return size == 3 and _is_key(item[start + 1]) and type(item[start + 2]) is bytes
+    if op == OP_DELETE:
+        return size == 2 and _is_key(item[start + 1])
+    if op == OP_INCR:
+        return (size == 4 and _is_key(item[start + 1])
+                and type(item[start + 2]) is int and type(item[start + 3]) is int)
+    return False
+
+
+def valid_record(record: object) -> bool:
+    """Whether a decoded payload is a well-formed [lsn, op, ...] record."""
+    if type(record) is not list or len(record) < 3 or type(record[0]) is not int or record[0] < 1:
+        return False
+    if record[1] == OP_BATCH:
+        items = record[2]
+        return (len(record) == 3 and type(items) is list and len(items) > 0
+                and all(type(item) is list and len(item) > 1 and _valid_op(item, 0)
+                        for item in items))
+    return _valid_op(record, 1)
+
+
+class SegmentReader:
+    """Iterate the records of the segment at `path` whose name says it starts at `first_lsn`.
+
+    After iteration: `end` is the offset just past the last valid record, `torn_bytes` how many
+    bytes of torn tail follow it (0 when the segment ends cleanly), `last_lsn` the LSN of the
+    last valid record (first_lsn - 1 when there is none), `records` how many were read.
+    """
+
+    def __init__(self, path: str, *, first_lsn: int, is_last: bool) -> None:
+        self.path = path
+        self.first_lsn = first_lsn
+        self.is_last = is_last
+        self.size = 0
+        self.end = 0
+        self.torn_bytes = 0
+        self.torn_reason: str | None = None
+        self.last_lsn = first_lsn - 1
+        self.records = 0
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.size = os.fstat(fd).st_size
+            data: mmap.mmap | bytes = (
+                mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if self.size else _EMPTY
+            )
+        finally:
+            os.close(fd)
+        try:
+            yield from self._records(data)
+        finally:
+            if isinstance(data, mmap.mmap):
+                data.close()
+
+    def _records(self, data: mmap.mmap | bytes) -> Iterator[list[Any]]:
+        size = self.size
+        version = header_version(data[:HEADER_SIZE])
+        if version is None:
+            self._damage(data, 0, "damaged or missing segment header")
+            return
+        if version != FORMAT_VERSION:
+            raise UnsupportedFormatError(self.path, version, FORMAT_VERSION)
+        pos = self.end = HEADER_SIZE
+        expected = self.first_lsn
+        unpack_frame = FRAME.unpack_from
+        crc32 = zlib.crc32
+        while pos < size:
+            if size - pos < FRAME_SIZE:
+                self._damage(data, pos, "record header cut off at end of file")
+                return
+            magic, length, crc = unpack_frame(data, pos)
+            if magic != FRAME_MAGIC:
+                self._damage(data, pos, "bad record marker")
+                return
+            if length == 0 or length > MAX_RECORD_SIZE:
+                self._damage(data, pos, f"record length {length} out of range")
+                return
+            end = pos + FRAME_SIZE + length
+            if end > size:
+                self._damage(data, pos, f"record of {length} bytes cut off at end of file")
+                return
+            payload = data[pos + FRAME_SIZE:end]
+            if crc32(payload) != crc:
+                self._damage(data, pos, "checksum mismatch")
+                return
+            try:
+                record = decode_payload(payload)
+            except Exception as exc:  # msgpack raises several types for bad input
+                raise CorruptLogError(self.path, pos, f"undecodable record ({exc})") from exc
+            if not valid_record(record):
+                raise CorruptLogError(self.path, pos, "malformed record")
+            if record[0] != expected:
+                raise CorruptLogError(
+                    self.path, pos, f"record has LSN {record[0]} where {expected} was expected"
+                )
+            yield record
+            expected += 1
+            self.last_lsn = record[0]
+            self.records += 1
+            pos = self.end = end
+
+    def _damage(self, data: mmap.mmap | bytes, offset: int, reason: str) -> None:
+        """Apply the torn-tail policy to a bad record at `offset` (see the module docstring)."""
+        if not self.is_last:
+            raise CorruptLogError(self.path, offset, reason)
+        later = self._find_valid_record(data, offset + 1)
+        if later is not None:
+            raise CorruptLogError(
+                self.path, offset, f"{reason}; a valid record follows at offset {later}"
+            )
+        self.end = offset
+        self.torn_bytes = self.size - offset
+        self.torn_reason = reason
+
+    def _find_valid_record(self, data: mmap.mmap | bytes, start: int) -> int | None:
+        """Offset of the first valid record at or after `start` newer than the last good one."""
+        size = self.size
+        at = data.find(FRAME_MAGIC, start)
+        while at != -1:
+            if size - at >= FRAME_SIZE:
+                _, length, crc = FRAME.unpack_from(data, at)
+                end = at + FRAME_SIZE + length
+                if 0 < length <= MAX_RECORD_SIZE and end <= size:
+                    payload = data[at + FRAME_SIZE:end]
+                    if zlib.crc32(payload) == crc:
+                        try:
+                            record = decode_payload(payload)
+                        except Exception:
+                            record = None
+                        if valid_record(record) and record[0] > self.last_lsn:
+                            return at
+            at = data.find(FRAME_MAGIC, at + 1)
+        return None

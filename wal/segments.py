@@ -1,0 +1,93 @@
+"""Segment files in `DIR/wal/`: naming, listing, creating, deleting.
+
+A segment is named after the LSN of its first record, zero-padded to 20 digits, so names sort
+as text in LSN order (`00000000000000000042.log`). Creating or deleting one is followed by an
+fsync of the directory, so the change survives power loss before anything depends on it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from wbcache.wal import crashpoints
+from wbcache.wal.format import encode_header
+from wbcache.wal.syscalls import SYSCALLS, write_all
+
+SUFFIX = ".log"
+_NAME_DIGITS = 20
+
+
+@dataclass(frozen=True)
+class SegmentFile:
+    """A segment on disk: the LSN its name gives and its path."""
+
+    first_lsn: int
+    path: str
+
+
+def segment_name(first_lsn: int) -> str:
+    return f"{first_lsn:0{_NAME_DIGITS}d}{SUFFIX}"
+
+
+def parse_segment_name(name: str) -> int | None:
+    """The first LSN a segment file name encodes, or None if it is not a segment name."""
+    stem, suffix = name[: -len(SUFFIX)], name[-len(SUFFIX):]
+    if suffix != SUFFIX or len(stem) != _NAME_DIGITS or not stem.isdigit():
+        return None
+    return int(stem)
+
+
+def list_segments(wal_dir: str) -> list[SegmentFile]:
+    """Every segment in `wal_dir`, oldest first. Other files are not segments and are ignored."""
+    found = []
+    with os.scandir(wal_dir) as entries:
+        for entry in entries:
+            lsn = parse_segment_name(entry.name)
+            if lsn is not None and entry.is_file(follow_symlinks=False):
+                found.append(SegmentFile(lsn, entry.path))
+    found.sort(key=lambda segment: segment.first_lsn)
+    return found
+
+
+def create_segment(wal_dir: str, first_lsn: int) -> tuple[int, str]:
+    """Create a segment with its header, durable (file and directory fsync'd) before returning.
+
+    Returns the open file descriptor (write-only, appending) and the path.
+    """
+    path = os.path.join(wal_dir, segment_name(first_lsn))
+    if crashpoints.ARMED:
+        crashpoints.reached("wal.segment.before_create")
+    fd = SYSCALLS.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        write_all(fd, encode_header())
+        SYSCALLS.fdatasync(fd)
+        if crashpoints.ARMED:
+            crashpoints.reached("wal.segment.after_create")
+        SYSCALLS.fsync_dir(wal_dir)
+        if crashpoints.ARMED:
+            crashpoints.reached("wal.segment.after_dir_fsync")
+    except BaseException:
+        SYSCALLS.close(fd)
+        raise
+    return fd, path
+
+
+def delete_segments(wal_dir: str, paths: list[str]) -> None:
+    """Delete segments oldest first, then fsync the directory once.
+
+    Oldest first, so a crash part-way leaves a contiguous run of newer segments; recovery skips
+    whatever the database checkpoint already covers and deletes it.
+    """
+    if not paths:
+        return
+    for path in paths:
+        if crashpoints.ARMED:
+            crashpoints.reached("wal.segment.before_delete")
+        try:
+            SYSCALLS.unlink(path)
+        except FileNotFoundError:
+            pass
+    SYSCALLS.fsync_dir(wal_dir)
+    if crashpoints.ARMED:
+        crashpoints.reached("wal.segment.after_delete")

@@ -1,0 +1,69 @@
+"""The one error hierarchy of wbcache.
+
+Every error the library raises on purpose is a `WbcacheError`, except bad arguments, which raise
+the built-in `TypeError` or `ValueError` before anything is written (DESIGN.md, guarantee 4).
+This module imports nothing from the package, so every layer (wal, recovery, cache, cli) can use it.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class WbcacheError(Exception):
+    """Base class of every wbcache error."""
+
+
+class CacheLockedError(WbcacheError):
+    """The cache directory is already open by another `Cache`, in this or another process."""
+
+
+class CacheClosedError(WbcacheError):
+    """The cache was closed; open it again to use it."""
+
+
+class LogFailedError(WbcacheError):
+    """A write or fsync of the log failed; the cache refuses writes until it is reopened.
+
+    After a failed fsync the kernel may have dropped the dirty pages, so retrying the fsync could
+    report success for data that is gone. The write that saw this error may or may not be durable;
+    every write acknowledged before it is.
+    """
+
+
+class InvalidDirectoryError(WbcacheError):
+    """The path is not a usable cache directory (a file, or a directory of something else)."""
+
+
+class FlushError(WbcacheError):
+    """The database did not accept a flush within the timeout; the log still holds every write."""
+
+
+class RecoveryError(WbcacheError):
+    """Recovery could not bring the directory to a consistent state."""
+
+
+class CorruptLogError(RecoveryError):
+    """A log segment is damaged somewhere other than a torn tail; nothing was deleted.
+
+    `path` is the damaged segment and `offset` the byte offset of the first bad record.
+    `wbcache recover --salvage` replays up to the damage and moves the segment aside.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], offset: int, reason: str) -> None:
+        self.path = os.fspath(path)
+        self.offset = offset
+        self.reason = reason
+        super().__init__(f"corrupt log segment {self.path} at byte offset {offset}: {reason}")
+
+
+class UnsupportedFormatError(RecoveryError):
+    """A log segment was written in a format version this wbcache cannot read."""
+
+    def __init__(self, path: str | os.PathLike[str], version: int, supported: int) -> None:
+        self.path = os.fspath(path)
+        self.version = version
+        super().__init__(
+            f"log segment {self.path} has format version {version}; "
+            f"this wbcache reads version {supported}"
+        )
