@@ -1,0 +1,40 @@
+"""The backend protocol: what the flusher and recovery need from a database.
+
+Values cross this boundary msgpack-encoded (`bytes`); keys are `str` or `bytes` and must stay
+distinct ("a" and b"a" are two keys). `apply` is atomic and stores the checkpoint LSN in the same
+transaction as the data: that is what lets recovery replay exactly the records the database
+lacks, and lets the flusher delete log segments only after the data is safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol, Union
+
+Key = Union[str, bytes]
+
+
+class Backend(Protocol):
+    def get(self, key: Key) -> bytes | None:
+        """The encoded value stored under `key`, or None."""
+
+    def apply(self, puts: Sequence[tuple[Key, bytes]], deletes: Sequence[Key],
+              checkpoint: int) -> None:
+        """In ONE transaction: store `puts`, remove `deletes` (missing keys are fine) and set
+        the checkpoint LSN. Either all of it is durable when this returns, or none of it."""
+
+    def checkpoint(self) -> int:
+        """The checkpoint LSN of the last `apply` (0 for a new database)."""
+
+    def count(self) -> int:
+        """How many keys are stored."""
+
+    def items(self) -> Iterator[tuple[Key, bytes]]:
+        """Every (key, encoded value), from one consistent snapshot."""
+
+    @property
+    def max_key_size(self) -> int:
+        """The largest key, in bytes, this database accepts."""
+
+    def close(self) -> None:
+        """Release the database; idempotent."""

@@ -1,0 +1,137 @@
+"""`LmdbBackend`: the embedded default database, in `DIR/db/`.
+
+Three named databases: `str` and `bytes` hold the entries by key type (so "a" and b"a" stay
+apart without a prefix byte), `meta` holds the checkpoint LSN. Opened with sync on, so a commit
+returns only once it is on disk; stale reader slots of dead processes are cleared on open.
+
+The map grows when full: LMDB's map size is fixed per open environment and a write that does not
+fit fails with MapFullError. `set_mapsize` may only be called while no transaction of this
+process is active, so reads register with `_gate` and a resize waits for them to finish.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import lmdb
+
+from wbcache.backends.base import Key
+
+_CHECKPOINT = b"checkpoint"
+
+
+class _ReadGate:
+    """Many readers or one resizer."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._resizing = False
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def resizing(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing or self._readers:
+                self._cond.wait()
+            self._resizing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()
+
+
+class LmdbBackend:
+    """LMDB at `path` (a directory, created 0700), starting with a `map_size`-byte map."""
+
+    def __init__(self, path: str, *, map_size: int = 1 << 30, readonly: bool = False) -> None:
+        if not readonly:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        self._env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=3, sync=True,
+                              metasync=True, readonly=readonly, mode=0o600, lock=True,
+                              create=not readonly)
+        if not readonly:
+            self._env.reader_check()
+        self._str = self._env.open_db(b"str", create=not readonly)
+        self._bytes = self._env.open_db(b"bytes", create=not readonly)
+        self._meta = self._env.open_db(b"meta", create=not readonly)
+        self._gate = _ReadGate()
+        self.resizes = 0
+
+    @property
+    def max_key_size(self) -> int:
+        return int(self._env.max_key_size())
+
+    def _db_and_raw(self, key: Key) -> tuple[object, bytes]:
+        if type(key) is str:
+            return self._str, key.encode()
+        return self._bytes, key  # type: ignore[return-value]
+
+    def get(self, key: Key) -> bytes | None:
+        db, raw = self._db_and_raw(key)
+        with self._gate.reading(), self._env.begin(db=db) as txn:
+            return txn.get(raw)  # type: ignore[no-any-return]
+
+    def checkpoint(self) -> int:
+        with self._gate.reading(), self._env.begin(db=self._meta) as txn:
+            raw = txn.get(_CHECKPOINT)
+        return int.from_bytes(raw, "big") if raw else 0
+
+    def count(self) -> int:
+        with self._gate.reading(), self._env.begin() as txn:
+            return int(txn.stat(self._str)["entries"] + txn.stat(self._bytes)["entries"])
+
+    def items(self) -> Iterator[tuple[Key, bytes]]:
+        with self._gate.reading(), self._env.begin() as txn:
+            for key, value in txn.cursor(db=self._str):
+                yield key.decode(), value
+            yield from txn.cursor(db=self._bytes)
+
+    def apply(self, puts: Sequence[tuple[Key, bytes]], deletes: Sequence[Key],
+              checkpoint: int) -> None:
+        str_puts = [(key.encode(), value) for key, value in puts if type(key) is str]
+        bytes_puts = [(key, value) for key, value in puts if type(key) is not str]
+        while True:
+            try:
+                self._write(str_puts, bytes_puts, deletes, checkpoint)
+                return
+            except lmdb.MapFullError:
+                self._grow()
+
+    def _write(self, str_puts: list[tuple[bytes, bytes]], bytes_puts: list[tuple[Key, bytes]],
+               deletes: Sequence[Key], checkpoint: int) -> None:
+        with self._env.begin(write=True) as txn:
+            if str_puts:
+                txn.cursor(db=self._str).putmulti(str_puts)
+            if bytes_puts:
+                txn.cursor(db=self._bytes).putmulti(bytes_puts)
+            for key in deletes:
+                db, raw = self._db_and_raw(key)
+                txn.delete(raw, db=db)
+            txn.put(_CHECKPOINT, checkpoint.to_bytes(8, "big"), db=self._meta)
+
+    def _grow(self) -> None:
+        with self._gate.resizing():
+            self._env.set_mapsize(self._env.info()["map_size"] * 2)
+            self.resizes += 1
+
+    def close(self) -> None:
+        self._env.close()

@@ -1,0 +1,613 @@
+"""`Cache`: the write-back cache over a group-commit log and a database.
+
+This module is longer than the others because it is the one place that keeps the sequencer's
+invariants; every one of them is stated where it is kept. Under `self._lock`:
+  * `_next_lsn` is the LSN the next write gets; a write's LSN, its log record and its effect on
+    memory are assigned in ONE critical section, so log order, LSN order and memory agree.
+  * `_map` holds every dirty entry (and clean ones up to `capacity`), newest write per key.
+  * `_dirty` holds, per key, the encoded value (None: deleted) written since the last flush took
+    it; `_inflight` what the flush in progress is writing. A key in either is never evicted.
+  * every record with LSN <= `_next_lsn - 1` has been applied to `_map` and `_dirty`.
+Reads that hit memory take no lock (dict operations are atomic under the GIL).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import msgpack
+
+from wbcache.backends.base import Backend, Key
+from wbcache.backends.lmdb import LmdbBackend
+from wbcache.codec import (
+    IMMUTABLE_TYPES,
+    INT64_MAX,
+    INT64_MIN,
+    Packed,
+    check_delta,
+    check_key,
+    encode_value,
+    from_encoded,
+)
+from wbcache.errors import CacheClosedError
+from wbcache.flusher import Flusher, IntervalSyncer
+from wbcache.layout import Layout, prepare
+from wbcache.lock import DirectoryLock
+from wbcache.options import Options
+from wbcache.recovery import RecoveryReport, replay_into
+from wbcache.wal import GroupCommitter, LogWriter, crashpoints
+from wbcache.wal.format import MAX_RECORD_SIZE, OP_BATCH, OP_DELETE, OP_INCR, OP_PUT, encode_frame
+
+packb = msgpack.packb
+unpackb = msgpack.unpackb
+
+_ABSENT: Any = object()  # not in memory
+
+
+class _Tombstone:
+    """In memory: the key is deleted (the database may still hold it until the next flush)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+_TOMBSTONE: Any = _Tombstone()
+
+# One batch operation as validated before the lock: (op, key, encoded value | delta | None, held)
+_Op = tuple[int, Key, Any, Any]
+
+
+class Cache:
+    """A crash-durable write-back cache. Open one with `wbcache.open(path, **options)`.
+
+    Every method is thread-safe. Writes return once durable (per `Options.fsync`); reads are
+    served from memory, falling back to the database. See README.md for the guarantee.
+    """
+
+    def __init__(self, layout: Layout, dir_lock: DirectoryLock, backend: Backend,
+                 options: Options, recovery: RecoveryReport, *, owns_backend: bool) -> None:
+        self.path = layout.root
+        self.options = options
+        self.recovery = recovery
+        self._layout = layout
+        self._dir_lock = dir_lock
+        self._backend = backend
+        self._owns_backend = owns_backend
+        self._max_key_size = options.max_key_size
+        self._max_value_size = options.max_value_size
+        self._capacity = options.capacity
+        self._max_dirty = options.max_dirty
+        self._flush_threshold = options.flush_threshold
+
+        self._lock = threading.Lock()
+        self._space = threading.Condition(self._lock)  # writers waiting out backpressure
+        self._closed = False
+        self._map: OrderedDict[Key, Any] = OrderedDict()
+        self._dirty: dict[Key, bytes | None] = {}
+        self._inflight: dict[Key, bytes | None] = {}
+        self._evict_blocked = False  # every entry over capacity is dirty: wait for a flush
+        self._flush_woken = False
+        self._next_lsn = recovery.checkpoint_after + 1
+
+        self._hits = self._misses = self._writes = self._coalesced = self._evictions = 0
+
+        self._writer = LogWriter(layout.wal, self._next_lsn, options.segment_size)
+        self._committer = GroupCommitter(self._lock, self._writer, next_lsn=self._next_lsn,
+                                         sync_every_batch=options.fsync == "always")
+        self._flusher = Flusher(lock=self._lock, take=self._take_dirty, done=self._flushed,
+                                backend=backend, writer=self._writer,
+                                interval=options.flush_interval,
+                                checkpoint_lsn=recovery.checkpoint_after)
+        self._syncer = (IntervalSyncer(self._lock, self._committer, options.fsync_interval)
+                        if options.fsync == "interval" else None)
+        self._flusher.start()
+        if self._syncer is not None:
+            self._syncer.start()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], options: Options,
+             backend: Backend | None = None) -> Cache:
+        """Lock the directory, recover it, start the background threads. See `wbcache.open`."""
+        layout = prepare(path)
+        dir_lock = DirectoryLock.acquire(layout.lock)
+        owns_backend = backend is None
+        try:
+            if backend is None:
+                backend = LmdbBackend(layout.db, map_size=options.map_size)
+            if options.max_key_size > backend.max_key_size:
+                raise ValueError(f"option max_key_size ({options.max_key_size}) exceeds the "
+                                 f"database's limit of {backend.max_key_size} bytes")
+            report = replay_into(backend, layout.wal)
+            return cls(layout, dir_lock, backend, options, report, owns_backend=owns_backend)
+        except BaseException:
+            if owns_backend and backend is not None:
+                backend.close()
+            dir_lock.release()
+            raise
+
+    # ----------------------------------------------------------------- reads
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        """The value stored under `key`, or `default`. Containers come back as fresh copies."""
+        held = self._map.get(key, _ABSENT)
+        if held is _ABSENT:
+            return self._get_missing(key, default)
+        try:
+            self._map.move_to_end(key)
+        except KeyError:  # evicted meanwhile by another thread; the value we hold is still right
+            pass
+        if type(held) is Packed:
+            self._hits += 1
+            return unpackb(held, strict_map_key=False)
+        if held is _TOMBSTONE:
+            self._misses += 1
+            return default
+        self._hits += 1
+        return held
+
+    def __getitem__(self, key: Key) -> Any:
+        value = self.get(key, _ABSENT)
+        if value is _ABSENT:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        held = self._map.get(key, _ABSENT)
+        if held is not _ABSENT:
+            return held is not _TOMBSTONE
+        key = check_key(key, self._max_key_size)
+        self._check_open()
+        return self._backend_get(key) is not None
+
+    def _get_missing(self, key: Key, default: Any) -> Any:
+        """Not in memory: read the database, then keep the value as a clean entry."""
+        key = check_key(key, self._max_key_size)
+        self._check_open()
+        evictions = self._evictions
+        encoded = self._backend_get(key)
+        with self._lock:
+            self._check_open()
+            self._misses += 1
+            held = self._map.get(key, _ABSENT)
+            if held is not _ABSENT:  # a write raced us; it is newer than what we read
+                return default if held is _TOMBSTONE else _value_of(held)
+            if encoded is None:
+                return default
+            value, held = from_encoded(encoded)
+            # An eviction since our read may have dropped a newer, flushed value of this key:
+            # then what we read is still a valid answer, but not one to keep.
+            if self._evictions == evictions:
+                self._map[key] = held
+                if len(self._map) > self._capacity:
+                    self._evict()
+            return value
+
+    def _backend_get(self, key: Key) -> bytes | None:
+        try:
+            return self._backend.get(key)
+        except Exception:
+            self._check_open()  # closed under our feet: say so rather than a database error
+            raise
+
+    # ----------------------------------------------------------------- writes
+
+    def put(self, key: Key, value: Any) -> int:
+        """Store `value` under `key`; return the write's LSN once it is durable.
+
+        Raises `TypeError`/`ValueError` for a bad key or value (nothing is written),
+        `CacheClosedError`, `LogFailedError`.
+        """
+        key = check_key(key, self._max_key_size)
+        encoded = encode_value(value, self._max_value_size, key)
+        held = value if type(value) in IMMUTABLE_TYPES else Packed(encoded)
+        with self._lock:
+            lsn = self._admit()
+            self._queue(lsn, packb([lsn, OP_PUT, key, encoded]))
+            self._remember(key, held, encoded)
+            self._writes += 1
+            self._committer.wait(lsn)
+        if crashpoints.ARMED:
+            crashpoints.reached("wal.after_ack")
+        return lsn
+
+    def __setitem__(self, key: Key, value: Any) -> None:
+        self.put(key, value)
+
+    def delete(self, key: Key) -> int:
+        """Delete `key` (a missing key is not an error); return the LSN once durable."""
+        return self._delete(key, must_exist=False)
+
+    def __delitem__(self, key: Key) -> None:
+        self._delete(key, must_exist=True)
+
+    def _delete(self, key: Key, *, must_exist: bool) -> int:
+        key = check_key(key, self._max_key_size)
+        with self._lock:
+            lsn = self._admit()
+            if must_exist and self._current(key) is _ABSENT:
+                raise KeyError(key)
+            self._queue(lsn, packb([lsn, OP_DELETE, key]))
+            self._remember(key, _TOMBSTONE, None)
+            self._writes += 1
+            self._committer.wait(lsn)
+        return lsn
+
+    def incr(self, key: Key, delta: int = 1) -> int:
+        """Add `delta` to the int under `key` (a missing key counts from 0), atomically;
+        return the new value once durable. A non-int value raises `TypeError`; a result
+        outside the signed 64-bit range raises `ValueError`. Nothing is written on error."""
+        key = check_key(key, self._max_key_size)
+        _check_int64(check_delta(delta), "incr delta")
+        with self._lock:
+            lsn = self._admit()
+            result = self._increment(key, delta, self._current(key))
+            self._queue(lsn, packb([lsn, OP_INCR, key, delta, result]))
+            self._remember(key, result, packb(result))
+            self._writes += 1
+            self._committer.wait(lsn)
+        return result
+
+    def put_many(self, entries: Mapping[Key, Any] | Iterable[tuple[Key, Any]]) -> int:
+        """Store every (key, value) atomically: one log record, one fsync. Return its LSN.
+
+        Later duplicates of a key win. Every entry is validated before anything is written.
+        An empty `entries` writes nothing and returns the last LSN assigned so far.
+        """
+        pairs = entries.items() if isinstance(entries, Mapping) else entries
+        ops: list[_Op] = []
+        for pair in pairs:
+            try:
+                key, value = pair
+            except (TypeError, ValueError):
+                raise TypeError("put_many takes a mapping or an iterable of (key, value) pairs, "
+                                f"not an item {pair!r}") from None
+            ops.append(self._put_op(key, value))
+        return self._commit(ops)
+
+    def batch(self) -> Batch:
+        """`with cache.batch() as b: b.put(..); b.delete(..); b.incr(..)`: one atomic write
+        on exit; nothing at all if the block raises."""
+        self._check_open()
+        return Batch(self)
+
+    def _put_op(self, key: Key, value: Any) -> _Op:
+        key = check_key(key, self._max_key_size)
+        encoded = encode_value(value, self._max_value_size, key)
+        return (OP_PUT, key, encoded, value if type(value) in IMMUTABLE_TYPES else Packed(encoded))
+
+    def _commit(self, ops: list[_Op]) -> int:
+        """Log `ops` as ONE record and apply them to memory; return its LSN once durable."""
+        if not ops:
+            with self._lock:
+                self._check_open()
+                return self._next_lsn - 1
+        with self._lock:
+            lsn = self._admit()
+            items, effects = self._resolve(ops)
+            payload = packb([lsn, OP_BATCH, items])
+            if len(payload) > MAX_RECORD_SIZE:
+                raise ValueError(f"batch of {len(ops)} operations is {len(payload)} bytes "
+                                 f"encoded; the log's record limit is {MAX_RECORD_SIZE} bytes")
+            self._queue(lsn, payload)
+            for key, held, encoded in effects:
+                self._remember(key, held, encoded)
+            self._writes += len(effects)
+            self._committer.wait(lsn)
+        return lsn
+
+    def _resolve(self, ops: list[_Op]) -> tuple[list[list[Any]], list[tuple[Key, Any, Any]]]:
+        """Log items and memory effects of a batch; increments see the batch's earlier ops."""
+        items: list[list[Any]] = []
+        effects: list[tuple[Key, Any, Any]] = []
+        overlay: dict[Key, Any] = {}
+        for op, key, arg, held in ops:
+            if op == OP_PUT:
+                items.append([OP_PUT, key, arg])
+                effects.append((key, held, arg))
+                overlay[key] = held
+            elif op == OP_DELETE:
+                items.append([OP_DELETE, key])
+                effects.append((key, _TOMBSTONE, None))
+                overlay[key] = _TOMBSTONE
+            else:
+                current = overlay[key] if key in overlay else self._current(key)
+                result = self._increment(key, arg, current)
+                items.append([OP_INCR, key, arg, result])
+                effects.append((key, result, packb(result)))
+                overlay[key] = result
+        return items, effects
+
+    # ------------------------------------------------------- sequencer internals
+
+    def _admit(self) -> int:
+        """Lock held. Refuse if closed or the log failed; wait out backpressure. Return the
+        LSN the write will get (it is consumed only by `_queue`)."""
+        if self._closed:
+            raise CacheClosedError(f"cache {self.path} is closed")
+        self._committer.check()
+        while len(self._dirty) + len(self._inflight) >= self._max_dirty:
+            self._flusher.wake()
+            self._space.wait()
+            if self._closed:
+                raise CacheClosedError(f"cache {self.path} is closed")
+        return self._next_lsn
+
+    def _queue(self, lsn: int, payload: bytes) -> None:
+        """Lock held. Hand record `lsn` to the group commit; from here the LSN is used."""
+        self._committer.append(lsn, encode_frame(payload))
+        self._next_lsn = lsn + 1
+
+    def _remember(self, key: Key, held: Any, encoded: bytes | None) -> None:
+        """Lock held. The newest write of `key` is `held` in memory, dirty until flushed."""
+        entries = self._map
+        entries[key] = held
+        entries.move_to_end(key)
+        dirty = self._dirty
+        before = len(dirty)
+        dirty[key] = encoded
+        if len(dirty) == before:
+            self._coalesced += 1
+        elif before + 1 >= self._flush_threshold and not self._flush_woken:
+            self._flush_woken = True
+            self._flusher.wake()
+        if len(entries) > self._capacity:
+            self._evict()
+
+    def _current(self, key: Key) -> Any:
+        """Lock held. The value of `key` (decoded), or _ABSENT. Reads the database on a miss;
+        holding the lock, no write can race that read."""
+        held = self._map.get(key, _ABSENT)
+        if held is _TOMBSTONE:
+            return _ABSENT
+        if held is not _ABSENT:
+            return _value_of(held)
+        encoded = self._backend.get(key)
+        if encoded is None:
+            return _ABSENT
+        value, held = from_encoded(encoded)
+        self._map[key] = held
+        if len(self._map) > self._capacity:
+            self._evict()
+        return value
+
+    @staticmethod
+    def _increment(key: Key, delta: int, current: Any) -> int:
+        if current is _ABSENT or current is _TOMBSTONE:
+            current = 0
+        elif type(current) is not int:
+            raise TypeError(f"incr: the value under {key!r} is a {type(current).__name__}, not an int")
+        return _check_int64(current + delta, f"incr result for {key!r}")
+
+    def _evict(self) -> None:
+        """Lock held. Drop least-recently-used CLEAN entries until within capacity. Dirty ones
+        met on the way go to the back; if all are dirty, wake the flusher and stop trying
+        until a flush has made some clean (so this stays O(1) amortized)."""
+        if self._evict_blocked:
+            return
+        entries, dirty, inflight = self._map, self._dirty, self._inflight
+        budget = len(entries)
+        while len(entries) > self._capacity:
+            if not budget:
+                self._evict_blocked = True
+                self._flusher.wake()
+                return
+            budget -= 1
+            key = next(iter(entries))
+            if key in dirty or key in inflight:
+                entries.move_to_end(key)
+            else:
+                del entries[key]
+                self._evictions += 1
+
+    def _take_dirty(self) -> tuple[dict[Key, bytes | None], int]:
+        """Lock held (flusher). The dirty entries and the LSN they reflect; they are in flight
+        until `_flushed`. A batch left by a cycle that gave up is taken again, newer values
+        winning."""
+        batch = self._inflight
+        if batch:
+            batch.update(self._dirty)
+        else:
+            batch = self._dirty
+        self._inflight = batch
+        self._dirty = {}
+        self._flush_woken = False
+        return batch, self._next_lsn - 1
+
+    def _flushed(self, lsn: int) -> None:
+        """Lock held (flusher). Everything up to `lsn` is committed: in-flight entries are clean."""
+        self._inflight = {}
+        self._evict_blocked = False
+        self._space.notify_all()
+        if len(self._map) > self._capacity:
+            self._evict()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CacheClosedError(f"cache {self.path} is closed")
+
+    # ------------------------------------------------------------ whole-cache views
+
+    def keys(self) -> list[Key]:
+        """Every key, memory and database merged, as a snapshot list."""
+        return [key for key, _ in self._merged(decode=False)]
+
+    def items(self) -> list[tuple[Key, Any]]:
+        """Every (key, value), memory and database merged, as a snapshot list."""
+        return self._merged(decode=True)
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        with self._flusher.paused(self.options.flush_timeout):
+            pending = self._pending()
+            count = self._backend.count()
+            for key, encoded in pending.items():
+                stored = self._backend.get(key) is not None
+                if encoded is None and stored:
+                    count -= 1
+                elif encoded is not None and not stored:
+                    count += 1
+            return count
+
+    def _merged(self, *, decode: bool) -> list[tuple[Key, Any]]:
+        with self._flusher.paused(self.options.flush_timeout):
+            pending = self._pending()
+            merged = [(key, from_encoded(encoded)[0] if decode else None)
+                      for key, encoded in self._backend.items() if key not in pending]
+        merged.extend((key, from_encoded(encoded)[0] if decode else None)
+                      for key, encoded in pending.items() if encoded is not None)
+        return merged
+
+    def _pending(self) -> dict[Key, bytes | None]:
+        """Flusher paused. Every write not yet in the database, newest per key."""
+        with self._lock:
+            self._check_open()
+            pending = dict(self._inflight)
+            pending.update(self._dirty)
+            return pending
+
+    # ---------------------------------------------------------------- control
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until every write acknowledged before the call is in the database and the
+        log segments it covered are deleted. Raises `FlushError` after `timeout` seconds
+        (default: `Options.flush_timeout`) if the database does not accept it."""
+        self._check_open()
+        self._flusher.flush(self.options.flush_timeout if timeout is None else timeout)
+
+    def sync(self) -> None:
+        """Block until every earlier write is fsync'd (a no-op wait under fsync="always")."""
+        with self._lock:
+            self._check_open()
+            self._committer.wait(self._next_lsn - 1, durable=True)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and state. `hits`/`misses`: reads served from memory / that needed the
+        database (they are not locked, so concurrent readers may undercount slightly)."""
+        wal_bytes, wal_segments = self._writer.sizes()
+        flusher = self._flusher
+        with self._lock:
+            return {
+                "hits": self._hits,
+                "misses": self._misses,
+                "writes": self._writes,
+                "dirty": len(self._dirty) + len(self._inflight),
+                "cached": len(self._map),
+                "evictions": self._evictions,
+                "coalesced": self._coalesced,
+                "flushes": flusher.flushes,
+                "flushed_entries": flusher.flushed_entries,
+                "backend_writes": flusher.flushed_entries + self.recovery.keys,
+                "flush_errors": flusher.flush_errors,
+                "last_flush_error": None if flusher.last_error is None else repr(flusher.last_error),
+                "last_flush_seconds": flusher.last_flush_seconds,
+                "wal_bytes": wal_bytes,
+                "wal_segments": wal_segments,
+                "fsyncs": self._committer.fsyncs,
+                "log_batches": self._committer.batches,
+                "recovered_records": self.recovery.replayed,
+                "torn_bytes_dropped": self.recovery.torn_bytes,
+                "checkpoint_lsn": flusher.checkpoint_lsn,
+                "durable_lsn": self._committer.durable_lsn,
+                "next_lsn": self._next_lsn,
+            }
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Flush, fsync the log, release the directory. Idempotent.
+
+        If the database does not accept the final flush within `Options.flush_timeout`, the
+        cache still closes (the log keeps every write; the next open replays it) and
+        `FlushError` is raised.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._space.notify_all()
+        failure: BaseException | None = None
+        steps = (self._flusher.stop,
+                 self._syncer.stop if self._syncer is not None else None,
+                 lambda: self._flusher.flush(self.options.flush_timeout),
+                 self._close_log,
+                 self._backend.close if self._owns_backend else None,
+                 self._dir_lock.release)
+        for step in steps:
+            if step is None:
+                continue
+            try:
+                step()
+            except BaseException as exc:  # finish closing, then report the first failure
+                failure = failure or exc
+        self._map.clear()
+        if failure is not None:
+            raise failure
+
+    def _close_log(self) -> None:
+        with self._lock:
+            self._committer.close()
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<wbcache.Cache {self.path!r} {'closed' if self._closed else 'open'}>"
+
+
+class Batch:
+    """Operations collected by `Cache.batch()`, written as one record when the block exits."""
+
+    def __init__(self, cache: Cache) -> None:
+        self._cache = cache
+        self._ops: list[_Op] = []
+        self._done = False
+        self.lsn: int | None = None
+
+    def put(self, key: Key, value: Any) -> None:
+        self._check()
+        self._ops.append(self._cache._put_op(key, value))
+
+    def delete(self, key: Key) -> None:
+        self._check()
+        self._ops.append((OP_DELETE, check_key(key, self._cache._max_key_size), None, None))
+
+    def incr(self, key: Key, delta: int = 1) -> None:
+        self._check()
+        key = check_key(key, self._cache._max_key_size)
+        self._ops.append((OP_INCR, key, _check_int64(check_delta(delta), "incr delta"), None))
+
+    def _check(self) -> None:
+        if self._done:
+            raise ValueError("this batch has already been committed or discarded")
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self._done = True
+        if exc_type is None:
+            self.lsn = self._cache._commit(self._ops)
+        self._ops = []
+
+
+def _value_of(held: Any) -> Any:
+    return unpackb(held, strict_map_key=False) if type(held) is Packed else held
+
+
+def _check_int64(value: int, what: str) -> int:
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{what} {value} is outside the signed 64-bit range")
+    return value

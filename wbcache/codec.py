@@ -1,0 +1,101 @@
+"""Validating and encoding keys and values, before anything reaches the log.
+
+Keys are `str` or `bytes` (two distinct key spaces: "a" and b"a" are different keys), non-empty
+and at most `max_key_size` bytes (UTF-8 for str). Values are what msgpack encodes natively:
+None, bool, int (64-bit), float, str, bytes, list, dict; tuples come back as lists and
+bytearrays as bytes. Anything else raises `TypeError`, an out-of-range value `ValueError`,
+always before the log sees it (DESIGN.md, guarantee 4).
+
+In memory, immutable values (exact str, bytes, int, float, bool, None) are kept as the objects
+themselves; everything else is kept as its msgpack bytes (`Packed`) and decoded afresh on every
+read, so a caller mutating a returned list or dict can never change the cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from wbcache.backends.base import Key
+
+IMMUTABLE_TYPES = frozenset({str, bytes, int, float, bool, type(None)})
+
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
+
+packb = msgpack.packb
+
+
+class Packed(bytes):
+    """The msgpack encoding of a mutable value, as kept in memory."""
+
+    __slots__ = ()
+
+
+def check_key(key: object, max_size: int) -> Key:
+    """Return `key` as an exact str or bytes, or raise TypeError/ValueError naming the problem."""
+    kind = type(key)
+    if kind is str:
+        size = len(key) if key.isascii() else _utf8_size(key)  # type: ignore[union-attr,arg-type]
+    elif kind is bytes:
+        size = len(key)  # type: ignore[arg-type]
+    elif isinstance(key, str):  # a str subclass (e.g. a StrEnum): store the plain string
+        return check_key(str.__str__(key), max_size)
+    elif isinstance(key, bytes):
+        return check_key(bytes(key), max_size)
+    else:
+        raise TypeError(f"keys must be str or bytes, not {kind.__name__}")
+    if size == 0:
+        raise ValueError("keys must not be empty")
+    if size > max_size:
+        raise ValueError(f"key of {size} bytes exceeds max_key_size ({max_size} bytes)")
+    return key  # type: ignore[return-value]
+
+
+def _utf8_size(key: str) -> int:
+    try:
+        return len(key.encode())
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"key {key!r} cannot be encoded as UTF-8: {exc.reason}") from None
+
+
+def encode_value(value: object, max_size: int, key: object = None) -> bytes:
+    """The msgpack encoding of `value`, or TypeError/ValueError naming the problem."""
+    try:
+        encoded: bytes = packb(value)
+    except TypeError as exc:
+        raise TypeError(
+            f"value for key {key!r} cannot be stored: {exc} (supported: None, bool, int, "
+            f"float, str, bytes, list, dict)"
+        ) from None
+    except (OverflowError, ValueError) as exc:
+        raise ValueError(f"value for key {key!r} cannot be stored: {exc}") from None
+    if len(encoded) > max_size:
+        raise ValueError(
+            f"value for key {key!r} is {len(encoded)} bytes encoded; "
+            f"max_value_size is {max_size} bytes"
+        )
+    return encoded
+
+
+def check_delta(delta: object) -> int:
+    if type(delta) is not int:
+        raise TypeError(f"incr delta must be an int, not {type(delta).__name__}")
+    return delta
+
+
+def in_memory(value: object, encoded: bytes) -> Any:
+    """What memory keeps for a value: the object itself if immutable, else its encoding."""
+    return value if type(value) in IMMUTABLE_TYPES else Packed(encoded)
+
+
+def decode_value(encoded: bytes) -> Any:
+    """A value from its msgpack encoding (limits follow len(encoded))."""
+    return msgpack.unpackb(encoded, strict_map_key=False)
+
+
+def from_encoded(encoded: bytes) -> tuple[Any, Any]:
+    """(value for the caller, what memory keeps) from an encoding read from the database."""
+    value = decode_value(encoded)
+    return value, (value if type(value) in IMMUTABLE_TYPES else Packed(encoded))

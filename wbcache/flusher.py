@@ -1,0 +1,175 @@
+"""Background work of an open cache: the `Flusher` and, under fsync="interval", the `IntervalSyncer`.
+
+A flush cycle:
+  1. under the sequencer lock, take the dirty set and the LSN S it reflects (every record with
+     LSN <= S has been applied to memory; the taken entries are "in flight");
+  2. `backend.apply(puts, deletes, checkpoint=S)`: one transaction, retried with backoff on
+     error while the log keeps the data;
+  3. under the lock, the in-flight entries become clean (unless rewritten meanwhile);
+  4. delete the log segments whose last LSN <= S. Never before step 2 has committed.
+
+Cycles run on the timer, when woken (dirty threshold, backpressure, capacity pressure), and in
+the caller's thread for `flush()`; `_mutex` keeps them one at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from wbcache.backends.base import Backend, Key
+from wbcache.errors import FlushError, LogFailedError
+from wbcache.wal import GroupCommitter, LogWriter, crashpoints
+
+Batch = dict[Key, "bytes | None"]
+
+_FIRST_RETRY_DELAY = 0.01  # seconds; doubles after each failure
+_MAX_RETRY_DELAY = 2.0
+
+
+class Flusher:
+    def __init__(self, *, lock: threading.Lock, take: Callable[[], tuple[Batch, int]],
+                 done: Callable[[int], None], backend: Backend, writer: LogWriter,
+                 interval: float, checkpoint_lsn: int) -> None:
+        self._lock = lock
+        self._take = take  # called with the lock held: (batch, S)
+        self._done = done  # called with the lock held once S is committed
+        self._backend = backend
+        self._writer = writer
+        self._interval = interval
+        self._mutex = threading.Lock()  # one cycle at a time
+        self._wakeup = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wbcache-flusher", daemon=True)
+        self.checkpoint_lsn = checkpoint_lsn
+        self.flushes = 0
+        self.flushed_entries = 0
+        self.flush_errors = 0
+        self.last_flush_seconds = 0.0
+        self.last_error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def flush(self, timeout: float) -> None:
+        """Run a cycle in this thread; raise `FlushError` if it cannot finish within `timeout`."""
+        deadline = time.monotonic() + timeout
+        with self.paused(timeout):
+            self._cycle(deadline)
+
+    @contextmanager
+    def paused(self, timeout: float) -> Iterator[None]:
+        """Hold off every flush cycle (the database then changes only through us)."""
+        if not self._mutex.acquire(timeout=timeout):
+            raise FlushError(f"timed out after {timeout} s waiting for the flusher "
+                             f"(last database error: {self.last_error!r}); the log keeps every write")
+        try:
+            yield
+        finally:
+            self._mutex.release()
+
+    def stop(self) -> None:
+        """Stop the background thread (a cycle stuck retrying gives up; its batch stays
+        in flight and the next cycle takes it again)."""
+        self._stop.set()
+        self._wakeup.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wakeup.wait(self._interval)
+            self._wakeup.clear()
+            with self._mutex:
+                if self._stop.is_set():
+                    return
+                try:
+                    self._cycle(None)
+                except Exception as exc:  # keep flushing; the error is counted and kept
+                    self.flush_errors += 1
+                    self.last_error = exc
+
+    def _cycle(self, deadline: float | None) -> bool:
+        """One flush; with `deadline` None, retry until it works or `stop()`. Mutex held."""
+        started = time.perf_counter()
+        with self._lock:
+            batch, lsn = self._take()
+        if not batch and lsn <= self.checkpoint_lsn:
+            return True
+        puts = [(key, value) for key, value in batch.items() if value is not None]
+        deletes = [key for key, value in batch.items() if value is None]
+        if not self._apply(puts, deletes, lsn, deadline):
+            return False
+        with self._lock:
+            self._done(lsn)
+            self.checkpoint_lsn = lsn
+        self.flushes += 1
+        self.flushed_entries += len(batch)
+        self.last_flush_seconds = time.perf_counter() - started
+        try:
+            self._writer.delete_through(lsn)
+        except OSError as exc:  # the data is committed; recovery deletes these segments later
+            self.flush_errors += 1
+            self.last_error = exc
+        if crashpoints.ARMED:
+            crashpoints.reached("flush.after_truncate")
+        return True
+
+    def _apply(self, puts: list[tuple[Key, bytes]], deletes: list[Key], lsn: int,
+               deadline: float | None) -> bool:
+        delay = _FIRST_RETRY_DELAY
+        while True:
+            try:
+                if crashpoints.ARMED:
+                    crashpoints.reached("flush.before_commit")
+                self._backend.apply(puts, deletes, lsn)
+                if crashpoints.ARMED:
+                    crashpoints.reached("flush.after_commit")
+                return True
+            except Exception as exc:  # any database error: the log still holds the data
+                self.flush_errors += 1
+                self.last_error = exc
+                if deadline is None:
+                    if self._stop.wait(delay):
+                        return False
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise FlushError(f"the database did not accept the flush: {exc!r}; "
+                                         f"the log keeps every write") from exc
+                    time.sleep(min(delay, remaining))
+                delay = min(delay * 2, _MAX_RETRY_DELAY)
+
+
+class IntervalSyncer:
+    """Under fsync="interval": fsync the log every `interval` seconds if it has unsynced data."""
+
+    def __init__(self, lock: threading.Lock, committer: GroupCommitter, interval: float) -> None:
+        self._lock = lock
+        self._committer = committer
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wbcache-fsync", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        committer = self._committer
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                if committer.failure is None and committer.durable_lsn < committer.queued_lsn:
+                    try:
+                        committer.wait(committer.queued_lsn, durable=True)
+                    except LogFailedError:
+                        pass  # the cache now refuses writes; nothing more to sync

@@ -1,0 +1,78 @@
+"""The cache directory: `DIR/LOCK`, `DIR/wal/` (log segments), `DIR/db/` (LMDB).
+
+Directories are created 0700 and every creation is followed by an fsync of its parent, so the
+layout itself survives power loss.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from wbcache.errors import InvalidDirectoryError
+from wbcache.wal.syscalls import SYSCALLS
+
+LOCK_NAME = "LOCK"
+WAL_NAME = "wal"
+DB_NAME = "db"
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: str
+
+    @property
+    def lock(self) -> str:
+        return os.path.join(self.root, LOCK_NAME)
+
+    @property
+    def wal(self) -> str:
+        return os.path.join(self.root, WAL_NAME)
+
+    @property
+    def db(self) -> str:
+        return os.path.join(self.root, DB_NAME)
+
+    def is_cache_dir(self) -> bool:
+        return os.path.isdir(self.wal) and os.path.isfile(self.lock)
+
+    def check_existing(self) -> None:
+        """Raise `InvalidDirectoryError` unless root is an existing wbcache directory."""
+        if not os.path.exists(self.root):
+            raise InvalidDirectoryError(f"{self.root} does not exist")
+        if not os.path.isdir(self.root):
+            raise InvalidDirectoryError(f"{self.root} is not a directory")
+        if not self.is_cache_dir():
+            raise InvalidDirectoryError(f"{self.root} is not a wbcache directory (no {LOCK_NAME} and {WAL_NAME}/)")
+
+
+def prepare(path: str | os.PathLike[str]) -> Layout:
+    """The layout at `path`, created if missing. An existing path must be a wbcache directory
+    or an empty directory; anything else raises `InvalidDirectoryError` and is left untouched."""
+    layout = Layout(os.path.abspath(os.fspath(path)))
+    root = layout.root
+    if os.path.exists(root):
+        if not os.path.isdir(root):
+            raise InvalidDirectoryError(f"{root} exists and is not a directory")
+        if not layout.is_cache_dir() and os.listdir(root):
+            raise InvalidDirectoryError(
+                f"{root} is not empty and not a wbcache directory; refusing to write into it"
+            )
+    else:
+        _make_dir(root)
+    for sub in (layout.wal, layout.db):
+        if not os.path.isdir(sub):
+            _make_dir(sub)
+    if not os.path.exists(layout.lock):
+        fd = os.open(layout.lock, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        SYSCALLS.fsync_dir(root)
+    return layout
+
+
+def _make_dir(path: str) -> None:
+    parent = os.path.dirname(path)
+    if parent and not os.path.isdir(parent):
+        _make_dir(parent)
+    os.mkdir(path, 0o700)
+    SYSCALLS.fsync_dir(parent or ".")

@@ -1,0 +1,108 @@
+"""`Options`: every tunable of a cache, with its unit and default, in one frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from wbcache.wal.format import MAX_RECORD_SIZE
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+# Room a record needs besides one value: LSN, op code, key and msgpack framing.
+_RECORD_OVERHEAD = 64 * KiB
+
+FSYNC_MODES = ("always", "interval")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """How a cache is tuned. Pass the fields as keywords to `wbcache.open`.
+
+    Raises `TypeError` for a field of the wrong type and `ValueError` for one out of range,
+    naming the field.
+    """
+
+    fsync: Literal["always", "interval"] = "always"
+    """"always" (default): a write returns only after the fsync that covers it; it survives
+    kill -9 and power loss. "interval": a write returns once the operating system has it (it
+    survives kill -9); the log is fsync'd every `fsync_interval` seconds, so power loss can lose
+    up to that much."""
+
+    fsync_interval: float = 1.0
+    """Seconds between log fsyncs under fsync="interval". Default 1.0 (Redis' everysec)."""
+
+    flush_interval: float = 1.0
+    """Seconds between flushes of dirty entries into the database. Default 1.0."""
+
+    flush_threshold: int = 10_000
+    """Dirty entries that start a flush before the timer. Default 10,000."""
+
+    max_dirty: int = 100_000
+    """Dirty entries (not yet in the database) above which writers wait for a flush.
+    Default 100,000. Nothing is ever dropped: this is backpressure."""
+
+    capacity: int = 1_000_000
+    """Entries kept in memory. Clean entries beyond it are evicted least-recently-used; dirty
+    entries stay until they are flushed (a flush is started when they alone exceed it).
+    Default 1,000,000."""
+
+    segment_size: int = 64 * MiB
+    """Bytes after which the log moves to a new segment file. Default 64 MiB. A segment may
+    exceed it by one group-commit batch."""
+
+    max_key_size: int = 511
+    """Largest key in bytes (UTF-8 for str keys). Default 511, LMDB's own limit."""
+
+    max_value_size: int = 16 * MiB
+    """Largest msgpack-encoded value in bytes. Default 16 MiB."""
+
+    map_size: int = 1 * GiB
+    """Initial LMDB map size in bytes; it doubles whenever the database fills it. Default 1 GiB."""
+
+    flush_timeout: float = 30.0
+    """Seconds `flush()` and `close()` wait for the database before raising `FlushError`.
+    The flusher itself keeps retrying with backoff; nothing is lost. Default 30.0."""
+
+    def __post_init__(self) -> None:
+        if self.fsync not in FSYNC_MODES:
+            raise ValueError(f"option fsync must be one of {FSYNC_MODES}, not {self.fsync!r}")
+        for name in ("fsync_interval", "flush_interval", "flush_timeout"):
+            _check_seconds(name, getattr(self, name))
+        for name in ("flush_threshold", "max_dirty", "capacity", "segment_size",
+                     "max_key_size", "max_value_size", "map_size"):
+            _check_positive_int(name, getattr(self, name))
+        if self.segment_size < 4 * KiB:
+            raise ValueError(f"option segment_size must be at least 4096 bytes, not {self.segment_size}")
+        if self.max_value_size > MAX_RECORD_SIZE - _RECORD_OVERHEAD:
+            raise ValueError(
+                f"option max_value_size must be at most {MAX_RECORD_SIZE - _RECORD_OVERHEAD} "
+                f"bytes (the log's record limit), not {self.max_value_size}"
+            )
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> Options:
+        """Build options from `wbcache.open`'s keywords, naming any unknown one."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**kwargs)
+
+
+def _check_seconds(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"option {name} must be a number of seconds, not {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"option {name} must be a positive number of seconds, not {value!r}")
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"option {name} must be an int, not {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"option {name} must be positive, not {value}")
