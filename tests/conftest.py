@@ -1,0 +1,56 @@
+"""Shared fixtures.
+
+Tests that need a server (PostgreSQL) call `require_service`: on a machine without it they skip,
+but CI sets WBCACHE_REQUIRE_SERVICES=1 (see .ci/run) and a missing server is then a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import wbcache
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", help="also run long soak tests")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--soak"):
+        return
+    skip = pytest.mark.skip(reason="soak test: run with --soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
+def require_service(name: str, reason: str) -> None:
+    """Skip (fail under WBCACHE_REQUIRE_SERVICES=1) a test whose server is unavailable."""
+    if os.environ.get("WBCACHE_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{name} is required here (WBCACHE_REQUIRE_SERVICES=1): {reason}")
+    pytest.skip(f"{name} not available: {reason}")
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def open_cache(cache_dir: Path) -> Iterator[Callable[..., wbcache.Cache]]:
+    """Open caches (default: at cache_dir) and close every one still open at teardown."""
+    opened: list[wbcache.Cache] = []
+
+    def _open(path: Path | None = None, **options: Any) -> wbcache.Cache:
+        cache = wbcache.open(path or cache_dir, **options)
+        opened.append(cache)
+        return cache
+
+    yield _open
+    for cache in opened:
+        cache.close()

@@ -1,0 +1,144 @@
+"""kill -9 a real writing process, reopen, and count every acknowledged write."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import wbcache
+from wbcache import CacheLockedError
+
+# Each thread writes <prefix>t<thread>:<seq> = seq (and increments <prefix>n<thread>), in order, and reports "<thread> <seq>" on stdout
+# (unbuffered) only after put() has returned: every reported write was acknowledged.
+WRITER = textwrap.dedent("""
+    import os, sys, threading
+    import wbcache
+    path, threads, fsync, prefix = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    cache = wbcache.open(path, fsync=fsync, flush_interval=0.05, segment_size=64 * 1024)
+    lock = threading.Lock()
+    def write(thread):
+        seq = 0
+        while True:
+            if seq % 10 == 9:
+                with cache.batch() as batch:
+                    batch.put(f"{prefix}t{thread}:{seq}", seq)
+                    batch.incr(f"{prefix}n{thread}")
+            else:
+                cache.put(f"{prefix}t{thread}:{seq}", seq)
+                cache.incr(f"{prefix}n{thread}")
+            with lock:
+                os.write(1, f"{thread} {seq}\\n".encode())
+            seq += 1
+    for thread in range(threads):
+        threading.Thread(target=write, args=(thread,), daemon=True).start()
+    threading.Event().wait()
+""")
+
+
+def run_and_kill(path: Path, *, threads: int, fsync: str, acks_before_kill: int,
+                 prefix: str = "") -> dict[int, int]:
+    """Start the writer, SIGKILL it once it has acknowledged enough writes; return, per thread,
+    the highest acknowledged sequence number."""
+    child = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(threads), fsync, prefix],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout is not None
+    last: dict[int, int] = {}
+    seen = 0
+    killed = False
+    for line in child.stdout:  # after the kill, read what was already in the pipe, to EOF
+        thread, seq = map(int, line.split())
+        last[thread] = seq
+        seen += 1
+        if seen == acks_before_kill and not killed:
+            child.send_signal(signal.SIGKILL)
+            killed = True
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()  # type: ignore[union-attr]
+    return last
+
+
+def check_every_acknowledged_write(path: Path, last: dict[int, int], threads: int,
+                                   prefix: str = "") -> int:
+    """Reopen and check each thread's writes 0..last[thread]; return how many were checked."""
+    assert len(last) == threads
+    checked = 0
+    with wbcache.open(path) as cache:
+        for thread, top in last.items():
+            for seq in range(top + 1):
+                assert cache.get(f"{prefix}t{thread}:{seq}") == seq, (thread, seq)
+                checked += 1
+            # counters count every acknowledged increment; one more may have landed unacked
+            assert cache.get(f"{prefix}n{thread}") in (top + 1, top + 2)
+            # no holes: nothing newer than the acknowledged prefix is missing in between
+            extra = top + 1
+            while cache.get(f"{prefix}t{thread}:{extra}") is not None:
+                extra += 1
+            assert cache.get(f"{prefix}t{thread}:{extra + 1}") is None
+    return checked
+
+
+@pytest.mark.parametrize("fsync", ["always", "interval"])
+def test_sigkill_while_8_threads_write_loses_no_acknowledged_write(tmp_path: Path,
+                                                                    fsync: str) -> None:
+    path = tmp_path / "cache"
+    last = run_and_kill(path, threads=8, fsync=fsync, acks_before_kill=3000)
+    checked = check_every_acknowledged_write(path, last, threads=8)
+    assert checked >= 3000
+
+
+def test_repeated_kills_and_reopens_accumulate_without_loss(tmp_path: Path) -> None:
+    path = tmp_path / "cache"
+    rounds = []
+    for round_ in range(3):
+        prefix = f"r{round_}/"
+        rounds.append((prefix, run_and_kill(path, threads=4, fsync="always",
+                                            acks_before_kill=500, prefix=prefix)))
+        for earlier_prefix, last in rounds:  # earlier rounds' writes survive later kills too
+            check_every_acknowledged_write(path, last, threads=4, prefix=earlier_prefix)
+
+
+HOLDER = textwrap.dedent("""
+    import sys, wbcache
+    cache = wbcache.open(sys.argv[1])
+    cache.put("holder", "was here")
+    print("open", flush=True)
+    sys.stdin.readline()
+""")
+
+
+def test_a_second_open_from_another_process_is_refused_until_the_owner_dies(
+        tmp_path: Path) -> None:
+    path = tmp_path / "cache"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout is not None
+    assert holder.stdout.readline() == b"open\n"
+    with pytest.raises(CacheLockedError, match=f"pid {holder.pid}"):
+        wbcache.open(path)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with wbcache.open(path) as cache:  # the kernel released the dead owner's lock
+        assert cache.get("holder") == "was here"
+    assert holder.stdin is not None
+    holder.stdin.close()
+    holder.stdout.close()
+
+
+def test_open_from_another_process_while_held_here_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "cache"
+    with wbcache.open(path):
+        probe = subprocess.run(
+            [sys.executable, "-c",
+             "import sys, wbcache\n"
+             "try:\n    wbcache.open(sys.argv[1])\n"
+             "except wbcache.CacheLockedError as exc:\n    print('locked:', exc)\n",
+             str(path)],
+            capture_output=True, text=True, check=True)
+    assert probe.stdout.startswith("locked:")
+    assert str(os.getpid()) in probe.stdout

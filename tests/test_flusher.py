@@ -1,0 +1,242 @@
+"""The flusher's triggers, and what happens when the database or the log fails."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+import wbcache
+from wbcache import FlushError, LogFailedError
+from wbcache.backends.base import Key
+from wbcache.wal.syscalls import SYSCALLS
+
+OpenCache = Callable[..., wbcache.Cache]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll an observable condition (not a sleep standing in for one); fail on timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached within timeout")
+        time.sleep(0.005)
+
+
+class ControlledBackend:
+    """An LMDB backend whose `apply` can be made to fail or to block, for these tests."""
+
+    def __init__(self, path: Path) -> None:
+        self.inner = wbcache.LmdbBackend(str(path))
+        self.failures_left = 0
+        self.failing = False
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.applied = 0
+
+    @property
+    def max_key_size(self) -> int:
+        return self.inner.max_key_size
+
+    def apply(self, puts: Sequence[tuple[Key, bytes]], deletes: Sequence[Key],
+              checkpoint: int) -> None:
+        self.entered.set()
+        self.gate.wait()
+        if self.failing or self.failures_left > 0:
+            self.failures_left -= 1
+            raise OSError(errno.ECONNREFUSED, "database unavailable (test)")
+        self.inner.apply(puts, deletes, checkpoint)
+        self.applied += 1
+
+    def get(self, key: Key) -> bytes | None:
+        return self.inner.get(key)
+
+    def checkpoint(self) -> int:
+        return self.inner.checkpoint()
+
+    def count(self) -> int:
+        return self.inner.count()
+
+    def items(self) -> Iterator[tuple[Key, bytes]]:
+        return self.inner.items()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Iterator[ControlledBackend]:
+    """Request it BEFORE open_cache, so the cache is closed before the database is."""
+    controlled = ControlledBackend(tmp_path / "externaldb")
+    yield controlled
+    controlled.gate.set()
+    controlled.close()
+
+
+def test_flush_threshold_starts_a_flush_before_the_timer(open_cache: OpenCache) -> None:
+    cache = open_cache(flush_interval=3600, flush_threshold=10)
+    for i in range(10):
+        cache.put(f"k{i}", i)
+    wait_until(lambda: cache.stats()["flushes"] >= 1)
+    assert cache.stats()["flushed_entries"] >= 10
+
+
+def test_flush_timer_flushes_without_being_asked(open_cache: OpenCache) -> None:
+    cache = open_cache(flush_interval=0.05, flush_threshold=1_000_000)
+    cache.put("k", 1)
+    wait_until(lambda: cache.stats()["checkpoint_lsn"] >= 1)
+
+
+def test_capacity_pressure_starts_a_flush_and_evicts_once_clean(open_cache: OpenCache) -> None:
+    cache = open_cache(flush_interval=3600, flush_threshold=1_000_000, capacity=10)
+    for i in range(50):
+        cache.put(f"k{i}", i)
+    # every entry is dirty, so none can be evicted until the flusher, woken, has run
+    wait_until(lambda: cache.stats()["cached"] <= 10)
+    assert cache.stats()["evictions"] >= 40
+    assert [cache.get(f"k{i}") for i in range(50)] == list(range(50))
+
+
+def test_lmdb_map_full_grows_the_map_and_loses_nothing(open_cache: OpenCache) -> None:
+    cache = open_cache(map_size=64 * 1024, flush_interval=3600)
+    values = {f"k{i}": "v" * 1000 for i in range(1000)}  # ~1 MB into a 64 KiB map
+    cache.put_many(values)
+    cache.flush()
+    assert cache._backend.resizes >= 1  # type: ignore[attr-defined]
+    cache.close()
+    reopened = open_cache()
+    assert len(reopened) == 1000
+    assert reopened.get("k999") == "v" * 1000
+
+
+def test_database_errors_are_retried_counted_and_lose_nothing(
+        backend: ControlledBackend, open_cache: OpenCache, cache_dir: Path) -> None:
+    cache = open_cache(backend=backend, flush_interval=3600, segment_size=4096)
+    backend.failures_left = 3
+    for i in range(500):
+        cache.put(f"k{i}", i)
+    segments_before = len(os.listdir(cache_dir / "wal"))
+    cache.flush()  # retries with backoff until the database accepts it
+    stats = cache.stats()
+    assert stats["flush_errors"] == 3
+    assert "database unavailable" in stats["last_flush_error"]
+    assert backend.inner.count() == 500
+    assert segments_before > 1 and len(os.listdir(cache_dir / "wal")) == 1
+
+
+def test_log_is_not_truncated_while_the_database_refuses(
+        backend: ControlledBackend, open_cache: OpenCache, cache_dir: Path) -> None:
+    cache = open_cache(backend=backend, flush_interval=0.01, segment_size=4096)
+    backend.failing = True
+    for i in range(500):
+        cache.put(f"k{i}", i)
+    wait_until(lambda: cache.stats()["flush_errors"] >= 3)
+    assert len(os.listdir(cache_dir / "wal")) > 1
+    assert backend.inner.count() == 0
+    backend.failing = False
+    wait_until(lambda: backend.inner.count() == 500)
+    cache.flush()
+    assert len(os.listdir(cache_dir / "wal")) == 1
+
+
+def test_flush_raises_after_its_timeout_and_keeps_every_write(
+        backend: ControlledBackend, open_cache: OpenCache) -> None:
+    cache = open_cache(backend=backend, flush_interval=3600)
+    backend.failing = True
+    cache.put("k", 1)
+    with pytest.raises(FlushError, match="log keeps every write"):
+        cache.flush(timeout=0.2)
+    assert cache.get("k") == 1
+    backend.failing = False
+    cache.flush()
+    assert backend.inner.get("k") is not None
+
+
+def test_close_with_the_database_down_raises_but_the_log_keeps_everything(
+        cache_dir: Path, backend: ControlledBackend) -> None:
+    cache = wbcache.open(cache_dir, backend=backend, flush_interval=3600, flush_timeout=0.2)
+    backend.failing = True
+    cache.put_many({f"k{i}": i for i in range(10)})
+    with pytest.raises(FlushError):
+        cache.close()
+    assert cache.closed
+    backend.failing = False
+    with wbcache.open(cache_dir, backend=backend) as reopened:
+        assert reopened.recovery.replayed == 1
+        assert [reopened.get(f"k{i}") for i in range(10)] == list(range(10))
+
+
+def test_writers_wait_at_max_dirty_and_resume_after_a_flush(
+        backend: ControlledBackend, open_cache: OpenCache) -> None:
+    cache = open_cache(backend=backend, flush_interval=3600, max_dirty=5, flush_threshold=1000)
+    backend.gate.clear()  # the next flush blocks inside the database
+    for i in range(5):
+        cache.put(f"k{i}", i)
+    done = threading.Event()
+
+    def writer() -> None:
+        cache.put("k5", 5)
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert backend.entered.wait(10)  # backpressure woke the flusher, which is now stuck
+    assert not done.wait(0.2)  # the writer waits: nothing is shed, nothing is acknowledged
+    assert cache.stats()["dirty"] == 5
+    backend.gate.set()
+    thread.join(10)
+    assert done.is_set()
+    assert cache.get("k5") == 5
+
+
+def test_a_failed_fsync_refuses_writes_until_reopened(open_cache: OpenCache,
+                                                      cache_dir: Path) -> None:
+    cache = open_cache()
+    for i in range(10):
+        cache.put(f"k{i}", i)
+
+    def failing_fdatasync(fd: int) -> None:
+        raise OSError(errno.EIO, "injected fsync failure")
+
+    SYSCALLS.fdatasync = failing_fdatasync  # type: ignore[method-assign]
+    try:
+        with pytest.raises(LogFailedError):
+            cache.put("unacked", 1)
+    finally:
+        del SYSCALLS.fdatasync
+    # the kernel may have dropped the pages: a later fsync proves nothing, so no more writes
+    with pytest.raises(LogFailedError):
+        cache.put("after", 2)
+    with pytest.raises(LogFailedError):
+        cache.put_many({"after": 2})
+    assert cache.get("k9") == 9  # reads still work
+    cache.close()
+    reopened = open_cache()
+    assert [reopened.get(f"k{i}") for i in range(10)] == list(range(10))
+    reopened.put("after", 2)
+    assert reopened.get("after") == 2
+
+
+def test_a_failed_log_write_refuses_writes_and_reopen_recovers(open_cache: OpenCache) -> None:
+    cache = open_cache()
+    cache.put("before", 1)
+
+    def full_disk(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "injected: no space left on device")
+
+    SYSCALLS.write = full_disk  # type: ignore[method-assign]
+    try:
+        with pytest.raises(LogFailedError, match="no space"):
+            cache.put("unacked", 1)
+    finally:
+        del SYSCALLS.write
+    with pytest.raises(LogFailedError):
+        cache.incr("n")
+    cache.close()
+    assert open_cache().get("before") == 1
