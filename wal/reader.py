@@ -136,11 +136,12 @@ class SegmentReader:
                 return
             end = pos + FRAME_SIZE + length
             if end > size:
-                self._damage(data, pos, f"record of {length} bytes cut off at end of file")
+                self._damage(data, pos, f"record of {length} bytes cut off at end of file",
+                             claimed=(end, crc))
                 return
             payload = data[pos + FRAME_SIZE:end]
             if crc32(payload) != crc:
-                self._damage(data, pos, "checksum mismatch")
+                self._damage(data, pos, "checksum mismatch", claimed=(end, crc))
                 return
             try:
                 record = decode_payload(payload)
@@ -158,11 +159,19 @@ class SegmentReader:
             self.records += 1
             pos = self.end = end
 
-    def _damage(self, data: mmap.mmap | bytes, offset: int, reason: str) -> None:
-        """Apply the torn-tail policy to a bad record at `offset` (see the module docstring)."""
+    def _damage(self, data: mmap.mmap | bytes, offset: int, reason: str,
+                claimed: tuple[int, int] | None = None) -> None:
+        """Apply the torn-tail policy to a bad record at `offset` (see the module docstring).
+
+        `claimed` is (end, crc) when the bad record's marker and length looked sound: then a
+        valid-looking record INSIDE that extent may be a user's value that happens to hold a
+        log record (a torn write of it must stay a torn tail). It counts as evidence of
+        corruption only if the bytes before it match the claimed checksum, i.e. the bad
+        record is intact and only its length field was damaged.
+        """
         if not self.is_last:
             raise CorruptLogError(self.path, offset, reason)
-        later = self._find_valid_record(data, offset + 1)
+        later = self._find_valid_record(data, offset, claimed)
         if later is not None:
             raise CorruptLogError(
                 self.path, offset, f"{reason}; a valid record follows at offset {later}"
@@ -171,22 +180,31 @@ class SegmentReader:
         self.torn_bytes = self.size - offset
         self.torn_reason = reason
 
-    def _find_valid_record(self, data: mmap.mmap | bytes, start: int) -> int | None:
-        """Offset of the first valid record at or after `start` newer than the last good one."""
-        size = self.size
-        at = data.find(FRAME_MAGIC, start)
+    def _find_valid_record(self, data: mmap.mmap | bytes, offset: int,
+                           claimed: tuple[int, int] | None) -> int | None:
+        """Offset of the first valid record after the bad one at `offset` that is newer than
+        the last good record and proves the damage is not a torn tail, or None."""
+        at = data.find(FRAME_MAGIC, offset + 1)
         while at != -1:
-            if size - at >= FRAME_SIZE:
-                _, length, crc = FRAME.unpack_from(data, at)
-                end = at + FRAME_SIZE + length
-                if 0 < length <= MAX_RECORD_SIZE and end <= size:
-                    payload = data[at + FRAME_SIZE:end]
-                    if zlib.crc32(payload) == crc:
-                        try:
-                            record = decode_payload(payload)
-                        except Exception:
-                            record = None
-                        if valid_record(record) and record[0] > self.last_lsn:
-                            return at
+            if self._is_valid_record_at(data, at) and (
+                    claimed is None or at >= claimed[0]
+                    or zlib.crc32(data[offset + FRAME_SIZE:at]) == claimed[1]):
+                return at
             at = data.find(FRAME_MAGIC, at + 1)
         return None
+
+    def _is_valid_record_at(self, data: mmap.mmap | bytes, at: int) -> bool:
+        if self.size - at < FRAME_SIZE:
+            return False
+        _, length, crc = FRAME.unpack_from(data, at)
+        end = at + FRAME_SIZE + length
+        if not 0 < length <= MAX_RECORD_SIZE or end > self.size:
+            return False
+        payload = data[at + FRAME_SIZE:end]
+        if zlib.crc32(payload) != crc:
+            return False
+        try:
+            record = decode_payload(payload)
+        except Exception:  # msgpack raises several types for bad input
+            return False
+        return valid_record(record) and record[0] > self.last_lsn

@@ -1,0 +1,618 @@
+"""The log reader: a torn tail is dropped and measured, anything else damaged is refused.
+
+In the manner of LevelDB's log_test.cc: segments are built with the real writer or by hand
+with `wbcache.wal.format`, bytes are damaged with tiny helpers, and each test asserts exactly
+which records survived and how many bytes were dropped, or exactly where corruption was found.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from wbcache.errors import CorruptLogError, UnsupportedFormatError
+from wbcache.recovery import LogScan
+from wbcache.wal import GroupCommitter, LogWriter, SegmentReader, list_segments
+from wbcache.wal.format import (
+    FORMAT_VERSION,
+    FRAME,
+    FRAME_MAGIC,
+    FRAME_SIZE,
+    HEADER_SIZE,
+    MAX_RECORD_SIZE,
+    OP_BATCH,
+    OP_DELETE,
+    OP_INCR,
+    OP_PUT,
+    encode_frame,
+    encode_header,
+)
+from wbcache.wal.segments import segment_name
+
+# ------------------------------------------------------------------ building segments
+
+
+def put_record(lsn: int, key: str | bytes = "k", value: Any = "v") -> list[Any]:
+    return [lsn, OP_PUT, key, msgpack.packb(value)]
+
+
+def frame(record: Any) -> bytes:
+    return encode_frame(msgpack.packb(record))
+
+
+def segment_data(records: list[list[Any]], *, version: int = FORMAT_VERSION) -> bytes:
+    return encode_header(version) + b"".join(frame(record) for record in records)
+
+
+def write_segment(wal_dir: Path, first_lsn: int, records: list[list[Any]], *,
+                  version: int = FORMAT_VERSION) -> Path:
+    wal_dir.mkdir(parents=True, exist_ok=True)
+    path = wal_dir / segment_name(first_lsn)
+    path.write_bytes(segment_data(records, version=version))
+    return path
+
+
+def puts(first_lsn: int, count: int) -> list[list[Any]]:
+    """`count` put records from `first_lsn`, each with its own key and a value of varying size."""
+    return [put_record(lsn, f"key-{lsn}", "x" * (lsn % 7) + str(lsn))
+            for lsn in range(first_lsn, first_lsn + count)]
+
+
+def record_offsets(data: bytes) -> list[int]:
+    """Start offset of every frame, walked by the length fields alone (no checks)."""
+    offsets, pos = [], HEADER_SIZE
+    while pos + FRAME_SIZE <= len(data):
+        offsets.append(pos)
+        _, length, _ = FRAME.unpack_from(data, pos)
+        pos += FRAME_SIZE + length
+    return offsets
+
+
+# ------------------------------------------------------------------ damaging bytes
+
+
+def flip_byte(path: Path, offset: int, mask: int = 0x01) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path, size: int) -> None:
+    with path.open("r+b") as file:
+        file.truncate(size)
+
+
+def append(path: Path, data: bytes) -> None:
+    with path.open("ab") as file:
+        file.write(data)
+
+
+def overwrite(path: Path, offset: int, data: bytes) -> None:
+    with path.open("r+b") as file:
+        file.seek(offset)
+        file.write(data)
+
+
+# ------------------------------------------------------------------ reading
+
+
+def read(path: Path, *, first_lsn: int = 1, is_last: bool = True
+         ) -> tuple[list[list[Any]], SegmentReader]:
+    reader = SegmentReader(str(path), first_lsn=first_lsn, is_last=is_last)
+    return list(reader), reader
+
+
+def corruption(path: Path, *, first_lsn: int = 1, is_last: bool = True) -> CorruptLogError:
+    with pytest.raises(CorruptLogError) as info:
+        read(path, first_lsn=first_lsn, is_last=is_last)
+    return info.value
+
+
+def lsns(records: list[list[Any]]) -> list[int]:
+    return [record[0] for record in records]
+
+
+# ------------------------------------------------------------------ clean logs
+
+
+def test_clean_segment_returns_every_record_and_no_torn_bytes(tmp_path: Path) -> None:
+    records = puts(1, 5) + [
+        [6, OP_DELETE, b"bytes-key"],
+        [7, OP_INCR, "counter", 3, 3],
+        [8, OP_BATCH, [[OP_PUT, "a", msgpack.packb(1)], [OP_DELETE, "b"],
+                       [OP_INCR, "c", -2, -2]]],
+    ]
+    path = write_segment(tmp_path, 1, records)
+
+    got, reader = read(path)
+
+    assert got == records
+    assert reader.records == 8
+    assert reader.last_lsn == 8
+    assert reader.torn_bytes == 0
+    assert reader.torn_reason is None
+    assert reader.end == reader.size == path.stat().st_size
+
+
+def test_header_only_segment_has_no_records_and_is_clean(tmp_path: Path) -> None:
+    path = write_segment(tmp_path, 7, [])
+
+    got, reader = read(path, first_lsn=7)
+
+    assert got == []
+    assert (reader.records, reader.last_lsn, reader.torn_bytes) == (0, 6, 0)
+    assert reader.end == HEADER_SIZE
+
+
+def _write_with_group_commit(wal_dir: Path, count: int, segment_size: int) -> list[list[Any]]:
+    lock = threading.Lock()
+    writer = LogWriter(str(wal_dir), 1, segment_size)
+    committer = GroupCommitter(lock, writer, next_lsn=1, sync_every_batch=True)
+    written = puts(1, count)
+    with lock:
+        for record in written:
+            committer.append(record[0], frame(record))
+            committer.wait(record[0])
+        committer.close()
+    return written
+
+
+def test_segments_written_by_the_group_committer_read_back_in_lsn_order(tmp_path: Path) -> None:
+    written = _write_with_group_commit(tmp_path, 40, segment_size=200)
+
+    segments = list_segments(str(tmp_path))
+    scan = LogScan(str(tmp_path), checkpoint=0)
+    got = list(scan.records())
+
+    assert len(segments) > 2  # the small segment size made the writer rotate
+    assert got == written
+    assert scan.last_lsn == 40
+    assert scan.torn_bytes == 0
+    # Each segment is named after its first record and continues the previous one.
+    assert [summary.first_lsn for summary in scan.summaries] == [s.first_lsn for s in segments]
+    for before, after in zip(scan.summaries, scan.summaries[1:]):
+        assert after.first_lsn == before.last_lsn + 1
+
+
+# ------------------------------------------------------------------ torn tails
+
+
+@pytest.mark.parametrize("records_back", [0, 1, 2])
+def test_torn_tail_at_every_offset_drops_only_the_cut_record_and_those_after(
+        tmp_path: Path, records_back: int) -> None:
+    records = puts(1, 6)
+    data = segment_data(records)
+    offsets = record_offsets(data)
+    cut_index = len(records) - 1 - records_back
+    start = offsets[cut_index]
+    stop = offsets[cut_index + 1] if cut_index + 1 < len(offsets) else len(data)
+    path = tmp_path / segment_name(1)
+
+    for cut in range(start + 1, stop):
+        path.write_bytes(data[:cut])
+
+        got, reader = read(path)
+
+        assert got == records[:cut_index], f"cut at byte {cut}"
+        assert reader.torn_bytes == cut - start, f"cut at byte {cut}"
+        assert reader.end == start
+        assert reader.last_lsn == cut_index
+        assert reader.torn_reason is not None
+
+
+def test_truncation_at_a_record_boundary_is_a_clean_end(tmp_path: Path) -> None:
+    records = puts(1, 4)
+    data = segment_data(records)
+    path = tmp_path / segment_name(1)
+
+    for index, offset in enumerate(record_offsets(data)):
+        path.write_bytes(data[:offset])
+
+        got, reader = read(path)
+
+        assert got == records[:index]
+        assert reader.torn_bytes == 0
+        assert reader.torn_reason is None
+
+
+@pytest.mark.parametrize("zeros", [1, FRAME_SIZE - 1, FRAME_SIZE, 4096])
+def test_zero_filled_tail_is_torn_and_measured(tmp_path: Path, zeros: int) -> None:
+    records = puts(1, 3)
+    path = write_segment(tmp_path, 1, records)
+    clean_size = path.stat().st_size
+    append(path, b"\x00" * zeros)
+
+    got, reader = read(path)
+
+    assert got == records
+    assert reader.torn_bytes == zeros
+    assert reader.end == clean_size
+
+
+def test_zeroed_last_record_is_torn(tmp_path: Path) -> None:
+    # After a crash a filesystem may show the extended size of a file but zeros for its data.
+    records = puts(1, 3)
+    path = write_segment(tmp_path, 1, records)
+    last = record_offsets(path.read_bytes())[-1]
+    size = path.stat().st_size
+    overwrite(path, last, b"\x00" * (size - last))
+
+    got, reader = read(path)
+
+    assert got == records[:2]
+    assert reader.torn_bytes == size - last
+
+
+def test_zeroed_payload_under_an_intact_frame_header_is_torn(tmp_path: Path) -> None:
+    records = puts(1, 3)
+    path = write_segment(tmp_path, 1, records)
+    last = record_offsets(path.read_bytes())[-1]
+    size = path.stat().st_size
+    overwrite(path, last + FRAME_SIZE, b"\x00" * (size - last - FRAME_SIZE))
+
+    got, reader = read(path)
+
+    assert got == records[:2]
+    assert reader.torn_bytes == size - last
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_garbage_tail_is_torn_and_measured(tmp_path: Path, seed: int) -> None:
+    garbage = random.Random(seed).randbytes(777)
+    records = puts(1, 3)
+    path = write_segment(tmp_path, 1, records)
+    clean_size = path.stat().st_size
+    append(path, garbage)
+
+    got, reader = read(path)
+
+    assert got == records
+    assert reader.torn_bytes == len(garbage)
+    assert reader.end == clean_size
+
+
+def test_garbage_holding_frame_magic_is_still_a_torn_tail(tmp_path: Path) -> None:
+    # Frame markers with bad checksums after the damage are not valid records.
+    records = puts(1, 2)
+    path = write_segment(tmp_path, 1, records)
+    garbage = (FRAME_MAGIC + b"\x05\x00\x00\x00" + b"\xde\xad\xbe\xef" + b"hello") * 3
+    append(path, garbage)
+
+    got, reader = read(path)
+
+    assert got == records
+    assert reader.torn_bytes == len(garbage)
+
+
+def test_stale_record_at_or_below_the_last_lsn_after_damage_is_a_torn_tail(tmp_path: Path) -> None:
+    # A valid-looking record that is not newer than the last good one cannot be live data.
+    records = puts(1, 3)
+    path = write_segment(tmp_path, 1, records)
+    stale = frame(put_record(2, "old", "old"))
+    append(path, b"\x00" * 5 + stale)
+
+    got, reader = read(path)
+
+    assert got == records
+    assert reader.torn_bytes == 5 + len(stale)
+
+
+def test_checksum_mismatch_in_the_last_record_is_a_torn_tail(tmp_path: Path) -> None:
+    records = puts(1, 3)
+    path = write_segment(tmp_path, 1, records)
+    last = record_offsets(path.read_bytes())[-1]
+    size = path.stat().st_size
+    flip_byte(path, size - 1)
+
+    got, reader = read(path)
+
+    assert got == records[:2]
+    assert reader.torn_bytes == size - last
+    assert reader.torn_reason is not None and "checksum" in reader.torn_reason
+
+
+def test_torn_record_whose_value_embeds_a_log_record_is_still_a_torn_tail(tmp_path: Path) -> None:
+    # A user value may itself hold log bytes (say, a backup of another cache's segment). When
+    # the write holding it is cut off, the frame inside the value must not pass for a valid
+    # record following the damage: the cut record is a torn tail, like any other.
+    records = puts(1, 3)
+    embedded = frame(put_record(1000, "inner", "inner"))
+    outer = put_record(4, "backup", embedded + b"\x00" * 64)
+    path = tmp_path / segment_name(1)
+    data = segment_data(records + [outer])
+    start = record_offsets(data)[-1]
+    cut = len(data) - 10  # past the embedded frame, short of the end of the outer record
+    path.write_bytes(data[:cut])
+
+    got, reader = read(path)
+
+    assert got == records
+    assert reader.torn_bytes == cut - start
+
+
+# ------------------------------------------------------------------ mid-log corruption
+
+
+def _middle_record(tmp_path: Path) -> tuple[Path, int, int]:
+    """A segment of 5 records; returns (path, offset of record 3, its size)."""
+    data = segment_data(puts(1, 5))
+    offsets = record_offsets(data)
+    path = tmp_path / segment_name(1)
+    path.write_bytes(data)
+    return path, offsets[2], offsets[3] - offsets[2]
+
+
+@pytest.mark.parametrize("mask", [0x01, 0x80])
+def test_flipped_byte_anywhere_in_a_record_before_valid_ones_is_corruption(
+        tmp_path: Path, mask: int) -> None:
+    path, start, size = _middle_record(tmp_path)
+    clean = path.read_bytes()
+    fields = {"frame magic": range(0, 4), "length": range(4, 8), "checksum": range(8, 12),
+              "payload": range(FRAME_SIZE, size)}
+
+    for field, positions in fields.items():
+        for position in positions:
+            path.write_bytes(clean)
+            flip_byte(path, start + position, mask)
+
+            error = corruption(path)
+
+            where = f"{field} byte {position}"
+            assert error.path == str(path), where
+            assert error.offset == start, where
+            assert str(path) in str(error) and str(start) in str(error), where
+
+
+def test_bad_length_before_valid_records_is_corruption_not_a_torn_tail(tmp_path: Path) -> None:
+    path, start, _ = _middle_record(tmp_path)
+    overwrite(path, start + 4, (1 << 20).to_bytes(4, "little"))  # points past the end of file
+
+    error = corruption(path)
+
+    assert (error.path, error.offset) == (str(path), start)
+
+
+def test_zeroed_record_before_valid_records_is_corruption(tmp_path: Path) -> None:
+    path, start, size = _middle_record(tmp_path)
+    overwrite(path, start, b"\x00" * size)
+
+    error = corruption(path)
+
+    assert (error.path, error.offset) == (str(path), start)
+
+
+def test_damaged_header_followed_by_records_is_corruption(tmp_path: Path) -> None:
+    path = write_segment(tmp_path, 1, puts(1, 3))
+    clean = path.read_bytes()
+
+    for position in range(HEADER_SIZE):
+        path.write_bytes(clean)
+        flip_byte(path, position)
+
+        error = corruption(path)
+
+        assert (error.path, error.offset) == (str(path), 0), f"header byte {position}"
+
+
+@pytest.mark.parametrize("size", [0, 1, 8, HEADER_SIZE - 1])
+def test_cut_header_of_the_last_segment_is_torn(tmp_path: Path, size: int) -> None:
+    path = tmp_path / segment_name(1)
+    path.write_bytes(encode_header()[:size])
+
+    got, reader = read(path)
+
+    assert got == []
+    assert reader.torn_bytes == size
+    assert reader.end == 0
+    assert reader.last_lsn == 0
+    assert reader.torn_reason is not None
+
+
+def test_empty_last_segment_is_torn_with_no_records(tmp_path: Path) -> None:
+    path = tmp_path / segment_name(4)
+    path.write_bytes(b"")
+
+    got, reader = read(path, first_lsn=4)
+
+    assert got == []
+    assert (reader.records, reader.last_lsn, reader.torn_bytes) == (0, 3, 0)
+    assert reader.torn_reason is not None
+
+
+# ------------------------------------------------------------------ non-last segments
+
+
+@pytest.mark.parametrize("damage", ["cut last record", "zeros after", "garbage after",
+                                    "flipped last byte", "cut header", "empty"])
+def test_damage_at_the_end_of_a_non_last_segment_is_corruption(tmp_path: Path,
+                                                              damage: str) -> None:
+    path = write_segment(tmp_path, 1, puts(1, 3))
+    size = path.stat().st_size
+    last = record_offsets(path.read_bytes())[-1]
+    expected_offset = {"cut last record": last, "zeros after": size, "garbage after": size,
+                       "flipped last byte": last, "cut header": 0, "empty": 0}[damage]
+    if damage == "cut last record":
+        truncate(path, size - 1)
+    elif damage == "zeros after":
+        append(path, b"\x00" * 16)
+    elif damage == "garbage after":
+        append(path, random.Random(1).randbytes(100))
+    elif damage == "flipped last byte":
+        flip_byte(path, size - 1)
+    elif damage == "cut header":
+        truncate(path, HEADER_SIZE - 1)
+    else:
+        truncate(path, 0)
+
+    error = corruption(path, is_last=False)
+
+    assert (error.path, error.offset) == (str(path), expected_offset)
+
+
+def test_torn_end_of_an_earlier_segment_is_corruption_in_a_scan(tmp_path: Path) -> None:
+    first = write_segment(tmp_path, 1, puts(1, 3))
+    write_segment(tmp_path, 4, puts(4, 3))
+    last = record_offsets(first.read_bytes())[-1]
+    truncate(first, first.stat().st_size - 2)
+
+    scan = LogScan(str(tmp_path), checkpoint=0)
+    with pytest.raises(CorruptLogError) as info:
+        list(scan.records())
+
+    assert (info.value.path, info.value.offset) == (str(first), last)
+
+
+def test_torn_end_of_the_last_of_several_segments_is_a_torn_tail_in_a_scan(
+        tmp_path: Path) -> None:
+    write_segment(tmp_path, 1, puts(1, 3))
+    second = write_segment(tmp_path, 4, puts(4, 3))
+    size = second.stat().st_size
+    last = record_offsets(second.read_bytes())[-1]
+    truncate(second, size - 2)
+
+    scan = LogScan(str(tmp_path), checkpoint=0)
+    got = list(scan.records())
+
+    assert lsns(got) == [1, 2, 3, 4, 5]
+    assert scan.torn_bytes == size - 2 - last
+    assert [summary.torn_bytes for summary in scan.summaries] == [0, size - 2 - last]
+
+
+# ------------------------------------------------------------------ format version
+
+
+def test_unknown_format_version_is_refused_naming_it(tmp_path: Path) -> None:
+    path = write_segment(tmp_path, 1, puts(1, 2), version=FORMAT_VERSION + 1)
+
+    with pytest.raises(UnsupportedFormatError) as info:
+        read(path)
+
+    assert info.value.version == FORMAT_VERSION + 1
+    assert info.value.path == str(path)
+    assert f"version {FORMAT_VERSION + 1}" in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_unknown_format_version_is_refused_even_in_an_otherwise_empty_segment(
+        tmp_path: Path) -> None:
+    path = write_segment(tmp_path, 1, [], version=0xFFFF)
+
+    with pytest.raises(UnsupportedFormatError) as info:
+        read(path)
+
+    assert info.value.version == 0xFFFF
+
+
+# ------------------------------------------------------------------ bad lengths
+
+
+def _frame_with_length(length: int) -> bytes:
+    return FRAME.pack(FRAME_MAGIC, length, 0)
+
+
+@pytest.mark.parametrize("length", [MAX_RECORD_SIZE + 1, 0xFFFFFFFF, MAX_RECORD_SIZE])
+def test_huge_length_at_the_tail_is_torn_without_allocating_it(tmp_path: Path,
+                                                               length: int) -> None:
+    records = puts(1, 2)
+    path = write_segment(tmp_path, 1, records)
+    clean_size = path.stat().st_size
+    append(path, _frame_with_length(length) + b"payload")
+
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        got, reader = read(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert got == records
+    assert reader.torn_bytes == FRAME_SIZE + len(b"payload")
+    assert reader.end == clean_size
+    assert peak < 1 << 20  # never the record's claimed size
+    assert time.perf_counter() - started < 2.0
+
+
+@pytest.mark.parametrize("length", [MAX_RECORD_SIZE + 1, 0xFFFFFFFF])
+def test_huge_length_before_valid_records_is_corruption_without_allocating_it(
+        tmp_path: Path, length: int) -> None:
+    path, start, _ = _middle_record(tmp_path)
+    overwrite(path, start + 4, length.to_bytes(4, "little"))
+
+    tracemalloc.start()
+    try:
+        error = corruption(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert (error.path, error.offset) == (str(path), start)
+    assert str(length) in error.reason
+    assert peak < 1 << 20
+
+
+def test_zero_length_record_before_valid_records_is_corruption(tmp_path: Path) -> None:
+    path, start, _ = _middle_record(tmp_path)
+    overwrite(path, start + 4, (0).to_bytes(4, "little"))
+
+    error = corruption(path)
+
+    assert (error.path, error.offset) == (str(path), start)
+
+
+# ------------------------------------------------------------------ valid checksum, wrong content
+
+
+@pytest.mark.parametrize("sequence", [[1, 2, 4], [1, 2, 2], [1, 3, 4], [1, 2, 1], [2, 3, 4]])
+def test_lsn_out_of_sequence_with_a_valid_checksum_is_corruption(tmp_path: Path,
+                                                                 sequence: list[int]) -> None:
+    # Even as the very last record: a torn write cannot produce a valid checksum.
+    path = write_segment(tmp_path, 1, [put_record(lsn) for lsn in sequence])
+    offsets = record_offsets(path.read_bytes())
+    bad = next(index for index, lsn in enumerate(sequence) if lsn != index + 1)
+
+    error = corruption(path)
+
+    assert (error.path, error.offset) == (str(path), offsets[bad])
+    assert f"LSN {sequence[bad]}" in error.reason
+
+
+def test_segment_name_not_matching_its_first_record_is_corruption(tmp_path: Path) -> None:
+    path = tmp_path / segment_name(5)
+    path.write_bytes(segment_data(puts(1, 3)))  # holds LSNs 1..3, named for 5
+
+    scan = LogScan(str(tmp_path), checkpoint=4)
+    with pytest.raises(CorruptLogError) as info:
+        list(scan.records())
+
+    assert (info.value.path, info.value.offset) == (str(path), HEADER_SIZE)
+    assert "LSN 1" in info.value.reason and "5" in info.value.reason
+
+
+@pytest.mark.parametrize("payload", [
+    msgpack.packb([1, 99, "k", b"v"]),           # unknown operation
+    msgpack.packb([1, OP_PUT, "k"]),             # missing value
+    msgpack.packb([1, OP_PUT, 5, b"v"]),         # key neither str nor bytes
+    msgpack.packb([1, OP_PUT, "k", "not-bin"]),  # value not msgpack bin
+    msgpack.packb([0, OP_DELETE, "k"]),          # LSN 0
+    msgpack.packb([1, OP_BATCH, []]),            # empty batch
+    msgpack.packb({"lsn": 1}),                   # not an array
+    b"\xc1",                                     # not msgpack at all
+    msgpack.packb([1, OP_DELETE, "k"]) + b"\x00",  # trailing bytes
+], ids=["unknown-op", "missing-value", "int-key", "str-value", "lsn-0", "empty-batch",
+        "map", "undecodable", "trailing-bytes"])
+def test_malformed_record_with_a_valid_checksum_is_corruption(tmp_path: Path,
+                                                              payload: bytes) -> None:
+    path = tmp_path / segment_name(1)
+    path.write_bytes(encode_header() + encode_frame(payload))
+
+    error = corruption(path)
+
+    assert (error.path, error.offset) == (str(path), HEADER_SIZE)
