@@ -540,3 +540,83 @@ def test_concurrent_mixed_operations_keep_each_threads_view(open_cache: OpenCach
     for thread in range(6):
         assert cache.get(f"t{thread}:n") == 300
         assert cache.get(f"t{thread}:{299 % 40}") == 299
+
+
+def test_a_dict_keyed_by_a_tuple_is_rejected_because_it_cannot_be_read_back(
+        open_cache: OpenCache) -> None:
+    cache = open_cache()
+    before = cache.stats()
+    with pytest.raises(TypeError, match="cannot be read back"):
+        cache.put("k", {"outer": {(1, 2): "x"}})
+    assert cache.stats()["wal_bytes"] == before["wal_bytes"]
+    cache.put("other", 1)
+    assert cache.items() == [("other", 1)]
+
+
+def test_put_many_rejects_strings_as_pairs(open_cache: OpenCache) -> None:
+    cache = open_cache()
+    with pytest.raises(TypeError, match="pairs"):
+        cache.put_many(["ab", "cd"])  # type: ignore[list-item]
+    assert cache.get("a") is None
+
+
+def test_batch_incr_of_a_list_put_earlier_in_the_batch_names_the_type(
+        open_cache: OpenCache) -> None:
+    cache = open_cache()
+    with pytest.raises(TypeError, match="is a list, not an int"):
+        with cache.batch() as batch:
+            batch.put("L", [1])
+            batch.incr("L")
+    assert cache.get("L") is None
+
+
+def test_stats_after_close_raises(open_cache: OpenCache) -> None:
+    cache = open_cache()
+    cache.close()
+    with pytest.raises(CacheClosedError):
+        cache.stats()
+
+
+def test_eviction_racing_lock_free_reads_never_breaks_a_write(open_cache: OpenCache) -> None:
+    """Readers reorder the LRU without the lock while writers evict: no write may fail half
+    applied (eviction must not iterate the OrderedDict)."""
+    import sys
+
+    cache = open_cache(fsync="interval", capacity=50, flush_threshold=100)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            for i in range(0, 400, 7):
+                try:
+                    cache.get(f"k{i}")
+                except BaseException as exc:  # reported below
+                    errors.append(exc)
+
+    def write(thread: int) -> None:
+        try:
+            for round_ in range(60):
+                cache.put_many({f"k{i}": (thread, round_) for i in range(thread, 400, 3)})
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible to widen any race
+    try:
+        readers = [threading.Thread(target=read) for _ in range(3)]
+        writers = [threading.Thread(target=write, args=(t,)) for t in range(2)]
+        for thread in readers + writers:
+            thread.start()
+        for thread in writers:
+            thread.join()
+        stop.set()
+        for thread in readers:
+            thread.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert errors == []
+    for i in range(400):
+        thread = i % 3
+        if thread < 2:
+            assert cache.get(f"k{i}") == [thread, 59], i

@@ -240,3 +240,40 @@ def test_a_failed_log_write_refuses_writes_and_reopen_recovers(open_cache: OpenC
         cache.incr("n")
     cache.close()
     assert open_cache().get("before") == 1
+
+
+def test_a_failed_segment_deletion_is_retried_by_the_next_flush(open_cache: OpenCache,
+                                                               cache_dir: Path) -> None:
+    cache = open_cache(flush_interval=3600, segment_size=4096)
+    for i in range(300):
+        cache.put(f"k{i}", "x" * 20)
+
+    def failing_unlink(path: str) -> None:
+        raise OSError(errno.EIO, "injected unlink failure")
+
+    SYSCALLS.unlink = failing_unlink  # type: ignore[method-assign]
+    try:
+        cache.flush()  # the data is committed; only the deletion failed
+    finally:
+        del SYSCALLS.unlink
+    assert cache.stats()["flush_errors"] == 1
+    assert len(os.listdir(cache_dir / "wal")) > 1
+    cache.flush()  # nothing new to write, but the deletion is retried
+    assert len(os.listdir(cache_dir / "wal")) == 1
+
+
+def test_opening_fsyncs_every_directory_it_creates_files_in(cache_dir: Path) -> None:
+    synced: list[str] = []
+    real = SYSCALLS.fsync_dir
+
+    def recording(path: str) -> None:
+        synced.append(os.path.abspath(path))
+        real(path)
+
+    SYSCALLS.fsync_dir = recording  # type: ignore[method-assign]
+    try:
+        wbcache.open(cache_dir).close()
+    finally:
+        del SYSCALLS.fsync_dir
+    for directory in (cache_dir.parent, cache_dir, cache_dir / "wal", cache_dir / "db"):
+        assert str(directory) in synced, directory

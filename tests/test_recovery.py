@@ -30,6 +30,7 @@ from wbcache.wal.format import (
     OP_PUT,
     encode_frame,
     encode_header,
+    encode_records,
 )
 from wbcache.wal.segments import segment_name
 
@@ -61,7 +62,8 @@ def write_segment(wal_dir: Path, records: list[list[Any]], *, first_lsn: int | N
     name_lsn = first_lsn if first_lsn is not None else records[0][0]
     path = wal_dir / segment_name(name_lsn)
     path.write_bytes(encode_header()
-                     + b"".join(encode_frame(msgpack.packb(record)) for record in records))
+                     + b"".join(encode_frame(encode_records([msgpack.packb(record)]))
+                               for record in records))
     return path
 
 

@@ -33,6 +33,7 @@ from wbcache.wal.format import (
     OP_PUT,
     encode_frame,
     encode_header,
+    encode_records,
 )
 from wbcache.wal.segments import segment_name
 
@@ -44,7 +45,8 @@ def put_record(lsn: int, key: str | bytes = "k", value: Any = "v") -> list[Any]:
 
 
 def frame(record: Any) -> bytes:
-    return encode_frame(msgpack.packb(record))
+    """A frame of one record, as a lone writer's group commit writes it."""
+    return encode_frame(encode_records([msgpack.packb(record)]))
 
 
 def segment_data(records: list[list[Any]], *, version: int = FORMAT_VERSION) -> bytes:
@@ -158,7 +160,7 @@ def _write_with_group_commit(wal_dir: Path, count: int, segment_size: int) -> li
     written = puts(1, count)
     with lock:
         for record in written:
-            committer.append(record[0], frame(record))
+            committer.append(record[0], msgpack.packb(record))
             committer.wait(record[0])
         committer.close()
     return written
@@ -611,8 +613,61 @@ def test_segment_name_not_matching_its_first_record_is_corruption(tmp_path: Path
 def test_malformed_record_with_a_valid_checksum_is_corruption(tmp_path: Path,
                                                               payload: bytes) -> None:
     path = tmp_path / segment_name(1)
-    path.write_bytes(encode_header() + encode_frame(payload))
+    path.write_bytes(encode_header() + encode_frame(encode_records([payload])))
 
     error = corruption(path)
 
     assert (error.path, error.offset) == (str(path), HEADER_SIZE)
+
+
+# ------------------------------------------------------------ group-commit frames
+
+
+def test_a_frame_of_several_records_reads_back_in_order(tmp_path: Path) -> None:
+    records = puts(1, 5)
+    data = encode_header() + encode_frame(encode_records([msgpack.packb(r) for r in records]))
+    path = tmp_path / segment_name(1)
+    path.write_bytes(data)
+    reader = SegmentReader(str(path), first_lsn=1, is_last=True)
+    assert list(reader) == records
+    assert (reader.records, reader.last_lsn, reader.torn_bytes) == (5, 5, 0)
+
+
+def test_a_hole_inside_the_last_group_commit_frame_is_a_torn_tail(tmp_path: Path) -> None:
+    """Power loss may keep later pages of an unsynced write and lose an earlier one: the
+    frame fails as a whole, and none of its records can pass for valid data after damage."""
+    first = frame(puts(1, 1)[0])
+    batch = [[lsn, OP_PUT, f"key{lsn}", msgpack.packb("v" * 300)] for lsn in range(2, 40)]
+    last = encode_frame(encode_records([msgpack.packb(r) for r in batch]))
+    data = bytearray(encode_header() + first + last)
+    hole = HEADER_SIZE + len(first) + 100
+    data[hole:hole + 4096] = bytes(4096)  # one lost page in the middle of the last write
+    path = tmp_path / segment_name(1)
+    path.write_bytes(bytes(data))
+    reader = SegmentReader(str(path), first_lsn=1, is_last=True)
+    assert [r[0] for r in reader] == [1]
+    assert reader.torn_bytes == len(last)
+
+
+@pytest.mark.parametrize("payload", [
+    encode_records([msgpack.packb(put_record(1)), msgpack.packb(put_record(2))[:-3]]),
+    msgpack.packb(put_record(1)),  # a bare record, not a list of them
+    encode_records([]),
+], ids=["ends-inside-a-record", "bare-record", "empty"])
+def test_a_frame_that_is_not_a_whole_list_of_records_is_corrupt(tmp_path: Path,
+                                                                 payload: bytes) -> None:
+    path = tmp_path / segment_name(1)
+    path.write_bytes(encode_header() + encode_frame(payload) + frame(put_record(1)))
+    with pytest.raises(CorruptLogError):
+        list(SegmentReader(str(path), first_lsn=1, is_last=True))
+
+
+def test_a_write_larger_than_the_frame_limit_is_split_into_frames(tmp_path: Path) -> None:
+    big = "x" * (MAX_RECORD_SIZE // 3)
+    records = [put_record(lsn, f"k{lsn}", big) for lsn in range(1, 5)]
+    writer = LogWriter(str(tmp_path), 1, segment_size=1 << 30)
+    writer.append([msgpack.packb(record) for record in records], 1, 4)
+    writer.close()
+    path = tmp_path / segment_name(1)
+    assert len(record_offsets(path.read_bytes())) == 2  # 4 records of a third each: 2 frames
+    assert list(SegmentReader(str(path), first_lsn=1, is_last=True)) == records

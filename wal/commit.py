@@ -59,9 +59,9 @@ class GroupCommitter:
                 f"the log failed ({self.failure}); writes are refused until the cache is reopened"
             ) from self.failure
 
-    def append(self, lsn: int, frame: bytes) -> None:
-        """Queue the framed record `lsn` (the next LSN in order). Lock held."""
-        self._pending.append(frame)
+    def append(self, lsn: int, record: bytes) -> None:
+        """Queue the encoded record `lsn` (the next LSN in order). Lock held."""
+        self._pending.append(record)
         self.queued_lsn = lsn
 
     def add_listener(self, listener: Listener) -> None:
@@ -85,24 +85,25 @@ class GroupCommitter:
 
     def _lead(self) -> None:
         """Write (and maybe fsync) everything queued, with the lock released meanwhile."""
-        frames, self._pending = self._pending, []
+        records, self._pending = self._pending, []
         first_lsn, last_lsn = self._pending_first_lsn, self.queued_lsn
         self._pending_first_lsn = last_lsn + 1
         do_sync = self._sync_every_batch or self._sync_wanted
         self._sync_wanted = False
         self._leader_active = True
         error: BaseException | None = None
-        self._lock.release()
         try:
-            if frames:
-                self._writer.append(frames[0] if len(frames) == 1 else b"".join(frames),
-                                    first_lsn, last_lsn)
-            if do_sync:
-                self._writer.sync()
-        except BaseException as exc:  # an interrupted write leaves the log in an unknown state too
-            error = exc
+            self._lock.release()
+            try:
+                if records:
+                    self._writer.append(records, first_lsn, last_lsn)
+                if do_sync:
+                    self._writer.sync()
+            except BaseException as exc:  # an interrupted write leaves the log unknown too
+                error = exc
+            finally:
+                self._lock.acquire()
         finally:
-            self._lock.acquire()
             self._leader_active = False
         self.batches += 1
         if error is None:

@@ -1,14 +1,15 @@
 """`SegmentReader`: reads the records of one segment and tells a torn tail from corruption.
 
 The policy, applied in `_damage`:
-  * A bad record in the LAST segment with no valid record anywhere after it is a torn tail:
+  * A bad frame in the LAST segment with no valid frame anywhere after it is a torn tail:
     the write that was cut off by the crash was never acknowledged (its fsync never returned),
     so instead of considering this an error we report where the valid data ends and how many
     bytes follow it. Zero-filled and garbage tails fall under this rule.
-  * A bad record followed by a valid one, or a bad record in any earlier segment, is corruption:
+  * A bad frame followed by a valid one, or a bad frame in any earlier segment, is corruption:
     `CorruptLogError` naming the segment and the offset. Nothing is deleted.
-  * A record whose checksum is right but whose content is wrong (an LSN out of sequence, an
+  * A frame whose checksum is right but whose content is wrong (an LSN out of sequence, an
     unknown operation) is corruption wherever it is: a torn write cannot produce it.
+A frame is one group-commit write, all or nothing (wal/format.py).
 
 Segments are mapped, not read: a damaged length field can make the reader slice at most
 `MAX_RECORD_SIZE` bytes, and a huge file is never loaded whole.
@@ -42,8 +43,11 @@ from wbcache.wal.format import (
 _EMPTY = b""
 
 
-def decode_payload(payload: bytes) -> Any:
-    """msgpack-decode a record payload. Limits follow len(payload), itself capped."""
+def decode_records(payload: bytes) -> Any:
+    """msgpack-decode a frame payload (a list of records, if well formed).
+
+    Limits follow len(payload), itself capped by MAX_RECORD_SIZE.
+    """
     return msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True)
 
 
@@ -144,19 +148,22 @@ class SegmentReader:
                 self._damage(data, pos, "checksum mismatch", claimed=(end, crc))
                 return
             try:
-                record = decode_payload(payload)
+                records = decode_records(payload)
             except Exception as exc:  # msgpack raises several types for bad input
-                raise CorruptLogError(self.path, pos, f"undecodable record ({exc})") from exc
-            if not valid_record(record):
-                raise CorruptLogError(self.path, pos, "malformed record")
-            if record[0] != expected:
-                raise CorruptLogError(
-                    self.path, pos, f"record has LSN {record[0]} where {expected} was expected"
-                )
-            yield record
-            expected += 1
-            self.last_lsn = record[0]
-            self.records += 1
+                raise CorruptLogError(self.path, pos, f"undecodable frame ({exc})") from exc
+            if type(records) is not list or not records:
+                raise CorruptLogError(self.path, pos, "malformed frame (not a list of records)")
+            for record in records:  # a frame is all or nothing: check it whole, then yield
+                if not valid_record(record):
+                    raise CorruptLogError(self.path, pos, "malformed record")
+                if record[0] != expected:
+                    raise CorruptLogError(
+                        self.path, pos, f"record has LSN {record[0]} where {expected} was expected"
+                    )
+                expected += 1
+            yield from records
+            self.last_lsn = expected - 1
+            self.records += len(records)
             pos = self.end = end
 
     def _damage(self, data: mmap.mmap | bytes, offset: int, reason: str,
@@ -204,7 +211,9 @@ class SegmentReader:
         if zlib.crc32(payload) != crc:
             return False
         try:
-            record = decode_payload(payload)
+            records = decode_records(payload)
         except Exception:  # msgpack raises several types for bad input
             return False
-        return valid_record(record) and record[0] > self.last_lsn
+        return (type(records) is list and len(records) > 0
+                and all(valid_record(record) for record in records)
+                and records[0][0] > self.last_lsn)

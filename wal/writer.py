@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 
 from wbcache.wal import crashpoints
-from wbcache.wal.format import HEADER_SIZE
+from wbcache.wal.format import HEADER_SIZE, MAX_SINGLE_RECORD, encode_frame, encode_records
 from wbcache.wal.segments import create_segment, delete_segments
 from wbcache.wal.syscalls import SYSCALLS, write_all
 
@@ -41,10 +41,12 @@ class LogWriter:
         self._closed: list[ClosedSegment] = []
         self._closed_lock = threading.Lock()
 
-    def append(self, data: bytes, first_lsn: int, last_lsn: int) -> None:
-        """Write the framed records `first_lsn..last_lsn` (already in LSN order) to the log."""
+    def append(self, records: list[bytes], first_lsn: int, last_lsn: int) -> None:
+        """Write records `first_lsn..last_lsn` (encoded, in LSN order) with ONE write call,
+        as one frame (or more, only if they exceed the frame size limit)."""
         if self._size >= self._segment_size and self._last_lsn >= self._first_lsn:
             self._rotate(first_lsn)
+        data = _frames(records)
         if crashpoints.ARMED:
             crashpoints.reached("wal.before_write")
         # Count what we attempt before writing: after a failed write the size is unknown, and
@@ -81,10 +83,14 @@ class LogWriter:
         The caller guarantees the database has committed everything up to `lsn`.
         """
         with self._closed_lock:
-            keep = [segment for segment in self._closed if segment.last_lsn > lsn]
-            drop = [segment.path for segment in self._closed if segment.last_lsn <= lsn]
-            self._closed = keep
-        delete_segments(self._wal_dir, drop)
+            drop = [segment for segment in self._closed if segment.last_lsn <= lsn]
+        if not drop:
+            return 0
+        # Forget them only once deleted (and the directory fsync'd): after an error, the next
+        # call tries again.
+        delete_segments(self._wal_dir, [segment.path for segment in drop])
+        with self._closed_lock:
+            self._closed = [segment for segment in self._closed if segment not in drop]
         return len(drop)
 
     def sizes(self) -> tuple[int, int]:
@@ -94,3 +100,20 @@ class LogWriter:
 
     def close(self) -> None:
         SYSCALLS.close(self._fd)
+
+
+def _frames(records: list[bytes]) -> bytes:
+    """One frame for the whole write, unless that would exceed the frame size limit."""
+    if len(records) == 1 or sum(map(len, records)) <= MAX_SINGLE_RECORD:
+        return encode_frame(encode_records(records))
+    frames = []
+    chunk: list[bytes] = []
+    size = 0
+    for record in records:  # each record is at most MAX_SINGLE_RECORD (the cache checks)
+        if chunk and size + len(record) > MAX_SINGLE_RECORD:
+            frames.append(encode_frame(encode_records(chunk)))
+            chunk, size = [], 0
+        chunk.append(record)
+        size += len(record)
+    frames.append(encode_frame(encode_records(chunk)))
+    return b"".join(frames)

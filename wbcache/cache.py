@@ -40,7 +40,7 @@ from wbcache.lock import DirectoryLock
 from wbcache.options import Options
 from wbcache.recovery import RecoveryReport, replay_into
 from wbcache.wal import GroupCommitter, LogWriter, crashpoints
-from wbcache.wal.format import MAX_RECORD_SIZE, OP_BATCH, OP_DELETE, OP_INCR, OP_PUT, encode_frame
+from wbcache.wal.format import MAX_SINGLE_RECORD, OP_BATCH, OP_DELETE, OP_INCR, OP_PUT
 
 packb = msgpack.packb
 unpackb = msgpack.unpackb
@@ -183,9 +183,7 @@ class Cache:
             # An eviction since our read may have dropped a newer, flushed value of this key:
             # then what we read is still a valid answer, but not one to keep.
             if self._evictions == evictions:
-                self._map[key] = held
-                if len(self._map) > self._capacity:
-                    self._evict()
+                self._keep_clean(key, held)
             return value
 
     def _backend_get(self, key: Key) -> bytes | None:
@@ -211,6 +209,7 @@ class Cache:
             self._queue(lsn, packb([lsn, OP_PUT, key, encoded]))
             self._remember(key, held, encoded)
             self._writes += 1
+            self._evict_if_over_capacity()
             self._committer.wait(lsn)
         if crashpoints.ARMED:
             crashpoints.reached("wal.after_ack")
@@ -235,6 +234,7 @@ class Cache:
             self._queue(lsn, packb([lsn, OP_DELETE, key]))
             self._remember(key, _TOMBSTONE, None)
             self._writes += 1
+            self._evict_if_over_capacity()
             self._committer.wait(lsn)
         return lsn
 
@@ -250,6 +250,7 @@ class Cache:
             self._queue(lsn, packb([lsn, OP_INCR, key, delta, result]))
             self._remember(key, result, packb(result))
             self._writes += 1
+            self._evict_if_over_capacity()
             self._committer.wait(lsn)
         return result
 
@@ -263,6 +264,8 @@ class Cache:
         ops: list[_Op] = []
         for pair in pairs:
             try:
+                if isinstance(pair, (str, bytes)):  # "ab" would unpack as ("a", "b")
+                    raise TypeError
                 key, value = pair
             except (TypeError, ValueError):
                 raise TypeError("put_many takes a mapping or an iterable of (key, value) pairs, "
@@ -283,21 +286,23 @@ class Cache:
 
     def _commit(self, ops: list[_Op]) -> int:
         """Log `ops` as ONE record and apply them to memory; return its LSN once durable."""
-        if not ops:
-            with self._lock:
-                self._check_open()
-                return self._next_lsn - 1
         with self._lock:
+            if not ops:  # nothing to write; the answer is as durable as what came before it
+                self._check_open()
+                lsn = self._next_lsn - 1
+                self._committer.wait(lsn)
+                return lsn
             lsn = self._admit()
             items, effects = self._resolve(ops)
             payload = packb([lsn, OP_BATCH, items])
-            if len(payload) > MAX_RECORD_SIZE:
+            if len(payload) > MAX_SINGLE_RECORD:
                 raise ValueError(f"batch of {len(ops)} operations is {len(payload)} bytes "
-                                 f"encoded; the log's record limit is {MAX_RECORD_SIZE} bytes")
+                                 f"encoded; the log's record limit is {MAX_SINGLE_RECORD} bytes")
             self._queue(lsn, payload)
             for key, held, encoded in effects:
                 self._remember(key, held, encoded)
             self._writes += len(effects)
+            self._evict_if_over_capacity()
             self._committer.wait(lsn)
         return lsn
 
@@ -316,7 +321,7 @@ class Cache:
                 effects.append((key, _TOMBSTONE, None))
                 overlay[key] = _TOMBSTONE
             else:
-                current = overlay[key] if key in overlay else self._current(key)
+                current = _value_of(overlay[key]) if key in overlay else self._current(key)
                 result = self._increment(key, arg, current)
                 items.append([OP_INCR, key, arg, result])
                 effects.append((key, result, packb(result)))
@@ -339,8 +344,11 @@ class Cache:
         return self._next_lsn
 
     def _queue(self, lsn: int, payload: bytes) -> None:
-        """Lock held. Hand record `lsn` to the group commit; from here the LSN is used."""
-        self._committer.append(lsn, encode_frame(payload))
+        """Lock held. Hand record `lsn` to the group commit; from here the LSN is used.
+
+        Nothing after this point in a write may raise (short of the log failing in `wait`):
+        the record is on its way to disk, so its effects on memory must all be applied."""
+        self._committer.append(lsn, payload)
         self._next_lsn = lsn + 1
 
     def _remember(self, key: Key, held: Any, encoded: bytes | None) -> None:
@@ -356,8 +364,6 @@ class Cache:
         elif before + 1 >= self._flush_threshold and not self._flush_woken:
             self._flush_woken = True
             self._flusher.wake()
-        if len(entries) > self._capacity:
-            self._evict()
 
     def _current(self, key: Key) -> Any:
         """Lock held. The value of `key` (decoded), or _ABSENT. Reads the database on a miss;
@@ -371,10 +377,16 @@ class Cache:
         if encoded is None:
             return _ABSENT
         value, held = from_encoded(encoded)
-        self._map[key] = held
-        if len(self._map) > self._capacity:
-            self._evict()
+        self._keep_clean(key, held)
         return value
+
+    def _keep_clean(self, key: Key, held: Any) -> None:
+        """Lock held. Cache a value read from the database, unless memory is full of dirty
+        entries (then caching reads would grow memory without bound until a flush)."""
+        if self._evict_blocked and len(self._map) >= self._capacity:
+            return
+        self._map[key] = held
+        self._evict_if_over_capacity()
 
     @staticmethod
     def _increment(key: Key, delta: int, current: Any) -> int:
@@ -384,13 +396,20 @@ class Cache:
             raise TypeError(f"incr: the value under {key!r} is a {type(current).__name__}, not an int")
         return _check_int64(current + delta, f"incr result for {key!r}")
 
-    def _evict(self) -> None:
-        """Lock held. Drop least-recently-used CLEAN entries until within capacity. Dirty ones
-        met on the way go to the back; if all are dirty, wake the flusher and stop trying
-        until a flush has made some clean (so this stays O(1) amortized)."""
-        if self._evict_blocked:
+    def _evict_if_over_capacity(self) -> None:
+        """Lock held. Drop least-recently-used CLEAN entries until within capacity.
+
+        Only atomic OrderedDict operations (popitem, setitem), never an iterator: `get` moves
+        entries to the end without the lock, which would break an iteration. A dirty entry
+        popped on the way goes back to the end. If every entry over capacity is dirty, wake the
+        flusher and stop trying until a flush has made some clean (so this stays O(1)
+        amortized). Meanwhile a reader racing the pop-and-reinsert misses memory, and its
+        slow path finds the entry again under the lock.
+        """
+        entries = self._map
+        if len(entries) <= self._capacity or self._evict_blocked:
             return
-        entries, dirty, inflight = self._map, self._dirty, self._inflight
+        dirty, inflight = self._dirty, self._inflight
         budget = len(entries)
         while len(entries) > self._capacity:
             if not budget:
@@ -398,11 +417,10 @@ class Cache:
                 self._flusher.wake()
                 return
             budget -= 1
-            key = next(iter(entries))
+            key, held = entries.popitem(last=False)
             if key in dirty or key in inflight:
-                entries.move_to_end(key)
+                entries[key] = held
             else:
-                del entries[key]
                 self._evictions += 1
 
     def _take_dirty(self) -> tuple[dict[Key, bytes | None], int]:
@@ -424,8 +442,7 @@ class Cache:
         self._inflight = {}
         self._evict_blocked = False
         self._space.notify_all()
-        if len(self._map) > self._capacity:
-            self._evict()
+        self._evict_if_over_capacity()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -494,6 +511,7 @@ class Cache:
         wal_bytes, wal_segments = self._writer.sizes()
         flusher = self._flusher
         with self._lock:
+            self._check_open()
             return {
                 "hits": self._hits,
                 "misses": self._misses,

@@ -76,6 +76,17 @@ def encode_value(value: object, max_size: int, key: object = None) -> bytes:
             f"value for key {key!r} is {len(encoded)} bytes encoded; "
             f"max_value_size is {max_size} bytes"
         )
+    if type(value) not in IMMUTABLE_TYPES:
+        # msgpack encodes a dict keyed by a tuple (as an array) but cannot decode it (a list is
+        # not hashable): such a value would poison every later read of the key. Decoding once
+        # here is the exact test.
+        try:
+            msgpack.unpackb(encoded, strict_map_key=False)
+        except Exception as exc:  # msgpack raises several types
+            raise TypeError(
+                f"value for key {key!r} cannot be read back ({exc}); dict keys must be "
+                f"str, bytes, int, float, bool or None"
+            ) from None
     return encoded
 
 

@@ -100,6 +100,7 @@ class Flusher:
         with self._lock:
             batch, lsn = self._take()
         if not batch and lsn <= self.checkpoint_lsn:
+            self._delete_covered_segments()  # retries a deletion that failed before
             return True
         puts = [(key, value) for key, value in batch.items() if value is not None]
         deletes = [key for key, value in batch.items() if value is None]
@@ -111,14 +112,19 @@ class Flusher:
         self.flushes += 1
         self.flushed_entries += len(batch)
         self.last_flush_seconds = time.perf_counter() - started
+        self._delete_covered_segments()
+        return True
+
+    def _delete_covered_segments(self) -> None:
+        """Delete the log segments the committed checkpoint covers (never before the commit)."""
         try:
-            self._writer.delete_through(lsn)
-        except OSError as exc:  # the data is committed; recovery deletes these segments later
+            deleted = self._writer.delete_through(self.checkpoint_lsn)
+        except OSError as exc:  # the data is committed; the next cycle (or recovery) retries
             self.flush_errors += 1
             self.last_error = exc
-        if crashpoints.ARMED:
+            return
+        if deleted and crashpoints.ARMED:
             crashpoints.reached("flush.after_truncate")
-        return True
 
     def _apply(self, puts: list[tuple[Key, bytes]], deletes: list[Key], lsn: int,
                deadline: float | None) -> bool:

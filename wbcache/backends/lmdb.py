@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import lmdb
 
 from wbcache.backends.base import Key
+from wbcache.wal.syscalls import SYSCALLS
 
 _CHECKPOINT = b"checkpoint"
 
@@ -70,6 +71,9 @@ class LmdbBackend:
                               create=not readonly)
         if not readonly:
             self._env.reader_check()
+            # LMDB creates data.mdb and lock.mdb itself: make their directory entries durable
+            # before anything (a log deletion) depends on the database.
+            SYSCALLS.fsync_dir(path)
         self._str = self._env.open_db(b"str", create=not readonly)
         self._bytes = self._env.open_db(b"bytes", create=not readonly)
         self._meta = self._env.open_db(b"meta", create=not readonly)
