@@ -44,6 +44,9 @@ class GroupCommitter:
         self._sync_wanted = False
         self.failure: BaseException | None = None
         self._listeners: list[Listener] = []
+        self._kick = threading.Condition(lock)  # wakes the background leader
+        self._background: threading.Thread | None = None
+        self._closing = False
         self.fsyncs = 0
         self.batches = 0
 
@@ -67,6 +70,29 @@ class GroupCommitter:
     def add_listener(self, listener: Listener) -> None:
         """Call `listener(acknowledged_lsn, durable_lsn)` after every batch, lock held."""
         self._listeners.append(listener)
+
+    def start_background_leader(self) -> None:
+        """Lock NOT held. Start a thread that leads whenever records wait and nobody leads,
+        for writers that queue a record and return without waiting (asyncio)."""
+        with self._lock:
+            if self._background is not None:
+                return
+            self._background = threading.Thread(target=self._lead_in_background,
+                                                name="wbcache-commit", daemon=True)
+        self._background.start()
+
+    def kick(self) -> None:
+        """Lock held. Records were queued by a writer that will not lead: have them written."""
+        if not self._leader_active:
+            self._kick.notify()
+
+    def _lead_in_background(self) -> None:
+        with self._lock:
+            while not self._closing:
+                if self._pending and not self._leader_active and self.failure is None:
+                    self._lead()
+                else:
+                    self._kick.wait()
 
     def wait(self, lsn: int, *, durable: bool = False) -> None:
         """Return once record `lsn` is acknowledged (or fsync'd, if `durable`). Lock held.
@@ -116,6 +142,8 @@ class GroupCommitter:
         if crashpoints.ARMED:
             crashpoints.reached("wal.before_ack")
         self._cond.notify_all()
+        if self._pending:  # queued meanwhile by writers that do not lead
+            self._kick.notify()
         for listener in self._listeners:
             listener(self.acknowledged_lsn, self.durable_lsn)
         if error is not None and not isinstance(error, Exception):
@@ -127,4 +155,6 @@ class GroupCommitter:
             if self.failure is None:
                 self.wait(self.queued_lsn, durable=True)
         finally:
+            self._closing = True
+            self._kick.notify_all()
             self._writer.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from wbcache.aio import AsyncBatch, AsyncCache, open_async
 from wbcache.backends.base import Backend
 from wbcache.backends.lmdb import LmdbBackend
 from wbcache.cache import Batch, Cache
@@ -50,6 +51,8 @@ def open(path: str | os.PathLike[str], *, backend: Backend | None = None,
 
 
 __all__ = [
+    "AsyncBatch",
+    "AsyncCache",
     "Backend",
     "Batch",
     "Cache",
@@ -65,4 +68,5 @@ __all__ = [
     "UnsupportedFormatError",
     "WbcacheError",
     "open",
+    "open_async",
 ]

@@ -48,6 +48,10 @@ unpackb = msgpack.unpackb
 _ABSENT: Any = object()  # not in memory
 
 
+class WouldBlock(Exception):
+    """Internal: a non-blocking write met backpressure (the caller retries in a thread)."""
+
+
 class _Tombstone:
     """In memory: the key is deleted (the database may still hold it until the next flush)."""
 
@@ -205,11 +209,7 @@ class Cache:
         encoded = encode_value(value, self._max_value_size, key)
         held = value if type(value) in IMMUTABLE_TYPES else Packed(encoded)
         with self._lock:
-            lsn = self._admit()
-            self._queue(lsn, packb([lsn, OP_PUT, key, encoded]))
-            self._remember(key, held, encoded)
-            self._writes += 1
-            self._evict_if_over_capacity()
+            lsn = self._write_put(key, encoded, held)
             self._committer.wait(lsn)
         if crashpoints.ARMED:
             crashpoints.reached("wal.after_ack")
@@ -228,13 +228,7 @@ class Cache:
     def _delete(self, key: Key, *, must_exist: bool) -> int:
         key = check_key(key, self._max_key_size)
         with self._lock:
-            lsn = self._admit()
-            if must_exist and self._current(key) is _ABSENT:
-                raise KeyError(key)
-            self._queue(lsn, packb([lsn, OP_DELETE, key]))
-            self._remember(key, _TOMBSTONE, None)
-            self._writes += 1
-            self._evict_if_over_capacity()
+            lsn = self._write_delete(key, must_exist)
             self._committer.wait(lsn)
         return lsn
 
@@ -245,12 +239,7 @@ class Cache:
         key = check_key(key, self._max_key_size)
         _check_int64(check_delta(delta), "incr delta")
         with self._lock:
-            lsn = self._admit()
-            result = self._increment(key, delta, self._current(key))
-            self._queue(lsn, packb([lsn, OP_INCR, key, delta, result]))
-            self._remember(key, result, packb(result))
-            self._writes += 1
-            self._evict_if_over_capacity()
+            lsn, result = self._write_incr(key, delta)
             self._committer.wait(lsn)
         return result
 
@@ -260,6 +249,9 @@ class Cache:
         Later duplicates of a key win. Every entry is validated before anything is written.
         An empty `entries` writes nothing and returns the last LSN assigned so far.
         """
+        return self._commit(self._put_many_ops(entries))
+
+    def _put_many_ops(self, entries: Mapping[Key, Any] | Iterable[tuple[Key, Any]]) -> list[_Op]:
         pairs = entries.items() if isinstance(entries, Mapping) else entries
         ops: list[_Op] = []
         for pair in pairs:
@@ -271,7 +263,7 @@ class Cache:
                 raise TypeError("put_many takes a mapping or an iterable of (key, value) pairs, "
                                 f"not an item {pair!r}") from None
             ops.append(self._put_op(key, value))
-        return self._commit(ops)
+        return ops
 
     def batch(self) -> Batch:
         """`with cache.batch() as b: b.put(..); b.delete(..); b.incr(..)`: one atomic write
@@ -287,23 +279,58 @@ class Cache:
     def _commit(self, ops: list[_Op]) -> int:
         """Log `ops` as ONE record and apply them to memory; return its LSN once durable."""
         with self._lock:
-            if not ops:  # nothing to write; the answer is as durable as what came before it
-                self._check_open()
-                lsn = self._next_lsn - 1
-                self._committer.wait(lsn)
-                return lsn
-            lsn = self._admit()
-            items, effects = self._resolve(ops)
-            payload = packb([lsn, OP_BATCH, items])
-            if len(payload) > MAX_SINGLE_RECORD:
-                raise ValueError(f"batch of {len(ops)} operations is {len(payload)} bytes "
-                                 f"encoded; the log's record limit is {MAX_SINGLE_RECORD} bytes")
-            self._queue(lsn, payload)
-            for key, held, encoded in effects:
-                self._remember(key, held, encoded)
-            self._writes += len(effects)
-            self._evict_if_over_capacity()
+            lsn = self._write_batch(ops)
             self._committer.wait(lsn)
+        return lsn
+
+    # ------------------------------------------------- writes, lock held, no waiting
+    # Each admits the write (raising if closed or failed; waiting out backpressure, or with
+    # block=False raising WouldBlock), logs it, applies it to memory, and returns its LSN
+    # without waiting for it to be acknowledged. The sync methods above then wait; the
+    # asyncio front end (wbcache/aio.py) awaits a future the group commit resolves.
+
+    def _write_put(self, key: Key, encoded: bytes, held: Any, block: bool = True) -> int:
+        lsn = self._admit(block)
+        self._queue(lsn, packb([lsn, OP_PUT, key, encoded]))
+        self._remember(key, held, encoded)
+        self._writes += 1
+        self._evict_if_over_capacity()
+        return lsn
+
+    def _write_delete(self, key: Key, must_exist: bool, block: bool = True) -> int:
+        lsn = self._admit(block)
+        if must_exist and self._current(key) is _ABSENT:
+            raise KeyError(key)
+        self._queue(lsn, packb([lsn, OP_DELETE, key]))
+        self._remember(key, _TOMBSTONE, None)
+        self._writes += 1
+        self._evict_if_over_capacity()
+        return lsn
+
+    def _write_incr(self, key: Key, delta: int, block: bool = True) -> tuple[int, int]:
+        lsn = self._admit(block)
+        result = self._increment(key, delta, self._current(key))
+        self._queue(lsn, packb([lsn, OP_INCR, key, delta, result]))
+        self._remember(key, result, packb(result))
+        self._writes += 1
+        self._evict_if_over_capacity()
+        return lsn, result
+
+    def _write_batch(self, ops: list[_Op], block: bool = True) -> int:
+        if not ops:  # nothing to write; the answer is as durable as what came before it
+            self._check_open()
+            return self._next_lsn - 1
+        lsn = self._admit(block)
+        items, effects = self._resolve(ops)
+        payload = packb([lsn, OP_BATCH, items])
+        if len(payload) > MAX_SINGLE_RECORD:
+            raise ValueError(f"batch of {len(ops)} operations is {len(payload)} bytes "
+                             f"encoded; the log's record limit is {MAX_SINGLE_RECORD} bytes")
+        self._queue(lsn, payload)
+        for key, held, encoded in effects:
+            self._remember(key, held, encoded)
+        self._writes += len(effects)
+        self._evict_if_over_capacity()
         return lsn
 
     def _resolve(self, ops: list[_Op]) -> tuple[list[list[Any]], list[tuple[Key, Any, Any]]]:
@@ -330,14 +357,17 @@ class Cache:
 
     # ------------------------------------------------------- sequencer internals
 
-    def _admit(self) -> int:
-        """Lock held. Refuse if closed or the log failed; wait out backpressure. Return the
-        LSN the write will get (it is consumed only by `_queue`)."""
+    def _admit(self, block: bool = True) -> int:
+        """Lock held. Refuse if closed or the log failed; wait out backpressure (or, with
+        `block` False, raise WouldBlock). Return the LSN the write will get (it is consumed
+        only by `_queue`)."""
         if self._closed:
             raise CacheClosedError(f"cache {self.path} is closed")
         self._committer.check()
         while len(self._dirty) + len(self._inflight) >= self._max_dirty:
             self._flusher.wake()
+            if not block:
+                raise WouldBlock
             self._space.wait()
             if self._closed:
                 raise CacheClosedError(f"cache {self.path} is closed")
@@ -585,8 +615,8 @@ class Cache:
         return f"<wbcache.Cache {self.path!r} {'closed' if self._closed else 'open'}>"
 
 
-class Batch:
-    """Operations collected by `Cache.batch()`, written as one record when the block exits."""
+class BatchOperations:
+    """Operations collected for one atomic batch record (validated as they are added)."""
 
     def __init__(self, cache: Cache) -> None:
         self._cache = cache
@@ -610,6 +640,10 @@ class Batch:
     def _check(self) -> None:
         if self._done:
             raise ValueError("this batch has already been committed or discarded")
+
+
+class Batch(BatchOperations):
+    """`with cache.batch() as b:` -- written as one record when the block exits cleanly."""
 
     def __enter__(self) -> Batch:
         return self

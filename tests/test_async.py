@@ -1,0 +1,244 @@
+"""AsyncCache: every method, concurrency, cancellation and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+import wbcache
+from wbcache import AsyncCache, CacheClosedError, LogFailedError
+from wbcache.wal.syscalls import SYSCALLS
+
+T = TypeVar("T")
+
+
+def run(path: Path, body: Callable[[AsyncCache], Awaitable[T]], **options: Any) -> T:
+    """Open an AsyncCache at `path` in a fresh event loop, run `body`, close it."""
+
+    async def main() -> T:
+        async with await wbcache.open_async(path, **options) as cache:
+            return await body(cache)
+
+    return asyncio.run(main())
+
+
+def test_put_get_delete_incr_round_trip(cache_dir: Path) -> None:
+    async def body(cache: AsyncCache) -> None:
+        first = await cache.put("a", {"x": [1]})
+        assert await cache.put(b"a", "bytes") == first + 1
+        assert await cache.get("a") == {"x": [1]}
+        assert await cache.get(b"a") == "bytes"
+        assert await cache.get("missing", 7) == 7
+        assert await cache.incr("n") == 1
+        assert await cache.incr("n", 41) == 42
+        assert await cache.delete("a") > first
+        assert await cache.get("a") is None
+        assert not await cache.contains("a") and await cache.contains("n")
+
+    run(cache_dir, body)
+    with wbcache.open(cache_dir) as cache:  # and it was all durable
+        assert cache.get("n") == 42 and cache.get(b"a") == "bytes" and cache.get("a") is None
+
+
+def test_reads_and_increments_of_keys_only_in_the_database(cache_dir: Path) -> None:
+    with wbcache.open(cache_dir) as cache:
+        cache.put_many({"stored": "value", "counter": 10})
+
+    async def body(cache: AsyncCache) -> None:
+        assert await cache.get("stored") == "value"  # a miss: read in a worker thread
+        assert await cache.incr("counter", 5) == 15
+        await cache.delete_existing("stored")
+        with pytest.raises(KeyError):
+            await cache.delete_existing("stored")
+
+    run(cache_dir, body)
+
+
+def test_put_many_and_batch_are_atomic(cache_dir: Path) -> None:
+    async def body(cache: AsyncCache) -> None:
+        before = (await cache.stats())["next_lsn"]
+        lsn = await cache.put_many({f"k{i}": i for i in range(100)})
+        assert lsn == before
+        async with cache.batch() as batch:
+            batch.put("x", 1)
+            batch.incr("x", 2)
+            batch.delete("k0")
+        assert batch.lsn == lsn + 1
+        assert await cache.get("x") == 3 and await cache.get("k0") is None
+        with pytest.raises(RuntimeError):
+            async with cache.batch() as failed:
+                failed.put("never", 1)
+                raise RuntimeError("abort")
+        assert await cache.get("never") is None
+        assert (await cache.stats())["next_lsn"] == lsn + 2
+
+    run(cache_dir, body)
+
+
+def test_keys_items_count_flush_sync(cache_dir: Path) -> None:
+    async def body(cache: AsyncCache) -> None:
+        await cache.put_many({"a": 1, "b": 2})
+        await cache.flush()
+        await cache.put("c", 3)
+        await cache.sync()
+        assert sorted(await cache.keys()) == ["a", "b", "c"]
+        assert sorted(await cache.items()) == [("a", 1), ("b", 2), ("c", 3)]
+        assert await cache.count() == 3
+        stats = await cache.stats()
+        assert stats["checkpoint_lsn"] >= 1 and stats["durable_lsn"] == stats["next_lsn"] - 1
+
+    run(cache_dir, body, fsync="interval")
+
+
+def test_many_tasks_share_fsyncs_and_each_gets_its_own_result(cache_dir: Path) -> None:
+    async def body(cache: AsyncCache) -> None:
+        async def worker(task: int) -> list[int]:
+            results = []
+            for i in range(20):
+                await cache.put(f"t{task}:{i}", i)
+                results.append(await cache.incr("shared"))
+            return results
+
+        results = await asyncio.gather(*(worker(task) for task in range(256)))
+        every = sorted(value for task_results in results for value in task_results)
+        assert every == list(range(1, 256 * 20 + 1))  # each increment saw its own value
+        stats = await cache.stats()
+        assert stats["writes"] == 256 * 20 * 2
+        assert stats["fsyncs"] < stats["writes"] / 20
+        assert await cache.get("t255:19") == 19
+
+    run(cache_dir, body)
+
+
+def test_the_event_loop_thread_never_fsyncs_and_wakes_once_per_batch(cache_dir: Path) -> None:
+    fsync_threads: set[int] = set()
+    real = SYSCALLS.fdatasync
+
+    def recording(fd: int) -> None:
+        fsync_threads.add(threading.get_ident())
+        real(fd)
+
+    async def body(cache: AsyncCache) -> None:
+        wakeups = 0
+        resolve = cache._resolve
+
+        def counting_resolve() -> None:
+            nonlocal wakeups
+            wakeups += 1
+            resolve()
+
+        cache._resolve = counting_resolve  # type: ignore[method-assign]
+        SYSCALLS.fdatasync = recording  # type: ignore[method-assign]
+        try:
+            await asyncio.gather(*(cache.put(f"k{i}", i) for i in range(2000)))
+        finally:
+            del SYSCALLS.fdatasync
+        batches = (await cache.stats())["log_batches"]
+        assert threading.get_ident() not in fsync_threads
+        assert fsync_threads  # the background leader did fsync
+        assert 1 <= wakeups <= batches
+
+    run(cache_dir, body)
+
+
+def test_cancelling_a_waiting_write_neither_undoes_nor_repeats_it(cache_dir: Path) -> None:
+    async def body(cache: AsyncCache) -> int:
+        before = (await cache.stats())["next_lsn"]
+        task = asyncio.create_task(cache.put("cancelled", "still written"))
+        await asyncio.sleep(0)  # let the task queue its record and await the group commit
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await cache.sync()
+        assert await cache.get("cancelled") == "still written"
+        assert await cache.put("next", 1) == before + 1  # the write got exactly one LSN
+        return before
+
+    before = run(cache_dir, body)
+    with wbcache.open(cache_dir) as cache:
+        assert cache.get("cancelled") == "still written"
+        assert cache.put("after-reopen", 1) == before + 2
+
+
+def test_bad_input_raises_before_anything_is_logged(cache_dir: Path) -> None:
+    async def body(cache: AsyncCache) -> None:
+        before = await cache.stats()
+        with pytest.raises(TypeError):
+            await cache.put(1, "x")  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            await cache.put("k", object())
+        with pytest.raises(ValueError):
+            await cache.put("", "x")
+        with pytest.raises(TypeError):
+            await cache.incr("k", 1.5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            await cache.put_many([("ok", 1), ("bad", {1, 2})])
+        await cache.put("s", "text")
+        with pytest.raises(TypeError, match="not an int"):
+            await cache.incr("s")
+        after = await cache.stats()
+        assert after["next_lsn"] == before["next_lsn"] + 1
+
+    run(cache_dir, body)
+
+
+def test_calls_after_close_raise_cache_closed(cache_dir: Path) -> None:
+    async def main() -> None:
+        cache = await wbcache.open_async(cache_dir)
+        await cache.close()
+        await cache.close()  # idempotent
+        for call in (lambda: cache.put("a", 1), lambda: cache.get("a"), lambda: cache.incr("n"),
+                     lambda: cache.delete("a"), lambda: cache.put_many({"a": 1}),
+                     cache.flush, cache.keys, cache.count):
+            with pytest.raises(CacheClosedError):
+                await call()
+        with pytest.raises(CacheClosedError):
+            cache.batch()
+
+    asyncio.run(main())
+
+
+def test_a_failed_fsync_fails_every_waiting_write(cache_dir: Path) -> None:
+    async def body(cache: AsyncCache) -> None:
+        await cache.put("before", 1)
+
+        def failing(fd: int) -> None:
+            raise OSError(errno.EIO, "injected fsync failure")
+
+        SYSCALLS.fdatasync = failing  # type: ignore[method-assign]
+        try:
+            results = await asyncio.gather(*(cache.put(f"k{i}", i) for i in range(50)),
+                                           return_exceptions=True)
+        finally:
+            del SYSCALLS.fdatasync
+        assert results and all(isinstance(result, LogFailedError) for result in results)
+        with pytest.raises(LogFailedError):
+            await cache.put("after", 1)
+
+    run(cache_dir, body)
+    with wbcache.open(cache_dir) as cache:
+        assert cache.get("before") == 1
+
+
+def test_backpressure_moves_the_write_to_a_thread_and_still_completes(cache_dir: Path) -> None:
+    async def body(cache: AsyncCache) -> None:
+        # max_dirty=4: most of these writes meet backpressure and wait in worker threads
+        await asyncio.gather(*(cache.put(f"k{i}", i) for i in range(40)))
+        assert [await cache.get(f"k{i}") for i in range(40)] == list(range(40))
+        assert (await cache.stats())["flushes"] >= 1
+
+    run(cache_dir, body, max_dirty=4, flush_interval=3600)
+
+
+def test_a_second_open_is_refused(cache_dir: Path) -> None:
+    async def body(cache: AsyncCache) -> None:
+        with pytest.raises(wbcache.CacheLockedError):
+            await wbcache.open_async(cache_dir)
+
+    run(cache_dir, body)
