@@ -41,6 +41,7 @@ class GroupCommitter:
         self.written_lsn = next_lsn - 1
         self.durable_lsn = next_lsn - 1
         self._leader_active = False
+        self._followers = 0  # writers waiting in wait() for a leader to cover them
         self._sync_wanted = False
         self.failure: BaseException | None = None
         self._listeners: list[Listener] = []
@@ -102,7 +103,11 @@ class GroupCommitter:
         while (self.durable_lsn if durable else self.acknowledged_lsn) < lsn:
             self.check()
             if self._leader_active:
-                self._cond.wait()
+                self._followers += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._followers -= 1
             else:
                 if durable:
                     self._sync_wanted = True
@@ -141,7 +146,8 @@ class GroupCommitter:
             self.failure = error
         if crashpoints.ARMED:
             crashpoints.reached("wal.before_ack")
-        self._cond.notify_all()
+        if self._followers:
+            self._cond.notify_all()
         if self._pending:  # queued meanwhile by writers that do not lead
             self._kick.notify()
         for listener in self._listeners:

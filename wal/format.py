@@ -61,11 +61,14 @@ def header_version(data: bytes) -> int | None:
     return int(version)
 
 
+_FIXARRAY_HEADS = [bytes((0x90 | count,)) for count in range(16)]
+
+
 def encode_records(records: list[bytes]) -> bytes:
     """A frame payload: the msgpack array of already-encoded records."""
     count = len(records)
     if count < 16:
-        head = bytes((0x90 | count,))
+        head = _FIXARRAY_HEADS[count]
     elif count < 1 << 16:
         head = b"\xdc" + count.to_bytes(2, "big")
     else:

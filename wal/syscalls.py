@@ -35,9 +35,12 @@ class Syscalls:
 SYSCALLS = Syscalls()
 
 
-def write_all(fd: int, data: bytes | memoryview) -> None:
+def write_all(fd: int, data: bytes) -> None:
     """Write every byte of `data` (os.write may write less than asked)."""
-    view = memoryview(data)
+    written = SYSCALLS.write(fd, data)
+    if written == len(data):  # the usual case, without a memoryview
+        return
+    view = memoryview(data)[written:]
     while view:
         written = SYSCALLS.write(fd, view)
         view = view[written:]
