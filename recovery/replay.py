@@ -3,6 +3,8 @@
 1. Read the database checkpoint C (every record with LSN <= C is already in the database).
 2. Scan the log, oldest first, and fold every record with LSN > C into one coalesced state:
    the state after applying that prefix of the log, in LSN order (DESIGN.md, guarantee 2).
+   A key whose records since C are all increments is also kept as a delta, so a backend
+   shared by many caches (PostgreSQL) can add it to what other caches counted.
 3. Apply that state and the new checkpoint (the last valid LSN) in one database transaction.
 4. Delete every segment, oldest first: all their records are now covered by the checkpoint.
    A torn tail goes with its segment; the report says how many bytes it held.
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from wbcache.backends.base import apply_changes
 from wbcache.recovery.scan import LogScan
 from wbcache.wal import crashpoints
 from wbcache.wal.format import OP_BATCH, OP_DELETE, OP_INCR, OP_PUT
@@ -49,25 +52,27 @@ class RecoveryReport:
     dry_run: bool = False
 
 
-def apply_record(state: State, record: list[Any]) -> None:
-    """Fold one decoded log record into `state`."""
+def apply_record(state: State, record: list[Any], deltas: dict[Key, int] | None = None) -> None:
+    """Fold one decoded log record into `state` (and, if given, `deltas`: per key, the sum of
+    its increments while it has seen nothing but increments)."""
     op = record[1]
     if op == OP_BATCH:
         for item in record[2]:
-            _apply_op(state, item, 0)
+            _apply_op(state, item, 0, deltas)
     else:
-        _apply_op(state, record, 1)
+        _apply_op(state, record, 1, deltas)
 
 
-def _apply_op(state: State, item: list[Any], start: int) -> None:
-    op = item[start]
-    if op == OP_PUT:
-        state[item[start + 1]] = item[start + 2]
-    elif op == OP_DELETE:
-        state[item[start + 1]] = None
-    else:  # OP_INCR, the reader has validated it: [op, key, delta, result]
-        assert op == OP_INCR
-        state[item[start + 1]] = msgpack.packb(item[start + 3])
+def _apply_op(state: State, item: list[Any], start: int, deltas: dict[Key, int] | None) -> None:
+    op, key = item[start], item[start + 1]
+    if op == OP_INCR:  # the reader has validated it: [op, key, delta, result]
+        if deltas is not None and (key in deltas or key not in state):
+            deltas[key] = deltas.get(key, 0) + item[start + 2]
+        state[key] = msgpack.packb(item[start + 3])
+        return
+    state[key] = item[start + 2] if op == OP_PUT else None
+    if deltas:
+        deltas.pop(key, None)
 
 
 def replay_into(backend: Backend, wal_dir: str, *, dry_run: bool = False,
@@ -82,11 +87,12 @@ def replay_into(backend: Backend, wal_dir: str, *, dry_run: bool = False,
     checkpoint = backend.checkpoint()
     scan = LogScan(wal_dir, checkpoint)
     state: State = {}
+    deltas: dict[Key, int] = {}
     records = replayed = 0
     for record in scan.records():
         records += 1
         if record[0] > checkpoint:
-            apply_record(state, record)
+            apply_record(state, record, deltas)
             replayed += 1
         if progress is not None and not records & 0xFFFF:
             progress(records)
@@ -96,9 +102,7 @@ def replay_into(backend: Backend, wal_dir: str, *, dry_run: bool = False,
         if crashpoints.ARMED:
             crashpoints.reached("recovery.before_replay")
         if checkpoint_after > checkpoint:
-            puts = [(key, value) for key, value in state.items() if value is not None]
-            deletes = [key for key, value in state.items() if value is None]
-            backend.apply(puts, deletes, checkpoint_after)
+            apply_changes(backend, state, deltas, checkpoint_after)
         if crashpoints.ARMED:
             crashpoints.reached("recovery.after_replay")
         delete_segments(wal_dir, [segment.path for segment in scan.segments])

@@ -122,13 +122,13 @@ class AsyncCache:
 
     async def get(self, key: Key, default: Any = None) -> Any:
         cache = self._cache
-        if key in cache._map:  # served from memory: no I/O, no thread
+        if key in cache._map and cache._fresh(key):  # served from memory: no I/O, no thread
             return cache.get(key, default)
         return await asyncio.to_thread(cache.get, key, default)
 
     async def contains(self, key: Key) -> bool:
         cache = self._cache
-        if key in cache._map:
+        if key in cache._map and cache._fresh(key):
             return key in cache
         return await asyncio.to_thread(cache.__contains__, key)
 

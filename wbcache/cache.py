@@ -7,6 +7,8 @@ invariants; every one of them is stated where it is kept. Under `self._lock`:
   * `_map` holds every dirty entry (and clean ones up to `capacity`), newest write per key.
   * `_dirty` holds, per key, the encoded value (None: deleted) written since the last flush took
     it; `_inflight` what the flush in progress is writing. A key in either is never evicted.
+  * `_deltas` (and `_inflight_deltas`) hold, for the dirty keys written ONLY by increments
+    since, the sum of those increments: a database shared by many caches adds it to its value.
   * every record with LSN <= `_next_lsn - 1` has been applied to `_map` and `_dirty`.
 Reads that hit memory take no lock (dict operations are atomic under the GIL).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -65,6 +68,8 @@ _TOMBSTONE: Any = _Tombstone()
 
 # One batch operation as validated before the lock: (op, key, encoded value | delta | None, held)
 _Op = tuple[int, Key, Any, Any]
+# Its effect on memory: (key, held, encoded | None, delta if an increment)
+_Effect = tuple[Key, Any, Any, "int | None"]
 
 
 class Cache:
@@ -95,6 +100,15 @@ class Cache:
         self._map: OrderedDict[Key, Any] = OrderedDict()
         self._dirty: dict[Key, bytes | None] = {}
         self._inflight: dict[Key, bytes | None] = {}
+        self._deltas: dict[Key, int] = {}
+        self._inflight_deltas: dict[Key, int] = {}
+        # read_ttl: when clean entries became clean; None when they never expire
+        self._read_ttl = (options.read_ttl if options.read_ttl is not None
+                          else getattr(backend, "default_read_ttl", None))
+        self._clean_since: dict[Key, float] | None = None
+        if self._read_ttl is not None:
+            self._clean_since = {}
+            self.get = self._get_within_ttl  # type: ignore[method-assign]
         self._evict_blocked = False  # every entry over capacity is dirty: wait for a flush
         self._flush_woken = False
         self._next_lsn = recovery.checkpoint_after + 1
@@ -124,6 +138,9 @@ class Cache:
         try:
             if backend is None:
                 backend = LmdbBackend(layout.db, map_size=options.map_size)
+            attach = getattr(backend, "attach", None)
+            if attach is not None:  # a shared database keeps one checkpoint per directory
+                attach(layout.cache_id())
             if options.max_key_size > backend.max_key_size:
                 raise ValueError(f"option max_key_size ({options.max_key_size}) exceeds the "
                                  f"database's limit of {backend.max_key_size} bytes")
@@ -162,6 +179,8 @@ class Cache:
         return value
 
     def __contains__(self, key: object) -> bool:
+        if self._clean_since is not None:
+            return self.get(key, _ABSENT) is not _ABSENT  # type: ignore[arg-type]
         held = self._map.get(key, _ABSENT)
         if held is not _ABSENT:
             return held is not _TOMBSTONE
@@ -189,6 +208,29 @@ class Cache:
             if self._evictions == evictions:
                 self._keep_clean(key, held)
             return value
+
+    def _get_within_ttl(self, key: Key, default: Any = None) -> Any:
+        """`get` when clean entries expire after `read_ttl` (a shared database): an expired
+        entry is dropped and read again, so other caches' writes become visible."""
+        if not self._fresh(key):
+            self._expire(key)
+        return Cache.get(self, key, default)
+
+    def _fresh(self, key: Key) -> bool:
+        """Whether memory may answer for `key` without consulting the database."""
+        if self._clean_since is None:
+            return True
+        since = self._clean_since.get(key)
+        return since is None or time.monotonic() - since <= self._read_ttl  # type: ignore[operator]
+
+    def _expire(self, key: Key) -> None:
+        with self._lock:
+            assert self._clean_since is not None
+            if self._fresh(key) or key in self._dirty or key in self._inflight:
+                return  # refreshed or rewritten meanwhile
+            del self._clean_since[key]
+            self._map.pop(key, None)
+            self._evictions += 1  # a read racing this must not put the old value back
 
     def _backend_get(self, key: Key) -> bytes | None:
         try:
@@ -238,6 +280,8 @@ class Cache:
         outside the signed 64-bit range raises `ValueError`. Nothing is written on error."""
         key = check_key(key, self._max_key_size)
         _check_int64(check_delta(delta), "incr delta")
+        if key not in self._map:
+            self.get(key)  # read the database outside the lock (it may be a server)
         with self._lock:
             lsn, result = self._write_incr(key, delta)
             self._committer.wait(lsn)
@@ -311,7 +355,7 @@ class Cache:
         lsn = self._admit(block)
         result = self._increment(key, delta, self._current(key))
         self._queue(lsn, packb([lsn, OP_INCR, key, delta, result]))
-        self._remember(key, result, packb(result))
+        self._remember(key, result, packb(result), delta)
         self._writes += 1
         self._evict_if_over_capacity()
         return lsn, result
@@ -327,31 +371,31 @@ class Cache:
             raise ValueError(f"batch of {len(ops)} operations is {len(payload)} bytes "
                              f"encoded; the log's record limit is {MAX_SINGLE_RECORD} bytes")
         self._queue(lsn, payload)
-        for key, held, encoded in effects:
-            self._remember(key, held, encoded)
+        for key, held, encoded, delta in effects:
+            self._remember(key, held, encoded, delta)
         self._writes += len(effects)
         self._evict_if_over_capacity()
         return lsn
 
-    def _resolve(self, ops: list[_Op]) -> tuple[list[list[Any]], list[tuple[Key, Any, Any]]]:
+    def _resolve(self, ops: list[_Op]) -> tuple[list[list[Any]], list[_Effect]]:
         """Log items and memory effects of a batch; increments see the batch's earlier ops."""
         items: list[list[Any]] = []
-        effects: list[tuple[Key, Any, Any]] = []
+        effects: list[_Effect] = []
         overlay: dict[Key, Any] = {}
         for op, key, arg, held in ops:
             if op == OP_PUT:
                 items.append([OP_PUT, key, arg])
-                effects.append((key, held, arg))
+                effects.append((key, held, arg, None))
                 overlay[key] = held
             elif op == OP_DELETE:
                 items.append([OP_DELETE, key])
-                effects.append((key, _TOMBSTONE, None))
+                effects.append((key, _TOMBSTONE, None, None))
                 overlay[key] = _TOMBSTONE
             else:
                 current = _value_of(overlay[key]) if key in overlay else self._current(key)
                 result = self._increment(key, arg, current)
                 items.append([OP_INCR, key, arg, result])
-                effects.append((key, result, packb(result)))
+                effects.append((key, result, packb(result), arg))
                 overlay[key] = result
         return items, effects
 
@@ -381,17 +425,28 @@ class Cache:
         self._committer.append(lsn, payload)
         self._next_lsn = lsn + 1
 
-    def _remember(self, key: Key, held: Any, encoded: bytes | None) -> None:
-        """Lock held. The newest write of `key` is `held` in memory, dirty until flushed."""
+    def _remember(self, key: Key, held: Any, encoded: bytes | None,
+                  delta: int | None = None) -> None:
+        """Lock held. The newest write of `key` is `held` in memory, dirty until flushed;
+        `delta` is set when the write is an increment."""
         entries = self._map
         entries[key] = held
         entries.move_to_end(key)
         dirty = self._dirty
+        deltas = self._deltas
         before = len(dirty)
         dirty[key] = encoded
-        if len(dirty) == before:
+        if len(dirty) == before:  # rewritten before a flush took it
             self._coalesced += 1
-        elif before + 1 >= self._flush_threshold and not self._flush_woken:
+            if deltas:
+                if delta is not None and key in deltas:
+                    deltas[key] += delta  # still increments only
+                else:
+                    deltas.pop(key, None)
+            return
+        if delta is not None:
+            deltas[key] = delta
+        if before + 1 >= self._flush_threshold and not self._flush_woken:
             self._flush_woken = True
             self._flusher.wake()
 
@@ -416,6 +471,8 @@ class Cache:
         if self._evict_blocked and len(self._map) >= self._capacity:
             return
         self._map[key] = held
+        if self._clean_since is not None:
+            self._clean_since[key] = time.monotonic()
         self._evict_if_over_capacity()
 
     @staticmethod
@@ -452,24 +509,37 @@ class Cache:
                 entries[key] = held
             else:
                 self._evictions += 1
+                if self._clean_since is not None:
+                    self._clean_since.pop(key, None)
 
-    def _take_dirty(self) -> tuple[dict[Key, bytes | None], int]:
-        """Lock held (flusher). The dirty entries and the LSN they reflect; they are in flight
-        until `_flushed`. A batch left by a cycle that gave up is taken again, newer values
-        winning."""
-        batch = self._inflight
+    def _take_dirty(self) -> tuple[dict[Key, bytes | None], dict[Key, int], int]:
+        """Lock held (flusher). The dirty entries, their deltas and the LSN they reflect; they
+        are in flight until `_flushed`. A batch left by a cycle that gave up is taken again,
+        newer values winning (a delta stays a delta only if both halves were increments)."""
+        batch, deltas = self._inflight, self._inflight_deltas
         if batch:
-            batch.update(self._dirty)
+            newer_deltas = self._deltas
+            for key, encoded in self._dirty.items():
+                if key in newer_deltas and (key in deltas or key not in batch):
+                    deltas[key] = deltas.get(key, 0) + newer_deltas[key]
+                else:
+                    deltas.pop(key, None)
+                batch[key] = encoded
         else:
-            batch = self._dirty
-        self._inflight = batch
-        self._dirty = {}
+            batch, deltas = self._dirty, self._deltas
+        self._inflight, self._inflight_deltas = batch, deltas
+        self._dirty, self._deltas = {}, {}
         self._flush_woken = False
-        return batch, self._next_lsn - 1
+        return batch, deltas, self._next_lsn - 1
 
     def _flushed(self, lsn: int) -> None:
         """Lock held (flusher). Everything up to `lsn` is committed: in-flight entries are clean."""
-        self._inflight = {}
+        if self._clean_since is not None:
+            now = time.monotonic()
+            for key in self._inflight:
+                if key not in self._dirty:
+                    self._clean_since[key] = now
+        self._inflight, self._inflight_deltas = {}, {}
         self._evict_blocked = False
         self._space.notify_all()
         self._evict_if_over_capacity()
@@ -570,6 +640,11 @@ class Cache:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def cache_id(self) -> str:
+        """This directory's identity in a database shared by many caches (DIR/cache_id)."""
+        return self._layout.cache_id()
 
     def close(self) -> None:
         """Flush, fsync the log, release the directory. Idempotent.

@@ -3,7 +3,7 @@
 A flush cycle:
   1. under the sequencer lock, take the dirty set and the LSN S it reflects (every record with
      LSN <= S has been applied to memory; the taken entries are "in flight");
-  2. `backend.apply(puts, deletes, checkpoint=S)`: one transaction, retried with backoff on
+  2. `backend.apply(puts, deletes, S, increments)`: one transaction, retried with backoff on
      error while the log keeps the data;
   3. under the lock, the in-flight entries become clean (unless rewritten meanwhile);
   4. delete the log segments whose last LSN <= S. Never before step 2 has committed.
@@ -19,22 +19,23 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from wbcache.backends.base import Backend, Key
+from wbcache.backends.base import Backend, Key, apply_changes
 from wbcache.errors import FlushError, LogFailedError
 from wbcache.wal import GroupCommitter, LogWriter, crashpoints
 
-Batch = dict[Key, "bytes | None"]
+Batch = dict[Key, "bytes | None"]  # key -> newest encoded value, None: deleted
+Deltas = dict[Key, int]  # keys written only by increments since the last flush -> their sum
 
 _FIRST_RETRY_DELAY = 0.01  # seconds; doubles after each failure
 _MAX_RETRY_DELAY = 2.0
 
 
 class Flusher:
-    def __init__(self, *, lock: threading.Lock, take: Callable[[], tuple[Batch, int]],
+    def __init__(self, *, lock: threading.Lock, take: Callable[[], tuple[Batch, Deltas, int]],
                  done: Callable[[int], None], backend: Backend, writer: LogWriter,
                  interval: float, checkpoint_lsn: int) -> None:
         self._lock = lock
-        self._take = take  # called with the lock held: (batch, S)
+        self._take = take  # called with the lock held: (batch, deltas, S)
         self._done = done  # called with the lock held once S is committed
         self._backend = backend
         self._writer = writer
@@ -98,13 +99,11 @@ class Flusher:
         """One flush; with `deadline` None, retry until it works or `stop()`. Mutex held."""
         started = time.perf_counter()
         with self._lock:
-            batch, lsn = self._take()
+            batch, deltas, lsn = self._take()
         if not batch and lsn <= self.checkpoint_lsn:
             self._delete_covered_segments()  # retries a deletion that failed before
             return True
-        puts = [(key, value) for key, value in batch.items() if value is not None]
-        deletes = [key for key, value in batch.items() if value is None]
-        if not self._apply(puts, deletes, lsn, deadline):
+        if not self._apply(batch, deltas, lsn, deadline):
             return False
         with self._lock:
             self._done(lsn)
@@ -126,14 +125,13 @@ class Flusher:
         if deleted and crashpoints.ARMED:
             crashpoints.reached("flush.after_truncate")
 
-    def _apply(self, puts: list[tuple[Key, bytes]], deletes: list[Key], lsn: int,
-               deadline: float | None) -> bool:
+    def _apply(self, batch: Batch, deltas: Deltas, lsn: int, deadline: float | None) -> bool:
         delay = _FIRST_RETRY_DELAY
         while True:
             try:
                 if crashpoints.ARMED:
                     crashpoints.reached("flush.before_commit")
-                self._backend.apply(puts, deletes, lsn)
+                apply_changes(self._backend, batch, deltas, lsn)
                 if crashpoints.ARMED:
                     crashpoints.reached("flush.after_commit")
                 return True

@@ -7,6 +7,7 @@ layout itself survives power loss.
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 
 from wbcache.errors import InvalidDirectoryError
@@ -15,6 +16,7 @@ from wbcache.wal.syscalls import SYSCALLS
 LOCK_NAME = "LOCK"
 WAL_NAME = "wal"
 DB_NAME = "db"
+CACHE_ID_NAME = "cache_id"
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,15 @@ class Layout:
     @property
     def db(self) -> str:
         return os.path.join(self.root, DB_NAME)
+
+    @property
+    def cache_id_path(self) -> str:
+        return os.path.join(self.root, CACHE_ID_NAME)
+
+    def cache_id(self) -> str:
+        """The directory's identity, made once (at `prepare`) and never changed."""
+        with open(self.cache_id_path, encoding="ascii") as file:
+            return file.read().strip()
 
     def is_cache_dir(self) -> bool:
         return os.path.isdir(self.wal) and os.path.isfile(self.lock)
@@ -67,7 +78,22 @@ def prepare(path: str | os.PathLike[str]) -> Layout:
         fd = os.open(layout.lock, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.close(fd)
         SYSCALLS.fsync_dir(root)
+    if not os.path.exists(layout.cache_id_path):
+        _write_durably(layout.cache_id_path, f"{uuid.uuid4().hex}\n".encode())
     return layout
+
+
+def _write_durably(path: str, data: bytes) -> None:
+    """Create `path` holding `data` atomically (temp file, fsync, rename, directory fsync)."""
+    temporary = f"{path}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, path)
+    SYSCALLS.fsync_dir(os.path.dirname(path))
 
 
 def _make_dir(path: str) -> None:

@@ -64,6 +64,12 @@ class Options:
     map_size: int = 1 * GiB
     """Initial LMDB map size in bytes; it doubles whenever the database fills it. Default 1 GiB."""
 
+    read_ttl: float | None = None
+    """Seconds a CLEAN entry (read from the database, or flushed) is served from memory before
+    it is read again, so that writes by other caches sharing the database become visible.
+    Dirty entries are always served from memory. Default None: the backend decides; forever
+    for the embedded LMDB (one owner), 1.0 s for PostgreSQL."""
+
     flush_timeout: float = 30.0
     """Seconds `flush()` and `close()` wait for the database before raising `FlushError`.
     The flusher itself keeps retrying with backoff; nothing is lost. Default 30.0."""
@@ -73,6 +79,8 @@ class Options:
             raise ValueError(f"option fsync must be one of {FSYNC_MODES}, not {self.fsync!r}")
         for name in ("fsync_interval", "flush_interval", "flush_timeout"):
             _check_seconds(name, getattr(self, name))
+        if self.read_ttl is not None:
+            _check_seconds("read_ttl", self.read_ttl)
         for name in ("flush_threshold", "max_dirty", "capacity", "segment_size",
                      "max_key_size", "max_value_size", "map_size"):
             _check_positive_int(name, getattr(self, name))

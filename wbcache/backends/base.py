@@ -8,20 +8,25 @@ lacks, and lets the flusher delete log segments only after the data is safe.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Protocol, Union
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol, Union
 
 Key = Union[str, bytes]
 
 
 class Backend(Protocol):
+    # Whether `apply` takes `increments` (deltas added to what the database holds, for a
+    # database shared by many caches). Without it, increments arrive as puts of the result.
+    applies_increments: bool
+
     def get(self, key: Key) -> bytes | None:
         """The encoded value stored under `key`, or None."""
 
-    def apply(self, puts: Sequence[tuple[Key, bytes]], deletes: Sequence[Key],
-              checkpoint: int) -> None:
-        """In ONE transaction: store `puts`, remove `deletes` (missing keys are fine) and set
-        the checkpoint LSN. Either all of it is durable when this returns, or none of it."""
+    def apply(self, puts: Sequence[tuple[Key, bytes]], deletes: Sequence[Key], checkpoint: int,
+              increments: Sequence[tuple[Key, int]] = ()) -> None:
+        """In ONE transaction: store `puts`, remove `deletes` (missing keys are fine), set the
+        checkpoint LSN and (only if `applies_increments`) add `increments` to the stored ints.
+        Either all of it is durable when this returns, or none of it."""
 
     def checkpoint(self) -> int:
         """The checkpoint LSN of the last `apply` (0 for a new database)."""
@@ -38,3 +43,22 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release the database; idempotent."""
+
+
+
+def apply_changes(backend: Any, values: Mapping[Key, bytes | None], deltas: Mapping[Key, int],
+                  checkpoint: int) -> None:
+    """Apply coalesced writes and the checkpoint in one `backend.apply` transaction.
+
+    `values` holds each key's newest encoded value (None: deleted); `deltas` the keys whose
+    writes were all increments, with their sum. A backend that applies increments gets those
+    as deltas (so many caches' increments of one counter add up); any other gets the values.
+    """
+    deletes = [key for key, value in values.items() if value is None]
+    if deltas and getattr(backend, "applies_increments", False):
+        puts = [(key, value) for key, value in values.items()
+                if value is not None and key not in deltas]
+        backend.apply(puts, deletes, checkpoint, list(deltas.items()))
+    else:
+        backend.apply([(key, value) for key, value in values.items() if value is not None],
+                      deletes, checkpoint)

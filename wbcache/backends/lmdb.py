@@ -63,6 +63,9 @@ class _ReadGate:
 class LmdbBackend:
     """LMDB at `path` (a directory, created 0700), starting with a `map_size`-byte map."""
 
+    # One owner: the cache's own result of an increment is the value to store.
+    applies_increments = False
+
     def __init__(self, path: str, *, map_size: int = 1 << 30, readonly: bool = False) -> None:
         if not readonly:
             os.makedirs(path, mode=0o700, exist_ok=True)
@@ -109,8 +112,10 @@ class LmdbBackend:
                 yield key.decode(), value
             yield from txn.cursor(db=self._bytes)
 
-    def apply(self, puts: Sequence[tuple[Key, bytes]], deletes: Sequence[Key],
-              checkpoint: int) -> None:
+    def apply(self, puts: Sequence[tuple[Key, bytes]], deletes: Sequence[Key], checkpoint: int,
+              increments: Sequence[tuple[Key, int]] = ()) -> None:
+        if increments:
+            raise ValueError("LmdbBackend takes increments as puts of their results")
         str_puts = [(key.encode(), value) for key, value in puts if type(key) is str]
         bytes_puts = [(key, value) for key, value in puts if type(key) is not str]
         while True:

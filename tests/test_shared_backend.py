@@ -1,0 +1,268 @@
+"""A database shared by many caches: increments as deltas, per-directory checkpoints, read_ttl.
+
+`SharedMemoryBackend` is a small in-process database with the semantics a shared server
+(PostgreSQL) has: one checkpoint per attached cache directory, and increments added to what is
+stored. It lets these tests pin the cache's side of the contract without a server.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+import wbcache
+from wbcache import FlushError
+from wbcache.backends.base import Key
+from wbcache.recovery import replay_into
+from wbcache.wal.format import OP_BATCH, OP_INCR, OP_PUT, encode_frame, encode_header, encode_records
+from wbcache.wal.segments import segment_name
+
+
+class SharedMemoryBackend:
+    applies_increments = True
+    default_read_ttl = 1.0
+    max_key_size = 511
+
+    def __init__(self) -> None:
+        self.values: dict[Key, bytes] = {}
+        self.checkpoints: dict[str, int] = {}
+        self.calls: list[tuple[list[Any], list[Any], int, list[Any]]] = []
+        self.fail = False
+        self._lock = threading.Lock()
+
+    def view(self) -> BackendView:
+        return BackendView(self)
+
+    def get(self, key: Key) -> bytes | None:
+        return self.values.get(key)
+
+    def count(self) -> int:
+        return len(self.values)
+
+    def items(self) -> Iterator[tuple[Key, bytes]]:
+        return iter(list(self.values.items()))
+
+
+class BackendView:
+    """What one cache directory sees: the shared data, its own checkpoint."""
+
+    applies_increments = True
+    default_read_ttl = 1.0
+    max_key_size = 511
+
+    def __init__(self, shared: SharedMemoryBackend) -> None:
+        self.shared = shared
+        self.cache_id: str | None = None
+
+    def attach(self, cache_id: str) -> None:
+        self.cache_id = cache_id
+
+    def checkpoint(self) -> int:
+        assert self.cache_id is not None
+        return self.shared.checkpoints.get(self.cache_id, 0)
+
+    def apply(self, puts: Sequence[tuple[Key, bytes]], deletes: Sequence[Key], checkpoint: int,
+              increments: Sequence[tuple[Key, int]] = ()) -> None:
+        shared = self.shared
+        if shared.fail:
+            raise ConnectionError("database away (test)")
+        with shared._lock:  # one transaction
+            shared.calls.append((list(puts), list(deletes), checkpoint, list(increments)))
+            for key, value in puts:
+                shared.values[key] = value
+            for key in deletes:
+                shared.values.pop(key, None)
+            for key, delta in increments:
+                current = shared.values.get(key)
+                base = msgpack.unpackb(current) if current is not None else 0
+                shared.values[key] = msgpack.packb((base if type(base) is int else 0) + delta)
+            assert self.cache_id is not None
+            shared.checkpoints[self.cache_id] = checkpoint
+
+    def get(self, key: Key) -> bytes | None:
+        return self.shared.get(key)
+
+    def count(self) -> int:
+        return self.shared.count()
+
+    def items(self) -> Iterator[tuple[Key, bytes]]:
+        return self.shared.items()
+
+    def close(self) -> None:
+        pass
+
+
+def stored(shared: SharedMemoryBackend, key: Key) -> Any:
+    value = shared.values.get(key)
+    return None if value is None else msgpack.unpackb(value)
+
+
+@pytest.fixture
+def shared() -> SharedMemoryBackend:
+    return SharedMemoryBackend()
+
+
+def test_increments_reach_the_database_as_one_delta(tmp_path: Path,
+                                                    shared: SharedMemoryBackend) -> None:
+    with wbcache.open(tmp_path / "a", backend=shared.view(), flush_interval=3600) as cache:
+        for _ in range(3):
+            cache.incr("n", 2)
+        cache.flush()
+    puts, deletes, _, increments = shared.calls[-1]
+    assert increments == [("n", 6)] and puts == [] and deletes == []
+
+
+@pytest.mark.parametrize("ops, expect_put, expect_delta, expect_delete", [
+    ([("put", 10), ("incr", 1)], 11, None, False),   # a put, then increments: the value
+    ([("incr", 1), ("put", 10)], 10, None, False),
+    ([("incr", 1), ("delete", None)], None, None, True),
+    ([("delete", None), ("incr", 5)], 5, None, False),
+    ([("incr", 1), ("incr", -3)], None, -2, False),
+])
+def test_a_key_is_a_delta_only_if_it_saw_nothing_but_increments(
+        tmp_path: Path, shared: SharedMemoryBackend, ops: list[tuple[str, Any]],
+        expect_put: int | None, expect_delta: int | None, expect_delete: bool) -> None:
+    with wbcache.open(tmp_path / "a", backend=shared.view(), flush_interval=3600) as cache:
+        for op, arg in ops:
+            if op == "put":
+                cache.put("k", arg)
+            elif op == "incr":
+                cache.incr("k", arg)
+            else:
+                cache.delete("k")
+        cache.flush()
+    puts, deletes, _, increments = shared.calls[-1]
+    assert puts == ([("k", msgpack.packb(expect_put))] if expect_put is not None else [])
+    assert increments == ([("k", expect_delta)] if expect_delta is not None else [])
+    assert deletes == (["k"] if expect_delete else [])
+
+
+def test_increments_inside_a_batch_are_deltas_too(tmp_path: Path,
+                                                  shared: SharedMemoryBackend) -> None:
+    with wbcache.open(tmp_path / "a", backend=shared.view(), flush_interval=3600) as cache:
+        with cache.batch() as batch:
+            batch.incr("n", 4)
+            batch.incr("n", 1)
+            batch.put("p", 1)
+            batch.incr("p", 1)
+        cache.flush()
+    puts, _, _, increments = shared.calls[-1]
+    assert increments == [("n", 5)]
+    assert puts == [("p", msgpack.packb(2))]
+
+
+def test_two_directories_counting_into_one_database_add_up(tmp_path: Path,
+                                                           shared: SharedMemoryBackend) -> None:
+    first = wbcache.open(tmp_path / "a", backend=shared.view(), flush_interval=3600)
+    second = wbcache.open(tmp_path / "b", backend=shared.view(), flush_interval=3600)
+    try:
+        assert first.cache_id != second.cache_id
+        for _ in range(7):
+            first.incr("hits")
+        for _ in range(5):
+            second.incr("hits")
+        first.flush()
+        second.flush()
+        assert stored(shared, "hits") == 12
+        assert shared.checkpoints == {first.cache_id: 7, second.cache_id: 5}
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_failed_flush_retried_later_still_sends_one_exact_delta(
+        tmp_path: Path, shared: SharedMemoryBackend) -> None:
+    with wbcache.open(tmp_path / "a", backend=shared.view(), flush_interval=3600) as cache:
+        cache.incr("n", 3)
+        shared.fail = True
+        with pytest.raises(FlushError):
+            cache.flush(timeout=0.05)
+        cache.incr("n", 4)  # after the failed batch was taken: merged into the retry
+        cache.put("p", 1)
+        cache.incr("p")
+        shared.fail = False
+        cache.flush()
+    assert stored(shared, "n") == 7
+    assert shared.calls[-1][3] == [("n", 7)]
+    assert stored(shared, "p") == 2
+
+
+def test_recovery_replays_increments_as_deltas_exactly_once(tmp_path: Path,
+                                                            shared: SharedMemoryBackend) -> None:
+    shared.values["n"] = msgpack.packb(100)  # counted by other caches
+    view = shared.view()
+    view.attach("dir-a")
+    wal = tmp_path / "wal"
+    wal.mkdir()
+    records = [[1, OP_INCR, "n", 2, 2], [2, OP_INCR, "n", 3, 5], [3, OP_PUT, "p", msgpack.packb(1)],
+               [4, OP_BATCH, [[OP_INCR, "p", 1, 2], [OP_INCR, "m", 9, 9]]]]
+    (wal / segment_name(1)).write_bytes(
+        encode_header() + b"".join(encode_frame(encode_records([msgpack.packb(r)]))
+                                   for r in records))
+    report = replay_into(view, str(wal))
+    assert report.replayed == 4
+    assert stored(shared, "n") == 105 and stored(shared, "m") == 9 and stored(shared, "p") == 2
+    assert shared.checkpoints["dir-a"] == 4
+    (wal / segment_name(1)).write_bytes(  # the same log again: the checkpoint covers it
+        encode_header() + b"".join(encode_frame(encode_records([msgpack.packb(r)]))
+                                   for r in records))
+    assert replay_into(view, str(wal)).replayed == 0
+    assert stored(shared, "n") == 105
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_clean_entries_are_read_again_after_read_ttl(tmp_path: Path, shared: SharedMemoryBackend,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("wbcache.cache.time", clock)
+    writer = wbcache.open(tmp_path / "a", backend=shared.view(), flush_interval=3600)
+    reader = wbcache.open(tmp_path / "b", backend=shared.view(), flush_interval=3600,
+                          read_ttl=5.0)
+    try:
+        writer.put("k", "first")
+        writer.flush()
+        assert reader.get("k") == "first"
+        writer.put("k", "second")
+        writer.flush()
+        clock.now += 4.0
+        assert reader.get("k") == "first"  # within read_ttl: served from memory
+        assert "k" in reader
+        clock.now += 2.0
+        assert reader.get("k") == "second"  # expired: read again
+        reader.put("k", "mine")
+        clock.now += 100.0
+        assert reader["k"] == "mine"  # dirty entries never expire
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_a_backend_default_read_ttl_applies_unless_an_option_is_given(
+        tmp_path: Path, shared: SharedMemoryBackend) -> None:
+    with wbcache.open(tmp_path / "a", backend=shared.view()) as cache:
+        assert cache._read_ttl == 1.0
+    with wbcache.open(tmp_path / "b", backend=shared.view(), read_ttl=0.25) as cache:
+        assert cache._read_ttl == 0.25
+    with wbcache.open(tmp_path / "c") as cache:
+        assert cache._read_ttl is None  # LMDB: one owner, entries never go stale
+
+
+def test_the_cache_id_is_made_once_and_kept(tmp_path: Path) -> None:
+    with wbcache.open(tmp_path / "a") as cache:
+        first = cache.cache_id
+    with wbcache.open(tmp_path / "a") as cache:
+        assert cache.cache_id == first
+    assert (tmp_path / "a" / "cache_id").read_text().strip() == first
+    assert (tmp_path / "a" / "cache_id").stat().st_mode & 0o077 == 0
