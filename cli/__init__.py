@@ -7,13 +7,21 @@ Errors a user can cause become one line on stderr and a documented exit code, ne
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from typing import Any
 
 import click
 
 from wbcache import __version__
-from wbcache.errors import CacheLockedError, InvalidDirectoryError, WbcacheError
+from wbcache.errors import (
+    CacheLockedError,
+    CorruptLogError,
+    InvalidDirectoryError,
+    UnsupportedFormatError,
+    WbcacheError,
+)
 
 EXIT_OK = 0
 EXIT_DAMAGE = 1
@@ -30,20 +38,62 @@ class CommandFailed(click.ClickException):
 
 
 class WbcacheGroup(click.Group):
-    """Turns library errors into one-line messages with the documented exit codes."""
+    """Turns library errors into one-line messages with the documented exit codes.
+
+    A command run with `--json` records that in `ctx.meta[JSON_META]` (cli/ops_output.py); its
+    errors are then also printed on stdout as one JSON object, so a script always gets JSON:
+    {"ok": false, "exit_code": N, "error": KIND, "message": ...} plus, for damage, "segment",
+    "offset" and "reason". A command that names its directory in `ctx.meta[DIR_META]` gets the
+    exact `--salvage` command line in the hint that follows a damaged-log message.
+    """
+
+    JSON_META = "wbcache.json"
+    DIR_META = "wbcache.directory"
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except CacheLockedError as exc:
-            raise CommandFailed(str(exc), EXIT_LOCKED) from None
+            raise self._failed(ctx, str(exc), "directory_in_use", EXIT_LOCKED) from None
         except InvalidDirectoryError as exc:
-            raise CommandFailed(str(exc), EXIT_USAGE) from None
+            raise self._failed(ctx, str(exc), "invalid_directory", EXIT_USAGE) from None
+        except CorruptLogError as exc:
+            raise self._failed(ctx, str(exc), "corrupt_log", EXIT_DAMAGE, self._salvage_hint(ctx),
+                               segment=exc.path, offset=exc.offset, reason=exc.reason) from None
+        except UnsupportedFormatError as exc:
+            raise self._failed(ctx, str(exc), "unsupported_format", EXIT_DAMAGE,
+                               segment=exc.path, version=exc.version) from None
         except WbcacheError as exc:
-            raise CommandFailed(str(exc), EXIT_DAMAGE) from None
+            raise self._failed(ctx, str(exc), "error", EXIT_DAMAGE) from None
+        except BrokenPipeError:
+            # The reader went away (`wbcache dump DIR | head`): stop quietly, as `cat` does.
+            # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            raise click.exceptions.Exit(EXIT_DAMAGE) from None
         except OSError as exc:
-            raise CommandFailed(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
-                                EXIT_DAMAGE) from None
+            message = f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+            raise self._failed(ctx, message, "os_error", EXIT_DAMAGE, path=exc.filename) from None
+
+    @classmethod
+    def _salvage_hint(cls, ctx: click.Context) -> str:
+        directory = ctx.meta.get(cls.DIR_META, "DIR")
+        return (f"Nothing was changed. `wbcache recover --salvage {directory}` replays the log "
+                f"up to the damage and moves the damaged segment and any after it into "
+                f"{directory}/quarantine/ (preview with --dry-run); `wbcache verify {directory}` "
+                f"lists every problem.")
+
+    @classmethod
+    def _failed(cls, ctx: click.Context, message: str, kind: str, exit_code: int,
+                hint: str | None = None, **fields: Any) -> CommandFailed:
+        if ctx.meta.get(cls.JSON_META):
+            document = {"ok": False, "exit_code": exit_code, "error": kind, "message": message,
+                        **fields}
+            if hint is not None:
+                document["hint"] = hint
+            click.echo(json.dumps(document, indent=2))
+        return CommandFailed(message if hint is None else f"{message}\n{hint}", exit_code)
 
 
 @click.group(cls=WbcacheGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,10 +1,17 @@
-"""Operating a cache directory: recover, inspect, verify, dump, get, stats (issue #3).
+"""Operating a cache directory: `recover`, `inspect`, `verify`, `stats`, `dump`, `get` (issue #3).
 
-Placeholder while the commands are built: it registers none.
+The commands live in `ops_recover.py`, `ops_inspect.py` and `ops_data.py`; they are thin over
+`wbcache.maintenance` (the directory lock, LMDB, the layout) and `wbcache.recovery`.
+`ops_output.py` holds what they share (the DIR argument, --json, progress, tables) and
+`ops_encoding.py` the JSON encoding of keys and values. Documented in docs/cli.md.
 """
 
 from __future__ import annotations
 
 import click
 
-COMMANDS: list[click.Command] = []
+from wbcache.cli.ops_data import dump, get
+from wbcache.cli.ops_inspect import inspect, stats, verify
+from wbcache.cli.ops_recover import recover
+
+COMMANDS: list[click.Command] = [recover, inspect, verify, stats, dump, get]

@@ -1,0 +1,231 @@
+"""`wbcache dump` and `wbcache get`: the data, as the cache would see it after recovery.
+
+Keys and values are written in the JSON encoding of `cli/ops_encoding.py` (bytes as
+{"$bytes": base64}, and so on), so "a" and b"a", 1 and 1.0, a dict and a tagged value never
+look alike. Reads through `wbcache.maintenance.open_snapshot`: no byte of the directory changes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import click
+
+from wbcache.cli import EXIT_DAMAGE, CommandFailed
+from wbcache.cli.ops_encoding import decode_json, describe, encode_json
+from wbcache.cli.ops_output import (
+    directory_argument,
+    emit_json,
+    json_option,
+    owner_fields,
+    table,
+    warn_if_stale,
+)
+from wbcache.maintenance import decode_value, open_snapshot
+from wbcache.recovery.pending import LoggedOp, LoggedRecord
+
+_TABLE_WIDTH = 60  # characters of a value shown in a table cell
+
+
+class _Decoder:
+    """Decodes stored values, counting those that cannot be (database damage)."""
+
+    def __init__(self) -> None:
+        self.undecodable = 0
+
+    def __call__(self, encoded: bytes) -> Any:
+        try:
+            return decode_value(encoded)
+        except Exception:  # msgpack raises several types for bad input
+            self.undecodable += 1
+            return _Undecodable(encoded)
+
+
+class _Undecodable(bytes):
+    """A stored value that is not valid msgpack: shown as {"$raw": base64} / <undecodable>."""
+
+    def __repr__(self) -> str:
+        return f"<undecodable {len(self)} bytes>"
+
+
+def _encode(value: Any) -> Any:
+    if type(value) is _Undecodable:
+        return {"$raw": base64.b64encode(value).decode("ascii")}
+    return encode_json(value)
+
+
+@click.command()
+@directory_argument
+@click.option("--format", "output_format", type=click.Choice(["jsonl", "table"]), default=None,
+              help="jsonl (the default): one JSON object per line; table: aligned columns "
+                   "for reading, long values cut.")
+@click.option("--pending", is_flag=True,
+              help="Only the log records not yet in the database, one per record, oldest "
+                   "first (what recovery would replay).")
+@json_option
+def dump(directory: str, output_format: str | None, pending: bool, as_json: bool) -> None:
+    """Print every key and value as the cache would see them after recovery.
+
+    \b
+    jsonl lines:   {"key": KEY, "value": VALUE}
+    with --pending {"lsn": N, "op": "put", "key": KEY, "value": VALUE}
+                   {"lsn": N, "op": "delete", "key": KEY}
+                   {"lsn": N, "op": "incr", "key": KEY, "delta": D, "value": RESULT}
+                   {"lsn": N, "op": "batch", "ops": [{"op": ..., "key": ...}, ...]}
+    Keys and values use the JSON encoding of docs/cli.md: bytes are {"$bytes": BASE64}, a
+    dict that JSON cannot hold is {"$map": [[K, V], ...]}, NaN is {"$float": "nan"}.
+    Str keys come first (in UTF-8 order), then bytes keys.
+
+    \b
+    Examples:
+      wbcache dump /var/lib/myapp/cache > cache.jsonl
+      wbcache dump --pending --format table /var/lib/myapp/cache
+
+    \b
+    Exit status: 0; 1 when the log is damaged (nothing is printed; with --pending, the
+    records before the damage are) or a stored value cannot be decoded ({"$raw": BASE64});
+    2 usage error or not a cache directory.
+    """
+    if as_json and output_format is not None:
+        raise click.UsageError("--json prints one JSON object; it takes no --format")
+    decoder = _Decoder()
+    with open_snapshot(directory) as snapshot:
+        warn_if_stale(snapshot)
+        if pending:
+            documents = (_record_document(record, decoder)
+                         for record in snapshot.pending_records())
+        else:
+            documents = ({"key": encode_json(key), "value": _encode(decoder(value))}
+                         for key, value in snapshot.items())
+        if as_json:
+            listed = list(documents)
+            emit_json({"ok": not decoder.undecodable, "path": snapshot.path,
+                       **owner_fields(snapshot), "pending": pending, "count": len(listed),
+                       "undecodable": decoder.undecodable,
+                       ("records" if pending else "entries"): listed})
+        elif output_format == "table":
+            _print_table(documents, pending)
+        else:
+            for document in documents:
+                click.echo(json.dumps(document))
+    if decoder.undecodable:
+        raise CommandFailed(f"{decoder.undecodable} stored values could not be decoded "
+                            f"(printed as {{\"$raw\": base64}}); see `wbcache verify`",
+                            EXIT_DAMAGE)
+
+
+def _record_document(record: LoggedRecord, decoder: _Decoder) -> dict[str, Any]:
+    if record.batch:
+        return {"lsn": record.lsn, "op": "batch",
+                "ops": [_op_document(op, decoder) for op in record.ops]}
+    return {"lsn": record.lsn, **_op_document(record.ops[0], decoder)}
+
+
+def _op_document(op: LoggedOp, decoder: _Decoder) -> dict[str, Any]:
+    document: dict[str, Any] = {"op": op.op, "key": encode_json(op.key)}
+    if op.delta is not None:
+        document["delta"] = op.delta
+    if op.value is not None:
+        document["value"] = _encode(decoder(op.value))
+    return document
+
+
+def _print_table(documents: Iterator[dict[str, Any]], pending: bool) -> None:
+    """Collects the rows to size the columns: for reading, not for a million entries."""
+
+    def cell(document: dict[str, Any], name: str) -> str:
+        if name not in document:
+            return ""
+        raw = document[name]
+        if isinstance(raw, dict) and "$raw" in raw and len(raw) == 1:
+            return "<undecodable>"
+        return describe(decode_json(raw), _TABLE_WIDTH)
+
+    body: list[tuple[str, ...]] = []
+    for document in documents:
+        if not pending:
+            body.append((cell(document, "key"), cell(document, "value")))
+            continue
+        for op in document.get("ops", [document]):
+            kind = f"batch:{op['op']}" if document["op"] == "batch" else op["op"]
+            delta = f" (+{op['delta']})" if "delta" in op else ""
+            body.append((f"{document['lsn']:,}", kind, cell(op, "key"),
+                         cell(op, "value") + delta))
+    if pending:
+        table(("LSN", "op", "key", "value"), body, right={0})
+    else:
+        table(("key", "value"), body, right=set())
+    click.echo(f"({len(body):,} {'operations' if pending else 'entries'})")
+
+
+@click.command()
+@directory_argument
+@click.argument("key")
+@click.option("--bytes", "as_bytes", is_flag=True,
+              help="KEY names a bytes key (its UTF-8 encoding) rather than a str key.")
+@click.option("--hex", "as_hex", is_flag=True,
+              help="KEY is a bytes key written in hex, e.g. 00ff10.")
+@json_option
+def get(directory: str, key: str, as_bytes: bool, as_hex: bool, as_json: bool) -> None:
+    """Print the value under KEY as the cache would return it after recovery.
+
+    The value is printed as one line of JSON in the encoding of docs/cli.md (bytes as
+    {"$bytes": BASE64}). "a" and b"a" are different keys: a str KEY by default, --bytes or
+    --hex for a bytes key.
+
+    \b
+    Examples:
+      wbcache get /var/lib/myapp/cache user:1
+      wbcache get --hex /var/lib/myapp/cache 00ff10
+
+    \b
+    Exit status: 0 found; 1 not found, or the log is damaged; 2 usage error or not a cache
+    directory.
+    """
+    if as_bytes and as_hex:
+        raise click.UsageError("--bytes and --hex exclude each other")
+    lookup: str | bytes = key
+    if as_hex:
+        try:
+            lookup = bytes.fromhex(key)
+        except ValueError:
+            raise click.BadParameter(f"{key!r} is not hex", param_hint="KEY") from None
+    elif as_bytes:
+        lookup = key.encode()
+    decoder = _Decoder()
+    with open_snapshot(directory) as snapshot:
+        warn_if_stale(snapshot)
+        encoded, source = snapshot.get(lookup)
+        other = None
+        if encoded is None:
+            other = lookup.encode() if isinstance(lookup, str) else _as_str(lookup)
+            if other is not None and snapshot.get(other)[0] is None:
+                other = None
+        document = {"ok": encoded is not None, "path": snapshot.path, **owner_fields(snapshot),
+                    "key": encode_json(lookup), "found": encoded is not None,
+                    "source": source,
+                    "value": _encode(decoder(encoded)) if encoded is not None else None}
+    if as_json:
+        emit_json(document)
+    elif encoded is not None:
+        click.echo(json.dumps(document["value"]))
+    if encoded is None:
+        hint = ""
+        if other is not None:
+            hint = (" (a str key of that name exists)" if type(other) is str
+                    else " (a bytes key of that name exists: use --bytes)")
+        click.echo(f"key {lookup!r} not found{hint}", err=True)
+        raise click.exceptions.Exit(EXIT_DAMAGE)
+    if decoder.undecodable:
+        raise CommandFailed("the stored value could not be decoded (printed as "
+                            "{\"$raw\": base64}); see `wbcache verify`", EXIT_DAMAGE)
+
+
+def _as_str(key: bytes) -> str | None:
+    try:
+        return key.decode()
+    except UnicodeDecodeError:
+        return None

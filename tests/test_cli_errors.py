@@ -1,0 +1,176 @@
+"""Bad input and a directory in use: one clear line, the documented exit code, no traceback,
+and nothing created or changed, for every operating command, in-process and as a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from test_cli_support import (
+    DRIVERS,
+    assert_one_line_error,
+    live_owner,
+    new_cache_dir,
+    puts,
+    run,
+    run_all,
+    three_segment_log,
+    tree_state,
+    write_segment,
+)
+
+COMMANDS = (
+    ("recover",),
+    ("recover", "--dry-run"),
+    ("recover", "--salvage", "--yes"),
+    ("inspect",),
+    ("verify",),
+    ("stats",),
+    ("dump",),
+    ("dump", "--pending"),
+    ("get", "{DIR}", "key-1"),
+)
+
+
+def argv(command: tuple[str, ...], directory: Path) -> list[str]:
+    """The command line, DIR last unless the command places it ("{DIR}")."""
+    if "{DIR}" in command:
+        return [str(directory) if part == "{DIR}" else part for part in command]
+    return [*command, str(directory)]
+
+
+def missing(tmp_path: Path) -> Path:
+    return tmp_path / "nowhere"
+
+
+def a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "file"
+    path.write_text("not a cache\n")
+    return path
+
+
+def under_a_file(tmp_path: Path) -> Path:
+    return a_file(tmp_path) / "cache"
+
+
+def empty_directory(tmp_path: Path) -> Path:
+    path = tmp_path / "empty"
+    path.mkdir()
+    return path
+
+
+def other_directory(tmp_path: Path) -> Path:
+    path = tmp_path / "photos"
+    (path / "wal").mkdir(parents=True)  # a wal/ alone does not make a cache directory
+    (path / "holiday.jpg").write_bytes(b"\xff\xd8")
+    return path
+
+
+def unknown_version(tmp_path: Path) -> Path:
+    path = new_cache_dir(tmp_path / "cache")
+    write_segment(path / "wal", puts(1, 10))
+    write_segment(path / "wal", puts(11, 20), version=7)
+    return path
+
+
+BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], int, str]] = {
+    "missing directory": (missing, 2, "does not exist"),
+    "a file, not a directory": (a_file, 2, "is not a directory"),
+    "a path under a file": (under_a_file, 2, "does not exist (a parent is a file)"),
+    "an empty directory": (empty_directory, 2, "is not a wbcache directory"),
+    "a directory of something else": (other_directory, 2, "is not a wbcache directory"),
+    "an unknown log format version": (unknown_version, 1, "has format version 7; this wbcache "
+                                                          "reads version 1"),
+}
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_an_exit_code_and_changes_nothing(
+        tmp_path: Path, case: str, driver: str) -> None:
+    make, exit_code, message = BAD_INPUTS[case]
+    path = make(tmp_path)
+    before = tree_state(tmp_path)
+
+    # Refused before the lock (exit 2) they may run side by side; a log of an unknown version
+    # is refused after it, so those run one at a time.
+    results = run_all(driver, [argv(command, path) for command in COMMANDS],
+                      side_by_side=exit_code == 2)
+
+    for command, result in zip(COMMANDS, results, strict=True):
+        assert_one_line_error(result, exit_code, message, str(path))
+        assert result.stdout == "", command
+    assert tree_state(tmp_path) == before  # nothing created, nothing changed
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_directory_the_user_may_not_read_is_one_line_and_changes_nothing(
+        tmp_path: Path, driver: str) -> None:
+    path = tmp_path / "cache"
+    three_segment_log(path)
+    before = tree_state(path)
+
+    results = run_all(driver, [argv(command, path) for command in COMMANDS], as_nobody=True,
+                      side_by_side=True)  # refused at the first stat, before any lock
+
+    for result in results:
+        assert_one_line_error(result, 1, "Permission denied: ", str(path))
+    assert tree_state(path) == before
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_errors_under_json_are_also_one_json_object_on_stdout(tmp_path: Path,
+                                                              driver: str) -> None:
+    result = run(driver, "inspect", "--json", str(tmp_path / "nowhere"))
+
+    assert result.exit_code == 2
+    assert json.loads(result.stdout) == {
+        "ok": False, "exit_code": 2, "error": "invalid_directory",
+        "message": f"{tmp_path / 'nowhere'} does not exist"}
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_directory_in_use_is_refused_with_exit_3_by_every_recover(tmp_path: Path,
+                                                                   driver: str) -> None:
+    path = tmp_path / "cache"
+    with live_owner(path) as pid:
+        before = tree_state(path / "wal")
+        results = [run(driver, *argv(command, path)) for command in COMMANDS[:3]]
+        as_json = run(driver, "recover", "--json", str(path))
+        after = tree_state(path / "wal")
+
+    for result in results:
+        assert_one_line_error(result, 3, f"{path} is in use by a live cache (pid {pid})")
+    assert as_json.exit_code == 3 and as_json.json()["error"] == "directory_in_use"
+    assert after == before  # the owner was idle: only a recover could have changed the log
+    assert run(driver, "recover", str(path)).exit_code == 0  # once the owner is gone
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_usage_errors_exit_2(tmp_path: Path, driver: str) -> None:
+    path = new_cache_dir(tmp_path / "cache")
+
+    results = [
+        run(driver, "get", str(path)),  # no KEY
+        run(driver, "dump", "--format", "xml", str(path)),
+        run(driver, "dump", "--json", "--format", "table", str(path)),
+        run(driver, "get", "--hex", str(path), "zz"),
+        run(driver, "recover", "--frobnicate", str(path)),
+        run(driver, "recover", ""),
+    ]
+
+    assert [result.exit_code for result in results] == [2] * len(results)
+    for result in results:
+        assert "Traceback" not in result.stderr
+    assert "the directory path is empty" in results[-1].stderr
+
+
+@pytest.mark.parametrize("command", ["recover", "inspect", "verify", "stats", "dump", "get"])
+def test_every_command_has_help_with_an_example(command: str) -> None:
+    result = run("runner", command, "--help")
+
+    assert result.exit_code == 0
+    assert "Example" in result.stdout and "Exit status" in result.stdout

@@ -1,0 +1,273 @@
+"""Shared by the tests of the operating commands (tests/test_cli_*.py); it holds no tests.
+
+Every command is run two ways: in-process through click's `CliRunner`, and as a real
+subprocess of the installed `wbcache` script (the console script beside this interpreter).
+Directories are built in known states (hand-written segments, or a real writer killed with
+SIGKILL) and compared byte for byte before and after a command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from click.testing import CliRunner
+
+import wbcache
+from wbcache.cli import main
+from wbcache.wal.format import (
+    FRAME,
+    FRAME_SIZE,
+    HEADER_SIZE,
+    OP_PUT,
+    encode_frame,
+    encode_header,
+    encode_records,
+)
+from wbcache.wal.segments import segment_name
+
+WBCACHE = Path(sys.executable).parent / "wbcache"
+DRIVERS = ("runner", "script")
+NOBODY = 65534
+
+
+@dataclass
+class Run:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+def run(driver: str, *args: str, input: str | None = None, as_nobody: bool = False) -> Run:
+    """Run `wbcache ARGS...` in-process ("runner") or as a subprocess of the script ("script").
+
+    `as_nobody`: as an unprivileged user (uid 65534), for permission errors; the tests run as
+    root here, and root passes every permission check."""
+    return run_all(driver, [list(args)], input=input, as_nobody=as_nobody)[0]
+
+
+def run_all(driver: str, commands: list[list[str]], *, input: str | None = None,
+            as_nobody: bool = False, side_by_side: bool = False) -> list[Run]:
+    """`run` for several command lines, one after the other; or, `side_by_side`, the
+    subprocesses at once: only for commands refused before they take the directory's lock,
+    which could otherwise refuse each other (exit 3)."""
+    if driver == "runner":
+        with _effective_user(NOBODY if as_nobody else None):
+            results = [CliRunner().invoke(main, args, input=input, catch_exceptions=False)
+                       for args in commands]
+        return [Run(result.exit_code, result.stdout, result.stderr) for result in results]
+    assert driver == "script"
+    assert WBCACHE.is_file(), f"the wbcache script is not installed at {WBCACHE}"
+    if not side_by_side:
+        return [_finish(_start(args, as_nobody), input) for args in commands]
+    children = [_start(args, as_nobody) for args in commands]
+    return [_finish(child, input) for child in children]
+
+
+def _start(args: list[str], as_nobody: bool) -> subprocess.Popen[str]:
+    return subprocess.Popen(_script_command(args, as_nobody), text=True, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _finish(child: subprocess.Popen[str], input: str | None) -> Run:
+    stdout, stderr = child.communicate(input, timeout=120)
+    return Run(child.returncode, stdout, stderr)
+
+
+def _script_command(args: list[str], as_nobody: bool) -> list[str]:
+    command = [str(WBCACHE), *args]
+    if as_nobody:
+        # setpriv rather than Popen(user=...): here the interpreter lives under /root (0700),
+        # which a child made by Popen(user=...) cannot exec, while setpriv's can.
+        assert os.geteuid() == 0, "permission tests drop from root to uid 65534"
+        setpriv = shutil.which("setpriv")
+        assert setpriv is not None, "permission tests need setpriv (util-linux)"
+        command = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                   *command]
+    return command
+
+
+@contextmanager
+def _effective_user(uid: int | None) -> Iterator[None]:
+    if uid is None:
+        yield
+        return
+    assert os.geteuid() == 0, "permission tests drop from root to uid 65534"
+    os.setegid(uid)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def assert_one_line_error(result: Run, exit_code: int, *fragments: str) -> None:
+    """The documented exit code, one `Error:` line on stderr holding `fragments`, no traceback."""
+    assert result.exit_code == exit_code, (result.exit_code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+# ------------------------------------------------------------------ directory state
+
+
+def tree_state(root: Path) -> dict[str, Any]:
+    """Everything observable about `root`: every entry's kind, mode, size, mtime and bytes."""
+    if not os.path.lexists(root):
+        return {}
+    if not root.is_dir():
+        info = root.stat()
+        return {".": ("file", info.st_mode, info.st_mtime_ns, root.read_bytes())}
+    state: dict[str, Any] = {".": ("dir", root.stat().st_mode, root.stat().st_mtime_ns)}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        name = str(path.relative_to(root))
+        if path.is_dir():
+            state[name] = ("dir", info.st_mode, info.st_mtime_ns)
+        else:
+            state[name] = ("file", info.st_mode, info.st_mtime_ns, path.read_bytes())
+    return state
+
+
+def new_cache_dir(path: Path) -> Path:
+    """A real cache directory (LOCK, wal/, db/ with checkpoint 0) whose log is empty."""
+    wbcache.open(path).close()
+    for segment in (path / "wal").iterdir():
+        segment.unlink()
+    return path
+
+
+def put(lsn: int, key: str | bytes, value: Any) -> list[Any]:
+    return [lsn, OP_PUT, key, msgpack.packb(value)]
+
+
+def puts(first_lsn: int, last_lsn: int) -> list[list[Any]]:
+    return [put(lsn, f"key-{lsn}", lsn) for lsn in range(first_lsn, last_lsn + 1)]
+
+
+def write_segment(wal_dir: Path, records: list[list[Any]], *, first_lsn: int | None = None,
+                  version: int | None = None) -> Path:
+    """A segment of `records`, one frame each (as a lone writer's group commits write them)."""
+    path = wal_dir / segment_name(first_lsn if first_lsn is not None else records[0][0])
+    header = encode_header() if version is None else encode_header(version)
+    path.write_bytes(header + b"".join(encode_frame(encode_records([msgpack.packb(record)]))
+                                       for record in records))
+    return path
+
+
+def frame_offsets(path: Path) -> list[int]:
+    """Start offset of every frame of a segment, walked by the length fields."""
+    data = path.read_bytes()
+    offsets, pos = [], HEADER_SIZE
+    while pos + FRAME_SIZE <= len(data):
+        offsets.append(pos)
+        pos += FRAME_SIZE + FRAME.unpack_from(data, pos)[1]
+    return offsets
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def three_segment_log(path: Path) -> list[Path]:
+    """A cache directory whose log holds LSNs 1..100, 101..200, 201..300 (key-N = N), nothing
+    flushed."""
+    new_cache_dir(path)
+    return [write_segment(path / "wal", puts(first, first + 99)) for first in (1, 101, 201)]
+
+
+# ------------------------------------------------------------------ real processes
+
+# Phase A: `flushed` puts, then flush() (they are in the database), then "flushed". Phase B:
+# 4 threads put t<thread>:<seq> = seq with flushing out of reach (so every acknowledged one is
+# only in the log when the kill lands), reporting "<thread> <seq>" after each put returned.
+WRITER = textwrap.dedent("""
+    import os, sys, threading, wbcache
+    path, flushed = sys.argv[1], int(sys.argv[2])
+    cache = wbcache.open(path, flush_interval=3600, flush_threshold=10**9, max_dirty=10**9,
+                         segment_size=16 * 1024)
+    for i in range(flushed):
+        cache.put(f"a:{i}", i)
+    cache.flush()
+    os.write(1, b"flushed\\n")
+    lock = threading.Lock()
+    def write(thread):
+        seq = 0
+        while True:
+            cache.put(f"t{thread}:{seq}", seq)
+            with lock:
+                os.write(1, f"{thread} {seq}\\n".encode())
+            seq += 1
+    for thread in range(4):
+        threading.Thread(target=write, args=(thread,), daemon=True).start()
+    threading.Event().wait()
+""")
+
+
+def kill_writer(path: Path, *, flushed: int, acks: int) -> dict[str, int]:
+    """Run WRITER, SIGKILL it after `acks` acknowledged phase-B writes, and return every
+    acknowledged write {key: value}, phase A's included."""
+    child = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(flushed)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout is not None and child.stderr is not None
+    assert child.stdout.readline() == b"flushed\n", child.stderr.read().decode()
+    acked = {f"a:{i}": i for i in range(flushed)}
+    seen = 0
+    for line in child.stdout:  # after the kill, what is already in the pipe, to EOF
+        thread, seq = map(int, line.split())
+        acked[f"t{thread}:{seq}"] = seq
+        seen += 1
+        if seen == acks:
+            child.send_signal(signal.SIGKILL)
+    child.wait()
+    child.stdout.close()
+    child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+    return acked
+
+
+HOLDER = textwrap.dedent("""
+    import sys, wbcache
+    cache = wbcache.open(sys.argv[1])
+    cache.put("held", "by a live cache")
+    print("open", flush=True)
+    sys.stdin.readline()
+    cache.close()
+""")
+
+
+@contextmanager
+def live_owner(path: Path) -> Iterator[int]:
+    """A live cache holding `path` in another process (py-lmdb refuses a second open of one
+    environment in this process); yields its pid. It closes cleanly on exit."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert holder.stdout.readline() == b"open\n"
+        yield holder.pid
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+        holder.stdout.close()
+    assert holder.returncode == 0
