@@ -16,13 +16,12 @@ recovery finds every remaining record at or below the checkpoint and only delete
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from wbcache.backends.base import apply_changes
 from wbcache.recovery.scan import LogScan
 from wbcache.wal import crashpoints
 from wbcache.wal.format import OP_BATCH, OP_DELETE, OP_INCR, OP_PUT
@@ -73,6 +72,25 @@ def _apply_op(state: State, item: list[Any], start: int, deltas: dict[Key, int] 
     state[key] = item[start + 2] if op == OP_PUT else None
     if deltas:
         deltas.pop(key, None)
+
+
+def apply_changes(backend: Backend, values: Mapping[Key, bytes | None],
+                  deltas: Mapping[Key, int], checkpoint: int) -> None:
+    """Apply coalesced writes and the checkpoint in one `backend.apply` transaction.
+
+    `values` holds each key's newest encoded value (None: deleted); `deltas` the keys whose
+    writes were all increments, with their sum. A backend that applies increments gets those
+    as deltas (so many caches' increments of one counter add up); any other gets the values.
+    The flusher applies its batches through this too.
+    """
+    deletes = [key for key, value in values.items() if value is None]
+    if deltas and getattr(backend, "applies_increments", False):
+        puts = [(key, value) for key, value in values.items()
+                if value is not None and key not in deltas]
+        backend.apply(puts, deletes, checkpoint, list(deltas.items()))
+    else:
+        backend.apply([(key, value) for key, value in values.items() if value is not None],
+                      deletes, checkpoint)
 
 
 def replay_into(backend: Backend, wal_dir: str, *, dry_run: bool = False,

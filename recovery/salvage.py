@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from wbcache.errors import CorruptLogError
-from wbcache.recovery.replay import RecoveryReport, State, apply_record
+from wbcache.recovery.replay import RecoveryReport, State, apply_changes, apply_record
 from wbcache.recovery.scan import LogScan, SegmentSummary
 from wbcache.wal import SegmentFile, crashpoints, list_segments
 from wbcache.wal.format import FRAME, FRAME_MAGIC, FRAME_SIZE, HEADER_SIZE, MAX_RECORD_SIZE
@@ -193,7 +193,7 @@ class SalvagePlan:
         if crashpoints.ARMED:
             crashpoints.reached("recovery.before_replay")
         if self.checkpoint_after > self.checkpoint_before:
-            _apply(backend, self.state, self.deltas, self.checkpoint_after)
+            apply_changes(backend, self.state, self.deltas, self.checkpoint_after)
         if crashpoints.ARMED:
             crashpoints.reached("recovery.after_replay")
         run_dir = None
@@ -320,19 +320,6 @@ def intact_frame(data: mmap.mmap, at: int, size: int) -> tuple[list[int], int]:
         return [], 0
     return [record[0] for record in records], end
 
-
-def _apply(backend: Backend, state: State, deltas: dict[Any, int], checkpoint: int) -> None:
-    """One transaction, exactly as `replay_into` applies (`wbcache.backends.base.apply_changes`,
-    repeated here because recovery imports the backend module for typing only): a backend that
-    applies increments gets the keys only incremented as deltas, any other their values."""
-    deletes = [key for key, value in state.items() if value is None]
-    if deltas and getattr(backend, "applies_increments", False):
-        puts = [(key, value) for key, value in state.items()
-                if value is not None and key not in deltas]
-        backend.apply(puts, deletes, checkpoint, list(deltas.items()))
-    else:
-        backend.apply([(key, value) for key, value in state.items() if value is not None],
-                      deletes, checkpoint)
 
 
 def _make_run_dir(quarantine_root: str) -> str:

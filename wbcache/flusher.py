@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from wbcache.backends.base import Backend, Key, apply_changes
+from wbcache.backends.base import Backend, Key
 from wbcache.errors import FlushError, LogFailedError
+from wbcache.recovery import apply_changes
 from wbcache.wal import GroupCommitter, LogWriter, crashpoints
 
 Batch = dict[Key, "bytes | None"]  # key -> newest encoded value, None: deleted

@@ -29,7 +29,6 @@ created or changed in those cases.
 from __future__ import annotations
 
 import errno
-import fcntl
 import heapq
 import os
 import stat
@@ -39,10 +38,11 @@ from dataclasses import dataclass, field
 import lmdb
 
 from wbcache.backends.base import Key
-from wbcache.backends.lmdb import LmdbBackend, _ReadGate
+from wbcache.backends.lmdb import LmdbBackend
 from wbcache.codec import decode_value
 from wbcache.errors import CacheLockedError, InvalidDirectoryError, WbcacheError
 from wbcache.layout import Layout
+from wbcache.lock import DirectoryLock, owner_pid
 from wbcache.recovery import RecoveryReport, replay_into
 from wbcache.recovery.pending import (
     LoggedRecord,
@@ -102,97 +102,12 @@ def existing_layout(path: str | os.PathLike[str]) -> Layout:
     return layout
 
 
-class _HeldLock:
-    """A flock on DIR/LOCK held for one command. Exclusive: what `DirectoryLock` takes, but the
-    owner's pid is written only when the command starts changing the directory
-    (`record_owner`). Shared: keeps a cache from opening while a read-only command reads."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd: int | None = fd
-
-    @classmethod
-    def exclusive(cls, layout: Layout, *, writable: bool) -> _HeldLock:
-        fd = os.open(layout.lock, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise CacheLockedError(f"{layout.root} is in use by {_holder(layout)}; stop it first "
-                                   f"(opening the cache recovers the directory anyway)") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(fd)
-
-    @classmethod
-    def shared(cls, layout: Layout) -> _HeldLock | None:
-        """The shared lock, or None when a live owner holds the exclusive one."""
-        fd = os.open(layout.lock, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(fd)
-
-    def record_owner(self) -> None:
-        """Write our pid into LOCK, as `DirectoryLock.acquire` does (a refused open names it)."""
-        assert self._fd is not None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def owner_pid(layout: Layout) -> int | None:
-    """The pid recorded in LOCK if that process is alive, else None."""
-    try:
-        with open(layout.lock, "rb") as file:
-            text = file.read(32).decode().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    if not text.isdigit():
-        return None
-    pid = int(text)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # alive, owned by another user
-        pass
-    return pid
-
-
 def _holder(layout: Layout) -> str:
-    pid = owner_pid(layout)
+    pid = owner_pid(layout.lock)
     return f"a live cache (pid {pid})" if pid is not None else "another process"
 
 
 # ----------------------------------------------------------------- the database
-
-
-class _LockFreeLmdb(LmdbBackend):
-    """`LmdbBackend` opened read-only WITHOUT LMDB's lock file, so reading writes nothing (a
-    read transaction otherwise records itself in `lock.mdb`). Safe only while no process
-    writes the database: the caller holds the directory lock.
-
-    Until `LmdbBackend` takes a `lock=` argument (requested), this repeats its constructor.
-    """
-
-    def __init__(self, path: str) -> None:  # not super().__init__: that opens with lock=True
-        self._env = lmdb.open(path, subdir=True, max_dbs=3, readonly=True, lock=False,
-                              create=False)
-        self._str = self._env.open_db(b"str", create=False)
-        self._bytes = self._env.open_db(b"bytes", create=False)
-        self._meta = self._env.open_db(b"meta", create=False)
-        self._gate = _ReadGate()
-        self.resizes = 0
 
 
 class _EmptyDatabase:
@@ -227,7 +142,8 @@ def _open_database(layout: Layout, *, live: bool) -> LmdbBackend | _EmptyDatabas
     try:
         if live:
             return LmdbBackend(layout.db, readonly=True)
-        return _LockFreeLmdb(layout.db)
+        # reading without LMDB's lock file writes nothing; no one writes while we hold the lock
+        return LmdbBackend(layout.db, readonly=True, lock=False)
     except lmdb.Error as exc:
         raise _database_error(layout, exc) from None
 
@@ -246,7 +162,7 @@ class _WriteOnDemand:
 
     applies_increments = False  # LMDB: increments arrive as puts of their results
 
-    def __init__(self, layout: Layout, held: _HeldLock) -> None:
+    def __init__(self, layout: Layout, held: DirectoryLock) -> None:
         self._layout = layout
         self._held = held
         self._reader: LmdbBackend | _EmptyDatabase | None = _open_database(layout, live=False)
@@ -326,7 +242,11 @@ def recover_directory(path: str | os.PathLike[str], *, dry_run: bool = False,
     layout = existing_layout(path)
     if not dry_run:
         _check_writable(layout, salvage=salvage)
-    held = _HeldLock.exclusive(layout, writable=not dry_run)
+    try:
+        held = DirectoryLock.acquire(layout.lock, record_owner=False, writable=not dry_run)
+    except CacheLockedError:
+        raise CacheLockedError(f"{layout.root} is in use by {_holder(layout)}; stop it first "
+                               f"(opening the cache recovers the directory anyway)") from None
     try:
         check_format_versions(layout.wal)
         backend = _WriteOnDemand(layout, held)
@@ -407,9 +327,9 @@ class DirectorySnapshot:
         self.layout = layout
         self.path = layout.root
         self._db: LmdbBackend | _EmptyDatabase | None = None
-        self._held = _HeldLock.shared(layout)
+        self._held = DirectoryLock.acquire_shared(layout.lock)
         self.live_owner = self._held is None
-        self.owner_pid = owner_pid(layout) if self.live_owner else None
+        self.owner_pid = owner_pid(layout.lock) if self.live_owner else None
         try:
             check_format_versions(layout.wal)
             self._db = _open_database(layout, live=self.live_owner)

@@ -8,8 +8,8 @@ lacks, and lets the flusher delete log segments only after the data is safe.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol, Union
+from collections.abc import Iterator, Sequence
+from typing import Protocol, Union
 
 Key = Union[str, bytes]
 
@@ -43,22 +43,3 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release the database; idempotent."""
-
-
-
-def apply_changes(backend: Any, values: Mapping[Key, bytes | None], deltas: Mapping[Key, int],
-                  checkpoint: int) -> None:
-    """Apply coalesced writes and the checkpoint in one `backend.apply` transaction.
-
-    `values` holds each key's newest encoded value (None: deleted); `deltas` the keys whose
-    writes were all increments, with their sum. A backend that applies increments gets those
-    as deltas (so many caches' increments of one counter add up); any other gets the values.
-    """
-    deletes = [key for key, value in values.items() if value is None]
-    if deltas and getattr(backend, "applies_increments", False):
-        puts = [(key, value) for key, value in values.items()
-                if value is not None and key not in deltas]
-        backend.apply(puts, deletes, checkpoint, list(deltas.items()))
-    else:
-        backend.apply([(key, value) for key, value in values.items() if value is not None],
-                      deletes, checkpoint)

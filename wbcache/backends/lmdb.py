@@ -66,11 +66,17 @@ class LmdbBackend:
     # One owner: the cache's own result of an increment is the value to store.
     applies_increments = False
 
-    def __init__(self, path: str, *, map_size: int = 1 << 30, readonly: bool = False) -> None:
+    def __init__(self, path: str, *, map_size: int = 1 << 30, readonly: bool = False,
+                 lock: bool = True) -> None:
+        """`lock=False` (readonly only) reads without LMDB's lock file, so reading changes no
+        byte on disk; safe only while no process writes the database (the caller holds the
+        cache directory's lock)."""
         if not readonly:
+            if not lock:
+                raise ValueError("LmdbBackend: lock=False is only safe with readonly=True")
             os.makedirs(path, mode=0o700, exist_ok=True)
         self._env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=3, sync=True,
-                              metasync=True, readonly=readonly, mode=0o600, lock=True,
+                              metasync=True, readonly=readonly, mode=0o600, lock=lock,
                               create=not readonly)
         if not readonly:
             self._env.reader_check()
