@@ -18,15 +18,19 @@ from typing import Any
 from wbcache.aio import AsyncBatch, AsyncCache, open_async
 from wbcache.backends.base import Backend
 from wbcache.backends.lmdb import LmdbBackend
+from wbcache.backends.postgres import PostgresBackend
 from wbcache.cache import Batch, Cache
 from wbcache.errors import (
     CacheClosedError,
     CacheLockedError,
+    CheckpointConflictError,
     CorruptLogError,
     FlushError,
     InvalidDirectoryError,
     LogFailedError,
+    PostgresError,
     RecoveryError,
+    SchemaMismatchError,
     UnsupportedFormatError,
     WbcacheError,
 )
@@ -35,12 +39,14 @@ from wbcache.options import Options
 __version__ = "0.1.0"
 
 
-def open(path: str | os.PathLike[str], *, backend: Backend | None = None,
+def open(path: str | os.PathLike[str], *, backend: Backend | str | None = None,
          **options: Any) -> Cache:  # noqa: A001 (mirrors the built-in, like dbm.open)
     """Open (creating if needed) the cache directory at `path` and recover it.
 
     `options` are the fields of `Options` (e.g. `fsync="interval"`, `capacity=100_000`).
-    `backend` replaces the embedded LMDB database. Raises `CacheLockedError` if another cache
+    `backend` replaces the embedded LMDB database: a `Backend` such as `PostgresBackend`
+    (yours to close), or a URL such as "postgresql://user@host/db?table=wbcache", from which
+    the cache makes a `PostgresBackend` that it closes with itself. Raises `CacheLockedError` if another cache
     has the directory open, `InvalidDirectoryError` if `path` is not a cache directory (or an
     empty one), `CorruptLogError` if the log is damaged beyond a torn tail, `TypeError` or
     `ValueError` for a bad option.
@@ -58,13 +64,17 @@ __all__ = [
     "Cache",
     "CacheClosedError",
     "CacheLockedError",
+    "CheckpointConflictError",
     "CorruptLogError",
     "FlushError",
     "InvalidDirectoryError",
     "LmdbBackend",
     "LogFailedError",
     "Options",
+    "PostgresBackend",
+    "PostgresError",
     "RecoveryError",
+    "SchemaMismatchError",
     "UnsupportedFormatError",
     "WbcacheError",
     "open",

@@ -50,7 +50,7 @@ class AsyncCache:
         cache._committer.start_background_leader()
 
     @classmethod
-    async def open(cls, path: str | os.PathLike[str], *, backend: Backend | None = None,
+    async def open(cls, path: str | os.PathLike[str], *, backend: Backend | str | None = None,
                    **options: Any) -> AsyncCache:
         """Open and recover the directory in a worker thread (recovery reads the whole log)."""
         parsed = Options.from_kwargs(options)
@@ -191,7 +191,7 @@ class AsyncCache:
         key = check_key(key, cache._max_key_size)
         _check_int64(check_delta(delta), "incr delta")
         future = None
-        if key in cache._map:  # else: the current value may have to come from the database
+        if cache._counts_from_memory(key):  # else: the value may come from the database
             with cache._lock:
                 try:
                     lsn, result = cache._write_incr(key, delta, block=False)
@@ -217,7 +217,7 @@ class AsyncCache:
         cache = self._cache
         future = None
         # Increments of keys not in memory may read the database: do those in a thread.
-        if all(op != OP_INCR or key in cache._map for op, key, _, _ in ops):
+        if all(op != OP_INCR or cache._counts_from_memory(key) for op, key, _, _ in ops):
             with cache._lock:
                 try:
                     lsn = cache._write_batch(ops, block=False)
@@ -272,7 +272,7 @@ class AsyncBatch(BatchOperations):
         self._ops = []
 
 
-async def open_async(path: str | os.PathLike[str], *, backend: Backend | None = None,
+async def open_async(path: str | os.PathLike[str], *, backend: Backend | str | None = None,
                      **options: Any) -> AsyncCache:
     """`await wbcache.open_async(path, **options)`: `wbcache.open` for asyncio."""
     if not isinstance(path, (str, os.PathLike)):

@@ -15,6 +15,7 @@ Reads that hit memory take no lock (dict operations are atomic under the GIL).
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ import msgpack
 
 from wbcache.backends.base import Backend, Key
 from wbcache.backends.lmdb import LmdbBackend
+from wbcache.backends.postgres import PostgresBackend
 from wbcache.codec import (
     IMMUTABLE_TYPES,
     INT64_MAX,
@@ -130,11 +132,20 @@ class Cache:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], options: Options,
-             backend: Backend | None = None) -> Cache:
+             backend: Backend | str | None = None) -> Cache:
         """Lock the directory, recover it, start the background threads. See `wbcache.open`."""
+        if isinstance(backend, str):  # a URL: the cache makes the backend and owns it
+            backend = PostgresBackend.from_url(backend)
+            owns_backend = True
+        else:
+            owns_backend = backend is None
         layout = prepare(path)
-        dir_lock = DirectoryLock.acquire(layout.lock)
-        owns_backend = backend is None
+        try:
+            dir_lock = DirectoryLock.acquire(layout.lock)
+        except BaseException:
+            if owns_backend and backend is not None:
+                backend.close()
+            raise
         try:
             if backend is None:
                 backend = LmdbBackend(layout.db, map_size=options.map_size)
@@ -269,6 +280,8 @@ class Cache:
 
     def _delete(self, key: Key, *, must_exist: bool) -> int:
         key = check_key(key, self._max_key_size)
+        if must_exist:
+            self._read_ahead(key)  # whether it exists may take a database read: not under the lock
         with self._lock:
             lsn = self._write_delete(key, must_exist)
             self._committer.wait(lsn)
@@ -280,8 +293,7 @@ class Cache:
         outside the signed 64-bit range raises `ValueError`. Nothing is written on error."""
         key = check_key(key, self._max_key_size)
         _check_int64(check_delta(delta), "incr delta")
-        if key not in self._map:
-            self.get(key)  # read the database outside the lock (it may be a server)
+        self._read_ahead(key)
         with self._lock:
             lsn, result = self._write_incr(key, delta)
             self._committer.wait(lsn)
@@ -320,8 +332,42 @@ class Cache:
         encoded = encode_value(value, self._max_value_size, key)
         return (OP_PUT, key, encoded, value if type(value) in IMMUTABLE_TYPES else Packed(encoded))
 
+    def _read_ahead(self, key: Key) -> None:
+        """Before an increment, outside the lock (the database may be a server): bring `key`'s
+        value into memory, read again once older than read_ttl, so the write need not read the
+        database under the lock. If the database is away but memory still holds a value, the
+        increment counts on from it: a shared database adds only the delta, and the result
+        returned is this cache's view."""
+        if self._counts_from_memory(key):
+            return
+        evictions = self._evictions
+        try:
+            encoded = self._backend_get(key)
+        except Exception:
+            if key in self._map:
+                return
+            raise
+        with self._lock:
+            self._check_open()
+            if key in self._dirty or key in self._inflight or self._evictions != evictions:
+                return  # rewritten (newer than what we read), or an eviction raced the read
+            if encoded is None:
+                self._map.pop(key, None)  # deleted by another cache
+                if self._clean_since is not None:
+                    self._clean_since.pop(key, None)
+                return
+            self._keep_clean(key, from_encoded(encoded)[1])
+
+    def _counts_from_memory(self, key: Key) -> bool:
+        """Whether an increment of `key` may start from memory: held, and dirty or fresh."""
+        return key in self._map and (key in self._dirty or key in self._inflight
+                                     or self._fresh(key))
+
     def _commit(self, ops: list[_Op]) -> int:
         """Log `ops` as ONE record and apply them to memory; return its LSN once durable."""
+        for op, key, _, _ in ops:
+            if op == OP_INCR:
+                self._read_ahead(key)
         with self._lock:
             lsn = self._write_batch(ops)
             self._committer.wait(lsn)
@@ -538,7 +584,9 @@ class Cache:
             now = time.monotonic()
             for key in self._inflight:
                 if key not in self._dirty:
-                    self._clean_since[key] = now
+                    # A key flushed as a delta holds only this cache's view of the sum, not
+                    # what the database now holds: stale at once, so the next read fetches it.
+                    self._clean_since[key] = -math.inf if key in self._inflight_deltas else now
         self._inflight, self._inflight_deltas = {}, {}
         self._evict_blocked = False
         self._space.notify_all()

@@ -67,3 +67,26 @@ class UnsupportedFormatError(RecoveryError):
             f"log segment {self.path} has format version {version}; "
             f"this wbcache reads version {supported}"
         )
+
+
+class PostgresError(WbcacheError):
+    """A PostgreSQL operation failed: the server away, refusing, silent past the timeout, or an
+    error it reported. The message names the server, the table and the operation; `__cause__`
+    is the psycopg error. A failed flush is retried by the flusher while the log keeps the data.
+
+    `ambiguous` is True when the connection broke after a COMMIT was sent, so the transaction
+    may or may not have committed (the backend finds out before its next write)."""
+
+    def __init__(self, message: str, *, ambiguous: bool = False) -> None:
+        super().__init__(message)
+        self.ambiguous = ambiguous
+
+
+class CheckpointConflictError(PostgresError):
+    """The database holds a checkpoint for this cache_id at or beyond the one being written:
+    another directory with the same cache_id (a copy of this one?) flushes into the same table.
+    Nothing was written; applying it would count increments twice."""
+
+
+class SchemaMismatchError(PostgresError):
+    """The table exists but does not have the columns a wbcache table has."""

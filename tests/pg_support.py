@@ -1,0 +1,307 @@
+"""What the PostgreSQL tests share: the server's DSN, a throw-away schema per test, a TCP proxy
+that can take the database away, and polling with a deadline.
+
+Tests talk to a real server. The DSN comes from WBCACHE_TEST_PG_DSN; without it the tests skip
+(`require_service`), and CI, which sets WBCACHE_REQUIRE_SERVICES=1, fails instead. Every test
+works in its own schema `wbt_<random>`, dropped (CASCADE) when it ends, so nothing else on the
+server is ever touched.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import require_service
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+DSN_VARIABLE = "WBCACHE_TEST_PG_DSN"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll an observable condition (never a sleep standing in for one); fail on timeout.
+    Returns the predicate's first truthy value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        time.sleep(0.01)
+
+
+def server_dsn() -> str:
+    """The test server's DSN; skips (fails under WBCACHE_REQUIRE_SERVICES=1) without one."""
+    dsn = os.environ.get(DSN_VARIABLE)
+    if not dsn:
+        require_service("PostgreSQL", f"set {DSN_VARIABLE}, e.g. "
+                                      "postgresql://postgres@127.0.0.1:5432/test")
+    assert dsn is not None
+    return dsn
+
+
+# The fixtures are named `*_fixture` so that a test module imports them (which registers them
+# under their `name`) without its test parameters shadowing an imported name.
+
+@pytest.fixture(name="pg_dsn")
+def pg_dsn_fixture() -> str:
+    return server_dsn()
+
+
+@pytest.fixture(name="pg_schema")
+def pg_schema_fixture(pg_dsn: str) -> Iterator[str]:
+    """A fresh schema for this test alone; dropped with everything in it afterwards."""
+    schema = f"wbt_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield schema
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def query(dsn: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of one statement on a connection of its own (the tests' view of the server)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cursor = conn.execute(sql, params)  # type: ignore[arg-type]
+        return cursor.fetchall() if cursor.description is not None else []
+
+
+def stored_ints(dsn: str, table: str, prefix: str) -> dict[str, int]:
+    """{str key: int} of every int row whose (str) key starts with `prefix`, read with SQL."""
+    rows = query(dsn, f"SELECT key, num FROM {table} WHERE key >= %s AND key < %s "
+                      "AND num IS NOT NULL",
+                 (b"s" + prefix.encode(), b"s" + prefix.encode() + b"\xff"))
+    return {bytes(key)[1:].decode(): num for key, num in rows}
+
+
+def with_address(dsn: str, host: str, port: int) -> str:
+    params: dict[str, Any] = dict(conninfo_to_dict(dsn))
+    params.pop("hostaddr", None)
+    params.update(host=host, port=str(port))
+    return make_conninfo(**params)
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to the server and can take it away in four ways:
+
+    * `cut()`: close every connection and stop listening (new connections are refused);
+      `restore()` listens on the same port again.
+    * `stall()`: keep connections (and accept new ones) but forward nothing either way, like
+      a network that acknowledges and never delivers; `unstall()` resumes forwarding.
+    * `freeze()`: the same for the connections open now only (new ones work); `thaw()`
+      forwards what they held -- a request delivered late.
+    * `swallow_next_reply()`: the next reply the server sends is dropped and both sides of that
+      connection closed -- the request went through (a COMMIT is committed), its answer lost.
+    * `drop_next_request()`: the next request a client sends is dropped and both sides closed.
+
+    `record_turns()` then `turns()` count request/reply alternations (round trips) since.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        params = conninfo_to_dict(dsn)
+        self._target = (str(params.get("hostaddr") or params.get("host") or "127.0.0.1"),
+                        int(params.get("port") or 5432))
+        self.dsn = with_address(dsn, "127.0.0.1", 0)
+        self._lock = threading.Lock()
+        self._pipes: set[_Pipe] = set()
+        self._stalled = threading.Event()
+        self._swallow_reply = False
+        self._cut_after_swallow = False
+        self._drop_request = False
+        self._directions: list[str] | None = None
+        self._listener: socket.socket | None = None
+        self.port = 0
+        self._listen()
+        self.dsn = with_address(dsn, "127.0.0.1", self.port)
+
+    # ------------------------------------------------------------ control
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            pipes, self._pipes = self._pipes, set()
+        if listener is not None:
+            try:  # wakes the accepting thread and stops listening (close alone does neither)
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            listener.close()
+        for pipe in pipes:
+            pipe.close()
+
+    def restore(self) -> None:
+        self._listen()
+
+    def stall(self) -> None:
+        self._stalled.set()
+
+    def unstall(self) -> None:
+        self._stalled.clear()
+
+    def freeze(self) -> None:
+        """Returns once every open connection has stopped forwarding."""
+        with self._lock:
+            pipes = list(self._pipes)
+        for pipe in pipes:
+            pipe.frozen.set()
+        for pipe in pipes:
+            wait_until(pipe.is_paused, 5, "a frozen pipe")
+
+    def thaw(self) -> None:
+        with self._lock:
+            for pipe in self._pipes:
+                pipe.frozen.clear()
+
+    def swallow_next_reply(self, *, then_cut: bool = False) -> None:
+        """With `then_cut`, the proxy also `cut()`s itself right after, so a retry is refused."""
+        with self._lock:
+            self._swallow_reply = True
+            self._cut_after_swallow = then_cut
+
+    def drop_next_request(self) -> None:
+        with self._lock:
+            self._drop_request = True
+
+    def record_turns(self) -> None:
+        with self._lock:
+            self._directions = []
+
+    def turns(self) -> int:
+        """Request/reply round trips since `record_turns` (consecutive data one way is one)."""
+        with self._lock:
+            directions = list(self._directions or [])
+        return sum(1 for before, after in zip(directions, directions[1:], strict=False)
+                   if before == "request" and after == "reply")
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._pipes)
+
+    def close(self) -> None:
+        self.cut()
+
+    # ------------------------------------------------------------ machinery
+
+    def _listen(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.port = listener.getsockname()[1]
+        with self._lock:
+            self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut: the listener was closed
+            try:
+                server = socket.create_connection(self._target)
+            except OSError:
+                client.close()
+                continue
+            pipe = _Pipe(self, client, server)
+            with self._lock:
+                cut = self._listener is not listener  # cut meanwhile: the pipe ends at once
+                if cut:
+                    pipe.close()
+                else:
+                    self._pipes.add(pipe)
+            threading.Thread(target=pipe.run, daemon=True).start()
+
+    def _take_flag(self, name: str) -> bool:
+        with self._lock:
+            value: bool = getattr(self, name)
+            setattr(self, name, False)
+            return value
+
+    def _note(self, direction: str) -> None:
+        with self._lock:
+            directions = self._directions
+            if directions is not None and (not directions or directions[-1] != direction):
+                directions.append(direction)
+
+    def _forget(self, pipe: _Pipe) -> None:
+        with self._lock:
+            self._pipes.discard(pipe)
+
+
+class _Pipe:
+    def __init__(self, proxy: TcpProxy, client: socket.socket, server: socket.socket) -> None:
+        self._proxy = proxy
+        self._client = client
+        self._server = server
+        self._closed = threading.Event()
+        self.frozen = threading.Event()
+        self.paused = threading.Event()  # set while it honours `frozen` (or a stall)
+        self.ended = threading.Event()
+
+    def run(self) -> None:
+        proxy = self._proxy
+        try:
+            while not self._closed.is_set():
+                if proxy._stalled.is_set() or self.frozen.is_set():
+                    self.paused.set()
+                    self._closed.wait(0.02)
+                    continue
+                self.paused.clear()
+                ready, _, _ = select.select([self._client, self._server], [], [], 0.02)
+                for source in ready:
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    if source is self._client:
+                        if proxy._take_flag("_drop_request"):
+                            return
+                        proxy._note("request")
+                        self._server.sendall(data)
+                    else:
+                        if proxy._take_flag("_swallow_reply"):
+                            if proxy._take_flag("_cut_after_swallow"):
+                                proxy.cut()
+                            return
+                        proxy._note("reply")
+                        self._client.sendall(data)
+        except OSError:
+            pass  # a side went away (or cut() shut the sockets down under us)
+        finally:
+            self.close()
+            proxy._forget(self)
+            self._client.close()
+            self._server.close()
+            self.ended.set()
+
+    def is_paused(self) -> bool:
+        return self.paused.is_set() or self.ended.is_set()
+
+    def close(self) -> None:
+        """Shut both sides down; the pipe's own thread closes the sockets (so no descriptor
+        is closed while it may still be selecting on it)."""
+        self._closed.set()
+        for sock in (self._client, self._server):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+@pytest.fixture(name="pg_proxy")
+def pg_proxy_fixture(pg_dsn: str) -> Iterator[TcpProxy]:
+    proxy = TcpProxy(pg_dsn)
+    yield proxy
+    proxy.close()

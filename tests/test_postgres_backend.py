@@ -1,0 +1,455 @@
+"""`PostgresBackend` on its own, against a real server: the protocol, the table layout, table
+creation racing, one round trip per flush, ambiguous commits, timeouts and server errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgpack
+import psycopg
+import pytest
+from pg_support import (  # noqa: F401 (fixtures)
+    TcpProxy,
+    pg_dsn_fixture,
+    pg_proxy_fixture,
+    pg_schema_fixture,
+    query,
+    wait_until,
+)
+
+from wbcache.backends.postgres import (
+    CheckpointConflictError,
+    PostgresBackend,
+    PostgresError,
+    SchemaMismatchError,
+)
+
+MakeBackend = Callable[..., PostgresBackend]
+INT64_MAX = (1 << 63) - 1
+INT64_MIN = -(1 << 63)
+
+
+@pytest.fixture
+def make_backend(pg_dsn: str, pg_schema: str) -> Iterator[MakeBackend]:
+    """Backends on tables in this test's schema; all closed before the schema is dropped."""
+    made: list[PostgresBackend] = []
+
+    def make(cache_id: str | None = "node-a", table: str = "wbcache", dsn: str | None = None,
+             **options: Any) -> PostgresBackend:
+        backend = PostgresBackend(dsn or pg_dsn, table=f"{pg_schema}.{table}", cache_id=cache_id,
+                                  **options)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        backend.close()
+
+
+def pack(value: Any) -> bytes:
+    return msgpack.packb(value)  # type: ignore[no-any-return]
+
+
+def value_of(backend: PostgresBackend, key: str | bytes) -> Any:
+    encoded = backend.get(key)
+    return None if encoded is None else msgpack.unpackb(encoded)
+
+
+def rows(dsn: str, table: str) -> dict[bytes, tuple[int | None, bytes | None]]:
+    return {bytes(key): (num, None if value is None else bytes(value))
+            for key, num, value in query(dsn, f"SELECT key, num, value FROM {table}")}
+
+
+# ------------------------------------------------------------------ the protocol
+
+def test_puts_deletes_and_the_checkpoint_commit_together_and_read_back(
+        make_backend: MakeBackend) -> None:
+    backend = make_backend()
+    assert backend.checkpoint() == 0 and backend.count() == 0
+    backend.apply([("a", pack(1)), ("b", pack({"x": [1, 2]})), ("c", pack("see"))], [], 3)
+    assert backend.checkpoint() == 3
+    assert value_of(backend, "a") == 1 and value_of(backend, "b") == {"x": [1, 2]}
+    backend.apply([("a", pack("one"))], ["b", "never-there"], 5)
+    assert backend.checkpoint() == 5
+    assert value_of(backend, "a") == "one" and backend.get("b") is None
+    assert backend.count() == 2
+    assert sorted(backend.items()) == [("a", pack("one")), ("c", pack("see"))]
+
+
+def test_str_and_bytes_keys_stay_distinct(make_backend: MakeBackend) -> None:
+    backend = make_backend()
+    backend.apply([("k", pack("text key")), (b"k", pack("bytes key"))], [], 1,
+                  [("n", 1), (b"n", 2)])
+    assert value_of(backend, "k") == "text key" and value_of(backend, b"k") == "bytes key"
+    assert value_of(backend, "n") == 1 and value_of(backend, b"n") == 2
+    backend.apply([], [b"k"], 2)
+    assert value_of(backend, "k") == "text key" and backend.get(b"k") is None
+    assert sorted(backend.items(), key=repr) == [("k", pack("text key")), ("n", pack(1)),
+                                                 (b"n", pack(2))]
+
+
+def test_the_largest_key_fits_the_index(make_backend: MakeBackend) -> None:
+    backend = make_backend()
+    random_bytes = os.urandom(backend.max_key_size)  # incompressible: the index's worst case
+    random_text = random_bytes.hex()[:backend.max_key_size]
+    backend.apply([(random_text, pack("text")), (random_bytes, pack("bytes"))], [], 1)
+    assert value_of(backend, random_text) == "text" and value_of(backend, random_bytes) == "bytes"
+
+
+def test_ints_live_in_num_and_other_values_stay_msgpack(make_backend: MakeBackend,
+                                                        pg_dsn: str) -> None:
+    backend = make_backend()
+    values = {"small": 7, "negative": -5, "min": INT64_MIN, "max": INT64_MAX,
+              "uint64": (1 << 64) - 1, "bool": True, "float": 2.5, "none": None, "text": "7"}
+    backend.apply([(key, pack(value)) for key, value in values.items()], [], 1)
+    stored = rows(pg_dsn, backend.table)
+    for key, value in values.items():
+        num, encoded = stored[b"s" + key.encode()]
+        if type(value) is int and INT64_MIN <= value <= INT64_MAX:
+            assert (num, encoded) == (value, None), key
+        else:  # bool is not an int here, and a uint64 beyond int64 stays encoded
+            assert (num, encoded) == (None, pack(value)), key
+        assert backend.get(key) == pack(value), key
+
+
+def test_increments_add_to_ints_create_missing_keys_and_count_non_ints_from_zero(
+        make_backend: MakeBackend) -> None:
+    backend = make_backend()
+    backend.apply([("int", pack(10)), ("text", pack("hello")), ("flag", pack(False))], [], 1)
+    backend.apply([], [], 2, [("int", 5), ("text", 3), ("flag", -2), ("new", 4)])
+    assert [value_of(backend, key) for key in ("int", "text", "flag", "new")] == [15, 3, -2, 4]
+    backend.apply([], [], 3, [("int", -20)])
+    assert value_of(backend, "int") == -5
+
+
+def test_a_total_beyond_64_bits_stays_at_the_bound_and_flushing_goes_on(
+        make_backend: MakeBackend) -> None:
+    first, second = make_backend("node-a"), make_backend("node-b")
+    first.apply([], [], 1, [("n", INT64_MAX - 1)])
+    second.apply([], [], 1, [("n", 5)])  # both acknowledged: neither can be refused
+    assert value_of(first, "n") == INT64_MAX
+    first.apply([("other", pack(1))], [], 2, [("n", -10)])
+    assert value_of(first, "n") == INT64_MAX - 10 and value_of(first, "other") == 1
+
+
+def test_a_coalesced_delta_wider_than_64_bits_is_added_whole(make_backend: MakeBackend) -> None:
+    backend = make_backend()
+    backend.apply([("n", pack(INT64_MIN))], [], 1)
+    backend.apply([], [], 2, [("n", INT64_MAX - INT64_MIN)])  # min -> max in one coalesced delta
+    assert value_of(backend, "n") == INT64_MAX
+
+
+def test_each_cache_id_keeps_its_own_checkpoint(make_backend: MakeBackend, pg_dsn: str,
+                                               pg_schema: str) -> None:
+    first, second = make_backend("node-a"), make_backend("node-b")
+    first.apply([], [], 7, [("hits", 7)])
+    second.apply([], [], 5, [("hits", 5)])
+    assert (first.checkpoint(), second.checkpoint()) == (7, 5)
+    assert value_of(first, "hits") == 12
+    assert dict(query(pg_dsn, f"SELECT cache_id, lsn FROM {pg_schema}.wbcache_checkpoints")) \
+        == {"node-a": 7, "node-b": 5}
+
+
+def test_a_checkpoint_that_would_not_grow_is_refused_and_nothing_is_written(
+        make_backend: MakeBackend) -> None:
+    original, copy = make_backend("same-id"), make_backend("same-id")
+    original.apply([], [], 10, [("n", 1)])
+    with pytest.raises(CheckpointConflictError, match="stored checkpoint is 10.*another cache "
+                                                      "directory with the same cache_id"):
+        copy.apply([("p", pack(1))], ["n"], 4, [("n", 100)])
+    assert value_of(original, "n") == 1 and original.get("p") is None
+    assert original.checkpoint() == 10
+    copy.apply([], [], 11, [("n", 1)])  # the connection stays usable
+    assert value_of(original, "n") == 2
+
+
+def test_items_reads_every_row_across_chunks_and_count_agrees(make_backend: MakeBackend) -> None:
+    backend = make_backend()
+    entries = {f"key{i:05}": pack(i if i % 2 else [i]) for i in range(12_000)}
+    backend.apply(list(entries.items()), [], 1)
+    assert backend.count() == 12_000
+    assert dict(backend.items()) == entries
+    iterator = backend.items()  # a reader that stops early leaves the pool healthy
+    next(iterator)
+    iterator.close()
+    assert backend.get("key00003") == pack(3)
+
+
+def test_reads_from_many_threads_are_served_concurrently(make_backend: MakeBackend) -> None:
+    backend = make_backend(read_connections=3)
+    backend.apply([(f"k{i}", pack(i)) for i in range(50)], [], 1)
+    wrong: list[Any] = []
+
+    def read(thread: int) -> None:
+        for i in range(200):
+            key = f"k{(thread + i) % 50}"
+            if backend.get(key) != pack((thread + i) % 50):
+                wrong.append(key)
+
+    threads = [threading.Thread(target=read, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
+
+
+def test_attach_takes_the_directorys_id_unless_another_was_given(make_backend: MakeBackend) -> None:
+    given = make_backend("dir-1")
+    given.attach("dir-1")
+    with pytest.raises(ValueError, match="cache_id='dir-1'.*'dir-2'"):
+        given.attach("dir-2")
+    free = make_backend(None)
+    with pytest.raises(ValueError, match="no cache_id"):
+        free.checkpoint()
+    free.attach("dir-3")
+    assert free.cache_id == "dir-3" and free.checkpoint() == 0
+    with pytest.raises(ValueError, match="one backend per cache directory"):
+        free.attach("dir-4")
+
+
+# ------------------------------------------------------------------ the tables
+
+def test_tables_are_created_once_when_many_threads_start_together(make_backend: MakeBackend,
+                                                                 pg_dsn: str,
+                                                                 pg_schema: str) -> None:
+    start = threading.Barrier(8)
+    made: list[PostgresBackend] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def open_one(n: int) -> None:
+        start.wait()
+        try:
+            backend = make_backend(f"node-{n}", table="racy")
+            with lock:
+                made.append(backend)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(made) == 8
+    for backend in made:
+        backend.apply([], [], 1, [("n", 1)])
+    assert value_of(made[0], "n") == 8
+    assert query(pg_dsn, "SELECT count(*) FROM pg_tables WHERE schemaname = %s",
+                 (pg_schema,)) == [(2,)]
+
+
+RACER = textwrap.dedent("""
+    import sys
+    from wbcache.backends.postgres import PostgresBackend
+    dsn, table, name = sys.argv[1:4]
+    print("ready", flush=True)
+    sys.stdin.readline()
+    backend = PostgresBackend(dsn, table=table, cache_id=name)
+    backend.apply([], [], 1, [("n", 1)])
+    backend.close()
+    print("done", flush=True)
+""")
+
+
+def test_tables_are_created_once_when_many_processes_start_together(pg_dsn: str,
+                                                                   pg_schema: str) -> None:
+    table = f"{pg_schema}.racy"
+    children = [subprocess.Popen([sys.executable, "-c", RACER, pg_dsn, table, f"p{n}"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for n in range(4)]
+    for child in children:  # all imported and waiting: release them at once
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    for child in children:
+        out, err = child.communicate(timeout=30)
+        assert child.returncode == 0 and out == "done\n", err
+    assert query(pg_dsn, f"SELECT num FROM {table} WHERE key = %s", (b"sn",)) == [(4,)]
+
+
+def test_an_existing_table_with_other_columns_is_refused(pg_dsn: str, pg_schema: str) -> None:
+    query(pg_dsn, f"CREATE TABLE {pg_schema}.taken (key text PRIMARY KEY, value jsonb)")
+    with pytest.raises(SchemaMismatchError, match=f"{pg_schema}.taken exists but is not a "
+                                                  "wbcache table"):
+        PostgresBackend(pg_dsn, table=f"{pg_schema}.taken")
+
+
+@pytest.mark.parametrize("table", ["", "a.b.c", "drop table x;", "1abc", "x" * 60, "sch.\"q\""])
+def test_a_bad_table_name_is_refused_before_connecting(table: str) -> None:
+    with pytest.raises(ValueError, match="table"):
+        PostgresBackend("postgresql://nobody@127.0.0.1:1/none", table=table)
+
+
+def test_from_url_takes_its_own_parameters_and_passes_the_rest_to_libpq(
+        pg_dsn: str, pg_schema: str) -> None:
+    params = psycopg.conninfo.conninfo_to_dict(pg_dsn)
+    url = (f"postgresql://{params.get('user', 'postgres')}@{params.get('host', '127.0.0.1')}:"
+           f"{params.get('port', 5432)}/{params.get('dbname', 'test')}"
+           f"?table={pg_schema}.fromurl&cache_id=u1&timeout=3&application_name=wbtest")
+    backend = PostgresBackend.from_url(url)
+    try:
+        assert backend.table == f"{pg_schema}.fromurl" and backend.cache_id == "u1"
+        backend.apply([], [], 1, [("n", 1)])
+        assert backend.checkpoint() == 1
+        assert query(pg_dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                             "'wbtest'")[0][0] >= 1
+    finally:
+        backend.close()
+    with pytest.raises(ValueError, match="not a PostgreSQL URL"):
+        PostgresBackend.from_url("mysql://x/y")
+    with pytest.raises(ValueError, match="timeout='soon' is not a float"):
+        PostgresBackend.from_url("postgresql://x/y?timeout=soon")
+
+
+# ------------------------------------------------------------------ the wire
+
+def test_a_flush_of_10000_entries_is_one_round_trip(make_backend: MakeBackend,
+                                                    pg_proxy: TcpProxy) -> None:
+    backend = make_backend(dsn=pg_proxy.dsn)
+    backend.apply([(f"old{i}", pack(i)) for i in range(100)], [], 1)  # connected, warmed up
+    pg_proxy.record_turns()
+    backend.apply([(f"k{i}", pack({"i": i})) for i in range(5_000)] +
+                  [(f"n{i}", pack(i)) for i in range(2_000)],
+                  [f"old{i}" for i in range(100)], 2,
+                  [(f"c{i}", i) for i in range(2_900)])
+    assert pg_proxy.turns() == 1
+    assert backend.count() == 9_900 and value_of(backend, "c7") == 7
+
+
+def test_an_ambiguous_commit_that_went_through_is_not_applied_twice(
+        make_backend: MakeBackend, pg_proxy: TcpProxy, pg_dsn: str) -> None:
+    backend = make_backend(dsn=pg_proxy.dsn)
+    truth = make_backend()  # straight to the server
+    backend.apply([], [], 1, [("n", 5)])
+
+    pg_proxy.swallow_next_reply()  # COMMIT goes through, its answer is lost
+    with pytest.raises(PostgresError, match="whether it committed is settled") as lost:
+        backend.apply([("p", pack(1))], [], 2, [("n", 3)])
+    assert lost.value.ambiguous
+    assert value_of(truth, "n") == 8 and truth.checkpoint() == 2  # it did commit
+    backend.apply([("p", pack(1))], [], 2, [("n", 3)])  # the flusher's retry: same batch
+    assert value_of(truth, "n") == 8
+
+    pg_proxy.swallow_next_reply()
+    with pytest.raises(PostgresError):
+        backend.apply([], [], 3, [("n", 2), ("m", 1)])
+    # flush() gave up; the next cycle sends that batch merged with newer increments
+    backend.apply([], [], 4, [("n", 2 + 10), ("m", 1), ("fresh", 1)])
+    assert [value_of(truth, key) for key in ("n", "m", "fresh")] == [8 + 12, 1, 1]
+    assert truth.checkpoint() == 4
+
+
+def test_an_ambiguous_commit_that_did_not_go_through_is_applied_by_the_retry(
+        make_backend: MakeBackend, pg_proxy: TcpProxy) -> None:
+    backend = make_backend(dsn=pg_proxy.dsn)
+    truth = make_backend()
+    backend.apply([], [], 1, [("n", 5)])
+    pg_proxy.drop_next_request()  # the transaction never reaches the server
+    with pytest.raises(PostgresError) as lost:
+        backend.apply([], [], 2, [("n", 3)])
+    assert lost.value.ambiguous
+    assert value_of(truth, "n") == 5 and truth.checkpoint() == 1
+    backend.apply([], [], 3, [("n", 3 + 4)])
+    assert value_of(truth, "n") == 12 and truth.checkpoint() == 3
+
+
+def test_a_server_error_is_reported_clearly_and_the_next_flush_works(
+        make_backend: MakeBackend, pg_dsn: str) -> None:
+    backend = make_backend(timeout=1.0)
+    backend.apply([("held", pack(0))], [], 1)
+    with psycopg.connect(pg_dsn) as blocker:  # holds the row lock in an open transaction
+        blocker.execute(f"SELECT 1 FROM {backend.table} WHERE key = %s FOR UPDATE", (b"sheld",))
+        started = time.monotonic()
+        with pytest.raises(PostgresError, match="table .*wbcache: flush of 1 puts.*"
+                                                "QueryCanceled.*statement timeout") as failed:
+            backend.apply([("held", pack(1))], [], 2)
+        assert time.monotonic() - started < 5
+        assert not failed.value.ambiguous  # the server said it rolled back
+    backend.apply([("held", pack(2))], [], 3)
+    assert value_of(backend, "held") == 2 and backend.checkpoint() == 3
+
+
+def test_a_silent_server_becomes_an_error_within_the_timeout(make_backend: MakeBackend,
+                                                             pg_proxy: TcpProxy) -> None:
+    backend = make_backend(dsn=pg_proxy.dsn, timeout=1.0, connect_timeout=2.0)
+    truth = make_backend()
+    backend.apply([], [], 1, [("n", 1)])
+    pg_proxy.stall()
+    started = time.monotonic()
+    with pytest.raises(PostgresError, match="no answer within 1 s") as silent:
+        backend.apply([], [], 2, [("n", 1)])
+    assert silent.value.ambiguous and time.monotonic() - started < 4
+    with pytest.raises(PostgresError, match="cannot connect|no answer"):  # a new connection
+        backend.get("n")
+    pg_proxy.unstall()  # the stalled flush may now reach the server, or not
+    # the flusher's next cycle: that batch merged with a newer increment
+    wait_until(lambda: _succeeds(lambda: backend.apply([], [], 3, [("n", 1 + 1)])), 15,
+               "a flush after the stall")
+    assert value_of(truth, "n") == 3 and truth.checkpoint() == 3
+
+
+def test_a_lost_flush_arriving_late_commits_at_most_once_with_its_retry(
+        make_backend: MakeBackend, pg_proxy: TcpProxy, pg_dsn: str, pg_schema: str) -> None:
+    """The worst order: the lost flush reaches the server after its retry read the checkpoint,
+    and commits first. The retry must then be refused, and the next attempt settle it."""
+    name = f"{pg_schema}_late"
+    backend = make_backend(dsn=f"{pg_proxy.dsn} application_name={name}", timeout=3.0)
+    truth = make_backend()
+    backend.apply([], [], 1, [("n", 1)])
+    waiting = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+               "AND wait_event_type = 'Lock'")
+    with psycopg.connect(pg_dsn) as blocker:  # holds row n until released
+        blocker.execute(f"SELECT 1 FROM {backend.table} WHERE key = %s FOR UPDATE", (b"sn",))
+        pg_proxy.freeze()  # the writer's connection holds what it is sent
+        with pytest.raises(PostgresError, match="no answer within") as held:
+            backend.apply([], [], 2, [("n", 10)])
+        assert held.value.ambiguous
+        pg_proxy.thaw()  # the lost flush reaches the server now, and queues for row n
+        wait_until(lambda: query(pg_dsn, waiting, (name,)) == [(1,)], 10, "the late flush")
+        refused: list[BaseException] = []
+
+        def retry() -> None:  # the flusher's next cycle: that batch merged with a newer one
+            try:
+                backend.apply([], [], 3, [("n", 10 + 100)])
+            except PostgresError as exc:
+                refused.append(exc)
+
+        retrying = threading.Thread(target=retry)
+        retrying.start()
+        wait_until(lambda: query(pg_dsn, waiting, (name,)) == [(2,)], 10, "the retry")
+        blocker.rollback()  # the late flush commits first, then the retry meets its checkpoint
+        retrying.join()
+    assert len(refused) == 1 and "an earlier flush whose answer was lost has committed" \
+        in str(refused[0])
+    assert value_of(truth, "n") == 11 and truth.checkpoint() == 2
+    backend.apply([], [], 3, [("n", 10 + 100)])
+    assert value_of(truth, "n") == 111 and truth.checkpoint() == 3
+
+
+def _succeeds(call: Callable[[], Any]) -> bool:
+    try:
+        call()
+        return True
+    except PostgresError:
+        return False
+
+
+def test_a_closed_backend_refuses_work_and_closes_twice(make_backend: MakeBackend) -> None:
+    backend = make_backend()
+    backend.close()
+    backend.close()
+    with pytest.raises(PostgresError, match="closed"):
+        backend.apply([], [], 1)
+    with pytest.raises(PostgresError, match="closed"):
+        backend.get("k")

@@ -1,0 +1,268 @@
+"""Caches over one PostgreSQL database: increments from many caches add up, puts are
+last-flush-wins, read_ttl shows other caches' writes, and a crash at any step of a flush or a
+recovery (SIGKILL at a named crash point) replays nothing twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from pg_support import (  # noqa: F401 (fixtures)
+    TcpProxy,
+    pg_dsn_fixture,
+    pg_proxy_fixture,
+    pg_schema_fixture,
+    query,
+    stored_ints,
+    wait_until,
+)
+
+import wbcache
+from wbcache import FlushError
+from wbcache.backends.postgres import PostgresBackend, PostgresError
+
+OpenCache = Callable[..., wbcache.Cache]
+
+
+@pytest.fixture
+def table(pg_schema: str) -> str:
+    return f"{pg_schema}.wbcache"
+
+
+@pytest.fixture
+def open_pg(tmp_path: Path, pg_dsn: str, table: str) -> Iterator[OpenCache]:
+    """Open a cache directory `name` over the test's table (through `dsn` if given); every
+    cache and backend is closed at teardown, before the schema is dropped."""
+    opened: list[tuple[wbcache.Cache, PostgresBackend]] = []
+
+    def open_(name: str, dsn: str | None = None, backend_options: dict[str, Any] | None = None,
+              **options: Any) -> wbcache.Cache:
+        backend = PostgresBackend(dsn or pg_dsn, table=table, **(backend_options or {}))
+        try:
+            cache = wbcache.open(tmp_path / name, backend=backend, **options)
+        except BaseException:
+            backend.close()
+            raise
+        opened.append((cache, backend))
+        return cache
+
+    yield open_
+    for cache, backend in opened:
+        try:
+            cache.close()
+        except FlushError:
+            pass  # a test that left the database away; the log keeps the data
+        backend.close()
+
+
+def test_values_and_keys_round_trip_through_the_database(open_pg: OpenCache) -> None:
+    values: dict[Any, Any] = {"dict": {"a": [1, 2.5, None]}, b"bytes": b"\x00\xff", "int": 42,
+                              "big": (1 << 64) - 1, "k": "text", b"k": "bytes twin"}
+    with open_pg("a", flush_interval=3600) as cache:
+        cache.put_many(values)
+        cache.put("gone", 1)
+        cache.flush()
+        cache.delete("gone")
+        cache.flush()
+    with open_pg("b", flush_interval=3600) as other:  # a fresh cache reads them back
+        assert {key: other.get(key) for key in values} == values
+        assert "gone" not in other
+        assert len(other) == len(values)
+        assert sorted(other.keys(), key=repr) == sorted(values, key=repr)
+
+
+def test_increments_from_two_caches_add_up_and_puts_are_last_flush_wins(
+        open_pg: OpenCache, pg_dsn: str, table: str) -> None:
+    first = open_pg("a", flush_interval=3600)
+    second = open_pg("b", flush_interval=3600)
+    assert first.cache_id != second.cache_id
+    for _ in range(7):
+        first.incr("hits")
+    second.incr("hits", 5)
+    with second.batch() as batch:
+        batch.incr("hits", 100)
+    first.put("owner", "first")
+    second.put("owner", "second")
+    second.flush()
+    first.flush()  # flushed last: its put wins
+    assert stored_ints(pg_dsn, table, "hits") == {"hits": 112}
+    assert PostgresBackend(pg_dsn, table=table, cache_id="reader").get("owner") == b"\xa5first"
+    assert dict(query(pg_dsn, f"SELECT cache_id, lsn FROM {table}_checkpoints")) == {
+        first.cache_id: first.stats()["checkpoint_lsn"],
+        second.cache_id: second.stats()["checkpoint_lsn"]}
+
+
+def test_another_caches_write_becomes_visible_after_read_ttl(open_pg: OpenCache) -> None:
+    writer = open_pg("a", flush_interval=3600)
+    reader = open_pg("b", flush_interval=3600, read_ttl=0.2)
+    default = open_pg("c", flush_interval=3600)
+    assert default._read_ttl == 1.0  # PostgresBackend.default_read_ttl
+    writer.put("k", "old")
+    writer.flush()
+    assert reader.get("k") == "old"
+    writer.put("k", "new")
+    writer.flush()
+    wait_until(lambda: reader.get("k") == "new", 5, "the other cache's write")
+
+
+def test_a_directory_opened_with_another_cache_id_is_refused(tmp_path: Path, pg_dsn: str,
+                                                            table: str) -> None:
+    backend = PostgresBackend(pg_dsn, table=table, cache_id="not-this-directory")
+    try:
+        with pytest.raises(ValueError, match="cache_id='not-this-directory'"):
+            wbcache.open(tmp_path / "a", backend=backend)
+    finally:
+        backend.close()
+    right = PostgresBackend(pg_dsn, table=table)
+    with wbcache.open(tmp_path / "a", backend=right) as cache:  # the lock was released
+        cache.put("k", 1)
+    right.close()
+
+
+def test_opening_while_the_database_is_away_fails_clearly_and_leaves_the_directory_usable(
+        tmp_path: Path, pg_proxy: TcpProxy, table: str) -> None:
+    backend = PostgresBackend(pg_proxy.dsn, table=table)
+    pg_proxy.cut()
+    with pytest.raises(PostgresError, match="cannot connect.*refused"):
+        wbcache.open(tmp_path / "a", backend=backend)
+    pg_proxy.restore()
+    with wbcache.open(tmp_path / "a", backend=backend) as cache:
+        cache.put("k", 1)
+    backend.close()
+
+
+def test_a_commit_whose_answer_is_lost_counts_once(open_pg: OpenCache, pg_proxy: TcpProxy,
+                                                  pg_dsn: str, table: str) -> None:
+    cache = open_pg("a", dsn=pg_proxy.dsn, flush_interval=3600)
+    for _ in range(5):
+        cache.incr("n")
+    pg_proxy.swallow_next_reply()
+    cache.flush()  # the lost answer, then the retry finds it committed
+    assert stored_ints(pg_dsn, table, "n") == {"n": 5}
+    assert cache.stats()["flush_errors"] == 1
+
+    cache.incr("n", 3)
+    pg_proxy.swallow_next_reply(then_cut=True)  # committed, answer lost, then refused
+    with pytest.raises(FlushError, match="refused"):
+        cache.flush(timeout=0.5)
+    assert stored_ints(pg_dsn, table, "n") == {"n": 8}
+    pg_proxy.restore()
+    cache.incr("n", 4)
+    cache.flush()  # the batch that committed, merged with the newer increment
+    assert stored_ints(pg_dsn, table, "n") == {"n": 12}
+
+
+def test_a_counter_flushed_before_an_outage_can_still_be_incremented_during_it(
+        open_pg: OpenCache, pg_proxy: TcpProxy, pg_dsn: str, table: str) -> None:
+    cache = open_pg("a", dsn=pg_proxy.dsn, flush_interval=3600)
+    cache.incr("n")
+    cache.flush()  # flushed as a delta: this cache's view is stale from now on
+    pg_proxy.cut()
+    assert cache.incr("n") == 2  # acknowledged from the log, counted on from the view
+    with cache.batch() as batch:
+        batch.incr("n")
+    pg_proxy.restore()
+    cache.flush()
+    assert stored_ints(pg_dsn, table, "n") == {"n": 3}
+
+
+# ------------------------------------------------------------------ crashes
+
+CRASHER = textwrap.dedent("""
+    import os, signal, sys
+    import wbcache
+    from wbcache.backends.postgres import PostgresBackend
+    path, dsn, table, then = sys.argv[1:5]
+    cache = wbcache.open(path, backend=PostgresBackend(dsn, table=table), flush_interval=3600,
+                         segment_size=4096)
+    pad = "x" * 600  # the log rolls segments, so flushes delete some
+    for i in range(10):
+        cache.incr("hits")
+        cache.put(f"pad{i}", pad)
+    cache.put("p", "first")
+    cache.flush()
+    for i in range(7):
+        cache.incr("hits")
+        cache.put(f"pad{i}", pad + "y")
+    with cache.batch() as batch:
+        batch.incr("hits", 100)
+        batch.put("p", "second")
+    print("acked", flush=True)
+    if then == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    cache.flush()
+    print("survived", flush=True)
+""")
+
+OPENER = textwrap.dedent("""
+    import sys
+    import wbcache
+    from wbcache.backends.postgres import PostgresBackend
+    path, dsn, table = sys.argv[1:4]
+    wbcache.open(path, backend=PostgresBackend(dsn, table=table))
+    print("survived", flush=True)
+""")
+
+
+def run_child(script: str, args: list[str], crash_at: str | None) -> str:
+    env = dict(os.environ)
+    env.pop("WBCACHE_CRASH_AT", None)
+    if crash_at is not None:
+        env["WBCACHE_CRASH_AT"] = crash_at
+    child = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    return child.stdout
+
+
+@pytest.mark.parametrize("crash_at, replays", [
+    ("flush.before_commit:2", True),
+    ("flush.after_commit:2", False),  # committed, log not yet truncated
+    ("flush.after_truncate:2", False),
+    ("recovery.after_replay:1", False),  # recovery committed, log not yet deleted
+])
+def test_a_crash_at_any_step_of_a_flush_or_recovery_replays_nothing_twice(
+        tmp_path: Path, pg_dsn: str, table: str, crash_at: str, replays: bool) -> None:
+    path = str(tmp_path / "a")
+    if crash_at.startswith("recovery."):
+        out = run_child(CRASHER, [path, pg_dsn, table, "die"], None)
+        assert out == "acked\n"
+        assert run_child(OPENER, [path, pg_dsn, table], crash_at) == ""
+    else:
+        assert run_child(CRASHER, [path, pg_dsn, table, "flush"], crash_at) == "acked\n"
+    backend = PostgresBackend(pg_dsn, table=table)
+    with wbcache.open(path, backend=backend) as cache:
+        assert cache.recovery.records > 0  # the log was still there
+        assert (cache.recovery.replayed > 0) == replays
+        assert cache.get("p") == "second"
+    backend.close()
+    assert stored_ints(pg_dsn, table, "hits") == {"hits": 117}
+
+
+def test_a_url_backend_is_made_owned_and_closed_by_the_cache(tmp_path: Path, pg_dsn: str,
+                                                             pg_schema: str, table: str) -> None:
+    name = f"{pg_schema}_url"
+    params = psycopg.conninfo.conninfo_to_dict(pg_dsn)
+    url = (f"postgresql://{params.get('user', 'postgres')}@{params.get('host', '127.0.0.1')}:"
+           f"{params.get('port', 5432)}/{params.get('dbname', 'test')}"
+           f"?table={table}&application_name={name}")
+    sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+    with wbcache.open(tmp_path / "a", backend=url, flush_interval=3600) as cache:
+        assert isinstance(cache._backend, wbcache.PostgresBackend)
+        cache.incr("n")
+        cache.flush()
+        assert query(pg_dsn, sessions, (name,))[0][0] >= 1
+    assert stored_ints(pg_dsn, table, "n") == {"n": 1}
+    wait_until(lambda: query(pg_dsn, sessions, (name,)) == [(0,)], 10, "closed with the cache")
+    with pytest.raises(ValueError, match="not a PostgreSQL URL"):
+        wbcache.open(tmp_path / "b", backend="mysql://nope")
+    with wbcache.open(tmp_path / "b"):  # the failed open released the directory
+        pass

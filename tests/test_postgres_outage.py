@@ -1,0 +1,116 @@
+"""The database taken away under writes (a TCP proxy of the test's own between the backend and
+the server): writes keep being acknowledged from the log, errors are counted in stats(),
+flush() raises FlushError, flushing resumes by itself, and no acknowledged write is lost or
+counted twice."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pg_support import (  # noqa: F401 (fixtures)
+    TcpProxy,
+    pg_dsn_fixture,
+    pg_proxy_fixture,
+    pg_schema_fixture,
+    stored_ints,
+    wait_until,
+)
+
+import wbcache
+from wbcache import FlushError
+from wbcache.backends.postgres import PostgresBackend
+
+OUTAGE_SECONDS = 3.0
+
+
+class Writer:
+    """A thread writing batches `k<i> = i` plus one increment of `hits`, until stopped.
+    `acked` counts the batches whose call returned (acknowledged, durable)."""
+
+    def __init__(self, cache: wbcache.Cache) -> None:
+        self.cache = cache
+        self.acked = 0
+        self.last_lsn = 0
+        self.failure: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.failure is not None:
+            raise self.failure
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                with self.cache.batch() as batch:
+                    batch.put(f"k{self.acked}", self.acked)
+                    batch.incr("hits")
+                assert batch.lsn is not None
+                self.last_lsn = batch.lsn
+                self.acked += 1
+        except BaseException as exc:  # reported by stop()
+            self.failure = exc
+
+
+def outage(cache: wbcache.Cache, writer: Writer, take_away: Callable[[], None],
+           bring_back: Callable[[], None], error: str) -> None:
+    """Take the database away for OUTAGE_SECONDS under writes, check what must hold meanwhile,
+    bring it back and wait for the flusher to catch up on its own."""
+    wait_until(lambda: cache.stats()["flushes"] >= 3 and writer.acked >= 100, 10, "flushes")
+    errors_before = cache.stats()["flush_errors"]
+    take_away()
+    away_since = time.monotonic()
+    acked_before = writer.acked
+    wait_until(lambda: cache.stats()["flush_errors"] > errors_before, 10, "a counted flush error")
+    with pytest.raises(FlushError, match=error):
+        cache.flush(timeout=0.5)
+    # the outage itself lasts a while: the writer must keep being acknowledged throughout
+    wait_until(lambda: time.monotonic() - away_since >= OUTAGE_SECONDS
+               and writer.acked >= acked_before + 200, 30, "writes acknowledged while away")
+    stats = cache.stats()
+    assert stats["dirty"] > 0 and error in stats["last_flush_error"]
+    stuck_at = stats["checkpoint_lsn"]
+    bring_back()
+    target = writer.last_lsn
+    assert target > stuck_at
+    wait_until(lambda: cache.stats()["checkpoint_lsn"] >= target, 30,
+               "flushing to resume by itself")  # no flush() call: the flusher's own retries
+
+
+def check_everything_arrived(pg_dsn: str, table: str, acked: int) -> None:
+    values = stored_ints(pg_dsn, table, "k")
+    missing = [i for i in range(acked) if values.get(f"k{i}") != i]
+    assert missing == [] and len(values) == acked
+    assert stored_ints(pg_dsn, table, "hits") == {"hits": acked}  # each increment exactly once
+
+
+@pytest.mark.parametrize("how", ["refused", "silent"])
+def test_writes_survive_the_database_going_away_and_flushing_resumes_by_itself(
+        tmp_path: Path, pg_dsn: str, pg_schema: str, pg_proxy: TcpProxy, how: str) -> None:
+    """refused: every connection closed and new ones refused. silent: connections stay open
+    and new ones are accepted, but nothing is forwarded (only timeouts notice)."""
+    table = f"{pg_schema}.wbcache"
+    backend = PostgresBackend(pg_proxy.dsn, table=table, timeout=1.5, connect_timeout=2.0)
+    cache = wbcache.open(tmp_path / "cache", backend=backend, flush_interval=0.05)
+    writer = Writer(cache)
+    writer.start()
+    try:
+        if how == "refused":
+            outage(cache, writer, pg_proxy.cut, pg_proxy.restore, "refused")
+        else:
+            outage(cache, writer, pg_proxy.stall, pg_proxy.unstall, "no answer within 1.5 s")
+    finally:
+        writer.stop()
+        cache.close()
+        backend.close()
+    assert writer.acked > 400
+    check_everything_arrived(pg_dsn, table, writer.acked)

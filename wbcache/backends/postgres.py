@@ -1,0 +1,397 @@
+"""`PostgresBackend`: many cache directories (one per process or node) flushing into one
+PostgreSQL database, each write applied exactly once.
+
+Each directory has a `cache_id` (DIR/cache_id, attached by `wbcache.open`) and its own row in
+`<table>_checkpoints`. A flush is ONE transaction, sent in ONE round trip (a pipeline: BEGIN,
+the deletes, the puts, the increments, the checkpoint, COMMIT): every log record of that
+directory with LSN <= its checkpoint is in the table, and no other. Recovery replays only what
+the checkpoint lacks, so a crash between COMMIT and log truncation replays nothing twice.
+Increments arrive as coalesced deltas and are added by PostgreSQL to what the row holds, so
+increments of one counter by many caches all count; puts are last-flush-wins.
+
+One hole remains that a checkpoint alone cannot close: the connection breaking after COMMIT was
+sent (an *ambiguous* commit). The flusher then retries the same batch, or, after `flush()` gave
+up, a newer batch that still contains it; re-adding its deltas would count them twice, and the
+lost transaction may even still be on its way and commit later. Two things close it:
+  * every flush moves the checkpoint by compare-and-set, from the value this backend knows is
+    stored (`_known`) to the new one, so of the transactions sent from one known value at most
+    one ever commits, however late it arrives;
+  * the backend remembers what each unanswered transaction sent, and before its next write
+    reads the checkpoint: if one of them committed, its deltas count as settled and are
+    subtracted from what is sent next (a retry of that very transaction becomes a no-op).
+`checkpoint()` and `attach()` start a recovery, which reads the truth from the database, so
+they forget all of this.
+
+Layout of the tables and the SQL: `postgres_schema`. Connections, timeouts and the readers'
+pool: `postgres_link` (imported on first use, so `wbcache` imports without psycopg).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from wbcache.backends.base import Key
+from wbcache.errors import (
+    CheckpointConflictError,
+    PostgresError,
+    SchemaMismatchError,
+)
+from wbcache.backends.postgres_schema import (
+    CHECKPOINT_CONFLICT_MARK,
+    DDL_LOCK_CLASS,
+    EXPECTED_COLUMNS,
+    MAX_KEY_SIZE,
+    Statements,
+    TableNames,
+    decode_key,
+    encode_key,
+    join_value,
+)
+
+if TYPE_CHECKING:
+    from wbcache.backends.postgres_link import Connection
+
+__all__ = ["CheckpointConflictError", "PostgresBackend", "PostgresError", "SchemaMismatchError"]
+
+_ITEMS_CHUNK = 5000  # rows per FETCH when iterating the table
+_URL_OPTIONS = {"table": str, "cache_id": str, "timeout": float, "read_connections": int}
+
+
+@dataclass
+class _Attempt:
+    """A flush sent from the current known checkpoint whose answer was lost with the connection:
+    it may have committed, may yet commit, or never will."""
+
+    checkpoint: int
+    increments: dict[Key, int] = field(default_factory=dict)
+
+
+class PostgresBackend:
+    """A PostgreSQL database shared by many caches. See docs/postgres.md.
+
+    `dsn`: a libpq connection string or URL. `table`: the data table, "name" or "schema.name"
+    (the checkpoints go in `<table>_checkpoints`); both are created if missing. `cache_id`:
+    normally left None for `wbcache.open` to attach the directory's own; if given, opening a
+    directory with another id raises `ValueError`. `timeout` (s, default 10.0): the longest any
+    call waits for the server (also its statement_timeout); `connect_timeout` (s, default 5.0,
+    at least 2): the longest a connection attempt takes; `read_connections` (default 4): the
+    connections `get`/`count`/`items` share across threads. Writes use one more connection.
+
+    Raises `PostgresError` (a `WbcacheError`) when the server cannot be reached or reports an
+    error, `SchemaMismatchError` if the table exists with other columns, `ImportError` without
+    psycopg (`pip install 'wbcache[postgres]'`).
+    """
+
+    applies_increments = True  # increments arrive as deltas and are added in the database
+    default_read_ttl = 1.0  # s a clean entry is served from memory before it is read again
+
+    def __init__(self, dsn: str, table: str = "wbcache", cache_id: str | None = None, *,
+                 timeout: float = 10.0, connect_timeout: float = 5.0,
+                 read_connections: int = 4) -> None:
+        try:
+            from wbcache.backends.postgres_link import Endpoint, Link, ReaderPool
+        except ImportError as exc:
+            raise ImportError("the PostgreSQL backend needs psycopg 3: "
+                              "pip install 'wbcache[postgres]'") from exc
+        if not isinstance(dsn, str):
+            raise TypeError(f"dsn must be a str, not {type(dsn).__name__}")
+        for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        if isinstance(read_connections, bool) or not isinstance(read_connections, int) \
+                or read_connections < 1:
+            raise ValueError(f"read_connections must be a positive int, not {read_connections!r}")
+        self._explicit_id = _check_cache_id(cache_id) if cache_id is not None else None
+        self._cache_id = self._explicit_id
+        self._names = TableNames.parse(table)
+        self._sql = Statements(self._names)
+        self._link = Link(Endpoint.from_dsn(dsn, connect_timeout=connect_timeout,
+                                            timeout=timeout), self._names.data)
+        self._readers = ReaderPool(self._link, read_connections)
+        self._write_lock = threading.Lock()  # the writer connection and the attempt state
+        self._writer: Connection | None = None
+        # Under the write lock: the checkpoint known to be stored (None: read it first); the
+        # flushes sent from it whose answer was lost; the deltas of the batch in flight that
+        # one of those committed (so they are in the database already).
+        self._known: int | None = None
+        self._uncertain: list[_Attempt] = []
+        self._settled: dict[Key, int] = {}
+        self._closed = False
+        try:
+            with self._write_lock:
+                self._ensure_tables()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> PostgresBackend:
+        """A backend from one URL: `postgresql://user@host:5432/db?table=wbcache`. The query
+        parameters `table`, `cache_id`, `timeout` and `read_connections` are this class's;
+        any other goes to libpq (e.g. `sslmode=require`). Keyword `options` win over the URL."""
+        if not isinstance(url, str):
+            raise TypeError(f"url must be a str, not {type(url).__name__}")
+        parts = urlsplit(url)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError(f"not a PostgreSQL URL (postgresql://...): {parts.scheme or url!r}")
+        libpq: list[tuple[str, str]] = []
+        ours: dict[str, Any] = {}
+        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+            kind = _URL_OPTIONS.get(name)
+            if kind is None:
+                libpq.append((name, value))
+                continue
+            try:
+                ours[name] = kind(value)
+            except ValueError:
+                raise ValueError(f"URL parameter {name}={value!r} is not "
+                                 f"a {kind.__name__}") from None
+        ours.update(options)
+        return cls(urlunsplit(parts._replace(query=urlencode(libpq))), **ours)
+
+    # ---------------------------------------------------------------- identity
+
+    def attach(self, cache_id: str) -> None:
+        """Called by `wbcache.open` with the directory's id: from here on, `checkpoint` and
+        `apply` read and write that directory's checkpoint. One backend serves one directory."""
+        cache_id = _check_cache_id(cache_id)
+        if self._explicit_id is not None and cache_id != self._explicit_id:
+            raise ValueError(f"this PostgresBackend was made with cache_id={self._explicit_id!r} "
+                             f"but the cache directory's id is {cache_id!r}")
+        with self._write_lock:
+            if self._cache_id is not None and cache_id != self._cache_id:
+                raise ValueError(f"this PostgresBackend is attached to cache {self._cache_id!r}; "
+                                 f"use one backend per cache directory (not {cache_id!r})")
+            self._cache_id = cache_id
+            self._known = None
+            self._forget_attempts()
+
+    @property
+    def cache_id(self) -> str | None:
+        return self._cache_id
+
+    @property
+    def max_key_size(self) -> int:
+        return MAX_KEY_SIZE
+
+    @property
+    def table(self) -> str:
+        return self._names.data
+
+    # ---------------------------------------------------------------- reads
+
+    def get(self, key: Key) -> bytes | None:
+        stored = encode_key(key)
+        with self._readers.connection() as conn:
+            row = self._link.call(conn, f"reading key {key!r}", lambda c: c.cursor(
+                binary=True).execute(self._sql.get, (stored,)).fetchone())
+        return None if row is None else join_value(*row)
+
+    def count(self) -> int:
+        with self._readers.connection() as conn:
+            row = self._link.call(conn, "counting keys",
+                                  lambda c: c.execute(self._sql.count).fetchone())
+        assert row is not None
+        return int(row[0])
+
+    def items(self) -> Generator[tuple[Key, bytes], None, None]:
+        """Every (key, encoded value), from one snapshot (one server-side cursor), fetched
+        in chunks of 5,000 rows."""
+        from wbcache.backends.postgres_link import in_transaction
+
+        action = "reading every entry"
+        with self._readers.connection() as conn:
+            cursor = conn.cursor(name="wbcache_items", binary=True)
+            try:
+                self._link.call(conn, action, lambda c: (c.execute("BEGIN"),
+                                                         cursor.execute(self._sql.items)))
+                while True:
+                    rows = self._link.call(conn, action, lambda c: cursor.fetchmany(_ITEMS_CHUNK))
+                    for stored, num, value in rows:
+                        yield decode_key(stored), join_value(num, value)
+                    if len(rows) < _ITEMS_CHUNK:
+                        break
+                self._link.call(conn, action, lambda c: c.execute("COMMIT"))
+            finally:
+                if in_transaction(conn):  # left mid-way (an error, or the caller stopped)
+                    conn.close()
+
+    def checkpoint(self) -> int:
+        """This cache's checkpoint LSN (0 if it never flushed). Starts a recovery: flushes
+        whose answer was lost are forgotten, since the caller now has the database's truth."""
+        cache_id = self._require_cache_id()
+        with self._write_lock:
+            conn = self._writer_connection()
+            lsn = self._link.call(conn, f"reading the checkpoint of cache {cache_id}",
+                                  self._read_checkpoint)
+            self._forget_attempts()
+            self._known = lsn
+            return lsn
+
+    # ---------------------------------------------------------------- the flush
+
+    def apply(self, puts: Sequence[tuple[Key, bytes]], deletes: Sequence[Key], checkpoint: int,
+              increments: Sequence[tuple[Key, int]] = ()) -> None:
+        """Store `puts`, remove `deletes`, add `increments` and set this cache's checkpoint,
+        in one transaction sent in one round trip. Raises `PostgresError` (nothing committed,
+        or an ambiguous commit that the next call settles), `CheckpointConflictError`."""
+        cache_id = self._require_cache_id()
+        with self._write_lock:
+            conn = self._writer_connection()
+            pending = self._settle(conn, checkpoint, increments)
+            if pending is None:
+                return  # this very transaction had committed before the connection broke
+            assert self._known is not None
+            statements = self._sql.flush(puts, deletes, pending, cache_id, checkpoint,
+                                         self._known)
+            action = (f"flush of {len(puts)} puts, {len(deletes)} deletes and {len(pending)} "
+                      f"increments up to LSN {checkpoint} of cache {cache_id}")
+            try:
+                self._link.call(conn, action, lambda c: _run_transaction(c, statements),
+                                commits=True)
+            except PostgresError as exc:
+                if exc.ambiguous:
+                    self._uncertain.append(_Attempt(checkpoint, dict(pending)))
+                cause = str(exc.__cause__)
+                if CHECKPOINT_CONFLICT_MARK not in cause:
+                    raise
+                detail = cause.partition(CHECKPOINT_CONFLICT_MARK)[2].strip(' "')
+                if self._uncertain:  # one of ours, thought lost, got there first
+                    raise PostgresError(f"{self._link.where}: {action} was refused: an earlier "
+                                        f"flush whose answer was lost has committed ({detail}); "
+                                        f"the next attempt settles it") from exc.__cause__
+                raise self._conflict(checkpoint, detail) from exc.__cause__
+            self._known = checkpoint
+            self._forget_attempts()  # the batch in flight is all in the database now
+
+    def _settle(self, conn: Connection, checkpoint: int,
+                increments: Sequence[tuple[Key, int]]) -> list[tuple[Key, int]] | None:
+        """Write lock held. The increments this flush still has to send, once the stored
+        checkpoint is known and any flush whose answer was lost is settled; None if this flush
+        is one of those and it committed."""
+        if self._known is None or self._uncertain:
+            stored = self._link.call(conn, "reading the checkpoint before a flush",
+                                     self._read_checkpoint)
+            if self._known is None:
+                self._known = stored
+            elif stored != self._known:
+                committed = next((attempt for attempt in self._uncertain
+                                  if attempt.checkpoint == stored), None)
+                if committed is None:
+                    raise self._conflict(checkpoint, f"the stored checkpoint is {stored}, "
+                                                     f"this cache last knew {self._known}")
+                for key, delta in committed.increments.items():
+                    self._settled[key] = self._settled.get(key, 0) + delta
+                self._known = stored
+                self._uncertain = []  # sent from the old known value: none can commit now
+                if checkpoint == stored:
+                    self._settled = {}
+                    return None
+            # else none has committed yet; ours goes from the same known value, so at most
+            # one of them ever will, and a refusal sends us back here
+        settled = self._settled
+        if not settled:
+            return list(increments)
+        return [(key, delta - settled.get(key, 0)) for key, delta in increments
+                if delta != settled.get(key, 0)]
+
+    def _forget_attempts(self) -> None:
+        self._uncertain = []
+        self._settled = {}
+
+    def _conflict(self, checkpoint: int, detail: str) -> CheckpointConflictError:
+        return CheckpointConflictError(
+            f"{self._link.where}: refusing to write checkpoint {checkpoint} of cache "
+            f"{self._cache_id} ({detail}): another cache directory with the same cache_id "
+            f"(a copy of this one?) flushes into {self._names.checkpoints}, or a flush whose "
+            f"answer was lost before this cache was reopened committed late (then opening it "
+            f"again settles it); nothing was written")
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _read_checkpoint(self, conn: Connection) -> int:
+        row = conn.execute(self._sql.checkpoint, (self._cache_id,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _require_cache_id(self) -> str:
+        if self._cache_id is None:
+            raise ValueError("this PostgresBackend has no cache_id yet: wbcache.open attaches "
+                             "the directory's; pass cache_id= to use the backend on its own")
+        return self._cache_id
+
+    def _writer_connection(self) -> Connection:
+        """Write lock held. The writer connection, (re)connected if needed."""
+        if self._closed:
+            raise PostgresError(f"{self._link.where}: the backend is closed")
+        from wbcache.backends.postgres_link import usable
+
+        conn = self._writer
+        if conn is None or not usable(conn):
+            if conn is not None:
+                conn.close()
+            self._writer = None
+            self._writer = conn = self._link.connect()
+        return conn
+
+    def _ensure_tables(self) -> None:
+        """Write lock held. Create the tables if missing (several nodes may start at once: the
+        DDL runs under a transaction-scoped advisory lock, so one creates and the others find
+        them), then check their columns."""
+        names, sql = self._names, self._sql
+
+        def create(conn: Connection) -> dict[str, dict[str, str]]:
+            row = conn.execute(sql.exists, (names.data_sql, names.checkpoints_sql)).fetchone()
+            if not (row and row[0]):
+                with conn.transaction():
+                    conn.execute(sql.lock_ddl, (DDL_LOCK_CLASS, names.data_sql))
+                    conn.execute(sql.create_data)
+                    conn.execute(sql.create_checkpoints)
+            return {kind: dict(conn.execute(sql.columns, (table,)).fetchall())
+                    for kind, table in (("data", names.data_sql),
+                                        ("checkpoints", names.checkpoints_sql))}
+
+        conn = self._writer_connection()
+        found = self._link.call(conn, "creating the tables", create)
+        for kind, expected in EXPECTED_COLUMNS.items():
+            table = names.data if kind == "data" else names.checkpoints
+            wrong = {name: found[kind].get(name) for name, type_ in expected.items()
+                     if found[kind].get(name) != type_}
+            if wrong:
+                raise SchemaMismatchError(
+                    f"{self._link.where}: table {table} exists but is not a wbcache table: "
+                    f"expected columns {expected}, found {found[kind]}")
+
+    def close(self) -> None:
+        """Close every connection; idempotent."""
+        with self._write_lock:
+            self._closed = True
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        self._readers.close()
+        self._link.close()
+
+    def __repr__(self) -> str:
+        return f"<PostgresBackend {self._link.where}, cache_id={self._cache_id!r}>"
+
+
+def _run_transaction(conn: Connection, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+    """One transaction, one round trip: everything is queued, then sent with a single Sync."""
+    with conn.pipeline():
+        cursor = conn.cursor()
+        cursor.execute("BEGIN")
+        for query, params in statements:
+            cursor.execute(query, params)
+        cursor.execute("COMMIT")
+
+
+def _check_cache_id(cache_id: object) -> str:
+    if not isinstance(cache_id, str) or not cache_id:
+        raise ValueError(f"cache_id must be a non-empty str, not {cache_id!r}")
+    return cache_id

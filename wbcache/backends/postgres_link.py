@@ -1,0 +1,262 @@
+"""Connections to PostgreSQL: their settings, a deadline on every round trip, a small pool for
+readers, and psycopg errors turned into `PostgresError` messages that name server and table.
+
+A database that is away must turn into an error within seconds, never a hang: a refused or
+reset connection fails at once; a server that never answers a connection attempt is bounded by
+`connect_timeout`; a network that silently drops packets by `tcp_user_timeout` (unacknowledged
+data) and TCP keepalives (an idle wait); and anything that still holds a round trip past
+`timeout` (a proxy or middlebox that acknowledges but never forwards, a hung server) by the
+`RoundTripTimer`, which shuts the socket down under the waiting call. Server-side, the same
+`timeout` is the session's statement_timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from wbcache.errors import PostgresError
+
+T = TypeVar("T")
+
+Connection = psycopg.Connection[Any]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the backend connects: the full conninfo (with wbcache's defaults) and a
+    description for messages (never the password)."""
+
+    conninfo: str
+    description: str
+    connect_timeout: float
+    timeout: float
+
+    @classmethod
+    def from_dsn(cls, dsn: str, *, connect_timeout: float, timeout: float) -> Endpoint:
+        try:
+            params: dict[str, Any] = dict(conninfo_to_dict(dsn))
+        except psycopg.ProgrammingError as exc:
+            raise ValueError(f"invalid PostgreSQL DSN: {_one_line(exc)}") from None
+        # The DSN's own settings win; these fill what it leaves out.
+        defaults = {
+            "connect_timeout": max(2, round(connect_timeout)),  # libpq's minimum is 2 s
+            "keepalives": 1,
+            "keepalives_idle": 5,  # s of silence before the first probe
+            "keepalives_interval": 2,  # s between probes
+            "keepalives_count": 3,  # unanswered probes before the connection is dead
+            "tcp_user_timeout": int(timeout * 1000),  # ms sent data may stay unacknowledged
+            "application_name": "wbcache",
+        }
+        for name, value in defaults.items():
+            params.setdefault(name, value)
+        host = params.get("host") or params.get("hostaddr") or "the local socket"
+        port = params.get("port") or "5432"
+        dbname = params.get("dbname") or params.get("user") or "(default)"
+        return cls(make_conninfo(**params), f"{host}:{port} database {dbname}",
+                   connect_timeout, timeout)
+
+
+@dataclass
+class _Watch:
+    deadline: float
+    fd: int
+    fired: bool = False
+
+
+class RoundTripTimer:
+    """Shuts down the socket of any connection whose round trip outlives `seconds`, so the
+    call waiting on it fails (psycopg sees the connection closed) instead of hanging.
+
+    A duplicate of the socket's descriptor is held while a round trip is watched: shutting down
+    a duplicate shuts down the socket itself, and the number can never be reused meanwhile by
+    an unrelated file."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._tick = min(0.25, seconds / 4)
+        self._lock = threading.Lock()
+        self._watches: dict[int, _Watch] = {}
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def bound(self, conn: Connection) -> Iterator[_Watch]:
+        watch = _Watch(time.monotonic() + self.seconds, os.dup(conn.fileno()))
+        with self._lock:
+            self._watches[id(watch)] = watch
+            if self._thread is None and not self._stopped.is_set():
+                self._thread = threading.Thread(target=self._run, name="wbcache-pg-timer",
+                                                daemon=True)
+                self._thread.start()
+        try:
+            yield watch
+        finally:
+            with self._lock:  # after this the timer cannot fire on it
+                del self._watches[id(watch)]
+            os.close(watch.fd)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._tick):
+            now = time.monotonic()
+            with self._lock:
+                for watch in self._watches.values():
+                    if not watch.fired and now >= watch.deadline:
+                        watch.fired = True
+                        _shut_down(watch.fd)
+
+    def close(self) -> None:
+        self._stopped.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+
+def _shut_down(fd: int) -> None:
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by the peer: the waiting call fails anyway
+    finally:
+        sock.close()
+
+
+class Link:
+    """Connections to one endpoint, each round trip bounded; errors become `PostgresError`."""
+
+    def __init__(self, endpoint: Endpoint, table: str) -> None:
+        self.endpoint = endpoint
+        self.where = f"PostgreSQL at {endpoint.description}, table {table}"
+        self.timer = RoundTripTimer(endpoint.timeout)
+
+    def connect(self) -> Connection:
+        try:
+            conn = psycopg.connect(self.endpoint.conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            raise PostgresError(f"{self.where}: cannot connect: {_one_line(exc)}") from exc
+        try:  # the server gives up on a statement when we would
+            self.call(conn, "setting statement_timeout", lambda c: c.execute(
+                "SELECT set_config('statement_timeout', %s, false)",
+                (str(int(self.endpoint.timeout * 1000)),)))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def call(self, conn: Connection, action: str, work: Callable[[Connection], T], *,
+             commits: bool = False) -> T:
+        """`work(conn)` with its round trips bounded. On failure the connection is closed
+        unless it is still usable (an error the server reported), and `PostgresError` raised;
+        with `commits`, it is `ambiguous` unless the server is known to have rolled back."""
+        watch: _Watch | None = None
+        try:
+            with self.timer.bound(conn) as watch:
+                return work(conn)
+        except psycopg.Error as exc:
+            fired = watch is not None and watch.fired
+            rejected = exc.sqlstate is not None and not conn.broken and not fired
+            if not rejected or not self._rolled_back(conn):
+                conn.close()
+            raise self.failure(action, exc, timed_out=fired,
+                               ambiguous=commits and not rejected) from exc
+
+    def failure(self, action: str, exc: BaseException, *, timed_out: bool = False,
+                ambiguous: bool = False) -> PostgresError:
+        if timed_out:
+            reason = f"no answer within {self.endpoint.timeout:g} s; the connection was dropped"
+        else:
+            reason = f"{type(exc).__name__}: {_one_line(exc)}"
+        message = f"{self.where}: {action} failed: {reason}"
+        if ambiguous:
+            message += ("; the connection broke after COMMIT was sent, so whether it committed "
+                        "is settled before the next write")
+        return PostgresError(message, ambiguous=ambiguous)
+
+    def _rolled_back(self, conn: Connection) -> bool:
+        """Leave a connection that saw a server-reported error outside any transaction; False
+        if that is not possible (the caller then closes it)."""
+        try:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                with self.timer.bound(conn) as watch:
+                    conn.execute("ROLLBACK")
+                return not watch.fired
+            return True
+        except psycopg.Error:
+            return False
+
+    def close(self) -> None:
+        self.timer.close()
+
+
+def usable(conn: Connection) -> bool:
+    """Whether an idle connection can be used. An idle connection has nothing to read unless
+    the server or the network closed it (or it sent a notice; reconnecting then costs little),
+    so one poll spares the first call after a restart or an idle cut a certain failure."""
+    if conn.closed or conn.broken:
+        return False
+    poller = select.poll()  # not select(): no limit on the descriptor's number
+    poller.register(conn.fileno(), select.POLLIN)
+    return not poller.poll(0)
+
+
+def in_transaction(conn: Connection) -> bool:
+    """Whether an open connection is inside a transaction block."""
+    return not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class ReaderPool:
+    """Up to `size` autocommit connections shared by reading threads; a connection that failed
+    is dropped and replaced on demand."""
+
+    def __init__(self, link: Link, size: int) -> None:
+        self._link = link
+        self._slots = threading.BoundedSemaphore(size)
+        self._lock = threading.Lock()
+        self._idle: list[Connection] = []
+        self._closed = False
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        with self._slots:
+            if self._closed:
+                raise PostgresError(f"{self._link.where}: the backend is closed")
+            conn = None
+            while conn is None:
+                with self._lock:
+                    conn = self._idle.pop() if self._idle else None
+                if conn is None:
+                    conn = self._link.connect()
+                elif not usable(conn):
+                    conn.close()
+                    conn = None
+            try:
+                yield conn
+            finally:
+                with self._lock:
+                    keep = not self._closed and not conn.closed and not conn.broken
+                    if keep:
+                        self._idle.append(conn)
+                if not keep:
+                    conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
