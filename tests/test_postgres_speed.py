@@ -5,7 +5,8 @@ Run the full measurement (the numbers in docs/postgres.md) with
     WBCACHE_TEST_PG_DSN=postgresql://postgres@127.0.0.1:5432/test \\
         .venv/bin/python tests/test_postgres_speed.py
 
-Under pytest, a short run of the same code checks that it works and that write-back wins.
+Under pytest, a short run of the same code checks that it works and loses nothing; how fast
+is for the benchmark to say, not a test.
 
 * flush: a cache holding 10,000 dirty entries (puts, or increments) runs `flush()`; timed from
   the call to its return: coalescing, ONE transaction in PostgreSQL, log truncation.
@@ -176,7 +177,7 @@ def report(flushes: list[FlushTiming], back: Throughput, through: Throughput) ->
     return "\n".join(lines)
 
 
-def test_the_measurement_runs_and_write_back_outruns_write_through(
+def test_the_measurement_runs_and_every_acknowledged_put_reaches_postgresql(
         tmp_path: Path, pg_dsn: str, pg_schema: str) -> None:
     table = f"{pg_schema}.speed"
     flushes, back, through = measure_all(pg_dsn, table, tmp_path, rounds=1, threads=16,
@@ -185,7 +186,7 @@ def test_the_measurement_runs_and_write_back_outruns_write_through(
     assert stored_ints(pg_dsn, table, "n") == {f"n{i}": 2 for i in range(10_000)}
     assert query(pg_dsn, f"SELECT count(*) FROM {table} WHERE key >= 'swb' AND key < 'swc'") \
         == [(back.puts,)]  # every acknowledged write-back put reached PostgreSQL
-    assert back.rate > through.rate
+    assert through.puts > 0  # the write-through side ran (its speed is the benchmark's business)
 
 
 def main() -> None:
