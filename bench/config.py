@@ -1,0 +1,120 @@
+"""`BenchConfig`: how long, how often and how big each measurement is, per mode.
+
+Three modes share every row, they only scale it:
+  full   the published run: every concurrency level, 1,000,000-record recovery and memory rows
+  quick  under a minute: shorter trials, one round, 100,000-record recovery and memory rows
+  smoke  a few seconds, for CI: proves the benchmark starts and prints its table; its numbers
+         mean nothing
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+MODES = ("full", "quick", "smoke")
+
+SECTIONS = ("baselines", "peers", "redis", "wbcache")
+"""What `--only` may select. `peers` is LMDB, SQLite and diskcache; `redis` is Redis alone."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    mode: str = "full"
+    """full, quick or smoke (see the module docstring)."""
+
+    trial_seconds: float = 1.5
+    """Seconds each timed trial counts operations, after `warmup_seconds`."""
+
+    warmup_seconds: float = 0.2
+    """Seconds each trial runs before it starts counting (caches, flusher, page cache)."""
+
+    rounds: int = 3
+    """Trials per measurement. Rounds are interleaved (every measurement once, then again),
+    so a burst of load from another process hurts one trial of many rows, not every trial of
+    one row. Throughput keeps the best trial; latency the median of the trials' percentiles."""
+
+    big_rounds: int = 2
+    """Trials of the expensive one-shot rows (recovery, flusher); at most `rounds`."""
+
+    key_pool: int = 100_000
+    """Distinct keys every write row cycles through (and the get rows read)."""
+
+    wbcache_threads: tuple[int, ...] = (1, 4, 16, 64)
+    async_tasks: tuple[int, ...] = (1, 16, 256, 1024)
+    peer_clients: tuple[int, ...] = (1, 16, 64)
+    """Concurrency of LMDB, SQLite, diskcache and Redis (threads, one connection each)."""
+
+    put_many_size: int = 1_000
+    """Entries per `put_many` call."""
+
+    flush_entries: int = 100_000
+    """Dirty entries the flusher row writes into LMDB in one flush."""
+
+    recovery_records: int = 1_000_000
+    """Records in the log the recovery row replays."""
+
+    recovery_keys: int = 100_000
+    """Distinct keys those records cycle through (10 writes per key); at most `key_pool`."""
+
+    memory_entries: int = 1_000_000
+    """Entries the memory row holds, in a wbcache and in a plain dict."""
+
+    hot_keys: int = 1_000
+    hot_writes_per_key: int = 100
+    hot_cycles: int = 3
+    """The hot-key row: `hot_keys` keys written `hot_writes_per_key` times each between two
+    flushes, `hot_cycles` times over."""
+
+    scratch_parent: Path | None = None
+    """Where the benchmark's temporary directory goes (None: chosen on the repo's filesystem)."""
+
+    only: tuple[str, ...] = SECTIONS
+    """Sections to run."""
+
+    @classmethod
+    def for_mode(cls, mode: str, **overrides: object) -> BenchConfig:
+        """The settings of `mode`, with `overrides` (None values are ignored)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        base = {"full": {}, "quick": _QUICK, "smoke": _SMOKE}[mode]
+        settings = {**base, **{k: v for k, v in overrides.items() if v is not None}}
+        config = cls(mode=mode, **settings)  # type: ignore[arg-type]
+        return dataclasses.replace(config, big_rounds=min(config.big_rounds, config.rounds))
+
+    def scaled(self, full_value: int, actual: int) -> str:
+        """' (quick: 100,000)' when a size differs from the full run's, else ''."""
+        return "" if actual == full_value else f" ({self.mode}: {actual:,})"
+
+
+_QUICK: dict[str, object] = {
+    "trial_seconds": 0.45,
+    "warmup_seconds": 0.1,
+    "rounds": 1,
+    "big_rounds": 1,
+    "flush_entries": 50_000,
+    "recovery_records": 100_000,
+    "recovery_keys": 10_000,
+    "memory_entries": 100_000,
+    "hot_cycles": 1,
+}
+
+_SMOKE: dict[str, object] = {
+    "trial_seconds": 0.04,
+    "warmup_seconds": 0.01,
+    "rounds": 1,
+    "big_rounds": 1,
+    "key_pool": 2_000,
+    "wbcache_threads": (1, 4),
+    "async_tasks": (1, 16),
+    "peer_clients": (1,),
+    "put_many_size": 100,
+    "flush_entries": 2_000,
+    "recovery_records": 5_000,
+    "recovery_keys": 500,
+    "memory_entries": 5_000,
+    "hot_keys": 100,
+    "hot_writes_per_key": 100,
+    "hot_cycles": 1,
+}

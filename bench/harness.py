@@ -1,0 +1,139 @@
+"""Timing loops: N threads, N asyncio tasks, or one thread running chunks of a tight loop.
+
+Every loop runs `warmup + seconds` and counts only the operations that finished inside the
+counting window, so start-up (threads being scheduled, caches warming) is not measured and no
+operation is counted twice. Per-call latency is taken around each call with `perf_counter`
+(two clock reads and two list appends, about 0.2 µs: noise next to an fsync; the tight loops
+of the in-memory rows take no per-call time at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from bench.measurement import Sample
+
+Op = Callable[[], object]
+AsyncOp = Callable[[], Awaitable[object]]
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """The nearest-rank percentile of already sorted values."""
+    if not sorted_values:
+        raise ValueError("no values")
+    index = min(len(sorted_values) - 1, max(0, round(fraction * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+def _window_sample(ends: list[list[float]], latencies: list[list[float]], start: float,
+                   stop: float, per_call: int) -> Sample:
+    """ops/s (times `per_call` items per call) and latency of the calls ending in [start, stop)."""
+    kept = sorted(lat for worker_ends, worker_lats in zip(ends, latencies, strict=True)
+                  for end, lat in zip(worker_ends, worker_lats, strict=True)
+                  if start <= end < stop)
+    if not kept:
+        raise RuntimeError(f"no call finished within the {stop - start:.2f} s window")
+    return Sample(len(kept) * per_call / (stop - start), percentile(kept, 0.50),
+                  percentile(kept, 0.99))
+
+
+def run_threads(ops: Sequence[Op], seconds: float, warmup: float, *, per_call: int = 1) -> Sample:
+    """Run each of `ops` in a loop in its own thread; return throughput and call latency."""
+    count = len(ops)
+    ends: list[list[float]] = [[] for _ in range(count)]
+    latencies: list[list[float]] = [[] for _ in range(count)]
+    errors: list[BaseException] = []
+    running = threading.Event()
+    running.set()
+    barrier = threading.Barrier(count + 1)
+
+    def worker(index: int) -> None:
+        op, clock = ops[index], time.perf_counter
+        end_of, lat_of = ends[index].append, latencies[index].append
+        try:
+            barrier.wait()
+            while running.is_set():
+                began = clock()
+                op()
+                done = clock()
+                end_of(done)
+                lat_of(done - began)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+            running.clear()
+
+    threads = [threading.Thread(target=worker, args=(i,), name=f"bench-{i}", daemon=True)
+               for i in range(count)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    _sleep_unless_stopped(running, warmup + seconds)
+    running.clear()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return _window_sample(ends, latencies, started + warmup, started + warmup + seconds, per_call)
+
+
+def _sleep_unless_stopped(running: threading.Event, seconds: float) -> None:
+    deadline = time.perf_counter() + seconds
+    while running.is_set():
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.05))
+
+
+async def run_tasks(ops: Sequence[AsyncOp], seconds: float, warmup: float) -> Sample:
+    """Run each of `ops` in a loop in its own asyncio task; return throughput and latency."""
+    count = len(ops)
+    ends: list[list[float]] = [[] for _ in range(count)]
+    latencies: list[list[float]] = [[] for _ in range(count)]
+    state = {"running": True}
+
+    async def worker(index: int) -> None:
+        op, clock = ops[index], time.perf_counter
+        end_of, lat_of = ends[index].append, latencies[index].append
+        while state["running"]:
+            began = clock()
+            await op()
+            done = clock()
+            end_of(done)
+            lat_of(done - began)
+
+    tasks = [asyncio.ensure_future(worker(i)) for i in range(count)]
+    started = time.perf_counter()
+    try:
+        await asyncio.wait(tasks, timeout=warmup + seconds, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        state["running"] = False
+    await asyncio.gather(*tasks)  # every task finishes its call in flight; errors surface here
+    return _window_sample(ends, latencies, started + warmup, started + warmup + seconds, 1)
+
+
+def run_chunks(chunk: Callable[[], int], seconds: float, warmup: float) -> Sample:
+    """Call `chunk()` (a tight loop that returns how many operations it did) until the time
+    is up; ops/s over the chunks that ran entirely after the warm-up. No per-call latency."""
+    clock = time.perf_counter
+    started = clock()
+    counting_from = started + warmup
+    deadline = counting_from + seconds
+    done = 0
+    first = None
+    now = started
+    while now < deadline:
+        began = now
+        ops = chunk()
+        now = clock()
+        if began >= counting_from:
+            if first is None:
+                first = began
+            done += ops
+    if first is None or now <= first:
+        raise RuntimeError("the warm-up took the whole trial; make the chunks smaller")
+    return Sample(done / (now - first))

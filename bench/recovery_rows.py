@@ -1,0 +1,161 @@
+"""Recovery: replaying a `recovery_records`-record log, against a raw pass over the same data.
+
+The log is written once per run by a child process that puts `recovery_records` values
+(fsync="interval", cycling through `recovery_keys` keys: 10 writes per key), syncs, and exits
+without closing: the log a killed writer leaves, none of it in the database. Each trial copies
+that directory afresh.
+
+  recovery      wall time of `wbcache.open()` on that directory: scan and check every record
+                (CRC, LSN order), fold them, one LMDB transaction, delete the log
+  raw_recovery  the floor: read the records' payload bytes, one `msgpack.Unpacker` pass folding
+                them into a dict (key -> latest value), then one `putmulti` of the final values
+                in a synced transaction. The payloads are the log's records as msgpack arrays
+                [lsn, op, key, value] back to back, without segment and frame headers (a
+                framed log is not one msgpack stream), in a file written alongside the log.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgpack
+from wbcache.wal.format import OP_PUT
+
+import wbcache
+from bench.baselines import timed_putmulti
+from bench.config import BenchConfig
+from bench.measurement import Measurement, Sample
+from bench.workload import Scratch, Workload
+
+SECTION_BASE = "baselines"
+SECTION = "wbcache"
+_BATCH = 10_000  # records per write of the payload file
+
+
+class RecoveryLog:
+    """The log both rows read, written at the first trial that needs it."""
+
+    def __init__(self, config: BenchConfig, workload: Workload, scratch: Scratch) -> None:
+        self._config = config
+        self._workload = workload
+        self._root = scratch.root / "recovery-template"
+        self._ready = False
+
+    @property
+    def cache_dir(self) -> Path:
+        self._ensure()
+        return self._root / "cache"
+
+    @property
+    def payloads(self) -> Path:
+        self._ensure()
+        return self._root / "payloads.msgpack"
+
+    def _ensure(self) -> None:
+        if self._ready:
+            return
+        self._root.mkdir()
+        count, pool = self._config.recovery_records, self._config.recovery_keys
+        if pool > self._workload.size:
+            raise ValueError(f"recovery_keys ({pool}) exceeds key_pool ({self._workload.size})")
+        bench_parent = str(Path(__file__).resolve().parent.parent)
+        done = subprocess.run(
+            [sys.executable, "-c", _CHILD, bench_parent, str(self._root / "cache"), str(count),
+             str(pool)], capture_output=True, text=True, timeout=600, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"the log-writing child failed: {done.stderr.strip()[-300:]}")
+        keys, values = self._workload.keys, self._workload.encoded_values
+        packb = msgpack.packb
+        with open(self._root / "payloads.msgpack", "wb") as payload_file:
+            for first in range(1, count + 1, _BATCH):
+                payload_file.write(b"".join(
+                    packb([lsn, OP_PUT, keys[lsn % pool], values[lsn % pool]])
+                    for lsn in range(first, min(first + _BATCH, count + 1))))
+        self._ready = True
+
+
+_CHILD = ("import sys; sys.path.insert(0, sys.argv[1]); "
+          "from bench.recovery_rows import write_log_and_exit; write_log_and_exit(sys.argv[2:])")
+
+
+def write_log_and_exit(argv: list[str]) -> None:
+    """In the child: `count` puts cycling over `pool` keys, fsync'd, never flushed; then exit
+    at once, as a killed process would, leaving the whole log for recovery."""
+    path, count, pool = argv[0], int(argv[1]), int(argv[2])
+    workload = Workload(pool)
+    cache = wbcache.open(path, fsync="interval", flush_interval=3600.0,
+                         flush_threshold=pool + 1, max_dirty=pool + 1,
+                         capacity=max(pool, 1_000_000))
+    put, keys, values = cache.put, workload.keys, workload.dict_values
+    for lsn in range(1, count + 1):
+        put(keys[lsn % pool], values[lsn % pool])
+    cache.sync()
+    stats = cache.stats()
+    if stats["flushes"] or stats["checkpoint_lsn"]:
+        print(f"the cache flushed while the log was written: {stats}", file=sys.stderr)
+        os._exit(1)
+    os._exit(0)  # no close(): nothing reaches the database, the log keeps every record
+
+
+def measurements(config: BenchConfig, workload: Workload, scratch: Scratch,
+                 sections: tuple[str, ...]) -> list[Measurement]:
+    log = RecoveryLog(config, workload, scratch)
+    count = config.recovery_records
+    size = config.scaled(1_000_000, count)
+    rows = []
+    if "baselines" in sections:
+        rows.append(Measurement(
+            "raw_recovery", SECTION_BASE,
+            f"raw replay of the same log: msgpack pass + 1 putmulti{size}", _raw(log, scratch),
+            unit="s", better="lower", big=True))
+    if "wbcache" in sections:
+        rows.append(Measurement(
+            "recovery", SECTION,
+            f"recovery replay of a {count:,}-record log ({config.recovery_keys:,} keys)",
+            _replay(log, scratch), unit="s", better="lower", baseline="raw_recovery", big=True))
+    return rows
+
+
+def _replay(log: RecoveryLog, scratch: Scratch) -> Callable[[], Sample]:
+    def trial() -> Sample:
+        with scratch.directory("recovery") as path:
+            target = path / "cache"
+            shutil.copytree(log.cache_dir, target)
+            started = time.perf_counter()
+            cache = wbcache.open(target)
+            seconds = time.perf_counter() - started
+            report = cache.recovery
+            cache.close()
+            return Sample(seconds, note=f"{report.replayed:,} records replayed into "
+                                        f"{report.keys:,} keys, {report.records / seconds:,.0f}"
+                                        " records/s")
+    return trial
+
+
+def _raw(log: RecoveryLog, scratch: Scratch) -> Callable[[], Sample]:
+    def trial() -> Sample:
+        payloads = log.payloads
+        with scratch.directory("raw-recovery") as path:
+            started = time.perf_counter()
+            with open(payloads, "rb") as source:
+                data = source.read()
+            state: dict[str, bytes] = {}
+            for record in _unpack(data):
+                state[record[2]] = record[3]
+            entries = [(key.encode(), value) for key, value in state.items()]
+            scanned = time.perf_counter() - started
+            seconds = scanned + timed_putmulti(path / "db", entries)
+            return Sample(seconds, note=f"scan {scanned:.2f} s")
+    return trial
+
+
+def _unpack(data: bytes) -> msgpack.Unpacker:
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(data) + 1)
+    unpacker.feed(data)
+    return unpacker
