@@ -88,9 +88,11 @@ def apply_changes(backend: Backend, values: Mapping[Key, bytes | None],
         puts = [(key, value) for key, value in values.items()
                 if value is not None and key not in deltas]
         backend.apply(puts, deletes, checkpoint, list(deltas.items()))
-    else:
+    elif deletes:
         backend.apply([(key, value) for key, value in values.items() if value is not None],
                       deletes, checkpoint)
+    else:  # only puts (the usual flush): hand over the items as they are, no copy
+        backend.apply(values.items(), deletes, checkpoint)  # type: ignore[arg-type]
 
 
 def replay_into(backend: Backend, wal_dir: str, *, dry_run: bool = False,
@@ -107,13 +109,20 @@ def replay_into(backend: Backend, wal_dir: str, *, dry_run: bool = False,
     state: State = {}
     deltas: dict[Key, int] = {}
     records = replayed = 0
-    for record in scan.records():
-        records += 1
-        if record[0] > checkpoint:
-            apply_record(state, record, deltas)
+    for frame in scan.frames():
+        for record in frame:
+            if record[0] <= checkpoint:
+                continue
+            if record[1] == OP_PUT:  # the common case, inline: this loop is recovery's cost
+                state[record[2]] = record[3]
+                if deltas:
+                    deltas.pop(record[2], None)
+            else:
+                apply_record(state, record, deltas)
             replayed += 1
-        if progress is not None and not records & 0xFFFF:
-            progress(records)
+        if progress is not None and (records + len(frame)) >> 16 != records >> 16:
+            progress(records + len(frame))
+        records += len(frame)
     last_lsn = scan.last_lsn
     checkpoint_after = max(checkpoint, last_lsn)
     if not dry_run:

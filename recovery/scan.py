@@ -55,12 +55,17 @@ class LogScan:
 
     def records(self) -> Iterator[list[Any]]:
         """Every valid record, LSN order. Raises `CorruptLogError` on damage or a gap."""
+        for records in self.frames():
+            yield from records
+
+    def frames(self) -> Iterator[list[list[Any]]]:
+        """The same records, one list per frame (one group-commit write)."""
         previous_last: int | None = None
         for index, segment in enumerate(self.segments):
             self._check_continuity(segment, previous_last)
             reader = SegmentReader(segment.path, first_lsn=segment.first_lsn,
                                    is_last=index == len(self.segments) - 1)
-            yield from reader
+            yield from reader.frames()
             self.summaries.append(SegmentSummary(
                 segment.path, segment.first_lsn, reader.last_lsn, reader.records, reader.size,
                 reader.torn_bytes, reader.torn_reason,

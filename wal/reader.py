@@ -73,6 +73,9 @@ def valid_record(record: object) -> bool:
     """Whether a decoded payload is a well-formed [lsn, op, ...] record."""
     if type(record) is not list or len(record) < 3 or type(record[0]) is not int or record[0] < 1:
         return False
+    if len(record) == 4 and record[1] == OP_PUT:  # the common case, checked inline (recovery)
+        key = record[2]
+        return (type(key) is str or type(key) is bytes) and type(record[3]) is bytes
     if record[1] == OP_BATCH:
         items = record[2]
         return (len(record) == 3 and type(items) is list and len(items) > 0
@@ -101,6 +104,12 @@ class SegmentReader:
         self.records = 0
 
     def __iter__(self) -> Iterator[list[Any]]:
+        for records in self.frames():
+            yield from records
+
+    def frames(self) -> Iterator[list[list[Any]]]:
+        """The records frame by frame (one group-commit write each): fewer steps for bulk
+        readers such as recovery."""
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             self.size = os.fstat(fd).st_size
@@ -110,63 +119,77 @@ class SegmentReader:
         finally:
             os.close(fd)
         try:
-            yield from self._records(data)
+            yield from self._frames(data)
         finally:
             if isinstance(data, mmap.mmap):
                 data.close()
 
-    def _records(self, data: mmap.mmap | bytes) -> Iterator[list[Any]]:
+    def _frames(self, data: mmap.mmap | bytes) -> Iterator[list[list[Any]]]:
         size = self.size
         version = header_version(data[:HEADER_SIZE])
         if version is None:
-            self._damage(data, 0, "damaged or missing segment header")
+            self._damage(data, 0, "damaged or missing segment header", self.first_lsn - 1)
             return
         if version != FORMAT_VERSION:
             raise UnsupportedFormatError(self.path, version, FORMAT_VERSION)
-        pos = self.end = HEADER_SIZE
+        # This loop is recovery's cost (one pass per frame): progress lives in locals, handed
+        # to `_damage` when damage is judged and stored when the loop ends.
+        pos = HEADER_SIZE
         expected = self.first_lsn
+        count = 0
         unpack_frame = FRAME.unpack_from
         crc32 = zlib.crc32
-        while pos < size:
-            if size - pos < FRAME_SIZE:
-                self._damage(data, pos, "record header cut off at end of file")
-                return
-            magic, length, crc = unpack_frame(data, pos)
-            if magic != FRAME_MAGIC:
-                self._damage(data, pos, "bad record marker")
-                return
-            if length == 0 or length > MAX_RECORD_SIZE:
-                self._damage(data, pos, f"record length {length} out of range")
-                return
-            end = pos + FRAME_SIZE + length
-            if end > size:
-                self._damage(data, pos, f"record of {length} bytes cut off at end of file",
-                             claimed=(end, crc))
-                return
-            payload = data[pos + FRAME_SIZE:end]
-            if crc32(payload) != crc:
-                self._damage(data, pos, "checksum mismatch", claimed=(end, crc))
-                return
-            try:
-                records = decode_records(payload)
-            except Exception as exc:  # msgpack raises several types for bad input
-                raise CorruptLogError(self.path, pos, f"undecodable frame ({exc})") from exc
-            if type(records) is not list or not records:
-                raise CorruptLogError(self.path, pos, "malformed frame (not a list of records)")
-            for record in records:  # a frame is all or nothing: check it whole, then yield
-                if not valid_record(record):
-                    raise CorruptLogError(self.path, pos, "malformed record")
-                if record[0] != expected:
-                    raise CorruptLogError(
-                        self.path, pos, f"record has LSN {record[0]} where {expected} was expected"
-                    )
-                expected += 1
-            yield from records
-            self.last_lsn = expected - 1
-            self.records += len(records)
-            pos = self.end = end
+        unpackb = msgpack.unpackb
+        try:
+            while pos < size:
+                if size - pos < FRAME_SIZE:
+                    self._damage(data, pos, "record header cut off at end of file", expected - 1)
+                    return
+                magic, length, crc = unpack_frame(data, pos)
+                if magic != FRAME_MAGIC:
+                    self._damage(data, pos, "bad record marker", expected - 1)
+                    return
+                if length == 0 or length > MAX_RECORD_SIZE:
+                    self._damage(data, pos, f"record length {length} out of range", expected - 1)
+                    return
+                end = pos + FRAME_SIZE + length
+                if end > size:
+                    self._damage(data, pos, f"record of {length} bytes cut off at end of file",
+                                 expected - 1, claimed=(end, crc))
+                    return
+                payload = data[pos + FRAME_SIZE:end]
+                if crc32(payload) != crc:
+                    self._damage(data, pos, "checksum mismatch", expected - 1,
+                                 claimed=(end, crc))
+                    return
+                try:  # decode_records, inlined
+                    records = unpackb(payload, raw=False, strict_map_key=False)
+                except Exception as exc:  # msgpack raises several types for bad input
+                    raise CorruptLogError(self.path, pos, f"undecodable frame ({exc})") from exc
+                if type(records) is not list or not records:
+                    raise CorruptLogError(self.path, pos,
+                                          "malformed frame (not a list of records)")
+                for record in records:  # a frame is all or nothing: check it whole, then yield
+                    # A put [lsn, OP_PUT, key, value] is checked inline (valid_record, the
+                    # common case); anything else goes through valid_record.
+                    if not (type(record) is list and len(record) == 4 and record[1] == OP_PUT
+                            and type(record[0]) is int and type(record[3]) is bytes
+                            and (type(record[2]) is str or type(record[2]) is bytes)
+                            ) and not valid_record(record):
+                        raise CorruptLogError(self.path, pos, "malformed record")
+                    if record[0] != expected:
+                        raise CorruptLogError(self.path, pos, f"record has LSN {record[0]} "
+                                                              f"where {expected} was expected")
+                    expected += 1
+                count += len(records)
+                pos = end
+                yield records
+        finally:
+            self.records = count
+            if self.torn_bytes == 0:
+                self.end, self.last_lsn = pos, expected - 1
 
-    def _damage(self, data: mmap.mmap | bytes, offset: int, reason: str,
+    def _damage(self, data: mmap.mmap | bytes, offset: int, reason: str, last_lsn: int,
                 claimed: tuple[int, int] | None = None) -> None:
         """Apply the torn-tail policy to a bad record at `offset` (see the module docstring).
 
@@ -176,6 +199,7 @@ class SegmentReader:
         corruption only if the bytes before it match the claimed checksum, i.e. the bad
         record is intact and only its length field was damaged.
         """
+        self.end, self.last_lsn = offset, last_lsn
         if not self.is_last:
             raise CorruptLogError(self.path, offset, reason)
         later = self._find_valid_record(data, offset, claimed)

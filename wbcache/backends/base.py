@@ -8,7 +8,7 @@ lacks, and lets the flusher delete log segments only after the data is safe.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Protocol, Union
 
 Key = Union[str, bytes]
@@ -22,8 +22,8 @@ class Backend(Protocol):
     def get(self, key: Key) -> bytes | None:
         """The encoded value stored under `key`, or None."""
 
-    def apply(self, puts: Sequence[tuple[Key, bytes]], deletes: Sequence[Key], checkpoint: int,
-              increments: Sequence[tuple[Key, int]] = ()) -> None:
+    def apply(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
+              checkpoint: int, increments: Sequence[tuple[Key, int]] = ()) -> None:
         """In ONE transaction: store `puts`, remove `deletes` (missing keys are fine), set the
         checkpoint LSN and (only if `applies_increments`) add `increments` to the stored ints.
         Either all of it is durable when this returns, or none of it."""
