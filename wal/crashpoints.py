@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 # Every point, in the order a write meets them. The harness enumerates this tuple.
 POINTS = (
@@ -36,6 +37,7 @@ POINTS = (
 _TARGET: tuple[str, int] | None = None
 _TRACE: str | None = os.environ.get("WBCACHE_CRASH_TRACE") or None
 _hits: dict[str, int] = {}
+_lock = threading.Lock()
 
 
 def _parse(spec: str | None) -> tuple[str, int] | None:
@@ -52,14 +54,17 @@ ARMED = _TARGET is not None or _TRACE is not None
 
 
 def reached(name: str) -> None:
-    """Record that `name` was reached; SIGKILL the process if it is the armed hit."""
-    count = _hits.get(name, 0) + 1
-    _hits[name] = count
-    if _TRACE is not None:
-        fd = os.open(_TRACE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, f"{name}\n".encode())
-        finally:
-            os.close(fd)
-    if _TARGET is not None and _TARGET == (name, count):
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Record that `name` was reached; SIGKILL the process if it is the armed hit.
+
+    Under a lock: threads reach points concurrently, and "the Nth hit" must be exact."""
+    with _lock:
+        count = _hits.get(name, 0) + 1
+        _hits[name] = count
+        if _TRACE is not None:
+            fd = os.open(_TRACE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, f"{name}\n".encode())
+            finally:
+                os.close(fd)
+        if _TARGET is not None and _TARGET == (name, count):
+            os.kill(os.getpid(), signal.SIGKILL)

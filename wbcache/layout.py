@@ -17,6 +17,10 @@ LOCK_NAME = "LOCK"
 WAL_NAME = "wal"
 DB_NAME = "db"
 CACHE_ID_NAME = "cache_id"
+# What `prepare` creates (wal/ and db/ stay empty until after it returns). A crash part-way
+# through the first open leaves some of these and nothing else: that directory is completed,
+# not refused.
+_LAYOUT_NAMES = frozenset({WAL_NAME, DB_NAME, LOCK_NAME, CACHE_ID_NAME, f"{CACHE_ID_NAME}.tmp"})
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ def prepare(path: str | os.PathLike[str]) -> Layout:
     if os.path.exists(root):
         if not os.path.isdir(root):
             raise InvalidDirectoryError(f"{root} exists and is not a directory")
-        if not layout.is_cache_dir() and os.listdir(root):
+        if not layout.is_cache_dir() and os.listdir(root) and not _interrupted_layout(root):
             raise InvalidDirectoryError(
                 f"{root} is not empty and not a wbcache directory; refusing to write into it"
             )
@@ -81,6 +85,14 @@ def prepare(path: str | os.PathLike[str]) -> Layout:
     if not os.path.exists(layout.cache_id_path):
         _write_durably(layout.cache_id_path, f"{uuid.uuid4().hex}\n".encode())
     return layout
+
+
+def _interrupted_layout(root: str) -> bool:
+    """Whether `root` holds only what an interrupted `prepare` leaves (see _LAYOUT_NAMES)."""
+    names = set(os.listdir(root))
+    return names <= _LAYOUT_NAMES and not any(
+        os.listdir(os.path.join(root, name)) for name in names & {WAL_NAME, DB_NAME}
+        if os.path.isdir(os.path.join(root, name)))
 
 
 def _write_durably(path: str, data: bytes) -> None:
