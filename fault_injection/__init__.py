@@ -1,4 +1,46 @@
-"""Fault injection for wbcache: crash points, kill -9 torture, power loss and corruption tools.
+"""Fault injection for wbcache: prove that no acknowledged write is ever lost.
 
-Imports only the public API (DESIGN.md, layout).
+Campaigns (each a module with a `run_*(Settings) -> Outcome`), driven by `wbcache torture`:
+
+    kill.py         random SIGKILLs of a writing worker process
+    crashpoints.py  SIGKILL at every named crash point, and twice nested inside recovery
+    powerloss.py    the disk a power cut leaves, rebuilt from a recorded trace
+    torn.py         the log cut at every offset of its last records
+    corruption.py   byte changes and bit flips before the tail
+    fuzz.py         random and mutated segments (mutations.py)
+    ioerrors.py     ENOSPC and EIO on the Nth file operation; database errors
+
+All of them judge what recovery gives with one oracle (oracle.py) over one workload
+(workload.py), run in worker processes (worker.py, runner.py) that journal every operation
+(journal.py), and, for power loss, every file operation (trace.py).
+
+Imports the public API, plus the three hooks `wbcache.wal` offers a harness: the crash point
+list (`wbcache.wal.crashpoints.POINTS`), the replaceable file operations
+(`wbcache.wal.syscalls.SYSCALLS`) and the frame layout (`wbcache.wal.format`).
+
+The names below are imported on first use, so that a worker process, which imports this
+package, does not pay for the campaigns it never runs.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "MODES": "torture",
+    "Outcome": "campaign",
+    "Settings": "campaign",
+    "Tally": "oracle",
+    "TortureReport": "torture",
+    "check_cycle": "oracle",
+    "run_torture": "torture",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

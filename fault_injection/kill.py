@@ -1,0 +1,125 @@
+"""Random SIGKILL torture: kill a writing worker at random moments, reopen, check.
+
+Each cycle starts a worker on the directory the previous cycle's kill left (so the worker's
+own open is a recovery, and a kill can land inside it), and kills it on one trigger:
+
+    acks      after a random number of acknowledgements
+    flush     when a flush starts its database commit (the worker journals it)
+    commit    when a commit has returned: the log's truncation is running
+    rotate    when a new segment file has been opened
+    clock     after a random time
+    startup   very early: during start-up, the open or the recovery
+
+The worker's options vary per cycle (fsync mode, segment size, flush interval and threshold,
+asyncio writers through `AsyncCache` beside the threads or not), so flushes, rotations and
+truncations happen at different moments. A cycle is checked on a
+copy of the crashed directory; the directory itself goes on to the next worker.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+from wbcache.fault_injection.campaign import Outcome, Settings, check_after_crash, keep_evidence
+from wbcache.fault_injection.journal import ACK, DB_BEGIN, DB_DONE, OPEN
+from wbcache.fault_injection.oracle import journals_from
+from wbcache.fault_injection.runner import prepare_directory, recover, run_worker
+from wbcache.fault_injection.worker import WorkerConfig
+
+TRIGGERS = ("acks", "flush", "commit", "rotate", "clock", "startup")
+_EVENT_TRIGGER_FALLBACK = 5.0  # seconds: kill anyway if the awaited event never comes
+
+
+def _nth(tag: str, n: int, *, created_only: bool = False) -> Callable[[list[Any]], bool]:
+    seen = 0
+
+    def decide(event: list[Any]) -> bool:
+        nonlocal seen
+        if event[0] == tag and (not created_only or event[3]):
+            seen += 1
+        return seen >= n
+
+    return decide
+
+
+def _options(rng: random.Random) -> dict[str, Any]:
+    return {
+        "fsync": "always" if rng.random() < 0.75 else "interval",
+        "fsync_interval": rng.choice([0.005, 0.05]),
+        "segment_size": rng.choice([4096, 8192, 65536]),
+        "flush_interval": rng.choice([0.005, 0.02, 0.1, 1.0]),
+        "flush_threshold": rng.choice([20, 200, 10_000]),
+    }
+
+
+def run_kills(settings: Settings) -> Outcome:
+    """`settings.cycles` kill cycles (fewer if `settings.seconds` runs out)."""
+    rng = random.Random(f"wbcache-torture/kill/{settings.seed}")
+    outcome = Outcome("kill")
+    triggers = dict.fromkeys(TRIGGERS, 0)
+    carried: dict[Any, Any] = {}
+    directory = ""
+    asynchronous = 0
+    for cycle in range(settings.cycles):
+        if settings.expired():
+            break
+        if cycle % settings.cycles_per_dir == 0:
+            if directory:
+                shutil.rmtree(directory, ignore_errors=True)
+            directory = settings.path("kill", f"dir{cycle // settings.cycles_per_dir}")
+            carried = {}
+        trigger = TRIGGERS[cycle % len(TRIGGERS)] if cycle < len(TRIGGERS) else rng.choice(TRIGGERS)
+        triggers[trigger] += 1
+        record = "light" if trigger in ("flush", "commit", "rotate") else "none"
+        if record != "none" and not os.path.isdir(os.path.join(directory, "wal")):
+            prepare_directory(directory)  # a journaled backend needs the layout to exist
+        async_tasks = rng.choice([0, 0, 2, 4])  # asyncio writers beside the threads
+        asynchronous += bool(async_tasks)
+        config = WorkerConfig(directory=directory, seed=settings.seed, cycle=cycle,
+                              threads=settings.threads, options=_options(rng), record=record,
+                              async_tasks=async_tasks)
+        kill_on, after = _trigger(rng, trigger)
+        scratch = settings.path("kill", "scratch")
+        run = run_worker(config, scratch, kill_on=kill_on, kill_after_seconds=after)
+        label = f"kill cycle {cycle} [{trigger}]"
+        journals = journals_from(run.events)
+        recovered = recover(directory, copy_to=os.path.join(scratch, "copy"))
+        tally = check_after_crash(recovered, carried, seed=settings.seed, cycle=cycle,
+                                  journals=journals, label=label)
+        if not run.sigkilled:
+            tally.errors += 1
+            tally.note(f"{label}: the worker was not killed but exited with {run.returncode}"
+                       f"{' (hung)' if run.hung else ''}: {run.stderr[-2000:]}")
+        if tally.violations:
+            where = keep_evidence(settings, f"kill-cycle{cycle}", directory)
+            tally.note(f"{label}: the crashed directory is kept in {where}")
+        outcome.tally.add(tally)
+        carried = recovered.state
+        settings.say(f"kill {cycle + 1}/{settings.cycles} [{trigger}]: "
+                     f"{tally.acknowledged:,} acknowledged, {tally.recovered:,} recovered, "
+                     f"lost {tally.lost}, holes {tally.holes}, violations {tally.violations}")
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
+    outcome.rows["kill triggers"] = ", ".join(f"{name} {count}" for name, count in triggers.items())
+    outcome.rows["  cycles with asyncio writers too"] = asynchronous
+    return outcome
+
+
+def _trigger(rng: random.Random, trigger: str
+             ) -> tuple[Callable[[list[Any]], bool] | None, float | None]:
+    """(decide on each journal event, seconds after which to kill anyway)."""
+    if trigger == "acks":
+        return _nth(ACK, rng.randint(1, 1500)), _EVENT_TRIGGER_FALLBACK
+    if trigger == "flush":
+        return _nth(DB_BEGIN, rng.randint(1, 4)), _EVENT_TRIGGER_FALLBACK
+    if trigger == "commit":
+        return _nth(DB_DONE, rng.randint(1, 4)), _EVENT_TRIGGER_FALLBACK
+    if trigger == "rotate":  # the first segment is the one every open creates
+        return _nth(OPEN, rng.randint(2, 6), created_only=True), _EVENT_TRIGGER_FALLBACK
+    if trigger == "clock":
+        return None, rng.uniform(0.1, 0.6)
+    return None, rng.uniform(0.0, 0.2)

@@ -1,0 +1,92 @@
+"""`run_torture`: run the chosen campaigns and gather one report (what `wbcache torture` does).
+
+One size, `cycles`, scales every campaign (SCALE): with 50 (the CI slice) a run is 50 random
+kills, one pass of every crash point and more, 500 power-loss states, every torn-tail offset of
+a sample log, 5,000 corruption cases, 1,000 fuzz cases and every I/O error of the scripted run;
+with 1,000 (a soak) it is 1,000 kills, 10,000 states and 100,000 corruption cases.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from wbcache.fault_injection.campaign import Outcome, Settings
+from wbcache.fault_injection.corruption import run_corruption
+from wbcache.fault_injection.crashpoints import full_pass, run_crashpoints
+from wbcache.fault_injection.fuzz import run_fuzz
+from wbcache.fault_injection.ioerrors import run_ioerrors
+from wbcache.fault_injection.kill import run_kills
+from wbcache.fault_injection.oracle import Tally
+from wbcache.fault_injection.powerloss import run_powerloss
+from wbcache.fault_injection.torn import run_torn
+
+MODES = ("kill", "crashpoints", "powerloss", "torn", "corruption", "fuzz", "ioerrors")
+CRASH_MODES = ("kill", "crashpoints", "powerloss")
+
+CAMPAIGNS: dict[str, Callable[[Settings], Outcome]] = {
+    "kill": run_kills,
+    "crashpoints": run_crashpoints,
+    "powerloss": run_powerloss,
+    "torn": run_torn,
+    "corruption": run_corruption,
+    "fuzz": run_fuzz,
+    "ioerrors": run_ioerrors,
+}
+
+
+def scaled(mode: str, cycles: int) -> int:
+    """How many of its own cycles `mode` runs for a run of size `cycles` (SCALE)."""
+    if mode == "crashpoints":
+        return max(cycles, full_pass())  # every point at least once, whatever the size
+    if mode == "powerloss":
+        return 10 * cycles  # states
+    if mode == "torn":
+        return math.ceil(cycles / 50)  # sample logs, each cut at every offset
+    if mode == "corruption":
+        return 100 * cycles
+    if mode == "fuzz":
+        return 20 * cycles
+    return cycles  # kill: kills; ioerrors: ceil(cycles / 50) sweeps of every N
+
+
+@dataclass
+class TortureReport:
+    seed: int
+    outcomes: list[Outcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(outcome.ok for outcome in self.outcomes)
+
+    @property
+    def total(self) -> Tally:
+        total = Tally()
+        for outcome in self.outcomes:
+            total.add(outcome.tally)
+        return total
+
+    def table(self) -> str:
+        from wbcache.fault_injection.report import render
+
+        return render(self)
+
+
+def run_torture(workdir: str, *, modes: tuple[str, ...], cycles: int, seed: int,
+                threads: int = 4, seconds: float | None = None,
+                progress: Callable[[str], None] | None = None) -> TortureReport:
+    """Run each of `modes` (in MODES order) at size `cycles`; `seconds` is shared evenly
+    among them (a mode stops starting cycles when its share is spent)."""
+    report = TortureReport(seed)
+    started = time.monotonic()
+    chosen = [mode for mode in MODES if mode in modes]
+    for mode in chosen:
+        settings = Settings(workdir=workdir, seed=seed, cycles=scaled(mode, cycles),
+                            threads=threads, progress=progress,
+                            seconds=None if seconds is None else seconds / len(chosen))
+        report.outcomes.append(CAMPAIGNS[mode](settings))
+    report.seconds = time.monotonic() - started
+    return report

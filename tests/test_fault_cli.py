@@ -1,0 +1,47 @@
+"""`wbcache torture`: the table it prints, and its exit code when a check fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import wbcache.fault_injection.torture as torture
+from wbcache.cli import main
+from wbcache.fault_injection.campaign import Outcome, Settings
+from wbcache.fault_injection.oracle import Tally
+
+
+def test_torture_prints_every_figure_of_the_table_and_passes(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["torture", str(tmp_path / "work"), "--mode", "kill",
+                                       "--cycles", "3", "--seed", "9", "--threads", "2"])
+    assert result.exit_code == 0, result.output
+    for row in ("cycles", "operations", "acknowledged", "recovered", "lost (must be 0)",
+                "holes (must be 0)", "crash points covered", "seed"):
+        assert row in result.output
+    assert "kill 3/3" in result.output  # progress
+    assert "verdict: PASS" in result.output
+    seed_row = next(line for line in result.output.splitlines() if line.strip().startswith("seed"))
+    assert seed_row.split()[-1] == "9"
+
+
+def test_torture_exits_1_and_names_the_seed_when_a_write_is_lost(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def losing(settings: Settings) -> Outcome:
+        tally = Tally(cycles=1, operations=10, acknowledged=10, recovered=9, lost=1)
+        tally.note("kill cycle 0: acknowledged put 3 lost")
+        return Outcome("kill", tally)
+
+    monkeypatch.setitem(torture.CAMPAIGNS, "kill", losing)
+    result = CliRunner().invoke(main, ["torture", str(tmp_path / "work"), "--mode", "kill",
+                                       "--seed", "5"])
+    assert result.exit_code == 1
+    assert "verdict: FAIL in kill" in result.output and "--seed 5" in result.output
+    assert "acknowledged put 3 lost" in result.output
+
+
+def test_torture_refuses_a_directory_that_is_not_empty(tmp_path: Path) -> None:
+    (tmp_path / "something").write_text("x")
+    result = CliRunner().invoke(main, ["torture", str(tmp_path)])
+    assert result.exit_code == 2 and "not empty" in result.output
