@@ -18,10 +18,9 @@ import threading
 import time
 
 import click
-import msgpack
 
 import wbcache
-from wbcache.recovery import LogScan, RecoveryReport, apply_record
+from wbcache.recovery import RecoveryReport
 
 _READY = b"ready\n"
 
@@ -62,11 +61,11 @@ def demo(directory: str | None, seconds: float, threads: int) -> None:
     path = directory or tempfile.mkdtemp(prefix="wbcache-demo-")
     try:
         acked = _run_and_kill(path, threads, seconds)
-        in_db, in_log = _read_before_recovery(path)
+        sources = _sources_before_recovery(path, acked)
         with wbcache.open(path) as cache:
             recovered = [key for key, seq in acked.items() if cache.get(key) == seq]
             report = cache.recovery
-        _print_report(acked, recovered, in_db, in_log, report, threads, seconds)
+        _print_report(acked, recovered, sources, report, threads, seconds)
         lost = len(acked) - len(recovered)
     finally:
         if directory is None:
@@ -101,26 +100,16 @@ def _run_and_kill(path: str, threads: int, seconds: float) -> dict[str, int]:
     return acked
 
 
-def _read_before_recovery(path: str) -> tuple[dict[str, object], set[str]]:
-    """(what the database holds, keys the log would replay) before the directory is reopened."""
-    backend = wbcache.LmdbBackend(os.path.join(path, "db"), readonly=True)
-    try:
-        checkpoint = backend.checkpoint()
-        in_db = {key: msgpack.unpackb(value) for key, value in backend.items()
-                 if isinstance(key, str)}
-    finally:
-        backend.close()
-    state: dict[object, bytes | None] = {}
-    for record in LogScan(os.path.join(path, "wal"), checkpoint).records():
-        if record[0] > checkpoint:
-            apply_record(state, record)
-    return in_db, {key for key in state if isinstance(key, str)}
+def _sources_before_recovery(path: str, acked: dict[str, int]) -> dict[str, str | None]:
+    """Before the directory is reopened: where each acknowledged key's value will come from
+    ("database", "log", or None if absent), read without changing a byte."""
+    with wbcache.open_snapshot(path) as snapshot:
+        return {key: snapshot.get(key)[1] for key in acked}
 
 
-def _print_report(acked: dict[str, int], recovered: list[str], in_db: dict[str, object],
-                  in_log: set[str], report: RecoveryReport, threads: int,
-                  seconds: float) -> None:
-    from_db = sum(1 for key in recovered if in_db.get(key) == acked[key] and key not in in_log)
+def _print_report(acked: dict[str, int], recovered: list[str], sources: dict[str, str | None],
+                  report: RecoveryReport, threads: int, seconds: float) -> None:
+    from_db = sum(1 for key in recovered if sources[key] == "database")
     lost = len(acked) - len(recovered)
     rows = [
         ("writes acknowledged before kill -9", len(acked)),

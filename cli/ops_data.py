@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import click
+import msgpack
 
 from wbcache.cli import EXIT_DAMAGE, CommandFailed
 from wbcache.cli.ops_encoding import decode_json, describe, encode_json
@@ -24,7 +25,7 @@ from wbcache.cli.ops_output import (
     table,
     warn_if_stale,
 )
-from wbcache.maintenance import decode_value, open_snapshot
+from wbcache import open_snapshot
 from wbcache.recovery.pending import LoggedOp, LoggedRecord
 
 _TABLE_WIDTH = 60  # characters of a value shown in a table cell
@@ -38,7 +39,7 @@ class _Decoder:
 
     def __call__(self, encoded: bytes) -> Any:
         try:
-            return decode_value(encoded)
+            return msgpack.unpackb(encoded, strict_map_key=False)  # as the cache decodes
         except Exception:  # msgpack raises several types for bad input
             self.undecodable += 1
             return _Undecodable(encoded)

@@ -22,12 +22,7 @@ from wbcache.cli.ops_output import (
     table,
     warn_if_stale,
 )
-from wbcache.maintenance import (
-    DatabaseCheck,
-    DirectorySnapshot,
-    QuarantinedFile,
-    open_snapshot,
-)
+from wbcache import DatabaseCheck, DirectorySnapshot, QuarantinedFile, open_snapshot
 from wbcache.recovery.pending import PendingSummary
 from wbcache.recovery.verify import LogSurvey, SegmentReport
 

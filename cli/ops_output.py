@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from wbcache.cli import WbcacheGroup
-from wbcache.maintenance import DirectorySnapshot
+from wbcache import DirectorySnapshot
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -20,7 +20,7 @@ from wbcache.cli.ops_output import (
     number,
     rows,
 )
-from wbcache.maintenance import RecoverOutcome, recover_directory
+from wbcache import RecoverOutcome, recover_directory
 from wbcache.recovery.salvage import SalvageReport
 
 

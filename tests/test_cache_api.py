@@ -620,3 +620,28 @@ def test_eviction_racing_lock_free_reads_never_breaks_a_write(open_cache: OpenCa
         thread = i % 3
         if thread < 2:
             assert cache.get(f"k{i}") == [thread, 59], i
+
+
+def test_contains_is_right_while_eviction_has_a_dirty_entry_out(open_cache: OpenCache) -> None:
+    """Eviction pops a dirty entry and puts it back, under the lock; a lock-free `in` that
+    misses memory meanwhile must look again under the lock, not trust the database."""
+    cache = open_cache(flush_interval=3600)
+    cache.put("old", 1)
+    cache.flush()  # in the database
+    cache.put("new", 2)  # acknowledged, dirty, not in the database
+    cache.delete("old")  # acknowledged delete; the database still has it
+    answers: dict[str, bool] = {}
+
+    def ask() -> None:
+        answers["new"] = "new" in cache
+        answers["old"] = "old" in cache
+
+    with cache._lock:  # what eviction does with a dirty entry: pop it, then reinsert it
+        held_new, held_old = cache._map.pop("new"), cache._map.pop("old")
+        reader = threading.Thread(target=ask)
+        reader.start()
+        reader.join(0.2)  # it cannot answer while the entries are out: it waits for the lock
+        assert reader.is_alive()
+        cache._map["new"], cache._map["old"] = held_new, held_old
+    reader.join()
+    assert answers == {"new": True, "old": False}

@@ -142,3 +142,38 @@ def test_open_from_another_process_while_held_here_is_refused(tmp_path: Path) ->
             capture_output=True, text=True, check=True)
     assert probe.stdout.startswith("locked:")
     assert str(os.getpid()) in probe.stdout
+
+
+RACER = textwrap.dedent("""
+    import sys, wbcache
+    sys.stdin.readline()  # start together
+    try:
+        cache = wbcache.open(sys.argv[1])
+    except wbcache.CacheLockedError:
+        print("locked", flush=True)
+    else:
+        print("opened", flush=True)
+        sys.stdin.readline()
+        cache.close()
+""")
+
+
+def test_two_first_opens_of_a_new_directory_racing_give_one_owner_and_one_locked_error(
+        tmp_path: Path) -> None:
+    for trial in range(10):
+        path = tmp_path / f"race{trial}"
+        racers = [subprocess.Popen([sys.executable, "-c", RACER, str(path)], text=True,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE) for _ in range(2)]
+        for racer in racers:
+            assert racer.stdin is not None
+            racer.stdin.write("go\n")
+            racer.stdin.flush()
+        answers = sorted(racer.stdout.readline().strip() for racer in racers)  # type: ignore[union-attr]
+        for racer in racers:
+            racer.stdin.close()  # type: ignore[union-attr]
+            racer.wait()
+        errors = [racer.stderr.read() for racer in racers]  # type: ignore[union-attr]
+        assert answers == ["locked", "opened"], errors
+        with wbcache.open(path):  # and the directory is whole afterwards
+            pass

@@ -253,10 +253,12 @@ def test_a_failed_segment_deletion_is_retried_by_the_next_flush(open_cache: Open
 
     SYSCALLS.unlink = failing_unlink  # type: ignore[method-assign]
     try:
-        cache.flush()  # the data is committed; only the deletion failed
+        with pytest.raises(FlushError, match="deleting the log segments"):
+            cache.flush()  # the data is committed; only the deletion failed, and flush says so
     finally:
         del SYSCALLS.unlink
     assert cache.stats()["flush_errors"] == 1
+    assert cache.stats()["checkpoint_lsn"] == 300
     assert len(os.listdir(cache_dir / "wal")) > 1
     cache.flush()  # nothing new to write, but the deletion is retried
     assert len(os.listdir(cache_dir / "wal")) == 1
@@ -277,3 +279,56 @@ def test_opening_fsyncs_every_directory_it_creates_files_in(cache_dir: Path) -> 
         del SYSCALLS.fsync_dir
     for directory in (cache_dir.parent, cache_dir, cache_dir / "wal", cache_dir / "db"):
         assert str(directory) in synced, directory
+
+
+def test_reads_of_the_whole_cache_do_not_wait_out_a_database_outage(
+        backend: ControlledBackend, open_cache: OpenCache) -> None:
+    """The background flusher backs off outside its lock: len() and keys() wait for one
+    attempt at most, not for flush_timeout."""
+    cache = open_cache(backend=backend, flush_interval=0.01, flush_timeout=30)
+    backend.failing = True
+    cache.put("k", 1)
+    wait_until(lambda: cache.stats()["flush_errors"] >= 3)
+    started = time.monotonic()
+    assert len(cache) == 1
+    assert cache.keys() == ["k"]
+    assert time.monotonic() - started < 5  # not the 30 s flush_timeout
+    backend.failing = False
+    wait_until(lambda: backend.inner.get("k") is not None)
+
+
+def test_a_writer_that_waited_out_backpressure_is_refused_if_the_log_failed_meanwhile(
+        backend: ControlledBackend, open_cache: OpenCache) -> None:
+    cache = open_cache(backend=backend, fsync="interval", fsync_interval=3600,
+                       flush_interval=3600, max_dirty=2, flush_threshold=1000)
+    backend.gate.clear()  # the flush that backpressure starts blocks inside the database
+    outcome: list[BaseException | int] = []
+    thread = threading.Thread(target=lambda: _put_reporting(cache, "c", 3, outcome))
+    try:
+        cache.put("a", 1)  # written, not yet fsync'd (interval mode)
+        cache.put("b", 2)
+        thread.start()
+        assert backend.entered.wait(10)  # the writer of "c" now waits for space
+
+        def failing_fdatasync(fd: int) -> None:
+            raise OSError(errno.EIO, "injected fsync failure")
+
+        SYSCALLS.fdatasync = failing_fdatasync  # type: ignore[method-assign]
+        try:
+            with pytest.raises(LogFailedError):
+                cache.sync()  # the log fails while the writer waits
+        finally:
+            del SYSCALLS.fdatasync
+    finally:
+        backend.gate.set()  # the flush completes and wakes the writer
+    thread.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], LogFailedError)
+    assert cache.get("c") is None  # refused before anything was logged or remembered
+
+
+def _put_reporting(cache: wbcache.Cache, key: str, value: int,
+                   outcome: list[BaseException | int]) -> None:
+    try:
+        outcome.append(cache.put(key, value))
+    except BaseException as exc:  # reported to the test
+        outcome.append(exc)

@@ -5,6 +5,7 @@ counted twice."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -71,13 +72,13 @@ def outage(cache: wbcache.Cache, writer: Writer, take_away: Callable[[], None],
     away_since = time.monotonic()
     acked_before = writer.acked
     wait_until(lambda: cache.stats()["flush_errors"] > errors_before, 10, "a counted flush error")
-    with pytest.raises(FlushError, match=error):
-        cache.flush(timeout=0.5)
+    with pytest.raises(FlushError, match="the log keeps every write"):
+        cache.flush(timeout=0.5)  # may make an attempt of its own: it ends in the same error
     # the outage itself lasts a while: the writer must keep being acknowledged throughout
     wait_until(lambda: time.monotonic() - away_since >= OUTAGE_SECONDS
                and writer.acked >= acked_before + 200, 30, "writes acknowledged while away")
     stats = cache.stats()
-    assert stats["dirty"] > 0 and error in stats["last_flush_error"]
+    assert stats["dirty"] > 0 and re.search(error, stats["last_flush_error"])
     stuck_at = stats["checkpoint_lsn"]
     bring_back()
     target = writer.last_lsn
@@ -107,7 +108,9 @@ def test_writes_survive_the_database_going_away_and_flushing_resumes_by_itself(
         if how == "refused":
             outage(cache, writer, pg_proxy.cut, pg_proxy.restore, "refused")
         else:
-            outage(cache, writer, pg_proxy.stall, pg_proxy.unstall, "no answer within 1.5 s")
+            # the open connection times out; reconnecting through the stalled proxy, too
+            outage(cache, writer, pg_proxy.stall, pg_proxy.unstall,
+                   "no answer within 1.5 s|connection timeout expired")
     finally:
         writer.stop()
         cache.close()

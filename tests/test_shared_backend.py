@@ -266,3 +266,18 @@ def test_the_cache_id_is_made_once_and_kept(tmp_path: Path) -> None:
         assert cache.cache_id == first
     assert (tmp_path / "a" / "cache_id").read_text().strip() == first
     assert (tmp_path / "a" / "cache_id").stat().st_mode & 0o077 == 0
+
+
+def test_a_directory_remembers_its_kind_of_database_and_refuses_another(
+        tmp_path: Path, shared: SharedMemoryBackend) -> None:
+    view = shared.view()
+    view.kind = "shared-memory"  # type: ignore[attr-defined]
+    with wbcache.open(tmp_path / "a", backend=view, flush_interval=3600) as cache:
+        cache.put("only-in-the-log", 1)
+        # not flushed: replaying this log into LMDB would lose it for the shared database
+        with pytest.raises(wbcache.InvalidDirectoryError):
+            wbcache.recover_directory(tmp_path / "a")
+    assert (tmp_path / "a" / "backend").read_text().strip() == "shared-memory"
+    with pytest.raises(wbcache.InvalidDirectoryError, match="shared-memory"):
+        wbcache.open(tmp_path / "a")  # LMDB
+    assert stored(shared, "only-in-the-log") == 1  # close flushed it where it belongs

@@ -34,6 +34,14 @@ from wbcache.errors import (
     UnsupportedFormatError,
     WbcacheError,
 )
+from wbcache.maintenance import (
+    DatabaseCheck,
+    DirectorySnapshot,
+    QuarantinedFile,
+    RecoverOutcome,
+    open_snapshot,
+    recover_directory,
+)
 from wbcache.options import Options
 
 __version__ = "0.1.0"
@@ -66,6 +74,8 @@ __all__ = [
     "CacheLockedError",
     "CheckpointConflictError",
     "CorruptLogError",
+    "DatabaseCheck",
+    "DirectorySnapshot",
     "FlushError",
     "InvalidDirectoryError",
     "LmdbBackend",
@@ -73,10 +83,14 @@ __all__ = [
     "Options",
     "PostgresBackend",
     "PostgresError",
+    "QuarantinedFile",
+    "RecoverOutcome",
     "RecoveryError",
     "SchemaMismatchError",
     "UnsupportedFormatError",
     "WbcacheError",
     "open",
     "open_async",
+    "open_snapshot",
+    "recover_directory",
 ]

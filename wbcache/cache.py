@@ -40,7 +40,7 @@ from wbcache.codec import (
 )
 from wbcache.errors import CacheClosedError
 from wbcache.flusher import Flusher, IntervalSyncer
-from wbcache.layout import Layout, prepare
+from wbcache.layout import Layout, claim, complete, record_backend
 from wbcache.lock import DirectoryLock
 from wbcache.options import Options
 from wbcache.recovery import RecoveryReport, replay_into
@@ -139,16 +139,20 @@ class Cache:
             owns_backend = True
         else:
             owns_backend = backend is None
-        layout = prepare(path)
         try:
+            layout = claim(path)
             dir_lock = DirectoryLock.acquire(layout.lock)
         except BaseException:
             if owns_backend and backend is not None:
                 backend.close()
             raise
         try:
+            complete(layout)
             if backend is None:
                 backend = LmdbBackend(layout.db, map_size=options.map_size)
+            kind = getattr(backend, "kind", None)
+            if kind is not None:
+                record_backend(layout, kind)
             attach = getattr(backend, "attach", None)
             if attach is not None:  # a shared database keeps one checkpoint per directory
                 attach(layout.cache_id())
@@ -195,9 +199,9 @@ class Cache:
         held = self._map.get(key, _ABSENT)
         if held is not _ABSENT:
             return held is not _TOMBSTONE
-        key = check_key(key, self._max_key_size)
-        self._check_open()
-        return self._backend_get(key) is not None
+        # Not seen in memory, maybe only for a moment (eviction pops and reinserts dirty
+        # entries): `_get_missing` looks again under the lock before trusting the database.
+        return self._get_missing(key, _ABSENT) is not _ABSENT  # type: ignore[arg-type]
 
     def _get_missing(self, key: Key, default: Any) -> Any:
         """Not in memory: read the database, then keep the value as a clean entry."""
@@ -461,6 +465,7 @@ class Cache:
             self._space.wait()
             if self._closed:
                 raise CacheClosedError(f"cache {self.path} is closed")
+            self._committer.check()  # the log may have failed while we waited
         return self._next_lsn
 
     def _queue(self, lsn: int, payload: bytes) -> None:
@@ -642,8 +647,10 @@ class Cache:
 
     def flush(self, timeout: float | None = None) -> None:
         """Block until every write acknowledged before the call is in the database and the
-        log segments it covered are deleted. Raises `FlushError` after `timeout` seconds
-        (default: `Options.flush_timeout`) if the database does not accept it."""
+        log segments it covered are deleted. Raises `FlushError` once `timeout` seconds
+        (default: `Options.flush_timeout`) have passed and the database has not accepted it
+        (an attempt already under way is let finish: the backend's own timeout bounds it), or
+        if the covered segments could not be deleted; the log keeps every write either way."""
         self._check_open()
         self._flusher.flush(self.options.flush_timeout if timeout is None else timeout)
 

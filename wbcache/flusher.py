@@ -24,7 +24,7 @@ from wbcache.errors import FlushError, LogFailedError
 from wbcache.recovery import apply_changes
 from wbcache.wal import GroupCommitter, LogWriter, crashpoints
 
-Batch = dict[Key, "bytes | None"]  # key -> newest encoded value, None: deleted
+Changes = dict[Key, "bytes | None"]  # key -> newest encoded value, None: deleted
 Deltas = dict[Key, int]  # keys written only by increments since the last flush -> their sum
 
 _FIRST_RETRY_DELAY = 0.01  # seconds; doubles after each failure
@@ -32,11 +32,14 @@ _MAX_RETRY_DELAY = 2.0
 
 
 class Flusher:
-    def __init__(self, *, lock: threading.Lock, take: Callable[[], tuple[Batch, Deltas, int]],
+    """Moves dirty entries into the database: a background thread on the timer and when
+    woken, and `flush()` in the caller's thread (see the module docstring for one cycle)."""
+
+    def __init__(self, *, lock: threading.Lock, take: Callable[[], tuple[Changes, Deltas, int]],
                  done: Callable[[int], None], backend: Backend, writer: LogWriter,
                  interval: float, checkpoint_lsn: int) -> None:
         self._lock = lock
-        self._take = take  # called with the lock held: (batch, deltas, S)
+        self._take = take  # called with the lock held: (changes, deltas, S)
         self._done = done  # called with the lock held once S is committed
         self._backend = backend
         self._writer = writer
@@ -59,14 +62,16 @@ class Flusher:
         self._wakeup.set()
 
     def flush(self, timeout: float) -> None:
-        """Run a cycle in this thread; raise `FlushError` if it cannot finish within `timeout`."""
+        """Run a cycle in this thread, retrying with backoff; raise `FlushError` if it cannot
+        commit (and delete the segments it covers) within `timeout` seconds."""
         deadline = time.monotonic() + timeout
         with self.paused(timeout):
             self._cycle(deadline)
 
     @contextmanager
     def paused(self, timeout: float) -> Iterator[None]:
-        """Hold off every flush cycle (the database then changes only through us)."""
+        """Hold off every flush cycle (the database then changes only through us). Waits for
+        at most the attempt in progress; raises `FlushError` after `timeout` seconds."""
         if not self._mutex.acquire(timeout=timeout):
             raise FlushError(f"timed out after {timeout} s waiting for the flusher "
                              f"(last database error: {self.last_error!r}); the log keeps every write")
@@ -76,63 +81,80 @@ class Flusher:
             self._mutex.release()
 
     def stop(self) -> None:
-        """Stop the background thread (a cycle stuck retrying gives up; its batch stays
-        in flight and the next cycle takes it again)."""
+        """Stop the background thread. A batch it could not commit stays in flight and the
+        next cycle (close's final flush) takes it again."""
         self._stop.set()
         self._wakeup.set()
         if self._thread.is_alive():
             self._thread.join()
 
     def _run(self) -> None:
+        # One attempt per turn, holding the mutex; the backoff after a failure is spent
+        # OUTSIDE it, so len(), keys() and flush() wait for one attempt at most, never for a
+        # whole database outage.
+        delay = _FIRST_RETRY_DELAY
+        failing = False
         while not self._stop.is_set():
-            self._wakeup.wait(self._interval)
-            self._wakeup.clear()
+            if failing:
+                if self._stop.wait(delay):
+                    return
+                delay = min(delay * 2, _MAX_RETRY_DELAY)
+            else:
+                self._wakeup.wait(self._interval)
+                self._wakeup.clear()
             with self._mutex:
                 if self._stop.is_set():
                     return
                 try:
-                    self._cycle(None)
+                    failing = not self._cycle(None)
                 except Exception as exc:  # keep flushing; the error is counted and kept
                     self.flush_errors += 1
                     self.last_error = exc
+                    failing = True
+            if not failing:
+                delay = _FIRST_RETRY_DELAY
 
     def _cycle(self, deadline: float | None) -> bool:
-        """One flush; with `deadline` None, retry until it works or `stop()`. Mutex held."""
+        """One flush, mutex held. With a `deadline` (a caller's flush), retry until it passes,
+        then raise `FlushError`; without, try once and return whether it committed."""
         started = time.perf_counter()
         with self._lock:
-            batch, deltas, lsn = self._take()
-        if not batch and lsn <= self.checkpoint_lsn:
-            self._delete_covered_segments()  # retries a deletion that failed before
-            return True
-        if not self._apply(batch, deltas, lsn, deadline):
-            return False
-        with self._lock:
-            self._done(lsn)
-            self.checkpoint_lsn = lsn
-        self.flushes += 1
-        self.flushed_entries += len(batch)
-        self.last_flush_seconds = time.perf_counter() - started
-        self._delete_covered_segments()
+            changes, deltas, lsn = self._take()
+        if changes or lsn > self.checkpoint_lsn:
+            if not self._apply(changes, deltas, lsn, deadline):
+                return False
+            with self._lock:
+                self._done(lsn)
+                self.checkpoint_lsn = lsn
+            self.flushes += 1
+            self.flushed_entries += len(changes)
+            self.last_flush_seconds = time.perf_counter() - started
+        self._delete_covered_segments(strict=deadline is not None)  # also retries a failed one
         return True
 
-    def _delete_covered_segments(self) -> None:
-        """Delete the log segments the committed checkpoint covers (never before the commit)."""
+    def _delete_covered_segments(self, *, strict: bool) -> None:
+        """Delete the log segments the committed checkpoint covers (never before the commit).
+        A failure is counted; the next cycle (or recovery) deletes them. `strict` (a caller's
+        flush, which promises the deletion) raises it as `FlushError`."""
         try:
             deleted = self._writer.delete_through(self.checkpoint_lsn)
-        except OSError as exc:  # the data is committed; the next cycle (or recovery) retries
+        except OSError as exc:
             self.flush_errors += 1
             self.last_error = exc
+            if strict:
+                raise FlushError(f"the flush committed, but deleting the log segments it "
+                                 f"covers failed: {exc}") from exc
             return
         if deleted and crashpoints.ARMED:
             crashpoints.reached("flush.after_truncate")
 
-    def _apply(self, batch: Batch, deltas: Deltas, lsn: int, deadline: float | None) -> bool:
+    def _apply(self, changes: Changes, deltas: Deltas, lsn: int, deadline: float | None) -> bool:
         delay = _FIRST_RETRY_DELAY
         while True:
             try:
                 if crashpoints.ARMED:
                     crashpoints.reached("flush.before_commit")
-                apply_changes(self._backend, batch, deltas, lsn)
+                apply_changes(self._backend, changes, deltas, lsn)
                 if crashpoints.ARMED:
                     crashpoints.reached("flush.after_commit")
                 return True
@@ -140,14 +162,12 @@ class Flusher:
                 self.flush_errors += 1
                 self.last_error = exc
                 if deadline is None:
-                    if self._stop.wait(delay):
-                        return False
-                else:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise FlushError(f"the database did not accept the flush: {exc!r}; "
-                                         f"the log keeps every write") from exc
-                    time.sleep(min(delay, remaining))
+                    return False
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise FlushError(f"the database did not accept the flush: {exc!r}; "
+                                     f"the log keeps every write") from exc
+                time.sleep(min(delay, remaining))
                 delay = min(delay * 2, _MAX_RETRY_DELAY)
 
 

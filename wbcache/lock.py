@@ -16,6 +16,8 @@ from wbcache.errors import CacheLockedError
 
 
 class DirectoryLock:
+    """A held flock on a cache directory's LOCK file; `release()` drops it."""
+
     def __init__(self, fd: int, path: str) -> None:
         self._fd: int | None = fd
         self.path = path

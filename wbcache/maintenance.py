@@ -67,7 +67,6 @@ __all__ = [
     "DirectorySnapshot",
     "QuarantinedFile",
     "RecoverOutcome",
-    "decode_value",
     "open_snapshot",
     "recover_directory",
 ]
@@ -99,6 +98,13 @@ def existing_layout(path: str | os.PathLike[str]) -> Layout:
     if not (wal_ok and lock_ok):
         raise InvalidDirectoryError(
             f"{root} is not a wbcache directory (it has no LOCK file and wal/ directory)")
+    kind = layout.backend_kind()
+    if kind not in (None, LmdbBackend.kind):
+        # Its log belongs to that database: replaying it into db/ would lose it there.
+        raise InvalidDirectoryError(
+            f"{root} flushes into a {kind} database; these commands read and recover only "
+            f"directories of the embedded LMDB. Open it with its backend "
+            f"(wbcache.open(path, backend=...)), which recovers it into that database.")
     return layout
 
 

@@ -15,6 +15,10 @@ Key = Union[str, bytes]
 
 
 class Backend(Protocol):
+    # What kind of database this is ("lmdb", "postgresql"): the cache records it in
+    # DIR/backend and refuses to open the directory with another kind. Optional.
+    kind: str
+
     # Whether `apply` takes `increments` (deltas added to what the database holds, for a
     # database shared by many caches). Without it, increments arrive as puts of the result.
     applies_increments: bool

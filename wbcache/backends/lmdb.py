@@ -63,6 +63,7 @@ class _ReadGate:
 class LmdbBackend:
     """LMDB at `path` (a directory, created 0700), starting with a `map_size`-byte map."""
 
+    kind = "lmdb"  # recorded in DIR/backend
     # One owner: the cache's own result of an increment is the value to store.
     applies_increments = False
 

@@ -87,6 +87,7 @@ class PostgresBackend:
     psycopg (`pip install 'wbcache[postgres]'`).
     """
 
+    kind = "postgresql"  # recorded in DIR/backend
     applies_increments = True  # increments arrive as deltas and are added in the database
     default_read_ttl = 1.0  # s a clean entry is served from memory before it is read again
 
