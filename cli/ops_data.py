@@ -15,6 +15,7 @@ from typing import Any
 import click
 import msgpack
 
+from wbcache import open_snapshot
 from wbcache.cli import EXIT_DAMAGE, CommandFailed
 from wbcache.cli.ops_encoding import decode_json, describe, encode_json
 from wbcache.cli.ops_output import (
@@ -25,7 +26,6 @@ from wbcache.cli.ops_output import (
     table,
     warn_if_stale,
 )
-from wbcache import open_snapshot
 from wbcache.recovery.pending import LoggedOp, LoggedRecord
 
 _TABLE_WIDTH = 60  # characters of a value shown in a table cell

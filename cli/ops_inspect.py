@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from wbcache import DatabaseCheck, DirectorySnapshot, QuarantinedFile, open_snapshot
 from wbcache.cli import EXIT_DAMAGE, WbcacheGroup
 from wbcache.cli.ops_output import (
     count,
@@ -22,7 +23,6 @@ from wbcache.cli.ops_output import (
     table,
     warn_if_stale,
 )
-from wbcache import DatabaseCheck, DirectorySnapshot, QuarantinedFile, open_snapshot
 from wbcache.recovery.pending import PendingSummary
 from wbcache.recovery.verify import LogSurvey, SegmentReport
 

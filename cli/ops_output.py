@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import click
 
-from wbcache.cli import WbcacheGroup
 from wbcache import DirectorySnapshot
+from wbcache.cli import WbcacheGroup
 
 F = TypeVar("F", bound=Callable[..., Any])
 

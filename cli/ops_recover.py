@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from wbcache import RecoverOutcome, recover_directory
 from wbcache.cli.ops_output import (
     LogProgress,
     directory_argument,
@@ -20,7 +21,6 @@ from wbcache.cli.ops_output import (
     number,
     rows,
 )
-from wbcache import RecoverOutcome, recover_directory
 from wbcache.recovery.salvage import SalvageReport
 
 

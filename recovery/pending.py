@@ -7,7 +7,6 @@ refuse it (`CorruptLogError`), and a torn tail is left out exactly as recovery d
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,10 +15,10 @@ from typing import Any
 import msgpack
 
 from wbcache.recovery.replay import State, apply_record
-from wbcache.recovery.salvage import intact_frame
 from wbcache.recovery.scan import LogScan
 from wbcache.wal import list_segments
 from wbcache.wal.format import FRAME_MAGIC, HEADER_SIZE, OP_BATCH, OP_DELETE, OP_INCR, OP_PUT
+from wbcache.wal.reader import intact_frame, mapped
 
 OP_NAMES = {OP_PUT: "put", OP_DELETE: "delete", OP_INCR: "incr"}
 
@@ -135,28 +134,23 @@ def estimate_log_records(wal_dir: str) -> int:
 
 def _records_per_byte(path: str) -> float:
     try:
-        with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
+        with mapped(path) as (data, size):
             if size <= HEADER_SIZE:
                 return 0.0
-            data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            records = spanned = 0
+            for start in (HEADER_SIZE, size // 3, 2 * size // 3):
+                pos = at = data.find(FRAME_MAGIC, start)
+                while pos != -1 and pos - at < _SAMPLE_BYTES:
+                    lsns, end = intact_frame(data, pos, size)
+                    if not lsns:
+                        break
+                    records += len(lsns)
+                    pos = end
+                if at != -1 and pos != -1:
+                    spanned += pos - at
+            return records / spanned if spanned else 1 / 64
     except FileNotFoundError:
         return 0.0
-    try:
-        records = spanned = 0
-        for start in (HEADER_SIZE, size // 3, 2 * size // 3):
-            pos = at = data.find(FRAME_MAGIC, start)
-            while pos != -1 and pos - at < _SAMPLE_BYTES:
-                lsns, end = intact_frame(data, pos, size)
-                if not lsns:
-                    break
-                records += len(lsns)
-                pos = end
-            if at != -1 and pos != -1:
-                spanned += pos - at
-        return records / spanned if spanned else 1 / 64
-    finally:
-        data.close()
 
 
 def _size(path: str) -> int:

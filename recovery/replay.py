@@ -24,13 +24,15 @@ import msgpack
 
 from wbcache.recovery.scan import LogScan
 from wbcache.wal import crashpoints
-from wbcache.wal.format import OP_BATCH, OP_DELETE, OP_INCR, OP_PUT
+from wbcache.wal.format import OP_BATCH, OP_INCR, OP_PUT
 from wbcache.wal.segments import delete_segments
 
 if TYPE_CHECKING:
     from wbcache.backends.base import Backend
 
 Key = Any  # str | bytes
+
+PROGRESS_EVERY = 0x10000  # records between calls of a `progress` callback
 State = dict[Key, "bytes | None"]  # key -> encoded value, or None for a delete
 
 
@@ -120,7 +122,8 @@ def replay_into(backend: Backend, wal_dir: str, *, dry_run: bool = False,
             else:
                 apply_record(state, record, deltas)
             replayed += 1
-        if progress is not None and (records + len(frame)) >> 16 != records >> 16:
+        if progress is not None and (records + len(frame)) // PROGRESS_EVERY != \
+                records // PROGRESS_EVERY:
             progress(records + len(frame))
         records += len(frame)
     last_lsn = scan.last_lsn

@@ -27,27 +27,30 @@ the replayed prefix and the last intact record set aside are counted as unreadab
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from wbcache.errors import CorruptLogError
-from wbcache.recovery.replay import RecoveryReport, State, apply_changes, apply_record
+from wbcache.recovery.replay import (
+    PROGRESS_EVERY,
+    RecoveryReport,
+    State,
+    apply_changes,
+    apply_record,
+)
 from wbcache.recovery.scan import LogScan, SegmentSummary
 from wbcache.wal import SegmentFile, crashpoints, list_segments
-from wbcache.wal.format import FRAME, FRAME_MAGIC, FRAME_SIZE, HEADER_SIZE, MAX_RECORD_SIZE
-from wbcache.wal.reader import decode_records, valid_record
+from wbcache.wal.format import HEADER_SIZE
+from wbcache.wal.reader import find_intact_frame, mapped
 from wbcache.wal.segments import delete_segments
 from wbcache.wal.syscalls import SYSCALLS, write_all
 
 if TYPE_CHECKING:
     from wbcache.backends.base import Backend
 
-PROGRESS_EVERY = 0x10000  # records between progress calls, as in `replay_into`
 REPORT_NAME = "salvage.json"
 
 
@@ -275,51 +278,17 @@ def _intact_records(path: str, start: int, after_lsn: int | None) -> list[int]:
     Resynchronises on the frame magic after anything that is not a valid frame. In the damaged
     segment only frames newer than `after_lsn` count, as in the reader's own search, so that a
     stale frame inside a damaged region is not taken for records set aside."""
-    with open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        if size <= HEADER_SIZE:
-            return []
-        data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
+    with mapped(path) as (data, size):
         found: list[int] = []
         pos = max(start, HEADER_SIZE)
-        while pos < size:
-            at = data.find(FRAME_MAGIC, pos)
-            if at == -1:
-                break
-            lsns, end = intact_frame(data, at, size)
-            if lsns and (after_lsn is None or lsns[0] > after_lsn):
+        while (frame := find_intact_frame(data, pos, size)) is not None:
+            at, lsns, end = frame
+            if after_lsn is None or lsns[0] > after_lsn:
                 found.extend(lsns)
                 pos = end
             else:
                 pos = at + 1
         return found
-    finally:
-        data.close()
-
-
-def intact_frame(data: mmap.mmap, at: int, size: int) -> tuple[list[int], int]:
-    """(LSNs of its records, end offset) of a valid frame at `at`, or ([], 0).
-
-    Valid: marker, length in range, checksum right, every record well-formed. Whether its LSNs
-    fit the log around it is the caller's question."""
-    if size - at < FRAME_SIZE:
-        return [], 0
-    _, length, crc = FRAME.unpack_from(data, at)
-    end = at + FRAME_SIZE + length
-    if not 0 < length <= MAX_RECORD_SIZE or end > size:
-        return [], 0
-    payload = data[at + FRAME_SIZE:end]
-    if zlib.crc32(payload) != crc:
-        return [], 0
-    try:
-        records = decode_records(payload)
-    except Exception:  # msgpack raises several types for bad input
-        return [], 0
-    if type(records) is not list or not records or not all(map(valid_record, records)):
-        return [], 0
-    return [record[0] for record in records], end
-
 
 
 def _make_run_dir(quarantine_root: str) -> str:

@@ -62,7 +62,9 @@ class LogScan:
         """The same records, one list per frame (one group-commit write)."""
         previous_last: int | None = None
         for index, segment in enumerate(self.segments):
-            self._check_continuity(segment, previous_last)
+            gap = continuity_problem(segment, previous_last, self.checkpoint)
+            if gap is not None:
+                raise gap
             reader = SegmentReader(segment.path, first_lsn=segment.first_lsn,
                                    is_last=index == len(self.segments) - 1)
             yield from reader.frames()
@@ -72,13 +74,20 @@ class LogScan:
             ))
             previous_last = reader.last_lsn
 
-    def _check_continuity(self, segment: SegmentFile, previous_last: int | None) -> None:
-        expected = self.checkpoint + 1 if previous_last is None else previous_last + 1
-        if segment.first_lsn < expected and previous_last is not None:
-            raise CorruptLogError(segment.path, 0,
-                                  f"segment starts at LSN {segment.first_lsn}, overlapping the "
-                                  f"previous segment, which ends at LSN {previous_last}")
-        if segment.first_lsn > expected and segment.first_lsn - 1 > self.checkpoint:
-            raise CorruptLogError(segment.path, 0,
-                                  f"records {expected}..{segment.first_lsn - 1} are missing "
-                                  f"(database checkpoint {self.checkpoint})")
+
+def continuity_problem(segment: SegmentFile, previous_last: int | None,
+                       checkpoint: int) -> CorruptLogError | None:
+    """The gap or overlap before `segment` (see the module docstring), or None.
+
+    `previous_last` is the last LSN of the segment before (None for the first segment).
+    """
+    expected = checkpoint + 1 if previous_last is None else previous_last + 1
+    if segment.first_lsn < expected and previous_last is not None:
+        return CorruptLogError(segment.path, 0,
+                               f"segment starts at LSN {segment.first_lsn}, overlapping the "
+                               f"previous segment, which ends at LSN {previous_last}")
+    if segment.first_lsn > expected and segment.first_lsn - 1 > checkpoint:
+        return CorruptLogError(segment.path, 0,
+                               f"records {expected}..{segment.first_lsn - 1} are missing "
+                               f"(database checkpoint {checkpoint})")
+    return None

@@ -14,17 +14,16 @@ Nothing here writes: segments are mapped read-only.
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from wbcache.errors import CorruptLogError, UnsupportedFormatError
-from wbcache.recovery.salvage import intact_frame
-from wbcache.wal import FORMAT_VERSION, SegmentFile, SegmentReader, list_segments
-from wbcache.wal.format import FRAME_MAGIC, HEADER_SIZE, header_version
-
-PROGRESS_EVERY = 0x10000  # records between progress calls, as in `replay_into`
+from wbcache.recovery.replay import PROGRESS_EVERY
+from wbcache.recovery.scan import continuity_problem
+from wbcache.wal import FORMAT_VERSION, SegmentReader, list_segments
+from wbcache.wal.format import HEADER_SIZE, header_version
+from wbcache.wal.reader import find_intact_frame, intact_frame, mapped
 
 
 @dataclass
@@ -129,61 +128,30 @@ def survey_log(wal_dir: str, checkpoint: int, *,
     return survey
 
 
-def continuity_problem(segment: SegmentFile, previous_last: int | None,
-                       checkpoint: int) -> CorruptLogError | None:
-    """The gap or overlap before `segment`, as `LogScan` would raise it, or None.
-
-    `previous_last` is the last LSN of the segment before (None for the first segment).
-    """
-    expected = checkpoint + 1 if previous_last is None else previous_last + 1
-    if segment.first_lsn < expected and previous_last is not None:
-        return CorruptLogError(segment.path, 0,
-                               f"segment starts at LSN {segment.first_lsn}, overlapping the "
-                               f"previous segment, which ends at LSN {previous_last}")
-    if segment.first_lsn > expected and segment.first_lsn - 1 > checkpoint:
-        return CorruptLogError(segment.path, 0,
-                               f"records {expected}..{segment.first_lsn - 1} are missing "
-                               f"(database checkpoint {checkpoint})")
-    return None
-
-
 def further_damage(path: str, offset: int) -> list[CorruptLogError]:
     """Damage in a segment after its first damage (at `offset`), which stops the reader: each
     later run of bytes holding no intact frame, found by resynchronising on intact frames as
     salvage counts them. Empty when the rest of the segment is intact."""
     try:
-        with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
+        with mapped(path) as (data, size):
             if size <= HEADER_SIZE:
                 return []
-            data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            problems = []
+            found = find_intact_frame(data, offset + 1, size)  # past the damage reported
+            pos = found[0] if found is not None else None
+            while pos is not None and pos < size:
+                lsns, end = intact_frame(data, pos, size)
+                if lsns:
+                    pos = end
+                    continue
+                following = find_intact_frame(data, pos + 1, size)
+                stop = following[0] if following is not None else size
+                problems.append(CorruptLogError(
+                    path, pos, f"further damage: bytes {pos}..{stop - 1} hold no intact record"))
+                pos = following[0] if following is not None else None
+            return problems
     except FileNotFoundError:
         return []
-    try:
-        problems = []
-        pos = _next_intact(data, offset + 1, size)  # past the damage already reported
-        while pos is not None and pos < size:
-            lsns, end = intact_frame(data, pos, size)
-            if lsns:
-                pos = end
-                continue
-            following = _next_intact(data, pos + 1, size)
-            stop = following if following is not None else size
-            problems.append(CorruptLogError(
-                path, pos, f"further damage: bytes {pos}..{stop - 1} hold no intact record"))
-            pos = following
-        return problems
-    finally:
-        data.close()
-
-
-def _next_intact(data: mmap.mmap, start: int, size: int) -> int | None:
-    at = data.find(FRAME_MAGIC, start)
-    while at != -1:
-        if intact_frame(data, at, size)[0]:
-            return at
-        at = data.find(FRAME_MAGIC, at + 1)
-    return None
 
 
 def check_format_versions(wal_dir: str) -> None:

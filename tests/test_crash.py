@@ -14,7 +14,8 @@ import pytest
 import wbcache
 from wbcache import CacheLockedError
 
-# Each thread writes <prefix>t<thread>:<seq> = seq (and increments <prefix>n<thread>), in order, and reports "<thread> <seq>" on stdout
+# Each thread writes <prefix>t<thread>:<seq> = seq (and increments <prefix>n<thread>), in
+# order, and reports "<thread> <seq>" on stdout
 # (unbuffered) only after put() has returned: every reported write was acknowledged.
 WRITER = textwrap.dedent("""
     import os, sys, threading

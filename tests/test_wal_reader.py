@@ -179,7 +179,7 @@ def test_segments_written_by_the_group_committer_read_back_in_lsn_order(tmp_path
     assert scan.torn_bytes == 0
     # Each segment is named after its first record and continues the previous one.
     assert [summary.first_lsn for summary in scan.summaries] == [s.first_lsn for s in segments]
-    for before, after in zip(scan.summaries, scan.summaries[1:]):
+    for before, after in zip(scan.summaries, scan.summaries[1:], strict=False):
         assert after.first_lsn == before.last_lsn + 1
 
 

@@ -29,6 +29,8 @@ Listener = Callable[[int, int], None]
 
 
 class GroupCommitter:
+    """Writes and fsyncs the log for every writer, one batch at a time (module docstring)."""
+
     def __init__(self, lock: threading.Lock, writer: LogWriter, *, next_lsn: int,
                  sync_every_batch: bool) -> None:
         self._lock = lock

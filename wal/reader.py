@@ -21,6 +21,7 @@ import mmap
 import os
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import msgpack
@@ -73,15 +74,64 @@ def valid_record(record: object) -> bool:
     """Whether a decoded payload is a well-formed [lsn, op, ...] record."""
     if type(record) is not list or len(record) < 3 or type(record[0]) is not int or record[0] < 1:
         return False
-    if len(record) == 4 and record[1] == OP_PUT:  # the common case, checked inline (recovery)
-        key = record[2]
-        return (type(key) is str or type(key) is bytes) and type(record[3]) is bytes
     if record[1] == OP_BATCH:
         items = record[2]
         return (len(record) == 3 and type(items) is list and len(items) > 0
                 and all(type(item) is list and len(item) > 1 and _valid_op(item, 0)
                         for item in items))
     return _valid_op(record, 1)
+
+
+@contextmanager
+def mapped(path: str) -> Iterator[tuple[mmap.mmap | bytes, int]]:
+    """(the segment's bytes, mapped read-only, and its size) for the `with` block."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        data: mmap.mmap | bytes = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else _EMPTY
+    finally:
+        os.close(fd)
+    try:
+        yield data, size
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
+
+
+def intact_frame(data: mmap.mmap | bytes, at: int, size: int) -> tuple[list[int], int]:
+    """(LSNs of its records, end offset) of a valid frame at `at`, or ([], 0).
+
+    Valid: marker, length in range, checksum right, every record well formed. Whether its LSNs
+    fit the log around it is the caller's question."""
+    if size - at < FRAME_SIZE:
+        return [], 0
+    magic, length, crc = FRAME.unpack_from(data, at)
+    end = at + FRAME_SIZE + length
+    if magic != FRAME_MAGIC or not 0 < length <= MAX_RECORD_SIZE or end > size:
+        return [], 0
+    payload = data[at + FRAME_SIZE:end]
+    if zlib.crc32(payload) != crc:
+        return [], 0
+    try:
+        records = decode_records(payload)
+    except Exception:  # msgpack raises several types for bad input
+        return [], 0
+    if type(records) is not list or not records or not all(map(valid_record, records)):
+        return [], 0
+    return [record[0] for record in records], end
+
+
+def find_intact_frame(data: mmap.mmap | bytes, start: int, size: int
+                      ) -> tuple[int, list[int], int] | None:
+    """(offset, LSNs, end) of the first valid frame at or after `start`, resynchronising on the
+    frame marker, or None."""
+    at = data.find(FRAME_MAGIC, start)
+    while at != -1:
+        lsns, end = intact_frame(data, at, size)
+        if lsns:
+            return at, lsns, end
+        at = data.find(FRAME_MAGIC, at + 1)
+    return None
 
 
 class SegmentReader:
@@ -110,19 +160,8 @@ class SegmentReader:
     def frames(self) -> Iterator[list[list[Any]]]:
         """The records frame by frame (one group-commit write each): fewer steps for bulk
         readers such as recovery."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self.size = os.fstat(fd).st_size
-            data: mmap.mmap | bytes = (
-                mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if self.size else _EMPTY
-            )
-        finally:
-            os.close(fd)
-        try:
+        with mapped(self.path) as (data, self.size):
             yield from self._frames(data)
-        finally:
-            if isinstance(data, mmap.mmap):
-                data.close()
 
     def _frames(self, data: mmap.mmap | bytes) -> Iterator[list[list[Any]]]:
         size = self.size
@@ -213,31 +252,14 @@ class SegmentReader:
 
     def _find_valid_record(self, data: mmap.mmap | bytes, offset: int,
                            claimed: tuple[int, int] | None) -> int | None:
-        """Offset of the first valid record after the bad one at `offset` that is newer than
+        """Offset of the first valid frame after the bad one at `offset` that is newer than
         the last good record and proves the damage is not a torn tail, or None."""
-        at = data.find(FRAME_MAGIC, offset + 1)
-        while at != -1:
-            if self._is_valid_record_at(data, at) and (
+        found = find_intact_frame(data, offset + 1, self.size)
+        while found is not None:
+            at, lsns, _ = found
+            if lsns[0] > self.last_lsn and (
                     claimed is None or at >= claimed[0]
                     or zlib.crc32(data[offset + FRAME_SIZE:at]) == claimed[1]):
                 return at
-            at = data.find(FRAME_MAGIC, at + 1)
+            found = find_intact_frame(data, at + 1, self.size)
         return None
-
-    def _is_valid_record_at(self, data: mmap.mmap | bytes, at: int) -> bool:
-        if self.size - at < FRAME_SIZE:
-            return False
-        _, length, crc = FRAME.unpack_from(data, at)
-        end = at + FRAME_SIZE + length
-        if not 0 < length <= MAX_RECORD_SIZE or end > self.size:
-            return False
-        payload = data[at + FRAME_SIZE:end]
-        if zlib.crc32(payload) != crc:
-            return False
-        try:
-            records = decode_records(payload)
-        except Exception:  # msgpack raises several types for bad input
-            return False
-        return (type(records) is list and len(records) > 0
-                and all(valid_record(record) for record in records)
-                and records[0][0] > self.last_lsn)

@@ -58,7 +58,8 @@ def create_segment(wal_dir: str, first_lsn: int) -> tuple[int, str]:
     path = os.path.join(wal_dir, segment_name(first_lsn))
     if crashpoints.ARMED:
         crashpoints.reached("wal.segment.before_create")
-    fd = SYSCALLS.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+    fd = SYSCALLS.open(path, flags, 0o600)
     try:
         write_all(fd, encode_header())
         SYSCALLS.fdatasync(fd)

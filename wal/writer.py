@@ -72,7 +72,8 @@ class LogWriter:
         fd, path = create_segment(self._wal_dir, first_lsn)
         old_fd = self._fd
         with self._closed_lock:
-            self._closed.append(ClosedSegment(self._first_lsn, self._last_lsn, self._path, self._size))
+            self._closed.append(
+                ClosedSegment(self._first_lsn, self._last_lsn, self._path, self._size))
             self._fd, self._path = fd, path
             self._first_lsn, self._size = first_lsn, HEADER_SIZE
         SYSCALLS.close(old_fd)
@@ -96,7 +97,8 @@ class LogWriter:
     def sizes(self) -> tuple[int, int]:
         """(bytes, segments) of the log this writer holds on disk, the active segment included."""
         with self._closed_lock:
-            return (self._size + sum(segment.size for segment in self._closed), len(self._closed) + 1)
+            closed_bytes = sum(segment.size for segment in self._closed)
+            return self._size + closed_bytes, len(self._closed) + 1
 
     def close(self) -> None:
         SYSCALLS.close(self._fd)

@@ -24,7 +24,9 @@ from wbcache.errors import (
     CacheClosedError,
     CacheLockedError,
     CheckpointConflictError,
+    ConcurrentChangeError,
     CorruptLogError,
+    DatabaseError,
     FlushError,
     InvalidDirectoryError,
     LogFailedError,
@@ -54,10 +56,14 @@ def open(path: str | os.PathLike[str], *, backend: Backend | str | None = None,
     `options` are the fields of `Options` (e.g. `fsync="interval"`, `capacity=100_000`).
     `backend` replaces the embedded LMDB database: a `Backend` such as `PostgresBackend`
     (yours to close), or a URL such as "postgresql://user@host/db?table=wbcache", from which
-    the cache makes a `PostgresBackend` that it closes with itself. Raises `CacheLockedError` if another cache
-    has the directory open, `InvalidDirectoryError` if `path` is not a cache directory (or an
-    empty one), `CorruptLogError` if the log is damaged beyond a torn tail, `TypeError` or
-    `ValueError` for a bad option.
+    the cache makes a `PostgresBackend` that it closes with itself.
+
+    Raises `CacheLockedError` if another cache has the directory open; `InvalidDirectoryError`
+    if `path` is not a cache directory (nor empty, nor new) or was last opened with another
+    kind of database; `CorruptLogError` if the log is damaged beyond a torn tail;
+    `UnsupportedFormatError` for a log from a newer wbcache; `TypeError` or `ValueError` for a
+    bad option; `PostgresError` if the PostgreSQL database cannot be reached (its checkpoint
+    decides what to replay).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
@@ -73,7 +79,9 @@ __all__ = [
     "CacheClosedError",
     "CacheLockedError",
     "CheckpointConflictError",
+    "ConcurrentChangeError",
     "CorruptLogError",
+    "DatabaseError",
     "DatabaseCheck",
     "DirectorySnapshot",
     "FlushError",

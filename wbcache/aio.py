@@ -24,17 +24,22 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import deque
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from wbcache.backends.base import Backend, Key
-from wbcache.cache import BatchOperations, Cache, WouldBlock, _check_int64
-from wbcache.codec import IMMUTABLE_TYPES, Packed, check_delta, check_key, encode_value
+from wbcache.cache import BatchOperations, Cache, Op, WouldBlock, _check_int64
+from wbcache.codec import check_delta, check_key, encode_value, in_memory
 from wbcache.errors import CacheClosedError, LogFailedError
 from wbcache.options import Options
 from wbcache.wal.format import OP_INCR
 
-_Op = tuple[int, Key, Any, Any]
+T = TypeVar("T")
+
+
+def _lsn_twice(lsn: int) -> tuple[int, int]:
+    """(LSN, result) for a write whose result is its LSN."""
+    return lsn, lsn
 
 
 class AsyncCache:
@@ -149,17 +154,10 @@ class AsyncCache:
         cache = self._cache
         key = check_key(key, cache._max_key_size)
         encoded = encode_value(value, cache._max_value_size, key)
-        held = value if type(value) in IMMUTABLE_TYPES else Packed(encoded)
-        with cache._lock:
-            try:
-                lsn = cache._write_put(key, encoded, held, block=False)
-            except WouldBlock:
-                future = None
-            else:
-                future = self._expect(lsn, lsn)
-        if future is None:
-            return await asyncio.to_thread(cache.put, key, value)
-        return await future
+        held = in_memory(value, encoded)
+        return await self._write(
+            lambda: _lsn_twice(cache._write_put(key, encoded, held, block=False)),
+            lambda: cache.put(key, value))
 
     async def delete(self, key: Key) -> int:
         """Delete `key` (a missing key is not an error); return the LSN once durable."""
@@ -172,36 +170,21 @@ class AsyncCache:
     async def _delete(self, key: Key, *, must_exist: bool) -> int:
         cache = self._cache
         key = check_key(key, cache._max_key_size)
-        future = None
-        if not must_exist or key in cache._map:  # else: finding out may read the database
-            with cache._lock:
-                try:
-                    lsn = cache._write_delete(key, must_exist, block=False)
-                except WouldBlock:
-                    pass
-                else:
-                    future = self._expect(lsn, lsn)
-        if future is None:
-            return await asyncio.to_thread(cache._delete, key, must_exist=must_exist)
-        return await future
+        in_memory_alone = not must_exist or key in cache._map  # else it may read the database
+        return await self._write(
+            (lambda: _lsn_twice(cache._write_delete(key, must_exist, block=False)))
+            if in_memory_alone else None,
+            lambda: cache._delete(key, must_exist=must_exist))
 
     async def incr(self, key: Key, delta: int = 1) -> int:
         """Add `delta` atomically; return the new value once durable (see `Cache.incr`)."""
         cache = self._cache
         key = check_key(key, cache._max_key_size)
         _check_int64(check_delta(delta), "incr delta")
-        future = None
-        if cache._counts_from_memory(key):  # else: the value may come from the database
-            with cache._lock:
-                try:
-                    lsn, result = cache._write_incr(key, delta, block=False)
-                except WouldBlock:
-                    pass
-                else:
-                    future = self._expect(lsn, result)
-        if future is None:
-            return await asyncio.to_thread(cache.incr, key, delta)
-        return await future
+        return await self._write(  # a value not in memory (or stale) comes from the database
+            (lambda: cache._write_incr(key, delta, block=False))
+            if cache._counts_from_memory(key) else None,
+            lambda: cache.incr(key, delta))
 
     async def put_many(self, entries: Mapping[Key, Any] | Iterable[tuple[Key, Any]]) -> int:
         """Store every entry atomically, one record and one fsync; return its LSN."""
@@ -213,21 +196,33 @@ class AsyncCache:
             raise CacheClosedError(f"cache {self.path} is closed")
         return AsyncBatch(self)
 
-    async def _commit(self, ops: list[_Op]) -> int:
+    async def _commit(self, ops: list[Op]) -> int:
         cache = self._cache
+        # Increments of keys not in memory may read the database: those go to a thread.
+        in_memory_alone = all(op != OP_INCR or cache._counts_from_memory(key)
+                              for op, key, _, _ in ops)
+        return await self._write(
+            (lambda: _lsn_twice(cache._write_batch(ops, block=False)))
+            if in_memory_alone else None,
+            lambda: cache._commit(ops))
+
+    async def _write(self, fast: Callable[[], tuple[int, T]] | None,
+                     slow: Callable[[], T]) -> T:
+        """Run `fast` (a non-blocking write, lock held: its (LSN, result)) in the loop thread
+        and await its acknowledgement. Without a fast path, or when it meets backpressure,
+        run `slow` (the blocking `Cache` call) in a worker thread instead."""
         future = None
-        # Increments of keys not in memory may read the database: do those in a thread.
-        if all(op != OP_INCR or cache._counts_from_memory(key) for op, key, _, _ in ops):
-            with cache._lock:
+        if fast is not None:
+            with self._cache._lock:
                 try:
-                    lsn = cache._write_batch(ops, block=False)
+                    lsn, result = fast()
                 except WouldBlock:
                     pass
                 else:
-                    future = self._expect(lsn, lsn)
+                    future = self._expect(lsn, result)
         if future is None:
-            return await asyncio.to_thread(cache._commit, ops)
-        return await future
+            return await asyncio.to_thread(slow)
+        return await future  # type: ignore[no-any-return]
 
     # ----------------------------------------------------------------- control
 

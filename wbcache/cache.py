@@ -29,7 +29,6 @@ from wbcache.backends.base import Backend, Key
 from wbcache.backends.lmdb import LmdbBackend
 from wbcache.backends.postgres import PostgresBackend
 from wbcache.codec import (
-    IMMUTABLE_TYPES,
     INT64_MAX,
     INT64_MIN,
     Packed,
@@ -37,6 +36,7 @@ from wbcache.codec import (
     check_key,
     encode_value,
     from_encoded,
+    in_memory,
 )
 from wbcache.errors import CacheClosedError
 from wbcache.flusher import Flusher, IntervalSyncer
@@ -69,7 +69,7 @@ class _Tombstone:
 _TOMBSTONE: Any = _Tombstone()
 
 # One batch operation as validated before the lock: (op, key, encoded value | delta | None, held)
-_Op = tuple[int, Key, Any, Any]
+Op = tuple[int, Key, Any, Any]
 # Its effect on memory: (key, held, encoded | None, delta if an increment)
 _Effect = tuple[Key, Any, Any, "int | None"]
 
@@ -170,7 +170,11 @@ class Cache:
     # ----------------------------------------------------------------- reads
 
     def get(self, key: Key, default: Any = None) -> Any:
-        """The value stored under `key`, or `default`. Containers come back as fresh copies."""
+        """The value stored under `key`, or `default`. Containers come back as fresh copies.
+
+        Served from memory when it can be; otherwise read from the database (and kept).
+        Raises `TypeError`/`ValueError` for a bad key, `CacheClosedError`, and the backend's
+        own error (e.g. `PostgresError`) if a database read fails."""
         held = self._map.get(key, _ABSENT)
         if held is _ABSENT:
             return self._get_missing(key, default)
@@ -264,7 +268,7 @@ class Cache:
         """
         key = check_key(key, self._max_key_size)
         encoded = encode_value(value, self._max_value_size, key)
-        held = value if type(value) in IMMUTABLE_TYPES else Packed(encoded)
+        held = in_memory(value, encoded)
         with self._lock:
             lsn = self._write_put(key, encoded, held)
             self._committer.wait(lsn)
@@ -276,7 +280,9 @@ class Cache:
         self.put(key, value)
 
     def delete(self, key: Key) -> int:
-        """Delete `key` (a missing key is not an error); return the LSN once durable."""
+        """Delete `key` (a missing key is not an error); return the LSN once durable.
+
+        Raises `TypeError`/`ValueError` for a bad key, `CacheClosedError`, `LogFailedError`."""
         return self._delete(key, must_exist=False)
 
     def __delitem__(self, key: Key) -> None:
@@ -306,14 +312,16 @@ class Cache:
     def put_many(self, entries: Mapping[Key, Any] | Iterable[tuple[Key, Any]]) -> int:
         """Store every (key, value) atomically: one log record, one fsync. Return its LSN.
 
-        Later duplicates of a key win. Every entry is validated before anything is written.
+        Later duplicates of a key win. Every entry is validated before anything is written:
+        `TypeError`/`ValueError` for a bad pair, key or value, or a batch over the log's record
+        limit; also `CacheClosedError`, `LogFailedError`.
         An empty `entries` writes nothing and returns the last LSN assigned so far.
         """
         return self._commit(self._put_many_ops(entries))
 
-    def _put_many_ops(self, entries: Mapping[Key, Any] | Iterable[tuple[Key, Any]]) -> list[_Op]:
+    def _put_many_ops(self, entries: Mapping[Key, Any] | Iterable[tuple[Key, Any]]) -> list[Op]:
         pairs = entries.items() if isinstance(entries, Mapping) else entries
-        ops: list[_Op] = []
+        ops: list[Op] = []
         for pair in pairs:
             try:
                 if isinstance(pair, (str, bytes)):  # "ab" would unpack as ("a", "b")
@@ -331,10 +339,10 @@ class Cache:
         self._check_open()
         return Batch(self)
 
-    def _put_op(self, key: Key, value: Any) -> _Op:
+    def _put_op(self, key: Key, value: Any) -> Op:
         key = check_key(key, self._max_key_size)
         encoded = encode_value(value, self._max_value_size, key)
-        return (OP_PUT, key, encoded, value if type(value) in IMMUTABLE_TYPES else Packed(encoded))
+        return (OP_PUT, key, encoded, in_memory(value, encoded))
 
     def _read_ahead(self, key: Key) -> None:
         """Before an increment, outside the lock (the database may be a server): bring `key`'s
@@ -367,7 +375,7 @@ class Cache:
         return key in self._map and (key in self._dirty or key in self._inflight
                                      or self._fresh(key))
 
-    def _commit(self, ops: list[_Op]) -> int:
+    def _commit(self, ops: list[Op]) -> int:
         """Log `ops` as ONE record and apply them to memory; return its LSN once durable."""
         for op, key, _, _ in ops:
             if op == OP_INCR:
@@ -410,7 +418,7 @@ class Cache:
         self._evict_if_over_capacity()
         return lsn, result
 
-    def _write_batch(self, ops: list[_Op], block: bool = True) -> int:
+    def _write_batch(self, ops: list[Op], block: bool = True) -> int:
         if not ops:  # nothing to write; the answer is as durable as what came before it
             self._check_open()
             return self._next_lsn - 1
@@ -427,7 +435,7 @@ class Cache:
         self._evict_if_over_capacity()
         return lsn
 
-    def _resolve(self, ops: list[_Op]) -> tuple[list[list[Any]], list[_Effect]]:
+    def _resolve(self, ops: list[Op]) -> tuple[list[list[Any]], list[_Effect]]:
         """Log items and memory effects of a batch; increments see the batch's earlier ops."""
         items: list[list[Any]] = []
         effects: list[_Effect] = []
@@ -531,7 +539,8 @@ class Cache:
         if current is _ABSENT or current is _TOMBSTONE:
             current = 0
         elif type(current) is not int:
-            raise TypeError(f"incr: the value under {key!r} is a {type(current).__name__}, not an int")
+            raise TypeError(f"incr: the value under {key!r} is a {type(current).__name__}, "
+                            f"not an int")
         return _check_int64(current + delta, f"incr result for {key!r}")
 
     def _evict_if_over_capacity(self) -> None:
@@ -604,17 +613,20 @@ class Cache:
     # ------------------------------------------------------------ whole-cache views
 
     def keys(self) -> list[Key]:
-        """Every key, memory and database merged, as a snapshot list."""
+        """Every key, memory and database merged, as a snapshot list. Holds off the flusher
+        while it reads; raises `FlushError` if a flush attempt in progress does not end within
+        `Options.flush_timeout`, `CacheClosedError`."""
         return [key for key, _ in self._merged(decode=False)]
 
     def items(self) -> list[tuple[Key, Any]]:
-        """Every (key, value), memory and database merged, as a snapshot list."""
+        """Every (key, value), memory and database merged, as a snapshot list (see `keys`)."""
         return self._merged(decode=True)
 
     def __iter__(self) -> Iterator[Key]:
         return iter(self.keys())
 
     def __len__(self) -> int:
+        """How many keys, memory and database merged (see `keys` for what it waits for)."""
         with self._flusher.paused(self.options.flush_timeout):
             pending = self._pending()
             count = self._backend.count()
@@ -655,14 +667,16 @@ class Cache:
         self._flusher.flush(self.options.flush_timeout if timeout is None else timeout)
 
     def sync(self) -> None:
-        """Block until every earlier write is fsync'd (a no-op wait under fsync="always")."""
+        """Block until every earlier write is fsync'd (a no-op wait under fsync="always").
+        Raises `LogFailedError` if the fsync fails, `CacheClosedError`."""
         with self._lock:
             self._check_open()
             self._committer.wait(self._next_lsn - 1, durable=True)
 
     def stats(self) -> dict[str, Any]:
-        """Counters and state. `hits`/`misses`: reads served from memory / that needed the
-        database (they are not locked, so concurrent readers may undercount slightly)."""
+        """Counters and state (README, "stats()"). `hits`/`misses`: reads served from memory /
+        that needed the database (they are not locked, so concurrent readers may undercount
+        slightly). Raises `CacheClosedError`."""
         wal_bytes, wal_segments = self._writer.sizes()
         flusher = self._flusher
         with self._lock:
@@ -679,7 +693,8 @@ class Cache:
                 "flushed_entries": flusher.flushed_entries,
                 "backend_writes": flusher.flushed_entries + self.recovery.keys,
                 "flush_errors": flusher.flush_errors,
-                "last_flush_error": None if flusher.last_error is None else repr(flusher.last_error),
+                "last_flush_error": (None if flusher.last_error is None
+                                     else repr(flusher.last_error)),
                 "last_flush_seconds": flusher.last_flush_seconds,
                 "wal_bytes": wal_bytes,
                 "wal_segments": wal_segments,
@@ -750,7 +765,7 @@ class BatchOperations:
 
     def __init__(self, cache: Cache) -> None:
         self._cache = cache
-        self._ops: list[_Op] = []
+        self._ops: list[Op] = []
         self._done = False
         self.lsn: int | None = None
 

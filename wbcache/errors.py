@@ -35,6 +35,15 @@ class InvalidDirectoryError(WbcacheError):
     """The path is not a usable cache directory (a file, or a directory of something else)."""
 
 
+class DatabaseError(WbcacheError):
+    """The embedded database could not be opened or read (the message names it)."""
+
+
+class ConcurrentChangeError(WbcacheError):
+    """A live cache changed the directory while a read-only tool was reading it; run the tool
+    again (or stop the cache first)."""
+
+
 class FlushError(WbcacheError):
     """The database did not accept a flush within the timeout; the log still holds every write."""
 

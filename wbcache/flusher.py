@@ -1,4 +1,5 @@
-"""Background work of an open cache: the `Flusher` and, under fsync="interval", the `IntervalSyncer`.
+"""Background work of an open cache: the `Flusher`, and under fsync="interval" the
+`IntervalSyncer`.
 
 A flush cycle:
   1. under the sequencer lock, take the dirty set and the LSN S it reflects (every record with
@@ -73,8 +74,8 @@ class Flusher:
         """Hold off every flush cycle (the database then changes only through us). Waits for
         at most the attempt in progress; raises `FlushError` after `timeout` seconds."""
         if not self._mutex.acquire(timeout=timeout):
-            raise FlushError(f"timed out after {timeout} s waiting for the flusher "
-                             f"(last database error: {self.last_error!r}); the log keeps every write")
+            raise FlushError(f"timed out after {timeout} s waiting for the flusher (last "
+                             f"database error: {self.last_error!r}); the log keeps every write")
         try:
             yield
         finally:

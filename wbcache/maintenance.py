@@ -40,7 +40,13 @@ import lmdb
 from wbcache.backends.base import Key
 from wbcache.backends.lmdb import LmdbBackend
 from wbcache.codec import decode_value
-from wbcache.errors import CacheLockedError, InvalidDirectoryError, WbcacheError
+from wbcache.errors import (
+    CacheClosedError,
+    CacheLockedError,
+    ConcurrentChangeError,
+    DatabaseError,
+    InvalidDirectoryError,
+)
 from wbcache.layout import Layout
 from wbcache.lock import DirectoryLock, owner_pid
 from wbcache.recovery import RecoveryReport, replay_into
@@ -158,7 +164,7 @@ def _database_error(layout: Layout, exc: lmdb.Error) -> Exception:
     text = str(exc)
     if isinstance(exc, lmdb.ReadonlyError) or "Permission denied" in text:
         return PermissionError(errno.EACCES, "Permission denied", layout.db)
-    return WbcacheError(f"cannot read the database in {layout.db}: {text}")
+    return DatabaseError(f"cannot read the database in {layout.db}: {text}")
 
 
 class _WriteOnDemand:
@@ -443,8 +449,8 @@ class DirectorySnapshot:
     def _changed_under_us(self, exc: FileNotFoundError) -> Exception:
         if not self.live_owner:
             return exc
-        return WbcacheError(f"the live cache deleted {exc.filename} while it was being read "
-                            "(it flushed); run the command again")
+        return ConcurrentChangeError(f"the live cache deleted {exc.filename} while it was being "
+                                     "read (it flushed); run the command again")
 
     # the data as the cache would see it after recovery
 
@@ -487,7 +493,7 @@ class DirectorySnapshot:
 
     def _database(self) -> LmdbBackend | _EmptyDatabase:
         if self._db is None:
-            raise WbcacheError(f"snapshot of {self.path} is closed")
+            raise CacheClosedError(f"snapshot of {self.path} is closed")
         return self._db
 
 

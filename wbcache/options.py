@@ -85,7 +85,8 @@ class Options:
                      "max_key_size", "max_value_size", "map_size"):
             _check_positive_int(name, getattr(self, name))
         if self.segment_size < 4 * KiB:
-            raise ValueError(f"option segment_size must be at least 4096 bytes, not {self.segment_size}")
+            raise ValueError(f"option segment_size must be at least 4096 bytes, "
+                             f"not {self.segment_size}")
         if self.max_value_size > MAX_RECORD_SIZE - _RECORD_OVERHEAD:
             raise ValueError(
                 f"option max_value_size must be at most {MAX_RECORD_SIZE - _RECORD_OVERHEAD} "
@@ -98,7 +99,8 @@ class Options:
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise TypeError(f"unknown option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise TypeError(f"unknown option(s): {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(known))}")
         return cls(**kwargs)
 
 

@@ -9,9 +9,9 @@ lacks, and lets the flusher delete log segments only after the data is safe.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
-from typing import Protocol, Union
+from typing import Protocol
 
-Key = Union[str, bytes]
+Key = str | bytes
 
 
 class Backend(Protocol):

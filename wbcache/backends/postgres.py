@@ -36,11 +36,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from wbcache.backends.base import Key
-from wbcache.errors import (
-    CheckpointConflictError,
-    PostgresError,
-    SchemaMismatchError,
-)
 from wbcache.backends.postgres_schema import (
     CHECKPOINT_CONFLICT_MARK,
     DDL_LOCK_CLASS,
@@ -51,6 +46,11 @@ from wbcache.backends.postgres_schema import (
     decode_key,
     encode_key,
     join_value,
+)
+from wbcache.errors import (
+    CheckpointConflictError,
+    PostgresError,
+    SchemaMismatchError,
 )
 
 if TYPE_CHECKING:
