@@ -134,36 +134,37 @@ class Cache:
     def open(cls, path: str | os.PathLike[str], options: Options,
              backend: Backend | str | None = None) -> Cache:
         """Lock the directory, recover it, start the background threads. See `wbcache.open`."""
+        given: Backend | None
         if isinstance(backend, str):  # a URL: the cache makes the backend and owns it
-            backend = PostgresBackend.from_url(backend)
-            owns_backend = True
+            given, owns_backend = PostgresBackend.from_url(backend), True
         else:
-            owns_backend = backend is None
+            given, owns_backend = backend, backend is None
         try:
             layout = claim(path)
             dir_lock = DirectoryLock.acquire(layout.lock)
         except BaseException:
-            if owns_backend and backend is not None:
-                backend.close()
+            if owns_backend and given is not None:
+                given.close()
             raise
+        database: Backend | None = given
         try:
             complete(layout)
-            if backend is None:
-                backend = LmdbBackend(layout.db, map_size=options.map_size)
-            kind = getattr(backend, "kind", None)
+            if database is None:
+                database = LmdbBackend(layout.db, map_size=options.map_size)
+            kind = getattr(database, "kind", None)
             if kind is not None:
                 record_backend(layout, kind)
-            attach = getattr(backend, "attach", None)
+            attach = getattr(database, "attach", None)
             if attach is not None:  # a shared database keeps one checkpoint per directory
                 attach(layout.cache_id())
-            if options.max_key_size > backend.max_key_size:
+            if options.max_key_size > database.max_key_size:
                 raise ValueError(f"option max_key_size ({options.max_key_size}) exceeds the "
-                                 f"database's limit of {backend.max_key_size} bytes")
-            report = replay_into(backend, layout.wal)
-            return cls(layout, dir_lock, backend, options, report, owns_backend=owns_backend)
+                                 f"database's limit of {database.max_key_size} bytes")
+            report = replay_into(database, layout.wal)
+            return cls(layout, dir_lock, database, options, report, owns_backend=owns_backend)
         except BaseException:
-            if owns_backend and backend is not None:
-                backend.close()
+            if owns_backend and database is not None:
+                database.close()
             dir_lock.release()
             raise
 
@@ -200,7 +201,7 @@ class Cache:
     def __contains__(self, key: object) -> bool:
         if self._clean_since is not None:
             return self.get(key, _ABSENT) is not _ABSENT  # type: ignore[arg-type]
-        held = self._map.get(key, _ABSENT)
+        held = self._map.get(key, _ABSENT)  # type: ignore[call-overload]
         if held is not _ABSENT:
             return held is not _TOMBSTONE
         # Not seen in memory, maybe only for a moment (eviction pops and reinserts dirty

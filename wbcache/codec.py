@@ -13,7 +13,7 @@ read, so a caller mutating a returned list or dict can never change the cache.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -37,9 +37,10 @@ def check_key(key: object, max_size: int) -> Key:
     """Return `key` as an exact str or bytes, or raise TypeError/ValueError naming the problem."""
     kind = type(key)
     if kind is str:
-        size = len(key) if key.isascii() else _utf8_size(key)  # type: ignore[union-attr,arg-type]
+        text = cast(str, key)
+        size = len(text) if text.isascii() else _utf8_size(text)
     elif kind is bytes:
-        size = len(key)  # type: ignore[arg-type]
+        size = len(cast(bytes, key))
     elif isinstance(key, str):  # a str subclass (e.g. a StrEnum): store the plain string
         return check_key(str.__str__(key), max_size)
     elif isinstance(key, bytes):
@@ -50,7 +51,7 @@ def check_key(key: object, max_size: int) -> Key:
         raise ValueError("keys must not be empty")
     if size > max_size:
         raise ValueError(f"key of {size} bytes exceeds max_key_size ({max_size} bytes)")
-    return key  # type: ignore[return-value]
+    return cast(Key, key)
 
 
 def _utf8_size(key: str) -> int:

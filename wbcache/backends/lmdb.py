@@ -15,6 +15,7 @@ import os
 import threading
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import lmdb
 
@@ -94,10 +95,10 @@ class LmdbBackend:
     def max_key_size(self) -> int:
         return int(self._env.max_key_size())
 
-    def _db_and_raw(self, key: Key) -> tuple[object, bytes]:
-        if type(key) is str:
+    def _db_and_raw(self, key: Key) -> tuple[Any, bytes]:
+        if isinstance(key, str):
             return self._str, key.encode()
-        return self._bytes, key  # type: ignore[return-value]
+        return self._bytes, key
 
     def get(self, key: Key) -> bytes | None:
         db, raw = self._db_and_raw(key)
@@ -125,10 +126,10 @@ class LmdbBackend:
             raise ValueError("LmdbBackend takes increments as puts of their results")
         # One pass (a flush of 100,000 entries spends more time here than in LMDB otherwise).
         str_puts: list[tuple[bytes, bytes]] = []
-        bytes_puts: list[tuple[Key, bytes]] = []
+        bytes_puts: list[tuple[bytes, bytes]] = []
         add_str, add_bytes = str_puts.append, bytes_puts.append
         for key, value in puts:
-            if type(key) is str:
+            if isinstance(key, str):  # keys are exact str or bytes (codec.check_key)
                 add_str((key.encode(), value))
             else:
                 add_bytes((key, value))
@@ -139,7 +140,7 @@ class LmdbBackend:
             except lmdb.MapFullError:
                 self._grow()
 
-    def _write(self, str_puts: list[tuple[bytes, bytes]], bytes_puts: list[tuple[Key, bytes]],
+    def _write(self, str_puts: list[tuple[bytes, bytes]], bytes_puts: list[tuple[bytes, bytes]],
                deletes: Sequence[Key], checkpoint: int) -> None:
         with self._env.begin(write=True) as txn:
             if str_puts:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Generator, Sequence
+from collections.abc import Collection, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -237,7 +237,7 @@ class PostgresBackend:
 
     # ---------------------------------------------------------------- the flush
 
-    def apply(self, puts: Sequence[tuple[Key, bytes]], deletes: Sequence[Key], checkpoint: int,
+    def apply(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key], checkpoint: int,
               increments: Sequence[tuple[Key, int]] = ()) -> None:
         """Store `puts`, remove `deletes`, add `increments` and set this cache's checkpoint,
         in one transaction sent in one round trip. Raises `PostgresError` (nothing committed,

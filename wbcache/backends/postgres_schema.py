@@ -23,7 +23,7 @@ many caches all count, whatever order their transactions commit in.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,7 +199,7 @@ class Statements:
             f"WHEN c.lsn = %s::bigint AND c.lsn < EXCLUDED.lsn THEN EXCLUDED.lsn "
             f"ELSE ('{CHECKPOINT_CONFLICT_MARK} the stored checkpoint is ' || c.lsn)::bigint END")
 
-    def flush(self, puts: Sequence[tuple[Key, bytes]], deletes: Sequence[Key],
+    def flush(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
               increments: Sequence[tuple[Key, int]], cache_id: str, checkpoint: int,
               known: int) -> list[tuple[str, tuple[Any, ...]]]:
         """The statements of one flush transaction (without BEGIN and COMMIT), keys sorted;
