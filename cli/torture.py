@@ -1,7 +1,9 @@
 """`wbcache torture`: prove the guarantee on this disk by crashing a cache over and over.
 
 The campaigns live in `wbcache.fault_injection`; this command picks them, sizes them, prints
-their progress and the final table, and exits 1 if any check failed.
+their progress and the final table, and exits 1 if any check failed. With `--backend`, the
+caches flush into a shared database instead of their own LMDB, and the one campaign that
+applies there runs: several nodes SIGKILLed while they count into the same counters.
 """
 
 from __future__ import annotations
@@ -12,9 +14,23 @@ import shutil
 import tempfile
 
 import click
+from click.core import ParameterSource
 
 from wbcache.fault_injection.report import verdict
-from wbcache.fault_injection.torture import MODES, run_torture
+from wbcache.fault_injection.shared_table import check_url, redacted
+from wbcache.fault_injection.torture import BACKEND_MODES, MODES, run_torture
+
+THREADS = 4  # writer threads per worker
+BACKEND_THREADS = 8  # per node, with --backend (issue 6: four processes of 8 threads)
+
+
+def _backend(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            check_url(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
 
 
 @click.command()
@@ -23,20 +39,27 @@ from wbcache.fault_injection.torture import MODES, run_torture
               help="kill: SIGKILL a writing worker at random moments; crashpoints: at every "
                    "named crash point, and twice inside recovery; powerloss: rebuild what a "
                    "power cut leaves (unsynced bytes dropped or torn); torn, corruption, fuzz: "
-                   "damage the log's bytes; ioerrors: ENOSPC/EIO on the Nth call; all: each.")
+                   "damage the log's bytes; ioerrors: ENOSPC/EIO on the Nth call; all: each. "
+                   "With --backend only kill runs (the default there).")
+@click.option("--backend", metavar="URL", callback=_backend, default=None,
+              help="Torture caches sharing this database (postgresql://user@host/db): four "
+                   "nodes, each its own directory, count into the same 100 counters of a "
+                   "fresh table (dropped at the end), and are SIGKILLed and restarted; every "
+                   "counter must then be exact. Only --mode kill.")
 @click.option("--cycles", default=50, show_default=True, type=click.IntRange(1),
               help="Size of the run: kills; crash-point runs (at least one per point); "
                    "power-loss states x10; corruption cases x100; fuzz cases x20; torn-tail "
-                   "logs and I/O error sweeps /50.")
+                   "logs and I/O error sweeps /50. With --backend: kills, shared by the nodes.")
 @click.option("--seed", type=int, default=None,
               help="Seed of every random choice (default: a random one, printed).")
-@click.option("--threads", default=4, show_default=True, type=click.IntRange(1, 64),
-              help="Writer threads in each worker process.")
+@click.option("--threads", type=click.IntRange(1, 64), default=None,
+              help=f"Writer threads in each worker process [default: {THREADS}; "
+                   f"{BACKEND_THREADS} with --backend].")
 @click.option("--seconds", type=click.FloatRange(0, min_open=True), default=None,
               help="Stop starting new cycles after this long (shared evenly by the modes).")
 @click.option("--quiet", is_flag=True, help="Print only the final table.")
-def torture(directory: str | None, mode: str, cycles: int, seed: int | None, threads: int,
-            seconds: float | None, quiet: bool) -> None:
+def torture(directory: str | None, mode: str, backend: str | None, cycles: int,
+            seed: int | None, threads: int | None, seconds: float | None, quiet: bool) -> None:
     """Crash caches on purpose and check that no acknowledged write is ever lost.
 
     Workers write from several threads and report every acknowledgement; they are killed
@@ -48,18 +71,33 @@ def torture(directory: str | None, mode: str, cycles: int, seed: int | None, thr
     DIRECTORY (new or empty) holds the scratch work and, on failure, the evidence under
     failures/; without it a temporary directory is used, removed if everything passed.
 
-    Example: wbcache torture --mode all --cycles 50 --seed 1
+    Examples: wbcache torture --mode all --cycles 50 --seed 1;
+    wbcache torture --backend postgresql://postgres@127.0.0.1:5432/test --cycles 20
     """
+    modes = _modes(mode, backend)
     if directory is not None and os.path.isdir(directory) and os.listdir(directory):
         raise click.UsageError(f"{directory} is not empty; give a new or empty directory")
     workdir = directory or tempfile.mkdtemp(prefix="wbcache-torture-")
     os.makedirs(workdir, exist_ok=True)
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
-    modes = MODES if mode == "all" else (mode,)
-    click.echo(f"wbcache torture: modes {', '.join(modes)}, size {cycles}, seed {seed}, "
-               f"{threads} writer threads, scratch {workdir}")
-    report = run_torture(workdir, modes=modes, cycles=cycles, seed=seed, threads=threads,
-                         seconds=seconds, progress=None if quiet else click.echo)
+    threads = threads or (THREADS if backend is None else BACKEND_THREADS)
+    if backend is None:
+        click.echo(f"wbcache torture: modes {', '.join(modes)}, size {cycles}, seed {seed}, "
+                   f"{threads} writer threads, scratch {workdir}")
+    else:
+        click.echo(f"wbcache torture: kill, caches sharing {redacted(backend)}: {cycles} kills "
+                   f"among up to 4 nodes of {threads} writer threads, seed {seed}, "
+                   f"scratch {workdir}")
+    try:
+        report = run_torture(workdir, modes=modes, cycles=cycles, seed=seed, threads=threads,
+                             seconds=seconds, progress=None if quiet else click.echo,
+                             backend=backend)
+    except Exception as exc:
+        if backend is None:
+            raise
+        # The database unreachable, the table not creatable, psycopg missing: a message.
+        raise click.ClickException(f"the torture against {redacted(backend)} could not run: "
+                                   f"{type(exc).__name__}: {exc}") from exc
     click.echo("")
     click.echo(report.table())
     click.echo("")
@@ -70,3 +108,17 @@ def torture(directory: str | None, mode: str, cycles: int, seed: int | None, thr
         return
     click.echo(f"evidence kept in {os.path.join(workdir, 'failures')}")
     raise click.exceptions.Exit(1)
+
+
+def _modes(mode: str, backend: str | None) -> tuple[str, ...]:
+    """The campaigns to run. With a backend, the default `all` means those that apply there;
+    asking for another by name is a usage error, not something silently skipped."""
+    if backend is None:
+        return MODES if mode == "all" else (mode,)
+    given = click.get_current_context().get_parameter_source("mode") != ParameterSource.DEFAULT
+    if given and mode not in BACKEND_MODES:
+        raise click.UsageError(
+            f"--mode {mode} does not run with --backend: only {', '.join(BACKEND_MODES)} "
+            f"does (the other modes damage or rebuild a cache's own log and LMDB files)")
+    return BACKEND_MODES
+

@@ -9,10 +9,14 @@ Campaigns (each a module with a `run_*(Settings) -> Outcome`), driven by `wbcach
     corruption.py   byte changes and bit flips before the tail
     fuzz.py         random and mutated segments (mutations.py)
     ioerrors.py     ENOSPC and EIO on the Nth file operation; database errors
+    nodes.py        with a shared database (`--backend postgresql://...`): four node
+                    processes counting into the same counters, SIGKILLed and restarted
 
-All of them judge what recovery gives with one oracle (oracle.py) over one workload
-(workload.py), run in worker processes (worker.py, runner.py) that journal every operation
-(journal.py), and, for power loss, every file operation (trace.py).
+All of them but nodes.py judge what recovery gives with one oracle (oracle.py) over one
+workload (workload.py), run in worker processes (worker.py, runner.py) that journal every
+operation (journal.py), and, for power loss, every file operation (trace.py). nodes.py has
+its own workload (counters.py), worker (node_worker.py), oracle (ledger.py) and a table of
+its own on the server (shared_table.py, which needs psycopg).
 
 Imports the public API, plus the three hooks `wbcache.wal` offers a harness: the crash point
 list (`wbcache.wal.crashpoints.POINTS`), the replaceable file operations

@@ -1,4 +1,5 @@
-"""Backends that wrap a real one (`wbcache.LmdbBackend`) to observe or disturb it.
+"""Backends that wrap a real one (`wbcache.LmdbBackend`, `wbcache.PostgresBackend`) to observe
+or disturb it.
 
 `JournaledBackend` (in a worker) reports every `apply` to the journal before it starts and
 after it returns, with the data when the power-loss harness needs to rebuild the database as of
@@ -21,11 +22,34 @@ Key = Any  # str | bytes
 
 
 class _Delegating:
-    """Everything but `apply` goes straight to the wrapped backend."""
+    """Everything but `apply` goes straight to the wrapped backend, including what the cache
+    looks up with `getattr` (`attach`, `applies_increments`, `default_read_ttl`, `kind`): a
+    wrapper that hid them would change what it observes (a `PostgresBackend` would never learn
+    its directory's `cache_id`, increments would arrive as puts, entries would never expire)."""
 
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
-        self.applies_increments = bool(getattr(inner, "applies_increments", False))
+
+    @property
+    def kind(self) -> str | None:
+        kind: str | None = getattr(self.inner, "kind", None)
+        return kind
+
+    @property
+    def applies_increments(self) -> bool:
+        return bool(getattr(self.inner, "applies_increments", False))
+
+    @property
+    def default_read_ttl(self) -> float | None:
+        ttl: float | None = getattr(self.inner, "default_read_ttl", None)
+        return ttl
+
+    def attach(self, cache_id: str) -> None:
+        """Hand the directory's id to a backend shared by many caches; others have no use
+        for it."""
+        attach = getattr(self.inner, "attach", None)
+        if attach is not None:
+            attach(cache_id)
 
     @property
     def max_key_size(self) -> int:
@@ -33,8 +57,11 @@ class _Delegating:
 
     def _apply_inner(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
                      checkpoint: int, increments: Sequence[tuple[Key, int]]) -> None:
+        # Increments only reach a wrapper whose inner backend applies them (apply_changes
+        # asks `applies_increments`, forwarded above); without any, the three-argument call
+        # also suits a backend written before `increments` existed, as apply_changes does.
         if increments:
-            self.inner.apply(puts, deletes, checkpoint, increments)  # type: ignore[call-arg]
+            self.inner.apply(puts, deletes, checkpoint, increments)
         else:
             self.inner.apply(puts, deletes, checkpoint)
 
@@ -91,8 +118,13 @@ class ControlledBackend(_Delegating):
         self.fail_when = fail_when
         self.applies = 0
         self.failures = 0
-        self.committed = inner.checkpoint()
+        # A database shared by many caches keeps a checkpoint per cache: known at `attach`.
+        self.committed = 0 if hasattr(inner, "attach") else inner.checkpoint()
         self._lock = threading.Lock()
+
+    def attach(self, cache_id: str) -> None:
+        super().attach(cache_id)
+        self.committed = self.inner.checkpoint()
 
     def apply(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
               checkpoint: int, increments: Sequence[tuple[Key, int]] = ()) -> None:

@@ -24,6 +24,7 @@ class Settings:
     seconds: float | None = None  # start no new cycle after this long (None: no limit)
     progress: Callable[[str], None] | None = None
     cycles_per_dir: int = 10  # a fresh cache directory after this many cycles
+    backend: str | None = None  # a shared database's URL (nodes.py); None: each cache's LMDB
     started: float = field(default_factory=time.monotonic)
 
     def expired(self) -> bool:
@@ -47,6 +48,8 @@ class Outcome:
     tally: Tally = field(default_factory=Tally)
     rows: dict[str, Any] = field(default_factory=dict)  # e.g. "power-loss states": 200
     failed: bool = False  # a campaign-level failure (e.g. a crash point never reached)
+    figures: tuple[str, ...] | None = None  # the Tally fields it checks (None: report.py's
+    #                                         standard set for its mode); the others print "-"
 
     @property
     def ok(self) -> bool:

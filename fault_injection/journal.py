@@ -27,6 +27,7 @@ READY = "R"  # [R, pid, replayed records, torn bytes, checkpoint after recovery]
 START = "S"  # [S, thread, seq]            before operation `seq` of `thread` is called
 ACK = "A"  # [A, thread, seq, result]      after it returned (result: LSN or counter value)
 ERROR = "E"  # [E, thread, seq, type, message]  it raised
+MARKER = "M"  # [M, thread, n]  a node worker's thread found its marker at n (nodes.py)
 # File operations of the log (power-loss runs; paths relative to the cache directory):
 OPEN = "o"  # [o, fd, path, created, append]
 WRITE = "w"  # [w, fd, data]  (data: the bytes written, or their count when not recorded)

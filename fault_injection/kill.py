@@ -34,7 +34,9 @@ TRIGGERS = ("acks", "flush", "commit", "rotate", "clock", "startup")
 _EVENT_TRIGGER_FALLBACK = 5.0  # seconds: kill anyway if the awaited event never comes
 
 
-def _nth(tag: str, n: int, *, created_only: bool = False) -> Callable[[list[Any]], bool]:
+def nth_event(tag: str, n: int, *, created_only: bool = False) -> Callable[[list[Any]], bool]:
+    """A kill decision: true from the `n`th journal event tagged `tag` on (with
+    `created_only`, counting only OPEN events of files the open created)."""
     seen = 0
 
     def decide(event: list[Any]) -> bool:
@@ -46,7 +48,9 @@ def _nth(tag: str, n: int, *, created_only: bool = False) -> Callable[[list[Any]
     return decide
 
 
-def _options(rng: random.Random) -> dict[str, Any]:
+def random_options(rng: random.Random) -> dict[str, Any]:
+    """Cache options for one worker run, varied so flushes, rotations and truncations land
+    at different moments of different runs."""
     return {
         "fsync": "always" if rng.random() < 0.75 else "interval",
         "fsync_interval": rng.choice([0.005, 0.05]),
@@ -80,8 +84,8 @@ def run_kills(settings: Settings) -> Outcome:
         async_tasks = rng.choice([0, 0, 2, 4])  # asyncio writers beside the threads
         asynchronous += bool(async_tasks)
         config = WorkerConfig(directory=directory, seed=settings.seed, cycle=cycle,
-                              threads=settings.threads, options=_options(rng), record=record,
-                              async_tasks=async_tasks)
+                              threads=settings.threads, options=random_options(rng),
+                              record=record, async_tasks=async_tasks)
         kill_on, after = _trigger(rng, trigger)
         scratch = settings.path("kill", "scratch")
         run = run_worker(config, scratch, kill_on=kill_on, kill_after_seconds=after)
@@ -113,13 +117,13 @@ def _trigger(rng: random.Random, trigger: str
              ) -> tuple[Callable[[list[Any]], bool] | None, float | None]:
     """(decide on each journal event, seconds after which to kill anyway)."""
     if trigger == "acks":
-        return _nth(ACK, rng.randint(1, 1500)), _EVENT_TRIGGER_FALLBACK
+        return nth_event(ACK, rng.randint(1, 1500)), _EVENT_TRIGGER_FALLBACK
     if trigger == "flush":
-        return _nth(DB_BEGIN, rng.randint(1, 4)), _EVENT_TRIGGER_FALLBACK
+        return nth_event(DB_BEGIN, rng.randint(1, 4)), _EVENT_TRIGGER_FALLBACK
     if trigger == "commit":
-        return _nth(DB_DONE, rng.randint(1, 4)), _EVENT_TRIGGER_FALLBACK
+        return nth_event(DB_DONE, rng.randint(1, 4)), _EVENT_TRIGGER_FALLBACK
     if trigger == "rotate":  # the first segment is the one every open creates
-        return _nth(OPEN, rng.randint(2, 6), created_only=True), _EVENT_TRIGGER_FALLBACK
+        return nth_event(OPEN, rng.randint(2, 6), created_only=True), _EVENT_TRIGGER_FALLBACK
     if trigger == "clock":
         return None, rng.uniform(0.1, 0.6)
     return None, rng.uniform(0.0, 0.2)

@@ -45,26 +45,28 @@ def same(a: Any, b: Any) -> bool:
 
 @dataclass
 class Tally:
-    """Counts over checked crashes; every field below `recovered` must stay 0."""
+    """Counts over checked crashes; every field from `lost` on must stay 0."""
 
     cycles: int = 0
     operations: int = 0  # started
     acknowledged: int = 0
     recovered: int = 0  # acknowledged and found
     inflight_kept: int = 0  # started, not acknowledged, found (allowed either way)
+    counters: int = 0  # shared counters compared with their exact expected total (nodes.py)
     lost: int = 0
     holes: int = 0
     partial: int = 0
     phantom: int = 0
     counter_regressions: int = 0
+    counter_mismatches: int = 0  # a shared counter off its exact total: lost or counted twice
     inconsistent: int = 0
     carried: int = 0
     lsn: int = 0  # an acknowledged LSN beyond the recovered log, or LSNs not increasing
     errors: int = 0  # a worker or the library raised where it must not, or recovery refused
     messages: list[str] = field(default_factory=list)
 
-    VIOLATIONS = ("lost", "holes", "partial", "phantom", "counter_regressions", "inconsistent",
-                  "carried", "lsn", "errors")
+    VIOLATIONS = ("lost", "holes", "partial", "phantom", "counter_regressions",
+                  "counter_mismatches", "inconsistent", "carried", "lsn", "errors")
 
     @property
     def violations(self) -> int:

@@ -8,6 +8,7 @@ from wbcache.fault_injection.oracle import Tally
 from wbcache.wal.crashpoints import POINTS
 
 if TYPE_CHECKING:
+    from wbcache.fault_injection.campaign import Outcome
     from wbcache.fault_injection.torture import TortureReport
 
 # (row label, Tally field, shown only for modes that run a workload)
@@ -17,21 +18,35 @@ ROWS = (
     ("acknowledged", "acknowledged", True),
     ("recovered", "recovered", True),
     ("  unacknowledged, kept", "inflight_kept", True),
+    ("counters checked", "counters", True),
     ("lost (must be 0)", "lost", False),
     ("holes (must be 0)", "holes", False),
     ("partial batches (must be 0)", "partial", False),
     ("phantom values (must be 0)", "phantom", False),
     ("counter regressions (must be 0)", "counter_regressions", False),
+    ("counter mismatches (must be 0)", "counter_mismatches", False),
     ("inconsistent states (must be 0)", "inconsistent", False),
     ("earlier data changed (must be 0)", "carried", False),
     ("LSN violations (must be 0)", "lsn", False),
     ("errors, refusals (must be 0)", "errors", False),
 )
 _WORKLOAD_MODES = ("kill", "crashpoints", "powerloss", "ioerrors")
+# Checked only by a campaign that says so in `Outcome.figures` (the multi-node one).
+_SHARED_COUNTER_FIGURES = ("counters", "counter_mismatches")
 
 
 def _cell(value: object) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _checks(outcome: Outcome, name: str, workload_only: bool) -> bool:
+    """Whether `outcome` checks the figure `name`: what it lists in `figures`, or else the
+    standard set of its mode."""
+    if outcome.figures is not None:
+        return name in outcome.figures
+    if name in _SHARED_COUNTER_FIGURES:
+        return False
+    return not workload_only or outcome.mode in _WORKLOAD_MODES
 
 
 def render(report: TortureReport) -> str:
@@ -42,12 +57,13 @@ def render(report: TortureReport) -> str:
         tallies.append(report.total)
     lines: list[list[str]] = []
     for label, name, workload_only in ROWS:
-        row = [label]
-        for index, tally in enumerate(tallies):
-            mode = headers[index]
-            shown = not workload_only or mode in _WORKLOAD_MODES or mode == "total"
-            row.append(_cell(getattr(tally, name)) if shown else "-")
-        lines.append(row)
+        checked = [_checks(outcome, name, workload_only) for outcome in outcomes]
+        if not any(checked):
+            continue  # no campaign of this run checks it: the row would say nothing
+        if len(outcomes) > 1:
+            checked.append(True)  # the total of those that do
+        lines.append([label] + [_cell(getattr(tally, name)) if shown else "-"
+                                for tally, shown in zip(tallies, checked, strict=True)])
     covered = next((outcome.rows.get("crash points covered") for outcome in outcomes
                     if outcome.mode == "crashpoints"), None)
     lines.append(["crash points covered"] + [

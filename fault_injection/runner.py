@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import wbcache
 from wbcache.fault_injection.journal import EventBuffer, read_events
@@ -58,8 +58,17 @@ class Recovered:
     error: str | None = None  # the open (or the read) raised: recovery refused
 
 
-def worker_command(config: WorkerConfig) -> list[str]:
-    return [sys.executable, "-m", "wbcache.fault_injection.worker", config.to_json()]
+class WorkerSpec(Protocol):
+    """What `run_worker` starts: `python -m <module> <to_json()>` (a `WorkerConfig`, or a
+    `NodeConfig` of the multi-node campaign)."""
+
+    module: ClassVar[str]
+
+    def to_json(self) -> str: ...
+
+
+def worker_command(config: WorkerSpec) -> list[str]:
+    return [sys.executable, "-m", config.module, config.to_json()]
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -70,7 +79,7 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_worker(config: WorkerConfig, scratch: str, *, kill_on: KillDecision | None = None,
+def run_worker(config: WorkerSpec, scratch: str, *, kill_on: KillDecision | None = None,
                kill_after_seconds: float | None = None, env: dict[str, str] | None = None,
                timeout: float = WORKER_TIMEOUT) -> WorkerRun:
     """Run a worker until it dies; SIGKILL it when `kill_on(event)` first says so or after

@@ -3,7 +3,8 @@
 One size, `cycles`, scales every campaign (SCALE): with 50 (the CI slice) a run is 50 random
 kills, one pass of every crash point and more, 500 power-loss states, every torn-tail offset of
 a sample log, 5,000 corruption cases, 1,000 fuzz cases and every I/O error of the scripted run;
-with 1,000 (a soak) it is 1,000 kills, 10,000 states and 100,000 corruption cases.
+with 1,000 (a soak) it is 1,000 kills, 10,000 states and 100,000 corruption cases. With a
+shared database (`backend`) it is that many kills of the multi-node campaign (nodes.py).
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ from wbcache.fault_injection.crashpoints import full_pass, run_crashpoints
 from wbcache.fault_injection.fuzz import run_fuzz
 from wbcache.fault_injection.ioerrors import run_ioerrors
 from wbcache.fault_injection.kill import run_kills
+from wbcache.fault_injection.nodes import run_node_kills
 from wbcache.fault_injection.oracle import Tally
 from wbcache.fault_injection.powerloss import run_powerloss
 from wbcache.fault_injection.torn import run_torn
 
 MODES = ("kill", "crashpoints", "powerloss", "torn", "corruption", "fuzz", "ioerrors")
 CRASH_MODES = ("kill", "crashpoints", "powerloss")
+# With a shared database (`backend`), only kills apply: the other modes damage or rebuild the
+# local log and LMDB files, and a server's own durability is not this harness's to fake.
+BACKEND_MODES: tuple[str, ...] = ("kill",)
 
 CAMPAIGNS: dict[str, Callable[[Settings], Outcome]] = {
     "kill": run_kills,
@@ -34,6 +39,9 @@ CAMPAIGNS: dict[str, Callable[[Settings], Outcome]] = {
     "corruption": run_corruption,
     "fuzz": run_fuzz,
     "ioerrors": run_ioerrors,
+}
+BACKEND_CAMPAIGNS: dict[str, Callable[[Settings], Outcome]] = {
+    "kill": run_node_kills,
 }
 
 
@@ -77,16 +85,25 @@ class TortureReport:
 
 def run_torture(workdir: str, *, modes: tuple[str, ...], cycles: int, seed: int,
                 threads: int = 4, seconds: float | None = None,
-                progress: Callable[[str], None] | None = None) -> TortureReport:
+                progress: Callable[[str], None] | None = None,
+                backend: str | None = None) -> TortureReport:
     """Run each of `modes` (in MODES order) at size `cycles`; `seconds` is shared evenly
-    among them (a mode stops starting cycles when its share is spent)."""
+    among them (a mode stops starting cycles when its share is spent). With `backend` (a
+    postgresql:// URL), the caches share that database (nodes.py) and only BACKEND_MODES run:
+    `cycles` kills."""
+    campaigns = CAMPAIGNS if backend is None else BACKEND_CAMPAIGNS
+    unsupported = [mode for mode in modes if mode not in campaigns]
+    if unsupported:
+        raise ValueError(f"mode {unsupported[0]} does not run with a backend; only "
+                         f"{', '.join(BACKEND_MODES)} does")
     report = TortureReport(seed)
     started = time.monotonic()
     chosen = [mode for mode in MODES if mode in modes]
     for mode in chosen:
-        settings = Settings(workdir=workdir, seed=seed, cycles=scaled(mode, cycles),
-                            threads=threads, progress=progress,
+        settings = Settings(workdir=workdir, seed=seed,
+                            cycles=cycles if backend else scaled(mode, cycles),
+                            threads=threads, progress=progress, backend=backend,
                             seconds=None if seconds is None else seconds / len(chosen))
-        report.outcomes.append(CAMPAIGNS[mode](settings))
+        report.outcomes.append(campaigns[mode](settings))
     report.seconds = time.monotonic() - started
     return report

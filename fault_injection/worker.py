@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import wbcache
 from wbcache.fault_injection.backends import JournaledBackend
@@ -33,6 +33,8 @@ from wbcache.fault_injection.workload import ThreadWorkload, execute, execute_as
 
 @dataclass
 class WorkerConfig:
+    module: ClassVar[str] = "wbcache.fault_injection.worker"
+
     directory: str
     seed: int
     cycle: int

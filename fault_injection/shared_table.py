@@ -1,0 +1,93 @@
+"""The table a multi-node campaign writes into: fresh, uniquely named, dropped at the end.
+
+The campaign runs against a server that outlives it and may hold other data, so it never
+touches a table it did not make: it picks `wbtorture_<12 hex digits>`, checks that neither it
+nor its `_checkpoints` table exists, lets `PostgresBackend` create both, and drops exactly
+those two when done. Reads go through the public API (a cache directory of its own).
+
+psycopg is imported where used (it is the `postgres` extra), as the backend itself does.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import wbcache
+
+SCHEMES = ("postgresql", "postgres")
+# `PostgresBackend.from_url`'s own query parameters; every other one is libpq's.
+_BACKEND_PARAMETERS = ("table", "cache_id", "timeout", "read_connections")
+_CHOSEN_HERE = ("table", "cache_id")  # the campaign picks these itself
+
+
+def check_url(url: str) -> None:
+    """Raise `ValueError` unless `url` is a postgresql:// URL the campaign can use as given."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES:
+        raise ValueError(f"only PostgreSQL backends can be tortured: give a postgresql:// URL, "
+                         f"not {redacted(url)!r}")
+    chosen = [name for name, _ in parse_qsl(parts.query) if name in _CHOSEN_HERE]
+    if chosen:
+        raise ValueError(f"leave {' and '.join(chosen)} out of the URL: the torture makes a "
+                         f"fresh table of its own (and drops it), and each node has its own "
+                         f"cache_id")
+
+
+def redacted(url: str) -> str:
+    """`url` with its password replaced by ***, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+class SharedTable:
+    """`with SharedTable(url) as table:` a new table `table.name`; `table.url` is `url` naming
+    it, for the nodes. Dropped (with its checkpoints table) when the block ends."""
+
+    def __init__(self, url: str) -> None:
+        check_url(url)
+        self.name = f"wbtorture_{secrets.token_hex(6)}"
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        self.url = urlunsplit(parts._replace(query=urlencode([*query, ("table", self.name)])))
+        self._libpq = urlunsplit(parts._replace(query=urlencode(
+            [(name, value) for name, value in query if name not in _BACKEND_PARAMETERS])))
+        self._created = False
+
+    def __enter__(self) -> SharedTable:
+        names = (self.name, f"{self.name}_checkpoints")
+        with self._connect() as conn:
+            found = [name for name in names
+                     if conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0]]
+        if found:  # 48 random bits: never in practice, but never someone else's table either
+            raise RuntimeError(f"table {found[0]} already exists; not touching it")
+        self._created = True  # from here on the tables may exist: drop them whatever happens
+        wbcache.PostgresBackend.from_url(self.url).close()  # creates both tables
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._created:
+            self.drop()
+
+    def drop(self) -> None:
+        from psycopg import sql
+
+        with self._connect() as conn:
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(
+                sql.Identifier(self.name), sql.Identifier(f"{self.name}_checkpoints")))
+        self._created = False
+
+    def contents(self, directory: str) -> dict[Any, Any]:
+        """Every key and value in the table, read through a cache directory of its own."""
+        with wbcache.open(directory, backend=self.url) as cache:
+            return dict(cache.items())
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(self._libpq, autocommit=True)
