@@ -10,6 +10,9 @@ under the same load:
     redis_peer.py     a private redis-server, appendfsync always / everysec
     wbcache_rows.py   wbcache put (threads), AsyncCache (tasks), put_many, fsync="interval",
                       get hits, flusher throughput, hot-key write amplification
+    postgres_rows.py  wbcache over PostgreSQL against each put its own PostgreSQL transaction
+                      (write-through), and flushes into PostgreSQL (with --pg-dsn;
+                      postgres_server.py keeps the run to a schema of its own)
     recovery_rows.py  replay of a 1,000,000-record log, and its raw baseline
     memory.py         resident memory of 1,000,000 entries vs a plain dict (in a subprocess)
     targets.py        the issue's targets, each judged met / MISSED

@@ -15,8 +15,9 @@ from pathlib import Path
 
 MODES = ("full", "quick", "smoke")
 
-SECTIONS = ("baselines", "peers", "redis", "wbcache")
-"""What `--only` may select. `peers` is LMDB, SQLite and diskcache; `redis` is Redis alone."""
+SECTIONS = ("baselines", "peers", "redis", "wbcache", "postgres")
+"""What `--only` may select. `peers` is LMDB, SQLite and diskcache; `redis` is Redis alone;
+`postgres` is wbcache over PostgreSQL against PostgreSQL alone (needs `pg_dsn`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +67,16 @@ class BenchConfig:
     hot_cycles: int = 3
     """The hot-key row: `hot_keys` keys written `hot_writes_per_key` times each between two
     flushes, `hot_cycles` times over."""
+
+    pg_dsn: str | None = None
+    """The PostgreSQL server of the `postgres` section (a libpq DSN or postgresql:// URL);
+    None: its rows say "not configured". The run works in a schema of its own, dropped after."""
+
+    pg_threads: int = 16
+    """Client threads of the PostgreSQL write-back and write-through rows (the same in both)."""
+
+    pg_flush_entries: int = 10_000
+    """Dirty entries each PostgreSQL flush row writes in one flush."""
 
     scratch_parent: Path | None = None
     """Where the benchmark's temporary directory goes (None: chosen on the repo's filesystem)."""
@@ -117,4 +128,5 @@ _SMOKE: dict[str, object] = {
     "hot_keys": 100,
     "hot_writes_per_key": 100,
     "hot_cycles": 1,
+    "pg_flush_entries": 500,
 }

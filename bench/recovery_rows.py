@@ -25,13 +25,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
-from wbcache.wal.format import OP_PUT
 
 import wbcache
 from bench.baselines import timed_putmulti
 from bench.config import BenchConfig
 from bench.measurement import Measurement, Sample
 from bench.workload import Scratch, Workload
+from wbcache.wal.format import OP_PUT
 
 SECTION_BASE = "baselines"
 SECTION = "wbcache"

@@ -22,12 +22,15 @@ SHORT_NAMES = {
     "raw_putmulti": "raw putmulti",
     "raw_recovery": "raw replay",
     "memory_dict": "plain dict",
+    "pg_write_through": "write-through",
 }
 
 SECTION_TITLES = {
     "baselines": "baselines (same run)",
     "peers": "peers: durable acks/s, one commit per write, N client threads",
     "wbcache": "wbcache",
+    "postgres": "postgres: wbcache over PostgreSQL against PostgreSQL alone, same threads, keys "
+                "and values (durable acks/s)",
 }
 
 
@@ -69,7 +72,7 @@ def _filesystem_of(path: Path) -> tuple[str, str]:
 
 def _versions() -> list[str]:
     found = []
-    for package in ("wbcache", "msgpack", "lmdb", "diskcache", "redis"):
+    for package in ("wbcache", "msgpack", "lmdb", "diskcache", "redis", "psycopg"):
         try:
             found.append(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:

@@ -21,14 +21,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import baselines, memory, peers, recovery_rows, redis_peer, report, wbcache_rows
+from bench import (
+    baselines,
+    memory,
+    peers,
+    postgres_rows,
+    recovery_rows,
+    redis_peer,
+    report,
+    wbcache_rows,
+)
 from bench.config import BenchConfig
 from bench.measurement import Measurement, Result
+from bench.postgres_server import redact_dsn
 from bench.targets import TARGETS
 from bench.workload import Scratch, Workload
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SECTION_ORDER = ("baselines", "peers", "wbcache")
+SECTION_ORDER = ("baselines", "peers", "wbcache", "postgres")
 TRIAL_WATCHDOG_SECONDS = 900  # the slowest trial (writing a 1,000,000-record log) takes ~15 s
 
 
@@ -45,6 +55,8 @@ def collect(config: BenchConfig, workload: Workload, scratch: Scratch,
         rows += redis_peer.measurements(config, workload, scratch, resources)
     if "wbcache" in only:
         rows += wbcache_rows.measurements(config, workload, scratch)
+    if "postgres" in only:
+        rows += postgres_rows.measurements(config, workload, scratch, resources)
     rows += recovery_rows.measurements(config, workload, scratch, only)
     rows += memory.measurements(config, scratch, only)
     return sorted(rows, key=lambda m: SECTION_ORDER.index(m.section))  # stable within sections
@@ -140,7 +152,8 @@ def _write_json(path: Path, config: BenchConfig, command: str, machine: list[str
         "command": command,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine,
-        "config": {k: (str(v) if isinstance(v, Path) else v)
+        "config": {k: (str(v) if isinstance(v, Path) else redact_dsn(v) if k == "pg_dsn" and v
+                       else v)
                    for k, v in dataclasses.asdict(config).items()},
         "rows": [{
             "id": r.id, "section": r.measurement.section, "label": r.measurement.label,

@@ -153,7 +153,7 @@ def _get_hits(config: BenchConfig, workload: Workload, scratch: Scratch, values:
     def trial() -> Sample:
         with scratch.directory(f"get-{kind}") as path, \
                 wbcache.open(path / "c", **HOLD_OPTIONS) as cache:
-            _fill(cache, workload.keys, values)
+            fill(cache, workload.keys, values)
             cache.flush()  # clean entries, still in memory: every get below is a hit
             sample = run_chunks(get_chunks(cache.get, workload.keys), config.trial_seconds,
                                 config.warmup_seconds)
@@ -163,7 +163,8 @@ def _get_hits(config: BenchConfig, workload: Workload, scratch: Scratch, values:
     return trial
 
 
-def _fill(cache: wbcache.Cache, keys: list[str], values: list[Any]) -> None:
+def fill(cache: wbcache.Cache, keys: list[str], values: list[Any]) -> None:
+    """Put every key's value with put_many of CHUNK entries (fewer log records than puts)."""
     for start in range(0, len(keys), CHUNK):
         cache.put_many(zip(keys[start:start + CHUNK], values[start:start + CHUNK], strict=True))
 
@@ -176,7 +177,7 @@ def _flusher(config: BenchConfig, workload: Workload, scratch: Scratch) -> Calla
         with scratch.directory("flusher") as path, \
                 wbcache.open(path / "c", **HOLD_OPTIONS, flush_threshold=count + 1,
                              max_dirty=count + 1, capacity=max(count, 1_000_000)) as cache:
-            _fill(cache, keys, values)
+            fill(cache, keys, values)
             if cache.stats()["dirty"] != count:
                 raise RuntimeError("the cache flushed on its own while being filled")
             started = time.perf_counter()
