@@ -39,7 +39,7 @@ from wbcache.fault_injection.logfile import SampleLog, write_sample_log
 from wbcache.fault_injection.mutations import Mutated, Segments, mutate
 from wbcache.fault_injection.oracle import Tally, same
 from wbcache.fault_injection.workload import state_after
-from wbcache.wal.format import FRAME, FRAME_MAGIC, HEADER, MAX_RECORD_SIZE, SEGMENT_MAGIC
+from wbcache.wal.format import FRAME, FRAME_MAGIC, HEADER, MAX_FRAME_PAYLOAD, SEGMENT_MAGIC
 
 CASE_TIMEOUT = 10.0  # seconds
 _MIB = 1 << 20
@@ -59,7 +59,7 @@ def run_fuzz(settings: Settings) -> Outcome:
     if tracing:
         tracemalloc.start()
     try:
-        for claimed in (MAX_RECORD_SIZE + 1, MAX_RECORD_SIZE):
+        for claimed in (MAX_FRAME_PAYLOAD + 1, MAX_FRAME_PAYLOAD):
             outcome.tally.add(_huge_length_case(path, claimed, outcomes))
         done = sample_index = 0
         slowest = 0.0
@@ -182,11 +182,11 @@ def _huge_length_case(path: str, claimed: int, outcomes: dict[str, int]) -> Tall
     name = f"{1:020d}.log"
     _write_case(path, [(name, bytearray(header + FRAME.pack(FRAME_MAGIC, claimed, 0)))])
     segment = os.path.join(path, "wal", name)
-    os.truncate(segment, MAX_RECORD_SIZE + 6 * _MIB)  # sparse: no blocks written
+    os.truncate(segment, MAX_FRAME_PAYLOAD + 6 * _MIB)  # sparse: no blocks written
     label = f"fuzz: sparse {os.path.getsize(segment):,}-byte segment claiming {claimed:,} bytes"
     state, error, peak, _ = _open_guarded(path)
     tally = Tally(cycles=1)
-    _judge_allocation(tally, peak, (claimed if claimed <= MAX_RECORD_SIZE else 0) + SLACK, label)
+    _judge_allocation(tally, peak, (claimed if claimed <= MAX_FRAME_PAYLOAD else 0) + SLACK, label)
     if error is None:
         outcomes["opened"] += 1
         if state:

@@ -22,7 +22,7 @@ from wbcache.wal.format import (
     FRAME_SIZE,
     HEADER,
     HEADER_SIZE,
-    MAX_RECORD_SIZE,
+    MAX_FRAME_PAYLOAD,
     SEGMENT_MAGIC,
 )
 
@@ -137,7 +137,7 @@ def _extreme_length(rng: random.Random, segments: Segments) -> str | None:
     if picked is None:
         return None
     index, offset, _ = picked
-    length = rng.choice([0, 1, 11, MAX_RECORD_SIZE, MAX_RECORD_SIZE + 1, 0xFFFFFFFF,
+    length = rng.choice([0, 1, 11, MAX_FRAME_PAYLOAD, MAX_FRAME_PAYLOAD + 1, 0xFFFFFFFF,
                          rng.randrange(1 << 32)])
     struct.pack_into("<I", segments[index][1], offset + 4, length)
     return f"frame at {offset} of {segments[index][0]} claims length {length}"

@@ -26,7 +26,7 @@ from wbcache.wal.format import (
     FRAME_MAGIC,
     FRAME_SIZE,
     HEADER_SIZE,
-    MAX_RECORD_SIZE,
+    MAX_FRAME_PAYLOAD,
     OP_BATCH,
     OP_DELETE,
     OP_INCR,
@@ -519,7 +519,7 @@ def _frame_with_length(length: int) -> bytes:
     return FRAME.pack(FRAME_MAGIC, length, 0)
 
 
-@pytest.mark.parametrize("length", [MAX_RECORD_SIZE + 1, 0xFFFFFFFF, MAX_RECORD_SIZE])
+@pytest.mark.parametrize("length", [MAX_FRAME_PAYLOAD + 1, 0xFFFFFFFF, MAX_FRAME_PAYLOAD])
 def test_huge_length_at_the_tail_is_torn_without_allocating_it(tmp_path: Path,
                                                                length: int) -> None:
     records = puts(1, 2)
@@ -542,7 +542,7 @@ def test_huge_length_at_the_tail_is_torn_without_allocating_it(tmp_path: Path,
     assert time.perf_counter() - started < 2.0
 
 
-@pytest.mark.parametrize("length", [MAX_RECORD_SIZE + 1, 0xFFFFFFFF])
+@pytest.mark.parametrize("length", [MAX_FRAME_PAYLOAD + 1, 0xFFFFFFFF])
 def test_huge_length_before_valid_records_is_corruption_without_allocating_it(
         tmp_path: Path, length: int) -> None:
     path, start, _ = _middle_record(tmp_path)
@@ -663,7 +663,7 @@ def test_a_frame_that_is_not_a_whole_list_of_records_is_corrupt(tmp_path: Path,
 
 
 def test_a_write_larger_than_the_frame_limit_is_split_into_frames(tmp_path: Path) -> None:
-    big = "x" * (MAX_RECORD_SIZE // 3)
+    big = "x" * (MAX_FRAME_PAYLOAD // 3)
     records = [put_record(lsn, f"k{lsn}", big) for lsn in range(1, 5)]
     writer = LogWriter(str(tmp_path), 1, segment_size=1 << 30)
     writer.append([msgpack.packb(record) for record in records], 1, 4)

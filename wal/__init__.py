@@ -6,7 +6,7 @@ Imports only the standard library, msgpack and `wbcache.errors` (DESIGN.md, layo
 from __future__ import annotations
 
 from wbcache.wal.commit import GroupCommitter
-from wbcache.wal.format import FORMAT_VERSION, MAX_RECORD_SIZE
+from wbcache.wal.format import FORMAT_VERSION, MAX_FRAME_PAYLOAD
 from wbcache.wal.reader import SegmentReader
 from wbcache.wal.segments import SegmentFile, list_segments
 from wbcache.wal.writer import LogWriter
@@ -15,7 +15,7 @@ __all__ = [
     "FORMAT_VERSION",
     "GroupCommitter",
     "LogWriter",
-    "MAX_RECORD_SIZE",
+    "MAX_FRAME_PAYLOAD",
     "SegmentFile",
     "SegmentReader",
     "list_segments",

@@ -36,9 +36,9 @@ FRAME_SIZE = FRAME.size  # 12
 
 # No frame payload (and so no record) is larger, so a corrupt length field can never make a
 # reader allocate more than this. A group-commit write larger than this is split into frames.
-MAX_RECORD_SIZE = 64 * 1024 * 1024
+MAX_FRAME_PAYLOAD = 64 * 1024 * 1024
 # The largest single record: a frame of it alone (with its array header) fits the limit.
-MAX_SINGLE_RECORD = MAX_RECORD_SIZE - 16
+MAX_SINGLE_RECORD = MAX_FRAME_PAYLOAD - 16
 
 OP_PUT = 1
 OP_DELETE = 2

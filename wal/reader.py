@@ -12,7 +12,7 @@ The policy, applied in `_damage`:
 A frame is one group-commit write, all or nothing (wal/format.py).
 
 Segments are mapped, not read: a damaged length field can make the reader slice at most
-`MAX_RECORD_SIZE` bytes, and a huge file is never loaded whole.
+`MAX_FRAME_PAYLOAD` bytes, and a huge file is never loaded whole.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from wbcache.wal.format import (
     FRAME_MAGIC,
     FRAME_SIZE,
     HEADER_SIZE,
-    MAX_RECORD_SIZE,
+    MAX_FRAME_PAYLOAD,
     OP_BATCH,
     OP_DELETE,
     OP_INCR,
@@ -47,7 +47,7 @@ _EMPTY = b""
 def decode_records(payload: bytes) -> Any:
     """msgpack-decode a frame payload (a list of records, if well formed).
 
-    Limits follow len(payload), itself capped by MAX_RECORD_SIZE.
+    Limits follow len(payload), itself capped by MAX_FRAME_PAYLOAD.
     """
     return msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True)
 
@@ -107,7 +107,7 @@ def intact_frame(data: mmap.mmap | bytes, at: int, size: int) -> tuple[list[int]
         return [], 0
     magic, length, crc = FRAME.unpack_from(data, at)
     end = at + FRAME_SIZE + length
-    if magic != FRAME_MAGIC or not 0 < length <= MAX_RECORD_SIZE or end > size:
+    if magic != FRAME_MAGIC or not 0 < length <= MAX_FRAME_PAYLOAD or end > size:
         return [], 0
     payload = data[at + FRAME_SIZE:end]
     if zlib.crc32(payload) != crc:
@@ -188,7 +188,7 @@ class SegmentReader:
                 if magic != FRAME_MAGIC:
                     self._damage(data, pos, "bad record marker", expected - 1)
                     return
-                if length == 0 or length > MAX_RECORD_SIZE:
+                if length == 0 or length > MAX_FRAME_PAYLOAD:
                     self._damage(data, pos, f"record length {length} out of range", expected - 1)
                     return
                 end = pos + FRAME_SIZE + length

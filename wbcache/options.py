@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from wbcache.wal.format import MAX_RECORD_SIZE
+from wbcache.wal.format import MAX_FRAME_PAYLOAD
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -87,9 +87,9 @@ class Options:
         if self.segment_size < 4 * KiB:
             raise ValueError(f"option segment_size must be at least 4096 bytes, "
                              f"not {self.segment_size}")
-        if self.max_value_size > MAX_RECORD_SIZE - _RECORD_OVERHEAD:
+        if self.max_value_size > MAX_FRAME_PAYLOAD - _RECORD_OVERHEAD:
             raise ValueError(
-                f"option max_value_size must be at most {MAX_RECORD_SIZE - _RECORD_OVERHEAD} "
+                f"option max_value_size must be at most {MAX_FRAME_PAYLOAD - _RECORD_OVERHEAD} "
                 f"bytes (the log's record limit), not {self.max_value_size}"
             )
 
