@@ -21,19 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import log_bytes
 import msgpack
 from click.testing import CliRunner
+from log_bytes import frame, record_offsets
 
 import wbcache
 from wbcache.cli import main
 from wbcache.wal.format import (
-    FRAME,
-    FRAME_SIZE,
-    HEADER_SIZE,
     OP_PUT,
-    encode_frame,
     encode_header,
-    encode_records,
 )
 from wbcache.wal.segments import segment_name
 
@@ -168,25 +165,18 @@ def write_segment(wal_dir: Path, records: list[list[Any]], *, first_lsn: int | N
     """A segment of `records`, one frame each (as a lone writer's group commits write them)."""
     path = wal_dir / segment_name(first_lsn if first_lsn is not None else records[0][0])
     header = encode_header() if version is None else encode_header(version)
-    path.write_bytes(header + b"".join(encode_frame(encode_records([msgpack.packb(record)]))
-                                       for record in records))
+    path.write_bytes(header + b"".join(frame(record) for record in records))
     return path
 
 
 def frame_offsets(path: Path) -> list[int]:
     """Start offset of every frame of a segment, walked by the length fields."""
-    data = path.read_bytes()
-    offsets, pos = [], HEADER_SIZE
-    while pos + FRAME_SIZE <= len(data):
-        offsets.append(pos)
-        pos += FRAME_SIZE + FRAME.unpack_from(data, pos)[1]
-    return offsets
+    return record_offsets(path.read_bytes())
 
 
 def flip_byte(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
+    """Invert every bit of one byte."""
+    log_bytes.flip_byte(path, offset, 0xFF)
 
 
 def three_segment_log(path: Path) -> list[Path]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from log_bytes import flip_byte, frame, record_offsets, truncate
 
 import wbcache
 from wbcache.backends.lmdb import LmdbBackend
@@ -21,16 +22,12 @@ from wbcache.errors import CorruptLogError
 from wbcache.recovery import LogScan, replay_into
 from wbcache.wal import list_segments
 from wbcache.wal.format import (
-    FRAME,
     FRAME_SIZE,
-    HEADER_SIZE,
     OP_BATCH,
     OP_DELETE,
     OP_INCR,
     OP_PUT,
-    encode_frame,
     encode_header,
-    encode_records,
 )
 from wbcache.wal.segments import segment_name
 
@@ -61,31 +58,14 @@ def write_segment(wal_dir: Path, records: list[list[Any]], *, first_lsn: int | N
     wal_dir.mkdir(parents=True, exist_ok=True)
     name_lsn = first_lsn if first_lsn is not None else records[0][0]
     path = wal_dir / segment_name(name_lsn)
-    path.write_bytes(encode_header()
-                     + b"".join(encode_frame(encode_records([msgpack.packb(record)]))
-                               for record in records))
+    path.write_bytes(encode_header() + b"".join(frame(record) for record in records))
     return path
 
 
-def record_offsets(data: bytes) -> list[int]:
-    """Start offset of every frame, walked by the length fields alone."""
-    offsets, pos = [], HEADER_SIZE
-    while pos + FRAME_SIZE <= len(data):
-        offsets.append(pos)
-        _, length, _ = FRAME.unpack_from(data, pos)
-        pos += FRAME_SIZE + length
-    return offsets
 
 
-def flip_byte(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
-def truncate(path: Path, size: int) -> None:
-    with path.open("r+b") as file:
-        file.truncate(size)
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from log_bytes import flip_byte, frame, record_offsets, truncate
 
 from wbcache.errors import CorruptLogError, UnsupportedFormatError
 from wbcache.recovery import LogScan
@@ -44,9 +45,6 @@ def put_record(lsn: int, key: str | bytes = "k", value: Any = "v") -> list[Any]:
     return [lsn, OP_PUT, key, msgpack.packb(value)]
 
 
-def frame(record: Any) -> bytes:
-    """A frame of one record, as a lone writer's group commit writes it."""
-    return encode_frame(encode_records([msgpack.packb(record)]))
 
 
 def segment_data(records: list[list[Any]], *, version: int = FORMAT_VERSION) -> bytes:
@@ -67,28 +65,13 @@ def puts(first_lsn: int, count: int) -> list[list[Any]]:
             for lsn in range(first_lsn, first_lsn + count)]
 
 
-def record_offsets(data: bytes) -> list[int]:
-    """Start offset of every frame, walked by the length fields alone (no checks)."""
-    offsets, pos = [], HEADER_SIZE
-    while pos + FRAME_SIZE <= len(data):
-        offsets.append(pos)
-        _, length, _ = FRAME.unpack_from(data, pos)
-        pos += FRAME_SIZE + length
-    return offsets
 
 
 # ------------------------------------------------------------------ damaging bytes
 
 
-def flip_byte(path: Path, offset: int, mask: int = 0x01) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= mask
-    path.write_bytes(bytes(data))
 
 
-def truncate(path: Path, size: int) -> None:
-    with path.open("r+b") as file:
-        file.truncate(size)
 
 
 def append(path: Path, data: bytes) -> None:

@@ -1,0 +1,36 @@
+"""Small helpers the log tests share: frame records by hand, find frames, damage bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from wbcache.wal.format import FRAME, FRAME_SIZE, HEADER_SIZE, encode_frame, encode_records
+
+
+def frame(record: Any) -> bytes:
+    """A frame of one record, as a lone writer's group commit writes it."""
+    return encode_frame(encode_records([msgpack.packb(record)]))
+
+
+def record_offsets(data: bytes) -> list[int]:
+    """Start offset of every frame, walked by the length fields alone (no checks)."""
+    offsets, pos = [], HEADER_SIZE
+    while pos + FRAME_SIZE <= len(data):
+        offsets.append(pos)
+        _, length, _ = FRAME.unpack_from(data, pos)
+        pos += FRAME_SIZE + length
+    return offsets
+
+
+def flip_byte(path: Path, offset: int, mask: int = 0x01) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path, size: int) -> None:
+    with path.open("r+b") as file:
+        file.truncate(size)
