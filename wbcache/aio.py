@@ -28,11 +28,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from wbcache.backends.base import Backend, Key
-from wbcache.cache import BatchOperations, Cache, Op, WouldBlock, _check_int64
+from wbcache.cache import BatchOperations, Cache, Op, WouldBlock, _check_int64, _NeedsRead
 from wbcache.codec import check_delta, check_key, encode_value, in_memory
 from wbcache.errors import CacheClosedError, LogFailedError
 from wbcache.options import Options
-from wbcache.wal.format import OP_INCR
 
 T = TypeVar("T")
 
@@ -170,10 +169,8 @@ class AsyncCache:
     async def _delete(self, key: Key, *, must_exist: bool) -> int:
         cache = self._cache
         key = check_key(key, cache._max_key_size)
-        in_memory_alone = not must_exist or key in cache._map  # else it may read the database
         return await self._write(
-            (lambda: _lsn_twice(cache._write_delete(key, must_exist, block=False)))
-            if in_memory_alone else None,
+            lambda: _lsn_twice(cache._write_delete(key, must_exist, None, block=False)),
             lambda: cache._delete(key, must_exist=must_exist))
 
     async def incr(self, key: Key, delta: int = 1) -> int:
@@ -181,9 +178,8 @@ class AsyncCache:
         cache = self._cache
         key = check_key(key, cache._max_key_size)
         _check_int64(check_delta(delta), "incr delta")
-        return await self._write(  # a value not in memory (or stale) comes from the database
-            (lambda: cache._write_incr(key, delta, block=False))
-            if cache._counts_from_memory(key) else None,
+        return await self._write(
+            lambda: cache._write_incr(key, delta, None, block=False),
             lambda: cache.incr(key, delta))
 
     async def put_many(self, entries: Mapping[Key, Any] | Iterable[tuple[Key, Any]]) -> int:
@@ -198,28 +194,22 @@ class AsyncCache:
 
     async def _commit(self, ops: list[Op]) -> int:
         cache = self._cache
-        # Increments of keys not in memory may read the database: those go to a thread.
-        in_memory_alone = all(op != OP_INCR or cache._counts_from_memory(key)
-                              for op, key, _, _ in ops)
         return await self._write(
-            (lambda: _lsn_twice(cache._write_batch(ops, block=False)))
-            if in_memory_alone else None,
+            lambda: _lsn_twice(cache._write_batch(ops, None, block=False)),
             lambda: cache._commit(ops))
 
-    async def _write(self, fast: Callable[[], tuple[int, T]] | None,
-                     slow: Callable[[], T]) -> T:
+    async def _write(self, fast: Callable[[], tuple[int, T]], slow: Callable[[], T]) -> T:
         """Run `fast` (a non-blocking write, lock held: its (LSN, result)) in the loop thread
-        and await its acknowledgement. Without a fast path, or when it meets backpressure,
-        run `slow` (the blocking `Cache` call) in a worker thread instead."""
+        and await its acknowledgement. When it meets backpressure or needs a value from the
+        database, run `slow` (the blocking `Cache` call) in a worker thread instead."""
         future = None
-        if fast is not None:
-            with self._cache._lock:
-                try:
-                    lsn, result = fast()
-                except WouldBlock:
-                    pass
-                else:
-                    future = self._expect(lsn, result)
+        with self._cache._lock:
+            try:
+                lsn, result = fast()
+            except (WouldBlock, _NeedsRead):
+                pass
+            else:
+                future = self._expect(lsn, result)
         if future is None:
             return await asyncio.to_thread(slow)
         return await future  # type: ignore[no-any-return]

@@ -10,7 +10,13 @@ invariants; every one of them is stated where it is kept. Under `self._lock`:
   * `_deltas` (and `_inflight_deltas`) hold, for the dirty keys written ONLY by increments
     since, the sum of those increments: a database shared by many caches adds it to its value.
   * every record with LSN <= `_next_lsn - 1` has been applied to `_map` and `_dirty`.
-Reads that hit memory take no lock (dict operations are atomic under the GIL).
+  * `_reads` holds the database reads in progress (`_Read`), per key. Anything that may make
+    memory newer than a read's answer, or drop a newer value from memory, marks the key's
+    reads stale: a write of the key, a flush that made it clean, its eviction or expiry. A
+    stale answer is never kept in memory nor built on; a write retries with a fresh read.
+Reads that hit memory take no lock (dict operations are atomic under the GIL). No database call
+is ever made with `_lock` held: a write that needs a value memory cannot give raises
+`_NeedsRead` and is retried once the read is done.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -50,11 +56,37 @@ from wbcache.wal.format import MAX_SINGLE_RECORD, OP_BATCH, OP_DELETE, OP_INCR, 
 packb = msgpack.packb
 unpackb = msgpack.unpackb
 
-_ABSENT: Any = object()  # not in memory
+_ABSENT: Any = object()  # no value: never written, or deleted
+_NOT_KNOWN: Any = object()  # memory cannot tell; the database must be read
+T = TypeVar("T")
 
 
 class WouldBlock(Exception):
     """Internal: a non-blocking write met backpressure (the caller retries in a thread)."""
+
+
+class _NeedsRead(Exception):
+    """Internal: a write needs the current value of keys that memory cannot give; nothing was
+    written. The caller reads them from the database (outside the lock) and tries again."""
+
+    def __init__(self, keys: list[Key]) -> None:
+        super().__init__(keys)
+        self.keys = keys
+
+
+class _Read:
+    """A database read of `key`, registered under the lock before it starts (see `_reads`)."""
+
+    __slots__ = ("key", "encoded", "stale", "failed")
+
+    def __init__(self, key: Key) -> None:
+        self.key = key
+        self.encoded: bytes | None = None
+        self.stale = False  # memory may be newer than this answer: never keep or build on it
+        self.failed = False  # the database was away; memory's value may be counted on
+
+
+Reads = dict[Key, _Read]
 
 
 class _Tombstone:
@@ -112,6 +144,7 @@ class Cache:
             self._clean_since = {}
             self.get = self._get_within_ttl  # type: ignore[method-assign]
         self._evict_blocked = False  # every entry over capacity is dirty: wait for a flush
+        self._reads: dict[Key, list[_Read]] = {}
         self._flush_woken = False
         self._next_lsn = recovery.checkpoint_after + 1
 
@@ -209,31 +242,31 @@ class Cache:
         return self._get_missing(key, _ABSENT) is not _ABSENT  # type: ignore[arg-type]
 
     def _get_missing(self, key: Key, default: Any) -> Any:
-        """Not in memory: read the database, then keep the value as a clean entry."""
+        """Not in memory (or stale): read the database, then keep the value as a clean entry,
+        unless memory has become newer meanwhile."""
         key = check_key(key, self._max_key_size)
-        self._check_open()
-        evictions = self._evictions
-        encoded = self._backend_get(key)
         with self._lock:
             self._check_open()
             self._misses += 1
-            held = self._map.get(key, _ABSENT)
-            if held is not _ABSENT:  # a write raced us; it is newer than what we read
-                return default if held is _TOMBSTONE else _value_of(held)
-            if encoded is None:
-                return default
-            value, held = from_encoded(encoded)
-            # An eviction since our read may have dropped a newer, flushed value of this key:
-            # then what we read is still a valid answer, but not one to keep.
-            if self._evictions == evictions:
-                self._keep_clean(key, held)
-            return value
+            value = self._from_memory(key)
+            if value is _NOT_KNOWN:
+                reads = self._start_reads([key])
+        if value is _NOT_KNOWN:
+            self._fill_reads(reads, count_on_memory=False)
+            with self._lock:
+                try:
+                    value = self._from_memory(key)  # a write may have got there first
+                    if value is _NOT_KNOWN:
+                        value = self._value_read(reads[key])
+                finally:
+                    self._end_reads(reads)
+        return default if value is _ABSENT else value
 
     def _get_within_ttl(self, key: Key, default: Any = None) -> Any:
         """`get` when clean entries expire after `read_ttl` (a shared database): an expired
-        entry is dropped and read again, so other caches' writes become visible."""
+        entry is read again, so other caches' writes become visible."""
         if not self._fresh(key):
-            self._expire(key)
+            return self._get_missing(key, default)
         return Cache.get(self, key, default)
 
     def _fresh(self, key: Key) -> bool:
@@ -243,21 +276,113 @@ class Cache:
         since = self._clean_since.get(key)
         return since is None or time.monotonic() - since <= self._read_ttl  # type: ignore[operator]
 
-    def _expire(self, key: Key) -> None:
-        with self._lock:
-            assert self._clean_since is not None
-            if self._fresh(key) or key in self._dirty or key in self._inflight:
-                return  # refreshed or rewritten meanwhile
-            del self._clean_since[key]
-            self._map.pop(key, None)
-            self._evictions += 1  # a read racing this must not put the old value back
+    # ------------------------------------------------ reads from the database, and races
+    # The rule: no database call under `_lock`, and nothing a read brings back may replace a
+    # newer state of its key. A read is registered in `_reads` (under the lock) before it
+    # starts; whatever could make memory newer than its answer marks it stale (`_mark_stale`);
+    # its answer is used (under the lock again) only if memory still cannot answer and it is
+    # not stale. A write that needs a value memory cannot give raises `_NeedsRead` and runs
+    # again after the read (`_write_reading`).
 
-    def _backend_get(self, key: Key) -> bytes | None:
+    def _from_memory(self, key: Key) -> Any:
+        """Lock held. The value memory holds for `key` (decoded; _ABSENT if deleted), or
+        _NOT_KNOWN when memory cannot answer: not held, or clean and past read_ttl."""
+        held = self._map.get(key, _ABSENT)
+        if held is _ABSENT:
+            return _NOT_KNOWN
+        if key in self._dirty or key in self._inflight or self._fresh(key):
+            return _ABSENT if held is _TOMBSTONE else _value_of(held)
+        return _NOT_KNOWN
+
+    def _current(self, key: Key, reads: Reads | None) -> Any:
+        """Lock held. The value of `key` now (decoded; _ABSENT if none), from memory or from a
+        read made for this write; raises `_NeedsRead` when neither can tell."""
+        value = self._from_memory(key)
+        if value is not _NOT_KNOWN:
+            return value
+        read = reads.get(key) if reads else None
+        if read is None or read.stale:
+            raise _NeedsRead([key])
+        if read.failed:  # the database is away: count on from what memory holds, if anything
+            held = self._map.get(key, _ABSENT)
+            if held is _ABSENT:
+                raise _NeedsRead([key])
+            return _ABSENT if held is _TOMBSTONE else _value_of(held)
+        return self._value_read(read)
+
+    def _value_read(self, read: _Read) -> Any:
+        """Lock held. The value `read` found (_ABSENT if none), kept in memory unless stale."""
+        if read.stale:  # still a right answer for a read: it overlapped the change; not kept
+            return _ABSENT if read.encoded is None else from_encoded(read.encoded)[0]
+        if read.encoded is None:
+            if self._map.pop(read.key, _ABSENT) is not _ABSENT and self._clean_since:
+                self._clean_since.pop(read.key, None)  # deleted by another cache
+            return _ABSENT
+        value, held = from_encoded(read.encoded)
+        self._keep_clean(read.key, held)
+        return value
+
+    def _start_reads(self, keys: Iterable[Key]) -> Reads:
+        """Lock held. Register a read of each key; end them with `_end_reads`."""
+        reads = {key: _Read(key) for key in keys}
+        for key, read in reads.items():
+            self._reads.setdefault(key, []).append(read)
+        return reads
+
+    def _end_reads(self, reads: Reads) -> None:
+        """Lock held."""
+        for key, read in reads.items():
+            registered = self._reads[key]
+            registered.remove(read)
+            if not registered:
+                del self._reads[key]
+
+    def _mark_stale(self, key: Key) -> None:
+        """Lock held. Memory's state of `key` changed: no read in progress may be kept."""
+        for read in self._reads.get(key, ()):
+            read.stale = True
+
+    def _fill_reads(self, reads: Reads, *, count_on_memory: bool) -> None:
+        """Lock NOT held. Read every key of `reads` from the database. If it fails: with
+        `count_on_memory`, a key memory holds (stale) is marked failed and its value counted
+        on; otherwise the reads end and the error is raised (`CacheClosedError` if the cache
+        was closed under our feet)."""
         try:
-            return self._backend.get(key)
-        except Exception:
-            self._check_open()  # closed under our feet: say so rather than a database error
+            for read in reads.values():
+                try:
+                    read.encoded = self._backend.get(read.key)
+                except Exception:
+                    if not (count_on_memory and read.key in self._map):
+                        raise
+                    read.failed = True
+        except BaseException as exc:
+            with self._lock:
+                self._end_reads(reads)
+            if self._closed:
+                raise CacheClosedError(f"cache {self.path} is closed") from exc
             raise
+
+    def _write_reading(self, write: Callable[[Reads | None], tuple[int, T]]) -> T:
+        """Lock NOT held. Run `write` (lock held: admit, log and apply one write; return its
+        LSN and result) and wait for its acknowledgement. When it needs values memory cannot
+        give, read them outside the lock and run it again."""
+        reads: Reads | None = None
+        while True:
+            with self._lock:
+                try:
+                    lsn, result = write(reads)
+                except _NeedsRead as need:
+                    keys = need.keys
+                else:
+                    keys = []
+                finally:
+                    if reads is not None:
+                        self._end_reads(reads)
+                if not keys:
+                    self._committer.wait(lsn)
+                    return result
+                reads = self._start_reads(keys)
+            self._fill_reads(reads, count_on_memory=True)
 
     # ----------------------------------------------------------------- writes
 
@@ -291,12 +416,8 @@ class Cache:
 
     def _delete(self, key: Key, *, must_exist: bool) -> int:
         key = check_key(key, self._max_key_size)
-        if must_exist:
-            self._read_ahead(key)  # whether it exists may take a database read: not under the lock
-        with self._lock:
-            lsn = self._write_delete(key, must_exist)
-            self._committer.wait(lsn)
-        return lsn
+        return self._write_reading(
+            lambda reads: _lsn_twice(self._write_delete(key, must_exist, reads)))
 
     def incr(self, key: Key, delta: int = 1) -> int:
         """Add `delta` to the int under `key` (a missing key counts from 0), atomically;
@@ -304,11 +425,7 @@ class Cache:
         outside the signed 64-bit range raises `ValueError`. Nothing is written on error."""
         key = check_key(key, self._max_key_size)
         _check_int64(check_delta(delta), "incr delta")
-        self._read_ahead(key)
-        with self._lock:
-            lsn, result = self._write_incr(key, delta)
-            self._committer.wait(lsn)
-        return result
+        return self._write_reading(lambda reads: self._write_incr(key, delta, reads))
 
     def put_many(self, entries: Mapping[Key, Any] | Iterable[tuple[Key, Any]]) -> int:
         """Store every (key, value) atomically: one log record, one fsync. Return its LSN.
@@ -345,52 +462,17 @@ class Cache:
         encoded = encode_value(value, self._max_value_size, key)
         return (OP_PUT, key, encoded, in_memory(value, encoded))
 
-    def _read_ahead(self, key: Key) -> None:
-        """Before an increment, outside the lock (the database may be a server): bring `key`'s
-        value into memory, read again once older than read_ttl, so the write need not read the
-        database under the lock. If the database is away but memory still holds a value, the
-        increment counts on from it: a shared database adds only the delta, and the result
-        returned is this cache's view."""
-        if self._counts_from_memory(key):
-            return
-        evictions = self._evictions
-        try:
-            encoded = self._backend_get(key)
-        except Exception:
-            if key in self._map:
-                return
-            raise
-        with self._lock:
-            self._check_open()
-            if key in self._dirty or key in self._inflight or self._evictions != evictions:
-                return  # rewritten (newer than what we read), or an eviction raced the read
-            if encoded is None:
-                self._map.pop(key, None)  # deleted by another cache
-                if self._clean_since is not None:
-                    self._clean_since.pop(key, None)
-                return
-            self._keep_clean(key, from_encoded(encoded)[1])
-
-    def _counts_from_memory(self, key: Key) -> bool:
-        """Whether an increment of `key` may start from memory: held, and dirty or fresh."""
-        return key in self._map and (key in self._dirty or key in self._inflight
-                                     or self._fresh(key))
-
     def _commit(self, ops: list[Op]) -> int:
         """Log `ops` as ONE record and apply them to memory; return its LSN once durable."""
-        for op, key, _, _ in ops:
-            if op == OP_INCR:
-                self._read_ahead(key)
-        with self._lock:
-            lsn = self._write_batch(ops)
-            self._committer.wait(lsn)
-        return lsn
+        return self._write_reading(lambda reads: _lsn_twice(self._write_batch(ops, reads)))
 
     # ------------------------------------------------- writes, lock held, no waiting
     # Each admits the write (raising if closed or failed; waiting out backpressure, or with
     # block=False raising WouldBlock), logs it, applies it to memory, and returns its LSN
-    # without waiting for it to be acknowledged. The sync methods above then wait; the
-    # asyncio front end (wbcache/aio.py) awaits a future the group commit resolves.
+    # without waiting for it to be acknowledged. One that needs a value memory cannot give
+    # and `reads` does not hold raises `_NeedsRead` before anything is logged. The sync
+    # methods above then wait; the asyncio front end (wbcache/aio.py) awaits a future the
+    # group commit resolves.
 
     def _write_put(self, key: Key, encoded: bytes, held: Any, block: bool = True) -> int:
         lsn = self._admit(block)
@@ -400,9 +482,10 @@ class Cache:
         self._evict_if_over_capacity()
         return lsn
 
-    def _write_delete(self, key: Key, must_exist: bool, block: bool = True) -> int:
+    def _write_delete(self, key: Key, must_exist: bool, reads: Reads | None,
+                      block: bool = True) -> int:
         lsn = self._admit(block)
-        if must_exist and self._current(key) is _ABSENT:
+        if must_exist and self._current(key, reads) is _ABSENT:
             raise KeyError(key)
         self._queue(lsn, packb([lsn, OP_DELETE, key]))
         self._remember(key, _TOMBSTONE, None)
@@ -410,21 +493,22 @@ class Cache:
         self._evict_if_over_capacity()
         return lsn
 
-    def _write_incr(self, key: Key, delta: int, block: bool = True) -> tuple[int, int]:
+    def _write_incr(self, key: Key, delta: int, reads: Reads | None,
+                    block: bool = True) -> tuple[int, int]:
         lsn = self._admit(block)
-        result = self._increment(key, delta, self._current(key))
+        result = self._increment(key, delta, self._current(key, reads))
         self._queue(lsn, packb([lsn, OP_INCR, key, delta, result]))
         self._remember(key, result, packb(result), delta)
         self._writes += 1
         self._evict_if_over_capacity()
         return lsn, result
 
-    def _write_batch(self, ops: list[Op], block: bool = True) -> int:
+    def _write_batch(self, ops: list[Op], reads: Reads | None, block: bool = True) -> int:
         if not ops:  # nothing to write; the answer is as durable as what came before it
             self._check_open()
             return self._next_lsn - 1
         lsn = self._admit(block)
-        items, effects = self._resolve(ops)
+        items, effects = self._resolve(ops, reads)
         payload = packb([lsn, OP_BATCH, items])
         if len(payload) > MAX_SINGLE_RECORD:
             raise ValueError(f"batch of {len(ops)} operations is {len(payload)} bytes "
@@ -436,8 +520,11 @@ class Cache:
         self._evict_if_over_capacity()
         return lsn
 
-    def _resolve(self, ops: list[Op]) -> tuple[list[list[Any]], list[_Effect]]:
-        """Log items and memory effects of a batch; increments see the batch's earlier ops."""
+    def _resolve(self, ops: list[Op], reads: Reads | None
+                 ) -> tuple[list[list[Any]], list[_Effect]]:
+        """Log items and memory effects of a batch; increments see the batch's earlier ops.
+        Raises `_NeedsRead` for every key whose value neither memory nor `reads` gives."""
+        self._check_known(ops, reads)
         items: list[list[Any]] = []
         effects: list[_Effect] = []
         overlay: dict[Key, Any] = {}
@@ -451,12 +538,28 @@ class Cache:
                 effects.append((key, _TOMBSTONE, None, None))
                 overlay[key] = _TOMBSTONE
             else:
-                current = _value_of(overlay[key]) if key in overlay else self._current(key)
+                current = (_value_of(overlay[key]) if key in overlay
+                           else self._current(key, reads))
                 result = self._increment(key, arg, current)
                 items.append([OP_INCR, key, arg, result])
                 effects.append((key, result, packb(result), arg))
                 overlay[key] = result
         return items, effects
+
+    def _check_known(self, ops: list[Op], reads: Reads | None) -> None:
+        """Lock held. Raise `_NeedsRead` (all at once) for the keys a batch increments before
+        writing them whose value neither memory nor `reads` gives."""
+        written: set[Key] = set()
+        missing: list[Key] = []
+        for op, key, _, _ in ops:
+            if (op == OP_INCR and key not in written and key not in missing
+                    and self._from_memory(key) is _NOT_KNOWN):
+                read = reads.get(key) if reads else None
+                if read is None or read.stale:
+                    missing.append(key)
+            written.add(key)
+        if missing:
+            raise _NeedsRead(missing)
 
     # ------------------------------------------------------- sequencer internals
 
@@ -492,6 +595,8 @@ class Cache:
         entries = self._map
         entries[key] = held
         entries.move_to_end(key)
+        if self._reads:
+            self._mark_stale(key)
         dirty = self._dirty
         deltas = self._deltas
         before = len(dirty)
@@ -509,21 +614,6 @@ class Cache:
         if before + 1 >= self._flush_threshold and not self._flush_woken:
             self._flush_woken = True
             self._flusher.wake()
-
-    def _current(self, key: Key) -> Any:
-        """Lock held. The value of `key` (decoded), or _ABSENT. Reads the database on a miss;
-        holding the lock, no write can race that read."""
-        held = self._map.get(key, _ABSENT)
-        if held is _TOMBSTONE:
-            return _ABSENT
-        if held is not _ABSENT:
-            return _value_of(held)
-        encoded = self._backend.get(key)
-        if encoded is None:
-            return _ABSENT
-        value, held = from_encoded(encoded)
-        self._keep_clean(key, held)
-        return value
 
     def _keep_clean(self, key: Key, held: Any) -> None:
         """Lock held. Cache a value read from the database, unless memory is full of dirty
@@ -572,6 +662,8 @@ class Cache:
                 self._evictions += 1
                 if self._clean_since is not None:
                     self._clean_since.pop(key, None)
+                if self._reads:
+                    self._mark_stale(key)
 
     def _take_dirty(self) -> tuple[dict[Key, bytes | None], dict[Key, int], int]:
         """Lock held (flusher). The dirty entries, their deltas and the LSN they reflect; they
@@ -595,6 +687,9 @@ class Cache:
 
     def _flushed(self, lsn: int) -> None:
         """Lock held (flusher). Everything up to `lsn` is committed: in-flight entries are clean."""
+        for key in self._reads:
+            if key in self._inflight:  # its read may predate this flush
+                self._mark_stale(key)
         if self._clean_since is not None:
             now = time.monotonic()
             for key in self._inflight:
@@ -799,6 +894,11 @@ class Batch(BatchOperations):
         if exc_type is None:
             self.lsn = self._cache._commit(self._ops)
         self._ops = []
+
+
+def _lsn_twice(lsn: int) -> tuple[int, int]:
+    """(LSN, result) for a write whose result is its LSN."""
+    return lsn, lsn
 
 
 def _value_of(held: Any) -> Any:

@@ -1,0 +1,210 @@
+"""Reads from the database racing writes and flushes: what a read brings into memory must never
+replace a newer state of the key.
+
+Each race is built step by step with a backend whose `get` the test holds (`read_gate`): the
+read has its answer, the test then writes and flushes the key, and only then lets the read
+finish. No timing is involved; the interleaving is forced.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from controlled import ControlledBackend
+
+import wbcache
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Iterator[ControlledBackend]:
+    """Request it BEFORE caches are opened on it, so they close before the database does."""
+    controlled = ControlledBackend(tmp_path / "db")
+    yield controlled
+    controlled.gate.set()
+    controlled.read_gate.set()
+    controlled.close()
+
+
+def cold(path: Path, backend: ControlledBackend, **options: Any) -> wbcache.Cache:
+    """Open `path` over `backend`: nothing is in memory, every key read comes from the database."""
+    return wbcache.open(path, backend=backend, flush_interval=3600, **options)
+
+
+def stored_then_cold(path: Path, backend: ControlledBackend, values: dict[str, Any],
+                     **options: Any) -> wbcache.Cache:
+    with cold(path, backend) as cache:
+        cache.put_many(values)
+    return cold(path, backend, **options)
+
+
+def in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run `call` in a thread; the list receives its result or the exception it raised."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # handed to the test, which asserts on it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def held_read(backend: ControlledBackend, call: Callable[[], Any]
+              ) -> tuple[threading.Thread, list[Any]]:
+    """Start `call` and return once its database read has its answer and is held."""
+    backend.reading.clear()
+    backend.read_gate.clear()
+    started = in_thread(call)
+    assert backend.reading.wait(10), "the call never read the database"
+    return started
+
+
+def release(backend: ControlledBackend, thread: threading.Thread) -> None:
+    backend.read_gate.set()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_cold_incr_builds_on_a_write_flushed_during_its_read(
+        backend: ControlledBackend, tmp_path: Path) -> None:
+    cache = stored_then_cold(tmp_path / "c", backend, {"k": 3})
+    thread, outcome = held_read(backend, lambda: cache.incr("k"))  # its read holds 3
+    cache.put("k", 100)  # acknowledged ...
+    cache.flush()  # ... and clean: only memory knows it is newer than the read
+    release(backend, thread)
+    assert outcome == [101]
+    assert cache.get("k") == 101
+    cache.close()
+    with cold(tmp_path / "c", backend) as reopened:
+        assert reopened.get("k") == 101
+
+
+def test_cold_incr_of_a_missing_key_builds_on_a_write_flushed_during_its_read(
+        backend: ControlledBackend, tmp_path: Path) -> None:
+    cache = cold(tmp_path / "c", backend)
+    thread, outcome = held_read(backend, lambda: cache.incr("k", 5))  # its read holds "absent"
+    cache.put("k", 100)
+    cache.flush()
+    release(backend, thread)
+    assert outcome == [105]
+    cache.close()
+    with cold(tmp_path / "c", backend) as reopened:
+        assert reopened.get("k") == 105
+
+
+def test_cold_incr_with_a_read_ttl_never_replaces_a_newer_clean_entry(
+        backend: ControlledBackend, tmp_path: Path) -> None:
+    # With a read_ttl every clean entry is stale at once: the increment must read again,
+    # and that read races the write below.
+    cache = stored_then_cold(tmp_path / "c", backend, {"k": 3}, read_ttl=1e-9)
+    assert cache.get("k") == 3  # in memory, clean, and already stale
+    thread, outcome = held_read(backend, lambda: cache.incr("k"))
+    cache.put("k", 100)
+    cache.flush()
+    release(backend, thread)
+    assert outcome == [101]
+    cache.close()
+    with cold(tmp_path / "c", backend) as reopened:
+        assert reopened.get("k") == 101
+
+
+def test_del_of_a_cold_key_deleted_and_flushed_during_its_read_raises_key_error(
+        backend: ControlledBackend, tmp_path: Path) -> None:
+    cache = stored_then_cold(tmp_path / "c", backend, {"k": 1})
+    thread, outcome = held_read(backend, lambda: cache.__delitem__("k"))  # read: it exists
+    cache.delete("k")
+    cache.flush()
+    release(backend, thread)
+    assert len(outcome) == 1 and isinstance(outcome[0], KeyError)
+    assert cache.get("k") is None
+    cache.close()
+
+
+def test_del_of_a_cold_missing_key_sees_a_write_flushed_during_its_read(
+        backend: ControlledBackend, tmp_path: Path) -> None:
+    cache = cold(tmp_path / "c", backend)
+    thread, outcome = held_read(backend, lambda: cache.__delitem__("k"))  # read: absent
+    cache.put("k", 1)
+    cache.flush()
+    release(backend, thread)
+    assert outcome == [None]  # the key existed when the delete took effect
+    assert "k" not in cache
+    cache.close()
+    with cold(tmp_path / "c", backend) as reopened:
+        assert reopened.get("k") is None
+
+
+def test_cold_get_never_brings_back_a_value_older_than_a_flushed_write(
+        backend: ControlledBackend, tmp_path: Path) -> None:
+    cache = stored_then_cold(tmp_path / "c", backend, {"k": "old"})
+    thread, outcome = held_read(backend, lambda: cache.get("k"))  # its read holds "old"
+    cache.put("k", "new")
+    cache.flush()
+    release(backend, thread)
+    assert outcome[0] in ("old", "new")  # the read overlapped the write: either is right
+    assert cache.get("k") == "new"  # but memory must not go back to "old"
+    cache.close()
+
+
+def test_cold_get_racing_a_flush_and_an_eviction_keeps_nothing_stale(
+        backend: ControlledBackend, tmp_path: Path) -> None:
+    cache = stored_then_cold(tmp_path / "c", backend, {"k": "old"}, capacity=2)
+    thread, outcome = held_read(backend, lambda: cache.get("k"))  # its read holds "old"
+    cache.put("k", "new")
+    cache.flush()  # clean ...
+    cache.put_many({"a": 1, "b": 2, "c": 3})
+    cache.flush()  # ... and evicted: only the database knows "new" now
+    assert cache.stats()["evictions"] >= 1
+    release(backend, thread)
+    assert outcome[0] in ("old", "new")
+    assert cache.get("k") == "new"
+    cache.close()
+
+
+def test_cold_counters_from_many_threads_with_flushes_are_exact(
+        backend: ControlledBackend, tmp_path: Path) -> None:
+    """The issue's reproduction: slow database reads, 8 threads counting 40 cold keys while
+    another flushes, the cache reopened so that keys start cold each round. Every increment is
+    +1, so a linearizable counter returns each of 1..n exactly once."""
+    backend.read_delay = 0.002
+    keys = [f"counter:{i}" for i in range(40)]
+    returned: dict[str, list[int]] = {key: [] for key in keys}
+    for _ in range(12):
+        cache = cold(tmp_path / "c", backend)
+        stop = threading.Event()
+
+        def count(worker: int, cache: wbcache.Cache = cache) -> None:
+            for n in range(len(keys)):  # every key once, each worker in its own order
+                key = keys[(worker * 7 + n * 3) % len(keys)]
+                returned[key].append(cache.incr(key))
+
+        def flush(cache: wbcache.Cache = cache, stop: threading.Event = stop) -> None:
+            while not stop.is_set():
+                cache.flush()
+
+        flusher = threading.Thread(target=flush)
+        flusher.start()
+        workers = [threading.Thread(target=count, args=(w,)) for w in range(8)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        stop.set()
+        flusher.join()
+        cache.close()
+    with cold(tmp_path / "c", backend) as reopened:
+        final = {key: reopened.get(key) for key in keys}
+    wrong = {key: (final[key], len(values)) for key, values in returned.items()
+             if final[key] != len(values)}
+    assert not wrong, f"counters (final, acknowledged increments) that disagree: {wrong}"
+    for key, values in returned.items():
+        repeated = [value for value, times in Counter(values).items() if times > 1]
+        assert sorted(values) == list(range(1, len(values) + 1)), (key, repeated)
