@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+from wbcache import forking
 from wbcache.backends.base import Backend, Key
 from wbcache.cache import BatchOperations, Cache, Op, WouldBlock, _check_int64, _NeedsRead
 from wbcache.codec import check_delta, check_key, encode_value, in_memory
@@ -52,6 +53,8 @@ class AsyncCache:
         self._resolve_scheduled = False
         cache._committer.add_listener(self._on_batch)
         cache._committer.start_background_leader()
+        self._pid = os.getpid()
+        forking.track(self)
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], *, backend: Backend | str | None = None,
@@ -227,6 +230,7 @@ class AsyncCache:
 
     async def close(self) -> None:
         """Flush, fsync, release the directory (in a worker thread). Idempotent."""
+        forking.untrack(self)
         await asyncio.to_thread(self._cache.close)
         self._resolve()  # the final fsync covered every write; fail any that it did not
 
@@ -238,6 +242,14 @@ class AsyncCache:
 
     def __repr__(self) -> str:
         return f"<wbcache.AsyncCache {self.path!r} {'closed' if self.closed else 'open'}>"
+
+    def _disown_after_fork(self) -> None:
+        """In a child just forked: refuse every use (the `Cache` underneath is disowned too)."""
+        forking.disown(self, _ForkedAsyncCache, "AsyncCache", self._cache.path, self._pid)
+
+
+class _ForkedAsyncCache(forking.Disowned, AsyncCache):
+    """An `AsyncCache` inherited through fork(): every use raises `ForkedCacheError`."""
 
 
 class AsyncBatch(BatchOperations):

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from wbcache import forking
 from wbcache.backends.base import Backend, Key
 from wbcache.backends.lmdb import LmdbBackend
 from wbcache.backends.postgres import PostgresBackend
@@ -159,9 +160,11 @@ class Cache:
                                 checkpoint_lsn=recovery.checkpoint_after)
         self._syncer = (IntervalSyncer(self._lock, self._committer, options.fsync_interval)
                         if options.fsync == "interval" else None)
+        self._pid = os.getpid()
         self._flusher.start()
         if self._syncer is not None:
             self._syncer.start()
+        forking.track(self)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], options: Options,
@@ -824,6 +827,7 @@ class Cache:
                 return
             self._closed = True
             self._space.notify_all()
+        forking.untrack(self)
         failure: BaseException | None = None
         steps = (self._flusher.stop,
                  self._syncer.stop if self._syncer is not None else None,
@@ -842,6 +846,16 @@ class Cache:
         if failure is not None:
             raise failure
 
+    def _disown_after_fork(self) -> None:
+        """In a child just forked (wbcache/forking.py): close the descriptors it inherited
+        (the parent's stay open: its flock and its log are untouched) and refuse every use."""
+        for close in (self._writer.close, self._dir_lock.release):
+            try:
+                close()
+            except OSError:
+                pass
+        forking.disown(self, _ForkedCache, "Cache", self.path, self._pid)
+
     def _close_log(self) -> None:
         with self._lock:
             self._committer.close()
@@ -854,6 +868,10 @@ class Cache:
 
     def __repr__(self) -> str:
         return f"<wbcache.Cache {self.path!r} {'closed' if self._closed else 'open'}>"
+
+
+class _ForkedCache(forking.Disowned, Cache):
+    """A `Cache` inherited through fork(): every use raises `ForkedCacheError`."""
 
 
 class BatchOperations:

@@ -22,6 +22,11 @@ class CacheClosedError(WbcacheError):
     """The cache was closed; open it again to use it."""
 
 
+class ForkedCacheError(WbcacheError):
+    """This process inherited the cache through fork(): only the process that opened it may use
+    it. Open the directory again in this process once the parent has closed it."""
+
+
 class LogFailedError(WbcacheError):
     """A write or fsync of the log failed; the cache refuses writes until it is reopened.
 

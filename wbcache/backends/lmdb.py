@@ -6,27 +6,33 @@ returns only once it is on disk; stale reader slots of dead processes are cleare
 
 The map grows when full: LMDB's map size is fixed per open environment and a write that does not
 fit fails with MapFullError. `set_mapsize` may only be called while no transaction of this
-process is active, so reads register with `_gate` and a resize waits for them to finish.
+process is active, so every transaction registers with `_gate` and a resize waits for them to
+finish. A fork waits the same way (wbcache/forking.py): LMDB environments must not be used
+after fork(), and the child can close its copy safely only if no transaction was open.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import lmdb
 
+from wbcache import forking
 from wbcache.backends.base import Key
+from wbcache.errors import DatabaseError
 from wbcache.wal.syscalls import SYSCALLS
 
 _CHECKPOINT = b"checkpoint"
+_FORK_WAIT = 5.0  # s a fork waits for this process's open transactions to end
 
 
 class _ReadGate:
-    """Many readers or one resizer."""
+    """Many transactions or one resizer (or a fork about to happen)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -49,16 +55,28 @@ class _ReadGate:
 
     @contextmanager
     def resizing(self) -> Iterator[None]:
-        with self._cond:
-            while self._resizing or self._readers:
-                self._cond.wait()
-            self._resizing = True
+        self.acquire_exclusive(None)
         try:
             yield
         finally:
-            with self._cond:
-                self._resizing = False
-                self._cond.notify_all()
+            self.release_exclusive()
+
+    def acquire_exclusive(self, timeout: float | None) -> bool:
+        """Wait until no transaction is open and keep new ones out; False after `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._resizing or self._readers:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            self._resizing = True
+            return True
+
+    def release_exclusive(self) -> None:
+        with self._cond:
+            self._resizing = False
+            self._cond.notify_all()
 
 
 class LmdbBackend:
@@ -77,9 +95,17 @@ class LmdbBackend:
             if not lock:
                 raise ValueError("LmdbBackend: lock=False is only safe with readonly=True")
             os.makedirs(path, mode=0o700, exist_ok=True)
-        self._env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=3, sync=True,
-                              metasync=True, readonly=readonly, mode=0o600, lock=lock,
-                              create=not readonly)
+        self._path = path
+        try:
+            self._env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=3, sync=True,
+                                  metasync=True, readonly=readonly, mode=0o600, lock=lock,
+                                  create=not readonly)
+        except lmdb.Error as exc:
+            if "already open in this process" not in str(exc):
+                raise
+            raise DatabaseError(
+                f"the database {path} is already open in this process (LMDB allows one open "
+                f"per process): close the cache that holds it first") from None
         if not readonly:
             self._env.reader_check()
             # LMDB creates data.mdb and lock.mdb itself: make their directory entries durable
@@ -90,6 +116,9 @@ class LmdbBackend:
         self._meta = self._env.open_db(b"meta", create=not readonly)
         self._gate = _ReadGate()
         self.resizes = 0
+        self._pid = os.getpid()
+        self._quiet_for_fork = False
+        forking.track(self)
 
     @property
     def max_key_size(self) -> int:
@@ -135,7 +164,8 @@ class LmdbBackend:
                 add_bytes((key, value))
         while True:
             try:
-                self._write(str_puts, bytes_puts, deletes, checkpoint)
+                with self._gate.reading():
+                    self._write(str_puts, bytes_puts, deletes, checkpoint)
                 return
             except lmdb.MapFullError:
                 self._grow()
@@ -158,4 +188,25 @@ class LmdbBackend:
             self.resizes += 1
 
     def close(self) -> None:
+        forking.untrack(self)
         self._env.close()
+
+    def _before_fork(self) -> None:
+        self._quiet_for_fork = self._gate.acquire_exclusive(_FORK_WAIT)
+
+    def _after_fork_in_parent(self) -> None:
+        if self._quiet_for_fork:
+            self._quiet_for_fork = False
+            self._gate.release_exclusive()
+
+    def _disown_after_fork(self) -> None:
+        """In a child: close this copy of the environment if no transaction was open at the
+        fork (then closing touches only the child's own mappings and descriptors, and the
+        child may open the database again); otherwise leave it alone for good."""
+        if self._quiet_for_fork:
+            self._env.close()
+        forking.disown(self, _ForkedLmdbBackend, "LmdbBackend", self._path, self._pid)
+
+
+class _ForkedLmdbBackend(forking.Disowned, LmdbBackend):
+    """An `LmdbBackend` inherited through fork(): every use raises `ForkedCacheError`."""

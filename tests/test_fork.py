@@ -1,0 +1,274 @@
+"""A cache inherited through fork() is refused in the child, and the child changes nothing.
+
+Before this was enforced, a child's `put` was acknowledged under an LSN the parent then used
+again, and the next open failed with `CorruptLogError ... record has LSN 2 where 3 was
+expected`. Each test forks a real child and has it report through a pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import wbcache
+from wbcache import ForkedCacheError
+
+# Every use a child might try; each must raise ForkedCacheError.
+USES: dict[str, Callable[[wbcache.Cache], Any]] = {
+    "put": lambda c: c.put("child", 1),
+    "setitem": lambda c: c.__setitem__("child", 1),
+    "get": lambda c: c.get("k0"),
+    "getitem": lambda c: c["k0"],
+    "contains": lambda c: "k0" in c,
+    "len": lambda c: len(c),
+    "iter": lambda c: list(c),
+    "keys": lambda c: c.keys(),
+    "items": lambda c: c.items(),
+    "delete": lambda c: c.delete("k0"),
+    "delitem": lambda c: c.__delitem__("k0"),
+    "incr": lambda c: c.incr("n"),
+    "put_many": lambda c: c.put_many({"a": 1}),
+    "batch": lambda c: c.batch(),
+    "flush": lambda c: c.flush(),
+    "sync": lambda c: c.sync(),
+    "stats": lambda c: c.stats(),
+    "enter": lambda c: c.__enter__(),
+}
+
+
+def in_child(body: Callable[[], dict[str, Any]], timeout: float = 20.0) -> dict[str, Any]:
+    """Fork; run `body` in the child and return what it reported (as JSON through a pipe).
+    A child that does not finish within `timeout` is killed and the test fails."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        os.close(read_end)
+        try:
+            report = body()
+        except BaseException as exc:  # reported to the parent, which fails the test
+            report = {"crashed": repr(exc)}
+        try:
+            os.write(write_end, json.dumps(report).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    deadline = time.monotonic() + timeout
+    chunks = []
+    while True:
+        finished, status = os.waitpid(pid, os.WNOHANG)
+        if finished:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the child did not finish within {timeout} s (blocked on a lock?)")
+        time.sleep(0.01)  # polling the child's exit, not standing in for synchronisation
+    while chunk := os.read(read_end, 65536):
+        chunks.append(chunk)
+    os.close(read_end)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    report: dict[str, Any] = json.loads(b"".join(chunks))
+    assert "crashed" not in report, report["crashed"]
+    return report
+
+
+def refusals(cache: Any, uses: dict[str, Callable[[Any], Any]]) -> dict[str, str]:
+    """For each use: "refused" if it raised ForkedCacheError, else what happened."""
+    outcome = {}
+    for name, use in uses.items():
+        try:
+            use(cache)
+        except ForkedCacheError as exc:
+            outcome[name] = "refused" if "fork" in str(exc) else f"unclear message: {exc}"
+        except BaseException as exc:
+            outcome[name] = f"raised {exc!r}"
+        else:
+            outcome[name] = "accepted"
+    return outcome
+
+
+def directory_state(path: Path) -> dict[str, str]:
+    """Every file under `path` (lock.mdb aside: LMDB's reader table changes with any reader,
+    the parent's included) with a hash of its bytes."""
+    state = {}
+    for file in sorted(path.rglob("*")):
+        if file.is_file() and file.name != "lock.mdb":
+            state[str(file.relative_to(path))] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return state
+
+
+def test_a_forked_child_is_refused_every_use_and_changes_nothing(cache_dir: Path) -> None:
+    cache = wbcache.open(cache_dir, flush_interval=3600, segment_size=4096)
+    cache.put_many({f"k{i}": "x" * 100 for i in range(100)})  # several segments, unflushed
+    cache.flush()
+    cache.put("dirty", 1)  # not yet in the database when the child closes its copy
+    before = directory_state(cache_dir)
+
+    def child() -> dict[str, Any]:
+        outcome = refusals(cache, USES)
+        cache.close()  # allowed: neither flushes nor deletes
+        with cache:  # leaving a `with` block is allowed too ...
+            pass
+        return {"uses": outcome, "closed": cache.closed, "repr": repr(cache)}
+
+    # ... but entering one is a use, refused above; `with` on the disowned cache must raise
+    # before the body runs, which the "enter" use checks. Here, exit alone:
+    USES_WITHOUT_ENTER = dict(USES)
+    del USES_WITHOUT_ENTER["enter"]
+
+    def child_exit_only() -> dict[str, Any]:
+        outcome = refusals(cache, USES_WITHOUT_ENTER)
+        cache.__exit__(None, None, None)
+        cache.close()
+        return {"uses": outcome, "closed": cache.closed, "repr": repr(cache)}
+
+    report = in_child(child_exit_only)
+    assert report["uses"] == {name: "refused" for name in USES_WITHOUT_ENTER}
+    assert report["closed"] is True
+    assert "fork" in report["repr"]
+    assert directory_state(cache_dir) == before  # the child changed no byte
+
+    # The parent is unaffected: it writes on, and the directory reopens with everything.
+    cache.put("after", 2)
+    assert cache.get("dirty") == 1
+    cache.close()
+    with wbcache.open(cache_dir) as reopened:
+        assert reopened.get("after") == 2 and reopened.get("dirty") == 1
+        assert len(reopened) == 102
+
+
+def test_entering_an_inherited_cache_in_a_with_block_is_refused(cache_dir: Path) -> None:
+    cache = wbcache.open(cache_dir)
+
+    def child() -> dict[str, Any]:
+        try:
+            with cache:
+                return {"entered": True}
+        except ForkedCacheError:
+            return {"entered": False}
+
+    assert in_child(child) == {"entered": False}
+    cache.close()
+
+
+def test_a_child_forked_while_a_writer_holds_the_lock_is_refused_at_once(
+        cache_dir: Path) -> None:
+    """A parent's thread mid-write holds the cache lock at the moment of the fork; in the child
+    that lock stays held forever, so a refusal must come before any lock is taken."""
+    cache = wbcache.open(cache_dir, fsync="interval")
+    stop = threading.Event()
+
+    def write() -> None:
+        n = 0
+        while not stop.is_set():
+            cache.put(f"w{n % 100}", n)
+            n += 1
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        for _ in range(20):
+            report = in_child(lambda: refusals(cache, {"put": USES["put"], "get": USES["get"],
+                                                       "flush": USES["flush"]}), timeout=10)
+            assert report == {"put": "refused", "get": "refused", "flush": "refused"}
+    finally:
+        stop.set()
+        writer.join()
+    cache.close()
+    with wbcache.open(cache_dir) as reopened:
+        assert len(reopened) == 100
+
+
+def test_the_child_can_open_the_directory_once_the_parent_has_closed_it(
+        cache_dir: Path) -> None:
+    cache = wbcache.open(cache_dir)
+    cache.put("k", 1)
+    gate_read, gate_write = os.pipe()
+
+    def child() -> dict[str, Any]:
+        os.close(gate_write)
+        os.read(gate_read, 1)  # the parent has closed its cache
+        with wbcache.open(cache_dir) as own:  # the inherited LOCK descriptor was closed
+            own.put("from-child", 2)
+            return {"k": own.get("k")}
+
+    # The child waits on the pipe; the parent closes first, then lets it go.
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        try:
+            result = child()
+            os.write(write_end, json.dumps(result).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.close(gate_read)
+    cache.close()
+    os.write(gate_write, b"x")
+    os.close(gate_write)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert json.loads(os.read(read_end, 4096)) == {"k": 1}
+    os.close(read_end)
+    with wbcache.open(cache_dir) as reopened:
+        assert reopened.get("from-child") == 2
+
+
+def _put_in_child(cache: wbcache.Cache, results: Any) -> None:
+    try:
+        cache.put("child", 1)
+        results.put("accepted")
+    except ForkedCacheError:
+        results.put("refused")
+
+
+def test_multiprocessing_with_the_fork_start_method_is_refused(cache_dir: Path) -> None:
+    context = multiprocessing.get_context("fork")
+    cache = wbcache.open(cache_dir)
+    cache.put("k", 1)
+    results = context.Queue()
+    process = context.Process(target=_put_in_child, args=(cache, results))
+    process.start()
+    assert results.get(timeout=20) == "refused"
+    process.join(20)
+    assert process.exitcode == 0
+    cache.put("k2", 2)  # the parent's LSNs were never reused by the child
+    cache.close()
+    with wbcache.open(cache_dir) as reopened:
+        assert reopened.get("k") == 1 and reopened.get("k2") == 2
+        assert reopened.get("child") is None
+
+
+def test_an_inherited_async_cache_is_refused(cache_dir: Path) -> None:
+    async def main() -> dict[str, Any]:
+        cache = await wbcache.open_async(cache_dir)
+        await cache.put("k", 1)
+
+        def child() -> dict[str, Any]:
+            outcome = refusals(cache, {"put": lambda c: c.put("child", 1),
+                                       "get": lambda c: c.get("k"),
+                                       "underlying": lambda c: c.cache.put("child", 1)})
+            return {"uses": outcome, "closed": cache.closed}
+
+        report = in_child(child)
+        await cache.put("k2", 2)
+        await cache.close()
+        return report
+
+    report = asyncio.run(main())
+    assert report == {"uses": {"put": "refused", "get": "refused", "underlying": "refused"},
+                      "closed": True}
+    with wbcache.open(cache_dir) as reopened:
+        assert reopened.get("k2") == 2 and reopened.get("child") is None

@@ -1,0 +1,139 @@
+"""`fork()` and open caches: a child process never touches what it inherited.
+
+A cache belongs to the process that opened it. After `os.fork()` (gunicorn's `preload_app`,
+`multiprocessing` with the fork start method, Celery's prefork pool) the child holds a copy of
+the parent's `Cache`: its memory map, its LSN counter, its open log segment. Writing through
+that copy would log records under LSNs the parent also uses, corrupting the directory, and a
+lock or a database connection the parent holds may be mid-use at the moment of the fork.
+
+So in the child, right after the fork (`os.register_at_fork`), every open `Cache`, `AsyncCache`
+and backend is *disowned*: the file descriptors it inherited for the log segment and the
+directory lock are closed (closing a copy changes nothing for the parent: its descriptors, its
+flock and its file offsets are its own), and the object's class becomes a refusing twin whose
+every use raises `ForkedCacheError`, before any lock is taken (a lock held by a parent's thread
+at the fork stays held forever in the child). `close()` in the child is allowed and does
+nothing: it neither flushes nor deletes. The disowned objects are kept alive for the child's
+lifetime, so that no finalizer ever runs on what they share with the parent (a PostgreSQL
+connection whose socket the parent still uses).
+
+An object may also prepare for a fork in the parent (`_before_fork`, undone by
+`_after_fork_in_parent`): the LMDB backend waits there until no transaction of this process is
+open, so that the child can close its copy of the environment without touching the parent's
+reader slots or write lock, and open the database again itself (LMDB refuses a second open of
+one environment in a process).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any
+
+from wbcache.errors import ForkedCacheError
+
+_open: weakref.WeakSet[Any] = weakref.WeakSet()
+_forking: list[Any] = []  # the owners prepared for the fork in progress
+_inherited: list[Any] = []  # disowned in this (child) process; never finalized here
+
+
+def track(owner: Any) -> None:
+    """Disown `owner` in any child forked while it is open: it has `_disown_after_fork()`
+    and may have `_before_fork()` and `_after_fork_in_parent()`."""
+    _open.add(owner)
+
+
+def untrack(owner: Any) -> None:
+    _open.discard(owner)
+
+
+def _before_fork() -> None:
+    _forking[:] = list(_open)
+    for owner in _forking:
+        prepare = getattr(owner, "_before_fork", None)
+        if prepare is not None:
+            prepare()
+
+
+def _after_fork_in_parent() -> None:
+    owners, _forking[:] = list(_forking), []
+    for owner in owners:
+        resume = getattr(owner, "_after_fork_in_parent", None)
+        if resume is not None:
+            resume()
+
+
+def _after_fork_in_child() -> None:
+    owners, _forking[:] = list(_forking), []
+    _open.clear()
+    for owner in owners:
+        owner._disown_after_fork()
+        _inherited.append(owner)
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
+
+
+def refusal(kind: str, path: str, parent_pid: int) -> ForkedCacheError:
+    return ForkedCacheError(
+        f"this {kind} of {path} was opened by process {parent_pid} and inherited by process "
+        f"{os.getpid()} through fork(); it cannot be used here. Open the directory again in "
+        f"this process (e.g. in gunicorn's post_fork hook, or at the start of the "
+        f"multiprocessing task), after the parent has closed it")
+
+
+class Disowned:
+    """The class a disowned object takes in the child: any attribute but a few harmless ones
+    raises `ForkedCacheError`; `close()` does nothing; the `with` block's exit is allowed."""
+
+    _ALLOWED = frozenset({"__class__", "__dict__", "_forked_from", "_forked_kind",
+                          "_forked_path", "path", "closed", "close", "__exit__", "__aexit__",
+                          "__repr__", "_disown_after_fork", "_refusal"})
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in Disowned._ALLOWED:
+            return object.__getattribute__(self, name)
+        raise object.__getattribute__(self, "_refusal")()
+
+    def _refusal(self) -> ForkedCacheError:
+        return refusal(self._forked_kind, self._forked_path, self._forked_from)
+
+    @property
+    def path(self) -> str:
+        return str(self._forked_path)
+
+    @property
+    def closed(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """In a child: nothing to do. The parent's cache is the parent's to close."""
+
+    def _disown_after_fork(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return (f"<wbcache.{self._forked_kind} {self._forked_path!r} inherited through fork() "
+                f"from process {self._forked_from}: unusable>")
+
+    # Syntax looks these up on the type, bypassing __getattribute__: refuse them too.
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refusal()
+
+    __getitem__ = __setitem__ = __delitem__ = __contains__ = __iter__ = __len__ = _refuse
+    __enter__ = __aenter__ = _refuse
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        pass
+
+
+def disown(owner: Any, disowned_class: type, kind: str, path: str, parent_pid: int) -> None:
+    """Turn `owner` (in a child) into an instance of `disowned_class` (a subclass of both
+    `Disowned` and its own class), remembering where it came from."""
+    state = object.__getattribute__(owner, "__dict__")
+    state.pop("get", None)  # an instance-level override (read_ttl) would shadow the refusal
+    state.update(_forked_from=parent_pid, _forked_kind=kind, _forked_path=path)
+    object.__setattr__(owner, "__class__", disowned_class)
