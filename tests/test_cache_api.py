@@ -645,3 +645,23 @@ def test_contains_is_right_while_eviction_has_a_dirty_entry_out(open_cache: Open
         cache._map["new"], cache._map["old"] = held_new, held_old
     reader.join()
     assert answers == {"new": True, "old": False}
+
+
+def test_lowering_max_key_size_keeps_longer_stored_keys_readable_and_deletable(
+        open_cache: OpenCache) -> None:
+    long_key, other = "k" * 400, "x" * 300
+    cache = open_cache()
+    cache.put_many({long_key: 1, other: 2})
+    cache.close()
+    cache = open_cache(max_key_size=100)
+    assert cache.get(long_key) == 1 and cache[long_key] == 1 and long_key in cache
+    assert sorted(cache.keys()) == sorted([long_key, other])
+    cache.delete(long_key)
+    del cache[other]
+    assert long_key not in cache and other not in cache
+    with pytest.raises(ValueError, match="max_key_size"):
+        cache.put(long_key, 3)  # the limit applies to new writes
+    with pytest.raises(ValueError, match="max_key_size"):
+        cache.incr(long_key)
+    cache.close()
+    assert len(open_cache()) == 0

@@ -171,7 +171,7 @@ class AsyncCache:
 
     async def _delete(self, key: Key, *, must_exist: bool) -> int:
         cache = self._cache
-        key = check_key(key, cache._max_key_size)
+        key = check_key(key, cache._stored_key_size)
         return await self._write(
             lambda: _lsn_twice(cache._write_delete(key, must_exist, None, block=False)),
             lambda: cache._delete(key, must_exist=must_exist))

@@ -123,7 +123,10 @@ class Cache:
         self._dir_lock = dir_lock
         self._backend = backend
         self._owns_backend = owns_backend
-        self._max_key_size = options.max_key_size
+        self._max_key_size = options.max_key_size  # for keys written from now on
+        # Keys already stored may be longer (an earlier open allowed more): they stay readable
+        # and deletable up to what the database itself holds.
+        self._stored_key_size = backend.max_key_size
         self._max_value_size = options.max_value_size
         self._capacity = options.capacity
         self._max_dirty = options.max_dirty
@@ -247,7 +250,7 @@ class Cache:
     def _get_missing(self, key: Key, default: Any) -> Any:
         """Not in memory (or stale): read the database, then keep the value as a clean entry,
         unless memory has become newer meanwhile."""
-        key = check_key(key, self._max_key_size)
+        key = check_key(key, self._stored_key_size)
         with self._lock:
             self._check_open()
             self._misses += 1
@@ -418,7 +421,7 @@ class Cache:
         self._delete(key, must_exist=True)
 
     def _delete(self, key: Key, *, must_exist: bool) -> int:
-        key = check_key(key, self._max_key_size)
+        key = check_key(key, self._stored_key_size)
         return self._write_reading(
             lambda reads: _lsn_twice(self._write_delete(key, must_exist, reads)))
 
@@ -889,7 +892,7 @@ class BatchOperations:
 
     def delete(self, key: Key) -> None:
         self._check()
-        self._ops.append((OP_DELETE, check_key(key, self._cache._max_key_size), None, None))
+        self._ops.append((OP_DELETE, check_key(key, self._cache._stored_key_size), None, None))
 
     def incr(self, key: Key, delta: int = 1) -> None:
         self._check()
