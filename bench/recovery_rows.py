@@ -31,7 +31,7 @@ from bench.baselines import timed_putmulti
 from bench.config import BenchConfig
 from bench.measurement import Measurement, Sample
 from bench.workload import Scratch, Workload
-from wbcache.wal.format import OP_PUT
+from wbcache.wal.records import OP_PUT
 
 SECTION_BASE = "baselines"
 SECTION = "wbcache"

@@ -30,7 +30,6 @@ import signal
 import threading
 import time
 import tracemalloc
-import zlib
 from typing import Any
 
 import wbcache
@@ -39,7 +38,7 @@ from wbcache.fault_injection.logfile import SampleLog, write_sample_log
 from wbcache.fault_injection.mutations import Mutated, Segments, mutate
 from wbcache.fault_injection.oracle import Tally, same
 from wbcache.fault_injection.workload import state_after
-from wbcache.wal.format import FRAME, FRAME_MAGIC, HEADER, MAX_FRAME_PAYLOAD, SEGMENT_MAGIC
+from wbcache.wal.format import FRAME, FRAME_MAGIC, MAX_FRAME_PAYLOAD, encode_v1_header
 
 CASE_TIMEOUT = 10.0  # seconds
 _MIB = 1 << 20
@@ -178,7 +177,7 @@ def _is_prefix_state(sample: SampleLog, state: Any) -> bool:
 
 def _huge_length_case(path: str, claimed: int, outcomes: dict[str, int]) -> Tally:
     """A sparse segment larger than the cap whose first frame claims `claimed` bytes."""
-    header = HEADER.pack(SEGMENT_MAGIC, 1, zlib.crc32(SEGMENT_MAGIC + (1).to_bytes(4, "little")))
+    header = encode_v1_header()
     name = f"{1:020d}.log"
     _write_case(path, [(name, bytearray(header + FRAME.pack(FRAME_MAGIC, claimed, 0)))])
     segment = os.path.join(path, "wal", name)

@@ -185,9 +185,11 @@ def _header_version(rng: random.Random, segments: Segments) -> str | None:
     index = _pick_segment(rng, segments)
     if index is None or len(segments[index][1]) < HEADER_SIZE:
         return None
-    version = rng.choice([0, 2, 3, 255, 0xFFFFFFFF])
-    head = SEGMENT_MAGIC + version.to_bytes(4, "little")
-    segments[index][1][:HEADER_SIZE] = HEADER.pack(SEGMENT_MAGIC, version, zlib.crc32(head))
+    version = rng.choice([0, 3, 255, 0xFFFF])
+    _, _, flags, size, _ = HEADER.unpack_from(segments[index][1])
+    head = struct.pack("<8sHHI", SEGMENT_MAGIC, version, flags, size)
+    segments[index][1][:HEADER_SIZE] = HEADER.pack(SEGMENT_MAGIC, version, flags, size,
+                                                   zlib.crc32(head))
     return f"{segments[index][0]} claims format version {version}"
 
 

@@ -1,16 +1,22 @@
 """`replay_into`: bring the database up to the end of the log, then delete the log.
 
 1. Read the database checkpoint C (every record with LSN <= C is already in the database).
-2. Scan the log, oldest first, and fold every record with LSN > C into one coalesced state:
-   the state after applying that prefix of the log, in LSN order (DESIGN.md, guarantee 2).
-   A key whose records since C are all increments is also kept as a delta, so a backend
-   shared by many caches (PostgreSQL) can add it to what other caches counted.
-3. Apply that state and the new checkpoint (the last valid LSN) in one database transaction.
+2. Read the log, oldest first, folding every record with LSN > C into a coalesced state: the
+   state after applying that prefix of the log, in LSN order (the no-holes guarantee). A key
+   whose records since the last commit are all increments is also kept as a delta, so a
+   backend shared by many caches (PostgreSQL) can add it to what other caches counted.
+3. Whenever the state holds `CHUNK_KEYS` keys or `CHUNK_BYTES` of values, and at the end,
+   apply it and the checkpoint it reflects (the LSN of the last record folded: always a whole
+   record, so a batch is never split) in ONE database transaction, then start a new state. So
+   memory stays bounded whatever the log holds, and a crash during recovery resumes after the
+   last chunk committed.
 4. Delete every segment, oldest first: all their records are now covered by the checkpoint.
    A torn tail goes with its segment; the report says how many bytes it held.
 
-A crash at any step is safe: until step 3 commits nothing has changed, and after it the next
-recovery finds every remaining record at or below the checkpoint and only deletes.
+A crash at any step is safe: each chunk is all or nothing with its checkpoint, and after the
+last one the next recovery finds every remaining record at or below the checkpoint and only
+deletes. Damage stops the read before any record past it is folded: what was applied is a
+prefix of the log.
 """
 
 from __future__ import annotations
@@ -20,11 +26,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import msgpack
-
-from wbcache.recovery.scan import LogScan
+from wbcache.recovery.scan import LogEnd, walk_log
 from wbcache.wal import crashpoints
-from wbcache.wal.format import OP_BATCH, OP_INCR, OP_PUT
+from wbcache.wal.records import OP_PUT, Deltas, Record, State, fold
 from wbcache.wal.segments import delete_segments
 
 if TYPE_CHECKING:
@@ -33,7 +37,8 @@ if TYPE_CHECKING:
 Key = Any  # str | bytes
 
 PROGRESS_EVERY = 0x10000  # records between calls of a `progress` callback
-State = dict[Key, "bytes | None"]  # key -> encoded value, or None for a delete
+CHUNK_KEYS = 100_000  # keys folded before a chunk is applied
+CHUNK_BYTES = 64 * 1024 * 1024  # bytes of values folded before a chunk is applied
 
 
 @dataclass
@@ -43,7 +48,7 @@ class RecoveryReport:
     segments: int
     records: int  # valid records read
     replayed: int  # records newer than the checkpoint, applied to the database
-    keys: int  # distinct keys those records touched
+    keys: int  # entries written to the database (a key written by two chunks counts twice)
     torn_bytes: int
     torn_segment: str | None
     checkpoint_before: int
@@ -52,28 +57,14 @@ class RecoveryReport:
     seconds: float
     dry_run: bool = False
 
-
-def apply_record(state: State, record: list[Any], deltas: dict[Key, int] | None = None) -> None:
-    """Fold one decoded log record into `state` (and, if given, `deltas`: per key, the sum of
-    its increments while it has seen nothing but increments)."""
-    op = record[1]
-    if op == OP_BATCH:
-        for item in record[2]:
-            _apply_op(state, item, 0, deltas)
-    else:
-        _apply_op(state, record, 1, deltas)
-
-
-def _apply_op(state: State, item: list[Any], start: int, deltas: dict[Key, int] | None) -> None:
-    op, key = item[start], item[start + 1]
-    if op == OP_INCR:  # the reader has validated it: [op, key, delta, result]
-        if deltas is not None and (key in deltas or key not in state):
-            deltas[key] = deltas.get(key, 0) + item[start + 2]
-        state[key] = msgpack.packb(item[start + 3])
-        return
-    state[key] = item[start + 2] if op == OP_PUT else None
-    if deltas:
-        deltas.pop(key, None)
+    @classmethod
+    def of(cls, end: LogEnd, *, segments: int, replayed: int, keys: int, checkpoint_after: int,
+           seconds: float, dry_run: bool) -> RecoveryReport:
+        """The report of a recovery that read the log up to `end`."""
+        return cls(segments=segments, records=end.records, replayed=replayed, keys=keys,
+                   torn_bytes=end.torn_bytes, torn_segment=end.torn_segment,
+                   checkpoint_before=end.checkpoint, checkpoint_after=checkpoint_after,
+                   last_lsn=end.last_lsn, seconds=seconds, dry_run=dry_run)
 
 
 def apply_changes(backend: Backend, values: Mapping[Key, bytes | None],
@@ -86,7 +77,7 @@ def apply_changes(backend: Backend, values: Mapping[Key, bytes | None],
     The flusher applies its batches through this too.
     """
     deletes = [key for key, value in values.items() if value is None]
-    if deltas and getattr(backend, "applies_increments", False):
+    if deltas and backend.applies_increments:
         puts = [(key, value) for key, value in values.items()
                 if value is not None and key not in deltas]
         backend.apply(puts, deletes, checkpoint, list(deltas.items()))
@@ -97,58 +88,88 @@ def apply_changes(backend: Backend, values: Mapping[Key, bytes | None],
         backend.apply(values.items(), deletes, checkpoint)  # type: ignore[arg-type]
 
 
+class Replay:
+    """Folds records newer than `checkpoint` and applies them in chunks (module docstring).
+    Feed it frames with `frame`; `finish` applies what is left."""
+
+    def __init__(self, backend: Backend | None, checkpoint: int, *,
+                 progress: Callable[[int], None] | None = None) -> None:
+        self._backend = backend  # None: a dry run, nothing is applied
+        self.checkpoint = checkpoint  # what the database holds so far
+        self._state: State = {}
+        self._deltas: Deltas = {}
+        self._bytes = 0
+        self._last = checkpoint  # LSN of the last record folded
+        self._progress = progress
+        self.records = 0  # read
+        self.replayed = 0  # folded
+        self.keys = 0  # written (or, in a dry run, that would be)
+
+    def frame(self, records: list[Record]) -> None:
+        after = self.checkpoint
+        state, deltas = self._state, self._deltas
+        for record in records:
+            if record[0] <= after:
+                continue
+            if record[1] == OP_PUT:  # the common case, inline: this loop is recovery's cost
+                state[record[2]] = record[3]
+                self._bytes += len(record[3])
+                if deltas:
+                    deltas.pop(record[2], None)
+            else:
+                fold(state, record, deltas)
+            self.replayed += 1
+            self._last = record[0]
+        before = self.records
+        self.records += len(records)
+        if self._progress is not None and self.records // PROGRESS_EVERY != \
+                before // PROGRESS_EVERY:
+            self._progress(self.records)
+        if len(state) >= CHUNK_KEYS or self._bytes >= CHUNK_BYTES:
+            self._apply()
+
+    def finish(self, last_lsn: int) -> int:
+        """Apply what is left, with the checkpoint moved to `last_lsn` (the log's last valid
+        LSN) if it is higher; return the checkpoint the database now holds."""
+        self._last = max(self._last, last_lsn)
+        self._apply()
+        return self.checkpoint
+
+    def _apply(self) -> None:
+        if self._last <= self.checkpoint:
+            return
+        self.keys += len(self._state)
+        if self._backend is not None:
+            if crashpoints.ARMED:
+                crashpoints.reached("recovery.before_replay")
+            apply_changes(self._backend, self._state, self._deltas, self._last)
+            if crashpoints.ARMED:
+                crashpoints.reached("recovery.after_replay")
+        self.checkpoint = self._last
+        self._state, self._deltas, self._bytes = {}, {}, 0
+
+
 def replay_into(backend: Backend, wal_dir: str, *, dry_run: bool = False,
                 progress: Callable[[int], None] | None = None) -> RecoveryReport:
     """Replay the log in `wal_dir` into `backend` and delete it (see the module docstring).
 
     With `dry_run`, compute the same report and change nothing. `progress(n)` is called with
-    the number of records read so far, every 65,536 records. Raises `CorruptLogError` (nothing
-    changed) on damage other than a torn tail.
+    the number of records read so far, every 65,536 records. Raises `CorruptLogError` on damage
+    other than a torn tail, and deletes nothing then. A log longer than one chunk is applied as
+    it is read, so damage found further on leaves the database holding the valid records
+    before it (a prefix of the log: never a hole); a caller that must change nothing when it
+    refuses reads the log with `dry_run` first.
     """
     started = time.perf_counter()
     checkpoint = backend.checkpoint()
-    scan = LogScan(wal_dir, checkpoint)
-    state: State = {}
-    deltas: dict[Key, int] = {}
-    records = replayed = 0
-    for frame in scan.frames():
-        for record in frame:
-            if record[0] <= checkpoint:
-                continue
-            if record[1] == OP_PUT:  # the common case, inline: this loop is recovery's cost
-                state[record[2]] = record[3]
-                if deltas:
-                    deltas.pop(record[2], None)
-            else:
-                apply_record(state, record, deltas)
-            replayed += 1
-        if progress is not None and (records + len(frame)) // PROGRESS_EVERY != \
-                records // PROGRESS_EVERY:
-            progress(records + len(frame))
-        records += len(frame)
-    last_lsn = scan.last_lsn
-    checkpoint_after = max(checkpoint, last_lsn)
+    replay = Replay(None if dry_run else backend, checkpoint, progress=progress)
+    end = walk_log(wal_dir, checkpoint, replay.frame, max_key_size=backend.max_key_size)
+    end.check()
+    checkpoint_after = replay.finish(end.last_lsn)
     if not dry_run:
-        if crashpoints.ARMED:
-            crashpoints.reached("recovery.before_replay")
-        if checkpoint_after > checkpoint:
-            apply_changes(backend, state, deltas, checkpoint_after)
-        if crashpoints.ARMED:
-            crashpoints.reached("recovery.after_replay")
-        delete_segments(wal_dir, [segment.path for segment in scan.segments])
+        delete_segments(wal_dir, [segment.path for segment in end.segments])
         if crashpoints.ARMED:
             crashpoints.reached("recovery.after_delete")
-    torn = [summary for summary in scan.summaries if summary.torn_bytes]
-    return RecoveryReport(
-        segments=len(scan.segments),
-        records=records,
-        replayed=replayed,
-        keys=len(state),
-        torn_bytes=scan.torn_bytes,
-        torn_segment=torn[-1].path if torn else None,
-        checkpoint_before=checkpoint,
-        checkpoint_after=checkpoint_after,
-        last_lsn=last_lsn,
-        seconds=time.perf_counter() - started,
-        dry_run=dry_run,
-    )
+    return RecoveryReport.of(end, segments=len(end.segments), replayed=replay.replayed,
+                             keys=replay.keys, checkpoint_after=checkpoint_after,
+                             seconds=time.perf_counter() - started, dry_run=dry_run)

@@ -34,18 +34,12 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from wbcache.errors import CorruptLogError
-from wbcache.recovery.replay import (
-    PROGRESS_EVERY,
-    RecoveryReport,
-    State,
-    apply_changes,
-    apply_record,
-)
-from wbcache.recovery.scan import LogScan, SegmentSummary
-from wbcache.wal import SegmentFile, crashpoints, list_segments
-from wbcache.wal.format import HEADER_SIZE
-from wbcache.wal.reader import find_intact_frame, mapped
-from wbcache.wal.segments import delete_segments
+from wbcache.recovery.replay import PROGRESS_EVERY, RecoveryReport, apply_changes
+from wbcache.recovery.scan import LogEnd, walk_log
+from wbcache.wal import crashpoints
+from wbcache.wal.reader import SegmentEnd, intact_frames, mapped
+from wbcache.wal.records import Record, State, fold
+from wbcache.wal.segments import SegmentFile, delete_segments, list_segments
 from wbcache.wal.syscalls import SYSCALLS, write_all
 
 if TYPE_CHECKING:
@@ -137,11 +131,20 @@ class SalvagePlan:
     deltas: dict[Any, int] = field(default_factory=dict)  # keys only incremented: their sum
     records: int = 0
     replayed: int = 0
-    last_lsn: int = 0  # last LSN of the replayed prefix (0 when none)
-    read: list[SegmentSummary] = field(default_factory=list)  # read whole; deleted after replay
+    walked: list[SegmentEnd] = field(default_factory=list)  # every segment read, damaged too
     set_aside: list[SetAside] = field(default_factory=list)
     # Per set-aside segment: its path, and the last LSN replayed from it (None: none counts)
     _moves: list[tuple[str, int | None]] = field(default_factory=list)
+
+    @property
+    def read(self) -> list[SegmentEnd]:
+        """The segments read whole: every record in them is replayed; deleted after replay."""
+        return [segment for segment in self.walked if segment.damage is None]
+
+    @property
+    def last_lsn(self) -> int:
+        """Last LSN of the replayed prefix (0 when none)."""
+        return LogEnd(self.checkpoint_before, self.walked).last_lsn
 
     @property
     def checkpoint_after(self) -> int:
@@ -152,20 +155,10 @@ class SalvagePlan:
         return bool(self.set_aside)
 
     def report(self, *, dry_run: bool) -> RecoveryReport:
-        torn = [summary for summary in self.read if summary.torn_bytes]
-        return RecoveryReport(
-            segments=self.segments,
-            records=self.records,
-            replayed=self.replayed,
-            keys=len(self.state),
-            torn_bytes=sum(summary.torn_bytes for summary in torn),
-            torn_segment=torn[-1].path if torn else None,
-            checkpoint_before=self.checkpoint_before,
-            checkpoint_after=self.checkpoint_after,
-            last_lsn=self.last_lsn,
-            seconds=self.seconds,
-            dry_run=dry_run,
-        )
+        return RecoveryReport.of(LogEnd(self.checkpoint_before, self.walked),
+                                 segments=self.segments, replayed=self.replayed,
+                                 keys=len(self.state), checkpoint_after=self.checkpoint_after,
+                                 seconds=self.seconds, dry_run=dry_run)
 
     def salvage_report(self, quarantine_dir: str | None = None) -> SalvageReport:
         return SalvageReport(quarantine_dir, self.set_aside, self.checkpoint_after)
@@ -227,44 +220,41 @@ def plan_salvage(backend: Backend, wal_dir: str, *,
     remaining = list_segments(wal_dir)
     started = time.perf_counter()
     plan = SalvagePlan(wal_dir, checkpoint, len(remaining))
+
+    def on_frame(records: list[Record]) -> None:
+        for record in records:
+            if record[0] > checkpoint:
+                fold(plan.state, record, plan.deltas)
+                plan.replayed += 1
+        before, plan.records = plan.records, plan.records + len(records)
+        if progress is not None and plan.records // PROGRESS_EVERY != before // PROGRESS_EVERY:
+            progress(plan.records)
+
     while remaining:
-        scan = LogScan(wal_dir, checkpoint)
-        scan.segments = remaining  # resume after a segment set aside (LogScan lists in init)
-        read_here = 0
-        last_here = 0
-        try:
-            for record in scan.records():
-                plan.records += 1
-                read_here += 1
-                last_here = record[0]
-                if record[0] > checkpoint:
-                    apply_record(plan.state, record, plan.deltas)
-                    plan.replayed += 1
-                if progress is not None and not plan.records % PROGRESS_EVERY:
-                    progress(plan.records)
-        except CorruptLogError as damage:
-            remaining = _set_aside_from(plan, scan, damage, read_here, last_here)
-            continue
-        finally:
-            plan.read.extend(scan.summaries)
-            if read_here:
-                plan.last_lsn = max(plan.last_lsn, last_here)
-        break
+        end = walk_log(wal_dir, checkpoint, on_frame, max_key_size=backend.max_key_size,
+                       segments=remaining)
+        plan.walked.extend(end.segments)
+        if end.problem is None:
+            break
+        remaining = _set_aside_from(plan, end)
     plan._count()
     plan.seconds = time.perf_counter() - started
     return plan
 
 
-def _set_aside_from(plan: SalvagePlan, scan: LogScan, damage: CorruptLogError, read_here: int,
-                    last_here: int) -> list[SegmentFile]:
-    """Record what `damage` sets aside; return the segments still to be read."""
-    remaining = scan.segments
-    index = next(i for i, segment in enumerate(remaining) if segment.path == damage.path)
-    damaged = remaining[index]
-    in_damaged = read_here - sum(summary.records for summary in scan.summaries)
-    after_lsn = last_here if in_damaged else damaged.first_lsn - 1
+def _set_aside_from(plan: SalvagePlan, end: LogEnd) -> list[SegmentFile]:
+    """Record what `end.problem` sets aside; return the segments still to be read."""
+    damage = end.problem
+    assert damage is not None
+    if end.segments and end.segments[-1].damage is damage:  # damage inside a segment
+        walked = end.segments[-1]
+        damaged = SegmentFile(walked.first_lsn, walked.path)
+        after_lsn = walked.last_lsn if walked.records else walked.first_lsn - 1
+        later = end.unread
+    else:  # a gap before a segment, which was not read
+        damaged, later = end.unread[0], end.unread[1:]
+        after_lsn = damaged.first_lsn - 1
     plan._add(damaged, damage.offset, damage.reason, after_lsn)
-    later = remaining[index + 1:]
     if later and later[0].first_lsn - 1 <= plan.checkpoint_before:
         return later  # the damaged segment held only what the database has: read on
     for segment in later:
@@ -273,22 +263,16 @@ def _set_aside_from(plan: SalvagePlan, scan: LogScan, damage: CorruptLogError, r
 
 
 def _intact_records(path: str, start: int, after_lsn: int | None) -> list[int]:
-    """LSNs of the records in intact frames at or after byte `start` of segment `path`.
-
-    Resynchronises on the frame magic after anything that is not a valid frame. In the damaged
-    segment only frames newer than `after_lsn` count, as in the reader's own search, so that a
-    stale frame inside a damaged region is not taken for records set aside."""
-    with mapped(path) as (data, size):
-        found: list[int] = []
-        pos = max(start, HEADER_SIZE)
-        while (frame := find_intact_frame(data, pos, size)) is not None:
-            at, lsns, end = frame
-            if after_lsn is None or lsns[0] > after_lsn:
-                found.extend(lsns)
-                pos = end
-            else:
-                pos = at + 1
-        return found
+    """LSNs of the records in intact frames at or after byte `start` of segment `path`, found
+    with the resync rule. In the damaged segment only frames newer than `after_lsn` count, as
+    in the reader's own judgement, so that a stale frame inside a damaged region is not taken
+    for records set aside."""
+    try:
+        with mapped(path) as (data, size):
+            return [lsn for _, lsns, _ in intact_frames(data, start, size)
+                    if after_lsn is None or lsns[0] > after_lsn for lsn in lsns]
+    except CorruptLogError:  # not a regular file: it holds no records
+        return []
 
 
 def _make_run_dir(quarantine_root: str) -> str:

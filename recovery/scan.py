@@ -1,4 +1,8 @@
-"""`LogScan`: every record of the log, oldest first, checked for damage and gaps.
+"""Reading the whole log: every segment, oldest first, checked for damage and gaps.
+
+`read_log` chains `wal.reader.read_segment` over the segments of `DIR/wal/` and *returns* what
+it found (`LogEnd`) once it stops: at the end of the log, or at the first problem (damage in a
+segment, or a gap between segments). `walk_log` is the same, driven by a callback.
 
 Continuity across segments: each segment's first LSN must follow the previous segment's last.
 A gap is corruption only if it hides LSNs the database checkpoint does not cover; LSNs at or
@@ -8,71 +12,90 @@ below the checkpoint are in the database whatever the log says, so a missing seg
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any
 
 from wbcache.errors import CorruptLogError
-from wbcache.wal import SegmentFile, SegmentReader, list_segments
+from wbcache.wal.reader import SegmentEnd, read_segment
+from wbcache.wal.records import DEFAULT_MAX_KEY_SIZE, Record
+from wbcache.wal.segments import SegmentFile, list_segments
 
 
 @dataclass
-class SegmentSummary:
-    """What a scan learned about one segment."""
+class LogEnd:
+    """What reading the log found, up to where it stopped."""
 
-    path: str
-    first_lsn: int
-    last_lsn: int  # first_lsn - 1 when it holds no record
-    records: int
-    size: int
-    torn_bytes: int = 0
-    torn_reason: str | None = None
-
-
-@dataclass
-class LogScan:
-    """Iterate `records()` once; the summaries fill in as it goes."""
-
-    wal_dir: str
     checkpoint: int
-    segments: list[SegmentFile] = field(init=False)
-    summaries: list[SegmentSummary] = field(default_factory=list, init=False)
+    segments: list[SegmentEnd] = field(default_factory=list)  # read, the damaged one included
+    problem: CorruptLogError | None = None  # the damage or gap that stopped the read
+    unread: list[SegmentFile] = field(default_factory=list)  # after the problem, not read
 
-    def __post_init__(self) -> None:
-        self.segments = list_segments(self.wal_dir)
+    @property
+    def records(self) -> int:
+        return sum(segment.records for segment in self.segments)
 
     @property
     def last_lsn(self) -> int:
-        """LSN of the last valid record, 0 when the log has none."""
-        for summary in reversed(self.summaries):
-            if summary.records:
-                return summary.last_lsn
+        """LSN of the last valid record read, 0 when there is none."""
+        for segment in reversed(self.segments):
+            if segment.records:
+                return segment.last_lsn
         return 0
 
     @property
     def torn_bytes(self) -> int:
-        return sum(summary.torn_bytes for summary in self.summaries)
+        return sum(segment.torn_bytes for segment in self.segments)
 
-    def records(self) -> Iterator[list[Any]]:
-        """Every valid record, LSN order. Raises `CorruptLogError` on damage or a gap."""
-        for records in self.frames():
-            yield from records
+    @property
+    def torn_segment(self) -> str | None:
+        torn = [segment.path for segment in self.segments if segment.torn_bytes]
+        return torn[-1] if torn else None
 
-    def frames(self) -> Iterator[list[list[Any]]]:
-        """The same records, one list per frame (one group-commit write)."""
-        previous_last: int | None = None
-        for index, segment in enumerate(self.segments):
-            gap = continuity_problem(segment, previous_last, self.checkpoint)
-            if gap is not None:
-                raise gap
-            reader = SegmentReader(segment.path, first_lsn=segment.first_lsn,
-                                   is_last=index == len(self.segments) - 1)
-            yield from reader.frames()
-            self.summaries.append(SegmentSummary(
-                segment.path, segment.first_lsn, reader.last_lsn, reader.records, reader.size,
-                reader.torn_bytes, reader.torn_reason,
-            ))
-            previous_last = reader.last_lsn
+    @property
+    def size(self) -> int:
+        return sum(segment.size for segment in self.segments)
+
+    def check(self) -> None:
+        """Raise the problem that stopped the read, if any."""
+        if self.problem is not None:
+            raise self.problem
+
+
+def read_log(wal_dir: str, checkpoint: int, *, max_key_size: int = DEFAULT_MAX_KEY_SIZE,
+             segments: list[SegmentFile] | None = None
+             ) -> Generator[list[Record], None, LogEnd]:
+    """Yield the log's records frame by frame, oldest first; return a `LogEnd`. `segments`
+    (default: every segment in `wal_dir`) lets a caller resume after a segment it set aside.
+    Raises `UnsupportedFormatError` and `OSError` as `read_segment` does."""
+    listed = list_segments(wal_dir) if segments is None else segments
+    end = LogEnd(checkpoint)
+    previous_last: int | None = None
+    for index, segment in enumerate(listed):
+        gap = continuity_problem(segment, previous_last, checkpoint)
+        if gap is not None:
+            end.problem, end.unread = gap, listed[index:]
+            return end
+        result = yield from read_segment(segment.path, first_lsn=segment.first_lsn,
+                                         is_last=index == len(listed) - 1,
+                                         max_key_size=max_key_size)
+        end.segments.append(result)
+        if result.damage is not None:
+            end.problem, end.unread = result.damage, listed[index + 1:]
+            return end
+        previous_last = result.last_lsn
+    return end
+
+
+def walk_log(wal_dir: str, checkpoint: int, on_frame: Callable[[list[Record]], None], *,
+             max_key_size: int = DEFAULT_MAX_KEY_SIZE,
+             segments: list[SegmentFile] | None = None) -> LogEnd:
+    """`read_log`, calling `on_frame(records)` for each frame; returns the `LogEnd`."""
+    reading = read_log(wal_dir, checkpoint, max_key_size=max_key_size, segments=segments)
+    while True:
+        try:
+            on_frame(next(reading))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
 
 
 def continuity_problem(segment: SegmentFile, previous_last: int | None,

@@ -1,13 +1,13 @@
 """`survey_log`: read every segment and report every problem, without stopping at the first.
 
-Recovery (`LogScan`) stops at the first damage, because it must never replay past it. An
+Recovery (`read_log`) stops at the first damage, because it must never replay past it. An
 operator asking "what is wrong with this directory?" wants every problem and a summary of every
-segment. The verdicts are the same as recovery's: each segment is read by the same
-`SegmentReader` (its torn-tail policy included), and continuity between segments follows the
-rule of `recovery/scan.py` (a gap matters only where it hides LSNs above the checkpoint), with
-the same messages. So `survey_log(...).problems[0]` is the error opening the cache would raise.
-The reader stops at a segment's first damage; `further_damage` then finds any later damage in
-the same segment by resynchronising on intact frames.
+segment. The verdicts are the same as recovery's: each segment is read by the same walker
+(`wal.reader.read_segment`, its torn-tail policy and record checks included), and continuity
+between segments follows the rule of `recovery/scan.py` (a gap matters only where it hides LSNs
+above the checkpoint), with the same messages. So `survey_log(...).problems[0]` is the error
+opening the cache would raise. The walker stops at a segment's first damage; `further_damage`
+then finds any later damage in the same segment with the resync rule (`intact_frames`).
 
 Nothing here writes: segments are mapped read-only.
 """
@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from wbcache.errors import CorruptLogError, UnsupportedFormatError
 from wbcache.recovery.replay import PROGRESS_EVERY
 from wbcache.recovery.scan import continuity_problem
-from wbcache.wal import FORMAT_VERSION, SegmentReader, list_segments
-from wbcache.wal.format import HEADER_SIZE, header_version
-from wbcache.wal.reader import find_intact_frame, intact_frame, mapped
+from wbcache.wal.format import FORMAT_VERSION, READABLE_VERSIONS, read_header
+from wbcache.wal.reader import SegmentEnd, intact_frames, mapped, read_segment
+from wbcache.wal.records import DEFAULT_MAX_KEY_SIZE
+from wbcache.wal.segments import list_segments
 
 
 @dataclass
@@ -81,7 +82,8 @@ class LogSurvey:
 
 
 def survey_log(wal_dir: str, checkpoint: int, *,
-               progress: Callable[[int], None] | None = None) -> LogSurvey:
+               progress: Callable[[int], None] | None = None,
+               max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> LogSurvey:
     """Read every segment in `wal_dir` against the database `checkpoint`.
 
     `progress(n)` is called with the number of records read so far, every 65,536 records.
@@ -99,70 +101,80 @@ def survey_log(wal_dir: str, checkpoint: int, *,
             gap = continuity_problem(segment, previous_last, checkpoint)
             if gap is not None:
                 survey.problems.append(gap)
-        reader = SegmentReader(segment.path, first_lsn=segment.first_lsn,
-                               is_last=index == len(segments) - 1)
         pending = 0
-        damage: CorruptLogError | None = None
+        reading = read_segment(segment.path, first_lsn=segment.first_lsn,
+                               is_last=index == len(segments) - 1, max_key_size=max_key_size)
         try:
-            for record in reader:
-                if record[0] > checkpoint:
-                    pending += 1
-                read += 1
-                if progress is not None and not read % PROGRESS_EVERY:
+            while True:
+                try:
+                    frame = next(reading)
+                except StopIteration as stop:
+                    end: SegmentEnd = stop.value
+                    break
+                for record in frame:
+                    pending += record[0] > checkpoint
+                before, read = read, read + len(frame)
+                if progress is not None and read // PROGRESS_EVERY != before // PROGRESS_EVERY:
                     progress(read)
-        except CorruptLogError as exc:
-            damage = exc
-            survey.problems.append(exc)
-            survey.problems.extend(further_damage(segment.path, exc.offset))
         except FileNotFoundError:
             # Only a live owner deletes segments, and only ones the database has: not damage.
             survey.vanished.append(segment.path)
             continuity_known = False
             continue
+        if end.damage is not None:
+            survey.problems.append(end.damage)
+            survey.problems.extend(further_damage(segment.path, end.damage.offset,
+                                                  max_key_size))
         survey.segments.append(SegmentReport(
-            segment.path, segment.first_lsn, reader.last_lsn, reader.records, pending,
-            reader.size, reader.torn_bytes, reader.torn_reason, damage,
+            segment.path, segment.first_lsn, end.last_lsn, end.records, pending, end.size,
+            end.torn_bytes, end.torn_reason, end.damage,
         ))
-        previous_last = reader.last_lsn
-        continuity_known = damage is None
+        previous_last = end.last_lsn
+        continuity_known = end.damage is None
     return survey
 
 
-def further_damage(path: str, offset: int) -> list[CorruptLogError]:
-    """Damage in a segment after its first damage (at `offset`), which stops the reader: each
-    later run of bytes holding no intact frame, found by resynchronising on intact frames as
-    salvage counts them. Empty when the rest of the segment is intact."""
+def further_damage(path: str, offset: int,
+                   max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> list[CorruptLogError]:
+    """Damage in a segment after its first damage (at `offset`), which stops the walker: each
+    later run of bytes holding no intact frame, found with the resync rule. Empty when the
+    rest of the segment is intact."""
     try:
         with mapped(path) as (data, size):
-            if size <= HEADER_SIZE:
-                return []
             problems = []
-            found = find_intact_frame(data, offset + 1, size)  # past the damage reported
-            pos = found[0] if found is not None else None
-            while pos is not None and pos < size:
-                lsns, end = intact_frame(data, pos, size)
-                if lsns:
-                    pos = end
-                    continue
-                following = find_intact_frame(data, pos + 1, size)
-                stop = following[0] if following is not None else size
+            frames = intact_frames(data, offset + 1, size, max_key_size)  # past the damage
+            first = next(frames, None)
+            if first is None:
+                return []
+            pos = first[2]
+            for at, _, end in frames:
+                if at > pos:
+                    problems.append(CorruptLogError(
+                        path, pos, f"further damage: bytes {pos}..{at - 1} hold no intact "
+                                   f"record"))
+                pos = end
+            if pos < size:
                 problems.append(CorruptLogError(
-                    path, pos, f"further damage: bytes {pos}..{stop - 1} hold no intact record"))
-                pos = following[0] if following is not None else None
+                    path, pos, f"further damage: bytes {pos}..{size - 1} hold no intact record"))
             return problems
-    except FileNotFoundError:
+    except (FileNotFoundError, CorruptLogError):  # gone meanwhile, or not a file at all
         return []
 
 
 def check_format_versions(wal_dir: str) -> None:
     """Raise `UnsupportedFormatError` for the first segment whose (intact) header names a format
-    version this wbcache cannot read. Reads 16 bytes per segment, so a tool can refuse a log
+    version this wbcache cannot read. Reads a few bytes per segment, so a tool can refuse a log
     from a newer wbcache before it reads, prints or changes anything."""
     for segment in list_segments(wal_dir):
         try:
-            with open(segment.path, "rb") as file:
-                version = header_version(file.read(HEADER_SIZE))
-        except FileNotFoundError:  # deleted meanwhile by a live owner
+            fd = os.open(segment.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (FileNotFoundError, OSError):  # deleted meanwhile, or not a file: no version
             continue
-        if version is not None and version != FORMAT_VERSION:
-            raise UnsupportedFormatError(segment.path, version, FORMAT_VERSION)
+        try:
+            if not os.path.isfile(segment.path):
+                continue
+            header = read_header(os.pread(fd, 32, 0))
+        finally:
+            os.close(fd)
+        if header is not None and header.version not in READABLE_VERSIONS:
+            raise UnsupportedFormatError(segment.path, header.version, FORMAT_VERSION)

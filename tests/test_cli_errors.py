@@ -83,7 +83,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], int, str]] = {
     "an empty directory": (empty_directory, 2, "is not a wbcache directory"),
     "a directory of something else": (other_directory, 2, "is not a wbcache directory"),
     "an unknown log format version": (unknown_version, 1, "has format version 7; this wbcache "
-                                                          "reads version 1"),
+                                                          "reads versions 1 to 2"),
 }
 
 

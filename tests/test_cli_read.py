@@ -34,7 +34,7 @@ import wbcache
 from wbcache.backends.lmdb import LmdbBackend
 from wbcache.cli.ops_encoding import decode_json, encode_json
 from wbcache.errors import CorruptLogError
-from wbcache.wal.format import OP_BATCH, OP_DELETE, OP_INCR, OP_PUT
+from wbcache.wal.records import OP_BATCH, OP_DELETE, OP_INCR, OP_PUT
 
 
 def seed_database(path: Path, entries: dict[Any, Any], checkpoint: int) -> None:

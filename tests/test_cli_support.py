@@ -29,9 +29,9 @@ from log_bytes import frame, record_offsets
 import wbcache
 from wbcache.cli import main
 from wbcache.wal.format import (
-    OP_PUT,
     encode_header,
 )
+from wbcache.wal.records import OP_PUT
 from wbcache.wal.segments import segment_name
 
 WBCACHE = Path(sys.executable).parent / "wbcache"
@@ -164,7 +164,7 @@ def write_segment(wal_dir: Path, records: list[list[Any]], *, first_lsn: int | N
                   version: int | None = None) -> Path:
     """A segment of `records`, one frame each (as a lone writer's group commits write them)."""
     path = wal_dir / segment_name(first_lsn if first_lsn is not None else records[0][0])
-    header = encode_header() if version is None else encode_header(version)
+    header = encode_header() if version is None else encode_header(version=version)
     path.write_bytes(header + b"".join(frame(record) for record in records))
     return path
 

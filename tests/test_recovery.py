@@ -19,16 +19,13 @@ from log_bytes import flip_byte, frame, record_offsets, truncate
 import wbcache
 from wbcache.backends.lmdb import LmdbBackend
 from wbcache.errors import CorruptLogError
-from wbcache.recovery import LogScan, replay_into
+from wbcache.recovery import replay_into, walk_log
 from wbcache.wal import list_segments
 from wbcache.wal.format import (
     FRAME_SIZE,
-    OP_BATCH,
-    OP_DELETE,
-    OP_INCR,
-    OP_PUT,
     encode_header,
 )
+from wbcache.wal.records import OP_BATCH, OP_DELETE, OP_INCR, OP_PUT
 from wbcache.wal.segments import segment_name
 
 OpenCache = Callable[..., wbcache.Cache]
@@ -371,12 +368,12 @@ def test_scan_reports_the_torn_tail_of_the_last_segment_only(wal_dir: Path) -> N
     with last.open("ab") as file:
         file.write(b"\x00" * 9)
 
-    scan = LogScan(str(wal_dir), checkpoint=0)
-    records = list(scan.records())
+    records: list[list[Any]] = []
+    end = walk_log(str(wal_dir), 0, records.extend)
 
     assert [record[0] for record in records] == [1, 2, 3, 4]
-    assert scan.torn_bytes == 9
-    assert [summary.torn_bytes for summary in scan.summaries] == [0, 9]
+    assert end.torn_bytes == 9 and end.problem is None
+    assert [segment.torn_bytes for segment in end.segments] == [0, 9]
 
 
 # ------------------------------------------------------------------ through wbcache.open

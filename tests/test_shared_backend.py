@@ -20,13 +20,11 @@ from wbcache import FlushError
 from wbcache.backends.base import Key
 from wbcache.recovery import replay_into
 from wbcache.wal.format import (
-    OP_BATCH,
-    OP_INCR,
-    OP_PUT,
     encode_frame,
     encode_header,
     encode_records,
 )
+from wbcache.wal.records import OP_BATCH, OP_INCR, OP_PUT
 from wbcache.wal.segments import segment_name
 
 

@@ -7,6 +7,7 @@ which records survived and how many bytes were dropped, or exactly where corrupt
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -19,23 +20,22 @@ import pytest
 from log_bytes import flip_byte, frame, record_offsets, truncate
 
 from wbcache.errors import CorruptLogError, UnsupportedFormatError
-from wbcache.recovery import LogScan
-from wbcache.wal import GroupCommitter, LogWriter, SegmentReader, list_segments
+from wbcache.recovery import LogEnd, walk_log
+from wbcache.wal import GroupCommitter, LogWriter, SegmentEnd, list_segments, read_segment
 from wbcache.wal.format import (
     FORMAT_VERSION,
+    MARK_MAGIC,
     FRAME,
     FRAME_MAGIC,
     FRAME_SIZE,
     HEADER_SIZE,
     MAX_FRAME_PAYLOAD,
-    OP_BATCH,
-    OP_DELETE,
-    OP_INCR,
-    OP_PUT,
     encode_frame,
     encode_header,
+    encode_mark,
     encode_records,
 )
+from wbcache.wal.records import OP_BATCH, OP_DELETE, OP_INCR, OP_PUT
 from wbcache.wal.segments import segment_name
 
 # ------------------------------------------------------------------ building segments
@@ -48,7 +48,7 @@ def put_record(lsn: int, key: str | bytes = "k", value: Any = "v") -> list[Any]:
 
 
 def segment_data(records: list[list[Any]], *, version: int = FORMAT_VERSION) -> bytes:
-    return encode_header(version) + b"".join(frame(record) for record in records)
+    return encode_header(version=version) + b"".join(frame(record) for record in records)
 
 
 def write_segment(wal_dir: Path, first_lsn: int, records: list[list[Any]], *,
@@ -89,9 +89,26 @@ def overwrite(path: Path, offset: int, data: bytes) -> None:
 
 
 def read(path: Path, *, first_lsn: int = 1, is_last: bool = True
-         ) -> tuple[list[list[Any]], SegmentReader]:
-    reader = SegmentReader(str(path), first_lsn=first_lsn, is_last=is_last)
-    return list(reader), reader
+         ) -> tuple[list[list[Any]], SegmentEnd]:
+    """Every record of the segment, and what the walker returned; its damage raised."""
+    records: list[list[Any]] = []
+    reading = read_segment(str(path), first_lsn=first_lsn, is_last=is_last)
+    while True:
+        try:
+            records.extend(next(reading))
+        except StopIteration as stop:
+            end: SegmentEnd = stop.value
+            break
+    end.check()
+    return records, end
+
+
+def scan(wal_dir: Path, checkpoint: int = 0) -> tuple[list[list[Any]], LogEnd]:
+    """Every record of the log, and what reading it found; a problem raised."""
+    records: list[list[Any]] = []
+    end = walk_log(str(wal_dir), checkpoint, records.extend)
+    end.check()
+    return records, end
 
 
 def corruption(path: Path, *, first_lsn: int = 1, is_last: bool = True) -> CorruptLogError:
@@ -153,16 +170,15 @@ def test_segments_written_by_the_group_committer_read_back_in_lsn_order(tmp_path
     written = _write_with_group_commit(tmp_path, 40, segment_size=200)
 
     segments = list_segments(str(tmp_path))
-    scan = LogScan(str(tmp_path), checkpoint=0)
-    got = list(scan.records())
+    got, end = scan(tmp_path)
 
     assert len(segments) > 2  # the small segment size made the writer rotate
     assert got == written
-    assert scan.last_lsn == 40
-    assert scan.torn_bytes == 0
+    assert end.last_lsn == 40
+    assert end.torn_bytes == 0
     # Each segment is named after its first record and continues the previous one.
-    assert [summary.first_lsn for summary in scan.summaries] == [s.first_lsn for s in segments]
-    for before, after in zip(scan.summaries, scan.summaries[1:], strict=False):
+    assert [summary.first_lsn for summary in end.segments] == [s.first_lsn for s in segments]
+    for before, after in zip(end.segments, end.segments[1:], strict=False):
         assert after.first_lsn == before.last_lsn + 1
 
 
@@ -447,9 +463,8 @@ def test_torn_end_of_an_earlier_segment_is_corruption_in_a_scan(tmp_path: Path) 
     last = record_offsets(first.read_bytes())[-1]
     truncate(first, first.stat().st_size - 2)
 
-    scan = LogScan(str(tmp_path), checkpoint=0)
     with pytest.raises(CorruptLogError) as info:
-        list(scan.records())
+        scan(tmp_path)
 
     assert (info.value.path, info.value.offset) == (str(first), last)
 
@@ -462,12 +477,11 @@ def test_torn_end_of_the_last_of_several_segments_is_a_torn_tail_in_a_scan(
     last = record_offsets(second.read_bytes())[-1]
     truncate(second, size - 2)
 
-    scan = LogScan(str(tmp_path), checkpoint=0)
-    got = list(scan.records())
+    got, end = scan(tmp_path)
 
     assert lsns(got) == [1, 2, 3, 4, 5]
-    assert scan.torn_bytes == size - 2 - last
-    assert [summary.torn_bytes for summary in scan.summaries] == [0, size - 2 - last]
+    assert end.torn_bytes == size - 2 - last
+    assert [summary.torn_bytes for summary in end.segments] == [0, size - 2 - last]
 
 
 # ------------------------------------------------------------------ format version
@@ -573,9 +587,8 @@ def test_segment_name_not_matching_its_first_record_is_corruption(tmp_path: Path
     path = tmp_path / segment_name(5)
     path.write_bytes(segment_data(puts(1, 3)))  # holds LSNs 1..3, named for 5
 
-    scan = LogScan(str(tmp_path), checkpoint=4)
     with pytest.raises(CorruptLogError) as info:
-        list(scan.records())
+        scan(tmp_path, checkpoint=4)
 
     assert (info.value.path, info.value.offset) == (str(path), HEADER_SIZE)
     assert "LSN 1" in info.value.reason and "5" in info.value.reason
@@ -611,8 +624,8 @@ def test_a_frame_of_several_records_reads_back_in_order(tmp_path: Path) -> None:
     data = encode_header() + encode_frame(encode_records([msgpack.packb(r) for r in records]))
     path = tmp_path / segment_name(1)
     path.write_bytes(data)
-    reader = SegmentReader(str(path), first_lsn=1, is_last=True)
-    assert list(reader) == records
+    got, reader = read(path)
+    assert got == records
     assert (reader.records, reader.last_lsn, reader.torn_bytes) == (5, 5, 0)
 
 
@@ -627,8 +640,8 @@ def test_a_hole_inside_the_last_group_commit_frame_is_a_torn_tail(tmp_path: Path
     data[hole:hole + 4096] = bytes(4096)  # one lost page in the middle of the last write
     path = tmp_path / segment_name(1)
     path.write_bytes(bytes(data))
-    reader = SegmentReader(str(path), first_lsn=1, is_last=True)
-    assert [r[0] for r in reader] == [1]
+    got, reader = read(path)
+    assert [r[0] for r in got] == [1]
     assert reader.torn_bytes == len(last)
 
 
@@ -642,7 +655,7 @@ def test_a_frame_that_is_not_a_whole_list_of_records_is_corrupt(tmp_path: Path,
     path = tmp_path / segment_name(1)
     path.write_bytes(encode_header() + encode_frame(payload) + frame(put_record(1)))
     with pytest.raises(CorruptLogError):
-        list(SegmentReader(str(path), first_lsn=1, is_last=True))
+        read(path)
 
 
 def test_a_write_larger_than_the_frame_limit_is_split_into_frames(tmp_path: Path) -> None:
@@ -653,4 +666,130 @@ def test_a_write_larger_than_the_frame_limit_is_split_into_frames(tmp_path: Path
     writer.close()
     path = tmp_path / segment_name(1)
     assert len(record_offsets(path.read_bytes())) == 2  # 4 records of a third each: 2 frames
-    assert list(SegmentReader(str(path), first_lsn=1, is_last=True)) == records
+    assert read(path)[0] == records
+
+
+# ------------------------------------------------ sync marks (fsync="interval")
+
+
+def marked_segment(path: Path, parts: list[bytes]) -> tuple[bytes, list[int]]:
+    """A sync-marked segment of `parts` (frames or marks); returns its bytes and each part's
+    offset."""
+    data = encode_header(sync_marks=True)
+    offsets = []
+    for part in parts:
+        offsets.append(len(data))
+        data += part
+    path.write_bytes(data)
+    return data, offsets
+
+
+def test_damage_past_the_last_sync_mark_is_a_torn_tail_even_with_valid_frames_after(
+        tmp_path: Path) -> None:
+    """Power loss under fsync="interval": unsynced pages reach the disk in any order, so a hole
+    with intact frames after it is what a cut leaves, not corruption."""
+    path = tmp_path / segment_name(1)
+    synced = [frame(record) for record in puts(1, 3)]
+    unsynced = [frame(record) for record in puts(4, 3)]
+    synced_end = len(encode_header(sync_marks=True)) + sum(map(len, synced))
+    data, offsets = marked_segment(path, [*synced, encode_mark(synced_end), *unsynced])
+    hole = offsets[4]  # the first unsynced frame: lost; the two after it survived
+    damaged = bytearray(data)
+    damaged[hole:hole + len(unsynced[0])] = bytes(len(unsynced[0]))
+    path.write_bytes(bytes(damaged))
+
+    got, end = read(path)
+
+    assert lsns(got) == [1, 2, 3]
+    assert end.torn_bytes == len(data) - hole and end.synced_to == synced_end
+    assert end.torn_reason is not None and "fsync" in end.torn_reason
+
+
+def test_damage_before_the_last_sync_mark_is_corruption(tmp_path: Path) -> None:
+    path = tmp_path / segment_name(1)
+    frames = [frame(record) for record in puts(1, 4)]
+    synced_end = len(encode_header(sync_marks=True)) + sum(map(len, frames))
+    data, offsets = marked_segment(path, [*frames, encode_mark(synced_end)])
+    flip_byte(path, offsets[1] + FRAME_SIZE + 2)  # inside fsync'd data
+
+    error = corruption(path)
+
+    assert error.offset == offsets[1]
+    assert f"before offset {synced_end}, which was fsync'd" in error.reason
+
+
+def test_an_intact_mark_after_the_damage_that_covers_it_makes_it_corruption(
+        tmp_path: Path) -> None:
+    """A mark is written only after the fsync it reports: if one past the damage says the
+    damaged bytes were fsync'd, they were."""
+    path = tmp_path / segment_name(1)
+    frames = [frame(record) for record in puts(1, 4)]
+    synced_end = len(encode_header(sync_marks=True)) + sum(map(len, frames))
+    data, offsets = marked_segment(path, [*frames, encode_mark(synced_end)])
+    flip_byte(path, offsets[2] + FRAME_SIZE + 2)
+
+    assert corruption(path).offset == offsets[2]
+
+
+def test_a_segment_without_sync_marks_keeps_the_strict_rule(tmp_path: Path) -> None:
+    path = write_segment(tmp_path, 1, puts(1, 4))
+    offsets = record_offsets(path.read_bytes())
+    flip_byte(path, offsets[1] + FRAME_SIZE + 2)
+    assert "a valid record follows" in corruption(path).reason
+
+
+def test_the_writer_marks_every_interval_fsync(tmp_path: Path) -> None:
+    writer = LogWriter(str(tmp_path), 1, segment_size=1 << 20, sync_marks=True)
+    writer.append([msgpack.packb(r) for r in puts(1, 2)], 1, 2)
+    writer.sync()
+    writer.append([msgpack.packb(r) for r in puts(3, 1)], 3, 3)
+    writer.close()
+    path = tmp_path / segment_name(1)
+    got, end = read(path)
+    assert lsns(got) == [1, 2, 3] and end.torn_bytes == 0
+    data = path.read_bytes()
+    assert end.synced_to == data.index(MARK_MAGIC)  # everything before the mark was fsync'd
+
+
+# ------------------------------------------------ what a segment file may be
+
+
+def test_a_fifo_named_like_a_segment_is_refused_without_blocking(tmp_path: Path) -> None:
+    path = tmp_path / segment_name(1)
+    os.mkfifo(path)
+    error = corruption(path)
+    assert (error.path, error.offset) == (str(path), 0) and "FIFO" in error.reason
+
+
+def test_a_symlink_named_like_a_segment_is_refused_not_followed(tmp_path: Path) -> None:
+    target = write_segment(tmp_path / "elsewhere", 1, puts(1, 2))
+    path = tmp_path / segment_name(1)
+    path.symlink_to(target)
+    assert "symbolic link" in corruption(path).reason
+
+
+def test_a_huge_sparse_segment_is_refused_at_once_by_its_size(tmp_path: Path) -> None:
+    """Before, a 20 GiB sparse segment took a minute and 20 GB of memory to be refused."""
+    path = write_segment(tmp_path, 1, puts(1, 2))
+    os.truncate(path, 20 << 30)
+    started = time.perf_counter()
+    tracemalloc.start()
+    try:
+        error = corruption(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 1.0 and peak < 1 << 20
+    assert error.offset == 0 and "larger than any its writer leaves" in error.reason
+
+
+def test_a_segment_may_exceed_its_size_by_one_frame_only(tmp_path: Path) -> None:
+    """The writer starts a new segment between frames, so the reader's bound holds."""
+    writer = LogWriter(str(tmp_path), 1, segment_size=4096)
+    for lsn in range(1, 200):
+        writer.append([msgpack.packb(put_record(lsn, f"k{lsn}", "v" * 100))], lsn, lsn)
+    writer.close()
+    segments = list_segments(str(tmp_path))
+    assert len(segments) > 3
+    for segment in segments:
+        assert os.path.getsize(segment.path) <= 4096 + FRAME_SIZE + 200

@@ -1,13 +1,13 @@
-"""The write-ahead log: format, writer, reader, segments and group commit.
+"""The write-ahead log: format, record codec, writer, reader, segments and group commit.
 
-Imports only the standard library, msgpack and `wbcache.errors` (DESIGN.md, layout).
+Imports only the standard library, msgpack and `wbcache.errors` (docs/design.md, layers).
 """
 
 from __future__ import annotations
 
 from wbcache.wal.commit import GroupCommitter
 from wbcache.wal.format import FORMAT_VERSION, MAX_FRAME_PAYLOAD
-from wbcache.wal.reader import SegmentReader
+from wbcache.wal.reader import SegmentEnd, read_segment
 from wbcache.wal.segments import SegmentFile, list_segments
 from wbcache.wal.writer import LogWriter
 
@@ -16,7 +16,8 @@ __all__ = [
     "GroupCommitter",
     "LogWriter",
     "MAX_FRAME_PAYLOAD",
+    "SegmentEnd",
     "SegmentFile",
-    "SegmentReader",
     "list_segments",
+    "read_segment",
 ]

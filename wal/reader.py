@@ -1,28 +1,40 @@
-"""`SegmentReader`: reads the records of one segment and tells a torn tail from corruption.
+"""Reading a segment: the one log walker, and the one resync rule.
 
-The policy, applied in `_damage`:
-  * A bad frame in the LAST segment with no valid frame anywhere after it is a torn tail:
-    the write that was cut off by the crash was never acknowledged (its fsync never returned),
-    so instead of considering this an error we report where the valid data ends and how many
-    bytes follow it. Zero-filled and garbage tails fall under this rule.
-  * A bad frame followed by a valid one, or a bad frame in any earlier segment, is corruption:
-    `CorruptLogError` naming the segment and the offset. Nothing is deleted.
-  * A frame whose checksum is right but whose content is wrong (an LSN out of sequence, an
-    unknown operation) is corruption wherever it is: a torn write cannot produce it.
-A frame is one group-commit write, all or nothing (wal/format.py).
+`read_segment` walks a segment's frames from its header, yields each frame's records, and when
+it is done *returns* what it found (`SegmentEnd`: records read, where valid data ends, a torn
+tail, or the damage that stopped it). Nothing is filled in behind the caller's back: a caller
+that stops early simply has no result.
 
-Segments are mapped, not read: a damaged length field can make the reader slice at most
-`MAX_FRAME_PAYLOAD` bytes, and a huge file is never loaded whole.
+Damage is judged by the rule stated in `wal/format.py`, applied in `_judge`:
+  * in the LAST segment, a bad frame with no intact, newer frame after it is a torn tail: the
+    write a crash cut off, never acknowledged (its fsync never returned); instead of treating
+    it as an error we report where the valid data ends and how many bytes follow. In a segment
+    with sync marks (fsync="interval"), damage at or past the last fsync'd offset is a torn
+    tail whatever follows it;
+  * anything else is corruption (`SegmentEnd.damage`, a `CorruptLogError` naming the segment
+    and offset): a bad frame followed by a valid one, damage before the last fsync, damage in
+    an earlier segment, and a frame whose checksum is right but whose content is not usable
+    (an LSN out of sequence, a malformed record, a key the database cannot store, a value
+    that does not decode: a torn write cannot produce those).
+`intact_frames` is the resync rule: every later consumer of a damaged segment (the damage
+judgement here, `wbcache verify`, salvage's counts) finds data after damage with it alone.
+
+A segment is checked before it is read: it must be a regular file (never a FIFO, a device or
+a symlink), with a readable header, and no larger than its writer can have left
+(`format.max_segment_bytes`), so a planted or runaway file is refused at once. Segments are
+mapped, not read: a damaged length field makes the reader slice at most `MAX_FRAME_PAYLOAD`.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import stat
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
 
 import msgpack
 
@@ -32,63 +44,73 @@ from wbcache.wal.format import (
     FRAME,
     FRAME_MAGIC,
     FRAME_SIZE,
-    HEADER_SIZE,
+    MARK_MAGIC,
     MAX_FRAME_PAYLOAD,
-    OP_BATCH,
-    OP_DELETE,
-    OP_INCR,
-    OP_PUT,
-    header_version,
+    READABLE_VERSIONS,
+    SegmentHeader,
+    decode_mark,
+    header_problem,
+    max_segment_bytes,
+    read_header,
 )
+from wbcache.wal.records import DEFAULT_MAX_KEY_SIZE, Record, decode_frame, frame_problem
 
+Data = mmap.mmap | bytes
 _EMPTY = b""
+_FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket",
+               stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symbolic link"}
 
 
-def decode_records(payload: bytes) -> Any:
-    """msgpack-decode a frame payload (a list of records, if well formed).
+@dataclass
+class SegmentEnd:
+    """What reading one segment found, returned once it is read."""
 
-    Limits follow len(payload), itself capped by MAX_FRAME_PAYLOAD.
-    """
-    return msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True)
+    path: str
+    first_lsn: int  # from the segment's name
+    size: int
+    records: int  # valid records read (up to the damage, if any)
+    end: int  # offset just past the last valid frame: where a torn tail or the damage starts
+    last_lsn: int  # of the last valid record; first_lsn - 1 when there is none
+    torn_bytes: int = 0  # a torn tail (last segment only): not damage, recovery drops it
+    torn_reason: str | None = None
+    damage: CorruptLogError | None = None  # corruption that stopped the read
+    synced_to: int = 0  # sync-marked segments: every byte before this offset was fsync'd
 
-
-def _is_key(key: object) -> bool:
-    return type(key) is str or type(key) is bytes
-
-
-def _valid_op(item: list[Any], start: int) -> bool:
-    """Whether item[start:] is a well-formed operation (op code first)."""
-    size = len(item) - start
-    op = item[start]
-    if op == OP_PUT:
-        return size == 3 and _is_key(item[start + 1]) and type(item[start + 2]) is bytes
-    if op == OP_DELETE:
-        return size == 2 and _is_key(item[start + 1])
-    if op == OP_INCR:
-        return (size == 4 and _is_key(item[start + 1])
-                and type(item[start + 2]) is int and type(item[start + 3]) is int)
-    return False
+    def check(self) -> None:
+        """Raise the damage found, if any."""
+        if self.damage is not None:
+            raise self.damage
 
 
-def valid_record(record: object) -> bool:
-    """Whether a decoded payload is a well-formed [lsn, op, ...] record."""
-    if type(record) is not list or len(record) < 3 or type(record[0]) is not int or record[0] < 1:
-        return False
-    if record[1] == OP_BATCH:
-        items = record[2]
-        return (len(record) == 3 and type(items) is list and len(items) > 0
-                and all(type(item) is list and len(item) > 1 and _valid_op(item, 0)
-                        for item in items))
-    return _valid_op(record, 1)
+# ------------------------------------------------------------------ files
+
+def file_problem(path: str) -> str | None:
+    """Why the entry at `path` cannot be a segment (not a regular file), or None. Does not
+    follow a symlink. Raises FileNotFoundError for a missing file."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    return f"not a regular file but {_FILE_KINDS.get(stat.S_IFMT(mode), 'a special file')}"
 
 
 @contextmanager
-def mapped(path: str) -> Iterator[tuple[mmap.mmap | bytes, int]]:
-    """(the segment's bytes, mapped read-only, and its size) for the `with` block."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def mapped(path: str) -> Iterator[tuple[Data, int]]:
+    """(the segment's bytes, mapped read-only, and its size) for the `with` block. Never
+    follows a symlink nor blocks on a FIFO: raises `CorruptLogError` for a non-regular file."""
     try:
-        size = os.fstat(fd).st_size
-        data: mmap.mmap | bytes = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else _EMPTY
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+            raise CorruptLogError(path, 0, "not a regular file but a symbolic link") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "a special file")
+            raise CorruptLogError(path, 0, f"not a regular file but {kind}")
+        size = info.st_size
+        data: Data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else _EMPTY
     finally:
         os.close(fd)
     try:
@@ -98,11 +120,13 @@ def mapped(path: str) -> Iterator[tuple[mmap.mmap | bytes, int]]:
             data.close()
 
 
-def intact_frame(data: mmap.mmap | bytes, at: int, size: int) -> tuple[list[int], int]:
-    """(LSNs of its records, end offset) of a valid frame at `at`, or ([], 0).
+# ------------------------------------------------------------------ the resync rule
 
-    Valid: marker, length in range, checksum right, every record well formed. Whether its LSNs
-    fit the log around it is the caller's question."""
+def intact_frame(data: Data, at: int, size: int,
+                 max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> tuple[list[int], int]:
+    """(LSNs of its records, end offset) of an intact frame at `at`, or ([], 0). Intact:
+    magic, length in range, inside the file, checksum right, every record usable. Whether its
+    LSNs fit the log around it is the caller's question."""
     if size - at < FRAME_SIZE:
         return [], 0
     magic, length, crc = FRAME.unpack_from(data, at)
@@ -113,153 +137,189 @@ def intact_frame(data: mmap.mmap | bytes, at: int, size: int) -> tuple[list[int]
     if zlib.crc32(payload) != crc:
         return [], 0
     try:
-        records = decode_records(payload)
+        records = decode_frame(payload)
     except Exception:  # msgpack raises several types for bad input
         return [], 0
-    if type(records) is not list or not records or not all(map(valid_record, records)):
+    if frame_problem(records, max_key_size) is not None:
         return [], 0
     return [record[0] for record in records], end
 
 
-def find_intact_frame(data: mmap.mmap | bytes, start: int, size: int
-                      ) -> tuple[int, list[int], int] | None:
-    """(offset, LSNs, end) of the first valid frame at or after `start`, resynchronising on the
-    frame marker, or None."""
+def intact_frames(data: Data, start: int, size: int, max_key_size: int = DEFAULT_MAX_KEY_SIZE
+                  ) -> Iterator[tuple[int, list[int], int]]:
+    """(offset, LSNs, end) of every intact frame at or after `start`, in file order, found by
+    the resync rule: search for the frame magic, accept only an intact frame there, go on
+    from its end (or from the byte after a magic that did not start one)."""
     at = data.find(FRAME_MAGIC, start)
     while at != -1:
-        lsns, end = intact_frame(data, at, size)
+        lsns, end = intact_frame(data, at, size, max_key_size)
         if lsns:
-            return at, lsns, end
-        at = data.find(FRAME_MAGIC, at + 1)
-    return None
+            yield at, lsns, end
+            at = data.find(FRAME_MAGIC, end)
+        else:
+            at = data.find(FRAME_MAGIC, at + 1)
 
 
-class SegmentReader:
-    """Iterate the records of the segment at `path` whose name says it starts at `first_lsn`.
+def intact_marks(data: Data, start: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, synced_end) of every intact sync mark at or after `start`."""
+    at = data.find(MARK_MAGIC, start)
+    while at != -1:
+        mark = decode_mark(data, at, size)
+        if mark is not None:
+            yield at, mark[0]
+        at = data.find(MARK_MAGIC, at + 1)
 
-    After iteration: `end` is the offset just past the last valid record, `torn_bytes` how many
-    bytes of torn tail follow it (0 when the segment ends cleanly), `last_lsn` the LSN of the
-    last valid record (first_lsn - 1 when there is none), `records` how many were read.
-    """
 
-    def __init__(self, path: str, *, first_lsn: int, is_last: bool) -> None:
-        self.path = path
-        self.first_lsn = first_lsn
-        self.is_last = is_last
-        self.size = 0
-        self.end = 0
-        self.torn_bytes = 0
-        self.torn_reason: str | None = None
-        self.last_lsn = first_lsn - 1
-        self.records = 0
+# ------------------------------------------------------------------ the walker
 
-    def __iter__(self) -> Iterator[list[Any]]:
-        for records in self.frames():
-            yield from records
+def read_segment(path: str, *, first_lsn: int, is_last: bool,
+                 max_key_size: int = DEFAULT_MAX_KEY_SIZE
+                 ) -> Generator[list[Record], None, SegmentEnd]:
+    """Yield the records of the segment at `path` frame by frame (one group-commit write
+    each), in LSN order starting at `first_lsn`; return a `SegmentEnd`.
 
-    def frames(self) -> Iterator[list[list[Any]]]:
-        """The records frame by frame (one group-commit write each): fewer steps for bulk
-        readers such as recovery."""
-        with mapped(self.path) as (data, self.size):
-            yield from self._frames(data)
+    Damage is judged as the module docstring says and returned, never raised. Raises
+    `UnsupportedFormatError` for a segment of a version (or flags) this reader does not know,
+    `FileNotFoundError` if the file vanished, other `OSError`s if it cannot be read."""
+    result = SegmentEnd(path, first_lsn, 0, 0, 0, first_lsn - 1)
+    kind = file_problem(path)
+    if kind is not None:
+        result.damage = CorruptLogError(path, 0, kind)
+        return result
+    with mapped(path) as (data, size):
+        result.size = size
+        header = read_header(data[:32])
+        if header is None:
+            _judge(result, data, 0, "damaged or missing segment header", None,
+                   is_last, max_key_size, None)
+            return result
+        problem = header_problem(header)
+        if problem is not None:
+            if header.version not in READABLE_VERSIONS:
+                raise UnsupportedFormatError(path, header.version, FORMAT_VERSION)
+            result.damage = CorruptLogError(path, 0, f"segment header with {problem}")
+            return result
+        if size > max_segment_bytes(header):
+            result.damage = CorruptLogError(
+                path, 0, f"segment of {size} bytes is larger than any its writer leaves "
+                         f"({max_segment_bytes(header)} bytes); refusing to read it")
+            return result
+        yield from _walk(result, data, header, is_last, max_key_size)
+    return result
 
-    def _frames(self, data: mmap.mmap | bytes) -> Iterator[list[list[Any]]]:
-        size = self.size
-        version = header_version(data[:HEADER_SIZE])
-        if version is None:
-            self._damage(data, 0, "damaged or missing segment header", self.first_lsn - 1)
+
+def _walk(result: SegmentEnd, data: Data, header: SegmentHeader, is_last: bool,
+          max_key_size: int) -> Generator[list[Record], None, None]:
+    # This loop is recovery's cost (one pass per frame): progress lives in locals, stored in
+    # `result` when damage is judged and when the loop ends.
+    size = result.size
+    pos = header.size
+    expected = result.first_lsn
+    count = 0
+    marks = header.sync_marks
+    unpack_frame = FRAME.unpack_from
+    crc32 = zlib.crc32
+    unpackb = msgpack.unpackb
+    try:
+        while pos < size:
+            if size - pos < FRAME_SIZE:
+                reason, claimed = "frame header cut off at end of file", None
+                break
+            magic, length, crc = unpack_frame(data, pos)
+            if magic != FRAME_MAGIC:
+                if marks and magic == MARK_MAGIC:
+                    mark = decode_mark(data, pos, size)
+                    if mark is not None:
+                        result.synced_to = max(result.synced_to, mark[0])
+                        pos = mark[1]
+                        continue
+                reason, claimed = "bad frame marker", None
+                break
+            if length == 0 or length > MAX_FRAME_PAYLOAD:
+                reason, claimed = f"frame length {length} out of range", None
+                break
+            end = pos + FRAME_SIZE + length
+            if end > size:
+                reason, claimed = f"frame of {length} bytes cut off at end of file", (end, crc)
+                break
+            payload = data[pos + FRAME_SIZE:end]
+            if crc32(payload) != crc:
+                reason, claimed = "checksum mismatch", (end, crc)
+                break
+            # From here the frame is a complete write: anything wrong is corruption.
+            try:
+                records = unpackb(payload, raw=False, strict_map_key=False)
+            except Exception as exc:  # msgpack raises several types for bad input
+                _corrupt(result, pos, expected, count, f"undecodable frame ({exc})")
+                return
+            wrong = frame_problem(records, max_key_size)
+            if wrong is not None:
+                _corrupt(result, pos, expected, count, wrong)
+                return
+            for record in records:
+                if record[0] != expected:
+                    _corrupt(result, pos, expected, count,
+                             f"record has LSN {record[0]} where {expected} was expected")
+                    return
+                expected += 1
+            count += len(records)
+            pos = end
+            yield records
+        else:
+            result.records, result.end, result.last_lsn = count, pos, expected - 1
             return
-        if version != FORMAT_VERSION:
-            raise UnsupportedFormatError(self.path, version, FORMAT_VERSION)
-        # This loop is recovery's cost (one pass per frame): progress lives in locals, handed
-        # to `_damage` when damage is judged and stored when the loop ends.
-        pos = HEADER_SIZE
-        expected = self.first_lsn
-        count = 0
-        unpack_frame = FRAME.unpack_from
-        crc32 = zlib.crc32
-        unpackb = msgpack.unpackb
+    finally:
+        result.records = count
+    result.end, result.last_lsn = pos, expected - 1
+    _judge(result, data, pos, reason, claimed, is_last, max_key_size, header)
+
+
+def _corrupt(result: SegmentEnd, offset: int, expected: int, count: int, reason: str) -> None:
+    result.records, result.end, result.last_lsn = count, offset, expected - 1
+    result.damage = CorruptLogError(result.path, offset, reason)
+
+
+def _judge(result: SegmentEnd, data: Data, offset: int, reason: str,
+           claimed: tuple[int, int] | None, is_last: bool, max_key_size: int,
+           header: SegmentHeader | None) -> None:
+    """Apply the damage rule (module docstring) to a bad frame at `offset`: a torn tail
+    (`torn_bytes`) or corruption (`damage`).
+
+    `claimed` is (end, crc) when the bad frame's marker and length looked sound: then an
+    intact-looking frame INSIDE that extent may be a user's value that happens to hold a log
+    frame (a torn write of it must stay a torn tail). It counts as evidence of corruption only
+    if the bytes before it match the claimed checksum, i.e. the bad frame is intact and only
+    its length field was damaged."""
+    result.end = offset
+    if not is_last:
+        result.damage = CorruptLogError(result.path, offset, reason)
+        return
+    size = result.size
+    if header is not None and header.sync_marks:
+        later = max((synced for _, synced in intact_marks(data, offset, size)), default=0)
+        synced = max(result.synced_to, later)
+        if synced > offset:
+            result.damage = CorruptLogError(
+                result.path, offset, f"{reason}, before offset {synced}, which was fsync'd")
+            return
+        result.torn_bytes, result.torn_reason = size - offset, (
+            f"{reason} (past the last fsync at offset {result.synced_to}: "
+            f"fsync=\"interval\" may lose this much)")
+        return
+    for at, lsns, _ in intact_frames(data, offset + 1, size, max_key_size):
+        if lsns[0] > result.last_lsn and (
+                claimed is None or at >= claimed[0]
+                or zlib.crc32(data[offset + FRAME_SIZE:at]) == claimed[1]):
+            result.damage = CorruptLogError(
+                result.path, offset, f"{reason}; a valid record follows at offset {at}")
+            return
+    result.torn_bytes, result.torn_reason = size - offset, reason
+
+
+def drain(walk: Generator[list[Record], None, SegmentEnd]) -> SegmentEnd:
+    """Read a segment to its end, discarding the records; return what it found."""
+    while True:
         try:
-            while pos < size:
-                if size - pos < FRAME_SIZE:
-                    self._damage(data, pos, "record header cut off at end of file", expected - 1)
-                    return
-                magic, length, crc = unpack_frame(data, pos)
-                if magic != FRAME_MAGIC:
-                    self._damage(data, pos, "bad record marker", expected - 1)
-                    return
-                if length == 0 or length > MAX_FRAME_PAYLOAD:
-                    self._damage(data, pos, f"record length {length} out of range", expected - 1)
-                    return
-                end = pos + FRAME_SIZE + length
-                if end > size:
-                    self._damage(data, pos, f"record of {length} bytes cut off at end of file",
-                                 expected - 1, claimed=(end, crc))
-                    return
-                payload = data[pos + FRAME_SIZE:end]
-                if crc32(payload) != crc:
-                    self._damage(data, pos, "checksum mismatch", expected - 1,
-                                 claimed=(end, crc))
-                    return
-                try:  # decode_records, inlined
-                    records = unpackb(payload, raw=False, strict_map_key=False)
-                except Exception as exc:  # msgpack raises several types for bad input
-                    raise CorruptLogError(self.path, pos, f"undecodable frame ({exc})") from exc
-                if type(records) is not list or not records:
-                    raise CorruptLogError(self.path, pos,
-                                          "malformed frame (not a list of records)")
-                for record in records:  # a frame is all or nothing: check it whole, then yield
-                    # A put [lsn, OP_PUT, key, value] is checked inline (valid_record, the
-                    # common case); anything else goes through valid_record.
-                    if not (type(record) is list and len(record) == 4 and record[1] == OP_PUT
-                            and type(record[0]) is int and type(record[3]) is bytes
-                            and (type(record[2]) is str or type(record[2]) is bytes)
-                            ) and not valid_record(record):
-                        raise CorruptLogError(self.path, pos, "malformed record")
-                    if record[0] != expected:
-                        raise CorruptLogError(self.path, pos, f"record has LSN {record[0]} "
-                                                              f"where {expected} was expected")
-                    expected += 1
-                count += len(records)
-                pos = end
-                yield records
-        finally:
-            self.records = count
-            if self.torn_bytes == 0:
-                self.end, self.last_lsn = pos, expected - 1
-
-    def _damage(self, data: mmap.mmap | bytes, offset: int, reason: str, last_lsn: int,
-                claimed: tuple[int, int] | None = None) -> None:
-        """Apply the torn-tail policy to a bad record at `offset` (see the module docstring).
-
-        `claimed` is (end, crc) when the bad record's marker and length looked sound: then a
-        valid-looking record INSIDE that extent may be a user's value that happens to hold a
-        log record (a torn write of it must stay a torn tail). It counts as evidence of
-        corruption only if the bytes before it match the claimed checksum, i.e. the bad
-        record is intact and only its length field was damaged.
-        """
-        self.end, self.last_lsn = offset, last_lsn
-        if not self.is_last:
-            raise CorruptLogError(self.path, offset, reason)
-        later = self._find_valid_record(data, offset, claimed)
-        if later is not None:
-            raise CorruptLogError(
-                self.path, offset, f"{reason}; a valid record follows at offset {later}"
-            )
-        self.end = offset
-        self.torn_bytes = self.size - offset
-        self.torn_reason = reason
-
-    def _find_valid_record(self, data: mmap.mmap | bytes, offset: int,
-                           claimed: tuple[int, int] | None) -> int | None:
-        """Offset of the first valid frame after the bad one at `offset` that is newer than
-        the last good record and proves the damage is not a torn tail, or None."""
-        found = find_intact_frame(data, offset + 1, self.size)
-        while found is not None:
-            at, lsns, _ = found
-            if lsns[0] > self.last_lsn and (
-                    claimed is None or at >= claimed[0]
-                    or zlib.crc32(data[offset + FRAME_SIZE:at]) == claimed[1]):
-                return at
-            found = find_intact_frame(data, at + 1, self.size)
-        return None
+            next(walk)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]

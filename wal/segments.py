@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass
 
 from wbcache.wal import crashpoints
-from wbcache.wal.format import encode_header
 from wbcache.wal.syscalls import SYSCALLS, write_all
 
 SUFFIX = ".log"
@@ -39,19 +38,22 @@ def parse_segment_name(name: str) -> int | None:
 
 
 def list_segments(wal_dir: str) -> list[SegmentFile]:
-    """Every segment in `wal_dir`, oldest first. Other files are not segments and are ignored."""
+    """Every entry of `wal_dir` named like a segment, oldest first; entries named otherwise are
+    ignored. One that is not a regular file (a symlink, a FIFO, a device) is listed too: the
+    reader refuses it by name rather than the log silently missing it."""
     found = []
     with os.scandir(wal_dir) as entries:
         for entry in entries:
             lsn = parse_segment_name(entry.name)
-            if lsn is not None and entry.is_file(follow_symlinks=False):
+            if lsn is not None:
                 found.append(SegmentFile(lsn, entry.path))
     found.sort(key=lambda segment: segment.first_lsn)
     return found
 
 
-def create_segment(wal_dir: str, first_lsn: int) -> tuple[int, str]:
-    """Create a segment with its header, durable (file and directory fsync'd) before returning.
+def create_segment(wal_dir: str, first_lsn: int, header: bytes) -> tuple[int, str]:
+    """Create a segment starting with `header`, durable (file and directory fsync'd) before
+    returning.
 
     Returns the open file descriptor (write-only, appending) and the path.
     """
@@ -61,7 +63,7 @@ def create_segment(wal_dir: str, first_lsn: int) -> tuple[int, str]:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
     fd = SYSCALLS.open(path, flags, 0o600)
     try:
-        write_all(fd, encode_header())
+        write_all(fd, header)
         SYSCALLS.fdatasync(fd)
         if crashpoints.ARMED:
             crashpoints.reached("wal.segment.after_create")

@@ -15,7 +15,13 @@ import threading
 from dataclasses import dataclass
 
 from wbcache.wal import crashpoints
-from wbcache.wal.format import HEADER_SIZE, MAX_SINGLE_RECORD, encode_frame, encode_records
+from wbcache.wal.format import (
+    MAX_SINGLE_RECORD,
+    encode_frame,
+    encode_header,
+    encode_mark,
+    encode_records,
+)
 from wbcache.wal.segments import create_segment, delete_segments
 from wbcache.wal.syscalls import SYSCALLS, write_all
 
@@ -29,53 +35,68 @@ class ClosedSegment:
 
 
 class LogWriter:
-    """Writes the log of one open cache into `wal_dir`, starting a new segment at `next_lsn`."""
+    """Writes the log of one open cache into `wal_dir`, starting a new segment at `next_lsn`.
 
-    def __init__(self, wal_dir: str, next_lsn: int, segment_size: int) -> None:
+    With `sync_marks` (fsync="interval": frames are acknowledged before they are fsync'd),
+    every `sync()` is followed by a mark saying how far the segment is fsync'd, so that after a
+    power cut a reader can tell unsynced damage from corruption (wal/format.py)."""
+
+    def __init__(self, wal_dir: str, next_lsn: int, segment_size: int, *,
+                 sync_marks: bool = False) -> None:
         self._wal_dir = wal_dir
         self._segment_size = segment_size
-        self._fd, self._path = create_segment(wal_dir, next_lsn)
+        self._header = encode_header(segment_size=segment_size, sync_marks=sync_marks)
+        self._sync_marks = sync_marks
+        self._fd, self._path = create_segment(wal_dir, next_lsn, self._header)
         self._first_lsn = next_lsn
         self._last_lsn = next_lsn - 1  # no record yet
-        self._size = HEADER_SIZE
+        self._size = len(self._header)
         self._closed: list[ClosedSegment] = []
         self._closed_lock = threading.Lock()
 
     def append(self, records: list[bytes], first_lsn: int, last_lsn: int) -> None:
         """Write records `first_lsn..last_lsn` (encoded, in LSN order) with ONE write call,
-        as one frame (or more, only if they exceed the frame size limit)."""
-        if self._size >= self._segment_size and self._last_lsn >= self._first_lsn:
-            self._rotate(first_lsn)
-        data = _frames(records)
-        if crashpoints.ARMED:
-            crashpoints.reached("wal.before_write")
-        # Count what we attempt before writing: after a failed write the size is unknown, and
-        # the cache refuses further writes anyway.
-        self._size += len(data)
-        write_all(self._fd, data)
-        self._last_lsn = last_lsn
-        if crashpoints.ARMED:
-            crashpoints.reached("wal.after_write")
+        as one frame (or more, only if they exceed the frame size limit: then a segment may be
+        started between two of them, so that none grows past one frame over its size)."""
+        for data, first, last in _frames(records, first_lsn):
+            if self._size >= self._segment_size and self._last_lsn >= self._first_lsn:
+                self._rotate(first)
+            if crashpoints.ARMED:
+                crashpoints.reached("wal.before_write")
+            # Count what we attempt before writing: after a failed write the size is unknown,
+            # and the cache refuses further writes anyway.
+            self._size += len(data)
+            write_all(self._fd, data)
+            self._last_lsn = last
+            if crashpoints.ARMED:
+                crashpoints.reached("wal.after_write")
+        assert self._last_lsn == last_lsn
 
     def sync(self) -> None:
-        """fdatasync the active segment: everything appended so far is then on disk."""
+        """fdatasync the active segment: everything appended so far is then on disk. With sync
+        marks, then append a mark saying so (itself fsync'd by the next sync)."""
         if crashpoints.ARMED:
             crashpoints.reached("wal.before_fsync")
+        synced = self._size
         SYSCALLS.fdatasync(self._fd)
         if crashpoints.ARMED:
             crashpoints.reached("wal.after_fsync")
+        if self._sync_marks and synced > len(self._header):
+            mark = encode_mark(synced)  # only once the fsync it reports has returned
+            self._size += len(mark)
+            write_all(self._fd, mark)
 
     def _rotate(self, first_lsn: int) -> None:
         # The old segment is made durable before the new one exists, so that only the newest
         # segment can ever end in a torn record (fsync="interval" leaves it unsynced otherwise).
         SYSCALLS.fdatasync(self._fd)
-        fd, path = create_segment(self._wal_dir, first_lsn)
+        fd, path = create_segment(self._wal_dir, first_lsn, self._header)
         old_fd = self._fd
         with self._closed_lock:
             self._closed.append(
                 ClosedSegment(self._first_lsn, self._last_lsn, self._path, self._size))
             self._fd, self._path = fd, path
-            self._first_lsn, self._size = first_lsn, HEADER_SIZE
+            self._first_lsn, self._size = first_lsn, len(self._header)
         SYSCALLS.close(old_fd)
 
     def delete_through(self, lsn: int) -> int:
@@ -104,18 +125,21 @@ class LogWriter:
         SYSCALLS.close(self._fd)
 
 
-def _frames(records: list[bytes]) -> bytes:
-    """One frame for the whole write, unless that would exceed the frame size limit."""
+def _frames(records: list[bytes], first_lsn: int) -> list[tuple[bytes, int, int]]:
+    """(frame, first LSN, last LSN): one frame for the whole write, unless that would exceed
+    the frame size limit."""
     if len(records) == 1 or sum(map(len, records)) <= MAX_SINGLE_RECORD:
-        return encode_frame(encode_records(records))
+        return [(encode_frame(encode_records(records)), first_lsn, first_lsn + len(records) - 1)]
     frames = []
     chunk: list[bytes] = []
     size = 0
+    lsn = first_lsn
     for record in records:  # each record is at most MAX_SINGLE_RECORD (the cache checks)
         if chunk and size + len(record) > MAX_SINGLE_RECORD:
-            frames.append(encode_frame(encode_records(chunk)))
+            frames.append((encode_frame(encode_records(chunk)), lsn, lsn + len(chunk) - 1))
+            lsn += len(chunk)
             chunk, size = [], 0
         chunk.append(record)
         size += len(record)
-    frames.append(encode_frame(encode_records(chunk)))
-    return b"".join(frames)
+    frames.append((encode_frame(encode_records(chunk)), lsn, lsn + len(chunk) - 1))
+    return frames

@@ -52,7 +52,19 @@ from wbcache.lock import DirectoryLock
 from wbcache.options import Options
 from wbcache.recovery import RecoveryReport, replay_into
 from wbcache.wal import GroupCommitter, LogWriter, crashpoints
-from wbcache.wal.format import MAX_SINGLE_RECORD, OP_BATCH, OP_DELETE, OP_INCR, OP_PUT
+from wbcache.wal.format import MAX_SINGLE_RECORD
+from wbcache.wal.records import (
+    OP_DELETE,
+    OP_INCR,
+    OP_PUT,
+    delete_item,
+    encode_batch,
+    encode_delete,
+    encode_incr,
+    encode_put,
+    incr_item,
+    put_item,
+)
 
 packb = msgpack.packb
 unpackb = msgpack.unpackb
@@ -154,7 +166,8 @@ class Cache:
 
         self._hits = self._misses = self._writes = self._coalesced = self._evictions = 0
 
-        self._writer = LogWriter(layout.wal, self._next_lsn, options.segment_size)
+        self._writer = LogWriter(layout.wal, self._next_lsn, options.segment_size,
+                                 sync_marks=options.fsync == "interval")
         self._committer = GroupCommitter(self._lock, self._writer, next_lsn=self._next_lsn,
                                          sync_every_batch=options.fsync == "always")
         self._flusher = Flusher(lock=self._lock, take=self._take_dirty, done=self._flushed,
@@ -482,7 +495,7 @@ class Cache:
 
     def _write_put(self, key: Key, encoded: bytes, held: Any, block: bool = True) -> int:
         lsn = self._admit(block)
-        self._queue(lsn, packb([lsn, OP_PUT, key, encoded]))
+        self._queue(lsn, encode_put(lsn, key, encoded))
         self._remember(key, held, encoded)
         self._writes += 1
         self._evict_if_over_capacity()
@@ -493,7 +506,7 @@ class Cache:
         lsn = self._admit(block)
         if must_exist and self._current(key, reads) is _ABSENT:
             raise KeyError(key)
-        self._queue(lsn, packb([lsn, OP_DELETE, key]))
+        self._queue(lsn, encode_delete(lsn, key))
         self._remember(key, _TOMBSTONE, None)
         self._writes += 1
         self._evict_if_over_capacity()
@@ -503,7 +516,7 @@ class Cache:
                     block: bool = True) -> tuple[int, int]:
         lsn = self._admit(block)
         result = self._increment(key, delta, self._current(key, reads))
-        self._queue(lsn, packb([lsn, OP_INCR, key, delta, result]))
+        self._queue(lsn, encode_incr(lsn, key, delta, result))
         self._remember(key, result, packb(result), delta)
         self._writes += 1
         self._evict_if_over_capacity()
@@ -515,7 +528,7 @@ class Cache:
             return self._next_lsn - 1
         lsn = self._admit(block)
         items, effects = self._resolve(ops, reads)
-        payload = packb([lsn, OP_BATCH, items])
+        payload = encode_batch(lsn, items)
         if len(payload) > MAX_SINGLE_RECORD:
             raise ValueError(f"batch of {len(ops)} operations is {len(payload)} bytes "
                              f"encoded; the log's record limit is {MAX_SINGLE_RECORD} bytes")
@@ -536,18 +549,18 @@ class Cache:
         overlay: dict[Key, Any] = {}
         for op, key, arg, held in ops:
             if op == OP_PUT:
-                items.append([OP_PUT, key, arg])
+                items.append(put_item(key, arg))
                 effects.append((key, held, arg, None))
                 overlay[key] = held
             elif op == OP_DELETE:
-                items.append([OP_DELETE, key])
+                items.append(delete_item(key))
                 effects.append((key, _TOMBSTONE, None, None))
                 overlay[key] = _TOMBSTONE
             else:
                 current = (_value_of(overlay[key]) if key in overlay
                            else self._current(key, reads))
                 result = self._increment(key, arg, current)
-                items.append([OP_INCR, key, arg, result])
+                items.append(incr_item(key, arg, result))
                 effects.append((key, result, packb(result), arg))
                 overlay[key] = result
         return items, effects

@@ -79,7 +79,7 @@ class UnsupportedFormatError(RecoveryError):
         self.version = version
         super().__init__(
             f"log segment {self.path} has format version {version}; "
-            f"this wbcache reads version {supported}"
+            f"this wbcache reads versions 1 to {supported}"
         )
 
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from wbcache.wal.format import MAX_FRAME_PAYLOAD
+from wbcache.wal.format import MAX_FRAME_PAYLOAD, MAX_SEGMENT_SIZE
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -52,8 +52,8 @@ class Options:
     Default 1,000,000."""
 
     segment_size: int = 64 * MiB
-    """Bytes after which the log moves to a new segment file. Default 64 MiB. A segment may
-    exceed it by one group-commit batch."""
+    """Bytes after which the log moves to a new segment file, at most 1 GiB. Default 64 MiB.
+    A segment may exceed it by one frame (a group-commit write, at most 64 MiB)."""
 
     max_key_size: int = 511
     """Largest key in bytes (UTF-8 for str keys). Default 511, LMDB's own limit."""
@@ -84,8 +84,8 @@ class Options:
         for name in ("flush_threshold", "max_dirty", "capacity", "segment_size",
                      "max_key_size", "max_value_size", "map_size"):
             _check_positive_int(name, getattr(self, name))
-        if self.segment_size < 4 * KiB:
-            raise ValueError(f"option segment_size must be at least 4096 bytes, "
+        if not 4 * KiB <= self.segment_size <= MAX_SEGMENT_SIZE:
+            raise ValueError(f"option segment_size must be between 4096 bytes and 1 GiB, "
                              f"not {self.segment_size}")
         if self.max_value_size > MAX_FRAME_PAYLOAD - _RECORD_OVERHEAD:
             raise ValueError(

@@ -1,0 +1,129 @@
+"""The record codec (wal/records.py): every operation encodes, validates, folds and describes
+in one place, and a record nothing downstream could apply is refused where it is read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from log_bytes import frame
+
+import wbcache
+from wbcache.errors import CorruptLogError
+from wbcache.wal.format import encode_header
+from wbcache.wal.records import (
+    OP_BATCH,
+    OP_DELETE,
+    OP_INCR,
+    OP_PUT,
+    delete_item,
+    describe,
+    encode_batch,
+    encode_delete,
+    encode_incr,
+    encode_put,
+    fold,
+    frame_problem,
+    incr_item,
+    problem,
+    put_item,
+)
+from wbcache.wal.segments import segment_name
+
+VALUE = msgpack.packb({"a": [1, 2]})
+
+
+def decoded(encoded: bytes) -> Any:
+    return msgpack.unpackb(encoded, strict_map_key=False)
+
+
+def test_each_operation_encodes_to_the_documented_layout() -> None:
+    assert decoded(encode_put(7, "k", VALUE)) == [7, OP_PUT, "k", VALUE]
+    assert decoded(encode_delete(8, b"k")) == [8, OP_DELETE, b"k"]
+    assert decoded(encode_incr(9, "n", 2, 5)) == [9, OP_INCR, "n", 2, 5]
+    items = [put_item("a", VALUE), delete_item("b"), incr_item("n", 1, 6)]
+    assert decoded(encode_batch(10, items)) == [10, OP_BATCH, items]
+
+
+@pytest.mark.parametrize("record", [
+    [1, OP_PUT, "k", VALUE], [1, OP_DELETE, b"k"], [1, OP_INCR, "k", -3, 4],
+    [1, OP_BATCH, [[OP_PUT, "a", VALUE], [OP_DELETE, "b"], [OP_INCR, "c", 1, 1]]],
+], ids=["put", "delete", "incr", "batch"])
+def test_records_the_writer_writes_are_usable(record: list[Any]) -> None:
+    assert problem(decoded(msgpack.packb(record))) is None
+    assert frame_problem([record]) is None
+
+
+@pytest.mark.parametrize("record, why", [
+    ([1, OP_PUT, "", VALUE], "empty key"),
+    ([1, OP_PUT, "k" * 600, VALUE], "over the database's limit"),
+    ([1, OP_DELETE, b""], "empty key"),
+    ([1, OP_INCR, "x" * 512, 1, 1], "over the database's limit"),
+    ([1, OP_PUT, "k", b"\xc1"], "does not decode"),
+    ([1, OP_PUT, "k", b"\x92\x01"], "does not decode"),  # an array cut short
+    ([1, OP_PUT, "k", "not bytes"], "a value of type str"),
+    ([1, OP_PUT, 5, VALUE], "a key of type int"),
+    ([1, OP_INCR, "k", 1 << 64, 1], "64-bit"),
+    ([1, OP_INCR, "k", 1, 2, 3], "wrong length"),
+    ([0, OP_PUT, "k", VALUE], "bad LSN"),
+    ([1, 99, "k"], "unknown operation"),
+    ([1, OP_BATCH, []], "non-empty list"),
+    ([1, OP_BATCH, [[OP_PUT, "", VALUE]]], "batch holding an empty key"),
+], ids=lambda value: value if isinstance(value, str) else None)
+def test_a_record_nothing_downstream_can_apply_is_refused_with_its_reason(
+        record: list[Any], why: str) -> None:
+    found = problem(record)
+    assert found is not None and why in found
+    assert frame_problem([record]) is not None
+
+
+def test_the_key_limit_is_the_databases() -> None:
+    record = [1, OP_PUT, "k" * 1000, VALUE]
+    assert problem(record, max_key_size=511) is not None
+    assert problem(record, max_key_size=2000) is None  # PostgreSQL's limit
+
+
+def test_folding_leaves_the_state_of_the_prefix_and_the_increments_as_deltas() -> None:
+    state: dict[Any, bytes | None] = {}
+    deltas: dict[Any, int] = {}
+    for record in ([1, OP_INCR, "n", 2, 2], [2, OP_PUT, "p", VALUE], [3, OP_INCR, "n", 3, 5],
+                   [4, OP_BATCH, [[OP_DELETE, "p"], [OP_INCR, "m", 1, 1], [OP_PUT, "n", VALUE]]]):
+        fold(state, record, deltas)
+    assert state == {"n": VALUE, "p": None, "m": msgpack.packb(1)}
+    assert deltas == {"m": 1}  # "n" was put after its increments: no longer a pure delta
+
+
+def test_describe_spells_out_each_operation() -> None:
+    described = describe([5, OP_BATCH, [[OP_PUT, "a", VALUE], [OP_INCR, "n", 2, 7]]])
+    assert described.lsn == 5 and described.batch
+    assert [(op.op, op.key, op.delta) for op in described.ops] == [("put", "a", None),
+                                                                   ("incr", "n", 2)]
+    assert described.ops[1].value == msgpack.packb(7)
+
+
+# ---------------------------------------------- unusable records in a log, end to end
+
+@pytest.mark.parametrize("record", [
+    [2, OP_PUT, "", VALUE],
+    [2, OP_PUT, "k" * 600, VALUE],
+    [2, OP_PUT, "k", b"\xc1\xc1"],
+], ids=["empty-key", "key-over-lmdb-limit", "undecodable-value"])
+def test_opening_refuses_an_unusable_record_naming_segment_and_offset(
+        tmp_path: Path, record: list[Any]) -> None:
+    """Before, such a record (checksum right) made `open` raise a raw lmdb.BadValsizeError or
+    left a value that failed every later read; `verify` called the directory fine."""
+    directory = tmp_path / "cache"
+    wbcache.open(directory).close()
+    wal = directory / "wal"
+    for old in wal.iterdir():
+        old.unlink()
+    first = frame([1, OP_PUT, "ok", VALUE])
+    path = wal / segment_name(1)
+    path.write_bytes(encode_header() + first + frame(record))
+    with pytest.raises(CorruptLogError) as info:
+        wbcache.open(directory)
+    assert info.value.path == str(path)
+    assert info.value.offset == len(encode_header()) + len(first)
+    assert path.exists()  # nothing deleted

@@ -1,0 +1,272 @@
+"""Log records: the one place that encodes, validates, folds and describes each operation.
+
+A record is a msgpack array [lsn, op, ...data]; a frame holds a list of them (format.py):
+
+    [lsn, OP_PUT, key, value]             value: the msgpack encoding of the user's value (bin)
+    [lsn, OP_DELETE, key]
+    [lsn, OP_INCR, key, delta, result]    result: the counter's value after the increment
+    [lsn, OP_BATCH, [item, ...]]          one atomic batch; an item is an op without its LSN:
+                                          [OP_PUT, key, value] | [OP_DELETE, key]
+                                          | [OP_INCR, key, delta, result]
+
+Keys are msgpack str or bin, which keeps "a" and b"a" apart: non-empty, at most the database's
+`max_key_size` bytes (UTF-8 for str). A record is *usable* only if everything downstream can
+apply it: a key the database can store, a value that decodes. A record with a right checksum
+that is not usable is corruption (the writer never writes one), refused where it is read, so
+it can never stop a recovery half-way or surface later as a raw decoding error.
+
+Adding an operation touches this file (its code, encoder, `problem` and `fold` branches,
+`describe`), its tests, and the API method that writes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+OP_PUT = 1
+OP_DELETE = 2
+OP_INCR = 3
+OP_BATCH = 4
+
+OP_NAMES = {OP_PUT: "put", OP_DELETE: "delete", OP_INCR: "incr"}
+
+Key = Any  # str | bytes
+Record = list[Any]  # a decoded record, as the reader yields it
+State = dict[Key, "bytes | None"]  # key -> encoded value (None: deleted)
+Deltas = dict[Key, int]  # key -> sum of its increments, while it has seen nothing else
+
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
+DEFAULT_MAX_KEY_SIZE = 511  # LMDB's; a reader given no database limit applies it
+
+packb = msgpack.packb
+_unpackb = msgpack.unpackb
+
+
+# ------------------------------------------------------------------ encoding
+
+def encode_put(lsn: int, key: Key, value: bytes) -> bytes:
+    return packb([lsn, OP_PUT, key, value])  # type: ignore[no-any-return]
+
+
+def encode_delete(lsn: int, key: Key) -> bytes:
+    return packb([lsn, OP_DELETE, key])  # type: ignore[no-any-return]
+
+
+def encode_incr(lsn: int, key: Key, delta: int, result: int) -> bytes:
+    return packb([lsn, OP_INCR, key, delta, result])  # type: ignore[no-any-return]
+
+
+def encode_batch(lsn: int, items: list[list[Any]]) -> bytes:
+    """`items` from `put_item`, `delete_item` and `incr_item`, in the order applied."""
+    return packb([lsn, OP_BATCH, items])  # type: ignore[no-any-return]
+
+
+def put_item(key: Key, value: bytes) -> list[Any]:
+    return [OP_PUT, key, value]
+
+
+def delete_item(key: Key) -> list[Any]:
+    return [OP_DELETE, key]
+
+
+def incr_item(key: Key, delta: int, result: int) -> list[Any]:
+    return [OP_INCR, key, delta, result]
+
+
+# ------------------------------------------------------------------ validation
+
+def _key_problem(key: object, max_key_size: int) -> str | None:
+    if type(key) is str:
+        try:
+            size = len(key.encode())  # type: ignore[union-attr]
+        except UnicodeEncodeError:
+            return "a key that is not valid UTF-8"
+    elif type(key) is bytes:
+        size = len(key)  # type: ignore[arg-type]
+    else:
+        return f"a key of type {type(key).__name__}"
+    if size == 0:
+        return "an empty key"
+    if size > max_key_size:
+        return f"a key of {size} bytes, over the database's limit of {max_key_size}"
+    return None
+
+
+def _value_problem(value: object) -> str | None:
+    if type(value) is not bytes:
+        return f"a value of type {type(value).__name__}"
+    try:
+        _unpackb(value, strict_map_key=False)  # limits follow len(value)
+    except Exception as exc:  # msgpack raises several types for bad input
+        return f"a value that does not decode ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _int64(value: object) -> bool:
+    return type(value) is int and INT64_MIN <= value <= INT64_MAX  # type: ignore[operator]
+
+
+def _item_problem(item: list[Any], start: int, max_key_size: int) -> str | None:
+    """Why item[start:] is not a usable operation (op code first), or None."""
+    size = len(item) - start
+    op = item[start]
+    if op == OP_PUT:
+        if size != 3:
+            return "a put of the wrong length"
+        return _key_problem(item[start + 1], max_key_size) or _value_problem(item[start + 2])
+    if op == OP_DELETE:
+        if size != 2:
+            return "a delete of the wrong length"
+        return _key_problem(item[start + 1], max_key_size)
+    if op == OP_INCR:
+        if size != 4:
+            return "an increment of the wrong length"
+        if not (_int64(item[start + 2]) and _int64(item[start + 3])):
+            return "an increment whose delta or result is not a 64-bit int"
+        return _key_problem(item[start + 1], max_key_size)
+    return f"an unknown operation {op!r}"
+
+
+def problem(record: object, max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> str | None:
+    """Why a decoded record is not a usable [lsn, op, ...] record, or None if it is."""
+    if type(record) is not list or len(record) < 3:  # type: ignore[arg-type]
+        return "not a record (a list of at least 3 fields)"
+    lsn = record[0]  # type: ignore[index]
+    if type(lsn) is not int or lsn < 1:
+        return f"a bad LSN {lsn!r}"
+    if record[1] == OP_BATCH:  # type: ignore[index]
+        items = record[2]  # type: ignore[index]
+        if len(record) != 3 or type(items) is not list or not items:  # type: ignore[arg-type]
+            return "a batch that is not a non-empty list of operations"
+        for item in items:
+            if type(item) is not list or len(item) < 2:
+                return "a batch item that is not an operation"
+            found = _item_problem(item, 0, max_key_size)
+            if found is not None:
+                return f"a batch holding {found}"
+        return None
+    return _item_problem(record, 1, max_key_size)  # type: ignore[arg-type]
+
+
+def frame_problem(records: object, max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> str | None:
+    """Why a decoded frame payload is not a non-empty list of usable records, or None.
+
+    This is the reader's hot path: a plain put, the common record, is checked inline."""
+    if type(records) is not list or not records:
+        return "a frame that is not a list of records"
+    for record in records:
+        if (type(record) is list and len(record) == 4 and record[1] == OP_PUT
+                and type(record[0]) is int and record[0] > 0 and type(record[3]) is bytes):
+            key = record[2]
+            kind = type(key)
+            if (kind is bytes or kind is str) and 0 < len(key) and (
+                    len(key) * 4 <= max_key_size or _key_problem(key, max_key_size) is None):
+                try:
+                    _unpackb(record[3], strict_map_key=False)
+                    continue
+                except Exception:  # reported with its reason below
+                    pass
+        found = problem(record, max_key_size)
+        if found is not None:
+            return f"malformed record: {found}"
+    return None
+
+
+def decode_frame(payload: bytes) -> Any:
+    """msgpack-decode a frame payload (limits follow len(payload), itself capped)."""
+    return _unpackb(payload, raw=False, strict_map_key=False, use_list=True)
+
+
+# ------------------------------------------------------------------ folding
+
+def fold(state: State, record: Record, deltas: Deltas | None = None) -> None:
+    """Apply one usable record to `state` (key -> newest encoded value, None: deleted) and,
+    if given, `deltas` (per key, the sum of its increments while it has seen nothing but
+    increments since the fold began: what a database shared by many caches adds)."""
+    if record[1] == OP_BATCH:
+        for item in record[2]:
+            _fold_op(state, item, 0, deltas)
+    else:
+        _fold_op(state, record, 1, deltas)
+
+
+def _fold_op(state: State, item: list[Any], start: int, deltas: Deltas | None) -> None:
+    op, key = item[start], item[start + 1]
+    if op == OP_INCR:  # [op, key, delta, result]
+        if deltas is not None and (key in deltas or key not in state):
+            deltas[key] = deltas.get(key, 0) + item[start + 2]
+        state[key] = packb(item[start + 3])
+        return
+    state[key] = item[start + 2] if op == OP_PUT else None
+    if deltas:
+        deltas.pop(key, None)
+
+
+def fold_frame(state: State, records: list[Record], after: int,
+               deltas: Deltas | None = None) -> int:
+    """Fold every record of a frame whose LSN is above `after`; return how many were folded.
+    Recovery spends its time here: a plain put is folded inline."""
+    folded = 0
+    for record in records:
+        if record[0] <= after:
+            continue
+        if record[1] == OP_PUT:
+            key = record[2]
+            state[key] = record[3]
+            if deltas:
+                deltas.pop(key, None)
+        else:
+            fold(state, record, deltas)
+        folded += 1
+    return folded
+
+
+# ------------------------------------------------------------------ describing
+
+@dataclass(frozen=True)
+class LoggedOp:
+    """One operation of a log record, with its op code spelled out."""
+
+    op: str  # "put", "delete" or "incr"
+    key: Key
+    value: bytes | None  # msgpack encoding of the value after the op (put, incr); None: delete
+    delta: int | None = None  # incr only
+
+
+@dataclass(frozen=True)
+class LoggedRecord:
+    """One log record: a single operation, or an atomic batch of them (`batch` True)."""
+
+    lsn: int
+    batch: bool
+    ops: tuple[LoggedOp, ...]
+
+
+def describe(record: Record) -> LoggedRecord:
+    """A usable record as a `LoggedRecord` (for tools that show the log)."""
+    if record[1] == OP_BATCH:
+        return LoggedRecord(record[0], True, tuple(_describe_op(item, 0) for item in record[2]))
+    return LoggedRecord(record[0], False, (_describe_op(record, 1),))
+
+
+def _describe_op(item: list[Any], start: int) -> LoggedOp:
+    op, key = item[start], item[start + 1]
+    if op == OP_PUT:
+        return LoggedOp("put", key, item[start + 2])
+    if op == OP_DELETE:
+        return LoggedOp("delete", key, None)
+    return LoggedOp("incr", key, packb(item[start + 3]), item[start + 2])
+
+
+def count_ops(record: Record, counts: dict[str, int]) -> None:
+    """Add the record's operations to `counts` ("put", "delete", "incr")."""
+    items: list[tuple[list[Any], int]] = (
+        [(item, 0) for item in record[2]] if record[1] == OP_BATCH else [(record, 1)])
+    for item, start in items:
+        name = OP_NAMES[item[start]]
+        counts[name] = counts.get(name, 0) + 1
+
