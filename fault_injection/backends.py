@@ -22,34 +22,28 @@ Key = Any  # str | bytes
 
 
 class _Delegating:
-    """Everything but `apply` goes straight to the wrapped backend, including what the cache
-    looks up with `getattr` (`attach`, `applies_increments`, `default_read_ttl`, `kind`): a
-    wrapper that hid them would change what it observes (a `PostgresBackend` would never learn
-    its directory's `cache_id`, increments would arrive as puts, entries would never expire)."""
+    """Everything but `apply` goes straight to the wrapped backend, the declared members of the
+    protocol included (`kind`, `applies_increments`, `default_read_ttl`, `attach`): a wrapper
+    that hid them would change what it observes (a `PostgresBackend` would never learn its
+    directory's `cache_id`, increments would arrive as puts, entries would never expire)."""
 
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
 
     @property
-    def kind(self) -> str | None:
-        kind: str | None = getattr(self.inner, "kind", None)
-        return kind
+    def kind(self) -> str:
+        return self.inner.kind
 
     @property
     def applies_increments(self) -> bool:
-        return bool(getattr(self.inner, "applies_increments", False))
+        return self.inner.applies_increments
 
     @property
     def default_read_ttl(self) -> float | None:
-        ttl: float | None = getattr(self.inner, "default_read_ttl", None)
-        return ttl
+        return self.inner.default_read_ttl
 
     def attach(self, cache_id: str) -> None:
-        """Hand the directory's id to a backend shared by many caches; others have no use
-        for it."""
-        attach = getattr(self.inner, "attach", None)
-        if attach is not None:
-            attach(cache_id)
+        self.inner.attach(cache_id)
 
     @property
     def max_key_size(self) -> int:
@@ -118,8 +112,8 @@ class ControlledBackend(_Delegating):
         self.fail_when = fail_when
         self.applies = 0
         self.failures = 0
-        # A database shared by many caches keeps a checkpoint per cache: known at `attach`.
-        self.committed = 0 if hasattr(inner, "attach") else inner.checkpoint()
+        # Known at `attach` (a database shared by many caches keeps one per cache).
+        self.committed = 0
         self._lock = threading.Lock()
 
     def attach(self, cache_id: str) -> None:

@@ -61,15 +61,15 @@ class ControlledBackend:
     # changes nothing the cache decides on.
     @property
     def kind(self) -> str:
-        return str(getattr(self.inner, "kind", "lmdb"))
+        return str(self.inner.kind)
 
     @property
     def applies_increments(self) -> bool:
-        return bool(getattr(self.inner, "applies_increments", False))
+        return bool(self.inner.applies_increments)
 
     @property
     def default_read_ttl(self) -> float | None:
-        ttl: float | None = getattr(self.inner, "default_read_ttl", None)
+        ttl: float | None = self.inner.default_read_ttl
         return ttl
 
     @property
@@ -77,9 +77,7 @@ class ControlledBackend:
         return int(self.inner.max_key_size)
 
     def attach(self, cache_id: str) -> None:
-        attach = getattr(self.inner, "attach", None)
-        if attach is not None:
-            attach(cache_id)
+        self.inner.attach(cache_id)
 
     def apply(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
               checkpoint: int, increments: Sequence[tuple[Key, int]] = ()) -> None:

@@ -463,7 +463,7 @@ def test_str_subclass_keys_are_stored_as_plain_str(open_cache: OpenCache) -> Non
     cache = open_cache()
     cache.put(Name("k"), 1)
     assert cache.get("k") == 1
-    assert type(cache.keys()[0]) is str
+    assert type(list(cache.keys())[0]) is str
 
 
 @pytest.mark.parametrize("options, error", [
@@ -550,7 +550,7 @@ def test_a_dict_keyed_by_a_tuple_is_rejected_because_it_cannot_be_read_back(
         cache.put("k", {"outer": {(1, 2): "x"}})
     assert cache.stats()["wal_bytes"] == before["wal_bytes"]
     cache.put("other", 1)
-    assert cache.items() == [("other", 1)]
+    assert list(cache.items()) == [("other", 1)]
 
 
 def test_put_many_rejects_strings_as_pairs(open_cache: OpenCache) -> None:
@@ -620,31 +620,6 @@ def test_eviction_racing_lock_free_reads_never_breaks_a_write(open_cache: OpenCa
         thread = i % 3
         if thread < 2:
             assert cache.get(f"k{i}") == [thread, 59], i
-
-
-def test_contains_is_right_while_eviction_has_a_dirty_entry_out(open_cache: OpenCache) -> None:
-    """Eviction pops a dirty entry and puts it back, under the lock; a lock-free `in` that
-    misses memory meanwhile must look again under the lock, not trust the database."""
-    cache = open_cache(flush_interval=3600)
-    cache.put("old", 1)
-    cache.flush()  # in the database
-    cache.put("new", 2)  # acknowledged, dirty, not in the database
-    cache.delete("old")  # acknowledged delete; the database still has it
-    answers: dict[str, bool] = {}
-
-    def ask() -> None:
-        answers["new"] = "new" in cache
-        answers["old"] = "old" in cache
-
-    with cache._lock:  # what eviction does with a dirty entry: pop it, then reinsert it
-        held_new, held_old = cache._map.pop("new"), cache._map.pop("old")
-        reader = threading.Thread(target=ask)
-        reader.start()
-        reader.join(0.2)  # it cannot answer while the entries are out: it waits for the lock
-        assert reader.is_alive()
-        cache._map["new"], cache._map["old"] = held_new, held_old
-    reader.join()
-    assert answers == {"new": True, "old": False}
 
 
 def test_lowering_max_key_size_keeps_longer_stored_keys_readable_and_deletable(

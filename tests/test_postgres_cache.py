@@ -104,7 +104,7 @@ def test_another_caches_write_becomes_visible_after_read_ttl(open_pg: OpenCache)
     writer = open_pg("a", flush_interval=3600)
     reader = open_pg("b", flush_interval=3600, read_ttl=0.2)
     default = open_pg("c", flush_interval=3600)
-    assert default._read_ttl == 1.0  # PostgresBackend.default_read_ttl
+    assert default.read_ttl == 1.0  # PostgresBackend.default_read_ttl
     writer.put("k", "old")
     writer.flush()
     assert reader.get("k") == "old"
@@ -262,7 +262,7 @@ def test_a_url_backend_is_made_owned_and_closed_by_the_cache(tmp_path: Path, pg_
         assert query(pg_dsn, sessions, (name,))[0][0] >= 1
     assert stored_ints(pg_dsn, table, "n") == {"n": 1}
     wait_until(lambda: query(pg_dsn, sessions, (name,)) == [(0,)], 10, "closed with the cache")
-    with pytest.raises(ValueError, match="not a PostgreSQL URL"):
+    with pytest.raises(ValueError, match="is not one wbcache knows"):
         wbcache.open(tmp_path / "b", backend="mysql://nope")
     with wbcache.open(tmp_path / "b"):  # the failed open released the directory
         pass

@@ -56,6 +56,7 @@ class SharedMemoryBackend:
 class BackendView:
     """What one cache directory sees: the shared data, its own checkpoint."""
 
+    kind = "shared-memory"
     applies_increments = True
     default_read_ttl = 1.0
     max_key_size = 511
@@ -231,7 +232,7 @@ class FakeClock:
 def test_clean_entries_are_read_again_after_read_ttl(tmp_path: Path, shared: SharedMemoryBackend,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     clock = FakeClock()
-    monkeypatch.setattr("wbcache.cache.time", clock)
+    monkeypatch.setattr("wbcache.memory.time", clock)
     writer = wbcache.open(tmp_path / "a", backend=shared.view(), flush_interval=3600)
     reader = wbcache.open(tmp_path / "b", backend=shared.view(), flush_interval=3600,
                           read_ttl=5.0)
@@ -257,11 +258,11 @@ def test_clean_entries_are_read_again_after_read_ttl(tmp_path: Path, shared: Sha
 def test_a_backend_default_read_ttl_applies_unless_an_option_is_given(
         tmp_path: Path, shared: SharedMemoryBackend) -> None:
     with wbcache.open(tmp_path / "a", backend=shared.view()) as cache:
-        assert cache._read_ttl == 1.0
+        assert cache.read_ttl == 1.0
     with wbcache.open(tmp_path / "b", backend=shared.view(), read_ttl=0.25) as cache:
-        assert cache._read_ttl == 0.25
+        assert cache.read_ttl == 0.25
     with wbcache.open(tmp_path / "c") as cache:
-        assert cache._read_ttl is None  # LMDB: one owner, entries never go stale
+        assert cache.read_ttl is None  # LMDB: one owner, entries never go stale
 
 
 def test_the_cache_id_is_made_once_and_kept(tmp_path: Path) -> None:

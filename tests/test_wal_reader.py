@@ -24,11 +24,11 @@ from wbcache.recovery import LogEnd, walk_log
 from wbcache.wal import GroupCommitter, LogWriter, SegmentEnd, list_segments, read_segment
 from wbcache.wal.format import (
     FORMAT_VERSION,
-    MARK_MAGIC,
     FRAME,
     FRAME_MAGIC,
     FRAME_SIZE,
     HEADER_SIZE,
+    MARK_MAGIC,
     MAX_FRAME_PAYLOAD,
     encode_frame,
     encode_header,

@@ -270,3 +270,11 @@ def count_ops(record: Record, counts: dict[str, int]) -> None:
         name = OP_NAMES[item[start]]
         counts[name] = counts.get(name, 0) + 1
 
+
+
+def encode_items(lsn: int, items: list[list[Any]]) -> bytes:
+    """ONE record holding `items` (from `put_item`, `delete_item`, `incr_item`): the single
+    operation's own record when there is one, else a batch."""
+    if len(items) == 1:
+        return packb([lsn, *items[0]])  # type: ignore[no-any-return]
+    return encode_batch(lsn, items)

@@ -8,46 +8,86 @@
 Writes are appended to an fsync-batched (group-commit) msgpack log before they are
 acknowledged; a background flusher writes coalesced dirty entries into LMDB and truncates the
 log; recovery replays what the database lacks when the directory is opened again.
+
+The layers import on first use (PEP 562): `import wbcache` loads only this module and the
+errors; `wbcache.open` loads the cache and LMDB; PostgreSQL (psycopg) is loaded only when a
+PostgreSQL backend is made; `import wbcache.wal` loads no database and no cache.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from wbcache.aio import AsyncBatch, AsyncCache, open_async
-from wbcache.backends.base import Backend
-from wbcache.backends.lmdb import LmdbBackend
-from wbcache.backends.postgres import PostgresBackend
-from wbcache.cache import Batch, Cache
 from wbcache.errors import (
     CacheClosedError,
     CacheLockedError,
     CheckpointConflictError,
     ConcurrentChangeError,
     CorruptLogError,
+    CorruptValueError,
     DatabaseError,
     FlushError,
     ForkedCacheError,
     InvalidDirectoryError,
     LogFailedError,
+    LoopMismatchError,
     PostgresError,
     RecoveryError,
     SchemaMismatchError,
     UnsupportedFormatError,
     WbcacheError,
 )
-from wbcache.maintenance import (
-    DatabaseCheck,
-    DirectorySnapshot,
-    QuarantinedFile,
-    RecoverOutcome,
-    open_snapshot,
-    recover_directory,
-)
-from wbcache.options import Options
+
+if TYPE_CHECKING:
+    from wbcache.aio import AsyncBatch, AsyncCache, open_async
+    from wbcache.backends.base import Backend
+    from wbcache.backends.lmdb import LmdbBackend
+    from wbcache.backends.postgres import PostgresBackend
+    from wbcache.cache import Batch, Cache
+    from wbcache.maintenance import (
+        DatabaseCheck,
+        DirectorySnapshot,
+        QuarantinedFile,
+        RecoverOutcome,
+        open_snapshot,
+        recover_directory,
+    )
+    from wbcache.options import Options
 
 __version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+# name -> module that defines it, imported on first access
+_LAZY = {
+    "AsyncBatch": "wbcache.aio",
+    "AsyncCache": "wbcache.aio",
+    "open_async": "wbcache.aio",
+    "Backend": "wbcache.backends.base",
+    "LmdbBackend": "wbcache.backends.lmdb",
+    "PostgresBackend": "wbcache.backends.postgres",
+    "Batch": "wbcache.cache",
+    "Cache": "wbcache.cache",
+    "DatabaseCheck": "wbcache.maintenance",
+    "DirectorySnapshot": "wbcache.maintenance",
+    "QuarantinedFile": "wbcache.maintenance",
+    "RecoverOutcome": "wbcache.maintenance",
+    "open_snapshot": "wbcache.maintenance",
+    "recover_directory": "wbcache.maintenance",
+    "Options": "wbcache.options",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
 
 def open(path: str | os.PathLike[str], *, backend: Backend | str | None = None,
@@ -66,6 +106,9 @@ def open(path: str | os.PathLike[str], *, backend: Backend | str | None = None,
     bad option; `PostgresError` if the PostgreSQL database cannot be reached (its checkpoint
     decides what to replay).
     """
+    from wbcache.cache import Cache
+    from wbcache.options import Options
+
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
     return Cache.open(path, Options.from_kwargs(options), backend)
@@ -82,14 +125,16 @@ __all__ = [
     "CheckpointConflictError",
     "ConcurrentChangeError",
     "CorruptLogError",
-    "DatabaseError",
+    "CorruptValueError",
     "DatabaseCheck",
+    "DatabaseError",
     "DirectorySnapshot",
     "FlushError",
     "ForkedCacheError",
     "InvalidDirectoryError",
     "LmdbBackend",
     "LogFailedError",
+    "LoopMismatchError",
     "Options",
     "PostgresBackend",
     "PostgresError",

@@ -1,22 +1,26 @@
 """`AsyncCache`: the cache for asyncio, with one event-loop wake-up per fsync batch.
 
-A write is validated, logged and applied to memory in the loop thread, under the sequencer
-lock, exactly as `Cache` does it, but without waiting: it gets an asyncio future instead. A
-background thread leads the group commit (write + fdatasync, never in the loop), and after each
-batch one `call_soon_threadsafe` resolves every future the batch covered. So 1,000 concurrent
-tasks cost one fsync and one loop wake-up per batch, not one per write, and the event loop is
-never blocked by an fsync.
+A write is validated, logged and applied to memory in the loop thread by the sequencer's
+non-blocking calls (`put_nowait`, `submit_nowait`), exactly as `Cache` does it but without
+waiting: it gets an asyncio future instead. A background thread leads the group commit (write
++ fdatasync, never in the loop), and after each batch one `call_soon_threadsafe` resolves
+every future the batch covered. So 1,000 concurrent tasks cost one fsync and one loop wake-up
+per batch, not one per write, and the event loop is never blocked by an fsync.
 
-What may block goes to a worker thread instead: a read that misses memory (it reads the
-database), an increment or `del` of a key not in memory, a write that meets backpressure,
-flush, sync, close and the whole-cache views.
+What may block goes to a worker thread instead, as the blocking `Cache` call: a read that
+misses memory (it reads the database), a write that needs a value memory cannot give
+(`NeedsRead`: an increment or `pop` of a key not in memory), a write that meets backpressure
+(`WouldBlock`), flush, sync, close and the whole-cache views.
 
 Cancellation: once a write call has started, its record is in the log queue and its effect in
 memory; cancelling the awaiting task does not take it back. The write becomes durable like any
 other (or fails with the log); it is never applied twice. A cancelled write is therefore like a
 write whose acknowledgement was lost: it may be there afterwards, and usually is.
 
-An AsyncCache belongs to the event loop that opened it.
+An AsyncCache belongs to the event loop that opened it: awaiting it from another loop raises
+`LoopMismatchError` before anything is written.
+
+This module uses `Cache`'s public API and the sequencer's (`Cache.sequencer`), nothing else.
 """
 
 from __future__ import annotations
@@ -29,17 +33,14 @@ from typing import Any, TypeVar
 
 from wbcache import forking
 from wbcache.backends.base import Backend, Key
-from wbcache.cache import BatchOperations, Cache, Op, WouldBlock, _check_int64, _NeedsRead
-from wbcache.codec import check_delta, check_key, encode_value, in_memory
-from wbcache.errors import CacheClosedError, LogFailedError
+from wbcache.cache import Cache
+from wbcache.errors import CacheClosedError, LogFailedError, LoopMismatchError
 from wbcache.options import Options
+from wbcache.sequencer import NeedsRead, WouldBlock
+from wbcache.writes import BatchOperations, Op, delete_plan, ops_plan, pop_plan, setdefault_plan
 
 T = TypeVar("T")
-
-
-def _lsn_twice(lsn: int) -> tuple[int, int]:
-    """(LSN, result) for a write whose result is its LSN."""
-    return lsn, lsn
+_NO_DEFAULT: Any = object()
 
 
 class AsyncCache:
@@ -47,12 +48,15 @@ class AsyncCache:
 
     def __init__(self, cache: Cache, loop: asyncio.AbstractEventLoop) -> None:
         self._cache = cache
+        self._sequencer = cache.sequencer
+        self._committer = cache.sequencer.committer
+        self._limits = cache.limits
         self._loop = loop
-        # (lsn, future, result) in LSN order: appended under the cache lock in the loop thread
+        # (lsn, future, result) in LSN order, appended in the loop thread
         self._waiters: deque[tuple[int, asyncio.Future[Any], Any]] = deque()
         self._resolve_scheduled = False
-        cache._committer.add_listener(self._on_batch)
-        cache._committer.start_background_leader()
+        self._committer.add_listener(self._on_batch)
+        self._committer.start_background_leader()
         self._pid = os.getpid()
         forking.track(self)
 
@@ -87,7 +91,7 @@ class AsyncCache:
             covered = self._waiters[0][0] <= acknowledged_lsn
         except IndexError:  # no waiter
             return
-        if covered or self._cache._committer.failure is not None:
+        if covered or self._committer.failure is not None:
             self._resolve_scheduled = True
             try:
                 self._loop.call_soon_threadsafe(self._resolve)
@@ -97,14 +101,13 @@ class AsyncCache:
     def _resolve(self) -> None:
         """In the loop: complete every future the log has acknowledged (or failed)."""
         self._resolve_scheduled = False  # first: a batch acknowledged from here on reschedules
-        committer = self._cache._committer
-        acknowledged = committer.acknowledged_lsn
+        acknowledged = self._committer.acknowledged_lsn
         waiters = self._waiters
         while waiters and waiters[0][0] <= acknowledged:
             _, future, result = waiters.popleft()
             if not future.done():  # a cancelled waiter's write still happened
                 future.set_result(result)
-        failure = committer.failure
+        failure = self._committer.failure
         if failure is not None:
             while waiters:
                 _, future, _ = waiters.popleft()
@@ -115,79 +118,129 @@ class AsyncCache:
                     future.set_exception(error)
 
     def _expect(self, lsn: int, result: Any) -> asyncio.Future[Any]:
-        """Lock held. A future that resolves to `result` once record `lsn` is acknowledged."""
+        """A future that resolves to `result` once record `lsn` is acknowledged. Appended
+        first, checked second: a batch acknowledged in between either sees the waiter or is
+        seen here, so no acknowledgement is missed."""
         future = self._loop.create_future()
-        committer = self._cache._committer
-        if committer.acknowledged_lsn >= lsn:
-            future.set_result(result)
-        else:
-            self._waiters.append((lsn, future, result))
-            committer.kick()
+        self._waiters.append((lsn, future, result))
+        if self._committer.acknowledged_lsn >= lsn or self._committer.failure is not None:
+            self._resolve()
         return future
+
+    def _check_loop(self) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop:
+            raise LoopMismatchError(f"this AsyncCache of {self.path} belongs to the event loop "
+                                    f"that opened it; use its .cache (a thread-safe Cache) "
+                                    f"from other threads or loops")
+
+    async def _write(self, fast: Callable[[], tuple[int, T]], slow: Callable[[], T]) -> T:
+        """Run `fast` (a non-blocking write: its (LSN, result)) in the loop thread and await its
+        acknowledgement. When it meets backpressure or needs a value from the database, run
+        `slow` (the blocking `Cache` call) in a worker thread instead."""
+        self._check_loop()
+        try:
+            lsn, result = fast()
+        except (WouldBlock, NeedsRead):
+            return await asyncio.to_thread(slow)
+        return await self._expect(lsn, result)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------- reads
 
     async def get(self, key: Key, default: Any = None) -> Any:
-        cache = self._cache
-        if key in cache._map and cache._fresh(key):  # served from memory: no I/O, no thread
-            return cache.get(key, default)
-        return await asyncio.to_thread(cache.get, key, default)
+        self._check_loop()
+        if self._sequencer.in_memory(key):  # served from memory: no I/O, no thread
+            return self._cache.get(key, default)
+        return await asyncio.to_thread(self._cache.get, key, default)
 
     async def contains(self, key: Key) -> bool:
-        cache = self._cache
-        if key in cache._map and cache._fresh(key):
-            return key in cache
-        return await asyncio.to_thread(cache.__contains__, key)
+        """`key in cache`."""
+        self._check_loop()
+        if self._sequencer.in_memory(key):
+            return key in self._cache
+        return await asyncio.to_thread(self._cache.__contains__, key)
 
     async def keys(self) -> list[Key]:
-        return await asyncio.to_thread(self._cache.keys)
+        self._check_loop()
+        return list(await asyncio.to_thread(self._cache.keys))
 
     async def items(self) -> list[tuple[Key, Any]]:
-        return await asyncio.to_thread(self._cache.items)
+        self._check_loop()
+        return list(await asyncio.to_thread(self._cache.items))
+
+    async def values(self) -> list[Any]:
+        self._check_loop()
+        return list(await asyncio.to_thread(self._cache.values))
 
     async def count(self) -> int:
         """`len()` of the cache (memory and database merged)."""
+        self._check_loop()
         return await asyncio.to_thread(self._cache.__len__)
 
     # ------------------------------------------------------------------ writes
 
     async def put(self, key: Key, value: Any) -> int:
         """Store `value` under `key`; return its LSN once durable (see `Cache.put`)."""
-        cache = self._cache
-        key = check_key(key, cache._max_key_size)
-        encoded = encode_value(value, cache._max_value_size, key)
-        held = in_memory(value, encoded)
-        return await self._write(
-            lambda: _lsn_twice(cache._write_put(key, encoded, held, block=False)),
-            lambda: cache.put(key, value))
+        _, key, encoded, held = self._limits.put_op(key, value)
+        sequencer = self._sequencer
+        return await self._write(lambda: _lsn_twice(sequencer.put_nowait(key, encoded, held)),
+                                 lambda: self._cache.put(key, value))
 
     async def delete(self, key: Key) -> int:
         """Delete `key` (a missing key is not an error); return the LSN once durable."""
-        return await self._delete(key, must_exist=False)
-
-    async def delete_existing(self, key: Key) -> int:
-        """Like `del cache[key]`: raise `KeyError` if the key is missing."""
-        return await self._delete(key, must_exist=True)
-
-    async def _delete(self, key: Key, *, must_exist: bool) -> int:
-        cache = self._cache
-        key = check_key(key, cache._stored_key_size)
+        key = self._limits.delete_op(key)[1]
         return await self._write(
-            lambda: _lsn_twice(cache._write_delete(key, must_exist, None, block=False)),
-            lambda: cache._delete(key, must_exist=must_exist))
+            lambda: _lsn_twice(self._sequencer.submit_nowait(delete_plan(key))[0]),
+            lambda: self._cache.delete(key))
+
+    async def delete_existing(self, key: Key) -> None:
+        """Like `del cache[key]`: raise `KeyError` if the key is missing."""
+        await self.pop(key)
+
+    async def pop(self, key: Key, default: Any = _NO_DEFAULT) -> Any:
+        """`Cache.pop`: remove `key` and return its value, atomically."""
+        self._check_loop()
+        try:
+            key = self._limits.delete_op(key)[1]
+        except (TypeError, ValueError):  # a key that cannot be stored is not there
+            if default is _NO_DEFAULT:
+                raise KeyError(key) from None
+            return default
+        plan = pop_plan(key) if default is _NO_DEFAULT else pop_plan(key, default)
+        slow = ((lambda: self._cache.pop(key)) if default is _NO_DEFAULT
+                else (lambda: self._cache.pop(key, default)))
+        return await self._write(lambda: self._sequencer.submit_nowait(plan, (key,)), slow)
+
+    async def setdefault(self, key: Key, default: Any = None) -> Any:
+        """`Cache.setdefault`, atomically."""
+        op = self._limits.put_op(key, default)
+        return await self._write(
+            lambda: self._sequencer.submit_nowait(setdefault_plan(op, default), (op[1],)),
+            lambda: self._cache.setdefault(key, default))
 
     async def incr(self, key: Key, delta: int = 1) -> int:
         """Add `delta` atomically; return the new value once durable (see `Cache.incr`)."""
-        cache = self._cache
-        key = check_key(key, cache._max_key_size)
-        _check_int64(check_delta(delta), "incr delta")
+        _, key, delta, _ = self._limits.incr_op(key, delta)
         return await self._write(
-            lambda: cache._write_incr(key, delta, None, block=False),
-            lambda: cache.incr(key, delta))
+            lambda: self._sequencer.submit_nowait(lambda tx: tx.incr(key, delta), (key,)),
+            lambda: self._cache.incr(key, delta))
 
     async def put_many(self, entries: Mapping[Key, Any] | Iterable[tuple[Key, Any]]) -> int:
         """Store every entry atomically, one record and one fsync; return its LSN."""
-        return await self._commit(self._cache._put_many_ops(entries))
+        return await self._commit(self._limits.put_many_ops(entries))
+
+    async def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """`Cache.update`, atomically."""
+        items = list(other.items()) if isinstance(other, Mapping) else list(other)
+        await self.put_many([*items, *kwargs.items()])
+
+    async def clear(self) -> None:
+        """`Cache.clear` (reads the whole database: in a worker thread)."""
+        self._check_loop()
+        await asyncio.to_thread(self._cache.clear)
 
     def batch(self) -> AsyncBatch:
         """`async with cache.batch() as b: b.put(..); b.delete(..); b.incr(..)`."""
@@ -196,33 +249,19 @@ class AsyncCache:
         return AsyncBatch(self)
 
     async def _commit(self, ops: list[Op]) -> int:
-        cache = self._cache
+        plan, needs = ops_plan(ops)
         return await self._write(
-            lambda: _lsn_twice(cache._write_batch(ops, None, block=False)),
-            lambda: cache._commit(ops))
-
-    async def _write(self, fast: Callable[[], tuple[int, T]], slow: Callable[[], T]) -> T:
-        """Run `fast` (a non-blocking write, lock held: its (LSN, result)) in the loop thread
-        and await its acknowledgement. When it meets backpressure or needs a value from the
-        database, run `slow` (the blocking `Cache` call) in a worker thread instead."""
-        future = None
-        with self._cache._lock:
-            try:
-                lsn, result = fast()
-            except (WouldBlock, _NeedsRead):
-                pass
-            else:
-                future = self._expect(lsn, result)
-        if future is None:
-            return await asyncio.to_thread(slow)
-        return await future  # type: ignore[no-any-return]
+            lambda: _lsn_twice(self._sequencer.submit_nowait(plan, needs)[0]),
+            lambda: self._cache.sequencer.submit(plan, needs)[0])
 
     # ----------------------------------------------------------------- control
 
     async def flush(self, timeout: float | None = None) -> None:
+        self._check_loop()
         await asyncio.to_thread(self._cache.flush, timeout)
 
     async def sync(self) -> None:
+        self._check_loop()
         await asyncio.to_thread(self._cache.sync)
 
     async def stats(self) -> dict[str, Any]:
@@ -235,6 +274,8 @@ class AsyncCache:
         self._resolve()  # the final fsync covered every write; fail any that it did not
 
     async def __aenter__(self) -> AsyncCache:
+        if self._cache.closed:
+            raise CacheClosedError(f"cache {self.path} is closed")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -248,7 +289,7 @@ class AsyncCache:
         forking.disown(self, _ForkedAsyncCache, "AsyncCache", self._cache.path, self._pid)
 
 
-class _ForkedAsyncCache(forking.Disowned, AsyncCache):
+class _ForkedAsyncCache(AsyncCache, forking.Disowned):
     """An `AsyncCache` inherited through fork(): every use raises `ForkedCacheError`."""
 
 
@@ -256,17 +297,21 @@ class AsyncBatch(BatchOperations):
     """Operations collected by `AsyncCache.batch()`, written as one record on exit."""
 
     def __init__(self, owner: AsyncCache) -> None:
-        super().__init__(owner.cache)
+        super().__init__(owner.cache.limits, lambda ops: None)
         self._owner = owner
 
     async def __aenter__(self) -> AsyncBatch:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        self._done = True
-        if exc_type is None:
-            self.lsn = await self._owner._commit(self._ops)
-        self._ops = []
+        ops = self._take(exc_type)
+        if ops is not None:
+            self.lsn = await self._owner._commit(ops)
+
+
+def _lsn_twice(lsn: int) -> tuple[int, int]:
+    """(LSN, result) for a write whose result is its LSN."""
+    return lsn, lsn
 
 
 async def open_async(path: str | os.PathLike[str], *, backend: Backend | str | None = None,

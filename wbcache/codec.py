@@ -18,6 +18,7 @@ from typing import Any, cast
 import msgpack
 
 from wbcache.backends.base import Key
+from wbcache.errors import CorruptValueError
 
 IMMUTABLE_TYPES = frozenset({str, bytes, int, float, bool, type(None)})
 
@@ -102,12 +103,40 @@ def in_memory(value: object, encoded: bytes) -> Any:
     return value if type(value) in IMMUTABLE_TYPES else Packed(encoded)
 
 
-def decode_value(encoded: bytes) -> Any:
-    """A value from its msgpack encoding (limits follow len(encoded))."""
-    return msgpack.unpackb(encoded, strict_map_key=False)
+def decode_value(encoded: bytes, key: object = None) -> Any:
+    """A value from its msgpack encoding (limits follow len(encoded)). Raises
+    `CorruptValueError` (never a raw msgpack error) when it does not decode."""
+    try:
+        return msgpack.unpackb(encoded, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several types for bad input
+        raise CorruptValueError(
+            f"the stored value of key {key!r} cannot be decoded ({type(exc).__name__}: {exc}); "
+            f"the database holds bytes wbcache did not write") from None
 
 
-def from_encoded(encoded: bytes) -> tuple[Any, Any]:
+def from_encoded(encoded: bytes, key: object = None) -> tuple[Any, Any]:
     """(value for the caller, what memory keeps) from an encoding read from the database."""
-    value = decode_value(encoded)
+    value = decode_value(encoded, key)
     return value, (value if type(value) in IMMUTABLE_TYPES else Packed(encoded))
+
+
+def value_of(held: Any) -> Any:
+    """The caller's value of what memory holds: a fresh copy of a mutable one."""
+    return msgpack.unpackb(held, strict_map_key=False) if type(held) is Packed else held
+
+
+def check_int64(value: int, what: str) -> int:
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{what} {value} is outside the signed 64-bit range")
+    return value
+
+
+def increment(key: Key, delta: int, current: Any, absent: Any) -> int:
+    """The value of `key` after adding `delta` to `current` (`absent`: counts from 0).
+    A non-int raises TypeError, a result outside int64 ValueError."""
+    if current is absent:
+        current = 0
+    elif type(current) is not int:
+        raise TypeError(f"incr: the value under {key!r} is a {type(current).__name__}, "
+                        f"not an int")
+    return check_int64(current + delta, f"incr result for {key!r}")

@@ -22,6 +22,11 @@ class CacheClosedError(WbcacheError):
     """The cache was closed; open it again to use it."""
 
 
+class LoopMismatchError(WbcacheError):
+    """An `AsyncCache` was awaited from an event loop other than the one that opened it; nothing
+    was written. Use its `.cache` (a thread-safe `Cache`) from other threads or loops."""
+
+
 class ForkedCacheError(WbcacheError):
     """This process inherited the cache through fork(): only the process that opened it may use
     it. Open the directory again in this process once the parent has closed it."""
@@ -47,6 +52,11 @@ class DatabaseError(WbcacheError):
 class ConcurrentChangeError(WbcacheError):
     """A live cache changed the directory while a read-only tool was reading it; run the tool
     again (or stop the cache first)."""
+
+
+class CorruptValueError(WbcacheError):
+    """A value read from the database does not decode: the database holds bytes wbcache did
+    not write (another program, or damage). The message names the key."""
 
 
 class FlushError(WbcacheError):

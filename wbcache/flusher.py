@@ -2,31 +2,30 @@
 `IntervalSyncer`.
 
 A flush cycle:
-  1. under the sequencer lock, take the dirty set and the LSN S it reflects (every record with
+  1. take the dirty set and the LSN S it reflects from the sequencer (every record with
      LSN <= S has been applied to memory; the taken entries are "in flight");
   2. `backend.apply(puts, deletes, S, increments)`: one transaction, retried with backoff on
      error while the log keeps the data;
-  3. under the lock, the in-flight entries become clean (unless rewritten meanwhile);
+  3. tell the sequencer: the in-flight entries become clean (unless rewritten meanwhile);
   4. delete the log segments whose last LSN <= S. Never before step 2 has committed.
 
 Cycles run on the timer, when woken (dirty threshold, backpressure, capacity pressure), and in
-the caller's thread for `flush()`; `_mutex` keeps them one at a time.
+the caller's thread for `flush()`; `_mutex` keeps them one at a time. Lock order: `_mutex`,
+then the sequencer's lock (taken inside `take_dirty` and `flushed`, never across `apply`).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
-from wbcache.backends.base import Backend, Key
-from wbcache.errors import FlushError, LogFailedError
+from wbcache.backends.base import Backend
+from wbcache.errors import FlushError
 from wbcache.recovery import apply_changes
-from wbcache.wal import GroupCommitter, LogWriter, crashpoints
-
-Changes = dict[Key, "bytes | None"]  # key -> newest encoded value, None: deleted
-Deltas = dict[Key, int]  # keys written only by increments since the last flush -> their sum
+from wbcache.sequencer import Changes, Deltas, Sequencer
+from wbcache.wal import LogWriter, crashpoints
 
 _FIRST_RETRY_DELAY = 0.01  # seconds; doubles after each failure
 _MAX_RETRY_DELAY = 2.0
@@ -36,12 +35,9 @@ class Flusher:
     """Moves dirty entries into the database: a background thread on the timer and when
     woken, and `flush()` in the caller's thread (see the module docstring for one cycle)."""
 
-    def __init__(self, *, lock: threading.Lock, take: Callable[[], tuple[Changes, Deltas, int]],
-                 done: Callable[[int], None], backend: Backend, writer: LogWriter,
+    def __init__(self, *, sequencer: Sequencer, backend: Backend, writer: LogWriter,
                  interval: float, checkpoint_lsn: int) -> None:
-        self._lock = lock
-        self._take = take  # called with the lock held: (changes, deltas, S)
-        self._done = done  # called with the lock held once S is committed
+        self._sequencer = sequencer
         self._backend = backend
         self._writer = writer
         self._interval = interval
@@ -119,14 +115,12 @@ class Flusher:
         """One flush, mutex held. With a `deadline` (a caller's flush), retry until it passes,
         then raise `FlushError`; without, try once and return whether it committed."""
         started = time.perf_counter()
-        with self._lock:
-            changes, deltas, lsn = self._take()
+        changes, deltas, lsn = self._sequencer.take_dirty()
         if changes or lsn > self.checkpoint_lsn:
             if not self._apply(changes, deltas, lsn, deadline):
                 return False
-            with self._lock:
-                self._done(lsn)
-                self.checkpoint_lsn = lsn
+            self._sequencer.flushed()
+            self.checkpoint_lsn = lsn
             self.flushes += 1
             self.flushed_entries += len(changes)
             self.last_flush_seconds = time.perf_counter() - started
@@ -175,9 +169,8 @@ class Flusher:
 class IntervalSyncer:
     """Under fsync="interval": fsync the log every `interval` seconds if it has unsynced data."""
 
-    def __init__(self, lock: threading.Lock, committer: GroupCommitter, interval: float) -> None:
-        self._lock = lock
-        self._committer = committer
+    def __init__(self, sequencer: Sequencer, interval: float) -> None:
+        self._sequencer = sequencer
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wbcache-fsync", daemon=True)
@@ -191,11 +184,5 @@ class IntervalSyncer:
             self._thread.join()
 
     def _run(self) -> None:
-        committer = self._committer
         while not self._stop.wait(self._interval):
-            with self._lock:
-                if committer.failure is None and committer.durable_lsn < committer.queued_lsn:
-                    try:
-                        committer.wait(committer.queued_lsn, durable=True)
-                    except LogFailedError:
-                        pass  # the cache now refuses writes; nothing more to sync
+            self._sequencer.sync_unsynced()

@@ -31,7 +31,8 @@ from typing import Any
 
 from wbcache.errors import ForkedCacheError
 
-_open: weakref.WeakSet[Any] = weakref.WeakSet()
+# Keyed by id(): a cache is a mapping, compared by content and so not hashable.
+_open: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 _forking: list[Any] = []  # the owners prepared for the fork in progress
 _inherited: list[Any] = []  # disowned in this (child) process; never finalized here
 
@@ -39,15 +40,16 @@ _inherited: list[Any] = []  # disowned in this (child) process; never finalized 
 def track(owner: Any) -> None:
     """Disown `owner` in any child forked while it is open: it has `_disown_after_fork()`
     and may have `_before_fork()` and `_after_fork_in_parent()`."""
-    _open.add(owner)
+    _open[id(owner)] = owner
 
 
 def untrack(owner: Any) -> None:
-    _open.discard(owner)
+    if _open.get(id(owner)) is owner:
+        del _open[id(owner)]
 
 
 def _before_fork() -> None:
-    _forking[:] = list(_open)
+    _forking[:] = list(_open.values())
     for owner in _forking:
         prepare = getattr(owner, "_before_fork", None)
         if prepare is not None:
@@ -83,15 +85,20 @@ def refusal(kind: str, path: str, parent_pid: int) -> ForkedCacheError:
 
 
 class Disowned:
-    """The class a disowned object takes in the child: any attribute but a few harmless ones
-    raises `ForkedCacheError`; `close()` does nothing; the `with` block's exit is allowed."""
+    """The mixin of a disowned object's class in the child, placed AFTER its own class (a
+    class assignment needs the same layout): every attribute lookup goes through
+    `__getattribute__` here, which refuses everything but `close()` (a no-op), `closed`
+    (True), `path`, `repr` and the exits of `with` blocks. Methods called by syntax (`len`,
+    `in`, `[]`, `with`) are looked up on the type and so are the object's own; each touches
+    the object's state at once, and that lookup is refused."""
 
-    _ALLOWED = frozenset({"__class__", "__dict__", "_forked_from", "_forked_kind",
-                          "_forked_path", "path", "closed", "close", "__exit__", "__aexit__",
-                          "__repr__", "_disown_after_fork", "_refusal"})
+    __slots__ = ()
 
     def __getattribute__(self, name: str) -> Any:
-        if name in Disowned._ALLOWED:
+        own = _OWN.get(name)
+        if own is not None:
+            return own.__get__(self, type(self))
+        if name in _STATE:
             return object.__getattribute__(self, name)
         raise object.__getattribute__(self, "_refusal")()
 
@@ -116,13 +123,6 @@ class Disowned:
         return (f"<wbcache.{self._forked_kind} {self._forked_path!r} inherited through fork() "
                 f"from process {self._forked_from}: unusable>")
 
-    # Syntax looks these up on the type, bypassing __getattribute__: refuse them too.
-    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._refusal()
-
-    __getitem__ = __setitem__ = __delitem__ = __contains__ = __iter__ = __len__ = _refuse
-    __enter__ = __aenter__ = _refuse
-
     def __exit__(self, *exc_info: object) -> None:
         pass
 
@@ -130,9 +130,15 @@ class Disowned:
         pass
 
 
+_OWN = {name: Disowned.__dict__[name] for name in (
+    "_refusal", "path", "closed", "close", "_disown_after_fork", "__repr__", "__exit__",
+    "__aexit__")}
+_STATE = frozenset({"__class__", "__dict__", "_forked_from", "_forked_kind", "_forked_path"})
+
+
 def disown(owner: Any, disowned_class: type, kind: str, path: str, parent_pid: int) -> None:
-    """Turn `owner` (in a child) into an instance of `disowned_class` (a subclass of both
-    `Disowned` and its own class), remembering where it came from."""
+    """Turn `owner` (in a child) into an instance of `disowned_class` (a subclass of its own
+    class, then `Disowned`), remembering where it came from."""
     state = object.__getattribute__(owner, "__dict__")
     state.pop("get", None)  # an instance-level override (read_ttl) would shadow the refusal
     state.update(_forked_from=parent_pid, _forked_kind=kind, _forked_path=path)

@@ -1,27 +1,47 @@
-"""The backend protocol: what the flusher and recovery need from a database.
+"""The backend protocol: everything the cache, the flusher and recovery need from a database.
 
 Values cross this boundary msgpack-encoded (`bytes`); keys are `str` or `bytes` and must stay
-distinct ("a" and b"a" are two keys). `apply` is atomic and stores the checkpoint LSN in the same
-transaction as the data: that is what lets recovery replay exactly the records the database
-lacks, and lets the flusher delete log segments only after the data is safe.
+distinct ("a" and b"a" are two keys). `apply` is atomic and stores the checkpoint LSN in the
+same transaction as the data: that is what lets recovery replay exactly the records the
+database lacks, and lets the flusher delete log segments only after the data is safe.
+
+Every member below is used by the core; a backend declares them all (there are no `getattr`
+defaults). Read-only methods (`get`, `checkpoint`, `count`, `items`) change no state of the
+backend. Backends are chosen by the registry in `wbcache/backends/__init__.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 Key = str | bytes
 
 
+@runtime_checkable
 class Backend(Protocol):
     # What kind of database this is ("lmdb", "postgresql"): the cache records it in
-    # DIR/backend and refuses to open the directory with another kind. Optional.
+    # DIR/backend and refuses to open the directory with another kind.
     kind: str
 
     # Whether `apply` takes `increments` (deltas added to what the database holds, for a
     # database shared by many caches). Without it, increments arrive as puts of the result.
     applies_increments: bool
+
+    # How long a clean entry may be served from memory before it is read again (s), when the
+    # options do not say: None (forever) for a database only this cache writes, a short time
+    # for one shared by many caches.
+    default_read_ttl: float | None
+
+    @property
+    def max_key_size(self) -> int:
+        """The largest key, in bytes, this database accepts."""
+
+    def attach(self, cache_id: str) -> None:
+        """Called at every open, before recovery, with the directory's id (DIR/cache_id): a
+        database shared by many caches keeps one checkpoint per directory. It also starts a
+        recovery: what the backend remembered of earlier flushes is forgotten. A database
+        of one cache ignores it."""
 
     def get(self, key: Key) -> bytes | None:
         """The encoded value stored under `key`, or None."""
@@ -40,10 +60,6 @@ class Backend(Protocol):
 
     def items(self) -> Iterator[tuple[Key, bytes]]:
         """Every (key, encoded value), from one consistent snapshot."""
-
-    @property
-    def max_key_size(self) -> int:
-        """The largest key, in bytes, this database accepts."""
 
     def close(self) -> None:
         """Release the database; idempotent."""

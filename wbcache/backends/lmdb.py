@@ -85,6 +85,7 @@ class LmdbBackend:
     kind = "lmdb"  # recorded in DIR/backend
     # One owner: the cache's own result of an increment is the value to store.
     applies_increments = False
+    default_read_ttl = None  # only its own cache writes it: clean entries never go stale
 
     def __init__(self, path: str, *, map_size: int = 1 << 30, readonly: bool = False,
                  lock: bool = True) -> None:
@@ -128,6 +129,9 @@ class LmdbBackend:
         if isinstance(key, str):
             return self._str, key.encode()
         return self._bytes, key
+
+    def attach(self, cache_id: str) -> None:
+        """One cache per database: nothing to attach."""
 
     def get(self, key: Key) -> bytes | None:
         db, raw = self._db_and_raw(key)
@@ -208,5 +212,5 @@ class LmdbBackend:
         forking.disown(self, _ForkedLmdbBackend, "LmdbBackend", self._path, self._pid)
 
 
-class _ForkedLmdbBackend(forking.Disowned, LmdbBackend):
+class _ForkedLmdbBackend(LmdbBackend, forking.Disowned):
     """An `LmdbBackend` inherited through fork(): every use raises `ForkedCacheError`."""

@@ -1,0 +1,145 @@
+"""`Entries`: what memory holds, per key, and which clean entries to evict.
+
+Memory holds, per key, the newest value written or read (`held`): immutable values as
+themselves, mutable ones as their msgpack encoding (`codec.Packed`), a deleted key as
+`TOMBSTONE`. Dirty entries (not yet in the database) are pinned: only clean ones are evicted.
+
+Eviction is CLOCK (second chance): entries sit in insertion order; a hit only sets the entry's
+visited mark (`visited.add(key)`, atomic under the GIL and taken without any lock), so a hit
+never reorders anything; eviction takes the oldest entry, and one that was visited since it
+was last looked at gets a second chance (its mark cleared, it goes to the back) instead of
+being evicted. Exact LRU order would cost a `move_to_end` per hit; CLOCK keeps hits O(1) and
+lock-free, with a hit ratio close to LRU's (bench/, the Zipf trace).
+
+With a `read_ttl` (a database shared by many caches), a clean entry is served only while it
+is younger than the TTL (`fresh`); `clean_since` says since when each clean entry is clean.
+
+Every method that changes anything is called with the sequencer's lock held; `map`,
+`visited` and `fresh` are read without it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from wbcache.backends.base import Key
+
+
+class _Tombstone:
+    """In memory: the key is deleted (the database may still hold it until the next flush)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+TOMBSTONE: Any = _Tombstone()
+
+
+class Entries:
+    """The in-memory map (see the module docstring)."""
+
+    def __init__(self, capacity: int, read_ttl: float | None) -> None:
+        self.map: OrderedDict[Key, Any] = OrderedDict()  # insertion order: the CLOCK's queue
+        self.visited: set[Key] = set()
+        self.capacity = capacity
+        self.read_ttl = read_ttl
+        # when each clean entry became clean; None when clean entries never expire
+        self.clean_since: dict[Key, float] | None = {} if read_ttl is not None else None
+        self.evictions = 0
+        self.blocked = False  # every entry over capacity is pinned: wait for a flush
+
+    def fresh(self, key: Key) -> bool:
+        """Whether memory may answer for `key` without the database (dirty entries have no
+        `clean_since` and are always fresh)."""
+        clean_since = self.clean_since
+        if clean_since is None:
+            return True
+        since = clean_since.get(key)
+        return since is None or time.monotonic() - since <= self.read_ttl  # type: ignore[operator]
+
+    # ------------------------------------------------------------ lock held
+
+    def write(self, key: Key, held: Any) -> None:
+        """A write of `key`: memory holds it (pinned by the caller's dirty set)."""
+        entries = self.map
+        if key in entries:
+            self.visited.add(key)  # written: as good as read
+        entries[key] = held
+        if self.clean_since is not None:
+            self.clean_since.pop(key, None)  # dirty: no longer a clean entry that can expire
+
+    def keep_clean(self, key: Key, held: Any) -> bool:
+        """Keep a value read from the database as a clean entry, unless memory is full of
+        pinned entries (caching reads then would grow memory without bound until a flush).
+        Returns whether it was kept."""
+        if self.blocked and len(self.map) >= self.capacity:
+            return False
+        self.map[key] = held
+        if self.clean_since is not None:
+            self.clean_since[key] = time.monotonic()
+        return True
+
+    def forget(self, key: Key) -> None:
+        """Drop `key` from memory (deleted in the database by another cache)."""
+        self.map.pop(key, None)
+        if self.clean_since is not None:
+            self.clean_since.pop(key, None)
+        self.visited.discard(key)
+
+    def now_clean(self, keys: Iterable[Key], stale: Callable[[Key], bool]) -> None:
+        """After a flush: `keys` are clean from now on; those `stale` says so are stale at
+        once (a key flushed as a delta holds this cache's view of a sum, not the total)."""
+        clean_since = self.clean_since
+        if clean_since is None:
+            return
+        now = time.monotonic()
+        for key in keys:
+            clean_since[key] = -math.inf if stale(key) else now
+
+    def evict(self, pinned: Callable[[Key], bool], evicted: Callable[[Key], None]) -> bool:
+        """Drop clean entries, oldest first with a second chance for visited ones, until
+        within capacity. Returns False (and stops trying until `unblock`) when every entry
+        over capacity is pinned: the caller then has a flush started.
+
+        Only atomic OrderedDict operations (popitem, setitem), never an iterator: hits read
+        the map without the lock. A pinned or visited entry popped on the way goes back to
+        the end; meanwhile a reader racing the pop-and-reinsert misses memory, and its slow
+        path finds the entry again under the lock."""
+        entries = self.map
+        if len(entries) <= self.capacity or self.blocked:
+            return True
+        visited, clean_since = self.visited, self.clean_since
+        budget = 2 * len(entries) + 1  # each entry: a second chance, then a verdict
+        while len(entries) > self.capacity:
+            if not budget:
+                self.blocked = True
+                return False
+            budget -= 1
+            key, held = entries.popitem(last=False)
+            if pinned(key):
+                entries[key] = held
+            elif key in visited:
+                visited.discard(key)
+                entries[key] = held
+            else:
+                self.evictions += 1
+                if clean_since is not None:
+                    clean_since.pop(key, None)
+                evicted(key)
+        return True
+
+    def unblock(self) -> None:
+        """A flush made entries clean: eviction may try again."""
+        self.blocked = False
+
+    def clear(self) -> None:
+        self.map.clear()
+        self.visited.clear()
+        if self.clean_since is not None:
+            self.clean_since.clear()

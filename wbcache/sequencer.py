@@ -1,0 +1,542 @@
+"""`Sequencer`: the write path's one lock, and everything that lock keeps.
+
+Every write goes through here: it is admitted (refused if the cache is closed or its log
+failed; made to wait, or told `WouldBlock`, under backpressure), given the next LSN, queued
+for the group commit as ONE log record (encoded by `wal/records.py`), and applied to memory
+(`Entries`) and to the dirty set, all in one critical section, so that log order, LSN order
+and memory agree. `Cache`, `AsyncCache`, the flusher and the interval syncer talk only to it.
+
+Invariants, under `lock`:
+  * `_next_lsn` is the LSN the next write gets; every record with LSN < `_next_lsn` has been
+    applied to memory and to `_dirty`.
+  * memory holds every dirty entry (and clean ones up to `capacity`), newest write per key.
+  * `_dirty` holds, per key, the encoded value (None: deleted) written since the last flush
+    took it; `_inflight` what the flush in progress is writing. A key in either is pinned.
+  * `_deltas` (and `_inflight_deltas`) hold, for the dirty keys written ONLY by increments
+    since, the sum of those increments: a database shared by many caches adds it.
+  * `_reads` holds the database reads in progress, per key. Anything that may make memory
+    newer than a read's answer, or drop a newer value from memory, marks the key's reads
+    stale: a write of it, a flush that made it clean, its eviction. A stale answer is never
+    kept in memory nor built on; a write retries with a fresh read.
+
+**No database call with `lock` held.** A write that needs a value memory cannot give (an
+increment, a `del`, a `pop` of a key not in memory) raises `NeedsRead` before anything is
+logged; `submit` reads those keys outside the lock (the backend's `get`, given as `fetch`)
+and runs the write again.
+
+**Lock order** (docs/design.md): the flusher's mutex, then `lock`. The group committer's
+conditions are conditions of `lock` itself; its leader releases `lock` while it writes and
+fsyncs. Nothing here takes another lock while holding `lock`: not the backend's (it is never
+called), not the flusher's.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Collection, Iterable
+from typing import Any, NamedTuple, TypeVar
+
+import msgpack
+
+from wbcache.backends.base import Key
+from wbcache.codec import from_encoded, increment, value_of
+from wbcache.errors import CacheClosedError
+from wbcache.memory import TOMBSTONE, Entries
+from wbcache.wal import GroupCommitter, LogWriter, crashpoints
+from wbcache.wal.format import MAX_SINGLE_RECORD
+from wbcache.wal.records import delete_item, encode_items, encode_put, incr_item, put_item
+
+T = TypeVar("T")
+
+ABSENT: Any = object()  # no value: never written, or deleted
+NOT_KNOWN: Any = object()  # memory cannot tell; the database must be read
+_MISSING: Any = object()
+
+packb = msgpack.packb
+
+Changes = dict[Key, "bytes | None"]  # key -> newest encoded value, None: deleted
+Deltas = dict[Key, int]
+
+
+class WouldBlock(Exception):
+    """A non-blocking write met backpressure; nothing was written."""
+
+
+class NeedsRead(Exception):
+    """A write needs the current value of keys that memory cannot give; nothing was
+    written. `keys` are read from the database (outside the lock) before it runs again."""
+
+    def __init__(self, keys: list[Key]) -> None:
+        super().__init__(keys)
+        self.keys = keys
+
+
+class FlushBatch(NamedTuple):
+    """What a flush writes: the entries, the increments among them, and the LSN they reflect
+    (every record with LSN <= `lsn` is in them)."""
+
+    changes: Changes
+    deltas: Deltas
+    lsn: int
+
+
+class _Read:
+    """A database read of `key`, registered under the lock before it starts."""
+
+    __slots__ = ("key", "encoded", "stale", "failed")
+
+    def __init__(self, key: Key) -> None:
+        self.key = key
+        self.encoded: bytes | None = None
+        self.stale = False  # memory may be newer than this answer: never keep or build on it
+        self.failed = False  # the database was away; memory's value may be counted on
+
+
+Reads = dict[Key, _Read]
+
+
+class Transaction:
+    """What a write plan may do, lock held, to build ONE log record: read the current value
+    of a key (`current`; raises `NeedsRead` when memory cannot give it), and put, delete or
+    increment keys. Later operations see earlier ones."""
+
+    def __init__(self, sequencer: Sequencer, reads: Reads | None) -> None:
+        self._sequencer = sequencer
+        self._reads = reads
+        self._overlay: dict[Key, Any] = {}
+        self.items: list[list[Any]] = []  # log items (wal/records.py)
+        self.effects: list[tuple[Key, Any, bytes | None, int | None]] = []
+
+    def current(self, key: Key) -> Any:
+        """The value of `key` now (a fresh copy; ABSENT if none)."""
+        held = self._overlay.get(key, _MISSING)
+        if held is _MISSING:
+            return self._sequencer._current(key, self._reads)
+        return ABSENT if held is TOMBSTONE else value_of(held)
+
+    def known(self, key: Key) -> Any:
+        """What memory knows of `key` (a fresh copy; ABSENT if deleted), or NOT_KNOWN: never
+        asks the database."""
+        held = self._overlay.get(key, _MISSING)
+        if held is _MISSING:
+            return self._sequencer._from_memory(key)
+        return ABSENT if held is TOMBSTONE else value_of(held)
+
+    def memory_keys(self, others: Iterable[Key]) -> list[Key]:
+        """`others` and every key memory holds, each once."""
+        return list(dict.fromkeys([*others, *self._sequencer._entries.map]))
+
+    def put(self, key: Key, encoded: bytes, held: Any) -> None:
+        self.items.append(put_item(key, encoded))
+        self.effects.append((key, held, encoded, None))
+        self._overlay[key] = held
+
+    def delete(self, key: Key) -> None:
+        self.items.append(delete_item(key))
+        self.effects.append((key, TOMBSTONE, None, None))
+        self._overlay[key] = TOMBSTONE
+
+    def incr(self, key: Key, delta: int) -> int:
+        result = increment(key, delta, self.current(key), ABSENT)
+        self.items.append(incr_item(key, delta, result))
+        self.effects.append((key, result, packb(result), delta))
+        self._overlay[key] = result
+        return result
+
+
+Plan = Callable[[Transaction], T]
+
+
+class Sequencer:
+    """The write path of one open cache (see the module docstring)."""
+
+    def __init__(self, *, writer: LogWriter, next_lsn: int, entries: Entries,
+                 fetch: Callable[[Key], bytes | None], sync_every_batch: bool,
+                 max_dirty: int, flush_threshold: int, name: str) -> None:
+        self.lock = threading.Lock()
+        self._space = threading.Condition(self.lock)  # writers waiting out backpressure
+        self._committer = GroupCommitter(self.lock, writer, next_lsn=next_lsn,
+                                         sync_every_batch=sync_every_batch)
+        self._entries = entries
+        self._fetch = fetch
+        self._max_dirty = max_dirty
+        self._flush_threshold = flush_threshold
+        self._name = name  # for messages: the cache directory
+        self._next_lsn = next_lsn
+        self._closed = False
+        self._dirty: Changes = {}
+        self._inflight: Changes = {}
+        self._deltas: Deltas = {}
+        self._inflight_deltas: Deltas = {}
+        self._reads: dict[Key, list[_Read]] = {}
+        self._flush_woken = False
+        self.wake_flusher: Callable[[], None] = lambda: None  # set by the cache
+        self.writes = 0
+        self.coalesced = 0
+        self.misses = 0
+
+    # ------------------------------------------------------------------ writes
+
+    def put(self, key: Key, encoded: bytes, held: Any) -> int:
+        """Log and apply a put; return its LSN once acknowledged. The common write, so it
+        has its own path. Raises `CacheClosedError`, `LogFailedError`."""
+        with self.lock:
+            lsn = self._put(key, encoded, held, True)
+            self._committer.wait(lsn)
+        if crashpoints.ARMED:
+            crashpoints.reached("wal.after_ack")
+        return lsn
+
+    def put_nowait(self, key: Key, encoded: bytes, held: Any) -> int:
+        """`put` without waiting: the LSN to wait for. Raises `WouldBlock` under backpressure
+        (nothing written)."""
+        with self.lock:
+            lsn = self._put(key, encoded, held, False)
+            self._committer.kick()
+            return lsn
+
+    def submit(self, plan: Plan[T], needs: Collection[Key] = ()) -> tuple[int, T]:
+        """Run `plan` (lock held) on a `Transaction`, log what it wrote as ONE record, apply
+        it, and once the record is acknowledged return its LSN and the plan's result.
+        `needs`: keys whose current value the plan reads (read from the database first, all
+        at once, when memory cannot give them). A plan that writes nothing logs nothing; the
+        LSN returned is then the last one before it, acknowledged like every earlier write.
+        What the plan raises propagates, with nothing written. Also raises
+        `CacheClosedError`, `LogFailedError`, `ValueError` for a record over the log's
+        limit."""
+        reads: Reads | None = None
+        while True:
+            with self.lock:
+                try:
+                    lsn, result = self._log(plan, needs, reads, True)
+                except NeedsRead as need:
+                    keys = need.keys
+                else:
+                    keys = []
+                finally:
+                    if reads is not None:
+                        self._end_reads(reads)
+                if not keys:
+                    self._committer.wait(lsn)
+                    return lsn, result
+                reads = self._start_reads(keys)
+            self._fill_reads(reads, count_on_memory=True)
+
+    def submit_nowait(self, plan: Plan[T], needs: Collection[Key] = ()) -> tuple[int, T]:
+        """`submit` without reading the database or waiting: (the LSN to wait for, the plan's
+        result). Raises `WouldBlock` under backpressure and `NeedsRead` when the plan needs a
+        value memory cannot give (nothing written either way)."""
+        with self.lock:
+            lsn, result = self._log(plan, needs, None, False)
+            self._committer.kick()
+            return lsn, result
+
+    def sync(self) -> None:
+        """Wait until every write so far is fsync'd. Raises `LogFailedError`,
+        `CacheClosedError`."""
+        with self.lock:
+            self._check_open()
+            self._committer.wait(self._next_lsn - 1, durable=True)
+
+    def sync_unsynced(self) -> None:
+        """Under fsync="interval", on the interval: fsync the log if it has unsynced records.
+        A failed log is left as it is (writes are refused already)."""
+        committer = self._committer
+        with self.lock:
+            if committer.failure is None and committer.durable_lsn < committer.queued_lsn:
+                try:
+                    committer.wait(committer.queued_lsn, durable=True)
+                except Exception:  # LogFailedError: the cache now refuses writes
+                    pass
+
+    # ------------------------------------------------------------------ reads
+
+    def in_memory(self, key: Key) -> bool:
+        """Lock-free: whether memory can answer for `key` without the database."""
+        return self._from_memory(key) is not NOT_KNOWN
+
+    def read(self, key: Key) -> Any:
+        """The value of `key` (a fresh copy; ABSENT if none): from memory, else from the
+        database, then kept as a clean entry unless memory has become newer meanwhile.
+        Raises the backend's error if the read fails, `CacheClosedError`."""
+        with self.lock:
+            self._check_open()
+            self.misses += 1
+            value = self._from_memory(key)
+            if value is not NOT_KNOWN:  # a write or another read got there first
+                return value
+            reads = self._start_reads([key])
+        self._fill_reads(reads, count_on_memory=False)
+        with self.lock:
+            try:
+                value = self._from_memory(key)
+                if value is NOT_KNOWN:
+                    value = self._value_read(reads[key])
+            finally:
+                self._end_reads(reads)
+        return value
+
+    def pending(self) -> Changes:
+        """Every write not yet in the database, newest per key (a copy)."""
+        with self.lock:
+            self._check_open()
+            pending = dict(self._inflight)
+            pending.update(self._dirty)
+            return pending
+
+    # ------------------------------------------------------------------ the flusher's side
+
+    def take_dirty(self) -> FlushBatch:
+        """The dirty entries, their deltas and the LSN they reflect; they are in flight until
+        `flushed`. A batch left by a flush that gave up is taken again, newer values winning
+        (a delta stays a delta only if both halves were increments)."""
+        with self.lock:
+            batch, deltas = self._inflight, self._inflight_deltas
+            if batch:
+                newer_deltas = self._deltas
+                for key, encoded in self._dirty.items():
+                    if key in newer_deltas and (key in deltas or key not in batch):
+                        deltas[key] = deltas.get(key, 0) + newer_deltas[key]
+                    else:
+                        deltas.pop(key, None)
+                    batch[key] = encoded
+            else:
+                batch, deltas = self._dirty, self._deltas
+            self._inflight, self._inflight_deltas = batch, deltas
+            self._dirty, self._deltas = {}, {}
+            self._flush_woken = False
+            return FlushBatch(batch, deltas, self._next_lsn - 1)
+
+    def flushed(self) -> None:
+        """The batch in flight is committed: its entries are clean (unless rewritten)."""
+        with self.lock:
+            inflight, deltas, dirty = self._inflight, self._inflight_deltas, self._dirty
+            for key in self._reads:
+                if key in inflight:  # its read may predate this flush
+                    self._mark_stale(key)
+            self._entries.now_clean((key for key in inflight if key not in dirty),
+                                    deltas.__contains__)
+            self._inflight, self._inflight_deltas = {}, {}
+            self._entries.unblock()
+            self._space.notify_all()
+            self._evict()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def last_lsn(self) -> int:
+        """The LSN of the last write assigned (0 before any)."""
+        return self._next_lsn - 1
+
+    @property
+    def dirty(self) -> int:
+        return len(self._dirty) + len(self._inflight)
+
+    @property
+    def committer(self) -> GroupCommitter:
+        """The group commit, for a front end that waits on its own terms (AsyncCache): its
+        `acknowledged_lsn`, `failure`, `add_listener`, `start_background_leader`."""
+        return self._committer
+
+    def close(self) -> bool:
+        """Refuse every write from now on; wake writers waiting out backpressure. Returns
+        False if it was closed already."""
+        with self.lock:
+            if self._closed:
+                return False
+            self._closed = True
+            self._space.notify_all()
+            return True
+
+    def close_log(self) -> None:
+        """Write and fsync whatever is queued, then close the log."""
+        with self.lock:
+            self._committer.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CacheClosedError(f"cache {self._name} is closed")
+
+    # ------------------------------------------------------------------ lock held
+
+    def _admit(self, block: bool) -> int:
+        """Refuse if closed or the log failed; wait out backpressure (or, with `block`
+        False, raise WouldBlock). Return the LSN the write will get (consumed only by
+        `_queue`)."""
+        self._check_open()
+        self._committer.check()
+        while len(self._dirty) + len(self._inflight) >= self._max_dirty:
+            self.wake_flusher()
+            if not block:
+                raise WouldBlock
+            self._space.wait()
+            self._check_open()
+            self._committer.check()  # the log may have failed while we waited
+        return self._next_lsn
+
+    def _queue(self, lsn: int, payload: bytes) -> None:
+        """Hand record `lsn` to the group commit; from here the LSN is used. Nothing after
+        this point in a write may raise (short of the log failing in `wait`): the record is
+        on its way to disk, so its effects on memory must all be applied."""
+        self._committer.append(lsn, payload)
+        self._next_lsn = lsn + 1
+
+    def _put(self, key: Key, encoded: bytes, held: Any, block: bool) -> int:
+        lsn = self._admit(block)
+        self._queue(lsn, encode_put(lsn, key, encoded))
+        self._remember(key, held, encoded, None)
+        self.writes += 1
+        self._evict()
+        return lsn
+
+    def _log(self, plan: Plan[T], needs: Collection[Key], reads: Reads | None,
+             block: bool) -> tuple[int, T]:
+        lsn = self._admit(block)
+        if needs:
+            self._check_known(needs, reads)
+        transaction = Transaction(self, reads)
+        result = plan(transaction)
+        if not transaction.items:  # nothing to write: as durable as what came before it
+            return self._next_lsn - 1, result
+        payload = encode_items(lsn, transaction.items)
+        if len(payload) > MAX_SINGLE_RECORD:
+            raise ValueError(f"a write of {len(transaction.items)} operations is "
+                             f"{len(payload)} bytes encoded; the log's record limit is "
+                             f"{MAX_SINGLE_RECORD} bytes")
+        self._queue(lsn, payload)
+        for key, held, encoded, delta in transaction.effects:
+            self._remember(key, held, encoded, delta)
+        self.writes += len(transaction.effects)
+        self._evict()
+        return lsn, result
+
+    def _remember(self, key: Key, held: Any, encoded: bytes | None, delta: int | None) -> None:
+        """The newest write of `key` is `held` in memory, dirty until flushed; `delta` is set
+        when the write is an increment."""
+        self._entries.write(key, held)
+        if self._reads:
+            self._mark_stale(key)
+        dirty = self._dirty
+        deltas = self._deltas
+        before = len(dirty)
+        dirty[key] = encoded
+        if len(dirty) == before:  # rewritten before a flush took it
+            self.coalesced += 1
+            if deltas:
+                if delta is not None and key in deltas:
+                    deltas[key] += delta  # still increments only
+                else:
+                    deltas.pop(key, None)
+            return
+        if delta is not None:
+            deltas[key] = delta
+        if before + 1 >= self._flush_threshold and not self._flush_woken:
+            self._flush_woken = True
+            self.wake_flusher()
+
+    def _evict(self) -> None:
+        if not self._entries.evict(self._pinned, self._evicted):
+            self.wake_flusher()  # every entry over capacity is dirty: a flush makes room
+
+    def _pinned(self, key: Key) -> bool:
+        return key in self._dirty or key in self._inflight
+
+    def _evicted(self, key: Key) -> None:
+        if self._reads:
+            self._mark_stale(key)
+
+    # -------------------------------------------- reads from the database, and their races
+
+    def _from_memory(self, key: Key) -> Any:
+        """The value memory holds for `key` (a fresh copy; ABSENT if deleted), or NOT_KNOWN
+        when memory cannot answer: not held, or clean and past read_ttl. Safe without the
+        lock (dict reads are atomic); exact with it."""
+        held = self._entries.map.get(key, _MISSING)
+        if held is _MISSING:
+            return NOT_KNOWN
+        if key in self._dirty or key in self._inflight or self._entries.fresh(key):
+            return ABSENT if held is TOMBSTONE else value_of(held)
+        return NOT_KNOWN
+
+    def _current(self, key: Key, reads: Reads | None) -> Any:
+        """The value of `key` now (a fresh copy; ABSENT if none), from memory or from a read
+        made for this write; raises `NeedsRead` when neither can tell."""
+        value = self._from_memory(key)
+        if value is not NOT_KNOWN:
+            return value
+        read = reads.get(key) if reads else None
+        if read is None or read.stale:
+            raise NeedsRead([key])
+        if read.failed:  # the database is away: count on from what memory holds, if anything
+            held = self._entries.map.get(key, _MISSING)
+            if held is _MISSING:
+                raise NeedsRead([key])
+            return ABSENT if held is TOMBSTONE else value_of(held)
+        return self._value_read(read)
+
+    def _check_known(self, keys: Iterable[Key], reads: Reads | None) -> None:
+        """Raise `NeedsRead` (all at once) for the keys whose value neither memory nor
+        `reads` gives."""
+        missing = []
+        for key in keys:
+            if key not in missing and self._from_memory(key) is NOT_KNOWN:
+                read = reads.get(key) if reads else None
+                if read is None or read.stale:
+                    missing.append(key)
+        if missing:
+            raise NeedsRead(missing)
+
+    def _value_read(self, read: _Read) -> Any:
+        """The value `read` found (ABSENT if none), kept in memory unless stale."""
+        if read.stale:  # still a right answer for a read: it overlapped the change; not kept
+            return ABSENT if read.encoded is None else from_encoded(read.encoded, read.key)[0]
+        if read.encoded is None:
+            self._entries.forget(read.key)  # deleted by another cache
+            return ABSENT
+        value, held = from_encoded(read.encoded, read.key)
+        if self._entries.keep_clean(read.key, held):
+            self._evict()
+        return value
+
+    def _start_reads(self, keys: Iterable[Key]) -> Reads:
+        """Register a read of each key; end them with `_end_reads`."""
+        reads = {key: _Read(key) for key in keys}
+        for key, read in reads.items():
+            self._reads.setdefault(key, []).append(read)
+        return reads
+
+    def _end_reads(self, reads: Reads) -> None:
+        for key, read in reads.items():
+            registered = self._reads[key]
+            registered.remove(read)
+            if not registered:
+                del self._reads[key]
+
+    def _mark_stale(self, key: Key) -> None:
+        """Memory's state of `key` changed: no read in progress may be kept."""
+        for read in self._reads.get(key, ()):
+            read.stale = True
+
+    def _fill_reads(self, reads: Reads, *, count_on_memory: bool) -> None:
+        """Lock NOT held. Read every key of `reads` from the database. If it fails: with
+        `count_on_memory`, a key memory holds (stale) is marked failed and its value counted
+        on; otherwise the reads end and the error is raised (`CacheClosedError` if the cache
+        was closed under our feet)."""
+        try:
+            for read in reads.values():
+                try:
+                    read.encoded = self._fetch(read.key)
+                except Exception:
+                    if not (count_on_memory and read.key in self._entries.map):
+                        raise
+                    read.failed = True
+        except BaseException as exc:
+            with self.lock:
+                self._end_reads(reads)
+            if self._closed:
+                raise CacheClosedError(f"cache {self._name} is closed") from exc
+            raise
