@@ -18,6 +18,7 @@ dropped the dirty pages, so a later fsync that succeeds proves nothing (the "fsy
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
@@ -26,6 +27,7 @@ from wbcache.wal import crashpoints
 from wbcache.wal.writer import LogWriter
 
 Listener = Callable[[int, int], None]
+log = logging.getLogger("wbcache.wal")
 
 
 class GroupCommitter:
@@ -146,6 +148,8 @@ class GroupCommitter:
                 self.fsyncs += 1
         else:
             self.failure = error
+            log.error("the log failed (%s): writes are refused until the cache is reopened; "
+                      "writes %d..%d were not acknowledged", error, first_lsn, last_lsn)
         if crashpoints.ARMED:
             crashpoints.reached("wal.before_ack")
         if self._followers:

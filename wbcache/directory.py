@@ -17,6 +17,7 @@ and backend registry, read-only or for recovery.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from wbcache.layout import Layout, claim, complete, record_backend
 from wbcache.lock import DirectoryLock
 from wbcache.options import Options
 from wbcache.recovery import RecoveryReport, replay_into
+
+log = logging.getLogger("wbcache.recovery")
 
 
 @dataclass
@@ -73,9 +76,24 @@ def open_directory(path: str | os.PathLike[str], options: Options,
             raise ValueError(f"option max_key_size ({options.max_key_size}) exceeds the "
                              f"database's limit of {database.max_key_size} bytes")
         report = replay_into(database, layout.wal)
+        log_recovery(layout.root, report)
         return OpenedDirectory(layout, dir_lock, database, owns_backend, report)
     except BaseException:
         if owns_backend and database is not None:
             database.close()
         dir_lock.release()
         raise
+
+
+def log_recovery(root: str, report: RecoveryReport) -> None:
+    """One INFO line for a recovery that did something (replayed records or dropped a torn
+    tail); DEBUG for a clean directory."""
+    if report.replayed or report.torn_bytes:
+        torn = (f"; dropped a torn tail of {report.torn_bytes} bytes in "
+                f"{report.torn_segment}" if report.torn_bytes else "")
+        log.info("recovered %s: replayed %d log records (%d keys) into the database, "
+                 "checkpoint %d -> %d, in %.2f s%s", root, report.replayed, report.keys,
+                 report.checkpoint_before, report.checkpoint_after, report.seconds, torn)
+    else:
+        log.debug("opened %s: nothing to recover (checkpoint %d)", root,
+                  report.checkpoint_after)

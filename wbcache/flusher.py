@@ -16,6 +16,7 @@ then the sequencer's lock (taken inside `take_dirty` and `flushed`, never across
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +30,39 @@ from wbcache.wal import LogWriter, crashpoints
 
 _FIRST_RETRY_DELAY = 0.01  # seconds; doubles after each failure
 _MAX_RETRY_DELAY = 2.0
+OUTAGE_REPORT_EVERY = 30.0  # seconds between summaries while the database keeps failing
+
+log = logging.getLogger("wbcache.flusher")
+
+
+class _Outage:
+    """Rate-limited reports of database failures: the first at WARNING, then a summary every
+    `OUTAGE_REPORT_EVERY` seconds while they last, and the end of the outage at INFO. Without
+    this, an operator would learn of a database that refuses flushes only by polling stats."""
+
+    def __init__(self, where: str) -> None:
+        self._where = where
+        self._since: float | None = None  # start of the outage in progress
+        self._reported = 0.0
+        self._failures = 0
+
+    def failed(self, error: BaseException) -> None:
+        now = time.monotonic()
+        self._failures += 1
+        if self._since is None:
+            self._since = self._reported = now
+            log.warning("flush into %s failed: %s; retrying with backoff (the log keeps every "
+                        "write)", self._where, error)
+        elif now - self._reported >= OUTAGE_REPORT_EVERY:
+            self._reported = now
+            log.warning("flushes into %s failing for %.1f s (%d attempts); last error: %s",
+                        self._where, now - self._since, self._failures, error)
+
+    def succeeded(self) -> None:
+        if self._since is not None:
+            log.info("flush into %s succeeded again after %.1f s and %d failed attempts",
+                     self._where, time.monotonic() - self._since, self._failures)
+            self._since, self._failures = None, 0
 
 
 class Flusher:
@@ -51,6 +85,7 @@ class Flusher:
         self.flush_errors = 0
         self.last_flush_seconds = 0.0
         self.last_error: BaseException | None = None
+        self._outage = _Outage(f"the {backend.kind} database")
 
     def start(self) -> None:
         self._thread.start()
@@ -105,8 +140,7 @@ class Flusher:
                 try:
                     failing = not self._cycle(None)
                 except Exception as exc:  # keep flushing; the error is counted and kept
-                    self.flush_errors += 1
-                    self.last_error = exc
+                    self._failed(exc)
                     failing = True
             if not failing:
                 delay = _FIRST_RETRY_DELAY
@@ -120,6 +154,7 @@ class Flusher:
             if not self._apply(changes, deltas, lsn, deadline):
                 return False
             self._sequencer.flushed()
+            self._outage.succeeded()
             self.checkpoint_lsn = lsn
             self.flushes += 1
             self.flushed_entries += len(changes)
@@ -134,8 +169,7 @@ class Flusher:
         try:
             deleted = self._writer.delete_through(self.checkpoint_lsn)
         except OSError as exc:
-            self.flush_errors += 1
-            self.last_error = exc
+            self._failed(exc)
             if strict:
                 raise FlushError(f"the flush committed, but deleting the log segments it "
                                  f"covers failed: {exc}") from exc
@@ -154,8 +188,7 @@ class Flusher:
                     crashpoints.reached("flush.after_commit")
                 return True
             except Exception as exc:  # any database error: the log still holds the data
-                self.flush_errors += 1
-                self.last_error = exc
+                self._failed(exc)
                 if deadline is None:
                     return False
                 remaining = deadline - time.monotonic()
@@ -164,6 +197,12 @@ class Flusher:
                                      f"the log keeps every write") from exc
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, _MAX_RETRY_DELAY)
+
+
+    def _failed(self, error: BaseException) -> None:
+        self.flush_errors += 1
+        self.last_error = error
+        self._outage.failed(error)
 
 
 class IntervalSyncer:
