@@ -40,10 +40,9 @@ def test_a_recovery_at_open_is_logged_at_info(tmp_path: Path,
                                               caplog: pytest.LogCaptureFixture) -> None:
     directory = tmp_path / "cache"
     # A writer that dies without closing: 25 acknowledged writes only in the log.
-    subprocess.run([sys.executable, "-c",
-                    "import os, wbcache; c = wbcache.open(%r, flush_interval=3600); "
-                    "[c.put(f'k{i}', i) for i in range(25)]; os._exit(0)" % str(directory)],
-                   check=True)
+    script = (f"import os, wbcache; c = wbcache.open({str(directory)!r}, flush_interval=3600)"
+              f"; [c.put(f'k{{i}}', i) for i in range(25)]; os._exit(0)")
+    subprocess.run([sys.executable, "-c", script], check=True)
     with caplog.at_level(logging.INFO, logger="wbcache"):
         wbcache.open(directory).close()
     lines = messages(caplog, logging.INFO)

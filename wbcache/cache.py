@@ -225,10 +225,10 @@ class Cache(MutableMapping[Key, Any]):
                 return key, value
 
     def _any_key(self) -> Any:
-        for key in reversed(list(self._entries.map)):
-            if self._sequencer.in_memory(key) and key in self:
-                return key
-        for key, _ in self._backend.items():
+        key = self._sequencer.newest_key()
+        if key is not ABSENT:
+            return key
+        for key, _ in self._backend.items():  # memory holds none: the database's first
             if self.get(key, _MISSING) is not _MISSING:
                 return key
         return _MISSING

@@ -71,6 +71,10 @@ class Entries:
         if key in entries:
             self.visited.add(key)  # written: as good as read
         entries[key] = held
+        if held is TOMBSTONE:
+            # Deleted keys go to the front: first to be evicted once flushed, and never in
+            # the way of a search for a live key from the back (`newest`).
+            entries.move_to_end(key, last=False)
         if self.clean_since is not None:
             self.clean_since.pop(key, None)  # dirty: no longer a clean entry that can expire
 
@@ -133,6 +137,14 @@ class Entries:
                     clean_since.pop(key, None)
                 evicted(key)
         return True
+
+    def newest(self, usable: Callable[[Key], bool]) -> Any:
+        """The newest key held that `usable` accepts, or None when there is none."""
+        entries = self.map
+        for key in reversed(entries):  # deleted keys sit mostly at the front: met last
+            if entries[key] is not TOMBSTONE and usable(key):
+                return key
+        return None
 
     def unblock(self) -> None:
         """A flush made entries clean: eviction may try again."""

@@ -276,6 +276,14 @@ class Sequencer:
                 self._end_reads(reads)
         return value
 
+    def newest_key(self) -> Any:
+        """The newest key memory holds a value for (answerable without the database), or
+        ABSENT when it holds none."""
+        with self.lock:
+            self._check_open()
+            key = self._entries.newest(lambda key: self._from_memory(key) is not NOT_KNOWN)
+            return ABSENT if key is None else key
+
     def pending(self) -> Changes:
         """Every write not yet in the database, newest per key (a copy)."""
         with self.lock:

@@ -53,14 +53,17 @@ class Limits:
         """Ops of a mapping, or of an iterable of (key, value) pairs (as `dict.update`)."""
         pairs = entries.items() if isinstance(entries, Mapping) else entries
         ops: list[Op] = []
-        for pair in pairs:
+        for index, pair in enumerate(pairs):
             try:
                 if isinstance(pair, (str, bytes)):  # "ab" would unpack as ("a", "b")
                     raise TypeError
                 key, value = pair
-            except (TypeError, ValueError):
+            except TypeError:
                 raise TypeError("takes a mapping or an iterable of (key, value) pairs, "
                                 f"not an item {pair!r}") from None
+            except ValueError:  # as dict.update: a sequence of the wrong length
+                raise ValueError(f"item #{index} ({pair!r}) is not a (key, value) "
+                                 f"pair") from None
             ops.append(self.put_op(key, value))
         return ops
 
