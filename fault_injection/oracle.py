@@ -1,6 +1,6 @@
 """The oracle: does a recovered state satisfy the guarantee, given what the worker reported?
 
-Checked after every crash (DESIGN.md, "The guarantee"):
+Checked after every crash (docs/design.md, "The guarantee"):
   * lost: an acknowledged operation whose effect is not in the recovered state;
   * phantom: a recovered value that was never written (or a key nobody wrote);
   * partial: a batch or put_many of which some keys were recovered and others not;

@@ -1,6 +1,6 @@
 """Packaging: the repository's top-level folders install as ONE namespace, `wbcache`.
 
-DESIGN.md: `wal/`, `recovery/`, `cli/` and `fault_injection/` are mapped to `wbcache.wal`, ...
+docs/design.md: `wal/`, `recovery/`, `cli/` and `fault_injection/` are mapped to `wbcache.wal`, ...
 so nothing named `wal` or `cli` ever lands in site-packages. These tests build a real wheel,
 look inside it, install it into a bare target directory and import it from there.
 

@@ -4,7 +4,7 @@ Keys are `str` or `bytes` (two distinct key spaces: "a" and b"a" are different k
 and at most `max_key_size` bytes (UTF-8 for str). Values are what msgpack encodes natively:
 None, bool, int (64-bit), float, str, bytes, list, dict; tuples come back as lists and
 bytearrays as bytes. Anything else raises `TypeError`, an out-of-range value `ValueError`,
-always before the log sees it (DESIGN.md, guarantee 4).
+always before the log sees it (docs/design.md, guarantee 4).
 
 In memory, immutable values (exact str, bytes, int, float, bool, None) are kept as the objects
 themselves; everything else is kept as its msgpack bytes (`Packed`) and decoded afresh on every

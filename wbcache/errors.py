@@ -1,8 +1,9 @@
 """The one error hierarchy of wbcache.
 
 Every error the library raises on purpose is a `WbcacheError`, except bad arguments, which raise
-the built-in `TypeError` or `ValueError` before anything is written (DESIGN.md, guarantee 4).
-This module imports nothing from the package, so every layer (wal, recovery, cache, cli) can use it.
+the built-in `TypeError` or `ValueError` before anything is written (docs/design.md,
+guarantee 4). This module imports nothing from the package, so every layer (wal, recovery,
+cache, cli) can use it.
 """
 
 from __future__ import annotations

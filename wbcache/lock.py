@@ -1,4 +1,4 @@
-"""`DirectoryLock`: one owner per cache directory (DESIGN.md, guarantee 6).
+"""`DirectoryLock`: one owner per cache directory (docs/design.md, guarantee 6).
 
 An exclusive, non-blocking `flock` on `DIR/LOCK`. flock locks belong to the open file
 description, so a second open in the SAME process conflicts too (fcntl record locks would not),
