@@ -207,7 +207,7 @@ def test_the_checker_catches_a_database_or_log_that_is_not_durable_first(
 def test_the_cache_opens_lmdb_with_sync_and_metasync_and_without_writemap(
         tmp_path: Path) -> None:
     with wbcache.open(tmp_path / "cache") as cache:
-        flags = cache._backend._env.flags()  # type: ignore[attr-defined]
+        flags = cache._backend.database.env.flags()  # type: ignore[attr-defined]
     assert (flags["sync"], flags["metasync"]) == (True, True)
     assert (flags["writemap"], flags["map_async"]) == (False, False)
 

@@ -1,8 +1,17 @@
-"""`LmdbBackend`: the embedded default database, in `DIR/db/`.
+"""The embedded database, LMDB, in `DIR/db/`: for one cache (`LmdbBackend`), or shared by every
+process of a machine that opens a shared directory (`SharedLmdbBackend`, one per lane).
 
-Three named databases: `str` and `bytes` hold the entries by key type (so "a" and b"a" stay
-apart without a prefix byte), `meta` holds the checkpoint LSN. Opened with sync on, so a commit
-returns only once it is on disk; stale reader slots of dead processes are cleared on open.
+`LmdbDatabase` is the environment. Three named databases: `str` and `bytes` hold the entries by
+key type (so "a" and b"a" stay apart without a prefix byte), `meta` holds checkpoints: the
+single owner's under `checkpoint`, each lane's under `checkpoint/<cache_id>`. Opened with sync
+and metasync on, so a commit returns only once it is on disk; stale reader slots of dead
+processes are cleared on open. LMDB allows one open of an environment per process, so the
+lanes of a process share one `LmdbDatabase` (`shared_database`, reference-counted).
+
+A shared database adds increments as deltas inside the flush's write transaction (LMDB
+serialises writers across processes, so the read and the write of a counter cannot
+interleave with another process's), together with the lane's checkpoint: each lane's records
+are counted exactly once, whatever order the processes flush in.
 
 The map grows when full: LMDB's map size is fixed per open environment and a write that does not
 fit fails with MapFullError. `set_mapsize` may only be called while no transaction of this
@@ -21,6 +30,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import lmdb
+import msgpack
 
 from wbcache import forking
 from wbcache.backends.base import Key
@@ -29,6 +39,8 @@ from wbcache.wal.syscalls import SYSCALLS
 
 _CHECKPOINT = b"checkpoint"
 _FORK_WAIT = 5.0  # s a fork waits for this process's open transactions to end
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+SHARED_READ_TTL = 0.05  # s; see SharedLmdbBackend
 
 
 class _ReadGate:
@@ -79,24 +91,18 @@ class _ReadGate:
             self._cond.notify_all()
 
 
-class LmdbBackend:
-    """LMDB at `path` (a directory, created 0700), starting with a `map_size`-byte map."""
-
-    kind = "lmdb"  # recorded in DIR/backend
-    # One owner: the cache's own result of an increment is the value to store.
-    applies_increments = False
-    default_read_ttl = None  # only its own cache writes it: clean entries never go stale
+class LmdbDatabase:
+    """The LMDB environment at `path` (a directory, created 0700), starting with a
+    `map_size`-byte map. `lock=False` (readonly only) reads without LMDB's lock file, so
+    reading changes no byte on disk; safe only while no process writes the database."""
 
     def __init__(self, path: str, *, map_size: int = 1 << 30, readonly: bool = False,
                  lock: bool = True) -> None:
-        """`lock=False` (readonly only) reads without LMDB's lock file, so reading changes no
-        byte on disk; safe only while no process writes the database (the caller holds the
-        cache directory's lock)."""
         if not readonly:
             if not lock:
-                raise ValueError("LmdbBackend: lock=False is only safe with readonly=True")
+                raise ValueError("LmdbDatabase: lock=False is only safe with readonly=True")
             os.makedirs(path, mode=0o700, exist_ok=True)
-        self._path = path
+        self.path = path
         try:
             self._env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=3, sync=True,
                                   metasync=True, readonly=readonly, mode=0o600, lock=lock,
@@ -122,6 +128,10 @@ class LmdbBackend:
         forking.track(self)
 
     @property
+    def env(self) -> Any:
+        return self._env
+
+    @property
     def max_key_size(self) -> int:
         return int(self._env.max_key_size())
 
@@ -130,18 +140,21 @@ class LmdbBackend:
             return self._str, key.encode()
         return self._bytes, key
 
-    def attach(self, cache_id: str) -> None:
-        """One cache per database: nothing to attach."""
-
     def get(self, key: Key) -> bytes | None:
         db, raw = self._db_and_raw(key)
         with self._gate.reading(), self._env.begin(db=db) as txn:
             return txn.get(raw)  # type: ignore[no-any-return]
 
-    def checkpoint(self) -> int:
+    def checkpoint(self, name: bytes) -> int:
         with self._gate.reading(), self._env.begin(db=self._meta) as txn:
-            raw = txn.get(_CHECKPOINT)
+            raw = txn.get(name)
         return int.from_bytes(raw, "big") if raw else 0
+
+    def checkpoints(self, prefix: bytes) -> dict[str, int]:
+        """Every checkpoint whose name starts with `prefix`, by the rest of its name."""
+        with self._gate.reading(), self._env.begin(db=self._meta) as txn:
+            return {bytes(name[len(prefix):]).decode(): int.from_bytes(raw, "big")
+                    for name, raw in txn.cursor() if bytes(name).startswith(prefix)}
 
     def count(self) -> int:
         with self._gate.reading(), self._env.begin() as txn:
@@ -153,10 +166,12 @@ class LmdbBackend:
                 yield key.decode(), value
             yield from txn.cursor(db=self._bytes)
 
-    def apply(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
-              checkpoint: int, increments: Sequence[tuple[Key, int]] = ()) -> None:
-        if increments:
-            raise ValueError("LmdbBackend takes increments as puts of their results")
+    def write(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
+              increments: Sequence[tuple[Key, int]], checkpoint_name: bytes,
+              checkpoint: int) -> None:
+        """One write transaction: puts, deletes, increments added to what is stored (a
+        missing or non-int value counts from 0; the sum held to the int64 range), and the
+        checkpoint. The map grows and the transaction is retried if it does not fit."""
         # One pass (a flush of 100,000 entries spends more time here than in LMDB otherwise).
         str_puts: list[tuple[bytes, bytes]] = []
         bytes_puts: list[tuple[bytes, bytes]] = []
@@ -166,30 +181,26 @@ class LmdbBackend:
                 add_str((key.encode(), value))
             else:
                 add_bytes((key, value))
+        stamp = checkpoint.to_bytes(8, "big")
         while True:
             try:
-                with self._gate.reading():
-                    self._write(str_puts, bytes_puts, deletes, checkpoint)
+                with self._gate.reading(), self._env.begin(write=True) as txn:
+                    if str_puts:
+                        txn.cursor(db=self._str).putmulti(str_puts)
+                    if bytes_puts:
+                        txn.cursor(db=self._bytes).putmulti(bytes_puts)
+                    for key in deletes:
+                        db, raw = self._db_and_raw(key)
+                        txn.delete(raw, db=db)
+                    for key, delta in increments:
+                        db, raw = self._db_and_raw(key)
+                        txn.put(raw, msgpack.packb(_added(txn.get(raw, db=db), delta)), db=db)
+                    txn.put(checkpoint_name, stamp, db=self._meta)
                 return
             except lmdb.MapFullError:
-                self._grow()
-
-    def _write(self, str_puts: list[tuple[bytes, bytes]], bytes_puts: list[tuple[bytes, bytes]],
-               deletes: Sequence[Key], checkpoint: int) -> None:
-        with self._env.begin(write=True) as txn:
-            if str_puts:
-                txn.cursor(db=self._str).putmulti(str_puts)
-            if bytes_puts:
-                txn.cursor(db=self._bytes).putmulti(bytes_puts)
-            for key in deletes:
-                db, raw = self._db_and_raw(key)
-                txn.delete(raw, db=db)
-            txn.put(_CHECKPOINT, checkpoint.to_bytes(8, "big"), db=self._meta)
-
-    def _grow(self) -> None:
-        with self._gate.resizing():
-            self._env.set_mapsize(self._env.info()["map_size"] * 2)
-            self.resizes += 1
+                with self._gate.resizing():
+                    self._env.set_mapsize(self._env.info()["map_size"] * 2)
+                    self.resizes += 1
 
     def close(self) -> None:
         forking.untrack(self)
@@ -209,8 +220,165 @@ class LmdbBackend:
         child may open the database again); otherwise leave it alone for good."""
         if self._quiet_for_fork:
             self._env.close()
-        forking.disown(self, _ForkedLmdbBackend, "LmdbBackend", self._path, self._pid)
+        if _shared.get(self.path, (None,))[0] is self:  # the child starts with none shared
+            del _shared[self.path]
+        forking.disown(self, _ForkedLmdbDatabase, "LmdbDatabase", self.path, self._pid)
 
 
-class _ForkedLmdbBackend(LmdbBackend, forking.Disowned):
-    """An `LmdbBackend` inherited through fork(): every use raises `ForkedCacheError`."""
+class _ForkedLmdbDatabase(LmdbDatabase, forking.Disowned):
+    """An `LmdbDatabase` inherited through fork(): every use raises `ForkedCacheError`."""
+
+
+def _added(stored: bytes | None, delta: int) -> int:
+    base = 0
+    if stored is not None:
+        try:
+            value = msgpack.unpackb(stored)
+        except Exception:  # not decodable: counts from 0, as a non-int value does
+            value = None
+        if type(value) is int:
+            base = value
+    return min(max(base + delta, INT64_MIN), INT64_MAX)
+
+
+class LmdbBackend:
+    """The database of one cache directory: LMDB at `path`, this cache its only writer."""
+
+    kind = "lmdb"  # recorded in DIR/backend
+    # One owner: the cache's own result of an increment is the value to store.
+    applies_increments = False
+    default_read_ttl = None  # only its own cache writes it: clean entries never go stale
+
+    def __init__(self, path: str, *, map_size: int = 1 << 30, readonly: bool = False,
+                 lock: bool = True) -> None:
+        """See `LmdbDatabase` for `readonly` and `lock`."""
+        self._database = LmdbDatabase(path, map_size=map_size, readonly=readonly, lock=lock)
+
+    @property
+    def database(self) -> LmdbDatabase:
+        return self._database
+
+    @property
+    def max_key_size(self) -> int:
+        return self._database.max_key_size
+
+    @property
+    def resizes(self) -> int:
+        return self._database.resizes
+
+    def attach(self, cache_id: str) -> None:
+        """One cache per database: nothing to attach."""
+
+    def get(self, key: Key) -> bytes | None:
+        return self._database.get(key)
+
+    def checkpoint(self) -> int:
+        return self._database.checkpoint(_CHECKPOINT)
+
+    def count(self) -> int:
+        return self._database.count()
+
+    def items(self) -> Iterator[tuple[Key, bytes]]:
+        return self._database.items()
+
+    def apply(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
+              checkpoint: int, increments: Sequence[tuple[Key, int]] = ()) -> None:
+        if increments:
+            raise ValueError("LmdbBackend takes increments as puts of their results")
+        self._database.write(puts, deletes, (), _CHECKPOINT, checkpoint)
+
+    def close(self) -> None:
+        self._database.close()
+
+
+# ------------------------------------------------------------------ shared directories
+
+_shared: dict[str, tuple[LmdbDatabase, int]] = {}  # realpath -> (database, lanes using it)
+_shared_lock = threading.Lock()
+LANE_CHECKPOINT_PREFIX = b"checkpoint/"
+
+
+def shared_database(path: str, *, map_size: int) -> LmdbDatabase:
+    """The process's one `LmdbDatabase` at `path`, opened on first use; `release_shared`
+    once per call."""
+    real = os.path.realpath(path)
+    with _shared_lock:
+        database, users = _shared.get(real, (None, 0))
+        if database is None:
+            database = LmdbDatabase(path, map_size=map_size)
+            database.path = real
+        _shared[real] = (database, users + 1)
+        return database
+
+
+def release_shared(database: LmdbDatabase) -> None:
+    with _shared_lock:
+        found, users = _shared.get(database.path, (None, 0))
+        if found is not database:
+            return
+        if users > 1:
+            _shared[database.path] = (database, users - 1)
+            return
+        del _shared[database.path]
+    database.close()
+
+
+class SharedLmdbBackend:
+    """One lane's view of the LMDB database of a shared directory: every process of the
+    machine flushes into it; this lane's checkpoint is its own (`attach`), its increments are
+    deltas added in the database.
+
+    Reads: another process's write becomes visible here once it has flushed and a clean entry
+    of this cache is older than `read_ttl`, default `SHARED_READ_TTL` (0.05 s): an LMDB read
+    costs microseconds, so a short TTL keeps other processes' writes visible within
+    `flush_interval` + 0.05 s at a small price per read."""
+
+    kind = "lmdb"
+    applies_increments = True
+    default_read_ttl = SHARED_READ_TTL
+
+    def __init__(self, path: str, *, map_size: int = 1 << 30) -> None:
+        self._database = shared_database(path, map_size=map_size)
+        self._name: bytes | None = None
+        self._closed = False
+
+    @property
+    def database(self) -> LmdbDatabase:
+        return self._database
+
+    @property
+    def max_key_size(self) -> int:
+        return self._database.max_key_size
+
+    @property
+    def resizes(self) -> int:
+        return self._database.resizes
+
+    def attach(self, cache_id: str) -> None:
+        self._name = LANE_CHECKPOINT_PREFIX + cache_id.encode()
+
+    def _checkpoint_name(self) -> bytes:
+        if self._name is None:
+            raise ValueError("this SharedLmdbBackend has no lane yet: attach(cache_id) first")
+        return self._name
+
+    def get(self, key: Key) -> bytes | None:
+        return self._database.get(key)
+
+    def checkpoint(self) -> int:
+        return self._database.checkpoint(self._checkpoint_name())
+
+    def count(self) -> int:
+        return self._database.count()
+
+    def items(self) -> Iterator[tuple[Key, bytes]]:
+        return self._database.items()
+
+    def apply(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
+              checkpoint: int, increments: Sequence[tuple[Key, int]] = ()) -> None:
+        self._database.write(puts, deletes, increments, self._checkpoint_name(), checkpoint)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            release_shared(self._database)
