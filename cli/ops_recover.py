@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from wbcache import RecoverOutcome, recover_directory
+from wbcache.cli import CommandFailed
 from wbcache.cli.ops_output import (
     LogProgress,
     directory_argument,
@@ -57,15 +58,26 @@ def recover(directory: str, dry_run: bool, salvage: bool, yes: bool, as_json: bo
     (also for --dry-run).
     """
 
+    if yes and not salvage:
+        raise click.UsageError("--yes only answers --salvage's question; without --salvage "
+                               "there is nothing to confirm (add --salvage, or drop --yes)")
+
     def confirm(planned: SalvageReport) -> None:
         if yes:
             return
         progress.close()
         click.echo("the log is damaged; --salvage will set this aside:", err=True)
         _print_set_aside(planned, err=True)
-        if not click.confirm("Recover up to the damage and move these segments into the "
-                             "quarantine?", err=True):
-            raise click.Abort()
+        try:
+            confirmed = click.confirm("Recover up to the damage and move these segments into "
+                                      "the quarantine?", err=True)
+        except click.Abort:  # input ended (no terminal) or was interrupted: no answer
+            raise CommandFailed(
+                "no confirmation was given (no terminal to ask on, or the input ended): "
+                "nothing was changed; run again with --yes to set these segments aside "
+                "without asking") from None
+        if not confirmed:
+            raise CommandFailed("not confirmed: nothing was changed")
 
     with LogProgress(as_json=as_json, label="reading the log") as progress:
         outcome = recover_directory(directory, dry_run=dry_run, salvage=salvage,

@@ -235,7 +235,12 @@ def test_salvage_asks_first_and_a_no_changes_nothing(tmp_path: Path, driver: str
     declined = run(driver, "recover", "--salvage", str(path), input="n\n")
 
     assert declined.exit_code == 1 and declined.stdout == ""
-    assert "records set aside" in declined.stderr and "Aborted!" in declined.stderr
+    assert "records set aside" in declined.stderr
+    assert "not confirmed: nothing was changed" in declined.stderr
+    assert tree_state(path) == before
+    unanswered = run(driver, "recover", "--salvage", str(path), input="")
+    assert unanswered.exit_code == 1 and "Aborted!" not in unanswered.stderr
+    assert "run again with --yes" in unanswered.stderr
     assert tree_state(path) == before
     accepted = run(driver, "recover", "--salvage", str(path), input="y\n")
     assert accepted.exit_code == 0, accepted.stderr
@@ -345,3 +350,13 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path: Path, driver: s
 
     assert result.exit_code == 0 and result.stderr == ""
     assert "replayed 70,000 log records" in result.stdout
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_yes_without_salvage_is_a_usage_error(tmp_path: Path, driver: str) -> None:
+    path = tmp_path / "cache"
+    three_segment_log(path)
+    before = tree_state(path)
+    result = run(driver, "recover", "--yes", str(path))
+    assert result.exit_code == 2 and "--yes only answers --salvage" in result.stderr
+    assert tree_state(path) == before
