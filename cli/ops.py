@@ -1,4 +1,4 @@
-"""Operating a cache directory: `recover`, `inspect`, `verify`, `stats`, `dump`, `get` (issue #3).
+"""Operating a cache directory: `recover`, `inspect`, `verify`, `stats`, `dump`, `get`.
 
 The commands live in `ops_recover.py`, `ops_inspect.py` and `ops_data.py`; they are thin over
 `wbcache.maintenance` (the directory lock, LMDB, the layout) and `wbcache.recovery`.

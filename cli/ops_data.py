@@ -76,9 +76,10 @@ def dump(directory: str, output_format: str | None, pending: bool, as_json: bool
                    {"lsn": N, "op": "delete", "key": KEY}
                    {"lsn": N, "op": "incr", "key": KEY, "delta": D, "value": RESULT}
                    {"lsn": N, "op": "batch", "ops": [{"op": ..., "key": ...}, ...]}
-    Keys and values use the JSON encoding of docs/cli.md: bytes are {"$bytes": BASE64}, a
-    dict that JSON cannot hold is {"$map": [[K, V], ...]}, NaN is {"$float": "nan"}.
-    Str keys come first (in UTF-8 order), then bytes keys.
+    Keys and values are JSON, with one-member "$" objects for what JSON cannot hold:
+    bytes {"$bytes": BASE64}, a dict with non-str keys {"$map": [[K, V], ...]}, NaN and
+    infinities {"$float": "nan" | "inf" | "-inf"}, a msgpack extension {"$ext": [CODE,
+    BASE64]}. Str keys come first (in UTF-8 order), then bytes keys.
 
     \b
     Examples:
@@ -173,9 +174,9 @@ def _print_table(documents: Iterator[dict[str, Any]], pending: bool) -> None:
 def get(directory: str, key: str, as_bytes: bool, as_hex: bool, as_json: bool) -> None:
     """Print the value under KEY as the cache would return it after recovery.
 
-    The value is printed as one line of JSON in the encoding of docs/cli.md (bytes as
-    {"$bytes": BASE64}). "a" and b"a" are different keys: a str KEY by default, --bytes or
-    --hex for a bytes key.
+    The value is printed as one line of JSON; what JSON cannot hold is a one-member "$"
+    object (bytes as {"$bytes": BASE64}; see `wbcache dump --help`). "a" and b"a" are
+    different keys: a str KEY by default, --bytes or --hex for a bytes key.
 
     \b
     Examples:

@@ -37,7 +37,9 @@ def directory_argument(function: F) -> F:
 def json_option(function: F) -> F:
     return click.option(
         "--json", "as_json", is_flag=True, callback=_remember(WbcacheGroup.JSON_META),
-        help="Print one JSON object (field names in docs/cli.md), errors included.",
+        help="Print one JSON object instead of text: the same figures under stable "
+             "snake_case names; an error is {\"ok\": false, \"exit_code\": N, \"error\": "
+             "KIND, \"message\": TEXT}.",
     )(function)
 
 
