@@ -63,8 +63,11 @@ class Cache(MutableMapping[Key, Any]):
     """
 
     def __init__(self, layout: Layout, dir_lock: DirectoryLock, backend: Backend,
-                 options: Options, recovery: RecoveryReport, *, owns_backend: bool) -> None:
-        self.path = layout.root
+                 options: Options, recovery: RecoveryReport, *, owns_backend: bool,
+                 root: str | None = None) -> None:
+        """Use `wbcache.open`. `layout` is the directory's (a shared directory's lane's, then
+        `root` is the directory)."""
+        self.path = root or layout.root
         self.options = options
         self.recovery = recovery
         self._layout = layout
@@ -84,7 +87,9 @@ class Cache(MutableMapping[Key, Any]):
                                     flush_threshold=options.flush_threshold, name=self.path)
         self._flusher = Flusher(sequencer=self._sequencer, backend=backend, writer=self._writer,
                                 interval=options.flush_interval,
-                                checkpoint_lsn=recovery.checkpoint_after)
+                                checkpoint_lsn=recovery.checkpoint_after,
+                                sweep=self._adopt_orphans if options.shared else None,
+                                sweep_interval=options.adopt_interval)
         self._sequencer.wake_flusher = self._flusher.wake
         self._syncer = (IntervalSyncer(self._sequencer, options.fsync_interval)
                         if options.fsync == "interval" else None)
@@ -109,10 +114,33 @@ class Cache(MutableMapping[Key, Any]):
         opened = open_directory(path, options, backend)
         try:
             return cls(opened.layout, opened.lock, opened.backend, options, opened.recovery,
-                       owns_backend=opened.owns_backend)
+                       owns_backend=opened.owns_backend, root=opened.root)
         except BaseException:
             opened.close()
             raise
+
+    def _adopt_orphans(self) -> None:
+        """Shared directories, from the flusher every `adopt_interval`: replay the logs of
+        lanes whose process died into the database."""
+        from wbcache.directory import adopt_orphans
+
+        adopt_orphans(self.path, self.options, mine=self._layout.root)
+
+    def reopen(self) -> Cache:
+        """In a child process after `os.fork()`: open this shared cache again, on a lane of
+        the child's own, in place (the object the child inherited becomes usable, with empty
+        memory). Anywhere else it does nothing. A single-owner directory cannot be reopened
+        in a child (its parent holds it): that raises `ForkedCacheError`. Returns the cache.
+
+        The gunicorn recipe (`preload_app = True`): open the cache at import, then in
+        `post_fork(server, worker)` call `cache.reopen()`."""
+        return self
+
+    def _rebind(self) -> None:
+        """After `reopen` moved a fresh cache's state into this object: what `__init__` bound
+        to the fresh object is bound here."""
+        if "get" in self.__dict__:
+            self.get = self._get_within_ttl  # type: ignore[method-assign]
 
     @property
     def sequencer(self) -> Sequencer:
@@ -428,7 +456,9 @@ class Cache(MutableMapping[Key, Any]):
                 close()
             except OSError:
                 pass
-        forking.disown(self, _ForkedCache, "Cache", self.path, self._pid)
+        path, options = self.path, self.options
+        reopen = (lambda: Cache.open(path, options)) if options.shared else None
+        forking.disown(self, _ForkedCache, "Cache", self.path, self._pid, reopen)
 
     def __enter__(self) -> Cache:
         self._sequencer._check_open()

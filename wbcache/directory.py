@@ -11,6 +11,10 @@
 Every step that fails undoes the ones before it: the lock is released and a database this
 function opened is closed.
 
+A shared directory (`Options.shared`, wbcache/lanes.py) is opened the same way, but what is
+locked and recovered is a lane: the first free one, or a new one; then every orphan lane is
+adopted before the open returns.
+
 The operator commands (`wbcache.maintenance`) open a directory through the same layout, lock
 and backend registry, read-only or for recovery.
 """
@@ -21,6 +25,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from wbcache import lanes
 from wbcache.backends import Backend, backend_from_url, embedded_backend
 from wbcache.layout import Layout, claim, complete, record_backend
 from wbcache.lock import DirectoryLock
@@ -34,11 +39,16 @@ log = logging.getLogger("wbcache.recovery")
 class OpenedDirectory:
     """A locked, recovered cache directory and its database, ready for a `Cache`."""
 
-    layout: Layout
+    layout: Layout  # the directory's, or for a shared directory its lane's (log and lock)
     lock: DirectoryLock
     backend: Backend
     owns_backend: bool  # made here (embedded, or from a URL): closed with the cache
     recovery: RecoveryReport
+    root: str  # the cache directory as the user named it (a shared one's, not its lane's)
+
+    @property
+    def shared(self) -> bool:
+        return self.root != self.layout.root
 
     def close(self) -> None:
         """Undo the open: close a database made here, release the lock."""
@@ -53,6 +63,8 @@ def open_directory(path: str | os.PathLike[str], options: Options,
                    backend: Backend | str | None = None) -> OpenedDirectory:
     """Steps 1 to 4 of the module docstring. `backend`: a `Backend` (the caller's to close),
     a URL (a backend made and owned here), or None for the embedded database."""
+    if options.shared:
+        return _open_shared(path, options, backend)
     given: Backend | None
     if isinstance(backend, str):
         given, owns_backend = backend_from_url(backend), True
@@ -67,6 +79,7 @@ def open_directory(path: str | os.PathLike[str], options: Options,
         raise
     database: Backend | None = given
     try:
+        lanes.refuse_mismatch(layout.root, shared=False)
         complete(layout)
         if database is None:
             database = embedded_backend(layout.db, map_size=options.map_size)
@@ -77,7 +90,7 @@ def open_directory(path: str | os.PathLike[str], options: Options,
                              f"database's limit of {database.max_key_size} bytes")
         report = replay_into(database, layout.wal)
         log_recovery(layout.root, report)
-        return OpenedDirectory(layout, dir_lock, database, owns_backend, report)
+        return OpenedDirectory(layout, dir_lock, database, owns_backend, report, layout.root)
     except BaseException:
         if owns_backend and database is not None:
             database.close()
@@ -97,3 +110,49 @@ def log_recovery(root: str, report: RecoveryReport) -> None:
     else:
         log.debug("opened %s: nothing to recover (checkpoint %d)", root,
                   report.checkpoint_after)
+
+
+def _open_shared(path: str | os.PathLike[str], options: Options,
+                 backend: Backend | str | None) -> OpenedDirectory:
+    if backend is not None:
+        raise ValueError("shared=True uses the directory's own LMDB database, shared by the "
+                         "processes of this machine; for caches on many machines, give each "
+                         "its own directory and a PostgreSQL backend instead")
+    from wbcache.backends.lmdb import SharedLmdbBackend
+
+    root = claim(path).root
+    lanes.refuse_mismatch(root, shared=True)
+    lanes.mark_shared(root)  # the mark says LMDB: a shared directory has no DIR/backend
+    lane = lanes.claim(root)
+    database: SharedLmdbBackend | None = None
+    try:
+        database = SharedLmdbBackend(Layout(root).db, map_size=options.map_size)
+        database.attach(lane.layout.cache_id())
+        if options.max_key_size > database.max_key_size:
+            raise ValueError(f"option max_key_size ({options.max_key_size}) exceeds the "
+                             f"database's limit of {database.max_key_size} bytes")
+        report = replay_into(database, lane.layout.wal)
+        log_recovery(f"{root} (lane {lane.name})", report)
+        adopt_orphans(root, options, mine=lane.layout.root)
+        return OpenedDirectory(lane.layout, lane.lock, database, True, report, root)
+    except BaseException:
+        if database is not None:
+            database.close()
+        lane.release()
+        raise
+
+
+def adopt_orphans(root: str, options: Options, *, mine: str | None = None) -> int:
+    """Replay the log of every lane of the shared directory `root` that no process holds
+    into its database (each with its own checkpoint); return the records replayed."""
+    from wbcache.backends.lmdb import SharedLmdbBackend
+
+    def adopt(lane: lanes.Lane) -> int:
+        view = SharedLmdbBackend(Layout(root).db, map_size=options.map_size)
+        try:
+            view.attach(lane.layout.cache_id())
+            return replay_into(view, lane.layout.wal).replayed
+        finally:
+            view.close()
+
+    return lanes.adopt_orphans(root, adopt, mine=mine)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from wbcache.backends.base import Backend
@@ -70,8 +70,14 @@ class Flusher:
     woken, and `flush()` in the caller's thread (see the module docstring for one cycle)."""
 
     def __init__(self, *, sequencer: Sequencer, backend: Backend, writer: LogWriter,
-                 interval: float, checkpoint_lsn: int) -> None:
+                 interval: float, checkpoint_lsn: int,
+                 sweep: Callable[[], object] | None = None, sweep_interval: float = 5.0) -> None:
+        """`sweep` (a shared directory's adoption of orphan lanes) runs in the flusher's
+        thread every `sweep_interval` seconds, between flushes."""
         self._sequencer = sequencer
+        self._sweep = sweep
+        self._sweep_interval = sweep_interval
+        self._last_sweep = time.monotonic()
         self._backend = backend
         self._writer = writer
         self._interval = interval
@@ -126,14 +132,20 @@ class Flusher:
         # whole database outage.
         delay = _FIRST_RETRY_DELAY
         failing = False
+        next_flush = time.monotonic() + self._interval
         while not self._stop.is_set():
             if failing:
                 if self._stop.wait(delay):
                     return
                 delay = min(delay * 2, _MAX_RETRY_DELAY)
             else:
-                self._wakeup.wait(self._interval)
+                woken = self._wakeup.wait(max(0.0, self._next_wake(next_flush)))
                 self._wakeup.clear()
+                if self._sweep_due():
+                    self._run_sweep()
+                if not woken and time.monotonic() < next_flush:
+                    continue  # woke for the sweep only
+            next_flush = time.monotonic() + self._interval
             with self._mutex:
                 if self._stop.is_set():
                     return
@@ -144,6 +156,17 @@ class Flusher:
                     failing = True
             if not failing:
                 delay = _FIRST_RETRY_DELAY
+
+    def _next_wake(self, next_flush: float) -> float:
+        """Seconds until the next flush or, with a sweep, the next sweep."""
+        now = time.monotonic()
+        if self._sweep is None:
+            return next_flush - now
+        return min(next_flush, self._last_sweep + self._sweep_interval) - now
+
+    def _sweep_due(self) -> bool:
+        return (self._sweep is not None
+                and time.monotonic() - self._last_sweep >= self._sweep_interval)
 
     def _cycle(self, deadline: float | None) -> bool:
         """One flush, mutex held. With a `deadline` (a caller's flush), retry until it passes,
@@ -198,6 +221,17 @@ class Flusher:
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, _MAX_RETRY_DELAY)
 
+
+    def _run_sweep(self) -> None:
+        self._last_sweep = time.monotonic()
+        assert self._sweep is not None
+        with self._mutex:
+            if self._stop.is_set():
+                return
+            try:
+                self._sweep()
+            except Exception as exc:  # the next sweep (or open) tries again
+                log.warning("adopting orphan lanes failed: %s; the next sweep tries again", exc)
 
     def _failed(self, error: BaseException) -> None:
         self.flush_errors += 1

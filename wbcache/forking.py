@@ -76,12 +76,16 @@ os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_after_fork_in_child)
 
 
-def refusal(kind: str, path: str, parent_pid: int) -> ForkedCacheError:
+def refusal(kind: str, path: str, parent_pid: int, reopenable: bool) -> ForkedCacheError:
+    if reopenable:
+        how = ("call its reopen() in this process (e.g. in gunicorn's post_fork hook): that "
+               "opens a lane of this process's own")
+    else:
+        how = ("a single-owner directory serves one process: open it with shared=True for "
+               "several processes, or open it again here once the parent has closed it")
     return ForkedCacheError(
         f"this {kind} of {path} was opened by process {parent_pid} and inherited by process "
-        f"{os.getpid()} through fork(); it cannot be used here. Open the directory again in "
-        f"this process (e.g. in gunicorn's post_fork hook, or at the start of the "
-        f"multiprocessing task), after the parent has closed it")
+        f"{os.getpid()} through fork(); it cannot be used as it is: {how}")
 
 
 class Disowned:
@@ -103,7 +107,25 @@ class Disowned:
         raise object.__getattribute__(self, "_refusal")()
 
     def _refusal(self) -> ForkedCacheError:
-        return refusal(self._forked_kind, self._forked_path, self._forked_from)
+        return refusal(self._forked_kind, self._forked_path, self._forked_from,
+                       self._forked_reopen is not None)
+
+    def reopen(self) -> Any:
+        """Open the directory again in this process, in place: the object becomes a working
+        cache (a shared directory only; see `Cache.reopen`)."""
+        opener = self._forked_reopen
+        if opener is None:
+            raise self._refusal()
+        fresh = opener()
+        state = object.__getattribute__(fresh, "__dict__")
+        mine = object.__getattribute__(self, "__dict__")
+        mine.clear()
+        mine.update(state)
+        object.__setattr__(self, "__class__", type(fresh))
+        untrack(fresh)
+        track(self)
+        self._rebind()
+        return self
 
     @property
     def path(self) -> str:
@@ -132,14 +154,18 @@ class Disowned:
 
 _OWN = {name: Disowned.__dict__[name] for name in (
     "_refusal", "path", "closed", "close", "_disown_after_fork", "__repr__", "__exit__",
-    "__aexit__")}
-_STATE = frozenset({"__class__", "__dict__", "_forked_from", "_forked_kind", "_forked_path"})
+    "__aexit__", "reopen")}
+_STATE = frozenset({"__class__", "__dict__", "_forked_from", "_forked_kind", "_forked_path",
+                    "_forked_reopen"})
 
 
-def disown(owner: Any, disowned_class: type, kind: str, path: str, parent_pid: int) -> None:
+def disown(owner: Any, disowned_class: type, kind: str, path: str, parent_pid: int,
+           reopen: Any = None) -> None:
     """Turn `owner` (in a child) into an instance of `disowned_class` (a subclass of its own
-    class, then `Disowned`), remembering where it came from."""
+    class, then `Disowned`), remembering where it came from and, if it can be reopened in
+    the child, how (`reopen`: a callable that opens a fresh object of the owner's class)."""
     state = object.__getattribute__(owner, "__dict__")
     state.pop("get", None)  # an instance-level override (read_ttl) would shadow the refusal
-    state.update(_forked_from=parent_pid, _forked_kind=kind, _forked_path=path)
+    state.update(_forked_from=parent_pid, _forked_kind=kind, _forked_path=path,
+                 _forked_reopen=reopen)
     object.__setattr__(owner, "__class__", disowned_class)

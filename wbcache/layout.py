@@ -22,11 +22,13 @@ WAL_NAME = "wal"
 DB_NAME = "db"
 CACHE_ID_NAME = "cache_id"
 BACKEND_NAME = "backend"
+SHARED_NAME = "SHARED"  # a shared directory (wbcache/lanes.py): lanes/ instead of LOCK and wal/
+LANES_NAME = "lanes"
 # What opening creates (wal/ and db/ stay empty until the cache writes). A crash part-way
 # through the first open leaves some of these and nothing else: that directory is completed,
 # not refused.
 _LAYOUT_NAMES = frozenset({WAL_NAME, DB_NAME, LOCK_NAME, CACHE_ID_NAME, f"{CACHE_ID_NAME}.tmp",
-                           BACKEND_NAME, f"{BACKEND_NAME}.tmp"})
+                           BACKEND_NAME, f"{BACKEND_NAME}.tmp", SHARED_NAME, LANES_NAME})
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,9 @@ class Layout:
             return None
 
     def is_cache_dir(self) -> bool:
-        return os.path.isdir(self.wal) and os.path.isfile(self.lock)
+        """A single-owner cache directory, or a shared one."""
+        return ((os.path.isdir(self.wal) and os.path.isfile(self.lock))
+                or os.path.isfile(os.path.join(self.root, SHARED_NAME)))
 
 
 def claim(path: str | os.PathLike[str]) -> Layout:
@@ -95,6 +99,16 @@ def complete(layout: Layout) -> None:
     for sub in (layout.wal, layout.db):
         if not os.path.isdir(sub):
             _make_dir(sub)
+    if not os.path.exists(layout.cache_id_path):
+        _write_durably(layout.cache_id_path, f"{uuid.uuid4().hex}\n".encode())
+    SYSCALLS.fsync_dir(layout.root)
+
+
+def complete_lane(layout: Layout) -> None:
+    """Lane lock held: create what a lane of a shared directory still lacks (wal/, cache_id;
+    its database is the shared directory's) and make the lane's entries durable."""
+    if not os.path.isdir(layout.wal):
+        _make_dir(layout.wal)
     if not os.path.exists(layout.cache_id_path):
         _write_durably(layout.cache_id_path, f"{uuid.uuid4().hex}\n".encode())
     SYSCALLS.fsync_dir(layout.root)

@@ -74,10 +74,24 @@ class Options:
     """Seconds `flush()` and `close()` wait for the database before raising `FlushError`.
     The flusher itself keeps retrying with backoff; nothing is lost. Default 30.0."""
 
+    shared: bool = False
+    """Open a shared directory: one LMDB database that every process of the machine opening
+    the directory flushes into, and one lane (a log of its own) per open cache. Increments
+    are counted exactly once across processes; puts and deletes are last-flush-wins. A
+    directory is shared or single-owner from its first open on; opening it the other way is
+    refused. Default False (one owner)."""
+
+    adopt_interval: float = 5.0
+    """Shared directories: seconds between sweeps for lanes whose process died, whose log is
+    then replayed into the database by this cache (an orphan is also adopted by any open).
+    Default 5.0."""
+
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_MODES:
             raise ValueError(f"option fsync must be one of {FSYNC_MODES}, not {self.fsync!r}")
-        for name in ("fsync_interval", "flush_interval", "flush_timeout"):
+        if not isinstance(self.shared, bool):
+            raise TypeError(f"option shared must be a bool, not {type(self.shared).__name__}")
+        for name in ("fsync_interval", "flush_interval", "flush_timeout", "adopt_interval"):
             _check_seconds(name, getattr(self, name))
         if self.read_ttl is not None:
             _check_seconds("read_ttl", self.read_ttl)

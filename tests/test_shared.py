@@ -1,0 +1,245 @@
+"""Shared directories: many processes on one machine, one LMDB database, a lane per open cache.
+
+The counting tests run real worker processes (tests/shared_worker.py) that increment shared
+counters from 8 threads each and are SIGKILLed at random; each increment carries a marker
+written in the same record, so after any crash the markers say exactly which increments
+survived, and each counter must equal its markers: counted exactly once, never lost, never
+twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from controlled import wait_until
+
+import wbcache
+from wbcache import ForkedCacheError, InvalidDirectoryError
+from wbcache.lanes import lane_roots
+
+WORKER = Path(__file__).with_name("shared_worker.py")
+COUNTERS = 100
+
+
+def start(directory: Path, worker: int, incarnation: int, acks: Path,
+          **options: float) -> subprocess.Popen[bytes]:
+    args = [sys.executable, str(WORKER), str(directory), str(worker), str(incarnation), "8",
+            str(COUNTERS), str(acks), *(f"{name}={value}" for name, value in options.items())]
+    return subprocess.Popen(args, cwd=Path(__file__).parent, stderr=subprocess.PIPE)
+
+
+def acked(acks: Path) -> list[str]:
+    try:
+        return acks.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def kill(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read() if process.stderr else ""
+
+
+def check_counters(directory: Path, ack_files: list[Path]) -> dict[str, int]:
+    """Open the directory afresh (adopting every orphan lane) and check each counter against
+    the markers and the acknowledgements; return the counters."""
+    with wbcache.open(directory, shared=True) as cache:
+        stored = dict(cache.items())
+    counters = {key: value for key, value in stored.items() if key.startswith("counter:")}
+    markers = Counter(key.rsplit(":", 1)[1] for key in stored if key.startswith("marker:"))
+    acknowledged = Counter(line for path in ack_files for line in acked(path) if line != "open")
+    for index in range(COUNTERS):
+        key = f"counter:{index:03d}"
+        value = counters.get(key, 0)
+        assert value == markers[f"{index:03d}"], (key, value, markers[f"{index:03d}"])
+        assert value >= acknowledged[str(index)], (key, value, acknowledged[str(index)])
+    return counters
+
+
+def test_four_processes_count_exactly_through_kills_and_lanes_never_restarted(
+        tmp_path: Path) -> None:
+    """4 processes x 8 threads on 100 counters; each SIGKILLed and restarted, two of them
+    never restarted after their last kill: a fresh open adopts their lanes, and every
+    counter equals exactly the increments that survived (and at least those acknowledged)."""
+    directory = tmp_path / "shared"
+    rng = random.Random(20261202)
+    incarnations = [0, 0, 0, 0]
+    ack_files: list[Path] = []
+    processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    def launch(worker: int) -> None:
+        acks = tmp_path / f"acks-{worker}-{incarnations[worker]}"
+        ack_files.append(acks)
+        processes[worker] = start(directory, worker, incarnations[worker], acks,
+                                  flush_interval=rng.choice([0.02, 0.2, 3600]))
+        wait_until(lambda: len(acked(acks)) > 50, timeout=30, what=f"worker {worker} counting")
+
+    for worker in range(4):
+        launch(worker)
+    for _ in range(6):
+        worker = rng.randrange(4)
+        kill(processes[worker])
+        incarnations[worker] += 1
+        launch(worker)
+    for worker in range(4):  # the last kill of each; 2 and 3 are never restarted
+        kill(processes[worker])
+    for worker in (0, 1):
+        incarnations[worker] += 1
+        launch(worker)
+        kill(processes[worker])
+    total = sum(check_counters(directory, ack_files).values())
+    assert total > 1000  # the workers really counted
+    assert len(lane_roots(str(directory))) <= 5  # lanes are reused, not one per process
+    for lane in lane_roots(str(directory)):  # every orphan's log was emptied
+        assert [name for name in os.listdir(Path(lane) / "wal")
+                if os.path.getsize(Path(lane) / "wal" / name) > 32] == []
+
+
+def test_a_dead_processs_lane_is_adopted_by_a_live_one_without_any_restart(
+        tmp_path: Path) -> None:
+    directory = tmp_path / "shared"
+    live = wbcache.open(directory, shared=True, adopt_interval=0.1, read_ttl=0.01)
+    try:
+        acks = tmp_path / "acks"
+        worker = start(directory, 1, 0, acks, flush_interval=3600)  # never flushes by itself
+        wait_until(lambda: len(acked(acks)) > 200, timeout=30, what="the worker counting")
+        kill(worker)  # its increments are only in its lane's log now
+        counted = Counter(line for line in acked(acks) if line != "open")
+        started = time.monotonic()
+
+        def adopted() -> bool:
+            return all(live.get(f"counter:{int(index):03d}", 0) >= times
+                       for index, times in counted.items())
+
+        wait_until(adopted, timeout=10, what="the live cache adopting the dead one's lane")
+        elapsed = time.monotonic() - started
+        assert elapsed < 0.1 + 2.0  # the adopt interval, plus a generous margin for load
+        dead_lanes = [lane for lane in lane_roots(str(directory))
+                      if Path(lane) != Path(live._layout.root)]
+        assert all(os.listdir(Path(lane) / "wal") == [] for lane in dead_lanes)
+    finally:
+        live.close()
+    check_counters(directory, [acks])
+
+
+def test_caches_of_one_process_on_a_shared_directory_add_up_and_see_each_other(
+        tmp_path: Path) -> None:
+    directory = tmp_path / "shared"
+    first = wbcache.open(directory, shared=True, read_ttl=0.01, flush_interval=3600)
+    second = wbcache.open(directory, shared=True, read_ttl=0.01, flush_interval=3600)
+    try:
+        assert len(lane_roots(str(directory))) == 2
+        for _ in range(5):
+            first.incr("n")
+            second.incr("n", 10)
+        first.put("k", "from first")
+        first.flush()
+        second.flush()
+        wait_until(lambda: second.get("k") == "from first", timeout=5)
+        wait_until(lambda: first.get("n") == 55, timeout=5)  # the database's total
+    finally:
+        first.close()
+        second.close()
+    with wbcache.open(directory, shared=True) as cache:
+        assert cache.get("n") == 55
+        assert len(lane_roots(str(directory))) == 2  # a free lane was reused
+
+
+def test_a_write_by_another_process_is_visible_within_flush_interval_plus_read_ttl(
+        tmp_path: Path) -> None:
+    directory = tmp_path / "shared"
+    reader = wbcache.open(directory, shared=True)
+    try:
+        assert reader.get("k") is None  # cached as absent? no: absence is read every time
+        script = (f"import wbcache; c = wbcache.open({str(directory)!r}, shared=True, "
+                  f"flush_interval=0.05); c.put('k', 'v'); c.close()")
+        subprocess.run([sys.executable, "-c", script], check=True)
+        written = time.monotonic()
+        wait_until(lambda: reader.get("k") == "v", timeout=5)
+        assert time.monotonic() - written < reader.read_ttl + 1.0
+    finally:
+        reader.close()
+
+
+def test_opening_a_directory_the_other_way_is_refused_with_the_flag_to_use(
+        tmp_path: Path) -> None:
+    single, shared = tmp_path / "single", tmp_path / "shared"
+    wbcache.open(single).close()
+    wbcache.open(shared, shared=True).close()
+    with pytest.raises(InvalidDirectoryError, match="without shared=True"):
+        wbcache.open(single, shared=True)
+    with pytest.raises(InvalidDirectoryError, match="with shared=True"):
+        wbcache.open(shared)
+
+
+def test_shared_directories_take_no_other_backend(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="PostgreSQL"):
+        wbcache.open(tmp_path / "shared", shared=True, backend="postgresql://localhost/x")
+
+
+def test_a_forked_child_reopens_a_shared_cache_in_place_on_its_own_lane(
+        tmp_path: Path) -> None:
+    directory = tmp_path / "shared"
+    cache = wbcache.open(directory, shared=True)
+    cache.incr("n")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: as in gunicorn's post_fork
+        outcome: dict[str, Any] = {}
+        try:
+            try:
+                cache.incr("n")
+                outcome["before"] = "accepted"
+            except ForkedCacheError as exc:
+                outcome["before"] = "reopen()" in str(exc)
+            same = cache.reopen()
+            outcome["same object"] = same is cache
+            for _ in range(10):
+                cache.incr("n")
+            cache.close()
+            outcome["ok"] = True
+        except BaseException as exc:  # reported to the parent, which fails the test
+            outcome["error"] = repr(exc)
+        os.write(write_end, json.dumps(outcome).encode())
+        os._exit(0)
+    os.close(write_end)
+    for _ in range(10):
+        cache.incr("n")
+    _, status = os.waitpid(pid, 0)
+    outcome = json.loads(os.read(read_end, 4096))
+    os.close(read_end)
+    cache.close()
+    assert outcome == {"before": True, "same object": True, "ok": True}
+    with wbcache.open(directory, shared=True) as reopened:
+        assert reopened.get("n") == 21
+
+
+def test_reopen_in_a_child_of_a_single_owner_cache_says_to_use_shared(tmp_path: Path) -> None:
+    cache = wbcache.open(tmp_path / "single")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            cache.reopen()
+            message = "reopened"
+        except ForkedCacheError as exc:
+            message = str(exc)
+        os.write(write_end, message.encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    message = os.read(read_end, 4096).decode()
+    os.close(read_end)
+    cache.close()
+    assert "shared=True" in message
