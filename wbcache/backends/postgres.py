@@ -47,6 +47,7 @@ from wbcache.backends.postgres_schema import (
     encode_key,
     join_value,
 )
+from wbcache.backends.postgres_secrets import redact, redact_dsn_complaint
 from wbcache.errors import (
     CheckpointConflictError,
     PostgresError,
@@ -56,7 +57,8 @@ from wbcache.errors import (
 if TYPE_CHECKING:
     from wbcache.backends.postgres_link import Connection
 
-__all__ = ["CheckpointConflictError", "PostgresBackend", "PostgresError", "SchemaMismatchError"]
+__all__ = ["CheckpointConflictError", "PostgresBackend", "PostgresError", "SchemaMismatchError",
+           "redact", "redact_dsn_complaint"]
 
 _ITEMS_CHUNK = 5000  # rows per FETCH when iterating the table
 _URL_OPTIONS = {"table": str, "cache_id": str, "timeout": float, "read_connections": int}
@@ -140,7 +142,8 @@ class PostgresBackend:
             raise TypeError(f"url must be a str, not {type(url).__name__}")
         parts = urlsplit(url)
         if parts.scheme not in ("postgresql", "postgres"):
-            raise ValueError(f"not a PostgreSQL URL (postgresql://...): {parts.scheme or url!r}")
+            found = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"  # never the URL
+            raise ValueError(f"not a PostgreSQL URL (postgresql://...): {found}")
         libpq: list[tuple[str, str]] = []
         ours: dict[str, Any] = {}
         for name, value in parse_qsl(parts.query, keep_blank_values=True):

@@ -8,6 +8,8 @@ data) and TCP keepalives (an idle wait); and anything that still holds a round t
 `timeout` (a proxy or middlebox that acknowledges but never forwards, a hung server) by the
 `RoundTripTimer`, which shuts the socket down under the waiting call. Server-side, the same
 `timeout` is the session's statement_timeout.
+
+Every message made here goes through `redact`: the DSN's password is never in one.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from wbcache.backends.postgres_secrets import redact, redact_dsn_complaint
 from wbcache.errors import PostgresError
 
 T = TypeVar("T")
@@ -35,19 +38,23 @@ Connection = psycopg.Connection[Any]
 @dataclass(frozen=True)
 class Endpoint:
     """Where the backend connects: the full conninfo (with wbcache's defaults) and a
-    description for messages (never the password)."""
+    description for messages (never the password). `secrets`: the passwords it holds, hidden
+    wherever they appear in a message."""
 
-    conninfo: str
+    conninfo: str = field(repr=False)
     description: str
     connect_timeout: float
     timeout: float
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_dsn(cls, dsn: str, *, connect_timeout: float, timeout: float) -> Endpoint:
         try:
             params: dict[str, Any] = dict(conninfo_to_dict(dsn))
         except psycopg.ProgrammingError as exc:
-            raise ValueError(f"invalid PostgreSQL DSN: {_one_line(exc)}") from None
+            raise ValueError(f"invalid PostgreSQL DSN: "
+                             f"{redact_dsn_complaint(_one_line(exc), dsn)}") from None
+        secrets = _passwords(params)
         # The DSN's own settings win; these fill what it leaves out.
         defaults = {
             "connect_timeout": max(2, round(connect_timeout)),  # libpq's minimum is 2 s
@@ -63,8 +70,21 @@ class Endpoint:
         host = params.get("host") or params.get("hostaddr") or "the local socket"
         port = params.get("port") or "5432"
         dbname = params.get("dbname") or params.get("user") or "(default)"
-        return cls(make_conninfo(**params), f"{host}:{port} database {dbname}",
-                   connect_timeout, timeout)
+        return cls(make_conninfo(**params), redact(f"{host}:{port} database {dbname}", secrets),
+                   connect_timeout, timeout, secrets)
+
+
+def _passwords(params: dict[str, Any]) -> tuple[str, ...]:
+    """The passwords a parsed DSN holds, including those of a DSN given as its dbname (libpq
+    reads a dbname with "=" in it as a connection string of its own)."""
+    found = [str(params[name]) for name in ("password", "sslpassword") if params.get(name)]
+    dbname = str(params.get("dbname") or "")
+    if "=" in dbname:
+        try:
+            found += _passwords(dict(conninfo_to_dict(dbname)))
+        except psycopg.ProgrammingError:
+            pass  # then libpq will not read it as one either
+    return tuple(found)
 
 
 @dataclass
@@ -144,7 +164,8 @@ class Link:
         try:
             conn = psycopg.connect(self.endpoint.conninfo, autocommit=True)
         except psycopg.Error as exc:
-            raise PostgresError(f"{self.where}: cannot connect: {_one_line(exc)}") from exc
+            raise PostgresError(self.redact(f"{self.where}: cannot connect: {_one_line(exc)}")
+                                ) from self._printable(exc)
         try:  # the server gives up on a statement when we would
             self.call(conn, "setting statement_timeout", lambda c: c.execute(
                 "SELECT set_config('statement_timeout', %s, false)",
@@ -169,7 +190,7 @@ class Link:
             if not rejected or not self._rolled_back(conn):
                 conn.close()
             raise self.failure(action, exc, timed_out=fired,
-                               ambiguous=commits and not rejected) from exc
+                               ambiguous=commits and not rejected) from self._printable(exc)
 
     def failure(self, action: str, exc: BaseException, *, timed_out: bool = False,
                 ambiguous: bool = False) -> PostgresError:
@@ -181,7 +202,16 @@ class Link:
         if ambiguous:
             message += ("; the connection broke after COMMIT was sent, so whether it committed "
                         "is settled before the next write")
-        return PostgresError(message, ambiguous=ambiguous)
+        return PostgresError(self.redact(message), ambiguous=ambiguous)
+
+    def redact(self, text: str) -> str:
+        return redact(text, self.endpoint.secrets)
+
+    def _printable(self, exc: BaseException) -> BaseException | None:
+        """`exc` as the cause of ours, unless its text holds a password (a traceback prints
+        it): then none."""
+        text = str(exc)
+        return exc if self.redact(text) == text else None
 
     def _rolled_back(self, conn: Connection) -> bool:
         """Leave a connection that saw a server-reported error outside any transaction; False
