@@ -1,5 +1,5 @@
-"""What the PostgreSQL tests share: the server's DSN, a throw-away schema per test, a TCP proxy
-that can take the database away, and polling with a deadline.
+"""What the PostgreSQL tests share: the server's DSN, a throw-away schema per test, backends on
+tables in it, and a TCP proxy that can take the database away.
 
 Tests talk to a real server. The DSN comes from WBCACHE_TEST_PG_DSN; without it the tests skip
 (`require_service`), and CI, which sets WBCACHE_REQUIRE_SERVICES=1, fails instead. Every test
@@ -13,30 +13,21 @@ import os
 import select
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgpack
 import psycopg
 import pytest
 from conftest import require_service
+from controlled import wait_until
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from wbcache.backends.postgres import PostgresBackend
+
 DSN_VARIABLE = "WBCACHE_TEST_PG_DSN"
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll an observable condition (never a sleep standing in for one); fail on timeout.
-    Returns the predicate's first truthy value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        time.sleep(0.01)
+MakeBackend = Callable[..., PostgresBackend]
 
 
 def server_dsn() -> str:
@@ -68,6 +59,32 @@ def pg_schema_fixture(pg_dsn: str) -> Iterator[str]:
     finally:
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture(name="make_backend")
+def make_backend_fixture(pg_dsn: str, pg_schema: str) -> Iterator[MakeBackend]:
+    """Backends on tables in this test's schema; all closed before the schema is dropped."""
+    made: list[PostgresBackend] = []
+
+    def make(cache_id: str | None = "node-a", table: str = "wbcache", dsn: str | None = None,
+             **options: Any) -> PostgresBackend:
+        backend = PostgresBackend(dsn or pg_dsn, table=f"{pg_schema}.{table}", cache_id=cache_id,
+                                  **options)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        backend.close()
+
+
+def pack(value: Any) -> bytes:
+    return msgpack.packb(value)  # type: ignore[no-any-return]
+
+
+def value_of(backend: PostgresBackend, key: str | bytes) -> Any:
+    encoded = backend.get(key)
+    return None if encoded is None else msgpack.unpackb(encoded)
 
 
 def query(dsn: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

@@ -9,19 +9,22 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import psycopg
 import pytest
+from controlled import wait_until
 from pg_support import (  # noqa: F401 (fixtures)
+    MakeBackend,
     TcpProxy,
+    make_backend_fixture,
+    pack,
     pg_dsn_fixture,
     pg_proxy_fixture,
     pg_schema_fixture,
     query,
-    wait_until,
+    value_of,
 )
 
 from wbcache.backends.postgres import (
@@ -31,35 +34,8 @@ from wbcache.backends.postgres import (
     SchemaMismatchError,
 )
 
-MakeBackend = Callable[..., PostgresBackend]
 INT64_MAX = (1 << 63) - 1
 INT64_MIN = -(1 << 63)
-
-
-@pytest.fixture
-def make_backend(pg_dsn: str, pg_schema: str) -> Iterator[MakeBackend]:
-    """Backends on tables in this test's schema; all closed before the schema is dropped."""
-    made: list[PostgresBackend] = []
-
-    def make(cache_id: str | None = "node-a", table: str = "wbcache", dsn: str | None = None,
-             **options: Any) -> PostgresBackend:
-        backend = PostgresBackend(dsn or pg_dsn, table=f"{pg_schema}.{table}", cache_id=cache_id,
-                                  **options)
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        backend.close()
-
-
-def pack(value: Any) -> bytes:
-    return msgpack.packb(value)  # type: ignore[no-any-return]
-
-
-def value_of(backend: PostgresBackend, key: str | bytes) -> Any:
-    encoded = backend.get(key)
-    return None if encoded is None else msgpack.unpackb(encoded)
 
 
 def rows(dsn: str, table: str) -> dict[bytes, tuple[int | None, bytes | None]]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from controlled import wait_until
 from pg_support import (  # noqa: F401 (fixtures)
     TcpProxy,
     pg_dsn_fixture,
@@ -22,7 +23,6 @@ from pg_support import (  # noqa: F401 (fixtures)
     pg_schema_fixture,
     query,
     stored_ints,
-    wait_until,
 )
 
 import wbcache
