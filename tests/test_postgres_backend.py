@@ -357,6 +357,40 @@ def test_an_ambiguous_commit_that_did_not_go_through_is_applied_by_the_retry(
     assert value_of(truth, "n") == 12 and truth.checkpoint() == 3
 
 
+def test_reading_the_checkpoint_after_a_lost_answer_leaves_the_retry_settled(
+        make_backend: MakeBackend, pg_proxy: TcpProxy) -> None:
+    """`checkpoint()` is only a read: the flush whose answer was lost is still remembered, so
+    its retry is recognised as committed, neither refused as a conflict nor applied twice."""
+    backend = make_backend(dsn=f"{pg_proxy.dsn} sslmode=disable")
+    truth = make_backend()
+    backend.apply([], [], 1, [("n", 5)])
+    pg_proxy.swallow_commit_reply()
+    with pytest.raises(PostgresError) as lost:
+        backend.apply([("p", pack(1))], [], 2, [("n", 3)])
+    assert lost.value.ambiguous
+    assert backend.checkpoint() == 2  # it did commit
+    backend.apply([("p", pack(1))], [], 2, [("n", 3)])  # the flusher's retry of that batch
+    assert value_of(truth, "n") == 8 and truth.checkpoint() == 2
+    backend.apply([], [], 3, [("n", 1)])
+    assert value_of(truth, "n") == 9 and truth.checkpoint() == 3
+
+
+def test_a_checkpoint_read_before_a_lost_commit_lands_leaves_it_to_be_settled(
+        make_backend: MakeBackend, pg_proxy: TcpProxy) -> None:
+    backend = make_backend(dsn=f"{pg_proxy.dsn} sslmode=disable", timeout=1.0)
+    truth = make_backend()
+    backend.apply([], [], 1, [("n", 5)])
+    pg_proxy.hold_commit()
+    with pytest.raises(PostgresError, match="no answer within") as lost:
+        backend.apply([], [], 2, [("n", 3)])
+    assert lost.value.ambiguous
+    assert backend.checkpoint() == 1  # not committed yet ...
+    pg_proxy.thaw()  # ... and now it is
+    wait_until(lambda: truth.checkpoint() == 2, 10, "the late commit")
+    backend.apply([], [], 3, [("n", 3 + 4)])  # that batch merged with a newer increment
+    assert value_of(truth, "n") == 12 and truth.checkpoint() == 3
+
+
 def test_a_server_error_is_reported_clearly_and_the_next_flush_works(
         make_backend: MakeBackend, pg_dsn: str) -> None:
     backend = make_backend(timeout=1.0)

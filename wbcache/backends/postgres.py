@@ -24,8 +24,7 @@ commit later. Two things close it:
   * the backend remembers what each unanswered transaction sent, and before its next write
     reads the checkpoint: if one of them committed, its deltas count as settled and are
     subtracted from what is sent next (a retry of that very transaction becomes a no-op).
-`checkpoint()` and `attach()` start a recovery, which reads the truth from the database, so
-they forget all of this.
+`attach()`, called at every open before recovery, starts afresh; `checkpoint()` only reads.
 
 Layout of the tables and the SQL: `postgres_schema`. Connections, timeouts and the readers'
 pool: `postgres_link` (imported on first use, so `wbcache` imports without psycopg).
@@ -240,16 +239,14 @@ class PostgresBackend:
                     conn.close()
 
     def checkpoint(self) -> int:
-        """This cache's checkpoint LSN (0 if it never flushed). Starts a recovery: flushes
-        whose answer was lost are forgotten, since the caller now has the database's truth."""
+        """This cache's checkpoint LSN as stored now (0 if it never flushed). Only a read: a
+        flush whose answer was lost stays remembered until a later flush settles it (it may
+        still commit after this read); `attach`, at every open, is where a cache starts
+        afresh."""
         cache_id = self._require_cache_id()
-        with self._write_lock:
-            conn = self._writer_connection()
-            lsn = self._link.call(conn, f"reading the checkpoint of cache {cache_id}",
-                                  self._read_checkpoint)
-            self._forget_attempts()
-            self._known = lsn
-            return lsn
+        with self._readers.connection() as conn:
+            return self._link.call(conn, f"reading the checkpoint of cache {cache_id}",
+                                   self._read_checkpoint)
 
     # ---------------------------------------------------------------- the flush
 
