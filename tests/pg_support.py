@@ -174,11 +174,6 @@ class TcpProxy:
         with self._lock:
             self._hold_commit = True
 
-    def holding(self) -> bool:
-        """Whether a connection holds a COMMIT back."""
-        with self._lock:
-            return any(pipe.held is not None for pipe in self._pipes)
-
     def thaw(self) -> None:
         with self._lock:
             for pipe in self._pipes:
@@ -280,7 +275,6 @@ class _Pipe:
         self._closed = threading.Event()
         self.frozen = threading.Event()  # forward nothing either way (see hold_commit)
         self.held: bytes | None = None  # a request held back, sent on thaw
-        self.ended = threading.Event()
         self._requests = _MessageHeaders()
         self._swallow_reply = False
 
@@ -317,7 +311,6 @@ class _Pipe:
             proxy._forget(self)
             self._client.close()
             self._server.close()
-            self.ended.set()
 
     def _request(self, data: bytes) -> None:
         proxy = self._proxy
