@@ -17,7 +17,7 @@ import click
 from click.core import ParameterSource
 
 from wbcache.fault_injection.report import verdict
-from wbcache.fault_injection.shared_table import check_url, redacted
+from wbcache.fault_injection.shared_table import check_url, redact
 from wbcache.fault_injection.torture import BACKEND_MODES, MODES, run_torture
 
 THREADS = 4  # writer threads per worker
@@ -85,7 +85,7 @@ def torture(directory: str | None, mode: str, backend: str | None, cycles: int,
         click.echo(f"wbcache torture: modes {', '.join(modes)}, size {cycles}, seed {seed}, "
                    f"{threads} writer threads, scratch {workdir}")
     else:
-        click.echo(f"wbcache torture: kill, caches sharing {redacted(backend)}: {cycles} kills "
+        click.echo(f"wbcache torture: kill, caches sharing {redact(backend)}: {cycles} kills "
                    f"among up to 4 nodes of {threads} writer threads, seed {seed}, "
                    f"scratch {workdir}")
     try:
@@ -96,8 +96,9 @@ def torture(directory: str | None, mode: str, backend: str | None, cycles: int,
         if backend is None:
             raise
         # The database unreachable, the table not creatable, psycopg missing: a message.
-        raise click.ClickException(f"the torture against {redacted(backend)} could not run: "
-                                   f"{type(exc).__name__}: {exc}") from exc
+        # (Its message may quote what libpq read of the URL: redacted like the URL itself.)
+        raise click.ClickException(redact(f"the torture against {backend} could not run: "
+                                          f"{type(exc).__name__}: {exc}")) from exc
     click.echo("")
     click.echo(report.table())
     click.echo("")

@@ -1,6 +1,6 @@
 """One node of the multi-node campaign: a worker process writing shared counters until killed.
 
-    python -m wbcache.fault_injection.node_worker '<NodeConfig as JSON>'
+    WBCACHE_NODE_URL=<URL> python -m wbcache.fault_injection.node_worker '<NodeConfig as JSON>'
 
 It opens its cache directory over the shared database (recovering whatever its last kill
 left), reports READY, then runs `threads` writer threads of the counter workload (counters.py).
@@ -25,6 +25,10 @@ from wbcache.fault_injection.backends import JournaledBackend
 from wbcache.fault_injection.counters import marker_key, write
 from wbcache.fault_injection.journal import ACK, ERROR, MARKER, READY, START, Journal
 
+# The database URL reaches the worker in its environment, not on its command line, which any
+# local user can read (ps): the URL may hold a password.
+URL_VARIABLE = "WBCACHE_NODE_URL"
+
 
 @dataclass
 class NodeConfig:
@@ -38,11 +42,18 @@ class NodeConfig:
     record: bool = False  # journal each database commit (DB_BEGIN, DB_DONE), without data
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        """Everything but the URL (see `environment`)."""
+        fields = asdict(self)
+        del fields["url"]
+        return json.dumps(fields)
 
     @classmethod
     def from_json(cls, text: str) -> NodeConfig:
-        return cls(**json.loads(text))
+        return cls(url=os.environ[URL_VARIABLE], **json.loads(text))
+
+    def environment(self) -> dict[str, str]:
+        """What the worker's environment must hold besides `to_json()` on its command line."""
+        return {URL_VARIABLE: self.url}
 
 
 def run(config: NodeConfig) -> None:

@@ -36,7 +36,7 @@ from wbcache.fault_injection.ledger import ThreadLedger, check_final
 from wbcache.fault_injection.node_worker import NodeConfig
 from wbcache.fault_injection.oracle import Tally
 from wbcache.fault_injection.runner import WorkerRun, run_worker
-from wbcache.fault_injection.shared_table import SharedTable
+from wbcache.fault_injection.shared_table import SharedTable, redact
 
 MODE = "postgresql"  # the report's column
 NODES = 4
@@ -72,7 +72,8 @@ class Node:
                 self._one_run(kill)
         except Exception as exc:  # the harness failed: a finding, never a silent pass
             self.tally.errors += 1
-            self.tally.note(f"node {self.index}: harness error {type(exc).__name__}: {exc}")
+            self.tally.note(redact(f"node {self.index}: harness error {type(exc).__name__}: "
+                                   f"{exc}"))
 
     def _one_run(self, kill: int) -> None:
         rng = self._rng
@@ -84,14 +85,14 @@ class Node:
                             record=trigger in ("flush", "commit"))
         kill_on, after = _trigger(rng, trigger)
         run = run_worker(config, self.settings.path("nodes", f"scratch{self.index}"),
-                         kill_on=kill_on, kill_after_seconds=after)
+                         kill_on=kill_on, kill_after_seconds=after, env=config.environment())
         label = f"node {self.index} kill {kill + 1}/{self.kills} [{trigger}]"
         tally = Tally(cycles=1)
         acks, replayed = self._read(run, tally, label, restart=kill > 0)
         if not run.sigkilled:
             tally.errors += 1
             tally.note(f"{label}: the worker was not killed but exited with {run.returncode}"
-                       f"{' (hung)' if run.hung else ''}: {run.stderr[-2000:]}")
+                       f"{' (hung)' if run.hung else ''}: {redact(run.stderr[-2000:])}")
         self.tally.add(tally)
         opened = ("killed before its open returned" if replayed is None else
                   f"opened, replaying {replayed:,} log record{'' if replayed == 1 else 's'}")

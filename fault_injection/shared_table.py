@@ -15,6 +15,9 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import wbcache
+from wbcache.backends.postgres import redact, redact_dsn_complaint
+
+__all__ = ["SCHEMES", "SharedTable", "check_url", "redact"]  # redact: for what callers print
 
 SCHEMES = ("postgresql", "postgres")
 # `PostgresBackend.from_url`'s own query parameters; every other one is libpq's.
@@ -23,31 +26,43 @@ _CHOSEN_HERE = ("table", "cache_id")  # the campaign picks these itself
 
 
 def check_url(url: str) -> None:
-    """Raise `ValueError` unless `url` is a postgresql:// URL the campaign can use as given."""
+    """Raise `ValueError` unless `url` is a postgresql:// URL the campaign can use as given.
+    The messages never quote the URL (nor, if it holds a password, what libpq quotes of it);
+    a URL that passes is one libpq reads, in which `redact` finds every password."""
     parts = urlsplit(url)
     if parts.scheme not in SCHEMES:
+        found = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
         raise ValueError(f"only PostgreSQL backends can be tortured: give a postgresql:// URL, "
-                         f"not {redacted(url)!r}")
+                         f"not one with {found}")
     chosen = [name for name, _ in parse_qsl(parts.query) if name in _CHOSEN_HERE]
     if chosen:
         raise ValueError(f"leave {' and '.join(chosen)} out of the URL: the torture makes a "
                          f"fresh table of its own (and drops it), and each node has its own "
                          f"cache_id")
+    try:
+        from psycopg import ProgrammingError
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        return  # the run itself says that the backend needs psycopg
+    try:
+        conninfo_to_dict(_libpq_url(url))
+    except ProgrammingError as exc:
+        raise ValueError(f"not a URL libpq can read: "
+                         f"{redact_dsn_complaint(' '.join(str(exc).split()), url)}") from None
 
 
-def redacted(url: str) -> str:
-    """`url` with its password replaced by ***, for printing."""
+def _libpq_url(url: str) -> str:
+    """`url` without `PostgresBackend.from_url`'s own parameters: what libpq is given."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    return urlunsplit(parts._replace(query=urlencode(
+        [(name, value) for name, value in query if name not in _BACKEND_PARAMETERS])))
 
 
 class SharedTable:
     """`with SharedTable(url) as table:` a new table `table.name`; `table.url` is `url` naming
-    it, for the nodes. Dropped (with its checkpoints table) when the block ends."""
+    it, for the nodes (it may hold a password: pass it on, never print it). Dropped (with its
+    checkpoints table) when the block ends."""
 
     def __init__(self, url: str) -> None:
         check_url(url)
@@ -55,8 +70,7 @@ class SharedTable:
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
         self.url = urlunsplit(parts._replace(query=urlencode([*query, ("table", self.name)])))
-        self._libpq = urlunsplit(parts._replace(query=urlencode(
-            [(name, value) for name, value in query if name not in _BACKEND_PARAMETERS])))
+        self._libpq = _libpq_url(url)
         self._created = False
 
     def __enter__(self) -> SharedTable:

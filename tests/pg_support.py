@@ -1,5 +1,6 @@
-"""What the PostgreSQL tests share: the server's DSN, a throw-away schema per test, a TCP proxy
-that can take the database away, and polling with a deadline.
+"""What the PostgreSQL tests share: the server's DSN, a throw-away schema per test, backends on
+tables in it, a TCP proxy that can take the database away (and report what crossed it), and
+polling with a deadline.
 
 Tests talk to a real server. The DSN comes from WBCACHE_TEST_PG_DSN; without it the tests skip
 (`require_service`), and CI, which sets WBCACHE_REQUIRE_SERVICES=1, fails instead. Every test
@@ -13,30 +14,20 @@ import os
 import select
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgpack
 import psycopg
 import pytest
 from conftest import require_service
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from wbcache.backends.postgres import PostgresBackend
+
 DSN_VARIABLE = "WBCACHE_TEST_PG_DSN"
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll an observable condition (never a sleep standing in for one); fail on timeout.
-    Returns the predicate's first truthy value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        time.sleep(0.01)
+MakeBackend = Callable[..., PostgresBackend]
 
 
 def server_dsn() -> str:
@@ -70,6 +61,32 @@ def pg_schema_fixture(pg_dsn: str) -> Iterator[str]:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
+@pytest.fixture(name="make_backend")
+def make_backend_fixture(pg_dsn: str, pg_schema: str) -> Iterator[MakeBackend]:
+    """Backends on tables in this test's schema; all closed before the schema is dropped."""
+    made: list[PostgresBackend] = []
+
+    def make(cache_id: str | None = "node-a", table: str = "wbcache", dsn: str | None = None,
+             **options: Any) -> PostgresBackend:
+        backend = PostgresBackend(dsn or pg_dsn, table=f"{pg_schema}.{table}", cache_id=cache_id,
+                                  **options)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        backend.close()
+
+
+def pack(value: Any) -> bytes:
+    return msgpack.packb(value)  # type: ignore[no-any-return]
+
+
+def value_of(backend: PostgresBackend, key: str | bytes) -> Any:
+    encoded = backend.get(key)
+    return None if encoded is None else msgpack.unpackb(encoded)
+
+
 def query(dsn: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     """Rows of one statement on a connection of its own (the tests' view of the server)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -99,13 +116,16 @@ class TcpProxy:
       `restore()` listens on the same port again.
     * `stall()`: keep connections (and accept new ones) but forward nothing either way, like
       a network that acknowledges and never delivers; `unstall()` resumes forwarding.
-    * `freeze()`: the same for the connections open now only (new ones work); `thaw()`
-      forwards what they held -- a request delivered late.
-    * `swallow_next_reply()`: the next reply the server sends is dropped and both sides of that
-      connection closed -- the request went through (a COMMIT is committed), its answer lost.
-    * `drop_next_request()`: the next request a client sends is dropped and both sides closed.
+    * `hold_commit()`: the next request that holds a COMMIT is held back, and its connection
+      forwards nothing more either way (others work); `thaw()` forwards it -- a COMMIT
+      delivered late -- or `cut()` drops it.
+    * `swallow_commit_reply()`: the reply to the next COMMIT is dropped and both sides of that
+      connection closed -- the COMMIT went through, its answer is lost.
 
-    `record_turns()` then `turns()` count request/reply alternations (round trips) since.
+    `record_turns()` then `turns()` count request/reply alternations (round trips) since;
+    `record_messages()` then `messages()` list the protocol messages clients sent since, as
+    (type, length) -- e.g. ("B", n) for each statement's Bind with its parameters. (A client
+    that negotiates TLS cannot be read: give those tests a DSN with sslmode=disable.)
     """
 
     def __init__(self, dsn: str) -> None:
@@ -116,10 +136,11 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._pipes: set[_Pipe] = set()
         self._stalled = threading.Event()
-        self._swallow_reply = False
+        self._hold_commit = False
+        self._swallow_commit_reply = False
         self._cut_after_swallow = False
-        self._drop_request = False
         self._directions: list[str] | None = None
+        self._messages: list[tuple[str, int]] | None = None
         self._listener: socket.socket | None = None
         self.port = 0
         self._listen()
@@ -149,29 +170,20 @@ class TcpProxy:
     def unstall(self) -> None:
         self._stalled.clear()
 
-    def freeze(self) -> None:
-        """Returns once every open connection has stopped forwarding."""
+    def hold_commit(self) -> None:
         with self._lock:
-            pipes = list(self._pipes)
-        for pipe in pipes:
-            pipe.frozen.set()
-        for pipe in pipes:
-            wait_until(pipe.is_paused, 5, "a frozen pipe")
+            self._hold_commit = True
 
     def thaw(self) -> None:
         with self._lock:
             for pipe in self._pipes:
                 pipe.frozen.clear()
 
-    def swallow_next_reply(self, *, then_cut: bool = False) -> None:
+    def swallow_commit_reply(self, *, then_cut: bool = False) -> None:
         """With `then_cut`, the proxy also `cut()`s itself right after, so a retry is refused."""
         with self._lock:
-            self._swallow_reply = True
+            self._swallow_commit_reply = True
             self._cut_after_swallow = then_cut
-
-    def drop_next_request(self) -> None:
-        with self._lock:
-            self._drop_request = True
 
     def record_turns(self) -> None:
         with self._lock:
@@ -183,6 +195,15 @@ class TcpProxy:
             directions = list(self._directions or [])
         return sum(1 for before, after in zip(directions, directions[1:], strict=False)
                    if before == "request" and after == "reply")
+
+    def record_messages(self) -> None:
+        with self._lock:
+            self._messages = []
+
+    def messages(self) -> list[tuple[str, int]]:
+        """(type, length) of each message clients sent since `record_messages`."""
+        with self._lock:
+            return list(self._messages or [])
 
     @property
     def connections(self) -> int:
@@ -236,6 +257,11 @@ class TcpProxy:
             if directions is not None and (not directions or directions[-1] != direction):
                 directions.append(direction)
 
+    def _note_messages(self, found: list[tuple[str, int, bool]]) -> None:
+        with self._lock:
+            if self._messages is not None:
+                self._messages.extend((kind, length) for kind, length, _commit in found)
+
     def _forget(self, pipe: _Pipe) -> None:
         with self._lock:
             self._pipes.discard(pipe)
@@ -247,31 +273,32 @@ class _Pipe:
         self._client = client
         self._server = server
         self._closed = threading.Event()
-        self.frozen = threading.Event()
-        self.paused = threading.Event()  # set while it honours `frozen` (or a stall)
-        self.ended = threading.Event()
+        self.frozen = threading.Event()  # forward nothing either way (see hold_commit)
+        self.held: bytes | None = None  # a request held back, sent on thaw
+        self._requests = _MessageHeaders()
+        self._swallow_reply = False
 
     def run(self) -> None:
         proxy = self._proxy
         try:
             while not self._closed.is_set():
+                # Frozen, the pipe reads neither side: it does not even notice the client
+                # hang up, so the server keeps the session (and its open transaction).
                 if proxy._stalled.is_set() or self.frozen.is_set():
-                    self.paused.set()
                     self._closed.wait(0.02)
                     continue
-                self.paused.clear()
+                if self.held is not None:
+                    held, self.held = self.held, None
+                    self._server.sendall(held)
                 ready, _, _ = select.select([self._client, self._server], [], [], 0.02)
                 for source in ready:
                     data = source.recv(65536)
                     if not data:
                         return
                     if source is self._client:
-                        if proxy._take_flag("_drop_request"):
-                            return
-                        proxy._note("request")
-                        self._server.sendall(data)
+                        self._request(data)
                     else:
-                        if proxy._take_flag("_swallow_reply"):
+                        if self._swallow_reply:
                             if proxy._take_flag("_cut_after_swallow"):
                                 proxy.cut()
                             return
@@ -284,10 +311,20 @@ class _Pipe:
             proxy._forget(self)
             self._client.close()
             self._server.close()
-            self.ended.set()
 
-    def is_paused(self) -> bool:
-        return self.paused.is_set() or self.ended.is_set()
+    def _request(self, data: bytes) -> None:
+        proxy = self._proxy
+        found = self._requests.feed(data)
+        proxy._note("request")
+        proxy._note_messages(found)
+        if any(commit for _kind, _length, commit in found):
+            if proxy._take_flag("_hold_commit"):
+                self.held = data
+                self.frozen.set()
+                return
+            if proxy._take_flag("_swallow_commit_reply"):
+                self._swallow_reply = True
+        self._server.sendall(data)
 
     def close(self) -> None:
         """Shut both sides down; the pipe's own thread closes the sockets (so no descriptor
@@ -298,6 +335,73 @@ class _Pipe:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+class _MessageHeaders:
+    """Splits what a client sends into protocol messages, noting each one's type, length and
+    whether it runs a COMMIT: a simple Query, or a Parse, of text starting so, or a Bind of a
+    statement prepared from such a Parse. The startup packets, which have no type byte, are
+    skipped: an SSL or GSS encryption request (answered "no" by a server without TLS) and then
+    the StartupMessage."""
+
+    _ENCRYPTION_REQUESTS = (80877103, 80877104)  # SSLRequest, GSSENCRequest codes
+    _PEEK = 64  # body bytes read of a Query, Parse or Bind: names and the statement's start
+
+    def __init__(self) -> None:
+        self._typed = False  # past the StartupMessage: every message starts with its type
+        self._header = b""
+        self._skip = 0  # body bytes of the current message still to pass over
+        self._peeking: tuple[str, int] | None = None  # a Q, P or B, until _PEEK bytes are in
+        self._peek = b""
+        self._commit_statements: set[bytes] = set()  # prepared statements that COMMIT
+
+    def feed(self, data: bytes) -> list[tuple[str, int, bool]]:
+        found: list[tuple[str, int, bool]] = []
+        pos = 0
+        while pos < len(data):
+            if self._skip:
+                step = min(self._skip, len(data) - pos)
+                if self._peeking is not None:
+                    self._peek += data[pos:pos + min(step, self._PEEK - len(self._peek))]
+                    if len(self._peek) == self._PEEK or step == self._skip:
+                        kind, length = self._peeking
+                        found.append((kind, length, self._commits(kind, self._peek)))
+                        self._peeking, self._peek = None, b""
+                self._skip -= step
+                pos += step
+                continue
+            size = 5 if self._typed else 8  # type + length, or length + request code
+            taken = data[pos:pos + size - len(self._header)]
+            self._header += taken
+            pos += len(taken)
+            if len(self._header) < size:
+                break
+            if self._typed:
+                kind = chr(self._header[0])
+                length = int.from_bytes(self._header[1:5], "big")  # counts itself, not the type
+                self._skip = length - 4
+                if kind in "QPB" and self._skip:
+                    self._peeking = (kind, length)
+                else:
+                    found.append((kind, length, False))
+            else:
+                length = int.from_bytes(self._header[:4], "big")
+                self._skip = length - 8
+                self._typed = int.from_bytes(self._header[4:8], "big") \
+                    not in self._ENCRYPTION_REQUESTS
+            self._header = b""
+        return found
+
+    def _commits(self, kind: str, body: bytes) -> bool:
+        if kind == "Q":  # the query text
+            return body.upper().startswith(b"COMMIT")
+        first, _, rest = body.partition(b"\0")
+        if kind == "P":  # statement name, query text
+            commit = rest.upper().startswith(b"COMMIT")
+            if commit and first:
+                self._commit_statements.add(first)
+            return commit
+        return rest.partition(b"\0")[0] in self._commit_statements  # Bind: portal, statement
 
 
 @pytest.fixture(name="pg_proxy")

@@ -1,5 +1,5 @@
 """`PostgresBackend` on its own, against a real server: the protocol, the table layout, table
-creation racing, one round trip per flush, ambiguous commits, timeouts and server errors."""
+creation racing, two round trips per flush, ambiguous commits, timeouts and server errors."""
 
 from __future__ import annotations
 
@@ -9,19 +9,22 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import psycopg
 import pytest
+from controlled import wait_until
 from pg_support import (  # noqa: F401 (fixtures)
+    MakeBackend,
     TcpProxy,
+    make_backend_fixture,
+    pack,
     pg_dsn_fixture,
     pg_proxy_fixture,
     pg_schema_fixture,
     query,
-    wait_until,
+    value_of,
 )
 
 from wbcache.backends.postgres import (
@@ -31,35 +34,8 @@ from wbcache.backends.postgres import (
     SchemaMismatchError,
 )
 
-MakeBackend = Callable[..., PostgresBackend]
 INT64_MAX = (1 << 63) - 1
 INT64_MIN = -(1 << 63)
-
-
-@pytest.fixture
-def make_backend(pg_dsn: str, pg_schema: str) -> Iterator[MakeBackend]:
-    """Backends on tables in this test's schema; all closed before the schema is dropped."""
-    made: list[PostgresBackend] = []
-
-    def make(cache_id: str | None = "node-a", table: str = "wbcache", dsn: str | None = None,
-             **options: Any) -> PostgresBackend:
-        backend = PostgresBackend(dsn or pg_dsn, table=f"{pg_schema}.{table}", cache_id=cache_id,
-                                  **options)
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        backend.close()
-
-
-def pack(value: Any) -> bytes:
-    return msgpack.packb(value)  # type: ignore[no-any-return]
-
-
-def value_of(backend: PostgresBackend, key: str | bytes) -> Any:
-    encoded = backend.get(key)
-    return None if encoded is None else msgpack.unpackb(encoded)
 
 
 def rows(dsn: str, table: str) -> dict[bytes, tuple[int | None, bytes | None]]:
@@ -127,6 +103,17 @@ def test_increments_add_to_ints_create_missing_keys_and_count_non_ints_from_zero
     assert [value_of(backend, key) for key in ("int", "text", "flag", "new")] == [15, 3, -2, 4]
     backend.apply([], [], 3, [("int", -20)])
     assert value_of(backend, "int") == -5
+
+
+def test_a_key_named_more_than_once_counts_as_deletes_then_puts_then_increments(
+        make_backend: MakeBackend) -> None:
+    """One statement can touch a row only once: repeats are merged before it is sent."""
+    backend = make_backend()
+    backend.apply([("d", pack(100))], [], 1)
+    backend.apply([("a", pack(1)), ("a", pack(2)), ("b", pack("x")), ("c", pack(5))],
+                  ["a", "d", "d"], 2, [("b", 3), ("c", 4), ("c", 1), ("d", 7), ("e", 1)])
+    assert {key: value_of(backend, key) for key in "abcde"} \
+        == {"a": 2, "b": 3, "c": 10, "d": 7, "e": 1}
 
 
 def test_a_total_beyond_64_bits_stays_at_the_bound_and_flushing_goes_on(
@@ -314,16 +301,20 @@ def test_from_url_takes_its_own_parameters_and_passes_the_rest_to_libpq(
 
 # ------------------------------------------------------------------ the wire
 
-def test_a_flush_of_10000_entries_is_one_round_trip(make_backend: MakeBackend,
-                                                    pg_proxy: TcpProxy) -> None:
-    backend = make_backend(dsn=pg_proxy.dsn)
+def test_a_flush_of_10000_entries_is_two_round_trips_its_statements_then_its_commit(
+        make_backend: MakeBackend, pg_proxy: TcpProxy) -> None:
+    backend = make_backend(dsn=f"{pg_proxy.dsn} sslmode=disable")
     backend.apply([(f"old{i}", pack(i)) for i in range(100)], [], 1)  # connected, warmed up
     pg_proxy.record_turns()
+    pg_proxy.record_messages()
     backend.apply([(f"k{i}", pack({"i": i})) for i in range(5_000)] +
                   [(f"n{i}", pack(i)) for i in range(2_000)],
                   [f"old{i}" for i in range(100)], 2,
                   [(f"c{i}", i) for i in range(2_900)])
-    assert pg_proxy.turns() == 1
+    assert pg_proxy.turns() == 2
+    # BEGIN, every row in one statement, the delete of the marked rows, the checkpoint; COMMIT
+    # (each run by a Bind of its parameters, or a simple Query without any)
+    assert len([kind for kind, _ in pg_proxy.messages() if kind in ("B", "Q")]) == 5
     assert backend.count() == 9_900 and value_of(backend, "c7") == 7
 
 
@@ -333,7 +324,7 @@ def test_an_ambiguous_commit_that_went_through_is_not_applied_twice(
     truth = make_backend()  # straight to the server
     backend.apply([], [], 1, [("n", 5)])
 
-    pg_proxy.swallow_next_reply()  # COMMIT goes through, its answer is lost
+    pg_proxy.swallow_commit_reply()  # COMMIT goes through, its answer is lost
     with pytest.raises(PostgresError, match="whether it committed is settled") as lost:
         backend.apply([("p", pack(1))], [], 2, [("n", 3)])
     assert lost.value.ambiguous
@@ -341,7 +332,7 @@ def test_an_ambiguous_commit_that_went_through_is_not_applied_twice(
     backend.apply([("p", pack(1))], [], 2, [("n", 3)])  # the flusher's retry: same batch
     assert value_of(truth, "n") == 8
 
-    pg_proxy.swallow_next_reply()
+    pg_proxy.swallow_commit_reply()
     with pytest.raises(PostgresError):
         backend.apply([], [], 3, [("n", 2), ("m", 1)])
     # flush() gave up; the next cycle sends that batch merged with newer increments
@@ -352,15 +343,51 @@ def test_an_ambiguous_commit_that_went_through_is_not_applied_twice(
 
 def test_an_ambiguous_commit_that_did_not_go_through_is_applied_by_the_retry(
         make_backend: MakeBackend, pg_proxy: TcpProxy) -> None:
-    backend = make_backend(dsn=pg_proxy.dsn)
+    backend = make_backend(dsn=f"{pg_proxy.dsn} sslmode=disable", timeout=1.0)
     truth = make_backend()
     backend.apply([], [], 1, [("n", 5)])
-    pg_proxy.drop_next_request()  # the transaction never reaches the server
-    with pytest.raises(PostgresError) as lost:
+    pg_proxy.hold_commit()  # the statements go through; the proxy holds the COMMIT ...
+    with pytest.raises(PostgresError, match="no answer within") as lost:
         backend.apply([], [], 2, [("n", 3)])
     assert lost.value.ambiguous
+    pg_proxy.cut()  # ... and drops it: the transaction never commits
+    pg_proxy.restore()
     assert value_of(truth, "n") == 5 and truth.checkpoint() == 1
     backend.apply([], [], 3, [("n", 3 + 4)])
+    assert value_of(truth, "n") == 12 and truth.checkpoint() == 3
+
+
+def test_reading_the_checkpoint_after_a_lost_answer_leaves_the_retry_settled(
+        make_backend: MakeBackend, pg_proxy: TcpProxy) -> None:
+    """`checkpoint()` is only a read: the flush whose answer was lost is still remembered, so
+    its retry is recognised as committed, neither refused as a conflict nor applied twice."""
+    backend = make_backend(dsn=f"{pg_proxy.dsn} sslmode=disable")
+    truth = make_backend()
+    backend.apply([], [], 1, [("n", 5)])
+    pg_proxy.swallow_commit_reply()
+    with pytest.raises(PostgresError) as lost:
+        backend.apply([("p", pack(1))], [], 2, [("n", 3)])
+    assert lost.value.ambiguous
+    assert backend.checkpoint() == 2  # it did commit
+    backend.apply([("p", pack(1))], [], 2, [("n", 3)])  # the flusher's retry of that batch
+    assert value_of(truth, "n") == 8 and truth.checkpoint() == 2
+    backend.apply([], [], 3, [("n", 1)])
+    assert value_of(truth, "n") == 9 and truth.checkpoint() == 3
+
+
+def test_a_checkpoint_read_before_a_lost_commit_lands_leaves_it_to_be_settled(
+        make_backend: MakeBackend, pg_proxy: TcpProxy) -> None:
+    backend = make_backend(dsn=f"{pg_proxy.dsn} sslmode=disable", timeout=1.0)
+    truth = make_backend()
+    backend.apply([], [], 1, [("n", 5)])
+    pg_proxy.hold_commit()
+    with pytest.raises(PostgresError, match="no answer within") as lost:
+        backend.apply([], [], 2, [("n", 3)])
+    assert lost.value.ambiguous
+    assert backend.checkpoint() == 1  # not committed yet ...
+    pg_proxy.thaw()  # ... and now it is
+    wait_until(lambda: truth.checkpoint() == 2, 10, "the late commit")
+    backend.apply([], [], 3, [("n", 3 + 4)])  # that batch merged with a newer increment
     assert value_of(truth, "n") == 12 and truth.checkpoint() == 3
 
 
@@ -389,47 +416,46 @@ def test_a_silent_server_becomes_an_error_within_the_timeout(make_backend: MakeB
     started = time.monotonic()
     with pytest.raises(PostgresError, match="no answer within 1 s") as silent:
         backend.apply([], [], 2, [("n", 1)])
-    assert silent.value.ambiguous and time.monotonic() - started < 4
+    assert time.monotonic() - started < 4
+    assert not silent.value.ambiguous  # its statements went unanswered: no COMMIT was sent
     with pytest.raises(PostgresError, match="cannot connect|no answer"):  # a new connection
         backend.get("n")
-    pg_proxy.unstall()  # the stalled flush may now reach the server, or not
+    pg_proxy.unstall()  # the stalled statements may now reach the server, never a COMMIT
     # the flusher's next cycle: that batch merged with a newer increment
     wait_until(lambda: _succeeds(lambda: backend.apply([], [], 3, [("n", 1 + 1)])), 15,
                "a flush after the stall")
     assert value_of(truth, "n") == 3 and truth.checkpoint() == 3
 
 
-def test_a_lost_flush_arriving_late_commits_at_most_once_with_its_retry(
+def test_a_lost_commit_arriving_late_commits_at_most_once_with_its_retry(
         make_backend: MakeBackend, pg_proxy: TcpProxy, pg_dsn: str, pg_schema: str) -> None:
-    """The worst order: the lost flush reaches the server after its retry read the checkpoint,
-    and commits first. The retry must then be refused, and the next attempt settle it."""
+    """The worst order: the lost COMMIT reaches the server after its retry read the
+    checkpoint, and commits first. The retry must then be refused, and the next attempt
+    settle it."""
     name = f"{pg_schema}_late"
-    backend = make_backend(dsn=f"{pg_proxy.dsn} application_name={name}", timeout=3.0)
+    backend = make_backend(dsn=f"{pg_proxy.dsn} sslmode=disable application_name={name}",
+                           timeout=3.0)
     truth = make_backend()
     backend.apply([], [], 1, [("n", 1)])
+    pg_proxy.hold_commit()  # the statements run (row n is locked), the COMMIT is held
+    with pytest.raises(PostgresError, match="no answer within") as held:
+        backend.apply([], [], 2, [("n", 10)])
+    assert held.value.ambiguous
+    refused: list[BaseException] = []
+
+    def retry() -> None:  # the flusher's next cycle: that batch merged with a newer one
+        try:
+            backend.apply([], [], 3, [("n", 10 + 100)])
+        except PostgresError as exc:
+            refused.append(exc)
+
+    retrying = threading.Thread(target=retry)
+    retrying.start()  # reads checkpoint 1, then queues for row n behind the lost transaction
     waiting = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
                "AND wait_event_type = 'Lock'")
-    with psycopg.connect(pg_dsn) as blocker:  # holds row n until released
-        blocker.execute(f"SELECT 1 FROM {backend.table} WHERE key = %s FOR UPDATE", (b"sn",))
-        pg_proxy.freeze()  # the writer's connection holds what it is sent
-        with pytest.raises(PostgresError, match="no answer within") as held:
-            backend.apply([], [], 2, [("n", 10)])
-        assert held.value.ambiguous
-        pg_proxy.thaw()  # the lost flush reaches the server now, and queues for row n
-        wait_until(lambda: query(pg_dsn, waiting, (name,)) == [(1,)], 10, "the late flush")
-        refused: list[BaseException] = []
-
-        def retry() -> None:  # the flusher's next cycle: that batch merged with a newer one
-            try:
-                backend.apply([], [], 3, [("n", 10 + 100)])
-            except PostgresError as exc:
-                refused.append(exc)
-
-        retrying = threading.Thread(target=retry)
-        retrying.start()
-        wait_until(lambda: query(pg_dsn, waiting, (name,)) == [(2,)], 10, "the retry")
-        blocker.rollback()  # the late flush commits first, then the retry meets its checkpoint
-        retrying.join()
+    wait_until(lambda: query(pg_dsn, waiting, (name,)) == [(1,)], 10, "the retry")
+    pg_proxy.thaw()  # the lost COMMIT arrives: it commits first, then the retry meets its CAS
+    retrying.join()
     assert len(refused) == 1 and "an earlier flush whose answer was lost has committed" \
         in str(refused[0])
     assert value_of(truth, "n") == 11 and truth.checkpoint() == 2

@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from controlled import wait_until
 from pg_support import (  # noqa: F401 (fixtures)
     TcpProxy,
     pg_dsn_fixture,
@@ -22,7 +23,6 @@ from pg_support import (  # noqa: F401 (fixtures)
     pg_schema_fixture,
     query,
     stored_ints,
-    wait_until,
 )
 
 import wbcache
@@ -144,13 +144,13 @@ def test_a_commit_whose_answer_is_lost_counts_once(open_pg: OpenCache, pg_proxy:
     cache = open_pg("a", dsn=pg_proxy.dsn, flush_interval=3600)
     for _ in range(5):
         cache.incr("n")
-    pg_proxy.swallow_next_reply()
+    pg_proxy.swallow_commit_reply()
     cache.flush()  # the lost answer, then the retry finds it committed
     assert stored_ints(pg_dsn, table, "n") == {"n": 5}
     assert cache.stats()["flush_errors"] == 1
 
     cache.incr("n", 3)
-    pg_proxy.swallow_next_reply(then_cut=True)  # committed, answer lost, then refused
+    pg_proxy.swallow_commit_reply(then_cut=True)  # committed, answer lost, then refused
     with pytest.raises(FlushError, match="refused"):
         cache.flush(timeout=0.5)
     assert stored_ints(pg_dsn, table, "n") == {"n": 8}

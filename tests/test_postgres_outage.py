@@ -12,13 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from controlled import wait_until
 from pg_support import (  # noqa: F401 (fixtures)
     TcpProxy,
     pg_dsn_fixture,
     pg_proxy_fixture,
     pg_schema_fixture,
     stored_ints,
-    wait_until,
 )
 
 import wbcache

@@ -2,25 +2,29 @@
 PostgreSQL database, each write applied exactly once.
 
 Each directory has a `cache_id` (DIR/cache_id, attached by `wbcache.open`) and its own row in
-`<table>_checkpoints`. A flush is ONE transaction, sent in ONE round trip (a pipeline: BEGIN,
-the deletes, the puts, the increments, the checkpoint, COMMIT): every log record of that
-directory with LSN <= its checkpoint is in the table, and no other. Recovery replays only what
-the checkpoint lacks, so a crash between COMMIT and log truncation replays nothing twice.
+`<table>_checkpoints`. A flush is ONE transaction (its statements, pipelined, with the
+checkpoint last; once they are all answered, its COMMIT): every log record of that directory
+with LSN <= its checkpoint is in the table, and no other. Its rows are written in key order,
+deletes, puts and increments in one pass, so flushes of many caches queue rather than deadlock
+(postgres_schema); a flush of more than `statement_bytes` goes as several statements of that
+one transaction, since PostgreSQL refuses a message over 1 GiB. Recovery replays only what the
+checkpoint lacks, so a crash between COMMIT and log truncation replays nothing twice.
 Increments arrive as coalesced deltas and are added by PostgreSQL to what the row holds, so
 increments of one counter by many caches all count; puts are last-flush-wins.
 
 One hole remains that a checkpoint alone cannot close: the connection breaking after COMMIT was
-sent (an *ambiguous* commit). The flusher then retries the same batch, or, after `flush()` gave
-up, a newer batch that still contains it; re-adding its deltas would count them twice, and the
-lost transaction may even still be on its way and commit later. Two things close it:
+sent (an *ambiguous* commit; any failure before it, the COMMIT being sent only after every
+statement was answered, is certain to have committed nothing). The flusher then retries
+the same batch, or, after `flush()` gave up, a newer batch that still contains it; re-adding
+its deltas would count them twice, and the lost transaction may even still be on its way and
+commit later. Two things close it:
   * every flush moves the checkpoint by compare-and-set, from the value this backend knows is
     stored (`_known`) to the new one, so of the transactions sent from one known value at most
     one ever commits, however late it arrives;
   * the backend remembers what each unanswered transaction sent, and before its next write
     reads the checkpoint: if one of them committed, its deltas count as settled and are
     subtracted from what is sent next (a retry of that very transaction becomes a no-op).
-`checkpoint()` and `attach()` start a recovery, which reads the truth from the database, so
-they forget all of this.
+`attach()`, called at every open before recovery, starts afresh; `checkpoint()` only reads.
 
 Layout of the tables and the SQL: `postgres_schema`. Connections, timeouts and the readers'
 pool: `postgres_link` (imported on first use, so `wbcache` imports without psycopg).
@@ -41,12 +45,15 @@ from wbcache.backends.postgres_schema import (
     DDL_LOCK_CLASS,
     EXPECTED_COLUMNS,
     MAX_KEY_SIZE,
+    STATEMENT_BYTES,
     Statements,
     TableNames,
     decode_key,
     encode_key,
+    flush_rows,
     join_value,
 )
+from wbcache.backends.postgres_secrets import redact, redact_dsn_complaint
 from wbcache.errors import (
     CheckpointConflictError,
     PostgresError,
@@ -56,7 +63,8 @@ from wbcache.errors import (
 if TYPE_CHECKING:
     from wbcache.backends.postgres_link import Connection
 
-__all__ = ["CheckpointConflictError", "PostgresBackend", "PostgresError", "SchemaMismatchError"]
+__all__ = ["STATEMENT_BYTES", "CheckpointConflictError", "PostgresBackend", "PostgresError",
+           "SchemaMismatchError", "redact", "redact_dsn_complaint"]
 
 _ITEMS_CHUNK = 5000  # rows per FETCH when iterating the table
 _URL_OPTIONS = {"table": str, "cache_id": str, "timeout": float, "read_connections": int}
@@ -81,6 +89,10 @@ class PostgresBackend:
     call waits for the server (also its statement_timeout); `connect_timeout` (s, default 5.0,
     at least 2): the longest a connection attempt takes; `read_connections` (default 4): the
     connections `get`/`count`/`items` share across threads. Writes use one more connection.
+    `statement_bytes` (default `STATEMENT_BYTES`, 64 MiB): the most bytes of keys and values
+    one statement of a flush carries; a larger flush is sent as several statements of its one
+    transaction (PostgreSQL refuses any message over 1 GiB), waiting for the server's answers
+    after each such amount. Nothing but tests needs to change it.
 
     Raises `PostgresError` (a `WbcacheError`) when the server cannot be reached or reports an
     error, `SchemaMismatchError` if the table exists with other columns, `ImportError` without
@@ -93,7 +105,7 @@ class PostgresBackend:
 
     def __init__(self, dsn: str, table: str = "wbcache", cache_id: str | None = None, *,
                  timeout: float = 10.0, connect_timeout: float = 5.0,
-                 read_connections: int = 4) -> None:
+                 read_connections: int = 4, statement_bytes: int = STATEMENT_BYTES) -> None:
         try:
             from wbcache.backends.postgres_link import Endpoint, Link, ReaderPool
         except ImportError as exc:
@@ -105,9 +117,11 @@ class PostgresBackend:
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
-        if isinstance(read_connections, bool) or not isinstance(read_connections, int) \
-                or read_connections < 1:
-            raise ValueError(f"read_connections must be a positive int, not {read_connections!r}")
+        for name, count in (("read_connections", read_connections),
+                            ("statement_bytes", statement_bytes)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"{name} must be a positive int, not {count!r}")
+        self._statement_bytes = statement_bytes
         self._explicit_id = _check_cache_id(cache_id) if cache_id is not None else None
         self._cache_id = self._explicit_id
         self._names = TableNames.parse(table)
@@ -140,7 +154,8 @@ class PostgresBackend:
             raise TypeError(f"url must be a str, not {type(url).__name__}")
         parts = urlsplit(url)
         if parts.scheme not in ("postgresql", "postgres"):
-            raise ValueError(f"not a PostgreSQL URL (postgresql://...): {parts.scheme or url!r}")
+            found = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"  # never the URL
+            raise ValueError(f"not a PostgreSQL URL (postgresql://...): {found}")
         libpq: list[tuple[str, str]] = []
         ours: dict[str, Any] = {}
         for name, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -224,24 +239,23 @@ class PostgresBackend:
                     conn.close()
 
     def checkpoint(self) -> int:
-        """This cache's checkpoint LSN (0 if it never flushed). Starts a recovery: flushes
-        whose answer was lost are forgotten, since the caller now has the database's truth."""
+        """This cache's checkpoint LSN as stored now (0 if it never flushed). Only a read: a
+        flush whose answer was lost stays remembered until a later flush settles it (it may
+        still commit after this read); `attach`, at every open, is where a cache starts
+        afresh."""
         cache_id = self._require_cache_id()
-        with self._write_lock:
-            conn = self._writer_connection()
-            lsn = self._link.call(conn, f"reading the checkpoint of cache {cache_id}",
-                                  self._read_checkpoint)
-            self._forget_attempts()
-            self._known = lsn
-            return lsn
+        with self._readers.connection() as conn:
+            return self._link.call(conn, f"reading the checkpoint of cache {cache_id}",
+                                   self._read_checkpoint)
 
     # ---------------------------------------------------------------- the flush
 
     def apply(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key], checkpoint: int,
               increments: Sequence[tuple[Key, int]] = ()) -> None:
         """Store `puts`, remove `deletes`, add `increments` and set this cache's checkpoint,
-        in one transaction sent in one round trip. Raises `PostgresError` (nothing committed,
-        or an ambiguous commit that the next call settles), `CheckpointConflictError`."""
+        in one transaction: its statements (a round trip per `statement_bytes`), then its
+        COMMIT. Raises `PostgresError` (nothing committed, or an ambiguous commit that the next
+        call settles), `CheckpointConflictError`."""
         cache_id = self._require_cache_id()
         with self._write_lock:
             conn = self._writer_connection()
@@ -249,16 +263,19 @@ class PostgresBackend:
             if pending is None:
                 return  # this very transaction had committed before the connection broke
             assert self._known is not None
-            statements = self._sql.flush(puts, deletes, pending, cache_id, checkpoint,
-                                         self._known)
+            rows, beyond = flush_rows(puts, deletes, pending)  # bad keys raise before any I/O
+            statements = self._sql.flush(rows, beyond, cache_id, checkpoint, self._known,
+                                         self._statement_bytes)
             action = (f"flush of {len(puts)} puts, {len(deletes)} deletes and {len(pending)} "
                       f"increments up to LSN {checkpoint} of cache {cache_id}")
             try:
-                self._link.call(conn, action, lambda c: _run_transaction(c, statements),
-                                commits=True)
+                self._link.transaction(conn, action, statements, self._statement_bytes)
             except PostgresError as exc:
                 if exc.ambiguous:
-                    self._uncertain.append(_Attempt(checkpoint, dict(pending)))
+                    sent: dict[Key, int] = {}
+                    for key, delta in pending:
+                        sent[key] = sent.get(key, 0) + delta
+                    self._uncertain.append(_Attempt(checkpoint, sent))
                 cause = str(exc.__cause__)
                 if CHECKPOINT_CONFLICT_MARK not in cause:
                     raise
@@ -380,16 +397,6 @@ class PostgresBackend:
 
     def __repr__(self) -> str:
         return f"<PostgresBackend {self._link.where}, cache_id={self._cache_id!r}>"
-
-
-def _run_transaction(conn: Connection, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
-    """One transaction, one round trip: everything is queued, then sent with a single Sync."""
-    with conn.pipeline():
-        cursor = conn.cursor()
-        cursor.execute("BEGIN")
-        for query, params in statements:
-            cursor.execute(query, params)
-        cursor.execute("COMMIT")
 
 
 def _check_cache_id(cache_id: object) -> str:

@@ -8,6 +8,8 @@ data) and TCP keepalives (an idle wait); and anything that still holds a round t
 `timeout` (a proxy or middlebox that acknowledges but never forwards, a hung server) by the
 `RoundTripTimer`, which shuts the socket down under the waiting call. Server-side, the same
 `timeout` is the session's statement_timeout.
+
+Every message made here goes through `redact`: the DSN's password is never in one.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from wbcache.backends.postgres_schema import Statement
+from wbcache.backends.postgres_secrets import redact, redact_dsn_complaint
 from wbcache.errors import PostgresError
 
 T = TypeVar("T")
@@ -35,19 +39,23 @@ Connection = psycopg.Connection[Any]
 @dataclass(frozen=True)
 class Endpoint:
     """Where the backend connects: the full conninfo (with wbcache's defaults) and a
-    description for messages (never the password)."""
+    description for messages (never the password). `secrets`: the passwords it holds, hidden
+    wherever they appear in a message."""
 
-    conninfo: str
+    conninfo: str = field(repr=False)
     description: str
     connect_timeout: float
     timeout: float
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_dsn(cls, dsn: str, *, connect_timeout: float, timeout: float) -> Endpoint:
         try:
             params: dict[str, Any] = dict(conninfo_to_dict(dsn))
         except psycopg.ProgrammingError as exc:
-            raise ValueError(f"invalid PostgreSQL DSN: {_one_line(exc)}") from None
+            raise ValueError(f"invalid PostgreSQL DSN: "
+                             f"{redact_dsn_complaint(_one_line(exc), dsn)}") from None
+        secrets = _passwords(params)
         # The DSN's own settings win; these fill what it leaves out.
         defaults = {
             "connect_timeout": max(2, round(connect_timeout)),  # libpq's minimum is 2 s
@@ -63,8 +71,21 @@ class Endpoint:
         host = params.get("host") or params.get("hostaddr") or "the local socket"
         port = params.get("port") or "5432"
         dbname = params.get("dbname") or params.get("user") or "(default)"
-        return cls(make_conninfo(**params), f"{host}:{port} database {dbname}",
-                   connect_timeout, timeout)
+        return cls(make_conninfo(**params), redact(f"{host}:{port} database {dbname}", secrets),
+                   connect_timeout, timeout, secrets)
+
+
+def _passwords(params: dict[str, Any]) -> tuple[str, ...]:
+    """The passwords a parsed DSN holds, including those of a DSN given as its dbname (libpq
+    reads a dbname with "=" in it as a connection string of its own)."""
+    found = [str(params[name]) for name in ("password", "sslpassword") if params.get(name)]
+    dbname = str(params.get("dbname") or "")
+    if "=" in dbname:
+        try:
+            found += _passwords(dict(conninfo_to_dict(dbname)))
+        except psycopg.ProgrammingError:
+            pass  # then libpq will not read it as one either
+    return tuple(found)
 
 
 @dataclass
@@ -106,6 +127,11 @@ class RoundTripTimer:
                 del self._watches[id(watch)]
             os.close(watch.fd)
 
+    def rearm(self, watch: _Watch) -> None:
+        """A round trip of a longer call completed: the next one gets `seconds` again."""
+        with self._lock:
+            watch.deadline = time.monotonic() + self.seconds
+
     def _run(self) -> None:
         while not self._stopped.wait(self._tick):
             now = time.monotonic()
@@ -144,7 +170,8 @@ class Link:
         try:
             conn = psycopg.connect(self.endpoint.conninfo, autocommit=True)
         except psycopg.Error as exc:
-            raise PostgresError(f"{self.where}: cannot connect: {_one_line(exc)}") from exc
+            raise PostgresError(self.redact(f"{self.where}: cannot connect: {_one_line(exc)}")
+                                ) from self._printable(exc)
         try:  # the server gives up on a statement when we would
             self.call(conn, "setting statement_timeout", lambda c: c.execute(
                 "SELECT set_config('statement_timeout', %s, false)",
@@ -154,22 +181,78 @@ class Link:
             raise
         return conn
 
-    def call(self, conn: Connection, action: str, work: Callable[[Connection], T], *,
-             commits: bool = False) -> T:
+    def call(self, conn: Connection, action: str, work: Callable[[Connection], T]) -> T:
         """`work(conn)` with its round trips bounded. On failure the connection is closed
-        unless it is still usable (an error the server reported), and `PostgresError` raised;
-        with `commits`, it is `ambiguous` unless the server is known to have rolled back."""
+        unless it is still usable (an error the server reported), and `PostgresError` raised."""
+        return self._guarded(conn, action, lambda c, _watch: work(c), None)
+
+    def transaction(self, conn: Connection, action: str, statements: Iterable[Statement],
+                    round_trip_bytes: int) -> None:
+        """BEGIN, `statements`, COMMIT: ONE transaction in two round trips: the statements,
+        pipelined, then, once the server has answered all of them, the COMMIT. A flush larger
+        than `round_trip_bytes` is sent in one pipeline per that many bytes, each waiting for
+        its answers, so neither side buffers much more than that; each round trip, not the
+        whole, is bounded by `timeout`. Statements are made as they are sent.
+
+        Raises `PostgresError`, `ambiguous` only if the connection was lost after the COMMIT
+        was sent. Holding the COMMIT back until the statements are answered costs one round
+        trip and keeps everything else certain: a statement the server refused, or a session
+        it ended (for a message over its limit, a shutdown) is then known to have committed
+        nothing -- in a pipeline that already holds the COMMIT, a session closed with an
+        error looks just like a connection lost after it."""
+        commit_sent = False
+
+        def work(conn: Connection, watch: _Watch) -> None:
+            nonlocal commit_sent
+            remaining = iter(statements)
+            statement = next(remaining, None)
+            begun = False
+            while not begun or statement is not None:
+                # One round trip. Leaving the pipeline sends all of it and waits for every
+                # answer (raising the first error); Pipeline.sync() would not do the first
+                # when a message outgrows the socket's buffer, and waits forever.
+                with conn.pipeline():
+                    if not begun:
+                        conn.execute("BEGIN")
+                        begun = True
+                    sent = 0
+                    while statement is not None and (
+                            not sent or sent + statement.size <= round_trip_bytes):
+                        # prepare=False: planned with its parameters' values, an `= ANY`
+                        # of an array is a hash lookup, not a scan of the array per row.
+                        conn.cursor().execute(statement.sql, statement.params, prepare=False)
+                        sent += statement.size
+                        statement = next(remaining, None)
+                self.timer.rearm(watch)
+            commit_sent = True  # every statement succeeded: only now may it commit
+            conn.execute("COMMIT")
+
+        self._guarded(conn, action, work, lambda: commit_sent)
+
+    def _guarded(self, conn: Connection, action: str, work: Callable[[Connection, _Watch], T],
+                 commit_sent: Callable[[], bool] | None) -> T:
+        """`work(conn, watch)` with its round trips bounded, failures turned into
+        `PostgresError`; for a transaction, `commit_sent()` says whether its COMMIT went out
+        before the failure (then, unless the server answered it with an error, whether it
+        committed is unknown: `ambiguous`)."""
         watch: _Watch | None = None
         try:
             with self.timer.bound(conn) as watch:
-                return work(conn)
+                return work(conn, watch)
         except psycopg.Error as exc:
             fired = watch is not None and watch.fired
-            rejected = exc.sqlstate is not None and not conn.broken and not fired
+            reported = exc.sqlstate is not None and not fired
+            # The server answered with an error and the session lives on: nothing of the
+            # transaction, if any, committed.
+            rejected = reported and not conn.broken
             if not rejected or not self._rolled_back(conn):
                 conn.close()
+            ambiguous = commit_sent is not None and commit_sent() and not rejected
             raise self.failure(action, exc, timed_out=fired,
-                               ambiguous=commits and not rejected) from exc
+                               ambiguous=ambiguous) from self._printable(exc)
+        except BaseException:
+            conn.close()  # interrupted in the middle of who knows what: never reuse it
+            raise
 
     def failure(self, action: str, exc: BaseException, *, timed_out: bool = False,
                 ambiguous: bool = False) -> PostgresError:
@@ -181,7 +264,16 @@ class Link:
         if ambiguous:
             message += ("; the connection broke after COMMIT was sent, so whether it committed "
                         "is settled before the next write")
-        return PostgresError(message, ambiguous=ambiguous)
+        return PostgresError(self.redact(message), ambiguous=ambiguous)
+
+    def redact(self, text: str) -> str:
+        return redact(text, self.endpoint.secrets)
+
+    def _printable(self, exc: BaseException) -> BaseException | None:
+        """`exc` as the cause of ours, unless its text holds a password (a traceback prints
+        it): then none."""
+        text = str(exc)
+        return exc if self.redact(text) == text else None
 
     def _rolled_back(self, conn: Connection) -> bool:
         """Leave a connection that saw a server-reported error outside any transaction; False

@@ -18,14 +18,23 @@ apart, sorts the same in Python and in PostgreSQL (bytewise), and keeps every st
 single array per key column. Why ints in their own column: an increment is then added by
 PostgreSQL itself (`num = num + delta`) inside the flush transaction, so increments flushed by
 many caches all count, whatever order their transactions commit in.
+
+A flush locks the rows it touches in ONE order, the keys', whatever it does to them: a first
+pass upserts every key, sorted (a put stores its value, an increment adds its delta, a delete
+locks its row, or inserts one marked with an empty `value`, which no msgpack encoding is, for
+a missing key), then those keys are deleted, rows this transaction already holds. Two flushes
+that share keys then queue on the first of them instead of each holding a row the other waits
+for (a deadlock, when deletes and puts were separate passes). A flush larger than
+`STATEMENT_BYTES` is cut into statements by key range, in key order.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -47,6 +56,18 @@ DDL_LOCK_CLASS = 0x77626361
 
 # Starts the error text of a failed checkpoint compare-and-set (see Statements.set_checkpoint).
 CHECKPOINT_CONFLICT_MARK = "wbcache checkpoint conflict:"
+
+# The most bytes of keys and values one statement of a flush carries, by default. PostgreSQL
+# ends the session on any protocol message over 1 GiB ("invalid message length"), and holds a
+# statement's parameters several times over while it runs it: 64 MiB stays far below the
+# limit and keeps memory modest on both sides, while a flush of 10,000 ordinary entries
+# (~1 MiB) is still one statement. A single entry larger than this goes alone in its own.
+STATEMENT_BYTES = 64 << 20
+
+# What a flush does to a key (a FlushRow's kind).
+PUT, ADD, DELETE = 0, 1, 2
+TOMBSTONE = b""  # the `value` a delete leaves for its second pass: never a msgpack encoding
+_ROW_OVERHEAD = 12  # bytes each row adds to a statement besides its data: three array lengths
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _CHECKPOINTS_SUFFIX = "_checkpoints"
@@ -127,6 +148,8 @@ def decode_key(stored: bytes) -> Key:
 def split_value(encoded: bytes) -> tuple[int | None, bytes | None]:
     """(num, value) columns for a msgpack-encoded value: an int in the signed 64-bit range goes
     to `num`, anything else (uint64 above it included) stays encoded in `value`."""
+    if not encoded:
+        raise ValueError("an encoded value is never empty (the empty bytea marks a delete)")
     first = encoded[0]
     # msgpack int formats: positive fixint, negative fixint, uint8..64, int8..64
     if first <= 0x7F or first >= 0xE0 or 0xCC <= first <= 0xD3:
@@ -146,6 +169,112 @@ def join_value(num: int | None, value: bytes | None) -> bytes:
 
 def clamp_int64(number: int) -> int:
     return min(max(number, INT64_MIN), INT64_MAX)
+
+
+# ------------------------------------------------------------------ a flush's rows
+
+# One key of a flush as its first pass sends it: (stored key, num, value, kind). For ADD, num
+# is the delta (held to int64); for DELETE, value is TOMBSTONE. Plain tuples: a flush makes
+# one per entry, 100,000 of them at a time.
+FlushRow = tuple[bytes, int | None, bytes | None, int]
+
+
+def flush_rows(puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
+               increments: Sequence[tuple[Key, int]]
+               ) -> tuple[list[FlushRow], list[list[FlushRow]]]:
+    """Every key a flush touches, once, sorted as PostgreSQL sorts bytea; and the part of any
+    delta beyond int64, to add in later passes (ADD rows, sorted, each key once per pass).
+
+    A key named more than once counts as if each list were applied in turn (deletes, then
+    puts, then increments): a put wins over a delete, and an increment of a key put or
+    deleted in the same flush is stored as the resulting value."""
+    rows: list[FlushRow] = [(encode_key(key), None, TOMBSTONE, DELETE) for key in deletes]
+    rows += [(encode_key(key), *split_value(value), PUT) for key, value in puts]
+    rows += [(encode_key(key), delta, None, ADD) for key, delta in increments]
+    rows.sort(key=itemgetter(0))  # stable: a key's rows stay in the order above
+    if len({row[0] for row in rows}) < len(rows):  # never from the cache, which coalesces
+        rows = _merge_repeated(rows)
+    beyond: list[list[FlushRow]] = []
+    if increments:
+        for index, (stored, num, _value, kind) in enumerate(rows):
+            if kind != ADD or num is None or INT64_MIN <= num <= INT64_MAX:
+                continue
+            # A coalesced delta is the difference of two int64 values, so it can reach past
+            # int64 itself: what is beyond is added in later passes (never in practice).
+            rows[index] = (stored, clamp_int64(num), None, ADD)
+            rest, layer = num - clamp_int64(num), 0
+            while rest:
+                if layer == len(beyond):
+                    beyond.append([])
+                beyond[layer].append((stored, clamp_int64(rest), None, ADD))
+                rest, layer = rest - clamp_int64(rest), layer + 1
+    return rows, beyond
+
+
+def _merge_repeated(rows: list[FlushRow]) -> list[FlushRow]:
+    """`rows`, sorted by key, with each run of one key's rows made one row (see flush_rows)."""
+    merged: list[FlushRow] = []
+    for row in rows:
+        if not merged or merged[-1][0] != row[0]:
+            merged.append(row)
+            continue
+        stored, num, _value, kind = merged[-1]
+        if row[3] != ADD:  # a put after a delete, or a later put: it wins
+            merged[-1] = row
+        elif kind == ADD:
+            assert num is not None and row[1] is not None
+            merged[-1] = (stored, num + row[1], None, ADD)
+        else:  # a non-int (or no value) counts from 0, as it does in the database
+            assert row[1] is not None
+            merged[-1] = (stored, clamp_int64((num or 0) + row[1]), None, PUT)
+    return merged
+
+
+class Statement(NamedTuple):
+    sql: str
+    params: tuple[Any, ...]
+    size: int  # bytes of data it carries (the budget counts these)
+
+
+Columns = tuple[list[bytes], list[int | None], list[bytes | None], list[int]]
+
+
+def _runs(rows: Sequence[FlushRow], budget: int) -> Iterator[tuple[Columns, int]]:
+    """Consecutive runs of `rows` of at most `budget` bytes each (a larger row alone), as
+    columns (keys, nums, values, kinds), with their size: the bytes they add to an upsert."""
+    if not rows:
+        return
+    columns = _columns(rows)
+    total = _size(*columns)
+    if total <= budget:  # the usual flush: one run, measured without a loop in Python
+        yield columns, total
+        return
+    start = size = 0
+    for end, (key, _num, value, kind) in enumerate(rows):  # _size, one row at a time
+        row_size = len(key) + (8 if value is None else len(value)) + _ROW_OVERHEAD
+        if kind == ADD:
+            row_size += len(key) + 4
+        if end > start and size + row_size > budget:
+            yield _columns(rows[start:end]), size
+            start, size = end, 0
+        size += row_size
+    yield _columns(rows[start:]), size
+
+
+def _columns(rows: Sequence[FlushRow]) -> Columns:
+    keys, nums, values, kinds = map(list, zip(*rows, strict=True))
+    return keys, nums, values, kinds
+
+
+def _size(keys: list[bytes], nums: list[int | None], values: list[bytes | None],
+          kinds: list[int]) -> int:
+    """The bytes rows add to an upsert: keys, values (8 for an int), and each ADD row's key
+    once more (in the array of keys whose delta is added)."""
+    size = (sum(map(len, keys)) + sum(map(len, filter(None, values))) + 8 * values.count(None)
+            + _ROW_OVERHEAD * len(keys))
+    if ADD in kinds:
+        size += sum(len(key) + 4 for key, kind in zip(keys, kinds, strict=True) if kind == ADD)
+    return size
 
 
 # ------------------------------------------------------------------ statements
@@ -170,27 +299,30 @@ class Statements:
         self.count = f"SELECT count(*) FROM {data}"
         self.items = f"SELECT key, num, value FROM {data}"
         self.checkpoint = f"SELECT lsn FROM {checkpoints} WHERE cache_id = %s"
-        # Keys arrive sorted, and unnest keeps array order, so every cache locks the rows of one
-        # statement in the same (key) order: two flushes over the same keys queue, not deadlock.
-        self.delete = f"DELETE FROM {data} WHERE key = ANY(%b::bytea[])"
-        self.put = (
-            f"INSERT INTO {data} (key, num, value) "
+        # The first pass of a flush: every key in one statement (per run), sorted, and unnest
+        # keeps array order, so rows are locked in key order. An increment's key is also in
+        # the last array: the conflict branch adds its delta to what the row holds (a delta on
+        # an int adds to it; on any other value or a missing key it counts from 0). The sum is
+        # taken in numeric and held to the bigint range: increments acknowledged by several
+        # caches cannot be refused here, so a total beyond 64 bits stays at the bound rather
+        # than failing every later flush. `= ANY` of an array parameter is a hash lookup (the
+        # statement is planned with its values: see `prepare=False` where it runs). A delete's
+        # existing row fails the WHERE, so it is locked (as ON CONFLICT DO UPDATE locks every
+        # row it meets) but not rewritten: the second pass deletes it.
+        self.upsert = (
+            f"INSERT INTO {data} AS t (key, num, value) "
             f"SELECT * FROM unnest(%b::bytea[], %b::bigint[], %b::bytea[]) "
-            f"ON CONFLICT (key) DO UPDATE SET num = EXCLUDED.num, value = EXCLUDED.value")
-        # A delta on a missing key inserts it; on an int adds to it; on any other value counts
-        # from 0 (as a missing key does). The sum is taken in numeric and held to the bigint
-        # range: increments acknowledged by several caches cannot be refused here, so a total
-        # beyond 64 bits stays at the bound rather than failing every later flush.
-        self.increment = (
-            f"INSERT INTO {data} AS t (key, num) "
-            f"SELECT * FROM unnest(%b::bytea[], %b::bigint[]) "
-            f"ON CONFLICT (key) DO UPDATE SET value = NULL, num = "
+            f"ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, num = CASE "
+            f"WHEN EXCLUDED.key = ANY(%b::bytea[]) THEN "
             f"LEAST(GREATEST(COALESCE(t.num, 0)::numeric + EXCLUDED.num, {INT64_MIN}), "
-            f"{INT64_MAX})::bigint")
+            f"{INT64_MAX})::bigint ELSE EXCLUDED.num END "
+            f"WHERE EXCLUDED.value IS DISTINCT FROM ''::bytea")  # not a TOMBSTONE
+        # The second pass: the tombstoned keys, whose rows this transaction holds already.
+        self.delete = f"DELETE FROM {data} WHERE key = ANY(%b::bytea[])"
         # Compare-and-set: the checkpoint moves from the value this backend knows is stored
         # (`known`) to a larger one, or the statement fails with a message (a text that is not
-        # a bigint), which aborts the whole transaction before its COMMIT -- the check has to
-        # stop the data too, within the same single round trip. It keeps the checkpoint growing
+        # a bigint), which aborts the whole transaction before its COMMIT is sent -- the check
+        # has to stop the data too. It keeps the checkpoint growing
         # and, with it, exactly-once: of several transactions sent from the same `known` (a
         # flush whose answer was lost, then its retry), at most one can ever commit.
         self.set_checkpoint = (
@@ -199,29 +331,28 @@ class Statements:
             f"WHEN c.lsn = %s::bigint AND c.lsn < EXCLUDED.lsn THEN EXCLUDED.lsn "
             f"ELSE ('{CHECKPOINT_CONFLICT_MARK} the stored checkpoint is ' || c.lsn)::bigint END")
 
-    def flush(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
-              increments: Sequence[tuple[Key, int]], cache_id: str, checkpoint: int,
-              known: int) -> list[tuple[str, tuple[Any, ...]]]:
-        """The statements of one flush transaction (without BEGIN and COMMIT), keys sorted;
-        the checkpoint moves from `known` to `checkpoint`."""
-        statements: list[tuple[str, tuple[Any, ...]]] = []
-        if deletes:
-            statements.append((self.delete, (sorted(encode_key(key) for key in deletes),)))
-        if puts:
-            stored = sorted((encode_key(key), *split_value(value)) for key, value in puts)
-            statements.append((self.put, tuple(map(list, zip(*stored, strict=True)))))
-        if increments:
-            # A coalesced delta is the difference of two int64 values, so it can reach past
-            # int64 itself: what is beyond goes in further statements (never in practice).
-            rows = sorted((encode_key(key), delta) for key, delta in increments)
-            while rows:
-                part = [(key, clamp_int64(delta)) for key, delta in rows]
-                statements.append((self.increment, tuple(map(list, zip(*part, strict=True)))))
-                rows = [(key, delta - clamped)
-                        for (key, delta), (_, clamped) in zip(rows, part, strict=True)
-                        if delta != clamped]
-        statements.append((self.set_checkpoint, (cache_id, checkpoint, known)))
-        return statements
+    def flush(self, rows: Sequence[FlushRow], beyond: Sequence[Sequence[FlushRow]], cache_id: str,
+              checkpoint: int, known: int, budget: int) -> Iterator[Statement]:
+        """The statements of one flush transaction (without BEGIN and COMMIT), made as they
+        are sent: for each run of `rows` (from `flush_rows`) of at most `budget` bytes, its
+        upsert, then the delete of its tombstones; the deltas `beyond` int64; last, the
+        checkpoint moving from `known` to `checkpoint`. Every statement holds keys in order,
+        and each run follows the one before it, so the rows are locked in key order."""
+        for (keys, nums, values, kinds), size in _runs(rows, budget):
+            yield self._upsert(keys, nums, values, kinds, size)
+            if DELETE in kinds:
+                doomed = [key for key, kind in zip(keys, kinds, strict=True) if kind == DELETE]
+                yield Statement(self.delete, (doomed,), sum(map(len, doomed)))
+        for layer in beyond:  # keys this transaction holds already
+            for columns, size in _runs(layer, budget):
+                yield self._upsert(*columns, size)
+        yield Statement(self.set_checkpoint, (cache_id, checkpoint, known), len(cache_id) + 16)
+
+    def _upsert(self, keys: list[bytes], nums: list[int | None], values: list[bytes | None],
+                kinds: list[int], size: int) -> Statement:
+        added = ([key for key, kind in zip(keys, kinds, strict=True) if kind == ADD]
+                 if ADD in kinds else [])
+        return Statement(self.upsert, (keys, nums, values, added), size)
 
 
 EXPECTED_COLUMNS = {

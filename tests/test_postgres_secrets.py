@@ -1,0 +1,133 @@
+"""A password in a DSN or URL is never printed: not in an exception (message or chained
+cause, as a traceback shows them), a repr, or the output of `wbcache torture --backend`."""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import pytest
+from pg_support import pg_dsn_fixture, pg_schema_fixture  # noqa: F401 (fixtures)
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from test_cli_support import DRIVERS, run
+
+from wbcache.backends.postgres import PostgresBackend, PostgresError
+
+SECRET = "Zq7xK9w"  # appears nowhere else, so any fragment of it in a message is a leak
+SPACED = "Zq7x K9w"  # a password libpq cannot parse unquoted: its parts must not leak either
+FRAGMENTS = ("Zq7x", "K9w")
+
+
+def shown(exc: BaseException) -> str:
+    """All that a traceback of `exc` would print: every message in its chain, and its repr."""
+    return "".join(traceback.format_exception(exc)) + repr(exc)
+
+
+def assert_hidden(text: str) -> None:
+    for fragment in FRAGMENTS:
+        assert fragment not in text, text
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    (f"//user:{SECRET}@127.0.0.1/db", "not a PostgreSQL URL"),
+    (f"mysql://user:{SECRET}@127.0.0.1/db", "not a PostgreSQL URL"),
+    (f"postgresql://user:{SECRET}@127.0.0.1:1/db?timeout=soon", "is not a float"),
+    (f"postgresql://user:{SECRET}@127.0.0.1:1/db?bogus=1", "invalid PostgreSQL DSN"),
+    ("postgresql://user:Zq7x%ZZK9w@127.0.0.1:1/db", "invalid PostgreSQL DSN"),
+    (f"postgresql://user:{SPACED}@127.0.0.1:1/db", "invalid PostgreSQL DSN"),
+    (f"postgresql://user@127.0.0.1:1/db?password={SECRET}&connect_timeout=x",
+     "connect_timeout"),
+    (f"postgresql://user:{SECRET}@127.0.0.1:notaport/db", "port"),
+])
+def test_a_bad_backend_url_is_refused_without_its_password(url: str, message: str) -> None:
+    with pytest.raises((ValueError, PostgresError), match=message) as refused:
+        PostgresBackend.from_url(url, connect_timeout=2)
+    assert_hidden(shown(refused.value))
+
+
+@pytest.mark.parametrize(("dsn", "message"), [
+    (f"host=127.0.0.1 port=1 password={SPACED}", "invalid PostgreSQL DSN"),
+    (f"host=127.0.0.1 port=1 password='{SECRET}", "invalid PostgreSQL DSN"),
+    (f"host=127.0.0.1 port=x password={SECRET}", "port"),
+    (f"host=127.0.0.1 port=x sslpassword={SECRET}", "port"),
+])
+def test_a_bad_key_value_dsn_is_refused_without_its_password(dsn: str, message: str) -> None:
+    with pytest.raises((ValueError, PostgresError), match=message) as refused:
+        PostgresBackend(dsn, cache_id="x", connect_timeout=2)
+    assert_hidden(shown(refused.value))
+
+
+@pytest.mark.parametrize("dsn", [
+    f"postgresql://user:{SECRET}@127.0.0.1:1/db",
+    f"host=127.0.0.1 port=1 user=user password={SECRET}",
+    f"host=127.0.0.1 port=1 user=user password='{SPACED}'",
+    f"dbname='host=127.0.0.1 port=1 password={SECRET}'",  # libpq expands a dbname like this
+])
+def test_a_refused_connection_is_reported_without_the_password(dsn: str) -> None:
+    with pytest.raises(PostgresError, match="cannot connect") as refused:
+        PostgresBackend(dsn, cache_id="x", connect_timeout=2)
+    assert_hidden(shown(refused.value))
+
+
+def test_a_connected_backend_shows_no_password_in_its_repr_or_errors(pg_dsn: str,
+                                                                     pg_schema: str) -> None:
+    """The test server trusts its clients, so it takes any password; libpq still holds it."""
+    dsn = make_conninfo(**{**conninfo_to_dict(pg_dsn), "password": SECRET})
+    backend = PostgresBackend(dsn, table=f"{pg_schema}.wbcache", cache_id="x")
+    try:
+        backend.apply([], [], 1)
+        assert backend.checkpoint() == 1
+        assert_hidden(repr(backend))
+        with pytest.raises(PostgresError) as failed:
+            backend.apply([], [], 1)  # a checkpoint that does not grow is refused
+        assert_hidden(shown(failed.value))
+    finally:
+        backend.close()
+    with pytest.raises(PostgresError, match="closed") as closed:
+        backend.get("k")
+    assert_hidden(shown(closed.value))
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (f"postgresql://user:{SECRET}@host/db", "postgresql://user:***@host/db"),
+    (f"postgres://user:{SECRET}@h1,h2:5433/db?sslmode=require",
+     "postgres://user:***@h1,h2:5433/db?sslmode=require"),
+    (f"postgresql://user@host/db?password={SECRET}&sslmode=require",
+     "postgresql://user@host/db?password=***&sslmode=require"),
+    (f"host=h password={SECRET} user=u", "host=h password=*** user=u"),
+    (f"host=h password = '{SPACED}' user=u", "host=h password = *** user=u"),
+    (f"host=h sslpassword={SECRET}", "host=h sslpassword=***"),
+    ("postgresql://user@host/db", "postgresql://user@host/db"),
+    ("host=h user=u", "host=h user=u"),
+])
+def test_redact_hides_every_form_of_password(text: str, expected: str) -> None:
+    from wbcache.backends.postgres import redact
+
+    assert redact(text) == expected
+    assert redact(f"could not use {text} at all") == f"could not use {expected} at all"
+
+
+def test_redact_hides_a_known_secret_wherever_it_appears() -> None:
+    from wbcache.backends.postgres import redact
+
+    assert redact(f'database "{SECRET}" does not exist', secrets=[SECRET]) \
+        == 'database "***" does not exist'
+
+
+# ------------------------------------------------------------------ the torture CLI
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("url", [
+    f"postgresql://user:{SECRET}@127.0.0.1:1/db?connect_timeout=2",
+    f"postgresql://user@127.0.0.1:1/db?password={SECRET}&connect_timeout=2",
+    f"postgresql://user:{SPACED}@127.0.0.1:1/db",
+    f"mysql://user:{SECRET}@127.0.0.1/db",
+    f"//user:{SECRET}@127.0.0.1/db",
+    f"postgresql://user:{SECRET}@127.0.0.1/db?table=mine",
+])
+def test_torture_backend_errors_never_show_the_password(driver: str, url: str,
+                                                        tmp_path: Path) -> None:
+    result = run(driver, "torture", str(tmp_path / "w"), "--backend", url, "--cycles", "1")
+    assert result.exit_code in (1, 2), result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert_hidden(result.stdout + result.stderr)
