@@ -2,8 +2,10 @@
 tables in it, a TCP proxy that can take the database away (and report what crossed it), and
 polling with a deadline.
 
-Tests talk to a real server. The DSN comes from WBCACHE_TEST_PG_DSN; without it the tests skip
-(`require_service`), and CI, which sets WBCACHE_REQUIRE_SERVICES=1, fails instead. Every test
+Tests talk to a real server. The DSN comes from WBCACHE_TEST_PG_DSN, or is the usual local
+server (postgresql://postgres@127.0.0.1:5432/test) when one answers there; without either the
+tests skip (`require_service`, saying how to enable them), and CI, which sets
+WBCACHE_REQUIRE_SERVICES=1, fails instead. Every test
 works in its own schema `wbt_<random>`, dropped (CASCADE) when it ends, so nothing else on the
 server is ever touched.
 """
@@ -30,12 +32,28 @@ DSN_VARIABLE = "WBCACHE_TEST_PG_DSN"
 MakeBackend = Callable[..., PostgresBackend]
 
 
+LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+_probed: list[str | None] = []
+
+
+def local_server() -> str | None:
+    """LOCAL_DSN if a PostgreSQL server answers there (probed once per run), else None."""
+    if not _probed:
+        try:
+            psycopg.connect(LOCAL_DSN, connect_timeout=2).close()
+            _probed.append(LOCAL_DSN)
+        except psycopg.Error:
+            _probed.append(None)
+    return _probed[0]
+
+
 def server_dsn() -> str:
-    """The test server's DSN; skips (fails under WBCACHE_REQUIRE_SERVICES=1) without one."""
-    dsn = os.environ.get(DSN_VARIABLE)
+    """The test server's DSN: WBCACHE_TEST_PG_DSN, or the usual local server when one answers
+    there; skips (fails under WBCACHE_REQUIRE_SERVICES=1) without either."""
+    dsn = os.environ.get(DSN_VARIABLE) or local_server()
     if not dsn:
-        require_service("PostgreSQL", f"set {DSN_VARIABLE}, e.g. "
-                                      "postgresql://postgres@127.0.0.1:5432/test")
+        require_service("PostgreSQL", f"no server at {LOCAL_DSN} and {DSN_VARIABLE} is not "
+                                      f"set: set it to a server's DSN to run these tests")
     assert dsn is not None
     return dsn
 

@@ -266,3 +266,38 @@ def test_a_url_backend_is_made_owned_and_closed_by_the_cache(tmp_path: Path, pg_
         wbcache.open(tmp_path / "b", backend="mysql://nope")
     with wbcache.open(tmp_path / "b"):  # the failed open released the directory
         pass
+
+
+def test_a_forked_child_neither_uses_nor_closes_the_parents_connections(
+        open_pg: OpenCache) -> None:
+    """Closing a psycopg connection sends a Terminate message; from a child it would end the
+    parent's session. The child is refused every use and its close() does nothing."""
+    import json
+    import os
+
+    from wbcache import ForkedCacheError
+
+    cache = open_pg("a")
+    cache.put("k", 1)
+    backend = cache._backend  # the PostgresBackend the test made
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        outcome = {}
+        try:
+            backend.get("k")
+            outcome["get"] = "accepted"
+        except ForkedCacheError:
+            outcome["get"] = "refused"
+        backend.close()
+        cache.close()
+        os.write(write_end, json.dumps(outcome).encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    outcome = json.loads(os.read(read_end, 4096))
+    os.close(read_end)
+    assert outcome == {"get": "refused"}
+    cache.put("k", 2)
+    cache.flush()  # the parent's writer connection still works
+    assert cache._backend.get("k") is not None

@@ -33,12 +33,14 @@ pool: `postgres_link` (imported on first use, so `wbcache` imports without psyco
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Collection, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from wbcache import forking
 from wbcache.backends.base import Key
 from wbcache.backends.postgres_schema import (
     CHECKPOINT_CONFLICT_MARK,
@@ -138,12 +140,14 @@ class PostgresBackend:
         self._uncertain: list[_Attempt] = []
         self._settled: dict[Key, int] = {}
         self._closed = False
+        self._pid = os.getpid()
         try:
             with self._write_lock:
                 self._ensure_tables()
         except BaseException:
             self.close()
             raise
+        forking.track(self)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresBackend:
@@ -387,6 +391,7 @@ class PostgresBackend:
 
     def close(self) -> None:
         """Close every connection; idempotent."""
+        forking.untrack(self)
         with self._write_lock:
             self._closed = True
             if self._writer is not None:
@@ -397,6 +402,17 @@ class PostgresBackend:
 
     def __repr__(self) -> str:
         return f"<PostgresBackend {self._link.where}, cache_id={self._cache_id!r}>"
+
+    def _disown_after_fork(self) -> None:
+        """In a child just forked (wbcache/forking.py): the connections' sockets are the
+        parent's; the child must neither use nor close them (closing sends a Terminate the
+        server would act on for the parent). Every use is refused; close() does nothing."""
+        forking.disown(self, _ForkedPostgresBackend, "PostgresBackend", self._link.where,
+                       self._pid)
+
+
+class _ForkedPostgresBackend(PostgresBackend, forking.Disowned):
+    """A `PostgresBackend` inherited through fork(): every use raises `ForkedCacheError`."""
 
 
 def _check_cache_id(cache_id: object) -> str:
