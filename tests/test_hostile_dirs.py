@@ -27,7 +27,7 @@ from test_cli_support import (
 
 import wbcache
 from wbcache.errors import InvalidDirectoryError
-from wbcache.wal.segments import segment_name
+from wbcache.wal.segments import create_segment, segment_name
 
 ME = os.geteuid()
 SECRET = b"root:$6$not-a-real-hash:19000:0:99999:7:::\n"
@@ -338,3 +338,31 @@ def test_wal_or_db_linked_to_a_directory_that_fails_the_check_is_refused(
 
     with unchanged(outside):
         refused(lambda: wbcache.open(path), str(path / sub), expected)
+
+
+# ------------------------------------------------------------------ segments
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_planted_segment_is_refused_and_never_read_or_deleted(tmp_path: Path, outside: Path,
+                                                                 kind: str) -> None:
+    path = closed_cache(tmp_path / "cache", a=1)
+    plant(path / "wal" / segment_name(7), kind, outside)
+
+    with unchanged(outside):
+        refused(lambda: wbcache.open(path), str(path / "wal" / segment_name(7)),
+                KIND_WORDS[kind])
+    assert os.path.lexists(path / "wal" / segment_name(7))  # refused, not deleted
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "fifo"])
+def test_a_new_segment_is_never_created_through_a_planted_name(tmp_path: Path, outside: Path,
+                                                               kind: str) -> None:
+    wal = tmp_path / "wal"
+    wal.mkdir(mode=0o700)
+    plant(wal / segment_name(42), kind, outside)
+
+    with unchanged(outside):
+        refused(lambda: create_segment(str(wal), 42), str(wal / segment_name(42)),
+                KIND_WORDS[kind])
+    assert not (outside / "created-through-a-link").exists()
