@@ -12,8 +12,11 @@ The tests run as root; another user is uid 65534 (`nobody`), made with `os.chown
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,16 +24,35 @@ from typing import Any
 
 import pytest
 from test_cli_support import (
+    DRIVERS,
     NOBODY,
+    assert_one_line_error,
+    flip_byte,
+    frame_offsets,
+    new_cache_dir,
     run,
+    run_all,
+    three_segment_log,
 )
 
 import wbcache
 from wbcache.errors import InvalidDirectoryError
+from wbcache.maintenance import recover_directory
 from wbcache.wal.segments import create_segment, segment_name
 
 ME = os.geteuid()
 SECRET = b"root:$6$not-a-real-hash:19000:0:99999:7:::\n"
+
+READ_COMMANDS = (("inspect",), ("verify",), ("stats",), ("dump",), ("dump", "--pending"),
+                 ("get", "{DIR}", "key-1"))
+ALL_COMMANDS = (("recover",), ("recover", "--dry-run"), ("recover", "--salvage", "--yes"),
+                *READ_COMMANDS)
+
+
+def argv(command: tuple[str, ...], directory: Path) -> list[str]:
+    if "{DIR}" in command:
+        return [str(directory) if part == "{DIR}" else part for part in command]
+    return [*command, str(directory)]
 
 
 # ------------------------------------------------------------------ what a plant points at
@@ -366,3 +388,152 @@ def test_a_new_segment_is_never_created_through_a_planted_name(tmp_path: Path, o
         refused(lambda: create_segment(str(wal), 42), str(wal / segment_name(42)),
                 KIND_WORDS[kind])
     assert not (outside / "created-through-a-link").exists()
+
+
+# ------------------------------------------------------------------ the quarantine
+
+
+def damaged_cache(path: Path) -> Path:
+    """Three segments (LSNs 1..300), the second damaged at LSN 150."""
+    segments = three_segment_log(path)
+    flip_byte(segments[1], frame_offsets(segments[1])[49] + 20)
+    return path
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_salvage_refuses_a_planted_quarantine_link_before_changing_anything(
+        tmp_path: Path, outside: Path, driver: str) -> None:
+    path = damaged_cache(tmp_path / "cache")
+    (path / "quarantine").symlink_to(outside)  # a directory that would pass every check
+
+    with unchanged(outside, path):
+        result = run(driver, "recover", "--salvage", "--yes", str(path))
+    assert_one_line_error(result, 2, str(path / "quarantine"), "symbolic link")
+
+
+def test_salvage_never_follows_a_quarantine_link_planted_after_the_directory_was_checked(
+        tmp_path: Path, outside: Path) -> None:
+    path = damaged_cache(tmp_path / "cache")
+    segments = {entry.name: entry.read_bytes() for entry in (path / "wal").iterdir()}
+
+    def plant_now(report: object) -> None:  # runs after the checks, before anything changes
+        (path / "quarantine").symlink_to(outside)
+
+    with unchanged(outside):
+        refused(lambda: recover_directory(path, salvage=True, confirm=plant_now),
+                str(path / "quarantine"), "symbolic link")
+    # The log is whole, so once the link is gone the salvage runs to the end.
+    assert {entry.name: entry.read_bytes() for entry in (path / "wal").iterdir()} == segments
+    (path / "quarantine").unlink()
+    outcome = recover_directory(path, salvage=True)
+    assert outcome.set_aside is not None and outcome.set_aside.records_set_aside == 150
+
+
+def test_a_planted_run_directory_name_is_skipped_not_followed(tmp_path: Path, outside: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    path = damaged_cache(tmp_path / "cache")
+    stamp = "20300101T000000Z"
+    monkeypatch.setattr(time, "strftime", lambda *args: stamp)
+    (path / "quarantine").mkdir(mode=0o700)
+    (path / "quarantine" / stamp).symlink_to(outside)
+
+    with unchanged(outside):
+        outcome = recover_directory(path, salvage=True)
+
+    assert outcome.set_aside is not None
+    assert outcome.set_aside.quarantine_dir == str(path / "quarantine" / f"{stamp}-2")
+    assert (path / "quarantine" / f"{stamp}-2" / "salvage.json").is_file()
+
+
+@pytest.mark.parametrize("problem", ["another user's", "world-writable"])
+def test_a_quarantine_that_fails_the_check_is_refused(tmp_path: Path, problem: str) -> None:
+    path = damaged_cache(tmp_path / "cache")
+    (path / "quarantine").mkdir(mode=0o700)
+    if problem == "another user's":
+        os.chown(path / "quarantine", NOBODY, NOBODY)
+    else:
+        (path / "quarantine").chmod(0o777)
+
+    with unchanged(path):
+        refused(lambda: recover_directory(path, salvage=True), str(path / "quarantine"))
+
+
+# ------------------------------------------------------------------ the operating commands
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_every_command_refuses_a_directory_another_user_owns_and_changes_nothing(
+        tmp_path: Path, driver: str) -> None:
+    path = tmp_path / "cache"
+    three_segment_log(path)
+    for entry in [path, *path.rglob("*")]:
+        os.lchown(entry, NOBODY, NOBODY)
+
+    with unchanged(path):
+        results = run_all(driver, [argv(command, path) for command in ALL_COMMANDS],
+                          side_by_side=True)  # refused before any lock
+    for result in results:
+        assert_one_line_error(result, 2, str(path), f"owned by uid {NOBODY}, not you (uid {ME})")
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_the_read_only_commands_refuse_a_planted_lock_without_reading_it(
+        tmp_path: Path, outside: Path, driver: str, kind: str) -> None:
+    path = tmp_path / "cache"
+    three_segment_log(path)
+    plant(path / "LOCK", kind, outside)
+
+    with unchanged(outside, path), deadline(60):
+        results = run_all(driver, [argv(command, path) for command in READ_COMMANDS],
+                          side_by_side=True)
+    for result in results:
+        assert_one_line_error(result, 2, str(path / "LOCK"), KIND_WORDS[kind])
+
+
+@pytest.fixture
+def reachable(tmp_path: Path) -> Iterator[Path]:
+    """A directory uid 65534 can reach (tmp_path's parents are root's, 0700)."""
+    where = Path(tempfile.mkdtemp(prefix="wbcache-hostile-", dir="/tmp"))
+    where.chmod(0o755)
+    yield where
+    shutil.rmtree(where)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_another_user_is_refused_a_directory_it_can_reach_but_does_not_own(
+        reachable: Path, driver: str) -> None:
+    path = reachable / "cache"
+    three_segment_log(path)
+    path.chmod(0o755)  # readable by all: ownership alone refuses
+
+    with unchanged(path):
+        results = run_all(driver, [argv(command, path) for command in ALL_COMMANDS],
+                          as_nobody=True, side_by_side=True)
+    for result in results:
+        assert_one_line_error(result, 2, str(path), f"owned by uid 0, not you (uid {NOBODY})")
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_the_owner_of_a_directory_it_may_not_read_gets_a_permission_error(
+        reachable: Path, driver: str) -> None:
+    path = reachable / "cache"
+    three_segment_log(path)
+    for entry in [path, *path.rglob("*")]:
+        os.lchown(entry, NOBODY, NOBODY)
+    path.chmod(0o000)
+
+    with unchanged(reachable):
+        results = run_all(driver, [argv(command, path) for command in ALL_COMMANDS],
+                          as_nobody=True, side_by_side=True)
+    for result in results:
+        assert_one_line_error(result, 1, "Permission denied: ", str(path))
+
+
+def test_open_snapshot_refuses_a_directory_another_user_owns(tmp_path: Path) -> None:
+    path = new_cache_dir(tmp_path / "cache")
+    os.chown(path, NOBODY, NOBODY)
+
+    with unchanged(path):
+        refused(lambda: wbcache.open_snapshot(path), f"owned by uid {NOBODY}, not you")
