@@ -37,6 +37,7 @@ from wbcache.errors import CorruptLogError
 from wbcache.recovery.replay import PROGRESS_EVERY, RecoveryReport, apply_changes
 from wbcache.recovery.scan import LogEnd, walk_log
 from wbcache.wal import crashpoints
+from wbcache.wal.owned import open_private_dir
 from wbcache.wal.reader import SegmentEnd, intact_frames, mapped
 from wbcache.wal.records import Record, State, fold
 from wbcache.wal.segments import SegmentFile, delete_segments, list_segments
@@ -276,19 +277,37 @@ def _intact_records(path: str, start: int, after_lsn: int | None) -> list[int]:
 
 
 def _make_run_dir(quarantine_root: str) -> str:
-    """A new, empty directory under `quarantine_root` (created if missing), both durable."""
-    if not os.path.isdir(quarantine_root):
-        os.mkdir(quarantine_root, 0o700)
-        SYSCALLS.fsync_dir(os.path.dirname(quarantine_root))
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    for attempt in range(1, 1000):
-        run_dir = os.path.join(quarantine_root, stamp if attempt == 1 else f"{stamp}-{attempt}")
+    """A new, empty directory under `quarantine_root` (created if missing), both durable.
+
+    Nothing here is reached through a link: the quarantine is opened relative to the checked
+    cache directory with O_NOFOLLOW and must be private (`wbcache.wal.owned`), and a run
+    directory is made by mkdir relative to it, which never follows one (a name taken by
+    anything, a planted link included, is skipped for the next)."""
+    parent, name = os.path.split(quarantine_root)
+    parent_fd = open_private_dir(parent, follow=True)  # the cache directory, checked again
+    try:
         try:
-            os.mkdir(run_dir, 0o700)
+            os.mkdir(name, 0o700, dir_fd=parent_fd)
+            created = True
         except FileExistsError:
-            continue
-        SYSCALLS.fsync_dir(quarantine_root)
-        return run_dir
+            created = False
+        quarantine_fd = open_private_dir(name, dir_fd=parent_fd, shown=quarantine_root)
+    finally:
+        os.close(parent_fd)
+    try:
+        if created:
+            SYSCALLS.fsync_dir(parent)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for attempt in range(1, 1000):
+            run_name = stamp if attempt == 1 else f"{stamp}-{attempt}"
+            try:
+                os.mkdir(run_name, 0o700, dir_fd=quarantine_fd)
+            except FileExistsError:
+                continue
+            SYSCALLS.fsync_dir(quarantine_root)
+            return os.path.join(quarantine_root, run_name)
+    finally:
+        os.close(quarantine_fd)
     raise FileExistsError(f"no free run directory name under {quarantine_root}")
 
 
@@ -296,7 +315,9 @@ def _write_report(run_dir: str, plan: SalvagePlan, report: SalvageReport) -> Non
     """`salvage.json` beside the segments, so the quarantine explains itself later."""
     document = {"recovery": asdict(plan.report(dry_run=False)), "set_aside": report.as_dict()}
     path = os.path.join(run_dir, REPORT_NAME)
-    fd = SYSCALLS.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    # never written through anything already at that name (a link, a FIFO): O_EXCL, O_NOFOLLOW
+    fd = SYSCALLS.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       0o600)
     try:
         write_all(fd, (json.dumps(document, indent=2) + "\n").encode())
         SYSCALLS.fsync(fd)

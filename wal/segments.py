@@ -3,14 +3,22 @@
 A segment is named after the LSN of its first record, zero-padded to 20 digits, so names sort
 as text in LSN order (`00000000000000000042.log`). Creating or deleting one is followed by an
 fsync of the directory, so the change survives power loss before anything depends on it.
+
+A segment is always a regular file: an entry with a segment's name that is a symbolic link, a
+FIFO, a device or a directory was planted, and is refused (`InvalidDirectoryError`) rather than
+followed, opened, skipped or deleted. A new segment is created with O_EXCL and O_NOFOLLOW, so
+it is never written through anything already there.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
+from wbcache.errors import InvalidDirectoryError
 from wbcache.wal import crashpoints
+from wbcache.wal.owned import describe
 from wbcache.wal.syscalls import SYSCALLS, write_all
 
 SUFFIX = ".log"
@@ -38,15 +46,18 @@ def parse_segment_name(name: str) -> int | None:
 
 
 def list_segments(wal_dir: str) -> list[SegmentFile]:
-    """Every entry of `wal_dir` named like a segment, oldest first; entries named otherwise are
-    ignored. One that is not a regular file (a symlink, a FIFO, a device) is listed too: the
-    reader refuses it by name rather than the log silently missing it."""
+    """Every segment in `wal_dir`, oldest first. Files with other names are not segments and
+    are ignored; an entry with a segment's name that is not a regular file raises
+    `InvalidDirectoryError` (module docstring)."""
     found = []
     with os.scandir(wal_dir) as entries:
         for entry in entries:
             lsn = parse_segment_name(entry.name)
-            if lsn is not None:
-                found.append(SegmentFile(lsn, entry.path))
+            if lsn is None:
+                continue
+            if not entry.is_file(follow_symlinks=False):
+                raise _not_a_segment(entry.path, entry.stat(follow_symlinks=False).st_mode)
+            found.append(SegmentFile(lsn, entry.path))
     found.sort(key=lambda segment: segment.first_lsn)
     return found
 
@@ -60,8 +71,14 @@ def create_segment(wal_dir: str, first_lsn: int, header: bytes) -> tuple[int, st
     path = os.path.join(wal_dir, segment_name(first_lsn))
     if crashpoints.ARMED:
         crashpoints.reached("wal.segment.before_create")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-    fd = SYSCALLS.open(path, flags, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_APPEND | os.O_CLOEXEC
+    try:
+        fd = SYSCALLS.open(path, flags, 0o600)
+    except FileExistsError:
+        mode = os.lstat(path).st_mode
+        if stat.S_ISREG(mode):
+            raise
+        raise _not_a_segment(path, mode) from None
     try:
         write_all(fd, header)
         SYSCALLS.fdatasync(fd)
@@ -74,6 +91,12 @@ def create_segment(wal_dir: str, first_lsn: int, header: bytes) -> tuple[int, st
         SYSCALLS.close(fd)
         raise
     return fd, path
+
+
+def _not_a_segment(path: str, mode: int) -> InvalidDirectoryError:
+    return InvalidDirectoryError(
+        f"{path} is {describe(mode)}, not a log segment; wbcache never follows a link or "
+        f"opens a FIFO or device in its log: move it out of {os.path.dirname(path)}")
 
 
 def delete_segments(wal_dir: str, paths: list[str]) -> None:

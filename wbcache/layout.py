@@ -6,15 +6,37 @@ Opening is `claim` (check the path, create the root: nothing else, so two first 
 meet at the lock), then the lock, then `complete` (create the rest, under the lock).
 Directories are created 0700, files 0600, and every creation is followed by an fsync of its
 parent, so the layout itself survives power loss.
+
+Hostile directories are refused before anything is created or written in them (the checks are
+`wbcache.wal.owned`; each refusal is an `InvalidDirectoryError` saying what to fix):
+
+* The directory, its `wal/` and its `db/` must be owned by the effective user and writable by
+  no one else (as ssh requires of ~/.ssh): a directory another user created (say in a shared
+  /tmp, waiting for the name we will use) is never used, or its planted links would decide
+  where we write. Then nobody else can create, replace or rename anything in it.
+* The files are opened relative to the descriptor of the checked directory, with O_NOFOLLOW,
+  and checked on the opened descriptor: a symlink, FIFO or device where `LOCK`, `cache_id`,
+  `backend` or their `.tmp` should be is refused, never followed or opened; a new file is
+  created with O_EXCL.
+* `wal/` or `db/` may be a symbolic link (the log on another disk, as PostgreSQL allows for its
+  WAL), but only to a directory that passes the same check: owned by you and writable by no one
+  else. Such a link can only be yours (nobody else can write in the directory), and its target
+  is as private as the directory. No other link inside the directory is ever followed.
+* The PARENTS of the directory are not checked (a sticky, world-writable /tmp must stay usable
+  as a parent); the path given, up to and including its last name, is the user's choice. If
+  that last name is a symbolic link, the directory it names is the one checked and used.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from wbcache.errors import InvalidDirectoryError
+from wbcache.wal.owned import check_regular, open_private_dir, open_private_file
 from wbcache.wal.syscalls import SYSCALLS
 
 LOCK_NAME = "LOCK"
@@ -22,6 +44,7 @@ WAL_NAME = "wal"
 DB_NAME = "db"
 CACHE_ID_NAME = "cache_id"
 BACKEND_NAME = "backend"
+QUARANTINE_NAME = "quarantine"  # made by `wbcache recover --salvage` (wbcache.maintenance)
 SHARED_NAME = "SHARED"  # a shared directory (wbcache/lanes.py): lanes/ instead of LOCK and wal/
 LANES_NAME = "lanes"
 # What opening creates (wal/ and db/ stay empty until the cache writes). A crash part-way
@@ -29,6 +52,9 @@ LANES_NAME = "lanes"
 # not refused.
 _LAYOUT_NAMES = frozenset({WAL_NAME, DB_NAME, LOCK_NAME, CACHE_ID_NAME, f"{CACHE_ID_NAME}.tmp",
                            BACKEND_NAME, f"{BACKEND_NAME}.tmp", SHARED_NAME, LANES_NAME})
+_FILE_NAMES = _LAYOUT_NAMES - {WAL_NAME, DB_NAME, LANES_NAME}
+_PRIVATE_DIRS = (LANES_NAME,)  # must be a private directory, never a link
+_LINKABLE_DIRS = (WAL_NAME, DB_NAME)  # may be a link to a private directory (module docstring)
 
 
 @dataclass(frozen=True)
@@ -57,60 +83,101 @@ class Layout:
 
     def cache_id(self) -> str:
         """The directory's identity, made once (at the first open) and never changed."""
-        with open(self.cache_id_path, encoding="ascii") as file:
-            return file.read().strip()
+        with opened_root(self.root) as root_fd:
+            return _read_file(root_fd, self.root, CACHE_ID_NAME).strip()
 
     def backend_kind(self) -> str | None:
         """The kind of database the directory flushes into ("lmdb", "postgresql"), or None
         if no open has recorded one yet."""
         try:
-            with open(self.backend_path, encoding="ascii") as file:
-                return file.read().strip() or None
+            with opened_root(self.root) as root_fd:
+                return _read_file(root_fd, self.root, BACKEND_NAME).strip() or None
         except FileNotFoundError:
             return None
 
-    def is_cache_dir(self) -> bool:
-        """A single-owner cache directory, or a shared one."""
-        return ((os.path.isdir(self.wal) and os.path.isfile(self.lock))
-                or os.path.isfile(os.path.join(self.root, SHARED_NAME)))
+
+@contextmanager
+def opened_root(root: str) -> Iterator[int]:
+    """A descriptor of the cache directory `root`, checked (owned by you, writable by no one
+    else); a link at `root` itself is followed, its target checked (module docstring)."""
+    root_fd = open_private_dir(root, follow=True)
+    try:
+        yield root_fd
+    finally:
+        os.close(root_fd)
+
+
+def checked_entries(layout: Layout, *, private_dirs: Collection[str] = ()) -> frozenset[str]:
+    """The names in the directory, once it and every layout entry it holds passed the checks
+    of the module docstring; `private_dirs` names more directories that must be private (and
+    not links). Raises `InvalidDirectoryError`, or `PermissionError` naming the directory."""
+    with opened_root(layout.root) as root_fd:
+        names = frozenset(os.listdir(root_fd))
+        _check_entries(root_fd, layout.root, names, private_dirs)
+        return names
 
 
 def claim(path: str | os.PathLike[str]) -> Layout:
     """The layout at `path`, its root created if missing (and nothing else yet). An existing
     path must be a wbcache directory, an empty directory or what an interrupted first open
-    left; anything else raises `InvalidDirectoryError` and is left untouched."""
+    left, and pass the checks of the module docstring; anything else raises
+    `InvalidDirectoryError` and is left untouched."""
     layout = Layout(os.path.abspath(os.fspath(path)))
     root = layout.root
-    if os.path.exists(root):
-        if not os.path.isdir(root):
-            raise InvalidDirectoryError(f"{root} exists and is not a directory")
-        if not layout.is_cache_dir() and os.listdir(root) and not _interrupted_layout(root):
-            raise InvalidDirectoryError(
-                f"{root} is not empty and not a wbcache directory; refusing to write into it"
-            )
-    else:
+    try:
+        root_fd = open_private_dir(root, follow=True)
+    except FileNotFoundError:
         _make_dir(root)
+        root_fd = open_private_dir(root, follow=True)
+    except NotADirectoryError:
+        raise InvalidDirectoryError(f"{root} cannot be a directory: a parent is a file") from None
+    try:
+        names = frozenset(os.listdir(root_fd))
+        _check_entries(root_fd, root, names, ())
+        if names and not _is_cache_dir(names) and not _interrupted_layout(root_fd, root, names):
+            raise InvalidDirectoryError(
+                f"{root} is not empty and not a wbcache directory; refusing to write into it")
+    finally:
+        os.close(root_fd)
     return layout
 
 
 def complete(layout: Layout) -> None:
     """Lock held: create what the directory still lacks (wal/, db/, cache_id) and make the
     root's entries durable (the LOCK file the lock just created among them)."""
-    for sub in (layout.wal, layout.db):
-        if not os.path.isdir(sub):
-            _make_dir(sub)
-    if not os.path.exists(layout.cache_id_path):
-        _write_durably(layout.cache_id_path, f"{uuid.uuid4().hex}\n".encode())
+    with opened_root(layout.root) as root_fd:
+        for name in (WAL_NAME, DB_NAME):
+            try:
+                os.mkdir(name, 0o700, dir_fd=root_fd)  # never follows a link
+            except FileExistsError:
+                pass
+            os.close(open_private_dir(name, dir_fd=root_fd, follow=True,
+                                      shown=os.path.join(layout.root, name)))
+        try:
+            info = os.stat(CACHE_ID_NAME, dir_fd=root_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            _write_durably(root_fd, layout.root, CACHE_ID_NAME, f"{uuid.uuid4().hex}\n".encode())
+        else:
+            check_regular(info, layout.cache_id_path)
     SYSCALLS.fsync_dir(layout.root)
 
 
 def complete_lane(layout: Layout) -> None:
     """Lane lock held: create what a lane of a shared directory still lacks (wal/, cache_id;
-    its database is the shared directory's) and make the lane's entries durable."""
-    if not os.path.isdir(layout.wal):
-        _make_dir(layout.wal)
-    if not os.path.exists(layout.cache_id_path):
-        _write_durably(layout.cache_id_path, f"{uuid.uuid4().hex}\n".encode())
+    its database is the shared directory's) and make the lane's entries durable. A lane's
+    wal/ is never a link."""
+    with opened_root(layout.root) as root_fd:
+        try:
+            os.mkdir(WAL_NAME, 0o700, dir_fd=root_fd)
+        except FileExistsError:
+            pass
+        os.close(open_private_dir(WAL_NAME, dir_fd=root_fd, shown=layout.wal))
+        try:
+            info = os.stat(CACHE_ID_NAME, dir_fd=root_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            _write_durably(root_fd, layout.root, CACHE_ID_NAME, f"{uuid.uuid4().hex}\n".encode())
+        else:
+            check_regular(info, layout.cache_id_path)
     SYSCALLS.fsync_dir(layout.root)
 
 
@@ -120,7 +187,8 @@ def record_backend(layout: Layout, kind: str) -> None:
     database would lose its writes for the right one."""
     recorded = layout.backend_kind()
     if recorded is None:
-        _write_durably(layout.backend_path, f"{kind}\n".encode())
+        with opened_root(layout.root) as root_fd:
+            _write_durably(root_fd, layout.root, BACKEND_NAME, f"{kind}\n".encode())
     elif recorded != kind:
         raise InvalidDirectoryError(
             f"{layout.root} flushes into a {recorded} database, not {kind}: open it with its "
@@ -129,29 +197,82 @@ def record_backend(layout: Layout, kind: str) -> None:
         )
 
 
-def _interrupted_layout(root: str) -> bool:
-    """Whether `root` holds only what an interrupted first open leaves (see _LAYOUT_NAMES)."""
-    names = set(os.listdir(root))
-    return names <= _LAYOUT_NAMES and not any(
-        os.listdir(os.path.join(root, name)) for name in names & {WAL_NAME, DB_NAME}
-        if os.path.isdir(os.path.join(root, name)))
+def _check_entries(root_fd: int, root: str, names: frozenset[str],
+                   private_dirs: Collection[str]) -> None:
+    """Refuse a layout file that is not a regular file of ours, and a wal/, db/ (or one of
+    `private_dirs`) that is not a private directory (wal/ and db/: or a link to one)."""
+    for name in sorted(names & _FILE_NAMES):
+        check_regular(os.stat(name, dir_fd=root_fd, follow_symlinks=False),
+                      os.path.join(root, name))
+    for name in sorted(names & {*_LINKABLE_DIRS, *_PRIVATE_DIRS, *private_dirs}):
+        os.close(open_private_dir(name, dir_fd=root_fd, shown=os.path.join(root, name),
+                                  follow=name in _LINKABLE_DIRS))
 
 
-def _write_durably(path: str, data: bytes) -> None:
-    """Create `path` holding `data` atomically (temp file, fsync, rename, directory fsync)."""
-    temporary = f"{path}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+def _is_cache_dir(names: frozenset[str]) -> bool:
+    """Whether a checked directory holding `names` is a cache directory, single-owner or shared
+    (its entries' kinds were checked by _check_entries)."""
+    return (WAL_NAME in names and LOCK_NAME in names) or SHARED_NAME in names
+
+
+def _interrupted_layout(root_fd: int, root: str, names: frozenset[str]) -> bool:
+    """Whether a checked directory holds only what an interrupted first open leaves (see
+    _LAYOUT_NAMES), its wal/ and db/ empty."""
+    if not names <= _LAYOUT_NAMES:
+        return False
+    for name in names & {WAL_NAME, DB_NAME, LANES_NAME}:
+        sub_fd = open_private_dir(name, dir_fd=root_fd, follow=True,
+                                  shown=os.path.join(root, name))
+        try:
+            if os.listdir(sub_fd):
+                return False
+        finally:
+            os.close(sub_fd)
+    return True
+
+
+def _read_file(root_fd: int, root: str, name: str) -> str:
+    """The text of the regular file `name` in the checked directory (never through a link,
+    never a FIFO or device). FileNotFoundError if it is missing."""
+    fd = open_private_file(name, os.O_RDONLY, dir_fd=root_fd, shown=os.path.join(root, name))
+    with os.fdopen(fd, "rb") as file:
+        data = file.read(4096)  # a few bytes are expected; a large file is not ours
     try:
-        os.write(fd, data)
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        raise InvalidDirectoryError(
+            f"{os.path.join(root, name)} is not a file wbcache wrote (it is not ASCII text): "
+            f"remove it") from None
+
+
+def _write_durably(root_fd: int, root: str, name: str, data: bytes) -> None:
+    """Create `name` in the checked directory holding `data`, atomically: a temporary file
+    (created with O_EXCL, never through a link), fsync, rename, directory fsync."""
+    temporary = f"{name}.tmp"
+    shown = os.path.join(root, temporary)
+    flags = os.O_WRONLY | os.O_CREAT
+    try:
+        fd = open_private_file(temporary, flags, dir_fd=root_fd, shown=shown)
+    except FileExistsError:
+        # Left by a crash between its creation and its rename: replace it, if it is a regular
+        # file of ours (anything else is refused, and unlink would never follow it anyway).
+        check_regular(os.stat(temporary, dir_fd=root_fd, follow_symlinks=False), shown)
+        os.unlink(temporary, dir_fd=root_fd)
+        fd = open_private_file(temporary, flags, dir_fd=root_fd, shown=shown)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.rename(temporary, path)
-    SYSCALLS.fsync_dir(os.path.dirname(path))
+    os.rename(temporary, name, src_dir_fd=root_fd, dst_dir_fd=root_fd)
+    SYSCALLS.fsync_dir(root)
 
 
 def _make_dir(path: str) -> None:
-    """mkdir -p, 0700, fsyncing each parent; another process creating it first is fine."""
+    """mkdir -p, 0700, fsyncing each parent; another process creating it first is fine. The
+    parents are the user's choice and are not checked (module docstring)."""
     parent = os.path.dirname(path)
     if parent and not os.path.isdir(parent):
         _make_dir(parent)
@@ -159,5 +280,6 @@ def _make_dir(path: str) -> None:
         os.mkdir(path, 0o700)
     except FileExistsError:
         if not os.path.isdir(path):
-            raise
+            kind = "a symbolic link to nothing" if os.path.islink(path) else "not a directory"
+            raise InvalidDirectoryError(f"{path} exists and is {kind}") from None
     SYSCALLS.fsync_dir(parent or ".")

@@ -5,6 +5,11 @@ description, so a second open in the SAME process conflicts too (fcntl record lo
 and the kernel drops the lock when the owner dies, even by SIGKILL. Read-only tools take the
 lock SHARED: several may read at once, and no cache can open (and change the directory) while
 they do.
+
+The LOCK file is opened relative to the checked directory (`wbcache.layout.opened_root`: owned
+by you, writable by no one else), with O_NOFOLLOW, and must be a regular file of ours with one
+link: a planted symlink, FIFO, device or hard link is refused (`InvalidDirectoryError`), so the
+pid we write into it can never land in another file.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import fcntl
 import os
 
-from wbcache.errors import CacheLockedError
+from wbcache.errors import CacheLockedError, InvalidDirectoryError
+from wbcache.layout import opened_root
+from wbcache.wal.owned import open_private_file
 
 
 class DirectoryLock:
@@ -29,9 +36,9 @@ class DirectoryLock:
         `CacheLockedError` at once. With `record_owner`, write our pid into it (for humans and
         `wbcache inspect`; the lock itself is the flock); otherwise call `record_owner()` once
         the holder starts changing the directory. `writable=False` opens the existing file
-        read-only (a dry run needs no write permission) and can never record an owner."""
-        flags = os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY
-        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        read-only (a dry run needs no write permission) and can never record an owner.
+        Raises `InvalidDirectoryError` for a hostile directory or LOCK (module docstring)."""
+        fd = _open_lock_file(path, writable=writable)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -53,7 +60,7 @@ class DirectoryLock:
     def acquire_shared(cls, path: str) -> DirectoryLock | None:
         """A shared lock on the existing LOCK file at `path`, or None while an owner holds it
         exclusively. Opens read-only: a reader needs no write permission."""
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _open_lock_file(path, writable=False)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -76,13 +83,31 @@ class DirectoryLock:
             self._fd = None
 
 
+def _open_lock_file(path: str, *, writable: bool) -> int:
+    """The LOCK file at `path`, opened in its checked directory (module docstring); created
+    (O_EXCL) when missing and `writable`."""
+    directory, name = os.path.split(path)
+    with opened_root(directory) as dir_fd:
+        if writable:
+            try:
+                return open_private_file(name, os.O_RDWR | os.O_CREAT, dir_fd=dir_fd, shown=path)
+            except FileExistsError:  # the usual case: it stays from the first open
+                return open_private_file(name, os.O_RDWR, dir_fd=dir_fd, shown=path)
+        return open_private_file(name, os.O_RDONLY, dir_fd=dir_fd, shown=path)
+
+
 def owner_pid(path: str) -> int | None:
     """The pid recorded in the LOCK file at `path` if that process is alive, else None."""
     try:
-        with open(path, "rb") as file:
-            text = file.read(32).decode().strip()
+        fd = _open_lock_file(path, writable=False)
+    except (OSError, InvalidDirectoryError):
+        return None
+    try:
+        text = os.read(fd, 32).decode().strip()
     except (OSError, UnicodeDecodeError):
         return None
+    finally:
+        os.close(fd)
     if not text.isdigit():
         return None
     pid = int(text)

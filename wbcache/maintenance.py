@@ -47,7 +47,7 @@ from wbcache.errors import (
     DatabaseError,
     InvalidDirectoryError,
 )
-from wbcache.layout import Layout
+from wbcache.layout import LOCK_NAME, QUARANTINE_NAME, WAL_NAME, Layout, checked_entries
 from wbcache.lock import DirectoryLock, owner_pid
 from wbcache.recovery import RecoveryReport, replay_into
 from wbcache.recovery.pending import (
@@ -61,7 +61,6 @@ from wbcache.recovery.pending import (
 from wbcache.recovery.salvage import SalvagePlan, SalvageReport, plan_salvage
 from wbcache.recovery.verify import LogSurvey, check_format_versions, survey_log
 
-QUARANTINE_NAME = "quarantine"
 DATA_FILE = "data.mdb"
 
 Progress = Callable[[int, int], None]  # (records read so far, estimated total)
@@ -83,8 +82,14 @@ __all__ = [
 
 def existing_layout(path: str | os.PathLike[str]) -> Layout:
     """The layout of the existing cache directory at `path`, or an error naming the problem:
-    `InvalidDirectoryError` (missing, not a directory, not a cache directory) or
-    `PermissionError` (with the path that could not be read). Creates nothing."""
+    `InvalidDirectoryError` (missing, not a directory, not a cache directory, or hostile: not
+    yours, writable by others, a planted link, FIFO or device where the layout has a file or a
+    directory; see `wbcache.layout`) or `PermissionError` (with the path that could not be
+    read). Creates nothing.
+
+    A directory another user owns is refused here too, though these commands only read:
+    nothing is read from (or written through) a path the user does not own, as its owner could
+    point its entries anywhere. An administrator reads it as its owner (sudo -u)."""
     raw = os.fspath(path)
     if not raw:
         raise InvalidDirectoryError("the directory path is empty")
@@ -98,10 +103,9 @@ def existing_layout(path: str | os.PathLike[str]) -> Layout:
         raise InvalidDirectoryError(f"{root} does not exist (a parent is a file)") from None
     if not stat.S_ISDIR(mode):
         raise InvalidDirectoryError(f"{root} is not a directory")
-    names = os.listdir(root)  # PermissionError names the directory
-    wal_ok = "wal" in names and stat.S_ISDIR(os.stat(layout.wal).st_mode)
-    lock_ok = "LOCK" in names and stat.S_ISREG(os.stat(layout.lock).st_mode)
-    if not (wal_ok and lock_ok):
+    # the owner and mode of the directory, wal/, db/ and quarantine/, the kind of every file
+    names = checked_entries(layout, private_dirs=(QUARANTINE_NAME,))
+    if not (WAL_NAME in names and LOCK_NAME in names):
         raise InvalidDirectoryError(
             f"{root} is not a wbcache directory (it has no LOCK file and wal/ directory)")
     kind = layout.backend_kind()

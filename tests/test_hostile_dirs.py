@@ -1,0 +1,540 @@
+"""A planted file never makes wbcache write (or read) outside its directory.
+
+An attacker who can create names where a cache directory lives, or inside it, plants symlinks,
+FIFOs, devices or hard links where wbcache will open `LOCK`, `cache_id`, `backend` (and their
+.tmp), segments or the quarantine, or pre-creates the whole directory in a shared /tmp. Each
+case is refused with an `InvalidDirectoryError` that names the path, what is wrong and how to
+fix it, and the file the plant points at keeps its bytes and its mtime.
+
+The tests run as root; another user is uid 65534 (`nobody`), made with `os.chown`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_cli_support import (
+    DRIVERS,
+    NOBODY,
+    assert_one_line_error,
+    flip_byte,
+    frame_offsets,
+    new_cache_dir,
+    run,
+    run_all,
+    three_segment_log,
+)
+
+import wbcache
+from wbcache.errors import InvalidDirectoryError
+from wbcache.maintenance import recover_directory
+from wbcache.wal.format import encode_header
+from wbcache.wal.segments import create_segment, segment_name
+
+ME = os.geteuid()
+SECRET = b"root:$6$not-a-real-hash:19000:0:99999:7:::\n"
+
+READ_COMMANDS = (("inspect",), ("verify",), ("stats",), ("dump",), ("dump", "--pending"),
+                 ("get", "{DIR}", "key-1"))
+ALL_COMMANDS = (("recover",), ("recover", "--dry-run"), ("recover", "--salvage", "--yes"),
+                *READ_COMMANDS)
+
+
+def argv(command: tuple[str, ...], directory: Path) -> list[str]:
+    if "{DIR}" in command:
+        return [str(directory) if part == "{DIR}" else part for part in command]
+    return [*command, str(directory)]
+
+
+# ------------------------------------------------------------------ what a plant points at
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A private directory outside the cache holding a root-only file (think /etc/shadow),
+    its mtime set in the past so that any write shows."""
+    where = tmp_path / "outside"
+    where.mkdir(mode=0o700)
+    secret = where / "secret"
+    secret.write_bytes(SECRET)
+    secret.chmod(0o600)
+    os.utime(secret, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
+    return where
+
+
+@pytest.fixture(autouse=True)
+def release_blocked_readers(tmp_path: Path) -> Iterator[None]:
+    """After a test, open every FIFO under tmp_path for writing once, which lets a reader
+    blocked in open() (a command a failing test left behind) go on and end."""
+    yield
+    for fifo in tmp_path.rglob("*"):
+        if stat.S_ISFIFO(fifo.lstat().st_mode):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # ENXIO: nobody is waiting on it
+                pass
+
+
+def secret_of(outside: Path) -> Path:
+    return outside / "secret"
+
+
+def state_of(root: Path) -> dict[str, Any]:
+    """Every entry under `root` (itself included): its kind, mode, owner, size and mtime, and a
+    regular file's bytes or a link's target. Opens nothing else: reading a planted FIFO would
+    block, and links are not followed (what they point at is checked on its own)."""
+    state: dict[str, Any] = {}
+    for path in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
+        info = path.lstat()
+        content: Any = None
+        if stat.S_ISREG(info.st_mode):
+            content = path.read_bytes()
+        elif stat.S_ISLNK(info.st_mode):
+            content = os.readlink(path)
+        state[str(path.relative_to(root))] = (info.st_mode, info.st_uid, info.st_size,
+                                              info.st_mtime_ns, content)
+    return state
+
+
+@contextmanager
+def unchanged(*roots: Path) -> Iterator[None]:
+    """Assert that nothing under `roots` changed (kind, mode, mtime, bytes, no new entry)."""
+    before = [state_of(root) for root in roots]
+    yield
+    assert [state_of(root) for root in roots] == before
+
+
+class Blocked(BaseException):
+    """Raised by `deadline`; a BaseException, so that no `except OSError` (the CLI has one)
+    turns it into an ordinary error message and carries on to the next blocking open."""
+
+
+@contextmanager
+def deadline(seconds: float = 30.0) -> Iterator[None]:
+    """Fail instead of hanging when an open blocks (on a planted FIFO, opened for reading)."""
+    def expired(signum: int, frame: Any) -> None:
+        raise Blocked(f"still blocked after {seconds} s: a planted FIFO was opened")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def plant(path: Path, kind: str, outside: Path) -> None:
+    """Put a `kind` entry at `path` in place of whatever is there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    if kind == "symlink":
+        path.symlink_to(secret_of(outside))
+    elif kind == "dangling symlink":
+        path.symlink_to(outside / "created-through-a-link")
+    elif kind == "fifo":
+        os.mkfifo(path, 0o600)
+    elif kind == "device":  # /dev/null's numbers: opening it is harmless even if it happened
+        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    elif kind == "hard link":
+        os.link(secret_of(outside), path)
+    else:
+        raise AssertionError(kind)
+
+
+def refused(call: Callable[[], object], *fragments: str) -> str:
+    """Run `call`, which must raise InvalidDirectoryError (without blocking) holding
+    `fragments`; return the message."""
+    with deadline(), pytest.raises(InvalidDirectoryError) as caught:
+        call()
+    message = str(caught.value)
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    return message
+
+
+def closed_cache(path: Path, **data: int) -> Path:
+    with wbcache.open(path) as cache:
+        for key, value in data.items():
+            cache.put(key, value)
+    return path
+
+
+# ------------------------------------------------------------------ planted files in DIR
+
+
+KIND_WORDS = {"symlink": "symbolic link", "dangling symlink": "symbolic link", "fifo": "FIFO",
+              "device": "device", "hard link": "hard link"}
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "fifo", "device", "hard link"])
+def test_a_planted_lock_is_refused_and_its_target_is_untouched(tmp_path: Path, outside: Path,
+                                                                kind: str) -> None:
+    path = closed_cache(tmp_path / "cache", a=1)
+    plant(path / "LOCK", kind, outside)
+
+    with unchanged(outside):
+        refused(lambda: wbcache.open(path), str(path / "LOCK"), KIND_WORDS[kind], "remove it")
+    assert not (outside / "created-through-a-link").exists()
+
+
+def test_a_planted_lock_in_a_new_directory_is_refused_before_anything_is_created(
+        tmp_path: Path, outside: Path) -> None:
+    path = tmp_path / "cache"
+    path.mkdir(mode=0o700)
+    plant(path / "LOCK", "symlink", outside)
+
+    with unchanged(outside, path):
+        refused(lambda: wbcache.open(path), str(path / "LOCK"), "symbolic link")
+
+
+@pytest.mark.parametrize("name", ["cache_id", "backend"])
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "device"])
+def test_a_planted_cache_id_or_backend_is_refused_and_never_read(tmp_path: Path, outside: Path,
+                                                                 name: str, kind: str) -> None:
+    path = closed_cache(tmp_path / "cache", a=1)
+    plant(path / name, kind, outside)
+
+    with unchanged(outside):
+        message = refused(lambda: wbcache.open(path), str(path / name), KIND_WORDS[kind])
+    assert "not-a-real-hash" not in message  # the target's content never reaches a message
+
+
+@pytest.mark.parametrize("name", ["cache_id.tmp", "backend.tmp"])
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_planted_temporary_file_of_an_interrupted_first_open_is_refused(
+        tmp_path: Path, outside: Path, name: str, kind: str) -> None:
+    # What a first open killed before it wrote cache_id (or backend) leaves, plus the plant.
+    path = tmp_path / "cache"
+    for sub in ("wal", "db"):
+        (path / sub).mkdir(mode=0o700, parents=True)
+    (path / "LOCK").write_bytes(b"")
+    if name == "backend.tmp":
+        (path / "cache_id").write_text("0123456789abcdef0123456789abcdef\n")
+    plant(path / name, kind, outside)
+
+    with unchanged(outside):
+        refused(lambda: wbcache.open(path), str(path / name), KIND_WORDS[kind])
+
+
+@pytest.mark.parametrize("name", ["cache_id.tmp", "backend.tmp"])
+def test_a_stale_temporary_file_left_by_a_crash_is_replaced(tmp_path: Path, name: str) -> None:
+    path = tmp_path / "cache"
+    for sub in ("wal", "db"):
+        (path / sub).mkdir(mode=0o700, parents=True)
+    (path / "LOCK").write_bytes(b"")
+    (path / name).write_bytes(b"half")
+
+    with wbcache.open(path) as cache:
+        cache.put("k", 1)
+
+    assert not (path / name).exists()
+    assert len((path / "cache_id").read_text().strip()) == 32
+    assert (path / "backend").read_text() == "lmdb\n"
+    with wbcache.open(path) as cache:
+        assert cache.get("k") == 1
+
+
+# ------------------------------------------------------------------ whose directory it is
+
+
+def test_a_directory_another_user_created_is_refused_and_its_links_not_followed(
+        tmp_path: Path, outside: Path) -> None:
+    # The shared-/tmp attack: another user pre-creates the directory the victim will name,
+    # with wal/ and db/ pointing at a directory of the victim's.
+    path = tmp_path / "cache"
+    path.mkdir(mode=0o755)
+    (path / "wal").symlink_to(outside)
+    (path / "db").symlink_to(outside)
+    os.lchown(path / "wal", NOBODY, NOBODY)
+    os.lchown(path / "db", NOBODY, NOBODY)
+    os.chown(path, NOBODY, NOBODY)
+
+    with unchanged(outside, path):
+        refused(lambda: wbcache.open(path), str(path),
+                f"owned by uid {NOBODY}, not you (uid {ME})")
+
+
+def test_an_empty_directory_another_user_owns_is_refused_and_nothing_is_created(
+        tmp_path: Path) -> None:
+    path = tmp_path / "cache"
+    path.mkdir(mode=0o700)
+    os.chown(path, NOBODY, NOBODY)
+
+    with unchanged(path):
+        refused(lambda: wbcache.open(path), f"owned by uid {NOBODY}, not you (uid {ME})")
+    assert os.listdir(path) == []
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o707, 0o777, 0o1777], ids=oct)
+def test_a_group_or_world_writable_directory_is_refused(tmp_path: Path, mode: int) -> None:
+    path = closed_cache(tmp_path / "cache", a=1)
+    path.chmod(mode)
+
+    with unchanged(path):
+        refused(lambda: wbcache.open(path), str(path), f"(mode {mode:04o})", "chmod go-w")
+
+
+@pytest.mark.parametrize("sub", ["wal", "db"])
+def test_a_wal_or_db_another_user_owns_is_refused(tmp_path: Path, sub: str) -> None:
+    path = closed_cache(tmp_path / "cache", a=1)
+    os.chown(path / sub, NOBODY, NOBODY)
+
+    with unchanged(path):
+        refused(lambda: wbcache.open(path), str(path / sub),
+                f"owned by uid {NOBODY}, not you (uid {ME})")
+
+
+@pytest.mark.parametrize("sub", ["wal", "db"])
+def test_a_group_or_world_writable_wal_or_db_is_refused(tmp_path: Path, sub: str) -> None:
+    path = closed_cache(tmp_path / "cache", a=1)
+    (path / sub).chmod(0o777)
+
+    with unchanged(path):
+        refused(lambda: wbcache.open(path), str(path / sub), "(mode 0777)", "chmod go-w")
+
+
+def test_the_parents_are_not_checked_so_a_sticky_tmp_is_a_usable_parent(tmp_path: Path) -> None:
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)  # what /tmp is
+
+    with wbcache.open(shared / "cache") as cache:
+        cache.put("k", 1)
+    with wbcache.open(shared / "cache") as cache:
+        assert cache.get("k") == 1
+
+
+# ------------------------------------------------------------------ wal/ and db/ elsewhere
+
+
+@pytest.mark.parametrize("sub", ["wal", "db"])
+def test_wal_or_db_may_be_a_link_to_a_private_directory_of_your_own(tmp_path: Path,
+                                                                    sub: str) -> None:
+    # The log on another disk, as PostgreSQL allows for its WAL.
+    elsewhere = tmp_path / "other-disk" / sub
+    elsewhere.mkdir(mode=0o700, parents=True)
+    path = tmp_path / "cache"
+    path.mkdir(mode=0o700)
+    (path / sub).symlink_to(elsewhere)
+
+    with wbcache.open(path, flush_interval=3600) as cache:
+        cache.put("k", 1)
+        if sub == "wal":
+            assert [entry.name for entry in elsewhere.iterdir()] == [segment_name(1)]
+    if sub == "db":
+        assert (elsewhere / "data.mdb").stat().st_size > 0
+    with wbcache.open(path) as cache:
+        assert cache.get("k") == 1
+    assert (path / sub).is_symlink()
+    assert run("runner", "verify", str(path)).exit_code == 0
+
+
+@pytest.mark.parametrize("sub", ["wal", "db"])
+@pytest.mark.parametrize("problem", ["another user's", "world-writable", "a file"])
+def test_wal_or_db_linked_to_a_directory_that_fails_the_check_is_refused(
+        tmp_path: Path, outside: Path, sub: str, problem: str) -> None:
+    target = outside / "target"
+    if problem == "a file":
+        target = secret_of(outside)
+    else:
+        target.mkdir(mode=0o700)
+        if problem == "another user's":
+            os.chown(target, NOBODY, NOBODY)
+        else:
+            target.chmod(0o777)
+    path = tmp_path / "cache"
+    path.mkdir(mode=0o700)
+    (path / sub).symlink_to(target)
+    expected = {"another user's": f"owned by uid {NOBODY}, not you (uid {ME})",
+                "world-writable": "chmod go-w", "a file": "not a directory"}[problem]
+
+    with unchanged(outside):
+        refused(lambda: wbcache.open(path), str(path / sub), expected)
+
+
+# ------------------------------------------------------------------ segments
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_planted_segment_is_refused_and_never_read_or_deleted(tmp_path: Path, outside: Path,
+                                                                 kind: str) -> None:
+    path = closed_cache(tmp_path / "cache", a=1)
+    plant(path / "wal" / segment_name(7), kind, outside)
+
+    with unchanged(outside):
+        refused(lambda: wbcache.open(path), str(path / "wal" / segment_name(7)),
+                KIND_WORDS[kind])
+    assert os.path.lexists(path / "wal" / segment_name(7))  # refused, not deleted
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "fifo"])
+def test_a_new_segment_is_never_created_through_a_planted_name(tmp_path: Path, outside: Path,
+                                                               kind: str) -> None:
+    wal = tmp_path / "wal"
+    wal.mkdir(mode=0o700)
+    plant(wal / segment_name(42), kind, outside)
+
+    with unchanged(outside):
+        refused(lambda: create_segment(str(wal), 42, encode_header()), str(wal / segment_name(42)),
+                KIND_WORDS[kind])
+    assert not (outside / "created-through-a-link").exists()
+
+
+# ------------------------------------------------------------------ the quarantine
+
+
+def damaged_cache(path: Path) -> Path:
+    """Three segments (LSNs 1..300), the second damaged at LSN 150."""
+    segments = three_segment_log(path)
+    flip_byte(segments[1], frame_offsets(segments[1])[49] + 20)
+    return path
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_salvage_refuses_a_planted_quarantine_link_before_changing_anything(
+        tmp_path: Path, outside: Path, driver: str) -> None:
+    path = damaged_cache(tmp_path / "cache")
+    (path / "quarantine").symlink_to(outside)  # a directory that would pass every check
+
+    with unchanged(outside, path):
+        result = run(driver, "recover", "--salvage", "--yes", str(path))
+    assert_one_line_error(result, 2, str(path / "quarantine"), "symbolic link")
+
+
+def test_salvage_never_follows_a_quarantine_link_planted_after_the_directory_was_checked(
+        tmp_path: Path, outside: Path) -> None:
+    path = damaged_cache(tmp_path / "cache")
+    segments = {entry.name: entry.read_bytes() for entry in (path / "wal").iterdir()}
+
+    def plant_now(report: object) -> None:  # runs after the checks, before anything changes
+        (path / "quarantine").symlink_to(outside)
+
+    with unchanged(outside):
+        refused(lambda: recover_directory(path, salvage=True, confirm=plant_now),
+                str(path / "quarantine"), "symbolic link")
+    # The log is whole, so once the link is gone the salvage runs to the end.
+    assert {entry.name: entry.read_bytes() for entry in (path / "wal").iterdir()} == segments
+    (path / "quarantine").unlink()
+    outcome = recover_directory(path, salvage=True)
+    assert outcome.set_aside is not None and outcome.set_aside.records_set_aside == 150
+
+
+def test_a_planted_run_directory_name_is_skipped_not_followed(tmp_path: Path, outside: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    path = damaged_cache(tmp_path / "cache")
+    stamp = "20300101T000000Z"
+    monkeypatch.setattr(time, "strftime", lambda *args: stamp)
+    (path / "quarantine").mkdir(mode=0o700)
+    (path / "quarantine" / stamp).symlink_to(outside)
+
+    with unchanged(outside):
+        outcome = recover_directory(path, salvage=True)
+
+    assert outcome.set_aside is not None
+    assert outcome.set_aside.quarantine_dir == str(path / "quarantine" / f"{stamp}-2")
+    assert (path / "quarantine" / f"{stamp}-2" / "salvage.json").is_file()
+
+
+@pytest.mark.parametrize("problem", ["another user's", "world-writable"])
+def test_a_quarantine_that_fails_the_check_is_refused(tmp_path: Path, problem: str) -> None:
+    path = damaged_cache(tmp_path / "cache")
+    (path / "quarantine").mkdir(mode=0o700)
+    if problem == "another user's":
+        os.chown(path / "quarantine", NOBODY, NOBODY)
+    else:
+        (path / "quarantine").chmod(0o777)
+
+    with unchanged(path):
+        refused(lambda: recover_directory(path, salvage=True), str(path / "quarantine"))
+
+
+# ------------------------------------------------------------------ the operating commands
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_every_command_refuses_a_directory_another_user_owns_and_changes_nothing(
+        tmp_path: Path, driver: str) -> None:
+    path = tmp_path / "cache"
+    three_segment_log(path)
+    for entry in [path, *path.rglob("*")]:
+        os.lchown(entry, NOBODY, NOBODY)
+
+    with unchanged(path):
+        results = run_all(driver, [argv(command, path) for command in ALL_COMMANDS],
+                          side_by_side=True)  # refused before any lock
+    for result in results:
+        assert_one_line_error(result, 2, str(path), f"owned by uid {NOBODY}, not you (uid {ME})")
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_the_read_only_commands_refuse_a_planted_lock_without_reading_it(
+        tmp_path: Path, outside: Path, driver: str, kind: str) -> None:
+    path = tmp_path / "cache"
+    three_segment_log(path)
+    plant(path / "LOCK", kind, outside)
+
+    with unchanged(outside, path), deadline(60):
+        results = run_all(driver, [argv(command, path) for command in READ_COMMANDS],
+                          side_by_side=True)
+    for result in results:
+        assert_one_line_error(result, 2, str(path / "LOCK"), KIND_WORDS[kind])
+
+
+@pytest.fixture
+def reachable(tmp_path: Path) -> Iterator[Path]:
+    """A directory uid 65534 can reach (tmp_path's parents are root's, 0700)."""
+    where = Path(tempfile.mkdtemp(prefix="wbcache-hostile-", dir="/tmp"))
+    where.chmod(0o755)
+    yield where
+    shutil.rmtree(where)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_another_user_is_refused_a_directory_it_can_reach_but_does_not_own(
+        reachable: Path, driver: str) -> None:
+    path = reachable / "cache"
+    three_segment_log(path)
+    path.chmod(0o755)  # readable by all: ownership alone refuses
+
+    with unchanged(path):
+        results = run_all(driver, [argv(command, path) for command in ALL_COMMANDS],
+                          as_nobody=True, side_by_side=True)
+    for result in results:
+        assert_one_line_error(result, 2, str(path), f"owned by uid 0, not you (uid {NOBODY})")
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_the_owner_of_a_directory_it_may_not_read_gets_a_permission_error(
+        reachable: Path, driver: str) -> None:
+    path = reachable / "cache"
+    three_segment_log(path)
+    for entry in [path, *path.rglob("*")]:
+        os.lchown(entry, NOBODY, NOBODY)
+    path.chmod(0o000)
+
+    with unchanged(reachable):
+        results = run_all(driver, [argv(command, path) for command in ALL_COMMANDS],
+                          as_nobody=True, side_by_side=True)
+    for result in results:
+        assert_one_line_error(result, 1, "Permission denied: ", str(path))
+
+
+def test_open_snapshot_refuses_a_directory_another_user_owns(tmp_path: Path) -> None:
+    path = new_cache_dir(tmp_path / "cache")
+    os.chown(path, NOBODY, NOBODY)
+
+    with unchanged(path):
+        refused(lambda: wbcache.open_snapshot(path), f"owned by uid {NOBODY}, not you")

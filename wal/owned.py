@@ -1,0 +1,140 @@
+"""Opening a cache directory and what it holds without going through a path another user
+controls: no planted link is followed, no FIFO or device is opened, no directory someone else
+can write into is used.
+
+The rule (as ssh applies to ~/.ssh): every directory wbcache uses (the cache directory, its
+`wal/`, `db/` and `quarantine/`) is owned by the effective user and writable by no one else.
+Then no other user can create, replace or rename an entry in it, so an entry checked stays the
+entry used. Files are opened relative to the descriptor of their checked directory (`dir_fd`),
+with O_NOFOLLOW, and their type checked on the opened descriptor; creations use O_EXCL.
+
+The PARENTS of a cache directory are not checked: a sticky, world-writable /tmp must stay
+usable as a parent, and the user chose the path. Whoever can write in a parent can still rename
+the directory itself away; the descriptor-relative opens here keep landing in the directory
+that was checked, but code that goes by path (the log writer, LMDB) trusts the parents as the
+user does.
+
+Every refusal is an `InvalidDirectoryError` naming the path, what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from wbcache.errors import InvalidDirectoryError
+
+_T = TypeVar("_T")
+
+_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"),
+          (stat.S_ISREG, "a regular file"))
+
+
+def describe(mode: int) -> str:
+    """What kind of file `mode` (an st_mode) is, for a message: "a symbolic link", ..."""
+    return next((name for test, name in _KINDS if test(mode)), "a special file")
+
+
+def check_private_dir(info: os.stat_result, shown: str) -> None:
+    """Raise `InvalidDirectoryError` unless `info` is a directory owned by the effective user
+    that neither its group nor others may write into."""
+    if not stat.S_ISDIR(info.st_mode):
+        raise InvalidDirectoryError(f"{shown} is {describe(info.st_mode)}, not a directory")
+    me = os.geteuid()
+    if info.st_uid != me:
+        raise InvalidDirectoryError(
+            f"{shown} is owned by uid {info.st_uid}, not you (uid {me}): another user could "
+            f"have planted files in it. Use a directory of your own, or run as its owner")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022:
+        raise InvalidDirectoryError(
+            f"{shown} is group- or world-writable (mode {mode:04o}), so others could plant "
+            f"files in it: chmod go-w {shown}")
+
+
+def open_private_dir(name: str, *, dir_fd: int | None = None, shown: str | None = None,
+                     follow: bool = False) -> int:
+    """A descriptor of the directory `name` (relative to `dir_fd` when given), checked by
+    `check_private_dir`. A symbolic link is refused unless `follow`, and then its target is
+    checked. `shown` is the full path for messages. FileNotFoundError if it does not exist."""
+    shown = shown or name
+    # stat first: a directory we may not read still gets the message about its owner
+    info = _call(os.stat, name, shown, dir_fd=dir_fd, follow_symlinks=follow)
+    if stat.S_ISLNK(info.st_mode):
+        raise InvalidDirectoryError(
+            f"{shown} is a symbolic link; wbcache does not follow links here: replace it "
+            f"with a directory")
+    check_private_dir(info, shown)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd = _call(os.open, name, shown, flags, dir_fd=dir_fd)
+    try:
+        opened = os.fstat(fd)
+        check_private_dir(opened, shown)  # what we hold, not what the name pointed at before
+        if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+            raise InvalidDirectoryError(f"{shown} was replaced while it was opened; try again")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_private_file(name: str, flags: int, *, dir_fd: int, shown: str,
+                      mode: int = 0o600) -> int:
+    """Open the regular file `name` in the checked directory `dir_fd`, owned by the effective
+    user. With O_CREAT it is created (O_EXCL: never an existing entry; FileExistsError if
+    there is one). Never follows a link, never opens a FIFO or a device (one that exists is
+    refused from its lstat, before any open can block or have an effect), and a file opened
+    for writing must have no other hard link, so no other name shares what we write."""
+    if flags & os.O_CREAT:
+        flags |= os.O_EXCL
+    else:
+        check_regular(_call(os.stat, name, shown, dir_fd=dir_fd, follow_symlinks=False), shown,
+                      writing=flags & os.O_ACCMODE != os.O_RDONLY)
+    flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    fd = _call(os.open, name, shown, flags, mode, dir_fd=dir_fd)
+    try:
+        check_regular(os.fstat(fd), shown, writing=flags & os.O_ACCMODE != os.O_RDONLY)
+        os.set_blocking(fd, True)  # O_NONBLOCK was only for the open
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_regular(info: os.stat_result, shown: str, *, writing: bool = False) -> None:
+    """Raise `InvalidDirectoryError` unless `info` is a regular file the effective user owns
+    (and, `writing`, with no other hard link)."""
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidDirectoryError(
+            f"{shown} is {describe(info.st_mode)}, not a regular file; wbcache never follows a "
+            f"link or opens a FIFO or device in its directory: remove it")
+    me = os.geteuid()
+    if info.st_uid != me:
+        raise InvalidDirectoryError(
+            f"{shown} is owned by uid {info.st_uid}, not you (uid {me}): remove it")
+    if writing and info.st_nlink != 1:
+        raise InvalidDirectoryError(
+            f"{shown} has {info.st_nlink} hard links; writing it would change the same file "
+            f"under another name: remove it")
+
+
+def _call(function: Callable[..., _T], name: str, shown: str, *args: Any, **kwargs: Any) -> _T:
+    """`function(name, *args, **kwargs)`, its OSError naming `shown` (the full path) rather than
+    `name` (relative to a directory descriptor)."""
+    try:
+        return function(name, *args, **kwargs)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link put there since it was checked
+            raise InvalidDirectoryError(
+                f"{shown} is a symbolic link wbcache will not follow (one put there after it "
+                f"was checked, or a loop of links): remove it") from None
+        if exc.errno == errno.ENOTDIR and kwargs.get("dir_fd") is not None:
+            raise InvalidDirectoryError(f"{shown} is not a directory") from None
+        if exc.filename is not None and exc.filename != shown:
+            raise type(exc)(exc.errno, exc.strerror, shown) from None
+        raise
