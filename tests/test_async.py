@@ -242,3 +242,25 @@ def test_a_second_open_is_refused(cache_dir: Path) -> None:
             await wbcache.open_async(cache_dir)
 
     run(cache_dir, body)
+
+
+def test_awaiting_from_another_event_loop_is_refused_before_anything_is_written(
+        cache_dir: Path) -> None:
+    """Before, a raw asyncio RuntimeError came up and the write was applied anyway."""
+    holder: dict[str, wbcache.AsyncCache] = {}
+
+    async def open_it() -> None:
+        holder["cache"] = await wbcache.open_async(cache_dir)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(open_it())
+    cache = holder["cache"]
+    try:
+        lsn_before = cache.cache.stats()["next_lsn"]
+        with pytest.raises(wbcache.LoopMismatchError, match="belongs to the event loop"):
+            asyncio.run(cache.put("k", 1))  # another loop
+        assert cache.cache.stats()["next_lsn"] == lsn_before  # nothing logged
+        assert cache.cache.get("k") is None
+    finally:
+        loop.run_until_complete(cache.close())
+        loop.close()

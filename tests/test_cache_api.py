@@ -640,3 +640,17 @@ def test_lowering_max_key_size_keeps_longer_stored_keys_readable_and_deletable(
         cache.incr(long_key)
     cache.close()
     assert len(open_cache()) == 0
+
+
+def test_a_path_under_a_file_is_an_invalid_directory_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(wbcache.InvalidDirectoryError, match="afile/sub.*a parent is a file"):
+        wbcache.open(tmp_path / "afile" / "sub")
+
+
+def test_entering_a_closed_cache_raises_cache_closed(open_cache: OpenCache) -> None:
+    cache = open_cache()
+    cache.close()
+    with pytest.raises(wbcache.CacheClosedError):
+        with cache:
+            pass
