@@ -41,7 +41,7 @@ from typing import Any
 from wbcache.fault_injection.campaign import Outcome, Settings, check_after_crash, keep_evidence
 from wbcache.fault_injection.journal import ACK, DB_BEGIN, DB_DONE, ERROR, READY, UNLINK
 from wbcache.fault_injection.lazyfs_config import Injection, locate_lazyfs
-from wbcache.fault_injection.lazyfs_mount import LazyfsMount, Report
+from wbcache.fault_injection.lazyfs_mount import LazyfsError, LazyfsMount, Report
 from wbcache.fault_injection.lazyfs_oracle import Floor, floor_journals, required_acks
 from wbcache.fault_injection.lazyfs_plan import (
     DECISIONS,
@@ -60,6 +60,7 @@ FIGURES = ("cycles", "operations", "acknowledged", "recovered", "inflight_kept",
            "lsn", "errors")
 FAULT_WAIT = 6.0  # s: a fault not reached by then gives way to a plain cut
 TRIGGER_WAIT = 8.0  # s: a trigger not reached by then kills anyway
+CRASH_WAIT = 5.0  # s for a LazyFS that stopped answering during a cut to finish dying
 # `python -m` puts the working directory first on sys.path: started from a checkout holding
 # another `wbcache/` (the lead's, while a mutant runs in a scratch copy), a worker would import
 # THAT wbcache and not this interpreter's. Python >= 3.11 then leaves the directory out.
@@ -122,6 +123,9 @@ def run_lazyfs(settings: Settings) -> Outcome:
     campaign = _Campaign(settings, LazyfsMount(binary, settings.path("lazyfs", "fs", "")))
     try:
         campaign.run()
+    except BaseException:
+        keep_evidence(settings, "lazyfs-harness-error", *campaign.fs.evidence())
+        raise
     finally:
         campaign.fs.unmount()  # even when a cycle failed: nothing of ours stays mounted
         if not campaign.fs.mounted:  # never delete through a mount point
@@ -302,11 +306,17 @@ class _Campaign:
             if arm is not None:
                 self.fs.arm_crash(*arm)
             phase = body()
-            if self.fs.alive():
+            try:
+                if not self.fs.alive():
+                    raise LazyfsError("LazyFS ended at a crash fault")
                 phase.report = self.fs.cut()
                 if phase.report.cache_usage is not None:
                     self.peak_usage = max(self.peak_usage, phase.report.cache_usage)
-            else:
+            except (LazyfsError, OSError):
+                # A request the killed process left in flight can still reach an armed fault:
+                # LazyFS then dies during the cut, and its own death is the cut.
+                if not self.fs.ended_within(CRASH_WAIT):
+                    raise
                 phase.crashed = True
                 phase.report = self.fs.crash_report()
         finally:

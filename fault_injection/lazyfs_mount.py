@@ -110,6 +110,21 @@ class LazyfsMount:
         """Whether the LazyFS process is still running (a crash fault ends it)."""
         return self._process is not None and self._process.poll() is None
 
+    def ended_within(self, seconds: float) -> bool:
+        """Whether the LazyFS process ends within `seconds` (one that is killing itself at a
+        crash fault has closed its FIFOs before it can be waited for)."""
+        if self._process is None:
+            return True
+        try:
+            self._process.wait(seconds)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def evidence(self) -> list[str]:
+        """The files worth keeping when something went wrong (never the FIFOs)."""
+        return [self._config, self.log_path, os.path.join(self.state, "lazyfs.out")]
+
     def mount(self, injections: Sequence[Injection] = ()) -> None:
         """Start LazyFS with these injections and wait until the mount point is live."""
         if self._process is not None:

@@ -20,9 +20,10 @@ Kinds (each ends in a power cut, then a remount and the oracle's check):
     recover-cli  the same, during `wbcache recover DIR` (the command line tool)
 
 Triggers of a `cut` (as kill mode's): the Nth acknowledgement, the Nth database commit started
-(`flush`) or returned (`commit`), the Nth segment deleted (`unlink`) or created (`rotate`), a
-random time after the worker is ready (`clock`), or very early, during start-up or the open
-(`startup`).
+(`flush`) or returned (`commit`), the Nth segment deleted (`unlink`) or created (`rotate`), the
+Nth acknowledgement after the first segment deletion (`settled`: both a flush the log no longer
+backs and writes only the log holds are then at stake), a random time after the worker is
+ready (`clock`), or very early, during start-up or the open (`startup`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ KINDS = ("cut", "db-fsync", "log-unlink", "torn-op", "torn-seq", "recovery", "re
 FIRST = ("cut", "log-unlink", "torn-seq", "db-fsync", "recovery", "torn-op", "recover-cli")
 WEIGHTS = (("cut", 40), ("db-fsync", 12), ("log-unlink", 10), ("torn-op", 10),
            ("torn-seq", 10), ("recovery", 9), ("recover-cli", 9))
-TRIGGERS = ("acks", "flush", "commit", "unlink", "rotate", "clock", "startup")
+TRIGGERS = ("acks", "flush", "commit", "unlink", "settled", "rotate", "clock", "startup")
 RECOVERY_CUTS = ("begin", "done", "unlink", "db-fsync", "log-unlink", "clock")
 RECOVER_CLI_CUTS = ("db-fsync", "log-unlink", "clock")
 LOG_HEAVY = {"flush_interval": 1000.0, "flush_threshold": 10_000_000}  # nothing flushed
@@ -82,7 +83,7 @@ def plan_cycle(rng: random.Random, cycle: int) -> CyclePlan:
     options = busy_options(rng)
     plan = CyclePlan(kind, options, async_tasks=rng.choice([0, 0, 0, 2]))
     if kind == "cut":
-        plan.trigger = "unlink" if cycle == 0 else rng.choice(TRIGGERS)
+        plan.trigger = "settled" if cycle == 0 else rng.choice(TRIGGERS)
         if cycle == 0:
             options["segment_size"] = 4096
         plan.trigger_at = _trigger_at(rng, plan.trigger)
@@ -139,6 +140,8 @@ def _trigger_at(rng: random.Random, trigger: str) -> float:
         return rng.randint(1, 6)
     if trigger == "unlink":
         return rng.randint(1, 4)
+    if trigger == "settled":
+        return rng.randint(20, 200)
     if trigger == "rotate":
         return rng.randint(1, 5)
     if trigger == "clock":
@@ -172,6 +175,25 @@ def counting(tag: str, n: float, *, after_ready: bool = True) -> Decision:
     return decide
 
 
+def acks_after_unlink(n: float) -> Decision:
+    """Decide at the `n`th acknowledgement after the first segment deletion of a flush (not
+    of the open's recovery, which deletes the log it replayed before READY)."""
+    seen = 0
+    ready = deleted = False
+
+    def decide(event: list[Any], _now: float) -> bool:
+        nonlocal seen, ready, deleted
+        if event[0] == READY:
+            ready = True
+        elif ready and event[0] == UNLINK:
+            deleted = True
+        elif deleted and event[0] == ACK:
+            seen += 1
+        return seen >= n
+
+    return decide
+
+
 def after_ready(seconds: float) -> Decision:
     started: float | None = None
 
@@ -193,6 +215,7 @@ DECISIONS: dict[str, Callable[[float], Decision]] = {
     "flush": lambda n: counting(DB_BEGIN, n),
     "commit": lambda n: counting(DB_DONE, n),
     "unlink": lambda n: counting(UNLINK, n),
+    "settled": acks_after_unlink,
     "rotate": lambda n: counting(OPEN, n),
     "clock": after_ready,
 }
