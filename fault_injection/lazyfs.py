@@ -65,6 +65,9 @@ CRASH_WAIT = 5.0  # s for a LazyFS that stopped answering during a cut to finish
 # another `wbcache/` (the lead's, while a mutant runs in a scratch copy), a worker would import
 # THAT wbcache and not this interpreter's. Python >= 3.11 then leaves the directory out.
 SAFE_PATH = {"PYTHONSAFEPATH": "1"}
+ALWAYS_SHOWN = ("power cuts", "cuts that dropped unsynced database bytes (data.mdb)",
+                "cuts that dropped unsynced log bytes", "faults not reached (a plain cut instead)",
+                "database commits before the cuts", "log segments deleted before the cuts")
 Arm = tuple[str, str, str]  # a LazyFS crash fault: (op, path regex, "before" | "after")
 DB_CRASH: Arm = ("fsync", "/db/data\\.mdb", "before")  # the next fsync of LMDB's data file
 
@@ -406,6 +409,8 @@ class _Campaign:
 
     def _publish_rows(self) -> None:
         rows = self.outcome.rows
+        for label in ALWAYS_SHOWN:
+            self.rows[label] += 0  # a zero says something too
         for label in sorted(self.rows):
             rows[label] = self.rows[label]
         rows["longest wait of an acknowledgement for its fsync (interval), ms"] = \
