@@ -23,6 +23,9 @@ The directory itself goes on to the next cycle, whose worker's open recovers it 
 LazyFS applies creates, unlinks and renames to the backing directory at once, so it proves the
 rules about file CONTENTS (the log's and LMDB's fsyncs); the trace-based `powerloss` mode proves
 those about directory entries (directory fsyncs).
+
+(Slightly over 400 lines: a cycle's phases, its check and its counting share the campaign's
+state in one class; what can stand alone is in lazyfs_plan, _oracle, _mount and _worker.)
 """
 
 from __future__ import annotations
