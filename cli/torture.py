@@ -16,6 +16,7 @@ import tempfile
 import click
 from click.core import ParameterSource
 
+from wbcache.fault_injection.lazyfs_config import LazyfsUnavailable, lazyfs_modes
 from wbcache.fault_injection.report import verdict
 from wbcache.fault_injection.shared_table import check_url, redact
 from wbcache.fault_injection.torture import BACKEND_MODES, MODES, run_torture
@@ -38,7 +39,8 @@ def _backend(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 @click.option("--mode", type=click.Choice((*MODES, "all")), default="all", show_default=True,
               help="kill: SIGKILL a writing worker at random moments; crashpoints: at every "
                    "named crash point, and twice inside recovery; powerloss: rebuild what a "
-                   "power cut leaves (unsynced bytes dropped or torn); torn, corruption, fuzz: "
+                   "power cut leaves (unsynced bytes dropped or torn); lazyfs: real power cuts "
+                   "on LazyFS, database included (needs --lazyfs); torn, corruption, fuzz: "
                    "damage the log's bytes; ioerrors: ENOSPC/EIO on the Nth call; all: each. "
                    "With --backend only kill runs (the default there).")
 @click.option("--backend", metavar="URL", callback=_backend, default=None,
@@ -57,9 +59,12 @@ def _backend(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
                    f"{BACKEND_THREADS} with --backend].")
 @click.option("--seconds", type=click.FloatRange(0, min_open=True), default=None,
               help="Stop starting new cycles after this long (shared evenly by the modes).")
+@click.option("--lazyfs", metavar="PATH", envvar="WBCACHE_LAZYFS",
+              help="The LazyFS binary, for --mode lazyfs (also in all) [env WBCACHE_LAZYFS].")
 @click.option("--quiet", is_flag=True, help="Print only the final table.")
 def torture(directory: str | None, mode: str, backend: str | None, cycles: int,
-            seed: int | None, threads: int | None, seconds: float | None, quiet: bool) -> None:
+            seed: int | None, threads: int | None, seconds: float | None, lazyfs: str | None,
+            quiet: bool) -> None:
     """Crash caches on purpose and check that no acknowledged write is ever lost.
 
     Workers write from several threads and report every acknowledgement; they are killed
@@ -75,6 +80,12 @@ def torture(directory: str | None, mode: str, backend: str | None, cycles: int,
     wbcache torture --backend postgresql://postgres@127.0.0.1:5432/test --cycles 20
     """
     modes = _modes(mode, backend)
+    try:
+        modes, skipped = lazyfs_modes(modes, lazyfs, asked=mode == "lazyfs")
+    except LazyfsUnavailable as exc:
+        raise click.UsageError(str(exc)) from None
+    if skipped:
+        click.echo(f"skipping lazyfs: {skipped}")
     if directory is not None and os.path.isdir(directory) and os.listdir(directory):
         raise click.UsageError(f"{directory} is not empty; give a new or empty directory")
     workdir = directory or tempfile.mkdtemp(prefix="wbcache-torture-")

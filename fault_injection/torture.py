@@ -20,12 +20,13 @@ from wbcache.fault_injection.crashpoints import full_pass, run_crashpoints
 from wbcache.fault_injection.fuzz import run_fuzz
 from wbcache.fault_injection.ioerrors import run_ioerrors
 from wbcache.fault_injection.kill import run_kills
+from wbcache.fault_injection.lazyfs import run_lazyfs
 from wbcache.fault_injection.nodes import run_node_kills
 from wbcache.fault_injection.oracle import Tally
 from wbcache.fault_injection.powerloss import run_powerloss
 from wbcache.fault_injection.torn import run_torn
 
-MODES = ("kill", "crashpoints", "powerloss", "torn", "corruption", "fuzz", "ioerrors")
+MODES = ("kill", "crashpoints", "powerloss", "lazyfs", "torn", "corruption", "fuzz", "ioerrors")
 CRASH_MODES = ("kill", "crashpoints", "powerloss")
 # With a shared database (`backend`), only kills apply: the other modes damage or rebuild the
 # local log and LMDB files, and a server's own durability is not this harness's to fake.
@@ -35,6 +36,7 @@ CAMPAIGNS: dict[str, Callable[[Settings], Outcome]] = {
     "kill": run_kills,
     "crashpoints": run_crashpoints,
     "powerloss": run_powerloss,
+    "lazyfs": run_lazyfs,  # a power cut on LazyFS (needs it: $WBCACHE_LAZYFS)
     "torn": run_torn,
     "corruption": run_corruption,
     "fuzz": run_fuzz,
