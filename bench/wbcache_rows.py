@@ -1,7 +1,10 @@
 """wbcache's own rows. Each trial opens a fresh cache directory and closes it afterwards
 (opening and closing are not timed); options are the defaults unless the row says otherwise.
 
-  put_t{N}        put() from N threads, fsync="always": durable acks/s and ack latency
+  put_t{N}        put() from N threads, fsync="always": durable acks/s, ack latency, and the
+                  CPU time and voluntary context switches of the whole process per put
+  put_t{N}_switch the same with the interpreter's switch interval lowered in this process
+                  (`lowered_switch_interval`): how much of the latency tail is GIL hand-offs
   async_t{N}      AsyncCache.put() from N asyncio tasks ("not available" without AsyncCache)
   put_many        put_many() of `put_many_size` entries per call; keys/s
   put_interval    put() from 1 thread, fsync="interval": the write path without an fsync
@@ -14,6 +17,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +43,14 @@ def measurements(config: BenchConfig, workload: Workload, scratch: Scratch) -> l
                         _put_threads(config, workload, scratch, n), baseline="raw_fsync",
                         series="wbcache put (threads)", concurrency=n)
             for n in config.wbcache_threads]
+    most = max(config.wbcache_threads)
+    interval = config.lowered_switch_interval
+    rows.append(Measurement(
+        f"put_t{most}_switch", SECTION,
+        f"put, fsync always, {most} threads, sys.setswitchinterval({interval:g}) in the "
+        f"benchmark (default {sys.getswitchinterval():g})",
+        _put_threads(config, workload, scratch, most, switch_interval=interval),
+        baseline="raw_fsync"))
     async_missing = None if hasattr(wbcache, "open_async") else "not available"
     rows += [Measurement(f"async_t{n}", SECTION, f"AsyncCache put, {n} task" + "s" * (n > 1),
                          None if async_missing else _async_tasks(config, workload, scratch, n),
@@ -69,20 +82,29 @@ def measurements(config: BenchConfig, workload: Workload, scratch: Scratch) -> l
     return rows
 
 
-def _put_threads(config: BenchConfig, workload: Workload, scratch: Scratch,
-                 threads: int) -> Callable[[], Sample]:
+def _put_threads(config: BenchConfig, workload: Workload, scratch: Scratch, threads: int, *,
+                 switch_interval: float | None = None) -> Callable[[], Sample]:
     def trial() -> Sample:
         with scratch.directory(f"put-{threads}") as path, wbcache.open(path / "c") as cache:
             ops: list[Op] = [cycling_op(cache.put, *workload.slice_for(worker, threads))
                              for worker in range(threads)]
-            sample = run_threads(ops, config.trial_seconds, config.warmup_seconds)
+            default = sys.getswitchinterval()
+            if switch_interval is not None:  # this process only, never the library's business
+                sys.setswitchinterval(switch_interval)
+            try:
+                sample = run_threads(ops, config.trial_seconds, config.warmup_seconds)
+            finally:
+                sys.setswitchinterval(default)
             return _with_batch_note(cache.stats(), sample)
     return trial
 
 
 def _with_batch_note(stats: dict[str, Any], sample: Sample) -> Sample:
     per_fsync = stats["writes"] / stats["fsyncs"] if stats["fsyncs"] else 0.0
-    return Sample(sample.value, sample.p50, sample.p99, f"{per_fsync:.1f} writes per fsync")
+    note = f"{per_fsync:.1f} writes per fsync"
+    if sample.usage is not None:
+        note += f"; {sample.usage.per_op()}"
+    return dataclasses.replace(sample, note=note)
 
 
 def _async_tasks(config: BenchConfig, workload: Workload, scratch: Scratch,
