@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -103,7 +104,7 @@ def write_log_and_exit(argv: list[str]) -> None:
     workload = Workload(pool)
     cache = wbcache.open(path, fsync="interval", flush_interval=3600.0,
                          flush_threshold=pool + 1, max_dirty=pool + 1,
-                         capacity=max(pool, 1_000_000), segment_size=1 << 30)
+                         capacity=max(pool, 1_000_000))
     put, keys, values = cache.put, workload.keys, workload.dict_values
     for lsn in range(1, count + 1):
         put(keys[lsn % pool], values[lsn % pool])
@@ -198,7 +199,9 @@ def _recover_rss(log: RecoveryLog, scratch: Scratch) -> Callable[[], Sample]:
             return Sample(float(found["peak"]),
                           note=f"baseline before reading the log {found['baseline'] / 1e6:.1f} MB "
                                f"(interpreter and imports), so recovery added "
-                               f"{(found['peak'] - found['baseline']) / 1e6:.1f} MB; "
+                               f"{(found['peak'] - found['baseline']) / 1e6:.1f} MB; peaks sampled "
+                               f"every 5 ms: heap (RssAnon) {found['anon'] / 1e6:.1f} MB, mapped "
+                               f"files (RssFile: log segments, LMDB) {found['file'] / 1e6:.1f} MB; "
                                f"{found['records']:,} records replayed in {found['seconds']:.2f} s")
     return trial
 
@@ -217,15 +220,47 @@ def recover_and_report(path: str) -> None:
     from wbcache.cli import main
 
     baseline = _status_bytes("VmRSS")
+    sampler = _RssSampler()
     output = io.StringIO()
     started = time.perf_counter()
-    with contextlib.redirect_stdout(output):
+    with sampler, contextlib.redirect_stdout(output):
         main(["recover", "--json", path], standalone_mode=False)
     seconds = time.perf_counter() - started
     peak = _status_bytes("VmHWM")
     report = json.loads(output.getvalue())
     print(json.dumps({"baseline": baseline, "peak": peak, "records": report["replayed"],
-                      "seconds": seconds}))
+                      "seconds": seconds, "anon": sampler.peaks["RssAnon"],
+                      "file": sampler.peaks["RssFile"]}))
+
+
+class _RssSampler:
+    """Samples RssAnon (the heap) and RssFile (mapped files: the log segments being read,
+    LMDB's map) every 5 ms while recovery runs, keeping each one's peak: VmHWM says how high
+    the total went, this says what it was made of."""
+
+    FIELDS = ("RssAnon", "RssFile")
+
+    def __init__(self) -> None:
+        self.peaks = dict.fromkeys(self.FIELDS, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self._sample()
+
+    def _sample(self) -> None:
+        for field in self.FIELDS:
+            self.peaks[field] = max(self.peaks[field], _status_bytes(field))
 
 
 def _status_bytes(field: str) -> int:

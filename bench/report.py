@@ -18,6 +18,7 @@ SHORT_NAMES = {
     "raw_fsync": "raw fsync loop",
     "dict_msgpack": "dict+msgpack",
     "dict_get": "d.get fn",
+    "dict_get_random": "d.get fn",
     "unpack_get": "unpackb fn",
     "raw_putmulti": "raw putmulti",
     "raw_recovery": "raw replay",

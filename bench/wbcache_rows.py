@@ -8,7 +8,10 @@
   async_t{N}      AsyncCache.put() from N asyncio tasks ("not available" without AsyncCache)
   put_many        put_many() of `put_many_size` entries per call; keys/s
   put_interval    put() from 1 thread, fsync="interval": the write path without an fsync
-  get_str/dict    get() hits on str and dict values, every key in memory
+  get_str/dict    get() hits on str and dict values, every key in memory, keys read in
+                  insertion order (as the baselines read theirs)
+  get_str_random  the same with the keys read in a fixed random order, as a cache's reads
+                  come (informational: the order decides how much of a hit is cache misses)
   flusher         one flush() of `flush_entries` dirty entries into LMDB; entries/s
   hot_keys        `hot_keys` keys x `hot_writes_per_key` writes between flushes: database
                   writes / client writes, from cache.stats()
@@ -70,6 +73,10 @@ def measurements(config: BenchConfig, workload: Workload, scratch: Scratch) -> l
         Measurement("get_dict", SECTION, "get hit, dict values (fresh copy)",
                     _get_hits(config, workload, scratch, workload.dict_values, "dict"),
                     baseline="unpack_get"),
+        Measurement("get_str_random", SECTION, "get hit, str values, keys in random order",
+                    _get_hits(config, workload, scratch, workload.str_values, "str",
+                              order=workload.shuffled_keys),
+                    baseline="dict_get_random"),
         Measurement("flusher", SECTION,
                     f"flusher into LMDB, {config.flush_entries:,} dirty entries per flush",
                     _flusher(config, workload, scratch), unit="entries/s",
@@ -171,14 +178,14 @@ def _put_interval(config: BenchConfig, workload: Workload,
 
 
 def _get_hits(config: BenchConfig, workload: Workload, scratch: Scratch, values: list[Any],
-              kind: str) -> Callable[[], Sample]:
+              kind: str, order: list[str] | None = None) -> Callable[[], Sample]:
     def trial() -> Sample:
         with scratch.directory(f"get-{kind}") as path, \
                 wbcache.open(path / "c", **HOLD_OPTIONS) as cache:
             fill(cache, workload.keys, values)
             cache.flush()  # clean entries, still in memory: every get below is a hit
-            sample = run_chunks(get_chunks(cache.get, workload.keys), config.trial_seconds,
-                                config.warmup_seconds)
+            sample = run_chunks(get_chunks(cache.get, order or workload.keys),
+                                config.trial_seconds, config.warmup_seconds)
             if cache.stats()["misses"]:
                 raise RuntimeError("a get missed memory; the row measures hits only")
             return sample
