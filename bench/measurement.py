@@ -126,10 +126,12 @@ class Result:
 
     @property
     def note(self) -> str:
-        notes = [s.note for s in self.samples if s.note]
+        """The row's own note, then the best trial's (so that the note describes the trial
+        the value comes from)."""
+        best = self.best
         parts = [self.measurement.note] if self.measurement.note else []
-        if notes:
-            parts.append(notes[-1])
+        if best is not None and best.note:
+            parts.append(best.note)
         return "; ".join(parts)
 
     def _median_of(self, values: list[float]) -> float | None:

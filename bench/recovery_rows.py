@@ -152,9 +152,10 @@ def _replay(log: RecoveryLog, scratch: Scratch) -> Callable[[], Sample]:
             seconds = time.perf_counter() - started
             report = cache.recovery
             cache.close()
-            return Sample(seconds, note=f"{report.replayed:,} records replayed into "
-                                        f"{report.keys:,} keys, {report.records / seconds:,.0f}"
-                                        " records/s")
+            return Sample(seconds, note=f"{report.replayed:,} records replayed, "
+                                        f"{report.keys:,} entries written to the database (a "
+                                        f"key in several replay chunks counts in each), "
+                                        f"{report.records / seconds:,.0f} records/s")
     return trial
 
 
