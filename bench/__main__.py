@@ -1,8 +1,8 @@
-"""`python -m bench`: the same click command as `wbcache bench`, options and all."""
+"""`python -m bench`, from the repository's root: see bench/cli.py and `python -m bench --help`."""
 
 from __future__ import annotations
 
-from wbcache.cli.bench import bench
+from bench.cli import bench
 
 if __name__ == "__main__":
     bench(prog_name="python -m bench")

@@ -1,10 +1,11 @@
 """`BenchConfig`: how long, how often and how big each measurement is, per mode.
 
 Three modes share every row, they only scale it:
-  full   the published run: every concurrency level, 1,000,000-record recovery and memory rows
-  quick  under a minute: shorter trials, one round, 100,000-record recovery and memory rows
-  smoke  a few seconds, for CI: proves the benchmark starts and prints its table; its numbers
-         mean nothing
+  full   the published run (about 10 minutes): every concurrency level, 1,000,000-record
+         recovery and memory rows, the 1,000,000-request eviction traces
+  quick  about 2 minutes: shorter trials, one round, 100,000-record recovery and memory rows
+  smoke  under 30 seconds, for CI: proves the benchmark starts and prints its table; its
+         numbers mean nothing
 """
 
 from __future__ import annotations
@@ -43,9 +44,18 @@ class BenchConfig:
     """Distinct keys every write row cycles through (and the get rows read)."""
 
     wbcache_threads: tuple[int, ...] = (1, 4, 16, 64)
-    async_tasks: tuple[int, ...] = (1, 16, 256, 1024)
+    async_tasks: tuple[int, ...] = (1, 16, 64, 256, 1024)
     peer_clients: tuple[int, ...] = (1, 16, 64)
-    """Concurrency of LMDB, SQLite, diskcache and Redis (threads, one connection each)."""
+    """Concurrency of LMDB, SQLite, diskcache and Redis via redis-py (threads, one connection
+    each)."""
+
+    redis_benchmark_clients: tuple[int, ...] = (16, 64)
+    """Connections of the redis-benchmark rows (Redis driven by its own C client)."""
+
+    lowered_switch_interval: float = 0.0005
+    """Seconds: the interpreter's switch interval (default 0.005) in the row that repeats the
+    64-thread put with it lowered, in this benchmark process only, to show what the GIL's
+    hand-offs add to the latency tail."""
 
     put_many_size: int = 1_000
     """Entries per `put_many` call."""
@@ -59,8 +69,24 @@ class BenchConfig:
     recovery_keys: int = 100_000
     """Distinct keys those records cycle through (10 writes per key); at most `key_pool`."""
 
+    recover_rss_records: int = 1_000_000
+    """Records, each a put of a key of its own, in the log `wbcache recover` replays in the
+    peak-memory row."""
+
     memory_entries: int = 1_000_000
     """Entries the memory row holds, in a wbcache and in a plain dict."""
+
+    eviction_requests: int = 1_000_000
+    eviction_keys: int = 100_000
+    eviction_capacity: int = 10_000
+    zipf_exponent: float = 0.99
+    """The hit-ratio rows: `eviction_requests` reads of `eviction_keys` keys with Zipf
+    popularity, through a cache of `eviction_capacity` entries."""
+
+    scan_every: int = 80_000
+    scan_length: int = 20_000
+    """The scan-heavy trace: after every `scan_every` Zipf reads, one scan of `scan_length`
+    keys read once and never again."""
 
     hot_keys: int = 1_000
     hot_writes_per_key: int = 100
@@ -77,6 +103,15 @@ class BenchConfig:
 
     pg_flush_entries: int = 10_000
     """Dirty entries each PostgreSQL flush row writes in one flush."""
+
+    far_delay: float = 0.001
+    """Seconds the far-link proxy holds every chunk, each way (1 ms: a round trip of 2 ms)."""
+
+    far_threads: tuple[int, ...] = (1, 16)
+    """Client threads of the far-link write-through and write-back rows."""
+
+    far_hot_keys: int = 100
+    """Keys the far-link hot-key rows cycle through (16 threads)."""
 
     scratch_parent: Path | None = None
     """Where the benchmark's temporary directory goes (None: chosen on the repo's filesystem)."""
@@ -107,8 +142,14 @@ _QUICK: dict[str, object] = {
     "flush_entries": 50_000,
     "recovery_records": 100_000,
     "recovery_keys": 10_000,
+    "recover_rss_records": 100_000,
     "memory_entries": 100_000,
     "hot_cycles": 1,
+    "eviction_requests": 300_000,
+    "eviction_keys": 30_000,
+    "eviction_capacity": 3_000,
+    "scan_every": 24_000,
+    "scan_length": 6_000,
 }
 
 _SMOKE: dict[str, object] = {
@@ -120,11 +161,19 @@ _SMOKE: dict[str, object] = {
     "wbcache_threads": (1, 4),
     "async_tasks": (1, 16),
     "peer_clients": (1,),
+    "redis_benchmark_clients": (4,),
+    "far_threads": (1, 4),
     "put_many_size": 100,
     "flush_entries": 2_000,
     "recovery_records": 5_000,
     "recovery_keys": 500,
     "memory_entries": 5_000,
+    "recover_rss_records": 5_000,
+    "eviction_requests": 20_000,
+    "eviction_keys": 2_000,
+    "eviction_capacity": 200,
+    "scan_every": 1_600,
+    "scan_length": 400,
     "hot_keys": 100,
     "hot_writes_per_key": 100,
     "hot_cycles": 1,

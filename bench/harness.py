@@ -10,11 +10,12 @@ of the in-memory rows take no per-call time at all).
 from __future__ import annotations
 
 import asyncio
+import resource
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from bench.measurement import Sample
+from bench.measurement import Sample, Usage
 
 Op = Callable[[], object]
 AsyncOp = Callable[[], Awaitable[object]]
@@ -28,16 +29,40 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     return sorted_values[index]
 
 
+class UsageMeter:
+    """getrusage of the whole process (every thread) between `start()` and `stop()`."""
+
+    def __init__(self) -> None:
+        self._first: resource.struct_rusage | None = None
+        self._last: resource.struct_rusage | None = None
+
+    def start(self) -> None:
+        self._first = resource.getrusage(resource.RUSAGE_SELF)
+
+    def stop(self) -> None:
+        self._last = resource.getrusage(resource.RUSAGE_SELF)
+
+    def usage(self, operations: int) -> Usage | None:
+        first, last = self._first, self._last
+        if first is None or last is None:
+            return None
+        return Usage(last.ru_utime + last.ru_stime - first.ru_utime - first.ru_stime,
+                     last.ru_nvcsw - first.ru_nvcsw, last.ru_nivcsw - first.ru_nivcsw,
+                     operations)
+
+
 def _window_sample(ends: list[list[float]], latencies: list[list[float]], start: float,
-                   stop: float, per_call: int) -> Sample:
-    """ops/s (times `per_call` items per call) and latency of the calls ending in [start, stop)."""
+                   stop: float, per_call: int, meter: UsageMeter | None = None) -> Sample:
+    """ops/s (times `per_call` items per call), latency percentiles and resource use of the
+    calls ending in [start, stop)."""
     kept = sorted(lat for worker_ends, worker_lats in zip(ends, latencies, strict=True)
                   for end, lat in zip(worker_ends, worker_lats, strict=True)
                   if start <= end < stop)
     if not kept:
         raise RuntimeError(f"no call finished within the {stop - start:.2f} s window")
     return Sample(len(kept) * per_call / (stop - start), percentile(kept, 0.50),
-                  percentile(kept, 0.99))
+                  percentile(kept, 0.99), percentile(kept, 0.999),
+                  usage=None if meter is None else meter.usage(len(kept) * per_call))
 
 
 def run_threads(ops: Sequence[Op], seconds: float, warmup: float, *, per_call: int = 1) -> Sample:
@@ -71,17 +96,23 @@ def run_threads(ops: Sequence[Op], seconds: float, warmup: float, *, per_call: i
         thread.start()
     barrier.wait()
     started = time.perf_counter()
-    _sleep_unless_stopped(running, warmup + seconds)
+    meter = UsageMeter()
+    _sleep_unless_stopped(running, started + warmup)
+    meter.start()
+    _sleep_unless_stopped(running, started + warmup + seconds)
+    meter.stop()
     running.clear()
     for thread in threads:
         thread.join()
     if errors:
         raise errors[0]
-    return _window_sample(ends, latencies, started + warmup, started + warmup + seconds, per_call)
+    return _window_sample(ends, latencies, started + warmup, started + warmup + seconds, per_call,
+                          meter)
 
 
-def _sleep_unless_stopped(running: threading.Event, seconds: float) -> None:
-    deadline = time.perf_counter() + seconds
+def _sleep_unless_stopped(running: threading.Event, deadline: float) -> None:
+    """Sleep until `deadline` (perf_counter) or until a worker failed. One wake-up per 50 ms:
+    a few dozen context switches per trial, noise next to the workers' own."""
     while running.is_set():
         left = deadline - time.perf_counter()
         if left <= 0:
@@ -108,12 +139,19 @@ async def run_tasks(ops: Sequence[AsyncOp], seconds: float, warmup: float) -> Sa
 
     tasks = [asyncio.ensure_future(worker(i)) for i in range(count)]
     started = time.perf_counter()
+    meter = UsageMeter()
+    loop = asyncio.get_running_loop()
+    # Read the counters at the window's edges from the loop itself (call_at), so that they
+    # bracket the same calls the window counts.
+    loop.call_at(loop.time() + warmup, meter.start)
+    loop.call_at(loop.time() + warmup + seconds, meter.stop)
     try:
         await asyncio.wait(tasks, timeout=warmup + seconds, return_when=asyncio.FIRST_EXCEPTION)
     finally:
         state["running"] = False
     await asyncio.gather(*tasks)  # every task finishes its call in flight; errors surface here
-    return _window_sample(ends, latencies, started + warmup, started + warmup + seconds, 1)
+    return _window_sample(ends, latencies, started + warmup, started + warmup + seconds, 1,
+                          meter)
 
 
 def run_chunks(chunk: Callable[[], int], seconds: float, warmup: float) -> Sample:

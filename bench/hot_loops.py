@@ -5,8 +5,10 @@
     .venv/bin/pyinstrument -m bench.hot_loops get-str
 
 Paths: put-interval (1 thread, fsync="interval"), put-always (1 thread), put-threads (16
-threads, fsync="always"), get-str and get-dict (hits), flush (fill 100,000 dirty entries, flush,
-repeat). The same keys and values as the benchmark; files in a temp dir removed afterwards.
+threads, or --threads N, fsync="always"), get-str and get-dict (hits), flush (fill 100,000
+dirty entries, flush, repeat). The same keys and values as the benchmark; files in a temp dir
+removed afterwards. (Recovery: profile the command itself, `py-spy record -- wbcache recover
+DIR`, on a copy of a log the benchmark's recovery rows write.)
 """
 
 from __future__ import annotations
@@ -54,16 +56,17 @@ def _gets(cache: wbcache.Cache, keys: list[str]) -> Callable[[], int]:
     return step
 
 
-def run(path: str, seconds: float, directory: Path) -> int:
+def run(path: str, seconds: float, directory: Path, writers: int = 16) -> int:
     workload = Workload(100_000)
     keys, values = workload.keys, workload.dict_values
     if path == "put-threads":
         with wbcache.open(directory / "c") as cache:
-            counts = [0] * 16
+            counts = [0] * writers
 
             def worker(i: int) -> None:
-                counts[i] = _until(seconds, _puts(cache, keys[i::16][:500], values[i::16][:500]))
-            threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+                counts[i] = _until(seconds, _puts(cache, keys[i::writers][:500],
+                                                  values[i::writers][:500]))
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(writers)]
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -100,11 +103,12 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", choices=PATHS)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=16, help="writers of put-threads")
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="wbcache-hot-"))
     try:
         started = time.perf_counter()
-        done = run(args.path, args.seconds, directory)
+        done = run(args.path, args.seconds, directory, args.threads)
         print(f"{args.path}: {done / (time.perf_counter() - started):,.0f} ops/s")
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -1,6 +1,15 @@
-"""Redis, driven from Python (redis-py, one connection per client thread), against a PRIVATE
-redis-server: started on a free loopback port with its own directory, stopped when the run
-ends. A server the machine already runs (e.g. on 6379) is never contacted.
+"""Redis against a PRIVATE redis-server: started on a free loopback port with its own
+directory, stopped when the run ends. A server the machine already runs (e.g. on 6379) is
+never contacted. Two kinds of client, both shown, so that Redis is never shown slower than it
+is:
+
+  redis_{mode}_c{N}        redis-py, one connection per client thread, the value encoded with
+                           msgpack in the timed call: what a Python application gets (the
+                           Python client's own cost is in the number)
+  redis_bench_always_c{N}  redis-benchmark, Redis' own C client, N connections, SET of random
+                           keys of the same key pool with values of the same size: what the
+                           server can do. Its note gives the CPU time of the server plus the
+                           client per SET, and the server's voluntary context switches per SET
 
 `appendonly yes` with `appendfsync always`: Redis fsyncs the AOF before it replies, batching
 the writes of one event-loop iteration (its own group commit), so an acknowledged SET is
@@ -11,6 +20,9 @@ can be lost in a machine crash, the durability window wbcache exists to close.
 from __future__ import annotations
 
 import contextlib
+import csv
+import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -62,6 +74,11 @@ class PrivateRedis:
             last_error = self._log_tail()
             self.stop()
         raise RuntimeError(f"redis-server did not start: {last_error}")
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
 
     def client(self) -> Any:
         import redis
@@ -115,17 +132,89 @@ def measurements(config: BenchConfig, workload: Workload, scratch: Scratch,
         return server[0]
 
     rows = []
-    for mode, series, note in (("always", "Redis AOF always", ""),
-                               ("everysec", "Redis AOF everysec (not durable per ack)",
+    for mode, series, note in (("always", "Redis AOF always, redis-py", ""),
+                               ("everysec", "Redis AOF everysec, redis-py (not durable per ack)",
                                 "acks before fsync: up to 1 s lost on a machine crash")):
         for clients in config.peer_clients:
-            label = (f"Redis appendfsync {mode}, {clients} client"
-                     + ("" if clients == 1 else "s"))
+            label = f"Redis appendfsync {mode}, {_clients(clients)} via redis-py (Python)"
             trial = None if missing else _trial(config, workload, running_server, mode, clients)
             rows.append(Measurement(f"redis_{mode}_c{clients}", SECTION, label, trial,
                                     baseline="raw_fsync", series=series, concurrency=clients,
                                     unavailable=missing, note=note))
+    c_client = shutil.which("redis-benchmark")
+    c_missing = missing or (None if c_client else "not installed (redis-benchmark)")
+    value_size = len(workload.encoded_values[0])
+    for clients in config.redis_benchmark_clients:
+        label = f"Redis appendfsync always, {_clients(clients)} via redis-benchmark (C)"
+        trial = None if c_missing else _c_client_trial(
+            config, c_client or "redis-benchmark", running_server, clients, workload.size,
+            value_size)
+        rows.append(Measurement(f"redis_bench_always_c{clients}", SECTION, label, trial,
+                                baseline="raw_fsync", series="Redis AOF always, redis-benchmark",
+                                concurrency=clients, unavailable=c_missing))
     return rows
+
+
+def _clients(count: int) -> str:
+    return f"{count} client" + ("" if count == 1 else "s")
+
+
+def _c_client_trial(config: BenchConfig, binary: str, running_server: Callable[[], PrivateRedis],
+                    clients: int, key_pool: int, value_size: int) -> Callable[[], Sample]:
+    # redis-benchmark runs a number of requests, not a time: the first trial guesses, each
+    # later one asks for what the previous rate does in `trial_seconds`.
+    requests = [max(1_000, int(20_000 * config.trial_seconds))]
+
+    def trial() -> Sample:
+        server = running_server()
+        admin = server.client()
+        try:
+            admin.config_set("appendfsync", "always")
+        finally:
+            admin.close()
+        count = requests[0]
+        server_before = _process_usage(server.pid)
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        done = subprocess.run(
+            [binary, "-h", "127.0.0.1", "-p", str(server.port), "-c", str(clients),
+             "-n", str(count), "-t", "set", "-r", str(key_pool), "-d", str(value_size),
+             "--csv"], capture_output=True, text=True, timeout=300, check=False)
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        server_after = _process_usage(server.pid)
+        rows = [row for row in csv.DictReader(done.stdout.splitlines()) if row.get("rps")]
+        if done.returncode != 0 or not rows:
+            raise RuntimeError(f"redis-benchmark failed (exit {done.returncode}): "
+                               f"{(done.stderr or done.stdout).strip()[-300:]}")
+        row = rows[0]
+        rate = float(row["rps"])
+        requests[0] = max(1_000, int(rate * config.trial_seconds))
+        server_cpu = server_after[0] - server_before[0]
+        client_cpu = (children_after.ru_utime + children_after.ru_stime
+                      - children_before.ru_utime - children_before.ru_stime)
+        switches = server_after[1] - server_before[1]
+        return Sample(rate, _ms(row.get("p50_latency_ms")), _ms(row.get("p99_latency_ms")),
+                      note=f"{count:,} SETs; CPU per SET: server {server_cpu / count * 1e6:.1f} "
+                           f"µs + C client {client_cpu / count * 1e6:.1f} µs; server "
+                           f"main thread {switches / count:.2f} voluntary switches per SET")
+    return trial
+
+
+def _ms(text: str | None) -> float | None:
+    return None if not text else float(text) / 1e3
+
+
+def _process_usage(pid: int) -> tuple[float, int]:
+    """(user + system CPU seconds of every thread, voluntary context switches of the main
+    thread: Redis' event loop, which also fsyncs under `always`) of process `pid` so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    switches = 0
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                switches = int(line.split()[1])
+    return cpu, switches
 
 
 def _trial(config: BenchConfig, workload: Workload, running_server: Callable[[], PrivateRedis],

@@ -18,11 +18,18 @@ SHORT_NAMES = {
     "raw_fsync": "raw fsync loop",
     "dict_msgpack": "dict+msgpack",
     "dict_get": "d.get fn",
+    "dict_get_random": "d.get fn",
     "unpack_get": "unpackb fn",
     "raw_putmulti": "raw putmulti",
     "raw_recovery": "raw replay",
     "memory_dict": "plain dict",
     "pg_write_through": "write-through",
+    "far_write_through_t1": "write-through",
+    "far_write_through_t4": "write-through",
+    "far_write_through_t16": "write-through",
+    "far_hot_write_through": "write-through",
+    "lru_zipf": "exact LRU",
+    "lru_scan": "exact LRU",
 }
 
 SECTION_TITLES = {
@@ -31,7 +38,13 @@ SECTION_TITLES = {
     "wbcache": "wbcache",
     "postgres": "postgres: wbcache over PostgreSQL against PostgreSQL alone, same threads, keys "
                 "and values (durable acks/s)",
+    "postgres-far": "postgres over a far link: the same, the database behind a proxy that holds "
+                    "every byte 1 ms each way",
 }
+
+LATENCY_ROWS = ("raw_fsync", "put_t1", "put_t16", "put_t64", "put_t64_switch", "async_t256")
+"""The rows the latency block shows (those that ran), beside the raw fdatasync's median. The
+raw loop comes first: its own tail is what the machine adds to any durable write."""
 
 
 def machine_description(scratch: Path) -> list[str]:
@@ -100,6 +113,13 @@ def format_value(value: float, unit: str) -> str:
     return f"{value:g} {unit}"
 
 
+def _row_value(result: Result) -> str:
+    value = result.value
+    if value is None:
+        return result.status.split(":")[0]
+    return format_value(value, result.measurement.unit)
+
+
 def format_latency(seconds: float | None) -> str:
     if seconds is None:
         return ""
@@ -141,7 +161,8 @@ def _verdict_cell(row_id: str, results: Results) -> tuple[str, str]:
 
 def format_table(results: Sequence[Result]) -> str:
     by_id = {result.id: result for result in results}
-    header = ("row", "result", "ratio", "p50 ack", "p99 ack", "target", "verdict", "note")
+    header = ("row", "result", "ratio", "p50 ack", "p99 ack", "p99.9 ack", "target", "verdict",
+              "note")
     lines: list[tuple[str, ...]] = []
     section = None
     for result in results:
@@ -150,20 +171,20 @@ def format_table(results: Sequence[Result]) -> str:
             section = m.section
             lines.append((SECTION_TITLES.get(section, section),))
         target, verdict = _verdict_cell(result.id, by_id)
-        value = result.value
         lines.append((
             "  " + m.label,
-            format_value(value, m.unit) if value is not None else result.status.split(":")[0],
+            _row_value(result),
             _ratio_cell(result, by_id),
             format_latency(result.p50),
             format_latency(result.p99),
+            format_latency(result.p999),
             target,
             verdict,
             result.error or result.note,
         ))
     widths = [max(len(line[i]) for line in [header, *lines] if len(line) > 1)
               for i in range(len(header))]
-    right = {1, 2, 3, 4}
+    right = {1, 2, 3, 4, 5}
 
     def render(line: tuple[str, ...]) -> str:
         if len(line) == 1:
@@ -184,11 +205,33 @@ def format_targets(results: Sequence[Result]) -> str:
         rows.append((target.text, "" if value is None else target.value_text(value),
                      target.limit_text(), verdict))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = ["targets (issue #5), same run:"]
+    lines = ["targets, each judged on numbers of this run:"]
     lines += [f"  {text.ljust(widths[0])}  {value.rjust(widths[1])}  {limit.ljust(widths[2])}  "
               f"{verdict}" for text, value, limit, verdict in rows]
     lines.append(f"  {counts['met']} met, {counts['MISSED']} MISSED, "
                  f"{counts['not measured']} not measured")
+    return "\n".join(lines)
+
+
+def format_latency_block(results: Sequence[Result]) -> str:
+    """Acknowledgement latency of a put at each concurrency, each percentile also as a multiple
+    of the raw loop's median write + fdatasync. Empty when neither side ran."""
+    by_id = {result.id: result for result in results}
+    raw = by_id.get("raw_fsync")
+    fsync = raw.p50 if raw is not None else None
+    shown = [by_id[row] for row in LATENCY_ROWS
+             if row in by_id and by_id[row].p50 is not None]
+    if not fsync or not shown:
+        return ""
+    lines = [f"put acknowledgement latency (median over trials of each trial's percentile), "
+             f"beside the median raw write + fdatasync ({format_latency(fsync)}):"]
+    width = max(len(result.measurement.label) for result in shown)
+    for result in shown:
+        cells = []
+        for name, value in (("p50", result.p50), ("p99", result.p99), ("p99.9", result.p999)):
+            if value is not None:
+                cells.append(f"{name} {format_latency(value):>9} ({value / fsync:5.1f}×)")
+        lines.append(f"  {result.measurement.label.ljust(width)}  " + "   ".join(cells))
     return "\n".join(lines)
 
 

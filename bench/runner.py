@@ -23,6 +23,7 @@ from typing import Any
 
 from bench import (
     baselines,
+    eviction,
     memory,
     peers,
     postgres_rows,
@@ -38,7 +39,7 @@ from bench.targets import TARGETS
 from bench.workload import Scratch, Workload
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SECTION_ORDER = ("baselines", "peers", "wbcache", "postgres")
+SECTION_ORDER = ("baselines", "peers", "wbcache", "postgres", "postgres-far")
 TRIAL_WATCHDOG_SECONDS = 900  # the slowest trial (writing a 1,000,000-record log) takes ~15 s
 
 
@@ -59,6 +60,7 @@ def collect(config: BenchConfig, workload: Workload, scratch: Scratch,
         rows += postgres_rows.measurements(config, workload, scratch, resources)
     rows += recovery_rows.measurements(config, workload, scratch, only)
     rows += memory.measurements(config, scratch, only)
+    rows += eviction.measurements(config, scratch, only)
     return sorted(rows, key=lambda m: SECTION_ORDER.index(m.section))  # stable within sections
 
 
@@ -91,6 +93,10 @@ def run(config: BenchConfig, *, command: str, plot_path: Path | None, json_path:
     echo("")
     echo(report.format_table(results))
     echo("")
+    latency = report.format_latency_block(results)
+    if latency:
+        echo(latency)
+        echo("")
     echo(report.format_targets(results))
     echo("")
     echo(_method(config))
@@ -108,7 +114,8 @@ def _measure(config: BenchConfig, results: list[Result], progress: Callable[[str
     for round_ in range(config.rounds):
         for result in [*results, *anchors]:  # anchors: start and end of every round
             m = result.measurement
-            if m.trial is None or result.error or (m.big and round_ >= config.big_rounds):
+            if m.trial is None or result.error or (m.big and round_ >= config.big_rounds) \
+                    or (m.once and round_ > 0):
                 continue
             progress(f"[{round_ + 1}/{config.rounds}] {m.section}: {m.label}")
             gc.collect()
@@ -134,11 +141,13 @@ def _method(config: BenchConfig) -> str:
     return "\n".join([
         f"method: {config.rounds} interleaved round(s); each trial counts operations for "
         f"{config.trial_seconds:g} s after a {config.warmup_seconds:g} s warm-up "
-        f"(recovery, flusher, memory, hot keys: {config.big_rounds} trial(s), one-shot;",
+        f"(recovery, flusher, memory, hot keys: {config.big_rounds} trial(s), one-shot; hit "
+        f"ratios: 1 trial;",
         "  the cheap baselines: 2 trials per round, at the start and at the end of it).",
         "  result = the BEST trial (highest ops/s; lowest time or memory): load from other "
         "processes only ever slows a trial down.",
-        "  p50/p99 ack = per-call latency percentiles, the MEDIAN over trials. Durable ratios "
+        "  p50/p99/p99.9 ack = per-call latency percentiles, the MEDIAN over trials. Durable "
+        "ratios "
         "divide by the raw write+fdatasync loop,",
         "  1 thread, of what one put appends to the log, in this run; p99 targets divide by "
         "that loop's median (p50) call.",
@@ -158,7 +167,9 @@ def _write_json(path: Path, config: BenchConfig, command: str, machine: list[str
         "rows": [{
             "id": r.id, "section": r.measurement.section, "label": r.measurement.label,
             "unit": r.measurement.unit, "status": r.status, "value": r.value,
-            "p50": r.p50, "p99": r.p99, "baseline": r.measurement.baseline,
+            "p50": r.p50, "p99": r.p99, "p999": r.p999, "baseline": r.measurement.baseline,
+            "extra": r.best.extra if r.best is not None else {},
+            "usage": dataclasses.asdict(r.usage) if r.usage is not None else None,
             "trials": [s.value for s in r.samples], "note": r.note,
             "series": r.measurement.series, "concurrency": r.measurement.concurrency,
         } for r in results],

@@ -1,11 +1,17 @@
 """wbcache's own rows. Each trial opens a fresh cache directory and closes it afterwards
 (opening and closing are not timed); options are the defaults unless the row says otherwise.
 
-  put_t{N}        put() from N threads, fsync="always": durable acks/s and ack latency
+  put_t{N}        put() from N threads, fsync="always": durable acks/s, ack latency, and the
+                  CPU time and voluntary context switches of the whole process per put
+  put_t{N}_switch the same with the interpreter's switch interval lowered in this process
+                  (`lowered_switch_interval`): how much of the latency tail is GIL hand-offs
   async_t{N}      AsyncCache.put() from N asyncio tasks ("not available" without AsyncCache)
   put_many        put_many() of `put_many_size` entries per call; keys/s
   put_interval    put() from 1 thread, fsync="interval": the write path without an fsync
-  get_str/dict    get() hits on str and dict values, every key in memory
+  get_str/dict    get() hits on str and dict values, every key in memory, keys read in
+                  insertion order (as the baselines read theirs)
+  get_str_random  the same with the keys read in a fixed random order, as a cache's reads
+                  come (informational: the order decides how much of a hit is cache misses)
   flusher         one flush() of `flush_entries` dirty entries into LMDB; entries/s
   hot_keys        `hot_keys` keys x `hot_writes_per_key` writes between flushes: database
                   writes / client writes, from cache.stats()
@@ -14,6 +20,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +46,14 @@ def measurements(config: BenchConfig, workload: Workload, scratch: Scratch) -> l
                         _put_threads(config, workload, scratch, n), baseline="raw_fsync",
                         series="wbcache put (threads)", concurrency=n)
             for n in config.wbcache_threads]
+    most = max(config.wbcache_threads)
+    interval = config.lowered_switch_interval
+    rows.append(Measurement(
+        f"put_t{most}_switch", SECTION,
+        f"put, fsync always, {most} threads, sys.setswitchinterval({interval:g}) in the "
+        f"benchmark (default {sys.getswitchinterval():g})",
+        _put_threads(config, workload, scratch, most, switch_interval=interval),
+        baseline="raw_fsync"))
     async_missing = None if hasattr(wbcache, "open_async") else "not available"
     rows += [Measurement(f"async_t{n}", SECTION, f"AsyncCache put, {n} task" + "s" * (n > 1),
                          None if async_missing else _async_tasks(config, workload, scratch, n),
@@ -57,6 +73,10 @@ def measurements(config: BenchConfig, workload: Workload, scratch: Scratch) -> l
         Measurement("get_dict", SECTION, "get hit, dict values (fresh copy)",
                     _get_hits(config, workload, scratch, workload.dict_values, "dict"),
                     baseline="unpack_get"),
+        Measurement("get_str_random", SECTION, "get hit, str values, keys in random order",
+                    _get_hits(config, workload, scratch, workload.str_values, "str",
+                              order=workload.shuffled_keys),
+                    baseline="dict_get_random"),
         Measurement("flusher", SECTION,
                     f"flusher into LMDB, {config.flush_entries:,} dirty entries per flush",
                     _flusher(config, workload, scratch), unit="entries/s",
@@ -69,20 +89,29 @@ def measurements(config: BenchConfig, workload: Workload, scratch: Scratch) -> l
     return rows
 
 
-def _put_threads(config: BenchConfig, workload: Workload, scratch: Scratch,
-                 threads: int) -> Callable[[], Sample]:
+def _put_threads(config: BenchConfig, workload: Workload, scratch: Scratch, threads: int, *,
+                 switch_interval: float | None = None) -> Callable[[], Sample]:
     def trial() -> Sample:
         with scratch.directory(f"put-{threads}") as path, wbcache.open(path / "c") as cache:
             ops: list[Op] = [cycling_op(cache.put, *workload.slice_for(worker, threads))
                              for worker in range(threads)]
-            sample = run_threads(ops, config.trial_seconds, config.warmup_seconds)
+            default = sys.getswitchinterval()
+            if switch_interval is not None:  # this process only, never the library's business
+                sys.setswitchinterval(switch_interval)
+            try:
+                sample = run_threads(ops, config.trial_seconds, config.warmup_seconds)
+            finally:
+                sys.setswitchinterval(default)
             return _with_batch_note(cache.stats(), sample)
     return trial
 
 
 def _with_batch_note(stats: dict[str, Any], sample: Sample) -> Sample:
     per_fsync = stats["writes"] / stats["fsyncs"] if stats["fsyncs"] else 0.0
-    return Sample(sample.value, sample.p50, sample.p99, f"{per_fsync:.1f} writes per fsync")
+    note = f"{per_fsync:.1f} writes per fsync"
+    if sample.usage is not None:
+        note += f"; {sample.usage.per_op()}"
+    return dataclasses.replace(sample, note=note)
 
 
 def _async_tasks(config: BenchConfig, workload: Workload, scratch: Scratch,
@@ -149,14 +178,14 @@ def _put_interval(config: BenchConfig, workload: Workload,
 
 
 def _get_hits(config: BenchConfig, workload: Workload, scratch: Scratch, values: list[Any],
-              kind: str) -> Callable[[], Sample]:
+              kind: str, order: list[str] | None = None) -> Callable[[], Sample]:
     def trial() -> Sample:
         with scratch.directory(f"get-{kind}") as path, \
                 wbcache.open(path / "c", **HOLD_OPTIONS) as cache:
             fill(cache, workload.keys, values)
             cache.flush()  # clean entries, still in memory: every get below is a hit
-            sample = run_chunks(get_chunks(cache.get, workload.keys), config.trial_seconds,
-                                config.warmup_seconds)
+            sample = run_chunks(get_chunks(cache.get, order or workload.keys),
+                                config.trial_seconds, config.warmup_seconds)
             if cache.stats()["misses"]:
                 raise RuntimeError("a get missed memory; the row measures hits only")
             return sample

@@ -9,6 +9,7 @@ The raw fsync baseline writes the very bytes one such put appends to wbcache's l
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -46,6 +47,13 @@ class Workload:
     @cached_property
     def dict_values(self) -> list[dict[str, Any]]:
         return [dict_value_of(i) for i in range(self.size)]
+
+    @cached_property
+    def shuffled_keys(self) -> list[str]:
+        """The keys in a fixed random order: reads that do not follow insertion order."""
+        keys = list(self.keys)
+        random.Random(5).shuffle(keys)
+        return keys
 
     @cached_property
     def str_values(self) -> list[str]:

@@ -104,13 +104,12 @@ def main() -> None:
 
 def _register() -> None:
     # Each module owns its commands; this is the only list of them.
-    from wbcache.cli import bench, demo, ops, torture
+    from wbcache.cli import demo, ops, torture
 
     main.add_command(demo.demo)
     for command in ops.COMMANDS:
         main.add_command(command)
     main.add_command(torture.torture)
-    main.add_command(bench.bench)
 
 
 _register()

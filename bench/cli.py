@@ -1,51 +1,20 @@
-"""`wbcache bench` (issue #5): the benchmark in the repository's `bench/` folder.
+"""`python -m bench`: the benchmark's command line (click).
 
-`bench/` is not installed with the package (it measures peers the package does not depend
-on), so this command finds it next to the `wbcache` package, which works in a checkout and in
-an editable install, and says so clearly anywhere else. `python -m bench` runs this very
-command, so the two take the same options.
+The benchmark lives in the repository only (it measures peers the package does not depend on,
+and is not installed with it), so it is run from a checkout: `python -m bench` from the
+repository's root, with the package installed (`pip install -e '.[bench]'`). Nothing in the
+`wbcache` package imports it.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import shlex
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import click
 
-import wbcache
-
-SECTIONS = ("baselines", "peers", "redis", "wbcache", "postgres")
-
-
-def bench_folder() -> Path:
-    """The `bench/` folder of the checkout `wbcache` is imported from."""
-    return Path(wbcache.__file__).resolve().parent.parent / "bench"
-
-
-def _load_bench() -> ModuleType:
-    """Import the `bench` package from `bench_folder()`, refusing any other `bench`."""
-    folder = bench_folder()
-    if not (folder / "runner.py").is_file():
-        raise click.ClickException(
-            f"the benchmark is not installed with the package; run it from a git checkout of "
-            f"wbcache (looked for {folder}/runner.py next to {Path(wbcache.__file__).parent})")
-    loaded = sys.modules.get("bench")
-    if loaded is None:
-        spec = importlib.util.spec_from_file_location(
-            "bench", folder / "__init__.py", submodule_search_locations=[str(folder)])
-        assert spec is not None and spec.loader is not None
-        loaded = importlib.util.module_from_spec(spec)
-        sys.modules["bench"] = loaded
-        spec.loader.exec_module(loaded)
-    elif [Path(p).resolve() for p in getattr(loaded, "__path__", [])] != [folder]:
-        raise click.ClickException(f"another module named 'bench' is already imported "
-                                   f"({getattr(loaded, '__file__', loaded)}), not {folder}")
-    return importlib.import_module("bench.runner")
+from bench.config import SECTIONS, BenchConfig
 
 
 def _sections(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[str, ...]:
@@ -59,11 +28,11 @@ def _sections(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     return chosen
 
 
-@click.command()
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--quick", is_flag=True, help="Shorter trials, one round, 100,000-record "
-              "recovery and memory rows: under a minute.")
+              "recovery and memory rows, smaller eviction traces: about 2 minutes.")
 @click.option("--smoke", is_flag=True, help="Every row for milliseconds: checks that the "
-              "benchmark runs (CI); the numbers mean nothing.")
+              "benchmark runs (CI, under 30 s); the numbers mean nothing.")
 @click.option("--only", callback=_sections, metavar="SECTIONS",
               help=f"Comma-separated sections to run: {', '.join(SECTIONS)}. Default: all.")
 @click.option("--rounds", type=click.IntRange(1, 20), default=None,
@@ -80,7 +49,7 @@ def _sections(_ctx: click.Context, _param: click.Parameter, value: str | None) -
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Also write every row and verdict as JSON.")
 @click.option("--pg-dsn", envvar="WBCACHE_BENCH_PG_DSN", default=None, metavar="DSN",
-              help="PostgreSQL server of the postgres section (e.g. postgresql://postgres@"
+              help="PostgreSQL server of the postgres sections (e.g. postgresql://postgres@"
                    "127.0.0.1:5432/test; env WBCACHE_BENCH_PG_DSN); the run works in a "
                    "schema of its own, dropped at the end. Without it: 'not configured'.")
 def bench(quick: bool, smoke: bool, only: tuple[str, ...], rounds: int | None,
@@ -88,26 +57,31 @@ def bench(quick: bool, smoke: bool, only: tuple[str, ...], rounds: int | None,
           no_plot: bool, json_path: Path | None, pg_dsn: str | None) -> None:
     """Measure wbcache against the raw fsync limit and its peers, on this machine, in one run.
 
-    Prints one table (ops/s, ratio to the baseline, p50/p99 acknowledgement latency), judges
-    the targets of issue #5 (met / MISSED) and draws a PNG plot. Needs a checkout (the
-    bench/ folder) and the bench extras: pip install -e '.[bench]'. Redis rows start a
-    private redis-server when one is on PATH; PostgreSQL rows need --pg-dsn.
+    Prints one table (throughput, ratio to a baseline measured in the same run, p50/p99/p99.9
+    acknowledgement latency), judges every target (met / MISSED) and draws a PNG plot. Run it
+    from the repository's root with the bench extras installed: pip install -e '.[bench]'.
+    Redis rows start a private redis-server (and use redis-benchmark) when they are on PATH;
+    PostgreSQL rows need --pg-dsn.
 
-    Examples: wbcache bench --quick;  python -m bench --only wbcache,baselines;
-    python -m bench --only postgres --pg-dsn postgresql://postgres@127.0.0.1:5432/test
+    \b
+    Examples:
+      python -m bench --quick
+      python -m bench --only wbcache,baselines --json out.json
+      python -m bench --only postgres --pg-dsn postgresql://postgres@127.0.0.1:5432/test
     """
     if quick and smoke:
         raise click.UsageError("--quick and --smoke exclude each other")
-    runner = _load_bench()
-    config_module = importlib.import_module("bench.config")
+    from bench import runner  # the rows import lmdb, msgpack and the peers: not for --help
+    from bench.postgres_server import redact_dsn
+
     mode = "smoke" if smoke else "quick" if quick else "full"
-    config = config_module.BenchConfig.for_mode(
+    config = BenchConfig.for_mode(
         mode, rounds=rounds, trial_seconds=trial_seconds, scratch_parent=scratch_parent,
         only=only, pg_dsn=pg_dsn)
     ctx = click.get_current_context()
-    args = sys.argv[1:] if ctx.parent is None else sys.argv[2:]  # after "bench" under wbcache
+    args = sys.argv[1:]
     if pg_dsn:  # the command is printed and saved: never with the server's password
-        redacted = importlib.import_module("bench.postgres_server").redact_dsn(pg_dsn)
+        redacted = redact_dsn(pg_dsn)
         args = [arg.replace(pg_dsn, redacted) for arg in args]
     command = " ".join([ctx.command_path, *map(shlex.quote, args)])
     runner.run(config, command=command, plot_path=None if no_plot else plot_path,
