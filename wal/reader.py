@@ -57,6 +57,10 @@ from wbcache.wal.records import DEFAULT_MAX_KEY_SIZE, Record, decode_frame, fram
 
 Data = mmap.mmap | bytes
 _EMPTY = b""
+# Pages of a segment read past are released from the process every so many bytes: they stay in
+# the page cache, but a 64 MiB segment read whole no longer counts 64 MiB in the reader's RSS.
+_RELEASE_EVERY = 8 * 1024 * 1024
+_RELEASE = getattr(mmap, "MADV_DONTNEED", None)
 _FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
                stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket",
                stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symbolic link"}
@@ -220,8 +224,15 @@ def _walk(result: SegmentEnd, data: Data, header: SegmentHeader, is_last: bool,
     unpack_frame = FRAME.unpack_from
     crc32 = zlib.crc32
     unpackb = msgpack.unpackb
+    released = 0  # pages before this offset were released
+    release = (data.madvise if isinstance(data, mmap.mmap) and _RELEASE is not None
+               else None)
     try:
         while pos < size:
+            if release is not None and pos - released >= _RELEASE_EVERY:
+                upto = pos - pos % mmap.PAGESIZE
+                release(_RELEASE, released, upto - released)
+                released = upto
             if size - pos < FRAME_SIZE:
                 reason, claimed = "frame header cut off at end of file", None
                 break
