@@ -115,10 +115,12 @@ class Replay:
             if record[0] <= after:
                 continue
             if record[1] == OP_PUT:  # the common case, inline: this loop is recovery's cost
-                state[record[2]] = record[3]
-                self._bytes += len(record[3])
+                key, value = record[2], record[3]
+                replaced = state.get(key)  # the state's bytes, not the log's: coalesced
+                self._bytes += len(value) - (len(replaced) if replaced else 0)
+                state[key] = value
                 if deltas:
-                    deltas.pop(record[2], None)
+                    deltas.pop(key, None)
             else:
                 fold(state, record, deltas)
             self.replayed += 1
