@@ -61,6 +61,7 @@ _EMPTY = b""
 # the page cache, but a 64 MiB segment read whole no longer counts 64 MiB in the reader's RSS.
 _RELEASE_EVERY = 8 * 1024 * 1024
 _RELEASE = getattr(mmap, "MADV_DONTNEED", None)
+_BATCH = 1024  # records handed over at once (whole frames)
 _FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
                stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket",
                stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symbolic link"}
@@ -215,7 +216,9 @@ def read_segment(path: str, *, first_lsn: int, is_last: bool,
 def _walk(result: SegmentEnd, data: Data, header: SegmentHeader, is_last: bool,
           max_key_size: int) -> Generator[list[Record], None, None]:
     # This loop is recovery's cost (one pass per frame): progress lives in locals, stored in
-    # `result` when damage is judged and when the loop ends.
+    # `result` when the walk ends. Records are handed over in batches of whole, checked frames
+    # (a lone writer's log is one record per frame: one generator step per frame would cost
+    # more than reading it).
     size = result.size
     pos = header.size
     expected = result.first_lsn
@@ -227,67 +230,74 @@ def _walk(result: SegmentEnd, data: Data, header: SegmentHeader, is_last: bool,
     released = 0  # pages before this offset were released
     release = (data.madvise if isinstance(data, mmap.mmap) and _RELEASE is not None
                else None)
-    try:
-        while pos < size:
-            if release is not None and pos - released >= _RELEASE_EVERY:
-                upto = pos - pos % mmap.PAGESIZE
-                release(_RELEASE, released, upto - released)
-                released = upto
-            if size - pos < FRAME_SIZE:
-                reason, claimed = "frame header cut off at end of file", None
+    batch: list[Record] = []
+    reason: str | None = None  # why the walk stopped before the end of the file
+    claimed: tuple[int, int] | None = None
+    corrupt = False  # the reason is corruption whatever follows (a complete, wrong frame)
+    while pos < size:
+        if release is not None and pos - released >= _RELEASE_EVERY:
+            upto = pos - pos % mmap.PAGESIZE
+            release(_RELEASE, released, upto - released)
+            released = upto
+        if size - pos < FRAME_SIZE:
+            reason = "frame header cut off at end of file"
+            break
+        magic, length, crc = unpack_frame(data, pos)
+        if magic != FRAME_MAGIC:
+            if marks and magic == MARK_MAGIC:
+                mark = decode_mark(data, pos, size)
+                if mark is not None:
+                    result.synced_to = max(result.synced_to, mark[0])
+                    pos = mark[1]
+                    continue
+            reason = "bad frame marker"
+            break
+        if length == 0 or length > MAX_FRAME_PAYLOAD:
+            reason = f"frame length {length} out of range"
+            break
+        end = pos + FRAME_SIZE + length
+        if end > size:
+            reason, claimed = f"frame of {length} bytes cut off at end of file", (end, crc)
+            break
+        payload = data[pos + FRAME_SIZE:end]
+        if crc32(payload) != crc:
+            reason, claimed = "checksum mismatch", (end, crc)
+            break
+        # From here the frame is a complete write: anything wrong is corruption.
+        corrupt = True
+        try:
+            records = unpackb(payload, raw=False, strict_map_key=False)
+        except Exception as exc:  # msgpack raises several types for bad input
+            reason = f"undecodable frame ({exc})"
+            break
+        reason = frame_problem(records, max_key_size)
+        if reason is not None:
+            break
+        first = expected
+        for record in records:
+            if record[0] != expected:
+                reason = f"record has LSN {record[0]} where {expected} was expected"
                 break
-            magic, length, crc = unpack_frame(data, pos)
-            if magic != FRAME_MAGIC:
-                if marks and magic == MARK_MAGIC:
-                    mark = decode_mark(data, pos, size)
-                    if mark is not None:
-                        result.synced_to = max(result.synced_to, mark[0])
-                        pos = mark[1]
-                        continue
-                reason, claimed = "bad frame marker", None
-                break
-            if length == 0 or length > MAX_FRAME_PAYLOAD:
-                reason, claimed = f"frame length {length} out of range", None
-                break
-            end = pos + FRAME_SIZE + length
-            if end > size:
-                reason, claimed = f"frame of {length} bytes cut off at end of file", (end, crc)
-                break
-            payload = data[pos + FRAME_SIZE:end]
-            if crc32(payload) != crc:
-                reason, claimed = "checksum mismatch", (end, crc)
-                break
-            # From here the frame is a complete write: anything wrong is corruption.
-            try:
-                records = unpackb(payload, raw=False, strict_map_key=False)
-            except Exception as exc:  # msgpack raises several types for bad input
-                _corrupt(result, pos, expected, count, f"undecodable frame ({exc})")
-                return
-            wrong = frame_problem(records, max_key_size)
-            if wrong is not None:
-                _corrupt(result, pos, expected, count, wrong)
-                return
-            for record in records:
-                if record[0] != expected:
-                    _corrupt(result, pos, expected, count,
-                             f"record has LSN {record[0]} where {expected} was expected")
-                    return
-                expected += 1
-            count += len(records)
-            pos = end
-            yield records
-        else:
-            result.records, result.end, result.last_lsn = count, pos, expected - 1
-            return
-    finally:
-        result.records = count
-    result.end, result.last_lsn = pos, expected - 1
+            expected += 1
+        if reason is not None:
+            expected = first  # nothing of a wrong frame counts
+            break
+        corrupt = False
+        count += len(records)
+        pos = end
+        batch += records
+        if len(batch) >= _BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+    result.records, result.end, result.last_lsn = count, pos, expected - 1
+    if reason is None:
+        return
+    if corrupt:
+        result.damage = CorruptLogError(result.path, pos, reason)
+        return
     _judge(result, data, pos, reason, claimed, is_last, max_key_size, header)
-
-
-def _corrupt(result: SegmentEnd, offset: int, expected: int, count: int, reason: str) -> None:
-    result.records, result.end, result.last_lsn = count, offset, expected - 1
-    result.damage = CorruptLogError(result.path, offset, reason)
 
 
 def _judge(result: SegmentEnd, data: Data, offset: int, reason: str,
