@@ -31,7 +31,7 @@ from pg_support import pg_dsn_fixture, pg_schema_fixture, query  # noqa: F401 (f
 
 import wbcache
 import wbcache.recovery.replay
-from wbcache.backends import backend_class
+from wbcache.backends import Key, backend_class
 from wbcache.directory import (
     NoDatabase,
     count_after_recovery,
@@ -125,8 +125,8 @@ def test_count_after_recovery_applies_pending_states_in_order(tmp_path: Path) ->
         cache.put_many([("kept", 1), ("deleted", 2)])
     database = open_database(find_directory(tmp_path / "cache"), None, still=True)
     try:
-        first = {"deleted": None, "new": b"\x01", "gone": b"\x02"}
-        second = {"gone": None, "deleted": b"\x03"}
+        first: dict[Key, bytes | None] = {"deleted": None, "new": b"\x01", "gone": b"\x02"}
+        second: dict[Key, bytes | None] = {"gone": None, "deleted": b"\x03"}
         assert count_after_recovery(database, []) == 2
         assert count_after_recovery(database, [first]) == 3  # kept, new, gone
         assert count_after_recovery(database, [first, second]) == 3  # kept, new, deleted
@@ -136,7 +136,7 @@ def test_count_after_recovery_applies_pending_states_in_order(tmp_path: Path) ->
 
 def test_key_order_is_str_keys_then_bytes_keys_as_the_embedded_database_keeps_them(
         tmp_path: Path) -> None:
-    keys = ["b", "a", b"a", "é", b"\x00", "Z"]
+    keys: list[Key] = ["b", "a", b"a", "é", b"\x00", "Z"]
     with wbcache.open(tmp_path / "cache") as cache:
         cache.put_many([(key, 0) for key in keys])
     database = backend_class("lmdb")(str(tmp_path / "cache" / "db"), readonly=True)
@@ -401,3 +401,19 @@ def test_a_refused_postgresql_recovery_writes_nothing_into_the_database(
 
     assert (tree_state(tmp_path / "a"), query(pg_dsn, rows),
             query(pg_dsn, checkpoints)) == before
+
+
+def test_a_url_naming_another_table_is_refused_before_anything_is_written(
+        tmp_path: Path, pg_dsn: str, pg_schema: str, table: str) -> None:
+    pg_directory(tmp_path / "a", pg_url(pg_dsn, table), {"a": 1}, logged=3)
+    wrong = pg_url(pg_dsn, f"{pg_schema}.typo")
+    before = tree_state(tmp_path / "a")
+
+    for salvage in (False, True):
+        with pytest.raises(InvalidDirectoryError, match="holds no checkpoint for it"):
+            recover_directory(tmp_path / "a", backend=wrong, salvage=salvage)
+    with pytest.raises(InvalidDirectoryError, match="is the URL's table= the one"):
+        open_snapshot(tmp_path / "a", backend=wrong)
+
+    assert tree_state(tmp_path / "a") == before
+    assert query(pg_dsn, f"SELECT count(*) FROM {pg_schema}.typo") == [(0,)]

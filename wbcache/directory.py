@@ -32,7 +32,7 @@ import stat
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from wbcache import lanes
 from wbcache.backends import (
@@ -187,8 +187,9 @@ def _shared_database(root: str, map_size: int) -> Backend:
     """A view of the LMDB database of the shared directory `root`, for one lane (attach it)."""
     from wbcache.backends.lmdb import SharedLmdbBackend
 
-    database: Backend = SharedLmdbBackend(Layout(root).db, map_size=map_size)
-    return database
+    # cast: it declares default_read_ttl a float, which the protocol's `float | None` (a
+    # mutable attribute, so invariant to mypy) does not admit; it is a Backend all the same
+    return cast(Backend, SharedLmdbBackend(Layout(root).db, map_size=map_size))
 
 
 # ---------------------------------------------------------------- existing directories
@@ -276,7 +277,7 @@ class NoDatabase:
     creates nothing, where opening LMDB would create its files."""
 
     kind = EMBEDDED
-    default_read_ttl = None
+    default_read_ttl: float | None = None
     max_key_size = DEFAULT_MAX_KEY_SIZE  # LMDB's
 
     def __init__(self, *, applies_increments: bool) -> None:

@@ -49,6 +49,7 @@ from wbcache.snapshot import (
     Found,
     LogView,
     QuarantinedFile,
+    check_checkpoint,
     check_url,
     open_snapshot,
 )
@@ -210,6 +211,7 @@ def _read(found: FoundDirectory, url: str | None, target: _Target, salvage: bool
         return
     reader = open_database(found, url, lane=lane, still=True)
     try:
+        check_checkpoint(found, target.layout.wal, reader.checkpoint())
         on_records = phases.for_log()
         if salvage:
             plan = plan_salvage(reader, target.layout.wal, progress=on_records)

@@ -44,9 +44,10 @@ from wbcache.recovery.pending import (
 from wbcache.recovery.verify import LogSurvey, check_format_versions, survey_log
 from wbcache.replayed import Found, Replayed, fold_log
 from wbcache.wal.records import State
+from wbcache.wal.segments import list_segments
 
 __all__ = ["DatabaseCheck", "DirectorySnapshot", "Found", "LogView", "QuarantinedFile",
-           "check_url", "open_snapshot"]
+           "check_checkpoint", "check_url", "open_snapshot"]
 
 
 def check_url(found: FoundDirectory, url: str | None) -> None:
@@ -62,6 +63,22 @@ def check_url(found: FoundDirectory, url: str | None) -> None:
             f"{found.root} flushes into a {found.kind} database, whose URL is never stored in "
             f"the directory: give it with --backend URL or in the environment variable "
             f"WBCACHE_BACKEND (the URL the cache opens it with, table included)")
+
+
+def check_checkpoint(found: FoundDirectory, wal_dir: str, checkpoint: int) -> None:
+    """Refuse a database named by URL that holds no checkpoint for the directory although its
+    log no longer starts at LSN 1: segments are deleted only once flushed, so the directory
+    has flushed into another table (or database) than this one. Caught here, before a recovery
+    writes into the wrong table or the gap is taken for damage and salvaged away."""
+    if found.embedded or checkpoint:
+        return
+    segments = list_segments(wal_dir)
+    if segments and segments[0].first_lsn > 1:
+        raise InvalidDirectoryError(
+            f"{found.root} has flushed into its database before (its log starts at LSN "
+            f"{segments[0].first_lsn}), but the table the URL names holds no checkpoint for "
+            f"it (cache_id {found.layout.cache_id()}): is the URL's table= the one the cache "
+            f"opens it with?")
 
 
 @dataclass(frozen=True)
@@ -146,6 +163,8 @@ class DirectorySnapshot:
             self._db = open_database(found, url, still=self.still)
             for log in self.logs:
                 log.checkpoint = self._checkpoint_of(log)
+                if log.has_log:
+                    check_checkpoint(found, log.wal, log.checkpoint)
         except BaseException:
             self.close()
             raise
