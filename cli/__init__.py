@@ -1,8 +1,8 @@
 """The `wbcache` command line (click). Each command lives in its own module.
 
 Errors a user can cause become one line on stderr and a documented exit code, never a traceback:
-0 ok, 1 failure or damage found, 2 usage error (bad arguments, not a cache directory),
-3 directory in use by a live cache.
+0 ok, 1 failure or damage found, 2 usage error (bad arguments, not a cache directory, a bad or
+missing --backend URL), 3 directory (or, for `recover`, a lane of it) in use by a live cache.
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ class CommandFailed(click.ClickException):
         self.exit_code = exit_code  # type: ignore[misc]  # click declares it per class
 
 
+class BadBackendUrl(Exception):
+    """--backend (or WBCACHE_BACKEND) names no database wbcache can open: a usage error. The
+    message holds no password (`redact`)."""
+
+
 class WbcacheGroup(click.Group):
     """Turns library errors into one-line messages with the documented exit codes.
 
@@ -57,8 +62,11 @@ class WbcacheGroup(click.Group):
             raise self._failed(ctx, str(exc), "directory_in_use", EXIT_LOCKED) from None
         except InvalidDirectoryError as exc:
             raise self._failed(ctx, str(exc), "invalid_directory", EXIT_USAGE) from None
+        except BadBackendUrl as exc:
+            raise self._failed(ctx, str(exc), "bad_backend_url", EXIT_USAGE) from None
         except CorruptLogError as exc:
-            raise self._failed(ctx, str(exc), "corrupt_log", EXIT_DAMAGE, self._salvage_hint(ctx),
+            raise self._failed(ctx, str(exc), "corrupt_log", EXIT_DAMAGE,
+                               self._salvage_hint(ctx, exc.path),
                                segment=exc.path, offset=exc.offset, reason=exc.reason) from None
         except UnsupportedFormatError as exc:
             raise self._failed(ctx, str(exc), "unsupported_format", EXIT_DAMAGE,
@@ -77,11 +85,13 @@ class WbcacheGroup(click.Group):
             raise self._failed(ctx, message, "os_error", EXIT_DAMAGE, path=exc.filename) from None
 
     @classmethod
-    def _salvage_hint(cls, ctx: click.Context) -> str:
+    def _salvage_hint(cls, ctx: click.Context, segment: str) -> str:
         directory = ctx.meta.get(cls.DIR_META, "DIR")
+        # beside the damaged log: DIR/quarantine/, or in a shared directory the lane's own
+        quarantine = os.path.join(os.path.dirname(os.path.dirname(segment)), "quarantine")
         return (f"Nothing was changed. `wbcache recover --salvage {directory}` replays the log "
                 f"up to the damage and moves the damaged segment and any after it into "
-                f"{directory}/quarantine/ (preview with --dry-run); `wbcache verify {directory}` "
+                f"{quarantine}/ (preview with --dry-run); `wbcache verify {directory}` "
                 f"lists every problem.")
 
     @classmethod

@@ -12,39 +12,54 @@ from typing import Any
 
 import click
 
-from wbcache import RecoverOutcome, recover_directory
-from wbcache.cli import CommandFailed
+from wbcache.backends.postgres_secrets import redact
+from wbcache.cli import EXIT_LOCKED, CommandFailed
 from wbcache.cli.ops_output import (
     LogProgress,
+    backend_errors,
+    backend_option,
+    count,
     directory_argument,
     emit_json,
     json_option,
     number,
     rows,
+    table,
 )
+from wbcache.maintenance import RecoverOutcome, recover_directory
+from wbcache.recovery import RecoveryReport
 from wbcache.recovery.salvage import SalvageReport
 
 
 @click.command()
 @directory_argument
+@backend_option
 @click.option("--dry-run", is_flag=True,
               help="Read the whole log and report what would be done; change nothing.")
 @click.option("--salvage", is_flag=True,
-              help="If the log is damaged: replay it up to the damage and move the damaged "
-                   "segment and every one after it into DIR/quarantine/ (never deleted).")
+              help="If a log is damaged: replay it up to the damage and move the damaged "
+                   "segment and every one after it into the quarantine/ beside that log "
+                   "(DIR/quarantine/, or the lane's own), never deleted.")
 @click.option("--yes", "-y", is_flag=True,
               help="With --salvage: set segments aside without asking first.")
 @json_option
-def recover(directory: str, dry_run: bool, salvage: bool, yes: bool, as_json: bool) -> None:
+def recover(directory: str, backend: str | None, dry_run: bool, salvage: bool, yes: bool,
+            as_json: bool) -> None:
     """Replay into the database every log record it lacks, then delete the log.
 
     Does what opening the cache does, without opening it: afterwards `wbcache.open` replays
     nothing. A torn tail (a write cut off by a crash, never acknowledged) is dropped and
     counted. Running it twice is safe: the second run replays nothing.
 
-    Damage anywhere else in the log is refused (exit 1, naming the segment and byte offset)
-    and nothing is changed; --salvage then keeps everything before the damage and sets the
-    rest aside in DIR/quarantine/.
+    The whole log is read before anything is written: damage anywhere but a torn tail is
+    refused (exit 1, naming the segment and byte offset) and nothing is changed; --salvage
+    then keeps everything before the damage and sets the rest aside in DIR/quarantine/.
+
+    A shared directory (many processes, a lane each): every free lane is recovered (its
+    records replayed with its own checkpoint, its log deleted), as opening adopts an orphan;
+    a lane a live cache holds is left alone and named (exit 3: its process recovers it).
+    A directory that flushes into PostgreSQL is recovered into that database: give its URL
+    with --backend or WBCACHE_BACKEND.
 
     \b
     Examples:
@@ -53,20 +68,22 @@ def recover(directory: str, dry_run: bool, salvage: bool, yes: bool, as_json: bo
       wbcache recover --salvage --dry-run /var/lib/myapp/cache
 
     \b
-    Exit status: 0 recovered (or nothing to do); 1 damaged log (nothing changed) or another
-    failure; 2 usage error or not a cache directory; 3 the directory is in use by a live cache
-    (also for --dry-run).
+    Exit status: 0 recovered (or nothing to do); 1 a damaged log (nothing changed) or
+    another failure; 2 usage error, not a cache directory, or a PostgreSQL directory without
+    --backend; 3 the directory is in use by a live cache (nothing done; also for --dry-run),
+    or, in a shared directory, some lanes are (the free ones were recovered).
     """
 
     if yes and not salvage:
         raise click.UsageError("--yes only answers --salvage's question; without --salvage "
                                "there is nothing to confirm (add --salvage, or drop --yes)")
 
-    def confirm(planned: SalvageReport) -> None:
+    def confirm(planned: SalvageReport, lane: str | None) -> None:
         if yes:
             return
         progress.close()
-        click.echo("the log is damaged; --salvage will set this aside:", err=True)
+        where = f"lane {lane}'s log" if lane is not None else "the log"
+        click.echo(f"{where} is damaged; --salvage will set this aside:", err=True)
         _print_set_aside(planned, err=True)
         try:
             confirmed = click.confirm("Recover up to the damage and move these segments into "
@@ -79,35 +96,95 @@ def recover(directory: str, dry_run: bool, salvage: bool, yes: bool, as_json: bo
         if not confirmed:
             raise CommandFailed("not confirmed: nothing was changed")
 
-    with LogProgress(as_json=as_json, label="reading the log") as progress:
-        outcome = recover_directory(directory, dry_run=dry_run, salvage=salvage,
-                                    progress=progress.update, confirm=confirm)
-        progress.finish(outcome.report.records)
+    with LogProgress(as_json=as_json) as progress, backend_errors(backend):
+        outcome = recover_directory(directory, backend=backend, dry_run=dry_run,
+                                    salvage=salvage, progress=progress.update,
+                                    confirm=confirm)
     if as_json:
         emit_json(recover_document(outcome))
+    elif outcome.lanes is not None:
+        _print_shared_outcome(outcome)
     else:
-        _print_outcome(outcome)
+        _print_outcome(outcome, redact(backend) if backend is not None else "the database")
+    if outcome.skipped:
+        names = ", ".join(lane.lane + (f" (pid {lane.owner_pid})" if lane.owner_pid else "")
+                          for lane in outcome.skipped)
+        plural = "s" if len(outcome.skipped) > 1 else ""
+        click.echo(f"left alone: lane{plural} {names}, in use by a live cache (which recovers "
+                   f"and flushes its own lane)", err=True)
+        raise click.exceptions.Exit(EXIT_LOCKED)
 
 
 def recover_document(outcome: RecoverOutcome) -> dict[str, Any]:
-    """The --json object: RecoveryReport's fields plus the path, the mode and what was set aside."""
-    return {
-        "ok": True,
-        "path": outcome.path,
-        **dataclasses.asdict(outcome.report),
-        "salvage": outcome.salvage,
-        "set_aside": outcome.set_aside.as_dict() if outcome.set_aside is not None else None,
-    }
+    """The --json object. A single-owner directory: RecoveryReport's fields plus the path, the
+    mode and what was set aside. A shared one: totals, and a `lanes` list of those per lane."""
+    if outcome.lanes is None:
+        assert outcome.report is not None
+        return {"ok": True, "path": outcome.path, "shared": False,
+                **dataclasses.asdict(outcome.report), "salvage": outcome.salvage,
+                "set_aside": _set_aside(outcome.set_aside)}
+    lanes = [{"lane": lane.lane, "cache_id": lane.cache_id, "in_use": lane.in_use,
+              "owner_pid": lane.owner_pid,
+              **{name: getattr(lane.report, name) if lane.report is not None else None
+                 for name in _REPORT_FIELDS},
+              "set_aside": _set_aside(lane.set_aside)}
+             for lane in outcome.lanes]
+    recovered = [lane.report for lane in outcome.lanes if lane.report is not None]
+    return {"ok": not outcome.skipped, "path": outcome.path, "shared": True,
+            **{name: sum(getattr(report, name) for report in recovered)
+               for name in ("segments", "records", "replayed", "keys", "torn_bytes")},
+            "seconds": sum(report.seconds for report in recovered),
+            "dry_run": outcome.dry_run, "salvage": outcome.salvage,
+            "skipped": [lane.lane for lane in outcome.skipped], "lanes": lanes}
 
 
-def _print_outcome(outcome: RecoverOutcome) -> None:
+_REPORT_FIELDS = [field.name for field in dataclasses.fields(RecoveryReport)
+                  if field.name != "dry_run"]
+
+
+def _set_aside(report: SalvageReport | None) -> dict[str, Any] | None:
+    return report.as_dict() if report is not None else None
+
+
+def _print_shared_outcome(outcome: RecoverOutcome) -> None:
+    assert outcome.lanes is not None
+    recovered = [lane for lane in outcome.lanes if lane.report is not None]
+    replayed = sum(lane.report.replayed for lane in recovered if lane.report is not None)
+    free = count(len(recovered), "free lane")
+    if outcome.dry_run:
+        click.echo(f"dry run, nothing changed: recovering {outcome.path} would replay "
+                   f"{number(replayed)} log records from {free}")
+    else:
+        click.echo(f"recovered {outcome.path}: replayed {number(replayed)} log records from "
+                   f"{free} into the database")
+    table(("lane", "state", "segments", "records", "replayed", "torn bytes",
+           "checkpoint before", "after"),
+          [(lane.lane, "in use" + (f" (pid {lane.owner_pid})" if lane.owner_pid else "")
+            + ": left alone", "", "", "", "", "", "") if lane.report is None else
+           (lane.lane, "would recover" if outcome.dry_run else "recovered",
+            number(lane.report.segments), number(lane.report.records),
+            number(lane.report.replayed), number(lane.report.torn_bytes),
+            number(lane.report.checkpoint_before), number(lane.report.checkpoint_after))
+           for lane in outcome.lanes],
+          right={2, 3, 4, 5, 6, 7})
+    for lane in outcome.lanes:
+        if lane.set_aside is not None:
+            verb = "would be set aside" if outcome.dry_run else "set aside"
+            where = lane.set_aside.quarantine_dir
+            click.echo(f"\nlane {lane.lane}'s log is damaged; {verb}"
+                       + (f" in {where}/:" if where else ":"))
+            _print_set_aside(lane.set_aside, err=False)
+
+
+def _print_outcome(outcome: RecoverOutcome, database: str) -> None:
     report = outcome.report
+    assert report is not None
     if report.dry_run:
         click.echo(f"dry run, nothing changed: recovering {outcome.path} would replay "
                    f"{number(report.replayed)} log records")
     else:
         click.echo(f"recovered {outcome.path}: replayed {number(report.replayed)} log records "
-                   f"into the database")
+                   f"into {database}")
     torn_note = (f"end of {os.path.basename(report.torn_segment)}"
                  if report.torn_segment else "")
     rows([

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_cli_support import (
+from cli_support import (
     DRIVERS,
     assert_one_line_error,
     live_owner,

@@ -14,9 +14,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from test_cli_support import (
+from cli_support import (
     DRIVERS,
     flip_byte,
     frame_offsets,
@@ -29,6 +27,8 @@ from test_cli_support import (
     tree_state,
     write_segment,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import wbcache
 from wbcache.backends.lmdb import LmdbBackend

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from test_cli_support import (
+from cli_support import (
     DRIVERS,
     WBCACHE,
     flip_byte,

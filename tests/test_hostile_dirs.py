@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli_support import (
+from cli_support import (
     DRIVERS,
     NOBODY,
     assert_one_line_error,
@@ -417,7 +417,8 @@ def test_salvage_never_follows_a_quarantine_link_planted_after_the_directory_was
     path = damaged_cache(tmp_path / "cache")
     segments = {entry.name: entry.read_bytes() for entry in (path / "wal").iterdir()}
 
-    def plant_now(report: object) -> None:  # runs after the checks, before anything changes
+    # runs after the checks, before anything changes
+    def plant_now(report: object, lane: object) -> None:
         (path / "quarantine").symlink_to(outside)
 
     with unchanged(outside):

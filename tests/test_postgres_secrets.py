@@ -7,9 +7,9 @@ import traceback
 from pathlib import Path
 
 import pytest
+from cli_support import DRIVERS, run
 from pg_support import pg_dsn_fixture, pg_schema_fixture  # noqa: F401 (fixtures)
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from test_cli_support import DRIVERS, run
 
 from wbcache.backends.postgres import PostgresBackend, PostgresError
 

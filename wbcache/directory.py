@@ -15,22 +15,50 @@ A shared directory (`Options.shared`, wbcache/lanes.py) is opened the same way, 
 locked and recovered is a lane: the first free one, or a new one; then every orphan lane is
 adopted before the open returns.
 
-The operator commands (`wbcache.maintenance`) open a directory through the same layout, lock
-and backend registry, read-only or for recovery.
+The operator commands (`wbcache.maintenance`) come in through the second half of this module,
+on the same layout, locks and backend registry: `find_directory` recognises an existing
+directory and its kind (single-owner or shared; which database) without creating or changing
+anything, `open_database` opens its database through the registry, for reading or for
+recovery, attached to the directory's (or a lane's) identity as step 3 does, and `key_order`
+and `count_after_recovery` say what the data looks like once the log is replayed.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, cast
 
 from wbcache import lanes
-from wbcache.backends import Backend, backend_from_url, embedded_backend
-from wbcache.layout import Layout, claim, complete, record_backend
+from wbcache.backends import (
+    EMBEDDED,
+    Backend,
+    Key,
+    backend_class,
+    backend_from_url,
+    embedded_backend,
+)
+from wbcache.errors import DatabaseError, InvalidDirectoryError
+from wbcache.layout import (
+    LOCK_NAME,
+    QUARANTINE_NAME,
+    SHARED_NAME,
+    WAL_NAME,
+    Layout,
+    checked_entries,
+    claim,
+    complete,
+    record_backend,
+)
 from wbcache.lock import DirectoryLock
 from wbcache.options import Options
 from wbcache.recovery import RecoveryReport, replay_into
+from wbcache.wal.records import DEFAULT_MAX_KEY_SIZE
 
 log = logging.getLogger("wbcache.recovery")
 
@@ -118,15 +146,13 @@ def _open_shared(path: str | os.PathLike[str], options: Options,
         raise ValueError("shared=True uses the directory's own LMDB database, shared by the "
                          "processes of this machine; for caches on many machines, give each "
                          "its own directory and a PostgreSQL backend instead")
-    from wbcache.backends.lmdb import SharedLmdbBackend
-
     root = claim(path).root
     lanes.refuse_mismatch(root, shared=True)
     lanes.mark_shared(root)  # the mark says LMDB: a shared directory has no DIR/backend
     lane = lanes.claim(root)
-    database: SharedLmdbBackend | None = None
+    database: Backend | None = None
     try:
-        database = SharedLmdbBackend(Layout(root).db, map_size=options.map_size)
+        database = _shared_database(root, options.map_size)
         database.attach(lane.layout.cache_id())
         if options.max_key_size > database.max_key_size:
             raise ValueError(f"option max_key_size ({options.max_key_size}) exceeds the "
@@ -145,10 +171,9 @@ def _open_shared(path: str | os.PathLike[str], options: Options,
 def adopt_orphans(root: str, options: Options, *, mine: str | None = None) -> int:
     """Replay the log of every lane of the shared directory `root` that no process holds
     into its database (each with its own checkpoint); return the records replayed."""
-    from wbcache.backends.lmdb import SharedLmdbBackend
 
     def adopt(lane: lanes.Lane) -> int:
-        view = SharedLmdbBackend(Layout(root).db, map_size=options.map_size)
+        view = _shared_database(root, options.map_size)
         try:
             view.attach(lane.layout.cache_id())
             return replay_into(view, lane.layout.wal).replayed
@@ -156,3 +181,217 @@ def adopt_orphans(root: str, options: Options, *, mine: str | None = None) -> in
             view.close()
 
     return lanes.adopt_orphans(root, adopt, mine=mine)
+
+
+def _shared_database(root: str, map_size: int) -> Backend:
+    """A view of the LMDB database of the shared directory `root`, for one lane (attach it)."""
+    from wbcache.backends.lmdb import SharedLmdbBackend
+
+    # cast: it declares default_read_ttl a float, which the protocol's `float | None` (a
+    # mutable attribute, so invariant to mypy) does not admit; it is a Backend all the same
+    return cast(Backend, SharedLmdbBackend(Layout(root).db, map_size=map_size))
+
+
+# ---------------------------------------------------------------- existing directories
+#
+# The operator commands (`wbcache.maintenance`) work on a directory that already exists, never
+# create one, and change nothing until a recovery knows it will write.
+
+DATA_FILE = "data.mdb"  # LMDB's file in db/: absent until the first open made the database
+
+
+@dataclass(frozen=True)
+class FoundDirectory:
+    """An existing cache directory, checked (`wbcache.layout`), nothing created or changed."""
+
+    layout: Layout  # the root's: a single-owner directory's LOCK, wal/, db/ and cache_id
+    shared: bool  # a lane per process (wbcache/lanes.py) instead of one LOCK and wal/
+    kind: str  # the kind of database it flushes into: "lmdb" (the embedded one) or a URL's
+
+    @property
+    def root(self) -> str:
+        return self.layout.root
+
+    @property
+    def embedded(self) -> bool:
+        """Whether it flushes into its own LMDB database, `DIR/db/`."""
+        return self.kind == EMBEDDED
+
+    def lanes(self) -> list[Layout]:
+        """Each lane of a shared directory, in order, checked as the directory was (none for a
+        single-owner directory). A lane's `db` is unused: the database is the directory's."""
+        if not self.shared:
+            return []
+        found = []
+        for lane_root in lanes.lane_roots(self.root):
+            layout = Layout(lane_root)
+            checked_entries(layout, private_dirs=(QUARANTINE_NAME,))
+            found.append(layout)
+        return found
+
+
+def find_directory(path: str | os.PathLike[str]) -> FoundDirectory:
+    """The existing cache directory at `path` and its kind, or an error naming the problem:
+    `InvalidDirectoryError` (missing, not a directory, not a cache directory, one that flushes
+    into a kind of database this wbcache does not know, or hostile: not yours, writable by
+    others, a planted link, FIFO or device where the layout has a file or a directory; see
+    `wbcache.layout`) or `PermissionError` (naming the path that could not be read).
+
+    A directory another user owns is refused too, even to read: nothing is read from (or
+    written through) a path the user does not own, as its owner could point its entries
+    anywhere. An administrator reads it as its owner (sudo -u)."""
+    raw = os.fspath(path)
+    if not raw:
+        raise InvalidDirectoryError("the directory path is empty")
+    layout = Layout(os.path.abspath(raw))
+    root = layout.root
+    try:
+        mode = os.stat(root).st_mode
+    except FileNotFoundError:
+        raise InvalidDirectoryError(f"{root} does not exist") from None
+    except NotADirectoryError:
+        raise InvalidDirectoryError(f"{root} does not exist (a parent is a file)") from None
+    if not stat.S_ISDIR(mode):
+        raise InvalidDirectoryError(f"{root} is not a directory")
+    names = checked_entries(layout, private_dirs=(QUARANTINE_NAME,))
+    if SHARED_NAME in names:
+        return FoundDirectory(layout, True, EMBEDDED)  # the mark says LMDB
+    if not (WAL_NAME in names and LOCK_NAME in names):
+        raise InvalidDirectoryError(
+            f"{root} is not a wbcache directory (it has no LOCK file and wal/ directory, nor "
+            f"a SHARED mark)")
+    kind = layout.backend_kind() or EMBEDDED  # none recorded: made before DIR/backend was
+    try:
+        backend_class(kind)
+    except KeyError:
+        raise InvalidDirectoryError(
+            f"{root} flushes into a {kind} database, which this wbcache cannot open: open it "
+            f"with its backend (wbcache.open(path, backend=...)), which recovers it into that "
+            f"database") from None
+    return FoundDirectory(layout, False, kind)
+
+
+class NoDatabase:
+    """The database of a directory whose `db/` holds none yet (no cache flushed, or a crash
+    right after the first open made the layout): empty, checkpoint 0. Read-only; reading it
+    creates nothing, where opening LMDB would create its files."""
+
+    kind = EMBEDDED
+    default_read_ttl: float | None = None
+    max_key_size = DEFAULT_MAX_KEY_SIZE  # LMDB's
+
+    def __init__(self, *, applies_increments: bool) -> None:
+        self.applies_increments = applies_increments  # as the database, once made, will
+
+    def attach(self, cache_id: str) -> None:
+        pass
+
+    def get(self, key: Key) -> bytes | None:
+        return None
+
+    def apply(self, puts: Any, deletes: Any, checkpoint: int, increments: Any = ()) -> None:
+        raise DatabaseError("NoDatabase is read-only: open the database for writing instead")
+
+    def checkpoint(self) -> int:
+        return 0
+
+    def count(self) -> int:
+        return 0
+
+    def items(self) -> Iterator[tuple[Key, bytes]]:
+        return iter(())
+
+    def close(self) -> None:
+        pass
+
+
+def open_database(found: FoundDirectory, url: str | None, *, lane: Layout | None = None,
+                  write: bool = False, still: bool = False,
+                  map_size: int = Options.map_size) -> Backend:
+    """The database of `found`, made through the registry and attached, as step 3 of
+    `open_directory` does, to the directory's identity (for a shared directory: to `lane`'s,
+    if given; without a lane the view only reads data). The caller closes it.
+
+    `url`: the database of a directory that flushes into another kind than the embedded one
+    (required then, refused otherwise: its URL is never stored in the directory).
+    `write`: for a recovery about to write; the embedded database is opened read-write (and
+    made if missing). Otherwise for reading, which changes nothing: a database not made yet
+    reads as empty (`NoDatabase`), and a single-owner directory's LMDB is read without LMDB's
+    lock file when `still` (the caller holds the directory's lock, so no one writes it). A
+    shared directory's database is read as its caches read it, with LMDB's lock file: any
+    process may open a lane and write meanwhile.
+
+    Raises `InvalidDirectoryError` (a URL of another kind), `PermissionError`,
+    `DatabaseError`; for a URL, whatever its backend raises (`ValueError` for a bad URL,
+    `PostgresError`, ...)."""
+    if (url is None) != found.embedded:
+        raise ValueError(f"{found.root} flushes into a {found.kind} database: "
+                         + ("give its URL" if url is None else "it takes no URL"))
+    if url is not None:
+        return _from_url(found, url)
+    if not write and not os.path.exists(os.path.join(found.layout.db, DATA_FILE)):
+        return NoDatabase(applies_increments=found.shared)
+    with _embedded_errors(found.layout.db, write=write):
+        if found.shared:
+            database = _shared_database(found.root, map_size)
+            if lane is not None:
+                database.attach(lane.cache_id())
+            return database
+        if write:
+            return embedded_backend(found.layout.db, map_size=map_size)
+        reader: Backend = backend_class(EMBEDDED)(found.layout.db, readonly=True,
+                                                  lock=not still)
+        return reader
+
+
+def _from_url(found: FoundDirectory, url: str) -> Backend:
+    database = backend_from_url(url)
+    try:
+        if database.kind != found.kind:
+            raise InvalidDirectoryError(f"{found.root} flushes into a {found.kind} database, "
+                                        f"and the URL given names a {database.kind} one")
+        database.attach(found.layout.cache_id())
+    except BaseException:
+        database.close()
+        raise
+    return database
+
+
+@contextmanager
+def _embedded_errors(db: str, *, write: bool) -> Iterator[None]:
+    """LMDB's errors while opening `db` as a `PermissionError` naming it or a `DatabaseError`."""
+    import lmdb  # only on the embedded database's path: the core names no backend's errors
+
+    try:
+        yield
+    except lmdb.Error as exc:
+        text = str(exc)
+        if isinstance(exc, lmdb.ReadonlyError) or "Permission denied" in text:
+            raise PermissionError(errno.EACCES, "Permission denied", db) from None
+        raise DatabaseError(f"cannot {'open' if write else 'read'} the database in {db}: "
+                            f"{text}") from None
+
+
+# ---------------------------------------------------------------- the data after recovery
+
+
+def key_order(key: Key) -> tuple[int, Key]:
+    """The one order keys are listed in (`Cache.keys`, `wbcache dump`): str keys sorted, then
+    bytes keys sorted. The embedded database keeps its keys in this order (UTF-8 bytes sort
+    as their code points do)."""
+    return (0, key) if type(key) is str else (1, key)
+
+
+def count_after_recovery(database: Backend,
+                         pending: Iterable[Mapping[Key, bytes | None]]) -> int:
+    """How many keys a cache holds once each of `pending` (key -> encoded value, None:
+    deleted; applied in order, as the lanes of a shared directory are) is in `database`:
+    what `len(cache)` is. Only whether a key ends up present matters here, not its value."""
+    present: dict[Key, bool] = {}
+    for state in pending:
+        for key, value in state.items():
+            present[key] = value is not None
+    count = database.count()
+    for key, there in present.items():
+        count += there - (database.get(key) is not None)
+    return count

@@ -1,9 +1,11 @@
-"""Shared by the tests of the operating commands (tests/test_cli_*.py); it holds no tests.
+"""Shared by the tests of the operating commands (tests/test_cli_*.py, tests/test_maintenance.py);
+it holds no tests.
 
 Every command is run two ways: in-process through click's `CliRunner`, and as a real
 subprocess of the installed `wbcache` script (the console script beside this interpreter).
-Directories are built in known states (hand-written segments, or a real writer killed with
-SIGKILL) and compared byte for byte before and after a command.
+Directories are built in known states (hand-written segments, or real writers killed with
+SIGKILL: a single-owner one, or the lanes of a shared directory) and compared byte for byte
+before and after a command.
 """
 
 from __future__ import annotations
@@ -49,35 +51,41 @@ class Run:
         return json.loads(self.stdout)
 
 
-def run(driver: str, *args: str, input: str | None = None, as_nobody: bool = False) -> Run:
+def run(driver: str, *args: str, input: str | None = None, as_nobody: bool = False,
+        env: dict[str, str] | None = None) -> Run:
     """Run `wbcache ARGS...` in-process ("runner") or as a subprocess of the script ("script").
 
     `as_nobody`: as an unprivileged user (uid 65534), for permission errors; the tests run as
-    root here, and root passes every permission check."""
-    return run_all(driver, [list(args)], input=input, as_nobody=as_nobody)[0]
+    root here, and root passes every permission check. `env`: variables added to the
+    command's environment (WBCACHE_BACKEND)."""
+    return run_all(driver, [list(args)], input=input, as_nobody=as_nobody, env=env)[0]
 
 
 def run_all(driver: str, commands: list[list[str]], *, input: str | None = None,
-            as_nobody: bool = False, side_by_side: bool = False) -> list[Run]:
+            as_nobody: bool = False, side_by_side: bool = False,
+            env: dict[str, str] | None = None) -> list[Run]:
     """`run` for several command lines, one after the other; or, `side_by_side`, the
     subprocesses at once: only for commands refused before they take the directory's lock,
     which could otherwise refuse each other (exit 3)."""
     if driver == "runner":
         with _effective_user(NOBODY if as_nobody else None):
-            results = [CliRunner().invoke(main, args, input=input, catch_exceptions=False)
+            results = [CliRunner(env=env).invoke(main, args, input=input,
+                                                 catch_exceptions=False)
                        for args in commands]
         return [Run(result.exit_code, result.stdout, result.stderr) for result in results]
     assert driver == "script"
     assert WBCACHE.is_file(), f"the wbcache script is not installed at {WBCACHE}"
     if not side_by_side:
-        return [_finish(_start(args, as_nobody), input) for args in commands]
-    children = [_start(args, as_nobody) for args in commands]
+        return [_finish(_start(args, as_nobody, env), input) for args in commands]
+    children = [_start(args, as_nobody, env) for args in commands]
     return [_finish(child, input) for child in children]
 
 
-def _start(args: list[str], as_nobody: bool) -> subprocess.Popen[str]:
+def _start(args: list[str], as_nobody: bool,
+           env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(_script_command(args, as_nobody), text=True, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, **env} if env else None)
 
 
 def _finish(child: subprocess.Popen[str], input: str | None) -> Run:
@@ -261,3 +269,101 @@ def live_owner(path: Path) -> Iterator[int]:
         holder.wait(timeout=30)
         holder.stdout.close()
     assert holder.returncode == 0
+
+
+# ------------------------------------------------------------------ shared directories
+
+# A process with the shared directory open, its lane held: `count` puts NAME:i = i, each with
+# an incr of "hits", flushed into the database or left in its lane's log; then it waits for a
+# line on stdin and closes, or is SIGKILLed. Its flusher and adopter are out of reach, so
+# whatever it left in its log stays there, and it adopts no other lane meanwhile.
+SHARED_WRITER = textwrap.dedent("""
+    import sys, wbcache
+    path, name, count, flush = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    cache = wbcache.open(path, shared=True, flush_interval=3600, flush_threshold=10**9,
+                         adopt_interval=3600)
+    for i in range(count):
+        cache.put(f"{name}:{i}", i)
+        cache.incr("hits")
+    if flush == "flush":
+        cache.flush()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    cache.close()
+""")
+
+
+@dataclass
+class SharedWriter:
+    process: subprocess.Popen[bytes]
+    name: str
+    count: int
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        assert self.process.returncode == -signal.SIGKILL
+
+    def close(self) -> None:
+        """Let it close its cache (which flushes) and exit."""
+        assert self.process.stdin is not None
+        if self.process.returncode is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=30)
+            assert self.process.returncode == 0
+
+
+def start_shared_writer(path: Path, name: str, count: int, *, flush: bool) -> SharedWriter:
+    """A SHARED_WRITER holding the next free lane of `path`, once it reports ready."""
+    process = subprocess.Popen([sys.executable, "-c", SHARED_WRITER, str(path), name,
+                                str(count), "flush" if flush else "keep"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    assert process.stdout.readline() == b"ready\n"
+    return SharedWriter(process, name, count)
+
+
+@contextmanager
+def shared_lanes(path: Path, *, dead: tuple[int, ...] = (3, 4),
+                 live: int | None = 5) -> Iterator[SharedWriter | None]:
+    """A shared directory whose lane 1 is held by a live writer (its `live` puts flushed;
+    none if `live` is None) and whose next lanes are orphans: one per entry of `dead`, a writer
+    SIGKILLed with that many puts (and increments of "hits") only in its lane's log. Yields the
+    live writer, closed on exit."""
+    holder = start_shared_writer(path, "live", live, flush=True) if live is not None else None
+    try:
+        writers = [start_shared_writer(path, f"dead{index}", count, flush=False)
+                   for index, count in enumerate(dead, 1)]  # each alive: each its own lane
+        for writer in writers:
+            writer.kill()
+        yield holder
+    finally:
+        if holder is not None:
+            holder.close()
+
+
+def after_shared_recovery(dead: tuple[int, ...], live: int | None) -> dict[str, int]:
+    """What `shared_lanes(dead=..., live=...)` holds once every lane is recovered."""
+    expected = {f"live:{i}": i for i in range(live or 0)}
+    for index, count in enumerate(dead, 1):
+        expected.update({f"dead{index}:{i}": i for i in range(count)})
+    expected["hits"] = (live or 0) + sum(dead)
+    return expected
+
+
+# ------------------------------------------------------------------ PostgreSQL
+
+
+def pg_url(dsn: str, table: str, password: str | None = None) -> str:
+    """A postgresql:// URL of the test server for `table` (with `password`, which the local
+    server's trust authentication ignores: to check it is never shown)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(dsn)
+    user = str(params.get("user", "postgres")) + (f":{password}" if password else "")
+    return (f"postgresql://{user}@{params.get('host', '127.0.0.1')}:{params.get('port', 5432)}"
+            f"/{params.get('dbname', 'test')}?table={table}")

@@ -1,0 +1,166 @@
+"""The operating commands on a directory that flushes into PostgreSQL: the database given by
+--backend or WBCACHE_BACKEND (never stored in the directory), refused without it, the
+password never printed, `recover` replaying into PostgreSQL. Each test has a fresh schema
+(tests/pg_support.py) and runs the command in-process and as a subprocess of the script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from cli_support import DRIVERS, assert_one_line_error, pg_url, run, tree_state
+from pg_support import pg_dsn_fixture, pg_schema_fixture, query  # noqa: F401 (fixtures)
+
+import wbcache
+
+SECRET = "Zq7xK9w"  # the URL's password (trust authentication ignores it): never printed
+
+# A cache on a PostgreSQL table: 3 puts and an increment flushed, then 4 puts and 4
+# increments of 10 only in its log, and kill -9.
+WRITER = textwrap.dedent("""
+    import os, signal, sys, wbcache
+    cache = wbcache.open(sys.argv[1], backend=sys.argv[2], flush_interval=3600,
+                         flush_threshold=10**9)
+    for i in range(3):
+        cache.put(f"flushed:{i}", i)
+    cache.incr("visits")
+    cache.flush()
+    for i in range(4):
+        cache.put(f"logged:{i}", i)
+        cache.incr("visits", 10)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+AFTER_RECOVERY = {"flushed:0": 0, "flushed:1": 1, "flushed:2": 2, "logged:0": 0, "logged:1": 1,
+                  "logged:2": 2, "logged:3": 3, "visits": 41}
+
+
+@pytest.fixture
+def url(pg_dsn: str, pg_schema: str) -> str:
+    return pg_url(pg_dsn, f"{pg_schema}.cache", password=SECRET)
+
+
+@pytest.fixture
+def killed(tmp_path: Path, url: str) -> Path:
+    path = tmp_path / "cache"
+    child = subprocess.run([sys.executable, "-c", WRITER, str(path), url], capture_output=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    return path
+
+
+def assert_no_secret(*texts: str) -> None:
+    for text in texts:
+        assert SECRET not in text, text
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_every_command_without_the_url_is_refused_in_one_line_saying_how_to_give_it(
+        killed: Path, driver: str) -> None:
+    before = tree_state(killed)
+    for args in (("recover",), ("recover", "--dry-run"), ("inspect",), ("verify",), ("stats",),
+                 ("dump",), ("get", "--bytes")):
+        result = run(driver, *args, str(killed), *(["visits"] if args[0] == "get" else []))
+        assert_one_line_error(result, 2, f"{killed} flushes into a postgresql database",
+                              "--backend URL", "WBCACHE_BACKEND")
+    assert tree_state(killed) == before
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_the_read_only_commands_read_through_the_url_and_change_no_byte(
+        killed: Path, url: str, driver: str) -> None:
+    before = tree_state(killed)
+
+    inspected = run(driver, "inspect", "--json", "--backend", url, str(killed))
+    human = run(driver, "inspect", "--backend", url, str(killed))
+    dumped = run(driver, "dump", str(killed), env={"WBCACHE_BACKEND": url})
+    got = run(driver, "get", "--json", str(killed), "visits", env={"WBCACHE_BACKEND": url})
+    stats = run(driver, "stats", "--json", "--backend", url, str(killed))
+    verified = run(driver, "verify", "--backend", url, str(killed))
+
+    for result in (inspected, human, dumped, got, stats, verified):
+        assert result.exit_code == 0, result.stderr
+        assert_no_secret(result.stdout, result.stderr)
+    assert tree_state(killed) == before
+    document = inspected.json()
+    assert (document["database_kind"], document["shared"], document["checkpoint_lsn"],
+            document["pending_records"], document["database_file_bytes"]) == (
+        "postgresql", False, 4, 8, None)
+    assert document["database_url"] == url.replace(SECRET, "***")
+    assert url.replace(SECRET, "***") in human.stdout
+    assert {json.loads(line)["key"]: json.loads(line)["value"]
+            for line in dumped.stdout.splitlines()} == AFTER_RECOVERY
+    # the log's 4 increments are added, as deltas, to the 1 the database holds
+    assert (got.json()["value"], got.json()["source"]) == (41, "log")
+    assert stats.json()["entries_after_recovery"] == len(AFTER_RECOVERY)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_recover_replays_into_postgresql_and_keeps_nothing_of_the_url(
+        killed: Path, url: str, pg_dsn: str, pg_schema: str, driver: str) -> None:
+    result = run(driver, "recover", "--json", str(killed), env={"WBCACHE_BACKEND": url})
+
+    assert result.exit_code == 0, result.stderr
+    assert_no_secret(result.stdout, result.stderr)
+    report = result.json()
+    assert (report["replayed"], report["checkpoint_before"], report["checkpoint_after"]) == (
+        8, 4, 12)
+    assert os.listdir(killed / "wal") == []
+    rows = query(pg_dsn, f"SELECT num FROM {pg_schema}.cache WHERE key = %s", (b"svisits",))
+    assert rows == [(41,)]
+    for entry in killed.rglob("*"):
+        if entry.is_file():
+            assert SECRET.encode() not in entry.read_bytes()
+            assert pg_schema.encode() not in entry.read_bytes()  # not even the table
+    with wbcache.open(killed, backend=url) as cache:
+        assert cache.recovery.replayed == 0 and dict(cache.items()) == AFTER_RECOVERY
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("bad", [
+    f"mysql://user:{SECRET}@127.0.0.1/db",
+    f"postgresql://user:{SECRET}@127.0.0.1/db?timeout=soon",
+])
+def test_a_bad_url_is_a_usage_error_in_one_line_without_the_password(
+        killed: Path, bad: str, driver: str) -> None:
+    before = tree_state(killed)
+
+    result = run(driver, "recover", "--backend", bad, str(killed))
+    as_json = run(driver, "inspect", "--json", "--backend", bad, str(killed))
+
+    assert_one_line_error(result, 2, "--backend / WBCACHE_BACKEND: ")
+    assert as_json.exit_code == 2 and as_json.json()["error"] == "bad_backend_url"
+    assert_no_secret(result.stderr, as_json.stdout, as_json.stderr)
+    assert tree_state(killed) == before
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_database_out_of_reach_is_one_line_without_the_password(killed: Path,
+                                                                  driver: str) -> None:
+    away = f"postgresql://user:{SECRET}@127.0.0.1:1/db?connect_timeout=2"
+    before = tree_state(killed)
+
+    result = run(driver, "recover", "--backend", away, str(killed))
+
+    assert_one_line_error(result, 1, "cannot connect")
+    assert_no_secret(result.stderr)
+    assert tree_state(killed) == before
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_url_is_refused_for_a_directory_of_its_own_lmdb(tmp_path: Path, url: str,
+                                                         driver: str) -> None:
+    path = tmp_path / "lmdb"
+    wbcache.open(path).close()
+    before = tree_state(path)
+
+    result = run(driver, "dump", str(path), env={"WBCACHE_BACKEND": url})
+
+    assert_one_line_error(result, 2, "flushes into its own LMDB database", "WBCACHE_BACKEND")
+    assert_no_secret(result.stderr)
+    assert tree_state(path) == before
