@@ -29,6 +29,7 @@ import msgpack
 from wbcache import forking
 from wbcache.backends.base import Backend, Key
 from wbcache.codec import Packed, check_key, from_encoded
+from wbcache.directory import count_after_recovery, key_order, open_directory
 from wbcache.errors import CacheClosedError
 from wbcache.flusher import Flusher, IntervalSyncer
 from wbcache.layout import Layout
@@ -109,8 +110,6 @@ class Cache(MutableMapping[Key, Any]):
     def open(cls, path: str | os.PathLike[str], options: Options,
              backend: Backend | str | None = None) -> Cache:
         """Lock the directory, recover it, start the background threads. See `wbcache.open`."""
-        from wbcache.directory import open_directory
-
         opened = open_directory(path, options, backend)
         try:
             return cls(opened.layout, opened.lock, opened.backend, options, opened.recovery,
@@ -339,15 +338,7 @@ class Cache(MutableMapping[Key, Any]):
     def __len__(self) -> int:
         """How many keys, memory and database merged (see `keys` for what it waits for)."""
         with self._flusher.paused(self.options.flush_timeout):
-            pending = self._sequencer.pending()
-            count = self._backend.count()
-            for key, encoded in pending.items():
-                stored = self._backend.get(key) is not None
-                if encoded is None and stored:
-                    count -= 1
-                elif encoded is not None and not stored:
-                    count += 1
-            return count
+            return count_after_recovery(self._backend, [self._sequencer.pending()])
 
     def _merged(self, *, decode: bool) -> list[tuple[Key, Any]]:
         with self._flusher.paused(self.options.flush_timeout):
@@ -355,7 +346,7 @@ class Cache(MutableMapping[Key, Any]):
             merged = {key: encoded for key, encoded in self._backend.items()
                       if key not in pending}
         merged.update((key, encoded) for key, encoded in pending.items() if encoded is not None)
-        ordered = sorted(merged, key=_sort_key)
+        ordered = sorted(merged, key=key_order)
         if not decode:
             return [(key, None) for key in ordered]
         return [(key, from_encoded(merged[key], key)[0]) for key in ordered]
@@ -486,7 +477,3 @@ class Batch(BatchOperations):
         if ops is not None:
             self.lsn = self._commit_ops(ops)
 
-
-def _sort_key(key: Key) -> tuple[int, Any]:
-    """The one iteration order: str keys sorted, then bytes keys sorted."""
-    return (0, key) if type(key) is str else (1, key)

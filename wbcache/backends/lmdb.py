@@ -335,7 +335,7 @@ class SharedLmdbBackend:
 
     kind = "lmdb"
     applies_increments = True
-    default_read_ttl = SHARED_READ_TTL
+    default_read_ttl: float | None = SHARED_READ_TTL
 
     def __init__(self, path: str, *, map_size: int = 1 << 30) -> None:
         self._database = shared_database(path, map_size=map_size)
