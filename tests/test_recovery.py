@@ -456,6 +456,9 @@ def test_open_refuses_mid_log_damage_and_leaves_the_segments_byte_identical(
         bad = offsets[-1]
         truncate(first, first.stat().st_size - 1)
     before = snapshot(target / "wal")
+    (target / "LOCK").write_bytes(b"4242\n")  # the pid of an owner long gone
+    lock_before = (target / "LOCK").read_bytes()
+    data_before = (target / "db" / "data.mdb").read_bytes()
 
     with pytest.raises(CorruptLogError) as info:
         open_cache(target)
@@ -463,6 +466,10 @@ def test_open_refuses_mid_log_damage_and_leaves_the_segments_byte_identical(
     assert len(segments) > 1
     assert (info.value.path, info.value.offset) == (str(first), bad)
     assert snapshot(target / "wal") == before
+    # Nor the owner's pid nor the data: only LMDB's reader table (db/lock.mdb), which every
+    # open of the database rewrites (README, "Opening a damaged directory").
+    assert (target / "LOCK").read_bytes() == lock_before
+    assert (target / "db" / "data.mdb").read_bytes() == data_before
     # The failed open released the directory: trying again meets the damage, not the lock.
     with pytest.raises(CorruptLogError):
         open_cache(target)

@@ -100,7 +100,8 @@ def open_directory(path: str | os.PathLike[str], options: Options,
         given, owns_backend = backend, backend is None
     try:
         layout = claim(path)
-        dir_lock = DirectoryLock.acquire(layout.lock)
+        # The pid goes into LOCK once recovery has succeeded: a refused open leaves it alone.
+        dir_lock = DirectoryLock.acquire(layout.lock, record_owner=False)
     except BaseException:
         if owns_backend and given is not None:
             given.close()
@@ -118,6 +119,7 @@ def open_directory(path: str | os.PathLike[str], options: Options,
                              f"database's limit of {database.max_key_size} bytes")
         report = replay_into(database, layout.wal)
         log_recovery(layout.root, report)
+        dir_lock.record_owner()
         return OpenedDirectory(layout, dir_lock, database, owns_backend, report, layout.root)
     except BaseException:
         if owns_backend and database is not None:
