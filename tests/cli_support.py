@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -74,16 +73,17 @@ def run_all(driver: str, commands: list[list[str]], *, input: str | None = None,
                        for args in commands]
         return [Run(result.exit_code, result.stdout, result.stderr) for result in results]
     assert driver == "script"
+    if as_nobody:  # each in a forked child that became nobody (see _run_as_nobody)
+        return [_run_as_nobody(args, input, env) for args in commands]
     assert WBCACHE.is_file(), f"the wbcache script is not installed at {WBCACHE}"
     if not side_by_side:
-        return [_finish(_start(args, as_nobody, env), input) for args in commands]
-    children = [_start(args, as_nobody, env) for args in commands]
+        return [_finish(_start(args, env), input) for args in commands]
+    children = [_start(args, env) for args in commands]
     return [_finish(child, input) for child in children]
 
 
-def _start(args: list[str], as_nobody: bool,
-           env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(_script_command(args, as_nobody), text=True, stdin=subprocess.PIPE,
+def _start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([str(WBCACHE), *args], text=True, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, **env} if env else None)
 
@@ -93,17 +93,47 @@ def _finish(child: subprocess.Popen[str], input: str | None) -> Run:
     return Run(child.returncode, stdout, stderr)
 
 
-def _script_command(args: list[str], as_nobody: bool) -> list[str]:
-    command = [str(WBCACHE), *args]
-    if as_nobody:
-        # setpriv rather than Popen(user=...): here the interpreter lives under /root (0700),
-        # which a child made by Popen(user=...) cannot exec, while setpriv's can.
-        assert os.geteuid() == 0, "permission tests drop from root to uid 65534"
-        setpriv = shutil.which("setpriv")
-        assert setpriv is not None, "permission tests need setpriv (util-linux)"
-        command = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                   *command]
-    return command
+def _run_as_nobody(args: list[str], input: str | None,
+                   env: dict[str, str] | None) -> Run:
+    """The command in a child process that is truly uid 65534 (real and effective, no
+    groups): forked from this one, privileges dropped, then the CLI run in it, so nothing is
+    exec'd and where the interpreter lives (say under a root-only /root/.pyenv) does not
+    matter. Its stdin, stdout and stderr are pipes, as a script's would be."""
+    assert os.geteuid() == 0, "permission tests drop from root to uid 65534"
+    stdin_r, stdin_w = os.pipe()
+    stdout_r, stdout_w = os.pipe()
+    stderr_r, stderr_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            for fd, target in ((stdin_r, 0), (stdout_w, 1), (stderr_w, 2)):
+                os.dup2(fd, target)
+            # pytest's capture replaced the standard streams: use the descriptors themselves
+            sys.stdin = open(0, closefd=False)  # noqa: SIM115 (the child exits, not returns)
+            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os.environ.update(env or {})
+            try:
+                main(args, prog_name="wbcache")
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    for fd in (stdin_r, stdout_w, stderr_w):
+        os.close(fd)
+    os.write(stdin_w, (input or "").encode())
+    os.close(stdin_w)
+    with os.fdopen(stdout_r) as out, os.fdopen(stderr_r) as err:
+        stdout, stderr = out.read(), err.read()
+    _, status = os.waitpid(pid, 0)
+    return Run(os.waitstatus_to_exitcode(status), stdout, stderr)
 
 
 @contextmanager
