@@ -202,8 +202,11 @@ def _check_entries(root_fd: int, root: str, names: frozenset[str],
     """Refuse a layout file that is not a regular file of ours, and a wal/, db/ (or one of
     `private_dirs`) that is not a private directory (wal/ and db/: or a link to one)."""
     for name in sorted(names & _FILE_NAMES):
-        check_regular(os.stat(name, dir_fd=root_fd, follow_symlinks=False),
-                      os.path.join(root, name))
+        try:
+            info = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # gone since the listing (a racing first open renamed its .tmp): harmless
+        check_regular(info, os.path.join(root, name))
     for name in sorted(names & {*_LINKABLE_DIRS, *_PRIVATE_DIRS, *private_dirs}):
         os.close(open_private_dir(name, dir_fd=root_fd, shown=os.path.join(root, name),
                                   follow=name in _LINKABLE_DIRS))
