@@ -37,6 +37,7 @@ from wbcache.fault_injection.oracle import Tally
 
 CHILD_PREFIX = "forked-child."
 CHILD_ALARM = 15  # seconds a child may take before its alarm ends it
+USE_TIMEOUT = 1.0  # seconds one use may block in a child before it is reported as blocked
 _READ_TIMEOUT = CHILD_ALARM + 10.0
 REFUSED = "refused"
 CLOSED = "closed"  # close() returned without error, as it must
@@ -147,15 +148,8 @@ def _child(inherited: Inherited, journal_fd: int, read_end: int, write_end: int)
             outcome.update(refusals(inherited.acache, ASYNC_USES))
         if inherited.database is not None:
             outcome.update(refusals(inherited.database, BACKEND_USES))
-        try:  # allowed, and must do nothing: neither flush nor delete nor unlock
-            for owner in (inherited.cache, inherited.acache):
-                if owner is not None:
-                    result = owner.close()
-                    if inspect.iscoroutine(result):  # a close that was not refused
-                        result.close()
-            outcome["close"] = CLOSED
-        except BaseException as exc:
-            outcome["close"] = f"raised {type(exc).__name__}: {exc}"[:300]
+        if all(result == REFUSED for result in outcome.values()):
+            outcome["close"] = _close_all(inherited)
         payload = msgpack.packb(outcome, use_bin_type=True)
         view = memoryview(payload)
         while view:
@@ -164,18 +158,47 @@ def _child(inherited: Inherited, journal_fd: int, read_end: int, write_end: int)
         os._exit(0)
 
 
+def _close_all(inherited: Inherited) -> str:
+    """close() what the child inherited: allowed, and it must do nothing (neither flush nor
+    delete nor unlock). CLOSED, or what went wrong."""
+    try:
+        for owner in (inherited.cache, inherited.acache):
+            if owner is not None:
+                result = owner.close()
+                if inspect.iscoroutine(result):  # a close that was not refused
+                    result.close()
+                    return "close() of the AsyncCache was a real close"
+    except BaseException as exc:
+        return f"raised {type(exc).__name__}: {exc}"[:300]
+    return CLOSED
+
+
 def refusals(owner: Any, uses: Mapping[str, Callable[[Any], Any]]) -> dict[str, str]:
-    """Per use: REFUSED if it raised ForkedCacheError, else what happened."""
+    """Per use: REFUSED if it raised ForkedCacheError, else what happened. Each use runs in a
+    thread of its own: one that blocks (on a lock a parent's thread held at the fork, which
+    stays held in the child forever) is reported as such after USE_TIMEOUT seconds, and the
+    uses after it are not tried (they would block too), so the child still reports."""
     outcome = {}
     for name, use in uses.items():
-        try:
-            use(owner)
-        except ForkedCacheError:
-            outcome[name] = REFUSED
-        except BaseException as exc:
-            outcome[name] = f"raised {type(exc).__name__}: {exc}"[:300]
-        else:
-            outcome[name] = "accepted"
+        result: list[str] = []
+
+        def attempt(use: Callable[[Any], Any] = use, result: list[str] = result) -> None:
+            try:
+                use(owner)
+            except ForkedCacheError:
+                result.append(REFUSED)
+            except BaseException as exc:
+                result.append(f"raised {type(exc).__name__}: {exc}"[:300])
+            else:
+                result.append("accepted")
+
+        thread = threading.Thread(target=attempt, daemon=True)
+        thread.start()
+        thread.join(USE_TIMEOUT)
+        if not result:
+            outcome[name] = f"blocked for {USE_TIMEOUT} s (a lock held at the fork?)"
+            break
+        outcome[name] = result[0]
     return outcome
 
 
