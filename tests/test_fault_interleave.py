@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import wbcache
+from wbcache.fault_injection.backends import SlowReads
 from wbcache.fault_injection.campaign import Settings, check_after_crash
 from wbcache.fault_injection.forks import CHILD_PREFIX, check_forks
 from wbcache.fault_injection.interleave import TRIGGERS, run_interleave
@@ -47,6 +49,20 @@ def test_writers_sharing_cold_keys_stay_linearizable_through_kills_forks_and_reo
     assert int(outcome.rows["  acknowledged reads checked"].replace(",", "")) > 500
     assert int(outcome.rows["  reopens inside a worker (cold again)"].replace(",", "")) > 0
     assert tally.forked > 0 and tally.fork == 0  # children forked, every one refused
+
+
+def test_slow_reads_wrap_the_database_through_the_public_protocol(tmp_path: Path) -> None:
+    wbcache.open(tmp_path / "c").close()
+    database = wbcache.LmdbBackend(str(tmp_path / "c" / "db"))
+    slow = SlowReads(database, 0.001)
+    assert isinstance(slow, wbcache.Backend) and slow.kind == database.kind
+    with wbcache.open(tmp_path / "c", backend=slow, capacity=1) as cache:
+        cache.put_many({"a": 1, "b": 2})
+        cache.flush()  # both clean now, and one of them evicted
+        cold = next(key for key in ("a", "b") if not cache.sequencer.in_memory(key))
+        assert cache.incr(cold) == {"a": 1, "b": 2}[cold] + 1  # read back from the database
+    assert slow.reads >= 1
+    database.close()
 
 
 # ------------------------------------------------------------------ the checks themselves
