@@ -100,14 +100,14 @@ def history_from(events: Iterable[list[Any]], seed: int, cycle: int) -> History:
             running[writer] = call
         elif tag in (ACK, ERROR):
             writer, seq = event[1], event[2]
-            call = running.pop(writer, None)  # type: ignore[assignment]
-            if call is None or call.op.seq != seq:
+            reported = running.pop(writer) if writer in running else None
+            if reported is None or reported.op.seq != seq:
                 history.problems.append(f"writer {writer} reported {seq}, which it never started")
                 continue
             if tag == ACK:
-                call.end, call.result = position, event[3]
+                reported.end, reported.result = position, event[3]
             else:
-                call.error = f"{event[3]}: {event[4]}"
+                reported.error = f"{event[3]}: {event[4]}"
     return history
 
 
@@ -360,7 +360,8 @@ def _check_lsns(tally: Tally, writes: list[Call], recovered_last_lsn: int, label
         tally.lsn += len(repeated)
         tally.note(f"{label}: LSNs acknowledged to more than one write: {repeated[:8]}")
     points = sorted([(call.start, 0, call) for call in logged]
-                    + [(call.end, 1, call) for call in logged], key=lambda point: point[0])
+                    + [(call.end, 1, call) for call in logged if call.end is not None],
+                    key=lambda point: point[0])
     highest = 0
     floor: dict[int, int] = {}
     for _, is_end, call in points:

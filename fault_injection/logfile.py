@@ -135,7 +135,7 @@ def read_state(path: str) -> tuple[dict[Any, Any], Any]:
 def frame_lsns(data: bytes | bytearray) -> list[int]:
     """LSNs of the records in `data`, a run of complete frames (as one log write hands them
     to the OS), found by the reader's resync rule (`intact_frames`)."""
-    return [lsn for _, lsns, _ in intact_frames(data, 0, len(data)) for lsn in lsns]
+    return [lsn for _, lsns, _ in intact_frames(bytes(data), 0, len(data)) for lsn in lsns]
 
 
 def segment_last_lsn(path: str) -> int:

@@ -42,7 +42,7 @@ class Mutated:
 def _frames_of(data: bytearray) -> list[tuple[int, int, int]]:
     """(offset, length, first LSN) of every intact frame of a (maybe damaged) segment."""
     return [(at, end - at, lsns[0])
-            for at, lsns, end in intact_frames(data, HEADER_SIZE, len(data))]
+            for at, lsns, end in intact_frames(bytes(data), HEADER_SIZE, len(data))]
 
 
 def _pick_frame(rng: random.Random, segments: Segments) -> tuple[int, int, int, int] | None:
