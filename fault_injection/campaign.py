@@ -28,6 +28,11 @@ class Settings:
     backend: str | None = None  # a shared database's URL (nodes.py); None: each cache's LMDB
     started: float = field(default_factory=time.monotonic)
 
+    def __post_init__(self) -> None:
+        # Workers run in a scratch directory of their own (runner.py), so every path handed
+        # to them must not depend on the harness's working directory.
+        self.workdir = os.path.abspath(self.workdir)
+
     def expired(self) -> bool:
         return self.seconds is not None and time.monotonic() - self.started >= self.seconds
 
