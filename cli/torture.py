@@ -37,7 +37,10 @@ def _backend(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 @click.command()
 @click.argument("directory", required=False, type=click.Path(file_okay=False))
 @click.option("--mode", type=click.Choice((*MODES, "all")), default="all", show_default=True,
-              help="kill: SIGKILL a writing worker at random moments; crashpoints: at every "
+              help="kill: SIGKILL a writing worker at random moments (also inside a "
+                   "database commit, and while it forks children); interleave: writers "
+                   "sharing a few cold keys, killed, checked for linearizability; "
+                   "crashpoints: at every "
                    "named crash point, and twice inside recovery; powerloss: rebuild what a "
                    "power cut leaves (unsynced bytes dropped or torn); lazyfs: real power cuts "
                    "on LazyFS, database included (needs --lazyfs); torn, corruption, fuzz: "
@@ -49,7 +52,8 @@ def _backend(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
                    "fresh table (dropped at the end), and are SIGKILLed and restarted; every "
                    "counter must then be exact. Only --mode kill.")
 @click.option("--cycles", default=50, show_default=True, type=click.IntRange(1),
-              help="Size of the run: kills; crash-point runs (at least one per point); "
+              help="Size of the run: kills; interleave cycles; crash-point runs (at least "
+                   "one per point); "
                    "power-loss states x10; corruption cases x100; fuzz cases x20; torn-tail "
                    "logs and I/O error sweeps /50. With --backend: kills, shared by the nodes.")
 @click.option("--seed", type=int, default=None,
@@ -70,8 +74,10 @@ def torture(directory: str | None, mode: str, backend: str | None, cycles: int,
     Workers write from several threads and report every acknowledgement; they are killed
     (kill -9, at named crash points, or with simulated power loss), and every recovered
     directory is checked: nothing acknowledged lost, no value never written, no batch half
-    applied, no hole in any writer's sequence, no counter below an acknowledged value. Logs
-    are also torn, corrupted and fuzzed, and I/O calls made to fail. Exits 1 on any violation.
+    applied, no hole in any writer's sequence, no counter below an acknowledged value.
+    Writers that share cold keys are checked for linearizability, and children forked by a
+    writing worker must be refused every use of its cache. Logs are also torn, corrupted and
+    fuzzed, and I/O calls made to fail. Exits 1 on any violation.
 
     DIRECTORY (new or empty) holds the scratch work and, on failure, the evidence under
     failures/; without it a temporary directory is used, removed if everything passed.

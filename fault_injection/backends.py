@@ -3,15 +3,26 @@ or disturb it.
 
 `JournaledBackend` (in a worker) reports every `apply` to the journal before it starts and
 after it returns, with the data when the power-loss harness needs to rebuild the database as of
-any moment. `ControlledBackend` (in-process harnesses) fails chosen applies, remembers the
-committed checkpoint (what the log may be truncated to), and can be frozen for a consistent
-copy of the database while the cache that uses it keeps running.
+any moment; it can also SIGKILL its own process part-way through the Nth apply (a crash inside
+the database's commit). `SlowReads` (in a worker) makes every `get` take a little while after
+its answer is read, as a database across a network does, so that reads of cold keys overlap
+writes, flushes and evictions of the same keys. `ControlledBackend` (in-process harnesses)
+fails chosen applies, remembers the committed checkpoint (what the log may be truncated to),
+and can be frozen for a consistent copy of the database while the cache that uses it keeps
+running.
+
+All of them wrap a backend through the public `Backend` protocol only: what they disturb is
+what any user's database could do.
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import random
+import signal
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
@@ -77,12 +88,24 @@ class _Delegating:
 
 class JournaledBackend(_Delegating):
     """Reports each apply: [B, checkpoint, puts, deletes, increments] before it starts,
-    [b, checkpoint] after it returned."""
+    [b, checkpoint] after it returned.
 
-    def __init__(self, inner: Backend, journal: Journal, *, with_data: bool) -> None:
+    With `kill_in_apply` = n, the nth apply (from 1) SIGKILLs this process part-way through:
+    a timer fires after a random fraction of the time the applies before it took (or of
+    `first_guess` seconds for the first), so the kill lands inside the database's own commit
+    (between its writes, its fsyncs, or two transactions it should not have split), which a
+    kill timed from outside the process reaches only by luck."""
+
+    def __init__(self, inner: Backend, journal: Journal, *, with_data: bool,
+                 kill_in_apply: int | None = None, seed: int = 0,
+                 first_guess: float = 0.001) -> None:
         super().__init__(inner)
         self._journal = journal
         self._with_data = with_data
+        self._kill_in_apply = kill_in_apply
+        self._rng = random.Random(seed)
+        self._applies = 0
+        self._slowest = first_guess  # seconds: the longest apply so far
 
     def apply(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
               checkpoint: int, increments: Sequence[tuple[Key, int]] = ()) -> None:
@@ -91,8 +114,48 @@ class JournaledBackend(_Delegating):
                                [list(pair) for pair in increments])
         else:
             self._journal.emit(DB_BEGIN, checkpoint, None, None, None)
+        self._applies += 1
+        if self._applies == self._kill_in_apply:
+            _kill_self_after(self._rng.uniform(0.0, self._slowest))
+        started = time.perf_counter()
         self._apply_inner(puts, deletes, checkpoint, increments)
+        self._slowest = max(self._slowest, time.perf_counter() - started)
         self._journal.emit(DB_DONE, checkpoint)
+
+
+def _kill_self_after(seconds: float) -> None:
+    """SIGKILL this process `seconds` from now, from a thread of its own."""
+    def kill() -> None:
+        time.sleep(seconds)  # the delay IS the fault being injected, not a wait for anything
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=kill, name="harness-kill-in-apply", daemon=True).start()
+
+
+class SlowReads(_Delegating):
+    """A backend whose `get` reads its answer, then holds it for a random time up to `delay`
+    seconds (0: just yields the GIL) before returning it: the window in which a write, a
+    flush or an eviction of the same key overtakes the read. Every other member is the
+    wrapped backend's."""
+
+    def __init__(self, inner: Backend, delay: float, seed: int = 0) -> None:
+        super().__init__(inner)
+        self._delay = delay
+        self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
+        self.reads = 0
+
+    def get(self, key: Key) -> bytes | None:
+        value = self.inner.get(key)
+        with self._rng_lock:
+            self.reads += 1
+            pause = self._rng.uniform(0.0, self._delay)
+        time.sleep(pause)  # the latency being injected (time.sleep(0) yields the GIL)
+        return value
+
+    def apply(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
+              checkpoint: int, increments: Sequence[tuple[Key, int]] = ()) -> None:
+        self._apply_inner(puts, deletes, checkpoint, increments)
 
 
 class InjectedDatabaseError(OSError):

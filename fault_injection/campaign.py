@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from wbcache.fault_injection.forks import check_forks, forked_key
 from wbcache.fault_injection.oracle import Tally, ThreadJournal, check_cycle
 from wbcache.fault_injection.runner import Recovered
 
@@ -26,6 +27,11 @@ class Settings:
     cycles_per_dir: int = 10  # a fresh cache directory after this many cycles
     backend: str | None = None  # a shared database's URL (nodes.py); None: each cache's LMDB
     started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        # Workers run in a scratch directory of their own (runner.py), so every path handed
+        # to them must not depend on the harness's working directory.
+        self.workdir = os.path.abspath(self.workdir)
 
     def expired(self) -> bool:
         return self.seconds is not None and time.monotonic() - self.started >= self.seconds
@@ -57,8 +63,11 @@ class Outcome:
 
 
 def check_after_crash(recovered: Recovered, carried: Mapping[Any, Any], *, seed: int, cycle: int,
-                      journals: Mapping[int, ThreadJournal], label: str) -> Tally:
-    """The oracle's verdict on a recovered directory; a refused recovery is a violation."""
+                      journals: Mapping[int, ThreadJournal], label: str,
+                      events: Iterable[list[Any]] = ()) -> Tally:
+    """The oracle's verdict on a recovered directory; a refused recovery is a violation.
+    `events` (the worker's journal) holds the reports of children it forked, if any: each
+    must have been refused every use, and none of their writes may be recovered."""
     if recovered.error is not None:
         tally = Tally(cycles=1, errors=1)
         for journal in journals.values():
@@ -66,8 +75,13 @@ def check_after_crash(recovered: Recovered, carried: Mapping[Any, Any], *, seed:
             tally.acknowledged += journal.acked
         tally.note(f"{label}: recovery refused: {recovered.error}")
         return tally
-    return check_cycle(recovered.state, carried, seed=seed, cycle=cycle, journals=journals,
-                       recovered_last_lsn=recovered.last_lsn, label=label)
+    forks, children = check_forks(events, recovered.state, label)
+    state = {key: value for key, value in recovered.state.items() if not forked_key(key)}
+    tally = check_cycle(state, carried, seed=seed, cycle=cycle, journals=journals,
+                        recovered_last_lsn=recovered.last_lsn, label=label)
+    tally.add(forks)
+    tally.forked += children
+    return tally
 
 
 def keep_evidence(settings: Settings, name: str, *paths: str) -> str:

@@ -28,6 +28,8 @@ START = "S"  # [S, thread, seq]            before operation `seq` of `thread` is
 ACK = "A"  # [A, thread, seq, result]      after it returned (result: LSN or counter value)
 ERROR = "E"  # [E, thread, seq, type, message]  it raised
 MARKER = "M"  # [M, thread, n]  a node worker's thread found its marker at n (nodes.py)
+FORK = "F"  # [F, index, child pid, exit code, {use: outcome}]  a forked child's report (forks.py)
+REOPENED = "O"  # [O, round]  the worker closed its cache and opened it again (cold memory)
 # File operations of the log (power-loss runs; paths relative to the cache directory):
 OPEN = "o"  # [o, fd, path, created, append]
 WRITE = "w"  # [w, fd, data]  (data: the bytes written, or their count when not recorded)

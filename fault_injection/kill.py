@@ -9,6 +9,11 @@ own open is a recovery, and a kill can land inside it), and kills it on one trig
     rotate    when a new segment file has been opened
     clock     after a random time
     startup   very early: during start-up, the open or the recovery
+    apply     from inside the worker, part-way through its Nth database apply (a crash
+              inside the database's own commit, which a kill from outside reaches by luck)
+    fork      the worker forks children while its threads write (forks.py); each must be
+              refused every use of the cache it inherited and change nothing; SIGKILL after
+              the Nth child reported
 
 The worker's options vary per cycle (fsync mode, segment size, flush interval and threshold,
 asyncio writers through `AsyncCache` beside the threads or not), so flushes, rotations and
@@ -25,13 +30,14 @@ from collections.abc import Callable
 from typing import Any
 
 from wbcache.fault_injection.campaign import Outcome, Settings, check_after_crash, keep_evidence
-from wbcache.fault_injection.journal import ACK, DB_BEGIN, DB_DONE, OPEN
+from wbcache.fault_injection.journal import ACK, DB_BEGIN, DB_DONE, FORK, OPEN
 from wbcache.fault_injection.oracle import journals_from
 from wbcache.fault_injection.runner import prepare_directory, recover, run_worker
 from wbcache.fault_injection.worker import WorkerConfig
 
-TRIGGERS = ("acks", "flush", "commit", "rotate", "clock", "startup")
+TRIGGERS = ("acks", "flush", "commit", "rotate", "clock", "startup", "apply", "fork")
 _EVENT_TRIGGER_FALLBACK = 5.0  # seconds: kill anyway if the awaited event never comes
+FORKS = 3  # children a worker forks in a fork cycle
 
 
 def nth_event(tag: str, n: int, *, created_only: bool = False) -> Callable[[list[Any]], bool]:
@@ -67,7 +73,7 @@ def run_kills(settings: Settings) -> Outcome:
     triggers = dict.fromkeys(TRIGGERS, 0)
     carried: dict[Any, Any] = {}
     directory = ""
-    asynchronous = 0
+    asynchronous = children = 0
     for cycle in range(settings.cycles):
         if settings.expired():
             break
@@ -79,13 +85,15 @@ def run_kills(settings: Settings) -> Outcome:
         trigger = TRIGGERS[cycle % len(TRIGGERS)] if cycle < len(TRIGGERS) else rng.choice(TRIGGERS)
         triggers[trigger] += 1
         record = "light" if trigger in ("flush", "commit", "rotate") else "none"
-        if record != "none" and not os.path.isdir(os.path.join(directory, "wal")):
-            prepare_directory(directory)  # a journaled backend needs the layout to exist
         async_tasks = rng.choice([0, 0, 2, 4])  # asyncio writers beside the threads
         asynchronous += bool(async_tasks)
         config = WorkerConfig(directory=directory, seed=settings.seed, cycle=cycle,
                               threads=settings.threads, options=random_options(rng),
-                              record=record, async_tasks=async_tasks)
+                              record=record, async_tasks=async_tasks,
+                              forks=FORKS if trigger == "fork" else 0,
+                              kill_in_apply=rng.randint(1, 4) if trigger == "apply" else None)
+        if config.wraps_backend and not os.path.isdir(os.path.join(directory, "wal")):
+            prepare_directory(directory)  # a wrapped backend needs the layout to exist
         kill_on, after = _trigger(rng, trigger)
         scratch = settings.path("kill", "scratch")
         run = run_worker(config, scratch, kill_on=kill_on, kill_after_seconds=after)
@@ -93,7 +101,8 @@ def run_kills(settings: Settings) -> Outcome:
         journals = journals_from(run.events)
         recovered = recover(directory, copy_to=os.path.join(scratch, "copy"))
         tally = check_after_crash(recovered, carried, seed=settings.seed, cycle=cycle,
-                                  journals=journals, label=label)
+                                  journals=journals, label=label, events=run.events)
+        children += tally.forked
         if not run.sigkilled:
             tally.errors += 1
             tally.note(f"{label}: the worker was not killed but exited with {run.returncode}"
@@ -110,6 +119,7 @@ def run_kills(settings: Settings) -> Outcome:
         shutil.rmtree(directory, ignore_errors=True)
     outcome.rows["kill triggers"] = ", ".join(f"{name} {count}" for name, count in triggers.items())
     outcome.rows["  cycles with asyncio writers too"] = asynchronous
+    outcome.rows["  forked children checked"] = children
     return outcome
 
 
@@ -124,6 +134,10 @@ def _trigger(rng: random.Random, trigger: str
         return nth_event(DB_DONE, rng.randint(1, 4)), _EVENT_TRIGGER_FALLBACK
     if trigger == "rotate":  # the first segment is the one every open creates
         return nth_event(OPEN, rng.randint(2, 6), created_only=True), _EVENT_TRIGGER_FALLBACK
+    if trigger == "fork":
+        return nth_event(FORK, rng.randint(1, FORKS)), _EVENT_TRIGGER_FALLBACK
     if trigger == "clock":
         return None, rng.uniform(0.1, 0.6)
+    if trigger == "apply":  # the worker kills itself; the clock only if it never applies
+        return None, 2 * _EVENT_TRIGGER_FALLBACK
     return None, rng.uniform(0.0, 0.2)

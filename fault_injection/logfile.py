@@ -6,8 +6,9 @@ and copied while the cache was still open, as a crash would leave them (every re
 acknowledged, nothing is flushed to the database). Operation i is record i + 1 (LSN i + 1), so
 the state after any number of complete records is known (`workload.state_after`).
 
-A frame (one group-commit write) holds one or more records; with one writer, one each. The
-frame layout comes from `wbcache.wal.format`, the one definition writer and reader share.
+A frame (one group-commit write) holds one or more records; with one writer, one each. Frames
+are found by the log's own reader (`wbcache.wal.reader`: `intact_frames`, the resync rule, and
+`read_segment`, the walker), never by a walker of the harness's own.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-
 import wbcache
 from wbcache.fault_injection.workload import Op, ThreadWorkload, execute
-from wbcache.wal.format import FRAME, FRAME_MAGIC, FRAME_SIZE, HEADER_SIZE, SEGMENT_MAGIC
+from wbcache.wal.format import HEADER_SIZE
+from wbcache.wal.reader import drain, intact_frames, read_segment
 
 SAMPLE_CYCLE = 0
 SAMPLE_THREAD = 0
@@ -71,13 +71,15 @@ class SampleLog:
 
 
 def frames(data: bytes) -> list[tuple[int, int, int]]:
-    """(offset, header + payload length, records) of every frame of a pristine segment."""
-    found, pos = [], HEADER_SIZE
-    while pos + FRAME_SIZE <= len(data):
-        _, length, _ = FRAME.unpack_from(data, pos)
-        payload = data[pos + FRAME_SIZE:pos + FRAME_SIZE + length]
-        found.append((pos, FRAME_SIZE + length, len(msgpack.unpackb(payload, raw=False))))
-        pos += FRAME_SIZE + length
+    """(offset, header + payload length, records) of every frame of a pristine segment, as the
+    reader finds them; raises AssertionError if they do not tile the segment after its header
+    (then it is not pristine)."""
+    found = [(at, end - at, len(lsns))
+             for at, lsns, end in intact_frames(data, HEADER_SIZE, len(data))]
+    ends = [HEADER_SIZE] + [offset + length for offset, length, _ in found]
+    starts = [offset for offset, _, _ in found] + [len(data)]
+    if ends != starts:
+        raise AssertionError("the sample log's frames do not tile its segment")
     return found
 
 
@@ -132,26 +134,15 @@ def read_state(path: str) -> tuple[dict[Any, Any], Any]:
 
 def frame_lsns(data: bytes | bytearray) -> list[int]:
     """LSNs of the records in `data`, a run of complete frames (as one log write hands them
-    to the OS); stops at anything that is not one."""
-    lsns: list[int] = []
-    pos = 0
-    while pos + FRAME_SIZE <= len(data):
-        magic, length, _ = FRAME.unpack_from(data, pos)
-        end = pos + FRAME_SIZE + length
-        if magic != FRAME_MAGIC or end > len(data):
-            break
-        try:
-            records = msgpack.unpackb(bytes(data[pos + FRAME_SIZE:end]), raw=False)
-            lsns.extend(record[0] for record in records)
-        except Exception:  # not a frame of records: nothing to map
-            break
-        pos = end
-    return lsns
+    to the OS), found by the reader's resync rule (`intact_frames`)."""
+    return [lsn for _, lsns, _ in intact_frames(bytes(data), 0, len(data)) for lsn in lsns]
 
 
 def segment_last_lsn(path: str) -> int:
-    """LSN of the last record in the valid frames of the segment at `path` (0: none)."""
-    with open(path, "rb") as file:
-        data = file.read()
-    lsns = frame_lsns(data[HEADER_SIZE:]) if data[:8] == SEGMENT_MAGIC else []
-    return lsns[-1] if lsns else 0
+    """LSN of the last record in the valid frames of the segment at `path` (0: none), as the
+    log's walker (`read_segment`) reads it: up to any damage, which it reports, not raises."""
+    name = os.path.basename(path)
+    if not (name.endswith(".log") and name[:-4].isdigit()):
+        return 0
+    end = drain(read_segment(path, first_lsn=int(name[:-4]), is_last=False))
+    return end.last_lsn if end.records else 0

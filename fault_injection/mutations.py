@@ -3,6 +3,9 @@ place and says what it did, or returns None when it does not apply.
 
 Only `_reframe` forges: it wraps crafted content in a frame with a valid CRC, which the format
 cannot tell from real data; every other mutation leaves any changed frame with a wrong CRC.
+
+Frames to mutate are found in the (maybe already damaged) bytes by the reader's own resync
+rule (`wbcache.wal.reader.intact_frames`): the frames recovery itself would accept there.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from wbcache.fault_injection.logfile import SampleLog
 from wbcache.wal.format import (
     FRAME,
     FRAME_MAGIC,
-    FRAME_SIZE,
     HEADER,
     HEADER_SIZE,
     MAX_FRAME_PAYLOAD,
     SEGMENT_MAGIC,
 )
+from wbcache.wal.reader import intact_frames
 
 Segments = list[tuple[str, bytearray]]
 
@@ -36,22 +39,16 @@ class Mutated:
     forged: bool  # a frame with a valid CRC around crafted content: data may be invented
 
 
-def _frames_of(data: bytearray) -> list[tuple[int, int]]:
-    """(offset, length) of the well-formed frames at the start of a (maybe damaged) segment."""
-    found, pos = [], HEADER_SIZE
-    while pos + FRAME_SIZE <= len(data):
-        magic, length, crc = FRAME.unpack_from(data, pos)
-        end = pos + FRAME_SIZE + length
-        if magic != FRAME_MAGIC or end > len(data) or zlib.crc32(data[pos + FRAME_SIZE:end]) != crc:
-            break
-        found.append((pos, FRAME_SIZE + length))
-        pos = end
-    return found
+def _frames_of(data: bytearray) -> list[tuple[int, int, int]]:
+    """(offset, length, first LSN) of every intact frame of a (maybe damaged) segment."""
+    return [(at, end - at, lsns[0])
+            for at, lsns, end in intact_frames(bytes(data), HEADER_SIZE, len(data))]
 
 
-def _pick_frame(rng: random.Random, segments: Segments) -> tuple[int, int, int] | None:
-    choices = [(index, offset, length) for index, (_, data) in enumerate(segments)
-               for offset, length in _frames_of(data)]
+def _pick_frame(rng: random.Random, segments: Segments) -> tuple[int, int, int, int] | None:
+    """(segment index, offset, length, first LSN) of a random intact frame."""
+    choices = [(index, offset, length, lsn) for index, (_, data) in enumerate(segments)
+               for offset, length, lsn in _frames_of(data)]
     return rng.choice(choices) if choices else None
 
 
@@ -103,7 +100,7 @@ def _duplicate_frame(rng: random.Random, segments: Segments) -> str | None:
     picked = _pick_frame(rng, segments)
     if picked is None:
         return None
-    index, offset, length = picked
+    index, offset, length, _ = picked
     data = segments[index][1]
     data[offset + length:offset + length] = data[offset:offset + length]
     return f"frame at {offset} of {segments[index][0]} duplicated"
@@ -113,7 +110,7 @@ def _drop_frame(rng: random.Random, segments: Segments) -> str | None:
     picked = _pick_frame(rng, segments)
     if picked is None:
         return None
-    index, offset, length = picked
+    index, offset, length, _ = picked
     del segments[index][1][offset:offset + length]
     return f"frame at {offset} of {segments[index][0]} dropped"
 
@@ -124,10 +121,11 @@ def _swap_frames(rng: random.Random, segments: Segments) -> str | None:
         return None
     data = segments[index][1]
     found = _frames_of(data)
-    if len(found) < 2:
+    pairs = zip(found, found[1:], strict=False)
+    adjacent = [(a, a_len, b, b_len) for (a, a_len, _), (b, b_len, _) in pairs if a + a_len == b]
+    if not adjacent:
         return None
-    first = rng.randrange(len(found) - 1)
-    (a, a_len), (b, b_len) = found[first], found[first + 1]
+    a, a_len, b, b_len = rng.choice(adjacent)
     data[a:b + b_len] = data[b:b + b_len] + data[a:a + a_len]
     return f"frames at {a} and {b} of {segments[index][0]} swapped"
 
@@ -136,7 +134,7 @@ def _extreme_length(rng: random.Random, segments: Segments) -> str | None:
     picked = _pick_frame(rng, segments)
     if picked is None:
         return None
-    index, offset, _ = picked
+    index, offset, _, _ = picked
     length = rng.choice([0, 1, 11, MAX_FRAME_PAYLOAD, MAX_FRAME_PAYLOAD + 1, 0xFFFFFFFF,
                          rng.randrange(1 << 32)])
     struct.pack_into("<I", segments[index][1], offset + 4, length)
@@ -168,14 +166,9 @@ def _reframe(rng: random.Random, segments: Segments) -> str | None:
     picked = _pick_frame(rng, segments)
     if picked is None:
         return None
-    index, offset, length = picked
+    index, offset, length, lsn = picked
     data = segments[index][1]
-    try:
-        records = msgpack.unpackb(bytes(data[offset + FRAME_SIZE:offset + length]), raw=False)
-        lsn = records[0][0]
-    except Exception:
-        lsn = 1
-    payload = _crafted_payload(rng, lsn if type(lsn) is int else 1)
+    payload = _crafted_payload(rng, lsn)
     frame = FRAME.pack(FRAME_MAGIC, len(payload), zlib.crc32(payload)) + payload
     data[offset:offset + length] = frame
     return f"frame at {offset} of {segments[index][0]} re-framed around crafted content"

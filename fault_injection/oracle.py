@@ -53,6 +53,7 @@ class Tally:
     recovered: int = 0  # acknowledged and found
     inflight_kept: int = 0  # started, not acknowledged, found (allowed either way)
     counters: int = 0  # shared counters compared with their exact expected total (nodes.py)
+    forked: int = 0  # children forked by a worker that reported back (forks.py)
     lost: int = 0
     holes: int = 0
     partial: int = 0
@@ -62,11 +63,15 @@ class Tally:
     inconsistent: int = 0
     carried: int = 0
     lsn: int = 0  # an acknowledged LSN beyond the recovered log, or LSNs not increasing
+    # a shared counter or register whose history no linear order explains (linearizability.py)
+    linearizability: int = 0
+    fork: int = 0  # a forked child allowed to use its parent's cache, or whose write survived
     errors: int = 0  # a worker or the library raised where it must not, or recovery refused
     messages: list[str] = field(default_factory=list)
 
     VIOLATIONS = ("lost", "holes", "partial", "phantom", "counter_regressions",
-                  "counter_mismatches", "inconsistent", "carried", "lsn", "errors")
+                  "counter_mismatches", "inconsistent", "carried", "lsn", "linearizability",
+                  "fork", "errors")
 
     @property
     def violations(self) -> int:

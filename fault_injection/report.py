@@ -28,11 +28,15 @@ ROWS = (
     ("inconsistent states (must be 0)", "inconsistent", False),
     ("earlier data changed (must be 0)", "carried", False),
     ("LSN violations (must be 0)", "lsn", False),
+    ("not linearizable (must be 0)", "linearizability", False),
+    ("forked children not refused (must be 0)", "fork", False),
     ("errors, refusals (must be 0)", "errors", False),
 )
 _WORKLOAD_MODES = ("kill", "crashpoints", "powerloss", "ioerrors")
-# Checked only by a campaign that says so in `Outcome.figures` (the multi-node one).
-_SHARED_COUNTER_FIGURES = ("counters", "counter_mismatches")
+# Checked only by a campaign that says so in `Outcome.figures` (the multi-node and the
+# interleave ones), or by the modes named here.
+_OPT_IN_FIGURES: dict[str, tuple[str, ...]] = {
+    "counters": (), "counter_mismatches": (), "linearizability": (), "fork": ("kill",)}
 
 
 def _cell(value: object) -> str:
@@ -44,8 +48,8 @@ def _checks(outcome: Outcome, name: str, workload_only: bool) -> bool:
     standard set of its mode."""
     if outcome.figures is not None:
         return name in outcome.figures
-    if name in _SHARED_COUNTER_FIGURES:
-        return False
+    if name in _OPT_IN_FIGURES:
+        return outcome.mode in _OPT_IN_FIGURES[name]
     return not workload_only or outcome.mode in _WORKLOAD_MODES
 
 

@@ -68,6 +68,9 @@ class WorkerSpec(Protocol):
 
 
 def worker_command(config: WorkerSpec) -> list[str]:
+    """`python -m <module> <config>`. Run it in `scratch` (`cwd=`): `-m` puts the working
+    directory first on the import path, and a `wbcache` folder there (a checkout of another
+    version, or a cache directory so named) would be imported instead of the library."""
     return [sys.executable, "-m", config.module, config.to_json()]
 
 
@@ -89,7 +92,7 @@ def run_worker(config: WorkerSpec, scratch: str, *, kill_on: KillDecision | None
     started = time.monotonic()
     with open(stderr_path, "wb") as stderr:
         child = subprocess.Popen(worker_command(config), stdout=subprocess.PIPE, stderr=stderr,
-                                 env=worker_env(env))
+                                 env=worker_env(env), cwd=scratch)
     assert child.stdout is not None
     fd = child.stdout.fileno()
     buffer = EventBuffer()
@@ -131,7 +134,7 @@ def run_worker_to_file(config: WorkerConfig, scratch: str, *, env: dict[str, str
     started = time.monotonic()
     with open(stderr_path, "wb") as stderr:
         child = subprocess.Popen(worker_command(config), stdout=subprocess.DEVNULL,
-                                 stderr=stderr, env=worker_env(env))
+                                 stderr=stderr, env=worker_env(env), cwd=scratch)
     hung = False
     try:
         returncode = child.wait(timeout)

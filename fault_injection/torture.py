@@ -1,10 +1,11 @@
 """`run_torture`: run the chosen campaigns and gather one report (what `wbcache torture` does).
 
-One size, `cycles`, scales every campaign (SCALE): with 50 (the CI slice) a run is 50 random
-kills, one pass of every crash point and more, 500 power-loss states, every torn-tail offset of
-a sample log, 5,000 corruption cases, 1,000 fuzz cases and every I/O error of the scripted run;
-with 1,000 (a soak) it is 1,000 kills, 10,000 states and 100,000 corruption cases. With a
-shared database (`backend`) it is that many kills of the multi-node campaign (nodes.py).
+One size, `cycles`, scales every campaign (SCALE): with 50 a run is 50 random kills, 50
+cycles of writers sharing cold keys, one pass of every crash point and more, 500 power-loss
+states, every torn-tail offset of a sample log, 5,000 corruption cases, 1,000 fuzz cases and
+every I/O error of the scripted run; with 1,000 (a soak) it is 1,000 kills, 1,000 interleave
+cycles, 10,000 states and 100,000 corruption cases. With a shared database (`backend`) it is
+that many kills of the multi-node campaign (nodes.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from wbcache.fault_injection.campaign import Outcome, Settings
 from wbcache.fault_injection.corruption import run_corruption
 from wbcache.fault_injection.crashpoints import full_pass, run_crashpoints
 from wbcache.fault_injection.fuzz import run_fuzz
+from wbcache.fault_injection.interleave import run_interleave
 from wbcache.fault_injection.ioerrors import run_ioerrors
 from wbcache.fault_injection.kill import run_kills
 from wbcache.fault_injection.lazyfs import run_lazyfs
@@ -26,14 +28,16 @@ from wbcache.fault_injection.oracle import Tally
 from wbcache.fault_injection.powerloss import run_powerloss
 from wbcache.fault_injection.torn import run_torn
 
-MODES = ("kill", "crashpoints", "powerloss", "lazyfs", "torn", "corruption", "fuzz", "ioerrors")
-CRASH_MODES = ("kill", "crashpoints", "powerloss")
+MODES = ("kill", "interleave", "crashpoints", "powerloss", "lazyfs", "torn", "corruption",
+         "fuzz", "ioerrors")
+CRASH_MODES = ("kill", "interleave", "crashpoints", "powerloss")
 # With a shared database (`backend`), only kills apply: the other modes damage or rebuild the
 # local log and LMDB files, and a server's own durability is not this harness's to fake.
 BACKEND_MODES: tuple[str, ...] = ("kill",)
 
 CAMPAIGNS: dict[str, Callable[[Settings], Outcome]] = {
     "kill": run_kills,
+    "interleave": run_interleave,
     "crashpoints": run_crashpoints,
     "powerloss": run_powerloss,
     "lazyfs": run_lazyfs,  # a power cut on LazyFS (needs it: $WBCACHE_LAZYFS)
@@ -59,7 +63,7 @@ def scaled(mode: str, cycles: int) -> int:
         return 100 * cycles
     if mode == "fuzz":
         return 20 * cycles
-    return cycles  # kill: kills; ioerrors: ceil(cycles / 50) sweeps of every N
+    return cycles  # kill: kills; interleave: cycles; ioerrors: ceil(cycles / 50) sweeps
 
 
 @dataclass

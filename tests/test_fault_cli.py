@@ -26,6 +26,18 @@ def test_torture_prints_every_figure_of_the_table_and_passes(tmp_path: Path) -> 
     assert seed_row.split()[-1] == "9"
 
 
+def test_torture_interleave_prints_the_linearizability_and_fork_figures(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["torture", str(tmp_path / "work"), "--mode",
+                                       "interleave", "--cycles", "2", "--seed", "3",
+                                       "--threads", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    for row in ("counters checked", "not linearizable (must be 0)",
+                "forked children not refused (must be 0)", "acknowledged reads checked"):
+        assert row in result.output
+    assert "holes (must be 0)" not in result.output  # not a figure this workload can check
+    assert "verdict: PASS" in result.output
+
+
 def test_torture_exits_1_and_names_the_seed_when_a_write_is_lost(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def losing(settings: Settings) -> Outcome:

@@ -23,6 +23,17 @@ def test_50_random_kills_lose_no_acknowledged_write(tmp_path: Path) -> None:
     assert set(used) == set(TRIGGERS) and all(int(count) > 0 for count in used.values())
 
 
+def test_workers_import_the_library_whatever_folder_the_harness_runs_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `python -m` puts the working directory first on the import path: a `wbcache` folder
+    # there (a cache directory so named) once made every worker fail to import the library.
+    (tmp_path / "wbcache").mkdir()
+    monkeypatch.chdir(tmp_path)
+    outcome = run_kills(Settings(workdir="work", seed=SEED, cycles=2))
+    assert outcome.ok, "\n".join(outcome.tally.messages)
+    assert outcome.tally.acknowledged > 0
+
+
 @pytest.mark.soak
 def test_soak_1000_random_kills(tmp_path: Path) -> None:
     outcome = run_kills(Settings(workdir=str(tmp_path), seed=SEED, cycles=1_000))
