@@ -260,6 +260,7 @@ def test_an_inherited_async_cache_is_refused(cache_dir: Path) -> None:
             outcome = refusals(cache, {"put": lambda c: c.put("child", 1),
                                        "get": lambda c: c.get("k"),
                                        "underlying": lambda c: c.cache.put("child", 1)})
+            asyncio.run(cache.close())  # awaitable, and does nothing in the child
             return {"uses": outcome, "closed": cache.closed}
 
         report = in_child(child)

@@ -46,6 +46,7 @@ corruption.
 
 from __future__ import annotations
 
+import mmap
 import struct
 import zlib
 from dataclasses import dataclass
@@ -169,7 +170,8 @@ def encode_mark(synced_end: int) -> bytes:
     return FRAME.pack(MARK_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
-def decode_mark(data: bytes | memoryview, at: int, size: int) -> tuple[int, int] | None:
+def decode_mark(data: bytes | memoryview | mmap.mmap, at: int, size: int
+                ) -> tuple[int, int] | None:
     """(synced_end, end offset) of an intact mark at `at`, or None."""
     if size - at < FRAME_SIZE:
         return None

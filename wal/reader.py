@@ -60,7 +60,7 @@ _EMPTY = b""
 # Pages of a segment read past are released from the process every so many bytes: they stay in
 # the page cache, but a 64 MiB segment read whole no longer counts 64 MiB in the reader's RSS.
 _RELEASE_EVERY = 8 * 1024 * 1024
-_RELEASE = getattr(mmap, "MADV_DONTNEED", None)
+_RELEASE: int | None = getattr(mmap, "MADV_DONTNEED", None)
 _BATCH = 1024  # records handed over at once (whole frames)
 _FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
                stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket",
@@ -235,7 +235,7 @@ def _walk(result: SegmentEnd, data: Data, header: SegmentHeader, is_last: bool,
     claimed: tuple[int, int] | None = None
     corrupt = False  # the reason is corruption whatever follows (a complete, wrong frame)
     while pos < size:
-        if release is not None and pos - released >= _RELEASE_EVERY:
+        if release is not None and _RELEASE is not None and pos - released >= _RELEASE_EVERY:
             upto = pos - pos % mmap.PAGESIZE
             release(_RELEASE, released, upto - released)
             released = upto

@@ -292,6 +292,9 @@ class AsyncCache:
 class _ForkedAsyncCache(AsyncCache, forking.Disowned):
     """An `AsyncCache` inherited through fork(): every use raises `ForkedCacheError`."""
 
+    async def close(self) -> None:  # type: ignore[override]  # AsyncCache's, awaitable
+        """In a child: nothing to do (awaitable, as `AsyncCache.close` is)."""
+
 
 class AsyncBatch(BatchOperations):
     """Operations collected by `AsyncCache.batch()`, written as one record on exit."""

@@ -101,6 +101,8 @@ class Disowned:
     def __getattribute__(self, name: str) -> Any:
         own = _OWN.get(name)
         if own is not None:
+            # the disowned class may define its own (AsyncCache's close is a coroutine)
+            own = type(self).__dict__.get(name, own)
             return own.__get__(self, type(self))
         if name in _STATE:
             return object.__getattribute__(self, name)

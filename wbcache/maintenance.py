@@ -213,12 +213,12 @@ def _read(found: FoundDirectory, url: str | None, target: _Target, salvage: bool
     try:
         check_checkpoint(found, target.layout.wal, reader.checkpoint())
         on_records = phases.for_log()
+        plan: SalvagePlan | RecoveryReport
         if salvage:
             plan = plan_salvage(reader, target.layout.wal, progress=on_records)
-            records = plan.records
         else:
             plan = replay_into(reader, target.layout.wal, dry_run=True, progress=on_records)
-            records = plan.records
+        records = plan.records
     finally:
         reader.close()
     target.plan = plan
@@ -274,7 +274,7 @@ def _outcome(found: FoundDirectory, targets: list[_Target], *, dry_run: bool,
         if dry_run and isinstance(plan, SalvagePlan):
             target.done = plan.report(dry_run=True)
             target.set_aside = plan.salvage_report() if plan.damaged else None
-        elif dry_run:
+        elif dry_run and isinstance(plan, RecoveryReport):
             target.done = plan
         if target.done is None and not target.in_use:  # no log, nothing done
             target.done = _nothing(dry_run)

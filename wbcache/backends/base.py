@@ -20,18 +20,24 @@ Key = str | bytes
 
 @runtime_checkable
 class Backend(Protocol):
-    # What kind of database this is ("lmdb", "postgresql"): the cache records it in
-    # DIR/backend and refuses to open the directory with another kind.
-    kind: str
+    # Read-only: a class attribute satisfies each of these as well as a property does.
 
-    # Whether `apply` takes `increments` (deltas added to what the database holds, for a
-    # database shared by many caches). Without it, increments arrive as puts of the result.
-    applies_increments: bool
+    @property
+    def kind(self) -> str:
+        """What kind of database this is ("lmdb", "postgresql"): the cache records it in
+        DIR/backend and refuses to open the directory with another kind."""
 
-    # How long a clean entry may be served from memory before it is read again (s), when the
-    # options do not say: None (forever) for a database only this cache writes, a short time
-    # for one shared by many caches.
-    default_read_ttl: float | None
+    @property
+    def applies_increments(self) -> bool:
+        """Whether `apply` takes `increments` (deltas added to what the database holds, for a
+        database shared by many caches). Without it, increments arrive as puts of the
+        result."""
+
+    @property
+    def default_read_ttl(self) -> float | None:
+        """How long a clean entry may be served from memory before it is read again (s), when
+        the options do not say: None (forever) for a database only this cache writes, a
+        short time for one shared by many caches."""
 
     @property
     def max_key_size(self) -> int:

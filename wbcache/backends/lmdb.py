@@ -247,7 +247,7 @@ class LmdbBackend:
     kind = "lmdb"  # recorded in DIR/backend
     # One owner: the cache's own result of an increment is the value to store.
     applies_increments = False
-    default_read_ttl = None  # only its own cache writes it: clean entries never go stale
+    default_read_ttl: float | None = None  # only its own cache writes it: never stale
 
     def __init__(self, path: str, *, map_size: int = 1 << 30, readonly: bool = False,
                  lock: bool = True) -> None:
