@@ -169,16 +169,21 @@ def test_cold_get_racing_a_flush_and_an_eviction_keeps_nothing_stale(
     cache.close()
 
 
+@pytest.mark.parametrize("rounds, options", [(12, {}), (4, {"capacity": 8}),
+                                             (4, {"read_ttl": 0.0005})],
+                         ids=["cold-at-open", "evicted", "expiring"])
 def test_cold_counters_from_many_threads_with_flushes_are_exact(
-        backend: ControlledBackend, tmp_path: Path) -> None:
+        backend: ControlledBackend, tmp_path: Path, rounds: int,
+        options: dict[str, Any]) -> None:
     """The issue's reproduction: slow database reads, 8 threads counting 40 cold keys while
-    another flushes, the cache reopened so that keys start cold each round. Every increment is
-    +1, so a linearizable counter returns each of 1..n exactly once."""
+    another flushes, the cache reopened so that keys start cold each round; also with keys
+    evicted, or expiring, all the time, so that reads keep racing flushes after the first.
+    Every increment is +1, so a linearizable counter returns each of 1..n exactly once."""
     backend.read_delay = 0.002
     keys = [f"counter:{i}" for i in range(40)]
     returned: dict[str, list[int]] = {key: [] for key in keys}
-    for _ in range(12):
-        cache = cold(tmp_path / "c", backend)
+    for _ in range(rounds):
+        cache = cold(tmp_path / "c", backend, **options)
         stop = threading.Event()
 
         def count(worker: int, cache: wbcache.Cache = cache) -> None:
