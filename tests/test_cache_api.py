@@ -1,4 +1,5 @@
-"""The public API of `Cache`, call by call, with its errors."""
+"""The public API of `Cache`, call by call, with its errors. One file (over 600 lines) so that
+a method without a test shows; the mapping methods are in test_mapping.py."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ FIFOs, devices or hard links where wbcache will open `LOCK`, `cache_id`, `backen
 case is refused with an `InvalidDirectoryError` that names the path, what is wrong and how to
 fix it, and the file the plant points at keeps its bytes and its mtime.
 
-The tests run as root; another user is uid 65534 (`nobody`), made with `os.chown`.
+The tests run as root; another user is uid 65534 (`nobody`), made with `os.chown`. One file
+for every plant, so that the list of places wbcache opens is read in one place.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 In the manner of LevelDB's log_test.cc: segments are built with the real writer or by hand
 with `wbcache.wal.format`, bytes are damaged with tiny helpers, and each test asserts exactly
 which records survived and how many bytes were dropped, or exactly where corruption was found.
+One file for the one walker's damage rule (about 800 lines): each case sits beside its
+neighbours, so a gap in the rule shows.
 """
 
 from __future__ import annotations

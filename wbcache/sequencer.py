@@ -28,6 +28,10 @@ and runs the write again.
 conditions are conditions of `lock` itself; its leader releases `lock` while it writes and
 fsyncs. Nothing here takes another lock while holding `lock`: not the backend's (it is never
 called), not the flusher's.
+
+Longer than the usual ~400 lines on purpose: everything `lock` guards is in this one file, so
+the invariants above can be checked by reading one file (the plans each write runs are in
+`writes.py`, memory in `memory.py`).
 """
 
 from __future__ import annotations
