@@ -99,15 +99,31 @@ def run_threads(ops: Sequence[Op], seconds: float, warmup: float, *, per_call: i
     meter = UsageMeter()
     _sleep_unless_stopped(running, started + warmup)
     meter.start()
-    _sleep_unless_stopped(running, started + warmup + seconds)
+    window_end = started + warmup + seconds
+    _sleep_unless_stopped(running, window_end)
+    # A call slower than the whole window (a far link in a --smoke run on a loaded machine):
+    # widen the window until a call has ended in it, rather than measuring nothing.
+    while running.is_set() and not _ended_in(ends, started + warmup, window_end):
+        time.sleep(0.01)
+        window_end = time.perf_counter()
     meter.stop()
     running.clear()
     for thread in threads:
         thread.join()
     if errors:
         raise errors[0]
-    return _window_sample(ends, latencies, started + warmup, started + warmup + seconds, per_call,
-                          meter)
+    return _window_sample(ends, latencies, started + warmup, window_end, per_call, meter)
+
+
+def _ended_in(ends: list[list[float]], start: float, stop: float) -> bool:
+    """Whether any call ended in [start, stop) (each list is in time order)."""
+    for worker_ends in ends:
+        for end in reversed(worker_ends):
+            if end < start:
+                break
+            if end < stop:
+                return True
+    return False
 
 
 def _sleep_unless_stopped(running: threading.Event, deadline: float) -> None:
