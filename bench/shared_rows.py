@@ -1,0 +1,343 @@
+"""Shared directories (`wbcache.open(path, shared=True)`): many processes, one LMDB database, a
+lane (a log of its own) per process. Every trial makes a fresh shared directory and starts its
+worker processes (`bench/shared_worker.py`, the benchmark's own interpreter) on it; a worker
+opens the directory (untimed), says it is ready, and does nothing timed until the benchmark,
+having heard every worker's "ready", tells them all to start (one line on each one's stdin).
+
+  shared_p{P}_t{T}   P processes x T threads put small values to keys no other put uses,
+                     default options (fsync="always": durable acks): aggregate acks/s over a
+                     fixed window, the same absolute window (time.monotonic, one clock for
+                     the machine) in every process, each process counting the puts that ended
+                     in it; latency percentiles over every process's puts
+  shared_p1_t{B}     the baseline: 1 process x B threads (B = P x T at the largest P) on the
+                     same kind of directory, started the same way. Separate processes escape
+                     one GIL; how much they gain is the ratio
+  shared_flush_l{L}  L processes each hold `shared_flush_entries` dirty entries (flusher held
+                     back), then all call flush() at once: entries written into the database
+                     per second of wall time, from the first flush's start to the last one's
+                     end. LMDB has one writer at a time, so the lanes' transactions queue; what
+                     runs side by side is each lane's own Python work around them
+  shared_get         get() in one process of keys another process wrote and flushed, with the
+                     shared default read_ttl (a clean entry is read from the database again once
+                     it is older than read_ttl); shared_get_db: read_ttl of 1 µs, so every get
+                     reads LMDB (the cross-process read itself)
+  shared_staleness   one process puts a new value to a key; another, already holding the key,
+                     polls get() every `POLL_SECONDS` until it sees the value: the time from the
+                     writer's acknowledgement to the end of that first get, over
+                     `shared_staleness_samples` writes, both with the default options (flush
+                     every `staleness_flush_interval` s). The row's value is the WORST sample
+                     (a bound is about the worst case), so it runs as one trial of many
+                     samples, compared with the documented bound flush_interval + read_ttl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import wbcache
+from bench.config import BenchConfig
+from bench.harness import percentile
+from bench.measurement import Measurement, Sample, Usage
+from bench.shared_worker import key_for
+from bench.workload import Scratch
+
+SECTION = "shared"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+POLL_SECONDS = 0.001
+"""How often the staleness row's reader polls: a measured staleness is at most this late."""
+
+OPEN_TIMEOUT = 120.0  # seconds a worker may take to open the directory and fill its entries
+REPORT_TIMEOUT = 120.0  # seconds past its timed work a worker may take to answer
+
+# Options that hold a flush back until flush() is called (and no sweep runs meanwhile).
+_HOLD = {"flush_interval": 3600, "fsync": "interval", "adopt_interval": 3600}
+
+
+def measurements(config: BenchConfig, scratch: Scratch,
+                 sections: tuple[str, ...]) -> list[Measurement]:
+    if SECTION not in sections:
+        return []
+    threads, most = config.shared_threads, max(config.shared_processes)
+    base_threads = most * threads
+    base = f"shared_p1_t{base_threads}"
+    rows = [Measurement(base, SECTION,
+                        f"put, 1 process x {base_threads} threads, one shared directory",
+                        _acks(config, scratch, 1, base_threads), baseline=base)]
+    rows += [Measurement(f"shared_p{p}_t{threads}", SECTION,
+                         f"put, {p} process{'es' * (p > 1)} x {threads} threads, "
+                         "one shared directory",
+                         _acks(config, scratch, p, threads), baseline=base,
+                         series=f"wbcache shared directory (processes x {threads} threads)",
+                         concurrency=p * threads)
+             for p in config.shared_processes]
+    entries, lanes = config.shared_flush_entries, config.shared_flush_lanes
+    rows += [Measurement(f"shared_flush_l{n}", SECTION,
+                         f"flush into the shared LMDB, {n} lane{'s' * (n > 1)} at once, "
+                         f"{entries:,} dirty entries each",
+                         _flush(config, scratch, n), unit="entries/s",
+                         baseline="shared_flush_l1", big=True)
+             for n in sorted({1, lanes})]
+    keys = config.shared_read_keys
+    rows += [
+        Measurement("shared_get", SECTION,
+                    f"get of {keys:,} keys another process wrote and flushed, shared default "
+                    "read_ttl", _get(config, scratch, None), baseline="get_dict"),
+        Measurement("shared_get_db", SECTION,
+                    f"get of {keys:,} keys another process wrote and flushed, read_ttl 1 µs "
+                    "(every get reads LMDB)", _get(config, scratch, 1e-6),
+                    baseline="get_dict"),
+        Measurement("shared_staleness", SECTION,
+                    f"staleness: writer's ack to another process's first get that sees it, "
+                    f"worst of {config.shared_staleness_samples}",
+                    _staleness(config, scratch), unit="s", better="lower", once=True),
+    ]
+    return rows
+
+
+class Worker:
+    """One `bench.shared_worker` process: JSON lines to its stdin, from its stdout; its
+    stderr goes to a file, quoted when it fails."""
+
+    def __init__(self, role: str, directory: Path, index: int, args: list[str],
+                 stderr_path: Path) -> None:
+        self.name = f"{role} worker {index}"
+        self._stderr_path = stderr_path
+        with open(stderr_path, "wb") as stderr:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "bench.shared_worker", role, str(directory), str(index),
+                 *args], cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=stderr, bufsize=0)
+        self._buffer = b""
+
+    def send(self, message: dict[str, Any]) -> None:
+        stdin: BinaryIO | None = self._process.stdin  # type: ignore[assignment]
+        assert stdin is not None
+        try:
+            stdin.write(json.dumps(message).encode() + b"\n")
+        except BrokenPipeError:
+            raise RuntimeError(f"{self.name} exited: {self._stderr_tail()}") from None
+
+    def receive(self, timeout: float) -> dict[str, Any]:
+        """The worker's next message; RuntimeError if it exits or says nothing in time."""
+        assert self._process.stdout is not None
+        fd = self._process.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"{self.name} said nothing for {timeout:g} s")
+            if select.select([fd], [], [], left)[0]:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    self._process.wait(timeout=10)
+                    raise RuntimeError(f"{self.name} exited ({self._process.returncode}): "
+                                       f"{self._stderr_tail()}")
+                self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def expect(self, field: str, timeout: float) -> dict[str, Any]:
+        message = self.receive(timeout)
+        if field not in message:
+            raise RuntimeError(f"{self.name} said {message!r}, not {field!r}")
+        return message
+
+    def stats(self) -> dict[str, Any]:
+        self.send({"stats": True})
+        stats: dict[str, Any] = self.expect("stats", REPORT_TIMEOUT)["stats"]
+        return stats
+
+    def finish(self) -> None:
+        """End of input: the worker closes its cache (flushing what is dirty) and exits."""
+        assert self._process.stdin is not None
+        self._process.stdin.close()
+        if self._process.wait(timeout=REPORT_TIMEOUT) != 0:
+            raise RuntimeError(f"{self.name} exited {self._process.returncode}: "
+                               f"{self._stderr_tail()}")
+
+    def kill(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+
+    def _stderr_tail(self) -> str:
+        try:
+            return self._stderr_path.read_text(errors="replace").strip()[-400:]
+        except OSError:
+            return "(no stderr)"
+
+
+class SharedDirectory:
+    """A fresh shared directory at `path`/c, made by this process (not by racing first opens),
+    and the workers started on it."""
+
+    def __init__(self, path: Path) -> None:
+        self.root = path / "c"
+        self._path = path
+        cache = wbcache.open(self.root, shared=True)
+        try:
+            read_ttl = cache.read_ttl
+        finally:
+            cache.close()
+        if read_ttl is None:
+            raise RuntimeError("a shared directory's cache has no read_ttl: other processes' "
+                               "writes would never become visible")
+        self.read_ttl: float = read_ttl
+        """The read_ttl its caches get by default."""
+        self.workers: list[Worker] = []
+
+    def start(self, role: str, index: int, *args: object, **options: object) -> Worker:
+        worker = Worker(role, self.root, index,
+                        [*map(str, args), *(f"{k}={v}" for k, v in options.items())],
+                        self._path / f"{role}-{index}.stderr")
+        self.workers.append(worker)
+        return worker
+
+
+@contextmanager
+def shared_directory(scratch: Scratch, name: str) -> Iterator[SharedDirectory]:
+    """A `SharedDirectory` for one trial; every worker is waited for on the way out (killed,
+    if the trial failed), then the directory is deleted."""
+    with scratch.directory(name) as path:
+        directory = SharedDirectory(path)
+        try:
+            yield directory
+        except BaseException:
+            for worker in directory.workers:
+                worker.kill()
+            raise
+        for worker in directory.workers:
+            worker.finish()
+
+
+def _acks(config: BenchConfig, scratch: Scratch, processes: int,
+          threads: int) -> Callable[[], Sample]:
+    warmup, seconds = config.warmup_seconds, config.trial_seconds
+
+    def trial() -> Sample:
+        with shared_directory(scratch, f"shared-p{processes}-t{threads}") as shared:
+            group = [shared.start("acks", i, threads) for i in range(processes)]
+            for worker in group:
+                worker.expect("ready", OPEN_TIMEOUT)
+            began = time.monotonic()
+            for worker in group:
+                worker.send({"start": began, "warmup": warmup, "seconds": seconds})
+            reports = [worker.expect("count", warmup + seconds + REPORT_TIMEOUT)
+                       for worker in group]
+            stats = [worker.stats() for worker in group]
+        count = sum(report["count"] for report in reports)
+        if not count:
+            raise RuntimeError(f"no put ended within the {seconds:g} s window")
+        latencies = sorted(lat for report in reports for lat in report["latencies"])
+        fsyncs = sum(s["fsyncs"] for s in stats)
+        usage = Usage(sum(r["cpu"] for r in reports), sum(r["voluntary"] for r in reports), 0,
+                      count)
+        each = ", ".join(f"{report['count'] / seconds:,.0f}" for report in reports)
+        note = (f"{sum(s['writes'] for s in stats) / max(fsyncs, 1):.1f} writes per fsync; "
+                f"{usage.per_op()} (all processes)")
+        if processes > 1:
+            note = f"acks/s per process {each}; {note}"
+        return Sample(count / seconds, percentile(latencies, 0.50), percentile(latencies, 0.99),
+                      percentile(latencies, 0.999), note=note, usage=usage)
+    return trial
+
+
+def _flush(config: BenchConfig, scratch: Scratch, lanes: int) -> Callable[[], Sample]:
+    entries = config.shared_flush_entries
+    hold = {**_HOLD, "flush_threshold": entries + 1, "max_dirty": entries + 1,
+            "capacity": max(entries, 1_000_000)}
+
+    def trial() -> Sample:
+        with shared_directory(scratch, f"shared-flush-{lanes}") as shared:
+            group = [shared.start("flush", i, entries, **hold) for i in range(lanes)]
+            for worker in group:
+                worker.expect("ready", OPEN_TIMEOUT)
+            for worker in group:
+                worker.send({"go": True})
+            reports = [worker.expect("end", REPORT_TIMEOUT) for worker in group]
+            flushed = sum(worker.stats()["flushed_entries"] for worker in group)
+        if flushed != lanes * entries:
+            raise RuntimeError(f"{flushed:,} entries flushed, not {lanes * entries:,}")
+        first = min(report["start"] for report in reports)
+        wall = max(report["end"] for report in reports) - first
+        each = ", ".join(f"{report['end'] - report['start']:.3f}" for report in reports)
+        spread = max(report["start"] for report in reports) - first
+        note = f"{wall:.3f} s from the first flush's start to the last one's end"
+        if lanes > 1:
+            note += f"; each lane's flush() took {each} s; starts spread over {spread * 1e3:.1f} ms"
+        return Sample(flushed / wall, note=note)
+    return trial
+
+
+def _get(config: BenchConfig, scratch: Scratch, read_ttl: float | None) -> Callable[[], Sample]:
+    count = config.shared_read_keys
+    keys = [key_for(0, 0, seq) for seq in range(count)]
+    reader_options = {} if read_ttl is None else {"read_ttl": read_ttl}
+
+    def trial() -> Sample:
+        with shared_directory(scratch, "shared-get") as shared:
+            writer = shared.start("flush", 0, count, **_HOLD)
+            writer.expect("ready", OPEN_TIMEOUT)
+            writer.send({"go": True})
+            writer.expect("end", REPORT_TIMEOUT)  # every key is in the database now
+            reader = shared.start("read", 1, **reader_options)
+            reader.send({"loop": keys, "warmup": config.warmup_seconds,
+                         "seconds": config.trial_seconds})
+            report = reader.expect("count", OPEN_TIMEOUT + config.trial_seconds)
+            stats = reader.stats()
+        latencies = sorted(report["latencies"])
+        if not latencies:
+            raise RuntimeError("no get ended within the window")
+        reads = stats["misses"] / max(stats["misses"] + stats["hits"], 1)
+        return Sample(report["count"] / config.trial_seconds, percentile(latencies, 0.50),
+                      percentile(latencies, 0.99), percentile(latencies, 0.999),
+                      note=f"{reads * 100:.1f} % of gets read LMDB (warm-up included)")
+    return trial
+
+
+def _staleness(config: BenchConfig, scratch: Scratch) -> Callable[[], Sample]:
+    samples, interval = config.shared_staleness_samples, config.staleness_flush_interval
+
+    def trial() -> Sample:
+        with shared_directory(scratch, "shared-staleness") as shared:
+            writer = shared.start("write", 0, flush_interval=interval)
+            reader = shared.start("read", 1, flush_interval=interval)
+            read_ttl = shared.read_ttl
+            bound = interval + read_ttl
+            key = "staleness:register"
+            found: list[float] = []
+            get_latencies: list[float] = []
+            for value in range(1, samples + 1):
+                reader.send({"watch": key, "value": value, "poll": POLL_SECONDS,
+                             "timeout": 3 * bound + 10})
+                reader.expect("watching", OPEN_TIMEOUT)
+                writer.send({"put": key, "value": value})
+                acked = writer.expect("ack", REPORT_TIMEOUT)["ack"]
+                seen = reader.expect("seen", 3 * bound + REPORT_TIMEOUT)
+                if seen["seen"] is None:
+                    raise RuntimeError(f"the reader never saw value {value} "
+                                       f"({3 * bound + 10:g} s)")
+                found.append(seen["seen"] - acked)
+                get_latencies += seen["latencies"]
+        worst, lats = max(found), sorted(get_latencies)
+        return Sample(worst, extra={"of_bound": worst / bound},
+                      note=f"median {statistics.median(found):.3f} s, best {min(found):.3f} s "
+                           f"over {samples} writes; documented bound flush_interval "
+                           f"{interval:g} + read_ttl {read_ttl:g} = {bound:g} s "
+                           f"(worst = {worst / bound:.2f}× it); the reader's gets meanwhile: "
+                           f"p50 {lats[len(lats) // 2] * 1e6:.1f} µs, "
+                           f"p99 {percentile(lats, 0.99) * 1e6:.1f} µs")
+    return trial
+
