@@ -57,7 +57,7 @@ def collect(config: BenchConfig, workload: Workload, scratch: Scratch,
         rows += redis_peer.measurements(config, workload, scratch, resources)
     if "wbcache" in only:
         rows += wbcache_rows.measurements(config, workload, scratch)
-    rows += shared_rows.measurements(config, scratch, only)
+    rows += shared_rows.measurements(config, scratch, only, resources)
     if "postgres" in only:
         rows += postgres_rows.measurements(config, workload, scratch, resources)
     rows += recovery_rows.measurements(config, workload, scratch, only)

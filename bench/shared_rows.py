@@ -1,8 +1,10 @@
 """Shared directories (`wbcache.open(path, shared=True)`): many processes, one LMDB database, a
-lane (a log of its own) per process. Every trial makes a fresh shared directory and starts its
-worker processes (`bench/shared_worker.py`, the benchmark's own interpreter) on it; a worker
-opens the directory (untimed), says it is ready, and does nothing timed until the benchmark,
-having heard every worker's "ready", tells them all to start (one line on each one's stdin).
+lane (a log of its own) per process. The rows' work is done by worker processes
+(`bench/shared_worker.py`, the benchmark's own interpreter), started when the section's first
+trial needs them and reused by the next ones (a process costs more to start than a smoke run's
+whole trial), each trial on a fresh shared directory. A worker opens the directory (untimed),
+says it is ready, and does nothing timed until the benchmark, having heard every worker's
+"ready", tells them all to start (one line on each one's stdin).
 
   shared_p{P}_t{T}   P processes x T threads put small values to keys no other put uses,
                      default options (fsync="always": durable acks): aggregate acks/s over a
@@ -17,9 +19,10 @@ having heard every worker's "ready", tells them all to start (one line on each o
                      per second of wall time, from the first flush's start to the last one's
                      end. LMDB has one writer at a time, so the lanes' transactions queue; what
                      runs side by side is each lane's own Python work around them
-  shared_get         get() in one process of keys another process wrote and flushed, with the
-                     shared default read_ttl (a clean entry is read from the database again once
-                     it is older than read_ttl); shared_get_db: read_ttl of 1 µs, so every get
+  shared_get         get() in one process of keys another process wrote, flushed and closed
+                     (that directory is made once per run), with the shared default read_ttl
+                     (a clean entry is read from the database again once it is older than
+                     read_ttl); shared_get_db: read_ttl of 1 µs, so every get
                      reads LMDB (the cross-process read itself)
   shared_staleness   one process puts a new value to a key; another, already holding the key,
                      polls get() every `POLL_SECONDS` until it sees the value: the time from the
@@ -32,6 +35,7 @@ having heard every worker's "ready", tells them all to start (one line on each o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -64,43 +68,47 @@ REPORT_TIMEOUT = 120.0  # seconds past its timed work a worker may take to answe
 _HOLD = {"flush_interval": 3600, "fsync": "interval", "adopt_interval": 3600}
 
 
-def measurements(config: BenchConfig, scratch: Scratch,
-                 sections: tuple[str, ...]) -> list[Measurement]:
+def measurements(config: BenchConfig, scratch: Scratch, sections: tuple[str, ...],
+                 resources: contextlib.ExitStack) -> list[Measurement]:
     if SECTION not in sections:
         return []
+    pool = WorkerPool(scratch.root)
+    resources.callback(pool.stop)
     threads, most = config.shared_threads, max(config.shared_processes)
     base_threads = most * threads
     base = f"shared_p1_t{base_threads}"
     rows = [Measurement(base, SECTION,
                         f"put, 1 process x {base_threads} threads, one shared directory",
-                        _acks(config, scratch, 1, base_threads), baseline=base)]
+                        _acks(config, scratch, pool, 1, base_threads), baseline=base)]
     rows += [Measurement(f"shared_p{p}_t{threads}", SECTION,
                          f"put, {p} process{'es' * (p > 1)} x {threads} threads, "
                          "one shared directory",
-                         _acks(config, scratch, p, threads), baseline=base,
+                         _acks(config, scratch, pool, p, threads), baseline=base,
                          series=f"wbcache shared directory (processes x {threads} threads)",
                          concurrency=p * threads)
              for p in config.shared_processes]
     entries, lanes = config.shared_flush_entries, config.shared_flush_lanes
     rows += [Measurement(f"shared_flush_l{n}", SECTION,
-                         f"flush into the shared LMDB, {n} lane{'s' * (n > 1)} at once, "
-                         f"{entries:,} dirty entries each",
-                         _flush(config, scratch, n), unit="entries/s",
+                         f"flush into the shared LMDB, {n} lanes at once, {entries:,} dirty "
+                         "entries each" if n > 1 else
+                         f"flush into the shared LMDB, 1 lane, {entries:,} dirty entries",
+                         _flush(config, scratch, pool, n), unit="entries/s",
                          baseline="shared_flush_l1", big=True)
              for n in sorted({1, lanes})]
     keys = config.shared_read_keys
+    written = WrittenKeys(scratch.root / "shared-written-keys", pool, keys)
     rows += [
         Measurement("shared_get", SECTION,
                     f"get of {keys:,} keys another process wrote and flushed, shared default "
-                    "read_ttl", _get(config, scratch, None), baseline="get_dict"),
+                    "read_ttl", _get(config, pool, written, None), baseline="get_dict"),
         Measurement("shared_get_db", SECTION,
                     f"get of {keys:,} keys another process wrote and flushed, read_ttl 1 µs "
-                    "(every get reads LMDB)", _get(config, scratch, 1e-6),
+                    "(every get reads LMDB)", _get(config, pool, written, 1e-6),
                     baseline="get_dict"),
         Measurement("shared_staleness", SECTION,
                     f"staleness: writer's ack to another process's first get that sees it, "
                     f"worst of {config.shared_staleness_samples}",
-                    _staleness(config, scratch), unit="s", better="lower", once=True),
+                    _staleness(config, scratch, pool), unit="s", better="lower", once=True),
     ]
     return rows
 
@@ -109,16 +117,18 @@ class Worker:
     """One `bench.shared_worker` process: JSON lines to its stdin, from its stdout; its
     stderr goes to a file, quoted when it fails."""
 
-    def __init__(self, role: str, directory: Path, index: int, args: list[str],
-                 stderr_path: Path) -> None:
-        self.name = f"{role} worker {index}"
+    def __init__(self, name: str, stderr_path: Path) -> None:
+        self.name = name
         self._stderr_path = stderr_path
         with open(stderr_path, "wb") as stderr:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "bench.shared_worker", role, str(directory), str(index),
-                 *args], cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=stderr, bufsize=0)
+                [sys.executable, "-m", "bench.shared_worker"], cwd=REPO_ROOT,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, bufsize=0)
         self._buffer = b""
+
+    @property
+    def alive(self) -> bool:
+        return self._process.poll() is None
 
     def send(self, message: dict[str, Any]) -> None:
         stdin: BinaryIO | None = self._process.stdin  # type: ignore[assignment]
@@ -159,13 +169,15 @@ class Worker:
         stats: dict[str, Any] = self.expect("stats", REPORT_TIMEOUT)["stats"]
         return stats
 
-    def finish(self) -> None:
-        """End of input: the worker closes its cache (flushing what is dirty) and exits."""
+    def stop(self) -> None:
+        """End of input: the worker closes its cache, if one is open, and exits (killed if it
+        has not within `REPORT_TIMEOUT`)."""
         assert self._process.stdin is not None
         self._process.stdin.close()
-        if self._process.wait(timeout=REPORT_TIMEOUT) != 0:
-            raise RuntimeError(f"{self.name} exited {self._process.returncode}: "
-                               f"{self._stderr_tail()}")
+        try:
+            self._process.wait(timeout=REPORT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
 
     def kill(self) -> None:
         if self._process.poll() is None:
@@ -179,56 +191,125 @@ class Worker:
             return "(no stderr)"
 
 
+class WorkerPool:
+    """The worker processes of the run, started when a trial first needs them and reused by
+    the next trials (a worker that died or was killed is replaced); stopped at the end."""
+
+    def __init__(self, stderr_dir: Path) -> None:
+        self._stderr_dir = stderr_dir
+        self._workers: list[Worker] = []
+        self._started = 0
+
+    def take(self, count: int) -> list[Worker]:
+        self._workers = [worker for worker in self._workers if worker.alive]
+        while len(self._workers) < count:
+            self._started += 1
+            self._workers.append(Worker(
+                f"shared worker {self._started}",
+                self._stderr_dir / f"shared-worker-{self._started}.stderr"))
+        return self._workers[:count]
+
+    def stop(self) -> None:
+        for worker in self._workers:
+            worker.stop()
+        self._workers = []
+
+
 class SharedDirectory:
-    """A fresh shared directory at `path`/c, made by this process (not by racing first opens),
-    and the workers started on it."""
+    """A shared directory and the pool's workers one trial uses on it."""
 
-    def __init__(self, path: Path) -> None:
-        self.root = path / "c"
-        self._path = path
-        cache = wbcache.open(self.root, shared=True)
-        try:
-            read_ttl = cache.read_ttl
-        finally:
-            cache.close()
-        if read_ttl is None:
-            raise RuntimeError("a shared directory's cache has no read_ttl: other processes' "
-                               "writes would never become visible")
-        self.read_ttl: float = read_ttl
-        """The read_ttl its caches get by default."""
-        self.workers: list[Worker] = []
+    def __init__(self, root: Path, workers: list[Worker]) -> None:
+        self.root = root
+        self.workers = workers
+        self._opened: list[Worker] = []
 
-    def start(self, role: str, index: int, *args: object, **options: object) -> Worker:
-        worker = Worker(role, self.root, index,
-                        [*map(str, args), *(f"{k}={v}" for k, v in options.items())],
-                        self._path / f"{role}-{index}.stderr")
-        self.workers.append(worker)
+    def open(self, index: int, job: str | None = None, *args: object,
+             **options: object) -> Worker:
+        """Worker `index` opens the directory (with `options`) and starts `job`; when it has
+        opened and set up, it says "ready" (not waited for here)."""
+        worker = self.workers[index]
+        worker.send({"open": str(self.root), "index": index, "options": options, "job": job,
+                     "args": list(args)})
+        self._opened.append(worker)
         return worker
+
+    def close(self) -> None:
+        """Every worker that opened the directory closes it (flushing what is dirty)."""
+        for worker in self._opened:
+            worker.send({"close": True})
+        for worker in self._opened:
+            worker.expect("closed", REPORT_TIMEOUT)
+        self._opened = []
 
 
 @contextmanager
-def shared_directory(scratch: Scratch, name: str) -> Iterator[SharedDirectory]:
-    """A `SharedDirectory` for one trial; every worker is waited for on the way out (killed,
-    if the trial failed), then the directory is deleted."""
-    with scratch.directory(name) as path:
-        directory = SharedDirectory(path)
-        try:
-            yield directory
-        except BaseException:
-            for worker in directory.workers:
-                worker.kill()
-            raise
-        for worker in directory.workers:
-            worker.finish()
+def working_on(root: Path, pool: WorkerPool, count: int) -> Iterator[SharedDirectory]:
+    """`count` workers of `pool` for one trial on the shared directory `root` (made here, by
+    this process, if it does not exist: not by racing first opens). On the way out the workers
+    close it, or, if the trial failed, are killed (the pool replaces them)."""
+    if not root.exists():
+        wbcache.open(root, shared=True).close()
+    shared = SharedDirectory(root, pool.take(count))
+    try:
+        yield shared
+    except BaseException:
+        for worker in shared.workers:
+            worker.kill()
+        raise
+    shared.close()
 
 
-def _acks(config: BenchConfig, scratch: Scratch, processes: int,
+@contextmanager
+def fresh_directory(scratch: Scratch, pool: WorkerPool, name: str,
+                    count: int) -> Iterator[SharedDirectory]:
+    """`working_on` a new shared directory, deleted after the trial."""
+    with scratch.directory(name) as path, working_on(path / "c", pool, count) as shared:
+        yield shared
+
+
+def default_read_ttl(root: Path) -> float:
+    """The read_ttl a cache of the shared directory `root` gets by default."""
+    cache = wbcache.open(root, shared=True)
+    try:
+        read_ttl = cache.read_ttl
+    finally:
+        cache.close()
+    if read_ttl is None:
+        raise RuntimeError("a shared directory's cache has no read_ttl: other processes' "
+                           "writes would never become visible")
+    return read_ttl
+
+
+class WrittenKeys:
+    """A shared directory whose database holds `count` keys a worker process wrote and
+    flushed, then closed: made at the first trial that needs it, kept for the run (the get
+    rows' readers each open it in turn)."""
+
+    def __init__(self, root: Path, pool: WorkerPool, count: int) -> None:
+        self.root = root
+        self.keys = [key_for(0, 0, seq) for seq in range(count)]
+        self._pool = pool
+        self._written = False
+
+    def ensure(self) -> None:
+        if self._written:
+            return
+        with working_on(self.root, self._pool, 1) as shared:
+            writer = shared.open(0, "flush", len(self.keys), **_HOLD)
+            writer.expect("ready", OPEN_TIMEOUT)
+            writer.send({"go": True})
+            writer.expect("end", REPORT_TIMEOUT)
+        self._written = True
+
+
+def _acks(config: BenchConfig, scratch: Scratch, pool: WorkerPool, processes: int,
           threads: int) -> Callable[[], Sample]:
     warmup, seconds = config.warmup_seconds, config.trial_seconds
 
     def trial() -> Sample:
-        with shared_directory(scratch, f"shared-p{processes}-t{threads}") as shared:
-            group = [shared.start("acks", i, threads) for i in range(processes)]
+        with fresh_directory(scratch, pool, f"shared-p{processes}-t{threads}",
+                             processes) as shared:
+            group = [shared.open(i, "acks", threads) for i in range(processes)]
             for worker in group:
                 worker.expect("ready", OPEN_TIMEOUT)
             began = time.monotonic()
@@ -254,14 +335,15 @@ def _acks(config: BenchConfig, scratch: Scratch, processes: int,
     return trial
 
 
-def _flush(config: BenchConfig, scratch: Scratch, lanes: int) -> Callable[[], Sample]:
+def _flush(config: BenchConfig, scratch: Scratch, pool: WorkerPool,
+           lanes: int) -> Callable[[], Sample]:
     entries = config.shared_flush_entries
     hold = {**_HOLD, "flush_threshold": entries + 1, "max_dirty": entries + 1,
             "capacity": max(entries, 1_000_000)}
 
     def trial() -> Sample:
-        with shared_directory(scratch, f"shared-flush-{lanes}") as shared:
-            group = [shared.start("flush", i, entries, **hold) for i in range(lanes)]
+        with fresh_directory(scratch, pool, f"shared-flush-{lanes}", lanes) as shared:
+            group = [shared.open(i, "flush", entries, **hold) for i in range(lanes)]
             for worker in group:
                 worker.expect("ready", OPEN_TIMEOUT)
             for worker in group:
@@ -281,21 +363,19 @@ def _flush(config: BenchConfig, scratch: Scratch, lanes: int) -> Callable[[], Sa
     return trial
 
 
-def _get(config: BenchConfig, scratch: Scratch, read_ttl: float | None) -> Callable[[], Sample]:
-    count = config.shared_read_keys
-    keys = [key_for(0, 0, seq) for seq in range(count)]
+def _get(config: BenchConfig, pool: WorkerPool, written: WrittenKeys,
+         read_ttl: float | None) -> Callable[[], Sample]:
     reader_options = {} if read_ttl is None else {"read_ttl": read_ttl}
 
     def trial() -> Sample:
-        with shared_directory(scratch, "shared-get") as shared:
-            writer = shared.start("flush", 0, count, **_HOLD)
-            writer.expect("ready", OPEN_TIMEOUT)
-            writer.send({"go": True})
-            writer.expect("end", REPORT_TIMEOUT)  # every key is in the database now
-            reader = shared.start("read", 1, **reader_options)
-            reader.send({"loop": keys, "warmup": config.warmup_seconds,
+        written.ensure()
+        with working_on(written.root, pool, 1) as shared:
+            reader = shared.open(0, None, **reader_options)
+            reader.expect("ready", OPEN_TIMEOUT)
+            reader.send({"loop": written.keys, "warmup": config.warmup_seconds,
                          "seconds": config.trial_seconds})
-            report = reader.expect("count", OPEN_TIMEOUT + config.trial_seconds)
+            report = reader.expect("count", config.warmup_seconds + config.trial_seconds
+                                   + REPORT_TIMEOUT)
             stats = reader.stats()
         latencies = sorted(report["latencies"])
         if not latencies:
@@ -307,14 +387,16 @@ def _get(config: BenchConfig, scratch: Scratch, read_ttl: float | None) -> Calla
     return trial
 
 
-def _staleness(config: BenchConfig, scratch: Scratch) -> Callable[[], Sample]:
+def _staleness(config: BenchConfig, scratch: Scratch, pool: WorkerPool) -> Callable[[], Sample]:
     samples, interval = config.shared_staleness_samples, config.staleness_flush_interval
 
     def trial() -> Sample:
-        with shared_directory(scratch, "shared-staleness") as shared:
-            writer = shared.start("write", 0, flush_interval=interval)
-            reader = shared.start("read", 1, flush_interval=interval)
-            read_ttl = shared.read_ttl
+        with fresh_directory(scratch, pool, "shared-staleness", 2) as shared:
+            read_ttl = default_read_ttl(shared.root)
+            writer = shared.open(0, None, flush_interval=interval)
+            reader = shared.open(1, None, flush_interval=interval)
+            for worker in (writer, reader):
+                worker.expect("ready", OPEN_TIMEOUT)
             bound = interval + read_ttl
             key = "staleness:register"
             found: list[float] = []

@@ -1,36 +1,36 @@
-"""One worker process of the shared-directory rows (bench/shared_rows.py), which starts it with
-the benchmark's own interpreter from the repository's root:
+"""A worker process of the shared-directory rows (bench/shared_rows.py), which starts a few
+of them with the benchmark's own interpreter from the repository's root, `python -m
+bench.shared_worker`, and gives each trial's work to as many as it needs.
 
-    python -m bench.shared_worker ROLE DIR WORKER [OPTION=VALUE...]
+A worker talks to the benchmark through its stdin and stdout, one JSON object per line:
 
-It opens DIR with `shared=True` (so it claims a lane of its own) and the options given, then
-talks to the benchmark through its stdin and stdout, one JSON object per line. The roles `acks`
-and `flush` first do their one timed job:
-
-  acks THREADS   THREADS threads put small values to keys no other put uses. Prints
-                 {"ready"}; on {"start", "warmup", "seconds"} (start: a time.monotonic()
-                 reading, one clock for every process of the machine) the threads run until
-                 the window [start + warmup, start + warmup + seconds) is over; prints how
-                 many puts ended in it, their latencies, and the process's CPU time and
-                 voluntary context switches over it.
-  flush ENTRIES  puts ENTRIES dirty entries (the options given hold the flusher back), prints
-                 {"ready"}; on {"go"} calls flush() and prints when it started and ended.
-
-Then every role (`write` and `read` have no job of their own) answers, until end of input:
-
-  {"put": key, "value": v}      put, then print the monotonic time the put returned
+  {"open": DIR, "index": i, "options": {...}, "job": JOB, "args": [...]}
+        opens DIR with `shared=True` (so it claims a lane of its own) and the options, does
+        JOB's setup if a job is named, and prints {"ready"}:
+    acks THREADS   THREADS threads that put small values to keys no other put uses. After
+                   {"ready"}, on {"start", "warmup", "seconds"} (start: a time.monotonic()
+                   reading, one clock for every process of the machine) the threads run until
+                   the window [start + warmup, start + warmup + seconds) is over; then it
+                   prints how many puts ended in the window, their latencies, and the process's
+                   CPU time and voluntary context switches over it.
+    flush ENTRIES  puts ENTRIES dirty entries (the options given hold the flusher back); after
+                   {"ready"}, on {"go"} calls flush() and prints when it started and ended.
+  {"put": key, "value": v}
+        put, then print the monotonic time the put returned
   {"watch": key, "value": v, "poll": s, "timeout": s}
-                                get(key) once, print {"watching"}, then get it every `poll`
-                                seconds until it returns `value` (or `timeout` passed); print
-                                when the first get that returned it ended, and every get's
-                                latency
+        get(key) once, print {"watching"}, then get it every `poll` seconds until it returns
+        `value` (or `timeout` passed); print when the first get that returned it ended, and
+        every get's latency
   {"loop": keys, "warmup": s, "seconds": s}
-                                get the keys in turn for warmup + seconds; print the gets that
-                                ended in the counting window and their latencies
-  {"stats": true}               print cache.stats()
+        get the keys in turn for warmup + seconds; print the gets that ended in the counting
+        window and their latencies
+  {"stats": true}     print cache.stats()
+  {"close": true}     close the cache (it flushes what is dirty), print {"closed"}
 
-The processes are synchronised by these messages only: a worker does nothing timed until told,
-and closes its cache at end of input.
+The processes are synchronised by these messages only: a worker does nothing timed until told.
+At end of input it closes its cache, if one is open, and exits. A worker is reused from trial
+to trial (starting a Python process costs more than a smoke run's whole trial), but every trial
+opens a fresh directory: nothing but the interpreter carries over.
 """
 
 from __future__ import annotations
@@ -66,27 +66,24 @@ def listen() -> dict[str, Any] | None:
     return json.loads(line) if line else None
 
 
-def option_value(text: str) -> Any:
-    """`fsync=interval` stays a str; numbers become ints or floats."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def main(argv: list[str]) -> None:
-    role, directory, worker = argv[0], argv[1], int(argv[2])
-    options = {name: option_value(value) for name, value in
-               (arg.split("=", 1) for arg in argv[3:] if "=" in arg)}
-    sizes = [int(arg) for arg in argv[3:] if "=" not in arg]
-    cache = wbcache.open(directory, shared=True, **options)
+def main() -> None:
+    cache: wbcache.Cache | None = None
     try:
-        if role in SETUPS:
-            SETUPS[role](cache, worker, *sizes)
         while (message := listen()) is not None:
-            if "put" in message:
+            if "open" in message:
+                cache = wbcache.open(message["open"], shared=True, **message["options"])
+                job = message.get("job")
+                if job is None:
+                    say({"ready": True})
+                else:
+                    JOBS[job](cache, message["index"], *message["args"])
+            elif cache is None:
+                raise ValueError(f"{message!r} before any open")
+            elif "close" in message:
+                cache.close()
+                cache = None
+                say({"closed": True})
+            elif "put" in message:
                 cache.put(message["put"], message["value"])
                 say({"ack": time.monotonic()})
             elif "watch" in message:
@@ -98,7 +95,8 @@ def main(argv: list[str]) -> None:
             else:
                 raise ValueError(f"unknown message {message!r}")
     finally:
-        cache.close()
+        if cache is not None:
+            cache.close()
 
 
 def acks(cache: wbcache.Cache, worker: int, threads: int) -> None:
@@ -213,8 +211,7 @@ def _sleep_until(deadline: float) -> None:
         time.sleep(min(left, 0.05))
 
 
-SETUPS: dict[str, Callable[..., None]] = {"acks": acks, "flush": flush}
-"""What a role does before it answers messages; `write` and `read` only answer them."""
+JOBS: dict[str, Callable[..., None]] = {"acks": acks, "flush": flush}
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
