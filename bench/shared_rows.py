@@ -338,7 +338,8 @@ def _acks(config: BenchConfig, scratch: Scratch, pool: WorkerPool, processes: in
                       count)
         each = ", ".join(f"{report['count'] / seconds:,.0f}" for report in reports)
         note = (f"{sum(s['writes'] for s in stats) / max(fsyncs, 1):.1f} writes per fsync; "
-                f"{usage.per_op()} (all processes)")
+                f"{usage.per_op()}, {usage.cpu_seconds / seconds:.2f} cores busy "
+                "(all processes)")
         if processes > 1:
             note = f"acks/s per process {each}; {note}"
         return Sample(count / seconds, percentile(latencies, 0.50), percentile(latencies, 0.99),
