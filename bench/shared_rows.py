@@ -89,10 +89,11 @@ def measurements(config: BenchConfig, scratch: Scratch, sections: tuple[str, ...
                          concurrency=p * threads)
              for p in config.shared_processes]
     half = base_threads // 2
-    rows.append(Measurement(
-        f"shared_p2_t{half}", SECTION,
-        f"put, 2 processes x {half} threads, one shared directory (as many threads as the "
-        "baseline)", _acks(config, scratch, pool, 2, half), baseline=base))
+    if half != threads or 2 not in config.shared_processes:
+        rows.append(Measurement(
+            f"shared_p2_t{half}", SECTION,
+            f"put, 2 processes x {half} threads, one shared directory (as many threads as "
+            "the baseline)", _acks(config, scratch, pool, 2, half), baseline=base))
     entries, lanes = config.shared_flush_entries, config.shared_flush_lanes
     rows += [Measurement(f"shared_flush_l{n}", SECTION,
                          f"flush into the shared LMDB, {n} lanes at once, {entries:,} dirty "
