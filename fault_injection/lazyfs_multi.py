@@ -1,0 +1,471 @@
+"""Power cuts for real under several processes at once: nodes over PostgreSQL, and one shared
+directory, on LazyFS; every shared counter exact after every cut.
+
+Two campaigns, one cycle shape (issue 11's last point):
+
+  * `run_lazyfs_nodes`: NODES node processes (node_worker.py), each with its own cache
+    directory under the LazyFS mount, count into the same counters of one fresh PostgreSQL
+    table (shared_table.py). PostgreSQL itself stays outside LazyFS: its durability is its
+    own, so the cut takes only what the nodes' logs had not fsync'd;
+  * `run_lazyfs_shared`: PROCESSES processes (shared_dir_worker.py) count into one shared
+    directory under the mount (a lane each, one LMDB database): the cut takes the lanes' logs
+    and the database's unsynced bytes alike.
+
+A cycle:
+  1. mount LazyFS; start every process at once (`run_group`), each reopening (recovering) its
+     directory or lane as the last cut left it, then counting from `threads` threads;
+  2. the power goes, on one trigger: a number of acknowledgements, a database commit (nodes),
+     the clock, or `recovery` (a first cut, then the processes are started again and cut a
+     second time, early: inside their open's replay, into PostgreSQL or the shared LMDB);
+     every process is SIGKILLed at once (by its pid) and LazyFS's cache cleared (after asking
+     it which files held unsynced bytes);
+  3. mount again (no page cache of before the cut survives) and open every node directory, or
+     the shared directory, in this process: recovery replays what the logs kept;
+  4. read every key (the PostgreSQL table through a reader directory outside LazyFS; the
+     shared directory through that open) and judge it with the multi-node ledger (ledger.py):
+     each thread's marker says exactly which of its writes survived; none it was told about
+     may be missing, and every counter must equal, exactly, the increments of those writes
+     (a write lost, or replayed twice into the database, shows there).
+The ledgers, the table and the directories go on to the next cycle, so each cycle's check
+covers every write of every earlier one.
+
+Every process writes with fsync="always" (the guarantee: acknowledged means durable, power
+cut included); flush interval, threshold and segment size vary per process and cycle, so cuts
+find flushes, replays and segment deletions in flight. `options` fixes them instead: a
+mutation test's way to acknowledge before the log's fsync (fsync="interval" with a huge
+interval) while the ledger still owes every acknowledgement.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import shutil
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import wbcache
+from wbcache.fault_injection.campaign import Outcome, Settings, keep_evidence
+from wbcache.fault_injection.journal import (
+    ACK,
+    DB_DONE,
+    ERROR,
+    MARKER,
+    READY,
+    START,
+    EventBuffer,
+)
+from wbcache.fault_injection.lazyfs_config import locate_lazyfs
+from wbcache.fault_injection.lazyfs_mount import LazyfsMount, Report
+from wbcache.fault_injection.ledger import ThreadLedger, check_final
+from wbcache.fault_injection.node_worker import NodeConfig
+from wbcache.fault_injection.oracle import Tally
+from wbcache.fault_injection.runner import WorkerSpec, worker_command, worker_env
+from wbcache.fault_injection.shared_dir_worker import SharedDirConfig
+from wbcache.fault_injection.shared_table import SharedTable, redact
+
+NODES = 4  # node processes, each with its own directory (run_lazyfs_nodes)
+PROCESSES = 4  # processes on the one shared directory (run_lazyfs_shared)
+NODE_TRIGGERS = ("acks", "commit", "clock", "recovery")
+SHARED_TRIGGERS = ("acks", "clock", "recovery")
+TRIGGER_WAIT = 10.0  # s after the start: a trigger not reached by then cuts anyway
+GROUP_TIMEOUT = 60.0  # s: a group still not cut by then has hung (the cut happens all the same)
+FIGURES = ("cycles", "operations", "acknowledged", "recovered", "inflight_kept", "counters",
+           "lost", "partial", "phantom", "counter_mismatches", "carried", "errors")
+SAFE_PATH = {"PYTHONSAFEPATH": "1"}  # see lazyfs.py: never import a checkout's wbcache
+ALWAYS_SHOWN = ("power cuts", "cuts that dropped unsynced log bytes")
+Decide = Callable[[int, list[Any]], bool]  # (process index, journal event) -> cut now?
+
+
+# ---------------------------------------------------------------------- several processes
+
+
+@dataclass
+class GroupRun:
+    """What a group of processes reported before the cut that ended them all."""
+
+    nodes: list[int]  # per process, its number in the keys (the ledger's "node")
+    events: list[list[list[Any]]]  # per process, its journal in order
+    returncodes: list[int]
+    stderr: list[str]
+    triggered: bool  # the decision fired (else the timer, or every process ended by itself)
+    hung: bool = False
+
+    def sigkilled(self, index: int) -> bool:
+        return self.returncodes[index] == -signal.SIGKILL
+
+
+def run_group(configs: Sequence[WorkerSpec], nodes: list[int], scratch: str, *,
+              decide: Decide | None,
+              kill_after: float | None, env: Mapping[str, str] | None = None) -> GroupRun:
+    """Start one worker per config at once; SIGKILL every one of them, together, when
+    `decide` first says so or after `kill_after` s; read each journal to its end. Only these
+    processes are ever signalled, by their pids, even when this function fails."""
+    os.makedirs(scratch, exist_ok=True)
+    children: list[subprocess.Popen[bytes]] = []
+    stderr_paths = [os.path.join(scratch, f"worker{index}.stderr")
+                    for index in range(len(configs))]
+    started = time.monotonic()
+    triggered = killed = hung = False
+    events: list[list[list[Any]]] = [[] for _ in configs]
+    try:
+        for config, path in zip(configs, stderr_paths, strict=True):
+            with open(path, "wb") as stderr:
+                children.append(subprocess.Popen(
+                    worker_command(config), stdout=subprocess.PIPE, stderr=stderr,
+                    env=worker_env({**SAFE_PATH, **(env or {})}), cwd=scratch))
+        buffers = {child.stdout.fileno(): (index, EventBuffer())  # type: ignore[union-attr]
+                   for index, child in enumerate(children)}
+        kill_at = None if kill_after is None else started + kill_after
+        while buffers:
+            now = time.monotonic()
+            if not killed and ((kill_at is not None and now >= kill_at)
+                               or now - started > GROUP_TIMEOUT):
+                hung = kill_at is None or now - started > GROUP_TIMEOUT
+                killed = _kill_all(children)
+            wait = GROUP_TIMEOUT - (now - started)
+            if not killed and kill_at is not None:
+                wait = min(wait, kill_at - now)
+            ready, _, _ = select.select(list(buffers), [], [], max(wait, 0.0))
+            for fd in ready:
+                chunk = os.read(fd, 1 << 16)
+                index, buffer = buffers[fd]
+                if not chunk:
+                    del buffers[fd]
+                    continue
+                for event in buffer.feed(chunk):
+                    events[index].append(event)
+                    if not killed and decide is not None and decide(index, event):
+                        triggered = killed = _kill_all(children)
+    finally:
+        _kill_all(children)  # a no-op for those already gone
+        for child in children:
+            if child.stdout is not None:
+                child.stdout.close()
+            child.wait()
+    stderr_texts = []
+    for path in stderr_paths:
+        with open(path, encoding="utf-8", errors="replace") as stderr_file:
+            stderr_texts.append(stderr_file.read())
+    return GroupRun(nodes, events, [child.returncode for child in children], stderr_texts,
+                    triggered, hung)
+
+
+def _kill_all(children: Sequence[subprocess.Popen[bytes]]) -> bool:
+    """SIGKILL every child still running, one right after the other (the power cut)."""
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGKILL)
+    return True
+
+
+def after_total(tag: str, n: int) -> Decide:
+    """Cut at the `n`th event tagged `tag`, counted over every process of the group."""
+    seen = 0
+
+    def decide(_index: int, event: list[Any]) -> bool:
+        nonlocal seen
+        seen += event[0] == tag
+        return seen >= n
+
+    return decide
+
+
+# ---------------------------------------------------------------------- the campaigns
+
+
+def run_lazyfs_nodes(settings: Settings, *, options: Mapping[str, Any] | None = None
+                     ) -> Outcome:
+    """`settings.cycles` power cuts under NODES node directories on LazyFS, over a fresh table
+    of `settings.backend` (a postgresql:// URL; else $WBCACHE_TEST_PG_DSN), dropped after.
+    `options`: every process's cache options, instead of the varied ones. Raises
+    `LazyfsUnavailable` if LazyFS cannot run here."""
+    url = settings.backend or os.environ.get("WBCACHE_TEST_PG_DSN")
+    if not url:
+        raise ValueError("the LazyFS nodes campaign needs a database URL (Settings.backend "
+                         "or WBCACHE_TEST_PG_DSN)")
+    binary = locate_lazyfs(None)
+    with SharedTable(url) as table:
+        campaign = _NodesCampaign(settings, binary, table, options)
+        campaign.execute()
+    campaign.outcome.rows["shared table (dropped)"] = table.name
+    return campaign.outcome
+
+
+def run_lazyfs_shared(settings: Settings, *, options: Mapping[str, Any] | None = None
+                      ) -> Outcome:
+    """`settings.cycles` power cuts under PROCESSES processes sharing one directory on LazyFS.
+    `options`: every process's cache options, instead of the varied ones. Raises
+    `LazyfsUnavailable` if LazyFS cannot run here."""
+    campaign = _SharedCampaign(settings, locate_lazyfs(None), options)
+    campaign.execute()
+    return campaign.outcome
+
+
+class _MultiCampaign:
+    """The cycle both campaigns share (module docstring); subclasses say what the processes
+    are and how the cut directories are recovered and read."""
+
+    mode = ""
+    triggers: tuple[str, ...] = ()
+    processes = 0
+    journals_commits = False  # the processes journal their database commits (DB_DONE)
+
+    def __init__(self, settings: Settings, binary: str,
+                 options: Mapping[str, Any] | None) -> None:
+        self.settings = settings
+        self.fixed_options = None if options is None else dict(options)
+        self.fs = LazyfsMount(binary, settings.path(self.mode, "fs", ""))
+        self.scratch = settings.path(self.mode, "scratch", "")
+        self.rng = random.Random(f"wbcache-torture/{self.mode}/{settings.seed}")
+        self.outcome = Outcome(self.mode, figures=FIGURES)
+        self.rows: Counter[str] = Counter()
+        self.peak_usage = 0.0
+        self.ledgers: dict[tuple[int, int], ThreadLedger] = {}  # (node, thread): its ledger
+        self.runs = 0  # powered phases so far
+
+    # ------------------------------------------------------------------ what differs
+
+    def nodes(self) -> list[int]:
+        """The node number of each process of the next powered phase (`self.runs` so far)."""
+        raise NotImplementedError
+
+    def configs(self, nodes: list[int], options: list[dict[str, Any]]) -> list[WorkerSpec]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return {}
+
+    def recover_and_read(self, tally: Tally, label: str) -> dict[Any, Any] | None:
+        """Under the mount: recover the cut directories, return every key (None: refused,
+        counted in `tally`)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the run
+
+    def execute(self) -> None:
+        try:
+            self.run()
+        except BaseException:
+            keep_evidence(self.settings, f"{self.mode}-harness-error", *self.fs.evidence())
+            raise
+        finally:
+            self.fs.unmount()  # even when a cycle failed: nothing of ours stays mounted
+            if not self.fs.mounted:  # never delete through a mount point
+                shutil.rmtree(self.fs.base, ignore_errors=True)
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def run(self) -> None:
+        settings = self.settings
+        triggers = dict.fromkeys(self.triggers, 0)
+        for cycle in range(settings.cycles):
+            if settings.expired():
+                break
+            trigger = (self.triggers[cycle] if cycle < len(self.triggers)
+                       else self.rng.choice(self.triggers))
+            triggers[trigger] += 1
+            tally = self._cycle(cycle, trigger)
+            self.outcome.tally.add(tally)
+            settings.say(f"{self.mode} {cycle + 1}/{settings.cycles} [{trigger}]: "
+                         f"{tally.acknowledged:,} acknowledged, {tally.recovered:,} recovered, "
+                         f"{tally.counters} counters checked, lost {tally.lost}, violations "
+                         f"{tally.violations}")
+            if tally.violations:
+                where = keep_evidence(self.settings, f"{self.mode}-cycle{cycle}", self.fs.root,
+                                      self.fs.log_path)
+                self.outcome.tally.note(f"{self.mode} cycle {cycle}: the directories as the "
+                                        f"cut left them, recovered, are kept in {where}")
+        rows = self.outcome.rows
+        rows["processes x writer threads"] = f"{self.processes} x {settings.threads}"
+        rows["cut triggers"] = ", ".join(f"{name} {n}" for name, n in triggers.items())
+        for label in ALWAYS_SHOWN:
+            self.rows[label] += 0
+        for label in sorted(self.rows):
+            rows[label] = self.rows[label]
+        rows["LazyFS cache peak usage, %"] = round(self.peak_usage, 2)
+
+    def _cycle(self, cycle: int, trigger: str) -> Tally:
+        label = f"{self.mode} cycle {cycle} [{trigger}]"
+        tally = Tally(cycles=1)
+        runs = [self._powered(cycle, self._decision(trigger))]
+        if trigger == "recovery":  # power back on, and off again inside the replay
+            runs.append(self._powered(cycle, (None, self.rng.uniform(0.05, 0.8))))
+            self.rows["second cuts: before every process had opened"] += \
+                any(not any(event[0] == READY for event in events) for events in runs[1].events)
+        for run in runs:
+            self._read(run, tally, label)
+        self.fs.mount()
+        try:
+            state = self.recover_and_read(tally, label)
+        finally:
+            self.fs.unmount()
+        if state is not None:
+            tally.add(check_final(state, list(self.ledgers.values()), label))
+        return tally
+
+    def _decision(self, trigger: str) -> tuple[Decide | None, float]:
+        rng = self.rng
+        if trigger in ("acks", "recovery"):
+            return after_total(ACK, rng.randint(50, 3000)), TRIGGER_WAIT
+        if trigger == "commit":
+            return after_total(DB_DONE, rng.randint(1, 3 * self.processes)), TRIGGER_WAIT
+        return None, rng.uniform(0.3, 1.5)  # clock
+
+    def _options(self) -> dict[str, Any]:
+        if self.fixed_options is not None:
+            return dict(self.fixed_options)
+        rng = self.rng
+        return {"fsync": "always",
+                "segment_size": rng.choice([4096, 65536, 1 << 20]),
+                "flush_interval": rng.choice([0.005, 0.05, 0.5, 3600.0]),
+                "flush_threshold": rng.choice([20, 500, 100_000])}
+
+    def _powered(self, cycle: int, decision: tuple[Decide | None, float]) -> GroupRun:
+        """Mount, run every process until the trigger, SIGKILL them all, clear LazyFS's cache
+        (the cut), unmount."""
+        decide, kill_after = decision
+        nodes = self.nodes()
+        self.runs += 1
+        for node in nodes:
+            for thread in range(self.settings.threads):
+                self.ledgers.setdefault((node, thread), ThreadLedger(node, thread))
+        configs = self.configs(nodes, [self._options() for _ in nodes])
+        self.fs.mount()
+        try:
+            run = run_group(configs, nodes, os.path.join(self.scratch, f"run{self.runs}"),
+                            decide=decide, kill_after=kill_after, env=self.environment())
+            self._count_cut(self.fs.cut(), run)
+        finally:
+            self.fs.unmount()
+        return run
+
+    def _read(self, run: GroupRun, tally: Tally, label: str) -> None:
+        """Feed each process's journal to its threads' ledgers; count what must not be."""
+        for process, events in enumerate(run.events):
+            node = run.nodes[process]
+            for event in events:
+                tag = event[0]
+                try:
+                    if tag == MARKER:
+                        self.ledgers[(node, event[1])].found(event[2], tally, label)
+                    elif tag == START:
+                        self.ledgers[(node, event[1])].start(event[2])
+                    elif tag == ACK:
+                        self.ledgers[(node, event[1])].ack(event[2])
+                    elif tag == ERROR:
+                        tally.errors += 1
+                        tally.note(f"{label}: process {process} thread {event[1]}: write "
+                                   f"{event[2]} raised {event[3]}: {redact(str(event[4]))}")
+                    elif tag == READY and event[2]:
+                        self.rows["process opens that replayed log records"] += 1
+                except ValueError as exc:  # the journal contradicts itself
+                    tally.errors += 1
+                    tally.note(f"{label}: {exc}")
+            if not run.sigkilled(process):
+                tally.errors += 1
+                tally.note(f"{label}: process {process} was not killed but exited with "
+                           f"{run.returncodes[process]}{' (hung)' if run.hung else ''}: "
+                           f"{redact(run.stderr[process][-2000:])}")
+
+    def _count_cut(self, report: Report, run: GroupRun) -> None:
+        rows = self.rows
+        rows["power cuts"] += 1
+        if any(f"{os.sep}wal{os.sep}" in path for path in report.files):
+            rows["cuts that dropped unsynced log bytes"] += 1
+        if any(path.endswith(os.path.join(os.sep + "db", "data.mdb"))
+               for path in report.files):
+            rows["cuts that dropped unsynced database bytes (data.mdb)"] += 1
+        if self.journals_commits:
+            rows["database commits before the cuts"] += sum(
+                event[0] == DB_DONE for events in run.events for event in events)
+        rows["acknowledged writes before the cuts"] += sum(
+            event[0] == ACK for events in run.events for event in events)
+        if report.cache_usage is not None:
+            self.peak_usage = max(self.peak_usage, report.cache_usage)
+
+
+class _NodesCampaign(_MultiCampaign):
+    mode = "lazyfs-nodes"
+    triggers = NODE_TRIGGERS
+    processes = NODES
+    journals_commits = True
+
+    def __init__(self, settings: Settings, binary: str, table: SharedTable,
+                 options: Mapping[str, Any] | None) -> None:
+        super().__init__(settings, binary, options)
+        self.table = table
+        self.reader = settings.path(self.mode, "reader")  # outside LazyFS
+
+    def directory(self, node: int) -> str:
+        return os.path.join(self.fs.mnt, f"node{node}")
+
+    def nodes(self) -> list[int]:
+        return list(range(self.processes))  # the same nodes, each reopening its directory
+
+    def configs(self, nodes: list[int], options: list[dict[str, Any]]) -> list[WorkerSpec]:
+        # `record`: the backend is journaled (DB_BEGIN, DB_DONE, no data), for the commit
+        # trigger and the count of commits before the cuts.
+        return [NodeConfig(directory=self.directory(node), url=self.table.url, node=node,
+                           threads=self.settings.threads, options=options[node], record=True)
+                for node in nodes]
+
+    def environment(self) -> dict[str, str]:
+        return NodeConfig(directory="", url=self.table.url, node=0).environment()
+
+    def recover_and_read(self, tally: Tally, label: str) -> dict[Any, Any] | None:
+        for node in range(self.processes):
+            if not os.path.exists(self.directory(node)):
+                continue  # cut before that node ever created its directory
+            try:
+                with wbcache.open(self.directory(node), backend=self.table.url) as cache:
+                    self.rows["log records replayed into PostgreSQL after the cuts"] += \
+                        cache.recovery.replayed
+            except Exception as exc:  # after a power cut the open needs no person
+                tally.errors += 1
+                tally.note(f"{label}: node {node}: the recovery after the cut failed: "
+                           f"{type(exc).__name__}: {redact(str(exc))}")
+                return None
+        return self.table.contents(self.reader)
+
+
+class _SharedCampaign(_MultiCampaign):
+    mode = "lazyfs-shared"
+    triggers = SHARED_TRIGGERS
+    processes = PROCESSES
+
+    @property
+    def directory(self) -> str:
+        return os.path.join(self.fs.mnt, "shared")
+
+    def nodes(self) -> list[int]:
+        # A process reading its own marker back could read it stale: its last writes may sit
+        # in a lane another process has claimed and is still recovering (lanes.py), which no
+        # open waits for. So every process of every phase writes keys of its own (as
+        # tests/shared_worker.py does): marker 0, and the ledger checks each phase's writes.
+        return [self.runs * self.processes + process for process in range(self.processes)]
+
+    def configs(self, nodes: list[int], options: list[dict[str, Any]]) -> list[WorkerSpec]:
+        return [SharedDirConfig(directory=self.directory, node=node,
+                                threads=self.settings.threads, options=options[index])
+                for index, node in enumerate(nodes)]
+
+    def recover_and_read(self, tally: Tally, label: str) -> dict[Any, Any] | None:
+        if not os.path.exists(self.directory):
+            return {}
+        try:
+            # The open adopts every lane (all their processes are dead): each lane's log is
+            # replayed into the shared LMDB database.
+            with wbcache.open(self.directory, shared=True) as cache:
+                return dict(cache.items())
+        except Exception as exc:  # after a power cut the open needs no person
+            tally.errors += 1
+            tally.note(f"{label}: the shared directory's open after the cut failed: "
+                       f"{type(exc).__name__}: {exc}")
+            return None
+
