@@ -14,11 +14,14 @@ Two campaigns, one cycle shape (issue 11's last point):
 A cycle:
   1. mount LazyFS; start every process at once (process_group.py), each reopening (recovering) its
      directory or lane as the last cut left it, then counting from `threads` threads;
-  2. the power goes, on one trigger: a number of acknowledgements, a database commit (nodes),
-     the clock, or `recovery` (a first cut, then the processes are started again and cut a
-     second time, early: inside their open's replay, into PostgreSQL or the shared LMDB);
-     every process is SIGKILLed at once (by its pid) and LazyFS's cache cleared (after asking
-     it which files held unsynced bytes);
+  2. the power goes, on one trigger: `mid-write` (one process dies between a log write and
+     its fsync, at the crash point wal.after_write, and the others with it: so the cut surely
+     finds unsynced log bytes, which under fsync="always" are otherwise only there in the
+     instant between a group commit's write and its fsync), a number of acknowledgements, a
+     database commit (nodes), the clock, or `recovery` (a first cut, then the processes are
+     started again and cut a second time, early: inside their open's replay, into PostgreSQL
+     or the shared LMDB); every process is SIGKILLed at once (by its pid) and LazyFS's cache
+     cleared (after asking it which files held unsynced bytes);
   3. mount again (no page cache of before the cut survives) and open every node directory, or
      the shared directory, once, in a child process (lazyfs_multi_check.py): recovery replays
      what the logs kept (a LazyFS error that no real file system makes is told apart there);
@@ -44,6 +47,7 @@ import random
 import shutil
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from wbcache.fault_injection.campaign import Outcome, Settings, keep_evidence
@@ -66,8 +70,9 @@ from wbcache.fault_injection.shared_table import SharedTable, redact
 
 NODES = 4  # node processes, each with its own directory (run_lazyfs_nodes)
 PROCESSES = 4  # processes on the one shared directory (run_lazyfs_shared)
-NODE_TRIGGERS = ("acks", "commit", "recovery", "clock")
-SHARED_TRIGGERS = ("acks", "recovery", "clock")
+NODE_TRIGGERS = ("mid-write", "recovery", "acks", "commit", "clock")
+SHARED_TRIGGERS = ("mid-write", "recovery", "acks", "clock")
+CRASH_VARIABLE = "WBCACHE_CRASH_AT"  # wbcache.wal.crashpoints: SIGKILL self at a point
 TRIGGER_WAIT = 10.0  # s after the start: a trigger not reached by then cuts anyway
 RECOVERY_ATTEMPTS = 5  # opens of the check, while LazyFS's spurious ftruncate error stops them
 FIGURES = ("cycles", "operations", "acknowledged", "recovered", "inflight_kept", "counters",
@@ -104,6 +109,17 @@ def run_lazyfs_shared(settings: Settings, *, options: Mapping[str, Any] | None =
     campaign = _SharedCampaign(settings, locate_lazyfs(None), options)
     campaign.execute()
     return campaign.outcome
+
+
+@dataclass
+class Cut:
+    """When a powered phase ends: at `decide`'s first yes, or after `kill_after` s; with
+    `crash`, (process index, WBCACHE_CRASH_AT) arms that process's crash point, and its death
+    is the cut."""
+
+    decide: Decide | None
+    kill_after: float
+    crash: tuple[int, str] | None = None
 
 
 class _MultiCampaign:
@@ -209,7 +225,7 @@ class _MultiCampaign:
         tally = Tally(cycles=1)
         runs = [self._powered(cycle, self._decision(trigger))]
         if trigger == "recovery":  # power back on, and off again inside the replay
-            runs.append(self._powered(cycle, (None, self.rng.uniform(0.05, 0.8))))
+            runs.append(self._powered(cycle, Cut(None, self.rng.uniform(0.05, 0.8))))
             self.rows["second cuts: before every process had opened"] += \
                 any(not any(event[0] == READY for event in events) for events in runs[1].events)
         for run in runs:
@@ -223,13 +239,20 @@ class _MultiCampaign:
             tally.add(check_final(state, list(self.ledgers.values()), label))
         return tally
 
-    def _decision(self, trigger: str) -> tuple[Decide | None, float]:
+    def _decision(self, trigger: str) -> Cut:
         rng = self.rng
-        if trigger in ("acks", "recovery"):
-            return after_total(ACK, rng.randint(50, 3000)), TRIGGER_WAIT
+        if trigger == "mid-write":
+            # One process dies just after a log write, before its fsync (the crash point
+            # wal.after_write), and the power goes with it: that write's bytes are unsynced.
+            return Cut(None, TRIGGER_WAIT, crash=(rng.randrange(self.processes),
+                                                  f"wal.after_write:{rng.randint(5, 300)}"))
+        if trigger == "acks":
+            return Cut(after_total(ACK, rng.randint(50, 1500)), TRIGGER_WAIT)
+        if trigger == "recovery":  # enough for the second power-on to replay
+            return Cut(after_total(ACK, rng.randint(50, 500)), TRIGGER_WAIT)
         if trigger == "commit":
-            return after_total(DB_DONE, rng.randint(1, 3 * self.processes)), TRIGGER_WAIT
-        return None, rng.uniform(0.3, 1.5)  # clock
+            return Cut(after_total(DB_DONE, rng.randint(1, 3 * self.processes)), TRIGGER_WAIT)
+        return Cut(None, rng.uniform(0.3, 2.5))  # clock (early ones land in the opens)
 
     def _options(self) -> dict[str, Any]:
         if self.fixed_options is not None:
@@ -240,10 +263,9 @@ class _MultiCampaign:
                 "flush_interval": rng.choice([0.005, 0.05, 0.5, 3600.0]),
                 "flush_threshold": rng.choice([20, 500, 100_000])}
 
-    def _powered(self, cycle: int, decision: tuple[Decide | None, float]) -> GroupRun:
+    def _powered(self, cycle: int, cut: Cut) -> GroupRun:
         """Mount, run every process until the trigger, SIGKILL them all, clear LazyFS's cache
         (the cut), unmount."""
-        decide, kill_after = decision
         nodes = self.nodes()
         self.runs += 1
         for node in nodes:
@@ -252,8 +274,12 @@ class _MultiCampaign:
         configs = self.configs(nodes, [self._options() for _ in nodes])
         self.fs.mount()
         try:
+            envs = [dict(self.environment()) for _ in nodes]
+            if cut.crash is not None:
+                envs[cut.crash[0]][CRASH_VARIABLE] = cut.crash[1]
             run = run_group(configs, nodes, os.path.join(self.scratch, f"run{self.runs}"),
-                            decide=decide, kill_after=kill_after, env=self.environment())
+                            decide=cut.decide, kill_after=cut.kill_after, envs=envs,
+                            cut_on_exit=cut.crash is not None)
             self._count_cut(self.fs.cut(), run)
         finally:
             self.fs.unmount()

@@ -45,11 +45,14 @@ class GroupRun:
 
 
 def run_group(configs: Sequence[WorkerSpec], nodes: list[int], scratch: str, *,
-              decide: Decide | None,
-              kill_after: float | None, env: Mapping[str, str] | None = None) -> GroupRun:
-    """Start one worker per config at once; SIGKILL every one of them, together, when
-    `decide` first says so or after `kill_after` s; read each journal to its end. Only these
-    processes are ever signalled, by their pids, even when this function fails."""
+              decide: Decide | None, kill_after: float | None,
+              envs: Sequence[Mapping[str, str]] | None = None,
+              cut_on_exit: bool = False) -> GroupRun:
+    """Start one worker per config at once (each with its `envs` entry added to the
+    environment); SIGKILL every one of them, together, when `decide` first says so, after
+    `kill_after` s, or (`cut_on_exit`) as soon as one of them ends by itself (a crash point);
+    read each journal to its end. Only these processes are ever signalled, by their pids, even
+    when this function fails."""
     os.makedirs(scratch, exist_ok=True)
     children: list[subprocess.Popen[bytes]] = []
     stderr_paths = [os.path.join(scratch, f"worker{index}.stderr")
@@ -58,11 +61,12 @@ def run_group(configs: Sequence[WorkerSpec], nodes: list[int], scratch: str, *,
     triggered = killed = hung = False
     events: list[list[list[Any]]] = [[] for _ in configs]
     try:
-        for config, path in zip(configs, stderr_paths, strict=True):
+        for index, (config, path) in enumerate(zip(configs, stderr_paths, strict=True)):
+            extra = {**SAFE_PATH, **(envs[index] if envs is not None else {})}
             with open(path, "wb") as stderr:
                 children.append(subprocess.Popen(
                     worker_command(config), stdout=subprocess.PIPE, stderr=stderr,
-                    env=worker_env({**SAFE_PATH, **(env or {})}), cwd=scratch))
+                    env=worker_env(extra), cwd=scratch))
         buffers = {child.stdout.fileno(): (index, EventBuffer())  # type: ignore[union-attr]
                    for index, child in enumerate(children)}
         kill_at = None if kill_after is None else started + kill_after
@@ -79,8 +83,10 @@ def run_group(configs: Sequence[WorkerSpec], nodes: list[int], scratch: str, *,
             for fd in ready:
                 chunk = os.read(fd, 1 << 16)
                 index, buffer = buffers[fd]
-                if not chunk:
+                if not chunk:  # that process has ended
                     del buffers[fd]
+                    if cut_on_exit and not killed:
+                        triggered = killed = _kill_all(children)
                     continue
                 for event in buffer.feed(chunk):
                     events[index].append(event)
