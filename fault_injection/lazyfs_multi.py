@@ -61,7 +61,7 @@ from wbcache.fault_injection.lazyfs_multi_check import (
     recover_in_child,
 )
 from wbcache.fault_injection.ledger import ThreadLedger, check_final
-from wbcache.fault_injection.node_worker import NodeConfig
+from wbcache.fault_injection.node_worker import URL_VARIABLE, NodeConfig
 from wbcache.fault_injection.oracle import Tally
 from wbcache.fault_injection.process_group import Decide, GroupRun, after_total, run_group
 from wbcache.fault_injection.runner import WorkerSpec
@@ -355,11 +355,12 @@ class _NodesCampaign(_MultiCampaign):
         # `record`: the backend is journaled (DB_BEGIN, DB_DONE, no data), for the commit
         # trigger and the count of commits before the cuts.
         return [NodeConfig(directory=self.directory(node), url=self.table.url, node=node,
-                           threads=self.settings.threads, options=options[node], record=True)
-                for node in nodes]
+                           threads=self.settings.threads, options=options[index], record=True)
+                for index, node in enumerate(nodes)]
 
     def environment(self) -> dict[str, str]:
-        return NodeConfig(directory="", url=self.table.url, node=0).environment()
+        # The URL (it may hold a password) goes in the environment, never on a command line.
+        return {URL_VARIABLE: self.table.url}
 
     def recover_and_read(self, tally: Tally, label: str) -> dict[Any, Any] | None:
         directories = [self.directory(node) for node in range(self.processes)
