@@ -22,6 +22,7 @@ import wbcache.fault_injection.lazyfs_multi as lazyfs_multi
 from wbcache.fault_injection.campaign import Outcome, Settings
 from wbcache.fault_injection.lazyfs_config import LazyfsUnavailable, locate_lazyfs
 from wbcache.fault_injection.lazyfs_mount import LazyfsMount, is_mount_point
+from wbcache.fault_injection.lazyfs_multi_check import lazyfs_truncate_artefact
 from wbcache.fault_injection.lazyfs_multi import (
     NODE_TRIGGERS,
     SHARED_TRIGGERS,
@@ -161,6 +162,28 @@ def test_a_failing_cycle_leaves_nothing_mounted_and_no_process_running(
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # our LazyFS processes are gone (and reaped)
     assert _processes_naming(str(work)) == []  # no process left writing
+
+
+# ---------------------------------------------------------------- what is LazyFS's fault
+
+_CLAIM = """Traceback (most recent call last):
+  File "/x/wbcache/lanes.py", line 78, in take
+    lock = DirectoryLock.acquire(layout.lock)
+  File "/x/wbcache/lock.py", line 77, in record_owner
+    os.ftruncate(self._fd, 0)
+"""
+
+
+def test_only_enoent_from_ftruncate_of_an_open_file_is_excused_as_lazyfs_s() -> None:
+    assert lazyfs_truncate_artefact(_CLAIM + "FileNotFoundError: [Errno 2] No such file or "
+                                             "directory\n")
+    # The same call failing as a real disk can make it fail is the library's to survive.
+    assert not lazyfs_truncate_artefact(_CLAIM + "OSError: [Errno 5] Input/output error\n")
+    assert not lazyfs_truncate_artefact(_CLAIM.replace("os.ftruncate(self._fd, 0)",
+                                                       "os.open(path, flags)")
+                                        + "FileNotFoundError: [Errno 2] No such file\n")
+    assert not lazyfs_truncate_artefact("wbcache.errors.CorruptLogError: wal/1.log at 20\n")
+    assert not lazyfs_truncate_artefact("")
 
 
 # ---------------------------------------------------------------- soak
