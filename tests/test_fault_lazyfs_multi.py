@@ -22,13 +22,13 @@ import wbcache.fault_injection.lazyfs_multi as lazyfs_multi
 from wbcache.fault_injection.campaign import Outcome, Settings
 from wbcache.fault_injection.lazyfs_config import LazyfsUnavailable, locate_lazyfs
 from wbcache.fault_injection.lazyfs_mount import LazyfsMount, is_mount_point
-from wbcache.fault_injection.lazyfs_multi_check import lazyfs_truncate_artefact
 from wbcache.fault_injection.lazyfs_multi import (
     NODE_TRIGGERS,
     SHARED_TRIGGERS,
     run_lazyfs_nodes,
     run_lazyfs_shared,
 )
+from wbcache.fault_injection.lazyfs_multi_check import lazyfs_truncate_artefact
 
 SEED = int(os.environ.get("WBCACHE_TORTURE_SEED", "20261202"))
 # Under the mutation every acknowledgement waits for no fsync, and nothing is flushed: the cut
