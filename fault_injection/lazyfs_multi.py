@@ -18,10 +18,10 @@ A cycle:
      its fsync, at the crash point wal.after_write, and the others with it: so the cut surely
      finds unsynced log bytes, which under fsync="always" are otherwise only there in the
      instant between a group commit's write and its fsync), a number of acknowledgements, a
-     database commit (nodes), the clock, or `recovery` (a first cut, then the processes are
-     started again and cut a second time, early: inside their open's replay, into PostgreSQL
-     or the shared LMDB); every process is SIGKILLed at once (by its pid) and LazyFS's cache
-     cleared (after asking it which files held unsynced bytes);
+     flush's transaction begun or returned (nodes), the clock, or `recovery` (a first cut,
+     then the processes are started again and cut a second time, early: inside their open's
+     replay, into PostgreSQL or the shared LMDB); every process is SIGKILLed at once (by its
+     pid) and LazyFS's cache cleared (after asking it which files held unsynced bytes);
   3. mount again (no page cache of before the cut survives) and open every node directory, or
      the shared directory, once, in a child process (lazyfs_multi_check.py): recovery replays
      what the logs kept (a LazyFS error that no real file system makes is told apart there);
@@ -51,7 +51,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from wbcache.fault_injection.campaign import Outcome, Settings, keep_evidence
-from wbcache.fault_injection.journal import ACK, DB_DONE, ERROR, MARKER, READY, START
+from wbcache.fault_injection.journal import (
+    ACK,
+    DB_BEGIN,
+    DB_DONE,
+    ERROR,
+    MARKER,
+    READY,
+    START,
+)
 from wbcache.fault_injection.lazyfs_config import locate_lazyfs
 from wbcache.fault_injection.lazyfs_mount import LazyfsMount, Report
 from wbcache.fault_injection.lazyfs_multi_check import (
@@ -70,7 +78,7 @@ from wbcache.fault_injection.shared_table import SharedTable, redact
 
 NODES = 4  # node processes, each with its own directory (run_lazyfs_nodes)
 PROCESSES = 4  # processes on the one shared directory (run_lazyfs_shared)
-NODE_TRIGGERS = ("mid-write", "recovery", "acks", "commit", "clock")
+NODE_TRIGGERS = ("mid-write", "recovery", "flush", "acks", "commit", "clock")
 SHARED_TRIGGERS = ("mid-write", "recovery", "acks", "clock")
 CRASH_VARIABLE = "WBCACHE_CRASH_AT"  # wbcache.wal.crashpoints: SIGKILL self at a point
 TRIGGER_WAIT = 10.0  # s after the start: a trigger not reached by then cuts anyway
@@ -250,7 +258,9 @@ class _MultiCampaign:
             return Cut(after_total(ACK, rng.randint(50, 1500)), TRIGGER_WAIT)
         if trigger == "recovery":  # enough for the second power-on to replay
             return Cut(after_total(ACK, rng.randint(50, 500)), TRIGGER_WAIT)
-        if trigger == "commit":
+        if trigger == "flush":  # while a flush's transaction is under way
+            return Cut(after_total(DB_BEGIN, rng.randint(1, 3 * self.processes)), TRIGGER_WAIT)
+        if trigger == "commit":  # just after one returned: its segments are being deleted
             return Cut(after_total(DB_DONE, rng.randint(1, 3 * self.processes)), TRIGGER_WAIT)
         return Cut(None, rng.uniform(0.3, 2.5))  # clock (early ones land in the opens)
 
