@@ -82,7 +82,7 @@ NODE_TRIGGERS = ("mid-write", "recovery", "flush", "acks", "commit", "clock")
 SHARED_TRIGGERS = ("mid-write", "recovery", "acks", "clock")
 CRASH_VARIABLE = "WBCACHE_CRASH_AT"  # wbcache.wal.crashpoints: SIGKILL self at a point
 TRIGGER_WAIT = 10.0  # s after the start: a trigger not reached by then cuts anyway
-RECOVERY_ATTEMPTS = 5  # opens of the check, while LazyFS's spurious ftruncate error stops them
+RECOVERY_ATTEMPTS = 5  # opens of the check, while LazyFS's spurious truncate error stops them
 FIGURES = ("cycles", "operations", "acknowledged", "recovered", "inflight_kept", "counters",
            "lost", "partial", "phantom", "counter_mismatches", "carried", "errors")
 ALWAYS_SHOWN = ("power cuts", "cuts that dropped unsynced log bytes")
@@ -172,7 +172,7 @@ class _MultiCampaign:
     def recover_in_child(self, request: RecoveryRequest, tally: Tally, label: str
                          ) -> Recovered | None:
         """`recover_directories` in a child process, tried again while LazyFS's spurious
-        ftruncate error (not the library's) is what stops it; a refusal is counted."""
+        truncate error (not the library's) is what stops it; a refusal is counted."""
         for _ in range(RECOVERY_ATTEMPTS):
             recovered, stderr = recover_in_child(request, self.environment(),
                                                   os.path.join(self.scratch, "check"))
@@ -180,7 +180,7 @@ class _MultiCampaign:
                 return recovered
             if not lazyfs_truncate_artefact(stderr):
                 break
-            self.rows["opens failed by LazyFS's spurious ftruncate error (not counted)"] += 1
+            self.rows["opens failed by LazyFS's spurious truncate error (not counted)"] += 1
         tally.errors += 1  # after a power cut the open needs no person
         tally.note(f"{label}: the open after the cut failed: {redact(stderr[-2000:])}")
         return None
@@ -318,7 +318,7 @@ class _MultiCampaign:
                     tally.errors += 1
                     tally.note(f"{label}: {exc}")
             if not run.sigkilled(process) and lazyfs_truncate_artefact(run.stderr[process]):
-                self.rows["opens failed by LazyFS's spurious ftruncate error (not counted)"] \
+                self.rows["opens failed by LazyFS's spurious truncate error (not counted)"] \
                     += 1
             elif not run.sigkilled(process):
                 tally.errors += 1

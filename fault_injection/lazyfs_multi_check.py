@@ -32,15 +32,27 @@ MODULE = "wbcache.fault_injection.lazyfs_multi_check"
 
 
 def lazyfs_truncate_artefact(stderr: str) -> bool:
-    """Whether a process died of LazyFS's spurious ftruncate error: ENOENT from ftruncate() of
-    an OPEN file, which no real file system returns. LazyFS's `lfs_truncate` (src/lazyfs.cpp)
+    """Whether a process died of LazyFS's spurious truncate error: ENOENT from a truncate of an
+    OPEN file, which no real file system returns. LazyFS's `lfs_truncate` (src/lazyfs.cpp)
     ends with `if (res == -1) return -errno;` where `res` is left uninitialised when the file
     is in its cache, so now and then a truncate that worked reports the errno of an earlier
-    call (seen at `DirectoryLock.record_owner`, as a lane or directory is claimed)."""
-    lines = [line.strip() for line in stderr.strip().splitlines()]
-    return (len(lines) >= 2 and lines[-1].startswith("FileNotFoundError: [Errno 2]")
-            and "ftruncate(" in lines[-2])
+    call. Two places meet it, told apart by the traceback's last lines:
 
+      * `os.ftruncate(...)` raising FileNotFoundError (`DirectoryLock.record_owner`, as a
+        lane or directory is claimed);
+      * `lmdb.open(...)` raising `lmdb.Error: <dir>: No such file or directory` for the
+        database directory just made (`os.makedirs`): inside, LMDB's only call that can fail
+        so is the ftruncate that sizes lock.mdb (opening with O_CREAT in an existing
+        directory cannot)."""
+    lines = [line.strip() for line in stderr.strip().splitlines()]
+    lines = [line for line in lines if line.strip("^~ ")]  # 3.11's carets under the code
+    if len(lines) < 2:
+        return False
+    last, code = lines[-1], lines[-2]
+    if last.startswith("FileNotFoundError: [Errno 2]") and "ftruncate(" in code:
+        return True
+    return (last.startswith("lmdb.Error: ") and last.endswith(": No such file or directory")
+            and "lmdb.open(" in code)
 
 
 @dataclass

@@ -174,7 +174,7 @@ _CLAIM = """Traceback (most recent call last):
 """
 
 
-def test_only_enoent_from_ftruncate_of_an_open_file_is_excused_as_lazyfs_s() -> None:
+def test_only_enoent_from_a_truncate_of_an_open_file_is_excused_as_lazyfs_s() -> None:
     assert lazyfs_truncate_artefact(_CLAIM + "FileNotFoundError: [Errno 2] No such file or "
                                              "directory\n")
     # The same call failing as a real disk can make it fail is the library's to survive.
@@ -183,6 +183,13 @@ def test_only_enoent_from_ftruncate_of_an_open_file_is_excused_as_lazyfs_s() -> 
                                                        "os.open(path, flags)")
                                         + "FileNotFoundError: [Errno 2] No such file\n")
     assert not lazyfs_truncate_artefact("wbcache.errors.CorruptLogError: wal/1.log at 20\n")
+    lmdb_open = ("  File \"/x/wbcache/backends/lmdb.py\", line 107, in __init__\n"
+                 "    self._env = lmdb.open(path, map_size=map_size, subdir=True,\n"
+                 "                ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n")
+    assert lazyfs_truncate_artefact(lmdb_open + "lmdb.Error: /m/shared/db: No such file or "
+                                                "directory\n")
+    assert not lazyfs_truncate_artefact(lmdb_open + "lmdb.Error: /m/shared/db: "
+                                                    "MDB_CORRUPTED: Located page was wrong type\n")
     assert not lazyfs_truncate_artefact("")
 
 
