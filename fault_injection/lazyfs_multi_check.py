@@ -38,8 +38,8 @@ def lazyfs_truncate_artefact(stderr: str) -> bool:
     is in its cache, so now and then a truncate that worked reports the errno of an earlier
     call. Two places meet it, told apart by the traceback's last lines:
 
-      * `os.ftruncate(...)` raising FileNotFoundError (`DirectoryLock.record_owner`, as a
-        lane or directory is claimed);
+      * `os.ftruncate(...)` raising FileNotFoundError (met in `DirectoryLock.record_owner`
+        until it stopped truncating LOCK; any ftruncate of an open file would qualify);
       * `lmdb.open(...)` raising `lmdb.Error: <dir>: No such file or directory` for the
         database directory just made (`os.makedirs`): inside, LMDB's only call that can fail
         so is the ftruncate that sizes lock.mdb (opening with O_CREAT in an existing
