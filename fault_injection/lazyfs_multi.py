@@ -7,7 +7,7 @@ Two campaigns, one cycle shape (issue 11's last point):
     directory under the LazyFS mount, count into the same counters of one fresh PostgreSQL
     table (shared_table.py). PostgreSQL itself stays outside LazyFS: its durability is its
     own, so the cut takes only what the nodes' logs had not fsync'd;
-  * `run_lazyfs_shared`: PROCESSES processes (shared_dir_worker.py) count into one shared
+  * `run_lazyfs_shared`: PROCESSES processes (shared_node_worker.py) count into one shared
     directory under the mount (a lane each, one LMDB database): the cut takes the lanes' logs
     and the database's unsynced bytes alike.
 
@@ -73,7 +73,7 @@ from wbcache.fault_injection.node_worker import URL_VARIABLE, NodeConfig
 from wbcache.fault_injection.oracle import Tally
 from wbcache.fault_injection.process_group import Decide, GroupRun, after_total, run_group
 from wbcache.fault_injection.runner import WorkerSpec
-from wbcache.fault_injection.shared_dir_worker import SharedDirConfig
+from wbcache.fault_injection.shared_node_worker import SharedDirConfig
 from wbcache.fault_injection.shared_table import SharedTable, redact
 
 NODES = 4  # node processes, each with its own directory (run_lazyfs_nodes)

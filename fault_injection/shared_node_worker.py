@@ -1,6 +1,6 @@
 """One process of a shared directory (`wbcache.open(dir, shared=True)`) counting until killed.
 
-    python -m wbcache.fault_injection.shared_dir_worker '<SharedDirConfig as JSON>'
+    python -m wbcache.fault_injection.shared_node_worker '<SharedDirConfig as JSON>'
 
 The shared-directory half of lazyfs_multi.py: the node worker's workload (counters.py: each
 write one batch of `incr` on a counter every process shares, the thread's marker, and now and
@@ -29,7 +29,7 @@ from wbcache.fault_injection.journal import ACK, ERROR, MARKER, READY, START, Jo
 
 @dataclass
 class SharedDirConfig:
-    module: ClassVar[str] = "wbcache.fault_injection.shared_dir_worker"
+    module: ClassVar[str] = "wbcache.fault_injection.shared_node_worker"
 
     directory: str  # the shared directory
     node: int  # this process's number in the keys (the harness gives each run a new one)
