@@ -53,7 +53,11 @@ class DirectoryLock:
             raise
         lock = cls(fd, path)
         if record_owner:
-            lock.record_owner()
+            try:
+                lock.record_owner()
+            except BaseException:  # EIO, ENOSPC: no flock may outlive a failed acquire
+                lock.release()
+                raise
         return lock
 
     @classmethod
