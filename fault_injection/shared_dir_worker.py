@@ -70,25 +70,29 @@ class SharedDirConfig:
         return cls(**json.loads(text))
 
 
-def _checkpoint_zero(self: Any) -> int:
-    return 0
-
-
-def _replay_flushed() -> None:
-    """Every lane's checkpoint reads as 0: recovery and adoption replay records a flush
-    already applied, so their increments (deltas, in a shared directory) count twice."""
+def _replay_at_checkpoint() -> None:
+    """A lane's checkpoint reads one lower: recovery and adoption replay the record AT the
+    checkpoint, which a flush already applied, so its increments (deltas, in a shared
+    directory) count twice (mutants/patches/replay-at-checkpoint.patch, for lanes)."""
     from wbcache.backends.lmdb import SharedLmdbBackend
 
-    SharedLmdbBackend.checkpoint = _checkpoint_zero  # type: ignore[method-assign]
+    checkpoint = SharedLmdbBackend.checkpoint
+
+    def one_lower(self: Any) -> int:
+        return max(0, checkpoint(self) - 1)
+
+    SharedLmdbBackend.checkpoint = one_lower  # type: ignore[method-assign]
 
 
 # Bugs planted on purpose (tests/test_fault_shared.py): the campaign must report each.
-MUTATIONS = ("ack-unwritten", "replay-flushed")
+# ack-unwritten: thread 0 acknowledges its write UNWRITTEN_AT without making it (the oracle
+# must see an increment missing); replay-at-checkpoint: see `_replay_at_checkpoint`.
+MUTATIONS = ("ack-unwritten", "replay-at-checkpoint")
 
 
 def run(config: SharedDirConfig) -> None:
-    if config.mutation == "replay-flushed":
-        _replay_flushed()
+    if config.mutation == "replay-at-checkpoint":
+        _replay_at_checkpoint()
     journal = Journal(1)
     cache = wbcache.open(config.directory, shared=True, **config.options)
     journal.emit(READY, os.getpid(), cache.recovery.replayed)
