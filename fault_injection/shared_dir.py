@@ -57,7 +57,7 @@ FORKS = 3  # children a process forks in a fork run (2 in some other runs)
 TRIGGERS = ("acks", "flush", "adopt", "fork", "clock", "startup")
 FLUSH_POINTS = ("flush.before_commit", "flush.after_commit", "flush.after_truncate")
 ADOPT_POINTS = ("recovery.before_replay", "recovery.after_replay", "recovery.after_delete")
-_EVENT_TRIGGER_FALLBACK = 3.0  # seconds: kill anyway if the awaited event never comes
+_EVENT_TRIGGER_FALLBACK = 2.5  # seconds: kill anyway if the awaited event never comes
 _NODES_PER_SLOT = 10_000 * 10  # node = (slot * 10_000 + run) * 10 + child
 FIGURES = ("cycles", "operations", "acknowledged", "recovered", "inflight_kept", "counters",
            "lost", "partial", "phantom", "counter_mismatches", "inconsistent", "carried",
