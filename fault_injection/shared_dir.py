@@ -78,6 +78,8 @@ class Slot:
         self.tally = Tally()
         self.triggers = dict.fromkeys(TRIGGERS, 0)
         self.fired = dict.fromkeys(TRIGGERS, 0)  # kills by the crash point the run armed
+        self.fired_live = 0  # ... of them, in a recovery after the open returned: adoptions
+        #                      by the flusher's sweep of a live process
         self.children = 0
         self.pauses = 0
         self._rng = random.Random(f"wbcache-torture/shared-dir/{settings.seed}/{index}")
@@ -121,6 +123,7 @@ class Slot:
         acks, replayed = self._read(run, tally, label)
         fired = run.sigkilled and not run.killed
         self.fired[trigger] += fired
+        self.fired_live += fired and trigger == "adopt" and replayed is not None
         if not run.sigkilled:
             tally.errors += 1
             tally.note(f"{label}: the worker was not killed but exited with {run.returncode}"
@@ -272,7 +275,9 @@ def run_shared_dir(settings: Settings, *, mutation: str | None = None) -> Outcom
         f"{name} {sum(slot.triggers[name] for slot in slots)}" for name in TRIGGERS)
     outcome.rows["  killed at the flusher's crash point"] = _fired(slots, "flush")
     outcome.rows["  killed at a crash point inside an adoption"] = _fired(slots, "adopt")
-    outcome.rows["  forked children (each its own lane)"] = sum(s.children for s in slots)
+    outcome.rows["  of them, in a live process's adoption sweep"] = sum(
+        slot.fired_live for slot in slots)
+    outcome.rows["  forked children (refused, then reopen())"] = sum(s.children for s in slots)
     outcome.rows["  pauses with the lane orphaned"] = sum(s.pauses for s in slots)
     outcome.rows["writers checked"] = len(ledgers)
     outcome.rows["registers checked"] = REGISTERS
