@@ -4,6 +4,7 @@ The campaigns live in `wbcache.fault_injection`; this command picks them, sizes 
 their progress and the final table, and exits 1 if any check failed. With `--backend`, the
 caches flush into a shared database instead of their own LMDB, and the one campaign that
 applies there runs: several nodes SIGKILLed while they count into the same counters.
+`--shared` is `--mode shared`: several processes on one shared directory (`shared=True`).
 """
 
 from __future__ import annotations
@@ -44,18 +45,24 @@ def _backend(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
                    "named crash point, and twice inside recovery; powerloss: rebuild what a "
                    "power cut leaves (unsynced bytes dropped or torn); lazyfs: real power cuts "
                    "on LazyFS, database included (needs --lazyfs); torn, corruption, fuzz: "
-                   "damage the log's bytes; ioerrors: ENOSPC/EIO on the Nth call; all: each. "
+                   "damage the log's bytes; ioerrors: ENOSPC/EIO on the Nth call; shared: "
+                   "processes on one shared directory (= --shared); all: each. "
                    "With --backend only kill runs (the default there).")
 @click.option("--backend", metavar="URL", callback=_backend, default=None,
               help="Torture caches sharing this database (postgresql://user@host/db): four "
                    "nodes, each its own directory, count into the same 100 counters of a "
                    "fresh table (dropped at the end), and are SIGKILLed and restarted; every "
                    "counter must then be exact. Only --mode kill.")
+@click.option("--shared", is_flag=True,
+              help="Same as --mode shared: four processes on one shared directory "
+                   "(shared=True), SIGKILLed and restarted mid-flush, mid-adoption of an "
+                   "orphan lane and mid-fork; every counter and register must then be exact.")
 @click.option("--cycles", default=50, show_default=True, type=click.IntRange(1),
               help="Size of the run: kills; interleave cycles; crash-point runs (at least "
                    "one per point); "
                    "power-loss states x10; corruption cases x100; fuzz cases x20; torn-tail "
-                   "logs and I/O error sweeps /50. With --backend: kills, shared by the nodes.")
+                   "logs and I/O error sweeps /50; shared kills. With --backend: kills, shared "
+                   "by the nodes.")
 @click.option("--seed", type=int, default=None,
               help="Seed of every random choice (default: a random one, printed).")
 @click.option("--threads", type=click.IntRange(1, 64), default=None,
@@ -66,7 +73,7 @@ def _backend(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 @click.option("--lazyfs", metavar="PATH", envvar="WBCACHE_LAZYFS",
               help="The LazyFS binary, for --mode lazyfs (also in all) [env WBCACHE_LAZYFS].")
 @click.option("--quiet", is_flag=True, help="Print only the final table.")
-def torture(directory: str | None, mode: str, backend: str | None, cycles: int,
+def torture(directory: str | None, mode: str, backend: str | None, shared: bool, cycles: int,
             seed: int | None, threads: int | None, seconds: float | None, lazyfs: str | None,
             quiet: bool) -> None:
     """Crash caches on purpose and check that no acknowledged write is ever lost.
@@ -83,9 +90,10 @@ def torture(directory: str | None, mode: str, backend: str | None, cycles: int,
     failures/; without it a temporary directory is used, removed if everything passed.
 
     Examples: wbcache torture --mode all --cycles 50 --seed 1;
-    wbcache torture --backend postgresql://postgres@127.0.0.1:5432/test --cycles 20
+    wbcache torture --backend postgresql://postgres@127.0.0.1:5432/test --cycles 20;
+    wbcache torture --shared --cycles 200
     """
-    modes = _modes(mode, backend)
+    modes = _modes(_shared_mode(mode, shared, backend), backend)
     try:
         modes, skipped = lazyfs_modes(modes, lazyfs, asked=mode == "lazyfs")
     except LazyfsUnavailable as exc:
@@ -126,6 +134,21 @@ def torture(directory: str | None, mode: str, backend: str | None, cycles: int,
         return
     click.echo(f"evidence kept in {os.path.join(workdir, 'failures')}")
     raise click.exceptions.Exit(1)
+
+
+def _shared_mode(mode: str, shared: bool, backend: str | None) -> str:
+    """`--shared` is `--mode shared`; it contradicts `--backend` and any other `--mode`."""
+    if not shared:
+        return mode
+    if backend is not None:
+        raise click.UsageError(
+            "--shared and --backend exclude each other: --shared tortures processes on one "
+            "shared directory with its own LMDB database; --backend, caches sharing a "
+            "PostgreSQL database")
+    given = click.get_current_context().get_parameter_source("mode") != ParameterSource.DEFAULT
+    if given and mode != "shared":
+        raise click.UsageError(f"--shared means --mode shared; it cannot run with --mode {mode}")
+    return "shared"
 
 
 def _modes(mode: str, backend: str | None) -> tuple[str, ...]:

@@ -14,15 +14,18 @@ Campaigns (each a module with a `run_*(Settings) -> Outcome`), driven by `wbcach
     ioerrors.py     ENOSPC and EIO on the Nth file operation; database errors
     nodes.py        with a shared database (`--backend postgresql://...`): four node
                     processes counting into the same counters, SIGKILLed and restarted
+    shared_dir.py   processes on one shared directory (`shared=True`), SIGKILLed and
+                    restarted mid-flush, mid-adoption of an orphan lane and mid-fork
 
-All of them but nodes.py and interleave.py judge what recovery gives with one oracle
+All of them but nodes.py, shared_dir.py and interleave.py judge what recovery gives with one oracle
 (oracle.py) over one workload (workload.py), run in worker processes (worker.py, runner.py)
 that journal every operation (journal.py), and, for power loss, every file operation
 (trace.py). interleave.py runs the same workers with the shared-key workload, judged by
 linearizability.py. nodes.py has its own workload (counters.py), worker (node_worker.py),
 oracle (ledger.py) and a table of its own on the server (shared_table.py, which needs
-psycopg). Backends that wrap the real one through the public protocol (to journal, slow down,
-fail or kill inside a commit) are in backends.py.
+psycopg); shared_dir.py reuses that oracle, with a worker (shared_dir_worker.py) and a
+register check (shared_dir_workload.py) of its own. Backends that wrap the real one through
+the public protocol (to journal, slow down, fail or kill inside a commit) are in backends.py.
 
 Imports the public API, plus the hooks `wbcache.wal` offers a harness: the crash point list
 (`wbcache.wal.crashpoints.POINTS`), the replaceable file operations

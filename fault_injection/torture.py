@@ -26,10 +26,11 @@ from wbcache.fault_injection.lazyfs import run_lazyfs
 from wbcache.fault_injection.nodes import run_node_kills
 from wbcache.fault_injection.oracle import Tally
 from wbcache.fault_injection.powerloss import run_powerloss
+from wbcache.fault_injection.shared_dir import run_shared_dir
 from wbcache.fault_injection.torn import run_torn
 
 MODES = ("kill", "interleave", "crashpoints", "powerloss", "lazyfs", "torn", "corruption",
-         "fuzz", "ioerrors")
+         "fuzz", "ioerrors", "shared")
 CRASH_MODES = ("kill", "interleave", "crashpoints", "powerloss")
 # With a shared database (`backend`), only kills apply: the other modes damage or rebuild the
 # local log and LMDB files, and a server's own durability is not this harness's to fake.
@@ -45,6 +46,7 @@ CAMPAIGNS: dict[str, Callable[[Settings], Outcome]] = {
     "corruption": run_corruption,
     "fuzz": run_fuzz,
     "ioerrors": run_ioerrors,
+    "shared": run_shared_dir,  # processes on one shared directory (shared=True)
 }
 BACKEND_CAMPAIGNS: dict[str, Callable[[Settings], Outcome]] = {
     "kill": run_node_kills,
@@ -63,7 +65,8 @@ def scaled(mode: str, cycles: int) -> int:
         return 100 * cycles
     if mode == "fuzz":
         return 20 * cycles
-    return cycles  # kill: kills; interleave: cycles; ioerrors: ceil(cycles / 50) sweeps
+    # kill, shared: kills; interleave: cycles; ioerrors: ceil(cycles / 50) sweeps
+    return cycles
 
 
 @dataclass
