@@ -205,3 +205,21 @@ def test_soak_50_power_cuts_of_nodes_and_of_a_shared_directory(
         assert outcome.ok, "\n".join(outcome.tally.messages)
         assert outcome.tally.counters == 100 * 50
         assert outcome.rows["cuts that dropped unsynced log bytes"] >= 10
+
+
+def test_wbcache_torture_runs_the_cuts_under_a_shared_directory_and_under_nodes(
+        lazyfs_binary: str, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from wbcache.cli import main
+
+    result = CliRunner().invoke(main, ["torture", str(tmp_path / "shared"), "--mode",
+                                       "lazyfs-shared", "--cycles", "1", "--seed", "3",
+                                       "--lazyfs", lazyfs_binary, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "lazyfs-shared: power cuts" in result.output and "verdict: PASS" in result.output
+    # With a database, --mode lazyfs is the cut under the nodes (refused modes say so).
+    refused = CliRunner().invoke(main, ["torture", "--backend", "postgresql://u@h/db",
+                                        "--mode", "lazyfs-shared"])
+    assert refused.exit_code == 2
+    assert "only kill and lazyfs do" in refused.output
