@@ -217,8 +217,7 @@ class LmdbDatabase:
         """Resume only once the child has closed its copy (or died, or _FORK_WAIT passed):
         LMDB's close clears the reader-table slots (shared memory) recorded under the pid
         that opened the environment -- ours -- so a read we began meanwhile would lose its
-        slot, and a writer could reuse the pages it reads (the shared-directory torture saw
-        counters counted twice when forks raced reads)."""
+        slot, and a writer could reuse the pages it reads."""
         if self._quiet_for_fork:
             self._quiet_for_fork = False
             read_end, write_end = self._closed_in_child
