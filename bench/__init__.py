@@ -12,6 +12,10 @@ compares numbers taken under the same load:
     wbcache_rows.py   wbcache put (threads, also with a lowered switch interval), AsyncCache
                       (tasks), put_many, fsync="interval", get hits, flusher throughput,
                       hot-key write amplification
+    shared_rows.py    shared directories: N processes x 16 threads against 1 process x 64
+                      on one directory, flushes of 4 lanes at once, a read in another process
+                      and its staleness (worker processes: shared_worker.py, run by
+                      shared_pool.py)
     eviction.py       hit ratio of wbcache's CLOCK eviction against exact LRU, same traces
     postgres_rows.py  wbcache over PostgreSQL against each put its own PostgreSQL transaction
                       (write-through), directly and over a far link; flushes into PostgreSQL

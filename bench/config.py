@@ -16,9 +16,10 @@ from pathlib import Path
 
 MODES = ("full", "quick", "smoke")
 
-SECTIONS = ("baselines", "peers", "redis", "wbcache", "postgres")
+SECTIONS = ("baselines", "peers", "redis", "wbcache", "shared", "postgres")
 """What `--only` may select. `peers` is LMDB, SQLite and diskcache; `redis` is Redis alone;
-`postgres` is wbcache over PostgreSQL against PostgreSQL alone (needs `pg_dsn`)."""
+`shared` is wbcache's shared directories (many processes, one LMDB database); `postgres` is
+wbcache over PostgreSQL against PostgreSQL alone (needs `pg_dsn`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +95,26 @@ class BenchConfig:
     """The hot-key row: `hot_keys` keys written `hot_writes_per_key` times each between two
     flushes, `hot_cycles` times over."""
 
+    shared_processes: tuple[int, ...] = (1, 2, 4)
+    shared_threads: int = 16
+    """The shared-directory put rows: each of `shared_processes` processes x `shared_threads`
+    threads on one shared directory, against 1 process with as many threads as the largest of
+    them has in all (4 x 16 = 64)."""
+
+    shared_flush_lanes: int = 4
+    shared_flush_entries: int = 50_000
+    """The shared flush rows: `shared_flush_lanes` processes (and 1) flushing
+    `shared_flush_entries` dirty entries each into the shared database at once."""
+
+    shared_read_keys: int = 1_000
+    """Keys the shared get rows read in another process than the one that wrote them."""
+
+    shared_staleness_samples: int = 30
+    staleness_flush_interval: float = 1.0
+    """The staleness row: writes timed from the writer's ack to the first read in another
+    process that sees them, with both processes flushing every `staleness_flush_interval` s
+    (the default flush_interval; shorter in a smoke run, whose numbers mean nothing)."""
+
     pg_dsn: str | None = None
     """The PostgreSQL server of the `postgres` section (a libpq DSN or postgresql:// URL);
     None: its rows say "not configured". The run works in a schema of its own, dropped after."""
@@ -150,6 +171,8 @@ _QUICK: dict[str, object] = {
     "eviction_capacity": 3_000,
     "scan_every": 24_000,
     "scan_length": 6_000,
+    "shared_flush_entries": 20_000,
+    "shared_staleness_samples": 10,
 }
 
 _SMOKE: dict[str, object] = {
@@ -178,4 +201,8 @@ _SMOKE: dict[str, object] = {
     "hot_writes_per_key": 100,
     "hot_cycles": 1,
     "pg_flush_entries": 500,
+    "shared_flush_entries": 1_000,
+    "shared_read_keys": 100,
+    "shared_staleness_samples": 3,
+    "staleness_flush_interval": 0.05,
 }

@@ -30,12 +30,17 @@ SHORT_NAMES = {
     "far_hot_write_through": "write-through",
     "lru_zipf": "exact LRU",
     "lru_scan": "exact LRU",
+    "shared_p1_t64": "1 proc x 64 thr",
+    "shared_flush_l1": "1 lane",
+    "get_dict": "in-process hit",
 }
 
 SECTION_TITLES = {
     "baselines": "baselines (same run)",
     "peers": "peers: durable acks/s, one commit per write, N client threads",
     "wbcache": "wbcache",
+    "shared": "shared directory: processes on one directory, one LMDB database, a lane each "
+              "(wbcache.open(path, shared=True))",
     "postgres": "postgres: wbcache over PostgreSQL against PostgreSQL alone, same threads, keys "
                 "and values (durable acks/s)",
     "postgres-far": "postgres over a far link: the same, the database behind a proxy that holds "

@@ -30,6 +30,7 @@ from bench import (
     recovery_rows,
     redis_peer,
     report,
+    shared_rows,
     wbcache_rows,
 )
 from bench.config import BenchConfig
@@ -39,7 +40,7 @@ from bench.targets import TARGETS
 from bench.workload import Scratch, Workload
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SECTION_ORDER = ("baselines", "peers", "wbcache", "postgres", "postgres-far")
+SECTION_ORDER = ("baselines", "peers", "wbcache", "shared", "postgres", "postgres-far")
 TRIAL_WATCHDOG_SECONDS = 900  # the slowest trial (writing a 1,000,000-record log) takes ~15 s
 
 
@@ -56,6 +57,7 @@ def collect(config: BenchConfig, workload: Workload, scratch: Scratch,
         rows += redis_peer.measurements(config, workload, scratch, resources)
     if "wbcache" in only:
         rows += wbcache_rows.measurements(config, workload, scratch)
+    rows += shared_rows.measurements(config, scratch, only, resources)
     if "postgres" in only:
         rows += postgres_rows.measurements(config, workload, scratch, resources)
     rows += recovery_rows.measurements(config, workload, scratch, only)

@@ -133,6 +133,11 @@ TARGETS = (
            value_of("recover_rss"), "<=", 120 * MB, unit="MB"),
     Target("memory", "memory of the entries / a plain dict of the same values",
            ratio("memory", "memory_dict"), "<=", 2),
+    # shared directories: many processes, one LMDB database
+    Target("shared_p2_t16", "shared directory: 2 processes x 16 threads / 1 process x 64 threads",
+           ratio("shared_p2_t16", "shared_p1_t64"), ">=", 1.4),
+    Target("shared_staleness", "shared directory: worst staleness of a read in another process "
+           "/ (flush_interval + read_ttl)", extra_of("shared_staleness", "of_bound"), "<=", 1),
     # PostgreSQL over a far link (1 ms each way)
     Target("far_write_back_t1", "far link, 1 thread: write-back / write-through",
            ratio("far_write_back_t1", "far_write_through_t1"), ">=", 10),

@@ -17,7 +17,7 @@ import tempfile
 import click
 from click.core import ParameterSource
 
-from wbcache.fault_injection.lazyfs_config import LazyfsUnavailable, lazyfs_modes
+from wbcache.fault_injection.lazyfs_config import LAZYFS_MODES, LazyfsUnavailable, lazyfs_modes
 from wbcache.fault_injection.report import verdict
 from wbcache.fault_injection.shared_table import check_url, redact
 from wbcache.fault_injection.torture import BACKEND_MODES, MODES, run_torture
@@ -46,13 +46,14 @@ def _backend(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
                    "power cut leaves (unsynced bytes dropped or torn); lazyfs: real power cuts "
                    "on LazyFS, database included (needs --lazyfs); torn, corruption, fuzz: "
                    "damage the log's bytes; ioerrors: ENOSPC/EIO on the Nth call; shared: "
-                   "processes on one shared directory (= --shared); all: each. "
-                   "With --backend only kill runs (the default there).")
+                   "processes on one shared directory (= --shared); lazyfs-shared: power cuts "
+                   "under them; all: each. With --backend: kill and lazyfs (cuts under the "
+                   "nodes' directories).")
 @click.option("--backend", metavar="URL", callback=_backend, default=None,
               help="Torture caches sharing this database (postgresql://user@host/db): four "
                    "nodes, each its own directory, count into the same 100 counters of a "
                    "fresh table (dropped at the end), and are SIGKILLed and restarted; every "
-                   "counter must then be exact. Only --mode kill.")
+                   "counter must then be exact. Only --mode kill and lazyfs.")
 @click.option("--shared", is_flag=True,
               help="Same as --mode shared: four processes on one shared directory "
                    "(shared=True), SIGKILLed and restarted mid-flush, mid-adoption of an "
@@ -71,7 +72,8 @@ def _backend(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 @click.option("--seconds", type=click.FloatRange(0, min_open=True), default=None,
               help="Stop starting new cycles after this long (shared evenly by the modes).")
 @click.option("--lazyfs", metavar="PATH", envvar="WBCACHE_LAZYFS",
-              help="The LazyFS binary, for --mode lazyfs (also in all) [env WBCACHE_LAZYFS].")
+              help="The LazyFS binary, for --mode lazyfs and lazyfs-shared (also in all) "
+                   "[env WBCACHE_LAZYFS].")
 @click.option("--quiet", is_flag=True, help="Print only the final table.")
 def torture(directory: str | None, mode: str, backend: str | None, shared: bool, cycles: int,
             seed: int | None, threads: int | None, seconds: float | None, lazyfs: str | None,
@@ -95,7 +97,7 @@ def torture(directory: str | None, mode: str, backend: str | None, shared: bool,
     """
     modes = _modes(_shared_mode(mode, shared, backend), backend)
     try:
-        modes, skipped = lazyfs_modes(modes, lazyfs, asked=mode == "lazyfs")
+        modes, skipped = lazyfs_modes(modes, lazyfs, asked=mode in LAZYFS_MODES)
     except LazyfsUnavailable as exc:
         raise click.UsageError(str(exc)) from None
     if skipped:
@@ -152,14 +154,19 @@ def _shared_mode(mode: str, shared: bool, backend: str | None) -> str:
 
 
 def _modes(mode: str, backend: str | None) -> tuple[str, ...]:
-    """The campaigns to run. With a backend, the default `all` means those that apply there;
-    asking for another by name is a usage error, not something silently skipped."""
+    """The campaigns to run. With a backend, no --mode means kill, `all` means every mode
+    that applies there; asking for another by name is a usage error, not something silently
+    skipped."""
     if backend is None:
         return MODES if mode == "all" else (mode,)
     given = click.get_current_context().get_parameter_source("mode") != ParameterSource.DEFAULT
-    if given and mode not in BACKEND_MODES:
+    if not given:
+        return ("kill",)
+    if mode == "all":
+        return BACKEND_MODES
+    if mode not in BACKEND_MODES:
         raise click.UsageError(
-            f"--mode {mode} does not run with --backend: only {', '.join(BACKEND_MODES)} "
-            f"does (the other modes damage or rebuild a cache's own log and LMDB files)")
-    return BACKEND_MODES
+            f"--mode {mode} does not run with --backend: only {' and '.join(BACKEND_MODES)} "
+            f"do (the other modes damage or rebuild a cache's own log and LMDB files)")
+    return (mode,)
 

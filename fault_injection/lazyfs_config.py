@@ -40,19 +40,22 @@ def locate_lazyfs(path: str | None) -> str:
     return os.path.abspath(binary)
 
 
+LAZYFS_MODES = ("lazyfs", "lazyfs-shared")  # the campaigns that need LazyFS
+
+
 def lazyfs_modes(modes: tuple[str, ...], path: str | None, *, asked: bool
                  ) -> tuple[tuple[str, ...], str | None]:
     """`wbcache torture`'s modes once LazyFS is looked for (`path`, else $WBCACHE_LAZYFS): with
     it, $WBCACHE_LAZYFS names it for the campaign; without, the mode is dropped and the reason
     returned, or, if it was `asked` for by name, `LazyfsUnavailable` is raised."""
-    if "lazyfs" not in modes:
+    if not set(modes) & set(LAZYFS_MODES):
         return modes, None
     try:
         os.environ["WBCACHE_LAZYFS"] = locate_lazyfs(path)
     except LazyfsUnavailable as exc:
         if asked:
             raise
-        return tuple(mode for mode in modes if mode != "lazyfs"), str(exc)
+        return tuple(mode for mode in modes if mode not in LAZYFS_MODES), str(exc)
     return modes, None
 
 

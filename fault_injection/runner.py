@@ -82,6 +82,9 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+_EXIT_POLL = 0.5  # seconds: how often a silent worker is checked for having died
+
+
 def run_worker(config: WorkerSpec, scratch: str, *, kill_on: KillDecision | None = None,
                kill_after_seconds: float | None = None, env: dict[str, str] | None = None,
                timeout: float = WORKER_TIMEOUT) -> WorkerRun:
@@ -106,11 +109,16 @@ def run_worker(config: WorkerSpec, scratch: str, *, kill_on: KillDecision | None
         if now - started > timeout:
             hung = not killed
             killed = _kill(child) or killed
-        wait = timeout - (now - started)
+        wait = min(timeout - (now - started), _EXIT_POLL)
         if not killed and kill_at is not None:
             wait = min(wait, kill_at - now)
         ready, _, _ = select.select([fd], [], [], max(wait, 0.0))
         if not ready:
+            if child.poll() is not None:
+                # Dead, and its journal drained, but no end of file: a process it forked
+                # holds the pipe (a child stuck before it closed its copy). Waiting for that
+                # end of file would spin forever.
+                break
             continue
         chunk = os.read(fd, 1 << 16)
         if not chunk:

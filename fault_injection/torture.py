@@ -4,8 +4,10 @@ One size, `cycles`, scales every campaign (SCALE): with 50 a run is 50 random ki
 cycles of writers sharing cold keys, one pass of every crash point and more, 500 power-loss
 states, every torn-tail offset of a sample log, 5,000 corruption cases, 1,000 fuzz cases and
 every I/O error of the scripted run; with 1,000 (a soak) it is 1,000 kills, 1,000 interleave
-cycles, 10,000 states and 100,000 corruption cases. With a shared database (`backend`) it is
-that many kills of the multi-node campaign (nodes.py).
+cycles, 10,000 states and 100,000 corruption cases. `shared` is that many kills of processes
+on one shared directory, `lazyfs-shared` that many cycles of power cuts under them. With a
+shared database (`backend`) it is that many kills of the multi-node campaign (nodes.py) and
+cycles of power cuts under the nodes' directories (lazyfs_multi.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from wbcache.fault_injection.interleave import run_interleave
 from wbcache.fault_injection.ioerrors import run_ioerrors
 from wbcache.fault_injection.kill import run_kills
 from wbcache.fault_injection.lazyfs import run_lazyfs
+from wbcache.fault_injection.lazyfs_multi import run_lazyfs_nodes, run_lazyfs_shared
 from wbcache.fault_injection.nodes import run_node_kills
 from wbcache.fault_injection.oracle import Tally
 from wbcache.fault_injection.powerloss import run_powerloss
@@ -30,11 +33,12 @@ from wbcache.fault_injection.shared_dir import run_shared_dir
 from wbcache.fault_injection.torn import run_torn
 
 MODES = ("kill", "interleave", "crashpoints", "powerloss", "lazyfs", "torn", "corruption",
-         "fuzz", "ioerrors", "shared")
+         "fuzz", "ioerrors", "shared", "lazyfs-shared")
 CRASH_MODES = ("kill", "interleave", "crashpoints", "powerloss")
 # With a shared database (`backend`), only kills apply: the other modes damage or rebuild the
 # local log and LMDB files, and a server's own durability is not this harness's to fake.
-BACKEND_MODES: tuple[str, ...] = ("kill",)
+# LazyFS cuts apply too: the nodes' directories are on LazyFS, the server is not.
+BACKEND_MODES: tuple[str, ...] = ("kill", "lazyfs")
 
 CAMPAIGNS: dict[str, Callable[[Settings], Outcome]] = {
     "kill": run_kills,
@@ -47,9 +51,11 @@ CAMPAIGNS: dict[str, Callable[[Settings], Outcome]] = {
     "fuzz": run_fuzz,
     "ioerrors": run_ioerrors,
     "shared": run_shared_dir,  # processes on one shared directory (shared=True)
+    "lazyfs-shared": run_lazyfs_shared,  # power cuts under processes on one shared directory
 }
 BACKEND_CAMPAIGNS: dict[str, Callable[[Settings], Outcome]] = {
     "kill": run_node_kills,
+    "lazyfs": run_lazyfs_nodes,  # power cuts under the nodes' directories
 }
 
 
@@ -104,7 +110,7 @@ def run_torture(workdir: str, *, modes: tuple[str, ...], cycles: int, seed: int,
     unsupported = [mode for mode in modes if mode not in campaigns]
     if unsupported:
         raise ValueError(f"mode {unsupported[0]} does not run with a backend; only "
-                         f"{', '.join(BACKEND_MODES)} does")
+                         f"{' and '.join(BACKEND_MODES)} do")
     report = TortureReport(seed)
     started = time.monotonic()
     chosen = [mode for mode in MODES if mode in modes]

@@ -70,7 +70,11 @@ def make_copy(name: str) -> Path:
         shutil.copy2(REPO / relative, target)
     if name != "baseline":
         patch = PATCHES / f"{name}.patch"
-        subprocess.run(["git", "apply", "--check", str(patch)], cwd=src, check=True)
+        check = subprocess.run(["git", "apply", "--check", str(patch)], cwd=src,
+                               capture_output=True, text=True)
+        if check.returncode != 0:  # the code moved under it: tests/test_mutants.py says so too
+            raise SystemExit(f"{name}: the patch no longer applies (regenerate it, "
+                             f"mutants/README.md): {check.stderr.strip()}")
         subprocess.run(["git", "apply", str(patch)], cwd=src, check=True)
     for folder in SUBPACKAGES:
         (src / "wbcache" / folder).symlink_to(Path("..") / folder)

@@ -51,6 +51,11 @@ def test_python_m_bench_smoke_prints_every_row_the_targets_and_a_plot(tmp_path: 
                      "wbcache over PostgreSQL, put", "1 transaction per put (write-through)",
                      "flusher into PostgreSQL", "far: wbcache over PostgreSQL",
                      "far: wbcache write-back", "put acknowledgement latency",
+                     "put, 2 processes x 16 threads, one shared directory",
+                     "put, 1 process x 64 threads, one shared directory",
+                     "flush into the shared LMDB, 4 lanes at once",
+                     "keys another process wrote and flushed",
+                     "first get that sees it", "documented bound flush_interval",
                      "targets, each judged on numbers of this run", "SMOKE RUN"):
         assert expected in out, expected
     assert "issue" not in out.lower()  # targets say what they are, not where they came from

@@ -178,3 +178,24 @@ def test_two_first_opens_of_a_new_directory_racing_give_one_owner_and_one_locked
         assert answers == ["locked", "opened"], errors
         with wbcache.open(path):  # and the directory is whole afterwards
             pass
+
+
+def test_a_lock_whose_pid_cannot_be_written_is_not_left_held(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    # An EIO while writing our pid into LOCK fails the acquire; the flock taken just before
+    # must go with it, or the directory (a shared directory's lane: never adopted) stays
+    # locked by a process whose open failed.
+    from wbcache import lock as lock_module
+
+    path = str(tmp_path / "LOCK")
+
+    def failing_pwrite(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(5, "injected EIO")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(lock_module.os, "pwrite", failing_pwrite)
+        with pytest.raises(OSError, match="injected EIO"):
+            lock_module.DirectoryLock.acquire(path)
+    held = lock_module.DirectoryLock.acquire(path)  # CacheLockedError if the first kept it
+    held.release()

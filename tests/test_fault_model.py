@@ -21,6 +21,7 @@ import tempfile
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -238,5 +239,11 @@ class CacheModel(RuleBasedStateMachine):
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-CacheModel.TestCase.settings = settings(deadline=None)
+# 40 programs of up to 50 steps in the default suite; 1,000 with --soak.
+CacheModel.TestCase.settings = settings(deadline=None, max_examples=40)
 test_cache_behaves_like_a_dict_through_flushes_closes_and_crashes = CacheModel.TestCase
+
+
+@pytest.mark.soak
+class TestSoakCacheBehavesLikeADict(CacheModel.TestCase):  # type: ignore[misc,valid-type]
+    settings = settings(deadline=None, max_examples=1_000)

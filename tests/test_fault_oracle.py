@@ -161,3 +161,38 @@ def test_the_workload_is_the_same_in_every_process() -> None:
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            check=True, env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
     assert there.strip() == here
+
+
+class _OrphaningWorker:
+    """A 'worker' that forks a child which keeps the journal pipe (its stdout) open for a
+    minute, then exits: what a forked child stuck before closing its copy leaves behind."""
+
+    module = "orphaning_worker"
+
+    def __init__(self, pid_file: str) -> None:
+        self.pid_file = pid_file
+
+    def to_json(self) -> str:
+        return self.pid_file
+
+
+def test_a_dead_worker_whose_forked_child_holds_its_pipe_does_not_hold_the_harness(
+        tmp_path: Any) -> None:
+    from wbcache.fault_injection.runner import run_worker
+
+    (tmp_path / "orphaning_worker.py").write_text(
+        "import os, sys, time\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "open(sys.argv[1], 'w').write(str(pid))\n")
+    pid_file = str(tmp_path / "orphan.pid")
+    try:
+        run = run_worker(_OrphaningWorker(pid_file), str(tmp_path / "scratch"),
+                         env={"PYTHONPATH": str(tmp_path)}, timeout=120)
+        assert run.returncode == 0 and not run.hung
+        assert run.seconds < 20  # not the orphan's 60 s (it used to spin until then)
+    finally:
+        if os.path.exists(pid_file):
+            os.kill(int(open(pid_file).read()), 9)

@@ -118,13 +118,13 @@ def test_a_database_commit_counts_once_returned_and_may_go_either_way_in_flight(
                for seed in range(5))
 
 
-def test_200_power_loss_states_keep_every_acknowledged_write(tmp_path: Path) -> None:
-    outcome = run_powerloss(Settings(workdir=str(tmp_path), seed=SEED, cycles=200))
+def test_100_power_loss_states_keep_every_acknowledged_write(tmp_path: Path) -> None:
+    outcome = run_powerloss(Settings(workdir=str(tmp_path), seed=SEED, cycles=100))
     assert outcome.tally.violations == 0, "\n".join(outcome.tally.messages)
-    assert outcome.tally.cycles == 200
+    assert outcome.tally.cycles == 100
     assert outcome.tally.recovered == outcome.tally.acknowledged > 10_000
     with_unsynced = int(outcome.rows["  states with unsynced bytes (torn)"].split()[0])
-    assert with_unsynced >= 20  # power was cut while bytes were unsynced, often
+    assert with_unsynced >= 10  # power was cut while bytes were unsynced, often
 
 
 @pytest.mark.soak

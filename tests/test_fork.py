@@ -273,3 +273,37 @@ def test_an_inherited_async_cache_is_refused(cache_dir: Path) -> None:
                       "closed": True}
     with wbcache.open(cache_dir) as reopened:
         assert reopened.get("k2") == 2 and reopened.get("child") is None
+
+
+def test_fork_returns_in_the_parent_only_after_the_child_closed_its_lmdb_copy(
+        tmp_path: Path) -> None:
+    # LMDB's close clears the reader-table slots recorded under the pid that opened the
+    # environment: the parent's. A read the parent began while the child was still closing
+    # would lose its slot, and a writer could then reuse the pages it reads (the shared
+    # torture saw counters counted twice when forks raced reads). So the parent reads again
+    # only once the child has closed its copy: by then the child maps no data.mdb.
+    from wbcache.backends.lmdb import LmdbDatabase
+
+    path = tmp_path / "db"
+    database = LmdbDatabase(str(path))
+    try:
+        database.write([("k", b"v")], [], [], b"checkpoint", 1)
+        for _ in range(5):
+            hold, release = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # waits, mapping nothing of the database once disowned
+                os.close(release)
+                os.read(hold, 1)
+                os._exit(0)
+            os.close(hold)
+            try:
+                with open(f"/proc/{pid}/maps") as maps:
+                    mapped = [line for line in maps if str(path / "data.mdb") in line]
+            finally:
+                os.write(release, b"go")
+                os.close(release)
+                os.waitpid(pid, 0)
+            assert mapped == []
+            assert database.get("k") == b"v"
+    finally:
+        database.close()

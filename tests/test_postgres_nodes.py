@@ -33,9 +33,9 @@ from pg_support import (  # noqa: F401 (fixtures)
 NODES = 4
 THREADS = 8
 COUNTERS = 100
-KILLS = 4  # per node, then a last run that stops cleanly
+KILLS = 3  # per node, then a last run that stops cleanly
 EVERY_OTHER = 4  # every 4th batch also puts v:<node>:<thread>:<n % 16>
-RUN_WRITES = 1500  # acknowledged writes before a run is killed: 1x to 2.5x this, staggered
+RUN_WRITES = 1000  # acknowledged writes before a run is killed: 1x to 2.5x this, staggered
 
 
 def counter_of(node: int, thread: int, n: int) -> str:

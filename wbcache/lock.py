@@ -53,7 +53,11 @@ class DirectoryLock:
             raise
         lock = cls(fd, path)
         if record_owner:
-            lock.record_owner()
+            try:
+                lock.record_owner()
+            except BaseException:  # EIO, ENOSPC: no flock may outlive a failed acquire
+                lock.release()
+                raise
         return lock
 
     @classmethod
@@ -72,15 +76,19 @@ class DirectoryLock:
         return cls(fd, path)
 
     def record_owner(self) -> None:
-        """Write this process's pid into the (exclusively held) LOCK file."""
+        """Write this process's pid into the (exclusively held) LOCK file, as one fixed-width
+        line: it covers whatever an earlier owner wrote, so no truncate is needed (one syscall
+        fewer, and LazyFS's truncate of a file it has just created can fail with ENOENT)."""
         assert self._fd is not None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(self._fd, f"{os.getpid():<{_PID_WIDTH}}\n".encode(), 0)
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the last descriptor drops the flock
             self._fd = None
+
+
+_PID_WIDTH = 20  # wider than any pid Linux hands out (pid_max is at most 2**22)
 
 
 def _open_lock_file(path: str, *, writable: bool) -> int:

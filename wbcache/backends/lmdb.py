@@ -23,6 +23,7 @@ after fork(), and the child can close its copy safely only if no transaction was
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 from collections.abc import Collection, Iterator, Sequence
@@ -126,6 +127,7 @@ class LmdbDatabase:
         self.resizes = 0
         self._pid = os.getpid()
         self._quiet_for_fork = False
+        self._closed_in_child = (-1, -1)  # a pipe from _before_fork to the child's close
         forking.track(self)
 
     @property
@@ -223,18 +225,37 @@ class LmdbDatabase:
 
     def _before_fork(self) -> None:
         self._quiet_for_fork = self._gate.acquire_exclusive(_FORK_WAIT)
+        if self._quiet_for_fork:
+            self._closed_in_child = os.pipe()
 
     def _after_fork_in_parent(self) -> None:
+        """Resume only once the child has closed its copy (or died, or _FORK_WAIT passed):
+        LMDB's close clears the reader-table slots (shared memory) recorded under the pid
+        that opened the environment -- ours -- so a read we began meanwhile would lose its
+        slot, and a writer could reuse the pages it reads."""
         if self._quiet_for_fork:
             self._quiet_for_fork = False
-            self._gate.release_exclusive()
+            read_end, write_end = self._closed_in_child
+            os.close(write_end)
+            try:
+                select.select([read_end], [], [], _FORK_WAIT)  # a byte, or EOF if it died
+            finally:
+                os.close(read_end)
+                self._gate.release_exclusive()
 
     def _disown_after_fork(self) -> None:
         """In a child: close this copy of the environment if no transaction was open at the
         fork (then closing touches only the child's own mappings and descriptors, and the
-        child may open the database again); otherwise leave it alone for good."""
+        child may open the database again), and tell the parent it may read again;
+        otherwise leave it alone for good."""
         if self._quiet_for_fork:
-            self._env.close()
+            read_end, write_end = self._closed_in_child
+            os.close(read_end)
+            try:
+                self._env.close()
+            finally:
+                os.write(write_end, b"c")
+                os.close(write_end)
         if _shared.get(self.path, (None,))[0] is self:  # the child starts with none shared
             del _shared[self.path]
         forking.disown(self, _ForkedLmdbDatabase, "LmdbDatabase", self.path, self._pid)

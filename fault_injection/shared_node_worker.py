@@ -1,0 +1,81 @@
+"""One process of a shared directory (`wbcache.open(dir, shared=True)`) counting until killed.
+
+    python -m wbcache.fault_injection.shared_node_worker '<SharedDirConfig as JSON>'
+
+The shared-directory half of lazyfs_multi.py: the node worker's workload (counters.py: each
+write one batch of `incr` on a counter every process shares, the thread's marker, and now and
+then a value) and its journal (READY, MARKER, START, ACK, ERROR; node_worker.py), but over a
+shared directory, where each process writes through a lane of its own into one LMDB database,
+instead of over PostgreSQL. The keys name the process by `node`, as a node's do, so the
+multi-node ledger (ledger.py) judges both campaigns alike.
+
+Each thread first reads its marker (what the database or an adopted lane kept of that thread)
+and goes on from there. It never stops by itself: the harness kills it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import wbcache
+from wbcache.fault_injection.counters import marker_key, write
+from wbcache.fault_injection.journal import ACK, ERROR, MARKER, READY, START, Journal
+
+
+@dataclass
+class SharedDirConfig:
+    module: ClassVar[str] = "wbcache.fault_injection.shared_node_worker"
+
+    directory: str  # the shared directory
+    node: int  # this process's number in the keys (the harness gives each run a new one)
+    threads: int = 4
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> SharedDirConfig:
+        return cls(**json.loads(text))
+
+
+def run(config: SharedDirConfig) -> None:
+    journal = Journal(1)
+    cache = wbcache.open(config.directory, shared=True, **config.options)
+    report = cache.recovery
+    journal.emit(READY, os.getpid(), report.replayed, report.torn_bytes, report.checkpoint_after)
+    threads = [threading.Thread(target=_write, args=(cache, journal, config.node, thread),
+                                daemon=True) for thread in range(config.threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    os._exit(1)  # every thread stopped on an error (journaled): the harness reports it
+
+
+def _write(cache: wbcache.Cache, journal: Journal, node: int, thread: int) -> None:
+    try:
+        n = cache.get(marker_key(node, thread), 0)
+    except Exception as exc:  # reported, then this thread stops: the parent judges it
+        journal.emit(ERROR, thread, 0, type(exc).__name__, str(exc))
+        return
+    journal.emit(MARKER, thread, n)
+    while True:
+        n += 1
+        journal.emit(START, thread, n)
+        try:
+            with cache.batch() as batch:
+                write(batch, node, thread, n)
+        except Exception as exc:  # reported, then this thread stops: the parent judges it
+            journal.emit(ERROR, thread, n, type(exc).__name__, str(exc))
+            return
+        journal.emit(ACK, thread, n, None)
+
+
+if __name__ == "__main__":
+    run(SharedDirConfig.from_json(sys.argv[1]))
