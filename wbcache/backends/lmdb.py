@@ -104,6 +104,7 @@ class LmdbDatabase:
                 raise ValueError("LmdbDatabase: lock=False is only safe with readonly=True")
             os.makedirs(path, mode=0o700, exist_ok=True)
         self.path = path
+        self._readonly = readonly
         try:
             self._env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=3, sync=True,
                                   metasync=True, readonly=readonly, mode=0o600, lock=lock,
@@ -147,9 +148,23 @@ class LmdbDatabase:
         with self._gate.reading(), self._env.begin(db=db) as txn:
             return txn.get(raw)  # type: ignore[no-any-return]
 
-    def checkpoint(self, name: bytes) -> int:
-        with self._gate.reading(), self._env.begin(db=self._meta) as txn:
-            raw = txn.get(name)
+    def checkpoint(self, name: bytes, *, fresh: bool = False) -> int:
+        """The checkpoint `name`. With `fresh`, read in a write transaction (then aborted):
+        an LMDB reader takes the snapshot the lock file names, and a writer SIGKILLed after
+        its meta page was written but before the lock file was updated leaves every reader
+        of every process one commit behind until the next write transaction repairs it. A
+        replay that started from such a stale checkpoint would add the killed writer's
+        increments a second time (the shared-directory torture saw exactly that)."""
+        if not fresh or self._readonly:
+            with self._gate.reading(), self._env.begin(db=self._meta) as txn:
+                raw = txn.get(name)
+            return int.from_bytes(raw, "big") if raw else 0
+        with self._gate.reading():
+            txn = self._env.begin(write=True, db=self._meta)
+            try:
+                raw = txn.get(name)
+            finally:
+                txn.abort()
         return int.from_bytes(raw, "big") if raw else 0
 
     def checkpoints(self, prefix: bytes) -> dict[str, int]:
@@ -387,7 +402,8 @@ class SharedLmdbBackend:
         return self._database.get(key)
 
     def checkpoint(self) -> int:
-        return self._database.checkpoint(self._checkpoint_name())
+        # fresh: recovery and adoption replay from it, and increments are deltas here
+        return self._database.checkpoint(self._checkpoint_name(), fresh=True)
 
     def count(self) -> int:
         return self._database.count()

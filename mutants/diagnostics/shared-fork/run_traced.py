@@ -4,6 +4,8 @@ import wbcache.fault_injection.shared_dir as sd
 from wbcache.fault_injection.campaign import Settings
 seed, cycles, triggers = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 sd.TRIGGERS = tuple(triggers.split(","))
+if os.environ.get("SHTORT_NOFORKS"): sd.OTHER_FORKS = 0
+if os.environ.get("SHTORT_SLOTS"): sd.SLOTS = int(os.environ["SHTORT_SLOTS"])
 out = sys.argv[4]
 os.makedirs(out, exist_ok=True)
 _rw = sd.run_worker

@@ -18,3 +18,17 @@ if os.environ.get("SHTORT_TRACE"):
         _orig(self, puts, deletes, checkpoint, increments)
         sys.stderr.write("APPLIED %d %s %d\n" % (os.getpid(), rec["lane"], checkpoint)); sys.stderr.flush()
     _L.SharedLmdbBackend.apply = _apply
+if os.environ.get("SHTORT_NOREOPEN"):
+    from wbcache import forking as _F
+    def _exit_instead(self):
+        os._exit(0)
+    _F.Disowned.reopen = _exit_instead
+    _F._OWN["reopen"] = _exit_instead
+if os.environ.get("SHTORT_NOCLOSE"):
+    from wbcache.backends import lmdb as _L2
+    from wbcache import forking as _F2
+    def _disown_no_close(self):
+        if _L2._shared.get(self.path, (None,))[0] is self:
+            del _L2._shared[self.path]
+        _F2.disown(self, _L2._ForkedLmdbDatabase, "LmdbDatabase", self.path, self._pid)
+    _L2.LmdbDatabase._disown_after_fork = _disown_no_close
