@@ -43,6 +43,22 @@ class BadBackendUrl(Exception):
     message holds no password (`redact`)."""
 
 
+class WholeNumber(click.IntRange):
+    """`click.IntRange` that calls a non-number what it is (click says "'abc' is not a valid
+    integer range", as if a range had been asked for)."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if isinstance(value, str):
+            try:
+                int(value)
+            except ValueError:
+                self.fail(f"{value!r} is not a whole number", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class WbcacheGroup(click.Group):
     """Turns library errors into one-line messages with the documented exit codes.
 

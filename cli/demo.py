@@ -20,6 +20,7 @@ import time
 import click
 
 import wbcache
+from wbcache.cli import WholeNumber
 from wbcache.recovery import RecoveryReport
 
 _READY = b"ready\n"
@@ -47,7 +48,7 @@ def _child(path: str, threads: int) -> None:
 @click.argument("directory", required=False, type=click.Path(file_okay=False))
 @click.option("--seconds", default=3.0, show_default=True, type=click.FloatRange(0.1, 600),
               help="How long the child writes before it is killed.")
-@click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 256),
+@click.option("--threads", default=8, show_default=True, type=WholeNumber(1, 256),
               help="Writer threads in the child.")
 def demo(directory: str | None, seconds: float, threads: int) -> None:
     """Write from a child process, kill -9 it, reopen, and check every acknowledged write.

@@ -17,6 +17,7 @@ import tempfile
 import click
 from click.core import ParameterSource
 
+from wbcache.cli import WholeNumber
 from wbcache.fault_injection.lazyfs_config import LAZYFS_MODES, LazyfsUnavailable, lazyfs_modes
 from wbcache.fault_injection.report import verdict
 from wbcache.fault_injection.shared_table import check_url, redact
@@ -58,7 +59,7 @@ def _backend(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
               help="Same as --mode shared: four processes on one shared directory "
                    "(shared=True), SIGKILLed and restarted mid-flush, mid-adoption of an "
                    "orphan lane and mid-fork; every counter and register must then be exact.")
-@click.option("--cycles", default=50, show_default=True, type=click.IntRange(1),
+@click.option("--cycles", default=50, show_default=True, type=WholeNumber(1),
               help="Size of the run: kills; interleave cycles; crash-point runs (at least "
                    "one per point); "
                    "power-loss states x10; corruption cases x100; fuzz cases x20; torn-tail "
@@ -66,7 +67,7 @@ def _backend(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
                    "by the nodes.")
 @click.option("--seed", type=int, default=None,
               help="Seed of every random choice (default: a random one, printed).")
-@click.option("--threads", type=click.IntRange(1, 64), default=None,
+@click.option("--threads", type=WholeNumber(1, 64), default=None,
               help=f"Writer threads in each worker process [default: {THREADS}; "
                    f"{BACKEND_THREADS} with --backend].")
 @click.option("--seconds", type=click.FloatRange(0, min_open=True), default=None,

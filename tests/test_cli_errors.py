@@ -168,6 +168,19 @@ def test_usage_errors_exit_2(tmp_path: Path, driver: str) -> None:
     assert "the directory path is empty" in results[-1].stderr
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["torture", "--cycles", "abc"], "'--cycles': 'abc' is not a whole number"),
+    (["torture", "--threads", "1.5"], "'--threads': '1.5' is not a whole number"),
+    (["demo", "--threads", "x"], "'--threads': 'x' is not a whole number"),
+    (["torture", "--cycles", "0"], "'--cycles': 0 is not in the range x>=1"),
+])
+def test_a_count_that_is_not_a_whole_number_says_so(argv: list[str], message: str) -> None:
+    # click's own wording for IntRange was "'abc' is not a valid integer range"
+    result = run("runner", *argv)
+    assert result.exit_code == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("command", ["recover", "inspect", "verify", "stats", "dump", "get"])
 def test_every_command_has_help_with_an_example(command: str) -> None:
     result = run("runner", command, "--help")
