@@ -73,9 +73,10 @@ def run_fuzz(settings: Settings) -> Outcome:
                 slowest = max(slowest, time.monotonic() - started)
                 done += 1
             sample_index += 1
-            settings.say(f"fuzz: {done:,}/{settings.cycles:,} cases, {outcomes['opened']:,} "
-                         f"opened, {outcomes['refused']:,} refused, violations "
-                         f"{outcome.tally.violations}")
+            # + 2: the two fixed huge-length cases, counted as the table counts them
+            settings.say(f"fuzz: {done + 2:,}/{settings.cycles + 2:,} cases, "
+                         f"{outcomes['opened']:,} opened, {outcomes['refused']:,} refused, "
+                         f"violations {outcome.tally.violations}")
     finally:
         if tracing:
             tracemalloc.stop()

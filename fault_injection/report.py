@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from wbcache.fault_injection.oracle import Tally
-from wbcache.wal.crashpoints import POINTS
 
 if TYPE_CHECKING:
     from wbcache.fault_injection.campaign import Outcome
@@ -70,9 +69,10 @@ def render(report: TortureReport) -> str:
                                 for tally, shown in zip(tallies, checked, strict=True)])
     covered = next((outcome.rows.get("crash points covered") for outcome in outcomes
                     if outcome.mode == "crashpoints"), None)
-    lines.append(["crash points covered"] + [
-        str(covered) if outcome.mode == "crashpoints" else "" for outcome in outcomes]
-        + ([str(covered or f"0 of {len(POINTS)}")] if len(outcomes) > 1 else []))
+    if covered is not None:  # a row only where the crashpoints campaign ran: blank otherwise
+        lines.append(["crash points covered"] + [
+            str(covered) if outcome.mode == "crashpoints" else "-" for outcome in outcomes]
+            + ([str(covered)] if len(outcomes) > 1 else []))
     lines.append(["seed", *[""] * (len(headers) - 1), str(report.seed)])
     label_width = max(len(row[0]) for row in lines)
     widths = [max(len(header), *(len(row[i + 1]) for row in lines)) for i, header in
