@@ -64,8 +64,9 @@ def run(config: NodeConfig) -> None:
     cache = wbcache.open(config.directory, backend=backend, **config.options)
     report = cache.recovery
     journal.emit(READY, os.getpid(), report.replayed, report.torn_bytes, report.checkpoint_after)
-    threads = [threading.Thread(target=_write, args=(cache, journal, config.node, thread),
-                                daemon=True) for thread in range(config.threads)]
+    threads = [threading.Thread(target=count_until_error,
+                                args=(cache, journal, config.node, thread), daemon=True)
+               for thread in range(config.threads)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -73,7 +74,10 @@ def run(config: NodeConfig) -> None:
     os._exit(1)  # every thread stopped on an error (journaled): the harness reports it
 
 
-def _write(cache: wbcache.Cache, journal: Journal, node: int, thread: int) -> None:
+def count_until_error(cache: wbcache.Cache, journal: Journal, node: int, thread: int) -> None:
+    """One writer thread: from its marker on, one journaled batch after another, until an
+    error (journaled) or the kill. shared_node_worker.py runs the same over a shared
+    directory."""
     try:
         n = cache.get(marker_key(node, thread), 0)  # what the database (or the log) kept
     except Exception as exc:  # reported, then this thread stops: the parent judges it

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import wbcache
-from wbcache.fault_injection.counters import marker_key, write
-from wbcache.fault_injection.journal import ACK, ERROR, MARKER, READY, START, Journal
+from wbcache.fault_injection.journal import READY, Journal
+from wbcache.fault_injection.node_worker import count_until_error
 
 
 @dataclass
@@ -49,32 +49,14 @@ def run(config: SharedDirConfig) -> None:
     cache = wbcache.open(config.directory, shared=True, **config.options)
     report = cache.recovery
     journal.emit(READY, os.getpid(), report.replayed, report.torn_bytes, report.checkpoint_after)
-    threads = [threading.Thread(target=_write, args=(cache, journal, config.node, thread),
-                                daemon=True) for thread in range(config.threads)]
+    threads = [threading.Thread(target=count_until_error,
+                                args=(cache, journal, config.node, thread), daemon=True)
+               for thread in range(config.threads)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     os._exit(1)  # every thread stopped on an error (journaled): the harness reports it
-
-
-def _write(cache: wbcache.Cache, journal: Journal, node: int, thread: int) -> None:
-    try:
-        n = cache.get(marker_key(node, thread), 0)
-    except Exception as exc:  # reported, then this thread stops: the parent judges it
-        journal.emit(ERROR, thread, 0, type(exc).__name__, str(exc))
-        return
-    journal.emit(MARKER, thread, n)
-    while True:
-        n += 1
-        journal.emit(START, thread, n)
-        try:
-            with cache.batch() as batch:
-                write(batch, node, thread, n)
-        except Exception as exc:  # reported, then this thread stops: the parent judges it
-            journal.emit(ERROR, thread, n, type(exc).__name__, str(exc))
-            return
-        journal.emit(ACK, thread, n, None)
 
 
 if __name__ == "__main__":
