@@ -307,3 +307,88 @@ def test_fork_returns_in_the_parent_only_after_the_child_closed_its_lmdb_copy(
             assert database.get("k") == b"v"
     finally:
         database.close()
+
+
+def _reads_within(database: Any, seconds: float) -> bool:
+    """Whether a read of "k" ends within `seconds` (a read gate left shut hangs for good)."""
+    done = threading.Event()
+
+    def read() -> None:
+        if database.get("k") == b"v":
+            done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return done.wait(seconds)
+
+
+def _fork_and_reap(body: Callable[[], None] = lambda: None) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            body()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_the_fork_handshake_works_with_descriptors_past_1023(tmp_path: Path) -> None:
+    # select() refuses descriptor numbers >= 1024 (a busy server reaches them); the failure
+    # also stopped the other databases' hooks, leaving their reads shut for good.
+    import resource
+
+    from wbcache.backends.lmdb import LmdbDatabase
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.fail(f"the descriptor limit ({hard}) is too low for this test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    databases = [LmdbDatabase(str(tmp_path / name)) for name in ("a", "b")]
+    try:
+        for database in databases:
+            database.write([("k", b"v")], [], [], b"checkpoint", 1)
+        assert _fork_and_reap() == 0
+        assert all(_reads_within(database, 10) for database in databases)
+    finally:
+        for database in databases:
+            database.close()
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_fork_without_a_descriptor_for_the_handshake_still_disowns_and_reads_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # os.pipe() failing (EMFILE) used to leave stale descriptor numbers for the parent to
+    # close (someone else's files) and its read gate shut.
+    import errno
+
+    from wbcache.backends import lmdb as lmdb_module
+
+    database = lmdb_module.LmdbDatabase(str(tmp_path / "db"))
+    try:
+        database.write([("k", b"v")], [], [], b"checkpoint", 1)
+
+        def no_descriptors() -> tuple[int, int]:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        report_read, report_write = os.pipe()  # the test's own, made before the failure
+        monkeypatch.setattr(lmdb_module.os, "pipe", no_descriptors)
+
+        def child() -> None:
+            try:
+                database.get("k")
+                outcome = b"used"
+            except ForkedCacheError:
+                outcome = b"refused"
+            os.write(report_write, outcome)
+
+        assert _fork_and_reap(child) == 0
+        monkeypatch.undo()
+        os.close(report_write)
+        assert os.read(report_read, 16) == b"refused"
+        os.close(report_read)
+        assert _reads_within(database, 10)
+    finally:
+        database.close()

@@ -26,6 +26,8 @@ one environment in a process).
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import weakref
 from typing import Any
 
@@ -48,28 +50,50 @@ def untrack(owner: Any) -> None:
         del _open[id(owner)]
 
 
+# One fork at a time: the owners' preparations (and _forking) belong to the fork in progress,
+# and two threads forking at once would undo each other's. Taken before, released after.
+_fork_in_progress = threading.Lock()
+
+
 def _before_fork() -> None:
+    _fork_in_progress.acquire()
     _forking[:] = list(_open.values())
     for owner in _forking:
         prepare = getattr(owner, "_before_fork", None)
         if prepare is not None:
-            prepare()
+            _each(prepare)
 
 
 def _after_fork_in_parent() -> None:
     owners, _forking[:] = list(_forking), []
-    for owner in owners:
-        resume = getattr(owner, "_after_fork_in_parent", None)
-        if resume is not None:
-            resume()
+    try:
+        for owner in owners:
+            resume = getattr(owner, "_after_fork_in_parent", None)
+            if resume is not None:
+                _each(resume)
+    finally:
+        _fork_in_progress.release()
 
 
 def _after_fork_in_child() -> None:
     owners, _forking[:] = list(_forking), []
     _open.clear()
-    for owner in owners:
-        owner._disown_after_fork()
-        _inherited.append(owner)
+    try:
+        for owner in owners:
+            _each(owner._disown_after_fork)
+            _inherited.append(owner)
+    finally:
+        _fork_in_progress.release()  # held by this thread, the only one the child has
+
+
+def _each(call: Any) -> None:
+    """One owner's fork hook: its failure must not skip the other owners' (a child whose
+    cache was never disowned could write under its parent's LSNs). Reported as Python
+    reports any exception of an at-fork hook, then the next owner goes on."""
+    try:
+        call()
+    except Exception:
+        sys.excepthook(*sys.exc_info())
 
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,

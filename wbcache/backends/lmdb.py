@@ -22,6 +22,7 @@ after fork(), and the child can close its copy safely only if no transaction was
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import threading
@@ -39,6 +40,7 @@ from wbcache.errors import DatabaseError
 from wbcache.wal.syscalls import SYSCALLS
 
 _CHECKPOINT = b"checkpoint"
+_log = logging.getLogger("wbcache.lmdb")
 _FORK_WAIT = 5.0  # s a fork waits for this process's open transactions to end
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 SHARED_READ_TTL = 0.05  # s; see SharedLmdbBackend
@@ -127,7 +129,8 @@ class LmdbDatabase:
         self.resizes = 0
         self._pid = os.getpid()
         self._quiet_for_fork = False
-        self._closed_in_child = (-1, -1)  # a pipe from _before_fork to the child's close
+        # a pipe from _before_fork to the child's close, for the fork in progress only
+        self._closed_in_child: tuple[int, int] | None = None
         forking.track(self)
 
     @property
@@ -224,38 +227,61 @@ class LmdbDatabase:
         self._env.close()
 
     def _before_fork(self) -> None:
+        self._closed_in_child = None
         self._quiet_for_fork = self._gate.acquire_exclusive(_FORK_WAIT)
         if self._quiet_for_fork:
-            self._closed_in_child = os.pipe()
+            try:
+                self._closed_in_child = os.pipe()
+            except OSError:  # no descriptor left: the child will leave its copy alone
+                self._closed_in_child = None
 
     def _after_fork_in_parent(self) -> None:
         """Resume only once the child has closed its copy (or died, or _FORK_WAIT passed):
         LMDB's close clears the reader-table slots (shared memory) recorded under the pid
         that opened the environment -- ours -- so a read we began meanwhile would lose its
         slot, and a writer could reuse the pages it reads."""
-        if self._quiet_for_fork:
-            self._quiet_for_fork = False
-            read_end, write_end = self._closed_in_child
-            os.close(write_end)
-            try:
-                select.select([read_end], [], [], _FORK_WAIT)  # a byte, or EOF if it died
-            finally:
-                os.close(read_end)
-                self._gate.release_exclusive()
+        quiet, self._quiet_for_fork = self._quiet_for_fork, False
+        pipe, self._closed_in_child = self._closed_in_child, None
+        if not quiet:
+            return
+        try:
+            if pipe is not None:
+                read_end, write_end = pipe
+                try:
+                    os.close(write_end)
+                    poller = select.poll()  # not select(): descriptors above 1023 happen
+                    poller.register(read_end, select.POLLIN)
+                    if not poller.poll(_FORK_WAIT * 1000):  # a byte, or EOF if it died
+                        _log.warning("a child forked from pid %d did not close its copy of "
+                                     "%s within %.0f s; reads go on", os.getpid(), self.path,
+                                     _FORK_WAIT)
+                finally:
+                    os.close(read_end)
+        finally:
+            self._gate.release_exclusive()
 
     def _disown_after_fork(self) -> None:
         """In a child: close this copy of the environment if no transaction was open at the
-        fork (then closing touches only the child's own mappings and descriptors, and the
-        child may open the database again), and tell the parent it may read again;
-        otherwise leave it alone for good."""
-        if self._quiet_for_fork:
-            read_end, write_end = self._closed_in_child
-            os.close(read_end)
-            try:
-                self._env.close()
-            finally:
-                os.write(write_end, b"c")
-                os.close(write_end)
+        fork and the parent waits for it (then closing touches only the child's own mappings
+        and descriptors, and the child may open the database again), then tell the parent
+        it may read again; otherwise leave it alone for good."""
+        pipe, self._closed_in_child = self._closed_in_child, None
+        try:
+            if self._quiet_for_fork and pipe is not None:
+                read_end, write_end = pipe
+                os.close(read_end)
+                try:
+                    self._env.close()
+                finally:
+                    try:
+                        os.write(write_end, b"c")
+                    except OSError:  # the parent stopped waiting (and closed its end)
+                        pass
+                    os.close(write_end)
+        finally:
+            self._disown()
+
+    def _disown(self) -> None:
         if _shared.get(self.path, (None,))[0] is self:  # the child starts with none shared
             del _shared[self.path]
         forking.disown(self, _ForkedLmdbDatabase, "LmdbDatabase", self.path, self._pid)
