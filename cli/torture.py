@@ -113,9 +113,10 @@ def torture(directory: str | None, mode: str, backend: str | None, shared: bool,
         click.echo(f"wbcache torture: modes {', '.join(modes)}, size {cycles}, seed {seed}, "
                    f"{threads} writer threads, scratch {workdir}")
     else:
-        click.echo(f"wbcache torture: kill, caches sharing {redact(backend)}: {cycles} kills "
-                   f"among up to 4 nodes of {threads} writer threads, seed {seed}, "
-                   f"scratch {workdir}")
+        what = {"kill": f"{cycles} kills", "lazyfs": f"{cycles} power-cut cycles"}
+        click.echo(f"wbcache torture: {' and '.join(modes)}, caches sharing {redact(backend)}: "
+                   f"{', '.join(what[mode] for mode in modes)} of up to 4 nodes of {threads} "
+                   f"writer threads, seed {seed}, scratch {workdir}")
     try:
         report = run_torture(workdir, modes=modes, cycles=cycles, seed=seed, threads=threads,
                              seconds=seconds, progress=None if quiet else click.echo,
