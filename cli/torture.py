@@ -24,7 +24,7 @@ from wbcache.fault_injection.shared_table import check_url, redact
 from wbcache.fault_injection.torture import BACKEND_MODES, MODES, run_torture
 
 THREADS = 4  # writer threads per worker
-BACKEND_THREADS = 8  # per node, with --backend (issue 6: four processes of 8 threads)
+BACKEND_THREADS = 8  # per node, with --backend: four processes of 8 threads
 
 
 def _backend(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:

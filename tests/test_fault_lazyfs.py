@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import require_service
+from lazyfs_support import lazyfs_binary_fixture, processes_naming  # noqa: F401 (fixture)
 
 import wbcache.cli.torture as cli_torture
 from wbcache.cli import main
 from wbcache.fault_injection.campaign import Outcome
 from wbcache.fault_injection.journal import ACK, OPEN, READY, START, SYNC
-from wbcache.fault_injection.lazyfs_config import LazyfsUnavailable, locate_lazyfs
+from wbcache.fault_injection.lazyfs_config import LazyfsUnavailable
 from wbcache.fault_injection.lazyfs_mount import LazyfsMount, is_mount_point
 from wbcache.fault_injection.lazyfs_oracle import INTERVAL_MARGIN, required_acks
 from wbcache.fault_injection.lazyfs_plan import FIRST, KINDS
@@ -29,30 +29,6 @@ from wbcache.fault_injection.torture import TortureReport, run_torture
 
 SLICE_CYCLES = 10  # the CI slice: every kind of cut once, then three at random
 SLICE_SEED = 20261202
-
-
-@pytest.fixture(scope="module")
-def lazyfs_binary() -> str:
-    try:
-        return locate_lazyfs(None)
-    except LazyfsUnavailable as exc:
-        require_service("LazyFS", str(exc))
-        raise  # unreachable: require_service skips or fails
-
-
-def _processes_naming(text: str) -> list[int]:
-    """Pids of live processes whose command line contains `text` (this run's scratch path)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                if text.encode() in cmdline.read():
-                    found.append(int(entry))
-        except OSError:  # gone meanwhile
-            continue
-    return found
 
 
 # ---------------------------------------------------------------- the tool itself
@@ -144,7 +120,7 @@ def test_a_failing_cycle_leaves_nothing_mounted_and_no_process_running(
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # our LazyFS processes are gone (and reaped)
-    assert _processes_naming(str(work)) == []  # no worker left writing
+    assert processes_naming(str(work)) == []  # no worker left writing
 
 
 # ---------------------------------------------------------------- finding LazyFS

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_service
+from lazyfs_support import lazyfs_binary_fixture, processes_naming  # noqa: F401 (fixture)
 from pg_support import pg_dsn_fixture, query  # noqa: F401 (fixture)
 
 import wbcache.fault_injection.lazyfs_multi as lazyfs_multi
 from wbcache.fault_injection.campaign import Outcome, Settings
-from wbcache.fault_injection.lazyfs_config import LazyfsUnavailable, locate_lazyfs
 from wbcache.fault_injection.lazyfs_mount import LazyfsMount, is_mount_point
 from wbcache.fault_injection.lazyfs_multi import (
     NODE_TRIGGERS,
@@ -37,34 +36,10 @@ ACK_BEFORE_FSYNC = {"fsync": "interval", "fsync_interval": 3600.0, "flush_interv
                     "flush_threshold": 100_000}
 
 
-@pytest.fixture(scope="module")
-def lazyfs_binary() -> str:
-    try:
-        return locate_lazyfs(None)
-    except LazyfsUnavailable as exc:
-        require_service("LazyFS", str(exc))
-        raise  # unreachable: require_service skips or fails
-
-
 def _settings(tmp_path: Path, cycles: int, *, backend: str | None = None,
               threads: int = 2) -> Settings:
     return Settings(workdir=str(tmp_path / "work"), seed=SEED, cycles=cycles, threads=threads,
                     backend=backend)
-
-
-def _processes_naming(text: str) -> list[int]:
-    """Pids of live processes whose command line contains `text` (this run's scratch path)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                if text.encode() in cmdline.read():
-                    found.append(int(entry))
-        except OSError:  # gone meanwhile
-            continue
-    return found
 
 
 def _assert_exact_through_cuts(outcome: Outcome, cycles: int, triggers: tuple[str, ...]) -> None:
@@ -161,7 +136,7 @@ def test_a_failing_cycle_leaves_nothing_mounted_and_no_process_running(
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # our LazyFS processes are gone (and reaped)
-    assert _processes_naming(str(work)) == []  # no process left writing
+    assert processes_naming(str(work)) == []  # no process left writing
 
 
 # ---------------------------------------------------------------- what is LazyFS's fault
