@@ -62,15 +62,20 @@ def run(config: NodeConfig) -> None:
     if config.record:
         backend = JournaledBackend(backend, journal, with_data=False)
     cache = wbcache.open(config.directory, backend=backend, **config.options)
+    serve(cache, journal, config.node, config.threads)
+
+
+def serve(cache: wbcache.Cache, journal: Journal, node: int, threads: int) -> None:
+    """Report READY with what the open recovered, then count from `threads` threads until
+    killed (shared_node_worker.py serves a shared directory the same way)."""
     report = cache.recovery
     journal.emit(READY, os.getpid(), report.replayed, report.torn_bytes, report.checkpoint_after)
-    threads = [threading.Thread(target=count_until_error,
-                                args=(cache, journal, config.node, thread), daemon=True)
-               for thread in range(config.threads)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    writers = [threading.Thread(target=count_until_error, args=(cache, journal, node, thread),
+                                daemon=True) for thread in range(threads)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
     os._exit(1)  # every thread stopped on an error (journaled): the harness reports it
 
 

@@ -16,15 +16,13 @@ and goes on from there. It never stops by itself: the harness kills it.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import wbcache
-from wbcache.fault_injection.journal import READY, Journal
-from wbcache.fault_injection.node_worker import count_until_error
+from wbcache.fault_injection.journal import Journal
+from wbcache.fault_injection.node_worker import serve
 
 
 @dataclass
@@ -47,16 +45,7 @@ class SharedDirConfig:
 def run(config: SharedDirConfig) -> None:
     journal = Journal(1)
     cache = wbcache.open(config.directory, shared=True, **config.options)
-    report = cache.recovery
-    journal.emit(READY, os.getpid(), report.replayed, report.torn_bytes, report.checkpoint_after)
-    threads = [threading.Thread(target=count_until_error,
-                                args=(cache, journal, config.node, thread), daemon=True)
-               for thread in range(config.threads)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    os._exit(1)  # every thread stopped on an error (journaled): the harness reports it
+    serve(cache, journal, config.node, config.threads)
 
 
 if __name__ == "__main__":
