@@ -158,16 +158,13 @@ class LmdbDatabase:
         of every process one commit behind until the next write transaction repairs it. A
         replay that started from such a stale checkpoint would add the killed writer's
         increments a second time (the shared-directory torture saw exactly that)."""
-        if not fresh or self._readonly:
-            with self._gate.reading(), self._env.begin(db=self._meta) as txn:
-                raw = txn.get(name)
-            return int.from_bytes(raw, "big") if raw else 0
+        write = fresh and not self._readonly
         with self._gate.reading():
-            txn = self._env.begin(write=True, db=self._meta)
+            txn = self._env.begin(write=write, db=self._meta)
             try:
                 raw = txn.get(name)
             finally:
-                txn.abort()
+                txn.abort()  # nothing to keep, written or read
         return int.from_bytes(raw, "big") if raw else 0
 
     def checkpoints(self, prefix: bytes) -> dict[str, int]:
