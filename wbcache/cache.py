@@ -21,7 +21,7 @@ It is a `collections.abc.MutableMapping`, with these differences from `dict`, ea
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import msgpack
@@ -94,12 +94,7 @@ class Cache(MutableMapping[Key, Any]):
         self._sequencer.wake_flusher = self._flusher.wake
         self._syncer = (IntervalSyncer(self._sequencer, options.fsync_interval)
                         if options.fsync == "interval" else None)
-        # The hit path, bound once: a lookup and a visited mark, no lock.
-        self._held = self._entries.map.get
-        self._visit = self._entries.visited.add
-        self._hits = 0
-        if read_ttl is not None:
-            self.get = self._get_within_ttl  # type: ignore[method-assign]
+        self.get, self._hits = _hit_path(self)  # type: ignore[method-assign]
         self._pid = os.getpid()
         self._flusher.start()
         if self._syncer is not None:
@@ -138,8 +133,7 @@ class Cache(MutableMapping[Key, Any]):
     def _rebind(self) -> None:
         """After `reopen` moved a fresh cache's state into this object: what `__init__` bound
         to the fresh object is bound here."""
-        if "get" in self.__dict__:
-            self.get = self._get_within_ttl  # type: ignore[method-assign]
+        self.get, self._hits = _hit_path(self)  # type: ignore[method-assign]
 
     @property
     def sequencer(self) -> Sequencer:
@@ -165,24 +159,9 @@ class Cache(MutableMapping[Key, Any]):
         Served from memory when it can be; otherwise read from the database (and kept).
         Raises `CacheClosedError`, and the backend's own error (e.g. `PostgresError`) if a
         database read fails. A key that cannot be stored is not there: `default`."""
-        held = self._held(key, _MISSING)
-        if held is _MISSING:
-            return self._read(key, default)
-        self._visit(key)
-        if type(held) is Packed:
-            self._hits += 1
-            return unpackb(held, strict_map_key=False)
-        if held is TOMBSTONE:
-            return default
-        self._hits += 1
-        return held
-
-    def _get_within_ttl(self, key: Key, default: Any = None) -> Any:
-        """`get` when clean entries expire after `read_ttl` (a shared database): an expired
-        entry is read again, so other caches' writes become visible."""
-        if not self._sequencer.in_memory(key):
-            return self._read(key, default)
-        return Cache.get(self, key, default)
+        # Each cache's own `get` is the closure `_hit_path` made for it: this is reached only
+        # as `Cache.get(cache, ...)`.
+        return self.get(key, default)
 
     def _read(self, key: Key, default: Any) -> Any:
         """Not answerable from memory: the sequencer reads the database (no lock held)."""
@@ -377,7 +356,7 @@ class Cache(MutableMapping[Key, Any]):
         with sequencer.lock:
             sequencer._check_open()
             return {
-                "hits": self._hits,
+                "hits": self._hits(),
                 "misses": sequencer.misses,
                 "writes": sequencer.writes,
                 "dirty": sequencer.dirty,
@@ -477,3 +456,44 @@ class Batch(BatchOperations):
         if ops is not None:
             self.lsn = self._commit_ops(ops)
 
+
+def _hit_path(cache: Cache) -> tuple[Callable[..., Any], Callable[[], int]]:
+    """`cache.get`, and a function that returns its hits so far.
+
+    A hit is the cache's hottest path: a lookup in memory, the CLOCK visited mark, the hit
+    count, no lock. It is a closure, so what it reads are cell variables rather than
+    attributes of `self` and it is called as a plain function, not a bound method: the
+    technique of the pure-Python `functools.lru_cache`, about 16 % fewer instructions per hit
+    (docs/bench.md). With a `read_ttl` (a shared database), an entry past it is read again,
+    so other caches' writes become visible."""
+    held_in = cache._entries.map.get
+    visit = cache._entries.visited.add
+    read = cache._read
+    in_memory = cache._sequencer.in_memory
+    hits = 0
+
+    def get(key: Key, default: Any = None) -> Any:
+        nonlocal hits
+        held = held_in(key, _MISSING)
+        if held is _MISSING:
+            return read(key, default)
+        visit(key)
+        if type(held) is Packed:
+            hits += 1
+            return unpackb(held, strict_map_key=False)
+        if held is TOMBSTONE:
+            return default
+        hits += 1
+        return held
+
+    def get_within_ttl(key: Key, default: Any = None) -> Any:
+        if not in_memory(key):
+            return read(key, default)
+        return get(key, default)
+
+    def hit_count() -> int:
+        return hits
+
+    chosen = get if cache.read_ttl is None else get_within_ttl
+    chosen.__doc__ = Cache.get.__doc__
+    return chosen, hit_count
