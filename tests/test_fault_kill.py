@@ -19,7 +19,9 @@ def test_24_random_kills_lose_no_acknowledged_write(tmp_path: Path) -> None:
     outcome = run_kills(Settings(workdir=str(tmp_path), seed=SEED, cycles=24))
     assert outcome.tally.violations == 0, "\n".join(outcome.tally.messages)
     assert outcome.tally.cycles == 24
-    assert outcome.tally.recovered == outcome.tally.acknowledged > 5_000
+    # About 10,000 acknowledged writes on a quiet machine; under CI's load (three suites on
+    # two cores) fewer than 5,000 were seen. The floor says the kills landed among real writes.
+    assert outcome.tally.recovered == outcome.tally.acknowledged > 1_000
     used = dict(part.split() for part in outcome.rows["kill triggers"].split(", "))
     assert set(used) == set(TRIGGERS) and all(int(count) > 0 for count in used.values())
 
