@@ -7,6 +7,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -656,3 +657,22 @@ def test_entering_a_closed_cache_raises_cache_closed(open_cache: OpenCache) -> N
     with pytest.raises(wbcache.CacheClosedError):
         with cache:
             pass
+
+
+def test_a_subclass_that_overrides_get_is_called(tmp_path: Path) -> None:
+    """Each cache binds a closure as its `get` (the hit path); a subclass's own `get` must
+    still be the one called, directly and through `[]`, `in`."""
+    calls = []
+
+    class Logged(wbcache.Cache):
+        def get(self, key: Any, default: Any = None) -> Any:
+            calls.append(key)
+            return super().get(key, default)
+
+    cache = Logged.open(tmp_path / "c", wbcache.Options())
+    try:
+        cache.put("k", 1)
+        assert cache.get("k") == 1 and cache["k"] == 1 and "k" in cache
+        assert calls == ["k", "k", "k"]
+    finally:
+        cache.close()

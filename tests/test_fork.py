@@ -148,6 +148,33 @@ def test_a_forked_child_is_refused_every_use_and_changes_nothing(cache_dir: Path
         assert len(reopened) == 102
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["single-owner", "shared"])
+def test_a_get_saved_before_the_fork_is_refused_in_the_child_and_reads_fresh_after_reopen(
+        tmp_path: Path, shared: bool) -> None:
+    """`g = cache.get` is the cache's own hit path (a closure over its memory), not a bound
+    method the refusal sees: before, the child read the parent's memory through it, and went
+    on reading it after `reopen()`."""
+    cache = wbcache.open(tmp_path / "c", shared=shared)
+    cache.put("k", "parent-value")
+    saved = cache.get
+
+    def child() -> dict[str, Any]:
+        report: dict[str, Any] = refusals(cache, {"saved get": lambda _: saved("k")})
+        if shared:
+            cache.reopen()
+            cache.put("k", "child-value")
+            report["after reopen"] = saved("k")
+            cache.close()
+        return report
+
+    expected: dict[str, Any] = {"saved get": "refused"}
+    if shared:
+        expected["after reopen"] = "child-value"
+    assert in_child(child) == expected
+    assert saved("k") == "parent-value"  # the parent's own reference is untouched
+    cache.close()
+
+
 def test_entering_an_inherited_cache_in_a_with_block_is_refused(cache_dir: Path) -> None:
     cache = wbcache.open(cache_dir)
 

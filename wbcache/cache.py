@@ -94,7 +94,7 @@ class Cache(MutableMapping[Key, Any]):
         self._sequencer.wake_flusher = self._flusher.wake
         self._syncer = (IntervalSyncer(self._sequencer, options.fsync_interval)
                         if options.fsync == "interval" else None)
-        self.get, self._hits = _hit_path(self)  # type: ignore[method-assign]
+        self._bind_hit_path()
         self._pid = os.getpid()
         self._flusher.start()
         if self._syncer is not None:
@@ -133,7 +133,12 @@ class Cache(MutableMapping[Key, Any]):
     def _rebind(self) -> None:
         """After `reopen` moved a fresh cache's state into this object: what `__init__` bound
         to the fresh object is bound here."""
-        self.get, self._hits = _hit_path(self)  # type: ignore[method-assign]
+        self._bind_hit_path()
+
+    def _bind_hit_path(self) -> None:
+        self._get, self._hits = _hit_path(self)
+        if type(self).get is Cache.get:  # a subclass's own `get` is left in charge
+            self.get = self._get  # type: ignore[method-assign]
 
     @property
     def sequencer(self) -> Sequencer:
@@ -159,9 +164,9 @@ class Cache(MutableMapping[Key, Any]):
         Served from memory when it can be; otherwise read from the database (and kept).
         Raises `CacheClosedError`, and the backend's own error (e.g. `PostgresError`) if a
         database read fails. A key that cannot be stored is not there: `default`."""
-        # Each cache's own `get` is the closure `_hit_path` made for it: this is reached only
-        # as `Cache.get(cache, ...)`.
-        return self.get(key, default)
+        # The closure `_hit_path` made for this cache; it is the instance's own `get` too
+        # (a plain function call), unless a subclass defines `get`.
+        return self._get(key, default)
 
     def _read(self, key: Key, default: Any) -> Any:
         """Not answerable from memory: the sequencer reads the database (no lock held)."""
@@ -426,6 +431,9 @@ class Cache(MutableMapping[Key, Any]):
                 close()
             except OSError:
                 pass
+        # A `get` saved before the fork (`g = cache.get`) is a closure over this memory, which
+        # the refusal below cannot reach: emptied, every call of it goes to `_read`, refused.
+        self._entries.clear()
         path, options = self.path, self.options
         reopen = (lambda: Cache.open(path, options)) if options.shared else None
         forking.disown(self, _ForkedCache, "Cache", self.path, self._pid, reopen)
