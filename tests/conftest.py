@@ -7,6 +7,8 @@ but CI sets WBCACHE_REQUIRE_SERVICES=1 (see .ci/run) and a missing server is the
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,34 @@ def require_service(name: str, reason: str) -> None:
     if os.environ.get("WBCACHE_REQUIRE_SERVICES") == "1":
         pytest.fail(f"{name} is required here (WBCACHE_REQUIRE_SERVICES=1): {reason}")
     pytest.skip(f"{name} not available: {reason}")
+
+
+def _tmpfs(path: str) -> bool:
+    try:
+        with open("/proc/self/mounts") as mounts:
+            return any(line.split()[1:3] == [path, "tmpfs"] for line in mounts)
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def ram_path(tmp_path: Path) -> Iterator[Path]:
+    """A fresh empty directory in RAM (/dev/shm, a tmpfs) where there is one, else tmp_path.
+
+    Only for tests whose claims are about bytes and logic, not about the disk: recovery of
+    damaged logs, faults injected in this process, power loss simulated by the disk model.
+    There each open of a cache costs several fsyncs that prove nothing, and on a busy disk
+    they were most of the test's time. Tests of durability on the real disk (strace, LazyFS,
+    SIGKILLed processes) keep tmp_path. Removed at teardown: RAM is not reclaimed otherwise.
+    """
+    if not _tmpfs("/dev/shm"):
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(prefix="wbcache-test-", dir="/dev/shm"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
