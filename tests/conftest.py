@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ram_support import RAM_DIR
 
 import wbcache
 
@@ -38,28 +39,15 @@ def require_service(name: str, reason: str) -> None:
     pytest.skip(f"{name} not available: {reason}")
 
 
-def _tmpfs(path: str) -> bool:
-    try:
-        with open("/proc/self/mounts") as mounts:
-            return any(line.split()[1:3] == [path, "tmpfs"] for line in mounts)
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def ram_path(tmp_path: Path) -> Iterator[Path]:
-    """A fresh empty directory in RAM (/dev/shm, a tmpfs) where there is one, else tmp_path.
-
-    Only for tests whose claims are about bytes and logic, not about the disk: recovery of
-    damaged logs, faults injected in this process, power loss simulated by the disk model.
-    There each open of a cache costs several fsyncs that prove nothing, and on a busy disk
-    they were most of the test's time. Tests of durability on the real disk (strace, LazyFS,
-    SIGKILLed processes) keep tmp_path. Removed at teardown: RAM is not reclaimed otherwise.
-    """
-    if not _tmpfs("/dev/shm"):
+    """A fresh empty directory in RAM where there is a tmpfs, else tmp_path (which tests
+    may use for this, see ram_support.py). Removed at teardown: RAM is not reclaimed
+    otherwise."""
+    if RAM_DIR is None:
         yield tmp_path
         return
-    path = Path(tempfile.mkdtemp(prefix="wbcache-test-", dir="/dev/shm"))
+    path = Path(tempfile.mkdtemp(prefix="wbcache-test-", dir=RAM_DIR))
     try:
         yield path
     finally:
