@@ -7,11 +7,14 @@ but CI sets WBCACHE_REQUIRE_SERVICES=1 (see .ci/run) and a missing server is the
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ram_support import RAM_DIR
 
 import wbcache
 
@@ -34,6 +37,31 @@ def require_service(name: str, reason: str) -> None:
     if os.environ.get("WBCACHE_REQUIRE_SERVICES") == "1":
         pytest.fail(f"{name} is required here (WBCACHE_REQUIRE_SERVICES=1): {reason}")
     pytest.skip(f"{name} not available: {reason}")
+
+
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+
+
+@pytest.fixture
+def ram_path(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A fresh empty directory in RAM where there is a tmpfs, else tmp_path (which tests
+    may use for this, see ram_support.py). Removed at teardown, RAM not being reclaimed
+    otherwise, unless the test failed: the evidence its campaign kept there stays."""
+    if RAM_DIR is None:
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(prefix="wbcache-test-", dir=RAM_DIR))
+    yield path
+    if not request.node.stash.get(_CALL_FAILED, True):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

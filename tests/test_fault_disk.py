@@ -27,8 +27,8 @@ SEED = int(os.environ.get("WBCACHE_TORTURE_SEED", "4"))
 
 
 def test_a_torn_tail_at_every_offset_of_the_last_three_records_recovers_the_exact_prefix(
-        tmp_path: Path) -> None:
-    outcome = run_torn(Settings(workdir=str(tmp_path), seed=SEED, cycles=1))
+        ram_path: Path) -> None:
+    outcome = run_torn(Settings(workdir=str(ram_path), seed=SEED, cycles=1))
     assert outcome.tally.violations == 0, "\n".join(outcome.tally.messages)
     sample = write_sample_log(random.Random(f"wbcache-torture/torn/{SEED}/0").randrange(1 << 30),
                               small_tail=True)
@@ -36,8 +36,8 @@ def test_a_torn_tail_at_every_offset_of_the_last_three_records_recovers_the_exac
     assert outcome.rows["torn-tail cases"] == len(FILLS) * span + 1  # every offset, every fill
 
 
-def test_2000_byte_and_bit_corruptions_before_the_tail_are_all_refused(tmp_path: Path) -> None:
-    outcome = run_corruption(Settings(workdir=str(tmp_path), seed=SEED, cycles=2_000))
+def test_2000_byte_and_bit_corruptions_before_the_tail_are_all_refused(ram_path: Path) -> None:
+    outcome = run_corruption(Settings(workdir=str(ram_path), seed=SEED, cycles=2_000))
     assert outcome.tally.violations == 0, "\n".join(outcome.tally.messages)
     assert outcome.rows["corruption cases"] == 2_000
     refused = dict(part.split() for part in outcome.rows["  refused as corrupt"].split(", "))
@@ -62,8 +62,8 @@ def test_damage_in_the_last_frame_is_a_torn_tail_so_the_corruption_check_would_f
 
 
 def test_fuzzed_segments_never_hang_over_allocate_or_raise_a_foreign_error(
-        tmp_path: Path) -> None:
-    outcome = run_fuzz(Settings(workdir=str(tmp_path), seed=SEED, cycles=400))
+        ram_path: Path) -> None:
+    outcome = run_fuzz(Settings(workdir=str(ram_path), seed=SEED, cycles=400))
     assert outcome.tally.violations == 0, "\n".join(outcome.tally.messages)
     assert outcome.rows["fuzz cases"] == 402
     opened, refused = (int(n.replace(",", ""))

@@ -77,8 +77,8 @@ def test_the_guard_flags_a_segment_deleted_before_the_database_had_it(tmp_path: 
 
 
 def test_every_failing_call_of_a_short_run_keeps_every_acknowledged_write(
-        tmp_path: Path) -> None:
-    outcome = run_ioerrors(Settings(workdir=str(tmp_path), seed=SEED, cycles=50))
+        ram_path: Path) -> None:
+    outcome = run_ioerrors(Settings(workdir=str(ram_path), seed=SEED, cycles=50))
     assert outcome.tally.violations == 0, "\n".join(outcome.tally.messages)
     runs, fired = outcome.rows["I/O error runs (fired)"].replace(",", "").replace(
         "(", "").replace(")", "").split()

@@ -25,6 +25,7 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from ram_support import RAM_DIR
 
 import wbcache
 from wbcache.fault_injection.backends import ControlledBackend
@@ -56,7 +57,8 @@ def encodable(value: Any) -> bool:
 class CacheModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.root = tempfile.mkdtemp(prefix="wbcache-model-")
+        # In RAM where possible: the crashes are simulated by copying files, not by the disk.
+        self.root = tempfile.mkdtemp(prefix="wbcache-model-", dir=RAM_DIR)
         self.generation = 0
         self.model: dict[Any, Any] = {}
         self.cache: wbcache.Cache | None = None

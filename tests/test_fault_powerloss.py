@@ -119,6 +119,8 @@ def test_a_database_commit_counts_once_returned_and_may_go_either_way_in_flight(
 
 
 def test_100_power_loss_states_keep_every_acknowledged_write(tmp_path: Path) -> None:
+    # On the disk, not in RAM: the worker's trace must hold real fsync latency, so that cuts
+    # land between a write and its fsync (in RAM the ack-before-fsync mutant went uncaught).
     outcome = run_powerloss(Settings(workdir=str(tmp_path), seed=SEED, cycles=100))
     assert outcome.tally.violations == 0, "\n".join(outcome.tally.messages)
     assert outcome.tally.cycles == 100

@@ -19,6 +19,7 @@ import unittest
 from typing import Any
 
 import pytest
+from ram_support import RAM_DIR
 
 import wbcache
 from wbcache.directory import open_directory
@@ -73,7 +74,8 @@ class TempCache(wbcache.Cache):
     """A cache on a fresh temporary directory, made the way the suite makes mappings."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        directory = tempfile.mkdtemp(prefix="wbcache-mapping-")
+        # In RAM where possible: this suite tests the mapping's behaviour, not the disk.
+        directory = tempfile.mkdtemp(prefix="wbcache-mapping-", dir=RAM_DIR)
         _directories.append(directory)
         options = Options(flush_interval=3600, fsync="interval")
         opened = open_directory(f"{directory}/cache", options)

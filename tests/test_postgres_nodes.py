@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 import msgpack
+import pytest
 from pg_support import (  # noqa: F401 (fixtures)
     pg_dsn_fixture,
     pg_schema_fixture,
@@ -36,6 +37,9 @@ COUNTERS = 100
 KILLS = 3  # per node, then a last run that stops cleanly
 EVERY_OTHER = 4  # every 4th batch also puts v:<node>:<thread>:<n % 16>
 RUN_WRITES = 1000  # acknowledged writes before a run is killed: 1x to 2.5x this, staggered
+# Half as many in the default run (still 12 kills landing mid-run, every counter hit); the
+# full size with --soak.
+RUN_SIZES = [RUN_WRITES // 2, pytest.param(RUN_WRITES, marks=pytest.mark.soak)]
 
 
 def counter_of(node: int, thread: int, n: int) -> str:
@@ -82,8 +86,9 @@ class Node:
     """Runs one node's cache directory through KILLS killed runs and one clean run, recording
     per thread the highest write reported as acknowledged."""
 
-    def __init__(self, index: int, path: Path, dsn: str, table: str) -> None:
+    def __init__(self, index: int, path: Path, dsn: str, table: str, run_writes: int) -> None:
         self.index = index
+        self.run_writes = run_writes
         self.args = [sys.executable, "-c", NODE, str(path), dsn, table, str(index)]
         self.acked = [0] * THREADS
         self.replayed: list[int] = []  # log records each restart's recovery replayed
@@ -94,7 +99,7 @@ class Node:
         for run in range(KILLS + 1):
             last = run == KILLS
             # staggered, so the four nodes die and recover at different moments
-            target = RUN_WRITES + RUN_WRITES // 2 * ((self.index + run) % 4)
+            target = self.run_writes + self.run_writes // 2 * ((self.index + run) % 4)
             if not self._one_run(target, last):
                 return
 
@@ -131,10 +136,12 @@ class Node:
         return True
 
 
+@pytest.mark.parametrize("run_writes", RUN_SIZES)
 def test_four_nodes_killed_and_restarted_count_every_increment_exactly_once(
-        tmp_path: Path, pg_dsn: str, pg_schema: str) -> None:
+        tmp_path: Path, pg_dsn: str, pg_schema: str, run_writes: int) -> None:
     table = f"{pg_schema}.wbcache"
-    nodes = [Node(index, tmp_path / f"node{index}", pg_dsn, table) for index in range(NODES)]
+    nodes = [Node(index, tmp_path / f"node{index}", pg_dsn, table, run_writes)
+             for index in range(NODES)]
     for node in nodes:
         node.thread.start()
     for node in nodes:
@@ -153,7 +160,7 @@ def test_four_nodes_killed_and_restarted_count_every_increment_exactly_once(
     assert len(expected) == COUNTERS
     assert counters == dict(expected)  # every counter exact: none lost, none twice
     total = sum(markers.values())
-    assert total == sum(counters.values()) and total >= NODES * (KILLS + 1) * RUN_WRITES
+    assert total == sum(counters.values()) and total >= NODES * (KILLS + 1) * run_writes
     # the kills landed mid-run: restarts found acknowledged writes the database did not have
     restarts = [count for node in nodes for count in node.replayed[1:]]
     assert len(restarts) == NODES * KILLS and sum(1 for count in restarts if count) >= NODES
