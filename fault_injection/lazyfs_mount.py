@@ -144,12 +144,17 @@ class LazyfsMount:
         self._completed_fd = os.open(self._completed, os.O_RDONLY | os.O_NONBLOCK)
         with open(os.path.join(self.state, "lazyfs.out"), "ab") as out:
             # -f: in the foreground, so this pid is the file system's own process.
+            # -s: one FUSE thread. Multi-threaded, LazyFS loses committed writes to a file
+            # that several processes write at once, with no cut at all: four processes
+            # incrementing counters in one LMDB (sync and metasync on) through it lost 30-160
+            # of 40,000 increments, and LMDB pages were reused while live; the same runs were
+            # exact on ext4, with data.mdb off the mount, or with -s (docs/lazyfs.md).
             # The config path is given relative to the working directory: LazyFS takes a
             # --config-path containing "-o" (as in ".../w-sync-off/...") for an option.
             self._process = subprocess.Popen(
                 [self.binary, self.mnt, "--config-path", os.path.basename(self._config),
                  "-o", "modules=subdir",
-                 "-o", f"subdir={self.root}", "-f"],
+                 "-o", f"subdir={self.root}", "-f", "-s"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=self.state)
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not self.mounted:
