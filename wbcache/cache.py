@@ -16,6 +16,9 @@ It is a `collections.abc.MutableMapping`, with these differences from `dict`, ea
     and `==` read the whole database: O(n);
   * every write is durable when it returns; `update`, `pop`, `popitem`, `setdefault` and
     `clear` are atomic, one log record and one fsync each.
+
+About 500 lines: the whole public mapping API in one place; each method is a few lines over
+the sequencer and the directory, and nothing here would be simpler split across files.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ class Cache(MutableMapping[Key, Any]):
         self._sequencer.wake_flusher = self._flusher.wake
         self._syncer = (IntervalSyncer(self._sequencer, options.fsync_interval)
                         if options.fsync == "interval" else None)
-        self._bind_hit_path()
+        self._rebind()
         self._pid = os.getpid()
         self._flusher.start()
         if self._syncer is not None:
@@ -131,11 +134,8 @@ class Cache(MutableMapping[Key, Any]):
         return self
 
     def _rebind(self) -> None:
-        """After `reopen` moved a fresh cache's state into this object: what `__init__` bound
-        to the fresh object is bound here."""
-        self._bind_hit_path()
-
-    def _bind_hit_path(self) -> None:
+        """Bind the hit path (`_hit_path`) to this object: at `__init__`, and again after
+        `reopen` moved a fresh cache's state into it."""
         self._get, self._hits = _hit_path(self)
         if type(self).get is Cache.get:  # a subclass's own `get` is left in charge
             self.get = self._get  # type: ignore[method-assign]
