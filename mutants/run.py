@@ -116,7 +116,9 @@ def run_one(name: str, tests: list[str], time_limit: float) -> dict[str, object]
     timings = SCRATCH / name / "timings.jsonl"
     env = environment(src, timings)
     check_copy_is_used(src, env, name)
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "timing_plugin",
+    # One process (-n 0): the timings say how long after the start each test caught the
+    # mutant, as in the tables of docs/torture.md, which xdist's workers would interleave.
+    command = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "timing_plugin",
                "-p", "no:cacheprovider", *expand(src, tests)]
     log = SCRATCH / name / "pytest.log"
     try:
