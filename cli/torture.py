@@ -90,7 +90,8 @@ def torture(directory: str | None, mode: str, backend: str | None, shared: bool,
     fuzzed, and I/O calls made to fail. Exits 1 on any violation.
 
     DIRECTORY (new or empty) holds the scratch work and, on failure, the evidence under
-    failures/; without it a temporary directory is used, removed if everything passed.
+    failures/; without it a temporary directory is used, removed if everything passed
+    (kept after a violation or an interruption).
 
     Examples: wbcache torture --mode all --cycles 50 --seed 1;
     wbcache torture --backend postgresql://postgres@127.0.0.1:5432/test --cycles 20;
