@@ -29,9 +29,6 @@ conditions are conditions of `lock` itself; its leader releases `lock` while it 
 fsyncs. Nothing here takes another lock while holding `lock`: not the backend's (it is never
 called), not the flusher's.
 
-One file of about 550 lines, on purpose: it is everything `lock` guards, and the invariants
-above hold only if every method that touches that state is read beside the others.
-
 Longer than the usual ~400 lines on purpose: everything `lock` guards is in this one file, so
 the invariants above can be checked by reading one file (the plans each write runs are in
 `writes.py`, memory in `memory.py`).
