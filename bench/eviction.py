@@ -13,7 +13,7 @@ Two traces, seeded (the same in every run):
   clock_{trace}  wbcache itself: a real `Cache` of that capacity, read with `get`, over a
                  backend that knows every key (a dict lookup: nothing on disk, so a miss costs
                  only wbcache's own miss path). Hits and misses come from `cache.stats()`, so
-                 what decides is the real code: the hit path's visited mark, and the miss
+                 what decides is the real code: the hit path's note of the hit, and the miss
                  path's read, keep-as-clean and CLOCK eviction (wbcache/memory.py)
 
 Both sides start empty and see every request; the ratio is wbcache's hit ratio over LRU's. A

@@ -17,7 +17,7 @@ import pytest
 from controlled import wait_until
 
 from wbcache.errors import CacheClosedError
-from wbcache.memory import TOMBSTONE, Entries
+from wbcache.memory import RECENT_HITS, TOMBSTONE, Entries
 from wbcache.recovery import walk_log
 from wbcache.sequencer import ABSENT, NeedsRead, Sequencer, WouldBlock
 from wbcache.wal import LogWriter
@@ -152,12 +152,31 @@ def test_eviction_keeps_pinned_entries_and_gives_visited_ones_a_second_chance(
         sequencer.put(key, msgpack.packb(key), key)
     sequencer.take_dirty()
     sequencer.flushed()  # all clean
-    entries.visited.add("a")  # a hit on "a"
+    entries.recent.append("a")  # a hit on "a", as `Cache.get` records it
     sequencer.put("d", msgpack.packb("d"), "d")  # over capacity: evicts one clean entry
     assert set(entries.map) == {"a", "c", "d"} and entries.evictions == 1  # "b", not "a"
     sequencer.put("e", msgpack.packb("e"), "e")
     sequencer.put("f", msgpack.packb("f"), "f")
     assert {"d", "e", "f"} <= set(entries.map)  # dirty: pinned, never evicted
+    sequencer.close()
+    sequencer.close_log()
+
+
+def test_only_the_newest_hits_between_two_evictions_give_a_second_chance(
+        tmp_path: Path, database: Database) -> None:
+    """The hit buffer is bounded (`RECENT_HITS`): a burst of hits longer than it keeps the
+    marks of its newest hits only, and an eviction turns those into marks."""
+    sequencer, entries = make(tmp_path, database, capacity=3)
+    for key in "abc":
+        sequencer.put(key, msgpack.packb(key), key)
+    sequencer.take_dirty()
+    sequencer.flushed()
+    entries.recent.append("a")  # pushed out of the buffer by the burst that follows
+    for _ in range(RECENT_HITS):
+        entries.recent.append("c")
+    sequencer.put("d", msgpack.packb("d"), "d")
+    assert set(entries.map) == {"b", "c", "d"}  # "a", the oldest, lost its hit: evicted
+    assert not entries.recent and entries.visited == {"c"}  # the hand stopped before "c"
     sequencer.close()
     sequencer.close_log()
 

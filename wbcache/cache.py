@@ -468,14 +468,14 @@ class Batch(BatchOperations):
 def _hit_path(cache: Cache) -> tuple[Callable[..., Any], Callable[[], int]]:
     """`cache.get`, and a function that returns its hits so far.
 
-    A hit is the cache's hottest path: a lookup in memory, the CLOCK visited mark, the hit
-    count, no lock. It is a closure, so what it reads are cell variables rather than
-    attributes of `self` and it is called as a plain function, not a bound method: the
-    technique of the pure-Python `functools.lru_cache`, about 16 % fewer instructions per hit
-    (docs/bench.md). With a `read_ttl` (a shared database), an entry past it is read again,
-    so other caches' writes become visible."""
+    A hit is the cache's hottest path: a lookup in memory, a note of the hit for the CLOCK
+    (`Entries.recent`), the hit count, no lock. It is a closure, so what it reads are cell
+    variables rather than attributes of `self` and it is called as a plain function, not a
+    bound method: the technique of the pure-Python `functools.lru_cache`, about 16 % fewer
+    instructions per hit (docs/bench.md). With a `read_ttl` (a shared database), an entry past
+    it is read again, so other caches' writes become visible."""
     held_in = cache._entries.map.get
-    visit = cache._entries.visited.add
+    note_hit = cache._entries.recent.append
     read = cache._read
     in_memory = cache._sequencer.in_memory
     hits = 0
@@ -485,7 +485,7 @@ def _hit_path(cache: Cache) -> tuple[Callable[..., Any], Callable[[], int]]:
         held = held_in(key, _MISSING)
         if held is _MISSING:
             return read(key, default)
-        visit(key)
+        note_hit(key)
         if type(held) is Packed:
             hits += 1
             return unpackb(held, strict_map_key=False)
