@@ -111,20 +111,25 @@ class Replay:
     def frame(self, records: list[Record]) -> None:
         after = self.checkpoint
         state, deltas = self._state, self._deltas
+        size = self._bytes  # in locals, stored once per batch: this loop is recovery's cost
+        folded = 0
         for record in records:
             if record[0] <= after:
                 continue
-            if record[1] == OP_PUT:  # the common case, inline: this loop is recovery's cost
+            if record[1] == OP_PUT:  # the common case, inline
                 key, value = record[2], record[3]
                 replaced = state.get(key)  # the state's bytes, not the log's: coalesced
-                self._bytes += len(value) - (len(replaced) if replaced else 0)
+                size += len(value) - (len(replaced) if replaced else 0)
                 state[key] = value
                 if deltas:
                     deltas.pop(key, None)
             else:
                 fold(state, record, deltas)
-            self.replayed += 1
-            self._last = record[0]
+            folded += 1
+        if folded:  # records run in LSN order: the last one was folded
+            self._last = records[-1][0]
+            self.replayed += folded
+        self._bytes = size
         before = self.records
         self.records += len(records)
         if self._progress is not None and self.records // PROGRESS_EVERY != \

@@ -235,10 +235,6 @@ def _walk(result: SegmentEnd, data: Data, header: SegmentHeader, is_last: bool,
     claimed: tuple[int, int] | None = None
     corrupt = False  # the reason is corruption whatever follows (a complete, wrong frame)
     while pos < size:
-        if release is not None and _RELEASE is not None and pos - released >= _RELEASE_EVERY:
-            upto = pos - pos % mmap.PAGESIZE
-            release(_RELEASE, released, upto - released)
-            released = upto
         if size - pos < FRAME_SIZE:
             reason = "frame header cut off at end of file"
             break
@@ -287,6 +283,10 @@ def _walk(result: SegmentEnd, data: Data, header: SegmentHeader, is_last: bool,
         pos = end
         batch += records
         if len(batch) >= _BATCH:
+            if release is not None and _RELEASE is not None and pos - released >= _RELEASE_EVERY:
+                upto = pos - pos % mmap.PAGESIZE
+                release(_RELEASE, released, upto - released)
+                released = upto
             yield batch
             batch = []
     if batch:

@@ -159,14 +159,14 @@ def frame_problem(records: object, max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> 
     if type(records) is not list or not records:
         return "a frame that is not a list of records"
     for record in records:
-        if (type(record) is list and len(record) == 4 and record[1] == OP_PUT
-                and type(record[0]) is int and record[0] > 0 and type(record[3]) is bytes):
-            key = record[2]
+        if type(record) is list and len(record) == 4:
+            lsn, op, key, value = record
             kind = type(key)
-            if (kind is bytes or kind is str) and 0 < len(key) and (
-                    len(key) * 4 <= max_key_size or _key_problem(key, max_key_size) is None):
+            if (op == OP_PUT and type(lsn) is int and lsn > 0 and type(value) is bytes
+                    and (kind is str or kind is bytes) and 0 < len(key)
+                    and (len(key) * 4 <= max_key_size or _key_problem(key, max_key_size) is None)):
                 try:
-                    _unpackb(record[3], strict_map_key=False)
+                    _unpackb(value, strict_map_key=False)
                     continue
                 except Exception:  # reported with its reason below
                     pass
