@@ -795,3 +795,27 @@ def test_a_segment_may_exceed_its_size_by_one_frame_only(tmp_path: Path) -> None
     assert len(segments) > 3
     for segment in segments:
         assert os.path.getsize(segment.path) <= 4096 + FRAME_SIZE + 200
+
+
+def _mapped_file_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
+def test_the_pages_of_a_log_of_big_values_are_released_as_it_is_read(tmp_path: Path) -> None:
+    """A segment of 192 values of 256 KiB (48 MiB, far fewer records than a batch): the reader
+    releases what it has read every 8 MiB, so the mapped pages it holds stay far below the
+    segment. A batch cut only by its record count kept all 48 MiB resident."""
+    big = b"x" * (256 << 10)
+    write_segment(tmp_path, 1, [put_record(lsn, f"k{lsn}", big) for lsn in range(1, 193)])
+    before = _mapped_file_kib()
+    highest = 0
+
+    def on_batch(records: list[list[Any]]) -> None:
+        nonlocal highest
+        highest = max(highest, _mapped_file_kib() - before)
+
+    end = walk_log(str(tmp_path), 0, on_batch)
+    assert end.records == 192 and end.last_lsn == 192
+    assert highest < 24 << 10, f"{highest} KiB of the 48 MiB segment stayed mapped"

@@ -57,8 +57,9 @@ from wbcache.wal.records import DEFAULT_MAX_KEY_SIZE, Record, decode_frame, fram
 
 Data = mmap.mmap | bytes
 _EMPTY = b""
-# Pages of a segment read past are released from the process every so many bytes: they stay in
-# the page cache, but a 64 MiB segment read whole no longer counts 64 MiB in the reader's RSS.
+# Pages of a segment read past are released from the process every so many bytes, at the end of
+# a batch: they stay in the page cache, but a 64 MiB segment read whole no longer counts 64 MiB
+# in the reader's RSS.
 _RELEASE_EVERY = 8 * 1024 * 1024
 _RELEASE: int | None = getattr(mmap, "MADV_DONTNEED", None)
 _BATCH = 1024  # records handed over at once (whole frames)
@@ -282,10 +283,13 @@ def _walk(result: SegmentEnd, data: Data, header: SegmentHeader, is_last: bool,
         count += len(records)
         pos = end
         batch += records
-        if len(batch) >= _BATCH:
-            if release is not None and _RELEASE is not None and pos - released >= _RELEASE_EVERY:
+        # A batch ends at _BATCH records or _RELEASE_EVERY bytes read, whichever comes first:
+        # a log of big values has few records, and its pages must be released all the same.
+        if len(batch) >= _BATCH or pos - released >= _RELEASE_EVERY:
+            if pos - released >= _RELEASE_EVERY:
                 upto = pos - pos % mmap.PAGESIZE
-                release(_RELEASE, released, upto - released)
+                if release is not None:
+                    release(_RELEASE, released, upto - released)
                 released = upto
             yield batch
             batch = []
