@@ -580,8 +580,25 @@ def test_stats_after_close_raises(open_cache: OpenCache) -> None:
         cache.stats()
 
 
+def test_a_get_hit_gives_its_entry_a_second_chance_at_eviction(open_cache: OpenCache) -> None:
+    """The lock-free hit path notes the hit where CLOCK looks: of three clean entries, the one
+    read survives the next eviction and the oldest unread one goes."""
+    cache = open_cache(capacity=3, flush_interval=3600.0)
+    for key in "abc":
+        cache.put(key, key)
+    cache.flush()  # all clean: evictable
+    assert cache.get("a") == "a"
+    cache.put("d", "d")  # over capacity: one clean entry is evicted
+    before = cache.stats()
+    assert before["evictions"] == 1 and before["cached"] == 3
+    assert cache.get("a") == "a"  # still in memory: a hit
+    assert cache.stats()["hits"] == before["hits"] + 1
+    assert cache.get("b") == "b"  # evicted: read back from the database
+    assert cache.stats()["misses"] == before["misses"] + 1
+
+
 def test_eviction_racing_lock_free_reads_never_breaks_a_write(open_cache: OpenCache) -> None:
-    """Readers reorder the LRU without the lock while writers evict: no write may fail half
+    """Readers note hits without the lock while writers evict: no write may fail half
     applied (eviction must not iterate the OrderedDict)."""
     import sys
 

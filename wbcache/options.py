@@ -47,7 +47,8 @@ class Options:
     Default 100,000. Nothing is ever dropped: this is backpressure."""
 
     capacity: int = 1_000_000
-    """Entries kept in memory. Clean entries beyond it are evicted least-recently-used; dirty
+    """Entries kept in memory. Clean entries beyond it are evicted by CLOCK (oldest first,
+    a second chance for those read since it last looked, close to LRU's hit ratio); dirty
     entries stay until they are flushed (a flush is started when they alone exceed it).
     Default 1,000,000."""
 
