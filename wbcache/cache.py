@@ -31,7 +31,7 @@ import msgpack
 
 from wbcache import forking
 from wbcache.backends.base import Backend, Key
-from wbcache.codec import Packed, check_key, from_encoded
+from wbcache.codec import check_key, from_encoded
 from wbcache.directory import count_after_recovery, key_order, open_directory
 from wbcache.errors import CacheClosedError
 from wbcache.flusher import Flusher, IntervalSyncer
@@ -486,9 +486,9 @@ def _hit_path(cache: Cache) -> tuple[Callable[..., Any], Callable[[], int]]:
         if held is _MISSING:
             return read(key, default)
         note_hit(key)
-        if type(held) is Packed:
+        if type(held) is tuple:  # a mutable value, as its encoding (codec.py)
             hits += 1
-            return unpackb(held, strict_map_key=False)
+            return unpackb(held[0], strict_map_key=False)
         if held is TOMBSTONE:
             return default
         hits += 1

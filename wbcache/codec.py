@@ -7,8 +7,13 @@ bytearrays as bytes. Anything else raises `TypeError`, an out-of-range value `Va
 always before the log sees it (docs/design.md, guarantee 4).
 
 In memory, immutable values (exact str, bytes, int, float, bool, None) are kept as the objects
-themselves; everything else is kept as its msgpack bytes (`Packed`) and decoded afresh on every
-read, so a caller mutating a returned list or dict can never change the cache.
+themselves; everything else is kept as its msgpack bytes in a 1-tuple, `(encoded,)`, and decoded
+afresh on every read, so a caller mutating a returned list or dict can never change the cache.
+A tuple, because no value is held as one (tuples are encoded, and come back as lists), and
+because the garbage collector stops tracking a tuple of bytes at the first collection it
+survives. It was a subclass of bytes before, and every instance of a class defined in Python
+is tracked: a million cached dicts made each full collection, a pause of the whole process,
+walk a million more objects (104 ms against 1.6 ms; docs/bench.md, "Garbage collection").
 """
 
 from __future__ import annotations
@@ -27,11 +32,6 @@ INT64_MAX = (1 << 63) - 1
 
 packb = msgpack.packb
 
-
-class Packed(bytes):
-    """The msgpack encoding of a mutable value, as kept in memory."""
-
-    __slots__ = ()
 
 
 def check_key(key: object, max_size: int) -> Key:
@@ -100,7 +100,7 @@ def check_delta(delta: object) -> int:
 
 def in_memory(value: object, encoded: bytes) -> Any:
     """What memory keeps for a value: the object itself if immutable, else its encoding."""
-    return value if type(value) in IMMUTABLE_TYPES else Packed(encoded)
+    return value if type(value) in IMMUTABLE_TYPES else (encoded,)
 
 
 def decode_value(encoded: bytes, key: object = None) -> Any:
@@ -117,12 +117,12 @@ def decode_value(encoded: bytes, key: object = None) -> Any:
 def from_encoded(encoded: bytes, key: object = None) -> tuple[Any, Any]:
     """(value for the caller, what memory keeps) from an encoding read from the database."""
     value = decode_value(encoded, key)
-    return value, (value if type(value) in IMMUTABLE_TYPES else Packed(encoded))
+    return value, (value if type(value) in IMMUTABLE_TYPES else (encoded,))
 
 
 def value_of(held: Any) -> Any:
     """The caller's value of what memory holds: a fresh copy of a mutable one."""
-    return msgpack.unpackb(held, strict_map_key=False) if type(held) is Packed else held
+    return msgpack.unpackb(held[0], strict_map_key=False) if type(held) is tuple else held
 
 
 def check_int64(value: int, what: str) -> int:

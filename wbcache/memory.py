@@ -1,7 +1,7 @@
 """`Entries`: what memory holds, per key, and which clean entries to evict.
 
 Memory holds, per key, the newest value written or read (`held`): immutable values as
-themselves, mutable ones as their msgpack encoding (`codec.Packed`), a deleted key as
+themselves, mutable ones as their msgpack encoding in a 1-tuple (codec.py), a deleted key as
 `TOMBSTONE`. Dirty entries (not yet in the database) are pinned: only clean ones are evicted.
 
 Eviction is CLOCK (second chance): entries sit in insertion order; eviction takes the oldest
