@@ -13,7 +13,8 @@ A tuple, because no value is held as one (tuples are encoded, and come back as l
 because the garbage collector stops tracking a tuple of bytes at the first collection it
 survives. It was a subclass of bytes before, and every instance of a class defined in Python
 is tracked: a million cached dicts made each full collection, a pause of the whole process,
-walk a million more objects (104 ms against 1.6 ms; docs/bench.md, "Garbage collection").
+walk a million more objects (191.7 ms against 48.6 ms now; docs/bench.md, "Garbage
+collection").
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ def decode_value(encoded: bytes, key: object = None) -> Any:
 def from_encoded(encoded: bytes, key: object = None) -> tuple[Any, Any]:
     """(value for the caller, what memory keeps) from an encoding read from the database."""
     value = decode_value(encoded, key)
-    return value, (value if type(value) in IMMUTABLE_TYPES else (encoded,))
+    if type(value) in IMMUTABLE_TYPES:
+        return value, value
+    return value, (encoded if type(encoded) is bytes else bytes(encoded),)  # never a buffer
 
 
 def value_of(held: Any) -> Any:
