@@ -34,7 +34,6 @@ INT64_MAX = (1 << 63) - 1
 packb = msgpack.packb
 
 
-
 def check_key(key: object, max_size: int) -> Key:
     """Return `key` as an exact str or bytes, or raise TypeError/ValueError naming the problem."""
     kind = type(key)
@@ -118,9 +117,7 @@ def decode_value(encoded: bytes, key: object = None) -> Any:
 def from_encoded(encoded: bytes, key: object = None) -> tuple[Any, Any]:
     """(value for the caller, what memory keeps) from an encoding read from the database."""
     value = decode_value(encoded, key)
-    if type(value) in IMMUTABLE_TYPES:
-        return value, value
-    return value, (encoded if type(encoded) is bytes else bytes(encoded),)  # never a buffer
+    return value, in_memory(value, encoded if type(encoded) is bytes else bytes(encoded))
 
 
 def value_of(held: Any) -> Any:
