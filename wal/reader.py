@@ -55,6 +55,11 @@ from wbcache.wal.format import (
 )
 from wbcache.wal.records import DEFAULT_MAX_KEY_SIZE, Record, decode_frame, frame_problem
 
+try:  # the optional C fast path over runs of plain-put frames (wal/_walk.c, built by setup.py)
+    from wbcache.wal._walk import scan as _scan
+except ImportError:  # not built (no compiler): the same walk, in Python alone
+    _scan = None
+
 Data = mmap.mmap | bytes
 _EMPTY = b""
 # Pages of a segment read past are released from the process every so many bytes, at the end of
@@ -235,53 +240,65 @@ def _walk(result: SegmentEnd, data: Data, header: SegmentHeader, is_last: bool,
     reason: str | None = None  # why the walk stopped before the end of the file
     claimed: tuple[int, int] | None = None
     corrupt = False  # the reason is corruption whatever follows (a complete, wrong frame)
+    scan = _scan
     while pos < size:
-        if size - pos < FRAME_SIZE:
-            reason = "frame header cut off at end of file"
-            break
-        magic, length, crc = unpack_frame(data, pos)
-        if magic != FRAME_MAGIC:
-            if marks and magic == MARK_MAGIC:
-                mark = decode_mark(data, pos, size)
-                if mark is not None:
-                    result.synced_to = max(result.synced_to, mark[0])
-                    pos = mark[1]
-                    continue
-            reason = "bad frame marker"
-            break
-        if length == 0 or length > MAX_FRAME_PAYLOAD:
-            reason = f"frame length {length} out of range"
-            break
-        end = pos + FRAME_SIZE + length
-        if end > size:
-            reason, claimed = f"frame of {length} bytes cut off at end of file", (end, crc)
-            break
-        payload = data[pos + FRAME_SIZE:end]
-        if crc32(payload) != crc:
-            reason, claimed = "checksum mismatch", (end, crc)
-            break
-        # From here the frame is a complete write: anything wrong is corruption.
-        corrupt = True
-        try:
-            records = unpackb(payload, raw=False, strict_map_key=False)
-        except Exception as exc:  # msgpack raises several types for bad input
-            reason = f"undecodable frame ({exc})"
-            break
-        reason = frame_problem(records, max_key_size)
-        if reason is not None:
-            break
-        first = expected
-        for record in records:
-            if record[0] != expected:
-                reason = f"record has LSN {record[0]} where {expected} was expected"
+        records = None
+        if scan is not None:
+            # As far as the frames are plain puts this loop would accept as they are, the C
+            # fast path takes them (wal/_walk.c); it stops at the first other frame, which the
+            # loop below judges.
+            records, fast_end, fast_next = scan(data, pos, size, expected, max_key_size,
+                                                MAX_FRAME_PAYLOAD, _BATCH - len(batch),
+                                                released + _RELEASE_EVERY)
+            if records:
+                pos, expected = fast_end, fast_next
+        if not records:
+            if size - pos < FRAME_SIZE:
+                reason = "frame header cut off at end of file"
                 break
-            expected += 1
-        if reason is not None:
-            expected = first  # nothing of a wrong frame counts
-            break
-        corrupt = False
+            magic, length, crc = unpack_frame(data, pos)
+            if magic != FRAME_MAGIC:
+                if marks and magic == MARK_MAGIC:
+                    mark = decode_mark(data, pos, size)
+                    if mark is not None:
+                        result.synced_to = max(result.synced_to, mark[0])
+                        pos = mark[1]
+                        continue
+                reason = "bad frame marker"
+                break
+            if length == 0 or length > MAX_FRAME_PAYLOAD:
+                reason = f"frame length {length} out of range"
+                break
+            end = pos + FRAME_SIZE + length
+            if end > size:
+                reason, claimed = f"frame of {length} bytes cut off at end of file", (end, crc)
+                break
+            payload = data[pos + FRAME_SIZE:end]
+            if crc32(payload) != crc:
+                reason, claimed = "checksum mismatch", (end, crc)
+                break
+            # From here the frame is a complete write: anything wrong is corruption.
+            corrupt = True
+            try:
+                records = unpackb(payload, raw=False, strict_map_key=False)
+            except Exception as exc:  # msgpack raises several types for bad input
+                reason = f"undecodable frame ({exc})"
+                break
+            reason = frame_problem(records, max_key_size)
+            if reason is not None:
+                break
+            first = expected
+            for record in records:
+                if record[0] != expected:
+                    reason = f"record has LSN {record[0]} where {expected} was expected"
+                    break
+                expected += 1
+            if reason is not None:
+                expected = first  # nothing of a wrong frame counts
+                break
+            corrupt = False
+            pos = end
         count += len(records)
-        pos = end
         batch += records
         # A batch ends at _BATCH records or _RELEASE_EVERY bytes read, whichever comes first:
         # a log of big values has few records, and its pages must be released all the same.

@@ -1,0 +1,339 @@
+/* The reader's fast path: walk a run of plain-put frames without per-record Python work.
+ *
+ * `scan` is an accelerator of wal/reader.py::_walk, not a second walker: it advances only over
+ * frames that the Python walk would accept as they are, and it stops at the first frame it is
+ * not sure of, leaving that frame to the Python walk, which judges it with the one rule of
+ * wal/format.py and reports why. So what it accepts is a subset of what the Python walk
+ * accepts, records included; everything else (sync marks, damage, deletes, increments,
+ * batches, values holding ext types or nested deeper than MAX_DEPTH) goes the one Python way.
+ *
+ * A frame it accepts: magic b"\xc1WBC", payload length in 1..max_payload, inside the file,
+ * crc32 right, payload one msgpack array of records that consumes it exactly, each record a
+ * fixarray [lsn, 1, key, value] with lsn the next LSN expected (a positive uint), key a str
+ * (valid UTF-8) or bin of 1..max_key_size bytes, and value a bin holding exactly one msgpack
+ * object that msgpack.unpackb(value, strict_map_key=False) decodes (`value_ok`).
+ *
+ * scan(data, pos, size, expected, max_key_size, max_payload, max_records, stop_at)
+ *   -> (records, pos, expected)
+ * walks frames from `pos` while pos < size, stopping after the frame that brings the record
+ * count to `max_records` or pos to `stop_at` (the Python walk's batch ends). `records` are
+ * lists [lsn, 1, key, value], as msgpack.unpackb gives them.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <zlib.h>
+
+#define FRAME_SIZE 12
+#define MAX_DEPTH 64 /* values nested deeper are left to the Python walk (msgpack allows 1024) */
+
+static const unsigned char FRAME_MAGIC[4] = {0xc1, 'W', 'B', 'C'};
+
+static uint32_t le32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static uint64_t be(const unsigned char *p, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+
+/* Strict UTF-8, as Python's decoder: ASCII is checked here, anything else by the decoder. */
+static int utf8_ok(const unsigned char *p, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (p[i] & 0x80) {
+            PyObject *s = PyUnicode_DecodeUTF8((const char *)p, n, NULL);
+            if (s == NULL) {
+                PyErr_Clear();
+                return 0;
+            }
+            Py_DECREF(s);
+            return 1;
+        }
+    }
+    return 1;
+}
+
+/* The size of a length field and the length it holds, for the str, bin, array and map
+ * formats with a length field after the type byte; 0 if `t` is none of them. */
+static int length_field(unsigned char t) {
+    switch (t) {
+    case 0xd9: case 0xc4: return 1;           /* str8, bin8 */
+    case 0xda: case 0xc5: case 0xdc: case 0xde: return 2; /* str16, bin16, array16, map16 */
+    case 0xdb: case 0xc6: case 0xdd: case 0xdf: return 4; /* str32, bin32, array32, map32 */
+    default: return 0;
+    }
+}
+
+/* Skip one msgpack object at *p (end: one past the buffer), checking it as msgpack.unpackb
+ * would: 1 if it is well formed and decodes, 0 if not or if unsure (ext types, nesting past
+ * MAX_DEPTH, a map key that would decode to an unhashable list or dict). `key` says the
+ * object is a map key. */
+static int skip_object(const unsigned char **p, const unsigned char *end, int depth, int key) {
+    const unsigned char *q = *p;
+    if (q >= end)
+        return 0;
+    unsigned char t = *q++;
+    uint64_t n;
+    int items = 0; /* objects that follow: 1 per array element, 2 per map pair */
+    if (t <= 0x7f || t >= 0xe0 || t == 0xc0 || t == 0xc2 || t == 0xc3) {
+        *p = q; /* fixint, nil, false, true */
+        return 1;
+    }
+    if (t >= 0xa0 && t <= 0xbf) { /* fixstr */
+        n = t & 0x1f;
+        goto str;
+    }
+    if (t >= 0x90 && t <= 0x9f) { /* fixarray */
+        n = t & 0x0f;
+        items = 1;
+        goto container;
+    }
+    if (t >= 0x80 && t <= 0x8f) { /* fixmap */
+        n = t & 0x0f;
+        items = 2;
+        goto container;
+    }
+    switch (t) {
+    case 0xca: n = 4; goto fixed; /* float32 */
+    case 0xcb: n = 8; goto fixed; /* float64 */
+    case 0xcc: case 0xd0: n = 1; goto fixed;
+    case 0xcd: case 0xd1: n = 2; goto fixed;
+    case 0xce: case 0xd2: n = 4; goto fixed;
+    case 0xcf: case 0xd3: n = 8; goto fixed;
+    default: break;
+    }
+    int width = length_field(t);
+    if (width == 0)
+        return 0; /* 0xc1 (never used) and the ext types: left to the Python walk */
+    if (end - q < width)
+        return 0;
+    n = be(q, width);
+    q += width;
+    if (t == 0xc4 || t == 0xc5 || t == 0xc6)
+        goto fixed; /* bin */
+    if (t == 0xd9 || t == 0xda || t == 0xdb)
+        goto str;
+    items = (t == 0xdc || t == 0xdd) ? 1 : 2;
+container:
+    if (key || depth >= MAX_DEPTH)
+        return 0;
+    if (n > (uint64_t)(end - q)) /* every object takes a byte at least */
+        return 0;
+    for (uint64_t i = 0; i < n; i++) {
+        if (!skip_object(&q, end, depth + 1, items == 2))
+            return 0;
+        if (items == 2 && !skip_object(&q, end, depth + 1, 0))
+            return 0;
+    }
+    *p = q;
+    return 1;
+str:
+    if (n > (uint64_t)(end - q) || !utf8_ok(q, (Py_ssize_t)n))
+        return 0;
+    *p = q + n;
+    return 1;
+fixed:
+    if (n > (uint64_t)(end - q))
+        return 0;
+    *p = q + n;
+    return 1;
+}
+
+/* 1 if `value` holds exactly one msgpack object that msgpack.unpackb decodes. */
+static int value_ok(const unsigned char *p, Py_ssize_t n) {
+    const unsigned char *end = p + n;
+    return skip_object(&p, end, 0, 0) && p == end;
+}
+
+/* A str or bin field at *p: its bytes (*start, *len) and whether it is a str; 0 if neither. */
+static int str_or_bin(const unsigned char **p, const unsigned char *end,
+                      const unsigned char **start, uint64_t *len, int *is_str) {
+    const unsigned char *q = *p;
+    if (q >= end)
+        return 0;
+    unsigned char t = *q++;
+    if (t >= 0xa0 && t <= 0xbf) {
+        *len = t & 0x1f;
+        *is_str = 1;
+    } else {
+        int width = (t == 0xd9 || t == 0xc4) ? 1 : (t == 0xda || t == 0xc5) ? 2
+                  : (t == 0xdb || t == 0xc6) ? 4 : 0;
+        if (width == 0 || end - q < width)
+            return 0;
+        *len = be(q, width);
+        q += width;
+        *is_str = t >= 0xd9;
+    }
+    if (*len > (uint64_t)(end - q))
+        return 0;
+    *start = q;
+    *p = q + *len;
+    return 1;
+}
+
+/* A positive uint at *p (fixint or uint8..uint64), or 0. */
+static uint64_t positive_uint(const unsigned char **p, const unsigned char *end) {
+    const unsigned char *q = *p;
+    if (q >= end)
+        return 0;
+    unsigned char t = *q++;
+    uint64_t v;
+    if (t <= 0x7f) {
+        v = t;
+    } else {
+        int width = t == 0xcc ? 1 : t == 0xcd ? 2 : t == 0xce ? 4 : t == 0xcf ? 8 : 0;
+        if (width == 0 || end - q < width)
+            return 0;
+        v = be(q, width);
+        q += width;
+    }
+    *p = q;
+    return v;
+}
+
+/* The records of the frame payload [p, end) appended to `out` if every one is a plain put
+ * the Python walk accepts, with LSNs from *expected on (advanced); else `out` is unchanged
+ * and 0 is returned. -1 with an exception set on a memory error. */
+static int put_frame(const unsigned char *p, const unsigned char *end, uint64_t *expected,
+                     uint64_t max_key_size, PyObject *out) {
+    unsigned char t = *p++;
+    uint64_t count;
+    if (*expected == 0) /* LSNs start at 1: positive_uint's 0 is its failure */
+        return 0;
+    if (t >= 0x91 && t <= 0x9f) {
+        count = t & 0x0f;
+    } else if ((t == 0xdc || t == 0xdd) && end - p >= (t == 0xdc ? 2 : 4)) {
+        int width = t == 0xdc ? 2 : 4;
+        count = be(p, width);
+        p += width;
+        if (count == 0)
+            return 0;
+    } else {
+        return 0;
+    }
+    if (count > (uint64_t)(end - p))
+        return 0;
+    /* Check the whole frame before building anything: a frame is accepted whole or not. */
+    const unsigned char *q = p;
+    uint64_t lsn = *expected;
+    for (uint64_t i = 0; i < count; i++, lsn++) {
+        const unsigned char *key, *value;
+        uint64_t key_len, value_len;
+        int key_str, value_str;
+        if (q >= end || *q++ != 0x94 || positive_uint(&q, end) != lsn || q >= end || *q++ != 0x01)
+            return 0;
+        if (!str_or_bin(&q, end, &key, &key_len, &key_str) || key_len == 0
+                || key_len > max_key_size)
+            return 0;
+        if (!str_or_bin(&q, end, &value, &value_len, &value_str) || value_str
+                || !value_ok(value, (Py_ssize_t)value_len))
+            return 0;
+        if (key_str && !utf8_ok(key, (Py_ssize_t)key_len))
+            return 0;
+    }
+    if (q != end)
+        return 0;
+    Py_ssize_t before = PyList_GET_SIZE(out);
+    q = p;
+    for (uint64_t i = 0; i < count; i++) {
+        const unsigned char *key, *value;
+        uint64_t key_len, value_len;
+        int key_str, value_str;
+        q++; /* 0x94 */
+        uint64_t at = positive_uint(&q, end);
+        q++; /* op 1 */
+        str_or_bin(&q, end, &key, &key_len, &key_str);
+        str_or_bin(&q, end, &value, &value_len, &value_str);
+        PyObject *record = PyList_New(4);
+        if (record == NULL)
+            goto fail;
+        PyObject *lsn_obj = PyLong_FromUnsignedLongLong(at);
+        PyObject *op = PyLong_FromLong(1);
+        PyObject *key_obj = key_str
+            ? PyUnicode_DecodeUTF8((const char *)key, (Py_ssize_t)key_len, NULL)
+            : PyBytes_FromStringAndSize((const char *)key, (Py_ssize_t)key_len);
+        PyObject *value_obj = PyBytes_FromStringAndSize((const char *)value,
+                                                        (Py_ssize_t)value_len);
+        PyList_SET_ITEM(record, 0, lsn_obj);
+        PyList_SET_ITEM(record, 1, op);
+        PyList_SET_ITEM(record, 2, key_obj);
+        PyList_SET_ITEM(record, 3, value_obj);
+        if (lsn_obj == NULL || op == NULL || key_obj == NULL || value_obj == NULL
+                || PyList_Append(out, record) < 0) {
+            Py_DECREF(record);
+            goto fail;
+        }
+        Py_DECREF(record);
+    }
+    *expected += count;
+    return 1;
+fail:
+    PyList_SetSlice(out, before, PyList_GET_SIZE(out), NULL);
+    return -1;
+}
+
+static PyObject *scan(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t pos, size, max_records, stop_at;
+    unsigned long long expected, max_key_size, max_payload;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnKKKnn", &view, &pos, &size, &expected, &max_key_size,
+                          &max_payload, &max_records, &stop_at))
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    const unsigned char *data = view.buf;
+    if (size > view.len)
+        size = view.len;
+    uint64_t lsn = expected;
+    int failed = 0;
+    while (pos >= 0 && pos < size && PyList_GET_SIZE(out) < max_records && pos < stop_at) {
+        const unsigned char *frame = data + pos;
+        if (size - pos < FRAME_SIZE || memcmp(frame, FRAME_MAGIC, 4) != 0)
+            break;
+        uint32_t length = le32(frame + 4), crc = le32(frame + 8);
+        if (length == 0 || length > max_payload || length > (uint64_t)(size - pos - FRAME_SIZE))
+            break;
+        const unsigned char *payload = frame + FRAME_SIZE;
+        if ((uint32_t)crc32(0L, payload, length) != crc)
+            break;
+        int got = put_frame(payload, payload + length, &lsn, max_key_size, out);
+        if (got < 0) {
+            failed = 1;
+            break;
+        }
+        if (got == 0)
+            break;
+        pos += FRAME_SIZE + length;
+    }
+    PyBuffer_Release(&view);
+    if (failed) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return Py_BuildValue("(NnK)", out, pos, (unsigned long long)lsn);
+}
+
+static PyMethodDef methods[] = {
+    {"scan", scan, METH_VARARGS,
+     "scan(data, pos, size, expected, max_key_size, max_payload, max_records, stop_at) -> "
+     "(records, pos, expected): walk the plain-put frames from pos (see the module source)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "wbcache.wal._walk",
+    "The reader's fast path over plain-put frames (wal/_walk.c).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__walk(void) {
+    return PyModule_Create(&module);
+}
