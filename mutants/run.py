@@ -12,9 +12,11 @@ For each mutant (patches/<name>.patch, a unified diff against this repository):
      `wbcache.wal`, `wbcache.recovery`, ... (pyproject.toml), so the copy gets symlinks
      wbcache/wal -> ../wal and so on, and PYTHONPATH points at the copy. The interpreter's
      editable install of this repository stays behind PYTHONPATH on the import path; step 3
-     proves it is not used;
-  3. check, in a fresh interpreter with that environment, that `wbcache` and every subpackage
-     resolve into the copy and that the patched lines are what the copy holds;
+     proves it is not used. The reader's C fast path is built in the copy from the copy's
+     (patched) wal/_walk.c, so a mutant of the C is what the tests run;
+  3. check, in a fresh interpreter with that environment, that `wbcache`, every subpackage
+     and the C fast path resolve into the copy and that the patched lines are what the copy
+     holds;
   4. run the test files with pytest from the copy (PostgreSQL settings are passed through
      from the environment), one JSON line per test (timing_plugin.py), under a time limit.
 
@@ -78,6 +80,11 @@ def make_copy(name: str) -> Path:
         subprocess.run(["git", "apply", str(patch)], cwd=src, check=True)
     for folder in SUBPACKAGES:
         (src / "wbcache" / folder).symlink_to(Path("..") / folder)
+    built = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                           cwd=src, capture_output=True, text=True)
+    if built.returncode != 0:
+        raise SystemExit(f"{name}: building wal/_walk.c in the copy failed: "
+                         f"{built.stderr.strip()[-500:]}")
     return src
 
 
@@ -92,7 +99,7 @@ def environment(src: Path, timings: Path) -> dict[str, str]:
 def check_copy_is_used(src: Path, env: dict[str, str], name: str) -> None:
     """Fail unless `import wbcache` (and each subpackage) resolves into `src`, and the
     patch's added lines are in the files imported."""
-    modules = ["wbcache"] + [f"wbcache.{folder}" for folder in SUBPACKAGES]
+    modules = ["wbcache", "wbcache.wal._walk"] + [f"wbcache.{folder}" for folder in SUBPACKAGES]
     code = ("import importlib, json, sys; "
             f"print(json.dumps({{m: importlib.import_module(m).__file__ for m in {modules!r}}}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=src, env=env, capture_output=True,
@@ -104,8 +111,8 @@ def check_copy_is_used(src: Path, env: dict[str, str], name: str) -> None:
         return
     added = [line[1:] for line in (PATCHES / f"{name}.patch").read_text().splitlines()
              if line.startswith("+") and not line.startswith("+++") and "MUTANT" in line]
-    text = "".join(path.read_text() for path in src.rglob("*.py") if path.is_file()
-                   and not path.is_symlink() and "tests" not in path.parts)
+    text = "".join(path.read_text() for pattern in ("*.py", "*.c") for path in src.rglob(pattern)
+                   if path.is_file() and not path.is_symlink() and "tests" not in path.parts)
     if not added or not all(line in text for line in added):
         raise SystemExit(f"{name}: the patched lines are not in the copy")
 
