@@ -80,8 +80,9 @@ def make_copy(name: str) -> Path:
         subprocess.run(["git", "apply", str(patch)], cwd=src, check=True)
     for folder in SUBPACKAGES:
         (src / "wbcache" / folder).symlink_to(Path("..") / folder)
-    built = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
-                           cwd=src, capture_output=True, text=True)
+    built = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--force"],
+        cwd=src, capture_output=True, text=True)
     if built.returncode != 0:
         raise SystemExit(f"{name}: building wal/_walk.c in the copy failed: "
                          f"{built.stderr.strip()[-500:]}")

@@ -3,13 +3,16 @@
 A mutant whose patch no longer applies proves nothing: `mutants/run.py` would stop at it, and
 the mutation tables in docs/torture.md and docs/lazyfs.md would describe code that is gone.
 Code moves under the patches all the time; this test says so the moment one rots (regenerate
-it as mutants/README.md says). `git apply --check` changes no file.
+it as mutants/README.md says). `git apply --check` changes no file. The same holds for the
+mutations of the reader's C fast path (mutants/walk_c.py), which are exact text replacements.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,3 +33,23 @@ def test_the_patch_applies_to_the_code_it_mutates(patch: Path) -> None:
     check = subprocess.run([git, "apply", "--check", str(patch)], cwd=REPO, capture_output=True,
                            text=True)
     assert check.returncode == 0, f"{patch.name} no longer applies: {check.stderr.strip()}"
+
+
+def _walk_c_mutations() -> list[tuple[str, str, str, str]]:
+    spec = importlib.util.spec_from_file_location("walk_c", REPO / "mutants" / "walk_c.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO / "mutants"))  # walk_c imports run, beside it
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "mutants"))
+    return module.MUTATIONS  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("mutation", _walk_c_mutations(), ids=lambda mutation: mutation[0])
+def test_the_c_mutation_still_finds_the_text_it_replaces(mutation: tuple[str, str, str, str]
+                                                         ) -> None:
+    """mutants/walk_c.py edits wal/_walk.c by exact replacement: the text must be there once."""
+    name, _, old, _ = mutation
+    assert (REPO / "wal" / "_walk.c").read_text().count(old) == 1, f"{name} rotted"

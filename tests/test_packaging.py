@@ -25,7 +25,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 MAPPED_FOLDERS = ("wal", "recovery", "cli", "fault_injection")
 MODULES = ("wbcache", "wbcache.wal", "wbcache.recovery", "wbcache.cli",
-           "wbcache.fault_injection", "wbcache.backends")
+           "wbcache.fault_injection", "wbcache.backends",
+           "wbcache.wal._walk")  # the reader's C fast path, compiled by the wheel's build
 EXPECTED_FILES = (
     "wbcache/__init__.py",
     "wbcache/py.typed",
@@ -58,7 +59,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("packaging")
     source = work / "source"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "*.so"))
     out = work / "wheelhouse"
     _pip("wheel", "--no-deps", "--quiet", "-w", str(out), str(source), cwd=work)
     wheels = list(out.glob("wbcache-*.whl"))

@@ -1,0 +1,111 @@
+"""Plant bugs in the reader's C fast path (wal/_walk.c): tests/test_wal_fastpath.py must catch each.
+
+    python mutants/walk_c.py              # every mutation (about 15 s each)
+    python mutants/walk_c.py utf8 lsn     # some, by name
+    python mutants/walk_c.py --list
+
+The fast path is sound only while it takes nothing the Python walk refuses; its tests read
+the same bytes both ways. Each mutation below removes or loosens one check of the C; for each,
+a scratch copy of the repository is made as run.py makes it (SCRATCH/walk_c/...), its
+wal/_walk.c is edited (one exact replacement, never here), rebuilt, and the fast path's tests
+run against it. A mutation no test catches is reported as SURVIVED (exit status 1).
+`tests/test_mutants.py` fails the moment a mutation's text is no longer in wal/_walk.c.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import run
+
+# (name, the bug, text of wal/_walk.c, what it becomes)
+MUTATIONS = [
+    ("utf8", "non-ASCII strs inside values are not checked as UTF-8",
+     "if (p[i] & 0x80) {", "if (0) {"),
+    ("trailing", "a value with bytes after its object is taken",
+     "return skip_object(&p, end, 0, 0) && p == end;", "return skip_object(&p, end, 0, 0);"),
+    ("map-key", "a list or dict as a map key (unhashable in Python) is taken",
+     "if (key || depth >= MAX_DEPTH)", "if (depth >= MAX_DEPTH)"),
+    ("depth", "no nesting limit: values msgpack refuses as too deep are taken",
+     "if (key || depth >= MAX_DEPTH)", "if (key)"),
+    ("key-limit", "keys over the database's limit are taken",
+     "|| key_len > max_key_size)", ")"),
+    ("key-empty", "an empty key is taken", "|| key_len == 0", ""),
+    ("lsn", "a record's LSN is not compared with the next one expected",
+     "positive_uint(&q, end) != lsn", "positive_uint(&q, end) == 0"),
+    ("crc", "the frame checksum is not compared",
+     "if ((uint32_t)crc32(0L, payload, length) != crc)", "if (0)"),
+    ("type-c1", "the never-used type byte 0xc1 (and ext types) are taken as one-byte objects",
+     "if (width == 0)\n        return 0; /* 0xc1",
+     "if (width == 0)\n        { *p = q; return 1; } /* 0xc1"),
+    ("frame-end", "a frame payload with bytes after its array is taken",
+     "if (q != end)\n        return 0;", ""),
+    ("value-str", "a value stored as a str, not a bin, is taken", "|| value_str", ""),
+    ("str8-as-bin", "str8/16/32 keys and values are read as bin",
+     "*is_str = t >= 0xd9;", "*is_str = 0;"),
+    ("empty-frame", "an empty array of records is taken",
+     "if (t >= 0x91 && t <= 0x9f)", "if (t >= 0x90 && t <= 0x9f)"),
+    ("empty-array16", "an empty array16 of records is taken",
+     "if (count == 0)\n            return 0;", ""),
+    ("batch-end", "batches do not end at max_records (pages released, generator steps)",
+     "PyList_GET_SIZE(out) < max_records &&", ""),
+]
+TESTS = "tests/test_wal_fastpath.py"
+
+
+def run_mutation(name: str, old: str, new: str) -> tuple[bool, str]:
+    """(caught, the first failing test or why the run is void) for one mutation."""
+    src = run.make_copy("baseline")  # an unmutated copy (SCRATCH/walk_c/baseline/src), built
+    source = src / "wal" / "_walk.c"
+    text = source.read_text()
+    if text.count(old) != 1:
+        raise SystemExit(f"{name}: its text is not in wal/_walk.c exactly once (rotted)")
+    source.write_text(text.replace(old, new))
+    built = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--force"],
+        cwd=src, capture_output=True, text=True)
+    if built.returncode != 0:
+        raise SystemExit(f"{name}: the mutated C does not build: {built.stderr[-300:]}")
+    env = run.environment(src, run.SCRATCH / f"{name}.jsonl")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "-p",
+                           "no:cacheprovider", TESTS], cwd=src, env=env, capture_output=True,
+                          text=True, timeout=600)
+    failed = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
+    if done.returncode == 1 and failed:
+        return True, failed[0]
+    if done.returncode == 0:
+        return False, "every test passed"
+    return False, f"pytest status {done.returncode}: {done.stdout[-300:]}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and stop")
+    args = parser.parse_args()
+    if args.list:
+        print("\n".join(f"{name}: {bug}" for name, bug, _, _ in MUTATIONS))
+        return 0
+    known = {name for name, *_ in MUTATIONS}
+    unknown = [name for name in args.names if name not in known]
+    if unknown:
+        parser.error(f"unknown mutation(s): {', '.join(unknown)}; see --list")
+    run.SCRATCH = run.SCRATCH / "walk_c"
+    run.SCRATCH.mkdir(parents=True, exist_ok=True)
+    survived = []
+    for name, _, old, new in MUTATIONS:
+        if args.names and name not in args.names:
+            continue
+        caught, detail = run_mutation(name, old, new)
+        print(f"{name:14} {'caught' if caught else 'SURVIVED'}: {detail[:120]}", flush=True)
+        if not caught:
+            survived.append(name)
+    if survived:
+        print(f"SURVIVED: {', '.join(survived)}")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
