@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 import wbcache
@@ -554,6 +555,28 @@ def test_a_dict_keyed_by_a_tuple_is_rejected_because_it_cannot_be_read_back(
     assert cache.stats()["wal_bytes"] == before["wal_bytes"]
     cache.put("other", 1)
     assert list(cache.items()) == [("other", 1)]
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("value", [
+    msgpack.Timestamp(1, 2),  # an ext type: the C proof leaves it to unpackb
+    _nested(70),  # deeper than the C proof goes (64): left to unpackb
+    "é" * 40_000,  # over the shared Packer's size: packed on its own
+    b"\x00" * 200_000,
+], ids=["timestamp", "nested-70", "long-str", "long-bytes"])
+def test_values_the_fast_checks_leave_to_msgpack_are_stored_and_read_back(
+        open_cache: OpenCache, value: Any) -> None:
+    cache = open_cache()
+    cache.put("k", value)
+    assert cache.get("k") == value
+    cache.close()
+    assert open_cache().get("k") == value
 
 
 def test_put_many_rejects_strings_as_pairs(open_cache: OpenCache) -> None:

@@ -183,6 +183,17 @@ def test_every_value_of_one_or_two_bytes_is_taken_exactly_when_it_decodes() -> N
     assert wrong == []
 
 
+@needs_fast
+def test_the_codecs_proof_is_the_walks() -> None:
+    """`decodes` (what wbcache/codec.py asks before it logs a mutable value) answers as the
+    walk's own check of a value, on every value above."""
+    from wbcache.wal._walk import decodes as proves
+    values = [*HOSTILE.values(), *(value for value, _ in DECODABLE.values()),
+              *(bytes(pair) for pair in itertools.product(range(256), repeat=2))]
+    assert [value for value in values if proves(value) != taken(value)] == []
+    assert proves(memoryview(msgpack.packb({"a": 1})))  # any bytes-like object
+
+
 # Any msgpack object the user can store, as the codec would encode it.
 leaves = (st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1)
           | st.floats(allow_nan=False) | st.text(max_size=20) | st.binary(max_size=20))

@@ -13,6 +13,9 @@
  * (valid UTF-8) or bin of 1..max_key_size bytes, and value a bin holding exactly one msgpack
  * object that msgpack.unpackb(value, strict_map_key=False) decodes (`value_ok`).
  *
+ * `decodes(value)`, the same proof that a value decodes, also serves the codec, which checks
+ * each mutable value before it is logged (wbcache/codec.py).
+ *
  * scan(data, pos, size, expected, max_key_size, max_payload, max_records, stop_at)
  *   -> (records, pos, expected)
  * walks frames from `pos` while pos < size, stopping after the frame that brings the record
@@ -321,7 +324,23 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     return Py_BuildValue("(NnK)", out, pos, (unsigned long long)lsn);
 }
 
+/* decodes(value) -> bool: True if msgpack.unpackb(value, strict_map_key=False) surely decodes
+ * it; False if it does not or if this cannot tell (ext types, nesting past MAX_DEPTH): ask
+ * unpackb then. The codec's check of a value before it is logged (wbcache/codec.py). */
+static PyObject *decodes(PyObject *self, PyObject *arg) {
+    Py_buffer view;
+    (void)self;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int ok = value_ok(view.buf, view.len);
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(ok);
+}
+
 static PyMethodDef methods[] = {
+    {"decodes", decodes, METH_O,
+     "decodes(value) -> bool: True if msgpack.unpackb(value, strict_map_key=False) surely "
+     "decodes it; False if not, or if it cannot tell (then ask unpackb)."},
     {"scan", scan, METH_VARARGS,
      "scan(data, pos, size, expected, max_key_size, max_payload, max_records, stop_at) -> "
      "(records, pos, expected): walk the plain-put frames from pos (see the module source)."},

@@ -44,20 +44,29 @@ DEFAULT_MAX_KEY_SIZE = 511  # LMDB's; a reader given no database limit applies i
 
 packb = msgpack.packb
 _unpackb = msgpack.unpackb
+# The encoders below pack what the sequencer builds: ints, exact str or bytes keys, bytes
+# values, lists of those. Packing them runs no Python code, so the GIL is never released inside
+# one call and one Packer serves every thread (msgpack.packb builds a Packer per call: 0.9 us
+# of a put record's 1.2 us here). A Packer keeps the largest buffer it ever needed, so it only
+# packs records under its initial 256 KiB buffer; bigger ones, and batches, get their own.
+_pack = msgpack.Packer().pack
+_SMALL = 128 * 1024
 
 
 # ------------------------------------------------------------------ encoding
 
 def encode_put(lsn: int, key: Key, value: bytes) -> bytes:
+    if len(value) < _SMALL:
+        return _pack([lsn, OP_PUT, key, value])  # type: ignore[no-any-return]
     return packb([lsn, OP_PUT, key, value])  # type: ignore[no-any-return]
 
 
 def encode_delete(lsn: int, key: Key) -> bytes:
-    return packb([lsn, OP_DELETE, key])  # type: ignore[no-any-return]
+    return _pack([lsn, OP_DELETE, key])  # type: ignore[no-any-return]
 
 
 def encode_incr(lsn: int, key: Key, delta: int, result: int) -> bytes:
-    return packb([lsn, OP_INCR, key, delta, result])  # type: ignore[no-any-return]
+    return _pack([lsn, OP_INCR, key, delta, result])  # type: ignore[no-any-return]
 
 
 def encode_batch(lsn: int, items: list[list[Any]]) -> bytes:
