@@ -386,3 +386,28 @@ def test_the_fast_path_stops_at_a_mark_and_at_the_end_of_what_it_is_given() -> N
     assert [record[0] for record in records] == [2] and expected == 3  # max_records
     records, end, _ = FAST(data, at, len(data) - 1, 2, 511, MAX_FRAME_PAYLOAD, 1024, 1 << 62)
     assert end == len(data) - len(frames[2])  # the last frame is cut off at `size`
+
+
+@needs_fast
+@pytest.mark.parametrize("first_lsn", [(1 << 64) - 1, (1 << 64) + 1, 1 << 70])
+def test_lsns_at_the_end_of_a_uint64_are_left_to_the_python_walk(first_lsn: int,
+                                                                 tmp_path: Path) -> None:
+    """A segment named for an LSN a uint64 cannot count past (a planted or damaged name): the
+    fast path must neither wrap the LSN around nor read it modulo 2**64."""
+    records = [encode_put((1 << 64) - 1, "k", msgpack.packb(1)),
+               encode_put(0, "k", msgpack.packb(2)), encode_put(1, "k", msgpack.packb(3))]
+    path = tmp_path / "segment"
+    path.write_bytes(encode_header() + raw_frame(records[:2]) + raw_frame(records[:1])
+                     + raw_frame(records[2:]))
+    both_ways(path, first_lsn=first_lsn)
+    data = raw_frame(records[2:])
+    assert FAST(data, 0, len(data), first_lsn, 511, MAX_FRAME_PAYLOAD, 1024, 1 << 62)[0] == []
+
+
+@needs_fast
+def test_arguments_out_of_range_make_the_fast_path_take_nothing() -> None:
+    data = raw_frame([encode_put(1, "k" * 600, msgpack.packb(1))])
+    for expected, max_key_size in [(-1, 511), ((1 << 64) + 1, 511), (1, -1), (1, 1 << 64)]:
+        records, end, after = FAST(data, 0, len(data), expected, max_key_size,
+                                   MAX_FRAME_PAYLOAD, 1024, 1 << 62)
+        assert (records, end, after) == ([], 0, expected)

@@ -200,7 +200,8 @@ static uint64_t positive_uint(const unsigned char **p, const unsigned char *end)
 
 /* The records of the frame payload [p, end) appended to `out` if every one is a plain put
  * the Python walk accepts, with LSNs from *expected on (advanced); else `out` is unchanged
- * and 0 is returned. -1 with an exception set on a memory error. */
+ * and 0 is returned. -1 with an exception set on a memory error. The payload is the walk's
+ * private copy: it cannot change between the two passes. */
 static int put_frame(const unsigned char *p, const unsigned char *end, uint64_t *expected,
                      uint64_t max_key_size, PyObject *out) {
     unsigned char t = *p++;
@@ -218,7 +219,8 @@ static int put_frame(const unsigned char *p, const unsigned char *end, uint64_t 
     } else {
         return 0;
     }
-    if (count > (uint64_t)(end - p))
+    /* Every LSN of the frame, and the one expected after it, must fit in a uint64. */
+    if (count > (uint64_t)(end - p) || count > UINT64_MAX - *expected)
         return 0;
     /* Check the whole frame before building anything: a frame is accepted whole or not. */
     const unsigned char *q = p;
@@ -241,52 +243,89 @@ static int put_frame(const unsigned char *p, const unsigned char *end, uint64_t 
     if (q != end)
         return 0;
     Py_ssize_t before = PyList_GET_SIZE(out);
+    int result = 0;
     q = p;
     for (uint64_t i = 0; i < count; i++) {
         const unsigned char *key, *value;
         uint64_t key_len, value_len;
         int key_str, value_str;
-        q++; /* 0x94 */
+        q++; /* 0x94, checked above */
         uint64_t at = positive_uint(&q, end);
-        q++; /* op 1 */
-        str_or_bin(&q, end, &key, &key_len, &key_str);
-        str_or_bin(&q, end, &value, &value_len, &value_str);
+        q++; /* op 1, checked above */
+        if (at == 0 || !str_or_bin(&q, end, &key, &key_len, &key_str)
+                || !str_or_bin(&q, end, &value, &value_len, &value_str))
+            goto undo; /* cannot happen: the first pass read these very bytes */
         PyObject *record = PyList_New(4);
         if (record == NULL)
             goto fail;
-        PyObject *lsn_obj = PyLong_FromUnsignedLongLong(at);
-        PyObject *op = PyLong_FromLong(1);
-        PyObject *key_obj = key_str
-            ? PyUnicode_DecodeUTF8((const char *)key, (Py_ssize_t)key_len, NULL)
-            : PyBytes_FromStringAndSize((const char *)key, (Py_ssize_t)key_len);
-        PyObject *value_obj = PyBytes_FromStringAndSize((const char *)value,
-                                                        (Py_ssize_t)value_len);
-        PyList_SET_ITEM(record, 0, lsn_obj);
-        PyList_SET_ITEM(record, 1, op);
-        PyList_SET_ITEM(record, 2, key_obj);
-        PyList_SET_ITEM(record, 3, value_obj);
-        if (lsn_obj == NULL || op == NULL || key_obj == NULL || value_obj == NULL
-                || PyList_Append(out, record) < 0) {
-            Py_DECREF(record);
-            goto fail;
-        }
+        PyObject *item = PyLong_FromUnsignedLongLong(at);
+        if (item == NULL)
+            goto fail_record;
+        PyList_SET_ITEM(record, 0, item);
+        item = PyLong_FromLong(1);
+        if (item == NULL)
+            goto fail_record;
+        PyList_SET_ITEM(record, 1, item);
+        item = key_str ? PyUnicode_DecodeUTF8((const char *)key, (Py_ssize_t)key_len, NULL)
+                       : PyBytes_FromStringAndSize((const char *)key, (Py_ssize_t)key_len);
+        if (item == NULL)
+            goto fail_record;
+        PyList_SET_ITEM(record, 2, item);
+        item = PyBytes_FromStringAndSize((const char *)value, (Py_ssize_t)value_len);
+        if (item == NULL)
+            goto fail_record;
+        PyList_SET_ITEM(record, 3, item);
+        if (PyList_Append(out, record) < 0)
+            goto fail_record;
         Py_DECREF(record);
+        continue;
+fail_record:
+        Py_DECREF(record); /* and the items set in it */
+        goto fail;
     }
     *expected += count;
     return 1;
 fail:
-    PyList_SetSlice(out, before, PyList_GET_SIZE(out), NULL);
-    return -1;
+    result = -1;
+undo:
+    {
+        PyObject *type, *error, *traceback;
+        PyErr_Fetch(&type, &error, &traceback); /* the slice assignment needs no error set */
+        if (PyList_SetSlice(out, before, PyList_GET_SIZE(out), NULL) < 0)
+            PyErr_Clear();
+        PyErr_Restore(type, error, traceback);
+    }
+    return result;
+}
+
+/* A non-negative int that fits in a uint64, into *value; 0 (no error set) if it is not. */
+static int as_u64(PyObject *obj, uint64_t *value) {
+    if (!PyLong_Check(obj))
+        return 0;
+    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    *value = v;
+    return 1;
 }
 
 static PyObject *scan(PyObject *self, PyObject *args) {
     Py_buffer view;
     Py_ssize_t pos, size, max_records, stop_at;
-    unsigned long long expected, max_key_size, max_payload;
+    PyObject *expected_obj, *max_key_obj, *max_payload_obj;
+    uint64_t expected, max_key_size, max_payload;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*nnKKKnn", &view, &pos, &size, &expected, &max_key_size,
-                          &max_payload, &max_records, &stop_at))
+    if (!PyArg_ParseTuple(args, "y*nnOOOnn", &view, &pos, &size, &expected_obj, &max_key_obj,
+                          &max_payload_obj, &max_records, &stop_at))
         return NULL;
+    if (!as_u64(expected_obj, &expected) || !as_u64(max_key_obj, &max_key_size)
+            || !as_u64(max_payload_obj, &max_payload)) {
+        /* Out of a uint64's range: nothing here can judge it; the Python walk will. */
+        PyBuffer_Release(&view);
+        return Py_BuildValue("([]nO)", pos, expected_obj);
+    }
     PyObject *out = PyList_New(0);
     if (out == NULL) {
         PyBuffer_Release(&view);
@@ -295,6 +334,11 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     const unsigned char *data = view.buf;
     if (size > view.len)
         size = view.len;
+    /* Each payload is checked and parsed in a private copy, as the Python walk slices it:
+     * bytes a shared mapping changes meanwhile cannot differ between the check and the
+     * parse. */
+    unsigned char *copy = NULL;
+    size_t copy_size = 0;
     uint64_t lsn = expected;
     int failed = 0;
     while (pos >= 0 && pos < size && PyList_GET_SIZE(out) < max_records && pos < stop_at) {
@@ -304,18 +348,29 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         uint32_t length = le32(frame + 4), crc = le32(frame + 8);
         if (length == 0 || length > max_payload || length > (uint64_t)(size - pos - FRAME_SIZE))
             break;
-        const unsigned char *payload = frame + FRAME_SIZE;
-        if ((uint32_t)crc32(0L, payload, length) != crc)
+        if (length > copy_size) {
+            unsigned char *bigger = PyMem_Realloc(copy, length);
+            if (bigger == NULL) {
+                PyErr_NoMemory();
+                failed = 1;
+                break;
+            }
+            copy = bigger;
+            copy_size = length;
+        }
+        memcpy(copy, frame + FRAME_SIZE, length);
+        if ((uint32_t)crc32(0L, copy, length) != crc)
             break;
-        int got = put_frame(payload, payload + length, &lsn, max_key_size, out);
+        int got = put_frame(copy, copy + length, &lsn, max_key_size, out);
         if (got < 0) {
             failed = 1;
             break;
         }
         if (got == 0)
             break;
-        pos += FRAME_SIZE + length;
+        pos += (Py_ssize_t)FRAME_SIZE + (Py_ssize_t)length;
     }
+    PyMem_Free(copy);
     PyBuffer_Release(&view);
     if (failed) {
         Py_DECREF(out);
