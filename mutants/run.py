@@ -82,7 +82,7 @@ def make_copy(name: str) -> Path:
         (src / "wbcache" / folder).symlink_to(Path("..") / folder)
     built = subprocess.run(
         [sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--force"],
-        cwd=src, capture_output=True, text=True)
+        cwd=src, capture_output=True, text=True, env={**os.environ, "WBCACHE_REQUIRE_C": "1"})
     if built.returncode != 0:
         raise SystemExit(f"{name}: building wal/_walk.c in the copy failed: "
                          f"{built.stderr.strip()[-500:]}")

@@ -15,6 +15,7 @@ run against it. A mutation no test catches is reported as SURVIVED (exit status 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -69,7 +70,7 @@ def run_mutation(name: str, old: str, new: str) -> tuple[bool, str]:
     source.write_text(text.replace(old, new))
     built = subprocess.run(
         [sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--force"],
-        cwd=src, capture_output=True, text=True)
+        cwd=src, capture_output=True, text=True, env={**os.environ, "WBCACHE_REQUIRE_C": "1"})
     if built.returncode != 0:
         raise SystemExit(f"{name}: the mutated C does not build: {built.stderr[-300:]}")
     env = run.environment(src, run.SCRATCH / f"{name}.jsonl")

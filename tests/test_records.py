@@ -3,7 +3,6 @@ in one place, and a record nothing downstream could apply is refused where it is
 
 from __future__ import annotations
 
-import threading
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 from log_bytes import frame
 
 import wbcache
+from wbcache.codec import encode_value
 from wbcache.errors import CorruptLogError
 from wbcache.wal.format import encode_header
 from wbcache.wal.records import (
@@ -131,24 +131,6 @@ def test_opening_refuses_an_unusable_record_naming_segment_and_offset(
     assert path.exists()  # nothing deleted
 
 
-def test_records_encoded_from_many_threads_at_once_are_each_their_own() -> None:
-    """The encoders share one msgpack Packer (records.py): each call must still return exactly
-    its own record, whatever other threads encode meanwhile."""
-    def encode(thread: int, wrong: list[int]) -> None:
-        for lsn in range(1, 5001):
-            key, value = f"t{thread}-{lsn}", msgpack.packb([thread, lsn])
-            if msgpack.unpackb(encode_put(lsn, key, value)) != [lsn, OP_PUT, key, value]:
-                wrong.append(lsn)
-
-    wrong: list[int] = []
-    threads = [threading.Thread(target=encode, args=(n, wrong)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert wrong == []
-
-
 def test_a_big_record_leaves_no_big_buffer_behind() -> None:
     """A Packer keeps the largest buffer it ever needed: a record of a 4 MiB value must not be
     packed by the shared one, or 4 MiB or more would stay allocated for good."""
@@ -159,6 +141,22 @@ def test_a_big_record_leaves_no_big_buffer_behind() -> None:
         record = encode_put(1, "k", value)
         assert len(record) > len(value)
         del record
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 1 << 20
+
+
+@pytest.mark.parametrize("value", [b"x" * (4 << 20), "x" * (4 << 20)], ids=["bytes", "str"])
+def test_a_big_value_leaves_no_big_buffer_behind(value: str | bytes) -> None:
+    """The same for the codec's shared Packer (wbcache/codec.py): a big str or bytes value is
+    packed by a Packer of its own."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        encoded = encode_value(value, 1 << 30)
+        assert len(encoded) > len(value)
+        del encoded
         kept = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()

@@ -44,7 +44,8 @@ static uint64_t be(const unsigned char *p, int n) {
     return v;
 }
 
-/* Strict UTF-8, as Python's decoder: ASCII is checked here, anything else by the decoder. */
+/* Strict UTF-8, as Python's decoder: ASCII is checked here; anything else is decoded (and the
+ * str thrown away), so non-ASCII text is the one thing the proof of a value builds. */
 static int utf8_ok(const unsigned char *p, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++) {
         if (p[i] & 0x80) {
@@ -298,6 +299,24 @@ undo:
     return result;
 }
 
+/* Whether a payload can be a run of plain puts at all, from its first bytes: an array of
+ * records whose first is a fixarray of 4 with op 1 after its LSN. Only a quick refusal (a
+ * peek at bytes the CRC has not yet vouched for): put_frame decides. */
+static int looks_like_puts(const unsigned char *p, uint32_t length) {
+    uint32_t i = 1;
+    if (p[0] == 0xdc || p[0] == 0xdd)
+        i += p[0] == 0xdc ? 2 : 4;
+    else if (p[0] < 0x91 || p[0] > 0x9f)
+        return 0;
+    if (i >= length || p[i++] != 0x94)
+        return 0;
+    if (i < length && p[i] >= 0xcc && p[i] <= 0xcf) /* uint8..uint64 */
+        i += 1 + (1u << (p[i] - 0xcc));
+    else
+        i++;
+    return i < length && p[i] == 0x01;
+}
+
 /* A non-negative int that fits in a uint64, into *value; 0 (no error set) if it is not. */
 static int as_u64(PyObject *obj, uint64_t *value) {
     if (!PyLong_Check(obj))
@@ -348,6 +367,8 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         uint32_t length = le32(frame + 4), crc = le32(frame + 8);
         if (length == 0 || length > max_payload || length > (uint64_t)(size - pos - FRAME_SIZE))
             break;
+        if (!looks_like_puts(frame + FRAME_SIZE, length))
+            break; /* a delete, an increment, a batch...: before paying for a copy and a CRC */
         if (length > copy_size) {
             unsigned char *bigger = PyMem_Realloc(copy, length);
             if (bigger == NULL) {
@@ -408,6 +429,24 @@ static struct PyModuleDef module = {
     NULL, NULL, NULL, NULL,
 };
 
+/* What the Python side checks before it uses this module (wal/reader.py): the format and op
+ * code this file was written for. */
 PyMODINIT_FUNC PyInit__walk(void) {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "FRAME_SIZE", FRAME_SIZE) < 0
+            || PyModule_AddIntConstant(m, "OP_PUT", 1) < 0
+            || PyModule_AddIntConstant(m, "MAX_DEPTH", MAX_DEPTH) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *magic = PyBytes_FromStringAndSize((const char *)FRAME_MAGIC, 4);
+    int added = magic != NULL && PyModule_AddObjectRef(m, "FRAME_MAGIC", magic) == 0;
+    Py_XDECREF(magic);
+    if (!added) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -53,12 +53,22 @@ from wbcache.wal.format import (
     max_segment_bytes,
     read_header,
 )
-from wbcache.wal.records import DEFAULT_MAX_KEY_SIZE, Record, decode_frame, frame_problem
+from wbcache.wal.records import (
+    DEFAULT_MAX_KEY_SIZE,
+    OP_PUT,
+    Record,
+    decode_frame,
+    frame_problem,
+)
 
 try:  # the optional C fast path over runs of plain-put frames (wal/_walk.c, built by setup.py)
-    from wbcache.wal._walk import scan as _scan
+    from wbcache.wal import _walk as _fast
 except ImportError:  # not built (no compiler): the same walk, in Python alone
-    _scan = None
+    _fast = None
+# It mirrors a subset of this walk's rules (format.py's frame, records.py's plain put): a build
+# of another format or op code (a stale .so) is not used.
+_scan = (_fast.scan if _fast is not None and (_fast.FRAME_SIZE, _fast.FRAME_MAGIC, _fast.OP_PUT)
+         == (FRAME_SIZE, FRAME_MAGIC, OP_PUT) else None)
 
 Data = mmap.mmap | bytes
 _EMPTY = b""

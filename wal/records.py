@@ -48,7 +48,8 @@ _unpackb = msgpack.unpackb
 # values, lists of those. Packing them runs no Python code, so the GIL is never released inside
 # one call and one Packer serves every thread (msgpack.packb builds a Packer per call: 0.9 us
 # of a put record's 1.2 us here). A Packer keeps the largest buffer it ever needed, so it only
-# packs records under its initial 256 KiB buffer; bigger ones, and batches, get their own.
+# packs records that fit its initial buffer (256 KiB in msgpack 1.1, 1 MiB in 1.0): values
+# under _SMALL bytes. Bigger ones, and batches, get a Packer of their own.
 _pack = msgpack.Packer().pack
 _SMALL = 128 * 1024
 
@@ -164,7 +165,10 @@ def problem(record: object, max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> str | N
 def frame_problem(records: object, max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> str | None:
     """Why a decoded frame payload is not a non-empty list of usable records, or None.
 
-    This is the reader's hot path: a plain put, the common record, is checked inline."""
+    This is the reader's hot path: a plain put, the common record, is checked inline. The
+    reader's C fast path (wal/_walk.c) mirrors the plain put's rules, taking a subset of what
+    this accepts: a change here that refuses more must be made there too
+    (tests/test_wal_fastpath.py reads every case both ways)."""
     if type(records) is not list or not records:
         return "a frame that is not a list of records"
     for record in records:

@@ -35,8 +35,8 @@ packb = msgpack.packb
 # msgpack.packb builds a Packer per call (about 0.4 us here). Packing an immutable value (an
 # exact str, bytes, int, float, bool or None) runs no Python code, so the GIL is never released
 # inside it and one Packer serves every thread. A Packer keeps the largest buffer it ever
-# needed, so it only packs what fits its initial 256 KiB buffer: a str or bytes of under
-# _SMALL characters or bytes (128 KiB of UTF-8 at most).
+# needed, so it only packs what fits its initial buffer (256 KiB in msgpack 1.1, 1 MiB in
+# 1.0): a str or bytes of under _SMALL characters or bytes (128 KiB of UTF-8 at most).
 _pack = msgpack.Packer().pack
 _SMALL = 32 * 1024
 
