@@ -216,7 +216,7 @@ def test_any_value_a_user_can_store_is_taken(value: Any) -> None:
 
 
 @needs_fast
-@settings(max_examples=800, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(objects, st.data())
 def test_a_damaged_value_is_taken_only_if_it_still_decodes(value: Any, data: st.DataObject
                                                            ) -> None:
