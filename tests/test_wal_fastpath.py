@@ -205,18 +205,18 @@ leaves = (st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1)
 keys = st.none() | st.booleans() | st.integers(-1000, 1000) | st.text(max_size=5) | st.binary(
     max_size=5)
 objects = st.recursive(leaves, lambda inner: st.lists(inner, max_size=5)
-                       | st.dictionaries(keys, inner, max_size=5), max_leaves=30)
+                       | st.dictionaries(keys, inner, max_size=5), max_leaves=12)
 
 
 @needs_fast
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(objects)
 def test_any_value_a_user_can_store_is_taken(value: Any) -> None:
     assert taken(msgpack.packb(value))
 
 
 @needs_fast
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(objects, st.data())
 def test_a_damaged_value_is_taken_only_if_it_still_decodes(value: Any, data: st.DataObject
                                                            ) -> None:
