@@ -423,3 +423,16 @@ def test_arguments_out_of_range_make_the_fast_path_take_nothing() -> None:
         records, end, after = FAST(data, 0, len(data), expected, max_key_size,
                                    MAX_FRAME_PAYLOAD, 1024, 1 << 62)
         assert (records, end, after) == ([], 0, expected)
+
+
+@needs_fast
+@pytest.mark.parametrize("lsn", [1, 127, 128, 255, 256, 65_535, 65_536, 1 << 32, 1 << 63])
+def test_puts_are_taken_whatever_the_width_of_their_lsn(lsn: int) -> None:
+    """The fast path's quick refusal reads past the LSN: a put of any LSN width must pass it
+    (a regression here would not be wrong, only silently slow)."""
+    data = raw_frame([encode_put(lsn, "k", msgpack.packb(lsn))]) + raw_frame(
+        [encode_put(lsn + 1, b"k", msgpack.packb({"n": lsn}))])
+    records, end, expected = FAST(data, 0, len(data), lsn, 511, MAX_FRAME_PAYLOAD, 1024,
+                                  1 << 62)
+    assert [record[0] for record in records] == [lsn, lsn + 1]
+    assert (end, expected) == (len(data), lsn + 2)
