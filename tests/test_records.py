@@ -4,6 +4,7 @@ in one place, and a record nothing downstream could apply is refused where it is
 from __future__ import annotations
 
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,33 +132,29 @@ def test_opening_refuses_an_unusable_record_naming_segment_and_offset(
     assert path.exists()  # nothing deleted
 
 
+def _kept_after(encode: Callable[[], bytes], size: int) -> int:
+    """Bytes still allocated after `encode()` (at least `size` bytes long) and its result are
+    gone: what a Packer that packed it would keep."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        encoded = encode()
+        assert len(encoded) > size
+        del encoded
+        return tracemalloc.get_traced_memory()[0] - before  # type: ignore[no-any-return]
+    finally:
+        tracemalloc.stop()
+
+
 def test_a_big_record_leaves_no_big_buffer_behind() -> None:
     """A Packer keeps the largest buffer it ever needed: a record of a 4 MiB value must not be
     packed by the shared one, or 4 MiB or more would stay allocated for good."""
     value = b"x" * (4 << 20)
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        record = encode_put(1, "k", value)
-        assert len(record) > len(value)
-        del record
-        kept = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
-    assert kept < 1 << 20
+    assert _kept_after(lambda: encode_put(1, "k", value), len(value)) < 1 << 20
 
 
 @pytest.mark.parametrize("value", [b"x" * (4 << 20), "x" * (4 << 20)], ids=["bytes", "str"])
 def test_a_big_value_leaves_no_big_buffer_behind(value: str | bytes) -> None:
     """The same for the codec's shared Packer (wbcache/codec.py): a big str or bytes value is
     packed by a Packer of its own."""
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        encoded = encode_value(value, 1 << 30)
-        assert len(encoded) > len(value)
-        del encoded
-        kept = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
-    assert kept < 1 << 20
+    assert _kept_after(lambda: encode_value(value, 1 << 30), len(value)) < 1 << 20

@@ -164,9 +164,8 @@ static int str_or_bin(const unsigned char **p, const unsigned char *end,
         *len = t & 0x1f;
         *is_str = 1;
     } else {
-        int width = (t == 0xd9 || t == 0xc4) ? 1 : (t == 0xda || t == 0xc5) ? 2
-                  : (t == 0xdb || t == 0xc6) ? 4 : 0;
-        if (width == 0 || end - q < width)
+        int width = (t >= 0xc4 && t <= 0xc6) || (t >= 0xd9 && t <= 0xdb) ? length_field(t) : 0;
+        if (width == 0 || end - q < width) /* not a bin8..32 or str8..32, or cut short */
             return 0;
         *len = be(q, width);
         q += width;
