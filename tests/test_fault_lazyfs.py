@@ -10,6 +10,9 @@ WBCACHE_REQUIRE_SERVICES=1 (CI).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 from lazyfs_support import lazyfs_binary_fixture, processes_naming  # noqa: F401 (fixture)
 
+import wbcache
 import wbcache.cli.torture as cli_torture
 from wbcache.cli import main
 from wbcache.fault_injection.campaign import Outcome
@@ -200,3 +204,56 @@ def test_under_interval_writes_older_than_the_interval_must_survive_without_any_
     unknown_cut = required_acks(events, times, fsync="interval", fsync_interval=interval,
                                 cut_time=None)
     assert unknown_cut.required == {}  # no cut time, no fsync: nothing is owed
+
+
+# ---------------------------------------------------------------- one busy writer, a real cut
+
+# One thread putting in a tight loop under fsync="interval": each value is [its index, the
+# monotonic time just before its put], so the survivors say how far the log was fsync'd.
+BUSY_WRITER = """
+import sys, time, wbcache
+cache = wbcache.open(sys.argv[1], fsync="interval", fsync_interval=float(sys.argv[2]),
+                     flush_interval=3600)
+print("open", flush=True)
+index = 0
+while True:
+    cache.put(f"k{index % 1000}", [index, time.monotonic()])
+    index += 1
+"""
+BUSY_SECONDS = 2.0  # how long it writes before the cut: the interval and margin, and more
+
+
+def test_a_busy_writer_under_interval_loses_at_most_the_interval_to_a_power_cut(
+        lazyfs_binary: str, tmp_path: Path) -> None:
+    interval = 0.05
+    with LazyfsMount(lazyfs_binary, str(tmp_path / "fs")) as fs:
+        fs.mount()
+        cache_dir = os.path.join(fs.mnt, "cache")
+        writer = subprocess.Popen([sys.executable, "-c", BUSY_WRITER, cache_dir, str(interval)],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert writer.stdout is not None and writer.stdout.readline() == "open\n"
+            started = time.monotonic()
+            time.sleep(BUSY_SECONDS)  # the workload's length, not a wait for an event
+        finally:
+            writer.kill()  # SIGKILL, then the power cut (nothing writes during it)
+            writer.wait()
+        killed = time.monotonic()
+        fs.cut()
+        fs.unmount()
+        fs.mount()
+        cache = wbcache.open(cache_dir, flush_interval=3600)
+        try:
+            survivors = [value for key in range(1000)
+                         if (value := cache.get(f"k{key}")) is not None]
+        finally:
+            cache.close()
+    assert survivors, "nothing of the busy writer survived the cut"
+    newest_index, newest_time = max(survivors)
+    # Everything acknowledged more than the interval (plus the oracle's margin for the
+    # syncer's own delays) before the cut is on disk: the newest survivor was put after that.
+    deadline = killed - interval - INTERVAL_MARGIN
+    assert deadline > started + 0.5  # the rule covers a good part of the run
+    assert newest_time >= deadline, (
+        f"the newest surviving write (#{newest_index}) was put {killed - newest_time:.2f} s "
+        f"before the cut; fsync_interval is {interval} s")

@@ -5,7 +5,9 @@ progress becomes the leader, takes everything queued so far, drops the lock, wri
 `write` and (when asked) one `fdatasync`, then wakes every waiter. Writers that queue while the
 leader is busy wait; the first of them still not covered when the leader finishes leads the next
 batch. A lone writer therefore pays exactly one write + fdatasync, and under load the batches
-grow by themselves.
+grow by themselves. Under fsync="interval" batches are not fsync'd; a writer that needs its
+record fsync'd (`wait(durable=True)`: the interval syncer, `sync`, `close`) and finds a leader
+busy asks the next batch to fsync, whoever leads it.
 
 The committer shares the sequencer's lock: records are queued in LSN order under that lock, and
 every method here except `add_listener` must be called with it held.
@@ -46,7 +48,8 @@ class GroupCommitter:
         self.durable_lsn = next_lsn - 1
         self._leader_active = False
         self._followers = 0  # writers waiting in wait() for a leader to cover them
-        self._sync_wanted = False
+        self._sync_wanted = False  # the next batch must fsync: a durable waiter asked
+        self._syncing_through = next_lsn - 1  # what the batch in flight will have fsync'd
         self.failure: BaseException | None = None
         self._listeners: list[Listener] = []
         self._kick = threading.Condition(lock)  # wakes the background leader
@@ -106,6 +109,12 @@ class GroupCommitter:
         """
         while (self.durable_lsn if durable else self.acknowledged_lsn) < lsn:
             self.check()
+            if durable and self._syncing_through < lsn:
+                # Asked of whoever leads next, not only of ourselves: a writer that leads
+                # batch after batch retakes the lock before a woken follower can, so a
+                # durable waiter that only ever follows would wait for good (the interval
+                # syncer behind one busy writer: no fsync at all).
+                self._sync_wanted = True
             if self._leader_active:
                 self._followers += 1
                 try:
@@ -113,8 +122,6 @@ class GroupCommitter:
                 finally:
                     self._followers -= 1
             else:
-                if durable:
-                    self._sync_wanted = True
                 self._lead()
         # A failure after our record was covered does not concern this write.
 
@@ -125,6 +132,7 @@ class GroupCommitter:
         self._pending_first_lsn = last_lsn + 1
         do_sync = self._sync_every_batch or self._sync_wanted
         self._sync_wanted = False
+        self._syncing_through = last_lsn if do_sync else self.durable_lsn
         self._leader_active = True
         error: BaseException | None = None
         try:

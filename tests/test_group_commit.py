@@ -1,0 +1,100 @@
+"""The group commit (wal/commit.py) under fsync="interval": a writer asking for durability
+gets its fsync even while another writer leads batch after batch.
+
+The bug this pins: a durable waiter (the interval syncer, `Cache.sync`) that found a leader
+busy only followed; the busy writer retook the lock before the woken follower could and led
+its next batch without a fsync, so one thread writing in a loop kept the log unsynced for as
+long as it wrote (0 fsyncs in 3 s of puts): power loss could take every write since the
+segment began, not the last `fsync_interval` seconds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from controlled import wait_until
+
+import wbcache
+from wbcache.wal.commit import GroupCommitter
+
+
+class GatedWriter:
+    """A log writer whose first `append` waits on `gate`; it records what it was asked."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.inside = threading.Event()
+        self.calls: list[str] = []
+
+    def append(self, records: list[bytes], first_lsn: int, last_lsn: int) -> None:
+        self.calls.append(f"append {first_lsn}..{last_lsn}")
+        if len(self.calls) == 1:
+            self.inside.set()
+            self.gate.wait()
+
+    def sync(self) -> None:
+        self.calls.append("sync")
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+def test_a_durable_waiter_behind_a_busy_leader_is_synced_by_the_next_batch() -> None:
+    lock = threading.Lock()
+    writer = GatedWriter()
+    committer = GroupCommitter(lock, writer, next_lsn=1,  # type: ignore[arg-type]
+                               sync_every_batch=False)
+    durable_at: list[int] = []
+
+    def busy_writer() -> None:
+        # Two writes in one hold of the lock: after the first batch the writer still holds
+        # the lock, as a loop of puts does in practice, so the woken follower cannot lead.
+        with lock:
+            committer.append(1, b"one")
+            committer.wait(1)
+            committer.append(2, b"two")
+            committer.wait(2)
+            durable_at.append(committer.durable_lsn)
+
+    def durable_waiter() -> None:
+        with lock:
+            committer.wait(1, durable=True)
+
+    leader = threading.Thread(target=busy_writer)
+    leader.start()
+    assert writer.inside.wait(10)  # the first batch is being written, lock released
+    follower = threading.Thread(target=durable_waiter)
+    follower.start()
+    wait_until(lambda: _following(committer, lock),
+               what="the durable waiter following the busy leader")
+    writer.gate.set()
+    leader.join(10)
+    follower.join(10)
+    assert not leader.is_alive() and not follower.is_alive()
+    # The second batch, led by the busy writer, carried the fsync the waiter asked for.
+    assert writer.calls == ["append 1..1", "append 2..2", "sync"]
+    assert durable_at == [2]
+
+
+def _following(committer: GroupCommitter, lock: threading.Lock) -> bool:
+    with lock:
+        return committer._followers == 1  # noqa: SLF001 (the test's one look inside)
+
+
+def test_one_thread_writing_in_a_loop_still_gets_the_interval_fsyncs(tmp_path: Path) -> None:
+    cache = wbcache.open(str(tmp_path / "c"), fsync="interval", fsync_interval=0.01,
+                         flush_interval=3600)
+    try:
+        deadline = time.monotonic() + 20
+        puts = 0
+        # A tight loop: nothing outside the cache's lock lets another thread in.
+        while cache.stats()["fsyncs"] < 5 and time.monotonic() < deadline:
+            for _ in range(200):
+                cache.put(f"k{puts % 1000}", puts)
+                puts += 1
+        stats = cache.stats()
+        assert stats["fsyncs"] >= 5, (puts, stats)
+    finally:
+        cache.close()
