@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -281,3 +282,38 @@ def _put_reporting(cache: wbcache.Cache, key: str, value: int,
         outcome.append(cache.put(key, value))
     except BaseException as exc:  # reported to the test
         outcome.append(exc)
+
+
+def test_a_caller_waits_for_the_flush_in_progress_not_for_the_cycles_after_it(
+        backend: ControlledBackend, open_cache: OpenCache) -> None:
+    # len() (like keys(), clear(), flush()) holds the flusher off, waiting for at most the
+    # attempt in progress. The background thread used to take its mutex straight back after
+    # each cycle while writers kept waking it, so a caller could wait cycle after cycle: with
+    # slow commits, into a FlushError against a healthy database.
+    cache = open_cache(backend=backend, flush_interval=3600, flush_threshold=1)
+    backend.gate.clear()
+    cache.put("a", 1)  # wakes the flusher, whose cycle now waits inside the database
+    assert backend.entered.wait(10)
+    counted: list[int] = []
+    caller = threading.Thread(target=lambda: counted.append(len(cache)))
+    caller.start()
+    try:
+        wait_until(lambda: _inside(caller, "paused"), what="len() waiting for the flusher")
+        cache.put("b", 2)  # wakes the flusher again: it has a next cycle to run at once
+        backend.gate.set()  # the cycle in progress commits ...
+        backend.gate.clear()  # ... and the next one will wait inside the database again
+        wait_until(lambda: counted, what="len() returning before the next cycle's commit")
+    finally:
+        backend.gate.set()
+        caller.join(10)
+    assert counted == [2]
+
+
+def _inside(thread: threading.Thread, function: str) -> bool:
+    """Whether `thread` is running `function` now (its stack, as the interpreter has it)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False

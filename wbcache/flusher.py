@@ -12,6 +12,10 @@ A flush cycle:
 Cycles run on the timer, when woken (dirty threshold, backpressure, capacity pressure), and in
 the caller's thread for `flush()`; `_mutex` keeps them one at a time. Lock order: `_mutex`,
 then the sequencer's lock (taken inside `take_dirty` and `flushed`, never across `apply`).
+`_turns` (a condition of its own lock, never held with another) only counts callers waiting
+for `_mutex`: the background thread lets those go before its next cycle, since a plain lock
+is not fair (the thread releasing it takes it back first, cycle after cycle, while writers
+keep waking it).
 """
 
 from __future__ import annotations
@@ -82,6 +86,9 @@ class Flusher:
         self._writer = writer
         self._interval = interval
         self._mutex = threading.Lock()  # one cycle at a time
+        self._turns = threading.Condition()  # callers of paused(): waiting, and served
+        self._waiting = 0
+        self._served = 0
         self._wakeup = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wbcache-flusher", daemon=True)
@@ -110,7 +117,17 @@ class Flusher:
     def paused(self, timeout: float) -> Iterator[None]:
         """Hold off every flush cycle (the database then changes only through us). Waits for
         at most the attempt in progress; raises `FlushError` after `timeout` seconds."""
-        if not self._mutex.acquire(timeout=timeout):
+        with self._turns:
+            self._waiting += 1
+        acquired = False
+        try:
+            acquired = self._mutex.acquire(timeout=timeout)
+        finally:
+            with self._turns:
+                self._waiting -= 1
+                self._served += acquired
+                self._turns.notify_all()
+        if not acquired:
             raise FlushError(f"timed out after {timeout} s waiting for the flusher (last "
                              f"database error: {self.last_error!r}); the log keeps every write")
         try:
@@ -123,6 +140,8 @@ class Flusher:
         next cycle (close's final flush) takes it again."""
         self._stop.set()
         self._wakeup.set()
+        with self._turns:
+            self._turns.notify_all()
         if self._thread.is_alive():
             self._thread.join()
 
@@ -146,6 +165,7 @@ class Flusher:
                 if not woken and time.monotonic() < next_flush:
                     continue  # woke for the sweep only
             next_flush = time.monotonic() + self._interval
+            self._let_callers_go()
             with self._mutex:
                 if self._stop.is_set():
                     return
@@ -156,6 +176,15 @@ class Flusher:
                     failing = True
             if not failing:
                 delay = _FIRST_RETRY_DELAY
+
+    def _let_callers_go(self) -> None:
+        """Wait until the callers of `paused()` waiting now have had the mutex (or gave up):
+        they wait for the attempt in progress at most, never for the cycles after it. Callers
+        that come later do not hold this cycle back."""
+        with self._turns:
+            owed = self._served + self._waiting
+            while self._waiting and self._served < owed and not self._stop.is_set():
+                self._turns.wait()
 
     def _next_wake(self, next_flush: float) -> float:
         """Seconds until the next flush or, with a sweep, the next sweep."""
