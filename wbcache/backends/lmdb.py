@@ -47,17 +47,25 @@ SHARED_READ_TTL = 0.05  # s; see SharedLmdbBackend
 
 
 class _ReadGate:
-    """Many transactions or one resizer (or a fork about to happen)."""
+    """Many transactions or one resizer (or a fork about to happen); and, while a write
+    transaction is aborted, no new transaction.
+
+    py-lmdb (3.0) aborts a write transaction only once no other thread is inside an LMDB call:
+    threads reading in a loop can hold that off for minutes (tests/test_lmdb_readers.py). So an
+    abort keeps new transactions out meanwhile; the calls in flight end by themselves. A thread
+    inside `reading` is never inside an LMDB call while it waits here, so this cannot deadlock.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
         self._resizing = False
+        self._aborting = False
 
     @contextmanager
     def reading(self) -> Iterator[None]:
         with self._cond:
-            while self._resizing:
+            while self._resizing or self._aborting:
                 self._cond.wait()
             self._readers += 1
         try:
@@ -67,6 +75,20 @@ class _ReadGate:
                 self._readers -= 1
                 if not self._readers:
                     self._cond.notify_all()
+
+    def abort(self, txn: Any) -> None:
+        """Abort the write transaction `txn` (its thread is inside `reading`) with new
+        transactions held off (class docstring)."""
+        with self._cond:
+            while self._aborting:  # one writer at a time in LMDB anyway
+                self._cond.wait()
+            self._aborting = True
+        try:
+            txn.abort()
+        finally:
+            with self._cond:
+                self._aborting = False
+                self._cond.notify_all()
 
     @contextmanager
     def resizing(self) -> Iterator[None]:
@@ -163,8 +185,11 @@ class LmdbDatabase:
             txn = self._env.begin(write=write, db=self._meta)
             try:
                 raw = txn.get(name)
-            finally:
-                txn.abort()  # nothing to keep, written or read
+            finally:  # nothing to keep, written or read
+                if write:
+                    self._gate.abort(txn)
+                else:
+                    txn.abort()
         return int.from_bytes(raw, "big") if raw else 0
 
     def checkpoints(self, prefix: bytes) -> dict[str, int]:
@@ -201,18 +226,25 @@ class LmdbDatabase:
         stamp = checkpoint.to_bytes(8, "big")
         while True:
             try:
-                with self._gate.reading(), self._env.begin(write=True) as txn:
-                    if str_puts:
-                        txn.cursor(db=self._str).putmulti(str_puts)
-                    if bytes_puts:
-                        txn.cursor(db=self._bytes).putmulti(bytes_puts)
-                    for key in deletes:
-                        db, raw = self._db_and_raw(key)
-                        txn.delete(raw, db=db)
-                    for key, delta in increments:
-                        db, raw = self._db_and_raw(key)
-                        txn.put(raw, msgpack.packb(_added(txn.get(raw, db=db), delta)), db=db)
-                    txn.put(checkpoint_name, stamp, db=self._meta)
+                with self._gate.reading():
+                    txn = self._env.begin(write=True)
+                    try:
+                        if str_puts:
+                            txn.cursor(db=self._str).putmulti(str_puts)
+                        if bytes_puts:
+                            txn.cursor(db=self._bytes).putmulti(bytes_puts)
+                        for key in deletes:
+                            db, raw = self._db_and_raw(key)
+                            txn.delete(raw, db=db)
+                        for key, delta in increments:
+                            db, raw = self._db_and_raw(key)
+                            txn.put(raw, msgpack.packb(_added(txn.get(raw, db=db), delta)),
+                                    db=db)
+                        txn.put(checkpoint_name, stamp, db=self._meta)
+                        txn.commit()
+                    except BaseException:
+                        self._gate.abort(txn)  # after a failed commit too: then a no-op
+                        raise
                 return
             except lmdb.MapFullError:
                 with self._gate.resizing():

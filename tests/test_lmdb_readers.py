@@ -1,0 +1,98 @@
+"""The LMDB database under threads that read in a loop (many threads on cold keys): its write
+transactions must still end.
+
+py-lmdb 3.0 aborts a write transaction only once no other thread of the process is inside an
+LMDB call (trans_abort waits for the environment's count of operations in flight). Threads that
+read in a loop keep that count above zero almost all the time, so an abort could wait for
+seconds or for good: the flusher, aborting on MapFullError before it grows the map, stood
+there for over 25 s while eight threads read, holding the flush mutex, and shared directories
+abort a write transaction each time they read a fresh checkpoint. `LmdbDatabase` now keeps
+new transactions out while it aborts (the operations in flight end by themselves).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from wbcache.backends.lmdb import LmdbDatabase
+
+READERS = 8
+DEADLINE = 20.0  # seconds; the call takes milliseconds once it is not starved
+
+
+@contextmanager
+def reading_in_a_loop(database: LmdbDatabase, keys: list[str]) -> Iterator[list[int]]:
+    """READERS threads reading `keys` from `database` without a pause, until the block ends."""
+    stop = threading.Event()
+    counts = [0] * READERS
+
+    def reader(number: int) -> None:
+        index = number
+        while not stop.is_set():
+            database.get(keys[index % len(keys)])
+            counts[number] += 1
+            index += 7
+
+    threads = [threading.Thread(target=reader, args=(n,), daemon=True) for n in range(READERS)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(DEADLINE)
+
+
+def ends_within(call: Callable[[], object], seconds: float) -> bool:
+    """Whether `call`, run in a thread of its own, returned (or raised) within `seconds`."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            call()
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done.wait(seconds)
+
+
+def stored(tmp_path: Path, map_size: int) -> tuple[LmdbDatabase, list[str]]:
+    database = LmdbDatabase(str(tmp_path / "db"), map_size=map_size)
+    keys = [f"seed{i}" for i in range(500)]
+    database.write([(key, b"x" * 100) for key in keys], [], [], b"checkpoint", 1)
+    return database, keys
+
+
+def test_a_write_that_fills_the_map_grows_it_while_threads_read(tmp_path: Path) -> None:
+    database, keys = stored(tmp_path, 256 * 1024)
+    try:
+        big = [(f"big{i}", b"y" * 1000) for i in range(400)]  # about 400 KiB: past the map
+        with reading_in_a_loop(database, keys) as counts:
+            ended = ends_within(lambda: database.write(big, [], [], b"checkpoint", 2), DEADLINE)
+            reads = sum(counts)
+        assert ended, f"the write did not end within {DEADLINE} s ({reads} reads meanwhile)"
+        assert database.resizes >= 1  # it did abort on MapFullError and grow the map
+        assert database.get("big399") == b"y" * 1000
+        assert database.checkpoint(b"checkpoint") == 2
+    finally:
+        database.close()
+
+
+def test_fresh_checkpoints_are_read_while_threads_read(tmp_path: Path) -> None:
+    database, keys = stored(tmp_path, 1 << 30)
+    try:
+        # A fresh checkpoint is read in a write transaction, then aborted: 200 aborts (one of
+        # them alone waited 268 s before the fix).
+        with reading_in_a_loop(database, keys):
+            ended = ends_within(
+                lambda: [database.checkpoint(b"checkpoint", fresh=True) for _ in range(200)],
+                DEADLINE)
+        assert ended, f"200 fresh checkpoints were not read within {DEADLINE} s"
+        assert database.checkpoint(b"checkpoint", fresh=True) == 1
+    finally:
+        database.close()
