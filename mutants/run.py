@@ -44,7 +44,8 @@ SCRATCH = Path(os.environ.get("MUTANT_SCRATCH", "/tmp/wbcache-mutants"))
 # The test files CI runs for faults and durability, harness first.
 DEFAULT_TESTS = ("tests/test_fault_*.py", "tests/test_interleavings.py", "tests/test_fork.py",
                  "tests/test_database_durability.py", "tests/test_wal_reader.py",
-                 "tests/test_recovery.py", "tests/test_group_commit.py", "tests/test_flusher.py")
+                 "tests/test_recovery.py", "tests/test_group_commit.py", "tests/test_flusher.py",
+                 "tests/test_lmdb_readers.py")
 SUBPACKAGES = ("wal", "recovery", "cli", "fault_injection")  # folder -> wbcache.<folder>
 TIME_LIMIT = 1800.0  # seconds per mutant run
 
