@@ -7,7 +7,10 @@ read in a loop keep that count above zero almost all the time, so an abort could
 seconds or for good: the flusher, aborting on MapFullError before it grows the map, stood
 there for over 25 s while eight threads read, holding the flush mutex, and shared directories
 abort a write transaction each time they read a fresh checkpoint. `LmdbDatabase` now keeps
-new transactions out while it aborts (the operations in flight end by themselves).
+new transactions out while it aborts (the operations in flight end by themselves). Behind
+that stood a second wait of the same kind: growing the map waits until no transaction is
+open, and scans in a loop always had one open while new ones started; a waiting resizer now
+keeps new transactions out too (but for those of a thread that already has one open).
 """
 
 from __future__ import annotations
@@ -17,24 +20,33 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+from controlled import wait_until
+
 from wbcache.backends.lmdb import LmdbDatabase
 
-READERS = 8
+READERS = 8  # threads reading in a loop; with 4 the starvation already shows
 DEADLINE = 20.0  # seconds; the call takes milliseconds once it is not starved
 
 
 @contextmanager
-def reading_in_a_loop(database: LmdbDatabase, keys: list[str]) -> Iterator[list[int]]:
-    """READERS threads reading `keys` from `database` without a pause, until the block ends."""
+def reading_in_a_loop(database: LmdbDatabase, keys: list[str], *,
+                      scans: bool = False) -> Iterator[list[int]]:
+    """READERS threads reading `database` without a pause until the block ends: each a key of
+    `keys` at a time, or (`scans`) every entry, one cursor step after another."""
     stop = threading.Event()
     counts = [0] * READERS
 
     def reader(number: int) -> None:
         index = number
         while not stop.is_set():
-            database.get(keys[index % len(keys)])
+            if scans:
+                for _ in database.items():
+                    pass
+            else:
+                database.get(keys[index % len(keys)])
+                index += 7
             counts[number] += 1
-            index += 7
 
     threads = [threading.Thread(target=reader, args=(n,), daemon=True) for n in range(READERS)]
     for thread in threads:
@@ -68,14 +80,19 @@ def stored(tmp_path: Path, map_size: int) -> tuple[LmdbDatabase, list[str]]:
     return database, keys
 
 
-def test_a_write_that_fills_the_map_grows_it_while_threads_read(tmp_path: Path) -> None:
+@pytest.mark.parametrize("scans", [False, True], ids=["gets", "scans"])
+def test_a_write_that_fills_the_map_grows_it_while_threads_read(tmp_path: Path,
+                                                                scans: bool) -> None:
+    # Aborting on MapFullError (gets in a loop held the abort off), then growing the map (scans
+    # in a loop, always one open, held the resizer off while new ones kept starting).
     database, keys = stored(tmp_path, 256 * 1024)
+    big = [(f"big{i}", b"y" * 1000) for i in range(400)]  # about 400 KiB: past the map
+    with reading_in_a_loop(database, keys, scans=scans) as counts:
+        ended = ends_within(lambda: database.write(big, [], [], b"checkpoint", 2), DEADLINE)
+        reads = sum(counts)
+    # Not closed if it failed: closing waits for the stuck transaction, for good.
+    assert ended, f"the write did not end within {DEADLINE} s ({reads} reads meanwhile)"
     try:
-        big = [(f"big{i}", b"y" * 1000) for i in range(400)]  # about 400 KiB: past the map
-        with reading_in_a_loop(database, keys) as counts:
-            ended = ends_within(lambda: database.write(big, [], [], b"checkpoint", 2), DEADLINE)
-            reads = sum(counts)
-        assert ended, f"the write did not end within {DEADLINE} s ({reads} reads meanwhile)"
         assert database.resizes >= 1  # it did abort on MapFullError and grow the map
         assert database.get("big399") == b"y" * 1000
         assert database.checkpoint(b"checkpoint") == 2
@@ -85,14 +102,35 @@ def test_a_write_that_fills_the_map_grows_it_while_threads_read(tmp_path: Path) 
 
 def test_fresh_checkpoints_are_read_while_threads_read(tmp_path: Path) -> None:
     database, keys = stored(tmp_path, 1 << 30)
+    # A fresh checkpoint is read in a write transaction, then aborted: 200 aborts, beside
+    # scans in a loop (one fresh checkpoint beside gets in a loop once waited 268 s).
+    with reading_in_a_loop(database, keys, scans=True):
+        ended = ends_within(
+            lambda: [database.checkpoint(b"checkpoint", fresh=True) for _ in range(200)],
+            DEADLINE)
+    assert ended, f"200 fresh checkpoints were not read within {DEADLINE} s"  # (not closed)
     try:
-        # A fresh checkpoint is read in a write transaction, then aborted: 200 aborts (one of
-        # them alone waited 268 s before the fix).
-        with reading_in_a_loop(database, keys):
-            ended = ends_within(
-                lambda: [database.checkpoint(b"checkpoint", fresh=True) for _ in range(200)],
-                DEADLINE)
-        assert ended, f"200 fresh checkpoints were not read within {DEADLINE} s"
         assert database.checkpoint(b"checkpoint", fresh=True) == 1
+    finally:
+        database.close()
+
+
+def test_a_thread_with_a_transaction_open_may_open_another_while_a_resizer_waits(
+        tmp_path: Path) -> None:
+    # The resizer keeps new transactions out, but not those of a thread that already has one
+    # open: that thread would wait for the resizer, which waits for it.
+    database, keys = stored(tmp_path, 1 << 30)
+    try:
+        gate = database._gate  # noqa: SLF001 (the test drives the gate itself)
+        resized = threading.Event()
+        with gate.reading():
+            resizer = threading.Thread(target=lambda: (gate.acquire_exclusive(None),
+                                                       gate.release_exclusive(),
+                                                       resized.set()), daemon=True)
+            resizer.start()
+            wait_until(lambda: gate._wanted == 1, what="the resizer waiting")  # noqa: SLF001
+            assert database.get(keys[0]) == b"x" * 100  # nested: not held off
+            assert not resized.is_set()
+        assert resized.wait(DEADLINE)
     finally:
         database.close()

@@ -50,45 +50,62 @@ class _ReadGate:
     """Many transactions or one resizer (or a fork about to happen); and, while a write
     transaction is aborted, no new transaction.
 
-    py-lmdb (3.0) aborts a write transaction only once no other thread is inside an LMDB call:
-    threads reading in a loop can hold that off for minutes (tests/test_lmdb_readers.py). So an
-    abort keeps new transactions out meanwhile; the calls in flight end by themselves. A thread
-    inside `reading` is never inside an LMDB call while it waits here, so this cannot deadlock.
+    Two rules keep threads that read in a loop from starving the rest:
+      * a resizer (or a fork) that waits keeps new transactions out, except those of a thread
+        that already has one open (it would otherwise wait for itself), so the open ones end
+        and it gets its turn;
+      * py-lmdb (3.0) aborts a write transaction only once no other thread is inside an LMDB
+        call, which readers in a loop can put off for minutes: an abort keeps new
+        transactions out meanwhile, and the calls in flight end by themselves.
+    A thread waiting here is never inside an LMDB call, so neither rule can deadlock
+    (tests/test_lmdb_readers.py).
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
+        self._open: dict[int, int] = {}  # thread ident -> transactions it has open here
         self._resizing = False
+        self._wanted = 0  # resizers and forks waiting for the transactions to end
         self._aborting = False
 
     @contextmanager
     def reading(self) -> Iterator[None]:
+        me = threading.get_ident()
         with self._cond:
-            while self._resizing or self._aborting:
+            while (self._resizing or self._aborting
+                   or (self._wanted and me not in self._open)):
                 self._cond.wait()
             self._readers += 1
+            self._open[me] = self._open.get(me, 0) + 1
         try:
             yield
         finally:
             with self._cond:
                 self._readers -= 1
+                if self._open[me] == 1:
+                    del self._open[me]
+                else:
+                    self._open[me] -= 1
                 if not self._readers:
                     self._cond.notify_all()
 
     def abort(self, txn: Any) -> None:
         """Abort the write transaction `txn` (its thread is inside `reading`) with new
         transactions held off (class docstring)."""
-        with self._cond:
-            while self._aborting:  # one writer at a time in LMDB anyway
-                self._cond.wait()
-            self._aborting = True
+        mine = False
         try:
+            with self._cond:
+                while self._aborting:  # one writer at a time in LMDB anyway
+                    self._cond.wait()
+                mine = True  # first: an interrupt must never leave the flag set
+                self._aborting = True
             txn.abort()
         finally:
-            with self._cond:
-                self._aborting = False
-                self._cond.notify_all()
+            if mine:
+                with self._cond:
+                    self._aborting = False
+                    self._cond.notify_all()
 
     @contextmanager
     def resizing(self) -> Iterator[None]:
@@ -102,13 +119,18 @@ class _ReadGate:
         """Wait until no transaction is open and keep new ones out; False after `timeout`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._resizing or self._readers:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-            self._resizing = True
-            return True
+            self._wanted += 1
+            try:
+                while self._resizing or self._readers:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                self._resizing = True
+                return True
+            finally:
+                self._wanted -= 1
+                self._cond.notify_all()  # readers held off for us may go (or wait on us)
 
     def release_exclusive(self) -> None:
         with self._cond:
