@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from controlled import ControlledBackend, wait_until
@@ -284,36 +284,45 @@ def _put_reporting(cache: wbcache.Cache, key: str, value: int,
         outcome.append(exc)
 
 
+class _OneApplyAtATime(ControlledBackend):
+    """`apply` waits for a permit the test hands out one at a time (`entered` counts arrivals),
+    so exactly the cycles the test lets through commit, whatever the threads' timing."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.arrived = threading.Semaphore(0)
+        self.permits = threading.Semaphore(0)
+
+    def apply(self, puts: Any, deletes: Any, checkpoint: int, increments: Any = ()) -> None:
+        self.arrived.release()
+        self.permits.acquire()
+        self.inner.apply(puts, deletes, checkpoint, increments)
+
+
 def test_a_caller_waits_for_the_flush_in_progress_not_for_the_cycles_after_it(
-        backend: ControlledBackend, open_cache: OpenCache) -> None:
+        tmp_path: Path) -> None:
     # len() (like keys(), clear(), flush()) holds the flusher off, waiting for at most the
     # attempt in progress. The background thread used to take its mutex straight back after
     # each cycle while writers kept waking it, so a caller could wait cycle after cycle: with
     # slow commits, into a FlushError against a healthy database.
-    cache = open_cache(backend=backend, flush_interval=3600, flush_threshold=1)
-    backend.gate.clear()
-    cache.put("a", 1)  # wakes the flusher, whose cycle now waits inside the database
-    assert backend.entered.wait(10)
+    backend = _OneApplyAtATime(tmp_path / "db")
+    cache = wbcache.open(tmp_path / "c", backend=backend, flush_interval=3600,
+                         flush_threshold=1)
     counted: list[int] = []
     caller = threading.Thread(target=lambda: counted.append(len(cache)))
-    caller.start()
     try:
-        wait_until(lambda: _inside(caller, "paused"), what="len() waiting for the flusher")
+        cache.put("a", 1)  # wakes the flusher, whose cycle now waits inside the database
+        assert backend.arrived.acquire(timeout=10)
+        caller.start()
+        wait_until(lambda: cache._flusher._waiting == 1,  # noqa: SLF001
+                   what="len() waiting for the flusher")
         cache.put("b", 2)  # wakes the flusher again: it has a next cycle to run at once
-        backend.gate.set()  # the cycle in progress commits ...
-        backend.gate.clear()  # ... and the next one will wait inside the database again
+        backend.permits.release()  # the cycle in progress, and only it, commits
         wait_until(lambda: counted, what="len() returning before the next cycle's commit")
     finally:
-        backend.gate.set()
-        caller.join(10)
+        backend.permits.release(1000)
+        if caller.ident is not None:  # started
+            caller.join(10)
+        cache.close()
+        backend.close()
     assert counted == [2]
-
-
-def _inside(thread: threading.Thread, function: str) -> bool:
-    """Whether `thread` is running `function` now (its stack, as the interpreter has it)."""
-    frame = sys._current_frames().get(thread.ident or -1)
-    while frame is not None:
-        if frame.f_code.co_name == function:
-            return True
-        frame = frame.f_back
-    return False

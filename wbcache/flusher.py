@@ -12,10 +12,11 @@ A flush cycle:
 Cycles run on the timer, when woken (dirty threshold, backpressure, capacity pressure), and in
 the caller's thread for `flush()`; `_mutex` keeps them one at a time. Lock order: `_mutex`,
 then the sequencer's lock (taken inside `take_dirty` and `flushed`, never across `apply`).
-`_turns` (a condition of its own lock, never held with another) only counts callers waiting
-for `_mutex`: the background thread lets those go before its next cycle, since a plain lock
-is not fair (the thread releasing it takes it back first, cycle after cycle, while writers
-keep waking it).
+`_turns` (a condition of its own lock, which takes no other) only counts callers waiting for
+`_mutex`, and is last in the order (a caller that got `_mutex` takes it to say so): the
+background thread lets those callers go before its next cycle or sweep, since a plain lock is
+not fair (the thread releasing it takes it back first, cycle after cycle, while writers keep
+waking it).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from wbcache.wal import LogWriter, crashpoints
 
 _FIRST_RETRY_DELAY = 0.01  # seconds; doubles after each failure
 _MAX_RETRY_DELAY = 2.0
+_CALLERS_FIRST = 1.0  # seconds a cycle waits at most for the callers of paused() to go first
 OUTAGE_REPORT_EVERY = 30.0  # seconds between summaries while the database keeps failing
 
 log = logging.getLogger("wbcache.flusher")
@@ -117,16 +119,18 @@ class Flusher:
     def paused(self, timeout: float) -> Iterator[None]:
         """Hold off every flush cycle (the database then changes only through us). Waits for
         at most the attempt in progress; raises `FlushError` after `timeout` seconds."""
-        with self._turns:
-            self._waiting += 1
-        acquired = False
+        counted = acquired = False
         try:
+            with self._turns:
+                counted = True  # first: an interrupt must never leave a caller counted
+                self._waiting += 1
             acquired = self._mutex.acquire(timeout=timeout)
         finally:
-            with self._turns:
-                self._waiting -= 1
-                self._served += acquired
-                self._turns.notify_all()
+            if counted:
+                with self._turns:
+                    self._waiting -= 1
+                    self._served += acquired
+                    self._turns.notify_all()
         if not acquired:
             raise FlushError(f"timed out after {timeout} s waiting for the flusher (last "
                              f"database error: {self.last_error!r}); the log keeps every write")
@@ -181,10 +185,14 @@ class Flusher:
         """Wait until the callers of `paused()` waiting now have had the mutex (or gave up):
         they wait for the attempt in progress at most, never for the cycles after it. Callers
         that come later do not hold this cycle back."""
+        deadline = time.monotonic() + _CALLERS_FIRST
         with self._turns:
             owed = self._served + self._waiting
             while self._waiting and self._served < owed and not self._stop.is_set():
-                self._turns.wait()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:  # a caller woken for the mutex takes it within ms
+                    return
+                self._turns.wait(remaining)
 
     def _next_wake(self, next_flush: float) -> float:
         """Seconds until the next flush or, with a sweep, the next sweep."""
@@ -254,6 +262,7 @@ class Flusher:
     def _run_sweep(self) -> None:
         self._last_sweep = time.monotonic()
         assert self._sweep is not None
+        self._let_callers_go()
         with self._mutex:
             if self._stop.is_set():
                 return
