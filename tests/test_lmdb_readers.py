@@ -15,6 +15,7 @@ keeps new transactions out too (but for those of a thread that already has one o
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -134,3 +135,41 @@ def test_a_thread_with_a_transaction_open_may_open_another_while_a_resizer_waits
         assert resized.wait(DEADLINE)
     finally:
         database.close()
+
+
+def test_a_waiting_resizer_goes_before_transactions_that_start_after_it(
+        tmp_path: Path) -> None:
+    # The rule behind the scans above, step by step: with one transaction open and a resizer
+    # waiting for it, a transaction another thread starts now waits for the resizer.
+    database, keys = stored(tmp_path, 1 << 30)
+    try:
+        gate = database._gate  # noqa: SLF001 (the test drives the gate itself)
+        order: list[str] = []
+
+        def resize() -> None:
+            gate.acquire_exclusive(None)
+            order.append("resized")
+            gate.release_exclusive()
+
+        def read() -> None:
+            database.get(keys[0])
+            order.append("read")
+
+        resizer = threading.Thread(target=resize, daemon=True)
+        reader = threading.Thread(target=read, daemon=True)
+        with gate.reading():  # the transaction open
+            resizer.start()
+            wait_until(lambda: gate._wanted == 1, what="the resizer waiting")  # noqa: SLF001
+            reader.start()
+            wait_until(lambda: order or _waiting_in(reader), what="the reader at the gate")
+        resizer.join(DEADLINE)
+        reader.join(DEADLINE)
+        assert order == ["resized", "read"]
+    finally:
+        database.close()
+
+
+def _waiting_in(thread: threading.Thread) -> bool:
+    """Whether `thread` waits on a condition (its innermost frame is `Condition.wait`)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    return frame is not None and frame.f_code.co_name == "wait"
