@@ -10,7 +10,8 @@ abort a write transaction each time they read a fresh checkpoint. `LmdbDatabase`
 new transactions out while it aborts (the operations in flight end by themselves). Behind
 that stood a second wait of the same kind: growing the map waits until no transaction is
 open, and scans in a loop always had one open while new ones started; a waiting resizer now
-keeps new transactions out too (but for those of a thread that already has one open).
+keeps new transactions out too, for a while only (and never those of a thread that already
+has one open), since a thread with one open may itself wait for another thread's read.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 from controlled import wait_until
 
+from wbcache.backends import lmdb_gate
 from wbcache.backends.lmdb import LmdbDatabase
 
 READERS = 8  # threads reading in a loop; with 4 the starvation already shows
@@ -117,30 +119,62 @@ def test_fresh_checkpoints_are_read_while_threads_read(tmp_path: Path) -> None:
 
 
 def test_a_thread_with_a_transaction_open_may_open_another_while_a_resizer_waits(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The resizer keeps new transactions out, but not those of a thread that already has one
-    # open: that thread would wait for the resizer, which waits for it.
+    # open: that thread would wait for the resizer, which waits for it (here for as long as
+    # the limit, made long so that waiting at all would show).
+    monkeypatch.setattr(lmdb_gate, "PREFER_RESIZER", DEADLINE)
     database, keys = stored(tmp_path, 1 << 30)
-    try:
-        gate = database._gate  # noqa: SLF001 (the test drives the gate itself)
-        resized = threading.Event()
+    gate = database._gate  # noqa: SLF001 (the test drives the gate itself)
+    resized = threading.Event()
+    nested: list[bytes | None] = []
+
+    def open_two() -> None:
         with gate.reading():
             resizer = threading.Thread(target=lambda: (gate.acquire_exclusive(None),
                                                        gate.release_exclusive(),
                                                        resized.set()), daemon=True)
             resizer.start()
             wait_until(lambda: gate._wanted == 1, what="the resizer waiting")  # noqa: SLF001
-            assert database.get(keys[0]) == b"x" * 100  # nested: not held off
-            assert not resized.is_set()
-        assert resized.wait(DEADLINE)
-    finally:
-        database.close()
+            nested.append(database.get(keys[0]))
+
+    opener = threading.Thread(target=open_two, daemon=True)
+    opener.start()
+    opener.join(DEADLINE / 2)
+    assert nested == [b"x" * 100], "the nested transaction waited for the resizer"
+    assert resized.wait(DEADLINE)
+    database.close()
+
+
+def test_a_reader_another_thread_waits_for_is_held_off_for_a_while_only(
+        tmp_path: Path) -> None:
+    # A thread with a transaction open (scanning a snapshot, say) waits for another thread's
+    # read while a resizer waits for the scan to end: the read must not wait for the resizer
+    # for good, or the three wait for one another.
+    database, keys = stored(tmp_path, 1 << 30)
+    gate = database._gate  # noqa: SLF001 (the test drives the gate itself)
+    read: list[bytes | None] = []
+    with gate.reading():  # the scan
+        resizer = threading.Thread(target=lambda: (gate.acquire_exclusive(None),
+                                                   gate.release_exclusive()), daemon=True)
+        resizer.start()
+        wait_until(lambda: gate._wanted == 1, what="the resizer waiting")  # noqa: SLF001
+        reader = threading.Thread(target=lambda: read.append(database.get(keys[0])),
+                                  daemon=True)
+        reader.start()
+        reader.join(DEADLINE)  # the scan waits for the read
+        assert read == [b"x" * 100], "the read waited for the resizer, which waits for the scan"
+    resizer.join(DEADLINE)
+    assert not resizer.is_alive()
+    database.close()
 
 
 def test_a_waiting_resizer_goes_before_transactions_that_start_after_it(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The rule behind the scans above, step by step: with one transaction open and a resizer
-    # waiting for it, a transaction another thread starts now waits for the resizer.
+    # waiting for it, a transaction another thread starts now waits for the resizer (the
+    # limit on that wait made long, so that a slow machine cannot reorder the two).
+    monkeypatch.setattr(lmdb_gate, "PREFER_RESIZER", DEADLINE)
     database, keys = stored(tmp_path, 1 << 30)
     try:
         gate = database._gate  # noqa: SLF001 (the test drives the gate itself)

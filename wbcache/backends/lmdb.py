@@ -26,9 +26,7 @@ import logging
 import os
 import select
 import threading
-import time
 from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import lmdb
@@ -36,6 +34,7 @@ import msgpack
 
 from wbcache import forking
 from wbcache.backends.base import Key
+from wbcache.backends.lmdb_gate import ReadGate
 from wbcache.errors import DatabaseError
 from wbcache.wal.syscalls import SYSCALLS
 
@@ -44,98 +43,6 @@ _log = logging.getLogger("wbcache.lmdb")
 _FORK_WAIT = 5.0  # s a fork waits for this process's open transactions to end
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 SHARED_READ_TTL = 0.05  # s; see SharedLmdbBackend
-
-
-class _ReadGate:
-    """Many transactions or one resizer (or a fork about to happen); and, while a write
-    transaction is aborted, no new transaction.
-
-    Two rules keep threads that read in a loop from starving the rest:
-      * a resizer (or a fork) that waits keeps new transactions out, except those of a thread
-        that already has one open (it would otherwise wait for itself), so the open ones end
-        and it gets its turn;
-      * py-lmdb (3.0) aborts a write transaction only once no other thread is inside an LMDB
-        call, which readers in a loop can put off for minutes: an abort keeps new
-        transactions out meanwhile, and the calls in flight end by themselves.
-    A thread waiting here is never inside an LMDB call, so neither rule can deadlock
-    (tests/test_lmdb_readers.py).
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._open: dict[int, int] = {}  # thread ident -> transactions it has open here
-        self._resizing = False
-        self._wanted = 0  # resizers and forks waiting for the transactions to end
-        self._aborting = False
-
-    @contextmanager
-    def reading(self) -> Iterator[None]:
-        me = threading.get_ident()
-        with self._cond:
-            while (self._resizing or self._aborting
-                   or (self._wanted and me not in self._open)):
-                self._cond.wait()
-            self._readers += 1
-            self._open[me] = self._open.get(me, 0) + 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._open[me] == 1:
-                    del self._open[me]
-                else:
-                    self._open[me] -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    def abort(self, txn: Any) -> None:
-        """Abort the write transaction `txn` (its thread is inside `reading`) with new
-        transactions held off (class docstring)."""
-        mine = False
-        try:
-            with self._cond:
-                while self._aborting:  # one writer at a time in LMDB anyway
-                    self._cond.wait()
-                mine = True  # first: an interrupt must never leave the flag set
-                self._aborting = True
-            txn.abort()
-        finally:
-            if mine:
-                with self._cond:
-                    self._aborting = False
-                    self._cond.notify_all()
-
-    @contextmanager
-    def resizing(self) -> Iterator[None]:
-        self.acquire_exclusive(None)
-        try:
-            yield
-        finally:
-            self.release_exclusive()
-
-    def acquire_exclusive(self, timeout: float | None) -> bool:
-        """Wait until no transaction is open and keep new ones out; False after `timeout`."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            self._wanted += 1
-            try:
-                while self._resizing or self._readers:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        return False
-                    self._cond.wait(remaining)
-                self._resizing = True
-                return True
-            finally:
-                self._wanted -= 1
-                self._cond.notify_all()  # readers held off for us may go (or wait on us)
-
-    def release_exclusive(self) -> None:
-        with self._cond:
-            self._resizing = False
-            self._cond.notify_all()
 
 
 class LmdbDatabase:
@@ -169,7 +76,7 @@ class LmdbDatabase:
         self._str = self._env.open_db(b"str", create=not readonly)
         self._bytes = self._env.open_db(b"bytes", create=not readonly)
         self._meta = self._env.open_db(b"meta", create=not readonly)
-        self._gate = _ReadGate()
+        self._gate = ReadGate()
         self.resizes = 0
         self._pid = os.getpid()
         self._quiet_for_fork = False

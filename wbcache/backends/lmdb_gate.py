@@ -1,0 +1,124 @@
+"""`ReadGate`: the transactions of one process's LMDB environment, and the moments that need
+none open or none starting (wbcache/backends/lmdb.py: resizing the map, a fork, an abort).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+PREFER_RESIZER = 0.1  # s a new transaction waits at most for a waiting resizer
+
+
+class ReadGate:
+    """Many transactions or one resizer (or a fork about to happen); and, while a write
+    transaction is aborted, no new transaction.
+
+    Two rules keep threads that read in a loop from starving the rest:
+      * a resizer (or a fork) that waits keeps new transactions out, for PREFER_RESIZER at
+        most, so that the open ones end and it gets its turn; a thread that already has one
+        open is not held off (it would wait for itself), and the limit keeps any other wait
+        of that kind finite (a thread scanning a snapshot that waits for another thread's
+        read);
+      * py-lmdb (3.0) aborts a write transaction only once no other thread is inside an LMDB
+        call, which readers in a loop can put off for minutes: an abort keeps new
+        transactions out meanwhile, and the calls in flight end by themselves.
+    A thread waiting here is never inside an LMDB call, so neither rule can deadlock
+    (tests/test_lmdb_readers.py).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._open: dict[int, int] = {}  # thread ident -> transactions it has open here
+        self._resizing = False
+        self._wanted = 0  # resizers and forks waiting for the transactions to end
+        self._aborting = False
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        me = threading.get_ident()
+        counted = False
+        try:
+            with self._cond:
+                self._wait_to_read(me)
+                # No call from here to `counted`: an interrupt lands before or after, whole.
+                self._readers += 1
+                self._open[me] = self._open[me] + 1 if me in self._open else 1
+                counted = True
+            yield
+        finally:
+            if counted:
+                with self._cond:
+                    self._readers -= 1
+                    if self._open[me] == 1:
+                        del self._open[me]
+                    else:
+                        self._open[me] -= 1
+                    if not self._readers:
+                        self._cond.notify_all()
+
+    def _wait_to_read(self, me: int) -> None:
+        """Wait out a resize or an abort, and a waiting resizer for PREFER_RESIZER at most
+        (class docstring). Condition held."""
+        deadline = None
+        while self._resizing or self._aborting or (self._wanted and me not in self._open):
+            if self._resizing or self._aborting:
+                self._cond.wait()
+                continue
+            if deadline is None:
+                deadline = time.monotonic() + PREFER_RESIZER
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
+
+    def abort(self, txn: Any) -> None:
+        """Abort the write transaction `txn` (its thread is inside `reading`) with new
+        transactions held off (class docstring)."""
+        mine = False
+        try:
+            with self._cond:
+                while self._aborting:  # one writer at a time in LMDB anyway
+                    self._cond.wait()
+                mine = True  # first: an interrupt must never leave the flag set
+                self._aborting = True
+            txn.abort()
+        finally:
+            if mine:
+                with self._cond:
+                    self._aborting = False
+                    self._cond.notify_all()
+
+    @contextmanager
+    def resizing(self) -> Iterator[None]:
+        self.acquire_exclusive(None)
+        try:
+            yield
+        finally:
+            self.release_exclusive()
+
+    def acquire_exclusive(self, timeout: float | None) -> bool:
+        """Wait until no transaction is open and keep new ones out; False after `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            try:
+                self._wanted += 1  # inside the try: an interrupt cannot leave it counted
+                while self._resizing or self._readers:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                self._resizing = True
+                return True
+            finally:
+                self._wanted -= 1
+                self._cond.notify_all()  # readers held off for us may go (or wait on us)
+
+    def release_exclusive(self) -> None:
+        with self._cond:
+            self._resizing = False
+            self._cond.notify_all()
