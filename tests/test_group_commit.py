@@ -42,19 +42,34 @@ class GatedWriter:
 
 
 def test_a_durable_waiter_behind_a_busy_leader_is_synced_by_the_next_batch() -> None:
+    writer, durable_at = _two_writes_and_a_durable_waiter(first_durable=False)
+    # The second batch, led by the busy writer, carried the fsync the waiter asked for.
+    assert writer.calls == ["append 1..1", "append 2..2", "sync"]
+    assert durable_at == [2]
+
+
+def test_a_durable_waiter_the_batch_in_flight_covers_asks_for_no_other_fsync() -> None:
+    writer, _ = _two_writes_and_a_durable_waiter(first_durable=True)
+    assert writer.calls == ["append 1..1", "sync", "append 2..2"]
+
+
+def _two_writes_and_a_durable_waiter(*, first_durable: bool) -> tuple[GatedWriter, list[int]]:
+    """One thread writes records 1 and 2 (the first `durable` if `first_durable`); while its
+    first batch is held inside the writer, another thread waits for record 1 to be durable.
+    Returns the writer (what it was asked) and the durable LSN once the first thread is done."""
     lock = threading.Lock()
     writer = GatedWriter()
     committer = GroupCommitter(lock, writer, next_lsn=1,  # type: ignore[arg-type]
                                sync_every_batch=False)
     durable_at: list[int] = []
 
-    def busy_writer() -> None:
+    def two_writes() -> None:
         # Both writes in one `with lock`: when its first batch ends the writer has the lock
         # back and queues its next record before the woken follower can take it, as a loop
         # of puts does in practice, so the follower cannot lead.
         with lock:
             committer.append(1, b"one")
-            committer.wait(1)
+            committer.wait(1, durable=first_durable)
             committer.append(2, b"two")
             committer.wait(2)
             durable_at.append(committer.durable_lsn)
@@ -63,51 +78,17 @@ def test_a_durable_waiter_behind_a_busy_leader_is_synced_by_the_next_batch() -> 
         with lock:
             committer.wait(1, durable=True)
 
-    leader = threading.Thread(target=busy_writer)
+    leader = threading.Thread(target=two_writes)
     leader.start()
     assert writer.inside.wait(10)  # the first batch is being written, lock released
     follower = threading.Thread(target=durable_waiter)
     follower.start()
-    wait_until(lambda: _following(committer, lock),
-               what="the durable waiter following the busy leader")
+    wait_until(lambda: _following(committer, lock), what="the durable waiter following")
     writer.gate.set()
     leader.join(10)
     follower.join(10)
     assert not leader.is_alive() and not follower.is_alive()
-    # The second batch, led by the busy writer, carried the fsync the waiter asked for.
-    assert writer.calls == ["append 1..1", "append 2..2", "sync"]
-    assert durable_at == [2]
-
-
-def test_a_durable_waiter_the_batch_in_flight_covers_asks_for_no_other_fsync() -> None:
-    lock = threading.Lock()
-    writer = GatedWriter()
-    committer = GroupCommitter(lock, writer, next_lsn=1,  # type: ignore[arg-type]
-                               sync_every_batch=False)
-
-    def durable_writer() -> None:
-        with lock:
-            committer.append(1, b"one")
-            committer.wait(1, durable=True)  # leads a batch that fsyncs through LSN 1
-            committer.append(2, b"two")
-            committer.wait(2)
-
-    def durable_waiter() -> None:
-        with lock:
-            committer.wait(1, durable=True)
-
-    leader = threading.Thread(target=durable_writer)
-    leader.start()
-    assert writer.inside.wait(10)
-    follower = threading.Thread(target=durable_waiter)
-    follower.start()
-    wait_until(lambda: _following(committer, lock),
-               what="the durable waiter following the fsyncing leader")
-    writer.gate.set()
-    leader.join(10)
-    follower.join(10)
-    assert not leader.is_alive() and not follower.is_alive()
-    assert writer.calls == ["append 1..1", "sync", "append 2..2"]
+    return writer, durable_at
 
 
 def _following(committer: GroupCommitter, lock: threading.Lock) -> bool:
