@@ -1,15 +1,18 @@
-"""Plant bugs in the reader's C fast path (wal/_walk.c): tests/test_wal_fastpath.py must catch each.
+"""Plant bugs in the C fast paths: the reader's (wal/_walk.c), caught by
+tests/test_wal_fastpath.py, and the cache hit's (wbcache/_hit.c, mutations named hit-*),
+caught by tests/test_hit_path.py.
 
     python mutants/walk_c.py              # every mutation (about 15 s each)
     python mutants/walk_c.py utf8 lsn     # some, by name
     python mutants/walk_c.py --list
 
-The fast path is sound only while it takes nothing the Python walk refuses; its tests read
-the same bytes both ways. Each mutation below removes or loosens one check of the C; for each,
-a scratch copy of the repository is made as run.py makes it (SCRATCH/walk_c/...), its
-wal/_walk.c is edited (one exact replacement, never here), rebuilt, and the fast path's tests
-run against it. A mutation no test catches is reported as SURVIVED (exit status 1).
-`tests/test_mutants.py` fails the moment a mutation's text is no longer in wal/_walk.c.
+The reader's fast path is sound only while it takes nothing the Python walk refuses; its tests
+read the same bytes both ways. The hit path must do what the Python closure does; its tests
+run both on the same cases. Each mutation below removes or loosens one step of the C; for
+each, a scratch copy of the repository is made as run.py makes it (SCRATCH/walk_c/...), its C
+file is edited (one exact replacement, never here), rebuilt, and that C's tests run against
+it. A mutation no test catches is reported as SURVIVED (exit status 1).
+`tests/test_mutants.py` fails the moment a mutation's text is no longer in its C file.
 """
 
 from __future__ import annotations
@@ -59,7 +62,33 @@ MUTATIONS: list[tuple[str, str, str | tuple[str, ...], str | tuple[str, ...]]] =
     ("batch-end", "batches do not end at max_records (pages released, generator steps)",
      "PyList_GET_SIZE(out) < max_records &&", ""),
 ]
+# The hit path: each mutation makes the C differ from the closure in one step.
+MUTATIONS += [
+    ("hit-incref", "the entry is borrowed, not held, while the hit notes it",
+     "Py_INCREF(held); /* note_hit", "/* note_hit"),
+    ("hit-count", "a hit of an immutable value is not counted",
+     "self->hits++;\n    return held;", "return held;"),
+    ("hit-note", "a hit is not noted for the CLOCK",
+     "PyObject_CallOneArg(self->note_hit, key);", "Py_NewRef(Py_None);"),
+    ("hit-tombstone", "a deleted key returns its tombstone, not the default",
+     "if (held == self->tombstone) {", "if (0) {"),
+    ("hit-default-ref", "the default is returned without a reference of its own",
+     "return Py_NewRef(deflt);", "return deflt;"),
+    ("hit-unpack", "a mutable value is returned as its encoding",
+     "if (PyTuple_CheckExact(held)) {", "if (0) {"),
+    ("hit-keyword", "default= is taken as the key",
+     "slot = &deflt;", "slot = &key;"),
+    ("hit-miss-default", "a miss is read with None as its default",
+     "PyObject *miss[2] = {key, deflt};", "PyObject *miss[2] = {key, Py_None};"),
+]
 TESTS = "tests/test_wal_fastpath.py"
+
+
+def source_of(name: str) -> tuple[str, str]:
+    """(the C file a mutation edits, the tests that must catch it)."""
+    if name.startswith("hit-"):
+        return "wbcache/_hit.c", "tests/test_hit_path.py"
+    return "wal/_walk.c", TESTS
 
 
 def replacements(old: str | tuple[str, ...], new: str | tuple[str, ...]
@@ -71,11 +100,12 @@ def run_mutation(name: str, old: str | tuple[str, ...], new: str | tuple[str, ..
                  ) -> tuple[bool, str]:
     """(caught, the first failing test or why the run is void) for one mutation."""
     src = run.make_copy("baseline")  # an unmutated copy (SCRATCH/walk_c/baseline/src), built
-    source = src / "wal" / "_walk.c"
+    c_file, tests = source_of(name)
+    source = src / c_file
     text = source.read_text()
     for before, after in replacements(old, new):
         if text.count(before) != 1:
-            raise SystemExit(f"{name}: its text is not in wal/_walk.c exactly once (rotted)")
+            raise SystemExit(f"{name}: its text is not in {c_file} exactly once (rotted)")
         text = text.replace(before, after)
     source.write_text(text)
     built = subprocess.run(
@@ -85,10 +115,10 @@ def run_mutation(name: str, old: str | tuple[str, ...], new: str | tuple[str, ..
         raise SystemExit(f"{name}: the mutated C does not build: {built.stderr[-300:]}")
     env = run.environment(src, run.SCRATCH / f"{name}.jsonl")
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "-p",
-                           "no:cacheprovider", TESTS], cwd=src, env=env, capture_output=True,
+                           "no:cacheprovider", tests], cwd=src, env=env, capture_output=True,
                           text=True, timeout=600)
     failed = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
-    if any("test_the_fast_path_is_built" in line for line in failed):
+    if any("_is_built" in line for line in failed):  # test_the_{fast,hit}_path_is_built
         return False, f"the mutated C was not the module the tests ran: {failed[0]}"
     if done.returncode == 1 and failed:
         return True, failed[0]

@@ -24,10 +24,8 @@ the sequencer and the directory, and nothing here would be simpler split across 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
-
-import msgpack
 
 from wbcache import forking
 from wbcache.backends.base import Backend, Key
@@ -35,9 +33,10 @@ from wbcache.codec import check_key, from_encoded
 from wbcache.directory import count_after_recovery, key_order, open_directory
 from wbcache.errors import CacheClosedError
 from wbcache.flusher import Flusher, IntervalSyncer
+from wbcache.hit_path import hit_path
 from wbcache.layout import Layout
 from wbcache.lock import DirectoryLock
-from wbcache.memory import TOMBSTONE, Entries
+from wbcache.memory import Entries
 from wbcache.options import Options
 from wbcache.recovery import RecoveryReport
 from wbcache.sequencer import ABSENT, Sequencer
@@ -53,7 +52,6 @@ from wbcache.writes import (
     setdefault_plan,
 )
 
-unpackb = msgpack.unpackb
 _MISSING: Any = object()
 _NO_DEFAULT: Any = object()
 
@@ -134,9 +132,9 @@ class Cache(MutableMapping[Key, Any]):
         return self
 
     def _rebind(self) -> None:
-        """Bind the hit path (`_hit_path`) to this object: at `__init__`, and again after
+        """Bind the hit path (`hit_path.py`) to this object: at `__init__`, and again after
         `reopen` moved a fresh cache's state into it."""
-        self._get, self._hits = _hit_path(self)
+        self._get, self._hits = hit_path(self, Cache.get.__doc__)
         if type(self).get is Cache.get:  # a subclass's own `get` is left in charge
             self.get = self._get  # type: ignore[method-assign]
 
@@ -164,7 +162,7 @@ class Cache(MutableMapping[Key, Any]):
         Served from memory when it can be; otherwise read from the database (and kept).
         Raises `CacheClosedError`, and the backend's own error (e.g. `PostgresError`) if a
         database read fails. A key that cannot be stored is not there: `default`."""
-        # The closure `_hit_path` made for this cache; it is the instance's own `get` too
+        # The hit path made for this cache (hit_path.py); it is the instance's own `get` too
         # (a plain function call), unless a subclass defines `get`.
         return self._get(key, default)
 
@@ -463,45 +461,3 @@ class Batch(BatchOperations):
         ops = self._take(exc_type)
         if ops is not None:
             self.lsn = self._commit_ops(ops)
-
-
-def _hit_path(cache: Cache) -> tuple[Callable[..., Any], Callable[[], int]]:
-    """`cache.get`, and a function that returns its hits so far.
-
-    A hit is the cache's hottest path: a lookup in memory, a note of the hit for the CLOCK
-    (`Entries.recent`), the hit count, no lock. It is a closure, so what it reads are cell
-    variables rather than attributes of `self` and it is called as a plain function, not a
-    bound method: the technique of the pure-Python `functools.lru_cache`, about 16 % fewer
-    instructions per hit (docs/bench.md). With a `read_ttl` (a shared database), an entry past
-    it is read again, so other caches' writes become visible."""
-    held_in = cache._entries.map.get
-    note_hit = cache._entries.recent.append
-    read = cache._read
-    in_memory = cache._sequencer.in_memory
-    hits = 0
-
-    def get(key: Key, default: Any = None) -> Any:
-        nonlocal hits
-        held = held_in(key, _MISSING)
-        if held is _MISSING:
-            return read(key, default)
-        note_hit(key)
-        if type(held) is tuple:  # a mutable value, as its encoding (codec.py)
-            hits += 1
-            return unpackb(held[0], strict_map_key=False)
-        if held is TOMBSTONE:
-            return default
-        hits += 1
-        return held
-
-    def get_within_ttl(key: Key, default: Any = None) -> Any:
-        if not in_memory(key):
-            return read(key, default)
-        return get(key, default)
-
-    def hit_count() -> int:
-        return hits
-
-    chosen = get if cache.read_ttl is None else get_within_ttl
-    chosen.__doc__ = Cache.get.__doc__
-    return chosen, hit_count

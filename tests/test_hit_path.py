@@ -1,0 +1,190 @@
+"""The hit path in C (wbcache/_hit.c) against the closure it replaces (hit_path.py).
+
+Every behaviour test runs twice, once on each (`hit` fixture: the C `Hit`, or `_Hit` set to
+None so the cache builds the closure), and asserts the same expected results, so the two stay
+one behaviour: values and fresh copies, tombstones, misses read from the database, the
+arguments `dict.get` takes and the errors it gives, the hit count, the note for the CLOCK,
+`read_ttl`. The C path also gets what only C can get wrong: reference counts, and an entry
+dropped by another thread while a hit holds it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import wbcache
+from wbcache import hit_path as cache_module
+
+FAST = cache_module._Hit
+
+
+def test_the_hit_path_is_built() -> None:
+    assert FAST is not None, (
+        "wbcache._hit is not built: `pip install -e .` compiles wbcache/_hit.c when a C compiler "
+        "and the Python headers are installed; without it a hit runs the Python closure")
+    built = Path(sys.modules[FAST.__module__].__file__ or "")
+    source = Path(__file__).resolve().parent.parent / "wbcache" / "_hit.c"
+    if built.resolve().parent == source.parent:  # an editable install: built from this source?
+        assert int(built.stat().st_mtime) >= int(source.stat().st_mtime), (
+            "wbcache/_hit.c changed after its module was built: run `pip install -e .` again")
+
+
+@pytest.fixture(params=["c", "python"])
+def hit(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which hit path caches opened in the test use."""
+    if request.param == "c":
+        if FAST is None:
+            pytest.skip("covered by test_the_hit_path_is_built")
+    else:
+        monkeypatch.setattr(cache_module, "_Hit", None)
+    return str(request.param)
+
+
+@pytest.fixture
+def cache(hit: str, tmp_path: Path) -> Iterator[wbcache.Cache]:
+    with wbcache.open(tmp_path / "c") as opened:
+        assert (type(opened.get).__name__ == "Hit") == (hit == "c")
+        yield opened
+
+
+def outcome(call: Callable[[], Any]) -> Any:
+    """What a call returns, or the type and message of what it raises."""
+    try:
+        return ("returned", call())
+    except Exception as error:  # noqa: BLE001 - the outcome is what is compared
+        return ("raised", type(error).__name__, str(error))
+
+
+def test_values_come_back_as_stored_and_containers_as_fresh_copies(
+        cache: wbcache.Cache) -> None:
+    cache.put("s", "text")
+    cache.put(b"b", b"raw")
+    cache.put("d", {"n": [1, 2]})
+    cache.put("none", None)
+    assert cache.get("s") == "text"
+    assert cache.get(b"b") == b"raw"
+    assert cache.get("b") is None  # str and bytes keys are two keys
+    assert cache.get("none", "default") is None  # a stored None is a hit, not the default
+    first = cache.get("d")
+    assert first == {"n": [1, 2]}
+    first["n"].append(3)
+    assert cache.get("d") == {"n": [1, 2]}  # a fresh copy each time
+    assert cache["s"] == "text" and "d" in cache and "x" not in cache
+
+
+def test_a_deleted_key_gives_the_default_until_and_after_a_flush(cache: wbcache.Cache) -> None:
+    cache.put("k", 1)
+    cache.delete("k")
+    marker = object()
+    assert cache.get("k", marker) is marker
+    assert cache.get("k") is None
+    cache.flush()
+    assert cache.get("k", marker) is marker
+
+
+def test_a_miss_reads_the_database_and_a_key_never_stored_gives_the_default(
+        hit: str, tmp_path: Path) -> None:
+    with wbcache.open(tmp_path / "c") as cache:
+        cache.put("old", [1, "x"])
+    with wbcache.open(tmp_path / "c") as cache:  # memory starts empty: a miss
+        assert cache.stats()["misses"] == 0
+        assert cache.get("old") == [1, "x"]
+        assert cache.get("never", 7) == 7
+        assert cache.stats()["misses"] >= 1
+        assert cache.get(5, "d") == "d"  # a key that cannot be stored is not there
+        assert cache.get("", "d") == "d"
+
+
+def test_arguments_and_errors_are_those_of_dict_get(cache: wbcache.Cache) -> None:
+    cache.put("a", 1)
+    assert cache.get(key="a") == 1
+    assert cache.get("a", default=2) == 1
+    assert cache.get(default=2, key="a") == 1
+    assert cache.get(key="missing", default=2) == 2
+    for bad in (lambda: cache.get(), lambda: cache.get("a", 1, 2),
+                lambda: cache.get("a", other=1), lambda: cache.get("a", key="b")):
+        result = outcome(bad)
+        assert result[:2] == ("raised", "TypeError"), result
+    result = outcome(lambda: cache.get(["unhashable"]))  # type: ignore[arg-type]
+    assert result[:2] == ("raised", "TypeError"), result
+
+
+def test_hits_are_counted_and_noted_for_the_clock(cache: wbcache.Cache) -> None:
+    cache.put("a", "x")
+    cache.put("d", {"k": 1})
+    cache.delete("gone")
+    before = cache.stats()["hits"]
+    recent = cache._entries.recent
+    recent.clear()
+    for _ in range(5):
+        cache.get("a")
+        cache.get("d")
+        cache.get("gone")  # a tombstone: noted, not a hit
+    assert cache.stats()["hits"] - before == 10
+    assert list(recent) == ["a", "d", "gone"] * 5
+    assert cache.get.__doc__ == wbcache.Cache.get.__doc__
+
+
+def test_read_ttl_reads_an_old_entry_again(hit: str, tmp_path: Path) -> None:
+    with wbcache.open(tmp_path / "c", read_ttl=0.000001) as cache:
+        cache.put("k", "v")
+        cache.flush()  # clean: past its read_ttl at once
+        misses = cache.stats()["misses"]
+        assert cache.get("k") == "v"
+        assert cache.stats()["misses"] > misses
+
+
+def test_references_are_not_leaked_or_stolen(hit: str, tmp_path: Path) -> None:
+    with wbcache.open(tmp_path / "c") as cache:
+        value = "a str no other code holds " * 3
+        cache.put("k", value)
+        cache.delete("gone")
+        default = object()
+        held = cache._entries.map["k"]
+        counts = sys.getrefcount(held), sys.getrefcount(default)
+        for _ in range(1000):
+            assert cache.get("k") is held
+            assert cache.get("gone", default) is default
+            assert cache.get("never", default) is default
+        assert (sys.getrefcount(held), sys.getrefcount(default)) == counts
+
+
+def test_a_hit_racing_writes_and_evictions_returns_its_keys_value(hit: str,
+                                                                    tmp_path: Path) -> None:
+    """Readers hit keys that a writer keeps rewriting, deleting and evicting (capacity far
+    below the keys): every value read must be one written under that key (or the default).
+    A hit that borrowed the entry without holding it would read freed memory here."""
+    keys = [f"k{i}" for i in range(64)]
+    stop = threading.Event()
+    wrong: list[Any] = []
+
+    with wbcache.open(tmp_path / "c", capacity=16, fsync="interval") as cache:
+        def read() -> None:
+            while not stop.is_set():
+                for key in keys:
+                    value = cache.get(key, None)
+                    if value is not None and value.get("key") != key:
+                        wrong.append((key, value))
+
+        readers = [threading.Thread(target=read) for _ in range(3)]
+        for reader in readers:
+            reader.start()
+        try:
+            for round_ in range(30):
+                for key in keys:
+                    cache.put(key, {"key": key, "round": round_, "pad": "x" * round_})
+                for key in keys[::3]:
+                    cache.delete(key)
+                cache.flush()  # clean entries: evictable
+        finally:
+            stop.set()
+            for reader in readers:
+                reader.join()
+        assert wrong == []
+        assert cache.get("k1") == {"key": "k1", "round": 29, "pad": "x" * 29}
