@@ -40,6 +40,8 @@ from wbcache.sequencer import NeedsRead, WouldBlock
 from wbcache.writes import BatchOperations, Op, delete_plan, ops_plan, pop_plan, setdefault_plan
 
 T = TypeVar("T")
+# The running loop or None (asyncio exports it): no exception to set up where none runs.
+_running_loop = asyncio._get_running_loop
 _NO_DEFAULT: Any = object()
 
 
@@ -52,6 +54,7 @@ class AsyncCache:
         self._committer = cache.sequencer.committer
         self._limits = cache.limits
         self._loop = loop
+        self._create_future = loop.create_future
         # (lsn, future, result) in LSN order, appended in the loop thread
         self._waiters: deque[tuple[int, asyncio.Future[Any], Any]] = deque()
         self._resolve_scheduled = False
@@ -121,18 +124,18 @@ class AsyncCache:
         """A future that resolves to `result` once record `lsn` is acknowledged. Appended
         first, checked second: a batch acknowledged in between either sees the waiter or is
         seen here, so no acknowledgement is missed."""
-        future = self._loop.create_future()
+        future = self._create_future()
         self._waiters.append((lsn, future, result))
-        if self._committer.acknowledged_lsn >= lsn or self._committer.failure is not None:
+        committer = self._committer
+        # written_lsn first: a plain attribute, never below what is acknowledged, and below
+        # a record just queued nearly always, so the property is rarely read
+        if (committer.written_lsn >= lsn and committer.acknowledged_lsn >= lsn
+                or committer.failure is not None):
             self._resolve()
         return future
 
     def _check_loop(self) -> None:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not self._loop:
+        if _running_loop() is not self._loop:
             raise LoopMismatchError(f"this AsyncCache of {self.path} belongs to the event loop "
                                     f"that opened it; use its .cache (a thread-safe Cache) "
                                     f"from other threads or loops")
@@ -184,10 +187,15 @@ class AsyncCache:
 
     async def put(self, key: Key, value: Any) -> int:
         """Store `value` under `key`; return its LSN once durable (see `Cache.put`)."""
+        # `_write` inlined: the common write, so it has its own path (no closures, one
+        # coroutine), as `Sequencer.put` has.
         _, key, encoded, held = self._limits.put_op(key, value)
-        sequencer = self._sequencer
-        return await self._write(lambda: _lsn_twice(sequencer.put_nowait(key, encoded, held)),
-                                 lambda: self._cache.put(key, value))
+        self._check_loop()
+        try:
+            lsn = self._sequencer.put_nowait(key, encoded, held)
+        except (WouldBlock, NeedsRead):
+            return await asyncio.to_thread(self._cache.put, key, value)
+        return await self._expect(lsn, lsn)  # type: ignore[no-any-return]
 
     async def delete(self, key: Key) -> int:
         """Delete `key` (a missing key is not an error); return the LSN once durable."""
