@@ -1,11 +1,12 @@
-"""The one thing pyproject.toml cannot declare: two optional C fast paths.
+"""The one thing pyproject.toml cannot declare: three optional C fast paths.
 
-`wal/_walk.c` (the reader's walk over plain-put frames) and `wbcache/_hit.c` (a cache hit) are
-built when a C compiler, the Python headers and zlib's headers are there; without them the
-build goes on and wbcache runs in Python alone, with the same results, more slowly
-(wal/reader.py, `_scan`; wbcache/cache.py, `_hit_path`). WBCACHE_REQUIRE_C=1 makes a failed
-build an error (mutants/ builds its copies so: a mutation that does not compile must not pass
-for one that tests miss)."""
+`wal/_walk.c` (the reader's walk over plain-put frames), `wbcache/_hit.c` (a cache hit) and
+`wbcache/backends/_pairs.c` (a flush's LMDB puts) are built when a C compiler, the Python
+headers and zlib's headers are there; without them the build goes on and wbcache runs in Python
+alone, with the same results, more slowly (wal/reader.py, `_scan`; wbcache/hit_path.py;
+wbcache/backends/lmdb.py, `_split`). WBCACHE_REQUIRE_C=1 makes a failed build an error
+(mutants/ builds its copies so: a mutation that does not compile must not pass for one that
+tests miss)."""
 
 import os
 
@@ -14,4 +15,6 @@ from setuptools import Extension, setup
 optional = os.environ.get("WBCACHE_REQUIRE_C") != "1"
 setup(ext_modules=[Extension("wbcache.wal._walk", ["wal/_walk.c"], libraries=["z"],
                              optional=optional),
-                   Extension("wbcache._hit", ["wbcache/_hit.c"], optional=optional)])
+                   Extension("wbcache._hit", ["wbcache/_hit.c"], optional=optional),
+                   Extension("wbcache.backends._pairs", ["wbcache/backends/_pairs.c"],
+                             optional=optional)])

@@ -85,7 +85,7 @@ def make_copy(name: str) -> Path:
         [sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--force"],
         cwd=src, capture_output=True, text=True, env={**os.environ, "WBCACHE_REQUIRE_C": "1"})
     if built.returncode != 0:
-        raise SystemExit(f"{name}: building the C (wal/_walk.c, wbcache/_hit.c) failed: "
+        raise SystemExit(f"{name}: building the C fast paths failed: "
                          f"{built.stderr.strip()[-500:]}")
     return src
 
@@ -101,7 +101,7 @@ def environment(src: Path, timings: Path) -> dict[str, str]:
 def check_copy_is_used(src: Path, env: dict[str, str], name: str) -> None:
     """Fail unless `import wbcache` (and each subpackage) resolves into `src`, and the
     patch's added lines are in the files imported."""
-    modules = (["wbcache", "wbcache.wal._walk", "wbcache._hit"]
+    modules = (["wbcache", "wbcache.wal._walk", "wbcache._hit", "wbcache.backends._pairs"]
                + [f"wbcache.{folder}" for folder in SUBPACKAGES])
     code = ("import importlib, json, sys; "
             f"print(json.dumps({{m: importlib.import_module(m).__file__ for m in {modules!r}}}))")

@@ -1,17 +1,18 @@
 """Plant bugs in the C fast paths: the reader's (wal/_walk.c), caught by
-tests/test_wal_fastpath.py, and the cache hit's (wbcache/_hit.c, mutations named hit-*),
-caught by tests/test_hit_path.py.
+tests/test_wal_fastpath.py; the cache hit's (wbcache/_hit.c, mutations named hit-*), caught by
+tests/test_hit_path.py; a flush's LMDB puts (wbcache/backends/_pairs.c, pairs-*), caught by
+tests/test_lmdb_pairs.py.
 
     python mutants/walk_c.py              # every mutation (about 15 s each)
     python mutants/walk_c.py utf8 lsn     # some, by name
     python mutants/walk_c.py --list
 
 The reader's fast path is sound only while it takes nothing the Python walk refuses; its tests
-read the same bytes both ways. The hit path must do what the Python closure does; its tests
-run both on the same cases. Each mutation below removes or loosens one step of the C; for
-each, a scratch copy of the repository is made as run.py makes it (SCRATCH/walk_c/...), its C
-file is edited (one exact replacement, never here), rebuilt, and that C's tests run against
-it. A mutation no test catches is reported as SURVIVED (exit status 1).
+read the same bytes both ways. The hit path and the LMDB puts must do what their Python
+versions do; their tests run both on the same cases. Each mutation below removes or loosens one
+step of a C file; for each, a scratch copy of the repository is made as run.py makes it
+(SCRATCH/walk_c/...), that file is edited (one exact replacement, never here), rebuilt, and its
+tests run against it. A mutation no test catches is reported as SURVIVED (exit status 1).
 `tests/test_mutants.py` fails the moment a mutation's text is no longer in its C file.
 """
 
@@ -81,6 +82,19 @@ MUTATIONS += [
     ("hit-miss-default", "a miss is read with None as its default",
      "PyObject *miss[2] = {key, deflt};", "PyObject *miss[2] = {key, Py_None};"),
 ]
+# A flush's LMDB puts: each mutation makes the C differ from the Python loop in one step.
+MUTATIONS += [
+    ("pairs-side", "str keys go to the bytes database",
+     "int failed = add_pair(str_puts, raw, value);",
+     "int failed = add_pair(bytes_puts, raw, value);"),
+    ("pairs-utf8", "a str that is not valid Unicode (a lone surrogate) is stored",
+     "PyUnicode_AsUTF8String(key);",
+     'PyUnicode_AsEncodedString(key, "utf-8", "surrogatepass");'),
+    ("pairs-tracked", "every pair stays tracked by the garbage collector",
+     "PyObject_GC_UnTrack(pair);", ";"),
+    ("pairs-untrack-any", "a pair holding other objects than bytes is untracked too",
+     "if (PyBytes_CheckExact(key) && PyBytes_CheckExact(value))", "if (1)"),
+]
 TESTS = "tests/test_wal_fastpath.py"
 
 
@@ -88,6 +102,8 @@ def source_of(name: str) -> tuple[str, str]:
     """(the C file a mutation edits, the tests that must catch it)."""
     if name.startswith("hit-"):
         return "wbcache/_hit.c", "tests/test_hit_path.py"
+    if name.startswith("pairs-"):
+        return "wbcache/backends/_pairs.c", "tests/test_lmdb_pairs.py"
     return "wal/_walk.c", TESTS
 
 

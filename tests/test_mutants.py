@@ -54,8 +54,7 @@ WALK_C = _walk_c()
 @pytest.mark.parametrize("mutation", WALK_C.MUTATIONS, ids=lambda mutation: mutation[0])
 def test_the_c_mutation_still_finds_the_text_it_replaces(mutation: tuple[str, str, Any, Any]
                                                          ) -> None:
-    """mutants/walk_c.py edits wal/_walk.c and wbcache/_hit.c by exact replacement: each text
-    must be there once."""
+    """mutants/walk_c.py edits the C files by exact replacement: each text must be there once."""
     name, _, old, _ = mutation
     text = (REPO / WALK_C.source_of(name)[0]).read_text()
     for before in (old,) if isinstance(old, str) else old:

@@ -39,6 +39,28 @@ from wbcache.errors import DatabaseError
 from wbcache.wal.syscalls import SYSCALLS
 
 _CHECKPOINT = b"checkpoint"
+
+
+def _split_in_python(puts: Collection[tuple[Key, bytes]]
+                     ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+    """(str_puts, bytes_puts): the pairs of str keys, encoded, and of bytes keys, each in the
+    order given (putmulti's input for the `str` and `bytes` databases). One pass: a flush of
+    100,000 entries spends more time here than in LMDB's putmulti."""
+    str_puts: list[tuple[bytes, bytes]] = []
+    bytes_puts: list[tuple[bytes, bytes]] = []
+    add_str, add_bytes = str_puts.append, bytes_puts.append
+    for key, value in puts:
+        if isinstance(key, str):  # keys are exact str or bytes (codec.check_key)
+            add_str((key.encode(), value))
+        else:
+            add_bytes((key, value))  # type: ignore[arg-type]
+    return str_puts, bytes_puts
+
+
+try:  # the same loop in C (wbcache/backends/_pairs.c, built by setup.py): 2-3x faster
+    from wbcache.backends._pairs import split as _split
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _split = _split_in_python
 _log = logging.getLogger("wbcache.lmdb")
 _FORK_WAIT = 5.0  # s a fork waits for this process's open transactions to end
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -143,15 +165,7 @@ class LmdbDatabase:
         """One write transaction: puts, deletes, increments added to what is stored (a
         missing or non-int value counts from 0; the sum held to the int64 range), and the
         checkpoint. The map grows and the transaction is retried if it does not fit."""
-        # One pass (a flush of 100,000 entries spends more time here than in LMDB otherwise).
-        str_puts: list[tuple[bytes, bytes]] = []
-        bytes_puts: list[tuple[bytes, bytes]] = []
-        add_str, add_bytes = str_puts.append, bytes_puts.append
-        for key, value in puts:
-            if isinstance(key, str):  # keys are exact str or bytes (codec.check_key)
-                add_str((key.encode(), value))
-            else:
-                add_bytes((key, value))
+        str_puts, bytes_puts = _split(puts)
         stamp = checkpoint.to_bytes(8, "big")
         while True:
             try:
