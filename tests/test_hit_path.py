@@ -10,6 +10,7 @@ dropped by another thread while a hit holds it.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -19,9 +20,9 @@ from typing import Any
 import pytest
 
 import wbcache
-from wbcache import hit_path as cache_module
+from wbcache import hit_path as hit_path_module
 
-FAST = cache_module._Hit
+FAST = hit_path_module._Hit
 
 
 def test_the_hit_path_is_built() -> None:
@@ -42,7 +43,7 @@ def hit(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
         if FAST is None:
             pytest.skip("covered by test_the_hit_path_is_built")
     else:
-        monkeypatch.setattr(cache_module, "_Hit", None)
+        monkeypatch.setattr(hit_path_module, "_Hit", None)
     return str(request.param)
 
 
@@ -129,6 +130,9 @@ def test_hits_are_counted_and_noted_for_the_clock(cache: wbcache.Cache) -> None:
     assert cache.stats()["hits"] - before == 10
     assert list(recent) == ["a", "d", "gone"] * 5
     assert cache.get.__doc__ == wbcache.Cache.get.__doc__
+    parameters = inspect.signature(cache.get).parameters
+    assert list(parameters) == ["key", "default"] and parameters["default"].default is None
+    assert cache.get.__name__ == "get"
 
 
 def test_read_ttl_reads_an_old_entry_again(hit: str, tmp_path: Path) -> None:
@@ -146,13 +150,19 @@ def test_references_are_not_leaked_or_stolen(hit: str, tmp_path: Path) -> None:
         cache.put("k", value)
         cache.delete("gone")
         default = object()
+        cache.put("d", {"a": 1})
         held = cache._entries.map["k"]
-        counts = sys.getrefcount(held), sys.getrefcount(default)
+        packed = cache._entries.map["d"]
+        counts = [sys.getrefcount(held), sys.getrefcount(default), sys.getrefcount(packed),
+                  sys.getrefcount(packed[0])]
         for _ in range(1000):
             assert cache.get("k") is held
+            assert cache.get("d") == {"a": 1}
             assert cache.get("gone", default) is default
             assert cache.get("never", default) is default
-        assert (sys.getrefcount(held), sys.getrefcount(default)) == counts
+            assert cache.get(key="never", default=default) is default
+        assert [sys.getrefcount(held), sys.getrefcount(default), sys.getrefcount(packed),
+                sys.getrefcount(packed[0])] == counts
 
 
 def test_a_hit_racing_writes_and_evictions_returns_its_keys_value(hit: str,

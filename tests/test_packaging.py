@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 MAPPED_FOLDERS = ("wal", "recovery", "cli", "fault_injection")
 MODULES = ("wbcache", "wbcache.wal", "wbcache.recovery", "wbcache.cli",
            "wbcache.fault_injection", "wbcache.backends",
-           "wbcache.wal._walk")  # the reader's C fast path, compiled by the wheel's build
+           # the C fast paths, compiled by the wheel's build
+           "wbcache.wal._walk", "wbcache._hit", "wbcache.backends._pairs")
 EXPECTED_FILES = (
     "wbcache/__init__.py",
     "wbcache/py.typed",

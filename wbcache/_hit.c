@@ -9,11 +9,12 @@
  *     if held is tombstone: return default
  *     hits += 1; return held
  *
- * wbcache/hit_path.py, holds that closure, which is what runs when this module is
- * not built (setup.py builds it when a C compiler is there); tests/test_hit_path.py runs both
- * on the same cases. No lock, as in Python: the dict lookup and the deque append are each
- * atomic under the GIL, and `held` is a strong reference before anything else runs.
- * `hits` counts hits (the `stats()` figure); it is read as an attribute.
+ * wbcache/hit_path.py holds that closure, which is what runs when this module is not built
+ * (setup.py builds it when a C compiler is there); tests/test_hit_path.py runs both on the
+ * same cases. No lock, as in Python: the dict lookup and the deque append are each atomic
+ * under the GIL, and `held` is a strong reference before anything else runs. `hits` counts
+ * hits (the `stats()` figure); it is read as an attribute. Instances have a __dict__, so
+ * that hit_path.py can give them a function's __name__, __doc__ and __signature__.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -30,7 +31,7 @@ typedef struct {
     PyObject *read;      /* callable(key, default): the miss path */
     PyObject *unpackb;   /* msgpack.unpackb */
     PyObject *tombstone; /* a deleted key's marker */
-    PyObject *doc;       /* __doc__: Cache.get's */
+    PyObject *dict;      /* the instance's __dict__ */
     Py_ssize_t hits;
     vectorcallfunc vectorcall;
 } Hit;
@@ -38,8 +39,8 @@ typedef struct {
 static PyObject *strict_map_key_kwnames; /* ("strict_map_key",) */
 
 static PyObject *hit_unpack(Hit *self, PyObject *held) {
-    if (PyTuple_GET_SIZE(held) < 1) {
-        PyErr_SetString(PyExc_SystemError, "wbcache: a packed value without its encoding");
+    if (PyTuple_GET_SIZE(held) < 1) { /* never made by the codec; as held[0] would */
+        PyErr_SetString(PyExc_IndexError, "tuple index out of range");
         return NULL;
     }
     PyObject *args[2] = {PyTuple_GET_ITEM(held, 0), Py_False};
@@ -109,10 +110,10 @@ static PyObject *hit_call(Hit *self, PyObject *const *args, size_t nargsf, PyObj
 }
 
 static PyObject *hit_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
-    PyObject *entries, *note_hit, *read, *unpackb, *tombstone, *doc = Py_None;
-    static char *names[] = {"entries", "note_hit", "read", "unpackb", "tombstone", "doc", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOOO|O:Hit", names, &PyDict_Type,
-                                     &entries, &note_hit, &read, &unpackb, &tombstone, &doc))
+    PyObject *entries, *note_hit, *read, *unpackb, *tombstone;
+    static char *names[] = {"entries", "note_hit", "read", "unpackb", "tombstone", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOOO:Hit", names, &PyDict_Type,
+                                     &entries, &note_hit, &read, &unpackb, &tombstone))
         return NULL;
     Hit *self = (Hit *)type->tp_alloc(type, 0);
     if (self == NULL)
@@ -122,7 +123,7 @@ static PyObject *hit_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
     self->read = Py_NewRef(read);
     self->unpackb = Py_NewRef(unpackb);
     self->tombstone = Py_NewRef(tombstone);
-    self->doc = Py_NewRef(doc);
+    self->dict = NULL;
     self->hits = 0;
     self->vectorcall = (vectorcallfunc)hit_call;
     return (PyObject *)self;
@@ -134,7 +135,7 @@ static int hit_traverse(Hit *self, visitproc visit, void *arg) {
     Py_VISIT(self->read);
     Py_VISIT(self->unpackb);
     Py_VISIT(self->tombstone);
-    Py_VISIT(self->doc);
+    Py_VISIT(self->dict);
     return 0;
 }
 
@@ -144,7 +145,7 @@ static int hit_clear(Hit *self) {
     Py_CLEAR(self->read);
     Py_CLEAR(self->unpackb);
     Py_CLEAR(self->tombstone);
-    Py_CLEAR(self->doc);
+    Py_CLEAR(self->dict);
     return 0;
 }
 
@@ -156,7 +157,6 @@ static void hit_dealloc(Hit *self) {
 
 static PyMemberDef hit_members[] = {
     {"hits", T_PYSSIZET, offsetof(Hit, hits), READONLY, "hits so far"},
-    {"__doc__", T_OBJECT, offsetof(Hit, doc), READONLY, NULL},
     {NULL},
 };
 
@@ -172,6 +172,9 @@ static PyTypeObject HitType = {
     .tp_call = PyVectorcall_Call,
     .tp_vectorcall_offset = offsetof(Hit, vectorcall),
     .tp_members = hit_members,
+    .tp_dictoffset = offsetof(Hit, dict),
+    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_setattro = PyObject_GenericSetAttr,
 };
 
 static struct PyModuleDef hit_module = {
@@ -181,7 +184,11 @@ static struct PyModuleDef hit_module = {
 PyMODINIT_FUNC PyInit__hit(void) {
     if (PyType_Ready(&HitType) < 0)
         return NULL;
-    strict_map_key_kwnames = Py_BuildValue("(s)", "strict_map_key");
+    PyObject *name = PyUnicode_InternFromString("strict_map_key");
+    if (name == NULL)
+        return NULL;
+    strict_map_key_kwnames = PyTuple_Pack(1, name);
+    Py_DECREF(name);
     if (strict_map_key_kwnames == NULL)
         return NULL;
     PyObject *module = PyModule_Create(&hit_module);

@@ -1,6 +1,6 @@
 """The cache hit: `cache.get` when memory holds the key, its hottest path (no lock).
 
-`hit_path(cache)` builds the function each open `Cache` takes as its own `get`: the C `Hit` of
+`hit_path(cache, doc)` builds the function each open `Cache` takes as its own `get`: the C `Hit` of
 `wbcache/_hit.c` when it is built (setup.py), else the closure below, the same steps in Python;
 tests/test_hit_path.py runs both on the same cases. What a hit reads is the cache's memory
 (`Entries.map`) and what it notes is the CLOCK's ring of recent hits (`Entries.recent`); a miss
@@ -9,6 +9,7 @@ goes to `Cache._read`, which reads the database through the sequencer.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,9 @@ except ImportError:  # pragma: no cover - a build without a C compiler
 
 unpackb = msgpack.unpackb
 _MISSING: Any = object()
+_SIGNATURE = inspect.Signature([
+    inspect.Parameter("key", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    inspect.Parameter("default", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)])
 
 
 def hit_path(cache: Cache, doc: str | None) -> tuple[Callable[..., Any], Callable[[], int]]:
@@ -42,7 +46,9 @@ def hit_path(cache: Cache, doc: str | None) -> tuple[Callable[..., Any], Callabl
     entries = cache._entries
     read = cache._read
     if _Hit is not None:
-        fast = _Hit(entries.map, entries.recent.append, read, unpackb, TOMBSTONE, doc)
+        fast = _Hit(entries.map, entries.recent.append, read, unpackb, TOMBSTONE)
+        fast.__name__, fast.__qualname__, fast.__doc__ = "get", "Cache.get", doc
+        fast.__signature__ = _SIGNATURE  # what inspect.signature gives for the closure
         return _with_ttl(cache, fast, doc), lambda: fast.hits
     held_in = entries.map.get
     note_hit = entries.recent.append

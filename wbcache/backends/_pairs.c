@@ -2,7 +2,9 @@
  *
  * split(puts) -> (str_puts, bytes_puts)
  *
- * `puts` is an iterable of (key, value) pairs, key an exact str or bytes (codec.check_key),
+ * `puts` is an iterable of (key, value) tuples (dict.items() of a flush's changes, or a list
+ * of them; anything else is refused with TypeError, where the Python loop would unpack any
+ * pair), key an exact str or bytes (codec.check_key),
  * value bytes. str_puts holds (key encoded as UTF-8, value) for the str keys, bytes_puts
  * (key, value) for the bytes keys, each in the order given: what py-lmdb's putmulti takes for
  * the `str` and `bytes` databases. The same as the Python loop it replaces
