@@ -1,5 +1,7 @@
-"""The group commit (wal/commit.py) under fsync="interval": a writer asking for durability
-gets its fsync even while another writer leads batch after batch.
+"""The group commit (wal/commit.py): under fsync="interval", a writer asking for durability
+gets its fsync even while another writer leads batch after batch; and a batch wakes only the
+waiters it covers and one to lead the next, without stranding anyone when a waiter is
+interrupted.
 
 The bug this pins: a durable waiter (the interval syncer, `Cache.sync`) that found a leader
 busy only followed; the busy writer retook the lock before the woken follower could and led
@@ -13,26 +15,33 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 from controlled import wait_until
 
 import wbcache
+from wbcache.wal import commit as commit_module
 from wbcache.wal.commit import GroupCommitter
 
 
 class GatedWriter:
-    """A log writer whose first `append` waits on `gate`; it records what it was asked."""
+    """A log writer whose first `batches` appends each wait on their gate (`gates[i]`, the
+    first also `gate`), having set `insides[i]` (`inside`); it records what it was asked."""
 
-    def __init__(self) -> None:
-        self.gate = threading.Event()
-        self.inside = threading.Event()
+    def __init__(self, batches: int = 1) -> None:
+        self.gates = [threading.Event() for _ in range(batches)]
+        self.insides = [threading.Event() for _ in range(batches)]
+        self.gate, self.inside = self.gates[0], self.insides[0]
         self.calls: list[str] = []
+        self._appends = 0
 
     def append(self, records: list[bytes], first_lsn: int, last_lsn: int) -> None:
         self.calls.append(f"append {first_lsn}..{last_lsn}")
-        if len(self.calls) == 1:
-            self.inside.set()
-            self.gate.wait()
+        self._appends += 1
+        if self._appends <= len(self.gates):
+            self.insides[self._appends - 1].set()
+            self.gates[self._appends - 1].wait()
 
     def sync(self) -> None:
         self.calls.append("sync")
@@ -93,7 +102,7 @@ def _two_writes_and_a_durable_waiter(*, first_durable: bool) -> tuple[GatedWrite
 
 def _following(committer: GroupCommitter, lock: threading.Lock) -> bool:
     with lock:
-        return committer._followers == 1  # noqa: SLF001 (the test's one look inside)
+        return len(committer._waiting) == 1  # noqa: SLF001 (the test's one look inside)
 
 
 def test_one_thread_writing_in_a_loop_still_gets_the_interval_fsyncs(tmp_path: Path) -> None:
@@ -118,3 +127,111 @@ def test_one_thread_writing_in_a_loop_still_gets_the_interval_fsyncs(tmp_path: P
 
 
 WRITING = 1.5  # seconds
+
+
+# ------------------------------------------------------------- who a batch wakes (fsync always)
+
+class _Waker:
+    """A follower's wake-up lock (wal/commit.py, `_allocate_lock`) that counts wake-ups, and
+    can make one thread's wait raise KeyboardInterrupt, as a signal would: `before` the leader
+    wakes it, or right `after`."""
+
+    def __init__(self, wakes: list[str], victim: str | None, when: str) -> None:
+        self._lock = threading.Lock()
+        self._wakes, self._victim, self._when = wakes, victim, when
+        self._waits = 0
+
+    def acquire(self) -> bool:
+        self._waits += 1
+        is_victim = threading.current_thread().name == self._victim
+        if self._waits == 2 and is_victim and self._when == "before":
+            raise KeyboardInterrupt
+        self._lock.acquire()
+        if self._waits == 2 and is_victim and self._when == "after":
+            raise KeyboardInterrupt
+        return True
+
+    def release(self) -> None:
+        self._wakes.append(threading.current_thread().name)
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+
+def _followers_of_a_gated_batch(monkeypatch: Any, names: list[str], victim: str | None = None,
+                                when: str = "", hold_the_next: bool = False
+                                ) -> tuple[GatedWriter, dict[str, str], list[str]]:
+    """Thread "leader" leads batch 1, held inside the writer while the threads `names` (in
+    order) queue records 2, 3, ... and follow; then the batch ends. With `hold_the_next`, the
+    next batch is held inside the writer too until every other follower waits again. Returns
+    the writer, how each thread's write ended ("done", "interrupted", or "stuck" after 10 s)
+    and the wake-ups (one entry per follower woken)."""
+    wakes: list[str] = []
+    monkeypatch.setattr(commit_module, "_allocate_lock", lambda: _Waker(wakes, victim, when))
+    lock = threading.Lock()
+    writer = GatedWriter(batches=2 if hold_the_next else 1)
+    committer = GroupCommitter(lock, writer, next_lsn=1,  # type: ignore[arg-type]
+                               sync_every_batch=True)
+    ended: dict[str, str] = {}
+    next_lsn = iter(range(1, 100))
+
+    def write() -> None:
+        try:
+            with lock:
+                lsn = next(next_lsn)
+                committer.append(lsn, b"r")
+                committer.wait(lsn)
+            ended[threading.current_thread().name] = "done"
+        except KeyboardInterrupt:
+            ended[threading.current_thread().name] = "interrupted"
+
+    threads = [threading.Thread(target=write, name="leader", daemon=True)]
+    threads[0].start()
+    assert writer.inside.wait(10)
+    for count, name in enumerate(names, start=1):
+        threads.append(threading.Thread(target=write, name=name, daemon=True))
+        threads[-1].start()
+        wait_until(lambda count=count: _waiting(committer, lock) + len(ended) >= count,
+                   what=f"{name} following")
+    writer.gate.set()
+    if hold_the_next:
+        assert writer.insides[1].wait(10)
+        wait_until(lambda: _waiting(committer, lock) == len(names) - 1,
+                   what="the other followers waiting again")
+        writer.gates[1].set()
+    for thread in threads:
+        thread.join(10)
+        ended.setdefault(thread.name, "stuck")
+    return writer, ended, wakes
+
+
+def _waiting(committer: GroupCommitter, lock: threading.Lock) -> int:
+    with lock:
+        return len(committer._waiting)  # noqa: SLF001
+
+
+def test_a_batch_wakes_the_waiters_it_covers_and_one_to_lead_the_next(monkeypatch: Any) -> None:
+    """Three writers follow batch 1 (record 1). Its end wakes the first of them only, which
+    leads batch 2 (records 2 to 4, held in the writer until the others wait); that batch's end
+    wakes the two others, once each. Waking every follower after every batch (a Condition's
+    notify_all) wakes 5 here: at 16 and 64 writing threads, 40 % of the wake-ups found their
+    record not yet covered."""
+    writer, ended, wakes = _followers_of_a_gated_batch(monkeypatch, ["a", "b", "c"],
+                                                       hold_the_next=True)
+    assert ended == {"leader": "done", "a": "done", "b": "done", "c": "done"}
+    assert writer.calls == ["append 1..1", "sync", "append 2..4", "sync"]
+    assert len(wakes) == 3, wakes
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_follower_interrupted_in_its_wait_leaves_no_one_stranded(monkeypatch: Any,
+                                                                   when: str) -> None:
+    """Follower "a" is interrupted (KeyboardInterrupt) before the leader wakes it, or just
+    after it was woken to lead the next batch. Either way follower "b" must still be woken to
+    lead the records both queued: a dead waiter left in the queue, or a wake-up to lead lost
+    with it, would leave "b" waiting for good."""
+    writer, ended, _ = _followers_of_a_gated_batch(monkeypatch, ["a", "b"], victim="a",
+                                                   when=when)
+    assert ended == {"leader": "done", "a": "interrupted", "b": "done"}
+    assert writer.calls == ["append 1..1", "sync", "append 2..3", "sync"]
