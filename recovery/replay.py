@@ -79,7 +79,9 @@ def apply_changes(backend: Backend, values: Mapping[Key, bytes | None],
     as deltas (so many caches' increments of one counter add up); any other gets the values.
     The flusher applies its batches through this too.
     """
-    deletes = [key for key, value in values.items() if value is None]
+    # The usual flush deletes nothing: `in` says so in C, in half the time of the scan.
+    deletes = ([key for key, value in values.items() if value is None]
+               if None in values.values() else [])
     if deltas and backend.applies_increments:
         puts = [(key, value) for key, value in values.items()
                 if value is not None and key not in deltas]
