@@ -134,24 +134,28 @@ WRITING = 1.5  # seconds
 class _Waker:
     """A follower's wake-up lock (wal/commit.py, `_allocate_lock`) that counts wake-ups, and
     can make one thread's wait raise KeyboardInterrupt, as a signal would: `before` the leader
-    wakes it, or right `after`."""
+    wakes it, or right `after`; or lose its wake-up (`lost`), as an interrupted leader would."""
 
     def __init__(self, wakes: list[str], victim: str | None, when: str) -> None:
         self._lock = threading.Lock()
         self._wakes, self._victim, self._when = wakes, victim, when
         self._waits = 0
+        self._owner = threading.current_thread().name  # the follower that allocates it
 
-    def acquire(self) -> bool:
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         self._waits += 1
         is_victim = threading.current_thread().name == self._victim
         if self._waits == 2 and is_victim and self._when == "before":
             raise KeyboardInterrupt
-        self._lock.acquire()
+        if not self._lock.acquire(timeout=timeout):
+            return False
         if self._waits == 2 and is_victim and self._when == "after":
             raise KeyboardInterrupt
         return True
 
     def release(self) -> None:
+        if self._when == "lost" and self._owner == self._victim:
+            return
         self._wakes.append(threading.current_thread().name)
         self._lock.release()
 
@@ -169,6 +173,8 @@ def _followers_of_a_gated_batch(monkeypatch: Any, names: list[str], victim: str 
     and the wake-ups (one entry per follower woken)."""
     wakes: list[str] = []
     monkeypatch.setattr(commit_module, "_allocate_lock", lambda: _Waker(wakes, victim, when))
+    # Wake-ups only from the leader here (the backstop has a test of its own).
+    monkeypatch.setattr(commit_module, "FOLLOWER_RECHECK", 0.05 if when == "lost" else 600)
     lock = threading.Lock()
     writer = GatedWriter(batches=2 if hold_the_next else 1)
     committer = GroupCommitter(lock, writer, next_lsn=1,  # type: ignore[arg-type]
@@ -234,4 +240,14 @@ def test_a_follower_interrupted_in_its_wait_leaves_no_one_stranded(monkeypatch: 
     writer, ended, _ = _followers_of_a_gated_batch(monkeypatch, ["a", "b"], victim="a",
                                                    when=when)
     assert ended == {"leader": "done", "a": "interrupted", "b": "done"}
+    assert writer.calls == ["append 1..1", "sync", "append 2..3", "sync"]
+
+
+def test_a_wake_up_cut_short_is_made_up_by_the_follower_itself(monkeypatch: Any) -> None:
+    """The leader's wake-up of follower "b" is lost (a KeyboardInterrupt in the main thread
+    between two of the leader's releases would lose it): "b" looks again by itself after
+    FOLLOWER_RECHECK and finds its record covered, instead of sleeping for good."""
+    writer, ended, _ = _followers_of_a_gated_batch(monkeypatch, ["a", "b"], victim="b",
+                                                   when="lost")
+    assert ended == {"leader": "done", "a": "done", "b": "done"}
     assert writer.calls == ["append 1..1", "sync", "append 2..3", "sync"]

@@ -33,6 +33,9 @@ from wbcache.wal.writer import LogWriter
 
 Listener = Callable[[int, int], None]
 _allocate_lock = threading.Lock
+# Seconds a follower sleeps at most before it looks again by itself (`_follow`): a backstop
+# for a wake-up a KeyboardInterrupt cut short; wake-ups come from the leader, not from this.
+FOLLOWER_RECHECK = 1.0
 
 log = logging.getLogger("wbcache.wal")
 
@@ -130,43 +133,57 @@ class GroupCommitter:
         # A failure after our record was covered does not concern this write.
 
     def _follow(self, lsn: int, durable: bool) -> None:
-        """Sleep until the leader wakes us (`_wake`), with the lock released meanwhile."""
+        """Sleep until the leader wakes us (`_wake`), with the lock released meanwhile, or
+        for `FOLLOWER_RECHECK` seconds at most; `wait` then looks again. The limit is a
+        backstop, not the mechanism: a KeyboardInterrupt in the main thread can cut a wake-up
+        short (between the leader's releases, or in a follower woken to lead, before it
+        retakes the lock), and a waiter must not sleep for good on it."""
         woken = _allocate_lock()
         woken.acquire()
         entry = [lsn, durable, woken]  # the waker sets entry[2] to None as it wakes us
         self._waiting.append(entry)
         self._lock.release()
         try:
-            woken.acquire()
+            woken.acquire(True, FOLLOWER_RECHECK)  # positional: a keyword costs 0.2 µs more
         except BaseException:  # interrupted (KeyboardInterrupt): leave, and hand on the wake
             self._lock.acquire()
-            if entry[2] is not None:
-                self._waiting.remove(entry)
+            self._leave(entry)
             if self._waiting and not self._leader_active:
                 self._wake()  # we may have been the one woken to lead: someone must
             raise
         self._lock.acquire()
+        self._leave(entry)
+
+    def _leave(self, entry: list[Any]) -> None:
+        """Lock held: take a waiter nobody woke (timed out, interrupted) out of the list."""
+        if entry[2] is not None:
+            try:
+                self._waiting.remove(entry)
+            except ValueError:  # an interrupted `_wake` had taken it out already
+                pass
 
     def _wake(self) -> None:
         """After a batch, lock held: wake every waiter it covers (all of them once the log has
         failed), and the first of the rest, which leads the next batch unless a writer that
         did not wait leads it first (then it waits again, and the end of that batch wakes
-        one)."""
+        one). The list is settled before anyone is woken, so an interruption between two
+        wake-ups leaves it whole (those not woken then look again after FOLLOWER_RECHECK)."""
         acknowledged, durable_lsn = self.acknowledged_lsn, self.durable_lsn
         failed = self.failure is not None
+        wake: list[list[Any]] = []
         rest: list[list[Any]] = []
         for entry in self._waiting:
-            lsn, durable, woken = entry
+            lsn, durable, _ = entry
             if failed or lsn <= (durable_lsn if durable else acknowledged):
-                entry[2] = None
-                woken.release()
+                wake.append(entry)
             else:
                 rest.append(entry)
         if rest:
-            first = rest.pop(0)
-            woken, first[2] = first[2], None
-            woken.release()
+            wake.append(rest.pop(0))
         self._waiting = rest
+        for entry in wake:
+            woken, entry[2] = entry[2], None
+            woken.release()
 
     def _lead(self) -> None:
         """Write (and maybe fsync) everything queued, with the lock released meanwhile."""
