@@ -21,6 +21,7 @@ import pytest
 from controlled import wait_until
 
 import wbcache
+from wbcache.errors import LogFailedError
 from wbcache.wal import commit as commit_module
 from wbcache.wal.commit import GroupCommitter
 
@@ -35,6 +36,7 @@ class GatedWriter:
         self.gate, self.inside = self.gates[0], self.insides[0]
         self.calls: list[str] = []
         self._appends = 0
+        self.fail_first = False  # the first append raises EIO once its gate opens
 
     def append(self, records: list[bytes], first_lsn: int, last_lsn: int) -> None:
         self.calls.append(f"append {first_lsn}..{last_lsn}")
@@ -42,6 +44,8 @@ class GatedWriter:
         if self._appends <= len(self.gates):
             self.insides[self._appends - 1].set()
             self.gates[self._appends - 1].wait()
+        if self.fail_first and self._appends == 1:
+            raise OSError(5, "Input/output error (injected)")
 
     def sync(self) -> None:
         self.calls.append("sync")
@@ -164,7 +168,8 @@ class _Waker:
 
 
 def _followers_of_a_gated_batch(monkeypatch: Any, names: list[str], victim: str | None = None,
-                                when: str = "", hold_the_next: bool = False
+                                when: str = "", hold_the_next: bool = False,
+                                fail_first: bool = False
                                 ) -> tuple[GatedWriter, dict[str, str], list[str]]:
     """Thread "leader" leads batch 1, held inside the writer while the threads `names` (in
     order) queue records 2, 3, ... and follow; then the batch ends. With `hold_the_next`, the
@@ -177,6 +182,7 @@ def _followers_of_a_gated_batch(monkeypatch: Any, names: list[str], victim: str 
     monkeypatch.setattr(commit_module, "FOLLOWER_RECHECK", 0.05 if when == "lost" else 600)
     lock = threading.Lock()
     writer = GatedWriter(batches=2 if hold_the_next else 1)
+    writer.fail_first = fail_first
     committer = GroupCommitter(lock, writer, next_lsn=1,  # type: ignore[arg-type]
                                sync_every_batch=True)
     ended: dict[str, str] = {}
@@ -191,6 +197,8 @@ def _followers_of_a_gated_batch(monkeypatch: Any, names: list[str], victim: str 
             ended[threading.current_thread().name] = "done"
         except KeyboardInterrupt:
             ended[threading.current_thread().name] = "interrupted"
+        except LogFailedError:
+            ended[threading.current_thread().name] = "log failed"
 
     threads = [threading.Thread(target=write, name="leader", daemon=True)]
     threads[0].start()
@@ -204,7 +212,7 @@ def _followers_of_a_gated_batch(monkeypatch: Any, names: list[str], victim: str 
     if hold_the_next:
         assert writer.insides[1].wait(10)
         wait_until(lambda: _waiting(committer, lock) == len(names) - 1,
-                   what="the other followers waiting again")
+                   what="the other followers waiting (again, if they were woken)")
         writer.gates[1].set()
     for thread in threads:
         thread.join(10)
@@ -251,3 +259,15 @@ def test_a_wake_up_cut_short_is_made_up_by_the_follower_itself(monkeypatch: Any)
                                                    when="lost")
     assert ended == {"leader": "done", "a": "done", "b": "done"}
     assert writer.calls == ["append 1..1", "sync", "append 2..3", "sync"]
+
+
+def test_a_failed_batch_wakes_every_follower_with_the_failure(monkeypatch: Any) -> None:
+    """Batch 1's write fails (EIO) while three writers follow it, none of them covered: each
+    must be woken at once to raise LogFailedError (the log's failure is final), not only the
+    one a normal batch would wake to lead."""
+    writer, ended, wakes = _followers_of_a_gated_batch(monkeypatch, ["a", "b", "c"],
+                                                       fail_first=True)
+    assert ended == {"leader": "log failed", "a": "log failed", "b": "log failed",
+                     "c": "log failed"}
+    assert writer.calls == ["append 1..1"]
+    assert sorted(wakes) == ["leader"] * 3  # woken by the failed leader, at once
