@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from built_support import assert_built_from
 
 import wbcache
 from wbcache import hit_path as hit_path_module
@@ -29,11 +30,7 @@ def test_the_hit_path_is_built() -> None:
     assert FAST is not None, (
         "wbcache._hit is not built: `pip install -e .` compiles wbcache/_hit.c when a C compiler "
         "and the Python headers are installed; without it a hit runs the Python closure")
-    built = Path(sys.modules[FAST.__module__].__file__ or "")
-    source = Path(__file__).resolve().parent.parent / "wbcache" / "_hit.c"
-    if built.resolve().parent == source.parent:  # an editable install: built from this source?
-        assert int(built.stat().st_mtime) >= int(source.stat().st_mtime), (
-            "wbcache/_hit.c changed after its module was built: run `pip install -e .` again")
+    assert_built_from("wbcache._hit", "wbcache/_hit.c")
 
 
 @pytest.fixture(params=["c", "python"])

@@ -9,10 +9,9 @@ other test of the suite flushes through the C one when it is built.
 from __future__ import annotations
 
 import gc
-import sys
-from pathlib import Path
 
 import pytest
+from built_support import assert_built_from
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,12 +27,7 @@ def test_the_pairs_module_is_built() -> None:
         "wbcache.backends._pairs is not built: `pip install -e .` compiles "
         "wbcache/backends/_pairs.c when a C compiler and the Python headers are installed; "
         "without it a flush builds LMDB's puts in Python, about 1.7x slower")
-    built = Path(sys.modules["wbcache.backends._pairs"].__file__ or "")
-    source = Path(__file__).resolve().parent.parent / "wbcache" / "backends" / "_pairs.c"
-    if built.resolve().parent == source.parent:  # an editable install: built from this source?
-        assert int(built.stat().st_mtime) >= int(source.stat().st_mtime), (
-            "wbcache/backends/_pairs.c changed after its module was built: run "
-            "`pip install -e .` again")
+    assert_built_from("wbcache.backends._pairs", "wbcache/backends/_pairs.c")
 
 
 keys = st.one_of(st.text(min_size=1, max_size=20), st.binary(min_size=1, max_size=20))

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from built_support import assert_built_from
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -49,12 +50,7 @@ def test_the_fast_path_is_built() -> None:
         "wbcache.wal._walk is not built (or was built for another format): `pip install -e .` "
         "compiles wal/_walk.c when a C compiler and the Python and zlib headers are installed; "
         "without it the log is read in Python alone, about 4x slower")
-    built = Path(reader._fast.__file__)
-    source = Path(__file__).resolve().parent.parent / "wal" / "_walk.c"
-    if built.resolve().parent == source.parent:  # an editable install: built from this source?
-        # Whole seconds: setuptools copies the module into place with its time cut to them.
-        assert int(built.stat().st_mtime) >= int(source.stat().st_mtime), (
-            "wal/_walk.c changed after its module was built: run `pip install -e .` again")
+    assert_built_from("wbcache.wal._walk", "wal/_walk.c")
 
 
 @contextmanager
