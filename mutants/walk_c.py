@@ -85,15 +85,19 @@ MUTATIONS += [
 # A flush's LMDB puts: each mutation makes the C differ from the Python loop in one step.
 MUTATIONS += [
     ("pairs-side", "str keys go to the bytes database",
-     "int failed = add_pair(str_puts, raw, value);",
-     "int failed = add_pair(bytes_puts, raw, value);"),
+     "if (is_str != self->str_keys) {", "if (is_str == self->str_keys) {"),
     ("pairs-utf8", "a str that is not valid Unicode (a lone surrogate) is stored",
      "PyUnicode_AsUTF8String(key);",
      'PyUnicode_AsEncodedString(key, "utf-8", "surrogatepass");'),
+    ("pairs-other", "keys of the other kind are not counted (a mixed flush skips bytes keys)",
+     "self->other++;", ";"),
+    ("pairs-error", "a bad put's error is dropped and the walk goes on",
+     "if (pair != NULL || PyErr_Occurred())", "if (pair != NULL)"),
     ("pairs-tracked", "every pair stays tracked by the garbage collector",
      "PyObject_GC_UnTrack(pair);", ";"),
     ("pairs-untrack-any", "a pair holding other objects than bytes is untracked too",
-     "if (PyBytes_CheckExact(key) && PyBytes_CheckExact(value))", "if (1)"),
+     "if (pair != NULL && PyBytes_CheckExact(key) && PyBytes_CheckExact(value))",
+     "if (pair != NULL)"),
 ]
 TESTS = "tests/test_wal_fastpath.py"
 

@@ -26,7 +26,7 @@ import logging
 import os
 import select
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 import lmdb
@@ -41,26 +41,35 @@ from wbcache.wal.syscalls import SYSCALLS
 _CHECKPOINT = b"checkpoint"
 
 
-def _split_in_python(puts: Collection[tuple[Key, bytes]]
-                     ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
-    """(str_puts, bytes_puts): the pairs of str keys, encoded, and of bytes keys, each in the
-    order given (putmulti's input for the `str` and `bytes` databases). One pass: a flush of
-    100,000 entries spends more time here than in LMDB's putmulti."""
-    str_puts: list[tuple[bytes, bytes]] = []
-    bytes_puts: list[tuple[bytes, bytes]] = []
-    add_str, add_bytes = str_puts.append, bytes_puts.append
-    for key, value in puts:
-        if isinstance(key, str):  # keys are exact str or bytes (codec.check_key)
-            add_str((key.encode(), value))
-        else:
-            add_bytes((key, value))  # type: ignore[arg-type]
-    return str_puts, bytes_puts
+class _PairsInPython:
+    """What py-lmdb's putmulti takes for one of the two databases: (key encoded as UTF-8,
+    value) for the str keys of `puts` (`str_keys` true), or (key, value) for the bytes keys,
+    in the order given, lazily; `other` counts the keys of the other kind passed over. A flush
+    of 100,000 entries spent more time building its pairs than in LMDB's putmulti."""
+
+    def __init__(self, puts: Iterable[tuple[Key, bytes]], str_keys: bool) -> None:
+        self._puts = iter(puts)
+        self._str_keys = str_keys
+        self.other = 0
+
+    def __iter__(self) -> _PairsInPython:
+        return self
+
+    def __next__(self) -> tuple[bytes, bytes]:
+        for key, value in self._puts:
+            if isinstance(key, str) is not self._str_keys:  # keys are exact str or bytes
+                self.other += 1
+            elif self._str_keys:
+                return key.encode(), value  # type: ignore[union-attr]
+            else:
+                return key, value  # type: ignore[return-value]
+        raise StopIteration
 
 
-try:  # the same loop in C (wbcache/backends/_pairs.c, built by setup.py): 1.7x faster
-    from wbcache.backends._pairs import split as _split
+try:  # the same iterator in C (wbcache/backends/_pairs.c, built by setup.py)
+    from wbcache.backends._pairs import pairs as _pairs
 except ImportError:  # pragma: no cover - a build without a C compiler
-    _split = _split_in_python
+    _pairs = _PairsInPython
 
 
 _log = logging.getLogger("wbcache.lmdb")
@@ -167,17 +176,16 @@ class LmdbDatabase:
         """One write transaction: puts, deletes, increments added to what is stored (a
         missing or non-int value counts from 0; the sum held to the int64 range), and the
         checkpoint. The map grows and the transaction is retried if it does not fit."""
-        str_puts, bytes_puts = _split(puts)
         stamp = checkpoint.to_bytes(8, "big")
         while True:
             try:
                 with self._gate.reading():
                     txn = self._env.begin(write=True)
                     try:
-                        if str_puts:
-                            txn.cursor(db=self._str).putmulti(str_puts)
-                        if bytes_puts:
-                            txn.cursor(db=self._bytes).putmulti(bytes_puts)
+                        str_pairs = _pairs(puts, True)  # built as putmulti takes them
+                        txn.cursor(db=self._str).putmulti(str_pairs)
+                        if str_pairs.other:
+                            txn.cursor(db=self._bytes).putmulti(_pairs(puts, False))
                         for key in deletes:
                             db, raw = self._db_and_raw(key)
                             txn.delete(raw, db=db)
