@@ -101,7 +101,8 @@ def environment(src: Path, timings: Path) -> dict[str, str]:
 def check_copy_is_used(src: Path, env: dict[str, str], name: str) -> None:
     """Fail unless `import wbcache` (and each subpackage) resolves into `src`, and the
     patch's added lines are in the files imported."""
-    modules = (["wbcache", "wbcache.wal._walk", "wbcache._hit", "wbcache.backends._pairs"]
+    modules = (["wbcache", "wbcache.wal._walk", "wbcache.wal._sync", "wbcache._hit",
+                "wbcache.backends._pairs"]
                + [f"wbcache.{folder}" for folder in SUBPACKAGES])
     code = ("import importlib, json, sys; "
             f"print(json.dumps({{m: importlib.import_module(m).__file__ for m in {modules!r}}}))")

@@ -1,19 +1,21 @@
 """Plant bugs in the C fast paths: the reader's (wal/_walk.c), caught by
 tests/test_wal_fastpath.py; the cache hit's (wbcache/_hit.c, mutations named hit-*), caught by
 tests/test_hit_path.py; a flush's LMDB puts (wbcache/backends/_pairs.c, pairs-*), caught by
-tests/test_lmdb_pairs.py.
+tests/test_lmdb_pairs.py; the group commit's write and fdatasync (wal/_sync.c, sync-*), caught
+by tests/test_wal_sync.py.
 
     python mutants/walk_c.py              # every mutation (about 15 s each)
     python mutants/walk_c.py utf8 lsn     # some, by name
     python mutants/walk_c.py --list
 
 The reader's fast path is sound only while it takes nothing the Python walk refuses; its tests
-read the same bytes both ways. The hit path and the LMDB puts must do what their Python
-versions do; their tests run both on the same cases. Each mutation below removes or loosens one
-step of a C file; for each, a scratch copy of the repository is made as run.py makes it
-(SCRATCH/walk_c/...), that file is edited (one exact replacement, never here), rebuilt, and its
-tests run against it. A mutation no test catches is reported as SURVIVED (exit status 1).
-`tests/test_mutants.py` fails the moment a mutation's text is no longer in its C file.
+read the same bytes both ways. The hit path, the LMDB puts and the write and fdatasync in one
+call must do what their Python versions do; their tests run both on the same cases. Each
+mutation below removes or loosens one step of a C file; for each, a scratch copy of the
+repository is made as run.py makes it (SCRATCH/walk_c/...), that file is edited (one exact
+replacement, never here), rebuilt, and its tests run against it. A mutation no test catches
+is reported as SURVIVED (exit status 1). `tests/test_mutants.py` fails the moment a
+mutation's text is no longer in its C file.
 """
 
 from __future__ import annotations
@@ -98,6 +100,12 @@ MUTATIONS += [
     ("pairs-untrack-any", "a pair holding other objects than bytes is untracked too",
      "if (pair != NULL && PyBytes_CheckExact(key) && PyBytes_CheckExact(value))",
      "if (pair != NULL)"),
+    ("sync-skip", "a batch is written but never fdatasync'd",
+     "if (error == 0 && fdatasync((int)fd) < 0)", "if (0)"),
+    ("sync-eintr", "a write interrupted by a signal fails with EINTR instead of going on",
+     "if (error != EINTR)\n            break;", "break;"),
+    ("sync-signals", "an interrupted write goes on without running the signal's handler",
+     "if (PyErr_CheckSignals() < 0) {", "if (0) {"),
 ]
 TESTS = "tests/test_wal_fastpath.py"
 
@@ -108,6 +116,8 @@ def source_of(name: str) -> tuple[str, str]:
         return "wbcache/_hit.c", "tests/test_hit_path.py"
     if name.startswith("pairs-"):
         return "wbcache/backends/_pairs.c", "tests/test_lmdb_pairs.py"
+    if name.startswith("sync-"):
+        return "wal/_sync.c", "tests/test_wal_sync.py"
     return "wal/_walk.c", TESTS
 
 

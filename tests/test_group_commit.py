@@ -38,7 +38,8 @@ class GatedWriter:
         self._appends = 0
         self.fail_first = False  # the first append raises EIO once its gate opens
 
-    def append(self, records: list[bytes], first_lsn: int, last_lsn: int) -> None:
+    def append(self, records: list[bytes], first_lsn: int, last_lsn: int, *,
+               sync: bool = False) -> None:
         self.calls.append(f"append {first_lsn}..{last_lsn}")
         self._appends += 1
         if self._appends <= len(self.gates):
@@ -46,6 +47,8 @@ class GatedWriter:
             self.gates[self._appends - 1].wait()
         if self.fail_first and self._appends == 1:
             raise OSError(5, "Input/output error (injected)")
+        if sync:  # as LogWriter.append: the batch's fsync follows its write
+            self.sync()
 
     def sync(self) -> None:
         self.calls.append("sync")

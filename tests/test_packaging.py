@@ -27,7 +27,7 @@ MAPPED_FOLDERS = ("wal", "recovery", "cli", "fault_injection")
 MODULES = ("wbcache", "wbcache.wal", "wbcache.recovery", "wbcache.cli",
            "wbcache.fault_injection", "wbcache.backends",
            # the C fast paths, compiled by the wheel's build
-           "wbcache.wal._walk", "wbcache._hit", "wbcache.backends._pairs")
+           "wbcache.wal._walk", "wbcache.wal._sync", "wbcache._hit", "wbcache.backends._pairs")
 EXPECTED_FILES = (
     "wbcache/__init__.py",
     "wbcache/py.typed",

@@ -199,8 +199,8 @@ class GroupCommitter:
             self._lock.release()
             try:
                 if records:
-                    self._writer.append(records, first_lsn, last_lsn)
-                if do_sync:
+                    self._writer.append(records, first_lsn, last_lsn, sync=do_sync)
+                elif do_sync:
                     self._writer.sync()
             except BaseException as exc:  # an interrupted write leaves the log unknown too
                 error = exc

@@ -23,7 +23,12 @@ from wbcache.wal.format import (
     encode_records,
 )
 from wbcache.wal.segments import create_segment, delete_segments
-from wbcache.wal.syscalls import SYSCALLS, write_all
+from wbcache.wal.syscalls import SYSCALLS, Syscalls, write_all
+
+try:  # the last write of a batch and its fdatasync in one call (wal/_sync.c, built by setup.py)
+    from wbcache.wal._sync import write_sync as _write_sync
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _write_sync = None
 
 
 @dataclass(frozen=True)
@@ -54,11 +59,21 @@ class LogWriter:
         self._closed: list[ClosedSegment] = []
         self._closed_lock = threading.Lock()
 
-    def append(self, records: list[bytes], first_lsn: int, last_lsn: int) -> None:
+    def append(self, records: list[bytes], first_lsn: int, last_lsn: int, *,
+               sync: bool = False) -> None:
         """Write records `first_lsn..last_lsn` (encoded, in LSN order) with ONE write call,
         as one frame (or more, only if they exceed the frame size limit: then a segment may be
-        started between two of them, so that none grows past one frame over its size)."""
-        for data, first, last in _frames(records, first_lsn):
+        started between two of them, so that none grows past one frame over its size). With
+        `sync`, then `sync()`: the last write and the fdatasync in one C call when they can be
+        (`_write_sync`: the GIL let go once, not twice)."""
+        frames = _frames(records, first_lsn)
+        last_frame = frames[-1][0]
+        # Not with a crash point armed between the two, nor with either call replaced by the
+        # fault-injection harness (it records or fails them one by one).
+        one_call = (sync and _write_sync is not None and not crashpoints.ARMED
+                    and SYSCALLS.write is Syscalls.write
+                    and SYSCALLS.fdatasync is Syscalls.fdatasync)
+        for data, first, last in frames:
             if self._size >= self._segment_size and self._last_lsn >= self._first_lsn:
                 self._rotate(first)
             if crashpoints.ARMED:
@@ -66,11 +81,19 @@ class LogWriter:
             # Count what we attempt before writing: after a failed write the size is unknown,
             # and the cache refuses further writes anyway.
             self._size += len(data)
+            if one_call and data is last_frame:
+                synced = self._size
+                _write_sync(self._fd, data)  # type: ignore[misc]
+                self._last_lsn = last
+                self._mark(synced)
+                return
             write_all(self._fd, data)
             self._last_lsn = last
             if crashpoints.ARMED:
                 crashpoints.reached("wal.after_write")
         assert self._last_lsn == last_lsn
+        if sync:
+            self.sync()
 
     def sync(self) -> None:
         """fdatasync the active segment: everything appended so far is then on disk. With sync
@@ -81,8 +104,13 @@ class LogWriter:
         SYSCALLS.fdatasync(self._fd)
         if crashpoints.ARMED:
             crashpoints.reached("wal.after_fsync")
+        self._mark(synced)
+
+    def _mark(self, synced: int) -> None:
+        """With sync marks, say that the segment is fsync'd up to `synced` bytes (only once the
+        fsync it reports has returned)."""
         if self._sync_marks and synced > len(self._header):
-            mark = encode_mark(synced)  # only once the fsync it reports has returned
+            mark = encode_mark(synced)
             self._size += len(mark)
             write_all(self._fd, mark)
 

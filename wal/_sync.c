@@ -1,0 +1,85 @@
+/* The group commit's write and fdatasync, in one call that lets go of the GIL once.
+ *
+ * write_sync(fd, data) writes every byte of `data` to `fd` (looping over short writes), then
+ * fdatasyncs `fd`: the same system calls, in the same order, as wal/syscalls.py's `write_all`
+ * followed by `os.fdatasync`, which LogWriter.append runs when this module is not built (or
+ * when the fault-injection harness has replaced a system call, or armed a crash point between
+ * the two). An error raises OSError with its errno, as `os.write` and `os.fdatasync` do; a
+ * write interrupted by a signal runs the signal's handlers (which may raise) and goes on, as
+ * Python's own calls do (PEP 475).
+ *
+ * Why: each `os` call releases the GIL and must take it back before the next one. With 16 and
+ * 64 writer threads running Python meanwhile, the leader waited 80 and 200 us per batch for
+ * the GIL between its write and its fdatasync, with the disk idle and every follower's
+ * acknowledgement behind it (docs/bench.md, "A seventh run").
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <limits.h>
+#include <unistd.h>
+
+static PyObject *write_sync(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "write_sync(fd, data) takes 2 arguments");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "write_sync: fd out of range");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const char *next = view.buf;
+    Py_ssize_t left = view.len;
+    int error;
+    for (;;) {
+        error = 0;
+        Py_BEGIN_ALLOW_THREADS
+        while (left > 0) {
+            ssize_t written = write((int)fd, next, (size_t)left);
+            if (written < 0) {
+                error = errno;
+                break;
+            }
+            next += written;
+            left -= written;
+        }
+        if (error == 0 && fdatasync((int)fd) < 0)
+            error = errno;
+        Py_END_ALLOW_THREADS
+        if (error != EINTR)
+            break;
+        if (PyErr_CheckSignals() < 0) { /* a handler raised: stop there, as os.write would */
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+    }
+    PyBuffer_Release(&view);
+    if (error != 0) {
+        errno = error;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"write_sync", (PyCFunction)(void (*)(void))write_sync, METH_FASTCALL,
+     "write_sync(fd, data): write every byte of data, then fdatasync fd, releasing the GIL "
+     "once (see wal/_sync.c)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef sync_module = {
+    PyModuleDef_HEAD_INIT, "_sync",
+    "The group commit's write and fdatasync in one call (wal/_sync.c).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__sync(void) {
+    return PyModule_Create(&sync_module);
+}
