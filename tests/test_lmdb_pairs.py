@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from built_support import assert_built_from
@@ -20,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wbcache.backends import lmdb as lmdb_module
+from wbcache.backends.lmdb import LmdbDatabase
 
 SLOW = lmdb_module._PairsInPython
 FAST = lmdb_module._pairs if lmdb_module._pairs is not SLOW else None
@@ -146,3 +148,19 @@ def test_pairs_of_bytes_are_left_out_of_the_garbage_collector() -> None:
     assert not gc.is_tracked(next(FAST([(b"k", b"v")], False)))
     value = ["not bytes"]  # what the C keeps tracked: anything else
     assert gc.is_tracked(next(FAST([("k", value)], True)))
+
+
+def test_a_one_shot_iterator_of_mixed_keys_survives_a_map_full_retry(tmp_path: Path) -> None:
+    """The puts are walked once per key type, and again from the start when the map is full
+    and grows: a generator given as the puts is taken into a list first, or the bytes keys
+    (and, after a retry, every key) would be lost while the checkpoint commits."""
+    database = LmdbDatabase(str(tmp_path / "db"), map_size=64 * 1024)
+    try:
+        puts = ((f"k{i}" if i % 2 else f"k{i}".encode(), b"v" * 1000) for i in range(400))
+        database.write(puts, [], [], b"checkpoint", 7)  # about 400 KiB into a 64 KiB map
+        assert database.resizes >= 1
+        assert database.count() == 400
+        assert database.get("k399") == database.get(b"k398") == b"v" * 1000
+        assert database.checkpoint(b"checkpoint") == 7
+    finally:
+        database.close()

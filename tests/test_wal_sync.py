@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import resource
 import select
 import shutil
 import signal
@@ -29,6 +30,7 @@ import pytest
 from built_support import assert_built_from
 from controlled import wait_until
 
+from wbcache.errors import LogFailedError
 from wbcache.wal import crashpoints
 from wbcache.wal import writer as writer_module
 from wbcache.wal.format import encode_mark
@@ -88,9 +90,17 @@ def test_errors_are_the_same_oserrors(tmp_path: Path, which: str) -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+    never_open = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # past the highest descriptor
     with pytest.raises(OSError) as closed:
-        write_sync_of(which)(write_end, b"x")  # closed above
+        write_sync_of(which)(never_open, b"x")
     assert closed.value.errno == errno.EBADF
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as no_space:
+            write_sync_of(which)(full, b"x")
+        assert no_space.value.errno == errno.ENOSPC
+    finally:
+        os.close(full)
     readonly = os.open(tmp_path / "ro", os.O_RDONLY | os.O_CREAT, 0o600)
     try:
         with pytest.raises(OSError) as not_writable:
@@ -108,8 +118,11 @@ def test_bad_arguments_are_refused() -> None:
             FAST(*args)
     with pytest.raises(TypeError):
         FAST(1, "not bytes")
-    with pytest.raises(ValueError):
+    with pytest.raises(OSError) as negative:  # as os.write
         FAST(-1, b"x")
+    assert negative.value.errno == errno.EBADF
+    with pytest.raises(OverflowError):
+        FAST(1 << 40, b"x")
 
 
 class Interrupted(Exception):
@@ -145,6 +158,8 @@ def in_write(native_id: int) -> bool:
 
 @needs_fast
 @pytest.mark.skipif(WRITE is None, reason=f"write(2)'s number on {os.uname().machine} unknown")
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="signal handlers run in the main thread only")
 @pytest.mark.parametrize("which", ["c", "python"])
 @pytest.mark.parametrize("raises", [True, False], ids=["handler-raises", "handler-returns"])
 def test_a_write_interrupted_by_a_signal_runs_its_handler(
@@ -249,10 +264,12 @@ def test_under_interval_a_batch_synced_on_request_is_one_call_then_its_mark(
 def test_the_harness_sees_two_calls_when_it_replaces_one(open_cache: Any, calls: list[int],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     cache = open_cache()  # its segment is created (and synced) first
+    segment = cache._sequencer._committer._writer._fd
     synced: list[int] = []
 
     def fdatasync(fd: int) -> None:
-        synced.append(fd)
+        if fd == segment:  # not another thread's (the flusher's, a stray cache's)
+            synced.append(fd)
         os.fdatasync(fd)
     monkeypatch.setattr(SYSCALLS, "fdatasync", fdatasync, raising=False)
     cache.put("k", 1)
@@ -266,6 +283,32 @@ def test_the_harness_sees_two_calls_when_it_replaces_one(open_cache: Any, calls:
     monkeypatch.setattr(crashpoints, "ARMED", False)
     cache.close()
     assert open_cache().get("k") == 3
+
+
+@needs_fast
+def test_a_failed_call_fails_the_log_and_acknowledges_nothing(
+        open_cache: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write or the fdatasync inside the one call fails (EIO after writing): the put is
+    not acknowledged, and the cache refuses writes until it is reopened, as after a failed
+    fdatasync of the two calls (the fsyncgate rule, wal/commit.py)."""
+    cache = open_cache()
+    cache.put("before", 1)
+    real = writer_module._write_sync
+
+    def failing(fd: int, data: bytes) -> None:
+        os.write(fd, data)  # the bytes may well be in the file: they are not acknowledged
+        raise OSError(errno.EIO, "injected: the fdatasync failed")
+    monkeypatch.setattr(writer_module, "_write_sync", failing)
+    acknowledged = cache._sequencer._committer.acknowledged_lsn
+    with pytest.raises(LogFailedError):
+        cache.put("failed", 2)
+    assert cache._sequencer._committer.acknowledged_lsn == acknowledged
+    monkeypatch.setattr(writer_module, "_write_sync", real)
+    with pytest.raises(LogFailedError):
+        cache.put("after", 3)  # refused for good, even with the calls working again
+    cache.close()
+    reopened = open_cache()
+    assert reopened.get("before") == 1 and reopened.get("after") is None
 
 
 STRACE = shutil.which("strace")
@@ -290,39 +333,52 @@ def test_strace_sees_each_acknowledgement_after_a_write_then_an_fdatasync_of_the
                     "-o", str(log), sys.executable, "-c", CHILD, str(tmp_path / "c")],
                    check=True, timeout=120)
     segments: set[str] = set()  # descriptors of the log's segments
-    last_write_done = last_sync_began = last_sync_done = -1
-    acks = 0
-    unfinished: dict[tuple[str, str], tuple[int, str]] = {}  # (pid, call) -> (line, fd)
+    written: dict[str, int] = {}  # segment descriptor -> line where its last write returned
+    synced: dict[str, tuple[int, int]] = {}  # -> lines where its last fdatasync began, returned
+    unfinished: dict[tuple[str, str], tuple[int, str]] = {}  # (pid, call) -> (line, its fd)
+    acks: list[int] = []
 
     def returned(call: str, fd: str, result: str, began: int, done: int) -> None:
-        nonlocal last_write_done, last_sync_began, last_sync_done
-        if fd not in segments:
-            return
-        if call == "write" and int(result) > 0:
-            last_write_done = done
-        elif call == "fdatasync" and result == "0":
-            last_sync_began, last_sync_done = began, done
+        ok = result.lstrip("-").isdigit() and int(result) >= (1 if call == "write" else 0)
+        if call == "openat" and ok and "/wal/" in fd:
+            segments.add(result)  # for openat, `fd` holds the call's arguments
+        elif fd in segments and ok and call == "write":
+            written[fd] = done
+        elif fd in segments and ok and call == "fdatasync" and result == "0":
+            synced[fd] = (began, done)
+
+    def check_ack(line: int) -> None:
+        """Since the previous acknowledgement a record was written to a segment, and every
+        segment's last write returned before an fdatasync of it began that returned before
+        this acknowledgement."""
+        since = acks[-1] if acks else -1
+        assert any(done > since for done in written.values()), (
+            f"acknowledgement {len(acks)} (trace line {line + 1}): no write of the log since "
+            f"the acknowledgement before it")
+        for fd, done in written.items():
+            began, returned_at = synced.get(fd, (-1, -1))
+            assert done < began <= returned_at < line, (
+                f"acknowledgement {len(acks)} (trace line {line + 1}): the write of segment "
+                f"descriptor {fd} (line {done + 1}) is not followed by an fdatasync of it that "
+                f"returned before the acknowledgement")
+        acks.append(line)
 
     for number, line in enumerate(log.read_text().splitlines()):
         pid, _, rest = line.partition(" ")
         rest = rest.strip()
-        opened = re.match(r'openat\(.*"[^"]*/wal/\d+\.log".* = (\d+)$', rest)
-        resumed = re.match(r"<\.\.\. (\w+) resumed>.* = (-?\d+)", rest)
-        called = re.match(r"(\w+)\((\d*)", rest)
-        if opened:
-            segments.add(opened.group(1))
-        elif resumed and (pid, resumed.group(1)) in unfinished:
-            began, fd = unfinished.pop((pid, resumed.group(1)))
-            returned(resumed.group(1), fd, resumed.group(2), began, number)
+        resumed = re.match(r"<\.\.\. (\w+) resumed>.* = (\S+)", rest)
+        called = re.match(r"(\w+)\((.*)", rest)
+        if resumed and (pid, resumed.group(1)) in unfinished:
+            began, argument = unfinished.pop((pid, resumed.group(1)))
+            returned(resumed.group(1), argument, resumed.group(2), began, number)
         elif "wbcache-ack-" in rest:
-            assert last_write_done < last_sync_began <= last_sync_done < number, (
-                f"acknowledgement {acks} (trace line {number + 1}) without a write of the log, "
-                f"then an fdatasync of it, before it")
-            acks += 1
-        elif called and called.group(1) in ("write", "fdatasync"):
+            check_ack(number)
+        elif called and called.group(1) in ("write", "fdatasync", "openat"):
+            call = called.group(1)
+            argument = (called.group(2) if call == "openat"
+                        else called.group(2).split(",")[0].split(")")[0])
             if rest.endswith("<unfinished ...>"):
-                unfinished[(pid, called.group(1))] = (number, called.group(2))
+                unfinished[(pid, call)] = (number, argument)
             else:
-                returned(called.group(1), called.group(2), rest.rsplit("= ", 1)[-1].split()[0],
-                         number, number)
-    assert acks == 8
+                returned(call, argument, rest.rsplit("= ", 1)[-1].split()[0], number, number)
+    assert len(acks) == 8

@@ -27,8 +27,8 @@ static PyObject *write_sync(PyObject *module, PyObject *const *args, Py_ssize_t 
     long fd = PyLong_AsLong(args[0]);
     if (fd == -1 && PyErr_Occurred())
         return NULL;
-    if (fd < 0 || fd > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "write_sync: fd out of range");
+    if (fd < INT_MIN || fd > INT_MAX) { /* as os.write; a negative one fails with EBADF */
+        PyErr_SetString(PyExc_OverflowError, "write_sync: fd does not fit in a C int");
         return NULL;
     }
     Py_buffer view;

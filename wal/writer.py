@@ -83,6 +83,8 @@ class LogWriter:
             self._size += len(data)
             if one_call and data is last_frame:
                 synced = self._size
+                # Raises if the write or the fdatasync fails; the log has then failed for good
+                # (wal/commit.py), so `_last_lsn` is left as it was either way.
                 _write_sync(self._fd, data)  # type: ignore[misc]
                 self._last_lsn = last
                 self._mark(synced)

@@ -49,7 +49,7 @@ class _PairsInPython:
 
     def __init__(self, puts: Iterable[tuple[Key, bytes]], str_keys: bool) -> None:
         self._puts = iter(puts)
-        self._str_keys = str_keys
+        self._str_keys = bool(str_keys)
         self.other = 0
 
     def __iter__(self) -> _PairsInPython:
@@ -176,6 +176,8 @@ class LmdbDatabase:
         """One write transaction: puts, deletes, increments added to what is stored (a
         missing or non-int value counts from 0; the sum held to the int64 range), and the
         checkpoint. The map grows and the transaction is retried if it does not fit."""
+        if iter(puts) is puts:  # walked once per key type, and again after a MapFullError
+            puts = list(puts)
         stamp = checkpoint.to_bytes(8, "big")
         while True:
             try:
