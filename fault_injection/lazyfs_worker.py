@@ -9,7 +9,8 @@ open and close in this process, where a cut can land too) and adds, through the 
 and the same `SyscallRecorder` hooks:
 
     SYNC    [f, fd]     an fdatasync/fsync of a log file RETURNED (emitted before the library
-                        goes on), so every acknowledgement journaled before it is on disk;
+                        goes on), so every acknowledgement journaled before it is on disk
+                        (also after a batch's write and fdatasync in one call, `write_sync`);
     UNLINK  [u, path]   a segment was deleted (flushes and deletions were in flight).
 
 Under fsync="interval" the parent needs the first: an acknowledged write may be lost by a power
@@ -41,7 +42,8 @@ class SyncRecorder(SyscallRecorder):
 
     def install(self) -> None:
         super().install()
-        for name in ("fdatasync", "fsync", "unlink"):
+        # write_sync too: the log's batches are then one call, as outside the harness.
+        for name in ("fdatasync", "write_sync", "fsync", "unlink"):
             setattr(SYSCALLS, name, getattr(self, f"_{name}"))
 
 

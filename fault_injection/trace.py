@@ -29,8 +29,8 @@ from wbcache.fault_injection.journal import (
 )
 from wbcache.wal.syscalls import SYSCALLS
 
-_WRAPPED = ("open", "close", "write", "fdatasync", "fsync", "ftruncate", "rename", "unlink",
-            "fsync_dir")
+_WRAPPED = ("open", "close", "write", "fdatasync", "write_sync", "fsync", "ftruncate",
+            "rename", "unlink", "fsync_dir")
 
 
 class SyscallRecorder:
@@ -80,6 +80,14 @@ class SyscallRecorder:
 
     def _fdatasync(self, fd: int) -> None:
         self._real["fdatasync"](fd)
+        self._journal.emit(SYNC, fd)
+
+    def _write_sync(self, fd: int, data: bytes) -> None:
+        """A batch's write and its fdatasync in one call (wal/_sync.c): both events, once it
+        has returned (a cut between them is a state the journal still gives)."""
+        self._real["write_sync"](fd, data)
+        if not self._light:
+            self._journal.emit(WRITE, fd, bytes(data))
         self._journal.emit(SYNC, fd)
 
     def _fsync(self, fd: int) -> None:

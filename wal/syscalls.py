@@ -18,13 +18,30 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _write_then_sync(fd: int, data: bytes) -> None:
+    """`write_sync` where wal/_sync.c is not built: the two calls."""
+    write_all(fd, data)
+    SYSCALLS.fdatasync(fd)
+
+
+try:  # a batch's last write and its fdatasync, letting go of the GIL once (wal/_sync.c)
+    from wbcache.wal._sync import write_sync as _write_sync
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _write_sync = _write_then_sync
+
+
 class Syscalls:
-    """Plain `os` calls; an instance attribute set by the harness overrides one of them."""
+    """Plain `os` calls; an instance attribute set by the harness overrides one of them.
+
+    `write_sync(fd, data)` is `write_all` then `fdatasync` in one C call (wal/_sync.c). The
+    log writer takes it only when the harness has replaced neither `write` nor `fdatasync`
+    (it would not see them), or has replaced `write_sync` itself (it sees the one call)."""
 
     open = staticmethod(os.open)
     close = staticmethod(os.close)
     write = staticmethod(os.write)
     fdatasync = staticmethod(os.fdatasync)
+    write_sync = staticmethod(_write_sync)
     fsync = staticmethod(os.fsync)
     ftruncate = staticmethod(os.ftruncate)
     rename = staticmethod(os.rename)

@@ -25,11 +25,6 @@ from wbcache.wal.format import (
 from wbcache.wal.segments import create_segment, delete_segments
 from wbcache.wal.syscalls import SYSCALLS, Syscalls, write_all
 
-try:  # the last write of a batch and its fdatasync in one call (wal/_sync.c, built by setup.py)
-    from wbcache.wal._sync import write_sync as _write_sync
-except ImportError:  # pragma: no cover - a build without a C compiler
-    _write_sync = None
-
 
 @dataclass(frozen=True)
 class ClosedSegment:
@@ -65,14 +60,15 @@ class LogWriter:
         as one frame (or more, only if they exceed the frame size limit: then a segment may be
         started between two of them, so that none grows past one frame over its size). With
         `sync`, then `sync()`: the last write and the fdatasync in one C call when they can be
-        (`_write_sync`: the GIL let go once, not twice)."""
+        (`SYSCALLS.write_sync`: the GIL let go once, not twice)."""
         frames = _frames(records, first_lsn)
         last_frame = frames[-1][0]
         # Not with a crash point armed between the two, nor with either call replaced by the
-        # fault-injection harness (it records or fails them one by one).
-        one_call = (sync and _write_sync is not None and not crashpoints.ARMED
-                    and SYSCALLS.write is Syscalls.write
-                    and SYSCALLS.fdatasync is Syscalls.fdatasync)
+        # fault-injection harness (it records or fails them one by one), unless it replaced
+        # the one call too (then it sees that).
+        one_call = sync and not crashpoints.ARMED and (
+            "write_sync" in vars(SYSCALLS)
+            or SYSCALLS.write is Syscalls.write and SYSCALLS.fdatasync is Syscalls.fdatasync)
         for data, first, last in frames:
             if self._size >= self._segment_size and self._last_lsn >= self._first_lsn:
                 self._rotate(first)
@@ -85,7 +81,7 @@ class LogWriter:
                 synced = self._size
                 # Raises if the write or the fdatasync fails; the log has then failed for good
                 # (wal/commit.py), so `_last_lsn` is left as it was either way.
-                _write_sync(self._fd, data)  # type: ignore[misc]
+                SYSCALLS.write_sync(self._fd, data)
                 self._last_lsn = last
                 self._mark(synced)
                 return
