@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from built_support import assert_built_from
+from built_support import assert_fast_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -46,11 +46,10 @@ needs_fast = pytest.mark.skipif(FAST is None, reason="covered by test_the_fast_p
 
 
 def test_the_fast_path_is_built() -> None:
-    assert FAST is not None, (
-        "wbcache.wal._walk is not built (or was built for another format): `pip install -e .` "
-        "compiles wal/_walk.c when a C compiler and the Python and zlib headers are installed; "
-        "without it the log is read in Python alone, about 4x slower")
-    assert_built_from("wbcache.wal._walk", "wal/_walk.c")
+    assert_fast_path(FAST, "wbcache.wal._walk", "wal/_walk.c",
+                     "the log is read in Python alone, about 4x slower",
+                     headers="the Python and zlib headers",
+                     missing="is not built (or was built for another format)")
 
 
 @contextmanager

@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from built_support import assert_built_from
+from built_support import assert_fast_path
 from controlled import wait_until
 
 from wbcache.errors import LogFailedError
 from wbcache.wal import crashpoints
 from wbcache.wal import syscalls as syscalls_module
 from wbcache.wal.format import encode_mark
-from wbcache.wal.syscalls import SYSCALLS, Syscalls, write_all
+from wbcache.wal.syscalls import SYSCALLS, Syscalls
 
 FAST = (syscalls_module._write_sync
         if syscalls_module._write_sync is not syscalls_module._write_then_sync else None)
@@ -42,24 +42,13 @@ needs_fast = pytest.mark.skipif(FAST is None, reason="covered by test_the_sync_m
 
 
 def test_the_sync_module_is_built() -> None:
-    assert FAST is not None, (
-        "wbcache.wal._sync is not built: `pip install -e .` compiles wal/_sync.c when a C "
-        "compiler and the Python headers are installed; without it a batch's write and "
-        "fdatasync are two calls, each taking the GIL back")
-    assert_built_from("wbcache.wal._sync", "wal/_sync.c")
-
-
-def in_python(fd: int, data: bytes) -> None:
-    write_all(fd, data)
-    os.fdatasync(fd)
-
-
-BOTH = [pytest.param("c", id="c"), pytest.param("python", id="python")]
+    assert_fast_path(FAST, "wbcache.wal._sync", "wal/_sync.c",
+                     "a batch's write and fdatasync are two calls, each taking the GIL back")
 
 
 def write_sync_of(which: str) -> Callable[[int, bytes], None]:
     if which == "python":
-        return in_python
+        return syscalls_module._write_then_sync  # what runs where wal/_sync.c is not built
     assert FAST is not None
     return FAST  # type: ignore[no-any-return]
 
@@ -95,20 +84,15 @@ def test_errors_are_the_same_oserrors(tmp_path: Path, which: str) -> None:
     with pytest.raises(OSError) as closed:
         write_sync_of(which)(never_open, b"x")
     assert closed.value.errno == errno.EBADF
-    full = os.open("/dev/full", os.O_WRONLY)
-    try:
-        with pytest.raises(OSError) as no_space:
-            write_sync_of(which)(full, b"x")
-        assert no_space.value.errno == errno.ENOSPC
-    finally:
-        os.close(full)
-    readonly = os.open(tmp_path / "ro", os.O_RDONLY | os.O_CREAT, 0o600)
-    try:
-        with pytest.raises(OSError) as not_writable:
-            write_sync_of(which)(readonly, b"x")
-        assert not_writable.value.errno == errno.EBADF
-    finally:
-        os.close(readonly)
+    for path, flags, expected in (("/dev/full", os.O_WRONLY, errno.ENOSPC),
+                                  (tmp_path / "ro", os.O_RDONLY | os.O_CREAT, errno.EBADF)):
+        fd = os.open(path, flags, 0o600)
+        try:
+            with pytest.raises(OSError) as refused:
+                write_sync_of(which)(fd, b"x")
+            assert refused.value.errno == expected, path
+        finally:
+            os.close(fd)
 
 
 @needs_fast
