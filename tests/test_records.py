@@ -3,6 +3,7 @@ in one place, and a record nothing downstream could apply is refused where it is
 
 from __future__ import annotations
 
+import threading
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -158,3 +159,57 @@ def test_a_big_value_leaves_no_big_buffer_behind(value: str | bytes) -> None:
     """The same for the codec's shared Packer (wbcache/codec.py): a big str or bytes value is
     packed by a Packer of its own."""
     assert _kept_after(lambda: encode_value(value, 1 << 30), len(value)) < 1 << 20
+
+
+@pytest.mark.parametrize("value", [[b"x" * (4 << 20)], {"k": "x" * (4 << 20)}],
+                         ids=["list", "dict"])
+def test_a_big_list_or_dict_leaves_no_big_buffer_behind(value: Any) -> None:
+    """The same for the pool of Packers lists and dicts are packed with: one that needed a
+    bigger buffer is not kept."""
+    assert _kept_after(lambda: encode_value(value, 1 << 30), 4 << 20) < 1 << 20
+
+
+class _Reentrant(dict):  # type: ignore[type-arg]
+    """A dict whose `items()`, which msgpack calls for a dict subclass, runs `during` first."""
+
+    during: Callable[[], None] = staticmethod(lambda: None)
+
+    def items(self):  # type: ignore[no-untyped-def, override]
+        type(self).during()
+        return super().items()
+
+
+def test_a_value_packed_while_another_is_being_packed_gets_its_own_packer() -> None:
+    """Packing a list or dict may run Python code (here a dict subclass's `items()`), which may
+    pack another value, in this thread or another one: with one shared Packer the two encodings
+    would be spliced into each other's buffer."""
+    inner = {"inner": list(range(40)), "s": "y" * 100}
+    seen: list[bytes] = []
+    outer = _Reentrant(outer="x" * 50, n=7)
+    _Reentrant.during = staticmethod(lambda: seen.append(encode_value(inner, 1 << 20)))
+    encoded = encode_value([outer, "tail"], 1 << 20)
+    assert msgpack.unpackb(encoded) == [{"outer": "x" * 50, "n": 7}, "tail"]
+    assert [msgpack.unpackb(e) for e in seen] == [inner]
+
+    done = threading.Event()
+    other: list[bytes] = []
+
+    def pack_in_another_thread() -> None:
+        other.append(encode_value(inner, 1 << 20))
+        done.set()
+
+    def during() -> None:  # the GIL is let go while this waits: the other thread packs
+        threading.Thread(target=pack_in_another_thread).start()
+        assert done.wait(30)
+
+    _Reentrant.during = staticmethod(during)
+    encoded = encode_value([outer, "tail"], 1 << 20)
+    assert msgpack.unpackb(encoded) == [{"outer": "x" * 50, "n": 7}, "tail"]
+    assert [msgpack.unpackb(e) for e in other] == [inner]
+
+
+def test_a_value_that_cannot_be_packed_leaves_the_next_encoding_whole() -> None:
+    """A pack that fails part-way leaves nothing in the Packer for the next value."""
+    with pytest.raises(TypeError, match="cannot be stored"):
+        encode_value({"a": "x" * 100, "b": object()}, 1 << 20)
+    assert msgpack.unpackb(encode_value({"c": [1, 2]}, 1 << 20)) == {"c": [1, 2]}

@@ -39,6 +39,14 @@ packb = msgpack.packb
 # 1.0): a str or bytes of under _SMALL characters or bytes (128 KiB of UTF-8 at most).
 _pack = msgpack.Packer().pack
 _SMALL = 32 * 1024
+# A list or dict may run Python code while it is packed (a subclass's `items()`, a finalizer
+# the garbage collector calls), and another thread, or this one re-entering, may then pack
+# too: so each pack of one takes an idle Packer of its own from this pool (list.pop and
+# .append are atomic) and gives it back if its buffer is still the initial one (an encoding of
+# at most _POOLED bytes). Nearly always one Packer; at most _POOL_SIZE are kept.
+_packers: list[msgpack.Packer] = []
+_POOLED = 128 * 1024
+_POOL_SIZE = 8
 
 try:  # the C proof that an encoding decodes (wal/_walk.c); without it, unpackb decides
     from wbcache.wal._walk import decodes as _decodes
@@ -82,7 +90,7 @@ def encode_value(value: object, max_size: int, key: object = None) -> bytes:
     shared = immutable and (kind is not str and kind is not bytes
                             or len(value) < _SMALL)  # type: ignore[arg-type]
     try:
-        encoded: bytes = _pack(value) if shared else packb(value)
+        encoded: bytes = _pack(value) if shared else _pack_pooled(value)
     except TypeError as exc:
         raise TypeError(
             f"value for key {key!r} cannot be stored: {exc} (supported: None, bool, int, "
@@ -107,6 +115,19 @@ def encode_value(value: object, max_size: int, key: object = None) -> bytes:
                 f"value for key {key!r} cannot be read back ({exc}); dict keys must be "
                 f"str, bytes, int, float, bool or None"
             ) from None
+    return encoded
+
+
+def _pack_pooled(value: object) -> bytes:
+    """`msgpack.packb(value)` with a Packer of the pool (above `encode_value`): about 0.4 us
+    less than packb, which builds a Packer (and its 256 KiB buffer) per call."""
+    try:
+        packer = _packers.pop()
+    except IndexError:
+        packer = msgpack.Packer()
+    encoded: bytes = packer.pack(value)  # on an error the Packer is dropped, not pooled
+    if len(encoded) <= _POOLED and len(_packers) < _POOL_SIZE:
+        _packers.append(packer)
     return encoded
 
 
