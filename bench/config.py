@@ -54,9 +54,10 @@ class BenchConfig:
     """Connections of the redis-benchmark rows (Redis driven by its own C client)."""
 
     lowered_switch_interval: float = 0.0005
-    """Seconds: the interpreter's switch interval (default 0.005) in the row that repeats the
-    64-thread put with it lowered, in this benchmark process only, to show what the GIL's
-    hand-offs add to the latency tail."""
+    """Seconds: the interpreter's switch interval (default 0.005) in the rows that repeat the
+    64-thread put and the 64-task `AsyncCache` put with it lowered, in this benchmark process
+    only: what the GIL's hand-offs add to the threads' latency tail, and how long the commit
+    thread waits for the GIL the event loop holds."""
 
     put_many_size: int = 1_000
     """Entries per `put_many` call."""

@@ -6,6 +6,8 @@
   put_t{N}_switch the same with the interpreter's switch interval lowered in this process
                   (`lowered_switch_interval`): how much of the latency tail is GIL hand-offs
   async_t{N}      AsyncCache.put() from N asyncio tasks ("not available" without AsyncCache)
+  async_t{N}_switch  the same for the target's 64 tasks with the switch interval lowered: how
+                  much of it is the commit thread's wait for the GIL that the loop holds
   put_many        put_many() of `put_many_size` entries per call; keys/s
   put_interval    put() from 1 thread, fsync="interval": the write path without an fsync
   get_str/dict    get() hits on str and dict values, every key in memory, keys read in
@@ -60,6 +62,13 @@ def measurements(config: BenchConfig, workload: Workload, scratch: Scratch) -> l
                          baseline="raw_fsync", series="wbcache AsyncCache (tasks)",
                          concurrency=n, unavailable=async_missing)
              for n in config.async_tasks]
+    tasks = 64 if 64 in config.async_tasks else max(config.async_tasks)
+    rows.append(Measurement(
+        f"async_t{tasks}_switch", SECTION,
+        f"AsyncCache put, {tasks} tasks, sys.setswitchinterval({interval:g}) in the benchmark",
+        None if async_missing else _async_tasks(config, workload, scratch, tasks,
+                                                switch_interval=interval),
+        baseline="raw_fsync", unavailable=async_missing))
     size = config.put_many_size
     rows += [
         Measurement("put_many", SECTION, f"put_many of {size:,}, 1 thread (keys/s)",
@@ -114,8 +123,8 @@ def _with_batch_note(stats: dict[str, Any], sample: Sample) -> Sample:
     return dataclasses.replace(sample, note=note)
 
 
-def _async_tasks(config: BenchConfig, workload: Workload, scratch: Scratch,
-                 tasks: int) -> Callable[[], Sample]:
+def _async_tasks(config: BenchConfig, workload: Workload, scratch: Scratch, tasks: int, *,
+                 switch_interval: float | None = None) -> Callable[[], Sample]:
     async def measure(path: Path) -> Sample:
         cache = await wbcache.open_async(path)  # type: ignore[attr-defined]
         try:
@@ -130,7 +139,13 @@ def _async_tasks(config: BenchConfig, workload: Workload, scratch: Scratch,
 
     def trial() -> Sample:
         with scratch.directory(f"async-{tasks}") as path:
-            return asyncio.run(measure(path / "c"))
+            default = sys.getswitchinterval()
+            if switch_interval is not None:  # this process only, as in `_put_threads`
+                sys.setswitchinterval(switch_interval)
+            try:
+                return asyncio.run(measure(path / "c"))
+            finally:
+                sys.setswitchinterval(default)
     return trial
 
 
