@@ -169,6 +169,21 @@ def test_a_big_list_or_dict_leaves_no_big_buffer_behind(value: Any) -> None:
     assert _kept_after(lambda: encode_value(value, 1 << 30), 4 << 20) < 1 << 20
 
 
+def test_a_pack_that_fails_after_growing_its_buffer_keeps_no_packer() -> None:
+    """A Packer that fails part-way through a big list has already grown its buffer: it is
+    dropped, not pooled, or the 4 MiB would stay allocated for good."""
+    value = [b"x" * (4 << 20), object()]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        with pytest.raises(TypeError, match="cannot be stored"):
+            encode_value(value, 1 << 30)
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 1 << 20
+
+
 class _Reentrant(dict):  # type: ignore[type-arg]
     """A dict whose `items()`, which msgpack calls for a dict subclass, runs `during` first."""
 
@@ -186,26 +201,33 @@ def test_a_value_packed_while_another_is_being_packed_gets_its_own_packer() -> N
     inner = {"inner": list(range(40)), "s": "y" * 100}
     seen: list[bytes] = []
     outer = _Reentrant(outer="x" * 50, n=7)
-    _Reentrant.during = staticmethod(lambda: seen.append(encode_value(inner, 1 << 20)))
-    encoded = encode_value([outer, "tail"], 1 << 20)
-    assert msgpack.unpackb(encoded) == [{"outer": "x" * 50, "n": 7}, "tail"]
-    assert [msgpack.unpackb(e) for e in seen] == [inner]
+    helpers: list[threading.Thread] = []
+    try:
+        _Reentrant.during = staticmethod(lambda: seen.append(encode_value(inner, 1 << 20)))
+        encoded = encode_value([outer, "tail"], 1 << 20)
+        assert msgpack.unpackb(encoded) == [{"outer": "x" * 50, "n": 7}, "tail"]
+        assert [msgpack.unpackb(e) for e in seen] == [inner]
 
-    done = threading.Event()
-    other: list[bytes] = []
+        done = threading.Event()
+        other: list[bytes] = []
 
-    def pack_in_another_thread() -> None:
-        other.append(encode_value(inner, 1 << 20))
-        done.set()
+        def pack_in_another_thread() -> None:
+            other.append(encode_value(inner, 1 << 20))
+            done.set()
 
-    def during() -> None:  # the GIL is let go while this waits: the other thread packs
-        threading.Thread(target=pack_in_another_thread).start()
-        assert done.wait(30)
+        def during() -> None:  # the GIL is let go while this waits: the other thread packs
+            helpers.append(threading.Thread(target=pack_in_another_thread))
+            helpers[-1].start()
+            assert done.wait(30)
 
-    _Reentrant.during = staticmethod(during)
-    encoded = encode_value([outer, "tail"], 1 << 20)
-    assert msgpack.unpackb(encoded) == [{"outer": "x" * 50, "n": 7}, "tail"]
-    assert [msgpack.unpackb(e) for e in other] == [inner]
+        _Reentrant.during = staticmethod(during)
+        encoded = encode_value([outer, "tail"], 1 << 20)
+        assert msgpack.unpackb(encoded) == [{"outer": "x" * 50, "n": 7}, "tail"]
+        assert [msgpack.unpackb(e) for e in other] == [inner]
+    finally:
+        _Reentrant.during = staticmethod(lambda: None)
+        for helper in helpers:
+            helper.join(30)
 
 
 def test_a_value_that_cannot_be_packed_leaves_the_next_encoding_whole() -> None:
