@@ -14,6 +14,7 @@ import pytest
 from log_bytes import frame
 
 import wbcache
+from wbcache import codec
 from wbcache.codec import encode_value
 from wbcache.errors import CorruptLogError
 from wbcache.wal.format import encode_header
@@ -154,24 +155,40 @@ def test_a_big_record_leaves_no_big_buffer_behind() -> None:
     assert _kept_after(lambda: encode_put(1, "k", value), len(value)) < 1 << 20
 
 
+@pytest.fixture
+def pool(monkeypatch: pytest.MonkeyPatch) -> list[msgpack.Packer]:
+    """The codec's pool of Packers, empty: a test that packs a big value must not find one an
+    earlier test grew (reusing it allocates nothing, and `_kept_after` would see nothing)."""
+    packers: list[msgpack.Packer] = []
+    monkeypatch.setattr(codec, "_packers", packers)
+    return packers
+
+
 @pytest.mark.parametrize("value", [b"x" * (4 << 20), "x" * (4 << 20)], ids=["bytes", "str"])
-def test_a_big_value_leaves_no_big_buffer_behind(value: str | bytes) -> None:
+def test_a_big_value_leaves_no_big_buffer_behind(value: str | bytes,
+                                                 pool: list[msgpack.Packer]) -> None:
     """The same for the codec's shared Packer (wbcache/codec.py): a big str or bytes value is
-    packed by a Packer of its own."""
+    packed by a Packer of its own, which is not kept."""
     assert _kept_after(lambda: encode_value(value, 1 << 30), len(value)) < 1 << 20
+    assert pool == []
 
 
 @pytest.mark.parametrize("value", [[b"x" * (4 << 20)], {"k": "x" * (4 << 20)}],
                          ids=["list", "dict"])
-def test_a_big_list_or_dict_leaves_no_big_buffer_behind(value: Any) -> None:
+def test_a_big_list_or_dict_leaves_no_big_buffer_behind(value: Any,
+                                                        pool: list[msgpack.Packer]) -> None:
     """The same for the pool of Packers lists and dicts are packed with: one that needed a
-    bigger buffer is not kept."""
+    bigger buffer is not kept, and a small value's is."""
     assert _kept_after(lambda: encode_value(value, 1 << 30), 4 << 20) < 1 << 20
+    assert pool == []
+    encode_value({"small": [1, 2]}, 1 << 20)
+    assert len(pool) == 1
 
 
-def test_a_pack_that_fails_after_growing_its_buffer_keeps_no_packer() -> None:
-    """A Packer that fails part-way through a big list has already grown its buffer: it is
-    dropped, not pooled, or the 4 MiB would stay allocated for good."""
+def test_a_pack_that_fails_after_growing_its_buffer_keeps_no_packer(
+        pool: list[msgpack.Packer]) -> None:
+    """A Packer that fails part-way through a big list has already grown its buffer (to twice
+    the 4 MiB here): it is dropped, not pooled, or that memory would stay allocated for good."""
     value = [b"x" * (4 << 20), object()]
     tracemalloc.start()
     try:
@@ -182,6 +199,7 @@ def test_a_pack_that_fails_after_growing_its_buffer_keeps_no_packer() -> None:
     finally:
         tracemalloc.stop()
     assert kept < 1 << 20
+    assert pool == []
 
 
 class _Reentrant(dict):  # type: ignore[type-arg]
@@ -212,8 +230,10 @@ def test_a_value_packed_while_another_is_being_packed_gets_its_own_packer() -> N
         other: list[bytes] = []
 
         def pack_in_another_thread() -> None:
-            other.append(encode_value(inner, 1 << 20))
-            done.set()
+            try:
+                other.append(encode_value(inner, 1 << 20))
+            finally:
+                done.set()
 
         def during() -> None:  # the GIL is let go while this waits: the other thread packs
             helpers.append(threading.Thread(target=pack_in_another_thread))
@@ -230,8 +250,21 @@ def test_a_value_packed_while_another_is_being_packed_gets_its_own_packer() -> N
             helper.join(30)
 
 
+def test_the_pool_keeps_at_most_its_size(pool: list[msgpack.Packer],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packs that overlap (here one inside another) each take a Packer of their own; when they
+    give them back, no more than `_POOL_SIZE` are kept."""
+    monkeypatch.setattr(codec, "_POOL_SIZE", 1)
+    monkeypatch.setattr(_Reentrant, "during",
+                        staticmethod(lambda: encode_value({"inner": 1}, 1 << 20)))
+    assert msgpack.unpackb(encode_value([_Reentrant(outer=2)], 1 << 20)) == [{"outer": 2}]
+    assert len(pool) == 1
+
+
 def test_a_value_that_cannot_be_packed_leaves_the_next_encoding_whole() -> None:
-    """A pack that fails part-way leaves nothing in the Packer for the next value."""
+    """A pack that fails part-way leaves nothing behind for the next value. (msgpack's C Packer
+    empties itself on an error, and a failed Packer is not pooled anyway: this pins the
+    contract, whichever of the two keeps it.)"""
     with pytest.raises(TypeError, match="cannot be stored"):
         encode_value({"a": "x" * 100, "b": object()}, 1 << 20)
     assert msgpack.unpackb(encode_value({"c": [1, 2]}, 1 << 20)) == {"c": [1, 2]}
