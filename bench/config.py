@@ -56,8 +56,9 @@ class BenchConfig:
     lowered_switch_interval: float = 0.0005
     """Seconds: the interpreter's switch interval (default 0.005) in the rows that repeat the
     64-thread put and the 64-task `AsyncCache` put with it lowered, in this benchmark process
-    only: what the GIL's hand-offs add to the threads' latency tail, and how long the commit
-    thread waits for the GIL the event loop holds."""
+    only: what the GIL's hand-offs add to the threads' latency tail, and what `AsyncCache`
+    gains when its commit thread, back from a fdatasync, waits less for the GIL the event loop
+    holds (a reading of the difference between the two rows, not a measurement of the wait)."""
 
     put_many_size: int = 1_000
     """Entries per `put_many` call."""

@@ -65,7 +65,8 @@ def measurements(config: BenchConfig, workload: Workload, scratch: Scratch) -> l
     tasks = 64 if 64 in config.async_tasks else max(config.async_tasks)
     rows.append(Measurement(
         f"async_t{tasks}_switch", SECTION,
-        f"AsyncCache put, {tasks} tasks, sys.setswitchinterval({interval:g}) in the benchmark",
+        f"AsyncCache put, {tasks} tasks, sys.setswitchinterval({interval:g}) in the benchmark "
+        f"(default {sys.getswitchinterval():g})",
         None if async_missing else _async_tasks(config, workload, scratch, tasks,
                                                 switch_interval=interval),
         baseline="raw_fsync", unavailable=async_missing))

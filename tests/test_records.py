@@ -3,6 +3,9 @@ in one place, and a record nothing downstream could apply is refused where it is
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import tracemalloc
 from collections.abc import Callable
@@ -268,3 +271,42 @@ def test_a_value_that_cannot_be_packed_leaves_the_next_encoding_whole() -> None:
     with pytest.raises(TypeError, match="cannot be stored"):
         encode_value({"a": "x" * 100, "b": object()}, 1 << 20)
     assert msgpack.unpackb(encode_value({"c": [1, 2]}, 1 << 20)) == {"c": [1, 2]}
+
+
+_SPLICE_CHECK = """
+import sys, threading, msgpack
+from wbcache.codec import encode_value
+from wbcache.wal.records import encode_put
+assert msgpack.Packer.__module__ == "msgpack.fallback", msgpack.Packer.__module__
+sys.setswitchinterval(1e-6)  # a thread switch between any two bytecodes, nearly
+bad = []
+def decoded(encoded):
+    try:
+        return msgpack.unpackb(encoded)
+    except Exception as exc:  # a spliced encoding: extra data, or too little
+        return exc
+def run(tag):
+    for i in range(3000):
+        value = f"{tag}-{i}"
+        if decoded(encode_value(value, 1 << 20)) != value:
+            bad.append(value)
+        if decoded(encode_put(i, value, b"v")) != [i, 1, value, b"v"]:
+            bad.append(("record", value))
+threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(len(bad), bad[:3])
+"""
+
+
+def test_the_pure_python_msgpack_gets_no_shared_packer() -> None:
+    """The shared Packers (wbcache/codec.py, wal/records.py) are safe because the C Packer packs
+    an immutable value or a record without running Python code. msgpack's pure-Python Packer
+    (PyPy, MSGPACK_PUREPYTHON=1, an install without the C extension) is Python code: shared,
+    two threads spliced their encodings into one buffer, and an immutable value is not decoded
+    back before it reaches the log."""
+    env = {**os.environ, "MSGPACK_PUREPYTHON": "1"}
+    done = subprocess.run([sys.executable, "-c", _SPLICE_CHECK], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == "0", done.stdout

@@ -49,8 +49,12 @@ _unpackb = msgpack.unpackb
 # one call and one Packer serves every thread (msgpack.packb builds a Packer per call: 0.9 us
 # of a put record's 1.2 us here). A Packer keeps the largest buffer it ever needed, so it only
 # packs records that fit its initial buffer (256 KiB in msgpack 1.1, 1 MiB in 1.0): values
-# under _SMALL bytes. Bigger ones, and batches, get a Packer of their own.
-_pack = msgpack.Packer().pack
+# under _SMALL bytes. Bigger ones, and batches, get a Packer of their own. msgpack's
+# pure-Python Packer (PyPy, MSGPACK_PUREPYTHON=1, an install without the C extension) is Python
+# code, where a thread switch can come in the middle of a pack and splice two threads' records
+# into one buffer: it is never shared (tests/test_records.py).
+PACKER_IS_C = msgpack.Packer.__module__ != "msgpack.fallback"
+_pack = msgpack.Packer().pack if PACKER_IS_C else packb
 _SMALL = 128 * 1024
 
 
