@@ -21,6 +21,7 @@ Adding an operation touches this file (its code, encoder, `problem` and `fold` b
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,12 +50,14 @@ _unpackb = msgpack.unpackb
 # one call and one Packer serves every thread (msgpack.packb builds a Packer per call: 0.9 us
 # of a put record's 1.2 us here). A Packer keeps the largest buffer it ever needed, so it only
 # packs records that fit its initial buffer (256 KiB in msgpack 1.1, 1 MiB in 1.0): values
-# under _SMALL bytes. Bigger ones, and batches, get a Packer of their own. msgpack's
-# pure-Python Packer (PyPy, MSGPACK_PUREPYTHON=1, an install without the C extension) is Python
-# code, where a thread switch can come in the middle of a pack and splice two threads' records
-# into one buffer: it is never shared (tests/test_records.py).
-PACKER_IS_C = msgpack.Packer.__module__ != "msgpack.fallback"
-_pack = msgpack.Packer().pack if PACKER_IS_C else packb
+# under _SMALL bytes. Bigger ones, and batches, get a Packer of their own. Only the C Packer
+# under a GIL is shared: msgpack's pure-Python one (PyPy, MSGPACK_PUREPYTHON=1, an install
+# without the C extension) is Python code, where a thread switch can come in the middle of a
+# pack and splice two threads' records into one buffer (tests/test_records.py), and without a
+# GIL (free-threaded CPython) two threads can pack into one C Packer at the same time.
+SHARE_PACKER = (msgpack.Packer.__module__ == "msgpack._cmsgpack"
+                and getattr(sys, "_is_gil_enabled", lambda: True)())
+_pack = msgpack.Packer().pack if SHARE_PACKER else packb
 _SMALL = 128 * 1024
 
 

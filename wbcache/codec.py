@@ -25,7 +25,7 @@ import msgpack
 
 from wbcache.backends.base import Key
 from wbcache.errors import CorruptValueError
-from wbcache.wal.records import PACKER_IS_C
+from wbcache.wal.records import SHARE_PACKER
 
 IMMUTABLE_TYPES = frozenset({str, bytes, int, float, bool, type(None)})
 
@@ -38,16 +38,17 @@ packb = msgpack.packb
 # inside it and one Packer serves every thread. A Packer keeps the largest buffer it ever
 # needed, so it only packs what fits its initial buffer (256 KiB in msgpack 1.1, 1 MiB in
 # 1.0): a str or bytes of under _SMALL characters or bytes (128 KiB of UTF-8 at most). Not with
-# msgpack's pure-Python Packer, which is Python code (wal/records.py, PACKER_IS_C).
-_pack = msgpack.Packer().pack if PACKER_IS_C else packb
+# msgpack's pure-Python Packer, nor without a GIL (wal/records.py, SHARE_PACKER).
+_pack = msgpack.Packer().pack if SHARE_PACKER else packb
 _SMALL = 32 * 1024
 # A list or dict may run Python code while it is packed (a subclass's `items()`, a finalizer
 # the garbage collector calls), and another thread, or this one re-entering, may then pack
 # too: so each pack of one takes an idle Packer of its own from this pool (list.pop and
 # .append are atomic) and gives it back if its buffer is still the initial one (an encoding of
 # at most _POOLED bytes). A thread switch between the pop and the append also takes a second
-# one, so with many writing threads the pool fills: at most _POOL_SIZE are kept (2 MiB of
-# buffers with msgpack 1.1's 256 KiB, 8 MiB with 1.0's 1 MiB).
+# one, so with many writing threads the pool fills, to about _POOL_SIZE: 2 MiB of buffers with
+# msgpack 1.1's 256 KiB, 8 MiB with 1.0's 1 MiB (the size check and the append are two steps,
+# so a switch between them can add one more per writing thread).
 _packers: list[msgpack.Packer] = []
 _POOLED = 128 * 1024
 _POOL_SIZE = 8
