@@ -137,18 +137,23 @@ def test_opening_refuses_an_unusable_record_naming_segment_and_offset(
     assert path.exists()  # nothing deleted
 
 
-def _kept_after(encode: Callable[[], bytes], size: int) -> int:
-    """Bytes still allocated after `encode()` (at least `size` bytes long) and its result are
-    gone: what a Packer that packed it would keep."""
+def _kept_by(action: Callable[[], None]) -> int:
+    """Bytes still allocated after `action()` has returned: what a Packer it used would keep."""
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        encoded = encode()
-        assert len(encoded) > size
-        del encoded
+        action()
         return tracemalloc.get_traced_memory()[0] - before  # type: ignore[no-any-return]
     finally:
         tracemalloc.stop()
+
+
+def _kept_after(encode: Callable[[], bytes], size: int) -> int:
+    """Bytes still allocated after `encode()` (at least `size` bytes long) and its result are
+    gone."""
+    def action() -> None:
+        assert len(encode()) > size
+    return _kept_by(action)
 
 
 def test_a_big_record_leaves_no_big_buffer_behind() -> None:
@@ -192,16 +197,10 @@ def test_a_pack_that_fails_after_growing_its_buffer_keeps_no_packer(
         pool: list[msgpack.Packer]) -> None:
     """A Packer that fails part-way through a big list has already grown its buffer (to twice
     the 4 MiB here): it is dropped, not pooled, or that memory would stay allocated for good."""
-    value = [b"x" * (4 << 20), object()]
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
+    def action() -> None:
         with pytest.raises(TypeError, match="cannot be stored"):
-            encode_value(value, 1 << 30)
-        kept = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
-    assert kept < 1 << 20
+            encode_value([b"x" * (4 << 20), object()], 1 << 30)
+    assert _kept_by(action) < 1 << 20
     assert pool == []
 
 
