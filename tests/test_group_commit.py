@@ -50,6 +50,11 @@ class GatedWriter:
         if sync:  # as LogWriter.append: the batch's fsync follows its write
             self.sync()
 
+    def pipe_ready(self) -> bool:
+        """No: these tests are of the group commit in Python (wal/_pipe.c's path is
+        tests/test_pipe.py's)."""
+        return False
+
     def sync(self) -> None:
         self.calls.append("sync")
 

@@ -23,6 +23,7 @@ dropped the dirty pages, so a later fsync that succeeds proves nothing (the "fsy
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,11 @@ from typing import Any
 from wbcache.errors import LogFailedError
 from wbcache.wal import crashpoints
 from wbcache.wal.writer import LogWriter
+
+try:  # the log's writes and fdatasyncs in a thread without the GIL (wal/_pipe.c)
+    from wbcache.wal._pipe import Pipe
+except ImportError:  # pragma: no cover - a build without a C compiler
+    Pipe = None
 
 Listener = Callable[[int, int], None]
 _allocate_lock = threading.Lock
@@ -68,6 +74,10 @@ class GroupCommitter:
         self._closing = False
         self.fsyncs = 0
         self.batches = 0
+        self._pipe = (Pipe(writer.fd, next_lsn - 1)
+                      if Pipe is not None and sync_every_batch and writer.pipe_ready() else None)
+        self._advancer_idle = False
+        self._notify_fd: int | None = None
 
     @property
     def acknowledged_lsn(self) -> int:
@@ -83,12 +93,99 @@ class GroupCommitter:
 
     def append(self, lsn: int, record: bytes) -> None:
         """Queue the encoded record `lsn` (the next LSN in order). Lock held."""
+        if self._pipe is not None:
+            self._submit(lsn, record)
+            return
         self._pending.append(record)
         self.queued_lsn = lsn
+
+    def _submit(self, lsn: int, record: bytes) -> None:
+        """Hand record `lsn` to the pipe's thread; never raises (a failure is kept, and
+        raised by `wait`). A full segment is rotated here, once the pipe has drained."""
+        if self.failure is not None:
+            self.queued_lsn = lsn
+            return
+        pipe, writer = self._pipe, self._writer
+        if not writer.pipe_ready():  # the harness replaced a call, or armed a crash point
+            self._retire_pipe()
+            self._pending.append(record)
+            self.queued_lsn = lsn
+            return
+        self.queued_lsn = lsn
+        try:
+            frame = writer.frame_one(record, lsn)
+            if frame is None:
+                self._drain(lsn - 1)
+                if self.failure is not None:
+                    return
+                writer.rotate_to(lsn)
+                pipe.set_fd(writer.fd)
+                frame = writer.frame_one(record, lsn)
+            pipe.submit(frame, lsn)
+        except BaseException as exc:
+            self._fail(exc, lsn)
+
+    def _retire_pipe(self) -> None:
+        """Lock held: from here on, the group commit in Python (wal/_pipe.c's thread is
+        stopped once everything handed to it is durable), so that the fault-injection
+        harness sees every call from now on."""
+        self._drain(self.queued_lsn)
+        pipe, self._pipe = self._pipe, None
+        pipe.close()
+        self._pending_first_lsn = self.queued_lsn + 1
+        if self._background is not None:
+            self._kick.notify()  # it leads from now on
+        elif self._notify_fd is not None:  # an event loop waits for batches: lead for it
+            self._background = threading.Thread(target=self._lead_in_background,
+                                                name="wbcache-commit", daemon=True)
+            self._background.start()
+
+    def _drain(self, lsn: int) -> None:
+        """Lock held (and kept): wait until the pipe has made record `lsn` durable."""
+        while self.durable_lsn < lsn and self.failure is None:
+            self._advance(*self._pipe.wait(lsn, FOLLOWER_RECHECK))
+
+    def _advance(self, durable: int, error: int, batches: int) -> None:
+        """Lock held: take in how far the pipe has got, and tell the listeners."""
+        if durable > self.durable_lsn:
+            self.durable_lsn = self.written_lsn = durable
+            self.batches = self.fsyncs = batches
+        elif not error:
+            return
+        if error and self.failure is None:
+            self._fail(OSError(error, os.strerror(error)), self.durable_lsn + 1)
+        if self._waiting:
+            self._wake()
+        for listener in self._listeners:
+            listener(self.acknowledged_lsn, self.durable_lsn)
+
+    def _fail(self, error: BaseException, first_lsn: int) -> None:
+        self.failure = error
+        log.error("the log failed (%s): writes are refused until the cache is reopened; "
+                  "writes %d..%d were not acknowledged", error, first_lsn, self.queued_lsn)
 
     def add_listener(self, listener: Listener) -> None:
         """Call `listener(acknowledged_lsn, durable_lsn)` after every batch, lock held."""
         self._listeners.append(listener)
+
+    def notify_fd(self) -> int | None:
+        """Lock NOT held. With a pipe: an eventfd it writes to after every batch (for an
+        event loop to watch, then call `poll`), or None if another took it already or there
+        is no pipe. The caller closes it (after `notify_fd_closed`)."""
+        with self._lock:
+            if self._pipe is None or self._notify_fd is not None:
+                return None
+            self._notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._pipe.set_notify(self._notify_fd)
+            return self._notify_fd
+
+    def poll(self) -> None:
+        """Lock held: take in the batches the pipe has finished (after its eventfd fired)."""
+        try:
+            os.eventfd_read(self._notify_fd)
+        except BlockingIOError:
+            pass
+        self._advance(*self._pipe.wait(0, 0.0))
 
     def start_background_leader(self) -> None:
         """Lock NOT held. Start a thread that leads whenever records wait and nobody leads,
@@ -102,13 +199,32 @@ class GroupCommitter:
 
     def kick(self) -> None:
         """Lock held. Records were queued by a writer that will not lead: have them written."""
-        if not self._leader_active:
+        if self._pipe is not None:
+            if self._advancer_idle:
+                self._kick.notify()
+        elif not self._leader_active:
             self._kick.notify()
 
     def _lead_in_background(self) -> None:
+        """With a pipe, take in every batch it finishes and tell the listeners; without,
+        lead whenever records wait and nobody leads."""
         with self._lock:
             while not self._closing:
-                if self._pending and not self._leader_active and self.failure is None:
+                pipe = self._pipe
+                if pipe is not None:
+                    if self.queued_lsn > self.durable_lsn and self.failure is None:
+                        target = self.durable_lsn + 1
+                        self._lock.release()
+                        try:
+                            state = pipe.wait(target, FOLLOWER_RECHECK)
+                        finally:
+                            self._lock.acquire()
+                        self._advance(*state)
+                    else:
+                        self._advancer_idle = True
+                        self._kick.wait()
+                        self._advancer_idle = False
+                elif self._pending and not self._leader_active and self.failure is None:
                     self._lead()
                 else:
                     self._kick.wait()
@@ -118,6 +234,16 @@ class GroupCommitter:
 
         Raises `LogFailedError` if the log fails before that.
         """
+        if self._pipe is not None:
+            while self.durable_lsn < lsn:
+                self.check()
+                self._lock.release()
+                try:
+                    state = self._pipe.wait(lsn, FOLLOWER_RECHECK)
+                finally:
+                    self._lock.acquire()
+                self._advance(*state)
+            return
         while (self.durable_lsn if durable else self.acknowledged_lsn) < lsn:
             self.check()
             if durable and self._syncing_through < lsn:
@@ -237,4 +363,6 @@ class GroupCommitter:
         finally:
             self._closing = True
             self._kick.notify_all()
+            if self._pipe is not None:
+                self._pipe.close()
             self._writer.close()

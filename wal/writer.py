@@ -93,6 +93,32 @@ class LogWriter:
         if sync:
             self.sync()
 
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def pipe_ready(self) -> bool:
+        """Whether a `Pipe` (wal/_pipe.c) may write this log: not with sync marks, a crash
+        point armed, or a system call replaced by the fault-injection harness (it would not
+        see the thread's calls)."""
+        return (not self._sync_marks and not crashpoints.ARMED
+                and SYSCALLS.write is Syscalls.write and SYSCALLS.fdatasync is Syscalls.fdatasync
+                and "write_sync" not in vars(SYSCALLS))
+
+    def frame_one(self, record: bytes, lsn: int) -> bytes | None:
+        """Record `lsn` as a frame of its own, counted as appended, for a `Pipe` to write;
+        None if the segment is full: `rotate_to(lsn)` first, with nothing in flight."""
+        if self._size >= self._segment_size and self._last_lsn >= self._first_lsn:
+            return None
+        frame = encode_frame(encode_records([record]))
+        self._size += len(frame)
+        self._last_lsn = lsn
+        return frame
+
+    def rotate_to(self, first_lsn: int) -> None:
+        """Start a new segment at `first_lsn` (every record before it is written and fsync'd)."""
+        self._rotate(first_lsn)
+
     def sync(self) -> None:
         """fdatasync the active segment: everything appended so far is then on disk. With sync
         marks, then append a mark saying so (itself fsync'd by the next sync)."""

@@ -59,7 +59,11 @@ class AsyncCache:
         self._waiters: deque[tuple[int, asyncio.Future[Any], Any]] = deque()
         self._resolve_scheduled = False
         self._committer.add_listener(self._on_batch)
-        self._committer.start_background_leader()
+        self._notify_fd = self._committer.notify_fd()
+        if self._notify_fd is not None:
+            loop.add_reader(self._notify_fd, self._on_pipe)
+        else:
+            self._committer.start_background_leader()
         self._pid = os.getpid()
         forking.track(self)
 
@@ -100,6 +104,15 @@ class AsyncCache:
                 self._loop.call_soon_threadsafe(self._resolve)
             except RuntimeError:  # the loop is closed; nobody is waiting any more
                 pass
+
+    def _on_pipe(self) -> None:
+        """In the loop: the log's pipe finished a batch (wal/_pipe.c)."""
+        self._resolve_scheduled = True  # resolved right here, not through call_soon
+        try:
+            with self._sequencer.lock:
+                self._committer.poll()
+        finally:
+            self._resolve()
 
     def _resolve(self) -> None:
         """In the loop: complete every future the log has acknowledged (or failed)."""
@@ -279,7 +292,14 @@ class AsyncCache:
         """Flush, fsync, release the directory (in a worker thread). Idempotent."""
         forking.untrack(self)
         await asyncio.to_thread(self._cache.close)
+        self._close_notify_fd()
         self._resolve()  # the final fsync covered every write; fail any that it did not
+
+    def _close_notify_fd(self) -> None:
+        fd, self._notify_fd = self._notify_fd, None
+        if fd is not None:
+            self._loop.remove_reader(fd)
+            os.close(fd)
 
     async def __aenter__(self) -> AsyncCache:
         if self._cache.closed:
@@ -294,6 +314,8 @@ class AsyncCache:
 
     def _disown_after_fork(self) -> None:
         """In a child just forked: refuse every use (the `Cache` underneath is disowned too)."""
+        if self._notify_fd is not None:  # the parent's pipe writes to it; not ours to watch
+            os.close(self._notify_fd)
         forking.disown(self, _ForkedAsyncCache, "AsyncCache", self._cache.path, self._pid)
 
 

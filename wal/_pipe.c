@@ -1,0 +1,353 @@
+/* The group commit without the GIL: a thread of its own writes and fdatasyncs the log.
+ *
+ * Pipe(fd) starts one POSIX thread that never runs Python. Writers hand it framed records
+ * (`submit(data, lsn)`, lock of the sequencer held, so in LSN order); it takes everything
+ * handed over since its last batch, writes it with one write loop, fdatasyncs, and publishes
+ * how far the log is durable (`durable_lsn`), waking whoever waits (`wait`). Then it takes the
+ * next batch at once: the records queued during an fdatasync go to disk as soon as it returns,
+ * without waiting for the GIL, which the leader of the Python group commit had to take back
+ * first (docs/bench.md, "The targets missed": 60-400 us per batch with 16-64 writers running
+ * Python, the disk idle meanwhile).
+ *
+ * Errors are sticky: once a write or fdatasync fails the thread takes no more batches, and
+ * every later `submit` and `wait` reports the errno (after a failed fsync the kernel may have
+ * dropped the pages, so a later fsync proves nothing).
+ *
+ * Fork: the thread does not exist in a child. A child never touches its parent's log
+ * (wbcache/forking.py disowns the cache), and a Pipe freed in a child neither locks nor joins.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+/* A buffer up to this size is kept for the next batch; a bigger one (a big value) is freed. */
+#define KEEP_BUFFER (1 << 20)
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t mu;
+    pthread_cond_t work; /* the thread waits here for records */
+    pthread_cond_t done[2]; /* writers wait on done[b % 2] for the batch b that covers them */
+    int fd;
+    int notify_fd;       /* an eventfd the thread writes to after every batch, or -1 */
+    char *fill;          /* records handed over, not yet taken by the thread */
+    size_t fill_len, fill_cap;
+    char *spare;         /* the buffer the thread gives back after a batch */
+    size_t spare_cap;
+    long long submitted_lsn, durable_lsn;
+    long long batches;   /* batches finished; batch `batches` is in flight if busy */
+    long long through;   /* the last record of the batch in flight */
+    int error;           /* errno of the first failed write or fdatasync; sticky */
+    int closing, idle, busy, started, joined;
+    pid_t pid;
+    pthread_t thread;
+} Pipe;
+
+static int write_all(int fd, const char *data, size_t len) {
+    while (len > 0) {
+        ssize_t n = write(fd, data, len);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        data += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static void *run(void *arg) {
+    Pipe *p = arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the main thread's business */
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        while (p->fill_len == 0 && !p->closing) {
+            p->idle = 1;
+            pthread_cond_wait(&p->work, &p->mu);
+            p->idle = 0;
+        }
+        if (p->fill_len == 0 || p->error)
+            break; /* closing, with nothing left; or failed */
+        char *data = p->fill;
+        size_t len = p->fill_len, cap = p->fill_cap;
+        long long through = p->submitted_lsn;
+        int fd = p->fd;
+        p->fill = p->spare;
+        p->fill_cap = p->spare_cap;
+        p->fill_len = 0;
+        p->spare = NULL;
+        p->spare_cap = 0;
+        p->busy = 1;
+        p->through = through;
+        pthread_mutex_unlock(&p->mu);
+        int error = write_all(fd, data, len);
+        if (error == 0) {
+            while (fdatasync(fd) < 0) {
+                if (errno != EINTR) {
+                    error = errno;
+                    break;
+                }
+            }
+        }
+        pthread_mutex_lock(&p->mu);
+        p->busy = 0;
+        if (cap <= KEEP_BUFFER) { /* a big batch's buffer goes back to the system */
+            p->spare = data;
+            p->spare_cap = cap;
+        } else {
+            free(data);
+        }
+        if (error)
+            p->error = error;
+        else
+            p->durable_lsn = through;
+        pthread_cond_broadcast(&p->done[p->batches % 2]);
+        p->batches++;
+        if (p->notify_fd >= 0) {
+            uint64_t one = 1;
+            (void)!write(p->notify_fd, &one, sizeof one);
+        }
+        if (error)
+            break;
+    }
+    pthread_cond_broadcast(&p->done[0]);
+    pthread_cond_broadcast(&p->done[1]);
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+static PyObject *Pipe_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    int fd;
+    long long durable;
+    static char *names[] = {"fd", "durable_lsn", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iL", names, &fd, &durable))
+        return NULL;
+    Pipe *p = (Pipe *)type->tp_alloc(type, 0);
+    if (p == NULL)
+        return NULL;
+    p->fd = fd;
+    p->submitted_lsn = p->durable_lsn = durable;
+    p->pid = getpid();
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->work, NULL);
+    pthread_cond_init(&p->done[0], NULL);
+    pthread_cond_init(&p->done[1], NULL);
+    p->notify_fd = -1;
+    int error = pthread_create(&p->thread, NULL, run, p);
+    if (error) {
+        Py_DECREF(p);
+        errno = error;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    p->started = 1;
+    return (PyObject *)p;
+}
+
+static PyObject *raise_errno(int error) {
+    errno = error;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+/* submit(data, lsn): hand over framed records ending at `lsn`. Raises OSError once the log
+ * has failed, ValueError once closed. */
+static PyObject *Pipe_submit(Pipe *p, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "submit(data, lsn) takes 2 arguments");
+        return NULL;
+    }
+    long long lsn = PyLong_AsLongLong(args[1]);
+    if (lsn == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    pthread_mutex_lock(&p->mu);
+    int error = p->error;
+    int closing = p->closing;
+    if (!error && !closing) {
+        size_t need = p->fill_len + (size_t)view.len;
+        if (need > p->fill_cap) {
+            size_t cap = p->fill_cap ? p->fill_cap : 65536;
+            while (cap < need)
+                cap *= 2;
+            char *grown = realloc(p->fill, cap);
+            if (grown == NULL) {
+                pthread_mutex_unlock(&p->mu);
+                PyBuffer_Release(&view);
+                return PyErr_NoMemory();
+            }
+            p->fill = grown;
+            p->fill_cap = cap;
+        }
+        memcpy(p->fill + p->fill_len, view.buf, (size_t)view.len);
+        p->fill_len = need;
+        p->submitted_lsn = lsn;
+        if (p->idle)
+            pthread_cond_signal(&p->work);
+    }
+    pthread_mutex_unlock(&p->mu);
+    PyBuffer_Release(&view);
+    if (error)
+        return raise_errno(error);
+    if (closing) {
+        PyErr_SetString(PyExc_ValueError, "submit: the pipe is closed");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* wait(lsn, timeout) -> (durable_lsn, errno, batches): sleep, GIL released, until `lsn` is
+ * durable, the log has failed, or `timeout` seconds have passed. */
+static PyObject *Pipe_wait(Pipe *p, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "wait(lsn, timeout) takes 2 arguments");
+        return NULL;
+    }
+    long long lsn = PyLong_AsLongLong(args[0]);
+    if (lsn == -1 && PyErr_Occurred())
+        return NULL;
+    double timeout = PyFloat_AsDouble(args[1]);
+    if (timeout == -1.0 && PyErr_Occurred())
+        return NULL;
+    long long durable, batches;
+    int error;
+    Py_BEGIN_ALLOW_THREADS
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    long long ns = until.tv_nsec + (long long)(timeout * 1e9);
+    until.tv_sec += ns / 1000000000LL;
+    until.tv_nsec = ns % 1000000000LL;
+    pthread_mutex_lock(&p->mu);
+    while (p->durable_lsn < lsn && !p->error && !(p->closing && p->joined)) {
+        /* the batch in flight covers `lsn`, or else the next one does */
+        long long batch = p->busy && lsn <= p->through ? p->batches : p->batches + p->busy;
+        if (pthread_cond_timedwait(&p->done[batch % 2], &p->mu, &until) == ETIMEDOUT)
+            break;
+    }
+    durable = p->durable_lsn;
+    error = p->error;
+    batches = p->batches;
+    pthread_mutex_unlock(&p->mu);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("LiL", durable, error, batches);
+}
+
+/* set_fd(fd): write to `fd` from now on (a new segment). Only with nothing in flight. */
+static PyObject *Pipe_set_fd(Pipe *p, PyObject *arg) {
+    int fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    pthread_mutex_lock(&p->mu);
+    int busy = p->busy || p->fill_len > 0;
+    if (!busy)
+        p->fd = fd;
+    pthread_mutex_unlock(&p->mu);
+    if (busy) {
+        PyErr_SetString(PyExc_RuntimeError, "set_fd: records are in flight");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* set_notify(fd): write 1 to the eventfd `fd` after every batch (-1: stop). */
+static PyObject *Pipe_set_notify(Pipe *p, PyObject *arg) {
+    int fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    pthread_mutex_lock(&p->mu);
+    p->notify_fd = fd;
+    pthread_mutex_unlock(&p->mu);
+    Py_RETURN_NONE;
+}
+
+static void stop(Pipe *p) {
+    if (!p->started || p->joined || p->pid != getpid())
+        return;
+    pthread_mutex_lock(&p->mu);
+    p->closing = 1;
+    pthread_cond_signal(&p->work);
+    pthread_mutex_unlock(&p->mu);
+    pthread_join(p->thread, NULL);
+    pthread_mutex_lock(&p->mu);
+    p->joined = 1;
+    pthread_cond_broadcast(&p->done[0]);
+    pthread_cond_broadcast(&p->done[1]);
+    pthread_mutex_unlock(&p->mu);
+}
+
+/* close(): write what is handed over, then stop the thread (GIL released meanwhile). */
+static PyObject *Pipe_close(Pipe *p, PyObject *unused) {
+    Py_BEGIN_ALLOW_THREADS
+    stop(p);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static void Pipe_dealloc(Pipe *p) {
+    if (p->pid == getpid()) {
+        Py_BEGIN_ALLOW_THREADS
+        stop(p);
+        Py_END_ALLOW_THREADS
+        if (p->started) {
+            pthread_mutex_destroy(&p->mu);
+            pthread_cond_destroy(&p->work);
+            pthread_cond_destroy(&p->done[0]);
+            pthread_cond_destroy(&p->done[1]);
+        }
+    } /* in a forked child: the thread is not there and the mutex may be held; leave both */
+    free(p->fill);
+    free(p->spare);
+    Py_TYPE(p)->tp_free((PyObject *)p);
+}
+
+static PyMethodDef Pipe_methods[] = {
+    {"submit", (PyCFunction)(void (*)(void))Pipe_submit, METH_FASTCALL,
+     "submit(data, lsn): hand over framed records ending at record lsn"},
+    {"wait", (PyCFunction)(void (*)(void))Pipe_wait, METH_FASTCALL,
+     "wait(lsn, timeout) -> (durable_lsn, errno, batches)"},
+    {"set_fd", (PyCFunction)Pipe_set_fd, METH_O, "set_fd(fd): a new segment"},
+    {"set_notify", (PyCFunction)Pipe_set_notify, METH_O, "set_notify(eventfd or -1)"},
+    {"close", (PyCFunction)Pipe_close, METH_NOARGS, "close(): drain, then stop the thread"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject PipeType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "wbcache.wal._pipe.Pipe",
+    .tp_basicsize = sizeof(Pipe),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Pipe_new,
+    .tp_dealloc = (destructor)Pipe_dealloc,
+    .tp_methods = Pipe_methods,
+    .tp_doc = "Pipe(fd, durable_lsn): the log's writes and fdatasyncs in a thread of their "
+              "own (wal/_pipe.c).",
+};
+
+static struct PyModuleDef pipe_module = {
+    PyModuleDef_HEAD_INIT, "_pipe", "The group commit without the GIL (wal/_pipe.c).", -1,
+    NULL,
+};
+
+PyMODINIT_FUNC PyInit__pipe(void) {
+    if (PyType_Ready(&PipeType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&pipe_module);
+    if (module == NULL)
+        return NULL;
+    Py_INCREF(&PipeType);
+    if (PyModule_AddObject(module, "Pipe", (PyObject *)&PipeType) < 0) {
+        Py_DECREF(&PipeType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
