@@ -2,7 +2,7 @@
 tests/test_wal_fastpath.py; the cache hit's (wbcache/_hit.c, mutations named hit-*), caught by
 tests/test_hit_path.py; a flush's LMDB puts (wbcache/backends/_pairs.c, pairs-*), caught by
 tests/test_lmdb_pairs.py; the group commit's write and fdatasync (wal/_sync.c, sync-*), caught
-by tests/test_wal_sync.py.
+by tests/test_wal_sync.py; the log's thread (wal/_pipe.c, pipe-*), caught by tests/test_pipe.py.
 
     python mutants/walk_c.py              # every mutation (about 15 s each)
     python mutants/walk_c.py utf8 lsn     # some, by name
@@ -107,6 +107,18 @@ MUTATIONS += [
     ("sync-signals", "an interrupted write goes on without running the signal's handler",
      "if (PyErr_CheckSignals() < 0) {", "if (0) {"),
 ]
+# The log's thread (wal/_pipe.c): what it publishes as durable, and when it wakes whom.
+MUTATIONS += [
+    ("pipe-no-fdatasync", "a batch is written and published, never fdatasync'd",
+     "while (fdatasync(fd) < 0) {", "while (0) {"),
+    ("pipe-publish-handed", "a batch publishes every record handed over, not those it wrote",
+     "p->durable_lsn = through;", "p->durable_lsn = p->submitted_lsn;"),
+    ("pipe-parity", "a batch wakes the waiters of the next batch, not its own",
+     "pthread_cond_broadcast(&p->done[p->batches % 2]);",
+     "pthread_cond_broadcast(&p->done[(p->batches + 1) % 2]);"),
+    ("pipe-not-sticky", "records are taken after a failed write (and its error forgotten)",
+     "int error = p->error;\n    int closing", "int error = 0;\n    int closing"),
+]
 TESTS = "tests/test_wal_fastpath.py"
 
 
@@ -118,6 +130,8 @@ def source_of(name: str) -> tuple[str, str]:
         return "wbcache/backends/_pairs.c", "tests/test_lmdb_pairs.py"
     if name.startswith("sync-"):
         return "wal/_sync.c", "tests/test_wal_sync.py"
+    if name.startswith("pipe-"):
+        return "wal/_pipe.c", "tests/test_pipe.py"
     return "wal/_walk.c", TESTS
 
 

@@ -15,11 +15,17 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
+import shutil
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from built_support import assert_fast_path
+from controlled import wait_until
 
 import wbcache
 from wbcache.errors import LogFailedError
@@ -209,3 +215,279 @@ def test_fsync_interval_and_the_harness_at_open_commit_in_python(
         assert cache._sequencer._committer._writer.fd in written
     with wbcache.open(tmp_path / "b") as cache:
         assert cache.get("k") == 1
+
+
+@needs_pipe
+def test_a_lone_writer_is_woken_by_its_batch_not_by_the_backstop(tmp_path: Path) -> None:
+    """Each put returns when its fdatasync does: a waiter asleep on the wrong batch's
+    condition would only wake at FOLLOWER_RECHECK (1 s)."""
+    with wbcache.open(tmp_path / "c") as cache:
+        slowest = 0.0
+        for i in range(30):
+            started = time.perf_counter()
+            cache.put(f"k{i}", i)
+            slowest = max(slowest, time.perf_counter() - started)
+    assert slowest < commit_module.FOLLOWER_RECHECK / 2
+
+
+@needs_pipe
+def test_bad_arguments_are_refused(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT, 0o600)
+    pipe = Pipe(fd, 0)
+    for timeout in (-1.0, float("nan"), 1e9):
+        with pytest.raises(ValueError):
+            pipe.wait(1, timeout)
+    for bad in (-2, 1 << 40):
+        with pytest.raises(ValueError):
+            pipe.set_fd(bad)
+    with pytest.raises(TypeError):
+        pipe.submit("not bytes", 1)
+    pipe.close()
+    pipe.close()  # twice is fine
+    with pytest.raises(ValueError):
+        pipe.submit(b"late", 1)
+    os.close(fd)
+
+
+@needs_pipe
+def test_every_waiting_task_gets_the_failure(tmp_path: Path) -> None:
+    async def body() -> list[BaseException | int]:
+        cache = await wbcache.open_async(tmp_path / "c")
+        await cache.put("before", 0)
+        full = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, cache.cache._sequencer._committer._writer.fd)
+        os.close(full)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(cache.put(f"k{i}", i) for i in range(200)),
+                           return_exceptions=True), 30)
+        await cache.close()
+        return results
+
+    results = asyncio.run(body())
+    assert all(isinstance(result, LogFailedError) for result in results), results[:3]
+    with wbcache.open(tmp_path / "c") as reopened:
+        assert reopened.get("before") == 0
+
+
+@needs_pipe
+def test_the_harness_arriving_while_threads_write_retires_the_pipe_under_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = wbcache.open(tmp_path / "c")
+    committer = cache._sequencer._committer
+    started = threading.Barrier(9)
+    errors: list[BaseException] = []
+
+    def put(name: int) -> None:
+        try:
+            for i in range(400):
+                cache.put(f"{name}:{i}", i)
+                if i == 50:
+                    started.wait()
+        except BaseException as error:  # noqa: BLE001 - reported by the assert below
+            errors.append(error)
+
+    threads = [threading.Thread(target=put, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    started.wait()  # every writer has put 51 through the pipe, and goes on
+    seen: list[int] = []
+
+    def fdatasync(fd: int) -> None:
+        seen.append(fd)
+        os.fdatasync(fd)
+    monkeypatch.setattr(SYSCALLS, "fdatasync", fdatasync, raising=False)
+    for thread in threads:
+        thread.join()
+    assert errors == [] and committer._pipe is None and seen
+    cache.close()
+    with wbcache.open(tmp_path / "c") as reopened:
+        assert all(reopened.get(f"{n}:{i}") == i for n in range(8) for i in range(400))
+
+
+@needs_pipe
+def test_an_event_loop_goes_on_when_the_harness_retires_the_pipe(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    problems: list[dict[str, object]] = []
+
+    async def body() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, context:
+                                                         problems.append(context))
+        cache = await wbcache.open_async(tmp_path / "c")
+        await asyncio.gather(*(cache.put(f"a{i}", i) for i in range(300)))
+        monkeypatch.setattr(SYSCALLS, "write", _counted_write, raising=False)
+        await asyncio.gather(*(cache.put(f"b{i}", i) for i in range(300)))
+        assert cache.cache._sequencer._committer._pipe is None
+        await cache.close()
+
+    asyncio.run(body())
+    assert problems == []
+    with wbcache.open(tmp_path / "c") as reopened:
+        assert all(reopened.get(f"{p}{i}") == i for p in "ab" for i in range(300))
+
+
+def _counted_write(fd: int, data: bytes) -> int:
+    return os.write(fd, data)
+
+
+@needs_pipe
+def test_an_event_loop_leaves_a_segment_rotation_to_a_worker_thread(tmp_path: Path) -> None:
+    """Starting the next segment waits for the batch in flight: the loop never does it."""
+    rotated_in: list[int] = []
+
+    async def body() -> int:
+        cache = await wbcache.open_async(tmp_path / "c", segment_size=4096)
+        writer = cache.cache._sequencer._committer._writer
+        rotate = writer.rotate_to
+
+        def spying(first_lsn: int) -> None:
+            rotated_in.append(threading.get_ident())
+            rotate(first_lsn)
+        writer.rotate_to = spying  # type: ignore[method-assign]
+        for round_ in range(10):
+            await asyncio.gather(*(cache.put(f"{round_}:{i}", "v" * 40) for i in range(100)))
+        await cache.close()
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(body())
+    assert len(rotated_in) > 5 and loop_thread not in rotated_in
+    with wbcache.open(tmp_path / "c") as reopened:
+        assert all(reopened.get(f"{r}:{i}") == "v" * 40 for r in range(10) for i in range(100))
+
+
+@needs_pipe
+def test_a_forked_child_closes_its_copy_of_the_event_loops_eventfd(tmp_path: Path) -> None:
+    async def body() -> int:
+        cache = await wbcache.open_async(tmp_path / "c")
+        await cache.put("k", 1)
+        fd = cache._notify_fd
+        pid = os.fork()
+        if pid == 0:  # the child: its copy of the eventfd is closed, the cache refused
+            code = 0
+            try:
+                os.fstat(fd)
+                code = 1
+            except OSError:
+                pass
+            try:
+                cache.cache.put("child", 1)
+                code = 2
+            except wbcache.ForkedCacheError:
+                pass
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        await cache.put("after", 2)  # the parent's pipe and eventfd go on
+        await cache.close()
+        return os.waitstatus_to_exitcode(status)
+
+    assert asyncio.run(body()) == 0
+    with wbcache.open(tmp_path / "c") as reopened:
+        assert (reopened.get("k"), reopened.get("after"), reopened.get("child")) == (1, 2, None)
+
+
+STRACE = shutil.which("strace")
+
+THREADED_CHILD = """
+import os, sys, threading, wbcache
+cache = wbcache.open(sys.argv[1])
+def put(n):
+    for i in range(25):
+        key = f"<t{n}k{i}>"
+        cache.put(key, "v")
+        os.access(f"/wbcache-ack-{key}", os.F_OK)  # the mark of its acknowledgement
+threads = [threading.Thread(target=put, args=(n,)) for n in range(4)]
+for thread in threads: thread.start()
+for thread in threads: thread.join()
+cache.close()
+"""
+
+
+@needs_pipe
+@pytest.mark.skipif(STRACE is None, reason="strace is not installed (.ci/run installs it)")
+def test_strace_sees_each_record_written_then_fdatasynced_before_its_acknowledgement(
+        tmp_path: Path) -> None:
+    """4 writer threads, the pipe's thread batching their records: for every acknowledged
+    key, the write that carried it returned before an fdatasync of its segment began, and that
+    fdatasync returned before the acknowledgement (a pipe publishing what was handed over
+    instead of what it wrote, or before its fdatasync, fails this)."""
+    trace = tmp_path / "trace"
+    subprocess.run([STRACE or "strace", "-f", "-qq", "-s", "1000000",
+                    "-e", "trace=openat,write,fdatasync,access",
+                    "-o", str(trace), sys.executable, "-c", THREADED_CHILD,
+                    str(tmp_path / "c")], check=True, timeout=120)
+    segments: set[str] = set()
+    writes: list[tuple[int, str, str]] = []  # (line returned, fd, what it wrote)
+    syncs: list[tuple[int, int, str]] = []  # (line begun, line returned, fd)
+    acks: dict[str, int] = {}
+    pending: dict[tuple[str, str], tuple[int, str]] = {}
+    for number, line in enumerate(trace.read_text().splitlines()):
+        pid, _, rest = line.strip().partition(" ")
+        rest = rest.strip()
+        resumed = re.match(r"<\.\.\. (\w+) resumed>.*= (-?\d+)", rest)
+        if resumed:
+            call, result = resumed.groups()
+            began, args = pending.pop((pid, call))
+        else:
+            called = re.match(r"(\w+)\((.*)", rest)
+            if called is None:
+                continue
+            call, args = called.groups()
+            if rest.endswith("<unfinished ...>"):
+                pending[(pid, call)] = (number, args)
+                continue
+            began, result = number, rest.rsplit("= ", 1)[-1].split()[0]
+        fd = re.match(r"\w*", args).group()  # type: ignore[union-attr]  # (AT_FDCWD, ...)
+        if call == "openat" and "/wal/" in args and int(result) >= 0:
+            segments.add(result)
+        elif call == "write" and fd in segments and int(result) > 0:
+            writes.append((number, fd, args))
+        elif call == "fdatasync" and fd in segments and result == "0":
+            syncs.append((began, number, fd))
+        elif call == "access" and "wbcache-ack-" in args:
+            acks[args.split("wbcache-ack-")[1].split('"')[0]] = began
+    assert len(acks) == 100
+    for key, acked in acks.items():
+        carried = [(done, fd) for done, fd, data in writes if key in data]
+        assert carried, f"{key}: acknowledged at trace line {acked + 1}, never written"
+        written, fd = carried[0]
+        assert written < acked and any(
+            written < began and done < acked and sync_fd == fd
+            for began, done, sync_fd in syncs), (
+            f"{key}: written at trace line {written + 1}, acknowledged at {acked + 1} with no "
+            f"fdatasync of its segment between the two")
+
+
+@needs_pipe
+def test_a_writer_arriving_while_a_segment_is_started_waits_for_the_pipe_to_have_it(
+        tmp_path: Path) -> None:
+    """The new segment exists (the writer's state says it has room) before the pipe has its
+    descriptor: a writer admitted in between would hand the pipe a record for the old one."""
+    cache = wbcache.open(tmp_path / "c", segment_size=4096)
+    committer = cache._sequencer._committer
+    writer = committer._writer
+    rotate = writer.rotate_to
+    late: list[BaseException | int] = []
+
+    def put_late() -> None:
+        try:
+            late.append(cache.put("late", 1))
+        except BaseException as error:  # noqa: BLE001 - asserted below
+            late.append(error)
+
+    def rotating(first_lsn: int) -> None:
+        rotate(first_lsn)  # the new segment is there; the pipe still writes the old one
+        other = threading.Thread(target=put_late)
+        other.start()
+        wait_until(lambda: len(committer._rotated._waiters) == 1,  # type: ignore[attr-defined]
+                   what="the late writer waiting for the rotation")
+        assert late == []
+        rotating.other = other  # type: ignore[attr-defined]
+    writer.rotate_to = rotating  # type: ignore[method-assign]
+    i = 0
+    while not hasattr(rotating, "other"):
+        cache.put(f"k{i}", "v" * 100)
+        i += 1
+    rotating.other.join()  # type: ignore[attr-defined]
+    assert len(late) == 1 and isinstance(late[0], int)
+    cache.close()
+    with wbcache.open(tmp_path / "c") as reopened:
+        assert reopened.get("late") == 1 and reopened.get(f"k{i - 1}") == "v" * 100

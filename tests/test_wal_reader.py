@@ -162,6 +162,8 @@ def _write_with_group_commit(wal_dir: Path, count: int, segment_size: int) -> li
     written = puts(1, count)
     with lock:
         for record in written:
+            if committer.rotation_due():  # as Sequencer._admit: the pipe's segment is full
+                committer.rotate()
             committer.append(record[0], msgpack.packb(record))
             committer.wait(record[0])
         committer.close()

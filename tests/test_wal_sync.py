@@ -31,7 +31,6 @@ from built_support import assert_fast_path
 from controlled import wait_until
 
 from wbcache.errors import LogFailedError
-from wbcache.wal import commit as commit_module
 from wbcache.wal import crashpoints
 from wbcache.wal import syscalls as syscalls_module
 from wbcache.wal.format import encode_mark
@@ -203,14 +202,7 @@ def test_a_write_interrupted_by_a_signal_runs_its_handler(
 
 
 @pytest.fixture
-def no_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Caches opened from here on commit in Python, as under the harness or fsync="interval"
-    (with fsync="always" the log is written by wal/_pipe.c's thread: tests/test_pipe.py)."""
-    monkeypatch.setattr(commit_module, "Pipe", None)
-
-
-@pytest.fixture
-def calls(monkeypatch: pytest.MonkeyPatch, no_pipe: None) -> list[int]:
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The descriptors `write_sync` was called with, the real one still doing the work."""
     seen: list[int] = []
     real = Syscalls.write_sync
@@ -292,7 +284,7 @@ def test_the_harness_sees_two_calls_when_it_replaces_one(open_cache: Any, calls:
 
 @needs_fast
 def test_a_failed_call_fails_the_log_and_acknowledges_nothing(
-        open_cache: Any, monkeypatch: pytest.MonkeyPatch, no_pipe: None) -> None:
+        open_cache: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The write or the fdatasync inside the one call fails (EIO after writing): the put is
     not acknowledged, and the cache refuses writes until it is reopened, as after a failed
     fdatasync of the two calls (the fsyncgate rule, wal/commit.py)."""

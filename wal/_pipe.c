@@ -13,12 +13,17 @@
  * every later `submit` and `wait` reports the errno (after a failed fsync the kernel may have
  * dropped the pages, so a later fsync proves nothing).
  *
+ * Locks: the mutex is held to hand records over, take a batch and publish one, never across a
+ * write or an fdatasync; the only system call under it is the eventfd's write, which does not
+ * block (EFD_NONBLOCK). The thread takes no other lock and never the GIL.
+ *
  * Fork: the thread does not exist in a child. A child never touches its parent's log
  * (wbcache/forking.py disowns the cache), and a Pipe freed in a child neither locks nor joins.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
@@ -42,9 +47,10 @@ typedef struct {
     size_t spare_cap;
     long long submitted_lsn, durable_lsn;
     long long batches;   /* batches finished; batch `batches` is in flight if busy */
+    long long synced;    /* batches whose fdatasync succeeded */
     long long through;   /* the last record of the batch in flight */
     int error;           /* errno of the first failed write or fdatasync; sticky */
-    int closing, idle, busy, started, joined;
+    int closing, idle, busy, initialized, started, joined;
     pid_t pid;
     pthread_t thread;
 } Pipe;
@@ -65,9 +71,6 @@ static int write_all(int fd, const char *data, size_t len) {
 
 static void *run(void *arg) {
     Pipe *p = arg;
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the main thread's business */
     pthread_mutex_lock(&p->mu);
     for (;;) {
         while (p->fill_len == 0 && !p->closing) {
@@ -106,10 +109,12 @@ static void *run(void *arg) {
         } else {
             free(data);
         }
-        if (error)
+        if (error) {
             p->error = error;
-        else
+        } else {
             p->durable_lsn = through;
+            p->synced++;
+        }
         pthread_cond_broadcast(&p->done[p->batches % 2]);
         p->batches++;
         if (p->notify_fd >= 0) {
@@ -138,11 +143,22 @@ static PyObject *Pipe_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     p->submitted_lsn = p->durable_lsn = durable;
     p->pid = getpid();
     pthread_mutex_init(&p->mu, NULL);
+    pthread_condattr_t monotonic;
+    pthread_condattr_init(&monotonic);
+    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC); /* a timed wait ignores clock steps */
     pthread_cond_init(&p->work, NULL);
-    pthread_cond_init(&p->done[0], NULL);
-    pthread_cond_init(&p->done[1], NULL);
+    pthread_cond_init(&p->done[0], &monotonic);
+    pthread_cond_init(&p->done[1], &monotonic);
+    pthread_condattr_destroy(&monotonic);
+    p->initialized = 1;
     p->notify_fd = -1;
+    /* The thread starts with every signal blocked (they are the main thread's business),
+     * with no moment in which one could be delivered to it. */
+    sigset_t all, before;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &before);
     int error = pthread_create(&p->thread, NULL, run, p);
+    pthread_sigmask(SIG_SETMASK, &before, NULL);
     if (error) {
         Py_DECREF(p);
         errno = error;
@@ -218,11 +234,15 @@ static PyObject *Pipe_wait(Pipe *p, PyObject *const *args, Py_ssize_t nargs) {
     double timeout = PyFloat_AsDouble(args[1]);
     if (timeout == -1.0 && PyErr_Occurred())
         return NULL;
+    if (!(timeout >= 0.0 && timeout <= 86400.0)) { /* NaN fails both */
+        PyErr_SetString(PyExc_ValueError, "wait: timeout must be between 0 and 86400 seconds");
+        return NULL;
+    }
     long long durable, batches;
     int error;
     Py_BEGIN_ALLOW_THREADS
     struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
+    clock_gettime(CLOCK_MONOTONIC, &until);
     long long ns = until.tv_nsec + (long long)(timeout * 1e9);
     until.tv_sec += ns / 1000000000LL;
     until.tv_nsec = ns % 1000000000LL;
@@ -230,21 +250,49 @@ static PyObject *Pipe_wait(Pipe *p, PyObject *const *args, Py_ssize_t nargs) {
     while (p->durable_lsn < lsn && !p->error && !(p->closing && p->joined)) {
         /* the batch in flight covers `lsn`, or else the next one does */
         long long batch = p->busy && lsn <= p->through ? p->batches : p->batches + p->busy;
-        if (pthread_cond_timedwait(&p->done[batch % 2], &p->mu, &until) == ETIMEDOUT)
-            break;
+        if (pthread_cond_timedwait(&p->done[batch % 2], &p->mu, &until) != 0)
+            break; /* timed out (or an error no retry would cure) */
     }
     durable = p->durable_lsn;
     error = p->error;
-    batches = p->batches;
+    batches = p->synced;
     pthread_mutex_unlock(&p->mu);
     Py_END_ALLOW_THREADS
     return Py_BuildValue("LiL", durable, error, batches);
 }
 
+/* poll() -> (durable_lsn, errno, batches): clear the eventfd (if any) and say how far the log
+ * is, at once. The GIL is kept: an event loop calls this after each batch, and letting go of
+ * the GIL there would hand it to any thread waiting for it (the flusher) for up to the switch
+ * interval. */
+static PyObject *Pipe_poll(Pipe *p, PyObject *Py_UNUSED(ignored)) {
+    pthread_mutex_lock(&p->mu);
+    if (p->notify_fd >= 0) {
+        uint64_t count;
+        (void)!read(p->notify_fd, &count, sizeof count); /* EAGAIN when already cleared */
+    }
+    long long durable = p->durable_lsn, synced = p->synced;
+    int error = p->error;
+    pthread_mutex_unlock(&p->mu);
+    return Py_BuildValue("LiL", durable, error, synced);
+}
+
 /* set_fd(fd): write to `fd` from now on (a new segment). Only with nothing in flight. */
+static int as_fd(PyObject *arg, int *fd) {
+    long value = PyLong_AsLong(arg);
+    if (value == -1 && PyErr_Occurred())
+        return -1;
+    if (value < -1 || value > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "not a file descriptor");
+        return -1;
+    }
+    *fd = (int)value;
+    return 0;
+}
+
 static PyObject *Pipe_set_fd(Pipe *p, PyObject *arg) {
-    int fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred())
+    int fd;
+    if (as_fd(arg, &fd) < 0)
         return NULL;
     pthread_mutex_lock(&p->mu);
     int busy = p->busy || p->fill_len > 0;
@@ -260,8 +308,8 @@ static PyObject *Pipe_set_fd(Pipe *p, PyObject *arg) {
 
 /* set_notify(fd): write 1 to the eventfd `fd` after every batch (-1: stop). */
 static PyObject *Pipe_set_notify(Pipe *p, PyObject *arg) {
-    int fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred())
+    int fd;
+    if (as_fd(arg, &fd) < 0)
         return NULL;
     pthread_mutex_lock(&p->mu);
     p->notify_fd = fd;
@@ -269,13 +317,17 @@ static PyObject *Pipe_set_notify(Pipe *p, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* Callers are serialised (the sequencer's lock, or the last reference going away). */
 static void stop(Pipe *p) {
-    if (!p->started || p->joined || p->pid != getpid())
+    if (!p->started || p->pid != getpid())
         return;
     pthread_mutex_lock(&p->mu);
+    int joined = p->joined;
     p->closing = 1;
     pthread_cond_signal(&p->work);
     pthread_mutex_unlock(&p->mu);
+    if (joined)
+        return;
     pthread_join(p->thread, NULL);
     pthread_mutex_lock(&p->mu);
     p->joined = 1;
@@ -285,7 +337,7 @@ static void stop(Pipe *p) {
 }
 
 /* close(): write what is handed over, then stop the thread (GIL released meanwhile). */
-static PyObject *Pipe_close(Pipe *p, PyObject *unused) {
+static PyObject *Pipe_close(Pipe *p, PyObject *Py_UNUSED(ignored)) {
     Py_BEGIN_ALLOW_THREADS
     stop(p);
     Py_END_ALLOW_THREADS
@@ -297,7 +349,7 @@ static void Pipe_dealloc(Pipe *p) {
         Py_BEGIN_ALLOW_THREADS
         stop(p);
         Py_END_ALLOW_THREADS
-        if (p->started) {
+        if (p->initialized) {
             pthread_mutex_destroy(&p->mu);
             pthread_cond_destroy(&p->work);
             pthread_cond_destroy(&p->done[0]);
@@ -316,6 +368,8 @@ static PyMethodDef Pipe_methods[] = {
      "wait(lsn, timeout) -> (durable_lsn, errno, batches)"},
     {"set_fd", (PyCFunction)Pipe_set_fd, METH_O, "set_fd(fd): a new segment"},
     {"set_notify", (PyCFunction)Pipe_set_notify, METH_O, "set_notify(eventfd or -1)"},
+    {"poll", (PyCFunction)Pipe_poll, METH_NOARGS,
+     "poll() -> (durable_lsn, errno, batches): clear the eventfd, GIL kept"},
     {"close", (PyCFunction)Pipe_close, METH_NOARGS, "close(): drain, then stop the thread"},
     {NULL, NULL, 0, NULL},
 };
@@ -334,7 +388,7 @@ static PyTypeObject PipeType = {
 
 static struct PyModuleDef pipe_module = {
     PyModuleDef_HEAD_INIT, "_pipe", "The group commit without the GIL (wal/_pipe.c).", -1,
-    NULL,
+    NULL, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__pipe(void) {

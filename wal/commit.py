@@ -11,6 +11,15 @@ batches grow by themselves. Under fsync="interval" batches are not fsync'd; a wr
 record fsync'd (`wait(durable=True)`: the interval syncer, `sync`, `close`) and finds a leader
 busy asks the next batch to fsync, whoever leads it.
 
+Under fsync="always", where wal/_pipe.c is built, the writing is not done here at all: each
+record is framed on its own and handed to a `Pipe`, whose thread (no Python, no GIL) writes and
+fdatasyncs whatever has been handed over since its last batch and publishes the LSN that is now
+durable. A Python leader had to take the GIL back after each fdatasync before it could start the
+next batch, while the writers ran Python; the pipe starts it at once. Writers wait for it in C
+(`wait`), an event loop through an eventfd (`notify_fd`, `poll`), and whoever sees a batch end
+tells the listeners (`_advance`). The harness replacing a system call, or a crash point armed,
+retires the pipe for good (`_retire_pipe`), so that it sees every call from then on.
+
 The committer shares the sequencer's lock: records are queued in LSN order under that lock, and
 every method here except `add_listener` must be called with it held.
 
@@ -74,9 +83,15 @@ class GroupCommitter:
         self._closing = False
         self.fsyncs = 0
         self.batches = 0
-        self._pipe = (Pipe(writer.fd, next_lsn - 1)
-                      if Pipe is not None and sync_every_batch and writer.pipe_ready() else None)
+        self._pipe: Any = None
+        if Pipe is not None and sync_every_batch and writer.pipe_ready():
+            try:
+                self._pipe = Pipe(writer.fd, next_lsn - 1)
+            except OSError as error:  # no thread to be had (a container's pids limit)
+                log.warning("the log is written without wal/_pipe.c's thread: %s", error)
         self._advancer_idle = False
+        self.rotating = False  # a writer is starting the next segment for the pipe
+        self._rotated = threading.Condition(lock)
         self._notify_fd: int | None = None
 
     @property
@@ -100,56 +115,89 @@ class GroupCommitter:
         self.queued_lsn = lsn
 
     def _submit(self, lsn: int, record: bytes) -> None:
-        """Hand record `lsn` to the pipe's thread; never raises (a failure is kept, and
-        raised by `wait`). A full segment is rotated here, once the pipe has drained."""
+        """Hand record `lsn` to the pipe's thread. A failure is kept, and raised by `wait`;
+        an interrupt (KeyboardInterrupt) fails the log too, as in `_lead`, and propagates."""
         if self.failure is not None:
             self.queued_lsn = lsn
             return
-        pipe, writer = self._pipe, self._writer
+        writer = self._writer
         if not writer.pipe_ready():  # the harness replaced a call, or armed a crash point
             self._retire_pipe()
             self._pending.append(record)
             self.queued_lsn = lsn
             return
         self.queued_lsn = lsn
-        try:
-            frame = writer.frame_one(record, lsn)
-            if frame is None:
-                self._drain(lsn - 1)
-                if self.failure is not None:
-                    return
-                writer.rotate_to(lsn)
-                pipe.set_fd(writer.fd)
-                frame = writer.frame_one(record, lsn)
-            pipe.submit(frame, lsn)
+        try:  # the segment has room: `Sequencer._admit` rotated it if it had none
+            self._pipe.submit(writer.frame_one(record, lsn), lsn)
         except BaseException as exc:
             self._fail(exc, lsn)
+            if not isinstance(exc, Exception):
+                raise
+
+    def rotation_due(self) -> bool:
+        """Lock held: the pipe writes the log, and the next record starts a new segment (or
+        a writer is starting it: the segment is no longer full before the pipe has it)."""
+        return self._pipe is not None and (self.rotating or self._writer.full())
+
+    def rotate(self) -> None:
+        """Lock held, released meanwhile: once the pipe has made every record handed to it
+        durable, start the next segment and hand the pipe its descriptor. The caller keeps
+        every writer out until this returns (`Sequencer._admit`, `rotating`): no record may
+        reach the pipe before then, and only the newest segment may end in a torn frame."""
+        pipe, writer, last = self._pipe, self._writer, self.queued_lsn
+        self.rotating = True
+        state = (self.durable_lsn, 0, self.batches)
+        error: BaseException | None = None
+        self._lock.release()
+        try:
+            while state[0] < last and not state[1]:
+                state = pipe.wait(last, FOLLOWER_RECHECK)
+            if not state[1]:
+                writer.rotate_to(last + 1)
+        except BaseException as exc:
+            error = exc
+        finally:
+            self._lock.acquire()
+            self.rotating = False
+            self._rotated.notify_all()
+        self._advance(*state)
+        if error is None and self.failure is None:
+            pipe.set_fd(writer.fd)
+        elif error is not None:
+            if self.failure is None:
+                self._fail(error, last + 1)
+            if not isinstance(error, Exception):
+                raise error
+
+    def wait_for_rotation(self) -> None:
+        """Lock held: sleep (lock released) until the rotation in progress is done."""
+        while self.rotating:
+            self._rotated.wait()
 
     def _retire_pipe(self) -> None:
         """Lock held: from here on, the group commit in Python (wal/_pipe.c's thread is
         stopped once everything handed to it is durable), so that the fault-injection
-        harness sees every call from now on."""
-        self._drain(self.queued_lsn)
+        harness sees every call from now on. Only the harness gets here; it waits, lock
+        held, for what the pipe has in flight."""
+        while self.durable_lsn < self.queued_lsn and self.failure is None:
+            self._advance(*self._pipe.wait(self.queued_lsn, FOLLOWER_RECHECK))
         pipe, self._pipe = self._pipe, None
+        pipe.set_notify(-1)
         pipe.close()
         self._pending_first_lsn = self.queued_lsn + 1
         if self._background is not None:
             self._kick.notify()  # it leads from now on
         elif self._notify_fd is not None:  # an event loop waits for batches: lead for it
-            self._background = threading.Thread(target=self._lead_in_background,
-                                                name="wbcache-commit", daemon=True)
-            self._background.start()
-
-    def _drain(self, lsn: int) -> None:
-        """Lock held (and kept): wait until the pipe has made record `lsn` durable."""
-        while self.durable_lsn < lsn and self.failure is None:
-            self._advance(*self._pipe.wait(lsn, FOLLOWER_RECHECK))
+            thread = threading.Thread(target=self._lead_in_background, name="wbcache-commit",
+                                      daemon=True)
+            thread.start()
+            self._background = thread
 
     def _advance(self, durable: int, error: int, batches: int) -> None:
         """Lock held: take in how far the pipe has got, and tell the listeners."""
         if durable > self.durable_lsn:
             self.durable_lsn = self.written_lsn = durable
-            self.batches = self.fsyncs = batches
+            self.batches = self.fsyncs = batches  # batches that fsync'd: a failed one ends it
         elif not error:
             return
         if error and self.failure is None:
@@ -171,7 +219,8 @@ class GroupCommitter:
     def notify_fd(self) -> int | None:
         """Lock NOT held. With a pipe: an eventfd it writes to after every batch (for an
         event loop to watch, then call `poll`), or None if another took it already or there
-        is no pipe. The caller closes it (after `notify_fd_closed`)."""
+        is no pipe. The caller closes it, once the cache is closed (the pipe's thread is
+        gone by then)."""
         with self._lock:
             if self._pipe is None or self._notify_fd is not None:
                 return None
@@ -181,11 +230,13 @@ class GroupCommitter:
 
     def poll(self) -> None:
         """Lock held: take in the batches the pipe has finished (after its eventfd fired)."""
-        try:
-            os.eventfd_read(self._notify_fd)
-        except BlockingIOError:
-            pass
-        self._advance(*self._pipe.wait(0, 0.0))
+        if self._pipe is not None:
+            self._advance(*self._pipe.poll())
+        else:  # retired: the Python leader tells the listeners; clear what the pipe wrote
+            try:
+                os.eventfd_read(self._notify_fd)
+            except BlockingIOError:
+                pass
 
     def start_background_leader(self) -> None:
         """Lock NOT held. Start a thread that leads whenever records wait and nobody leads,
@@ -234,16 +285,17 @@ class GroupCommitter:
 
         Raises `LogFailedError` if the log fails before that.
         """
-        if self._pipe is not None:
-            while self.durable_lsn < lsn:
-                self.check()
-                self._lock.release()
-                try:
-                    state = self._pipe.wait(lsn, FOLLOWER_RECHECK)
-                finally:
-                    self._lock.acquire()
-                self._advance(*state)
-            return
+        while self.durable_lsn < lsn:
+            pipe = self._pipe  # under the lock: it may be retired while we sleep
+            if pipe is None:
+                break
+            self.check()
+            self._lock.release()
+            try:
+                state = pipe.wait(lsn, FOLLOWER_RECHECK)
+            finally:
+                self._lock.acquire()
+            self._advance(*state)
         while (self.durable_lsn if durable else self.acknowledged_lsn) < lsn:
             self.check()
             if durable and self._syncing_through < lsn:
@@ -357,6 +409,7 @@ class GroupCommitter:
 
     def close(self) -> None:
         """Write and fsync whatever is queued, then close the writer. Lock held."""
+        self.wait_for_rotation()  # its writer is using the segments (lock released)
         try:
             if self.failure is None:
                 self.wait(self.queued_lsn, durable=True)

@@ -2,7 +2,10 @@
 
 Every open, write, fsync, truncate, rename and unlink under `wal/` goes through `SYSCALLS`, so
 the fault-injection harness can record what reached the disk (to simulate power loss) or make
-the Nth call fail with ENOSPC or EIO. In normal use these are the plain `os` functions.
+the Nth call fail with ENOSPC or EIO. In normal use these are the plain `os` functions. The one
+exception is the log's writes and fdatasyncs under fsync="always", made by wal/_pipe.c's thread
+in C; replacing `write`, `fdatasync` or `write_sync` here (or on the class) retires that thread,
+so the harness sees every call from then on (wal/commit.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Whether and when to fsync is decided one layer up (`wal/commit.py`); the writer 
 `sync()`. It never appends to a segment that existed before it was created: every open starts a
 fresh segment, so a torn tail can only ever be at the end of the newest file.
 
-Thread-safety: `append`, `sync` and `close` are called by one group-commit leader at a time.
+Thread-safety: `append`, `sync` and `close` are called by one group-commit leader at a time;
+`frame_one` and `rotate_to` (the pipe's, wal/_pipe.c) with the sequencer's lock held.
 `delete_through` and `sizes` may be called from any thread; they only touch the list of closed
 segments, under its own lock.
 """
@@ -24,6 +25,10 @@ from wbcache.wal.format import (
 )
 from wbcache.wal.segments import create_segment, delete_segments
 from wbcache.wal.syscalls import SYSCALLS, Syscalls, write_all
+
+# The calls as imported: one replaced later, on SYSCALLS or on its class, is the harness's.
+_PLAIN_WRITE, _PLAIN_FDATASYNC, _PLAIN_WRITE_SYNC = (
+    Syscalls.write, Syscalls.fdatasync, Syscalls.write_sync)
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ class LogWriter:
             "write_sync" in vars(SYSCALLS)
             or SYSCALLS.write is Syscalls.write and SYSCALLS.fdatasync is Syscalls.fdatasync)
         for data, first, last in frames:
-            if self._size >= self._segment_size and self._last_lsn >= self._first_lsn:
+            if self.full():
                 self._rotate(first)
             if crashpoints.ARMED:
                 crashpoints.reached("wal.before_write")
@@ -102,22 +107,26 @@ class LogWriter:
         point armed, or a system call replaced by the fault-injection harness (it would not
         see the thread's calls)."""
         return (not self._sync_marks and not crashpoints.ARMED
-                and SYSCALLS.write is Syscalls.write and SYSCALLS.fdatasync is Syscalls.fdatasync
-                and "write_sync" not in vars(SYSCALLS))
+                and SYSCALLS.write is _PLAIN_WRITE and SYSCALLS.fdatasync is _PLAIN_FDATASYNC
+                and SYSCALLS.write_sync is _PLAIN_WRITE_SYNC)
 
-    def frame_one(self, record: bytes, lsn: int) -> bytes | None:
-        """Record `lsn` as a frame of its own, counted as appended, for a `Pipe` to write;
-        None if the segment is full: `rotate_to(lsn)` first, with nothing in flight."""
-        if self._size >= self._segment_size and self._last_lsn >= self._first_lsn:
-            return None
+    def full(self) -> bool:
+        """The next frame goes to a new segment (`append` rotates by itself; a `Pipe`'s
+        writer calls `rotate_to` first)."""
+        return self._size >= self._segment_size and self._last_lsn >= self._first_lsn
+
+    def frame_one(self, record: bytes, lsn: int) -> bytes:
+        """Record `lsn` as a frame of its own, counted as appended, for a `Pipe` to write
+        into the segment (not `full()`)."""
         frame = encode_frame(encode_records([record]))
         self._size += len(frame)
         self._last_lsn = lsn
         return frame
 
     def rotate_to(self, first_lsn: int) -> None:
-        """Start a new segment at `first_lsn` (every record before it is written and fsync'd)."""
-        self._rotate(first_lsn)
+        """Start a new segment at `first_lsn`, every record before it written and fsync'd
+        already (by the pipe): the old segment needs no fdatasync of its own."""
+        self._rotate(first_lsn, synced=True)
 
     def sync(self) -> None:
         """fdatasync the active segment: everything appended so far is then on disk. With sync
@@ -138,10 +147,11 @@ class LogWriter:
             self._size += len(mark)
             write_all(self._fd, mark)
 
-    def _rotate(self, first_lsn: int) -> None:
+    def _rotate(self, first_lsn: int, *, synced: bool = False) -> None:
         # The old segment is made durable before the new one exists, so that only the newest
         # segment can ever end in a torn record (fsync="interval" leaves it unsynced otherwise).
-        SYSCALLS.fdatasync(self._fd)
+        if not synced:
+            SYSCALLS.fdatasync(self._fd)
         fd, path = create_segment(self._wal_dir, first_lsn, self._header)
         old_fd = self._fd
         with self._closed_lock:

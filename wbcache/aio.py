@@ -2,10 +2,14 @@
 
 A write is validated, logged and applied to memory in the loop thread by the sequencer's
 non-blocking calls (`put_nowait`, `submit_nowait`), exactly as `Cache` does it but without
-waiting: it gets an asyncio future instead. A background thread leads the group commit (write
-+ fdatasync, never in the loop), and after each batch one `call_soon_threadsafe` resolves
-every future the batch covered. So 1,000 concurrent tasks cost one fsync and one loop wake-up
-per batch, not one per write, and the event loop is never blocked by an fsync.
+waiting: it gets an asyncio future instead. Under fsync="always" the log's own thread
+(wal/_pipe.c, no Python, no GIL) writes and fdatasyncs each batch and then writes to an
+eventfd the loop watches (`_on_pipe`), which resolves every future the batch covered; under
+fsync="interval" (or the fault-injection harness) a background thread leads the group commit
+in Python and, after each batch, one `call_soon_threadsafe` does the same. So 1,000
+concurrent tasks cost one fsync and one loop wake-up per batch, not one per write, and the
+event loop is never blocked by an fsync: a write that would start the next log segment (which
+waits for the batch in flight) goes to a worker thread, like one meeting backpressure.
 
 What may block goes to a worker thread instead, as the blocking `Cache` call: a read that
 misses memory (it reads the database), a write that needs a value memory cannot give
@@ -91,7 +95,8 @@ class AsyncCache:
     # ---------------------------------------------------------- group-commit plumbing
 
     def _on_batch(self, acknowledged_lsn: int, durable_lsn: int) -> None:
-        """Called by the group-commit leader after each batch (its thread, lock held)."""
+        """Called after each batch by whoever takes it in (the Python leader, a writer
+        thread waiting for the pipe, or `_on_pipe`), lock held."""
         if self._resolve_scheduled:
             return
         try:
@@ -314,9 +319,12 @@ class AsyncCache:
 
     def _disown_after_fork(self) -> None:
         """In a child just forked: refuse every use (the `Cache` underneath is disowned too)."""
-        if self._notify_fd is not None:  # the parent's pipe writes to it; not ours to watch
-            os.close(self._notify_fd)
-        forking.disown(self, _ForkedAsyncCache, "AsyncCache", self._cache.path, self._pid)
+        fd = self._notify_fd
+        try:
+            forking.disown(self, _ForkedAsyncCache, "AsyncCache", self._cache.path, self._pid)
+        finally:
+            if fd is not None:  # the parent's pipe writes to it; not ours to watch
+                os.close(fd)
 
 
 class _ForkedAsyncCache(AsyncCache, forking.Disowned):

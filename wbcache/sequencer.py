@@ -376,26 +376,39 @@ class Sequencer:
     # ------------------------------------------------------------------ lock held
 
     def _admit(self, block: bool) -> int:
-        """Refuse if closed or the log failed; wait out backpressure (or, with `block`
-        False, raise WouldBlock). Return the LSN the write will get (consumed only by
-        `_queue`)."""
+        """Refuse if closed or the log failed; wait out backpressure, and start the pipe's
+        next log segment when this one is full (or, with `block` False, raise WouldBlock).
+        Return the LSN the write will get (consumed only by `_queue`). The rotation is here,
+        before the LSN is taken, because it lets go of the lock: in the middle of a write,
+        the flusher could take a dirty set and checkpoint without it."""
         self._check_open()
-        self._committer.check()
-        while len(self._dirty) + len(self._inflight) >= self._max_dirty:
-            self.wake_flusher()
-            if not block:
-                raise WouldBlock
-            self._space.wait()
+        committer = self._committer
+        committer.check()
+        while True:
+            if len(self._dirty) + len(self._inflight) >= self._max_dirty:
+                self.wake_flusher()
+                if not block:
+                    raise WouldBlock
+                self._space.wait()
+            elif committer.rotation_due():  # the pipe's segment is full: start the next
+                if not block:
+                    raise WouldBlock  # an event loop does not wait for the fdatasync in it
+                if committer.rotating:
+                    committer.wait_for_rotation()
+                else:
+                    committer.rotate()  # lock released meanwhile, writers kept out
+            else:
+                return self._next_lsn
             self._check_open()
-            self._committer.check()  # the log may have failed while we waited
-        return self._next_lsn
+            committer.check()  # the log may have failed while we waited
 
     def _queue(self, lsn: int, payload: bytes) -> None:
         """Hand record `lsn` to the group commit; from here the LSN is used. Nothing after
-        this point in a write may raise (short of the log failing in `wait`): the record is
-        on its way to disk, so its effects on memory must all be applied."""
+        this point in a write may raise (short of the log failing in `wait`, or an interrupt in
+        `append`, which fails the log): the record is on its way to disk, so its effects on
+        memory must all be applied."""
+        self._next_lsn = lsn + 1  # first: an interrupt in `append` must not reuse the LSN
         self._committer.append(lsn, payload)
-        self._next_lsn = lsn + 1
 
     def _put(self, key: Key, encoded: bytes, held: Any, block: bool) -> int:
         lsn = self._admit(block)
