@@ -15,6 +15,8 @@ and the same `SyscallRecorder` hooks:
 
 Under fsync="interval" the parent needs the first: an acknowledged write may be lost by a power
 cut only if no log fsync returned after its acknowledgement (lazyfs.py, `required_acks`).
+Under fsync="always" it journals no SYNC (every acknowledged write must survive): the log's
+fdatasyncs are left alone, so wal/_pipe.c's thread writes it, as outside the harness.
 """
 
 from __future__ import annotations
@@ -40,10 +42,18 @@ class LazyfsWorkerConfig(worker.WorkerConfig):
 class SyncRecorder(SyscallRecorder):
     """Light recording (segment opens) plus the log's fsyncs and unlinks."""
 
+    # Whether to journal the log's fdatasyncs (SYNC): only fsync="interval" needs them. Under
+    # fsync="always" every acknowledged write must survive whatever was journaled, and leaving
+    # `fdatasync` and `write_sync` alone keeps the log written by wal/_pipe.c's thread, as
+    # outside the harness: the power cuts then land on it.
+    syncs = True
+
     def install(self) -> None:
         super().install()
         # write_sync too: the log's batches are then one call, as outside the harness.
-        for name in ("fdatasync", "write_sync", "fsync", "unlink"):
+        names = ("fdatasync", "write_sync", "fsync", "unlink") if self.syncs else (
+            "fsync", "unlink")
+        for name in names:
             setattr(SYSCALLS, name, getattr(self, f"_{name}"))
 
 
@@ -53,6 +63,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"lazyfs_worker: record must be 'light', not {config.record!r}")
     if not os.path.isdir(os.path.join(config.directory, "wal")):
         wbcache.open(config.directory).close()
+    SyncRecorder.syncs = config.options.get("fsync", "always") != "always"
     worker.SyscallRecorder = SyncRecorder  # type: ignore[misc]  # what worker.run installs
     worker.run(config)
 

@@ -5,9 +5,12 @@ calls it replaces.
 byte written, then the sync, each error raised as the same OSError, a signal's handler run
 (and its exception raised) when a write is interrupted. The log writer takes it for the last
 write of a batch that fsyncs, and only when nothing must see the two calls apart: no crash
-point armed, neither call replaced by the fault-injection harness. What reaches the kernel, in
-what order, is read from strace: each acknowledgement comes after an fdatasync of the log,
-begun after the write of its record returned.
+point armed, neither call replaced by the fault-injection harness. It runs where the group
+commit is in Python: fsync="interval", the harness, or a build without wal/_pipe.c (the strace
+child here sets that, since under fsync="always" wal/_pipe.c's thread writes the log:
+tests/test_pipe.py). What reaches the kernel, in what order, is read from strace: each
+acknowledgement comes after an fdatasync of the log, begun after the write of its record
+returned.
 """
 
 from __future__ import annotations
@@ -312,6 +315,8 @@ STRACE = shutil.which("strace")
 
 CHILD = """
 import os, sys, wbcache
+import wbcache.wal.commit
+wbcache.wal.commit.Pipe = None  # the group commit in Python (tests/test_pipe.py: the pipe's)
 cache = wbcache.open(sys.argv[1])
 for i in range(8):
     cache.put(f"k{i}", "v" * i)

@@ -14,8 +14,8 @@
  * dropped the pages, so a later fsync proves nothing).
  *
  * Locks: the mutex is held to hand records over, take a batch and publish one, never across a
- * write or an fdatasync; the only system call under it is the eventfd's write, which does not
- * block (EFD_NONBLOCK). The thread takes no other lock and never the GIL.
+ * write or an fdatasync; the only system calls under it are the eventfd's write and read,
+ * which do not block (EFD_NONBLOCK). The thread takes no other lock and never the GIL.
  *
  * Fork: the thread does not exist in a child. A child never touches its parent's log
  * (wbcache/forking.py disowns the cache), and a Pipe freed in a child neither locks nor joins.

@@ -21,7 +21,8 @@ tells the listeners (`_advance`). The harness replacing a system call, or a cras
 retires the pipe for good (`_retire_pipe`), so that it sees every call from then on.
 
 The committer shares the sequencer's lock: records are queued in LSN order under that lock, and
-every method here except `add_listener` must be called with it held.
+every method here except `add_listener`, `start_background_leader`, `notify_fd` and
+`drop_notify` must be called with it held.
 
 Invariants (under the lock): durable_lsn <= written_lsn <= queued_lsn; every record with
 LSN <= written_lsn has been handed to the OS, every record with LSN <= durable_lsn is fsync'd.
@@ -141,19 +142,27 @@ class GroupCommitter:
 
     def rotate(self) -> None:
         """Lock held, released meanwhile: once the pipe has made every record handed to it
-        durable, start the next segment and hand the pipe its descriptor. The caller keeps
-        every writer out until this returns (`Sequencer._admit`, `rotating`): no record may
-        reach the pipe before then, and only the newest segment may end in a torn frame."""
+        durable, start the next segment and switch the pipe to it before the old one is
+        closed. The caller keeps every writer out until this returns (`Sequencer._admit`,
+        `rotating`): no record may reach the pipe before then, and only the newest segment
+        may end in a torn frame. An interrupt while waiting for the pipe leaves the log as it
+        was (nothing was written); one while the segment is made fails it, as in `_lead`."""
+        if not self._writer.pipe_ready():  # the harness arrived: it sees this rotation too
+            self._retire_pipe()
+            return
         pipe, writer, last = self._pipe, self._writer, self.queued_lsn
         self.rotating = True
         state = (self.durable_lsn, 0, self.batches)
         error: BaseException | None = None
+        creating = False
         self._lock.release()
         try:
-            while state[0] < last and not state[1]:
+            state = pipe.wait(last, FOLLOWER_RECHECK)  # asked even if all is durable: a
+            while state[0] < last and not state[1]:  # failure since is seen here
                 state = pipe.wait(last, FOLLOWER_RECHECK)
             if not state[1]:
-                writer.rotate_to(last + 1)
+                creating = True
+                writer.rotate_to(last + 1, pipe.set_fd)
         except BaseException as exc:
             error = exc
         finally:
@@ -161,12 +170,10 @@ class GroupCommitter:
             self.rotating = False
             self._rotated.notify_all()
         self._advance(*state)
-        if error is None and self.failure is None:
-            pipe.set_fd(writer.fd)
-        elif error is not None:
-            if self.failure is None:
+        if error is not None:
+            if creating and self.failure is None:
                 self._fail(error, last + 1)
-            if not isinstance(error, Exception):
+            if not isinstance(error, Exception) or not creating:
                 raise error
 
     def wait_for_rotation(self) -> None:
@@ -227,6 +234,13 @@ class GroupCommitter:
             self._notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._pipe.set_notify(self._notify_fd)
             return self._notify_fd
+
+    def drop_notify(self) -> None:
+        """Lock NOT held: the pipe writes to its eventfd no more (the caller closes it next)."""
+        with self._lock:
+            if self._pipe is not None:
+                self._pipe.set_notify(-1)
+            self._notify_fd = None
 
     def poll(self) -> None:
         """Lock held: take in the batches the pipe has finished (after its eventfd fired)."""

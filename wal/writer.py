@@ -5,7 +5,8 @@ Whether and when to fsync is decided one layer up (`wal/commit.py`); the writer 
 fresh segment, so a torn tail can only ever be at the end of the newest file.
 
 Thread-safety: `append`, `sync` and `close` are called by one group-commit leader at a time;
-`frame_one` and `rotate_to` (the pipe's, wal/_pipe.c) with the sequencer's lock held.
+`frame_one` (the pipe's, wal/_pipe.c) with the sequencer's lock held, and `rotate_to` by the
+one writer starting a segment, the lock released but every other writer kept out.
 `delete_through` and `sizes` may be called from any thread; they only touch the list of closed
 segments, under its own lock.
 """
@@ -13,6 +14,7 @@ segments, under its own lock.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from wbcache.wal import crashpoints
@@ -123,10 +125,12 @@ class LogWriter:
         self._last_lsn = lsn
         return frame
 
-    def rotate_to(self, first_lsn: int) -> None:
+    def rotate_to(self, first_lsn: int, switch: Callable[[int], None]) -> None:
         """Start a new segment at `first_lsn`, every record before it written and fsync'd
-        already (by the pipe): the old segment needs no fdatasync of its own."""
-        self._rotate(first_lsn, synced=True)
+        already (by the pipe): the old segment needs no fdatasync of its own. `switch(fd)`
+        hands the pipe the new descriptor before the old one is closed (a closed number may
+        be reused by any open in the process)."""
+        self._rotate(first_lsn, synced=True, switch=switch)
 
     def sync(self) -> None:
         """fdatasync the active segment: everything appended so far is then on disk. With sync
@@ -147,7 +151,8 @@ class LogWriter:
             self._size += len(mark)
             write_all(self._fd, mark)
 
-    def _rotate(self, first_lsn: int, *, synced: bool = False) -> None:
+    def _rotate(self, first_lsn: int, *, synced: bool = False,
+                switch: Callable[[int], None] | None = None) -> None:
         # The old segment is made durable before the new one exists, so that only the newest
         # segment can ever end in a torn record (fsync="interval" leaves it unsynced otherwise).
         if not synced:
@@ -159,6 +164,8 @@ class LogWriter:
                 ClosedSegment(self._first_lsn, self._last_lsn, self._path, self._size))
             self._fd, self._path = fd, path
             self._first_lsn, self._size = first_lsn, len(self._header)
+        if switch is not None:
+            switch(fd)
         SYSCALLS.close(old_fd)
 
     def delete_through(self, lsn: int) -> int:

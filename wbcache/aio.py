@@ -9,7 +9,9 @@ fsync="interval" (or the fault-injection harness) a background thread leads the 
 in Python and, after each batch, one `call_soon_threadsafe` does the same. So 1,000
 concurrent tasks cost one fsync and one loop wake-up per batch, not one per write, and the
 event loop is never blocked by an fsync: a write that would start the next log segment (which
-waits for the batch in flight) goes to a worker thread, like one meeting backpressure.
+waits for the batch in flight) goes to a worker thread, like one meeting backpressure. (The
+pipe has one eventfd: a second AsyncCache over the same Cache is told of batches by a
+background thread instead.)
 
 What may block goes to a worker thread instead, as the blocking `Cache` call: a read that
 misses memory (it reads the database), a write that needs a value memory cannot give
@@ -296,14 +298,19 @@ class AsyncCache:
     async def close(self) -> None:
         """Flush, fsync, release the directory (in a worker thread). Idempotent."""
         forking.untrack(self)
-        await asyncio.to_thread(self._cache.close)
-        self._close_notify_fd()
+        try:
+            await asyncio.to_thread(self._cache.close)
+        finally:
+            self._close_notify_fd()
         self._resolve()  # the final fsync covered every write; fail any that it did not
 
     def _close_notify_fd(self) -> None:
+        """The pipe is told first (another thread may still be closing the cache, its pipe
+        still writing batches): a closed number may be reused by any open in the process."""
         fd, self._notify_fd = self._notify_fd, None
         if fd is not None:
             self._loop.remove_reader(fd)
+            self._committer.drop_notify()
             os.close(fd)
 
     async def __aenter__(self) -> AsyncCache:

@@ -26,8 +26,10 @@ and runs the write again.
 
 **Lock order** (docs/design.md): the flusher's mutex, then `lock`. The group committer's
 conditions are conditions of `lock` itself; its leader releases `lock` while it writes and
-fsyncs. Nothing here takes another lock while holding `lock`: not the backend's (it is never
-called), not the flusher's.
+fsyncs, writers waiting for the log release it (for wal/_pipe.c's thread, in C), and so does
+the writer that starts the pipe's next segment at admission while every other writer waits.
+Nothing here takes another lock while holding `lock`: not the backend's (it is never called),
+not the flusher's; the pipe's mutex is a leaf, held for no system call that can block.
 
 Longer than the usual ~400 lines on purpose: everything `lock` guards is in this one file, so
 the invariants above can be checked by reading one file (the plans each write runs are in
