@@ -114,8 +114,8 @@ MUTATIONS += [
     ("pipe-publish-handed", "a batch publishes every record handed over, not those it wrote",
      "p->durable_lsn = through;", "p->durable_lsn = p->submitted_lsn;"),
     ("pipe-parity", "a batch wakes the waiters of the next batch, not its own",
-     "pthread_cond_broadcast(&p->done[p->batches % 2]);",
-     "pthread_cond_broadcast(&p->done[(p->batches + 1) % 2]);"),
+     "pthread_cond_broadcast(&p->done[p->batches % 2]);\n    p->batches++;",
+     "pthread_cond_broadcast(&p->done[(p->batches + 1) % 2]);\n    p->batches++;"),
     ("pipe-not-sticky", "records are taken after a failed write (and its error forgotten)",
      "int error = p->error;\n    int closing", "int error = 0;\n    int closing"),
 ]

@@ -221,17 +221,49 @@ def test_fsync_interval_and_the_harness_at_open_commit_in_python(
 
 
 @needs_pipe
-def test_a_lone_writer_is_woken_by_its_batch_not_by_the_backstop(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each put returns when its fdatasync does: a waiter asleep on the wrong batch's
-    condition would only wake at the backstop, set here to 30 s (a slow disk takes far less
-    than the 10 s allowed)."""
+@pytest.mark.parametrize("writers", [1, 8])
+def test_writers_are_woken_by_their_batch_not_by_the_backstop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writers: int) -> None:
+    """Each put returns when the fdatasync covering it does, whoever led it (the writer
+    itself, another, the pipe's thread): a waiter asleep on the wrong batch's condition
+    would only wake at the backstop, set here to 30 s (a slow disk takes far less than the
+    10 s allowed)."""
     monkeypatch.setattr(commit_module, "FOLLOWER_RECHECK", 30.0)
+    slow: list[str] = []
     with wbcache.open(tmp_path / "c") as cache:
-        for i in range(30):
-            started = time.monotonic()
-            cache.put(f"k{i}", i)
-            assert time.monotonic() - started < 10.0, f"put {i} waited for the backstop"
+        def put(name: int) -> None:
+            for i in range(40):
+                started = time.monotonic()
+                cache.put(f"{name}:{i}", i)
+                if time.monotonic() - started > 10.0:
+                    slow.append(f"{name}:{i}")
+                    return
+
+        threads = [threading.Thread(target=put, args=(n,)) for n in range(writers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert slow == [], f"puts that waited for the backstop: {slow}"
+
+
+@needs_pipe
+def test_a_waiter_is_woken_by_the_batch_the_thread_leads_for_it(tmp_path: Path) -> None:
+    """A record handed over and kicked (as asyncio does) is led by the pipe's thread; a writer
+    then waiting for it sleeps until that batch ends, and its end must wake it, not the
+    backstop (the timeout, 30 s here). 16 MiB makes the batch outlast the look at it."""
+    fd = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    pipe = Pipe(fd, 0)
+    pipe.submit(b"x" * (16 << 20), 1)
+    pipe.kick()
+    wait_until(lambda: pipe.in_flight() == 1 or pipe.poll()[0] == 1,
+               what="the thread leading the batch")
+    assert pipe.in_flight() == 1, "the batch ended before it could be waited for"
+    started = time.monotonic()
+    assert pipe.wait(1, 30.0)[:2] == (1, 0)
+    assert time.monotonic() - started < 10.0, "woken by the backstop, not by its batch"
+    pipe.close()
+    os.close(fd)
 
 
 @needs_pipe

@@ -1,13 +1,15 @@
 /* The group commit without the GIL: a thread of its own writes and fdatasyncs the log.
  *
  * Pipe(fd) starts one POSIX thread that never runs Python. Writers hand it framed records
- * (`submit(data, lsn)`, lock of the sequencer held, so in LSN order); it takes everything
- * handed over since its last batch, writes it with one write loop, fdatasyncs, and publishes
- * how far the log is durable (`durable_lsn`), waking whoever waits (`wait`). Then it takes the
- * next batch at once: the records queued during an fdatasync go to disk as soon as it returns,
- * without waiting for the GIL, which the leader of the Python group commit had to take back
- * first (docs/bench.md, "The targets missed": 60-400 us per batch with 16-64 writers running
- * Python, the disk idle meanwhile).
+ * (`submit(data, lsn)`, lock of the sequencer held, so in LSN order). A batch takes everything
+ * handed over since the last one, writes it with one write loop, fdatasyncs, and publishes how
+ * far the log is durable (`durable_lsn`), waking whoever waits (`wait`). Who leads a batch: a
+ * writer waiting for its record that finds the pipe idle leads it itself, GIL released (a lone
+ * writer makes its own write and fdatasync, no hand-over to a thread and back); records handed
+ * over while a batch is in flight, and those of writers that do not wait (`kick`, asyncio),
+ * are led by the thread, at once when the batch before them ends: without waiting for the GIL,
+ * which the leader of the Python group commit had to take back first (docs/bench.md, "The
+ * targets missed": 60-400 us per batch with 16-64 writers running Python, the disk idle).
  *
  * Errors are sticky: once a write or fdatasync fails the thread takes no more batches, and
  * every later `submit` and `wait` reports the errno (after a failed fsync the kernel may have
@@ -69,60 +71,80 @@ static int write_all(int fd, const char *data, size_t len) {
     return 0;
 }
 
+/* Write and fdatasync everything handed over, then publish it: called with the mutex held,
+ * `busy` clear and records handed over; it lets go of the mutex around the I/O and returns
+ * with it held. The pipe's thread runs it, and so does a writer waiting for its record that
+ * finds the pipe idle (`wait`): a lone writer then makes its own write and fdatasync, with no
+ * hand-over to the thread and back. */
+static void lead_batch(Pipe *p) {
+    char *data = p->fill;
+    size_t len = p->fill_len, cap = p->fill_cap;
+    long long through = p->submitted_lsn;
+    int fd = p->fd;
+    p->fill = p->spare;
+    p->fill_cap = p->spare_cap;
+    p->fill_len = 0;
+    p->spare = NULL;
+    p->spare_cap = 0;
+    p->busy = 1;
+    p->through = through;
+    pthread_mutex_unlock(&p->mu);
+    int error = write_all(fd, data, len);
+    if (error == 0) {
+        while (fdatasync(fd) < 0) {
+            if (errno != EINTR) {
+                error = errno;
+                break;
+            }
+        }
+    }
+    pthread_mutex_lock(&p->mu);
+    p->busy = 0;
+    if (cap <= KEEP_BUFFER && p->spare == NULL) { /* a big batch's buffer goes back */
+        p->spare = data;
+        p->spare_cap = cap;
+    } else {
+        free(data);
+    }
+    if (error) {
+        p->error = error;
+    } else {
+        p->durable_lsn = through;
+        p->synced++;
+    }
+    pthread_cond_broadcast(&p->done[p->batches % 2]);
+    p->batches++;
+    if (error) { /* every waiter: nothing more will be written */
+        pthread_cond_broadcast(&p->done[p->batches % 2]);
+    } else if (p->fill_len > 0 && p->idle) {
+        /* handed over meanwhile, by writers asleep until the batch after this one: the
+         * thread leads it (a writer leading this one does not go on to the next) */
+        pthread_cond_signal(&p->work);
+    }
+    if (p->notify_fd >= 0) {
+        uint64_t one = 1;
+        (void)!write(p->notify_fd, &one, sizeof one);
+    }
+}
+
 static void *run(void *arg) {
     Pipe *p = arg;
     pthread_mutex_lock(&p->mu);
     for (;;) {
-        while (p->fill_len == 0 && !p->closing) {
+        while ((p->fill_len == 0 || p->busy) && !p->closing && !p->error) {
             p->idle = 1;
             pthread_cond_wait(&p->work, &p->mu);
             p->idle = 0;
         }
-        if (p->fill_len == 0 || p->error)
-            break; /* closing, with nothing left; or failed */
-        char *data = p->fill;
-        size_t len = p->fill_len, cap = p->fill_cap;
-        long long through = p->submitted_lsn;
-        int fd = p->fd;
-        p->fill = p->spare;
-        p->fill_cap = p->spare_cap;
-        p->fill_len = 0;
-        p->spare = NULL;
-        p->spare_cap = 0;
-        p->busy = 1;
-        p->through = through;
-        pthread_mutex_unlock(&p->mu);
-        int error = write_all(fd, data, len);
-        if (error == 0) {
-            while (fdatasync(fd) < 0) {
-                if (errno != EINTR) {
-                    error = errno;
-                    break;
-                }
-            }
-        }
-        pthread_mutex_lock(&p->mu);
-        p->busy = 0;
-        if (cap <= KEEP_BUFFER) { /* a big batch's buffer goes back to the system */
-            p->spare = data;
-            p->spare_cap = cap;
-        } else {
-            free(data);
-        }
-        if (error) {
-            p->error = error;
-        } else {
-            p->durable_lsn = through;
-            p->synced++;
-        }
-        pthread_cond_broadcast(&p->done[p->batches % 2]);
-        p->batches++;
-        if (p->notify_fd >= 0) {
-            uint64_t one = 1;
-            (void)!write(p->notify_fd, &one, sizeof one);
-        }
-        if (error)
+        if (p->error)
             break;
+        if (p->busy) { /* closing while a writer leads: let it finish */
+            pthread_cond_wait(&p->done[p->batches % 2], &p->mu);
+            continue;
+        }
+        if (p->fill_len == 0)
+            break; /* closing, with nothing left */
+        lead_batch(p);
     }
     pthread_cond_broadcast(&p->done[0]);
     pthread_cond_broadcast(&p->done[1]);
@@ -207,8 +229,6 @@ static PyObject *Pipe_submit(Pipe *p, PyObject *const *args, Py_ssize_t nargs) {
         memcpy(p->fill + p->fill_len, view.buf, (size_t)view.len);
         p->fill_len = need;
         p->submitted_lsn = lsn;
-        if (p->idle)
-            pthread_cond_signal(&p->work);
     }
     pthread_mutex_unlock(&p->mu);
     PyBuffer_Release(&view);
@@ -248,6 +268,10 @@ static PyObject *Pipe_wait(Pipe *p, PyObject *const *args, Py_ssize_t nargs) {
     until.tv_nsec = ns % 1000000000LL;
     pthread_mutex_lock(&p->mu);
     while (p->durable_lsn < lsn && !p->error && !(p->closing && p->joined)) {
+        if (!p->busy && p->fill_len > 0 && !p->closing) {
+            lead_batch(p); /* the pipe is idle: write it ourselves */
+            continue;
+        }
         /* the batch in flight covers `lsn`, or else the next one does */
         long long batch = p->busy && lsn <= p->through ? p->batches : p->batches + p->busy;
         if (pthread_cond_timedwait(&p->done[batch % 2], &p->mu, &until) != 0)
@@ -303,6 +327,24 @@ static PyObject *Pipe_set_fd(Pipe *p, PyObject *arg) {
         PyErr_SetString(PyExc_RuntimeError, "set_fd: records are in flight");
         return NULL;
     }
+    Py_RETURN_NONE;
+}
+
+/* in_flight() -> the last LSN of the batch being written, or 0 (for tests: a waiter that
+ * must sleep until a batch someone else leads ends). */
+static PyObject *Pipe_in_flight(Pipe *p, PyObject *Py_UNUSED(ignored)) {
+    pthread_mutex_lock(&p->mu);
+    long long through = p->busy ? p->through : 0;
+    pthread_mutex_unlock(&p->mu);
+    return PyLong_FromLongLong(through);
+}
+
+/* kick(): have the thread write what was handed over (for writers that do not wait). */
+static PyObject *Pipe_kick(Pipe *p, PyObject *Py_UNUSED(ignored)) {
+    pthread_mutex_lock(&p->mu);
+    if (p->idle && p->fill_len > 0)
+        pthread_cond_signal(&p->work);
+    pthread_mutex_unlock(&p->mu);
     Py_RETURN_NONE;
 }
 
@@ -368,6 +410,10 @@ static PyMethodDef Pipe_methods[] = {
      "wait(lsn, timeout) -> (durable_lsn, errno, batches)"},
     {"set_fd", (PyCFunction)Pipe_set_fd, METH_O, "set_fd(fd): a new segment"},
     {"set_notify", (PyCFunction)Pipe_set_notify, METH_O, "set_notify(eventfd or -1)"},
+    {"in_flight", (PyCFunction)Pipe_in_flight, METH_NOARGS,
+     "in_flight() -> the last LSN of the batch being written, or 0"},
+    {"kick", (PyCFunction)Pipe_kick, METH_NOARGS,
+     "kick(): the thread writes what was handed over (nobody waits to)"},
     {"poll", (PyCFunction)Pipe_poll, METH_NOARGS,
      "poll() -> (durable_lsn, errno, batches): clear the eventfd, GIL kept"},
     {"close", (PyCFunction)Pipe_close, METH_NOARGS, "close(): drain, then stop the thread"},

@@ -12,13 +12,16 @@ record fsync'd (`wait(durable=True)`: the interval syncer, `sync`, `close`) and 
 busy asks the next batch to fsync, whoever leads it.
 
 Under fsync="always", where wal/_pipe.c is built, the writing is not done here at all: each
-record is framed on its own and handed to a `Pipe`, whose thread (no Python, no GIL) writes and
-fdatasyncs whatever has been handed over since its last batch and publishes the LSN that is now
-durable. A Python leader had to take the GIL back after each fdatasync before it could start the
-next batch, while the writers ran Python; the pipe starts it at once. Writers wait for it in C
-(`wait`), an event loop through an eventfd (`notify_fd`, `poll`), and whoever sees a batch end
-tells the listeners (`_advance`). The harness replacing a system call, or a crash point armed,
-retires the pipe for good (`_retire_pipe`), so that it sees every call from then on.
+record is framed on its own and handed to a `Pipe`. A writer that waits for its record and finds
+the pipe idle writes and fdatasyncs everything handed over itself, in C with the GIL released (a
+lone writer pays exactly its own write and fdatasync); records handed over while a batch is in
+flight are taken by the pipe's thread (no Python, no GIL) the moment it ends, and so are those
+of writers that do not wait (`kick`: asyncio). A Python leader had to take the GIL back after
+each fdatasync before it could start the next batch, while the writers ran Python; the pipe
+starts it at once. Writers wait in C (`wait`), an event loop through an eventfd (`notify_fd`,
+`poll`), and whoever sees a batch end tells the listeners (`_advance`). The harness replacing
+a system call, or a crash point armed, retires the pipe for good (`_retire_pipe`), so that it
+sees every call from then on.
 
 The committer shares the sequencer's lock: records are queued in LSN order under that lock, and
 every method here except `add_listener`, `start_background_leader`, `notify_fd` and
@@ -265,6 +268,7 @@ class GroupCommitter:
     def kick(self) -> None:
         """Lock held. Records were queued by a writer that will not lead: have them written."""
         if self._pipe is not None:
+            self._pipe.kick()
             if self._advancer_idle:
                 self._kick.notify()
         elif not self._leader_active:
