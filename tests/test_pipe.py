@@ -1,13 +1,17 @@
-"""The group commit without the GIL (wal/_pipe.c): a thread of its own writes the log.
+"""The group commit without the GIL (wal/_pipe.c).
 
-Under fsync="always" (and no fault-injection harness), records go to `Pipe`, whose POSIX
-thread writes and fdatasyncs them in batches and publishes how far the log is durable. What
-these tests hold it to: every byte in LSN order, nothing durable before its fdatasync returned
-(the order of the calls is read from strace in tests/test_wal_sync.py, which runs this path),
-a failure sticky and refusing writes, segments rotated with nothing in flight, the harness
-seeing every call once it replaces one, and an event loop woken through an eventfd with no
-thread of ours taking the GIL in between. Kills (tests/test_fault_kill.py) and power cuts of
-the default configuration run it too.
+Under fsync="always" (and no fault-injection harness), records go to `Pipe`: a writer waiting
+for its record that finds no batch in flight writes and fdatasyncs everything handed over
+itself, GIL released; otherwise its POSIX thread does, the moment the batch in flight ends.
+What these tests hold it to: every byte in LSN order, nothing acknowledged before its
+fdatasync returned (read from strace over four writer threads, here), a failure sticky and
+refusing writes, segments rotated with nothing in flight and nobody admitted meanwhile, the
+harness seeing every call once it replaces one, waiters woken by their batch (not the
+backstop), and an event loop woken through an eventfd with no thread of ours taking the GIL
+in between. Kills of the default configuration (tests/test_fault_kill.py) and the LazyFS
+campaigns' fsync="always" cycles run it too (their worker leaves the log's fdatasyncs alone
+there); the power-loss recorder and the I/O-error sweep replace calls, so they run the group
+commit in Python (wal/commit.py).
 """
 
 from __future__ import annotations
