@@ -282,13 +282,7 @@ class GroupCommitter:
                 pipe = self._pipe
                 if pipe is not None:
                     if self.queued_lsn > self.durable_lsn and self.failure is None:
-                        target = self.durable_lsn + 1
-                        self._lock.release()
-                        try:
-                            state = pipe.wait(target, FOLLOWER_RECHECK)
-                        finally:
-                            self._lock.acquire()
-                        self._advance(*state)
+                        self._wait_for_pipe(pipe, self.durable_lsn + 1)
                     else:
                         self._advancer_idle = True
                         self._kick.wait()
@@ -297,6 +291,16 @@ class GroupCommitter:
                     self._lead()
                 else:
                     self._kick.wait()
+
+    def _wait_for_pipe(self, pipe: Any, lsn: int) -> None:
+        """Lock held, released meanwhile: sleep in C until `pipe` has made record `lsn`
+        durable (or failed, or FOLLOWER_RECHECK has passed), then take in how far it got."""
+        self._lock.release()
+        try:
+            state = pipe.wait(lsn, FOLLOWER_RECHECK)
+        finally:
+            self._lock.acquire()
+        self._advance(*state)
 
     def wait(self, lsn: int, *, durable: bool = False) -> None:
         """Return once record `lsn` is acknowledged (or fsync'd, if `durable`). Lock held.
@@ -308,12 +312,7 @@ class GroupCommitter:
             if pipe is None:
                 break
             self.check()
-            self._lock.release()
-            try:
-                state = pipe.wait(lsn, FOLLOWER_RECHECK)
-            finally:
-                self._lock.acquire()
-            self._advance(*state)
+            self._wait_for_pipe(pipe, lsn)
         while (self.durable_lsn if durable else self.acknowledged_lsn) < lsn:
             self.check()
             if durable and self._syncing_through < lsn:
