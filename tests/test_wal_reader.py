@@ -742,10 +742,66 @@ def test_a_segment_without_sync_marks_keeps_the_strict_rule(tmp_path: Path) -> N
     assert "a valid record follows" in corruption(path).reason
 
 
+@pytest.mark.parametrize("zeros", [1, FRAME_SIZE - 1, FRAME_SIZE, 4096, (1 << 20) + 3])
+def test_zeros_after_the_last_frame_under_interval_are_the_clean_end(tmp_path: Path,
+                                                                     zeros: int) -> None:
+    """Under fsync="interval" the writer reserves space ahead of its map (wal/writer.py): the
+    zeros it had not reached end the log, they are not a torn tail (under "always" they are:
+    test_zero_filled_tail_is_torn_and_measured)."""
+    path = tmp_path / segment_name(1)
+    records = puts(1, 3)
+    clean, _ = marked_segment(path, [frame(record) for record in records])
+    append(path, bytes(zeros))
+
+    got, end = read(path)
+
+    assert got == records
+    assert (end.torn_bytes, end.torn_reason, end.end) == (0, None, len(clean))
+
+
+@pytest.mark.parametrize("after", [1, 4096, (1 << 20) + 5])
+def test_zeros_then_anything_under_interval_are_judged_as_damage(tmp_path: Path,
+                                                                 after: int) -> None:
+    """Only zeros to the very end are the clean end: one other byte after them, however far
+    (past the first chunk read), makes them a hole, judged by the damage rule."""
+    path = tmp_path / segment_name(1)
+    records = puts(1, 3)
+    clean, _ = marked_segment(path, [frame(record) for record in records])
+    append(path, bytes(after) + b"\x01")
+
+    got, end = read(path)
+
+    assert got == records
+    assert end.torn_bytes == after + 1 and end.torn_reason is not None
+    assert corruption(path, is_last=False).offset == len(clean)
+
+
+def test_a_zero_tail_in_an_earlier_interval_segment_is_its_end_and_a_hole_is_a_gap(
+        tmp_path: Path) -> None:
+    """A segment is cut to its size when closed, but a zero tail left (a crash mid-rotation)
+    reads as its end; records zeroed there are then missing, which the next segment's first
+    LSN shows: a gap, corruption."""
+    wal = tmp_path / "wal"
+    wal.mkdir()
+    first = wal / segment_name(1)
+    marked_segment(first, [frame(record) for record in puts(1, 3)])
+    append(first, bytes(5000))
+    marked_segment(wal / segment_name(4), [frame(record) for record in puts(4, 2)])
+    got, end = scan(wal)
+    assert lsns(got) == [1, 2, 3, 4, 5] and end.problem is None
+
+    (wal / segment_name(4)).unlink()  # as if record 4, at the end of the first, were zeroed
+    marked_segment(wal / segment_name(5), [frame(puts(5, 1)[0])])
+    records: list[Any] = []
+    problem = walk_log(str(wal), 0, records.extend).problem
+    assert problem is not None and "records 4..4 are missing" in problem.reason
+    assert lsns(records) == [1, 2, 3]
+
+
 def test_the_writer_marks_every_interval_fsync(tmp_path: Path) -> None:
     writer = LogWriter(str(tmp_path), 1, segment_size=1 << 20, sync_marks=True)
     writer.append([msgpack.packb(r) for r in puts(1, 2)], 1, 2)
-    writer.sync()
+    writer.mark(writer.sync())  # as the group commit does, its lock held
     writer.append([msgpack.packb(r) for r in puts(3, 1)], 3, 3)
     writer.close()
     path = tmp_path / segment_name(1)

@@ -16,8 +16,10 @@ and no record of it can look like "valid data after damage". 0xC1 is never a msg
 byte.
 
 `segment_size` is the size after which the writer starts a new segment; a segment only
-exceeds it by one frame and one sync mark (`max_segment_bytes`), so a reader refuses a larger
-file at once, before reading it.
+exceeds it by one frame and two sync marks (`max_segment_bytes`: under fsync="interval" a
+fsync in flight may mark after the frame that fills the segment, and the fsync for that frame
+marks again), so a reader refuses a larger file at once, before reading it. Zeros reserved
+after the last frame (a zero tail, below) count: the writer never reserves past that size.
 
 **Sync marks** (flag `FLAG_SYNC_MARKS`, set by a writer under fsync="interval", where frames
 are acknowledged before they are fsync'd): after each fsync the writer appends a mark frame
@@ -33,6 +35,11 @@ records and no LSN.
 and accept a frame there only if it is intact: magic, length in 1..MAX_FRAME_PAYLOAD, inside
 the file, checksum right, payload a non-empty list of well-formed records. Anything else is
 skipped by searching for the next magic after it.
+
+**A zero tail**: a segment with sync marks (fsync="interval") may end in zeros from a frame
+or mark boundary on: its writer reserves space ahead (`wal/writer.py`), and where the zeros
+start is where the log ends, not damage. Neither magic starts with a zero byte. Under
+fsync="always" nothing is reserved, and zeros are judged as any other torn tail.
 
 **The damage rule** (applied by `wal/reader.py`): a bad frame at offset D of the LAST segment
 is a torn tail (the write a crash cut off, never acknowledged under fsync="always") unless
@@ -75,7 +82,7 @@ MAX_FRAME_PAYLOAD = 64 * 1024 * 1024
 MAX_SINGLE_RECORD = MAX_FRAME_PAYLOAD - 16
 # The largest segment_size a writer may use (it must fit the header's u32).
 MAX_SEGMENT_SIZE = 1024 * 1024 * 1024
-_MARK_BYTES = FRAME_SIZE + 16  # a mark frame: its payload is at most 10 bytes of msgpack
+_MARK_BYTES = 2 * (FRAME_SIZE + 16)  # two mark frames: a payload is at most 10 bytes of msgpack
 
 
 @dataclass(frozen=True)

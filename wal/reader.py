@@ -16,6 +16,9 @@ Damage is judged by the rule stated in `wal/format.py`, applied in `_judge`:
     an earlier segment, and a frame whose checksum is right but whose content is not usable
     (an LSN out of sequence, a malformed record, a key the database cannot store, a value
     that does not decode: a torn write cannot produce those).
+Zeros from a frame boundary to the end of a segment written under fsync="interval" (it has
+sync marks) are its clean end, not damage: space the writer reserved and had not reached
+(`zero_tail`; wal/format.py). Under fsync="always" they stay a torn tail.
 `intact_frames` is the resync rule: every later consumer of a damaged segment (the damage
 judgement here, `wbcache verify`, salvage's counts) finds data after damage with it alone.
 
@@ -191,6 +194,26 @@ def intact_marks(data: Data, start: int, size: int) -> Iterator[tuple[int, int]]
         at = data.find(MARK_MAGIC, at + 1)
 
 
+_NO_MAGIC = bytes(4)
+_ZERO_CHUNK = 1024 * 1024
+
+
+def zero_tail(data: Data, at: int, size: int) -> bool:
+    """Whether every byte from `at` to the end of the segment is zero: space its writer
+    reserved and had not reached (wal/writer.py's mapped segment), a clean end of the log.
+    Read a chunk at a time; pages read are released from the process again."""
+    release = (data.madvise if isinstance(data, mmap.mmap) and _RELEASE is not None
+               else None)
+    for start in range(at, size, _ZERO_CHUNK):
+        end = min(start + _ZERO_CHUNK, size)
+        if data[start:end].count(0) != end - start:
+            return False
+        if release is not None:
+            page = start - start % mmap.PAGESIZE
+            release(_RELEASE, page, end - page)
+    return True
+
+
 # ------------------------------------------------------------------ the walker
 
 def read_segment(path: str, *, first_lsn: int, is_last: bool,
@@ -264,7 +287,8 @@ def _walk(result: SegmentEnd, data: Data, header: SegmentHeader, is_last: bool,
                 pos, expected = fast_end, fast_next
         if not records:
             if size - pos < FRAME_SIZE:
-                reason = "frame header cut off at end of file"
+                if not (marks and zero_tail(data, pos, size)):
+                    reason = "frame header cut off at end of file"
                 break
             magic, length, crc = unpack_frame(data, pos)
             if magic != FRAME_MAGIC:
@@ -274,6 +298,8 @@ def _walk(result: SegmentEnd, data: Data, header: SegmentHeader, is_last: bool,
                         result.synced_to = max(result.synced_to, mark[0])
                         pos = mark[1]
                         continue
+                if marks and magic == _NO_MAGIC and zero_tail(data, pos, size):
+                    break  # where the writer had not reached: the clean end (format.py)
                 reason = "bad frame marker"
                 break
             if length == 0 or length > MAX_FRAME_PAYLOAD:
