@@ -34,11 +34,14 @@ REOPENED = "O"  # [O, round]  the worker closed its cache and opened it again (c
 OPEN = "o"  # [o, fd, path, created, append]
 WRITE = "w"  # [w, fd, data]  (data: the bytes written, or their count when not recorded)
 SYNC = "f"  # [f, fd]        fdatasync or fsync returned
+SYNC_BEGIN = "g"  # [g, fd]  one is called (lazyfs_worker.py only)
 CLOSE = "c"  # [c, fd]
 TRUNCATE = "t"  # [t, fd, length]
 RENAME = "r"  # [r, src, dst]
 UNLINK = "u"  # [u, path]
 DIR_SYNC = "d"  # [d, dir]  fsync of a directory returned
+SYNCING = "Y"  # [Y, n]  the worker's n-th `cache.sync()` began (lazyfs_worker.py)
+SYNCED = "y"  # [y, n]   it returned: every write acknowledged before its SYNCING is durable
 # Database commits:
 DB_BEGIN = "B"  # [B, checkpoint, puts, deletes, increments] (None: not recorded), before apply
 DB_DONE = "b"  # [b, checkpoint]                                 after it returned

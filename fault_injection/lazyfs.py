@@ -249,12 +249,9 @@ class _Campaign:
         elif plan.kind == "torn-op":
             injections.append(Injection("torn-op", (("file", segment),
                                                     *sorted(plan.torn_op.items()))))
-        elif plan.kind == "torn-seq":
-            occurrence = plan.torn_seq["occurrence"]
-            injections += [Injection("torn-seq", (("file", segment), ("op", "write"),
-                                                  ("occurrence", occurrence),
-                                                  ("persist", plan.torn_seq["persist"]))),
-                           _crash_before("fsync", segment, occurrence)]
+        elif plan.kind == "torn-seq":  # a write-back of the mapped segment torn (plan)
+            injections.append(Injection("torn-op", (("file", segment),
+                                                    *sorted(plan.torn_seq.items()))))
         else:  # recovery kinds: a log-heavy writer, cut after some acknowledgements
             decide, kill_after = counting(ACK, plan.acks_before_cut, after_ready=False), \
                 TRIGGER_WAIT

@@ -7,10 +7,14 @@ most the last `fsync_interval` seconds". Two rules, each a floor on what must su
 higher one applies:
 
   * the sync rule (exact, no margin): every write acknowledged before a fsync of the log
-    RETURNED is on disk. The worker journals that fsync (lazyfs_worker.py) after it returned,
-    in the same ordered journal as the acknowledgements, and group commits run one at a time,
-    so an acknowledgement earlier in the journal was written before that fsync began (or
-    before the rotation that fsync'd its segment and created the next one);
+    BEGAN is on disk once it RETURNED. The worker journals both (lazyfs_worker.py), in the
+    same ordered journal as the acknowledgements: a write through the mapped segment
+    (wal/writer.py) is acknowledged without waiting for a fsync in flight, so one journaled
+    while that fsync ran may not be in it. A return with no beginning journaled (the one C
+    call, `write_sync`, whose batch no acknowledgement can overtake) covers every
+    acknowledgement before it. Likewise every
+    write acknowledged before a `cache.sync()` BEGAN, once it returned (SYNCING, SYNCED): the
+    library's own promise, which holds even if a bug skipped the system call;
   * the time rule: every write acknowledged more than `fsync_interval` + INTERVAL_MARGIN
     before the cut must survive, whether or not a fsync was journaled: this is what catches a
     syncer that stops or falls behind. The acknowledgement's time is when the parent READ it
@@ -30,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from wbcache.fault_injection.journal import ACK, OPEN, SYNC
+from wbcache.fault_injection.journal import ACK, OPEN, SYNC, SYNC_BEGIN, SYNCED, SYNCING
 from wbcache.fault_injection.oracle import ThreadJournal, journals_from
 
 INTERVAL_MARGIN = 0.5  # seconds; see the module docstring
@@ -62,6 +66,8 @@ def required_acks(events: Sequence[list[Any]], times: Sequence[float], *, fsync:
     required: dict[int, int] = {}
     log_fds: set[int] = set()
     waiting_since: float | None = None  # when the oldest ack not yet covered by a fsync came
+    syncing: dict[int, dict[int, int]] = {}  # a cache.sync() in flight: so_far when it began
+    fsyncing: dict[int, dict[int, int]] = {}  # the same, for a fsync of a log descriptor
     longest = 0.0
     for event, at in zip(events, _padded(times, len(events)), strict=True):
         tag = event[0]
@@ -78,8 +84,15 @@ def required_acks(events: Sequence[list[Any]], times: Sequence[float], *, fsync:
                 required[thread] = max(required.get(thread, 0), seq + 1)
             if waiting_since is None:
                 waiting_since = at
+        elif tag == SYNCING:
+            syncing[event[1]] = dict(so_far)
+        elif tag == SYNCED:
+            for thread, count in syncing.pop(event[1], {}).items():
+                required[thread] = max(required.get(thread, 0), count)
+        elif tag == SYNC_BEGIN and event[1] in log_fds:
+            fsyncing[event[1]] = dict(so_far)
         elif tag == SYNC and event[1] in log_fds:
-            for thread, count in so_far.items():
+            for thread, count in fsyncing.pop(event[1], so_far).items():
                 required[thread] = max(required.get(thread, 0), count)
             if waiting_since is not None and at != float("inf"):
                 longest = max(longest, at - waiting_since)

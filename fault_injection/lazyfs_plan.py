@@ -12,9 +12,11 @@ Kinds (each ends in a power cut, then a remount and the oracle's check):
                  commit, the log it covers half gone
     torn-op      one write to the log's first segment torn: some of its parts reach the disk,
                  the others not, then LazyFS crashes
-    torn-seq     fsync="interval": of the writes between two fsyncs of that segment, some reach
-                 the disk and others not (never the first), then LazyFS crashes just before the
-                 fsync that ends them: unsynced pages written back out of order
+    torn-seq     fsync="interval": unsynced pages written back out of order. That mode writes
+                 the log through a memory map (wal/writer.py): little reaches the file system
+                 between two fsyncs, and each fsync writes the dirty pages back, a run of them
+                 in one write. One of those writes is torn in 2 to 4 parts, the last kept, the
+                 first not (the others at random), then LazyFS crashes
     recovery     a log-heavy writer is cut; then the power goes again DURING the next open's
                  recovery (mid-replay commit, after it, mid-deletion, at data.mdb's fsync)
     recover-cli  the same, during `wbcache recover DIR` (the command line tool)
@@ -49,7 +51,6 @@ RECOVERY_CUTS = ("begin", "done", "unlink", "db-fsync", "log-unlink", "clock")
 RECOVER_CLI_CUTS = ("db-fsync", "log-unlink", "clock")
 LOG_HEAVY = {"flush_interval": 1000.0, "flush_threshold": 10_000_000}  # nothing flushed
 BIG_SEGMENT = 1 << 20  # torn cycles: the first segment holds every write until the fault
-TORN_SEQ_SPAN = 400  # torn-seq: writes considered after the first of the group
 
 
 @dataclass
@@ -63,7 +64,7 @@ class CyclePlan:
     unlink_after_ready: bool = False  # log-unlink: arm once the worker is ready
     unlink_timing: str = "before"  # log-unlink: crash "before" or "after" the unlink
     torn_op: dict[str, Any] = field(default_factory=dict)  # occurrence, parts, persist
-    torn_seq: dict[str, Any] = field(default_factory=dict)  # occurrence, persist
+    torn_seq: dict[str, Any] = field(default_factory=dict)  # occurrence, parts, persist
     acks_before_cut: int = 0  # recovery kinds: the log-heavy writer's acknowledgements
     second_cut: str = ""  # recovery kinds: how the power goes during the recovery
     second_at: float = 0.0  # its seconds (clock) or fsync number (db-fsync)
@@ -101,12 +102,12 @@ def plan_cycle(rng: random.Random, cycle: int) -> CyclePlan:
     elif kind == "torn-seq":
         options.update(fsync="interval", segment_size=BIG_SEGMENT,
                        fsync_interval=rng.choice([0.005, 0.02, 0.05]))
-        if rng.random() < 0.5:  # everything but the group's first write
-            persist = list(range(2, TORN_SEQ_SPAN + 2))
-        else:  # a random half, never the first (so something before a kept write is lost)
-            persist = [n for n in range(2, TORN_SEQ_SPAN + 2) if rng.random() < 0.5] or [2]
-        # Fsync 1 of a segment covers its header; group g is the writes that fsync g + 1 ends.
-        plan.torn_seq = {"occurrence": rng.randint(1, 3), "persist": persist}
+        parts = rng.randint(2, 4)
+        middle = rng.sample(range(2, parts), rng.randint(0, parts - 2))
+        # Write 1 is the header; the first extension of the file is filled by LazyFS itself;
+        # from then on, one write (or a few) per fsync.
+        plan.torn_seq = {"occurrence": rng.randint(3, 6), "parts": parts,
+                         "persist": sorted({*middle, parts})}
     else:  # recovery, recover-cli: a long log first
         options.update(LOG_HEAVY, segment_size=rng.choice([4096, 8192]))
         plan.acks_before_cut = rng.randint(300, 3000)

@@ -8,26 +8,42 @@ journaled backend needs the directory's layout, so a new directory is laid out f
 open and close in this process, where a cut can land too) and adds, through the same journal
 and the same `SyscallRecorder` hooks:
 
-    SYNC    [f, fd]     an fdatasync/fsync of a log file RETURNED (emitted before the library
-                        goes on), so every acknowledgement journaled before it is on disk
+    SYNC_BEGIN [g, fd]  an fdatasync/fsync is called: under fsync="interval" a write through
+                        the mapped segment (wal/writer.py) may be acknowledged while one runs,
+                        so only what was acknowledged before this is sure to be in it;
+    SYNC    [f, fd]     that fdatasync/fsync RETURNED (emitted before the library goes on), so
+                        every acknowledgement journaled before its SYNC_BEGIN is on disk
                         (also after a batch's write and fdatasync in one call, `write_sync`);
     UNLINK  [u, path]   a segment was deleted (flushes and deletions were in flight).
 
-Under fsync="interval" the parent needs the first: an acknowledged write may be lost by a power
-cut only if no log fsync returned after its acknowledgement (lazyfs.py, `required_acks`).
+    SYNCING [Y, n]      fsync="interval", in even cycles: the n-th `cache.sync()` of a thread
+    SYNCED  [y, n]      that calls it every `fsync_interval` (the library's promise, not a
+                        system call: what was acknowledged before it began is durable once
+                        it returned). Not in odd cycles: there the library's own syncer is
+                        alone, and the time rule shows it if it stops or falls behind.
+
+Under fsync="interval" the parent needs them: an acknowledged write may be lost by a power
+cut only if no log fsync, and no `cache.sync()`, returned after its acknowledgement
+(lazyfs_oracle.py, `required_acks`). The second holds even where a bug skipped the first's
+system call (mutants/lazyfs/log-fdatasync-skipped.patch): writes through the mapped segment
+(wal/writer.py) reach LazyFS only when the kernel writes the map back, so nothing else would
+show them lost.
 Under fsync="always" it journals no SYNC (every acknowledged write must survive): the log's
 fdatasyncs are left alone, so wal/_pipe.c's thread writes it, as outside the harness.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from typing import ClassVar
 
 import wbcache
 from wbcache.fault_injection import worker
+from wbcache.fault_injection.journal import SYNC_BEGIN, SYNCED, SYNCING, Journal
 from wbcache.fault_injection.trace import SyscallRecorder
 from wbcache.wal.syscalls import SYSCALLS
 
@@ -56,6 +72,33 @@ class SyncRecorder(SyscallRecorder):
         for name in names:
             setattr(SYSCALLS, name, getattr(self, f"_{name}"))
 
+    def _fdatasync(self, fd: int) -> None:
+        self._journal.emit(SYNC_BEGIN, fd)
+        super()._fdatasync(fd)
+
+    def _fsync(self, fd: int) -> None:
+        self._journal.emit(SYNC_BEGIN, fd)
+        super()._fsync(fd)
+
+
+_SYNC_NUMBERS = itertools.count()  # one sequence for every syncer of the process (all rounds)
+
+
+def _start_syncer(cache: wbcache.Cache, journal: Journal, interval: float) -> None:
+    """A thread calling `cache.sync()` every `interval` s (a pace, not a wait for anything)
+    until the cache is closed or the process killed."""
+    def sync() -> None:
+        paced = threading.Event()
+        while not paced.wait(interval):
+            number = next(_SYNC_NUMBERS)
+            journal.emit(SYNCING, number)
+            try:
+                cache.sync()
+            except Exception:  # closed (the next round opens another), or the log failed
+                return
+            journal.emit(SYNCED, number)
+    threading.Thread(target=sync, name="lazyfs-syncer", daemon=True).start()
+
 
 def main(argv: list[str]) -> None:
     config = LazyfsWorkerConfig.from_json(argv[1])
@@ -64,6 +107,9 @@ def main(argv: list[str]) -> None:
     if not os.path.isdir(os.path.join(config.directory, "wal")):
         wbcache.open(config.directory).close()
     SyncRecorder.syncs = config.options.get("fsync", "always") != "always"
+    if SyncRecorder.syncs and config.cycle % 2 == 0:
+        interval = float(config.options.get("fsync_interval", 1.0))
+        worker.ON_OPEN = lambda cache, journal: _start_syncer(cache, journal, interval)
     worker.SyscallRecorder = SyncRecorder  # type: ignore[misc]  # what worker.run installs
     worker.run(config)
 

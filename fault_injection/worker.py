@@ -146,10 +146,17 @@ def _ready(cache: wbcache.Cache, journal: Journal) -> None:
     journal.emit(READY, os.getpid(), report.replayed, report.torn_bytes, report.checkpoint_after)
 
 
+# Called with each cache the worker opens, before its writers start (lazyfs_worker.py's
+# syncer); None: nothing.
+ON_OPEN: Callable[[wbcache.Cache, Journal], None] | None = None
+
+
 def _opened(round_: int, cache: wbcache.Cache, acache: Any, journal: Journal,
             inherited: Inherited, forker: Forker | None) -> None:
     with inherited.lock:
         inherited.cache, inherited.acache = cache, acache
+    if ON_OPEN is not None:
+        ON_OPEN(cache, journal)
     if round_ == 0:
         _ready(cache, journal)
         if forker is not None:

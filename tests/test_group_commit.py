@@ -47,16 +47,20 @@ class GatedWriter:
             self.gates[self._appends - 1].wait()
         if self.fail_first and self._appends == 1:
             raise OSError(5, "Input/output error (injected)")
-        if sync:  # as LogWriter.append: the batch's fsync follows its write
-            self.sync()
+        return self.sync() if sync else 0  # as LogWriter.append: the fsync follows the write
 
     def pipe_ready(self) -> bool:
         """No: these tests are of the group commit in Python (wal/_pipe.c's path is
         tests/test_pipe.py's)."""
         return False
 
-    def sync(self) -> None:
+    def write_mapped(self, record: bytes, lsn: int) -> bool:
+        """No map (fsync="interval" writes into one; these batches are written)."""
+        return False
+
+    def sync(self) -> int:
         self.calls.append("sync")
+        return 0  # no sync marks: nothing to `mark`
 
     def close(self) -> None:
         self.calls.append("close")

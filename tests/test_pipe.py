@@ -550,7 +550,8 @@ def test_a_segment_that_cannot_be_created_fails_the_log_and_keeps_what_was_ackno
     cache = wbcache.open(tmp_path / "c", segment_size=4096)
     tried: list[int] = []
 
-    def no_space(wal_dir: str, first_lsn: int, header: bytes) -> tuple[int, str]:
+    def no_space(wal_dir: str, first_lsn: int, header: bytes, *,
+                 mappable: bool = False) -> tuple[int, str]:
         tried.append(first_lsn)
         raise OSError(errno.ENOSPC, "injected: no space for a new segment")
     monkeypatch.setattr(writer_module, "create_segment", no_space)

@@ -34,9 +34,9 @@ from built_support import assert_fast_path
 from controlled import wait_until
 
 from wbcache.errors import LogFailedError
-from wbcache.wal import crashpoints
+from wbcache.wal import crashpoints, read_segment
 from wbcache.wal import syscalls as syscalls_module
-from wbcache.wal.format import encode_mark
+from wbcache.wal.format import MARK_MAGIC, encode_mark
 from wbcache.wal.syscalls import SYSCALLS, Syscalls
 
 FAST = (syscalls_module._write_sync
@@ -230,23 +230,46 @@ def test_each_batch_of_fsync_always_is_one_call(open_cache: Any, calls: list[int
 
 
 @needs_fast
-def test_under_interval_a_batch_synced_on_request_is_one_call_then_its_mark(
-        open_cache: Any, calls: list[int], cache_dir: Path) -> None:
+def test_under_interval_a_put_is_no_system_call_and_a_sync_is_then_marked(
+        open_cache: Any, calls: list[int], cache_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync="interval" copies each record into the mapped segment (wal/writer.py): neither a
+    write nor the one C call; `sync()` fdatasyncs it and then marks how far it is on disk."""
+    from wbcache.wal import writer as writer_module
+    written: list[int] = []
+    real_write_all = writer_module.write_all
+
+    def write_all(fd: int, data: bytes) -> None:
+        written.append(len(data))
+        real_write_all(fd, data)
+    monkeypatch.setattr(writer_module, "write_all", write_all)
     cache = open_cache(fsync="interval", fsync_interval=3600)
     for i in range(5):
-        cache.put(f"k{i}", i)  # written, not synced
-    assert calls == []
-    _, key, encoded, held = cache._limits.put_op("last", 1)
-    cache._sequencer.put_nowait(key, encoded, held)  # queued; nobody leads (no AsyncCache)
-    cache.sync()  # the batch that writes it is asked to fsync: one call, then the sync mark
-    assert len(calls) == 1
+        cache.put(f"k{i}", i)
+    assert calls == [] and written == []
     segment, = (cache_dir / "wal").glob("*.log")
+    assert segment.stat().st_size > 4096  # reserved ahead, read as zeros
+    cache.sync()
+    assert calls == [] and written == []
+    reading = read_segment(str(segment), first_lsn=1, is_last=True)
+    records: list[Any] = []
+    while True:
+        try:
+            records.extend(next(reading))
+        except StopIteration as stop:
+            end = stop.value
+            break
+    end.check()
+    assert [record[0] for record in records] == [1, 2, 3, 4, 5]
     data = segment.read_bytes()
-    mark = encode_mark(len(data) - len(encode_mark(0)))
-    assert data.endswith(mark)  # every byte before the mark is fsync'd, it says
+    mark = data.index(MARK_MAGIC)
+    assert end.synced_to == mark and end.torn_bytes == 0  # all before the mark was fsync'd
+    assert not any(data[mark + len(encode_mark(0)):])  # then the reserved zeros: a clean end
+    size = segment.stat().st_size
     cache.close()
+    assert segment.stat().st_size == size  # never shrunk (a reader may have it mapped)
     reopened = open_cache()
-    assert reopened.get("k4") == 4 and reopened.get("last") == 1
+    assert [reopened.get(f"k{i}") for i in range(5)] == list(range(5))
 
 
 @needs_fast

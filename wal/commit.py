@@ -9,7 +9,11 @@ waiter woken only to find its record not yet covered costs a thread switch and t
 nothing). A lone writer therefore pays exactly one write + fdatasync, and under load the
 batches grow by themselves. Under fsync="interval" batches are not fsync'd; a writer that needs its
 record fsync'd (`wait(durable=True)`: the interval syncer, `sync`, `close`) and finds a leader
-busy asks the next batch to fsync, whoever leads it.
+busy asks the next batch to fsync, whoever leads it. There, too, a record is not queued at all
+while no batch is being written: it is copied into the segment's memory map at once
+(`LogWriter.write_mapped`, lock held), which is as far as a `write` would take it; a leader's
+lone fsync may run meanwhile, and its sync mark is written once it returned, lock held. A
+leader writing records (`_writing`) keeps such copies out, so that they stay in LSN order.
 
 Under fsync="always", where wal/_pipe.c is built, the writing is not done here at all: each
 record is framed on its own and handed to a `Pipe`. A writer that waits for its record and finds
@@ -78,6 +82,7 @@ class GroupCommitter:
         self.written_lsn = next_lsn - 1
         self.durable_lsn = next_lsn - 1
         self._leader_active = False
+        self._writing = False  # a leader is writing records (lock released): none is mapped
         self._sync_wanted = False  # the next batch must fsync: a durable waiter asked
         self._syncing_through = next_lsn - 1  # what the batch in flight will have fsync'd
         self.failure: BaseException | None = None
@@ -96,6 +101,7 @@ class GroupCommitter:
         self._advancer_idle = False
         self.rotating = False  # a writer is starting the next segment for the pipe
         self._rotated = threading.Condition(lock)
+        self._led = threading.Condition(lock)  # a leader's batch ended (`close` waits for it)
         self._notify_fd: int | None = None
 
     @property
@@ -115,6 +121,21 @@ class GroupCommitter:
         if self._pipe is not None:
             self._submit(lsn, record)
             return
+        if not self._pending and not self._writing and self.failure is None:
+            # fsync="interval": written at once into the mapped segment (wal/writer.py), so
+            # acknowledged, unless the segment is full or the map is retired
+            try:
+                mapped = self._writer.write_mapped(record, lsn)
+            except BaseException as exc:
+                self.queued_lsn = lsn
+                self._fail(exc, lsn)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            if mapped:
+                self.queued_lsn = self.written_lsn = lsn
+                self._pending_first_lsn = lsn + 1
+                return
         self._pending.append(record)
         self.queued_lsn = lsn
 
@@ -389,23 +410,34 @@ class GroupCommitter:
         self._sync_wanted = False
         self._syncing_through = last_lsn if do_sync else self.durable_lsn
         self._leader_active = True
+        self._writing = bool(records)
         error: BaseException | None = None
+        synced = 0
         try:
             self._lock.release()
             try:
                 if records:
-                    self._writer.append(records, first_lsn, last_lsn, sync=do_sync)
+                    synced = self._writer.append(records, first_lsn, last_lsn, sync=do_sync)
                 elif do_sync:
-                    self._writer.sync()
+                    synced = self._writer.sync()
             except BaseException as exc:  # an interrupted write leaves the log unknown too
                 error = exc
             finally:
                 self._lock.acquire()
+            if synced and error is None and self.failure is None:
+                # Lock held: mapped writers may have appended meanwhile. Not after a failure
+                # (another thread's): the log is unknown, and `close` may be under way.
+                try:
+                    self._writer.mark(synced)
+                except BaseException as exc:
+                    error = exc
         finally:
-            self._leader_active = False
+            self._leader_active = self._writing = False
+            self._led.notify_all()
         self.batches += 1
         if error is None:
-            self.written_lsn = last_lsn
+            # not back: mapped writes may have gone past what this batch took (a lone fsync)
+            self.written_lsn = max(self.written_lsn, last_lsn)
             if do_sync:
                 self.durable_lsn = last_lsn
                 self.fsyncs += 1
@@ -431,6 +463,8 @@ class GroupCommitter:
             if self.failure is None:
                 self.wait(self.queued_lsn, durable=True)
         finally:
+            while self._leader_active:  # a lone fsync of a failed log: its segment is in use
+                self._led.wait()
             self._closing = True
             self._kick.notify_all()
             if self._pipe is not None:

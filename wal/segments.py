@@ -62,16 +62,20 @@ def list_segments(wal_dir: str) -> list[SegmentFile]:
     return found
 
 
-def create_segment(wal_dir: str, first_lsn: int, header: bytes) -> tuple[int, str]:
+def create_segment(wal_dir: str, first_lsn: int, header: bytes, *, mappable: bool = False
+                   ) -> tuple[int, str]:
     """Create a segment starting with `header`, durable (file and directory fsync'd) before
     returning.
 
-    Returns the open file descriptor (write-only, appending) and the path.
+    Returns the open file descriptor (write-only, appending) and the path. If `mappable`, it is
+    readable too, as a shared writable map needs, and not appending, so that room for the map
+    can be reserved at an offset (`Syscalls.reserve`); its offset is then the end of the header.
     """
     path = os.path.join(wal_dir, segment_name(first_lsn))
     if crashpoints.ARMED:
         crashpoints.reached("wal.segment.before_create")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_APPEND | os.O_CLOEXEC
+    flags = ((os.O_RDWR if mappable else os.O_WRONLY | os.O_APPEND)
+             | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         fd = SYSCALLS.open(path, flags, 0o600)
     except FileExistsError:

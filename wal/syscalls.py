@@ -10,6 +10,8 @@ so the harness sees every call from then on (wal/commit.py).
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 
 
@@ -25,6 +27,31 @@ def _write_then_sync(fd: int, data: bytes) -> None:
     """`write_sync` where wal/_sync.c is not built: the two calls."""
     write_all(fd, data)
     SYSCALLS.fdatasync(fd)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+# 64-bit offsets whatever the build (`fallocate` takes an off_t, 32 bits on a 32-bit one).
+_fallocate = getattr(_LIBC, "fallocate64", None) or _LIBC.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+
+def _reserve(fd: int, start: int, end: int) -> None:
+    """Allocate bytes `start..end` of the file on disk (read as zeros; the size grows to
+    `end`), so that a full disk is an error now, not a SIGBUS on a memory-mapped write.
+
+    fallocate(2) itself, not `os.posix_fallocate`: where the file system cannot allocate
+    (FUSE, as LazyFS; NFS before 4.2) glibc's posix_fallocate writes a zero byte per block,
+    2,048 calls for a 1 MiB window on LazyFS. Here one byte is written, the last: the file is
+    extended (a hole before it reads as zeros), and such a file system allocates when the
+    pages are written back, so a full disk fails that fsync instead. `fd` must not append."""
+    while _fallocate(fd, 0, start, end - start) != 0:
+        error = ctypes.get_errno()
+        if error == errno.EINTR:
+            continue
+        if error not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(error, os.strerror(error))
+        os.pwrite(fd, b"\0", end - 1)
+        return
 
 
 try:  # a batch's last write and its fdatasync, letting go of the GIL once (wal/_sync.c)
@@ -50,6 +77,7 @@ class Syscalls:
     rename = staticmethod(os.rename)
     unlink = staticmethod(os.unlink)
     fsync_dir = staticmethod(_fsync_dir)
+    reserve = staticmethod(_reserve)
 
 
 SYSCALLS = Syscalls()

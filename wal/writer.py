@@ -4,15 +4,32 @@ Whether and when to fsync is decided one layer up (`wal/commit.py`); the writer 
 `sync()`. It never appends to a segment that existed before it was created: every open starts a
 fresh segment, so a torn tail can only ever be at the end of the newest file.
 
+**The mapped segment** (fsync="interval"). There a write is acknowledged once it is in the page
+cache, which a `kill -9` does not touch, and a lone writer paid one `write` system call per put
+for that. Instead the active segment is written through a shared memory map, one window (1 MiB,
+or less for a small segment) at a time, each reserved first (`SYSCALLS.reserve`: so that a
+full disk is an error here, not a SIGBUS later): a put is a copy into memory the kernel already
+owns (`write_mapped`). fdatasync writes back the map's dirty pages as it does written ones.
+What the writer had not reached reads as zeros, which the reader takes as the clean end of a
+segment (wal/reader.py). A segment is never shrunk back to its size: `wbcache inspect`, `verify`
+and the like map it from other processes, and a file shrunk under a reader's map is a SIGBUS
+in that reader. The fault-injection harness replacing `write`, or a crash point armed, retires
+the map for good (`map_ready`): records are then written from the end of what was mapped, over
+the zeros, so the harness sees every byte from then on. A record larger than
+`MAPPED_RECORD_LIMIT` is not copied under the sequencer's lock: a leader writes it.
+
 Thread-safety: `append`, `sync` and `close` are called by one group-commit leader at a time;
 `frame_one` (the pipe's, wal/_pipe.c) with the sequencer's lock held, and `rotate_to` by the
 one writer starting a segment, the lock released but every other writer kept out.
-`delete_through` and `sizes` may be called from any thread; they only touch the list of closed
-segments, under its own lock.
+`write_mapped` and `mark` are called with the sequencer's lock held, never while a leader
+writes records (`append`); a leader's fdatasync may run meanwhile. `delete_through` and `sizes`
+may be called from any thread; they only touch the list of closed segments, under its own lock.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +41,8 @@ from wbcache.wal.format import (
     encode_header,
     encode_mark,
     encode_records,
+    max_segment_bytes,
+    read_header,
 )
 from wbcache.wal.segments import create_segment, delete_segments
 from wbcache.wal.syscalls import SYSCALLS, Syscalls, write_all
@@ -31,6 +50,13 @@ from wbcache.wal.syscalls import SYSCALLS, Syscalls, write_all
 # The calls as imported: one replaced later, on SYSCALLS or on its class, is the harness's.
 _PLAIN_WRITE, _PLAIN_FDATASYNC, _PLAIN_WRITE_SYNC = (
     Syscalls.write, Syscalls.fdatasync, Syscalls.write_sync)
+# Bytes of a mapped segment reserved and mapped at once (at most): a segment's file holds at
+# most this much of zeros after its last write, and the process maps no more of the log.
+_WINDOW = 1024 * 1024
+_MIN_WINDOW = 64 * 1024  # a small segment's window: this, or its size rounded up to pages
+# A record larger than this goes to a leader, written with the sequencer's lock released, not
+# copied into the map under it (a 64 MiB copy would stall every other writer).
+MAPPED_RECORD_LIMIT = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -54,26 +80,38 @@ class LogWriter:
         self._segment_size = segment_size
         self._header = encode_header(segment_size=segment_size, sync_marks=sync_marks)
         self._sync_marks = sync_marks
-        self._fd, self._path = create_segment(wal_dir, next_lsn, self._header)
+        # The mapped segment (module docstring): under fsync="interval", until retired.
+        self._mapping = sync_marks and _unwatched()
+        self._fd, self._path = create_segment(wal_dir, next_lsn, self._header,
+                                              mappable=self._mapping)
         self._first_lsn = next_lsn
         self._last_lsn = next_lsn - 1  # no record yet
         self._size = len(self._header)
         self._closed: list[ClosedSegment] = []
         self._closed_lock = threading.Lock()
+        self._map: mmap.mmap | None = None
+        self._map_start = self._map_end = 0
+        self._map_limit = max_segment_bytes(read_header(self._header))  # type: ignore[arg-type]
+        pages = -(-segment_size // mmap.PAGESIZE) * mmap.PAGESIZE
+        self._window = min(_WINDOW, max(_MIN_WINDOW, pages))  # a multiple of the page size
+        self._file_end = self._size  # the active segment's file size (past `_size`: reserved)
 
     def append(self, records: list[bytes], first_lsn: int, last_lsn: int, *,
-               sync: bool = False) -> None:
+               sync: bool = False) -> int:
         """Write records `first_lsn..last_lsn` (encoded, in LSN order) with ONE write call,
         as one frame (or more, only if they exceed the frame size limit: then a segment may be
         started between two of them, so that none grows past one frame over its size). With
         `sync`, then `sync()`: the last write and the fdatasync in one C call when they can be
-        (`SYSCALLS.write_sync`: the GIL let go once, not twice)."""
+        (`SYSCALLS.write_sync`: the GIL let go once, not twice). Returns what `sync()` does
+        (0 without `sync`)."""
+        if self._mapping and not self.map_ready():
+            self._retire_map()
         frames = _frames(records, first_lsn)
         last_frame = frames[-1][0]
         # Not with a crash point armed between the two, nor with either call replaced by the
         # fault-injection harness (it records or fails them one by one), unless it replaced
-        # the one call too (then it sees that).
-        one_call = sync and not crashpoints.ARMED and (
+        # the one call too (then it sees that); nor into a map.
+        one_call = sync and not self._mapping and not crashpoints.ARMED and (
             "write_sync" in vars(SYSCALLS)
             or SYSCALLS.write is Syscalls.write and SYSCALLS.fdatasync is Syscalls.fdatasync)
         for data, first, last in frames:
@@ -90,15 +128,16 @@ class LogWriter:
                 # (wal/commit.py), so `_last_lsn` is left as it was either way.
                 SYSCALLS.write_sync(self._fd, data)
                 self._last_lsn = last
-                self._mark(synced)
-                return
-            write_all(self._fd, data)
+                return synced
+            if self._mapping:
+                self._copy(data, self._size - len(data))
+            else:
+                write_all(self._fd, data)
             self._last_lsn = last
             if crashpoints.ARMED:
                 crashpoints.reached("wal.after_write")
         assert self._last_lsn == last_lsn
-        if sync:
-            self.sync()
+        return self.sync() if sync else 0
 
     @property
     def fd(self) -> int:
@@ -111,6 +150,72 @@ class LogWriter:
         return (not self._sync_marks and not crashpoints.ARMED
                 and SYSCALLS.write is _PLAIN_WRITE and SYSCALLS.fdatasync is _PLAIN_FDATASYNC
                 and SYSCALLS.write_sync is _PLAIN_WRITE_SYNC)
+
+    def map_ready(self) -> bool:
+        """Whether records may go through the map: under fsync="interval", not retired, and
+        no harness watching (`_unwatched`)."""
+        return self._mapping and _unwatched()
+
+    def write_mapped(self, record: bytes, lsn: int) -> bool:
+        """Append record `lsn` as a frame of its own through the map, and return True; or
+        return False, writing nothing, when the segment is full (a leader's `append` starts
+        the next one) or the map is retired. Raises `OSError` when no room can be reserved,
+        and the log has then failed (wal/commit.py)."""
+        if (self._size >= self._segment_size or not self._mapping
+                or len(record) > MAPPED_RECORD_LIMIT):
+            return False
+        if not self.map_ready():
+            self._retire_map()
+            return False
+        frame = encode_frame(encode_records([record]))
+        at = self._size
+        end = at + len(frame)
+        if self._map_start <= at and end <= self._map_end:
+            self._map[at - self._map_start:end - self._map_start] = frame  # type: ignore[index]
+        else:
+            self._copy(frame, at)
+        # Counted once copied, not before as `append` does: a leader's `sync` reads the size
+        # without the lock, and must not mark as fsync'd a frame still being copied.
+        self._size = end
+        self._last_lsn = lsn
+        return True
+
+    def _copy(self, data: bytes, at: int) -> None:
+        """Copy `data` into the segment at offset `at` through the map, window by window."""
+        view = memoryview(data)
+        while view:
+            if not self._map_start <= at < self._map_end:
+                self._remap(at)
+            count = min(len(view), self._map_end - at)
+            start = at - self._map_start
+            self._map[start:start + count] = view[:count]  # type: ignore[index]
+            view, at = view[count:], at + count
+
+    def _remap(self, at: int) -> None:
+        """Map the window holding offset `at`, reserved on disk first (never past the largest
+        file a reader accepts, wal/format.py)."""
+        self._unmap()
+        start = at - at % self._window
+        length = min(self._window, self._map_limit - start)
+        # From the file's end: every byte written is before it.
+        SYSCALLS.reserve(self._fd, max(start, self._file_end), start + length)
+        self._file_end = max(self._file_end, start + length)
+        self._map = mmap.mmap(self._fd, length, offset=start)
+        self._map_start, self._map_end = start, start + length
+
+    def _unmap(self) -> None:
+        """Let go of the window (its dirty pages stay in the page cache)."""
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+            self._map_start = self._map_end = 0
+
+    def _retire_map(self) -> None:
+        """From here on, `write` at the end of what was written (the descriptor does not
+        append, wal/segments.py), over the reserved zeros: the harness sees it all."""
+        self._unmap()
+        self._mapping = False
+        os.lseek(self._fd, self._size, os.SEEK_SET)
 
     def full(self) -> bool:
         """The next frame goes to a new segment (`append` rotates by itself; a `Pipe`'s
@@ -132,38 +237,48 @@ class LogWriter:
         be reused by any open in the process)."""
         self._rotate(first_lsn, synced=True, switch=switch)
 
-    def sync(self) -> None:
-        """fdatasync the active segment: everything appended so far is then on disk. With sync
-        marks, then append a mark saying so (itself fsync'd by the next sync)."""
+    def sync(self) -> int:
+        """fdatasync the active segment: everything appended so far is then on disk. Returns
+        the offset up to which it is, for `mark`."""
         if crashpoints.ARMED:
             crashpoints.reached("wal.before_fsync")
         synced = self._size
         SYSCALLS.fdatasync(self._fd)
         if crashpoints.ARMED:
             crashpoints.reached("wal.after_fsync")
-        self._mark(synced)
+        return synced
 
-    def _mark(self, synced: int) -> None:
-        """With sync marks, say that the segment is fsync'd up to `synced` bytes (only once the
-        fsync it reports has returned)."""
+    def mark(self, synced: int) -> None:
+        """With sync marks, say that the segment is fsync'd up to offset `synced` (returned by
+        a `sync` that has returned; itself fsync'd by the next sync). The sequencer's lock
+        held: mapped writers append meanwhile."""
         if self._sync_marks and synced > len(self._header):
+            if self._mapping and not self.map_ready():
+                self._retire_map()  # the harness replacing `write` sees the mark too
             mark = encode_mark(synced)
-            self._size += len(mark)
-            write_all(self._fd, mark)
+            if self._mapping:
+                self._copy(mark, self._size)
+                self._size += len(mark)
+            else:
+                self._size += len(mark)
+                write_all(self._fd, mark)
 
     def _rotate(self, first_lsn: int, *, synced: bool = False,
                 switch: Callable[[int], None] | None = None) -> None:
         # The old segment is made durable before the new one exists, so that only the newest
         # segment can ever end in a torn record (fsync="interval" leaves it unsynced otherwise).
+        self._unmap()
         if not synced:
             SYSCALLS.fdatasync(self._fd)
-        fd, path = create_segment(self._wal_dir, first_lsn, self._header)
+        fd, path = create_segment(self._wal_dir, first_lsn, self._header,
+                                  mappable=self._mapping)
         old_fd = self._fd
         with self._closed_lock:
             self._closed.append(
                 ClosedSegment(self._first_lsn, self._last_lsn, self._path, self._size))
             self._fd, self._path = fd, path
             self._first_lsn, self._size = first_lsn, len(self._header)
+            self._file_end = self._size
         if switch is not None:
             switch(fd)
         SYSCALLS.close(old_fd)
@@ -191,7 +306,15 @@ class LogWriter:
             return self._size + closed_bytes, len(self._closed) + 1
 
     def close(self) -> None:
+        self._unmap()
         SYSCALLS.close(self._fd)
+
+
+def _unwatched() -> bool:
+    """No crash point armed and `write` not replaced by the fault-injection harness: it records
+    or fails every byte written, and would not see a copy into memory. One that replaces only
+    the syncs (LazyFS's worker journals them) leaves the map be."""
+    return not crashpoints.ARMED and SYSCALLS.write is _PLAIN_WRITE
 
 
 def _frames(records: list[bytes], first_lsn: int) -> list[tuple[bytes, int, int]]:
