@@ -22,6 +22,7 @@ from wbcache.fault_injection.lazyfs_config import LAZYFS_MODES, LazyfsUnavailabl
 from wbcache.fault_injection.report import verdict
 from wbcache.fault_injection.shared_table import check_url, redact
 from wbcache.fault_injection.torture import BACKEND_MODES, MODES, run_torture
+from wbcache.options import FSYNC_MODES
 
 THREADS = 4  # writer threads per worker
 BACKEND_THREADS = 8  # per node, with --backend: four processes of 8 threads
@@ -75,10 +76,14 @@ def _backend(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 @click.option("--lazyfs", metavar="PATH", envvar="WBCACHE_LAZYFS",
               help="The LazyFS binary, for --mode lazyfs and lazyfs-shared (also in all) "
                    "[env WBCACHE_LAZYFS].")
+@click.option("--fsync", type=click.Choice(FSYNC_MODES), default=None,
+              help="Every worker's cache in this fsync mode (kill, interleave, shared, lazyfs "
+                   "and --backend runs; LazyFS's torn-seq cycles stay \"interval\") "
+                   "[default: each run picks one].")
 @click.option("--quiet", is_flag=True, help="Print only the final table.")
 def torture(directory: str | None, mode: str, backend: str | None, shared: bool, cycles: int,
             seed: int | None, threads: int | None, seconds: float | None, lazyfs: str | None,
-            quiet: bool) -> None:
+            fsync: str | None, quiet: bool) -> None:
     """Crash caches on purpose and check that no acknowledged write is ever lost.
 
     Workers write from several threads and report every acknowledgement; they are killed
@@ -94,6 +99,7 @@ def torture(directory: str | None, mode: str, backend: str | None, shared: bool,
     (kept after a violation or an interruption).
 
     Examples: wbcache torture --mode all --cycles 50 --seed 1;
+    wbcache torture --mode kill --fsync interval --cycles 50;
     wbcache torture --backend postgresql://postgres@127.0.0.1:5432/test --cycles 20;
     wbcache torture --shared --cycles 200
     """
@@ -110,18 +116,19 @@ def torture(directory: str | None, mode: str, backend: str | None, shared: bool,
     os.makedirs(workdir, exist_ok=True)
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
     threads = threads or (THREADS if backend is None else BACKEND_THREADS)
+    fsync_note = "" if fsync is None else f", fsync={fsync}"
     if backend is None:
         click.echo(f"wbcache torture: modes {', '.join(modes)}, size {cycles}, seed {seed}, "
-                   f"{threads} writer threads, scratch {workdir}")
+                   f"{threads} writer threads{fsync_note}, scratch {workdir}")
     else:
         what = {"kill": f"{cycles} kills", "lazyfs": f"{cycles} power-cut cycles"}
         click.echo(f"wbcache torture: {' and '.join(modes)}, caches sharing {redact(backend)}: "
                    f"{', '.join(what[mode] for mode in modes)} of up to 4 nodes of {threads} "
-                   f"writer threads, seed {seed}, scratch {workdir}")
+                   f"writer threads{fsync_note}, seed {seed}, scratch {workdir}")
     try:
         report = run_torture(workdir, modes=modes, cycles=cycles, seed=seed, threads=threads,
                              seconds=seconds, progress=None if quiet else click.echo,
-                             backend=backend)
+                             backend=backend, fsync=fsync)
     except Exception as exc:
         if backend is None:
             raise

@@ -26,12 +26,20 @@ class Settings:
     progress: Callable[[str], None] | None = None
     cycles_per_dir: int = 10  # a fresh cache directory after this many cycles
     backend: str | None = None  # a shared database's URL (nodes.py); None: each cache's LMDB
+    fsync: str | None = None  # every worker cache's fsync mode; None: each run picks its own
     started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         # Workers run in a scratch directory of their own (runner.py), so every path handed
         # to them must not depend on the harness's working directory.
         self.workdir = os.path.abspath(self.workdir)
+
+    def options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """A worker's cache `options` (chosen at random) with the fsync mode asked for, if
+        any: the random choices stay the same, so a seed gives the same runs otherwise."""
+        if self.fsync is not None:
+            options["fsync"] = self.fsync
+        return options
 
     def expired(self) -> bool:
         return self.seconds is not None and time.monotonic() - self.started >= self.seconds

@@ -74,7 +74,7 @@ def worker_config(settings: Settings, rng: random.Random, directory: str, cycle:
     clean = trigger == "clean"
     return WorkerConfig(
         directory=directory, seed=settings.seed, cycle=cycle, threads=settings.threads,
-        shared=True, record="light", options=random_options(rng),
+        shared=True, record="light", options=settings.options(random_options(rng)),
         slow_reads=rng.choice([0.0, 0.001, 0.004]), async_tasks=rng.choice([0, 0, 2]),
         ops_per_thread=rng.choice([40, 120]) if clean else rng.choice([60, 200, 600]),
         rounds=rng.randint(2, 3) if clean else 1_000, close_at_end=clean,

@@ -74,6 +74,7 @@ def run_kills(settings: Settings) -> Outcome:
     carried: dict[Any, Any] = {}
     directory = ""
     asynchronous = children = before_any_ack = 0
+    modes = {"always": 0, "interval": 0}
     for cycle in range(settings.cycles):
         if settings.expired():
             break
@@ -87,8 +88,10 @@ def run_kills(settings: Settings) -> Outcome:
         record = "light" if trigger in ("flush", "commit", "rotate") else "none"
         async_tasks = rng.choice([0, 0, 2, 4])  # asyncio writers beside the threads
         asynchronous += bool(async_tasks)
+        options = settings.options(random_options(rng))
+        modes[options["fsync"]] += 1
         config = WorkerConfig(directory=directory, seed=settings.seed, cycle=cycle,
-                              threads=settings.threads, options=random_options(rng),
+                              threads=settings.threads, options=options,
                               record=record, async_tasks=async_tasks,
                               forks=FORKS if trigger == "fork" else 0,
                               kill_in_apply=rng.randint(1, 4) if trigger == "apply" else None)
@@ -120,6 +123,8 @@ def run_kills(settings: Settings) -> Outcome:
         shutil.rmtree(directory, ignore_errors=True)
     outcome.rows["kill triggers"] = ", ".join(f"{name} {count}" for name, count in triggers.items())
     outcome.rows["  cycles with asyncio writers too"] = asynchronous
+    outcome.rows["  cycles by fsync mode"] = ", ".join(f"{name} {count}"
+                                                       for name, count in modes.items())
     outcome.rows["  forked children checked"] = children
     # Killed in start-up or recovery before any write was acknowledged: such a cycle checks
     # only what the earlier cycles left (carried), not writes of its own.

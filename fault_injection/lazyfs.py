@@ -165,6 +165,8 @@ class _Campaign:
             if cycle % settings.cycles_per_dir == 0:
                 self._fresh_directory(cycle)
             plan = plan_cycle(self.rng, cycle)
+            if plan.kind != "torn-seq":  # that one tears the log mapped under "interval"
+                settings.options(plan.options)
             self.rows[f"kind {plan.kind}"] += 1
             tally = self._cycle(cycle, plan)
             self.outcome.tally.add(tally)

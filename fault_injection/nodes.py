@@ -80,8 +80,9 @@ class Node:
         trigger = (TRIGGERS[(self.index + kill) % len(TRIGGERS)] if kill < len(TRIGGERS)
                    else rng.choice(TRIGGERS))
         self.triggers[trigger] += 1
+        options = self.settings.options(random_options(rng))
         config = NodeConfig(directory=self.directory, url=self.url, node=self.index,
-                            threads=self.settings.threads, options=random_options(rng),
+                            threads=self.settings.threads, options=options,
                             record=trigger in ("flush", "commit"))
         kill_on, after = _trigger(rng, trigger)
         run = run_worker(config, self.settings.path("nodes", f"scratch{self.index}"),

@@ -104,7 +104,7 @@ class Slot:
         trigger = (TRIGGERS[(self.index + kill) % len(TRIGGERS)] if kill < len(TRIGGERS)
                    else rng.choice(TRIGGERS))
         self.triggers[trigger] += 1
-        options = random_options(rng)
+        options = self.settings.options(random_options(rng))
         options["adopt_interval"] = rng.choice([0.02, 0.1, 0.5])
         if trigger in ("flush", "adopt"):
             options["flush_interval"] = rng.choice([0.005, 0.02])

@@ -101,11 +101,12 @@ class TortureReport:
 def run_torture(workdir: str, *, modes: tuple[str, ...], cycles: int, seed: int,
                 threads: int = 4, seconds: float | None = None,
                 progress: Callable[[str], None] | None = None,
-                backend: str | None = None) -> TortureReport:
+                backend: str | None = None, fsync: str | None = None) -> TortureReport:
     """Run each of `modes` (in MODES order) at size `cycles`; `seconds` is shared evenly
     among them (a mode stops starting cycles when its share is spent). With `backend` (a
     postgresql:// URL), the caches share that database (nodes.py) and only BACKEND_MODES run:
-    `cycles` kills."""
+    `cycles` kills. `fsync` ("always" or "interval"): every worker's cache in that mode (the
+    kill, interleave, shared, lazyfs and backend campaigns; the others choose none)."""
     campaigns = CAMPAIGNS if backend is None else BACKEND_CAMPAIGNS
     unsupported = [mode for mode in modes if mode not in campaigns]
     if unsupported:
@@ -117,7 +118,7 @@ def run_torture(workdir: str, *, modes: tuple[str, ...], cycles: int, seed: int,
     for mode in chosen:
         settings = Settings(workdir=workdir, seed=seed,
                             cycles=cycles if backend else scaled(mode, cycles),
-                            threads=threads, progress=progress, backend=backend,
+                            threads=threads, progress=progress, backend=backend, fsync=fsync,
                             seconds=None if seconds is None else seconds / len(chosen))
         report.outcomes.append(campaigns[mode](settings))
     report.seconds = time.monotonic() - started

@@ -28,6 +28,20 @@ def test_torture_prints_every_figure_of_the_table_and_passes(tmp_path: Path) -> 
     assert seed_row.split()[-1] == "9"
 
 
+def test_torture_fsync_puts_every_worker_in_that_mode(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["torture", str(tmp_path / "work"), "--mode", "kill",
+                                       "--cycles", "3", "--seed", "9", "--threads", "2",
+                                       "--fsync", "interval"])
+    assert result.exit_code == 0, result.output
+    assert "2 writer threads, fsync=interval" in result.output
+    modes_row = next(line for line in result.output.splitlines()
+                     if "cycles by fsync mode" in line)
+    assert modes_row.split()[-4:] == ["always", "0,", "interval", "3"]
+    assert "verdict: PASS" in result.output
+    wrong = CliRunner().invoke(main, ["torture", "--fsync", "never"])
+    assert wrong.exit_code == 2 and "Traceback" not in wrong.output
+
+
 def test_torture_interleave_prints_the_linearizability_and_fork_figures(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["torture", str(tmp_path / "work"), "--mode",
                                        "interleave", "--cycles", "2", "--seed", "3",

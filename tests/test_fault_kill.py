@@ -26,6 +26,16 @@ def test_24_random_kills_lose_no_acknowledged_write(tmp_path: Path) -> None:
     assert set(used) == set(TRIGGERS) and all(int(count) > 0 for count in used.values())
 
 
+def test_random_kills_under_fsync_interval_lose_no_acknowledged_write(tmp_path: Path) -> None:
+    """fsync="interval" writes the log through a memory map (wal/writer.py): a put is
+    acknowledged once copied into it, and a kill -9 must lose none of those either."""
+    outcome = run_kills(Settings(workdir=str(tmp_path), seed=SEED, cycles=12,
+                                 fsync="interval"))
+    assert outcome.tally.violations == 0, "\n".join(outcome.tally.messages)
+    assert outcome.rows["  cycles by fsync mode"] == "always 0, interval 12"
+    assert outcome.tally.recovered == outcome.tally.acknowledged > 500
+
+
 def test_workers_import_the_library_whatever_folder_the_harness_runs_in(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # `python -m` puts the working directory first on the import path: a `wbcache` folder
