@@ -3,18 +3,20 @@ map of the active segment, reserved a window (`_WINDOW`, 1 MiB) at a time.
 
 What these tests prove, each against real files: a `kill -9` loses no acknowledged put, frames
 that straddle a window boundary and segment rotations included, and the zeros reserved after
-the last frame read as the clean end of the log; a segment rotated or closed is cut to its
-size; the fault-injection harness replacing `SYSCALLS.write` retires the map for good, the
-reserved zeros cut before its first write, every byte after seen by it; a forked child's exit
-leaves the parent's reservation (and so its map) alone; sync marks copied through the map,
-one of them across a window boundary, are read back. The log is read with the reader itself
-(`wbcache.wal.read_segment`), the files' sizes with `os.stat`.
+the last frame read as the clean end of the log; a segment is never shrunk, so a reader in
+another process keeps its map across rotation and close; the fault-injection harness
+replacing `SYSCALLS.write` retires the map for good, every byte after written over the
+reserved zeros and seen by it; a file system that refuses the map gets the records written;
+a forked child's exit leaves the parent's reservation (and so its map) alone; sync marks
+copied through the map, one of them across a window boundary, are read back. The log is read
+with the reader itself (`wbcache.wal.read_segment`), the files' sizes with `os.stat`.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import random
 import select
@@ -437,3 +439,29 @@ def test_no_room_for_the_next_window_fails_the_log_and_keeps_what_was_acknowledg
     assert [reopened.get(f"k{i}") == value(i, 10_000) for i in range(acknowledged)] == \
         [True] * acknowledged
     assert reopened.get("later") is None
+
+
+def test_a_file_system_refusing_the_map_gets_the_records_written(
+        open_cache: Callable[..., Any], cache_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """FUSE with direct_io refuses a shared writable map (ENODEV): the segment is then
+    written as under a retired map, from its start, and nothing else changes."""
+    from wbcache.wal import writer as writer_module
+
+    def refused(*args: Any, **kwargs: Any) -> mmap.mmap:
+        raise OSError(errno.ENODEV, "No such device")
+    monkeypatch.setattr(writer_module.mmap, "mmap", refused)
+    cache = open_cache(**INTERVAL)
+    assert "the log is written, not mapped" in caplog.text
+    fd = cache._sequencer._committer._writer._fd
+    for i in range(5):
+        cache.put(f"k{i}", value(i, 1_000))
+    monkeypatch.undo()  # the reader maps files too; the writer stays retired
+    (segment,) = list_segments(str(cache_dir / "wal"))
+    lsns, end = read_back(segment.path, 1, is_last=True)
+    assert lsns == [1, 2, 3, 4, 5] and os.lseek(fd, 0, os.SEEK_CUR) == end.end  # written
+    cache.put("k5", value(5, 1_000))
+    assert os.lseek(fd, 0, os.SEEK_CUR) > end.end
+    cache.close()
+    reopened = open_cache(**INTERVAL)
+    assert [reopened.get(f"k{i}") == value(i, 1_000) for i in range(6)] == [True] * 6

@@ -409,11 +409,11 @@ class GroupCommitter:
         do_sync = self._sync_every_batch or self._sync_wanted
         self._sync_wanted = False
         self._syncing_through = last_lsn if do_sync else self.durable_lsn
-        self._leader_active = True
-        self._writing = bool(records)
         error: BaseException | None = None
         synced = 0
         try:
+            self._leader_active = True  # in the try: its finally is what clears it
+            self._writing = bool(records)
             self._lock.release()
             try:
                 if records:

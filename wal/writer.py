@@ -28,6 +28,8 @@ may be called from any thread; they only touch the list of closed segments, unde
 
 from __future__ import annotations
 
+import errno
+import logging
 import mmap
 import os
 import threading
@@ -57,6 +59,10 @@ _MIN_WINDOW = 64 * 1024  # a small segment's window: this, or its size rounded u
 # A record larger than this goes to a leader, written with the sequencer's lock released, not
 # copied into the map under it (a 64 MiB copy would stall every other writer).
 MAPPED_RECORD_LIMIT = 256 * 1024
+# What mmap raises where a file system cannot map a file shared and writable.
+_UNMAPPABLE = (errno.ENODEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EACCES)
+
+log = logging.getLogger("wbcache.wal")
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,11 @@ class LogWriter:
         pages = -(-segment_size // mmap.PAGESIZE) * mmap.PAGESIZE
         self._window = min(_WINDOW, max(_MIN_WINDOW, pages))  # a multiple of the page size
         self._file_end = self._size  # the active segment's file size (past `_size`: reserved)
+        try:
+            self._map_first_window()
+        except BaseException:
+            self.close()
+            raise
 
     def append(self, records: list[bytes], first_lsn: int, last_lsn: int, *,
                sync: bool = False) -> int:
@@ -203,6 +214,20 @@ class LogWriter:
         self._map = mmap.mmap(self._fd, length, offset=start)
         self._map_start, self._map_end = start, start + length
 
+    def _map_first_window(self) -> None:
+        """Map a new segment's first window at once: a file system that refuses a shared
+        writable map (FUSE with direct_io: ENODEV; 9p without a cache: EINVAL) leaves the map
+        retired, records written, from the start. A failure to reserve room is raised."""
+        if not self._mapping:
+            return
+        try:
+            self._remap(self._size)
+        except OSError as error:
+            if error.errno not in _UNMAPPABLE:
+                raise
+            log.warning("the log is written, not mapped (%s): %s", self._path, error)
+            self._retire_map()
+
     def _unmap(self) -> None:
         """Let go of the window (its dirty pages stay in the page cache)."""
         if self._map is not None:
@@ -275,13 +300,15 @@ class LogWriter:
         old_fd = self._fd
         with self._closed_lock:
             self._closed.append(
-                ClosedSegment(self._first_lsn, self._last_lsn, self._path, self._size))
+                ClosedSegment(self._first_lsn, self._last_lsn, self._path,
+                              max(self._size, self._file_end)))
             self._fd, self._path = fd, path
             self._first_lsn, self._size = first_lsn, len(self._header)
             self._file_end = self._size
         if switch is not None:
             switch(fd)
         SYSCALLS.close(old_fd)
+        self._map_first_window()
 
     def delete_through(self, lsn: int) -> int:
         """Delete the closed segments whose records all have LSN <= `lsn`; return how many.
@@ -303,7 +330,7 @@ class LogWriter:
         """(bytes, segments) of the log this writer holds on disk, the active segment included."""
         with self._closed_lock:
             closed_bytes = sum(segment.size for segment in self._closed)
-            return self._size + closed_bytes, len(self._closed) + 1
+            return max(self._size, self._file_end) + closed_bytes, len(self._closed) + 1
 
     def close(self) -> None:
         self._unmap()
