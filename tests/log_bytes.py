@@ -1,4 +1,5 @@
-"""Small helpers the log tests share: frame records by hand, find frames, damage bytes."""
+"""Small helpers the log tests share: frame records by hand, find frames, damage bytes, read
+a segment back."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import msgpack
 
+from wbcache.wal import SegmentEnd, read_segment
 from wbcache.wal.format import FRAME, FRAME_SIZE, HEADER_SIZE, encode_frame, encode_records
 
 
@@ -34,3 +36,15 @@ def flip_byte(path: Path, offset: int, mask: int = 0x01) -> None:
 def truncate(path: Path, size: int) -> None:
     with path.open("r+b") as file:
         file.truncate(size)
+
+
+def segment_records(path: str | Path, first_lsn: int = 1, *, is_last: bool = True
+                    ) -> tuple[list[Any], SegmentEnd]:
+    """Every record of the segment, and what the reader returned (its damage not raised)."""
+    records: list[Any] = []
+    reading = read_segment(str(path), first_lsn=first_lsn, is_last=is_last)
+    while True:
+        try:
+            records.extend(next(reading))
+        except StopIteration as stop:
+            return records, stop.value

@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from log_bytes import segment_records
 
 import wbcache
 from wbcache.errors import LogFailedError
-from wbcache.wal import SegmentEnd, list_segments, read_segment
+from wbcache.wal import SegmentEnd, list_segments
 from wbcache.wal.format import MARK_MAGIC, decode_mark, encode_mark
 from wbcache.wal.reader import intact_frames
 from wbcache.wal.syscalls import SYSCALLS, Syscalls
@@ -54,13 +55,8 @@ def value(i: int, size: int) -> bytes:
 
 def read_back(path: str | Path, first_lsn: int, *, is_last: bool) -> tuple[list[int], SegmentEnd]:
     """The LSNs of every record of the segment, and what the reader returned."""
-    lsns: list[int] = []
-    reading = read_segment(str(path), first_lsn=first_lsn, is_last=is_last)
-    while True:
-        try:
-            lsns.extend(record[0] for record in next(reading))
-        except StopIteration as stop:
-            return lsns, stop.value
+    records, end = segment_records(path, first_lsn, is_last=is_last)
+    return [record[0] for record in records], end
 
 
 def child_env() -> dict[str, str]:

@@ -32,9 +32,10 @@ from typing import Any
 import pytest
 from built_support import assert_fast_path
 from controlled import wait_until
+from log_bytes import segment_records
 
 from wbcache.errors import LogFailedError
-from wbcache.wal import crashpoints, read_segment
+from wbcache.wal import crashpoints
 from wbcache.wal import syscalls as syscalls_module
 from wbcache.wal.format import MARK_MAGIC, encode_mark
 from wbcache.wal.syscalls import SYSCALLS, Syscalls
@@ -251,14 +252,7 @@ def test_under_interval_a_put_is_no_system_call_and_a_sync_is_then_marked(
     assert segment.stat().st_size > 4096  # reserved ahead, read as zeros
     cache.sync()
     assert calls == [] and written == []
-    reading = read_segment(str(segment), first_lsn=1, is_last=True)
-    records: list[Any] = []
-    while True:
-        try:
-            records.extend(next(reading))
-        except StopIteration as stop:
-            end = stop.value
-            break
+    records, end = segment_records(segment)
     end.check()
     assert [record[0] for record in records] == [1, 2, 3, 4, 5]
     data = segment.read_bytes()
