@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import random
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
+import wbcache
 import wbcache.fault_injection.fuzz as fuzz
 from wbcache.fault_injection.campaign import Settings
 from wbcache.fault_injection.corruption import (
@@ -84,6 +86,37 @@ def test_the_fuzz_check_fails_on_a_foreign_exception(tmp_path: Path,
     tally = check_fuzz_case(str(tmp_path / "case"), sample, mutated, "broken",
                             {"opened": 0, "refused": 0})
     assert tally.errors == 1 and "IndexError" in tally.messages[0]
+
+
+def test_the_fuzz_check_judges_what_an_open_allocates_not_what_was_held_before(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader that allocates past the bound is caught; memory the process already held
+    (8 MiB here, twice the slack) does not count against a case that allocates little."""
+    sample = write_sample_log(SEED)
+    mutated = Mutated([(name, bytearray(data)) for name, data in sample.segments], ["none"],
+                      False)
+    bound = 4 * sum(len(data) for _, data in sample.segments) + fuzz.SLACK
+    real_open = fuzz.wbcache.open
+
+    def check() -> list[str]:
+        return check_fuzz_case(str(tmp_path / "case"), sample, mutated, "case",
+                               {"opened": 0, "refused": 0}).messages
+
+    def greedy_open(path: str) -> wbcache.Cache:
+        scratch = bytearray(bound + 1)  # what a reader trusting a length field would do
+        del scratch
+        return real_open(path)
+
+    tracemalloc.start()
+    try:
+        held = bytearray(2 * fuzz.SLACK)  # traced: allocated while tracing
+        assert check() == []
+        del held
+        monkeypatch.setattr(fuzz.wbcache, "open", greedy_open)
+        messages = check()
+    finally:
+        tracemalloc.stop()
+    assert len(messages) == 1 and "allocated" in messages[0], messages
 
 
 @pytest.mark.soak
