@@ -43,7 +43,7 @@ from wbcache.wal.format import FRAME, FRAME_MAGIC, MAX_FRAME_PAYLOAD, encode_v1_
 
 CASE_TIMEOUT = 10.0  # seconds
 _MIB = 1 << 20
-SLACK = 4 * _MIB  # bytes: opening, reading and closing a small cache peaks near 1.3 MiB
+SLACK = 4 * _MIB  # bytes: opening, reading and closing a small cache allocates about 0.3 MB
 
 
 class CaseHung(Exception):
