@@ -40,17 +40,25 @@ def _reserve(fd: int, start: int, end: int) -> None:
     `end`), so that a full disk is an error now, not a SIGBUS on a memory-mapped write.
 
     fallocate(2) itself, not `os.posix_fallocate`: where the file system cannot allocate
-    (FUSE, as LazyFS; NFS before 4.2) glibc's posix_fallocate writes a zero byte per block,
-    2,048 calls for a 1 MiB window on LazyFS. Here one byte is written, the last: the file is
-    extended (a hole before it reads as zeros), and such a file system allocates when the
-    pages are written back, so a full disk fails that fsync instead. `fd` must not append."""
+    (FUSE, as LazyFS; NFS before 4.2; ext2 and ext3) glibc's posix_fallocate writes a zero
+    byte per block, 2,048 calls for a 1 MiB window on LazyFS. Here the zeros are written
+    instead, in one call for the window: a local file system allocates its blocks then (a
+    full disk fails this call, where extending the file alone left a hole that ext2/ext3
+    allocate at the mapped write: a SIGBUS at the put), and a FUSE or NFS file system when
+    it writes the pages back (a full disk then fails that fsync). `fd` must not append."""
     while _fallocate(fd, 0, start, end - start) != 0:
         error = ctypes.get_errno()
         if error == errno.EINTR:
             continue
         if error not in (errno.EOPNOTSUPP, errno.ENOSYS):
             raise OSError(error, os.strerror(error))
-        os.pwrite(fd, b"\0", end - 1)
+        zeros = memoryview(bytes(end - start))
+        while zeros:  # a short write (a signal, the disk filling): the rest, or ENOSPC
+            written = os.pwrite(fd, zeros, start)
+            if written == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            zeros = zeros[written:]
+            start += written
         return
 
 
