@@ -104,8 +104,8 @@ def plan_cycle(rng: random.Random, cycle: int) -> CyclePlan:
                        fsync_interval=rng.choice([0.005, 0.02, 0.05]))
         parts = rng.randint(2, 4)
         middle = rng.sample(range(2, parts), rng.randint(0, parts - 2))
-        # Write 1 is the header; the first extension of the file is filled by LazyFS itself;
-        # from then on, one write (or a few) per fsync.
+        # Write 1 is the header; then each window's reserved zeros (LazyFS has no fallocate,
+        # wal/syscalls.py) and, from then on, one write (or a few) per fsync.
         plan.torn_seq = {"occurrence": rng.randint(3, 6), "parts": parts,
                          "persist": sorted({*middle, parts})}
     else:  # recovery, recover-cli: a long log first
