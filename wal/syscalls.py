@@ -43,9 +43,10 @@ def _reserve(fd: int, start: int, end: int) -> None:
     (FUSE, as LazyFS; NFS before 4.2; ext2 and ext3) glibc's posix_fallocate writes a zero
     byte per block, 2,048 calls for a 1 MiB window on LazyFS. Here the zeros are written
     instead, one call for the window (more after a short write): a local file system
-    allocates its blocks then (a full disk fails this call, where extending the file alone left a hole that ext2/ext3
-    allocate at the mapped write: a SIGBUS at the put), and a FUSE or NFS file system when
-    it writes the pages back (a full disk then fails that fsync). `fd` must not append."""
+    allocates its blocks then, so a full disk fails this call (extending the file alone left
+    a hole that ext2/ext3 allocate at the mapped write: a SIGBUS at the put), and a FUSE or
+    NFS file system when it writes the pages back (a full disk then fails that fsync). `fd`
+    must not append."""
     while _fallocate(fd, 0, start, end - start) != 0:
         error = ctypes.get_errno()
         if error == errno.EINTR:
