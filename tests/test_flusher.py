@@ -145,6 +145,35 @@ def test_writers_wait_at_max_dirty_and_resume_after_a_flush(
     assert cache.get("k5") == 5
 
 
+def test_clear_at_max_dirty_lets_the_flush_it_waits_for_run(open_cache: OpenCache,
+                                                             cache_dir: Path) -> None:
+    # clear() holds flushes off while it reads the database's keys. Its write used to wait out
+    # backpressure right there, for a flush that could never start: clear() and every writer
+    # after it hung until close().
+    cache = open_cache(flush_interval=3600, max_dirty=3, flush_threshold=1000)
+    cache.put("stored", 0)
+    cache.flush()  # one key only the database holds: clear() must read it
+    for key in ("a", "b", "c"):
+        cache.put(key, 1)  # dirty == max_dirty: the next write waits for a flush
+    errors: list[BaseException] = []
+
+    def clear() -> None:
+        try:
+            cache.clear()
+        except BaseException as exc:  # pragma: no cover - reported by the assert below
+            errors.append(exc)
+
+    thread = threading.Thread(target=clear, daemon=True)
+    thread.start()
+    thread.join(30)  # a bound on a hang, not a wait for something to happen
+    assert not thread.is_alive() and errors == []
+    assert list(cache.keys()) == []
+    cache.put("after", 2)  # writers go on
+    cache.close()
+    with wbcache.open(cache_dir) as reopened:
+        assert dict(reopened.items()) == {"after": 2}
+
+
 def test_a_failed_fsync_refuses_writes_until_reopened(open_cache: OpenCache,
                                                       cache_dir: Path) -> None:
     cache = open_cache()

@@ -39,7 +39,7 @@ from wbcache.lock import DirectoryLock
 from wbcache.memory import Entries
 from wbcache.options import Options
 from wbcache.recovery import RecoveryReport
-from wbcache.sequencer import ABSENT, Sequencer
+from wbcache.sequencer import ABSENT, Sequencer, WouldBlock
 from wbcache.wal import LogWriter
 from wbcache.writes import (
     BatchOperations,
@@ -282,9 +282,16 @@ class Cache(MutableMapping[Key, Any]):
         hold (read with the flusher held off, so none is missed). With a database shared by
         other caches, keys they add meanwhile survive. Raises `ValueError` if the keys do not
         fit one log record (about 3 million keys of 20 bytes)."""
-        with self._flusher.paused(self.options.flush_timeout):
-            stored = [key for key, _ in self._backend.items()]
-            self._sequencer.submit(delete_all_plan(stored))
+        while True:
+            with self._flusher.paused(self.options.flush_timeout):
+                stored = [key for key, _ in self._backend.items()]
+                try:  # never wait for room here: only a flush makes it, and flushes are held
+                    lsn = self._sequencer.submit_nowait(delete_all_plan(stored))[0]
+                    break
+                except WouldBlock:
+                    pass
+            self._sequencer.wait_for_room()  # flushes allowed again; then read afresh
+        self._sequencer.wait(lsn)
 
     def batch(self) -> Batch:
         """`with cache.batch() as b: b.put(..); b.delete(..); b.incr(..)`: one atomic write

@@ -237,6 +237,20 @@ class Sequencer:
             self._committer.kick()
             return lsn, result
 
+    def wait_for_room(self) -> None:
+        """Return once a write would be admitted at once: backpressure waited out, a full
+        segment under the pipe started (lock released meanwhile). For a caller that holds
+        what a flush needs, and so must not wait in `submit` (`Cache.clear`). Raises
+        `CacheClosedError`, `LogFailedError`."""
+        with self.lock:
+            self._admit(True)
+
+    def wait(self, lsn: int) -> None:
+        """Return once record `lsn` (from a `*_nowait` call) is acknowledged. Raises
+        `LogFailedError`."""
+        with self.lock:
+            self._committer.wait(lsn)
+
     def sync(self) -> None:
         """Wait until every write so far is fsync'd. Raises `LogFailedError`,
         `CacheClosedError`."""
