@@ -174,6 +174,28 @@ def test_clear_at_max_dirty_lets_the_flush_it_waits_for_run(open_cache: OpenCach
         assert dict(reopened.items()) == {"after": 2}
 
 
+def test_a_second_close_returns_only_once_the_first_has_released_the_directory(
+        backend: ControlledBackend, open_cache: OpenCache, cache_dir: Path) -> None:
+    # It used to return at once, while the first close was still in its final flush: the
+    # directory was still locked, and reopening it right after close() failed.
+    cache = open_cache(backend=backend, flush_interval=3600)
+    cache.put("k", 1)
+    backend.gate.clear()  # the final flush blocks inside the database
+    first = threading.Thread(target=cache.close)
+    first.start()
+    assert backend.entered.wait(10)
+    second_done = threading.Event()
+    second = threading.Thread(target=lambda: (cache.close(), second_done.set()))
+    second.start()
+    assert not second_done.wait(0.2)  # the first close is still flushing
+    backend.gate.set()
+    first.join(10)
+    second.join(10)
+    assert second_done.is_set()
+    with wbcache.open(cache_dir, backend=backend) as reopened:
+        assert reopened.get("k") == 1
+
+
 def test_a_failed_fsync_refuses_writes_until_reopened(open_cache: OpenCache,
                                                       cache_dir: Path) -> None:
     cache = open_cache()

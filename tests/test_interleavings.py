@@ -213,3 +213,16 @@ def test_cold_counters_from_many_threads_with_flushes_are_exact(
     for key, values in returned.items():
         repeated = [value for value, times in Counter(values).items() if times > 1]
         assert sorted(values) == list(range(1, len(values) + 1)), (key, repeated)
+
+
+def test_a_cold_get_ending_after_close_leaves_nothing_for_the_closed_cache_to_serve(
+        backend: ControlledBackend, tmp_path: Path) -> None:
+    # close() empties memory so that every later get is refused; a read still in flight used
+    # to put its answer back, and the lock-free hit path then served it from a closed cache.
+    cache = stored_then_cold(tmp_path / "c", backend, {"k": "v"})
+    thread, outcome = held_read(backend, lambda: cache.get("k"))
+    cache.close()
+    release(backend, thread)
+    assert outcome == ["v"]  # the read began before the close: its answer is still right
+    with pytest.raises(wbcache.CacheClosedError):
+        cache.get("k")

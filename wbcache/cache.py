@@ -24,6 +24,7 @@ the sequencer and the directory, and nothing here would be simpler split across 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
@@ -97,6 +98,7 @@ class Cache(MutableMapping[Key, Any]):
                         if options.fsync == "interval" else None)
         self._rebind()
         self._pid = os.getpid()
+        self._close_done = threading.Event()  # set once the first close() has finished
         self._flusher.start()
         if self._syncer is not None:
             self._syncer.start()
@@ -408,7 +410,16 @@ class Cache(MutableMapping[Key, Any]):
         `FlushError` is raised.
         """
         if not self._sequencer.close():
+            # Closed, or closing in another thread: return once that close has released the
+            # directory, as a close that returns promises (reopening it next must work).
+            self._close_done.wait()
             return
+        try:
+            self._close()
+        finally:
+            self._close_done.set()
+
+    def _close(self) -> None:
         forking.untrack(self)
         failure: BaseException | None = None
         steps = (self._flusher.stop,

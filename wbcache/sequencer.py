@@ -378,6 +378,9 @@ class Sequencer:
                 return False
             self._closed = True
             self._space.notify_all()
+            for reads in self._reads.values():  # a read ending after close keeps nothing: a
+                for read in reads:  # hit on a closed cache must raise, not answer
+                    read.stale = True
             return True
 
     def close_log(self) -> None:
