@@ -75,6 +75,10 @@ class Replayed:
     def touches(self, key: Key) -> bool:
         return key in self._values or key in self._deltas
 
+    def has_delta(self, key: Key) -> bool:
+        """Whether `key`'s value is the database's with increments added."""
+        return key in self._deltas
+
     def items(self, database: Backend, *, ordered: bool) -> Iterator[tuple[Key, bytes]]:
         """Every (key, encoded value) after the replay, in `key_order`. `ordered`: the
         database yields its items in that order (LMDB does), so they are merged as they come;

@@ -150,6 +150,7 @@ class DirectorySnapshot:
         self.logs: list[LogView] = []
         self._db: Backend | None = None
         self._replayed_view: Replayed | None = None
+        self._delta_logs: list[LogView] = []  # live logs whose increments are added here
         try:
             if found.shared:
                 for lane in found.lanes():  # one at a time: close() releases those held
@@ -334,12 +335,31 @@ class DirectorySnapshot:
 
     def items(self) -> Iterator[tuple[Key, bytes]]:
         """Every (key, encoded value) after recovery, in `key_order`. Raises `CorruptLogError`
-        before yielding anything when a log to replay is damaged."""
-        return self._replayed().items(self._database(), ordered=self.found.embedded)
+        before yielding anything when a log to replay is damaged, `ConcurrentChangeError`
+        when a live cache flushed increments meanwhile (below)."""
+        items = self._replayed().items(self._database(), ordered=self.found.embedded)
+        self._check_no_flush_under_deltas()  # the counters' stored values are read by now
+        return items
 
     def get(self, key: Key) -> Found:
-        """`key`'s value after recovery. Raises `CorruptLogError` when a log is damaged."""
-        return self._replayed().get(key, self._database())
+        """`key`'s value after recovery. Raises `CorruptLogError` when a log is damaged,
+        `ConcurrentChangeError` when a live cache flushed increments meanwhile (below)."""
+        replayed = self._replayed()
+        found = replayed.get(key, self._database())
+        if replayed.has_delta(key):
+            self._check_no_flush_under_deltas()
+        return found
+
+    def _check_no_flush_under_deltas(self) -> None:
+        """A counter's value here is the database's plus the increments a live cache's log
+        held when it was folded. Had that cache flushed since, the database's value would
+        hold them already and they would be counted twice: a value that never existed. Its
+        checkpoint, read after the database's value, tells (a flush commits both at once)."""
+        for log in self._delta_logs:
+            if self._checkpoint_of(log) != log.checkpoint:
+                raise ConcurrentChangeError(
+                    f"the live cache of {log.layout.root} flushed its increments while they "
+                    "were being read; run the command again")
 
     def _replayed(self) -> Replayed:
         """Read once per snapshot: the logs replayed cannot change while it holds their locks
@@ -353,6 +373,8 @@ class DirectorySnapshot:
                 except FileNotFoundError as exc:
                     raise _changed_under(log, exc) from None
                 view.add(log.lane, state, deltas)
+                if log.in_use and deltas and database.applies_increments:
+                    self._delta_logs.append(log)
             self._replayed_view = view
         return self._replayed_view
 
