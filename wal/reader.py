@@ -194,6 +194,34 @@ def intact_marks(data: Data, start: int, size: int) -> Iterator[tuple[int, int]]
         at = data.find(MARK_MAGIC, at + 1)
 
 
+class _Extent:
+    """Which bytes after a bad frame at `offset` the writer can have put there, for the damage
+    rule. `claimed` is (end, crc) when the frame's marker and length looked sound: its bytes up
+    to that end are its own payload, a user's value, which may hold anything log-shaped (a copy
+    of another segment holds intact frames and sync marks). A frame or mark found inside that
+    extent is the writer's only if the bytes before it match the claimed checksum, i.e. the bad
+    frame is intact and only its length field was damaged; one at or past the end is the
+    writer's (nothing it writes overlaps a frame). Without `claimed` everything is.
+
+    Asked in file order: the checksum is carried forward, each byte read once, so a value full
+    of log-shaped bytes costs one pass over it, not one per hit."""
+
+    def __init__(self, data: Data, offset: int, claimed: tuple[int, int] | None) -> None:
+        self._data = data
+        self._end, self._crc = claimed if claimed is not None else (offset, 0)
+        self._upto = offset + FRAME_SIZE  # the payload's checksum is `_running` up to here
+        self._running = 0
+
+    def writers(self, at: int) -> bool:
+        """Whether a frame or mark found at `at` can be the writer's."""
+        if at >= self._end:
+            return True
+        if at > self._upto:
+            self._running = zlib.crc32(self._data[self._upto:at], self._running)
+            self._upto = at
+        return self._running == self._crc
+
+
 _NO_MAGIC = bytes(4)
 _ZERO_CHUNK = 1024 * 1024
 
@@ -364,17 +392,20 @@ def _judge(result: SegmentEnd, data: Data, offset: int, reason: str,
     (`torn_bytes`) or corruption (`damage`).
 
     `claimed` is (end, crc) when the bad frame's marker and length looked sound: then an
-    intact-looking frame INSIDE that extent may be a user's value that happens to hold a log
-    frame (a torn write of it must stay a torn tail). It counts as evidence of corruption only
-    if the bytes before it match the claimed checksum, i.e. the bad frame is intact and only
-    its length field was damaged."""
+    intact-looking frame or sync mark INSIDE that extent may be a user's value that happens to
+    hold log bytes (a torn write of it must stay a torn tail). It counts as evidence of
+    corruption only if the bytes before it match the claimed checksum (`_Extent`)."""
     result.end = offset
     if not is_last:
         result.damage = CorruptLogError(result.path, offset, reason)
         return
     size = result.size
+    extent = _Extent(data, offset, claimed)
     if header is not None and header.sync_marks:
-        later = max((synced for _, synced in intact_marks(data, offset, size)), default=0)
+        # A mark inside a torn frame's payload is a user's bytes, not the writer's word: a
+        # kill -9 mid-copy of a value holding a copy of a log must stay a torn tail.
+        later = max((synced for at, synced in intact_marks(data, offset, size)
+                     if extent.writers(at)), default=0)
         synced = max(result.synced_to, later)
         if synced > offset:
             result.damage = CorruptLogError(
@@ -385,9 +416,7 @@ def _judge(result: SegmentEnd, data: Data, offset: int, reason: str,
             f"fsync=\"interval\" may lose this much)")
         return
     for at, lsns, _ in intact_frames(data, offset + 1, size, max_key_size):
-        if lsns[0] > result.last_lsn and (
-                claimed is None or at >= claimed[0]
-                or zlib.crc32(data[offset + FRAME_SIZE:at]) == claimed[1]):
+        if lsns[0] > result.last_lsn and extent.writers(at):
             result.damage = CorruptLogError(
                 result.path, offset, f"{reason}; a valid record follows at offset {at}")
             return
