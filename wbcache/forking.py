@@ -7,14 +7,23 @@ that copy would log records under LSNs the parent also uses, corrupting the dire
 lock or a database connection the parent holds may be mid-use at the moment of the fork.
 
 So in the child, right after the fork (`os.register_at_fork`), every open `Cache`, `AsyncCache`
-and backend is *disowned*: the file descriptors it inherited for the log segment and the
-directory lock are closed (closing a copy changes nothing for the parent: its descriptors, its
-flock and its file offsets are its own), and the object's class becomes a refusing twin whose
-every use raises `ForkedCacheError`, before any lock is taken (a lock held by a parent's thread
-at the fork stays held forever in the child). `close()` in the child is allowed and does
-nothing: it neither flushes nor deletes. The disowned objects are kept alive for the child's
+and backend, and every held lock (`wbcache.lock.DirectoryLock`), is *disowned*: the file
+descriptors it inherited for the log segment and the directory lock are closed (closing a copy
+changes nothing for the parent: its descriptors, its flock and its file offsets are its own),
+and a cache's or backend's class becomes a refusing twin whose every use raises
+`ForkedCacheError`, before any lock is taken (a lock held by a parent's thread at the fork
+stays held forever in the child). `close()` in the child is allowed and does nothing: it
+neither flushes nor deletes. The disowned objects are kept alive for the child's
 lifetime, so that no finalizer ever runs on what they share with the parent (a PostgreSQL
 connection whose socket the parent still uses).
+
+Every flock this process holds is disowned so, not only an open cache's: a lane `wbcache.open`
+has claimed or is adopting before the `Cache` exists, an orphan lane the flusher is replaying,
+a tool's lock. A lock's descriptor is opened, locked and tracked as one step no fork can fall
+between (`no_fork()`), and closed and untracked likewise. The flock belongs to the open file
+description parent and child share: the child closes its copy (never LOCK_UN, which would
+unlock the parent), so the lock stays the parent's and dies with it, as a dead process's lock
+must, or no one could adopt its lane while the child lived.
 
 An object may also prepare for a fork in the parent (`_before_fork`, undone by
 `_after_fork_in_parent`): the LMDB backend waits there until no transaction of this process is
@@ -29,6 +38,8 @@ import os
 import sys
 import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from wbcache.errors import ForkedCacheError
@@ -53,6 +64,19 @@ def untrack(owner: Any) -> None:
 # One fork at a time: the owners' preparations (and _forking) belong to the fork in progress,
 # and two threads forking at once would undo each other's. Taken before, released after.
 _fork_in_progress = threading.Lock()
+# Held by the fork from the end of the preparations until just after it, and by `no_fork()`.
+# Not _fork_in_progress: the preparations may wait (LMDB, for this process's transactions),
+# and a lock taken meanwhile must not wait for them.
+_no_fork = threading.Lock()
+
+
+@contextmanager
+def no_fork() -> Iterator[None]:
+    """No fork of this process happens inside the block: for opening a descriptor that must
+    be tracked and tracking it (or closing and untracking it) as one step. Keep the block
+    to a few system calls: a fork waits for it."""
+    with _no_fork:
+        yield
 
 
 def _before_fork() -> None:
@@ -62,9 +86,11 @@ def _before_fork() -> None:
         prepare = getattr(owner, "_before_fork", None)
         if prepare is not None:
             _each(prepare)
+    _no_fork.acquire()  # last: from here, nothing is tracked or untracked until the fork
 
 
 def _after_fork_in_parent() -> None:
+    _no_fork.release()
     owners, _forking[:] = list(_forking), []
     try:
         for owner in owners:
@@ -76,7 +102,11 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
+    _no_fork.release()  # first: disowning releases locks, which takes it
+    # Those prepared, and those tracked since (a lock taken during the preparations).
     owners, _forking[:] = list(_forking), []
+    prepared = {id(owner) for owner in owners}
+    owners += [owner for owner in _open.values() if id(owner) not in prepared]
     _open.clear()
     try:
         for owner in owners:

@@ -6,6 +6,12 @@
     DIR/lanes/<8 digits>/     a lane: LOCK, wal/, cache_id (the log half of a single-owner
                               directory, with the same rules)
 
+A lane is named by its number, 8 digits (`00000001`); a new lane takes the lowest number no lane
+has, so numbers stay near the peak number of processes too. Every name of 8 digits or more in
+lanes/ is a lane (a longer one: made by a wbcache that numbered past 99999999), so no lane's
+log is ever out of sight of adoption and recovery. Each must be a private directory, never a
+link: a link there is refused, never followed (`lane_roots`).
+
 A lane belongs to the process holding its LOCK (an exclusive flock, dropped by the kernel when
 the process dies, even by SIGKILL). An open cache claims the first lane it can lock, or makes a
 new one (`mkdir` is atomic: two processes never make the same lane), and recovers it (its log's
@@ -24,16 +30,19 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from wbcache.errors import CacheLockedError, InvalidDirectoryError
-from wbcache.layout import LANES_NAME, SHARED_NAME, Layout, complete_lane
+from wbcache.layout import LANES_NAME, SHARED_NAME, Layout, complete_lane, opened_root
 from wbcache.lock import DirectoryLock
+from wbcache.wal.owned import check_private_dir, open_private_dir
 from wbcache.wal.syscalls import SYSCALLS
 
 _MARK = b"wbcache shared directory 1\n"
-_LANE_DIGITS = 8
+_LANE_DIGITS = 8  # a new lane's name: its number, zero-padded
+_LAST_NUMBER = 10**_LANE_DIGITS - 1  # the last a new lane takes: its name keeps 8 digits
 
 log = logging.getLogger("wbcache.lanes")
 
@@ -47,13 +56,42 @@ def lanes_dir(root: str) -> str:
 
 
 def lane_roots(root: str) -> list[str]:
-    """Every lane of the shared directory at `root`, in order."""
+    """Every lane of the shared directory at `root`, in the order of their numbers: each name
+    of 8 digits or more in lanes/ (module docstring).
+
+    A lane must be a private directory, never a link: anything else raises
+    `InvalidDirectoryError` (no lane is skipped, as a skipped lane's log would be silently
+    out of sight). Followed, a link would make a directory that is not this one's lane a
+    lane: its log replayed into this database and deleted, our log written there. lanes/ is
+    private (checked here too), so nobody else can swap a lane checked here for a link."""
+    lanes_path = lanes_dir(root)
     try:
-        names = os.listdir(lanes_dir(root))
+        with opened_root(root) as root_fd:
+            lanes_fd = open_private_dir(LANES_NAME, dir_fd=root_fd, shown=lanes_path)
     except FileNotFoundError:
         return []
-    return [os.path.join(lanes_dir(root), name) for name in sorted(names)
-            if len(name) == _LANE_DIGITS and name.isdigit()]
+    try:
+        names = sorted((name for name in os.listdir(lanes_fd) if _is_lane_name(name)),
+                       key=lambda name: (int(name), name))
+        for name in names:
+            _check_lane(lanes_fd, os.path.join(lanes_path, name))
+    finally:
+        os.close(lanes_fd)
+    return [os.path.join(lanes_path, name) for name in names]
+
+
+def _is_lane_name(name: str) -> bool:
+    return len(name) >= _LANE_DIGITS and name.isascii() and name.isdigit()
+
+
+def _check_lane(lanes_fd: int, path: str) -> None:
+    info = os.stat(os.path.basename(path), dir_fd=lanes_fd, follow_symlinks=False)
+    if stat.S_ISLNK(info.st_mode):
+        raise InvalidDirectoryError(
+            f"{path} is a symbolic link, not a lane: wbcache never follows a link in "
+            f"{os.path.dirname(path)} (it would replay and delete a log that is not this "
+            f"directory's). Remove the link; what it points at is left untouched")
+    check_private_dir(info, path)
 
 
 @dataclass
@@ -87,23 +125,31 @@ def take(lane_root: str) -> Lane | None:
 
 
 def claim(root: str) -> Lane:
-    """The first free lane of the shared directory at `root`, or a new one; locked."""
+    """The first free lane of the shared directory at `root`, or a new one; locked. Raises
+    `CacheLockedError` if every number a new lane could take is a lane held by a live
+    process."""
     for lane_root in lane_roots(root):
         lane = take(lane_root)
         if lane is not None:
             return lane
-    while True:
-        existing = lane_roots(root)
-        number = int(os.path.basename(existing[-1])) + 1 if existing else 1
+    # A new lane: the lowest number free (module docstring). Each number is tried once, so
+    # this ends: one another process makes or takes first is its, and we go on to the next.
+    existing = {int(os.path.basename(lane_root)) for lane_root in lane_roots(root)}
+    for number in range(1, _LAST_NUMBER + 1):
+        if number in existing:
+            continue
         lane_root = os.path.join(lanes_dir(root), f"{number:0{_LANE_DIGITS}d}")
         try:
             os.mkdir(lane_root, 0o700)
         except FileExistsError:
-            continue  # another process made this one first: try the next number
+            continue  # another process made this one first
         _fsync_dir(lanes_dir(root))
         lane = take(lane_root)
         if lane is not None:
             return lane
+    raise CacheLockedError(
+        f"{root} has no free lane: lanes 1 to {_LAST_NUMBER} are all held by live processes, "
+        f"and a new lane cannot be numbered beyond")
 
 
 def orphans(root: str, *, mine: str | None = None) -> Iterator[Lane]:

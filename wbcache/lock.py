@@ -10,6 +10,10 @@ The LOCK file is opened relative to the checked directory (`wbcache.layout.opene
 by you, writable by no one else), with O_NOFOLLOW, and must be a regular file of ours with one
 link: a planted symlink, FIFO, device or hard link is refused (`InvalidDirectoryError`), so the
 pid we write into it can never land in another file.
+
+A held lock is tracked by wbcache/forking.py: a child forked while it is held closes its copy
+at once, so the lock stays its holder's alone and dies with it (a lane nobody can adopt while
+some child of its dead owner lives would strand that owner's acknowledged writes).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import os
 
+from wbcache import forking
 from wbcache.errors import CacheLockedError, InvalidDirectoryError
 from wbcache.layout import opened_root
 from wbcache.wal.owned import open_private_file
@@ -38,20 +43,11 @@ class DirectoryLock:
         the holder starts changing the directory. `writable=False` opens the existing file
         read-only (a dry run needs no write permission) and can never record an owner.
         Raises `InvalidDirectoryError` for a hostile directory or LOCK (module docstring)."""
-        fd = _open_lock_file(path, writable=writable)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        lock = cls._take(path, fcntl.LOCK_EX, writable=writable)
+        if lock is None:
             pid = owner_pid(path)
             owner = f" (pid {pid})" if pid is not None else ""
-            raise CacheLockedError(
-                f"{os.path.dirname(path)} is in use by another cache{owner}"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        lock = cls(fd, path)
+            raise CacheLockedError(f"{os.path.dirname(path)} is in use by another cache{owner}")
         if record_owner:
             try:
                 lock.record_owner()
@@ -64,16 +60,27 @@ class DirectoryLock:
     def acquire_shared(cls, path: str) -> DirectoryLock | None:
         """A shared lock on the existing LOCK file at `path`, or None while an owner holds it
         exclusively. Opens read-only: a reader needs no write permission."""
-        fd = _open_lock_file(path, writable=False)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(fd, path)
+        return cls._take(path, fcntl.LOCK_SH, writable=False)
+
+    @classmethod
+    def _take(cls, path: str, operation: int, *, writable: bool) -> DirectoryLock | None:
+        """The LOCK file at `path` opened and flocked (`operation`, without blocking), or None
+        if another holder's lock conflicts. Tracked for fork() as it is opened: a child
+        forked between the open and the tracking would keep a copy of the descriptor, and
+        with it the flock taken on it, the parent's or not (module docstring)."""
+        with forking.no_fork():
+            fd = _open_lock_file(path, writable=writable)
+            try:
+                fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except BaseException:
+                os.close(fd)
+                raise
+            lock = cls(fd, path)
+            forking.track(lock)
+            return lock
 
     def record_owner(self) -> None:
         """Write this process's pid into the (exclusively held) LOCK file, as one fixed-width
@@ -83,8 +90,21 @@ class DirectoryLock:
         os.pwrite(self._fd, f"{os.getpid():<{_PID_WIDTH}}\n".encode(), 0)
 
     def release(self) -> None:
+        # Closed and untracked as one step: a child forked in between would keep an untracked
+        # copy (the lock outliving us), or close a number since reused for another file.
+        with forking.no_fork():
+            if self._fd is not None:
+                os.close(self._fd)  # closing the last descriptor drops the flock
+                self._fd = None
+                forking.untrack(self)
+
+    def _disown_after_fork(self) -> None:
+        """In a child just forked (wbcache/forking.py): close the copy inherited. Closing drops
+        the flock only with the last descriptor of the open file description, which the
+        parent still holds: the lock stays the parent's. Never LOCK_UN: it would unlock the
+        parent's too."""
         if self._fd is not None:
-            os.close(self._fd)  # closing the last descriptor drops the flock
+            os.close(self._fd)
             self._fd = None
 
 
