@@ -22,6 +22,14 @@ Hostile directories are refused before anything is created or written in them (t
   WAL), but only to a directory that passes the same check: owned by you and writable by no one
   else. Such a link can only be yours (nobody else can write in the directory), and its target
   is as private as the directory. No other link inside the directory is ever followed.
+* A lane of a shared directory (wbcache/lanes.py): its `wal/` is never a link
+  (`complete_lane` refuses one when a cache opens it; `checked_lane_entries` when a command
+  such as `wbcache recover` does): a lane's log is replayed into the shared database and then
+  deleted, so a link to another cache directory's log would cost that directory its writes.
+* The files a library opens by path, which cannot take our descriptor (LMDB's `data.mdb` and
+  `lock.mdb` in `db/`), get the same check just before it opens them
+  (`check_library_files`): each is absent or a regular file of ours, never a link, FIFO or
+  device; `db/` being private, nobody else can put one there between the check and the open.
 * The PARENTS of the directory are not checked (a sticky, world-writable /tmp must stay usable
   as a parent); the path given, up to and including its last name, is the user's choice. If
   that last name is a symbolic link, the directory it names is the one checked and used.
@@ -31,7 +39,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -117,6 +125,37 @@ def checked_entries(layout: Layout, *, private_dirs: Collection[str] = ()) -> fr
         return names
 
 
+def checked_lane_entries(lane: Layout) -> frozenset[str]:
+    """`checked_entries` for a lane of a shared directory, with the rule `complete_lane`
+    applies when a cache opens it: its wal/ (and quarantine/) must be a private directory,
+    never a link. A lane's wal/ linked to another cache directory's log would otherwise be
+    replayed into the shared database and deleted by whoever recovers the lane."""
+    return checked_entries(lane, private_dirs=(WAL_NAME, QUARANTINE_NAME))
+
+
+def check_library_files(directory: str, writing: Mapping[str, bool]) -> None:
+    """Just before a library that opens files by path (LMDB) opens the files named in
+    `writing` (name -> whether it will write that file) in `directory`: each must be absent
+    or a regular file of ours (and, if written, with no other hard link), checked with
+    lstat, as LOCK, cache_id and backend are (module docstring). A FIFO would block the open
+    forever, and a link would read or overwrite a file outside the directory. `directory`
+    itself must be private (a link to one is followed, as `db/` may be one), so what is
+    checked stays what the library opens. A missing `directory` is left to the library."""
+    try:
+        dir_fd = open_private_dir(directory, follow=True)
+    except FileNotFoundError:
+        return  # nothing can be planted in it; the library reports it as it always has
+    try:
+        for name, written in writing.items():
+            try:
+                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # the library creates it, in a directory only we can write in
+            check_regular(info, os.path.join(directory, name), writing=written)
+    finally:
+        os.close(dir_fd)
+
+
 def claim(path: str | os.PathLike[str]) -> Layout:
     """The layout at `path`, its root created if missing (and nothing else yet). An existing
     path must be a wbcache directory, an empty directory or what an interrupted first open
@@ -200,7 +239,8 @@ def record_backend(layout: Layout, kind: str) -> None:
 def _check_entries(root_fd: int, root: str, names: frozenset[str],
                    private_dirs: Collection[str]) -> None:
     """Refuse a layout file that is not a regular file of ours, and a wal/, db/ (or one of
-    `private_dirs`) that is not a private directory (wal/ and db/: or a link to one)."""
+    `private_dirs`) that is not a private directory (wal/ and db/: or a link to one, unless
+    named in `private_dirs`)."""
     for name in sorted(names & _FILE_NAMES):
         try:
             info = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
@@ -208,8 +248,10 @@ def _check_entries(root_fd: int, root: str, names: frozenset[str],
             continue  # gone since the listing (a racing first open renamed its .tmp): harmless
         check_regular(info, os.path.join(root, name))
     for name in sorted(names & {*_LINKABLE_DIRS, *_PRIVATE_DIRS, *private_dirs}):
+        # one named in private_dirs is never a link, even wal/ or db/ (a lane's wal/)
+        follow = name in _LINKABLE_DIRS and name not in private_dirs
         os.close(open_private_dir(name, dir_fd=root_fd, shown=os.path.join(root, name),
-                                  follow=name in _LINKABLE_DIRS))
+                                  follow=follow))
 
 
 def _is_cache_dir(names: frozenset[str]) -> bool:

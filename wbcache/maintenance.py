@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from wbcache.backends import Backend
 from wbcache.directory import DATA_FILE, FoundDirectory, find_directory, open_database
 from wbcache.errors import CacheLockedError, InvalidDirectoryError
-from wbcache.layout import QUARANTINE_NAME, Layout
+from wbcache.layout import QUARANTINE_NAME, Layout, checked_lane_entries
 from wbcache.lock import DirectoryLock, owner_pid
 from wbcache.recovery import RecoveryReport, replay_into
 from wbcache.recovery.pending import estimate_log_records
@@ -144,9 +144,10 @@ def recover_directory(path: str | os.PathLike[str], *, backend: str | None = Non
     backend raises (`ValueError` for a bad URL, `PostgresError`)."""
     found = find_directory(path)
     check_url(found, backend)
+    logs = _logs(found)
     if not dry_run:
-        _check_writable(found, salvage=salvage)
-    targets = _lock_targets(found, dry_run=dry_run)
+        _check_writable(found, logs, salvage=salvage)
+    targets = _lock_targets(found, logs, dry_run=dry_run)
     try:
         if not found.shared and targets[0].in_use:
             layout = found.layout
@@ -178,14 +179,26 @@ def recover_directory(path: str | os.PathLike[str], *, backend: str | None = Non
                 target.lock.release()
 
 
-def _lock_targets(found: FoundDirectory, *, dry_run: bool) -> list[_Target]:
-    """The logs to recover, each locked as `wbcache.open` locks it (exclusively; a dry run
+def _logs(found: FoundDirectory) -> list[Layout]:
+    """The directory's log, or each lane's, checked as `wbcache.open` checks it. A lane gets
+    the rule of a shared open (`checked_lane_entries`: its wal/ is never a link) on top of
+    `find_directory`'s: recovery replays a lane's log into the database and deletes it, so a
+    wal/ linked to another cache directory's log would cost that directory its writes."""
+    if not found.shared:
+        return [found.layout]
+    lanes = found.lanes()
+    for lane in lanes:
+        checked_lane_entries(lane)
+    return lanes
+
+
+def _lock_targets(found: FoundDirectory, logs: list[Layout], *,
+                  dry_run: bool) -> list[_Target]:
+    """The `logs` to recover, each locked as `wbcache.open` locks it (exclusively; a dry run
     opens the LOCK read-only) or marked in use. Writes nothing: our pid goes into a LOCK only
     once something is to be written."""
-    if found.shared:
-        wanted = [_Target(lane, os.path.basename(lane.root)) for lane in found.lanes()]
-    else:
-        wanted = [_Target(found.layout, None)]
+    wanted = [_Target(log, os.path.basename(log.root) if found.shared else None)
+              for log in logs]
     try:
         for target in wanted:
             if not os.path.isdir(target.layout.wal):
@@ -303,10 +316,9 @@ def _cache_id(layout: Layout) -> str | None:
         return None
 
 
-def _check_writable(found: FoundDirectory, *, salvage: bool) -> None:
+def _check_writable(found: FoundDirectory, logs: list[Layout], *, salvage: bool) -> None:
     """Refuse up front, changing nothing, when recovery could not finish for lack of permission
     (as root, `os.access` grants everything, and so would the kernel)."""
-    logs = found.lanes() if found.shared else [found.layout]
     needed = [path for log in logs for path in (log.lock, log.wal)]
     if found.embedded:
         db = found.layout.db
