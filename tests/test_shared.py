@@ -187,6 +187,45 @@ def test_opening_a_directory_the_other_way_is_refused_with_the_flag_to_use(
         wbcache.open(shared)
 
 
+@pytest.mark.parametrize("first", ["shared", "single-owner"])
+def test_two_first_opens_of_one_directory_one_shared_one_not_cannot_both_succeed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str) -> None:
+    """A shared and a single-owner first open of one new directory, the second run inside the
+    first's window between its check of the directory's kind and its making of it (`SHARED`,
+    or `wal/`): the one interleaving where both could pass the check. Both succeeding left a
+    directory of both kinds: single-owner writes that no shared open ever replays. Exactly
+    the first must succeed, and the directory must be its kind."""
+    import wbcache.directory as directory_module
+    import wbcache.lanes as lanes_module
+
+    directory = tmp_path / "new"
+    outer_shared = first == "shared"
+    module, step = (lanes_module, "mark_shared") if outer_shared else (directory_module,
+                                                                      "complete")
+    original = getattr(module, step)
+    inner: list[BaseException | None] = []
+
+    def interleaved(*args: Any) -> None:
+        if not inner:  # the first call only: the inner open may reach this step too
+            inner.append(None)
+            try:
+                wbcache.open(directory, shared=not outer_shared).close()
+            except BaseException as error:
+                inner[0] = error
+        original(*args)
+
+    monkeypatch.setattr(module, step, interleaved)
+    wbcache.open(directory, shared=outer_shared).close()
+    monkeypatch.undo()
+    assert inner, "the interleaving never ran"
+    assert isinstance(inner[0], (InvalidDirectoryError, wbcache.CacheLockedError)), inner[0]
+    assert (directory / "SHARED").exists() == outer_shared
+    assert (directory / "wal").exists() == (not outer_shared)
+    wbcache.open(directory, shared=outer_shared).close()  # and it still opens its own way
+    with pytest.raises(InvalidDirectoryError):
+        wbcache.open(directory, shared=not outer_shared)
+
+
 def test_shared_directories_take_no_other_backend(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="PostgreSQL"):
         wbcache.open(tmp_path / "shared", shared=True, backend="postgresql://localhost/x")

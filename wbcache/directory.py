@@ -149,8 +149,9 @@ def _open_shared(path: str | os.PathLike[str], options: Options,
                          "processes of this machine; for caches on many machines, give each "
                          "its own directory and a PostgreSQL backend instead")
     root = claim(path).root
+    if not lanes.is_shared(root):
+        _make_shared(root)
     lanes.refuse_mismatch(root, shared=True)
-    lanes.mark_shared(root)  # the mark says LMDB: a shared directory has no DIR/backend
     lane = lanes.claim(root)
     database: Backend | None = None
     try:
@@ -168,6 +169,24 @@ def _open_shared(path: str | os.PathLike[str], options: Options,
             database.close()
         lane.release()
         raise
+
+
+def _make_shared(root: str) -> None:
+    """Mark the new directory `root` shared, under a shared lock on `DIR/LOCK`. A single-owner
+    open holds that lock exclusively from before its own check for the mark until it has made
+    `wal/`: so of two first opens of one directory, one shared and one not, exactly one
+    succeeds, while shared first opens do not exclude each other."""
+    lock = DirectoryLock.acquire_shared(Layout(root).lock, create=True)
+    if lock is None:
+        raise InvalidDirectoryError(
+            f"{root} is a single-owner cache directory, open in another cache: open it "
+            f"without shared=True (one process at a time), or use a new directory for a "
+            f"shared cache")
+    try:
+        lanes.refuse_mismatch(root, shared=True)
+        lanes.mark_shared(root)  # the mark says LMDB: a shared directory has no DIR/backend
+    finally:
+        lock.release()
 
 
 def adopt_orphans(root: str, options: Options, *, mine: str | None = None) -> int:

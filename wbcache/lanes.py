@@ -182,7 +182,8 @@ def adopt_orphans(root: str, adopt: Callable[[Lane], int], *, mine: str | None =
 
 
 def mark_shared(root: str) -> None:
-    """Make `root` (locked against a concurrent first open by the caller) a shared directory:
+    """Make `root` (its LOCK held shared by the caller, against a single-owner first open:
+    wbcache/directory.py) a shared directory:
     `lanes/` and the `SHARED` mark, durable."""
     os.makedirs(lanes_dir(root), mode=0o700, exist_ok=True)
     path = os.path.join(root, SHARED_NAME)

@@ -57,10 +57,12 @@ class DirectoryLock:
         return lock
 
     @classmethod
-    def acquire_shared(cls, path: str) -> DirectoryLock | None:
-        """A shared lock on the existing LOCK file at `path`, or None while an owner holds it
-        exclusively. Opens read-only: a reader needs no write permission."""
-        return cls._take(path, fcntl.LOCK_SH, writable=False)
+    def acquire_shared(cls, path: str, *, create: bool = False) -> DirectoryLock | None:
+        """A shared lock on the LOCK file at `path`, or None while an owner holds it
+        exclusively. Opens the existing file read-only (a reader needs no write permission);
+        `create` makes it if missing (the first open of a shared directory, which must
+        exclude a single-owner first open of the same directory: wbcache/directory.py)."""
+        return cls._take(path, fcntl.LOCK_SH, writable=create)
 
     @classmethod
     def _take(cls, path: str, operation: int, *, writable: bool) -> DirectoryLock | None:
