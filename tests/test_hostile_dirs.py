@@ -35,6 +35,14 @@ from cli_support import (
     run_all,
     three_segment_log,
 )
+from plant_support import (
+    ALL_COMMANDS,
+    READ_COMMANDS,
+    argv,
+    feed_fifos,
+    make_outside,
+    state_of,
+)
 
 import wbcache
 from wbcache.errors import InvalidDirectoryError
@@ -43,68 +51,22 @@ from wbcache.wal.format import encode_header
 from wbcache.wal.segments import create_segment, segment_name
 
 ME = os.geteuid()
-SECRET = b"root:$6$not-a-real-hash:19000:0:99999:7:::\n"
-
-READ_COMMANDS = (("inspect",), ("verify",), ("stats",), ("dump",), ("dump", "--pending"),
-                 ("get", "{DIR}", "key-1"))
-ALL_COMMANDS = (("recover",), ("recover", "--dry-run"), ("recover", "--salvage", "--yes"),
-                *READ_COMMANDS)
-
-
-def argv(command: tuple[str, ...], directory: Path) -> list[str]:
-    if "{DIR}" in command:
-        return [str(directory) if part == "{DIR}" else part for part in command]
-    return [*command, str(directory)]
-
-
 # ------------------------------------------------------------------ what a plant points at
 
 
 @pytest.fixture
 def outside(tmp_path: Path) -> Path:
-    """A private directory outside the cache holding a root-only file (think /etc/shadow),
-    its mtime set in the past so that any write shows."""
-    where = tmp_path / "outside"
-    where.mkdir(mode=0o700)
-    secret = where / "secret"
-    secret.write_bytes(SECRET)
-    secret.chmod(0o600)
-    os.utime(secret, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
-    return where
+    return make_outside(tmp_path)
 
 
 @pytest.fixture(autouse=True)
 def release_blocked_readers(tmp_path: Path) -> Iterator[None]:
-    """After a test, open every FIFO under tmp_path for writing once, which lets a reader
-    blocked in open() (a command a failing test left behind) go on and end."""
     yield
-    for fifo in tmp_path.rglob("*"):
-        if stat.S_ISFIFO(fifo.lstat().st_mode):
-            try:
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:  # ENXIO: nobody is waiting on it
-                pass
+    feed_fifos(tmp_path)
 
 
 def secret_of(outside: Path) -> Path:
     return outside / "secret"
-
-
-def state_of(root: Path) -> dict[str, Any]:
-    """Every entry under `root` (itself included): its kind, mode, owner, size and mtime, and a
-    regular file's bytes or a link's target. Opens nothing else: reading a planted FIFO would
-    block, and links are not followed (what they point at is checked on its own)."""
-    state: dict[str, Any] = {}
-    for path in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
-        info = path.lstat()
-        content: Any = None
-        if stat.S_ISREG(info.st_mode):
-            content = path.read_bytes()
-        elif stat.S_ISLNK(info.st_mode):
-            content = os.readlink(path)
-        state[str(path.relative_to(root))] = (info.st_mode, info.st_uid, info.st_size,
-                                              info.st_mtime_ns, content)
-    return state
 
 
 @contextmanager

@@ -22,36 +22,23 @@ from typing import Any, TypeVar, cast
 
 import pytest
 from cli_support import DRIVERS, assert_one_line_error, run, three_segment_log
+from plant_support import ALL_COMMANDS, argv, feed_fifos, make_outside, state_of
 
 import wbcache
 from wbcache.errors import InvalidDirectoryError
 
-SECRET = b"root:$6$not-a-real-hash:19000:0:99999:7:::\n"
 _T = TypeVar("_T")
 KIND_WORDS = {"symlink": "symbolic link", "dangling symlink": "symbolic link", "fifo": "FIFO",
               "device": "device", "hard link": "hard link"}
-COMMANDS = (("recover",), ("recover", "--dry-run"), ("recover", "--salvage", "--yes"),
-            ("inspect",), ("verify",), ("stats",), ("dump",), ("dump", "--pending"),
-            ("get", "{DIR}", "key-1"))
 
 
 @pytest.fixture
 def outside(tmp_path: Path) -> Path:
-    """A private directory outside the cache holding a root-only file, its mtime in the past
-    so that any write shows."""
-    where = tmp_path / "outside"
-    where.mkdir(mode=0o700)
-    secret = where / "secret"
-    secret.write_bytes(SECRET)
-    secret.chmod(0o600)
-    os.utime(secret, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
-    return where
+    return make_outside(tmp_path)
 
 
 @pytest.fixture(autouse=True)
 def release_blocked_readers(tmp_path: Path) -> Iterator[None]:
-    """After a test, feed every FIFO under tmp_path once, so that a command a failing test
-    left blocked on one goes on and ends."""
     yield
     feed_fifos(tmp_path)
 
@@ -72,39 +59,6 @@ def plant(path: Path, kind: str, outside: Path) -> None:
         os.link(outside / "secret", path)
     else:
         raise AssertionError(kind)
-
-
-def state_of(root: Path) -> dict[str, Any]:
-    """Every entry under `root`: kind, mode, size, mtime, and a regular file's bytes or a
-    link's target. Opens nothing else (reading a planted FIFO would block)."""
-    state: dict[str, Any] = {}
-    for path in [root, *sorted(root.rglob("*"))]:
-        info = path.lstat()
-        content: Any = None
-        if stat.S_ISREG(info.st_mode):
-            content = path.read_bytes()
-        elif stat.S_ISLNK(info.st_mode):
-            content = os.readlink(path)
-        state[str(path.relative_to(root))] = (info.st_mode, info.st_size, info.st_mtime_ns,
-                                              content)
-    return state
-
-
-def feed_fifos(root: Path) -> None:
-    """Open every FIFO under `root` for writing and write a page of zeros into it: a reader
-    blocked in open() goes on (and then reads EOF), one blocked in read() gets bytes."""
-    for fifo in root.rglob("*"):
-        if stat.S_ISFIFO(fifo.lstat().st_mode):
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:  # ENXIO: nobody is waiting on it
-                continue
-            try:
-                os.write(fd, bytes(4096))
-            except OSError:  # EAGAIN: the pipe is full
-                pass
-            finally:
-                os.close(fd)
 
 
 def off_main(call: Callable[[], _T], seconds: float = 30.0) -> _T:
@@ -162,12 +116,6 @@ def closed_cache(path: Path, *, shared: bool = False) -> Path:
     return path
 
 
-def argv(command: tuple[str, ...], directory: Path) -> list[str]:
-    if "{DIR}" in command:
-        return [str(directory) if part == "{DIR}" else part for part in command]
-    return [*command, str(directory)]
-
-
 # ------------------------------------------------------------------ the library
 
 
@@ -222,6 +170,7 @@ def test_missing_database_files_are_still_created(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.parametrize(("name", "kind"), [("data.mdb", "symlink"), ("data.mdb", "fifo"),
+                                            ("data.mdb", "dangling symlink"),
                                             ("lock.mdb", "symlink")])
 def test_every_command_refuses_a_planted_database_file_in_one_line(
         tmp_path: Path, outside: Path, driver: str, name: str, kind: str) -> None:
@@ -230,8 +179,8 @@ def test_every_command_refuses_a_planted_database_file_in_one_line(
     plant(path / "db" / name, kind, outside)
 
     before = state_of(outside), state_of(path)
-    results = [off_main(partial(run, driver, *argv(command, path))) for command in COMMANDS]
-    for command, result in zip(COMMANDS, results, strict=True):
+    results = [off_main(partial(run, driver, *argv(command, path))) for command in ALL_COMMANDS]
+    for command, result in zip(ALL_COMMANDS, results, strict=True):
         assert_one_line_error(result, 2, str(path / "db" / name), KIND_WORDS[kind])
         assert "not-a-real-hash" not in result.stdout + result.stderr, command
     assert (state_of(outside), state_of(path)) == before

@@ -11,34 +11,18 @@ changed, with the exit code of a bad directory (2) and one line naming the link.
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cli_support import DRIVERS, assert_one_line_error, run, three_segment_log
+from plant_support import READ_COMMANDS, argv, state_of
 
 import wbcache
 from wbcache.errors import InvalidDirectoryError
 from wbcache.maintenance import recover_directory
 
 RECOVERS = (("recover",), ("recover", "--dry-run"), ("recover", "--salvage", "--yes"))
-
-
-def state_of(root: Path) -> dict[str, Any]:
-    """Every entry under `root`: kind, mode, size, mtime, and a file's bytes or a link's
-    target. Links are not followed (what one points at is checked on its own)."""
-    state: dict[str, Any] = {}
-    for path in [root, *sorted(root.rglob("*"))]:
-        info = path.lstat()
-        content: Any = None
-        if stat.S_ISREG(info.st_mode):
-            content = path.read_bytes()
-        elif stat.S_ISLNK(info.st_mode):
-            content = os.readlink(path)
-        state[str(path.relative_to(root))] = (info.st_mode, info.st_size, info.st_mtime_ns,
-                                              content)
-    return state
 
 
 @pytest.fixture
@@ -94,6 +78,21 @@ def test_the_cli_refuses_it_in_one_line_with_exit_2_and_deletes_no_log(
     result = run(driver, *command, str(shared))
 
     assert_one_line_error(result, 2, str(lane / "wal"), "symbolic link")
+    assert state_of(shared) == before_shared
+    assert_other_intact(other, before_other)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_the_read_only_commands_refuse_it_too(linked: tuple[Path, Path, Path],
+                                              driver: str) -> None:
+    # They change nothing, but would show (or `verify` pass) the other directory's log as
+    # this lane's pending writes.
+    shared, lane, other = linked
+    before_other, before_shared = state_of(other), state_of(shared)
+
+    for command in READ_COMMANDS:
+        result = run(driver, *argv(command, shared))
+        assert_one_line_error(result, 2, str(lane / "wal"), "symbolic link")
     assert state_of(shared) == before_shared
     assert_other_intact(other, before_other)
 

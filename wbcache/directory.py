@@ -51,6 +51,7 @@ from wbcache.layout import (
     WAL_NAME,
     Layout,
     checked_entries,
+    checked_lane_entries,
     claim,
     complete,
     record_backend,
@@ -246,7 +247,7 @@ class FoundDirectory:
         found = []
         for lane_root in lanes.lane_roots(self.root):
             layout = Layout(lane_root)
-            checked_entries(layout, private_dirs=(QUARANTINE_NAME,))
+            checked_lane_entries(layout)
             found.append(layout)
         return found
 
@@ -350,7 +351,9 @@ def open_database(found: FoundDirectory, url: str | None, *, lane: Layout | None
                          + ("give its URL" if url is None else "it takes no URL"))
     if url is not None:
         return _from_url(found, url)
-    if not write and not os.path.exists(os.path.join(found.layout.db, DATA_FILE)):
+    # lexists: a dangling link planted as data.mdb is refused by the backend's check, not
+    # read as "no database yet"
+    if not write and not os.path.lexists(os.path.join(found.layout.db, DATA_FILE)):
         return NoDatabase(applies_increments=found.shared)
     with _embedded_errors(found.layout.db, write=write):
         if found.shared:
