@@ -129,20 +129,15 @@ def orphaned_child(script: str, directory: Path) -> Iterator[int]:
             pass
 
 
-def test_a_child_forked_during_a_shared_open_leaves_the_lane_to_adoption(
-        tmp_path: Path) -> None:
+@pytest.mark.parametrize(("script", "key", "value"), [(FORK_DURING_OPEN, "important", 42),
+                                                      (FORK_DURING_SWEEP, "orphaned", 7)],
+                         ids=["during a shared open", "during the adoption sweep"])
+def test_a_child_forked_while_a_lane_is_locked_leaves_the_lane_to_adoption(
+        tmp_path: Path, script: str, key: str, value: int) -> None:
     directory = tmp_path / "shared"
-    with orphaned_child(FORK_DURING_OPEN, directory):
+    with orphaned_child(script, directory):
         with wbcache.open(directory, shared=True) as cache:
-            assert cache.get("important") == 42
-
-
-def test_a_child_forked_during_the_adoption_sweep_leaves_the_orphan_to_adoption(
-        tmp_path: Path) -> None:
-    directory = tmp_path / "shared"
-    with orphaned_child(FORK_DURING_SWEEP, directory):
-        with wbcache.open(directory, shared=True) as cache:
-            assert cache.get("orphaned") == 7
+            assert cache.get(key) == value
 
 
 # ---------------------------------------------------------------- the lock itself, both ways
