@@ -3,6 +3,7 @@ a database outage (the first failure, summaries while it lasts, its end), a fail
 
 from __future__ import annotations
 
+import ast
 import errno
 import logging
 import subprocess
@@ -84,9 +85,53 @@ def test_a_failed_log_is_logged_at_error(tmp_path: Path,
                 cache.put("k", 1)
     finally:
         del SYSCALLS.fdatasync
+        # logged from a thread of its own, outside the cache's lock (the test below)
+        wait_until(lambda: messages(caplog, logging.ERROR), what="the error line")
     errors = messages(caplog, logging.ERROR)
     assert len(errors) == 1 and "the log failed" in errors[0] and "refused" in errors[0]
     try:
         cache.close()
     except LogFailedError:
         pass
+
+
+# A handler that reads the cache, run when the log fails: before the fix it ran under the
+# sequencer's lock, and the read of a key only the database holds waited on that lock forever.
+HANDLER_READS_THE_CACHE = """
+import errno, logging, sys
+import wbcache
+from wbcache.wal.syscalls import SYSCALLS
+
+path, hook = sys.argv[1], sys.argv[2]
+with wbcache.open(path) as cache:
+    cache.put("cold", 7)
+cache = wbcache.open(path)  # reopened: "cold" is in the database only
+seen = []
+
+class ReadsTheCache(logging.Handler):
+    def emit(self, record):
+        seen.append((record.getMessage(), cache.get("cold")))
+
+logging.getLogger("wbcache").addHandler(ReadsTheCache())
+def eio(*args):
+    raise OSError(errno.EIO, "injected")
+setattr(SYSCALLS, hook, eio)
+try:
+    cache.put("k", 1)
+except wbcache.LogFailedError:
+    pass
+for thread in __import__("threading").enumerate():
+    if thread.name == "wbcache-log-failed":
+        thread.join()
+print(seen)
+"""
+
+
+@pytest.mark.parametrize("hook", ["fdatasync", "write_sync"])
+def test_a_handler_may_read_the_cache_when_the_log_fails(tmp_path: Path, hook: str) -> None:
+    result = subprocess.run([sys.executable, "-c", HANDLER_READS_THE_CACHE,
+                             str(tmp_path / "cache"), hook],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    (message, value), = ast.literal_eval(result.stdout)
+    assert "the log failed" in message and value == 7

@@ -63,6 +63,20 @@ FOLLOWER_RECHECK = 1.0
 log = logging.getLogger("wbcache.wal")
 
 
+def _log_failure(error: BaseException, first_lsn: int, last_lsn: int) -> None:
+    """Lock held: log that the log failed, from a thread of its own. A logging handler is the
+    application's code, with its own lock, and may even read the cache: run under lock 2 it
+    would stall every writer and reader for as long as it takes, or deadlock on lock 2 itself
+    (docs/design.md, the lock rule). Not a daemon: a process that exits right after the
+    failure still logs it."""
+    args = ("the log failed (%s): writes are refused until the cache is reopened; "
+            "writes %d..%d were not acknowledged", error, first_lsn, last_lsn)
+    try:
+        threading.Thread(target=log.error, args=args, name="wbcache-log-failed").start()
+    except RuntimeError:  # no thread to be had (interpreter shutdown, a pids limit): log here
+        log.error(*args)
+
+
 class GroupCommitter:
     """Writes and fsyncs the log for every writer, one batch at a time (module docstring)."""
 
@@ -240,8 +254,7 @@ class GroupCommitter:
 
     def _fail(self, error: BaseException, first_lsn: int) -> None:
         self.failure = error
-        log.error("the log failed (%s): writes are refused until the cache is reopened; "
-                  "writes %d..%d were not acknowledged", error, first_lsn, self.queued_lsn)
+        _log_failure(error, first_lsn, self.queued_lsn)
 
     def add_listener(self, listener: Listener) -> None:
         """Call `listener(acknowledged_lsn, durable_lsn)` after every batch, lock held."""
@@ -443,8 +456,7 @@ class GroupCommitter:
                 self.fsyncs += 1
         else:
             self.failure = error
-            log.error("the log failed (%s): writes are refused until the cache is reopened; "
-                      "writes %d..%d were not acknowledged", error, first_lsn, last_lsn)
+            _log_failure(error, first_lsn, last_lsn)
         if crashpoints.ARMED:
             crashpoints.reached("wal.before_ack")
         if self._waiting:
