@@ -177,6 +177,37 @@ def test_a_real_mark_inside_a_frame_whose_length_was_damaged_still_counts(
     assert f"before offset {frame_end}, which was fsync'd" in end.damage.reason
 
 
+@pytest.mark.parametrize("longer_by", [1 << 16, 1 << 24], ids=["inside-the-file",
+                                                              "past-its-end"])
+def test_a_mark_after_several_frames_past_a_damaged_length_still_counts(
+        tmp_path: Path, longer_by: int) -> None:
+    """As above, with the writer's own output: one fsync covers frames 2 to 4, so its mark
+    comes after three frames, and the bytes before it are not the damaged frame's payload.
+    The writer's frame at that payload's real end is what shows the length was damaged; the
+    records after it were fsync'd and acknowledged, and must not be dropped as a torn tail."""
+    writer = LogWriter(str(tmp_path), 1, segment_size=64 << 20, sync_marks=True)
+    writer.append([put(1, "k1", 1)], 1, 1)
+    writer.mark(writer.sync())
+    for lsn in (2, 3, 4):
+        writer.append([put(lsn, f"k{lsn}", lsn)], lsn, lsn)
+    writer.mark(writer.sync())
+    writer.close()
+    path = tmp_path / segment_name(1)
+    data = bytearray(path.read_bytes())
+    offsets = [at for at in range(HEADER_SIZE, last_frame(bytes(data))[1])
+               if data[at:at + 4] == FRAME_MAGIC]
+    assert len(offsets) == 4
+    damage = offsets[1]
+    _, length, crc = FRAME.unpack_from(data, damage)
+    FRAME.pack_into(data, damage, FRAME_MAGIC, length + longer_by, crc)
+    path.write_bytes(bytes(data))
+
+    records, end = segment_records(path)
+
+    assert end.damage is not None and end.damage.offset == damage, (records, end)
+    assert "which was fsync'd" in end.damage.reason
+
+
 # ------------------------------------------------ a real kill -9 mid-copy
 
 # The child copies `value` (a file holding a real sync-marked segment) as one put under

@@ -31,6 +31,7 @@ mapped, not read: a damaged length field makes the reader slice at most `MAX_FRA
 from __future__ import annotations
 
 import errno
+import heapq
 import mmap
 import os
 import stat
@@ -213,13 +214,18 @@ class _Extent:
         self._running = 0
 
     def writers(self, at: int) -> bool:
-        """Whether a frame or mark found at `at` can be the writer's."""
+        """Whether a frame or mark found at `at` can be the writer's. A match ends the extent
+        there: the bad frame's real payload ends at `at`, and everything after is the
+        writer's (the frames and then the mark of a later fsync, say)."""
         if at >= self._end:
             return True
         if at > self._upto:
             self._running = zlib.crc32(self._data[self._upto:at], self._running)
             self._upto = at
-        return self._running == self._crc
+        if self._running != self._crc:
+            return False
+        self._end = at
+        return True
 
 
 _NO_MAGIC = bytes(4)
@@ -403,8 +409,13 @@ def _judge(result: SegmentEnd, data: Data, offset: int, reason: str,
     extent = _Extent(data, offset, claimed)
     if header is not None and header.sync_marks:
         # A mark inside a torn frame's payload is a user's bytes, not the writer's word: a
-        # kill -9 mid-copy of a value holding a copy of a log must stay a torn tail.
-        later = max((synced for at, synced in intact_marks(data, offset, size)
+        # kill -9 mid-copy of a value holding a copy of a log must stay a torn tail. Frames
+        # are asked too, in file order with the marks: the writer's next frame at the bad
+        # frame's real end (only its length damaged) ends the extent, so that a mark after
+        # more frames (one fsync covers several) still counts. A frame's `synced` is 0.
+        frames = ((at, 0) for at, _, _ in intact_frames(data, offset + 1, size, max_key_size))
+        later = max((synced for at, synced in heapq.merge(intact_marks(data, offset, size),
+                                                          frames)
                      if extent.writers(at)), default=0)
         synced = max(result.synced_to, later)
         if synced > offset:
