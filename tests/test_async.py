@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from controlled import ControlledBackend
 
 import wbcache
 from wbcache import AsyncCache, CacheClosedError, LogFailedError
@@ -266,3 +267,39 @@ def test_awaiting_from_another_event_loop_is_refused_before_anything_is_written(
     finally:
         loop.run_until_complete(cache.close())
         loop.close()
+
+
+@pytest.mark.parametrize("first", ["pop", "incr"])
+def test_a_cancelled_write_still_in_its_worker_thread_never_lands_after_a_later_one(
+        tmp_path: Path, first: str) -> None:
+    """`pop`/`incr` of a key only the database holds runs in a worker thread, which reads it.
+    Its task cancelled meanwhile (a timeout), the thread goes on; a later `put` of the key,
+    acknowledged, must not be undone when that thread's write lands after it."""
+    backend = ControlledBackend(tmp_path / "db")
+    path = tmp_path / "cache"
+
+    async def scenario() -> None:
+        async with await wbcache.open_async(path, backend=backend) as cache:
+            await cache.put("k", 5)
+        cache = await wbcache.open_async(path, backend=backend)  # "k" in the database only
+        backend.reading.clear()
+        backend.read_gate.clear()
+        write = asyncio.ensure_future(cache.pop("k") if first == "pop" else cache.incr("k"))
+        assert await asyncio.to_thread(backend.reading.wait, 30)  # its thread is reading
+        write.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        later = asyncio.ensure_future(cache.put("k", 100))
+        await asyncio.sleep(0)  # one loop step, no timing: the later write starts (and logs)
+        backend.read_gate.set()
+        await later
+        assert await cache.get("k") == 100
+        await cache.close()
+
+    try:
+        asyncio.run(scenario())
+        with wbcache.open(path, backend=backend) as reopened:
+            assert reopened.get("k") == 100
+    finally:
+        backend.read_gate.set()
+        backend.close()

@@ -19,9 +19,14 @@ misses memory (it reads the database), a write that needs a value memory cannot 
 (`WouldBlock`), flush, sync, close and the whole-cache views.
 
 Cancellation: once a write call has started, its record is in the log queue and its effect in
-memory; cancelling the awaiting task does not take it back. The write becomes durable like any
-other (or fails with the log); it is never applied twice. A cancelled write is therefore like a
-write whose acknowledgement was lost: it may be there afterwards, and usually is.
+memory, or it runs in a worker thread; cancelling the awaiting task does not take it back. The
+write becomes durable like any other (or fails with the log); it is never applied twice. A
+cancelled write is therefore like a write whose acknowledgement was lost: it may be there
+afterwards, and usually is. It never lands after a later write: a write still running in its
+worker thread when its task was cancelled (waiting out backpressure, or reading the database
+for a `pop` or `incr`) is kept (`_orphans`), and every write started after the cancellation,
+from any task, and `close`, first wait for it to end. (Otherwise `put(k, 1)` timed out, then
+`put(k, 2)` acknowledged, could leave 1.)
 
 An AsyncCache belongs to the event loop that opened it: awaiting it from another loop raises
 `LoopMismatchError` before anything is written.
@@ -64,6 +69,8 @@ class AsyncCache:
         # (lsn, future, result) in LSN order, appended in the loop thread
         self._waiters: deque[tuple[int, asyncio.Future[Any], Any]] = deque()
         self._resolve_scheduled = False
+        # writes whose task was cancelled while their worker thread ran (module docstring)
+        self._orphans: set[asyncio.Future[Any]] = set()
         self._committer.add_listener(self._on_batch)
         self._notify_fd = self._committer.notify_fd()
         if self._notify_fd is not None:
@@ -165,11 +172,36 @@ class AsyncCache:
         acknowledgement. When it meets backpressure or needs a value from the database, run
         `slow` (the blocking `Cache` call) in a worker thread instead."""
         self._check_loop()
+        if self._orphans:
+            await self._after_orphans()
         try:
             lsn, result = fast()
         except (WouldBlock, NeedsRead):
-            return await asyncio.to_thread(slow)
+            return await self._in_thread(slow)
         return await self._expect(lsn, result)  # type: ignore[no-any-return]
+
+    async def _in_thread(self, write: Callable[[], T]) -> T:
+        """Run the blocking write `write` in a worker thread and return what it returns. If
+        the awaiting task is cancelled meanwhile, the thread goes on: its write is kept as an
+        orphan, which later writes wait for (`_after_orphans`; module docstring)."""
+        future = asyncio.ensure_future(asyncio.to_thread(write))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if not future.done():
+                self._orphans.add(future)
+                future.add_done_callback(self._orphan_ended)
+            raise
+
+    def _orphan_ended(self, future: asyncio.Future[Any]) -> None:
+        self._orphans.discard(future)
+        if not future.cancelled():
+            future.exception()  # retrieved: its task, cancelled, will never look at it
+
+    async def _after_orphans(self) -> None:
+        """Return once every write whose task was cancelled while it ran has ended."""
+        while self._orphans:
+            await asyncio.wait(list(self._orphans))
 
     # ------------------------------------------------------------------- reads
 
@@ -211,10 +243,12 @@ class AsyncCache:
         # coroutine), as `Sequencer.put` has.
         _, key, encoded, held = self._limits.put_op(key, value)
         self._check_loop()
+        if self._orphans:
+            await self._after_orphans()
         try:
             lsn = self._sequencer.put_nowait(key, encoded, held)
         except (WouldBlock, NeedsRead):
-            return await asyncio.to_thread(self._cache.put, key, value)
+            return await self._in_thread(lambda: self._cache.put(key, value))
         return await self._expect(lsn, lsn)  # type: ignore[no-any-return]
 
     async def delete(self, key: Key) -> int:
@@ -268,7 +302,9 @@ class AsyncCache:
     async def clear(self) -> None:
         """`Cache.clear` (reads the whole database: in a worker thread)."""
         self._check_loop()
-        await asyncio.to_thread(self._cache.clear)
+        if self._orphans:
+            await self._after_orphans()
+        await self._in_thread(self._cache.clear)
 
     def batch(self) -> AsyncBatch:
         """`async with cache.batch() as b: b.put(..); b.delete(..); b.incr(..)`."""
@@ -299,6 +335,7 @@ class AsyncCache:
         """Flush, fsync, release the directory (in a worker thread). Idempotent."""
         forking.untrack(self)
         try:
+            await self._after_orphans()  # a cancelled write lands before the final flush
             await asyncio.to_thread(self._cache.close)
         finally:
             self._close_notify_fd()
