@@ -150,9 +150,10 @@ def _open_shared(path: str | os.PathLike[str], options: Options,
                          "processes of this machine; for caches on many machines, give each "
                          "its own directory and a PostgreSQL backend instead")
     root = claim(path).root
-    if not lanes.is_shared(root):
-        _make_shared(root)
-    lanes.refuse_mismatch(root, shared=True)
+    if lanes.is_shared(root):
+        lanes.refuse_mismatch(root, shared=True)
+    else:
+        _make_shared(root)  # checks and marks, under DIR/LOCK
     lane = lanes.claim(root)
     database: Backend | None = None
     try:

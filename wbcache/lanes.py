@@ -128,13 +128,14 @@ def claim(root: str) -> Lane:
     """The first free lane of the shared directory at `root`, or a new one; locked. Raises
     `CacheLockedError` if every number a new lane could take is a lane held by a live
     process."""
-    for lane_root in lane_roots(root):
+    found = lane_roots(root)
+    for lane_root in found:
         lane = take(lane_root)
         if lane is not None:
             return lane
     # A new lane: the lowest number free (module docstring). Each number is tried once, so
     # this ends: one another process makes or takes first is its, and we go on to the next.
-    existing = {int(os.path.basename(lane_root)) for lane_root in lane_roots(root)}
+    existing = {int(os.path.basename(lane_root)) for lane_root in found}
     for number in range(1, _LAST_NUMBER + 1):
         if number in existing:
             continue

@@ -96,8 +96,7 @@ class DirectoryLock:
         # copy (the lock outliving us), or close a number since reused for another file.
         with forking.no_fork():
             if self._fd is not None:
-                os.close(self._fd)  # closing the last descriptor drops the flock
-                self._fd = None
+                self._close()  # the last descriptor: the flock drops with it
                 forking.untrack(self)
 
     def _disown_after_fork(self) -> None:
@@ -106,8 +105,12 @@ class DirectoryLock:
         parent still holds: the lock stays the parent's. Never LOCK_UN: it would unlock the
         parent's too."""
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+            self._close()
+
+    def _close(self) -> None:
+        assert self._fd is not None
+        os.close(self._fd)
+        self._fd = None
 
 
 _PID_WIDTH = 20  # wider than any pid Linux hands out (pid_max is at most 2**22)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from wbcache.backends import Backend
 from wbcache.directory import DATA_FILE, FoundDirectory, find_directory, open_database
 from wbcache.errors import CacheLockedError, InvalidDirectoryError
-from wbcache.layout import QUARANTINE_NAME, Layout, checked_lane_entries
+from wbcache.layout import QUARANTINE_NAME, Layout
 from wbcache.lock import DirectoryLock, owner_pid
 from wbcache.recovery import RecoveryReport, replay_into
 from wbcache.recovery.pending import estimate_log_records
@@ -180,16 +180,11 @@ def recover_directory(path: str | os.PathLike[str], *, backend: str | None = Non
 
 
 def _logs(found: FoundDirectory) -> list[Layout]:
-    """The directory's log, or each lane's, checked as `wbcache.open` checks it. A lane gets
-    the rule of a shared open (`checked_lane_entries`: its wal/ is never a link) on top of
-    `find_directory`'s: recovery replays a lane's log into the database and deletes it, so a
-    wal/ linked to another cache directory's log would cost that directory its writes."""
-    if not found.shared:
-        return [found.layout]
-    lanes = found.lanes()
-    for lane in lanes:
-        checked_lane_entries(lane)
-    return lanes
+    """The directory's log, or each lane's, checked as `wbcache.open` checks it: a lane's
+    wal/ is never a link (`FoundDirectory.lanes`). Recovery replays a lane's log into the
+    database and deletes it, so a wal/ linked to another cache directory's log would cost that
+    directory its writes."""
+    return found.lanes() if found.shared else [found.layout]
 
 
 def _lock_targets(found: FoundDirectory, logs: list[Layout], *,
