@@ -226,6 +226,38 @@ def test_two_first_opens_of_one_directory_one_shared_one_not_cannot_both_succeed
         wbcache.open(directory, shared=not outer_shared)
 
 
+def test_a_shared_first_open_is_not_refused_when_another_marked_the_directory_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between a shared open's unlocked look for `SHARED` and its shared lock, another shared
+    open marks the directory, and a single-owner open holds `DIR/LOCK` for the moment it
+    takes to be refused. The directory is shared: the open must go on, not call it
+    single-owner."""
+    import wbcache.lanes as lanes_module
+    from wbcache.layout import Layout
+    from wbcache.lock import DirectoryLock
+
+    directory = tmp_path / "new"
+    real = lanes_module.is_shared
+    held: list[DirectoryLock] = []
+    looked: list[bool] = []
+
+    def is_shared(root: str) -> bool:
+        answer = real(root)
+        if not looked:  # the first look, before any lock
+            looked.append(True)
+            wbcache.open(directory, shared=True).close()  # another shared first open
+            held.append(DirectoryLock.acquire(Layout(str(directory)).lock,
+                                              record_owner=False))  # a single-owner open
+        return answer
+
+    monkeypatch.setattr(lanes_module, "is_shared", is_shared)
+    try:
+        wbcache.open(directory, shared=True).close()
+    finally:
+        held[0].release()
+    assert (directory / "SHARED").exists() and not (directory / "wal").exists()
+
+
 def test_shared_directories_take_no_other_backend(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="PostgreSQL"):
         wbcache.open(tmp_path / "shared", shared=True, backend="postgresql://localhost/x")

@@ -180,6 +180,8 @@ def _make_shared(root: str) -> None:
     succeeds, while shared first opens do not exclude each other."""
     lock = DirectoryLock.acquire_shared(Layout(root).lock, create=True)
     if lock is None:
+        if lanes.is_shared(root):  # marked meanwhile; the exclusive holder was refused
+            return
         raise InvalidDirectoryError(
             f"{root} is a single-owner cache directory, open in another cache: open it "
             f"without shared=True (one process at a time), or use a new directory for a "
