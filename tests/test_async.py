@@ -303,3 +303,40 @@ def test_a_cancelled_write_still_in_its_worker_thread_never_lands_after_a_later_
     finally:
         backend.read_gate.set()
         backend.close()
+
+
+def test_close_does_not_wait_for_a_cancelled_write_that_a_database_outage_holds_back(
+        tmp_path: Path) -> None:
+    """The cancelled write waits out backpressure, and with the database down only closing
+    ends that: `close` must give up after `flush_timeout` (FlushError, the log keeps every
+    write) as the blocking close does, not wait for the write first."""
+    backend = ControlledBackend(tmp_path / "db")
+
+    async def scenario() -> None:
+        cache = await wbcache.open_async(tmp_path / "cache", backend=backend, max_dirty=2,
+                                         flush_timeout=1.0)
+        backend.failing = True  # a database outage: nothing flushes, so no room comes
+        await cache.put("a", 1)
+        await cache.put("b", 2)
+        write = asyncio.ensure_future(cache.put("c", 3))
+        await asyncio.sleep(0)  # one loop step, no timing: it meets backpressure, a thread
+        write.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        try:
+            with pytest.raises(wbcache.FlushError):
+                await asyncio.wait_for(cache.close(), 30)
+        finally:
+            backend.failing = False  # a failing test's held write goes on: the test ends
+        assert cache.closed
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        backend.close()
+    database = wbcache.LmdbBackend(str(tmp_path / "db"))
+    try:
+        with wbcache.open(tmp_path / "cache", backend=database) as reopened:
+            assert (reopened.get("a"), reopened.get("b")) == (1, 2)  # the log kept them
+    finally:
+        database.close()

@@ -24,9 +24,10 @@ write becomes durable like any other (or fails with the log); it is never applie
 cancelled write is therefore like a write whose acknowledgement was lost: it may be there
 afterwards, and usually is. It never lands after a later write: a write still running in its
 worker thread when its task was cancelled (waiting out backpressure, or reading the database
-for a `pop` or `incr`) is kept (`_orphans`), and every write started after the cancellation,
-from any task, and `close`, first wait for it to end. (Otherwise `put(k, 1)` timed out, then
-`put(k, 2)` acknowledged, could leave 1.)
+for a `pop` or `incr`) is kept (`_orphans`), and every write started after the cancellation
+reached it (its `CancelledError` raised), from any task, first waits for it to end. (Otherwise
+`put(k, 1)` timed out, then `put(k, 2)` acknowledged, could leave 1.) `close` does not wait:
+the orphan then lands before the final flush or is refused.
 
 An AsyncCache belongs to the event loop that opened it: awaiting it from another loop raises
 `LoopMismatchError` before anything is written.
@@ -335,7 +336,9 @@ class AsyncCache:
         """Flush, fsync, release the directory (in a worker thread). Idempotent."""
         forking.untrack(self)
         try:
-            await self._after_orphans()  # a cancelled write lands before the final flush
+            # Not waiting for orphans first: one may wait out backpressure that a database
+            # outage keeps up, which only closing ends (it is refused, or lands before the
+            # final flush: as a cancelled write may).
             await asyncio.to_thread(self._cache.close)
         finally:
             self._close_notify_fd()
