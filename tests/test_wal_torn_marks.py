@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,28 @@ def test_a_mark_after_several_frames_past_a_damaged_length_still_counts(
 
     assert end.damage is not None and end.damage.offset == damage, (records, end)
     assert "which was fsync'd" in end.damage.reason
+
+
+def test_a_torn_value_full_of_frame_headers_is_read_in_one_pass(tmp_path: Path) -> None:
+    """Frame starts inside a torn value are candidates for the damaged frame's real end. A
+    value made of frame headers, each claiming 1 MiB (inside the file), must not cost a
+    checksum of 1 MiB per header (hours: an open that seems to hang): it is read, as the torn
+    tail it is, in one pass. The read runs in a thread so that a regression fails here
+    instead of hanging."""
+    value = FRAME.pack(FRAME_MAGIC, 1 << 20, 0) * ((4 << 20) // FRAME_SIZE)
+    path, damage, frame_end, synced = victim(tmp_path, value)
+    data = path.read_bytes()
+    cut = damage + (frame_end - damage) * 9 // 10  # kill -9 mid-copy; the mapped zeros after
+    path.write_bytes(data[:cut] + bytes(len(data) - cut))
+    read: list[Any] = []
+    reader = threading.Thread(target=lambda: read.append(segment_records(path)), daemon=True)
+    reader.start()
+    reader.join(60)
+
+    assert read, "still reading after 60 s"
+    records, end = read[0]
+    assert end.damage is None and end.torn_bytes == len(data) - damage
+    assert [record[0] for record in records] == [1, 2, 3, 4]
 
 
 # ------------------------------------------------ a real kill -9 mid-copy

@@ -227,6 +227,16 @@ class _Extent:
         self._end = at
         return True
 
+    def frame_starts(self) -> Iterator[tuple[int, int]]:
+        """(offset, 0) of each frame magic inside the extent, as `intact_marks` gives marks
+        (a frame says nothing synced): where the bad frame's real payload may end. Not
+        decoded: the checksum in `writers` is the test, one pass over the extent, however
+        many frame-shaped headers claiming large lengths a value holds."""
+        at = self._data.find(FRAME_MAGIC, self._upto, self._end)
+        while at != -1:
+            yield at, 0
+            at = self._data.find(FRAME_MAGIC, at + 1, self._end)
+
 
 _NO_MAGIC = bytes(4)
 _ZERO_CHUNK = 1024 * 1024
@@ -409,13 +419,12 @@ def _judge(result: SegmentEnd, data: Data, offset: int, reason: str,
     extent = _Extent(data, offset, claimed)
     if header is not None and header.sync_marks:
         # A mark inside a torn frame's payload is a user's bytes, not the writer's word: a
-        # kill -9 mid-copy of a value holding a copy of a log must stay a torn tail. Frames
-        # are asked too, in file order with the marks: the writer's next frame at the bad
-        # frame's real end (only its length damaged) ends the extent, so that a mark after
-        # more frames (one fsync covers several) still counts. A frame's `synced` is 0.
-        frames = ((at, 0) for at, _, _ in intact_frames(data, offset + 1, size, max_key_size))
+        # kill -9 mid-copy of a value holding a copy of a log must stay a torn tail. Frame
+        # starts inside the extent are asked too, in file order with the marks: the writer's
+        # next frame at the bad frame's real end (only its length damaged) ends the extent,
+        # so that a mark after more frames (one fsync covers several) still counts.
         later = max((synced for at, synced in heapq.merge(intact_marks(data, offset, size),
-                                                          frames)
+                                                          extent.frame_starts())
                      if extent.writers(at)), default=0)
         synced = max(result.synced_to, later)
         if synced > offset:
