@@ -305,6 +305,41 @@ def test_a_cancelled_write_still_in_its_worker_thread_never_lands_after_a_later_
         backend.close()
 
 
+def test_a_cancelled_write_holds_up_only_writes_of_its_own_keys(tmp_path: Path) -> None:
+    """While the cancelled `pop` of a cold key still reads the database, a write of another
+    key (in memory: no I/O) is acknowledged without waiting for it; one slow read must not
+    hold up the cache. A `put_many` that writes the popped key does wait."""
+    backend = ControlledBackend(tmp_path / "db")
+    path = tmp_path / "cache"
+
+    async def scenario() -> None:
+        async with await wbcache.open_async(path, backend=backend) as cache:
+            await cache.put("cold", 5)
+        cache = await wbcache.open_async(path, backend=backend)
+        await cache.put("hot", 1)
+        backend.reading.clear()
+        backend.read_gate.clear()
+        try:
+            write = asyncio.ensure_future(cache.pop("cold"))
+            assert await asyncio.to_thread(backend.reading.wait, 30)
+            write.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await write
+            await asyncio.wait_for(cache.put("hot", 2), 30)  # the read is still held
+            both = asyncio.ensure_future(cache.put_many({"hot": 3, "cold": 100}))
+            await asyncio.sleep(0)  # one loop step, no timing: it starts while the read is held
+        finally:
+            backend.read_gate.set()
+        await both
+        assert (await cache.get("hot"), await cache.get("cold")) == (3, 100)
+        await cache.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        backend.close()
+
+
 def test_close_does_not_wait_for_a_cancelled_write_that_a_database_outage_holds_back(
         tmp_path: Path) -> None:
     """The cancelled write waits out backpressure, and with the database down only closing

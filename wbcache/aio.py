@@ -24,9 +24,11 @@ write becomes durable like any other (or fails with the log); it is never applie
 cancelled write is therefore like a write whose acknowledgement was lost: it may be there
 afterwards, and usually is. It never lands after a later write: a write still running in its
 worker thread when its task was cancelled (waiting out backpressure, or reading the database
-for a `pop` or `incr`) is kept (`_orphans`), and every write started after the cancellation
-reached it (its `CancelledError` raised), from any task, first waits for it to end. (Otherwise
-`put(k, 1)` timed out, then `put(k, 2)` acknowledged, could leave 1.) `close` does not wait:
+for a `pop` or `incr`) is kept (`_orphans`, with the keys it writes), and every write of one
+of those keys started after the cancellation reached it (its `CancelledError` raised), from
+any task, first waits for it to end; `clear` waits for all, and all for a `clear`. (Otherwise
+`put(k, 1)` timed out, then `put(k, 2)` acknowledged, could leave 1.) Writes of other keys do
+not wait: one slow database read must not hold up the cache. `close` does not wait either:
 the orphan then lands before the final flush or is refused.
 
 An AsyncCache belongs to the event loop that opened it: awaiting it from another loop raises
@@ -71,7 +73,8 @@ class AsyncCache:
         self._waiters: deque[tuple[int, asyncio.Future[Any], Any]] = deque()
         self._resolve_scheduled = False
         # writes whose task was cancelled while their worker thread ran (module docstring)
-        self._orphans: set[asyncio.Future[Any]] = set()
+        # (None: every key, for `clear`)
+        self._orphans: dict[asyncio.Future[Any], frozenset[Key] | None] = {}
         self._committer.add_listener(self._on_batch)
         self._notify_fd = self._committer.notify_fd()
         if self._notify_fd is not None:
@@ -168,41 +171,47 @@ class AsyncCache:
                                     f"that opened it; use its .cache (a thread-safe Cache) "
                                     f"from other threads or loops")
 
-    async def _write(self, fast: Callable[[], tuple[int, T]], slow: Callable[[], T]) -> T:
-        """Run `fast` (a non-blocking write: its (LSN, result)) in the loop thread and await its
-        acknowledgement. When it meets backpressure or needs a value from the database, run
-        `slow` (the blocking `Cache` call) in a worker thread instead."""
+    async def _write(self, fast: Callable[[], tuple[int, T]], slow: Callable[[], T],
+                     keys: frozenset[Key]) -> T:
+        """Run `fast` (a non-blocking write of `keys`: its (LSN, result)) in the loop thread
+        and await its acknowledgement. When it meets backpressure or needs a value from the
+        database, run `slow` (the blocking `Cache` call) in a worker thread instead."""
         self._check_loop()
         if self._orphans:
-            await self._after_orphans()
+            await self._after_orphans(keys)
         try:
             lsn, result = fast()
         except (WouldBlock, NeedsRead):
-            return await self._in_thread(slow)
+            return await self._in_thread(slow, keys)
         return await self._expect(lsn, result)  # type: ignore[no-any-return]
 
-    async def _in_thread(self, write: Callable[[], T]) -> T:
-        """Run the blocking write `write` in a worker thread and return what it returns. If
-        the awaiting task is cancelled meanwhile, the thread goes on: its write is kept as an
-        orphan, which later writes wait for (`_after_orphans`; module docstring)."""
+    async def _in_thread(self, write: Callable[[], T], keys: frozenset[Key] | None) -> T:
+        """Run the blocking write `write` of `keys` (None: every key) in a worker thread and
+        return what it returns. If the awaiting task is cancelled meanwhile, the thread goes
+        on: its write is kept as an orphan, which later writes of its keys wait for
+        (`_after_orphans`; module docstring)."""
         future = asyncio.ensure_future(asyncio.to_thread(write))
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             if not future.done():
-                self._orphans.add(future)
+                self._orphans[future] = keys
                 future.add_done_callback(self._orphan_ended)
             raise
 
     def _orphan_ended(self, future: asyncio.Future[Any]) -> None:
-        self._orphans.discard(future)
+        del self._orphans[future]
         if not future.cancelled():
             future.exception()  # retrieved: its task, cancelled, will never look at it
 
-    async def _after_orphans(self) -> None:
-        """Return once every write whose task was cancelled while it ran has ended."""
-        while self._orphans:
-            await asyncio.wait(list(self._orphans))
+    async def _after_orphans(self, keys: frozenset[Key] | None) -> None:
+        """Return once every orphan that writes any of `keys` (None: any key) has ended."""
+        while True:
+            overlapping = [orphan for orphan, written in self._orphans.items()
+                           if keys is None or written is None or not keys.isdisjoint(written)]
+            if not overlapping:
+                return
+            await asyncio.wait(overlapping)
 
     # ------------------------------------------------------------------- reads
 
@@ -245,11 +254,11 @@ class AsyncCache:
         _, key, encoded, held = self._limits.put_op(key, value)
         self._check_loop()
         if self._orphans:
-            await self._after_orphans()
+            await self._after_orphans(frozenset((key,)))
         try:
             lsn = self._sequencer.put_nowait(key, encoded, held)
         except (WouldBlock, NeedsRead):
-            return await self._in_thread(lambda: self._cache.put(key, value))
+            return await self._in_thread(lambda: self._cache.put(key, value), frozenset((key,)))
         return await self._expect(lsn, lsn)  # type: ignore[no-any-return]
 
     async def delete(self, key: Key) -> int:
@@ -257,7 +266,7 @@ class AsyncCache:
         key = self._limits.delete_op(key)[1]
         return await self._write(
             lambda: _lsn_twice(self._sequencer.submit_nowait(delete_plan(key))[0]),
-            lambda: self._cache.delete(key))
+            lambda: self._cache.delete(key), frozenset((key,)))
 
     async def delete_existing(self, key: Key) -> None:
         """Like `del cache[key]`: raise `KeyError` if the key is missing."""
@@ -275,21 +284,22 @@ class AsyncCache:
         plan = pop_plan(key) if default is _NO_DEFAULT else pop_plan(key, default)
         slow = ((lambda: self._cache.pop(key)) if default is _NO_DEFAULT
                 else (lambda: self._cache.pop(key, default)))
-        return await self._write(lambda: self._sequencer.submit_nowait(plan, (key,)), slow)
+        return await self._write(lambda: self._sequencer.submit_nowait(plan, (key,)), slow,
+                                 frozenset((key,)))
 
     async def setdefault(self, key: Key, default: Any = None) -> Any:
         """`Cache.setdefault`, atomically."""
         op = self._limits.put_op(key, default)
         return await self._write(
             lambda: self._sequencer.submit_nowait(setdefault_plan(op, default), (op[1],)),
-            lambda: self._cache.setdefault(key, default))
+            lambda: self._cache.setdefault(key, default), frozenset((op[1],)))
 
     async def incr(self, key: Key, delta: int = 1) -> int:
         """Add `delta` atomically; return the new value once durable (see `Cache.incr`)."""
         _, key, delta, _ = self._limits.incr_op(key, delta)
         return await self._write(
             lambda: self._sequencer.submit_nowait(lambda tx: tx.incr(key, delta), (key,)),
-            lambda: self._cache.incr(key, delta))
+            lambda: self._cache.incr(key, delta), frozenset((key,)))
 
     async def put_many(self, entries: Mapping[Key, Any] | Iterable[tuple[Key, Any]]) -> int:
         """Store every entry atomically, one record and one fsync; return its LSN."""
@@ -304,8 +314,8 @@ class AsyncCache:
         """`Cache.clear` (reads the whole database: in a worker thread)."""
         self._check_loop()
         if self._orphans:
-            await self._after_orphans()
-        await self._in_thread(self._cache.clear)
+            await self._after_orphans(None)
+        await self._in_thread(self._cache.clear, None)
 
     def batch(self) -> AsyncBatch:
         """`async with cache.batch() as b: b.put(..); b.delete(..); b.incr(..)`."""
@@ -317,7 +327,8 @@ class AsyncCache:
         plan, needs = ops_plan(ops)
         return await self._write(
             lambda: _lsn_twice(self._sequencer.submit_nowait(plan, needs)[0]),
-            lambda: self._cache.sequencer.submit(plan, needs)[0])
+            lambda: self._cache.sequencer.submit(plan, needs)[0],
+            frozenset(key for _, key, _, _ in ops))
 
     # ----------------------------------------------------------------- control
 
