@@ -83,10 +83,10 @@ def test_a_failed_log_is_logged_at_error(tmp_path: Path,
         with caplog.at_level(logging.ERROR, logger="wbcache"):
             with pytest.raises(LogFailedError):
                 cache.put("k", 1)
+            # logged from a thread of its own, outside the cache's lock (the test below)
+            wait_until(lambda: messages(caplog, logging.ERROR), what="the error line")
     finally:
         del SYSCALLS.fdatasync
-        # logged from a thread of its own, outside the cache's lock (the test below)
-        wait_until(lambda: messages(caplog, logging.ERROR), what="the error line")
     errors = messages(caplog, logging.ERROR)
     assert len(errors) == 1 and "the log failed" in errors[0] and "refused" in errors[0]
     try:
