@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from plant_support import make_outside
 from ram_support import RAM_DIR
 
 import wbcache
@@ -82,3 +83,9 @@ def open_cache(cache_dir: Path) -> Iterator[Callable[..., wbcache.Cache]]:
     yield _open
     for cache in opened:
         cache.close()
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """What a planted link points at (tests/plant_support.py)."""
+    return make_outside(tmp_path)

@@ -40,7 +40,6 @@ from plant_support import (
     READ_COMMANDS,
     argv,
     feed_fifos,
-    make_outside,
     state_of,
 )
 
@@ -52,11 +51,6 @@ from wbcache.wal.segments import create_segment, segment_name
 
 ME = os.geteuid()
 # ------------------------------------------------------------------ what a plant points at
-
-
-@pytest.fixture
-def outside(tmp_path: Path) -> Path:
-    return make_outside(tmp_path)
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ from typing import Any, TypeVar, cast
 
 import pytest
 from cli_support import DRIVERS, assert_one_line_error, run, three_segment_log
-from plant_support import ALL_COMMANDS, argv, feed_fifos, make_outside, state_of
+from plant_support import ALL_COMMANDS, argv, feed_fifos, state_of
 
 import wbcache
 from wbcache.errors import InvalidDirectoryError
@@ -30,11 +30,6 @@ from wbcache.errors import InvalidDirectoryError
 _T = TypeVar("_T")
 KIND_WORDS = {"symlink": "symbolic link", "dangling symlink": "symbolic link", "fifo": "FIFO",
               "device": "device", "hard link": "hard link"}
-
-
-@pytest.fixture
-def outside(tmp_path: Path) -> Path:
-    return make_outside(tmp_path)
 
 
 @pytest.fixture(autouse=True)
