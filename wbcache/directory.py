@@ -45,6 +45,7 @@ from wbcache.backends import (
 )
 from wbcache.errors import DatabaseError, InvalidDirectoryError
 from wbcache.layout import (
+    DATA_FILE,
     LOCK_NAME,
     QUARANTINE_NAME,
     SHARED_NAME,
@@ -222,7 +223,6 @@ def _shared_database(root: str, map_size: int) -> Backend:
 # The operator commands (`wbcache.maintenance`) work on a directory that already exists, never
 # create one, and change nothing until a recovery knows it will write.
 
-DATA_FILE = "data.mdb"  # LMDB's file in db/: absent until the first open made the database
 
 
 @dataclass(frozen=True)

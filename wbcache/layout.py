@@ -50,6 +50,9 @@ from wbcache.wal.syscalls import SYSCALLS
 LOCK_NAME = "LOCK"
 WAL_NAME = "wal"
 DB_NAME = "db"
+# LMDB's own files in db/ (data.mdb absent until the first open made the database): named
+# here, not in backends/lmdb.py, so that commands can look at them without importing lmdb
+DATA_FILE, LMDB_LOCK_FILE = "data.mdb", "lock.mdb"
 CACHE_ID_NAME = "cache_id"
 BACKEND_NAME = "backend"
 QUARANTINE_NAME = "quarantine"  # made by `wbcache recover --salvage` (wbcache.maintenance)

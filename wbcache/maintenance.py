@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from wbcache.backends import Backend
 from wbcache.directory import DATA_FILE, FoundDirectory, find_directory, open_database
 from wbcache.errors import CacheLockedError, InvalidDirectoryError
-from wbcache.layout import QUARANTINE_NAME, Layout
+from wbcache.layout import LMDB_LOCK_FILE, QUARANTINE_NAME, Layout
 from wbcache.lock import DirectoryLock, owner_pid
 from wbcache.recovery import RecoveryReport, replay_into
 from wbcache.recovery.pending import estimate_log_records
@@ -317,7 +317,7 @@ def _check_writable(found: FoundDirectory, logs: list[Layout], *, salvage: bool)
     needed = [path for log in logs for path in (log.lock, log.wal)]
     if found.embedded:
         db = found.layout.db
-        needed += [db] + [os.path.join(db, name) for name in (DATA_FILE, "lock.mdb")]
+        needed += [db] + [os.path.join(db, name) for name in (DATA_FILE, LMDB_LOCK_FILE)]
     if salvage:
         needed += [log.root for log in logs]
     for path in needed:

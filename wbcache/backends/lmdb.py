@@ -36,11 +36,10 @@ from wbcache import forking
 from wbcache.backends.base import Key
 from wbcache.backends.lmdb_gate import ReadGate
 from wbcache.errors import DatabaseError
-from wbcache.layout import check_library_files
+from wbcache.layout import DATA_FILE, LMDB_LOCK_FILE, check_library_files
 from wbcache.wal.syscalls import SYSCALLS
 
 _CHECKPOINT = b"checkpoint"
-DATA_FILE, LOCK_FILE = "data.mdb", "lock.mdb"  # LMDB's files in the environment's directory
 
 
 class _PairsInPython:
@@ -94,7 +93,7 @@ class LmdbDatabase:
         # LMDB opens its files by path, following links and blocking on a FIFO: a planted
         # data.mdb or lock.mdb is refused first. Every open of the environment (the cache's,
         # a shared directory's, the CLI's read-only views) comes through here.
-        check_library_files(path, {DATA_FILE: not readonly, LOCK_FILE: lock})
+        check_library_files(path, {DATA_FILE: not readonly, LMDB_LOCK_FILE: lock})
         self.path = path
         self._readonly = readonly
         try:
