@@ -305,6 +305,54 @@ def test_a_cancelled_write_still_in_its_worker_thread_never_lands_after_a_later_
         backend.close()
 
 
+def test_a_cancelled_write_never_lands_after_a_later_one_through_another_async_cache(
+        tmp_path: Path) -> None:
+    """The cancelled `pop`'s thread still reads the database when a second AsyncCache over the
+    same Cache, in another thread's event loop, writes the key: that acknowledged write must
+    not be undone either. (Each AsyncCache kept its own orphans: the second did not wait.)"""
+    backend = ControlledBackend(tmp_path / "db")
+    path = tmp_path / "cache"
+    started = threading.Event()
+
+    def later_write(cache: wbcache.Cache) -> int:
+        async def write() -> int:
+            other = AsyncCache(cache, asyncio.get_running_loop())
+            later = asyncio.ensure_future(other.put("k", 100))
+            await asyncio.sleep(0)  # one loop step, no timing: the write starts (and logs)
+            started.set()
+            return await later
+
+        return asyncio.run(write())
+
+    async def scenario() -> None:
+        async with await wbcache.open_async(path, backend=backend) as cache:
+            await cache.put("k", 5)
+        cache = await wbcache.open_async(path, backend=backend)  # "k" in the database only
+        backend.reading.clear()
+        backend.read_gate.clear()
+        try:
+            write = asyncio.ensure_future(cache.pop("k"))
+            assert await asyncio.to_thread(backend.reading.wait, 30)  # its thread is reading
+            write.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await write
+            later = asyncio.ensure_future(asyncio.to_thread(later_write, cache.cache))
+            assert await asyncio.to_thread(started.wait, 30)
+        finally:
+            backend.read_gate.set()
+        await later
+        assert await cache.get("k") == 100
+        await cache.close()
+
+    try:
+        asyncio.run(scenario())
+        with wbcache.open(path, backend=backend) as reopened:
+            assert reopened.get("k") == 100
+    finally:
+        backend.read_gate.set()
+        backend.close()
+
+
 def test_a_cancelled_write_holds_up_only_writes_of_its_own_keys(tmp_path: Path) -> None:
     """While the cancelled `pop` of a cold key still reads the database, a write of another
     key (in memory: no I/O) is acknowledged without waiting for it; one slow read must not

@@ -24,12 +24,15 @@ write becomes durable like any other (or fails with the log); it is never applie
 cancelled write is therefore like a write whose acknowledgement was lost: it may be there
 afterwards, and usually is. It never lands after a later write: a write still running in its
 worker thread when its task was cancelled (waiting out backpressure, or reading the database
-for a `pop` or `incr`) is kept (`_orphans`, with the keys it writes), and every write of one
+for a `pop` or `incr`) is kept (an orphan, with the keys it writes), and every write of one
 of those keys started after the cancellation reached it (its `CancelledError` raised), from
-any task, first waits for it to end; `clear` waits for all, and all for a `clear`. (Otherwise
+any task of any AsyncCache over the same `Cache` (the orphans are kept per `Cache`, by its
+sequencer: `_ORPHANS`),
+first waits for it to end; `clear` waits for all, and all for a `clear`. (Otherwise
 `put(k, 1)` timed out, then `put(k, 2)` acknowledged, could leave 1.) Writes of other keys do
 not wait: one slow database read must not hold up the cache. `close` does not wait either:
-the orphan then lands before the final flush or is refused.
+the orphan then lands before the final flush or is refused. Writes made through the
+thread-safe `Cache` itself (`.cache`) do not wait for orphans.
 
 An AsyncCache belongs to the event loop that opened it: awaiting it from another loop raises
 `LoopMismatchError` before anything is written.
@@ -41,8 +44,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, TypeVar
 
 from wbcache import forking
@@ -50,7 +56,7 @@ from wbcache.backends.base import Backend, Key
 from wbcache.cache import Cache
 from wbcache.errors import CacheClosedError, LogFailedError, LoopMismatchError
 from wbcache.options import Options
-from wbcache.sequencer import NeedsRead, WouldBlock
+from wbcache.sequencer import NeedsRead, Sequencer, WouldBlock
 from wbcache.writes import BatchOperations, Op, delete_plan, ops_plan, pop_plan, setdefault_plan
 
 T = TypeVar("T")
@@ -72,9 +78,7 @@ class AsyncCache:
         # (lsn, future, result) in LSN order, appended in the loop thread
         self._waiters: deque[tuple[int, asyncio.Future[Any], Any]] = deque()
         self._resolve_scheduled = False
-        # writes whose task was cancelled while their worker thread ran (module docstring)
-        # (None: every key, for `clear`)
-        self._orphans: dict[asyncio.Future[Any], frozenset[Key] | None] = {}
+        self._orphans = _orphans_of(cache.sequencer)
         self._committer.add_listener(self._on_batch)
         self._notify_fd = self._committer.notify_fd()
         if self._notify_fd is not None:
@@ -190,28 +194,40 @@ class AsyncCache:
         return what it returns. If the awaiting task is cancelled meanwhile, the thread goes
         on: its write is kept as an orphan, which later writes of its keys wait for
         (`_after_orphans`; module docstring)."""
-        future = asyncio.ensure_future(asyncio.to_thread(write))
+        ended: Future[None] = Future()  # any loop can wait for it (`asyncio.wrap_future`)
+
+        def run() -> T:
+            try:
+                return write()
+            finally:
+                _end(ended)
+
+        future = asyncio.ensure_future(asyncio.to_thread(run))
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             if not future.done():
-                self._orphans[future] = keys
-                future.add_done_callback(self._orphan_ended)
+                future.add_done_callback(_retrieve)  # its task, cancelled, never looks
+                future.add_done_callback(lambda _: _end(ended))  # `run` never ran
+                with _ORPHANS_LOCK:
+                    self._orphans[ended] = keys
+                ended.add_done_callback(self._orphan_ended)  # at once if already ended
             raise
 
-    def _orphan_ended(self, future: asyncio.Future[Any]) -> None:
-        del self._orphans[future]
-        if not future.cancelled():
-            future.exception()  # retrieved: its task, cancelled, will never look at it
+    def _orphan_ended(self, ended: Future[None]) -> None:
+        with _ORPHANS_LOCK:
+            del self._orphans[ended]
 
     async def _after_orphans(self, keys: frozenset[Key] | None) -> None:
         """Return once every orphan that writes any of `keys` (None: any key) has ended."""
         while True:
-            overlapping = [orphan for orphan, written in self._orphans.items()
-                           if keys is None or written is None or not keys.isdisjoint(written)]
+            with _ORPHANS_LOCK:
+                overlapping = [orphan for orphan, written in self._orphans.items()
+                               if keys is None or written is None
+                               or not keys.isdisjoint(written)]
             if not overlapping:
                 return
-            await asyncio.wait(overlapping)
+            await asyncio.wait([asyncio.wrap_future(orphan) for orphan in overlapping])
 
     # ------------------------------------------------------------------- reads
 
@@ -406,6 +422,42 @@ class AsyncBatch(BatchOperations):
         ops = self._take(exc_type)
         if ops is not None:
             self.lsn = await self._owner._commit(ops)
+
+
+# Per `Cache` (keyed by its sequencer: a Cache, a mapping, is not hashable), the writes
+# whose task was cancelled while their worker thread ran (module docstring): when it ends ->
+# the keys it writes, None for every key (`clear`). Shared by every AsyncCache over that
+# Cache, whichever loop it belongs to; a forked child starts with none (the threads that
+# would end them are not in the child).
+_ORPHANS: weakref.WeakKeyDictionary[Sequencer, dict[Future[None], frozenset[Key] | None]] = (
+    weakref.WeakKeyDictionary())
+_ORPHANS_LOCK = threading.Lock()
+
+
+def _orphans_of(sequencer: Sequencer) -> dict[Future[None], frozenset[Key] | None]:
+    with _ORPHANS_LOCK:
+        return _ORPHANS.setdefault(sequencer, {})
+
+
+def _forget_orphans_in_child() -> None:
+    global _ORPHANS_LOCK
+    _ORPHANS_LOCK = threading.Lock()  # another thread may have held it at the fork
+    _ORPHANS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_orphans_in_child)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: not logged as "never retrieved"
+
+
+def _end(ended: Future[None]) -> None:
+    try:
+        ended.set_result(None)
+    except InvalidStateError:  # ended already
+        pass
 
 
 def _lsn_twice(lsn: int) -> tuple[int, int]:
