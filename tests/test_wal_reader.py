@@ -342,6 +342,29 @@ def test_torn_record_whose_value_embeds_a_log_record_is_still_a_torn_tail(tmp_pa
     assert reader.torn_bytes == cut - start
 
 
+def test_a_torn_value_full_of_frame_headers_is_read_in_one_pass(tmp_path: Path) -> None:
+    """Frame-shaped headers inside a torn value, each claiming 1 MiB inside the file, are not
+    the writer's unless the bytes before them match the torn frame's checksum: judging them
+    must not cost a checksum of 1 MiB per header (hours: an open that seems to hang), but one
+    pass. The read runs in a thread so that a regression fails here instead of hanging."""
+    records = puts(1, 3)
+    value = FRAME.pack(FRAME_MAGIC, 1 << 20, 0) * ((4 << 20) // FRAME_SIZE)
+    data = segment_data(records + [put_record(4, "backup", value)])
+    start = record_offsets(data)[-1]
+    cut = start + (len(data) - start) * 9 // 10  # the write cut off: a torn tail
+    path = tmp_path / segment_name(1)
+    path.write_bytes(data[:cut])
+    result: list[Any] = []
+    reader = threading.Thread(target=lambda: result.append(read(path)), daemon=True)
+    reader.start()
+    reader.join(60)
+
+    assert result, "still reading after 60 s"
+    got, end = result[0]
+    assert got == records
+    assert end.torn_bytes == cut - start
+
+
 # ------------------------------------------------------------------ mid-log corruption
 
 
