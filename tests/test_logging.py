@@ -121,7 +121,7 @@ try:
 except wbcache.LogFailedError:
     pass
 for thread in __import__("threading").enumerate():
-    if thread.name == "wbcache-log-failed":
+    if thread.name == "wbcache-log":
         thread.join()
 print(seen)
 """
@@ -135,3 +135,51 @@ def test_a_handler_may_read_the_cache_when_the_log_fails(tmp_path: Path, hook: s
     assert result.returncode == 0, result.stderr
     (message, value), = ast.literal_eval(result.stdout)
     assert "the log failed" in message and value == 7
+
+
+# A handler that counts the flusher's warnings in the cache itself. Before the fix the
+# flusher logged them in its own thread, holding its mutex: with the dirty set full, the
+# handler's `incr` waited for room that only that thread's next flush could make, and every
+# writer, flush() and close() hung for good, even once the database was back.
+HANDLER_WRITES_THE_CACHE = """
+import logging, sys, threading
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from controlled import ControlledBackend, wait_until
+import wbcache
+
+root = Path(sys.argv[1])
+backend = ControlledBackend(root / "db")
+cache = wbcache.open(root / "cache", backend=backend, flush_interval=3600, max_dirty=4,
+                     flush_threshold=4, flush_timeout=10)
+counted = threading.Event()
+
+class CountsWarnings(logging.Handler):
+    def emit(self, record):
+        if record.levelno >= logging.WARNING:
+            cache.incr("warnings")
+            counted.set()
+
+logging.getLogger("wbcache").addHandler(CountsWarnings())
+backend.failing = True
+for i in range(4):  # the dirty set full: the flusher is woken, fails, warns
+    cache.put(f"k{i}", i)
+wait_until(lambda: cache.stats()["flush_errors"], what="a failed flush")
+backend.failing = False
+cache.flush(timeout=10)
+assert counted.wait(10), "the handler's write never landed"
+cache.close()
+with wbcache.open(root / "cache", backend=backend) as reopened:
+    print(sorted(reopened.items()))
+"""
+
+
+def test_a_handler_may_write_to_the_cache_when_a_flush_fails(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", HANDLER_WRITES_THE_CACHE, str(tmp_path),
+                             str(Path(__file__).parent)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    items = dict(ast.literal_eval(result.stdout))
+    assert {key: items[key] for key in ("k0", "k1", "k2", "k3")} == {
+        "k0": 0, "k1": 1, "k2": 2, "k3": 3}
+    assert items["warnings"] >= 1

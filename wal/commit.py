@@ -47,6 +47,7 @@ from typing import Any
 
 from wbcache.errors import LogFailedError
 from wbcache.wal import crashpoints
+from wbcache.wal.deferred import log_later
 from wbcache.wal.writer import LogWriter
 
 try:  # the log's writes and fdatasyncs in a thread without the GIL (wal/_pipe.c)
@@ -64,17 +65,12 @@ log = logging.getLogger("wbcache.wal")
 
 
 def _log_failure(error: BaseException, first_lsn: int, last_lsn: int) -> None:
-    """Lock held: log that the log failed, from a thread of its own. A logging handler is the
-    application's code, with its own lock, and may even read the cache: run under lock 2 it
-    would stall every writer and reader for as long as it takes, or deadlock on lock 2 itself
-    (docs/design.md, the lock rule). Not a daemon: a process that exits right after the
-    failure still logs it."""
-    args = ("the log failed (%s): writes are refused until the cache is reopened; "
-            "writes %d..%d were not acknowledged", error, first_lsn, last_lsn)
-    try:
-        threading.Thread(target=log.error, args=args, name="wbcache-log-failed").start()
-    except RuntimeError:  # no thread to be had (interpreter shutdown, a pids limit): log here
-        log.error(*args)
+    """Lock held: log that the log failed, from a thread of its own (wal/deferred.py). A
+    logging handler is the application's code, with its own lock, and may even read the
+    cache: run under lock 2 it would stall every writer and reader for as long as it takes,
+    or deadlock on lock 2 itself (docs/design.md, the lock rule)."""
+    log_later(log, logging.ERROR, "the log failed (%s): writes are refused until the cache is "
+              "reopened; writes %d..%d were not acknowledged", error, first_lsn, last_lsn)
 
 
 class GroupCommitter:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from wbcache import forking
@@ -116,12 +116,12 @@ class Cache(MutableMapping[Key, Any]):
             opened.close()
             raise
 
-    def _adopt_orphans(self) -> None:
+    def _adopt_orphans(self, say: Callable[..., None]) -> None:
         """Shared directories, from the flusher every `adopt_interval`: replay the logs of
-        lanes whose process died into the database."""
+        lanes whose process died into the database; what to log goes to `say`."""
         from wbcache.directory import adopt_orphans
 
-        adopt_orphans(self.path, self.options, mine=self._layout.root)
+        adopt_orphans(self.path, self.options, mine=self._layout.root, say=say)
 
     def reopen(self) -> Cache:
         """In a child process after `os.fork()`: open this shared cache again, on a lane of

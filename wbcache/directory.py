@@ -29,7 +29,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -194,9 +194,11 @@ def _make_shared(root: str) -> None:
         lock.release()
 
 
-def adopt_orphans(root: str, options: Options, *, mine: str | None = None) -> int:
+def adopt_orphans(root: str, options: Options, *, mine: str | None = None,
+                  say: Callable[..., None] | None = None) -> int:
     """Replay the log of every lane of the shared directory `root` that no process holds
-    into its database (each with its own checkpoint); return the records replayed."""
+    into its database (each with its own checkpoint); return the records replayed. `say`:
+    as `lanes.adopt_orphans`."""
 
     def adopt(lane: lanes.Lane) -> int:
         view = _shared_database(root, options.map_size)
@@ -206,7 +208,7 @@ def adopt_orphans(root: str, options: Options, *, mine: str | None = None) -> in
         finally:
             view.close()
 
-    return lanes.adopt_orphans(root, adopt, mine=mine)
+    return lanes.adopt_orphans(root, adopt, mine=mine, say=say)
 
 
 def _shared_database(root: str, map_size: int) -> Backend:

@@ -17,6 +17,10 @@ then the sequencer's lock (taken inside `take_dirty` and `flushed`, never across
 background thread lets those callers go before its next cycle or sweep, since a plain lock is
 not fair (the thread releasing it takes it back first, cycle after cycle, while writers keep
 waking it).
+
+Nothing is logged in place, under `_mutex` or in the flusher's thread: a logging handler is
+the application's code and may write to the cache, which under backpressure waits for a flush.
+The reports go to `log_later` (wal/deferred.py), which logs them from a thread of its own.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from wbcache.errors import FlushError
 from wbcache.recovery import apply_changes
 from wbcache.sequencer import Changes, Deltas, Sequencer
 from wbcache.wal import LogWriter, crashpoints
+from wbcache.wal.deferred import log_later
 
 _FIRST_RETRY_DELAY = 0.01  # seconds; doubles after each failure
 _MAX_RETRY_DELAY = 2.0
@@ -39,6 +44,11 @@ _CALLERS_FIRST = 1.0  # seconds a cycle waits at most for the callers of paused(
 OUTAGE_REPORT_EVERY = 30.0  # seconds between summaries while the database keeps failing
 
 log = logging.getLogger("wbcache.flusher")
+
+
+def _say(level: int, message: str, *args: object) -> None:
+    """Log from a thread of its own, later (module docstring)."""
+    log_later(log, level, message, *args)
 
 
 class _Outage:
@@ -57,17 +67,17 @@ class _Outage:
         self._failures += 1
         if self._since is None:
             self._since = self._reported = now
-            log.warning("flush into %s failed: %s; retrying with backoff (the log keeps every "
-                        "write)", self._where, error)
+            _say(logging.WARNING, "flush into %s failed: %s; retrying with backoff (the log "
+                 "keeps every write)", self._where, error)
         elif now - self._reported >= OUTAGE_REPORT_EVERY:
             self._reported = now
-            log.warning("flushes into %s failing for %.1f s (%d attempts); last error: %s",
-                        self._where, now - self._since, self._failures, error)
+            _say(logging.WARNING, "flushes into %s failing for %.1f s (%d attempts); last "
+                 "error: %s", self._where, now - self._since, self._failures, error)
 
     def succeeded(self) -> None:
         if self._since is not None:
-            log.info("flush into %s succeeded again after %.1f s and %d failed attempts",
-                     self._where, time.monotonic() - self._since, self._failures)
+            _say(logging.INFO, "flush into %s succeeded again after %.1f s and %d failed "
+                 "attempts", self._where, time.monotonic() - self._since, self._failures)
             self._since, self._failures = None, 0
 
 
@@ -77,7 +87,8 @@ class Flusher:
 
     def __init__(self, *, sequencer: Sequencer, backend: Backend, writer: LogWriter,
                  interval: float, checkpoint_lsn: int,
-                 sweep: Callable[[], object] | None = None, sweep_interval: float = 5.0) -> None:
+                 sweep: Callable[[Callable[..., None]], object] | None = None,
+                 sweep_interval: float = 5.0) -> None:
         """`sweep` (a shared directory's adoption of orphan lanes) runs in the flusher's
         thread every `sweep_interval` seconds, between flushes."""
         self._sequencer = sequencer
@@ -267,9 +278,10 @@ class Flusher:
             if self._stop.is_set():
                 return
             try:
-                self._sweep()
+                self._sweep(_say)
             except Exception as exc:  # the next sweep (or open) tries again
-                log.warning("adopting orphan lanes failed: %s; the next sweep tries again", exc)
+                _say(logging.WARNING, "adopting orphan lanes failed: %s; the next sweep tries "
+                     "again", exc)
 
     def _failed(self, error: BaseException) -> None:
         self.flush_errors += 1

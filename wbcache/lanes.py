@@ -164,10 +164,12 @@ def orphans(root: str, *, mine: str | None = None) -> Iterator[Lane]:
             yield lane
 
 
-def adopt_orphans(root: str, adopt: Callable[[Lane], int], *, mine: str | None = None) -> int:
+def adopt_orphans(root: str, adopt: Callable[[Lane], int], *, mine: str | None = None,
+                  say: Callable[..., None] | None = None) -> int:
     """Run `adopt` (replay a lane's log into the database; returns records replayed) on every
     orphan lane of `root`; return how many records were adopted in all. Orphans that hold
-    nothing are only looked at."""
+    nothing are only looked at. Each adoption is logged, or passed to `say(level, message,
+    *args)` (the flusher's, which logs it once its mutex is released)."""
     adopted = 0
     for lane in orphans(root, mine=mine):
         try:
@@ -175,8 +177,9 @@ def adopt_orphans(root: str, adopt: Callable[[Lane], int], *, mine: str | None =
                 records = adopt(lane)
                 adopted += records
                 if records:
-                    log.info("adopted lane %s of %s (its process is gone): replayed %d "
-                             "log records into the database", lane.name, root, records)
+                    (say or log.log)(logging.INFO, "adopted lane %s of %s (its process is "
+                                     "gone): replayed %d log records into the database",
+                                     lane.name, root, records)
         finally:
             lane.release()
     return adopted
