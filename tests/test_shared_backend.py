@@ -255,6 +255,59 @@ def test_clean_entries_are_read_again_after_read_ttl(tmp_path: Path, shared: Sha
         reader.close()
 
 
+class HoldsOneThread:
+    """A backend view whose reads from the thread named "slow" wait, holding their answer,
+    until `release` is set (`holding` says one does)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def get(self, key: Key) -> bytes | None:
+        value: bytes | None = self._inner.get(key)
+        if threading.current_thread().name == "slow":
+            self.holding.set()
+            assert self.release.wait(10)
+        return value
+
+
+def test_a_slow_read_never_brings_back_what_a_later_read_replaced(
+        tmp_path: Path, shared: SharedMemoryBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read that began before another cache's write ends after a later read brought the new
+    value in and that entry expired. Kept as if read at its end, the old answer was served for
+    a whole read_ttl more; it is as old as the read's start."""
+    clock = FakeClock()
+    monkeypatch.setattr("wbcache.memory.time", clock)
+    view = HoldsOneThread(shared.view())
+    writer = wbcache.open(tmp_path / "a", backend=shared.view(), flush_interval=3600)
+    reader = wbcache.open(tmp_path / "b", backend=view, flush_interval=3600, read_ttl=5.0)
+    slow: list[Any] = []
+    thread = threading.Thread(target=lambda: slow.append(reader.get("k")), name="slow")
+    try:
+        writer.put("k", "first")
+        writer.flush()
+        thread.start()
+        assert view.holding.wait(10)  # its answer: "first"
+        clock.now += 1.0
+        writer.put("k", "second")
+        writer.flush()
+        assert reader.get("k") == "second"  # a later read, kept
+        clock.now += 5.5  # that entry expires
+        view.release.set()
+        thread.join(10)
+        assert slow == ["first"]  # a right answer for a read that began before "second"
+        assert reader.get("k") == "second"
+    finally:
+        view.release.set()
+        thread.join(10)
+        writer.close()
+        reader.close()
+
+
 def test_a_backend_default_read_ttl_applies_unless_an_option_is_given(
         tmp_path: Path, shared: SharedMemoryBackend) -> None:
     with wbcache.open(tmp_path / "a", backend=shared.view()) as cache:

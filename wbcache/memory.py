@@ -66,6 +66,10 @@ class Entries:
         self.evictions = 0
         self.blocked = False  # every entry over capacity is pinned: wait for a flush
 
+    def now(self) -> float:
+        """The clock of `clean_since` (a read's start is taken on it: `keep_clean`)."""
+        return time.monotonic()
+
     def fresh(self, key: Key) -> bool:
         """Whether memory may answer for `key` without the database (dirty entries have no
         `clean_since` and are always fresh)."""
@@ -90,15 +94,17 @@ class Entries:
         if self.clean_since is not None:
             self.clean_since.pop(key, None)  # dirty: no longer a clean entry that can expire
 
-    def keep_clean(self, key: Key, held: Any) -> bool:
+    def keep_clean(self, key: Key, held: Any, read_at: float) -> bool:
         """Keep a value read from the database as a clean entry, unless memory is full of
         pinned entries (caching reads then would grow memory without bound until a flush).
-        Returns whether it was kept."""
+        Returns whether it was kept. With a read_ttl it is as old as the read's start
+        (`read_at`), not its end: a slow read's answer must not outlive a later read's, whose
+        entry expired meanwhile (another cache may have changed the key in between)."""
         if self.blocked and len(self.map) >= self.capacity:
             return False
         self.map[key] = held
         if self.clean_since is not None:
-            self.clean_since[key] = time.monotonic()
+            self.clean_since[key] = read_at
         return True
 
     def forget(self, key: Key) -> None:

@@ -89,10 +89,11 @@ class FlushBatch(NamedTuple):
 class _Read:
     """A database read of `key`, registered under the lock before it starts."""
 
-    __slots__ = ("key", "encoded", "stale", "failed")
+    __slots__ = ("key", "started", "encoded", "stale", "failed")
 
-    def __init__(self, key: Key) -> None:
+    def __init__(self, key: Key, started: float) -> None:
         self.key = key
+        self.started = started  # on the entries' clock: how old its answer may be
         self.encoded: bytes | None = None
         self.stale = False  # memory may be newer than this answer: never keep or build on it
         self.failed = False  # the database was away; memory's value may be counted on
@@ -542,13 +543,14 @@ class Sequencer:
             self._entries.forget(read.key)  # deleted by another cache
             return ABSENT
         value, held = from_encoded(read.encoded, read.key)
-        if self._entries.keep_clean(read.key, held):
+        if self._entries.keep_clean(read.key, held, read.started):
             self._evict()
         return value
 
     def _start_reads(self, keys: Iterable[Key]) -> Reads:
         """Register a read of each key; end them with `_end_reads`."""
-        reads = {key: _Read(key) for key in keys}
+        now = self._entries.now()
+        reads = {key: _Read(key, now) for key in keys}
         for key, read in reads.items():
             self._reads.setdefault(key, []).append(read)
         return reads
