@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -232,3 +233,37 @@ def test_a_lock_taken_while_a_fork_prepares_is_not_kept_by_the_child(tmp_path: P
     finally:
         os.close(release)
         os.waitpid(pid, 0)
+
+
+def test_a_child_forked_while_a_shared_database_is_being_opened_can_reopen(
+        tmp_path: Path) -> None:
+    """Another thread of the parent inside the registry of shared LMDB databases (opening or
+    closing a shared cache) at the fork, modelled by holding its lock: before the fix the
+    child's copy stayed held and `reopen()` waited for good."""
+    from wbcache.backends import lmdb as lmdb_backend
+
+    cache = wbcache.open(tmp_path / "shared", shared=True)
+    cache.put("parent", 1)
+
+    def reopen_and_write() -> object:
+        cache.reopen()
+        cache.put("child", 2)
+        cache.close()
+        return "reopened"
+
+    with lmdb_backend._shared_lock:
+        pid, report, release = fork_holding(reopen_and_write)
+    try:
+        done: list[object] = []
+        reader = threading.Thread(target=lambda: done.append(read_report(report)), daemon=True)
+        reader.start()
+        reader.join(30)
+        assert done == ["reopened"], "the child's reopen() still waits after 30 s"
+    finally:
+        os.close(release)
+        if not done:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    cache.close()
+    with wbcache.open(tmp_path / "shared", shared=True) as reopened:
+        assert (reopened.get("parent"), reopened.get("child")) == (1, 2)

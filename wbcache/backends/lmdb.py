@@ -346,6 +346,17 @@ class LmdbBackend:
 
 _shared: dict[str, tuple[LmdbDatabase, int]] = {}  # realpath -> (database, lanes using it)
 _shared_lock = threading.Lock()
+
+
+def _new_shared_lock_in_child() -> None:
+    """A fork may land while another thread holds `_shared_lock` (opening or closing a shared
+    cache, an adoption): the child's copy would stay held, and its `reopen` wait for good.
+    The child's databases are disowned, and their entries dropped, as the fork hook runs."""
+    global _shared_lock
+    _shared_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_shared_lock_in_child)
 LANE_CHECKPOINT_PREFIX = b"checkpoint/"
 
 
