@@ -13,6 +13,7 @@ lives. The tests after them fork here, on a bare lock, to show the flock rule bo
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -267,3 +268,36 @@ def test_a_child_forked_while_a_shared_database_is_being_opened_can_reopen(
     cache.close()
     with wbcache.open(tmp_path / "shared", shared=True) as reopened:
         assert (reopened.get("parent"), reopened.get("child")) == (1, 2)
+
+
+def descriptors_of(path: str) -> list[int]:
+    """This process's descriptors open on the file at `path`."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == path:
+                found.append(int(name))
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return found
+
+
+def test_a_lock_dropped_unreleased_is_not_kept_by_a_child(tmp_path: Path) -> None:
+    """A cache never closed, then collected, leaves its flock held in this process; forking.py
+    tracks objects weakly and no longer knows of it. A child forked afterwards must still
+    close its copy, or the lock outlives this process for as long as the child lives (a
+    directory no one can open, a lane no one can adopt)."""
+    path = str(tmp_path / "LOCK")
+    DirectoryLock.acquire(path, record_owner=False)  # dropped at once, never released
+    gc.collect()
+    leaked = descriptors_of(path)
+    assert leaked and not lock_is_free(path)
+    pid, report, release = fork_holding(lambda: descriptors_of(path))
+    try:
+        assert read_report(report) == []  # the child kept no copy
+    finally:
+        os.close(release)
+        os.waitpid(pid, 0)
+        for fd in leaked:
+            os.close(fd)
+    assert lock_is_free(path)

@@ -13,7 +13,10 @@ pid we write into it can never land in another file.
 
 A held lock is tracked by wbcache/forking.py: a child forked while it is held closes its copy
 at once, so the lock stays its holder's alone and dies with it (a lane nobody can adopt while
-some child of its dead owner lives would strand that owner's acknowledged writes).
+some child of its dead owner lives would strand that owner's acknowledged writes). The
+descriptors are also kept here, strongly (`_held`), and it is here that a child closes them:
+a lock dropped unreleased (a cache never closed, then collected) still holds its flock in
+the parent, and forking.py, which tracks objects weakly, no longer knows of it.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ class DirectoryLock:
                 os.close(fd)
                 raise
             lock = cls(fd, path)
+            _held.add(fd)
             forking.track(lock)
             return lock
 
@@ -100,20 +104,36 @@ class DirectoryLock:
                 forking.untrack(self)
 
     def _disown_after_fork(self) -> None:
-        """In a child just forked (wbcache/forking.py): close the copy inherited. Closing drops
-        the flock only with the last descriptor of the open file description, which the
-        parent still holds: the lock stays the parent's. Never LOCK_UN: it would unlock the
-        parent's too."""
-        if self._fd is not None:
-            self._close()
+        """In a child just forked (wbcache/forking.py): forget the copy inherited, which
+        `_close_held_in_child` closes with every other. Closing drops the flock only with the
+        last descriptor of the open file description, which the parent still holds: the lock
+        stays the parent's. Never LOCK_UN: it would unlock the parent's too."""
+        self._fd = None
 
     def _close(self) -> None:
         assert self._fd is not None
+        _held.discard(self._fd)
         os.close(self._fd)
         self._fd = None
 
 
 _PID_WIDTH = 20  # wider than any pid Linux hands out (pid_max is at most 2**22)
+
+# Every lock descriptor this process holds (module docstring); changed inside `no_fork()`.
+_held: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    """In a child just forked: close the copy of every lock descriptor the parent held."""
+    for fd in _held:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 def _open_lock_file(path: str, *, writable: bool) -> int:
