@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -193,7 +194,7 @@ def _print_table(documents: Iterator[dict[str, Any]], pending: bool) -> None:
 @click.argument("key")
 @backend_option
 @click.option("--bytes", "as_bytes", is_flag=True,
-              help="KEY names a bytes key (its UTF-8 encoding) rather than a str key.")
+              help="KEY names a bytes key (the bytes of the argument) rather than a str key.")
 @click.option("--hex", "as_hex", is_flag=True,
               help="KEY is a bytes key written in hex, e.g. 00ff10.")
 @json_option
@@ -225,11 +226,16 @@ def get(directory: str, key: str, backend: str | None, as_bytes: bool, as_hex: b
         except ValueError:
             raise click.BadParameter(f"{key!r} is not hex", param_hint="KEY") from None
     elif as_bytes:
-        lookup = key.encode()
+        lookup = os.fsencode(key)  # the argument's own bytes, UTF-8 or not
     decoder = _Decoder()
     with open_directory(directory, backend) as snapshot:
         warn_if_stale(snapshot, reads_live_lanes=False)
-        encoded, source, lane = snapshot.get(lookup)
+        try:
+            encoded, source, lane = snapshot.get(lookup)
+        except (TypeError, ValueError) as exc:  # empty, too long, a str that is not UTF-8
+            hint = " (--bytes or --hex name a key that is not)" if isinstance(lookup, str) \
+                and "UTF-8" in str(exc) else ""
+            raise click.BadParameter(f"{exc}{hint}", param_hint="KEY") from None
         other = None
         if encoded is None:
             other = lookup.encode() if isinstance(lookup, str) else _as_str(lookup)

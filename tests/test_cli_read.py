@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -422,6 +423,29 @@ def test_get_says_when_the_key_exists_with_the_other_type(tmp_path: Path, driver
     assert result.exit_code == 1
     assert result.stderr == ("key 'only-bytes' not found (a bytes key of that name exists: "
                              "use --bytes)\n")
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_get_of_a_key_no_write_can_have_stored_is_a_usage_error(tmp_path: Path,
+                                                                driver: str) -> None:
+    """An empty key, and a str key that is not UTF-8 (a shell argument holding byte 0xff),
+    reached the database and printed its traceback. With --bytes that argument names the
+    bytes key it spells."""
+    path = tmp_path / "cache"
+    new_cache_dir(path)
+    not_utf8 = os.fsdecode(b"k\xff")
+    write_segment(path / "wal", [put(1, b"k\xff", 1)])
+
+    empty = run(driver, "get", str(path), "")
+    empty_hex = run(driver, "get", "--hex", str(path), "")
+    as_str = run(driver, "get", str(path), not_utf8)
+    as_bytes = run(driver, "get", "--bytes", str(path), not_utf8)
+
+    for result in (empty, empty_hex, as_str):
+        assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "keys must not be empty" in empty.stderr and "must not be empty" in empty_hex.stderr
+    assert "cannot be encoded as UTF-8" in as_str.stderr and "--bytes" in as_str.stderr
+    assert (as_bytes.exit_code, json.loads(as_bytes.stdout)) == (0, 1)
 
 
 # ------------------------------------------------------------------ stats

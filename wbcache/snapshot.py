@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from wbcache.backends import Backend, Key
-from wbcache.codec import decode_value
+from wbcache.codec import check_key, decode_value
 from wbcache.directory import DATA_FILE, FoundDirectory, find_directory, open_database
 from wbcache.directory import count_after_recovery as _count_after
 from wbcache.errors import CacheClosedError, ConcurrentChangeError, InvalidDirectoryError
@@ -343,7 +343,10 @@ class DirectorySnapshot:
 
     def get(self, key: Key) -> Found:
         """`key`'s value after recovery. Raises `CorruptLogError` when a log is damaged,
-        `ConcurrentChangeError` when a live cache flushed increments meanwhile (below)."""
+        `ConcurrentChangeError` when a live cache flushed increments meanwhile (below),
+        `TypeError`/`ValueError` for a key no write can have stored (empty, over the
+        database's limit, a str that is not UTF-8)."""
+        key = check_key(key, self._database().max_key_size)
         replayed = self._replayed()
         found = replayed.get(key, self._database())
         if replayed.has_delta(key):
