@@ -83,16 +83,24 @@ class LogSurvey:
 
 def survey_log(wal_dir: str, checkpoint: int, *,
                progress: Callable[[int], None] | None = None,
-               max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> LogSurvey:
+               max_key_size: int = DEFAULT_MAX_KEY_SIZE,
+               live_checkpoint: Callable[[], int] | None = None) -> LogSurvey:
     """Read every segment in `wal_dir` against the database `checkpoint`.
+
+    `live_checkpoint` (a log a live cache holds): the database's checkpoint, read again once
+    the segments are listed. Its owner deletes a segment only after committing a checkpoint
+    that covers it, so a segment deleted before the listing is covered by the checkpoint read
+    after it, and is not reported missing.
 
     `progress(n)` is called with the number of records read so far, every 65,536 records.
     Raises `UnsupportedFormatError` for a segment of an unknown format version (nothing else
     about such a log can be judged) and `OSError` when a segment cannot be read; every other
     problem is collected in `LogSurvey.problems`.
     """
-    survey = LogSurvey(wal_dir, checkpoint)
     segments = list_segments(wal_dir)
+    if live_checkpoint is not None:
+        checkpoint = max(checkpoint, live_checkpoint())
+    survey = LogSurvey(wal_dir, checkpoint)
     previous_last: int | None = None
     continuity_known = True  # False after a damaged or vanished segment: its end is unknown
     read = 0

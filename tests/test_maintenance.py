@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -223,6 +225,56 @@ def test_a_shared_snapshot_sees_the_live_lane_in_use_and_the_orphans_free(
     assert replayed == ["00000002", "00000003"]
     assert pending == [2 * count for count in DEAD]
     assert surveys == [0, *pending]
+
+
+# A live cache in a process of its own (LMDB opens a database once per process): it writes,
+# then flushes when told to, and writes one more.
+LIVE_WRITER = """
+import sys, wbcache
+cache = wbcache.open(sys.argv[1], shared=sys.argv[2] == "shared", flush_interval=3600,
+                     segment_size=4096, adopt_interval=3600)
+for i in range(300):
+    cache.put(f"k{i}", "x" * 40)
+print("written", flush=True)
+sys.stdin.readline()
+cache.flush()
+cache.put("later", 1)
+print("flushed", flush=True)
+sys.stdin.readline()
+cache.close()
+"""
+
+
+@pytest.mark.parametrize("kind", ["single-owner", "shared"])
+def test_a_live_cache_flushing_after_the_snapshot_opened_is_not_damage(
+        tmp_path: Path, kind: str) -> None:
+    """The snapshot reads a live log's checkpoint when it opens. The cache then flushed and
+    deleted the segments its new checkpoint covers: the survey, judging the log against the
+    old checkpoint, reported "records 1..N are missing" (`inspect`/`verify` exit 1 and a
+    salvage hint) for a healthy log."""
+    path = tmp_path / "cache"
+    live = subprocess.Popen([sys.executable, "-c", LIVE_WRITER, str(path), kind],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert live.stdin is not None and live.stdout is not None
+    try:
+        assert live.stdout.readline() == "written\n"
+        with open_snapshot(path) as snapshot:
+            log = snapshot.logs[0]
+            assert log.in_use and log.checkpoint == 0
+            live.stdin.write("flush\n")
+            live.stdin.flush()
+            assert live.stdout.readline() == "flushed\n"  # the covered segments are gone
+            survey = snapshot.survey(log)
+        live.stdin.write("close\n")
+        live.stdin.flush()
+        assert live.wait(30) == 0
+    finally:
+        if live.poll() is None:
+            live.kill()
+            live.wait()
+
+    assert survey.problems == []
+    assert survey.pending == 1
 
 
 def test_a_shared_snapshot_shows_what_the_caches_see_once_the_orphans_are_adopted(

@@ -304,7 +304,9 @@ class DirectorySnapshot:
         if not log.has_log:
             return LogSurvey(log.wal, log.checkpoint)
         return survey_log(log.wal, log.checkpoint, progress=progress,
-                          max_key_size=self._database().max_key_size)
+                          max_key_size=self._database().max_key_size,
+                          live_checkpoint=((lambda: self._checkpoint_of(log)) if log.in_use
+                                           else None))
 
     def pending_records(self, log: LogView | None = None) -> Iterator[LoggedRecord]:
         """The records a recovery would replay from `log`, oldest first. Raises
