@@ -423,3 +423,59 @@ def test_close_does_not_wait_for_a_cancelled_write_that_a_database_outage_holds_
             assert (reopened.get("a"), reopened.get("b")) == (1, 2)  # the log kept them
     finally:
         database.close()
+
+
+class ReadThreads(ControlledBackend):
+    """Notes the thread of every database read."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.read_in: list[int] = []
+
+    def get(self, key: Any) -> bytes | None:
+        self.read_in.append(threading.get_ident())
+        return super().get(key)
+
+
+class SteppingClock:
+    """`time` as wbcache.memory sees it: once `step` is set, each look moves it on by that
+    much, so an entry fresh at one look has expired at the next."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.step = 0.0
+
+    def monotonic(self) -> float:
+        now = self.now
+        self.now += self.step
+        return now
+
+
+def test_a_get_never_reads_the_database_in_the_event_loop(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`get` and `contains` looked at memory, then asked `Cache.get`, which looked again: an
+    entry that expired (read_ttl) or was evicted between the two looks was read from the
+    database in the loop thread, blocking the loop for the whole read."""
+    clock = SteppingClock()
+    monkeypatch.setattr("wbcache.memory.time", clock)
+    backend = ReadThreads(tmp_path / "db")
+
+    async def scenario() -> None:
+        cache = await wbcache.open_async(tmp_path / "cache", backend=backend,
+                                         flush_interval=3600, read_ttl=5.0)
+        try:
+            await cache.put("k", "v")
+            await cache.flush()  # clean: it can expire
+            loop_thread = threading.get_ident()
+            clock.step = 10.0  # each look at the entry's age finds it 10 s older
+            assert await cache.get("k") == "v"
+            assert await cache.contains("k")
+            assert backend.read_in and loop_thread not in backend.read_in
+        finally:
+            clock.step = 0.0
+            await cache.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        backend.close()

@@ -233,16 +233,18 @@ class AsyncCache:
 
     async def get(self, key: Key, default: Any = None) -> Any:
         self._check_loop()
-        if self._sequencer.in_memory(key):  # served from memory: no I/O, no thread
-            return self._cache.get(key, default)
-        return await asyncio.to_thread(self._cache.get, key, default)
+        try:
+            return self._cache.get_nowait(key, default)  # served from memory: no I/O
+        except WouldBlock:
+            return await asyncio.to_thread(self._cache.get, key, default)
 
     async def contains(self, key: Key) -> bool:
         """`key in cache`."""
         self._check_loop()
-        if self._sequencer.in_memory(key):
-            return key in self._cache
-        return await asyncio.to_thread(self._cache.__contains__, key)
+        try:
+            return self._cache.get_nowait(key, _NO_DEFAULT) is not _NO_DEFAULT
+        except WouldBlock:
+            return await asyncio.to_thread(self._cache.__contains__, key)
 
     async def keys(self) -> list[Key]:
         self._check_loop()

@@ -57,6 +57,15 @@ _MISSING: Any = object()
 _NO_DEFAULT: Any = object()
 
 
+class _MemoryOnly(threading.local):
+    """Set by `get_nowait` in its thread, for the call: a miss must not read the database."""
+
+    on = False
+
+
+_memory_only = _MemoryOnly()
+
+
 class Cache(MutableMapping[Key, Any]):
     """A crash-durable write-back cache. Open one with `wbcache.open(path, **options)`.
 
@@ -168,6 +177,17 @@ class Cache(MutableMapping[Key, Any]):
         # (a plain function call), unless a subclass defines `get`.
         return self._get(key, default)
 
+    def get_nowait(self, key: Key, default: Any = None) -> Any:
+        """`get` answered by memory alone: raises `WouldBlock` where `get` would read the
+        database (an event loop's `AsyncCache.get`, which then reads in a worker thread).
+        Asked of memory once: an entry evicted or expired after a look at `in_memory` must
+        not turn into a read in the caller's thread."""
+        _memory_only.on = True
+        try:
+            return self._get(key, default)
+        finally:
+            _memory_only.on = False
+
     def _read(self, key: Key, default: Any) -> Any:
         """Not answerable from memory: the sequencer reads the database (no lock held)."""
         try:
@@ -176,6 +196,8 @@ class Cache(MutableMapping[Key, Any]):
             if self._sequencer.closed:
                 raise CacheClosedError(f"cache {self.path} is closed") from None
             return default  # a key that cannot be stored is not there
+        if _memory_only.on:
+            raise WouldBlock
         value = self._sequencer.read(key)
         return default if value is ABSENT else value
 
