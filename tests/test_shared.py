@@ -318,3 +318,31 @@ def test_reopen_in_a_child_of_a_single_owner_cache_says_to_use_shared(tmp_path: 
     os.close(read_end)
     cache.close()
     assert "shared=True" in message
+
+
+@pytest.mark.parametrize("seen", ["lanes/ and SHARED", "SHARED while marking"])
+def test_an_open_finding_the_shared_mark_makes_it_durable_before_any_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seen: str) -> None:
+    """Another first open has made `lanes/` and `SHARED` but not yet fsync'd the directory
+    that holds them. An open that found them went on without that fsync: writes it then
+    acknowledged would go, lane and all, with those entries in a power cut."""
+    from wbcache import lanes
+    from wbcache.wal.syscalls import SYSCALLS
+
+    root = tmp_path / "shared"
+    root.mkdir(mode=0o700)
+    (root / "lanes").mkdir(mode=0o700)
+    (root / "SHARED").write_bytes(lanes._MARK)
+    if seen == "SHARED while marking":  # found absent first, then there (the O_EXCL create)
+        monkeypatch.setattr(lanes, "is_shared", lambda root: False)
+    synced: list[str] = []
+    real = SYSCALLS.fsync_dir
+    monkeypatch.setattr(SYSCALLS, "fsync_dir",
+                        lambda path: (synced.append(os.path.realpath(path)), real(path))[1])
+
+    cache = wbcache.open(root, shared=True)
+    try:
+        assert os.path.realpath(root) in synced  # before the first write can be acknowledged
+        cache.put("k", 1)
+    finally:
+        cache.close()

@@ -153,6 +153,7 @@ def _open_shared(path: str | os.PathLike[str], options: Options,
     root = claim(path).root
     if lanes.is_shared(root):
         lanes.refuse_mismatch(root, shared=True)
+        lanes.sync_mark(root)
     else:
         _make_shared(root)  # checks and marks, under DIR/LOCK
     lane = lanes.claim(root)

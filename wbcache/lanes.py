@@ -194,13 +194,21 @@ def mark_shared(root: str) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
-    except FileExistsError:
+    except FileExistsError:  # another first open's, perhaps not yet durable
+        sync_mark(root)
         return
     try:
         os.write(fd, _MARK)
         os.fsync(fd)
     finally:
         os.close(fd)
+    _fsync_dir(root)
+
+
+def sync_mark(root: str) -> None:
+    """Make `lanes/` and the `SHARED` mark, found in `root`, durable (an fsync of `root`):
+    the first open that made them may not have yet, and a lane's writes acknowledged before
+    they are would go with them in a power cut."""
     _fsync_dir(root)
 
 
