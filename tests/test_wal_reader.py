@@ -14,6 +14,7 @@ import random
 import threading
 import time
 import tracemalloc
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from wbcache.wal.format import (
     encode_mark,
     encode_records,
 )
+from wbcache.wal.reader import intact_frames
 from wbcache.wal.records import OP_BATCH, OP_DELETE, OP_INCR, OP_PUT
 from wbcache.wal.segments import segment_name
 
@@ -363,6 +365,71 @@ def test_a_torn_value_full_of_frame_headers_is_read_in_one_pass(tmp_path: Path) 
     got, end = result[0]
     assert got == records
     assert end.torn_bytes == cut - start
+
+
+def in_a_thread(call: Any, seconds: float = 60) -> list[Any]:
+    """[what `call()` returned], or [] if it still runs after `seconds` (a regression fails
+    the test instead of hanging it)."""
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return result
+
+
+def test_span_checksums_equal_zlib_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_Checksums.of` against zlib.crc32 of the span itself, with the shift of wal/_walk.c
+    (zlib's crc32_combine) where it is built, and with the pure-Python one."""
+    from wbcache.wal import reader
+
+    shifts = {reader._shift, reader._python_shift}  # one of them when _walk.c is not built
+    rng = random.Random(7)
+    data = rng.randbytes(200_000)
+    for shift in shifts:
+        monkeypatch.setattr(reader, "_shift", shift)
+        checksums = reader._Checksums(data, 1000)
+        for _ in range(500):
+            a = rng.randrange(1000, len(data))
+            b = min(len(data), a + rng.choice([0, 1, 255, 256, 257, 1024, 5000, 150_000]))
+            assert checksums.of(a, b) == zlib.crc32(data[a:b]), (shift, a, b)
+
+
+def test_a_torn_value_full_of_frame_headers_after_a_damaged_frame_is_read_in_one_pass(
+        tmp_path: Path) -> None:
+    """One batch, two frames, cut by a power loss: the first whole but with a lost sector (its
+    checksum wrong), the second cut off inside a value of frame-shaped headers each claiming
+    1 MiB. Those headers lie past the first frame's extent: each was checksummed in full
+    (hours). Each header's checksum is now computed from running checksums (`_Checksums`)."""
+    records = puts(1, 3)
+    value = FRAME.pack(FRAME_MAGIC, 1 << 20, 0) * ((4 << 20) // FRAME_SIZE)
+    data = segment_data(records + [put_record(4, "a", "x" * 1024),
+                                   put_record(5, "backup", value)])
+    first, second = record_offsets(data)[-2:]
+    damaged = bytearray(data[:second + (len(data) - second) * 9 // 10])
+    damaged[first + FRAME_SIZE + 600] ^= 0x01  # a lost sector in the first frame
+    path = tmp_path / segment_name(1)
+    path.write_bytes(bytes(damaged))
+
+    result = in_a_thread(lambda: read(path))
+
+    assert result, "still reading after 60 s"
+    got, end = result[0]
+    assert got == records
+    assert end.torn_bytes == len(damaged) - first
+
+
+def test_the_resync_rule_costs_one_pass_over_frame_headers_claiming_long_payloads() -> None:
+    """`intact_frames` (verify's further damage, salvage's count of records set aside) on
+    4 MiB of headers each claiming 1 MiB, no frame of them intact: no checksum of 1 MiB per
+    header. And it still finds the intact frame after them."""
+    junk = FRAME.pack(FRAME_MAGIC, 1 << 20, 0) * ((4 << 20) // FRAME_SIZE)
+    tail = frame(put_record(9, "after", "junk"))
+    data = junk + tail + bytes(1 << 20)
+
+    result = in_a_thread(lambda: list(intact_frames(data, 0, len(data))))
+
+    assert result, "still searching after 60 s"
+    assert result[0] == [(len(junk), [9], len(junk) + len(tail))]
 
 
 # ------------------------------------------------------------------ mid-log corruption

@@ -412,7 +412,27 @@ static PyObject *decodes(PyObject *self, PyObject *arg) {
     return PyBool_FromLong(ok);
 }
 
+/* crc32_shift(crc, count) -> int: what crc32(A) contributes to crc32(A + B) for any B of
+ * `count` bytes, i.e. crc32(A + B) ^ crc32(B): zlib's crc32_combine with crc32(B) = 0 (the
+ * combination is linear). The reader's span checksums (wal/reader.py, `_Checksums`); the
+ * same computation, in Python, where this module is not built. */
+static PyObject *crc32_shift(PyObject *self, PyObject *args) {
+    unsigned long crc;
+    long long count;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "kL", &crc, &count))
+        return NULL;
+    if (count < 0 || count > 0x7fffffffLL || crc > 0xffffffffUL) {
+        PyErr_SetString(PyExc_ValueError, "crc32_shift: crc or count out of range");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLong(crc32_combine(crc, 0, (z_off_t)count) & 0xffffffffUL);
+}
+
 static PyMethodDef methods[] = {
+    {"crc32_shift", crc32_shift, METH_VARARGS,
+     "crc32_shift(crc, count) -> int: crc32(A + B) ^ crc32(B) for any B of count bytes, "
+     "given crc = crc32(A)."},
     {"decodes", decodes, METH_O,
      "decodes(value) -> bool: True if msgpack.unpackb(value, strict_map_key=False) surely "
      "decodes it; False if not, or if it cannot tell (then ask unpackb)."},
