@@ -123,6 +123,32 @@ def test_recover_of_a_shared_directory_with_every_lane_free_exits_0(tmp_path: Pa
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
+def test_a_lane_whose_lock_file_is_gone_is_read_and_recovered_all_the_same(
+        tmp_path: Path, driver: str) -> None:
+    """A lane's log whose LOCK was lost or removed: inspect and verify read it as a lane made a
+    moment ago (no log: 0 pending records, acknowledged writes out of sight) and recover
+    --dry-run failed with "No such file or directory", though recover itself adopts it."""
+    path = tmp_path / "shared"
+    with shared_lanes(path, dead=DEAD, live=None):
+        pass
+    (path / "lanes" / "00000001" / "LOCK").unlink()
+
+    inspected = run(driver, "inspect", "--json", str(path))
+    verified = run(driver, "verify", "--json", str(path))
+    dry = run(driver, "recover", "--dry-run", "--json", str(path))
+    recovered = run(driver, "recover", "--json", str(path))
+
+    for result in (inspected, verified, dry, recovered):
+        assert result.exit_code == 0, result.stderr
+    assert lane_rows(inspected.json(), "lane", "pending_records") == [
+        ("00000001", 2 * DEAD[0]), ("00000002", 2 * DEAD[1])]
+    assert verified.json()["ok"]
+    assert dry.json()["replayed"] == recovered.json()["replayed"] == 2 * sum(DEAD)
+    with wbcache.open(path, shared=True) as cache:
+        assert dict(cache.items()) == after_shared_recovery(DEAD, None)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
 def test_dump_and_get_show_the_data_after_every_free_lanes_recovery(tmp_path: Path,
                                                                    driver: str) -> None:
     path = tmp_path / "shared"

@@ -119,6 +119,7 @@ class _Target:
     lane: str | None
     lock: DirectoryLock | None = None  # held exclusively; None: left alone (see in_use)
     in_use: bool = False  # a live cache holds it
+    unlocked: bool = False  # a dry run's log whose LOCK is missing: read without one
     plan: RecoveryReport | SalvagePlan | None = None  # pass 1's; None: nothing to read
     done: RecoveryReport | None = None
     set_aside: SalvageReport | None = None
@@ -155,7 +156,7 @@ def recover_directory(path: str | os.PathLike[str], *, backend: str | None = Non
             holder = f"a live cache (pid {pid})" if pid is not None else "another process"
             raise CacheLockedError(f"{layout.root} is in use by {holder}; stop it first "
                                    f"(opening the cache recovers the directory anyway)")
-        free = [target for target in targets if target.lock is not None]
+        free = [target for target in targets if target.lock is not None or target.unlocked]
         for target in free:
             check_format_versions(target.layout.wal)
         phases = _Phases(progress, [target.layout.wal for target in free])
@@ -203,6 +204,10 @@ def _lock_targets(found: FoundDirectory, logs: list[Layout], *,
                                                     writable=not dry_run)
             except CacheLockedError:
                 target.in_use = True
+            except FileNotFoundError:  # a log without its LOCK (lost, removed): no one holds
+                if not dry_run:        # it by name; the recovery itself makes it
+                    raise
+                target.unlocked = True
     except BaseException:
         for target in wanted:
             if target.lock is not None:

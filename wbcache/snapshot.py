@@ -120,11 +120,14 @@ class LogView:
 
 def _watch(layout: Layout, lane: str | None) -> LogView:
     """`layout`'s log, its LOCK held shared when no live cache holds it."""
+    in_use = False
     try:
         held = DirectoryLock.acquire_shared(layout.lock)
-    except FileNotFoundError:  # a lane between its mkdir and its LOCK: nothing logged yet
-        return LogView(layout, lane, False, None, None, False)
-    in_use = held is None
+        in_use = held is None
+    except FileNotFoundError:
+        # A lane between its mkdir and its LOCK (nothing logged yet), or a log whose LOCK was
+        # lost or removed: no one holds it by name, and its log is read all the same.
+        held = None
     cache_id = None
     try:
         cache_id = layout.cache_id()
