@@ -183,3 +183,45 @@ def test_a_handler_may_write_to_the_cache_when_a_flush_fails(tmp_path: Path) -> 
     assert {key: items[key] for key in ("k0", "k1", "k2", "k3")} == {
         "k0": 0, "k1": 1, "k2": 2, "k3": 3}
     assert items["warnings"] >= 1
+
+
+# The flusher's warning is said in the flusher's thread, a daemon: the thread that logs it took
+# that flag from it, and an exit right after the failure lost the line (a filter that takes a
+# moment; a handler's own lock holds the exit up, as logging.shutdown takes it). The process
+# ends normally as soon as a flush has failed.
+LINE_AT_EXIT = """
+import logging, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from controlled import ControlledBackend, wait_until
+import wbcache
+
+root = Path(sys.argv[1])
+backend = ControlledBackend(root / "db")
+cache = wbcache.open(root / "cache", backend=backend, flush_interval=0.01)
+
+class ToAFile(logging.Handler):
+    def emit(self, record):
+        with open(root / "lines", "a") as file:
+            file.write(record.getMessage() + "\\n")
+
+def slowly(record):  # a filter that takes a moment (one that looks something up, say)
+    time.sleep(0.3)
+    return True
+
+logging.getLogger("wbcache").addHandler(ToAFile(logging.WARNING))
+logging.getLogger("wbcache.flusher").addFilter(slowly)
+backend.failing = True
+cache.put("k", 1)
+wait_until(lambda: cache.stats()["flush_errors"], what="a failed flush")
+"""
+
+
+def test_a_line_said_by_the_flusher_is_logged_though_the_process_exits_at_once(
+        tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", LINE_AT_EXIT, str(tmp_path),
+                             str(Path(__file__).parent)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "lines").read_text() if (tmp_path / "lines").exists() else ""
+    assert "flush into the lmdb database failed" in lines

@@ -346,3 +346,26 @@ def test_an_open_finding_the_shared_mark_makes_it_durable_before_any_write(
         cache.put("k", 1)
     finally:
         cache.close()
+
+
+def test_a_lane_adopted_by_the_sweep_is_logged_by_the_lanes_logger(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """README names the logger of "adopted lane" lines: wbcache.lanes, whether the adoption is
+    an open's or a live cache's sweep (whose lines are logged from a thread of their own)."""
+    import logging
+
+    directory = tmp_path / "shared"
+    with caplog.at_level(logging.INFO, logger="wbcache"):
+        live = wbcache.open(directory, shared=True, adopt_interval=0.05)
+        try:
+            script = (f"import os, wbcache; c = wbcache.open({str(directory)!r}, shared=True, "
+                      f"flush_interval=3600); c.put('dead', 1); os._exit(0)")
+            subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+            wait_until(lambda: [record for record in caplog.records
+                                if record.getMessage().startswith("adopted lane")],
+                       what="the sweep's line")
+        finally:
+            live.close()
+    (record,) = [record for record in caplog.records
+                 if record.getMessage().startswith("adopted lane")]
+    assert record.name == "wbcache.lanes"

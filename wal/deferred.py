@@ -32,7 +32,8 @@ def log_later(logger: logging.Logger, level: int, message: str, *args: object) -
             return
         _running = True
     try:
-        threading.Thread(target=_drain, name="wbcache-log").start()
+        # daemon=False: not inherited from a daemon caller (the flusher's thread)
+        threading.Thread(target=_drain, name="wbcache-log", daemon=False).start()
     except RuntimeError:  # no thread to be had: log here
         _drain()
 

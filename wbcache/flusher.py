@@ -278,7 +278,7 @@ class Flusher:
             if self._stop.is_set():
                 return
             try:
-                self._sweep(_say)
+                self._sweep(log_later)
             except Exception as exc:  # the next sweep (or open) tries again
                 _say(logging.WARNING, "adopting orphan lanes failed: %s; the next sweep tries "
                      "again", exc)

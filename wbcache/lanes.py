@@ -168,8 +168,8 @@ def adopt_orphans(root: str, adopt: Callable[[Lane], int], *, mine: str | None =
                   say: Callable[..., None] | None = None) -> int:
     """Run `adopt` (replay a lane's log into the database; returns records replayed) on every
     orphan lane of `root`; return how many records were adopted in all. Orphans that hold
-    nothing are only looked at. Each adoption is logged, or passed to `say(level, message,
-    *args)` (the flusher's, which logs it once its mutex is released)."""
+    nothing are only looked at. Each adoption is logged, here or by `say(logger, level,
+    message, *args)` (the flusher's sweep passes `log_later`: wal/deferred.py)."""
     adopted = 0
     for lane in orphans(root, mine=mine):
         try:
@@ -177,12 +177,16 @@ def adopt_orphans(root: str, adopt: Callable[[Lane], int], *, mine: str | None =
                 records = adopt(lane)
                 adopted += records
                 if records:
-                    (say or log.log)(logging.INFO, "adopted lane %s of %s (its process is "
-                                     "gone): replayed %d log records into the database",
-                                     lane.name, root, records)
+                    (say or _log_now)(log, logging.INFO, "adopted lane %s of %s (its process "
+                                      "is gone): replayed %d log records into the database",
+                                      lane.name, root, records)
         finally:
             lane.release()
     return adopted
+
+
+def _log_now(logger: logging.Logger, level: int, message: str, *args: object) -> None:
+    logger.log(level, message, *args)
 
 
 def mark_shared(root: str) -> None:
