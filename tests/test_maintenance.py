@@ -469,3 +469,17 @@ def test_a_url_naming_another_table_is_refused_before_anything_is_written(
 
     assert tree_state(tmp_path / "a") == before
     assert query(pg_dsn, f"SELECT count(*) FROM {pg_schema}.typo") == [(0,)]
+
+
+def test_a_live_lane_whose_lock_file_was_removed_is_read_as_in_use(tmp_path: Path) -> None:
+    """A LOCK unlinked under a live cache (which still holds the file): the lane must not be
+    read as free, or its increments would be counted without the guard a live log gets, and
+    its checkpoint judged stale (a missing LOCK with a log is read as a live cache's)."""
+    path = tmp_path / "shared"
+    with wbcache.open(path, shared=True, flush_interval=3600) as live:
+        live.put("k", 1)
+        (Path(live._layout.root) / "LOCK").unlink()
+        with open_snapshot(path) as snapshot:
+            (log,) = snapshot.logs
+            assert (log.in_use, log.has_log) == (True, True)
+            assert snapshot.survey(log).pending == 1

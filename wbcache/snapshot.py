@@ -120,14 +120,14 @@ class LogView:
 
 def _watch(layout: Layout, lane: str | None) -> LogView:
     """`layout`'s log, its LOCK held shared when no live cache holds it."""
-    in_use = False
-    try:
-        held = DirectoryLock.acquire_shared(layout.lock)
-        in_use = held is None
-    except FileNotFoundError:
-        # A lane between its mkdir and its LOCK (nothing logged yet), or a log whose LOCK was
-        # lost or removed: no one holds it by name, and its log is read all the same.
-        held = None
+    held, in_use = _hold(layout)
+    has_log = os.path.isdir(layout.wal)
+    if held is None and not in_use and has_log:
+        # No LOCK when we looked, a log now: a lane claimed meanwhile (its LOCK comes before
+        # its log), or a log whose LOCK was lost or removed, perhaps under a live cache still
+        # holding the file. Look again; still none: read it as a live cache's, as it stands.
+        held, in_use = _hold(layout)
+        in_use = in_use or held is None
     cache_id = None
     try:
         cache_id = layout.cache_id()
@@ -138,7 +138,17 @@ def _watch(layout: Layout, lane: str | None) -> LogView:
             held.release()
         raise
     return LogView(layout, lane, in_use, owner_pid(layout.lock) if in_use else None, cache_id,
-                   os.path.isdir(layout.wal), held=held)
+                   has_log, held=held)
+
+
+def _hold(layout: Layout) -> tuple[DirectoryLock | None, bool]:
+    """(our shared lock on `layout`'s LOCK, whether a live cache holds it): (None, False)
+    when there is no LOCK (a lane between its mkdir and its LOCK: nothing logged yet)."""
+    try:
+        held = DirectoryLock.acquire_shared(layout.lock)
+    except FileNotFoundError:
+        return None, False
+    return held, held is None
 
 
 class DirectorySnapshot:
