@@ -37,7 +37,8 @@ thread-safe `Cache` itself (`.cache`) do not wait for orphans.
 An AsyncCache belongs to the event loop that opened it: awaiting it from another loop raises
 `LoopMismatchError` before anything is written.
 
-This module uses `Cache`'s public API and the sequencer's (`Cache.sequencer`), nothing else.
+This module uses `Cache`'s public API, the sequencer's (`Cache.sequencer`) and
+`Cache._get_nowait` (a get answered by memory alone), nothing else.
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ class AsyncCache:
     async def get(self, key: Key, default: Any = None) -> Any:
         self._check_loop()
         try:
-            return self._cache.get_nowait(key, default)  # served from memory: no I/O
+            return self._cache._get_nowait(key, default)  # served from memory: no I/O
         except WouldBlock:
             return await asyncio.to_thread(self._cache.get, key, default)
 
@@ -242,7 +243,7 @@ class AsyncCache:
         """`key in cache`."""
         self._check_loop()
         try:
-            return self._cache.get_nowait(key, _NO_DEFAULT) is not _NO_DEFAULT
+            return self._cache._get_nowait(key, _NO_DEFAULT) is not _NO_DEFAULT
         except WouldBlock:
             return await asyncio.to_thread(self._cache.__contains__, key)
 

@@ -58,7 +58,7 @@ _NO_DEFAULT: Any = object()
 
 
 class _MemoryOnly(threading.local):
-    """Set by `get_nowait` in its thread, for the call: a miss must not read the database."""
+    """Set by `_get_nowait` in its thread, for the call: a miss must not read the database."""
 
     on = False
 
@@ -177,16 +177,16 @@ class Cache(MutableMapping[Key, Any]):
         # (a plain function call), unless a subclass defines `get`.
         return self._get(key, default)
 
-    def get_nowait(self, key: Key, default: Any = None) -> Any:
+    def _get_nowait(self, key: Key, default: Any = None) -> Any:
         """`get` answered by memory alone: raises `WouldBlock` where `get` would read the
-        database (an event loop's `AsyncCache.get`, which then reads in a worker thread).
-        Asked of memory once: an entry evicted or expired after a look at `in_memory` must
-        not turn into a read in the caller's thread."""
-        _memory_only.on = True
+        database (for `AsyncCache.get` in its event loop, which then reads in a worker
+        thread). Memory is asked once: an entry evicted or expired after a look at
+        `in_memory` must not turn into a read in the caller's thread."""
+        outer, _memory_only.on = _memory_only.on, True
         try:
             return self._get(key, default)
         finally:
-            _memory_only.on = False
+            _memory_only.on = outer
 
     def _read(self, key: Key, default: Any) -> Any:
         """Not answerable from memory: the sequencer reads the database (no lock held)."""
