@@ -129,6 +129,10 @@ def estimate_log_records(wal_dir: str) -> int:
     return last.first_lsn - segments[0].first_lsn + int(_records_per_byte(last.path) * size)
 
 
+class _OutOfTime(Exception):
+    """Sampling for the estimate took `_SAMPLE_SECONDS`."""
+
+
 def _records_per_byte(path: str) -> float:
     try:
         with mapped(path) as (data, size):
@@ -136,16 +140,23 @@ def _records_per_byte(path: str) -> float:
             deadline = time.monotonic() + _SAMPLE_SECONDS
 
             def in_time(at: int) -> bool:
-                return time.monotonic() < deadline
+                if time.monotonic() >= deadline:
+                    raise _OutOfTime
+                return True
 
             for start in (0, size // 3, 2 * size // 3):
                 first = end = None
-                for at, lsns, end in intact_frames(data, start, size, candidate=in_time):
-                    if first is None:
-                        first = at
-                    records += len(lsns)
-                    if end - first >= _SAMPLE_BYTES:
-                        break
+                try:
+                    for at, lsns, end in intact_frames(data, start, size, candidate=in_time):
+                        if first is None:
+                            first = at
+                        records += len(lsns)
+                        if end - first >= _SAMPLE_BYTES:
+                            break
+                except _OutOfTime:  # what was counted so far is the sample
+                    if first is not None and end is not None:
+                        spanned += end - first
+                    break
                 if first is not None and end is not None:
                     spanned += end - first
             return records / spanned if spanned else 1 / 64
