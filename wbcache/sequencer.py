@@ -19,6 +19,14 @@ Invariants, under `lock`:
     stale: a write of it, a flush that made it clean, its eviction. A stale answer is never
     kept in memory nor built on; a write retries with a fresh read.
 
+**A write interrupted once its LSN is taken** (a KeyboardInterrupt, raised between two
+bytecodes, in `_queue` or while its effects are applied): its record may or may not be
+queued, and memory may hold part of it. Flushing that memory would put half a batch in the
+database and let the log that holds it whole be deleted; another write would leave a hole in
+the LSNs. So the sequencer is torn (`_torn`): it refuses writes, and flushes take nothing,
+until the cache is reopened; the log holds every acknowledged write, and the next open
+replays it whole.
+
 **No database call with `lock` held.** A write that needs a value memory cannot give (an
 increment, a `del`, a `pop` of a key not in memory) raises `NeedsRead` before anything is
 logged; `submit` reads those keys outside the lock (the backend's `get`, given as `fetch`)
@@ -38,6 +46,7 @@ the invariants above can be checked by reading one file (the plans each write ru
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, NamedTuple, TypeVar
@@ -46,13 +55,15 @@ import msgpack
 
 from wbcache.backends.base import Key
 from wbcache.codec import from_encoded, increment, value_of
-from wbcache.errors import CacheClosedError
+from wbcache.errors import CacheClosedError, LogFailedError
 from wbcache.memory import TOMBSTONE, Entries
 from wbcache.wal import GroupCommitter, LogWriter, crashpoints
+from wbcache.wal.deferred import log_later
 from wbcache.wal.format import MAX_SINGLE_RECORD
 from wbcache.wal.records import delete_item, encode_items, encode_put, incr_item, put_item
 
 T = TypeVar("T")
+log = logging.getLogger("wbcache.sequencer")
 
 ABSENT: Any = object()  # no value: never written, or deleted
 NOT_KNOWN: Any = object()  # memory cannot tell; the database must be read
@@ -177,6 +188,7 @@ class Sequencer:
         self._inflight_deltas: Deltas = {}
         self._reads: dict[Key, list[_Read]] = {}
         self._flush_woken = False
+        self._torn: BaseException | None = None  # a write interrupted mid-way (docstring)
         self.wake_flusher: Callable[[], None] = lambda: None  # set by the cache
         self.writes = 0
         self.coalesced = 0
@@ -320,6 +332,8 @@ class Sequencer:
         `flushed`. A batch left by a flush that gave up is taken again, newer values winning
         (a delta stays a delta only if both halves were increments)."""
         with self.lock:
+            if self._torn is not None:  # memory may hold half a write: the log has it whole
+                return FlushBatch({}, {}, 0)
             batch, deltas = self._inflight, self._inflight_deltas
             if batch:
                 newer_deltas = self._deltas
@@ -401,7 +415,8 @@ class Sequencer:
         Return the LSN the write will get (consumed only by `_queue`). The rotation is here,
         before the LSN is taken, because it lets go of the lock: in the middle of a write,
         the flusher could take a dirty set and checkpoint without it."""
-        self._check_open()
+        if self._closed or self._torn is not None:
+            self._check_writable()  # raises
         committer = self._committer
         committer.check()
         while True:
@@ -419,8 +434,25 @@ class Sequencer:
                     committer.rotate()  # lock released meanwhile, writers kept out
             else:
                 return self._next_lsn
-            self._check_open()
-            committer.check()  # the log may have failed while we waited
+            self._check_writable()  # the log may have failed while we waited
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._torn is not None:
+            raise LogFailedError(
+                f"a write to {self._name} was interrupted ({self._torn!r}) after it was "
+                f"logged: writes and flushes are refused until the cache is reopened, which "
+                f"replays the log") from self._torn
+        self._committer.check()
+
+    def _tear(self, interruption: BaseException, lsn: int) -> None:
+        """A write interrupted once its LSN `lsn` was taken (module docstring)."""
+        if self._torn is None:
+            self._torn = interruption
+            log_later(log, logging.ERROR, "a write to %s (LSN %d) was interrupted (%r) after "
+                      "it was logged: writes and flushes are refused until the cache is "
+                      "reopened, which replays the log", self._name, lsn, interruption)
+        self._space.notify_all()  # writers waiting for room: refused, not left waiting
 
     def _queue(self, lsn: int, payload: bytes) -> None:
         """Hand record `lsn` to the group commit; from here the LSN is used. Nothing after
@@ -428,12 +460,20 @@ class Sequencer:
         `append`, which fails the log): the record is on its way to disk, so its effects on
         memory must all be applied."""
         self._next_lsn = lsn + 1  # first: an interrupt in `append` must not reuse the LSN
-        self._committer.append(lsn, payload)
+        try:
+            self._committer.append(lsn, payload)
+        except BaseException as exc:  # only an interrupt: `append` keeps a failure
+            self._tear(exc, lsn)
+            raise
 
     def _put(self, key: Key, encoded: bytes, held: Any, block: bool) -> int:
         lsn = self._admit(block)
         self._queue(lsn, encode_put(lsn, key, encoded))
-        self._remember(key, held, encoded, None)
+        try:
+            self._remember(key, held, encoded, None)
+        except BaseException as exc:
+            self._tear(exc, lsn)
+            raise
         self.writes += 1
         self._evict()
         return lsn
@@ -453,8 +493,12 @@ class Sequencer:
                              f"{len(payload)} bytes encoded; the log's record limit is "
                              f"{MAX_SINGLE_RECORD} bytes")
         self._queue(lsn, payload)
-        for key, held, encoded, delta in transaction.effects:
-            self._remember(key, held, encoded, delta)
+        try:
+            for key, held, encoded, delta in transaction.effects:
+                self._remember(key, held, encoded, delta)
+        except BaseException as exc:
+            self._tear(exc, lsn)
+            raise
         self.writes += len(transaction.effects)
         self._evict()
         return lsn, result
