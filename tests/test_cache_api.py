@@ -476,6 +476,10 @@ def test_str_subclass_keys_are_stored_as_plain_str(open_cache: OpenCache) -> Non
     ({"max_dirty": True}, TypeError), ({"segment_size": 10}, ValueError),
     ({"no_such_option": 1}, TypeError), ({"max_key_size": 4096}, ValueError),
     ({"fsync_interval": float("nan")}, ValueError), ({"max_value_size": 1 << 40}, ValueError),
+    # past what the background threads' waits take (OverflowError in them: a dead flusher)
+    ({"flush_interval": 1e10}, ValueError), ({"fsync_interval": 1e10}, ValueError),
+    ({"flush_timeout": 1e10}, ValueError),
+    ({"map_size": 1}, ValueError), ({"map_size": 1 << 70}, ValueError),  # LMDB's errors
 ])
 def test_bad_options_are_rejected_with_the_option_named(cache_dir: Path, options: dict[str, object],
                                                        error: type[Exception]) -> None:

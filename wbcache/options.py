@@ -17,6 +17,10 @@ GiB = 1024 * MiB
 _RECORD_OVERHEAD = 64 * KiB
 
 FSYNC_MODES = ("always", "interval")
+# The most seconds any time option may say: 1e9 (31 years). A wait of more than
+# threading.TIMEOUT_MAX, or a deadline past the clock's range, raises OverflowError in the
+# background thread that waits it.
+MAX_SECONDS = 1e9
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +67,8 @@ class Options:
     """Largest msgpack-encoded value in bytes. Default 16 MiB."""
 
     map_size: int = 1 * GiB
-    """Initial LMDB map size in bytes; it doubles whenever the database fills it. Default 1 GiB."""
+    """Initial LMDB map size in bytes, 64 KiB to 1 TiB; it doubles whenever the database fills
+    it. Default 1 GiB."""
 
     read_ttl: float | None = None
     """Seconds a CLEAN entry (read from the database, or flushed) is served from memory before
@@ -99,6 +104,9 @@ class Options:
         for name in ("flush_threshold", "max_dirty", "capacity", "segment_size",
                      "max_key_size", "max_value_size", "map_size"):
             _check_positive_int(name, getattr(self, name))
+        if not 64 * KiB <= self.map_size <= 1024 * GiB:  # LMDB fails below; it grows as it fills
+            raise ValueError(f"option map_size must be between 64 KiB and 1 TiB, not "
+                             f"{self.map_size}")
         if not 4 * KiB <= self.segment_size <= MAX_SEGMENT_SIZE:
             raise ValueError(f"option segment_size must be between 4096 bytes and 1 GiB, "
                              f"not {self.segment_size}")
@@ -124,6 +132,9 @@ def _check_seconds(name: str, value: object) -> None:
         raise TypeError(f"option {name} must be a number of seconds, not {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"option {name} must be a positive number of seconds, not {value!r}")
+    if value > MAX_SECONDS:  # the background threads' waits take no more (OverflowError)
+        raise ValueError(f"option {name} must be at most {MAX_SECONDS:g} seconds (about 31 "
+                         f"years), not {value!r}")
 
 
 def _check_positive_int(name: str, value: object) -> None:
