@@ -324,3 +324,28 @@ def test_a_forked_child_neither_uses_nor_closes_the_parents_connections(
     cache.put("k", 2)
     cache.flush()  # the parent's writer connection still works
     assert cache._backend.get("k") is not None
+
+
+def test_popitem_of_keys_only_the_database_holds_never_waits_for_a_second_reader(
+        open_pg: OpenCache, tmp_path: Path, pg_dsn: str, table: str) -> None:
+    """With memory empty, popitem scans the database for a key; it read each one again, on a
+    second reader connection, while the scan held one: with one reader, for good. In a child
+    process, so that a regression fails here rather than hanging the suite."""
+    with open_pg("a", flush_interval=3600) as cache:
+        cache.put_many({"k1": 1, "k2": 2})
+        cache.flush()
+    script = textwrap.dedent("""
+        import sys, wbcache
+        from wbcache.backends.postgres import PostgresBackend
+        backend = PostgresBackend(sys.argv[2], table=sys.argv[3], read_connections=1)
+        with wbcache.open(sys.argv[1], backend=backend, flush_interval=3600) as cache:
+            print(cache.popitem(), len(cache))
+        backend.close()
+    """)
+    try:
+        result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "a"), pg_dsn,
+                                 table], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("popitem still waits for a reader connection after 60 s")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout in ("('k1', 1) 1\n", "('k2', 2) 1\n")

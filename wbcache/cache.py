@@ -261,8 +261,14 @@ class Cache(MutableMapping[Key, Any]):
         key = self._sequencer.newest_key()
         if key is not ABSENT:
             return key
-        for key, _ in self._backend.items():  # memory holds none: the database's first
-            if self.get(key, _MISSING) is not _MISSING:
+        # Memory holds none: the database's first key that memory has not deleted. Memory is
+        # asked alone: a read of the database inside this scan would wait for a second
+        # connection of a pool the scan holds one of (PostgreSQL's: for good, at one).
+        for key, _ in self._backend.items():
+            try:
+                if self._get_nowait(key, _MISSING) is not _MISSING:
+                    return key
+            except WouldBlock:  # not in memory: the database's value is the cache's
                 return key
         return _MISSING
 
