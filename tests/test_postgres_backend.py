@@ -283,14 +283,15 @@ def test_from_url_takes_its_own_parameters_and_passes_the_rest_to_libpq(
     params = psycopg.conninfo.conninfo_to_dict(pg_dsn)
     url = (f"postgresql://{params.get('user', 'postgres')}@{params.get('host', '127.0.0.1')}:"
            f"{params.get('port', 5432)}/{params.get('dbname', 'test')}"
-           f"?table={pg_schema}.fromurl&cache_id=u1&timeout=3&application_name=wbtest")
+           f"?table={pg_schema}.fromurl&cache_id=u1&timeout=3&application_name=wb%20test")
     backend = PostgresBackend.from_url(url)
     try:
         assert backend.table == f"{pg_schema}.fromurl" and backend.cache_id == "u1"
         backend.apply([], [], 1, [("n", 1)])
         assert backend.checkpoint() == 1
+        # a space, %20: libpq reads no "+" as one
         assert query(pg_dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-                             "'wbtest'")[0][0] >= 1
+                             "'wb test'")[0][0] >= 1
     finally:
         backend.close()
     with pytest.raises(ValueError, match="not a PostgreSQL URL"):

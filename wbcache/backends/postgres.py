@@ -38,7 +38,7 @@ import threading
 from collections.abc import Collection, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from wbcache import forking
 from wbcache.backends.base import Key
@@ -173,7 +173,8 @@ class PostgresBackend:
                 raise ValueError(f"URL parameter {name}={value!r} is not "
                                  f"a {kind.__name__}") from None
         ours.update(options)
-        return cls(urlunsplit(parts._replace(query=urlencode(libpq))), **ours)
+        # quote, not urlencode's quote_plus: libpq reads no "+" as a space
+        return cls(urlunsplit(parts._replace(query=urlencode(libpq, quote_via=quote))), **ours)
 
     # ---------------------------------------------------------------- identity
 
