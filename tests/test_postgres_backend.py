@@ -480,3 +480,25 @@ def test_a_closed_backend_refuses_work_and_closes_twice(make_backend: MakeBacken
         backend.apply([], [], 1)
     with pytest.raises(PostgresError, match="closed"):
         backend.get("k")
+
+
+def test_a_flush_interrupted_after_its_commit_is_settled_like_a_lost_answer(
+        make_backend: MakeBackend) -> None:
+    """Ctrl-C while a flush's COMMIT is under way: psycopg waits for it (it commits), then
+    raises KeyboardInterrupt. The attempt was not kept as one whose answer was lost, so every
+    later flush met a checkpoint it did not expect (CheckpointConflictError, for good)."""
+    backend = make_backend()
+    backend.apply([], [], 1, [("n", 5)])
+    transaction = backend._link.transaction
+
+    def committed_then_interrupted(*args: object) -> None:
+        transaction(*args)
+        raise KeyboardInterrupt
+
+    backend._link.transaction = committed_then_interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        backend.apply([("p", pack(1))], [], 2, [("n", 3)])
+    backend._link.transaction = transaction  # type: ignore[method-assign]
+    backend.apply([("p", pack(1))], [], 2, [("n", 3)])  # the flusher's retry: same batch
+    backend.apply([], [], 3, [("n", 1)])
+    assert value_of(backend, "n") == 5 + 3 + 1 and backend.checkpoint() == 3

@@ -81,6 +81,14 @@ class _Attempt:
     increments: dict[Key, int] = field(default_factory=dict)
 
 
+def _summed(pending: Sequence[tuple[Key, int]]) -> dict[Key, int]:
+    """The increments a flush sends, per key."""
+    sent: dict[Key, int] = {}
+    for key, delta in pending:
+        sent[key] = sent.get(key, 0) + delta
+    return sent
+
+
 class PostgresBackend:
     """A PostgreSQL database shared by many caches. See docs/postgres.md.
 
@@ -277,10 +285,7 @@ class PostgresBackend:
                 self._link.transaction(conn, action, statements, self._statement_bytes)
             except PostgresError as exc:
                 if exc.ambiguous:
-                    sent: dict[Key, int] = {}
-                    for key, delta in pending:
-                        sent[key] = sent.get(key, 0) + delta
-                    self._uncertain.append(_Attempt(checkpoint, sent))
+                    self._uncertain.append(_Attempt(checkpoint, _summed(pending)))
                 cause = str(exc.__cause__)
                 if CHECKPOINT_CONFLICT_MARK not in cause:
                     raise
@@ -290,6 +295,13 @@ class PostgresBackend:
                                         f"flush whose answer was lost has committed ({detail}); "
                                         f"the next attempt settles it") from exc.__cause__
                 raise self._conflict(checkpoint, detail) from exc.__cause__
+            except BaseException:
+                # An interrupt (KeyboardInterrupt) mid-transaction: psycopg waits for the
+                # COMMIT under way, which may have gone through. Settled as a lost answer
+                # is (one that did not commit is harmless to keep); else every later flush
+                # met a checkpoint it did not expect.
+                self._uncertain.append(_Attempt(checkpoint, _summed(pending)))
+                raise
             self._known = checkpoint
             self._forget_attempts()  # the batch in flight is all in the database now
 
