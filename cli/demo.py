@@ -20,7 +20,7 @@ import time
 import click
 
 import wbcache
-from wbcache.cli import WholeNumber
+from wbcache.cli import Seconds, WholeNumber
 from wbcache.recovery import RecoveryReport
 
 _READY = b"ready\n"
@@ -46,7 +46,7 @@ def _child(path: str, threads: int) -> None:
 
 @click.command()
 @click.argument("directory", required=False, type=click.Path(file_okay=False))
-@click.option("--seconds", default=3.0, show_default=True, type=click.FloatRange(0.1, 600),
+@click.option("--seconds", default=3.0, show_default=True, type=Seconds(0.1, 600),
               help="How long the child writes before it is killed.")
 @click.option("--threads", default=8, show_default=True, type=WholeNumber(1, 256),
               help="Writer threads in the child.")
@@ -61,6 +61,9 @@ def demo(directory: str | None, seconds: float, threads: int) -> None:
         raise click.UsageError(f"{directory} is not empty; give a new or empty directory")
     path = directory or tempfile.mkdtemp(prefix="wbcache-demo-")
     try:
+        # Made here first: a directory open() refuses (not ours, writable by others) is
+        # refused in one line, not by the child's traceback.
+        wbcache.open(path).close()
         acked = _run_and_kill(path, threads, seconds)
         sources = _sources_before_recovery(path, acked)
         with wbcache.open(path) as cache:
@@ -92,10 +95,12 @@ def _run_and_kill(path: str, threads: int, seconds: float) -> dict[str, int]:
 
     reader = threading.Thread(target=collect)
     reader.start()
-    time.sleep(seconds)  # the demo's run time, not a synchronisation
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    reader.join()
+    try:
+        time.sleep(seconds)  # the demo's run time, not a synchronisation
+    finally:  # a Ctrl-C too: the child never outlives the demo
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        reader.join()
     child.stdout.close()
     child.stderr.close()
     return acked

@@ -17,7 +17,7 @@ import tempfile
 import click
 from click.core import ParameterSource
 
-from wbcache.cli import WholeNumber
+from wbcache.cli import Seconds, WholeNumber
 from wbcache.fault_injection.lazyfs_config import LAZYFS_MODES, LazyfsUnavailable, lazyfs_modes
 from wbcache.fault_injection.report import verdict
 from wbcache.fault_injection.shared_table import check_url, redact
@@ -71,7 +71,7 @@ def _backend(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 @click.option("--threads", type=WholeNumber(1, 64), default=None,
               help=f"Writer threads in each worker process [default: {THREADS}; "
                    f"{BACKEND_THREADS} with --backend].")
-@click.option("--seconds", type=click.FloatRange(0, min_open=True), default=None,
+@click.option("--seconds", type=Seconds(0, min_open=True), default=None,
               help="Stop starting new cycles after this long (shared evenly by the modes).")
 @click.option("--lazyfs", metavar="PATH", envvar="WBCACHE_LAZYFS",
               help="The LazyFS binary, for --mode lazyfs and lazyfs-shared (also in all) "

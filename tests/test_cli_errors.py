@@ -5,12 +5,14 @@ and nothing created or changed, for every operating command, in-process and as a
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cli_support import (
     DRIVERS,
+    WBCACHE,
     assert_one_line_error,
     live_owner,
     new_cache_dir,
@@ -189,6 +191,27 @@ def test_a_count_that_is_not_a_whole_number_says_so(argv: list[str], message: st
     result = run("runner", *argv)
     assert result.exit_code == 2 and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv", [["demo", "--seconds", "nan"], ["torture", "--seconds", "inf"],
+                                  ["torture", "--seconds", "nan"]])
+def test_seconds_that_are_not_a_number_are_refused(argv: list[str]) -> None:
+    """A range lets nan through (every comparison with it is false): the demo slept nan
+    seconds (a traceback, and its writer never killed: it never exited), torture ignored
+    its limit. A timeout here, so that a regression fails rather than hangs."""
+    result = subprocess.run([str(WBCACHE), *argv], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "is not a number of seconds" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_in_a_directory_open_refuses_is_one_line(tmp_path: Path) -> None:
+    """It printed the child writer's whole traceback (exit 1)."""
+    open_to_all = tmp_path / "open-to-all"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    result = run("script", "demo", str(open_to_all))
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert "world-writable" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
 @pytest.mark.parametrize("command", ["recover", "inspect", "verify", "stats", "dump", "get"])
