@@ -607,6 +607,15 @@ def test_stats_after_close_raises(open_cache: OpenCache) -> None:
         cache.stats()
 
 
+def test_clear_after_close_raises_cache_closed(open_cache: OpenCache) -> None:
+    """It reached the closed LMDB database first: lmdb.Error."""
+    cache = open_cache()
+    cache.put("k", 1)
+    cache.close()
+    with pytest.raises(CacheClosedError):
+        cache.clear()
+
+
 def test_a_get_hit_gives_its_entry_a_second_chance_at_eviction(open_cache: OpenCache) -> None:
     """The lock-free hit path notes the hit where CLOCK looks: of three clean entries, the one
     read survives the next eviction and the oldest unread one goes."""

@@ -311,7 +311,9 @@ class Cache(MutableMapping[Key, Any]):
         """Delete every key, atomically: one record deleting each key memory and the database
         hold (read with the flusher held off, so none is missed). With a database shared by
         other caches, keys they add meanwhile survive. Raises `ValueError` if the keys do not
-        fit one log record (about 3 million keys of 20 bytes)."""
+        fit one log record (about 3 million keys of 20 bytes), `CacheClosedError`."""
+        if self._sequencer.closed:  # before the database, which closing closed
+            raise CacheClosedError(f"cache {self.path} is closed")
         while True:
             with self._flusher.paused(self.options.flush_timeout):
                 stored = [key for key, _ in self._backend.items()]
