@@ -284,9 +284,11 @@ class Flusher:
                      "again", exc)
 
     def _failed(self, error: BaseException) -> None:
+        # Said first: its thread is running by the time the failure shows in stats, so a
+        # process that exits once it sees the failure still logs it (wal/deferred.py).
+        self._outage.failed(error)
         self.flush_errors += 1
         self.last_error = error
-        self._outage.failed(error)
 
 
 class IntervalSyncer:
