@@ -21,7 +21,7 @@ import pytest
 from controlled import wait_until
 
 import wbcache
-from wbcache import LogFailedError
+from wbcache import FlushError, LogFailedError
 
 # A writer that acknowledges 20 puts, has the 21st interrupted as its record is handed to the
 # log, tries one more (printing what happened), and is SIGKILLed: what the log holds then is
@@ -50,6 +50,7 @@ try:
     print("acknowledged", flush=True)
 except wbcache.LogFailedError:
     print("refused", flush=True)
+cache.sync()  # returns: the interrupted LSN never reaches the log, and is not waited for
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -90,7 +91,11 @@ def test_a_batch_interrupted_as_memory_takes_it_in_is_never_flushed_in_half(
             cache.put_many({f"k{i}": 1 for i in range(8)})
         with pytest.raises(LogFailedError, match="interrupted"):
             cache.put("after", 2)
-        cache.close()  # its final flush takes nothing: memory holds half the batch
+        with pytest.raises(FlushError, match="interrupted"):
+            cache.flush()  # nothing is flushed from memory holding half the batch
+        cache.sync()  # every write queued is fsync'd (the interrupted one may not be there)
+        with pytest.raises(FlushError, match="interrupted"):
+            cache.close()  # closed all the same: the log kept for the next open
         wait_until(lambda: [record for record in caplog.records
                             if "was interrupted" in record.getMessage()],
                    what="the error line")
@@ -127,5 +132,6 @@ def test_a_writer_waiting_for_room_is_refused_when_a_write_is_interrupted(
         assert len(outcome) == 1 and isinstance(outcome[0], LogFailedError)
     finally:
         flusher_mutex.release()
-        cache.close()
+        with pytest.raises(FlushError):
+            cache.close()
     assert os.listdir(tmp_path / "cache" / "wal")  # the log kept for the next open

@@ -122,6 +122,11 @@ class Flusher:
     def flush(self, timeout: float) -> None:
         """Run a cycle in this thread, retrying with backoff; raise `FlushError` if it cannot
         commit (and delete the segments it covers) within `timeout` seconds."""
+        torn = self._sequencer.torn
+        if torn is not None:  # memory may hold half a write: nothing is flushed from it
+            raise FlushError("nothing can be flushed: a write was interrupted after it was "
+                             "logged; the log keeps every write, and reopening the cache "
+                             "replays it") from torn
         deadline = time.monotonic() + timeout
         with self.paused(timeout):
             self._cycle(deadline)

@@ -269,7 +269,14 @@ class Sequencer:
         `CacheClosedError`."""
         with self.lock:
             self._check_open()
-            self._committer.wait(self._next_lsn - 1, durable=True)
+            # Torn, the last LSN taken may never reach the log: up to the last record queued.
+            last = self._next_lsn - 1 if self._torn is None else self._committer.queued_lsn
+            self._committer.wait(last, durable=True)
+
+    @property
+    def torn(self) -> BaseException | None:
+        """The interruption that tore the sequencer (module docstring), or None."""
+        return self._torn
 
     def sync_unsynced(self) -> None:
         """Under fsync="interval", on the interval: fsync the log if it has unsynced records.
