@@ -23,9 +23,10 @@ Invariants, under `lock`:
 bytecodes, in `_queue` or while its effects are applied): its record may or may not be
 queued, and memory may hold part of it. Flushing that memory would put half a batch in the
 database and let the log that holds it whole be deleted; another write would leave a hole in
-the LSNs. So the sequencer is torn (`_torn`): it refuses writes, and flushes take nothing,
-until the cache is reopened; the log holds every acknowledged write, and the next open
-replays it whole.
+the LSNs. So the sequencer is torn (`_torn`): it refuses writes, and flushes take nothing
+(the flusher's `flush` raises), until the cache is reopened; the log holds every acknowledged
+write, and the next open replays it whole. Reads from memory may show part of the
+interrupted write meanwhile.
 
 **No database call with `lock` held.** A write that needs a value memory cannot give (an
 increment, a `del`, a `pop` of a key not in memory) raises `NeedsRead` before anything is
