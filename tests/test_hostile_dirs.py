@@ -222,6 +222,27 @@ def test_a_directory_another_user_created_is_refused_and_its_links_not_followed(
                 f"owned by uid {NOBODY}, not you (uid {ME})")
 
 
+def test_a_cache_path_that_is_another_users_link_is_not_followed(tmp_path: Path) -> None:
+    """Another user plants, in a shared directory, a link at the path the victim will name,
+    pointing at a private, empty directory of the victim's: it was followed (only the
+    target was checked), and the cache laid out and written there. A link of your own is
+    still followed."""
+    target = tmp_path / "mine"
+    target.mkdir(mode=0o700)
+    planted = tmp_path / "cache"
+    planted.symlink_to(target)
+    os.lchown(planted, NOBODY, NOBODY)
+
+    with unchanged(target):
+        refused(lambda: wbcache.open(planted), str(planted),
+                f"symbolic link owned by uid {NOBODY}, not by you")
+    own = tmp_path / "own-link"
+    own.symlink_to(target)
+    with wbcache.open(own) as cache:
+        cache.put("k", 1)
+    assert (target / "wal").is_dir()
+
+
 def test_an_empty_directory_another_user_owns_is_refused_and_nothing_is_created(
         tmp_path: Path) -> None:
     path = tmp_path / "cache"

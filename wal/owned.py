@@ -63,6 +63,12 @@ def open_private_dir(name: str, *, dir_fd: int | None = None, shown: str | None 
     `check_private_dir`. A symbolic link is refused unless `follow`, and then its target is
     checked. `shown` is the full path for messages. FileNotFoundError if it does not exist."""
     shown = shown or name
+    if follow:  # a link is followed only if it is ours (or root's): not one planted for us
+        link = _call(os.stat, name, shown, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISLNK(link.st_mode) and link.st_uid not in (os.geteuid(), 0):
+            raise InvalidDirectoryError(
+                f"{shown} is a symbolic link owned by uid {link.st_uid}, not by you: wbcache "
+                f"does not follow another user's link")
     # stat first: a directory we may not read still gets the message about its owner
     info = _call(os.stat, name, shown, dir_fd=dir_fd, follow_symlinks=follow)
     if stat.S_ISLNK(info.st_mode):

@@ -110,7 +110,8 @@ class Layout:
 @contextmanager
 def opened_root(root: str) -> Iterator[int]:
     """A descriptor of the cache directory `root`, checked (owned by you, writable by no one
-    else); a link at `root` itself is followed, its target checked (module docstring)."""
+    else); a link at `root` itself is followed if it is yours (or root's), its target
+    checked (module docstring)."""
     root_fd = open_private_dir(root, follow=True)
     try:
         yield root_fd
