@@ -1,8 +1,10 @@
 """Small helpers the log tests share: frame records by hand, find frames, damage bytes, read
-a segment back."""
+a segment back, read in a thread with a bound."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +50,13 @@ def segment_records(path: str | Path, first_lsn: int = 1, *, is_last: bool = Tru
             records.extend(next(reading))
         except StopIteration as stop:
             return records, stop.value
+
+
+def in_a_thread(call: Callable[[], Any], seconds: float = 60) -> list[Any]:
+    """[what `call()` returned], or [] if it still runs after `seconds`: a read that would
+    take hours fails the test instead of hanging it."""
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return result

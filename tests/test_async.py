@@ -269,6 +269,36 @@ def test_awaiting_from_another_event_loop_is_refused_before_anything_is_written(
         loop.close()
 
 
+async def cancelled_while_reading(path: Path, backend: ControlledBackend,
+                                  write: Callable[[AsyncCache], Awaitable[Any]]) -> AsyncCache:
+    """An AsyncCache over `path` whose "k" (5) only the database holds, once `write(cache)` (a
+    `pop` or `incr` of "k", which reads it in a worker thread) was cancelled while its read
+    is held: until `backend.read_gate` is set."""
+    async with await wbcache.open_async(path, backend=backend) as cache:
+        await cache.put("k", 5)
+    cache = await wbcache.open_async(path, backend=backend)  # "k" in the database only
+    backend.reading.clear()
+    backend.read_gate.clear()
+    task = asyncio.ensure_future(write(cache))
+    assert await asyncio.to_thread(backend.reading.wait, 30)  # its thread is reading
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return cache
+
+
+def run_then_find_100(path: Path, backend: ControlledBackend,
+                      scenario: Callable[[], Awaitable[None]]) -> None:
+    """Run `scenario`, then reopen: "k" is 100, the later write's."""
+    try:
+        asyncio.run(scenario())  # type: ignore[arg-type]
+        with wbcache.open(path, backend=backend) as reopened:
+            assert reopened.get("k") == 100
+    finally:
+        backend.read_gate.set()
+        backend.close()
+
+
 @pytest.mark.parametrize("first", ["pop", "incr"])
 def test_a_cancelled_write_still_in_its_worker_thread_never_lands_after_a_later_one(
         tmp_path: Path, first: str) -> None:
@@ -279,30 +309,19 @@ def test_a_cancelled_write_still_in_its_worker_thread_never_lands_after_a_later_
     path = tmp_path / "cache"
 
     async def scenario() -> None:
-        async with await wbcache.open_async(path, backend=backend) as cache:
-            await cache.put("k", 5)
-        cache = await wbcache.open_async(path, backend=backend)  # "k" in the database only
-        backend.reading.clear()
-        backend.read_gate.clear()
-        write = asyncio.ensure_future(cache.pop("k") if first == "pop" else cache.incr("k"))
-        assert await asyncio.to_thread(backend.reading.wait, 30)  # its thread is reading
-        write.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await write
-        later = asyncio.ensure_future(cache.put("k", 100))
-        await asyncio.sleep(0)  # one loop step, no timing: the later write starts (and logs)
-        backend.read_gate.set()
+        try:
+            cache = await cancelled_while_reading(
+                path, backend, lambda cache: cache.pop("k") if first == "pop"
+                else cache.incr("k"))
+            later = asyncio.ensure_future(cache.put("k", 100))
+            await asyncio.sleep(0)  # one loop step, no timing: the later write starts (logs)
+        finally:
+            backend.read_gate.set()
         await later
         assert await cache.get("k") == 100
         await cache.close()
 
-    try:
-        asyncio.run(scenario())
-        with wbcache.open(path, backend=backend) as reopened:
-            assert reopened.get("k") == 100
-    finally:
-        backend.read_gate.set()
-        backend.close()
+    run_then_find_100(path, backend, scenario)
 
 
 def test_a_cancelled_write_never_lands_after_a_later_one_through_another_async_cache(
@@ -325,17 +344,8 @@ def test_a_cancelled_write_never_lands_after_a_later_one_through_another_async_c
         return asyncio.run(write())
 
     async def scenario() -> None:
-        async with await wbcache.open_async(path, backend=backend) as cache:
-            await cache.put("k", 5)
-        cache = await wbcache.open_async(path, backend=backend)  # "k" in the database only
-        backend.reading.clear()
-        backend.read_gate.clear()
         try:
-            write = asyncio.ensure_future(cache.pop("k"))
-            assert await asyncio.to_thread(backend.reading.wait, 30)  # its thread is reading
-            write.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await write
+            cache = await cancelled_while_reading(path, backend, lambda cache: cache.pop("k"))
             later = asyncio.ensure_future(asyncio.to_thread(later_write, cache.cache))
             assert await asyncio.to_thread(started.wait, 30)
         finally:
@@ -344,13 +354,7 @@ def test_a_cancelled_write_never_lands_after_a_later_one_through_another_async_c
         assert await cache.get("k") == 100
         await cache.close()
 
-    try:
-        asyncio.run(scenario())
-        with wbcache.open(path, backend=backend) as reopened:
-            assert reopened.get("k") == 100
-    finally:
-        backend.read_gate.set()
-        backend.close()
+    run_then_find_100(path, backend, scenario)
 
 
 def test_a_cancelled_write_holds_up_only_writes_of_its_own_keys(tmp_path: Path) -> None:

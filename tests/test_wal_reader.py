@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from log_bytes import flip_byte, frame, record_offsets, truncate
+from log_bytes import flip_byte, frame, in_a_thread, record_offsets, truncate
 
 from wbcache.errors import CorruptLogError, UnsupportedFormatError
 from wbcache.recovery import LogEnd, walk_log
@@ -356,25 +356,12 @@ def test_a_torn_value_full_of_frame_headers_is_read_in_one_pass(tmp_path: Path) 
     cut = start + (len(data) - start) * 9 // 10  # the write cut off: a torn tail
     path = tmp_path / segment_name(1)
     path.write_bytes(data[:cut])
-    result: list[Any] = []
-    reader = threading.Thread(target=lambda: result.append(read(path)), daemon=True)
-    reader.start()
-    reader.join(60)
+    result = in_a_thread(lambda: read(path))
 
     assert result, "still reading after 60 s"
     got, end = result[0]
     assert got == records
     assert end.torn_bytes == cut - start
-
-
-def in_a_thread(call: Any, seconds: float = 60) -> list[Any]:
-    """[what `call()` returned], or [] if it still runs after `seconds` (a regression fails
-    the test instead of hanging it)."""
-    result: list[Any] = []
-    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
-    thread.start()
-    thread.join(seconds)
-    return result
 
 
 def test_span_checksums_equal_zlib_s(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,13 +13,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
-from log_bytes import segment_records
+from log_bytes import in_a_thread, segment_records
 
 import wbcache
 from wbcache.wal import LogWriter
@@ -220,10 +219,7 @@ def test_a_torn_value_full_of_frame_headers_is_read_in_one_pass(tmp_path: Path) 
     data = path.read_bytes()
     cut = damage + (frame_end - damage) * 9 // 10  # kill -9 mid-copy; the mapped zeros after
     path.write_bytes(data[:cut] + bytes(len(data) - cut))
-    read: list[Any] = []
-    reader = threading.Thread(target=lambda: read.append(segment_records(path)), daemon=True)
-    reader.start()
-    reader.join(60)
+    read = in_a_thread(lambda: segment_records(path))
 
     assert read, "still reading after 60 s"
     records, end = read[0]
