@@ -369,3 +369,27 @@ def test_a_lane_adopted_by_the_sweep_is_logged_by_the_lanes_logger(
     (record,) = [record for record in caplog.records
                  if record.getMessage().startswith("adopted lane")]
     assert record.name == "wbcache.lanes"
+
+
+def test_an_open_racing_a_first_shared_open_that_marks_the_directory_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first shared open makes LOCK and lanes/, then SHARED, then claims a lane. Another
+    open listing the directory between lanes/ and SHARED, and looking into lanes/ once the
+    first had claimed a lane there, refused it as "not a wbcache directory" (a LazyFS run of
+    the shared campaign caught it)."""
+    from wbcache import lanes, layout
+
+    root = tmp_path / "shared"
+    root.mkdir(mode=0o700)
+    (root / "LOCK").touch(mode=0o600)
+    (root / "lanes").mkdir(mode=0o700)  # listed so: neither a cache directory nor done
+    interrupted = layout._interrupted_layout
+
+    def the_first_open_goes_on(root_fd: int, shown: str, names: frozenset[str]) -> bool:
+        (root / "SHARED").write_bytes(lanes._MARK)
+        (root / "lanes" / "00000001").mkdir(mode=0o700)
+        return interrupted(root_fd, shown, names)
+
+    monkeypatch.setattr(layout, "_interrupted_layout", the_first_open_goes_on)
+    with wbcache.open(root, shared=True) as cache:
+        cache.put("k", 1)

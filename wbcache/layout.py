@@ -177,7 +177,10 @@ def claim(path: str | os.PathLike[str]) -> Layout:
     try:
         names = frozenset(os.listdir(root_fd))
         _check_entries(root_fd, root, names, ())
-        if names and not _is_cache_dir(names) and not _interrupted_layout(root_fd, root, names):
+        if (names and not _is_cache_dir(names) and not _interrupted_layout(root_fd, root, names)
+                # a first shared open marking it meanwhile: lanes/ comes before SHARED, and
+                # a lane in it only after SHARED (wbcache/lanes.py), so look once more
+                and not _is_cache_dir(frozenset(os.listdir(root_fd)))):
             raise InvalidDirectoryError(
                 f"{root} is not empty and not a wbcache directory; refusing to write into it")
     finally:
