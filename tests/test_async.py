@@ -191,6 +191,19 @@ def test_bad_input_raises_before_anything_is_logged(cache_dir: Path) -> None:
     run(cache_dir, body)
 
 
+def test_setdefault_looks_at_its_default_only_when_the_key_is_missing(cache_dir: Path) -> None:
+    async def body(cache: AsyncCache) -> None:
+        await cache.put("a", 1)
+        before = (await cache.stats())["next_lsn"]
+        assert await cache.setdefault("a", object()) == 1
+        with pytest.raises(TypeError):
+            await cache.setdefault("new", object())
+        assert (await cache.stats())["next_lsn"] == before
+        assert await cache.setdefault("t", (1, 2)) == [1, 2]
+
+    run(cache_dir, body)
+
+
 def test_calls_after_close_raise_cache_closed(cache_dir: Path) -> None:
     async def main() -> None:
         cache = await wbcache.open_async(cache_dir)

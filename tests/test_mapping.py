@@ -65,6 +65,26 @@ def test_pop_and_setdefault_read_a_cold_key_from_the_database(tmp_path: Path) ->
         assert dict(cache.items()) == {"b": 2, "c": 3}
 
 
+def test_setdefault_looks_at_its_default_only_when_the_key_is_missing(tmp_path: Path) -> None:
+    """As dict: a held key's value is returned whatever the default; one that cannot be stored
+    is refused (nothing written) only when it would be stored. What is returned is what `get`
+    then returns (a tuple comes back a list, as msgpack stores it)."""
+    with wbcache.open(tmp_path / "c") as cache:
+        cache.put_many({"a": 1, "cold": "db"})
+    with wbcache.open(tmp_path / "c", max_value_size=1024) as cache:  # "cold": database only
+        cache.put("hot", 5)
+        before = cache.stats()["next_lsn"]
+        assert cache.setdefault("hot", object()) == 5
+        assert cache.setdefault("cold", {1, 2}) == "db"
+        assert cache.setdefault("a", "x" * 2000) == 1
+        with pytest.raises(TypeError):
+            cache.setdefault("new", object())
+        with pytest.raises(ValueError):
+            cache.setdefault("new", "x" * 2000)
+        assert cache.stats()["next_lsn"] == before and "new" not in cache
+        assert cache.setdefault("t", (1, 2)) == [1, 2] == cache.get("t")
+
+
 def test_pop_popitem_and_del_raise_key_error_when_missing(open_cache: OpenCache) -> None:
     cache = open_cache()
     with pytest.raises(KeyError):

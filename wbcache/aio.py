@@ -308,10 +308,10 @@ class AsyncCache:
 
     async def setdefault(self, key: Key, default: Any = None) -> Any:
         """`Cache.setdefault`, atomically."""
-        op = self._limits.put_op(key, default)
+        key, op = self._limits.setdefault_op(key, default)
         return await self._write(
-            lambda: self._sequencer.submit_nowait(setdefault_plan(op, default), (op[1],)),
-            lambda: self._cache.setdefault(key, default), frozenset((op[1],)))
+            lambda: self._sequencer.submit_nowait(setdefault_plan(key, op), (key,)),
+            lambda: self._cache.setdefault(key, default), frozenset((key,)))
 
     async def incr(self, key: Key, delta: int = 1) -> int:
         """Add `delta` atomically; return the new value once durable (see `Cache.incr`)."""

@@ -274,9 +274,11 @@ class Cache(MutableMapping[Key, Any]):
 
     def setdefault(self, key: Key, default: Any = None) -> Any:
         """The value of `key`; if there is none, store `default` and return it (atomically).
-        The value returned is a copy: mutating it does not change the cache."""
-        op = self._limits.put_op(key, default)
-        return self._sequencer.submit(setdefault_plan(op, default), (op[1],))[1]
+        The value returned is a copy, as from `get`: mutating it does not change the cache.
+        A default that cannot be stored raises `TypeError`/`ValueError` only if `key` is
+        missing."""
+        key, op = self._limits.setdefault_op(key, default)
+        return self._sequencer.submit(setdefault_plan(key, op), (key,))[1]
 
     def incr(self, key: Key, delta: int = 1) -> int:
         """Add `delta` to the int under `key` (a missing key counts from 0), atomically;

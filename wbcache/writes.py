@@ -14,7 +14,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from wbcache.backends.base import Key
-from wbcache.codec import check_delta, check_int64, check_key, encode_value, in_memory
+from wbcache.codec import (
+    check_delta,
+    check_int64,
+    check_key,
+    encode_value,
+    in_memory,
+    value_of,
+)
 from wbcache.sequencer import ABSENT, Plan, Transaction
 from wbcache.wal.records import OP_DELETE, OP_INCR, OP_PUT
 
@@ -41,6 +48,16 @@ class Limits:
         key = check_key(key, self.max_key_size)
         encoded = encode_value(value, self.max_value_size, key)
         return (OP_PUT, key, encoded, in_memory(value, encoded))
+
+    def setdefault_op(self, key: Key, default: Any) -> tuple[Key, Op | Exception]:
+        """`key` checked as a stored key's, and the put storing `default` under it, or why it
+        cannot: raised only if the key turns out missing (`dict.setdefault` never looks at
+        the default of a key it holds)."""
+        key = check_key(key, self.stored_key_size)
+        try:
+            return key, self.put_op(key, default)
+        except (TypeError, ValueError) as refusal:
+            return key, refusal
 
     def delete_op(self, key: Key) -> Op:
         return (OP_DELETE, check_key(key, self.stored_key_size), None, None)
@@ -113,16 +130,18 @@ def pop_plan(key: Key, default: Any = _NO_DEFAULT) -> Plan[Any]:
     return plan
 
 
-def setdefault_plan(op: Op, default: Any) -> Plan[Any]:
-    """`setdefault`: the current value, or `default` stored and returned."""
-    _, key, encoded, held = op
-
+def setdefault_plan(key: Key, op: Op | Exception) -> Plan[Any]:
+    """`setdefault` (`op` from `Limits.setdefault_op`): the current value, or the default
+    stored and returned as `get` would then return it (a fresh copy of a mutable value)."""
     def plan(tx: Transaction) -> Any:
         value = tx.current(key)
-        if value is ABSENT:
-            tx.put(key, encoded, held)
-            return default
-        return value
+        if value is not ABSENT:
+            return value
+        if isinstance(op, Exception):
+            raise op
+        held = op[3]
+        tx.put(key, op[2], held)
+        return value_of(held)
     return plan
 
 
