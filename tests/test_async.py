@@ -112,8 +112,9 @@ def test_many_tasks_share_fsyncs_and_each_gets_its_own_result(cache_dir: Path) -
         stats = await cache.stats()
         assert stats["writes"] == 256 * 20 * 2
         # shared: with wal/_pipe.c a batch is what queued during the fsync before it, so
-        # batches are smaller than 20 tasks' worth (about 17 writes here); one each would fail
-        assert stats["fsyncs"] < stats["writes"] / 5
+        # how many share one follows the disk (4 to 17 writes on the machines we run on);
+        # one fsync each would fail
+        assert stats["fsyncs"] < stats["writes"] / 2
         assert await cache.get("t255:19") == 19
 
     run(cache_dir, body)
