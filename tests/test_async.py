@@ -371,6 +371,45 @@ def test_a_cancelled_write_never_lands_after_a_later_one_through_another_async_c
     run_then_find_100(path, backend, scenario)
 
 
+def test_a_cancelled_write_still_holds_up_later_ones_once_its_loop_cancels_every_task(
+        tmp_path: Path) -> None:
+    """At its end `asyncio.run` cancels every task left, the cancelled `pop`'s worker-thread
+    task among them, while that thread still reads the database. Its write may still land: a
+    later write of the key through another AsyncCache must still wait for it. (The task's end
+    ended the orphan, so the later write was undone.)"""
+    backend = ControlledBackend(tmp_path / "db")
+    path = tmp_path / "cache"
+    started = threading.Event()
+
+    def later_write(cache: wbcache.Cache) -> int:
+        async def write() -> int:
+            other = AsyncCache(cache, asyncio.get_running_loop())
+            later = asyncio.ensure_future(other.put("k", 100))
+            await asyncio.sleep(0)  # one loop step, no timing: the write starts
+            started.set()
+            return await later
+
+        return asyncio.run(write())
+
+    async def scenario() -> None:
+        try:
+            cache = await cancelled_while_reading(path, backend, lambda cache: cache.pop("k"))
+            left = asyncio.all_tasks() - {asyncio.current_task()}
+            assert left  # the worker thread's task, as `asyncio.run` finds it at its end
+            for task in left:
+                task.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
+            later = asyncio.ensure_future(asyncio.to_thread(later_write, cache.cache))
+            assert await asyncio.to_thread(started.wait, 30)
+        finally:
+            backend.read_gate.set()
+        await later
+        assert await cache.get("k") == 100
+        await cache.close()
+
+    run_then_find_100(path, backend, scenario)
+
+
 def test_a_cancelled_write_holds_up_only_writes_of_its_own_keys(tmp_path: Path) -> None:
     """While the cancelled `pop` of a cold key still reads the database, a write of another
     key (in memory: no I/O) is acknowledged without waiting for it; one slow read must not

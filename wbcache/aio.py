@@ -28,11 +28,12 @@ for a `pop` or `incr`) is kept (an orphan, with the keys it writes), and every w
 of those keys started after the cancellation reached it (its `CancelledError` raised), from
 any task of any AsyncCache over the same `Cache` (the orphans are kept per `Cache`, by its
 sequencer: `_ORPHANS`),
-first waits for it to end; `clear` waits for all, and all for a `clear`. (Otherwise
-`put(k, 1)` timed out, then `put(k, 2)` acknowledged, could leave 1.) Writes of other keys do
-not wait: one slow database read must not hold up the cache. `close` does not wait either:
-the orphan then lands before the final flush or is refused. Writes made through the
-thread-safe `Cache` itself (`.cache`) do not wait for orphans.
+first waits for it to end (its thread's end, not its task's: `asyncio.run` cancels every task
+left at its end, while such a thread may still be writing); `clear` waits for all, and all
+for a `clear`. (Otherwise `put(k, 1)` timed out, then `put(k, 2)` acknowledged, could leave
+1.) Writes of other keys do not wait: one slow database read must not hold up the cache.
+`close` does not wait either: the orphan then lands before the final flush or is refused.
+Writes made through the thread-safe `Cache` itself (`.cache`) do not wait for orphans.
 
 An AsyncCache belongs to the event loop that opened it: awaiting it from another loop raises
 `LoopMismatchError` before anything is written.
@@ -196,8 +197,14 @@ class AsyncCache:
         on: its write is kept as an orphan, which later writes of its keys wait for
         (`_after_orphans`; module docstring)."""
         ended: Future[None] = Future()  # any loop can wait for it (`asyncio.wrap_future`)
+        # Taken once, for good: by `run` as it starts, or by `_abandon` for a `run` that never
+        # will (its task cancelled before the thread took it up, as `asyncio.run` does to
+        # every task at its end). A started `run` ends the orphan when its write is over.
+        turn = threading.Lock()
 
         def run() -> T:
+            if not turn.acquire(False):
+                raise asyncio.CancelledError  # abandoned before it started: writes nothing
             try:
                 return write()
             finally:
@@ -209,7 +216,7 @@ class AsyncCache:
         except asyncio.CancelledError:
             if not future.done():
                 future.add_done_callback(_retrieve)  # its task, cancelled, never looks
-                future.add_done_callback(lambda _: _end(ended))  # `run` never ran
+                future.add_done_callback(lambda _: _abandon(turn, ended))
                 with _ORPHANS_LOCK:
                     self._orphans[ended] = keys
                 ended.add_done_callback(self._orphan_ended)  # at once if already ended
@@ -461,6 +468,12 @@ def _end(ended: Future[None]) -> None:
         ended.set_result(None)
     except InvalidStateError:  # ended already
         pass
+
+
+def _abandon(turn: threading.Lock, ended: Future[None]) -> None:
+    """An orphan's task is done: if its `run` has not started, it never writes (`_in_thread`)."""
+    if turn.acquire(False):
+        _end(ended)
 
 
 def _lsn_twice(lsn: int) -> tuple[int, int]:
