@@ -1,4 +1,6 @@
-"""AsyncCache: every method, concurrency, cancellation and errors."""
+"""AsyncCache: every method, concurrency, cancellation and errors. One file (over 500 lines)
+for the cancellation cases, which share their scenario helpers; opening and closing under
+cancellation, and what a write keeps of the caller's objects, are in test_async_lifecycle.py."""
 
 from __future__ import annotations
 
@@ -188,19 +190,6 @@ def test_bad_input_raises_before_anything_is_logged(cache_dir: Path) -> None:
             await cache.incr("s")
         after = await cache.stats()
         assert after["next_lsn"] == before["next_lsn"] + 1
-
-    run(cache_dir, body)
-
-
-def test_setdefault_looks_at_its_default_only_when_the_key_is_missing(cache_dir: Path) -> None:
-    async def body(cache: AsyncCache) -> None:
-        await cache.put("a", 1)
-        before = (await cache.stats())["next_lsn"]
-        assert await cache.setdefault("a", object()) == 1
-        with pytest.raises(TypeError):
-            await cache.setdefault("new", object())
-        assert (await cache.stats())["next_lsn"] == before
-        assert await cache.setdefault("t", (1, 2)) == [1, 2]
 
     run(cache_dir, body)
 

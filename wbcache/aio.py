@@ -59,7 +59,15 @@ from wbcache.cache import Cache
 from wbcache.errors import CacheClosedError, LogFailedError, LoopMismatchError
 from wbcache.options import Options
 from wbcache.sequencer import NeedsRead, Sequencer, WouldBlock
-from wbcache.writes import BatchOperations, Op, delete_plan, ops_plan, pop_plan, setdefault_plan
+from wbcache.writes import (
+    BatchOperations,
+    Op,
+    delete_plan,
+    ops_plan,
+    pop_plan,
+    setdefault_plan,
+    update_items,
+)
 
 T = TypeVar("T")
 # The running loop or None (asyncio exports it): no exception to set up where none runs.
@@ -80,6 +88,7 @@ class AsyncCache:
         # (lsn, future, result) in LSN order, appended in the loop thread
         self._waiters: deque[tuple[int, asyncio.Future[Any], Any]] = deque()
         self._resolve_scheduled = False
+        self._closing: asyncio.Future[None] | None = None
         self._orphans = _orphans_of(cache.sequencer)
         self._committer.add_listener(self._on_batch)
         self._notify_fd = self._committer.notify_fd()
@@ -95,7 +104,14 @@ class AsyncCache:
                    **options: Any) -> AsyncCache:
         """Open and recover the directory in a worker thread (recovery reads the whole log)."""
         parsed = Options.from_kwargs(options)
-        cache = await asyncio.to_thread(Cache.open, path, parsed, backend)
+        opening = _Opening()
+        future = asyncio.ensure_future(asyncio.to_thread(opening.open, path, parsed, backend))
+        try:
+            cache = await asyncio.shield(future)
+        except asyncio.CancelledError:  # a timeout: what the thread opens, nobody will close
+            future.add_done_callback(_retrieve)
+            opening.abandon()
+            raise
         return cls(cache, asyncio.get_running_loop())
 
     @property
@@ -284,7 +300,9 @@ class AsyncCache:
         try:
             lsn = self._sequencer.put_nowait(key, encoded, held)
         except (WouldBlock, NeedsRead):
-            return await self._in_thread(lambda: self._cache.put(key, value), frozenset((key,)))
+            # the value as encoded at the call, not as it may be by the time a thread runs
+            return await self._in_thread(lambda: self._sequencer.put(key, encoded, held),
+                                         frozenset((key,)))
         return await self._expect(lsn, lsn)  # type: ignore[no-any-return]
 
     async def delete(self, key: Key) -> int:
@@ -316,9 +334,10 @@ class AsyncCache:
     async def setdefault(self, key: Key, default: Any = None) -> Any:
         """`Cache.setdefault`, atomically."""
         key, op = self._limits.setdefault_op(key, default)
-        return await self._write(
-            lambda: self._sequencer.submit_nowait(setdefault_plan(key, op), (key,)),
-            lambda: self._cache.setdefault(key, default), frozenset((key,)))
+        plan = setdefault_plan(key, op)  # the default as encoded at the call
+        return await self._write(lambda: self._sequencer.submit_nowait(plan, (key,)),
+                                 lambda: self._sequencer.submit(plan, (key,))[1],
+                                 frozenset((key,)))
 
     async def incr(self, key: Key, delta: int = 1) -> int:
         """Add `delta` atomically; return the new value once durable (see `Cache.incr`)."""
@@ -333,8 +352,7 @@ class AsyncCache:
 
     async def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """`Cache.update`, atomically."""
-        items = list(other.items()) if isinstance(other, Mapping) else list(other)
-        await self.put_many([*items, *kwargs.items()])
+        await self.put_many(update_items(other, kwargs))
 
     async def clear(self) -> None:
         """`Cache.clear` (reads the whole database: in a worker thread)."""
@@ -370,16 +388,32 @@ class AsyncCache:
         return self._cache.stats()
 
     async def close(self) -> None:
-        """Flush, fsync, release the directory (in a worker thread). Idempotent."""
-        forking.untrack(self)
+        """Flush, fsync, release the directory (in a worker thread). Idempotent. A caller
+        cancelled meanwhile (a timeout) does not stop it: the close goes on in the loop."""
+        closing = self._closing
+        if closing is None or closing.done():
+            closing = self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(closing)
+
+    async def _close(self) -> None:
+        # Not waiting for orphans first: one may wait out backpressure that a database
+        # outage keeps up, which only closing ends (it is refused, or lands before the final
+        # flush: as a cancelled write may).
+        turn = threading.Lock()  # as in `_in_thread`: taken by the close, or by a cancel first
+
+        def close() -> None:
+            if turn.acquire(False):
+                self._cache.close()
+
         try:
-            # Not waiting for orphans first: one may wait out backpressure that a database
-            # outage keeps up, which only closing ends (it is refused, or lands before the
-            # final flush: as a cancelled write may).
-            await asyncio.to_thread(self._cache.close)
+            await asyncio.to_thread(close)
         finally:
-            self._close_notify_fd()
-        self._resolve()  # the final fsync covered every write; fail any that it did not
+            # Unless the close never ran (the loop cancelled its task first, as `asyncio.run`
+            # does at its end): then the cache is open, and this AsyncCache still serves it.
+            if not turn.acquire(False):
+                forking.untrack(self)
+                self._close_notify_fd()
+                self._resolve()  # the final fsync covered every write; fail any it did not
 
     def _close_notify_fd(self) -> None:
         """The pipe is told first (another thread may still be closing the cache, its pipe
@@ -432,6 +466,34 @@ class AsyncBatch(BatchOperations):
         ops = self._take(exc_type)
         if ops is not None:
             self.lsn = await self._owner._commit(ops)
+
+
+class _Opening:
+    """A `Cache.open` in a worker thread whose caller may stop waiting (cancelled): the cache
+    it opens is then closed, by the thread if it opens it after that, else by `abandon`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._opened: Cache | None = None
+
+    def open(self, path: str | os.PathLike[str], options: Options,
+             backend: Backend | str | None) -> Cache:
+        cache = Cache.open(path, options, backend)
+        with self._lock:
+            if not self._abandoned:
+                self._opened = cache
+                return cache
+        cache.close()
+        raise asyncio.CancelledError
+
+    def abandon(self) -> None:
+        """In the loop, its caller cancelled: close what was opened (in a thread: it flushes)."""
+        with self._lock:
+            self._abandoned = True
+            cache, self._opened = self._opened, None
+        if cache is not None:
+            threading.Thread(target=cache.close, name="wbcache-abandoned-open").start()
 
 
 # Per `Cache` (keyed by its sequencer: a Cache, a mapping, is not hashable), the writes

@@ -51,6 +51,7 @@ from wbcache.writes import (
     ops_plan,
     pop_plan,
     setdefault_plan,
+    update_items,
 )
 
 _MISSING: Any = object()
@@ -299,15 +300,7 @@ class Cache(MutableMapping[Key, Any]):
 
     def update(self, other: Any = (), /, **kwargs: Any) -> None:  # type: ignore[override]
         """`dict.update`, atomically: every entry in one record (see `put_many`)."""
-        items: list[tuple[Key, Any]] = []
-        if isinstance(other, Mapping):
-            items.extend(other.items())
-        elif hasattr(other, "keys"):
-            items.extend((key, other[key]) for key in other.keys())
-        else:
-            items.extend(other)
-        items.extend(kwargs.items())
-        self.put_many(items)
+        self.put_many(update_items(other, kwargs))
 
     def clear(self) -> None:
         """Delete every key, atomically: one record deleting each key memory and the database

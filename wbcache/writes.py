@@ -85,6 +85,20 @@ class Limits:
         return ops
 
 
+def update_items(other: Any, kwargs: Mapping[str, Any]) -> list[tuple[Key, Any]]:
+    """The (key, value) pairs of `dict.update(other, **kwargs)`, in its order: `other` a
+    mapping, an object with `keys()` and `[]` (as dict takes it), or an iterable of pairs."""
+    items: list[tuple[Key, Any]] = []
+    if isinstance(other, Mapping):
+        items.extend(other.items())
+    elif hasattr(other, "keys"):
+        items.extend((key, other[key]) for key in other.keys())
+    else:
+        items.extend(other)
+    items.extend(kwargs.items())
+    return items
+
+
 def ops_plan(ops: list[Op]) -> tuple[Plan[None], list[Key]]:
     """The plan writing `ops` in order as one record, and the keys it needs read first (those
     incremented before the batch writes them)."""

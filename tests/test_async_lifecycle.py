@@ -1,0 +1,206 @@
+"""AsyncCache: open and close when their caller is cancelled; writes whose value waits for a
+worker thread (backpressure, a read of the database) store it as it was at the call; and
+setdefault and update take what dict's take."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from controlled import ControlledBackend, wait_until
+
+import wbcache
+from wbcache import CacheClosedError
+
+
+@asynccontextmanager
+async def one_busy_worker() -> AsyncIterator[threading.Event]:
+    """The loop's default executor as one worker thread, held until the event yielded is set:
+    a job handed to a thread meanwhile is queued, not started (no timing involved)."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(1))
+    release = threading.Event()
+    busy = loop.run_in_executor(None, release.wait, 60)
+    try:
+        yield release
+    finally:
+        release.set()
+        await busy
+
+
+def test_a_close_whose_caller_is_cancelled_still_closes(tmp_path: Path) -> None:
+    """A timeout around `close()` while its thread job is queued: the close goes on (it used
+    to be dropped with the loop no longer listening to the log, so every later write hung)."""
+    async def main() -> None:
+        cache = await wbcache.open_async(tmp_path / "c")
+        await cache.put("a", 1)
+        async with one_busy_worker():
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(cache.close(), 0.01)  # it waits for the busy worker
+            assert not cache.closed
+        try:  # before the close goes on, or after: acknowledged or refused, never left waiting
+            await asyncio.wait_for(cache.put("b", 2), 30)
+        except CacheClosedError:
+            pass
+        await cache.close()  # the same close, waited for
+        assert cache.closed
+        with pytest.raises(CacheClosedError):
+            await cache.put("c", 3)
+
+    asyncio.run(main())
+    with wbcache.open(tmp_path / "c") as cache:
+        assert cache.get("a") == 1 and "c" not in cache
+
+
+def test_a_close_the_loop_cancels_before_it_ran_leaves_a_usable_cache(tmp_path: Path) -> None:
+    """The loop cancelling every task (as `asyncio.run` does at its end) before the close's
+    thread job ran: the cache is still open, and its writes are still acknowledged."""
+    async def main() -> None:
+        cache = await wbcache.open_async(tmp_path / "c")
+        async with one_busy_worker():
+            closing = asyncio.ensure_future(cache.close())
+            await asyncio.sleep(0)  # one loop step, no timing: the close's job is queued
+            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+                task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+        assert not cache.closed
+        assert await asyncio.wait_for(cache.put("a", 1), 30) >= 1
+        await cache.close()
+
+    asyncio.run(main())
+    with wbcache.open(tmp_path / "c") as cache:
+        assert cache.get("a") == 1
+
+
+def test_an_open_whose_caller_is_cancelled_does_not_keep_the_directory(tmp_path: Path) -> None:
+    """`wait_for(open_async(...))` timing out while recovery replays the log into the database:
+    the worker thread still opens the cache; nobody holds it, so it is closed, and the
+    directory can be opened again (it stayed locked until the process exited)."""
+    path, db = tmp_path / "c", tmp_path / "db"
+    subprocess.run([sys.executable, "-c", f"""
+import os, wbcache
+cache = wbcache.open({str(path)!r}, backend=wbcache.LmdbBackend({str(db)!r}),
+                     flush_interval=3600)
+cache.put("k", 1)
+os._exit(0)  # as a crash: the put is only in the log, replayed at the next open
+"""], check=True, timeout=60)
+    backend = ControlledBackend(db)
+    backend.gate.clear()  # recovery's apply waits
+
+    async def main() -> None:
+        opening = asyncio.ensure_future(wbcache.open_async(path, backend=backend))
+        assert await asyncio.to_thread(backend.entered.wait, 30)  # replaying
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        backend.gate.set()
+
+    try:
+        asyncio.run(main())
+    finally:
+        backend.gate.set()
+
+    def reopens() -> bool:
+        try:
+            cache = wbcache.open(path, backend=backend)  # a backend given is not closed
+        except wbcache.CacheLockedError:
+            return False
+        with cache:
+            assert cache.get("k") == 1
+        return True
+
+    try:
+        wait_until(reopens, 30, "the abandoned open's cache closed")
+    finally:
+        backend.close()
+
+
+def test_a_put_waiting_for_a_thread_stores_the_value_as_it_was_at_the_call(
+        tmp_path: Path) -> None:
+    """Under backpressure `put` goes to a worker thread; a list changed after the call (and
+    before that thread runs) must not be what is stored, as it is not when memory takes it
+    at once."""
+    async def main() -> None:
+        async with await wbcache.open_async(tmp_path / "c", max_dirty=1) as cache:
+            await cache.put("a", 0)  # one dirty entry: the next put meets backpressure
+            value = [1]
+            async with one_busy_worker():
+                writing = asyncio.ensure_future(cache.put("k", value))
+                await asyncio.sleep(0)  # one loop step: its job is queued behind the worker
+                value.append("changed after the call")
+            await writing
+            assert await cache.get("k") == [1]
+
+    asyncio.run(main())
+
+
+def test_setdefault_reading_the_database_stores_the_default_as_it_was_at_the_call(
+        tmp_path: Path) -> None:
+    with wbcache.open(tmp_path / "c") as cache:
+        cache.put("other", 1)  # the cache reopened below holds nothing in memory
+
+    async def main() -> None:
+        async with await wbcache.open_async(tmp_path / "c") as cache:
+            default = {"n": 1}
+            async with one_busy_worker():
+                writing = asyncio.ensure_future(cache.setdefault("k", default))
+                await asyncio.sleep(0)  # one loop step: it needs a read, queued
+                default["n"] = 2
+            assert await writing == {"n": 1}
+            assert await cache.get("k") == {"n": 1}
+
+    asyncio.run(main())
+
+
+def test_setdefault_looks_at_its_default_only_when_the_key_is_missing(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with await wbcache.open_async(tmp_path / "c") as cache:
+            await cache.put("a", 1)
+            before = (await cache.stats())["next_lsn"]
+            assert await cache.setdefault("a", object()) == 1
+            with pytest.raises(TypeError):
+                await cache.setdefault("new", object())
+            assert (await cache.stats())["next_lsn"] == before
+            assert await cache.setdefault("t", (1, 2)) == [1, 2]
+
+    asyncio.run(main())
+
+
+def test_update_takes_what_dict_update_takes(tmp_path: Path) -> None:
+    """An object with keys() and [] is read as a mapping, by dict.update and Cache.update."""
+    class KeysAndItems:
+        def keys(self) -> list[str]:
+            return ["k1", "k2"]
+
+        def __getitem__(self, key: str) -> str:
+            return key.upper()
+
+    async def main() -> None:
+        async with await wbcache.open_async(tmp_path / "c") as cache:
+            await cache.update(KeysAndItems(), k3="x")
+            assert sorted(await cache.items()) == [("k1", "K1"), ("k2", "K2"), ("k3", "x")]
+
+    asyncio.run(main())
+
+
+def test_one_busy_worker_queues_a_job_until_released() -> None:
+    """The helper the tests above rely on: a job handed to a thread waits for the release."""
+    async def main() -> None:
+        ran = threading.Event()
+        async with one_busy_worker():
+            job = asyncio.ensure_future(asyncio.to_thread(ran.set))
+            await asyncio.sleep(0)
+            assert not ran.is_set()
+        await job
+        assert ran.is_set()
+
+    asyncio.run(main())
+
