@@ -59,6 +59,9 @@ def hit_path(cache: Cache, doc: str | None) -> tuple[Callable[..., Any], Callabl
         held = held_in(key, _MISSING)
         if held is _MISSING:
             return read(key, default)
+        kind = type(key)
+        if kind is not str and kind is not bytes:  # an equal key not as stored: read checks
+            return read(key, default)
         note_hit(key)
         if type(held) is tuple:  # a mutable value, as its encoding (codec.py)
             hits += 1
