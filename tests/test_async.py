@@ -201,6 +201,7 @@ def test_calls_after_close_raise_cache_closed(cache_dir: Path) -> None:
         await cache.close()  # idempotent
         for call in (lambda: cache.put("a", 1), lambda: cache.get("a"), lambda: cache.incr("n"),
                      lambda: cache.delete("a"), lambda: cache.put_many({"a": 1}),
+                     lambda: cache.pop(1, "d"), lambda: cache.pop(""),
                      cache.flush, cache.keys, cache.count):
             with pytest.raises(CacheClosedError):
                 await call()

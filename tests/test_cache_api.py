@@ -616,6 +616,16 @@ def test_clear_after_close_raises_cache_closed(open_cache: OpenCache) -> None:
         cache.clear()
 
 
+def test_pop_of_a_key_that_cannot_be_stored_after_close_raises_cache_closed(
+        open_cache: OpenCache) -> None:
+    """As get of one does: it returned the default (or raised KeyError) on a closed cache."""
+    cache = open_cache()
+    cache.close()
+    for call in (lambda: cache.pop(1, "d"), lambda: cache.pop(""), lambda: cache.get(1)):
+        with pytest.raises(CacheClosedError):
+            call()
+
+
 def test_a_get_hit_gives_its_entry_a_second_chance_at_eviction(open_cache: OpenCache) -> None:
     """The lock-free hit path notes the hit where CLOCK looks: of three clean entries, the one
     read survives the next eviction and the oldest unread one goes."""

@@ -240,7 +240,8 @@ class Cache(MutableMapping[Key, Any]):
         KeyError without one."""
         try:
             key = check_key(key, self._limits.stored_key_size)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError):  # a key that cannot be stored is not there
+            self._sequencer._check_open()  # as for every other call on a closed cache
             if default is _NO_DEFAULT:
                 raise KeyError(key) from None
             return default
