@@ -457,18 +457,28 @@ def test_a_refused_postgresql_recovery_writes_nothing_into_the_database(
 
 def test_a_url_naming_another_table_is_refused_before_anything_is_written(
         tmp_path: Path, pg_dsn: str, pg_schema: str, table: str) -> None:
+    """A table= naming no table is refused, and not made (reading made it: a dry run printed
+    "nothing changed" over two new tables); one naming another directory's tables is refused
+    as holding no checkpoint for this one."""
     pg_directory(tmp_path / "a", pg_url(pg_dsn, table), {"a": 1}, logged=3)
-    wrong = pg_url(pg_dsn, f"{pg_schema}.typo")
+    pg_directory(tmp_path / "b", pg_url(pg_dsn, f"{pg_schema}.other"), {"b": 1}, logged=1)
+    missing, other = pg_url(pg_dsn, f"{pg_schema}.typo"), pg_url(pg_dsn, f"{pg_schema}.other")
     before = tree_state(tmp_path / "a")
 
-    for salvage in (False, True):
+    for salvage, dry_run in ((False, False), (True, False), (False, True)):
+        with pytest.raises(InvalidDirectoryError, match="there is no table"):
+            recover_directory(tmp_path / "a", backend=missing, salvage=salvage,
+                              dry_run=dry_run)
         with pytest.raises(InvalidDirectoryError, match="holds no checkpoint for it"):
-            recover_directory(tmp_path / "a", backend=wrong, salvage=salvage)
+            recover_directory(tmp_path / "a", backend=other, salvage=salvage, dry_run=dry_run)
+    with pytest.raises(InvalidDirectoryError, match="is table= the one"):
+        open_snapshot(tmp_path / "a", backend=missing)
     with pytest.raises(InvalidDirectoryError, match="is the URL's table= the one"):
-        open_snapshot(tmp_path / "a", backend=wrong)
+        open_snapshot(tmp_path / "a", backend=other)
 
     assert tree_state(tmp_path / "a") == before
-    assert query(pg_dsn, f"SELECT count(*) FROM {pg_schema}.typo") == [(0,)]
+    assert query(pg_dsn, "SELECT to_regclass(%s), to_regclass(%s)",
+                 (f"{pg_schema}.typo", f"{pg_schema}.typo_checkpoints")) == [(None, None)]
 
 
 def test_a_live_lane_whose_lock_file_was_removed_is_read_as_in_use(tmp_path: Path) -> None:

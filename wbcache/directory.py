@@ -43,7 +43,7 @@ from wbcache.backends import (
     backend_from_url,
     embedded_backend,
 )
-from wbcache.errors import DatabaseError, InvalidDirectoryError
+from wbcache.errors import DatabaseError, InvalidDirectoryError, SchemaMismatchError
 from wbcache.layout import (
     DATA_FILE,
     LOCK_NAME,
@@ -375,7 +375,12 @@ def open_database(found: FoundDirectory, url: str | None, *, lane: Layout | None
 
 
 def _from_url(found: FoundDirectory, url: str) -> Backend:
-    database = backend_from_url(url)
+    # Tables are never made here: a command that reads must change nothing, and `recover`
+    # replays only into the tables the cache itself made (a missing one is a mistyped table=).
+    try:
+        database = backend_from_url(url, create_tables=False)
+    except SchemaMismatchError as exc:
+        raise InvalidDirectoryError(f"{found.root} cannot use that database: {exc}") from None
     try:
         if database.kind != found.kind:
             raise InvalidDirectoryError(f"{found.root} flushes into a {found.kind} database, "

@@ -28,15 +28,16 @@ def backend_class(kind: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def backend_from_url(url: str) -> Backend:
-    """A backend made from a URL ("postgresql://user@host/db?table=t"), by its scheme.
-    Raises ValueError (the password never in the message) for an unknown scheme."""
+def backend_from_url(url: str, **options: Any) -> Backend:
+    """A backend made from a URL ("postgresql://user@host/db?table=t"), by its scheme, with
+    keyword `options` for its class. Raises ValueError (the password never in the message)
+    for an unknown scheme."""
     scheme = urlsplit(url).scheme
     if scheme not in _REGISTRY or scheme == EMBEDDED:
         schemes = ", ".join(f"{name}://" for name in _REGISTRY if name != EMBEDDED)
         raise ValueError(f"backend URL scheme {scheme + '://' if scheme else '(none)'} is not "
                          f"one wbcache knows ({schemes})")
-    backend: Backend = backend_class(scheme).from_url(url)
+    backend: Backend = backend_class(scheme).from_url(url, **options)
     return backend
 
 

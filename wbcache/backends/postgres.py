@@ -102,7 +102,9 @@ class PostgresBackend:
     `statement_bytes` (default `STATEMENT_BYTES`, 64 MiB): the most bytes of keys and values
     one statement of a flush carries; a larger flush is sent as several statements of its one
     transaction (PostgreSQL refuses any message over 1 GiB), waiting for the server's answers
-    after each such amount. Nothing but tests needs to change it.
+    after each such amount. Nothing but tests needs to change it. `create_tables` (default
+    True): False to only use tables that exist (a use that must change nothing, as the CLI's
+    commands: a mistyped table then raises `SchemaMismatchError` rather than being made).
 
     Raises `PostgresError` (a `WbcacheError`) when the server cannot be reached or reports an
     error, `SchemaMismatchError` if the table exists with other columns, `ImportError` without
@@ -115,7 +117,8 @@ class PostgresBackend:
 
     def __init__(self, dsn: str, table: str = "wbcache", cache_id: str | None = None, *,
                  timeout: float = 10.0, connect_timeout: float = 5.0,
-                 read_connections: int = 4, statement_bytes: int = STATEMENT_BYTES) -> None:
+                 read_connections: int = 4, statement_bytes: int = STATEMENT_BYTES,
+                 create_tables: bool = True) -> None:
         try:
             from wbcache.backends.postgres_link import Endpoint, Link, ReaderPool
         except ImportError as exc:
@@ -151,7 +154,7 @@ class PostgresBackend:
         self._pid = os.getpid()
         try:
             with self._write_lock:
-                self._ensure_tables()
+                self._ensure_tables(create_tables)
         except BaseException:
             self.close()
             raise
@@ -374,15 +377,17 @@ class PostgresBackend:
             self._writer = conn = self._link.connect()
         return conn
 
-    def _ensure_tables(self) -> None:
+    def _ensure_tables(self, create_tables: bool) -> None:
         """Write lock held. Create the tables if missing (several nodes may start at once: the
         DDL runs under a transaction-scoped advisory lock, so one creates and the others find
-        them), then check their columns."""
+        them), or without `create_tables` refuse; then check their columns."""
         names, sql = self._names, self._sql
 
-        def create(conn: Connection) -> dict[str, dict[str, str]]:
+        def create(conn: Connection) -> dict[str, dict[str, str]] | None:
             row = conn.execute(sql.exists, (names.data_sql, names.checkpoints_sql)).fetchone()
             if not (row and row[0]):
+                if not create_tables:
+                    return None
                 with conn.transaction():
                     conn.execute(sql.lock_ddl, (DDL_LOCK_CLASS, names.data_sql))
                     conn.execute(sql.create_data)
@@ -393,6 +398,11 @@ class PostgresBackend:
 
         conn = self._writer_connection()
         found = self._link.call(conn, "creating the tables", create)
+        if found is None:
+            raise SchemaMismatchError(
+                f"{self._link.where}: there is no table {names.data} (with "
+                f"{names.checkpoints}); nothing was created: is table= the one the cache "
+                f"opens the database with?")
         for kind, expected in EXPECTED_COLUMNS.items():
             table = names.data if kind == "data" else names.checkpoints
             wrong = {name: found[kind].get(name) for name, type_ in expected.items()
