@@ -24,6 +24,7 @@ from wbcache.errors import (
     UnsupportedFormatError,
     WbcacheError,
 )
+from wbcache.wal.owned import open_private_dir
 
 EXIT_OK = 0
 EXIT_DAMAGE = 1
@@ -72,6 +73,22 @@ class Seconds(click.FloatRange):
         if not math.isfinite(seconds):
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
         return seconds
+
+
+def new_directory(directory: str) -> None:
+    """Make `demo`'s or `torture`'s DIRECTORY (or take it if it is empty): a usage error (exit
+    2) if its parent is missing, if it holds anything, or if it is not yours alone, as a cache
+    directory must be (wbcache/wal/owned.py): the scratch work and its evidence go there."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    if not os.path.isdir(parent):
+        raise click.UsageError(f"{parent} is not a directory: give a DIRECTORY in one that is")
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise click.UsageError(f"{directory} is not empty; give a new or empty directory")
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass  # empty, as checked: then it must be private (a file there is refused below)
+    os.close(open_private_dir(directory, follow=True))  # InvalidDirectoryError: one line, 2
 
 
 class WbcacheGroup(click.Group):

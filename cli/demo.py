@@ -20,7 +20,7 @@ import time
 import click
 
 import wbcache
-from wbcache.cli import Seconds, WholeNumber
+from wbcache.cli import Seconds, WholeNumber, new_directory
 from wbcache.recovery import RecoveryReport
 
 _READY = b"ready\n"
@@ -57,8 +57,8 @@ def demo(directory: str | None, seconds: float, threads: int) -> None:
 
     Example: wbcache demo /tmp/wbcache-demo --seconds 5
     """
-    if directory is not None and os.path.isdir(directory) and os.listdir(directory):
-        raise click.UsageError(f"{directory} is not empty; give a new or empty directory")
+    if directory is not None:
+        new_directory(directory)
     path = directory or tempfile.mkdtemp(prefix="wbcache-demo-")
     try:
         # Made here first: a directory open() refuses (not ours, writable by others) is

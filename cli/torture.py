@@ -17,7 +17,7 @@ import tempfile
 import click
 from click.core import ParameterSource
 
-from wbcache.cli import Seconds, WholeNumber
+from wbcache.cli import Seconds, WholeNumber, new_directory
 from wbcache.fault_injection.lazyfs_config import LAZYFS_MODES, LazyfsUnavailable, lazyfs_modes
 from wbcache.fault_injection.report import verdict
 from wbcache.fault_injection.shared_table import check_url, redact
@@ -110,10 +110,9 @@ def torture(directory: str | None, mode: str, backend: str | None, shared: bool,
         raise click.UsageError(str(exc)) from None
     if skipped:
         click.echo(f"skipping lazyfs: {skipped}")
-    if directory is not None and os.path.isdir(directory) and os.listdir(directory):
-        raise click.UsageError(f"{directory} is not empty; give a new or empty directory")
+    if directory is not None:
+        new_directory(directory)
     workdir = directory or tempfile.mkdtemp(prefix="wbcache-torture-")
-    os.makedirs(workdir, exist_ok=True)
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
     threads = threads or (THREADS if backend is None else BACKEND_THREADS)
     fsync_note = "" if fsync is None else f", fsync={fsync}"
@@ -132,10 +131,13 @@ def torture(directory: str | None, mode: str, backend: str | None, shared: bool,
     except Exception as exc:
         if backend is None:
             raise
+        if directory is None:  # it could not start: no evidence to keep
+            shutil.rmtree(workdir, ignore_errors=True)
         # The database unreachable, the table not creatable, psycopg missing: a message.
         # (Its message may quote what libpq read of the URL: redacted like the URL itself.)
+        reason = " ".join(str(exc).split())  # libpq's messages run over several lines
         raise click.ClickException(redact(f"the torture against {backend} could not run: "
-                                          f"{type(exc).__name__}: {exc}")) from exc
+                                          f"{type(exc).__name__}: {reason}")) from exc
     click.echo("")
     click.echo(report.table())
     click.echo("")

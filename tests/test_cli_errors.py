@@ -5,6 +5,7 @@ and nothing created or changed, for every operating command, in-process and as a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -204,14 +205,27 @@ def test_seconds_that_are_not_a_number_are_refused(argv: list[str]) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_demo_in_a_directory_open_refuses_is_one_line(tmp_path: Path) -> None:
-    """It printed the child writer's whole traceback (exit 1)."""
+@pytest.mark.parametrize("command", [["demo"], ["torture", "--mode", "kill", "--cycles", "1"]])
+def test_demo_and_torture_refuse_a_directory_a_cache_could_not_use(
+        tmp_path: Path, command: list[str]) -> None:
+    """A directory others may write into, or another user's: refused in one line, as open()
+    refuses it (demo printed its child writer's traceback; torture ran there, making its
+    scratch directories in it). A missing parent is a usage error too (it was exit 1)."""
     open_to_all = tmp_path / "open-to-all"
     open_to_all.mkdir()
     open_to_all.chmod(0o777)
-    result = run("script", "demo", str(open_to_all))
-    assert result.exit_code == 2 and "Traceback" not in result.stderr
-    assert "world-writable" in result.stderr and len(result.stderr.splitlines()) == 1
+    someone_elses = tmp_path / "someone-elses"
+    someone_elses.mkdir(mode=0o700)
+    os.chown(someone_elses, 65534, 65534)
+    for directory, message in ((open_to_all, "world-writable"),
+                               (someone_elses, "is owned by uid 65534")):
+        result = run("script", *command, str(directory))
+        assert result.exit_code == 2 and "Traceback" not in result.stderr
+        assert message in result.stderr and len(result.stderr.splitlines()) == 1
+        assert os.listdir(directory) == []
+    result = run("script", *command, str(tmp_path / "missing" / "dir"))
+    assert result.exit_code == 2 and "is not a directory: give a DIRECTORY" in result.stderr
+    assert not (tmp_path / "missing").exists()
 
 
 @pytest.mark.parametrize("command", ["recover", "inspect", "verify", "stats", "dump", "get"])
