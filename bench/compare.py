@@ -7,6 +7,9 @@ in the same run, as the table prints it); with several runs per side, the MEDIAN
 ratios is compared, and the spread (lowest..highest) is shown so that noise can be told from
 a change. Rows without a baseline compare their values. A row whose number moved the wrong
 way by more than --flag percent is marked WORSE.
+
+The files are written by the benchmark itself: `python -m bench ... --json FILE` (e.g.
+`python -m bench --quick --json a1.json`), once per run.
 """
 
 from __future__ import annotations
@@ -14,8 +17,49 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
+
+PROG = "python -m bench.compare"
+
+# What compare() reads of each row of a `python -m bench --json` file: field -> (allowed
+# types, what they are called in the error).
+ROW_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "id": ((str,), "a string"), "label": ((str,), "a string"), "unit": ((str,), "a string"),
+    "value": ((int, float, type(None)), "a number or null"),
+    "baseline": ((str, type(None)), "a string or null")}
+
+
+class BadRunFile(Exception):
+    """A --before/--after file that cannot be compared: missing, unreadable, not JSON, or not
+    what `python -m bench --json` writes."""
+
+
+def load(path: Path) -> dict[str, Any]:
+    """The document `python -m bench --json` wrote to `path`; BadRunFile naming what is wrong."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadRunFile(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        document = json.loads(data)
+    except ValueError as exc:  # json.JSONDecodeError, or bytes that are not UTF-8
+        raise BadRunFile(f"{path}: not JSON ({exc})") from None
+    rows = document.get("rows") if isinstance(document, dict) else None
+    if not isinstance(rows, list):
+        raise BadRunFile(f"{path}: not a benchmark result (no list of \"rows\"; write one "
+                         "with python -m bench --json FILE)")
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise BadRunFile(f"{path}: rows[{index}] is not an object")
+        for field, (types, called) in ROW_FIELDS.items():
+            if field not in row:
+                raise BadRunFile(f"{path}: rows[{index}] has no {field!r}")
+            if not isinstance(row[field], types) or isinstance(row[field], bool):
+                raise BadRunFile(f"{path}: rows[{index}] {field!r} is {json.dumps(row[field]):.60}"
+                                 f", not {called}")
+    return document
 
 
 def ratios(document: dict[str, Any]) -> dict[str, tuple[float, str, str]]:
@@ -70,16 +114,22 @@ def _cell(values: list[float], ratio: bool) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", nargs="+", type=Path, required=True)
-    parser.add_argument("--after", nargs="+", type=Path, required=True)
+    parser.add_argument("--before", nargs="+", type=Path, required=True, metavar="FILE",
+                        help="runs of the code before, each written by "
+                             "python -m bench ... --json FILE")
+    parser.add_argument("--after", nargs="+", type=Path, required=True, metavar="FILE",
+                        help="runs of the code after, written the same way")
     parser.add_argument("--flag", type=float, default=10.0,
                         help="percent a row may get worse before it is marked (default 10)")
     args = parser.parse_args()
-    load = [[json.loads(path.read_text()) for path in paths] for paths in (args.before,
-                                                                          args.after)]
-    print("\n".join(compare(load[0], load[1], args.flag)))
+    try:
+        before, after = ([load(path) for path in paths] for paths in (args.before, args.after))
+    except BadRunFile as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print("\n".join(compare(before, after, args.flag)))
 
 
 if __name__ == "__main__":
