@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
+from bench.config import BenchConfig
 from bench.measurement import Result
 from bench.targets import TARGETS, Results
 
@@ -200,14 +201,15 @@ def format_table(results: Sequence[Result]) -> str:
     return "\n".join(render(line) for line in [header, *lines])
 
 
-def format_targets(results: Sequence[Result]) -> str:
+def format_targets(results: Sequence[Result], config: BenchConfig) -> str:
+    """The targets section; each target's text names the sizes of `config`'s run."""
     by_id = {result.id: result for result in results}
     rows = []
     counts = {"met": 0, "MISSED": 0, "not measured": 0}
     for target in TARGETS:
         value, verdict = target.judge(by_id)
         counts[verdict.split(" ")[0] if verdict.startswith("MISSED") else verdict] += 1
-        rows.append((target.text, "" if value is None else target.value_text(value),
+        rows.append((target.label(config), "" if value is None else target.value_text(value),
                      target.limit_text(), verdict))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = ["targets, each judged on numbers of this run:"]

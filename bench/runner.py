@@ -99,7 +99,7 @@ def run(config: BenchConfig, *, command: str, plot_path: Path | None, json_path:
     if latency:
         echo(latency)
         echo("")
-    echo(report.format_targets(results))
+    echo(report.format_targets(results, config))
     echo("")
     echo(_method(config))
     if plot_path is not None:
@@ -175,7 +175,7 @@ def _write_json(path: Path, config: BenchConfig, command: str, machine: list[str
             "trials": [s.value for s in r.samples], "note": r.note,
             "series": r.measurement.series, "concurrency": r.measurement.concurrency,
         } for r in results],
-        "targets": [{"row": t.row, "text": t.text, "op": t.op, "limit": t.limit,
+        "targets": [{"row": t.row, "text": t.label(config), "op": t.op, "limit": t.limit,
                      "measured": t.judge(by_id)[0], "verdict": t.judge(by_id)[1]}
                     for t in TARGETS],
     }

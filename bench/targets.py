@@ -1,16 +1,18 @@
 """The targets, each a ratio (or a bound) measured in the same run, judged met or MISSED.
 
 A target whose rows did not run (a `--only` run, a peer not installed, no PostgreSQL server)
-is reported as "not measured", never as met. Targets judged on sizes smaller than the full
-run's (--quick, --smoke) say so in the row's label.
+is reported as "not measured", never as met. A target whose text names a size takes it from
+the run's config (`Target.label`), so a --quick or --smoke run's target names the size its row
+measured (100,000 distinct keys, not the full run's 1,000,000).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
+from bench.config import BenchConfig
 from bench.measurement import Result
 
 Results = dict[str, Result]
@@ -21,11 +23,16 @@ class Target:
     row: str
     """The row the verdict belongs to."""
     text: str
-    """What is compared, as the table prints it."""
+    """What is compared, as the targets section prints it (through `label`): a format string
+    whose fields, if any, are `BenchConfig` fields, e.g. {recover_rss_records:,}."""
     measured: Callable[[Results], float | None]
     op: Literal[">=", "<="]
     limit: float
     unit: str = "×"
+
+    def label(self, config: BenchConfig) -> str:
+        """`text` with the sizes of `config`'s run filled in."""
+        return self.text.format(**{f.name: getattr(config, f.name) for f in fields(config)})
 
     def judge(self, results: Results) -> tuple[float | None, str]:
         """(measured value, verdict): "met", "MISSED (..)" or "not measured"."""
@@ -111,7 +118,7 @@ TARGETS = (
            ratio("async_t1024", "raw_fsync"), ">=", 10),
     Target("async_t1024", "AsyncCache, 1024 tasks / Redis always, 64 clients (redis-benchmark)",
            ratio("async_t1024", "redis_bench_always_c64"), ">=", 1),
-    Target("put_many", "put_many of 1,000 (keys/s) / raw loop",
+    Target("put_many", "put_many of {put_many_size:,} (keys/s) / raw loop",
            ratio("put_many", "raw_fsync"), ">=", 25),
     # the in-memory paths against the plain-Python equivalent
     Target("put_interval", 'put, fsync="interval", 1 thread / dict + msgpack encode loop',
@@ -129,7 +136,7 @@ TARGETS = (
            "<=", 0.01, unit="%"),
     Target("recovery", "recovery time / (raw msgpack pass + one putmulti)",
            ratio("recovery", "raw_recovery"), "<=", 3),
-    Target("recover_rss", "wbcache recover of 1,000,000 distinct keys: peak RSS",
+    Target("recover_rss", "wbcache recover of {recover_rss_records:,} distinct keys: peak RSS",
            value_of("recover_rss"), "<=", 120 * MB, unit="MB"),
     Target("memory", "memory of the entries / a plain dict of the same values",
            ratio("memory", "memory_dict"), "<=", 2),
