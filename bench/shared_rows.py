@@ -172,19 +172,26 @@ def _acks(config: BenchConfig, scratch: Scratch, pool: WorkerPool, processes: in
                        for worker in group]
             stats = [worker.stats() for worker in group]
         count = sum(report["count"] for report in reports)
+        # Each worker's window is `seconds` long unless no put of that worker ended in it (a
+        # loaded machine, a --smoke trial of 0.04 s): then it widened until one did, bounded
+        # (bench/shared_worker.py, WIDEN_LIMIT). Each process's rate is over its own window.
+        window = max(report["seconds"] for report in reports)
         if not count:
-            raise RuntimeError(f"no put ended within the {seconds:g} s window")
+            raise RuntimeError(f"no put ended within the {window:.2g} s window")
+        rates = [report["count"] / report["seconds"] for report in reports]
         latencies = sorted(lat for report in reports for lat in report["latencies"])
         fsyncs = sum(s["fsyncs"] for s in stats)
         usage = Usage(sum(r["cpu"] for r in reports), sum(r["voluntary"] for r in reports), 0,
                       count)
-        each = ", ".join(f"{report['count'] / seconds:,.0f}" for report in reports)
+        each = ", ".join(f"{rate:,.0f}" for rate in rates)
         note = (f"{sum(s['writes'] for s in stats) / max(fsyncs, 1):.1f} writes per fsync; "
-                f"{usage.per_op()}, {usage.cpu_seconds / seconds:.2f} cores busy "
+                f"{usage.per_op()}, {usage.cpu_seconds / window:.2f} cores busy "
                 "(all processes)")
         if processes > 1:
             note = f"acks/s per process {each}; {note}"
-        return Sample(count / seconds, percentile(latencies, 0.50), percentile(latencies, 0.99),
+        if window > seconds * 1.001:
+            note = f"window widened to {window:.3g} s until a put ended in it; {note}"
+        return Sample(sum(rates), percentile(latencies, 0.50), percentile(latencies, 0.99),
                       percentile(latencies, 0.999), note=note, usage=usage)
     return trial
 
@@ -233,9 +240,10 @@ def _get(config: BenchConfig, pool: WorkerPool, written: WrittenKeys,
             stats = reader.stats()
         latencies = sorted(report["latencies"])
         if not latencies:
-            raise RuntimeError("no get ended within the window")
+            raise RuntimeError(f"no get ended within the {report['seconds']:.2g} s window")
         reads = stats["misses"] / max(stats["misses"] + stats["hits"], 1)
-        return Sample(report["count"] / config.trial_seconds, percentile(latencies, 0.50),
+        # The window widens if no get ended in it (bench/shared_worker.py, WIDEN_LIMIT).
+        return Sample(report["count"] / report["seconds"], percentile(latencies, 0.50),
                       percentile(latencies, 0.99), percentile(latencies, 0.999),
                       note=f"{reads * 100:.1f} % of gets read LMDB (warm-up included)")
     return trial

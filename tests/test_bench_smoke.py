@@ -38,8 +38,10 @@ def bench(*args: str, env: dict[str, str] | None = None,
 
 def test_python_m_bench_smoke_prints_every_row_the_targets_and_a_plot(tmp_path: Path) -> None:
     plot, results = tmp_path / "bench.png", tmp_path / "bench.json"
+    # About 10 s on an idle machine, but 70-115 s at load 15 on 2 cores (every row starts
+    # processes): the timeout is there for a hang, not to judge the speed.
     done = bench("--smoke", "--dir", str(tmp_path), "--plot", str(plot), "--json", str(results),
-                 *(["--pg-dsn", PG_DSN] if PG_DSN else []))
+                 *(["--pg-dsn", PG_DSN] if PG_DSN else []), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     for expected in ("raw os.write + os.fdatasync loop", "SQLite WAL synchronous=FULL",
@@ -56,7 +58,8 @@ def test_python_m_bench_smoke_prints_every_row_the_targets_and_a_plot(tmp_path: 
                      "flush into the shared LMDB, 4 lanes at once",
                      "keys another process wrote and flushed",
                      "first get that sees it", "documented bound flush_interval",
-                     "targets, each judged on numbers of this run", "SMOKE RUN"):
+                     "targets, each judged on numbers of this run", "SMOKE RUN",
+                     "wbcache recover of 5,000 distinct keys: peak RSS"):
         assert expected in out, expected
     assert "issue" not in out.lower()  # targets say what they are, not where they came from
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -185,3 +188,73 @@ def test_a_call_slower_than_the_whole_window_is_still_measured() -> None:
 
     sample = asyncio.run(run_tasks([slow], seconds=0.01, warmup=0.001))
     assert sample.value > 0 and sample.p50 is not None and sample.p50 >= 0.03
+
+
+def test_a_shared_worker_scheduled_after_its_window_widens_it_until_a_call_ended(
+        tmp_path: Path) -> None:
+    """On a loaded machine a shared-directory worker can read "start" after its --smoke window
+    (0.04 s) is over: it widens the window until one of its puts (gets) has ended in it,
+    instead of reporting that none did (the row then failed)."""
+    from bench.shared_pool import OPEN_TIMEOUT, REPORT_TIMEOUT, WorkerPool, working_on
+
+    pool = WorkerPool(tmp_path)
+    try:
+        with working_on(tmp_path / "shared", pool, 1) as shared:
+            worker = shared.open(0, "acks", 2)
+            worker.expect("ready", OPEN_TIMEOUT)
+            worker.send({"start": time.monotonic() - 0.5, "warmup": 0.0, "seconds": 0.01})
+            acks = worker.expect("count", REPORT_TIMEOUT)
+            worker.send({"loop": ["a", "b"], "warmup": -0.5, "seconds": 0.01})
+            gets = worker.expect("count", REPORT_TIMEOUT)
+    finally:
+        pool.stop()
+    for report in (acks, gets):
+        assert report["count"] >= 1 and len(report["latencies"]) == report["count"]
+        assert 0.5 <= report["seconds"] < 0.5 + 60
+
+
+def test_target_labels_name_the_sizes_the_run_measured() -> None:
+    from bench.config import BenchConfig
+    from bench.targets import TARGETS
+
+    def labels(mode: str) -> list[str]:
+        config = BenchConfig.for_mode(mode)
+        return [target.label(config) for target in TARGETS]
+    assert "wbcache recover of 1,000,000 distinct keys: peak RSS" in labels("full")
+    assert "wbcache recover of 100,000 distinct keys: peak RSS" in labels("quick")
+    assert "put_many of 100 (keys/s) / raw loop" in labels("smoke")
+    assert not [label for label in labels("full") if "{" in label or "}" in label]
+
+
+def compare(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """`python -m bench.compare ARGS` from the repository's root."""
+    return subprocess.run([sys.executable, "-m", "bench.compare", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_bench_compare_names_a_file_it_cannot_compare_in_one_line(tmp_path: Path) -> None:
+    row = {"id": "put_t1", "section": "wbcache", "label": "put, 1 thread", "unit": "ops/s",
+           "value": 100.0, "baseline": None}
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"rows": [row]}))
+    cases = {"missing.json": (None, "No such file or directory"),
+             "truncated.json": ('{"rows": [', "not JSON"),
+             "list.json": ("[1, 2]", 'no list of "rows"'),
+             "shape.json": (json.dumps({"rows": [{**row, "value": "fast"}]}),
+                            "rows[0] 'value' is \"fast\", not a number or null")}
+    for number, (name, (text, problem)) in enumerate(cases.items()):
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        sides = ("--before", path, "--after", good) if number % 2 else (
+            "--before", good, good, "--after", good, path)
+        done = compare(*sides)
+        assert done.returncode == 2, (name, done.stderr)
+        assert done.stdout == "" and "Traceback" not in done.stderr, (name, done.stderr)
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert str(path) in done.stderr and problem in done.stderr, done.stderr
+    done = compare("--before", good, "--after", good)
+    assert done.returncode == 0, done.stderr
+    assert "put, 1 thread" in done.stdout and "+0%" in done.stdout
+    done = compare("--help")
+    assert done.returncode == 0 and "python -m bench ... --json FILE" in done.stdout
