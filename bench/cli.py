@@ -30,7 +30,7 @@ def _sections(_ctx: click.Context, _param: click.Parameter, value: str | None) -
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--quick", is_flag=True, help="Shorter trials, one round, 100,000-record "
-              "recovery and memory rows, smaller eviction traces: about 2 minutes.")
+              "recovery and memory rows, smaller eviction traces: about 1 to 2 minutes.")
 @click.option("--smoke", is_flag=True, help="Every row for milliseconds: checks that the "
               "benchmark runs (CI, under 30 s); the numbers mean nothing.")
 @click.option("--only", callback=_sections, metavar="SECTIONS",
@@ -66,7 +66,7 @@ def bench(quick: bool, smoke: bool, only: tuple[str, ...], rounds: int | None,
     \b
     Examples:
       python -m bench --quick
-      python -m bench --only wbcache,baselines --json out.json
+      python -m bench --only wbcache,baselines --json /tmp/bench.json
       python -m bench --only postgres --pg-dsn postgresql://postgres@127.0.0.1:5432/test
     """
     if quick and smoke:

@@ -3,7 +3,7 @@
 Three modes share every row, they only scale it:
   full   the published run (about 10 minutes): every concurrency level, 1,000,000-record
          recovery and memory rows, the 1,000,000-request eviction traces
-  quick  about 2 minutes: shorter trials, one round, 100,000-record recovery and memory rows
+  quick  about 1 to 2 minutes: shorter trials, one round, 100,000-record recovery and memory rows
   smoke  under 30 seconds, for CI: proves the benchmark starts and prints its table; its
          numbers mean nothing
 """
