@@ -356,24 +356,33 @@ def test_a_caller_waits_for_the_flush_in_progress_not_for_the_cycles_after_it(
     # attempt in progress. The background thread used to take its mutex straight back after
     # each cycle while writers kept waking it, so a caller could wait cycle after cycle: with
     # slow commits, into a FlushError against a healthy database.
+    # Whether a caller woken as the mutex is let go takes it before the flusher's own next
+    # acquire is up to the scheduler, so the mutant that drops the hand-over
+    # (mutants/patches/flusher-unfair-mutex.patch) lost that race only most of the time: the
+    # scene is played five times, and each must hand the mutex over.
     backend = _OneApplyAtATime(tmp_path / "db")
     cache = wbcache.open(tmp_path / "c", backend=backend, flush_interval=3600,
                          flush_threshold=1)
     counted: list[int] = []
-    caller = threading.Thread(target=lambda: counted.append(len(cache)))
+    callers: list[threading.Thread] = []
     try:
-        cache.put("a", 1)  # wakes the flusher, whose cycle now waits inside the database
-        assert backend.arrived.acquire(timeout=10)
-        caller.start()
-        wait_until(lambda: cache._flusher._waiting == 1,  # noqa: SLF001
-                   what="len() waiting for the flusher")
-        cache.put("b", 2)  # wakes the flusher again: it has a next cycle to run at once
-        backend.permits.release()  # the cycle in progress, and only it, commits
-        wait_until(lambda: counted, what="len() returning before the next cycle's commit")
+        cache.put("k0", 0)  # wakes the flusher, whose cycle now waits inside the database
+        for scene in range(5):
+            assert backend.arrived.acquire(timeout=10)  # a cycle waits inside the database
+            caller = threading.Thread(target=lambda: counted.append(len(cache)))
+            callers.append(caller)
+            caller.start()
+            wait_until(lambda: cache._flusher._waiting == 1,  # noqa: SLF001
+                       what="len() waiting for the flusher")
+            cache.put(f"k{scene + 1}", scene + 1)  # wakes the flusher: a next cycle at once
+            backend.permits.release()  # the cycle in progress, and only it, commits
+            wait_until(lambda: len(counted) == scene + 1,  # noqa: B023
+                       what="len() returning before the next cycle's commit")
+            caller.join(10)
     finally:
         backend.permits.release(1000)
-        if caller.ident is not None:  # started
+        for caller in callers:
             caller.join(10)
         cache.close()
         backend.close()
-    assert counted == [2]
+    assert counted == [2, 3, 4, 5, 6]
