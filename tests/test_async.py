@@ -274,10 +274,12 @@ def test_awaiting_from_another_event_loop_is_refused_before_anything_is_written(
 
 
 async def cancelled_while_reading(path: Path, backend: ControlledBackend,
-                                  write: Callable[[AsyncCache], Awaitable[Any]]) -> AsyncCache:
+                                  write: Callable[[AsyncCache], Awaitable[Any]], *,
+                                  every_task: bool = False) -> AsyncCache:
     """An AsyncCache over `path` whose "k" (5) only the database holds, once `write(cache)` (a
     `pop` or `incr` of "k", which reads it in a worker thread) was cancelled while its read
-    is held: until `backend.read_gate` is set."""
+    is held: until `backend.read_gate` is set. `every_task`: as `asyncio.run` does at its end,
+    every other task is cancelled too, the worker thread's task first."""
     async with await wbcache.open_async(path, backend=backend) as cache:
         await cache.put("k", 5)
     cache = await wbcache.open_async(path, backend=backend)  # "k" in the database only
@@ -285,6 +287,11 @@ async def cancelled_while_reading(path: Path, backend: ControlledBackend,
     backend.read_gate.clear()
     task = asyncio.ensure_future(write(cache))
     assert await asyncio.to_thread(backend.reading.wait, 30)  # its thread is reading
+    left = asyncio.all_tasks() - {asyncio.current_task(), task} if every_task else set()
+    assert left or not every_task  # the worker thread's task
+    for other in left:
+        other.cancel()
+    await asyncio.gather(*left, return_exceptions=True)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -361,12 +368,14 @@ def test_a_cancelled_write_never_lands_after_a_later_one_through_another_async_c
     run_then_find_100(path, backend, scenario)
 
 
+@pytest.mark.parametrize("first", ["its task", "its thread's task"])
 def test_a_cancelled_write_still_holds_up_later_ones_once_its_loop_cancels_every_task(
-        tmp_path: Path) -> None:
-    """At its end `asyncio.run` cancels every task left, the cancelled `pop`'s worker-thread
-    task among them, while that thread still reads the database. Its write may still land: a
-    later write of the key through another AsyncCache must still wait for it. (The task's end
-    ended the orphan, so the later write was undone.)"""
+        tmp_path: Path, first: str) -> None:
+    """At its end `asyncio.run` cancels every task left, in any order, the cancelled `pop`'s
+    worker-thread task among them, while that thread still reads the database. Its write may
+    still land: a later write of the key through another AsyncCache must still wait for it.
+    (The thread's task's end ended the orphan, or, cancelled first, kept it from being
+    registered: the later write was undone.)"""
     backend = ControlledBackend(tmp_path / "db")
     path = tmp_path / "cache"
     started = threading.Event()
@@ -383,10 +392,10 @@ def test_a_cancelled_write_still_holds_up_later_ones_once_its_loop_cancels_every
 
     async def scenario() -> None:
         try:
-            cache = await cancelled_while_reading(path, backend, lambda cache: cache.pop("k"))
+            cache = await cancelled_while_reading(path, backend, lambda cache: cache.pop("k"),
+                                                  every_task=first == "its thread's task")
             left = asyncio.all_tasks() - {asyncio.current_task()}
-            assert left  # the worker thread's task, as `asyncio.run` finds it at its end
-            for task in left:
+            for task in left:  # cancelled after the pop's task, if not before
                 task.cancel()
             await asyncio.gather(*left, return_exceptions=True)
             later = asyncio.ensure_future(asyncio.to_thread(later_write, cache.cache))

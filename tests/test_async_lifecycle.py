@@ -5,6 +5,7 @@ setdefault and update take what dict's take."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import pytest
 from controlled import ControlledBackend, wait_until
 
 import wbcache
-from wbcache import CacheClosedError
+from wbcache import AsyncCache, CacheClosedError
 
 
 @asynccontextmanager
@@ -36,16 +37,20 @@ async def one_busy_worker() -> AsyncIterator[threading.Event]:
 
 
 def test_a_close_whose_caller_is_cancelled_still_closes(tmp_path: Path) -> None:
-    """A timeout around `close()` while its thread job is queued: the close goes on (it used
-    to be dropped with the loop no longer listening to the log, so every later write hung)."""
+    """A timeout around `close()` while the loop's executor is busy: the close goes on (its job
+    was queued there and dropped, with the loop no longer listening to the log: the cache stayed
+    open and every later write hung)."""
+    backend = ControlledBackend(tmp_path / "db")
+
     async def main() -> None:
-        cache = await wbcache.open_async(tmp_path / "c")
+        cache = await wbcache.open_async(tmp_path / "c", backend=backend)
         await cache.put("a", 1)
+        backend.gate.clear()  # the close's final flush waits in the database: it cannot end
         async with one_busy_worker():
             with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(cache.close(), 0.01)  # it waits for the busy worker
-            assert not cache.closed
-        try:  # before the close goes on, or after: acknowledged or refused, never left waiting
+                await asyncio.wait_for(cache.close(), 0.05)
+        backend.gate.set()
+        try:  # before the close ends, or after: acknowledged or refused, never left waiting
             await asyncio.wait_for(cache.put("b", 2), 30)
         except CacheClosedError:
             pass
@@ -54,28 +59,47 @@ def test_a_close_whose_caller_is_cancelled_still_closes(tmp_path: Path) -> None:
         with pytest.raises(CacheClosedError):
             await cache.put("c", 3)
 
-    asyncio.run(main())
-    with wbcache.open(tmp_path / "c") as cache:
+    try:
+        asyncio.run(main())
+    finally:
+        backend.gate.set()
+    with wbcache.open(tmp_path / "c", backend=backend) as cache:
         assert cache.get("a") == 1 and "c" not in cache
+    backend.close()
 
 
-def test_a_close_the_loop_cancels_before_it_ran_leaves_a_usable_cache(tmp_path: Path) -> None:
-    """The loop cancelling every task (as `asyncio.run` does at its end) before the close's
-    thread job ran: the cache is still open, and its writes are still acknowledged."""
+def eventfds() -> int:
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        try:
+            count += os.readlink(fd) == "anon_inode:[eventfd]"
+        except FileNotFoundError:  # the descriptor listing the directory, closed since
+            pass
+    return count
+
+
+def test_a_close_the_loop_ends_before_it_ran_still_closes_and_keeps_no_descriptor(
+        tmp_path: Path) -> None:
+    """`asyncio.run` ending (it cancels every task left) while `close()` waits for a turn of the
+    loop's busy executor: the close still happens, and the loop's notify descriptor is closed
+    (the job was dropped, leaving the cache open; then its descriptor was kept open for good)."""
+    before = eventfds()
+    holder: list[AsyncCache] = []
+
     async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(1))
         cache = await wbcache.open_async(tmp_path / "c")
-        async with one_busy_worker():
-            closing = asyncio.ensure_future(cache.close())
-            await asyncio.sleep(0)  # one loop step, no timing: the close's job is queued
-            for task in asyncio.all_tasks() - {asyncio.current_task()}:
-                task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await closing
-        assert not cache.closed
-        assert await asyncio.wait_for(cache.put("a", 1), 30) >= 1
-        await cache.close()
+        holder.append(cache)
+        await cache.put("a", 1)
+        loop.run_in_executor(None, threading.Event().wait, 1)  # the one worker, busy
+        asyncio.ensure_future(cache.close())
+        await asyncio.sleep(0)  # one loop step: the close has started; main returns
 
     asyncio.run(main())
+    wait_until(lambda: holder[0].closed, 30, "the close")
+    wait_until(lambda: eventfds() == before, 30, "the notify descriptor closed")
     with wbcache.open(tmp_path / "c") as cache:
         assert cache.get("a") == 1
 

@@ -230,12 +230,16 @@ class AsyncCache:
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            if not future.done():
+            if future.done():  # its own task cancelled first (`asyncio.run` ends in any order)
+                _retrieve(future)
+                _abandon(turn, ended)
+            else:
                 future.add_done_callback(_retrieve)  # its task, cancelled, never looks
                 future.add_done_callback(lambda _: _abandon(turn, ended))
+            if not ended.done():  # its thread writes, or may yet
                 with _ORPHANS_LOCK:
                     self._orphans[ended] = keys
-                ended.add_done_callback(self._orphan_ended)  # at once if already ended
+                ended.add_done_callback(self._orphan_ended)  # at once if ended meanwhile
             raise
 
     def _orphan_ended(self, ended: Future[None]) -> None:
@@ -389,8 +393,9 @@ class AsyncCache:
         return self._cache.stats()
 
     async def close(self) -> None:
-        """Flush, fsync, release the directory (in a worker thread). Idempotent. A caller
-        cancelled meanwhile (a timeout) does not stop it: the close goes on in the loop."""
+        """Flush, fsync, release the directory (in a thread of its own). Idempotent. Once
+        called, the close goes on whatever happens to its caller: cancelled (a timeout), or
+        the loop ending."""
         closing = self._closing
         if closing is None or closing.done():
             closing = self._closing = asyncio.ensure_future(self._close())
@@ -399,22 +404,31 @@ class AsyncCache:
     async def _close(self) -> None:
         # Not waiting for orphans first: one may wait out backpressure that a database
         # outage keeps up, which only closing ends (it is refused, or lands before the final
-        # flush: as a cancelled write may).
-        turn = threading.Lock()  # as in `_in_thread`: taken by the close, or by a cancel first
+        # flush: as a cancelled write may). A thread of its own, not the loop's executor: a
+        # job queued there is dropped if its task is cancelled before it runs.
+        loop = self._loop
+        closed = loop.create_future()
 
         def close() -> None:
-            if turn.acquire(False):
+            failure: BaseException | None = None
+            try:
                 self._cache.close()
+            except BaseException as exc:  # handed to the loop, raised by `close()`
+                failure = exc
+            try:
+                loop.call_soon_threadsafe(_settle, closed, failure)
+            except RuntimeError:  # the loop is closed: nobody waits
+                pass
 
+        threading.Thread(target=close, name="wbcache-async-close").start()
         try:
-            await asyncio.to_thread(close)
+            await closed
         finally:
-            # Unless the close never ran (the loop cancelled its task first, as `asyncio.run`
-            # does at its end): then the cache is open, and this AsyncCache still serves it.
-            if not turn.acquire(False):
-                forking.untrack(self)
-                self._close_notify_fd()
-                self._resolve()  # the final fsync covered every write; fail any it did not
+            # Also when the loop ends first: the close goes on in its thread, and no one
+            # will wait on this loop again.
+            forking.untrack(self)
+            self._close_notify_fd()
+            self._resolve()  # the final fsync covered every write; fail any it did not
 
     def _close_notify_fd(self) -> None:
         """The pipe is told first (another thread may still be closing the cache, its pipe
@@ -531,6 +545,14 @@ def _end(ended: Future[None]) -> None:
         ended.set_result(None)
     except InvalidStateError:  # ended already
         pass
+
+
+def _settle(future: asyncio.Future[None], failure: BaseException | None) -> None:
+    if not future.done():
+        if failure is None:
+            future.set_result(None)
+        else:
+            future.set_exception(failure)
 
 
 def _abandon(turn: threading.Lock, ended: Future[None]) -> None:
