@@ -113,15 +113,18 @@ def test_arguments_and_errors_are_those_of_dict_get(cache: wbcache.Cache) -> Non
 def test_a_key_equal_to_a_held_one_but_not_storable_is_answered_as_on_a_miss(
         cache: wbcache.Cache) -> None:
     """A memoryview hashes and compares as the bytes memory holds, but is no key: absent, as
-    when memory does not hold the key (it was found only while held). A str subclass is
-    stored as its str: found either way."""
+    when memory does not hold the key (it was found only while held). A str subclass (a
+    StrEnum) is a key, stored as its str: a hit."""
     class Name(str):
         pass
 
     cache.put(b"mv", 1)
     cache.put("name", 2)
     assert memoryview(b"mv") not in cache and cache.get(memoryview(b"mv"), "d") == "d"
+    before = cache.stats()
     assert cache.get(Name("name")) == 2 and Name("name") in cache
+    after = cache.stats()  # a hit, as for the str itself: no lock, no miss
+    assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (2, 0)
 
 
 def test_hits_are_counted_and_noted_for_the_clock(cache: wbcache.Cache) -> None:

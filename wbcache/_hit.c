@@ -4,7 +4,7 @@
  *
  *     held = entries.get(key, MISSING)          # a dict (or OrderedDict); raises as dict.get
  *     if held is MISSING: return read(key, default)   # not in memory: the slow path
- *     if type(key) is not str and type(key) is not bytes: return read(key, default)
+ *     if not isinstance(key, (str, bytes)): return read(key, default)
  *     note_hit(key)                              # the CLOCK's ring of recent hits
  *     if type(held) is tuple: hits += 1; return unpackb(held[0], strict_map_key=False)
  *     if held is tombstone: return default
@@ -89,9 +89,9 @@ static PyObject *hit_call(Hit *self, PyObject *const *args, size_t nargsf, PyObj
         PyObject *miss[2] = {key, deflt};
         return PyObject_Vectorcall(self->read, miss, 2, NULL);
     }
-    if (!PyUnicode_CheckExact(key) && !PyBytes_CheckExact(key)) {
-        /* held under an equal key, but not a key as stored (a memoryview, a str subclass):
-         * the slow path checks it, as it does when memory does not hold the key */
+    if (!PyUnicode_Check(key) && !PyBytes_Check(key)) {
+        /* held under an equal key, but not a key (a memoryview): the slow path checks it, as
+         * it does when memory does not hold the key (a str subclass is a key: a StrEnum) */
         PyObject *other[2] = {key, deflt};
         return PyObject_Vectorcall(self->read, other, 2, NULL);
     }

@@ -60,8 +60,8 @@ def hit_path(cache: Cache, doc: str | None) -> tuple[Callable[..., Any], Callabl
         if held is _MISSING:
             return read(key, default)
         kind = type(key)
-        if kind is not str and kind is not bytes:  # an equal key not as stored: read checks
-            return read(key, default)
+        if kind is not str and kind is not bytes and not isinstance(key, (str, bytes)):
+            return read(key, default)  # an equal key, but no key (a memoryview): read checks
         note_hit(key)
         if type(held) is tuple:  # a mutable value, as its encoding (codec.py)
             hits += 1
