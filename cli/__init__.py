@@ -80,10 +80,11 @@ def new_directory(directory: str) -> None:
     2) if its parent is missing, if it holds anything, or if it is not yours alone, as a cache
     directory must be (wbcache/wal/owned.py): the scratch work and its evidence go there."""
     parent = os.path.dirname(os.path.abspath(directory))
-    if not os.path.isdir(parent):
-        raise click.UsageError(f"{parent} is not a directory: give a DIRECTORY in one that is")
+    if not os.path.isdir(parent):  # one line, as every error found in a directory
+        raise InvalidDirectoryError(f"{parent} is not a directory: give a DIRECTORY in one "
+                                    f"that is")
     if os.path.isdir(directory) and os.listdir(directory):
-        raise click.UsageError(f"{directory} is not empty; give a new or empty directory")
+        raise InvalidDirectoryError(f"{directory} is not empty; give a new or empty directory")
     try:
         os.mkdir(directory, 0o700)
     except FileExistsError:

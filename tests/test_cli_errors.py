@@ -225,7 +225,12 @@ def test_demo_and_torture_refuse_a_directory_a_cache_could_not_use(
         assert os.listdir(directory) == []
     result = run("script", *command, str(tmp_path / "missing" / "dir"))
     assert result.exit_code == 2 and "is not a directory: give a DIRECTORY" in result.stderr
-    assert not (tmp_path / "missing").exists()
+    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "missing").exists()
+    (open_to_all / "file").write_text("")
+    open_to_all.chmod(0o700)
+    result = run("script", *command, str(open_to_all))
+    assert result.exit_code == 2 and "is not empty; give a new or empty directory" in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and os.listdir(open_to_all) == ["file"]
 
 
 @pytest.mark.parametrize("command", ["recover", "inspect", "verify", "stats", "dump", "get"])
