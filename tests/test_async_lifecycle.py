@@ -5,6 +5,7 @@ setdefault and update take what dict's take."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -228,3 +229,26 @@ def test_one_busy_worker_queues_a_job_until_released() -> None:
 
     asyncio.run(main())
 
+
+
+def test_a_cache_opened_for_a_cancelled_open_async_that_fails_to_close_is_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Nobody awaits the close of a cache opened for a cancelled `open_async()`: a failure
+    (the database down) is logged under wbcache.aio, not raised into a bare thread (where
+    threading.excepthook printed its traceback)."""
+    from wbcache.aio import _close_abandoned
+
+    backend = ControlledBackend(tmp_path / "db")
+    cache = wbcache.open(tmp_path / "c", backend=backend, flush_interval=3600,
+                         flush_timeout=0.2)
+    cache.put("a", 1)
+    backend.failing = True
+    with caplog.at_level(logging.ERROR, logger="wbcache.aio"):
+        _close_abandoned(cache)
+    assert cache.closed
+    assert [(r.name, "opened for a cancelled open_async(), failed" in r.getMessage())
+            for r in caplog.records] == [("wbcache.aio", True)]
+    backend.failing = False
+    with wbcache.open(tmp_path / "c", backend=backend) as reopened:
+        assert reopened.get("a") == 1
+    backend.close()

@@ -45,6 +45,7 @@ This module uses `Cache`'s public API, the sequencer's (`Cache.sequencer`) and
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import weakref
@@ -70,6 +71,7 @@ from wbcache.writes import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("wbcache.aio")
 # The running loop or None (asyncio exports it): no exception to set up where none runs.
 _running_loop = asyncio._get_running_loop
 _NO_DEFAULT: Any = object()
@@ -417,8 +419,10 @@ class AsyncCache:
                 failure = exc
             try:
                 loop.call_soon_threadsafe(_settle, closed, failure)
-            except RuntimeError:  # the loop is closed: nobody waits
-                pass
+            except RuntimeError:  # the loop is closed: nobody waits, so the failure is logged
+                if failure is not None:
+                    log.error("closing %s failed after its event loop ended: %s",
+                              self._cache.path, failure)
 
         threading.Thread(target=close, name="wbcache-async-close").start()
         try:
@@ -499,7 +503,7 @@ class _Opening:
             if not self._abandoned:
                 self._opened = cache
                 return cache
-        cache.close()
+        _close_abandoned(cache)
         raise asyncio.CancelledError
 
     def abandon(self) -> None:
@@ -508,7 +512,18 @@ class _Opening:
             self._abandoned = True
             cache, self._opened = self._opened, None
         if cache is not None:
-            threading.Thread(target=cache.close, name="wbcache-abandoned-open").start()
+            threading.Thread(target=_close_abandoned, args=(cache,),
+                             name="wbcache-abandoned-open").start()
+
+
+def _close_abandoned(cache: Cache) -> None:
+    """Close a cache opened for an `open_async` whose caller was cancelled: nobody is there to
+    be told if that fails (a database outage), so it is logged."""
+    try:
+        cache.close()
+    except Exception as exc:  # noqa: BLE001 - logged: the caller is gone
+        log.error("closing %s, opened for a cancelled open_async(), failed: %s", cache.path,
+                  exc)
 
 
 # Per `Cache` (keyed by its sequencer: a Cache, a mapping, is not hashable), the writes
