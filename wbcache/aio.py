@@ -1,4 +1,6 @@
-"""`AsyncCache`: the cache for asyncio, with one event-loop wake-up per fsync batch.
+"""`AsyncCache`: the cache for asyncio, with one event-loop wake-up per fsync batch. One module
+(over 500 lines) because the orphans, the close and the group-commit plumbing below share one
+object's state and one set of rules about which thread may touch it.
 
 A write is validated, logged and applied to memory in the loop thread by the sequencer's
 non-blocking calls (`put_nowait`, `submit_nowait`), exactly as `Cache` does it but without
