@@ -403,6 +403,7 @@ class AsyncCache:
         closing = self._closing
         if closing is None or closing.done():
             closing = self._closing = asyncio.ensure_future(self._close())
+            closing.add_done_callback(_retrieve)  # a caller that timed out no longer looks
         await asyncio.shield(closing)
 
     async def _close(self) -> None:
@@ -410,7 +411,7 @@ class AsyncCache:
         # outage keeps up, which only closing ends (it is refused, or lands before the final
         # flush: as a cancelled write may). A thread of its own, not the loop's executor: a
         # job queued there is dropped if its task is cancelled before it runs.
-        loop = self._loop
+        loop = asyncio.get_running_loop()  # awaited here, whichever loop this one is
         closed = loop.create_future()
 
         def close() -> None:
@@ -426,12 +427,17 @@ class AsyncCache:
                     log.error("closing %s failed after its event loop ended: %s",
                               self._cache.path, failure)
 
-        threading.Thread(target=close, name="wbcache-async-close").start()
+        thread = threading.Thread(target=close, name="wbcache-async-close")
+        thread.start()
         try:
             await closed
+        except asyncio.CancelledError:
+            # Only the loop cancels this task (`close` shields it), as `asyncio.run` does at
+            # its end: the close is waited for here, so that the directory is released by the
+            # time the loop is gone (as the loop's executor would be waited for).
+            thread.join()
+            raise
         finally:
-            # Also when the loop ends first: the close goes on in its thread, and no one
-            # will wait on this loop again.
             forking.untrack(self)
             self._close_notify_fd()
             self._resolve()  # the final fsync covered every write; fail any it did not
