@@ -103,7 +103,7 @@ def run_threads(ops: Sequence[Op], seconds: float, warmup: float, *, per_call: i
     _sleep_unless_stopped(running, window_end)
     # A call slower than the whole window (a far link in a --smoke run on a loaded machine):
     # widen the window until a call has ended in it, rather than measuring nothing.
-    while running.is_set() and not _ended_in(ends, started + warmup, window_end):
+    while running.is_set() and not ended_in(ends, started + warmup, window_end):
         time.sleep(0.01)
         window_end = time.perf_counter()
     meter.stop()
@@ -115,8 +115,9 @@ def run_threads(ops: Sequence[Op], seconds: float, warmup: float, *, per_call: i
     return _window_sample(ends, latencies, started + warmup, window_end, per_call, meter)
 
 
-def _ended_in(ends: list[list[float]], start: float, stop: float) -> bool:
-    """Whether any call ended in [start, stop) (each list is in time order)."""
+def ended_in(ends: list[list[float]], start: float, stop: float) -> bool:
+    """Whether any call ended in [start, stop) (each list is in time order, appended to by
+    its thread meanwhile). Also the shared rows' worker processes' (bench/shared_worker.py)."""
     for worker_ends in ends:
         for end in reversed(worker_ends):
             if end < start:
@@ -168,7 +169,7 @@ async def run_tasks(ops: Sequence[AsyncOp], seconds: float, warmup: float) -> Sa
                                            return_when=asyncio.FIRST_EXCEPTION)
         # A call slower than the whole window (a --smoke run on a loaded machine): widen the
         # window until a call has ended in it, as the threads' harness does.
-        while not done and not _ended_in(ends, started + warmup, window_end):
+        while not done and not ended_in(ends, started + warmup, window_end):
             done, pending = await asyncio.wait(pending, timeout=0.01,
                                                return_when=asyncio.FIRST_EXCEPTION)
             window_end = time.perf_counter()

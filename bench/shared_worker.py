@@ -46,6 +46,7 @@ from collections.abc import Callable
 from typing import Any
 
 import wbcache
+from bench.harness import ended_in
 
 WIDEN_LIMIT = 30.0
 """Seconds past its end a counting window may be widened, at most, until a call has ended in
@@ -157,7 +158,7 @@ def acks(cache: wbcache.Cache, worker: int, threads: int) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF)
     _sleep_until(last)
     limit = last + WIDEN_LIMIT
-    while running.is_set() and not _ended_in(ends, first, last) and last < limit:
+    while running.is_set() and not ended_in(ends, first, last) and last < limit:
         time.sleep(0.01)
         last = time.monotonic()
     after = resource.getrusage(resource.RUSAGE_SELF)
@@ -172,18 +173,6 @@ def acks(cache: wbcache.Cache, worker: int, threads: int) -> None:
          "latencies": [round(lat, 7) for lat in kept],
          "cpu": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
          "voluntary": after.ru_nvcsw - before.ru_nvcsw})
-
-
-def _ended_in(ends: list[list[float]], start: float, stop: float) -> bool:
-    """Whether any call ended in [start, stop) (each list is in time order, appended to by
-    its thread meanwhile)."""
-    for thread_ends in ends:
-        for end in reversed(thread_ends):
-            if end < start:
-                break
-            if end < stop:
-                return True
-    return False
 
 
 def flush(cache: wbcache.Cache, worker: int, entries: int) -> None:
