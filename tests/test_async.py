@@ -335,47 +335,16 @@ def test_a_cancelled_write_still_in_its_worker_thread_never_lands_after_a_later_
     run_then_find_100(path, backend, scenario)
 
 
+@pytest.mark.parametrize("first", [None, "its task", "its thread's task"])
 def test_a_cancelled_write_never_lands_after_a_later_one_through_another_async_cache(
-        tmp_path: Path) -> None:
+        tmp_path: Path, first: str | None) -> None:
     """The cancelled `pop`'s thread still reads the database when a second AsyncCache over the
     same Cache, in another thread's event loop, writes the key: that acknowledged write must
-    not be undone either. (Each AsyncCache kept its own orphans: the second did not wait.)"""
-    backend = ControlledBackend(tmp_path / "db")
-    path = tmp_path / "cache"
-    started = threading.Event()
+    not be undone either. (Each AsyncCache kept its own orphans: the second did not wait.)
 
-    def later_write(cache: wbcache.Cache) -> int:
-        async def write() -> int:
-            other = AsyncCache(cache, asyncio.get_running_loop())
-            later = asyncio.ensure_future(other.put("k", 100))
-            await asyncio.sleep(0)  # one loop step, no timing: the write starts (and logs)
-            started.set()
-            return await later
-
-        return asyncio.run(write())
-
-    async def scenario() -> None:
-        try:
-            cache = await cancelled_while_reading(path, backend, lambda cache: cache.pop("k"))
-            later = asyncio.ensure_future(asyncio.to_thread(later_write, cache.cache))
-            assert await asyncio.to_thread(started.wait, 30)
-        finally:
-            backend.read_gate.set()
-        await later
-        assert await cache.get("k") == 100
-        await cache.close()
-
-    run_then_find_100(path, backend, scenario)
-
-
-@pytest.mark.parametrize("first", ["its task", "its thread's task"])
-def test_a_cancelled_write_still_holds_up_later_ones_once_its_loop_cancels_every_task(
-        tmp_path: Path, first: str) -> None:
-    """At its end `asyncio.run` cancels every task left, in any order, the cancelled `pop`'s
-    worker-thread task among them, while that thread still reads the database. Its write may
-    still land: a later write of the key through another AsyncCache must still wait for it.
-    (The thread's task's end ended the orphan, or, cancelled first, kept it from being
-    registered: the later write was undone.)"""
+    `first`: as `asyncio.run` does at its end, every task left is cancelled too, in either
+    order, the `pop`'s worker-thread task among them. (The thread's task's end ended the
+    orphan, or, cancelled first, kept it from being registered: the later write was undone.)"""
     backend = ControlledBackend(tmp_path / "db")
     path = tmp_path / "cache"
     started = threading.Event()
@@ -394,7 +363,7 @@ def test_a_cancelled_write_still_holds_up_later_ones_once_its_loop_cancels_every
         try:
             cache = await cancelled_while_reading(path, backend, lambda cache: cache.pop("k"),
                                                   every_task=first == "its thread's task")
-            left = asyncio.all_tasks() - {asyncio.current_task()}
+            left = asyncio.all_tasks() - {asyncio.current_task()} if first else set()
             for task in left:  # cancelled after the pop's task, if not before
                 task.cancel()
             await asyncio.gather(*left, return_exceptions=True)
