@@ -136,10 +136,12 @@ def test_writers_wait_at_max_dirty_and_resume_after_a_flush(
 
     thread = threading.Thread(target=writer)
     thread.start()
-    assert backend.entered.wait(10)  # backpressure woke the flusher, which is now stuck
-    assert not done.wait(0.2)  # the writer waits: nothing is shed, nothing is acknowledged
-    assert cache.stats()["dirty"] == 5
-    backend.gate.set()
+    try:
+        assert backend.entered.wait(10)  # backpressure woke the flusher, which is now stuck
+        assert not done.wait(0.2)  # the writer waits: nothing is shed, nothing is acknowledged
+        assert cache.stats()["dirty"] == 5
+    finally:  # a failed assert must not leave the flusher stuck, and the closing cache hung
+        backend.gate.set()
     thread.join(10)
     assert done.is_set()
     assert cache.get("k5") == 5
@@ -183,12 +185,14 @@ def test_a_second_close_returns_only_once_the_first_has_released_the_directory(
     backend.gate.clear()  # the final flush blocks inside the database
     first = threading.Thread(target=cache.close)
     first.start()
-    assert backend.entered.wait(10)
     second_done = threading.Event()
     second = threading.Thread(target=lambda: (cache.close(), second_done.set()))
-    second.start()
-    assert not second_done.wait(0.2)  # the first close is still flushing
-    backend.gate.set()
+    try:
+        assert backend.entered.wait(10)
+        second.start()
+        assert not second_done.wait(0.2)  # the first close is still flushing
+    finally:  # a failed assert must not leave the final flush stuck
+        backend.gate.set()
     first.join(10)
     second.join(10)
     assert second_done.is_set()
