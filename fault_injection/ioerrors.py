@@ -17,7 +17,9 @@ does it again (the second open recovers the first's log). Writers stop at their 
 which must be a `LogFailedError`, and then a probe write must be refused too. Afterwards the
 directory is reopened without faults and checked by the oracle: every acknowledged write is
 there, the failed one may or may not be. A second sweep runs four writer threads at once with
-failing fsyncs and writes; a third fails the database's Nth commit, once or for good.
+failing fsyncs and writes; a third fails the database's Nth commit, once, for good, or for
+an outage: every commit from the Nth on fails until the phase's writers are done, so a flush
+gives up, writes go on, and the close's flush must commit what the failed one held.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ KINDS = ("write", "fdatasync", "fsync", "fsync_dir", "open", "unlink", "rename")
 ERRNOS = (errno.ENOSPC, errno.EIO)
 _OPTIONS = {"segment_size": 4096, "flush_interval": 3600.0, "flush_threshold": 1_000_000,
             "flush_timeout": 0.2}
+_DATABASE_FAULTS = {"once": "database commit {} fails once",
+                    "always": "database commits from {} on fail",
+                    "outage": "database commits from {} fail until the writers are done"}
 _OPS_PER_PHASE = 30
 _FLUSH_AFTER = 15  # ops into each phase
 
@@ -218,8 +223,9 @@ def _writer(cache: wbcache.Cache, faulty: FaultySyscalls, seed: int, cycle: int,
 
 
 def run_script(directory: str, faulty: FaultySyscalls, backend_of: Callable[[], ControlledBackend],
-               seed: int, *, threads: int = 1) -> ScriptRun:
-    """Two phases (cycles 0 and 1): open, write, flush, write, close; see the module doc."""
+               seed: int, *, threads: int = 1, outage: _Outage | None = None) -> ScriptRun:
+    """Two phases (cycles 0 and 1): open, write, flush, write, (the `outage` ends,) close;
+    see the module doc."""
     run = ScriptRun()
     for cycle in (0, 1):
         journals = run.journals.setdefault(cycle, {})
@@ -243,6 +249,8 @@ def run_script(directory: str, faulty: FaultySyscalls, backend_of: Callable[[], 
                 worker.start()
             for worker in workers:
                 worker.join()
+            if outage is not None:
+                outage.end()
         finally:
             try:
                 cache.close()
@@ -281,15 +289,35 @@ def _verify(directory: str, run: ScriptRun, faulty: FaultySyscalls, seed: int,
     return tally
 
 
-def _backends(directory: str, database: str | None, nth: int
+class _Outage:
+    """The database refuses every commit from the `nth` on (counted per phase, as every
+    plan's are) until `end`, called once a phase's writers are done."""
+
+    def __init__(self, nth: int) -> None:
+        self.nth = nth
+        self.refused = 0
+        self.over = False
+
+    def __call__(self, commit: int) -> bool:
+        refuse = commit >= self.nth and not self.over
+        self.refused += refuse
+        return refuse
+
+    def end(self) -> None:
+        self.over = self.refused > 0  # one that has not begun yet begins in a later phase
+
+
+def _backends(directory: str, database: str | None, nth: int, outage: _Outage | None = None
               ) -> Callable[[], ControlledBackend]:
-    """Opens the directory's database, failing its `nth` commit (`database` "once") or every
-    commit from the `nth` on ("always"), or none."""
+    """Opens the directory's database, failing its `nth` commit (`database` "once"), every
+    commit from the `nth` on ("always"), those `outage` refuses ("outage"), or none."""
     fail_when: Callable[[int], bool] | None = None
     if database == "once":
         fail_when = nth.__eq__
     elif database == "always":
         fail_when = nth.__le__
+    elif database == "outage":
+        fail_when = outage
 
     def open_backend() -> ControlledBackend:
         return ControlledBackend(wbcache.LmdbBackend(os.path.join(directory, "db")), fail_when)
@@ -320,13 +348,14 @@ def run_ioerrors(settings: Settings) -> Outcome:
             _fresh(directory)
             rng = random.Random(f"wbcache-torture/ioerrors/{seed}/{kind}/{nth}/{err}")
             faulty = FaultySyscalls(None if database else kind, nth, err, rng)
+            outage = _Outage(nth) if database == "outage" else None
             faulty.install()
             try:
-                script = run_script(directory, faulty, _backends(directory, database, nth), seed,
-                                    threads=threads)
+                script = run_script(directory, faulty, _backends(directory, database, nth, outage),
+                                    seed, threads=threads, outage=outage)
             finally:
                 faulty.uninstall()
-            what = f"database commit {nth} fails {database}" if database else (
+            what = _DATABASE_FAULTS[database].format(nth) if database else (
                 f"{kind} call {nth} fails with {errno.errorcode[err]}")
             tally = _verify(directory, script, faulty, seed,
                             f"I/O errors round {round_} ({what}, {threads} thread(s))")
@@ -371,4 +400,5 @@ def _plans(directory: str, seed: int) -> tuple[list[tuple[str, int, int, int, st
     for nth in range(1, max(applies, 1) + 1):
         plans.append(("", nth, 0, 1, "once"))
         plans.append(("", nth, 0, 1, "always"))
+        plans.append(("", nth, 0, 1, "outage"))
     return plans, baseline
