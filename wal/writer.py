@@ -42,6 +42,7 @@ from wbcache.wal.format import (
     encode_frame,
     encode_header,
     encode_mark,
+    encode_one_frame,
     encode_records,
     max_segment_bytes,
     read_header,
@@ -175,10 +176,10 @@ class LogWriter:
         if (self._size >= self._segment_size or not self._mapping
                 or len(record) > MAPPED_RECORD_LIMIT):
             return False
-        if not self.map_ready():
+        if not _unwatched():  # `map_ready()`, `_mapping` being known True
             self._retire_map()
             return False
-        frame = encode_frame(encode_records([record]))
+        frame = encode_one_frame(record)
         at = self._size
         end = at + len(frame)
         if self._map_start <= at and end <= self._map_end:
@@ -250,7 +251,7 @@ class LogWriter:
     def frame_one(self, record: bytes, lsn: int) -> bytes:
         """Record `lsn` as a frame of its own, counted as appended, for a `Pipe` to write
         into the segment (not `full()`)."""
-        frame = encode_frame(encode_records([record]))
+        frame = encode_one_frame(record)
         self._size += len(frame)
         self._last_lsn = lsn
         return frame
