@@ -423,10 +423,9 @@ class Sequencer:
         Return the LSN the write will get (consumed only by `_queue`). The rotation is here,
         before the LSN is taken, because it lets go of the lock: in the middle of a write,
         the flusher could take a dirty set and checkpoint without it."""
-        if self._closed or self._torn is not None:
-            self._check_writable()  # raises
         committer = self._committer
-        committer.check()
+        if self._closed or self._torn is not None or committer.failure is not None:
+            self._check_writable()  # raises
         while True:
             if len(self._dirty) + len(self._inflight) >= self._max_dirty:
                 self.wake_flusher()
@@ -536,7 +535,9 @@ class Sequencer:
             self.wake_flusher()
 
     def _evict(self) -> None:
-        if not self._entries.evict(self._pinned, self._evicted):
+        entries = self._entries  # within capacity (every write but a few): no call at all
+        if len(entries.map) > entries.capacity and not entries.evict(self._pinned,
+                                                                      self._evicted):
             self.wake_flusher()  # every entry over capacity is dirty: a flush makes room
 
     def _pinned(self, key: Key) -> bool:
