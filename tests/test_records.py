@@ -313,3 +313,12 @@ def test_the_pure_python_msgpack_gets_no_shared_packer() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # no thread died part-way
     assert done.stdout.split()[:2] == ["0", "4"], done.stdout  # none spliced, all 4 done
+
+
+@pytest.mark.parametrize("size", [0, 1, 14, 15, 255, 256, 65535, 65536, 300_000])
+def test_a_lone_record_is_framed_in_one_step_as_a_batch_of_one_is(size: int) -> None:
+    """wal/format.py's `encode_one_frame` (the put's hot path) against the general framing,
+    over record lengths on each side of the frame's and msgpack's boundaries."""
+    from wbcache.wal.format import encode_frame, encode_one_frame, encode_records
+    for record in (b"\x01" * size, encode_put(size, "k", b"v" * size)):
+        assert encode_one_frame(record) == encode_frame(encode_records([record]))
