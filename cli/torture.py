@@ -104,6 +104,10 @@ def torture(directory: str | None, mode: str, backend: str | None, shared: bool,
     wbcache torture --shared --cycles 200
     """
     modes = _modes(_shared_mode(mode, shared, backend), backend)
+    given = click.get_current_context().get_parameter_source("lazyfs")
+    if given == ParameterSource.COMMANDLINE and not set(modes) & set(LAZYFS_MODES):
+        raise click.UsageError(f"--lazyfs is for --mode {' and '.join(LAZYFS_MODES)} (and all); "
+                               f"{', '.join(modes)} would not use it")
     try:
         modes, skipped = lazyfs_modes(modes, lazyfs, asked=mode in LAZYFS_MODES)
     except LazyfsUnavailable as exc:

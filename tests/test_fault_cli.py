@@ -73,3 +73,12 @@ def test_torture_refuses_a_directory_that_is_not_empty(tmp_path: Path) -> None:
     (tmp_path / "something").write_text("x")
     result = CliRunner().invoke(main, ["torture", str(tmp_path)])
     assert result.exit_code == 2 and "not empty" in result.output
+
+
+def test_torture_refuses_lazyfs_for_a_mode_that_would_not_use_it(tmp_path: Path) -> None:
+    # It was ignored: a run the user believed had cut the power never did.
+    result = CliRunner().invoke(main, ["torture", str(tmp_path / "work"), "--mode", "kill",
+                                       "--lazyfs", "/usr/bin/lazyfs"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--lazyfs is for --mode lazyfs and lazyfs-shared" in result.output
+    assert not (tmp_path / "work").exists()  # refused before anything was made
