@@ -176,6 +176,32 @@ def test_a_write_by_another_process_is_visible_within_flush_interval_plus_read_t
         reader.close()
 
 
+def test_a_map_grown_by_another_process_is_adopted_and_reads_and_flushes_go_on(
+        tmp_path: Path) -> None:
+    # LMDB refuses a process's next transaction (MDB_MAP_RESIZED) once another process has
+    # grown the map and the data outgrew its own. It reached the caller: a raw lmdb error from
+    # get(), every flush failing, close() raising FlushError, and with max_dirty reached,
+    # writers waiting for good.
+    directory = tmp_path / "shared"
+    cache = wbcache.open(directory, shared=True, map_size=64 * 1024, flush_interval=3600)
+    try:
+        cache.put("mine", 1)
+        cache.flush()
+        script = (f"import wbcache; c = wbcache.open({str(directory)!r}, shared=True, "
+                  f"map_size=64 * 1024); c.put_many({{f'big{{i}}': 'x' * 2000 "
+                  f"for i in range(400)}}); c.close()")  # 800 KB: the map doubles 4 times
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+        assert cache.get("big399") == "x" * 2000
+        cache.put("mine", 2)
+        cache.flush()
+        assert cache.stats()["flush_errors"] == 0
+        assert len(cache) == 401
+    finally:
+        cache.close()
+    with wbcache.open(directory, shared=True) as reopened:
+        assert reopened.get("mine") == 2
+
+
 def test_opening_a_directory_the_other_way_is_refused_with_the_flag_to_use(
         tmp_path: Path) -> None:
     single, shared = tmp_path / "single", tmp_path / "shared"

@@ -16,8 +16,11 @@ are counted exactly once, whatever order the processes flush in.
 The map grows when full: LMDB's map size is fixed per open environment and a write that does not
 fit fails with MapFullError. `set_mapsize` may only be called while no transaction of this
 process is active, so every transaction registers with `_gate` and a resize waits for them to
-finish. A fork waits the same way (wbcache/forking.py): LMDB environments must not be used
-after fork(), and the child can close its copy safely only if no transaction was open.
+finish. Another process of a shared directory that grows the map makes LMDB refuse this one's
+next transaction (MapResizedError) once the data outgrows its map: it adopts the new size the
+same way (`_begin`). A fork waits the same way (wbcache/forking.py): LMDB environments must
+not be used after fork(), and the child can close its copy safely only if no transaction was
+open.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import os
 import select
 import threading
 from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import lmdb
@@ -115,7 +119,8 @@ class LmdbDatabase:
         self._bytes = self._env.open_db(b"bytes", create=not readonly)
         self._meta = self._env.open_db(b"meta", create=not readonly)
         self._gate = ReadGate()
-        self.resizes = 0
+        self.resizes = 0  # the map grown here
+        self.adopted_resizes = 0  # the map grown by another process, adopted here
         self._pid = os.getpid()
         self._quiet_for_fork = False
         # a pipe from _before_fork to the child's close, for the fork in progress only
@@ -135,9 +140,33 @@ class LmdbDatabase:
             return self._str, key.encode()
         return self._bytes, key
 
+    @contextmanager
+    def _begin(self, *, write: bool = False, db: Any = None) -> Iterator[Any]:
+        """A transaction registered with `_gate` (module docstring): a read-only one is ended
+        on leaving, a write one is the caller's to commit or abort (`_gate.abort`). When
+        another process has grown the map past this environment's, LMDB refuses to begin
+        one (MapResizedError) until the new size is adopted, with no transaction of this
+        process open: then it is begun again."""
+        while True:
+            with self._gate.reading():
+                try:
+                    txn = self._env.begin(write=write, db=db)
+                except lmdb.MapResizedError:
+                    txn = None
+                if txn is not None:
+                    if write:
+                        yield txn
+                    else:
+                        with txn:
+                            yield txn
+                    return
+            with self._gate.resizing():
+                self._env.set_mapsize(0)  # LMDB's "adopt the size the data file has now"
+                self.adopted_resizes += 1
+
     def get(self, key: Key) -> bytes | None:
         db, raw = self._db_and_raw(key)
-        with self._gate.reading(), self._env.begin(db=db) as txn:
+        with self._begin(db=db) as txn:
             return txn.get(raw)  # type: ignore[no-any-return]
 
     def checkpoint(self, name: bytes, *, fresh: bool = False) -> int:
@@ -148,29 +177,26 @@ class LmdbDatabase:
         replay that started from such a stale checkpoint would add the killed writer's
         increments a second time (the shared-directory torture saw exactly that)."""
         write = fresh and not self._readonly
-        with self._gate.reading():
-            txn = self._env.begin(write=write, db=self._meta)
+        with self._begin(write=write, db=self._meta) as txn:
             try:
                 raw = txn.get(name)
-            finally:  # nothing to keep, written or read
+            finally:  # nothing to keep: a write transaction is aborted, a read one ended
                 if write:
                     self._gate.abort(txn)
-                else:
-                    txn.abort()
         return int.from_bytes(raw, "big") if raw else 0
 
     def checkpoints(self, prefix: bytes) -> dict[str, int]:
         """Every checkpoint whose name starts with `prefix`, by the rest of its name."""
-        with self._gate.reading(), self._env.begin(db=self._meta) as txn:
+        with self._begin(db=self._meta) as txn:
             return {bytes(name[len(prefix):]).decode(): int.from_bytes(raw, "big")
                     for name, raw in txn.cursor() if bytes(name).startswith(prefix)}
 
     def count(self) -> int:
-        with self._gate.reading(), self._env.begin() as txn:
+        with self._begin() as txn:
             return int(txn.stat(self._str)["entries"] + txn.stat(self._bytes)["entries"])
 
     def items(self) -> Iterator[tuple[Key, bytes]]:
-        with self._gate.reading(), self._env.begin() as txn:
+        with self._begin() as txn:
             for key, value in txn.cursor(db=self._str):
                 yield key.decode(), value
             yield from txn.cursor(db=self._bytes)
@@ -186,8 +212,7 @@ class LmdbDatabase:
         stamp = checkpoint.to_bytes(8, "big")
         while True:
             try:
-                with self._gate.reading():
-                    txn = self._env.begin(write=True)
+                with self._begin(write=True) as txn:
                     try:
                         str_pairs = _pairs(puts, True)  # built as putmulti takes them
                         txn.cursor(db=self._str).putmulti(str_pairs)
