@@ -340,3 +340,42 @@ def test_a_directory_remembers_its_kind_of_database_and_refuses_another(
     with pytest.raises(wbcache.InvalidDirectoryError, match="shared-memory"):
         wbcache.open(tmp_path / "a")  # LMDB
     assert stored(shared, "only-in-the-log") == 1  # close flushed it where it belongs
+
+
+def test_an_open_racing_the_last_close_of_a_shared_database_waits_for_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The last release closed the environment after letting go of the lock: an open in
+    # between found no entry, opened the environment a second time, and LMDB refused it
+    # ("already open in this process"); 1 to 7 opens in 1,000 of two threads' loops.
+    from wbcache.backends.lmdb import LmdbDatabase, release_shared, shared_database
+    path = str(tmp_path / "db")
+    database = shared_database(path, map_size=1 << 20)
+    closing, go_on = threading.Event(), threading.Event()
+    close = LmdbDatabase.close
+
+    def paused_close(self: LmdbDatabase) -> None:
+        closing.set()
+        go_on.wait(10)
+        close(self)
+
+    monkeypatch.setattr(LmdbDatabase, "close", paused_close)
+    releaser = threading.Thread(target=release_shared, args=(database,))
+    releaser.start()
+    assert closing.wait(10)
+    opened: list[Any] = []
+
+    def open_again() -> None:
+        try:
+            opened.append(shared_database(path, map_size=1 << 20))
+        except Exception as exc:  # reported by the asserts below
+            opened.append(exc)
+
+    opener = threading.Thread(target=open_again)
+    opener.start()
+    opener.join(0.5)  # the window in which the race opened: the close is still paused
+    go_on.set()
+    releaser.join(10)
+    opener.join(10)
+    assert len(opened) == 1 and isinstance(opened[0], LmdbDatabase), opened
+    assert opened[0] is not database
+    release_shared(opened[0])

@@ -399,6 +399,8 @@ def shared_database(path: str, *, map_size: int) -> LmdbDatabase:
 
 
 def release_shared(database: LmdbDatabase) -> None:
+    """Closed with the last user, under `_shared_lock`: an open racing it would otherwise
+    find no entry and open the environment a second time, which LMDB refuses."""
     with _shared_lock:
         found, users = _shared.get(database.path, (None, 0))
         if found is not database:
@@ -407,7 +409,7 @@ def release_shared(database: LmdbDatabase) -> None:
             _shared[database.path] = (database, users - 1)
             return
         del _shared[database.path]
-    database.close()
+        database.close()
 
 
 class SharedLmdbBackend:
