@@ -302,6 +302,37 @@ def test_an_inherited_async_cache_is_refused(cache_dir: Path) -> None:
         assert reopened.get("k2") == 2 and reopened.get("child") is None
 
 
+def test_an_inherited_shared_async_cache_says_to_open_a_lane_of_its_own(tmp_path: Path) -> None:
+    # The refusal told the child that its directory, opened with shared=True, was
+    # single-owner and to "open it with shared=True". The advice it now gives works.
+    directory = tmp_path / "shared"
+
+    async def main() -> dict[str, Any]:
+        cache = await wbcache.open_async(directory, shared=True)
+        await cache.put("k", 1)
+        await cache.flush()
+
+        def child() -> dict[str, Any]:
+            try:
+                asyncio.run(cache.get("k"))
+            except ForkedCacheError as exc:
+                message = str(exc)
+
+            async def own_lane() -> Any:
+                async with await wbcache.open_async(directory, shared=True) as mine:
+                    return await mine.get("k")
+            return {"message": message, "own lane": asyncio.run(own_lane())}
+
+        report = in_child(child)
+        await cache.close()
+        return report
+
+    report = asyncio.run(main())
+    assert "single-owner" not in report["message"], report
+    assert "wbcache.open_async(path, shared=True)" in report["message"], report
+    assert report["own lane"] == 1
+
+
 def test_fork_returns_in_the_parent_only_after_the_child_closed_its_lmdb_copy(
         tmp_path: Path) -> None:
     # LMDB's close clears the reader-table slots recorded under the pid that opened the

@@ -101,6 +101,8 @@ class AsyncCache:
         else:
             self._committer.start_background_leader()
         self._pid = os.getpid()
+        # read here: in a child, the `Cache` may be disowned before this is
+        self._path, self._shared = cache.path, cache.options.shared
         forking.track(self)
 
     @classmethod
@@ -466,7 +468,8 @@ class AsyncCache:
         """In a child just forked: refuse every use (the `Cache` underneath is disowned too)."""
         fd = self._notify_fd
         try:
-            forking.disown(self, _ForkedAsyncCache, "AsyncCache", self._cache.path, self._pid)
+            forking.disown(self, _ForkedAsyncCache, "AsyncCache", self._path, self._pid,
+                           shared=self._shared)
         finally:
             if fd is not None:  # the parent's pipe writes to it; not ours to watch
                 os.close(fd)

@@ -130,10 +130,14 @@ os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_after_fork_in_child)
 
 
-def refusal(kind: str, path: str, parent_pid: int, reopenable: bool) -> ForkedCacheError:
+def refusal(kind: str, path: str, parent_pid: int, reopenable: bool,
+            shared: bool) -> ForkedCacheError:
     if reopenable:
         how = ("call its reopen() in this process (e.g. in gunicorn's post_fork hook): that "
                "opens a lane of this process's own")
+    elif shared:  # an AsyncCache: it belongs to an event loop, so it is opened afresh
+        how = ("open the shared directory again in this process (await "
+               "wbcache.open_async(path, shared=True)): that opens a lane of its own")
     else:
         how = ("a single-owner directory serves one process: open it with shared=True for "
                "several processes, or open it again here once the parent has closed it")
@@ -164,7 +168,7 @@ class Disowned:
 
     def _refusal(self) -> ForkedCacheError:
         return refusal(self._forked_kind, self._forked_path, self._forked_from,
-                       self._forked_reopen is not None)
+                       self._forked_reopen is not None, self._forked_shared)
 
     def reopen(self) -> Any:
         """Open the directory again in this process, in place: the object becomes a working
@@ -212,16 +216,18 @@ _OWN = {name: Disowned.__dict__[name] for name in (
     "_refusal", "path", "closed", "close", "_disown_after_fork", "__repr__", "__exit__",
     "__aexit__", "reopen")}
 _STATE = frozenset({"__class__", "__dict__", "_forked_from", "_forked_kind", "_forked_path",
-                    "_forked_reopen"})
+                    "_forked_reopen", "_forked_shared"})
 
 
 def disown(owner: Any, disowned_class: type, kind: str, path: str, parent_pid: int,
-           reopen: Any = None) -> None:
+           reopen: Any = None, shared: bool | None = None) -> None:
     """Turn `owner` (in a child) into an instance of `disowned_class` (a subclass of its own
     class, then `Disowned`), remembering where it came from and, if it can be reopened in
-    the child, how (`reopen`: a callable that opens a fresh object of the owner's class)."""
+    the child, how (`reopen`: a callable that opens a fresh object of the owner's class).
+    `shared`: whether its directory is shared (default: whether it can be reopened)."""
     state = object.__getattribute__(owner, "__dict__")
     state.pop("get", None)  # an instance-level override (read_ttl) would shadow the refusal
     state.update(_forked_from=parent_pid, _forked_kind=kind, _forked_path=path,
-                 _forked_reopen=reopen)
+                 _forked_reopen=reopen,
+                 _forked_shared=reopen is not None if shared is None else shared)
     object.__setattr__(owner, "__class__", disowned_class)
