@@ -207,3 +207,57 @@ def _waiting_in(thread: threading.Thread) -> bool:
     """Whether `thread` waits on a condition (its innermost frame is `Condition.wait`)."""
     frame = sys._current_frames().get(thread.ident or -1)
     return frame is not None and frame.f_code.co_name == "wait"
+
+
+def test_more_threads_reading_at_once_than_lmdb_has_reader_slots_wait_for_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every read-only transaction holds a slot of LMDB's reader table: 126 by default, for
+    # every process of the machine. A read past it raised lmdb.ReadersFullError (a pool of
+    # 130 threads reading cold keys saw hundreds). A lock file of that size (an older
+    # wbcache's) is what this test opens; a thread past the process's slots now waits.
+    from wbcache.backends import lmdb as lmdb_backend
+    monkeypatch.setattr(lmdb_backend, "MAX_READERS", 126, raising=False)
+    database, _ = stored(tmp_path, 1 << 20)
+    threads = lmdb_gate.READ_SLOTS + 40
+    lock = threading.Lock()
+    trying, holding, done = [0], [0], [0]
+    failed: list[BaseException] = []
+    release = threading.Event()
+
+    def reader() -> None:
+        try:
+            with lock:
+                trying[0] += 1
+            scan = database.items()
+            next(scan)  # its transaction is open, its slot taken
+            with lock:
+                holding[0] += 1
+            release.wait(DEADLINE)
+            scan.close()
+            with lock:
+                done[0] += 1
+        except Exception as exc:  # reported by the asserts below
+            failed.append(exc)
+
+    workers = [threading.Thread(target=reader) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    try:
+        wait_until(lambda: trying[0] == threads and holding[0] + len(failed) >= lmdb_gate.READ_SLOTS)
+        assert holding[0] == lmdb_gate.READ_SLOTS and failed == []
+    finally:
+        release.set()
+        for worker in workers:
+            worker.join(DEADLINE)
+    database.close()
+    assert failed == [] and done[0] == threads
+
+
+def test_a_new_database_has_reader_slots_for_several_processes_at_their_limit(
+        tmp_path: Path) -> None:
+    from wbcache.backends.lmdb import MAX_READERS
+    database, _ = stored(tmp_path, 1 << 20)
+    try:
+        assert database.env.max_readers() == MAX_READERS >= 8 * lmdb_gate.READ_SLOTS
+    finally:
+        database.close()

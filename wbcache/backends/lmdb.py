@@ -79,6 +79,10 @@ except ImportError:  # pragma: no cover - a build without a C compiler
 
 _log = logging.getLogger("wbcache.lmdb")
 _FORK_WAIT = 5.0  # s a fork waits for this process's open transactions to end
+# LMDB's reader table, shared by every process of the machine (each takes READ_SLOTS at most).
+# LMDB sizes the lock file when a process opens the environment alone: one an older wbcache
+# made keeps LMDB's default, 126, until then.
+MAX_READERS = 1024
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 SHARED_READ_TTL = 0.05  # s; see SharedLmdbBackend
 
@@ -103,7 +107,7 @@ class LmdbDatabase:
         try:
             self._env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=3, sync=True,
                                   metasync=True, readonly=readonly, mode=0o600, lock=lock,
-                                  create=not readonly)
+                                  create=not readonly, max_readers=MAX_READERS)
         except lmdb.Error as exc:
             if "already open in this process" not in str(exc):
                 raise
@@ -148,7 +152,7 @@ class LmdbDatabase:
         one (MapResizedError) until the new size is adopted, with no transaction of this
         process open: then it is begun again."""
         while True:
-            with self._gate.reading():
+            with self._gate.reading(slot=not write):
                 try:
                     txn = self._env.begin(write=write, db=db)
                 except lmdb.MapResizedError:

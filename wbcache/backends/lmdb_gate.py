@@ -11,11 +11,16 @@ from contextlib import contextmanager
 from typing import Any
 
 PREFER_RESIZER = 0.1  # s a new transaction waits at most for a waiting resizer
+# Read-only transactions open at once in one process. Each holds a slot of LMDB's reader table
+# (py-lmdb opens with MDB_NOTLS), which has 126 for every process of the machine unless the
+# environment asks for more (lmdb.py asks for MAX_READERS): past it, a read raised
+# ReadersFullError. A thread beyond this many waits for a slot instead.
+READ_SLOTS = 120
 
 
 class ReadGate:
-    """Many transactions or one resizer (or a fork about to happen); and, while a write
-    transaction is aborted, no new transaction.
+    """Many transactions (at most READ_SLOTS read-only ones) or one resizer (or a fork about
+    to happen); and, while a write transaction is aborted, no new transaction.
 
     Two rules keep threads that read in a loop from starving the rest:
       * a resizer (or a fork) that waits keeps new transactions out, for PREFER_RESIZER at
@@ -27,26 +32,30 @@ class ReadGate:
         call, which readers in a loop can put off for minutes: an abort keeps new
         transactions out meanwhile, and the calls in flight end by themselves.
     A thread waiting here is never inside an LMDB call, so neither rule can deadlock
-    (tests/test_lmdb_readers.py).
+    (tests/test_lmdb_readers.py). Nor can the slots: a thread that already has a transaction
+    open takes another without waiting for one.
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
+        self._slots = 0  # read-only transactions open (`reading(slot=True)`)
         self._open: dict[int, int] = {}  # thread ident -> transactions it has open here
         self._resizing = False
         self._wanted = 0  # resizers and forks waiting for the transactions to end
         self._aborting = False
 
     @contextmanager
-    def reading(self) -> Iterator[None]:
+    def reading(self, slot: bool = True) -> Iterator[None]:
+        """Around one transaction; `slot`: a read-only one (it takes a reader slot)."""
         me = threading.get_ident()
         counted = False
         try:
             with self._cond:
-                self._wait_to_read(me)
+                self._wait_to_read(me, slot)
                 # No call from here to `counted`: an interrupt lands before or after, whole.
                 self._readers += 1
+                self._slots += slot
                 self._open[me] = self._open[me] + 1 if me in self._open else 1
                 counted = True
             yield
@@ -54,19 +63,21 @@ class ReadGate:
             if counted:
                 with self._cond:
                     self._readers -= 1
+                    self._slots -= slot
                     if self._open[me] == 1:
                         del self._open[me]
                     else:
                         self._open[me] -= 1
-                    if not self._readers:
+                    if not self._readers or slot and self._slots == READ_SLOTS - 1:
                         self._cond.notify_all()
 
-    def _wait_to_read(self, me: int) -> None:
-        """Wait out a resize or an abort, and a waiting resizer for PREFER_RESIZER at most
-        (class docstring). Condition held."""
+    def _wait_to_read(self, me: int, slot: bool) -> None:
+        """Wait out a resize or an abort, every slot taken, and a waiting resizer for
+        PREFER_RESIZER at most (class docstring). Condition held."""
         deadline = None
-        while self._resizing or self._aborting or (self._wanted and me not in self._open):
-            if self._resizing or self._aborting:
+        while (self._resizing or self._aborting or me not in self._open and (
+                self._wanted or slot and self._slots >= READ_SLOTS)):
+            if self._resizing or self._aborting or self._slots >= READ_SLOTS and slot:
                 self._cond.wait()
                 continue
             if deadline is None:
