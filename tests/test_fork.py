@@ -333,6 +333,44 @@ def test_an_inherited_shared_async_cache_says_to_open_a_lane_of_its_own(tmp_path
     assert report["own lane"] == 1
 
 
+def test_a_child_forked_during_a_long_transaction_is_told_why_it_cannot_reopen(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fork waits _FORK_WAIT for the parent's transactions to end; past it, the child must
+    # leave its copy of the database open for good, and LMDB refuses a second open in that
+    # process. The child was told to "close the cache that holds it first": there is none.
+    from wbcache.backends import lmdb as lmdb_backend
+    monkeypatch.setattr(lmdb_backend, "_FORK_WAIT", 0.2)
+    directory = tmp_path / "shared"
+    cache = wbcache.open(directory, shared=True)
+    cache.put("a", 1)
+    cache.flush()
+    scanning, stop = threading.Event(), threading.Event()
+
+    def long_scan() -> None:  # a scan of a big database, a slow flush
+        for _ in cache._backend.database.items():  # type: ignore[attr-defined]
+            scanning.set()
+            stop.wait(30)
+
+    scanner = threading.Thread(target=long_scan)
+    scanner.start()
+    try:
+        assert scanning.wait(10)
+
+        def child() -> dict[str, Any]:
+            try:
+                cache.reopen()
+            except wbcache.DatabaseError as exc:
+                return {"refused": str(exc)}
+            return {"refused": None}
+
+        report = in_child(child)
+    finally:
+        stop.set()
+        scanner.join(10)
+    cache.close()
+    assert "forked while its parent had a transaction" in report["refused"], report
+
+
 def test_fork_returns_in_the_parent_only_after_the_child_closed_its_lmdb_copy(
         tmp_path: Path) -> None:
     # LMDB's close clears the reader-table slots recorded under the pid that opened the

@@ -84,6 +84,8 @@ _FORK_WAIT = 5.0  # s a fork waits for this process's open transactions to end
 # made keeps LMDB's default, 126, until then.
 MAX_READERS = 1024
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+# In a child: the databases whose inherited copy could not be closed (`_disown_after_fork`)
+_left_open_at_fork: set[str] = set()
 SHARED_READ_TTL = 0.05  # s; see SharedLmdbBackend
 
 
@@ -111,6 +113,13 @@ class LmdbDatabase:
         except lmdb.Error as exc:
             if "already open in this process" not in str(exc):
                 raise
+            if os.path.realpath(path) in _left_open_at_fork:
+                raise DatabaseError(
+                    f"this process was forked while its parent had a transaction on the "
+                    f"database {path} open (for over {_FORK_WAIT:.0f} s: a long scan or "
+                    f"flush), so the copy it inherited could not be closed safely, and LMDB "
+                    f"allows one open per process: open the directory in a process forked "
+                    f"when no such transaction was open, or a fresh one (spawn)") from None
             raise DatabaseError(
                 f"the database {path} is already open in this process (LMDB allows one open "
                 f"per process): close the cache that holds it first") from None
@@ -296,6 +305,8 @@ class LmdbDatabase:
                     except OSError:  # the parent stopped waiting (and closed its end)
                         pass
                     os.close(write_end)
+            else:  # open for good here: an open of the same database says why (`__init__`)
+                _left_open_at_fork.add(os.path.realpath(self.path))
         finally:
             self._disown()
 
