@@ -36,6 +36,23 @@ def test_the_patch_applies_to_the_code_it_mutates(patch: Path) -> None:
     assert check.returncode == 0, f"{patch.name} no longer applies: {check.stderr.strip()}"
 
 
+@pytest.mark.parametrize("patch", PATCHES, ids=lambda path: f"{path.parent.name}/{path.stem}")
+def test_the_patched_python_still_compiles(patch: Path, tmp_path: Path) -> None:
+    # A patch regenerated with fuzz once applied, as an IndentationError: every test then
+    # failed at import, which catches nothing. Applied to copies of the files it touches.
+    git = shutil.which("git")
+    assert git, "git is needed to check the mutants' patches"
+    names = subprocess.run([git, "apply", "--numstat", str(patch)], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()[2::3]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, tmp_path / name)
+    subprocess.run([git, "apply", str(patch)], cwd=tmp_path, check=True, capture_output=True)
+    for name in names:
+        if name.endswith(".py"):
+            compile((tmp_path / name).read_text(), name, "exec")
+
+
 def _walk_c() -> Any:
     spec = importlib.util.spec_from_file_location("walk_c", REPO / "mutants" / "walk_c.py")
     assert spec is not None and spec.loader is not None
