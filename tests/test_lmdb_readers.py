@@ -16,6 +16,7 @@ has one open), since a thread with one open may itself wait for another thread's
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -243,7 +244,8 @@ def test_more_threads_reading_at_once_than_lmdb_has_reader_slots_wait_for_one(
     for worker in workers:
         worker.start()
     try:
-        wait_until(lambda: trying[0] == threads and holding[0] + len(failed) >= lmdb_gate.READ_SLOTS)
+        slots = lmdb_gate.READ_SLOTS
+        wait_until(lambda: trying[0] == threads and holding[0] + len(failed) >= slots)
         assert holding[0] == lmdb_gate.READ_SLOTS and failed == []
     finally:
         release.set()
@@ -261,3 +263,67 @@ def test_a_new_database_has_reader_slots_for_several_processes_at_their_limit(
         assert database.env.max_readers() == MAX_READERS >= 8 * lmdb_gate.READ_SLOTS
     finally:
         database.close()
+
+
+def test_a_freed_reader_slot_goes_to_a_thread_waiting_for_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lmdb_gate, "READ_SLOTS", 2)
+    database, keys = stored(tmp_path, 1 << 20)
+    scans = [database.items(), database.items()]
+    for scan in scans:
+        next(scan)  # both slots taken, by this thread
+    got = threading.Event()
+    reader = threading.Thread(target=lambda: (database.get(keys[0]), got.set()))
+    reader.start()
+    try:
+        assert not got.wait(0.2)  # it waits for a slot
+        scans[0].close()  # one slot freed: the waiting thread is woken for it
+        assert got.wait(DEADLINE)
+    finally:
+        for scan in scans:
+            scan.close()
+        reader.join(DEADLINE)
+    database.close()
+
+
+def test_a_thread_holding_a_transaction_takes_another_without_waiting_for_a_slot(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Waiting would be waiting for itself: every slot may be its own.
+    monkeypatch.setattr(lmdb_gate, "READ_SLOTS", 1)
+    database, keys = stored(tmp_path, 1 << 20)
+
+    def nested() -> bytes | None:
+        for _ in database.items():  # the one slot
+            return database.get(keys[0])
+        return None
+    assert ends_within(nested, DEADLINE)
+    database.close()
+
+
+def test_a_thread_inside_a_scan_meeting_a_map_grown_elsewhere_gets_the_error_not_a_hang(
+        tmp_path: Path) -> None:
+    # Adopting the new size needs no transaction of this process open; its own scan is one,
+    # so it would wait for itself (and every thread after it would queue behind it).
+    import lmdb
+    path = tmp_path / "db"
+    database = LmdbDatabase(str(path), map_size=64 * 1024)
+    database.write([("a", b"1"), ("b", b"2")], [], [], b"checkpoint", 1)
+    grow = (f"from wbcache.backends.lmdb import LmdbDatabase\n"
+            f"db = LmdbDatabase({str(path)!r}, map_size=64 * 1024)\n"
+            f"db.write([(f'big{{i}}', b'x' * 2000) for i in range(400)], [], [], b'c2', 1)\n"
+            f"db.close()\n")
+    raised: list[BaseException] = []
+
+    def scan_then_get() -> None:
+        scan = database.items()
+        next(scan)
+        subprocess.run([sys.executable, "-c", grow], check=True, timeout=60)
+        try:
+            database.get("big399")  # inside its own scan
+        except lmdb.MapResizedError as exc:
+            raised.append(exc)
+        finally:
+            scan.close()
+    assert ends_within(scan_then_get, DEADLINE + 60) and len(raised) == 1
+    assert database.get("big399") == b"x" * 2000  # adopted once the scan is over
+    database.close()

@@ -362,6 +362,8 @@ def test_an_open_racing_the_last_close_of_a_shared_database_waits_for_it(
     releaser = threading.Thread(target=release_shared, args=(database,))
     releaser.start()
     assert closing.wait(10)
+    from wbcache.backends import lmdb as lmdb_backend
+    assert lmdb_backend._shared_lock.locked()  # the close is under the lock an open takes
     opened: list[Any] = []
 
     def open_again() -> None:

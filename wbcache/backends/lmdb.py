@@ -128,9 +128,14 @@ class LmdbDatabase:
             # LMDB creates data.mdb and lock.mdb itself: make their directory entries durable
             # before anything (a log deletion) depends on the database.
             SYSCALLS.fsync_dir(path)
-        self._str = self._env.open_db(b"str", create=not readonly)
-        self._bytes = self._env.open_db(b"bytes", create=not readonly)
-        self._meta = self._env.open_db(b"meta", create=not readonly)
+        while True:  # no transaction handed out yet: a map grown meanwhile is adopted at once
+            try:
+                self._str = self._env.open_db(b"str", create=not readonly)
+                self._bytes = self._env.open_db(b"bytes", create=not readonly)
+                self._meta = self._env.open_db(b"meta", create=not readonly)
+                break
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)
         self._gate = ReadGate()
         self.resizes = 0  # the map grown here
         self.adopted_resizes = 0  # the map grown by another process, adopted here
@@ -159,12 +164,15 @@ class LmdbDatabase:
         on leaving, a write one is the caller's to commit or abort (`_gate.abort`). When
         another process has grown the map past this environment's, LMDB refuses to begin
         one (MapResizedError) until the new size is adopted, with no transaction of this
-        process open: then it is begun again."""
+        process open: then it is begun again. A thread that holds one itself (inside a scan)
+        would wait for itself: it gets the MapResizedError (a flush retries later)."""
         while True:
             with self._gate.reading(slot=not write):
                 try:
                     txn = self._env.begin(write=write, db=db)
                 except lmdb.MapResizedError:
+                    if self._gate.nested():
+                        raise
                     txn = None
                 if txn is not None:
                     if write:

@@ -33,7 +33,8 @@ class ReadGate:
         transactions out meanwhile, and the calls in flight end by themselves.
     A thread waiting here is never inside an LMDB call, so neither rule can deadlock
     (tests/test_lmdb_readers.py). Nor can the slots: a thread that already has a transaction
-    open takes another without waiting for one.
+    open takes another without waiting for one. A resizer must hold none itself (it would
+    wait for itself): lmdb.py's callers do not resize from inside a transaction of theirs.
     """
 
     def __init__(self) -> None:
@@ -70,6 +71,11 @@ class ReadGate:
                         self._open[me] -= 1
                     if not self._readers or slot and self._slots == READ_SLOTS - 1:
                         self._cond.notify_all()
+
+    def nested(self) -> bool:
+        """Whether this thread, inside `reading`, has another transaction open too."""
+        with self._cond:
+            return self._open.get(threading.get_ident(), 0) > 1
 
     def _wait_to_read(self, me: int, slot: bool) -> None:
         """Wait out a resize or an abort, every slot taken, and a waiting resizer for
