@@ -21,6 +21,9 @@ next transaction (MapResizedError) once the data outgrows its map: it adopts the
 same way (`_begin`). A fork waits the same way (wbcache/forking.py): LMDB environments must
 not be used after fork(), and the child can close its copy safely only if no transaction was
 open.
+
+A little over 500 lines: every use of an environment (transactions, growth, forks, a shared
+directory's one open per process) is here, so the rules above can be checked in one file.
 """
 
 from __future__ import annotations
@@ -77,6 +80,10 @@ except ImportError:  # pragma: no cover - a build without a C compiler
     _pairs = _PairsInPython
 
 
+# Reader slots: py-lmdb (3.0) frees an ended read-only transaction's slot only once the object
+# is deallocated. A scan closed part-way throws through two context managers; on Python 3.10
+# contextlib then keeps the frames in a reference cycle until a collection, so no frame may
+# still hold the transaction (`del txn`), or the slot stays taken while the gate counts it free.
 _log = logging.getLogger("wbcache.lmdb")
 _FORK_WAIT = 5.0  # s a fork waits for this process's open transactions to end
 # LMDB's reader table, shared by every process of the machine (each takes READ_SLOTS at most).
@@ -175,11 +182,14 @@ class LmdbDatabase:
                         raise
                     txn = None
                 if txn is not None:
-                    if write:
-                        yield txn
-                    else:
-                        with txn:
+                    try:
+                        if write:
                             yield txn
+                        else:
+                            with txn:
+                                yield txn
+                    finally:
+                        del txn  # reader slots (above `_log`)
                     return
             with self._gate.resizing():
                 self._env.set_mapsize(0)  # LMDB's "adopt the size the data file has now"
@@ -218,9 +228,12 @@ class LmdbDatabase:
 
     def items(self) -> Iterator[tuple[Key, bytes]]:
         with self._begin() as txn:
-            for key, value in txn.cursor(db=self._str):
-                yield key.decode(), value
-            yield from txn.cursor(db=self._bytes)
+            try:
+                for key, value in txn.cursor(db=self._str):
+                    yield key.decode(), value
+                yield from txn.cursor(db=self._bytes)
+            finally:
+                del txn  # reader slots (above `_log`)
 
     def write(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
               increments: Sequence[tuple[Key, int]], checkpoint_name: bytes,
