@@ -175,7 +175,6 @@ def encode_frame(payload: bytes) -> bytes:
 _ONE_RECORD = struct.Struct("<4sIIB")
 _ONE_RECORD_HEAD = 0x91
 _ONE_RECORD_CRC = zlib.crc32(bytes((_ONE_RECORD_HEAD,)))
-ONE_RECORD_OVERHEAD = _ONE_RECORD.size  # 13: a frame of one record is this much longer
 
 
 def encode_one_frame(record: bytes) -> bytes:

@@ -80,10 +80,6 @@ except ImportError:  # pragma: no cover - a build without a C compiler
     _pairs = _PairsInPython
 
 
-# Reader slots: py-lmdb (3.0) frees an ended read-only transaction's slot only once the object
-# is deallocated. A scan closed part-way throws through two context managers; on Python 3.10
-# contextlib then keeps the frames in a reference cycle until a collection, so no frame may
-# still hold the transaction (`del txn`), or the slot stays taken while the gate counts it free.
 _log = logging.getLogger("wbcache.lmdb")
 _FORK_WAIT = 5.0  # s a fork waits for this process's open transactions to end
 # LMDB's reader table, shared by every process of the machine (each takes READ_SLOTS at most).
@@ -145,7 +141,6 @@ class LmdbDatabase:
                 self._env.set_mapsize(0)
         self._gate = ReadGate()
         self.resizes = 0  # the map grown here
-        self.adopted_resizes = 0  # the map grown by another process, adopted here
         self._pid = os.getpid()
         self._quiet_for_fork = False
         # a pipe from _before_fork to the child's close, for the fork in progress only
@@ -172,7 +167,11 @@ class LmdbDatabase:
         another process has grown the map past this environment's, LMDB refuses to begin
         one (MapResizedError) until the new size is adopted, with no transaction of this
         process open: then it is begun again. A thread that holds one itself (inside a scan)
-        would wait for itself: it gets the MapResizedError (a flush retries later)."""
+        would wait for itself: it gets the MapResizedError (a flush retries later).
+
+        py-lmdb (3.0) frees an ended read-only transaction's reader slot only once the object
+        is deallocated, and on Python 3.10 a scan closed part-way leaves these frames in a
+        reference cycle until a collection: so no frame keeps the transaction (`del txn`)."""
         while True:
             with self._gate.reading(slot=not write):
                 try:
@@ -189,11 +188,10 @@ class LmdbDatabase:
                             with txn:
                                 yield txn
                     finally:
-                        del txn  # reader slots (above `_log`)
+                        del txn
                     return
             with self._gate.resizing():
                 self._env.set_mapsize(0)  # LMDB's "adopt the size the data file has now"
-                self.adopted_resizes += 1
 
     def get(self, key: Key) -> bytes | None:
         db, raw = self._db_and_raw(key)
@@ -233,7 +231,7 @@ class LmdbDatabase:
                     yield key.decode(), value
                 yield from txn.cursor(db=self._bytes)
             finally:
-                del txn  # reader slots (above `_log`)
+                del txn  # its reader slot: `_begin`
 
     def write(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
               increments: Sequence[tuple[Key, int]], checkpoint_name: bytes,
