@@ -488,3 +488,52 @@ def test_a_fork_without_a_descriptor_for_the_handshake_still_disowns_and_reads_o
         assert _reads_within(database, 10)
     finally:
         database.close()
+
+
+# Run in a process of its own: the fork it makes used to deadlock that process for good.
+FORK_IN_A_HANDLER = """
+import os, signal, sys
+import wbcache
+from wbcache import lock
+
+children = []
+
+def fork_and_exit(signum, frame):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    children.append(pid)
+
+signal.signal(signal.SIGUSR1, fork_and_exit)
+opened = lock._open_lock_file
+
+def open_then_signal(path, *, writable):
+    fd = opened(path, writable=writable)
+    signal.raise_signal(signal.SIGUSR1)  # its handler runs before the flock and the tracking
+    return fd
+
+lock._open_lock_file = open_then_signal
+cache = wbcache.open(sys.argv[1])
+lock._open_lock_file = opened
+cache.put("k", "v")
+_, status = os.waitpid(children[0], 0)
+cache.close()
+print(len(children), os.waitstatus_to_exitcode(status), wbcache.open(sys.argv[1])["k"])
+"""
+
+
+def test_a_signal_handler_forking_while_a_lock_is_being_taken_does_not_deadlock(
+        tmp_path: Path) -> None:
+    # A fork waits for `no_fork()` blocks; one in the very thread the handler interrupted
+    # would never end, so that fork goes ahead mid-step (wbcache/forking.py).
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", FORK_IN_A_HANDLER, str(tmp_path / "c")],
+                              capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process forking in its signal handler did not finish in 30 s")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no at-fork hook failed, in the parent or the child
+    assert done.stdout.split() == ["1", "0", "v"]

@@ -66,8 +66,13 @@ def untrack(owner: Any) -> None:
 _fork_in_progress = threading.Lock()
 # Held by the fork from the end of the preparations until just after it, and by `no_fork()`.
 # Not _fork_in_progress: the preparations may wait (LMDB, for this process's transactions),
-# and a lock taken meanwhile must not wait for them.
-_no_fork = threading.Lock()
+# and a lock taken meanwhile must not wait for them. Reentrant: a signal handler may fork, and
+# it runs in the main thread between two bytecodes, possibly inside a `no_fork()` block of
+# that same thread, which it cannot wait for. That fork goes ahead mid-step; a descriptor the
+# step had opened but not yet tracked stays open in the child until it exits or execs (every
+# lock descriptor is close-on-exec). A child forked in a handler should exit or exec there:
+# returning from the handler, it would go on with the call the parent was in.
+_no_fork = threading.RLock()
 
 
 @contextmanager
