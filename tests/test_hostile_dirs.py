@@ -319,12 +319,14 @@ def test_wal_or_db_may_be_a_link_to_a_private_directory_of_your_own(tmp_path: Pa
 
 
 @pytest.mark.parametrize("sub", ["wal", "db"])
-@pytest.mark.parametrize("problem", ["another user's", "world-writable", "a file"])
+@pytest.mark.parametrize("problem", ["another user's", "world-writable", "a file", "nothing"])
 def test_wal_or_db_linked_to_a_directory_that_fails_the_check_is_refused(
         tmp_path: Path, outside: Path, sub: str, problem: str) -> None:
     target = outside / "target"
     if problem == "a file":
         target = secret_of(outside)
+    elif problem == "nothing":  # was a bare "No such file or directory" naming the link
+        pass
     else:
         target.mkdir(mode=0o700)
         if problem == "another user's":
@@ -335,7 +337,8 @@ def test_wal_or_db_linked_to_a_directory_that_fails_the_check_is_refused(
     path.mkdir(mode=0o700)
     (path / sub).symlink_to(target)
     expected = {"another user's": f"owned by uid {NOBODY}, not you (uid {ME})",
-                "world-writable": "chmod go-w", "a file": "not a directory"}[problem]
+                "world-writable": "chmod go-w", "a file": "not a directory",
+                "nothing": f"a symbolic link to {target}, which does not exist"}[problem]
 
     with unchanged(outside):
         refused(lambda: wbcache.open(path), str(path / sub), expected)

@@ -70,7 +70,14 @@ def open_private_dir(name: str, *, dir_fd: int | None = None, shown: str | None 
                 f"{shown} is a symbolic link owned by uid {link.st_uid}, not by you: wbcache "
                 f"does not follow another user's link")
     # stat first: a directory we may not read still gets the message about its owner
-    info = _call(os.stat, name, shown, dir_fd=dir_fd, follow_symlinks=follow)
+    try:
+        info = _call(os.stat, name, shown, dir_fd=dir_fd, follow_symlinks=follow)
+    except FileNotFoundError:
+        if follow and stat.S_ISLNK(link.st_mode):  # not missing: the link is there
+            raise InvalidDirectoryError(
+                f"{shown} is a symbolic link to {os.readlink(name, dir_fd=dir_fd)}, which does "
+                f"not exist: create that directory (0700) or remove the link") from None
+        raise
     if stat.S_ISLNK(info.st_mode):
         raise InvalidDirectoryError(
             f"{shown} is a symbolic link; wbcache does not follow links here: replace it "
