@@ -43,7 +43,12 @@ from wbcache.backends import (
     backend_from_url,
     embedded_backend,
 )
-from wbcache.errors import DatabaseError, InvalidDirectoryError, SchemaMismatchError
+from wbcache.errors import (
+    CacheLockedError,
+    DatabaseError,
+    InvalidDirectoryError,
+    SchemaMismatchError,
+)
 from wbcache.layout import (
     DATA_FILE,
     LOCK_NAME,
@@ -103,7 +108,12 @@ def open_directory(path: str | os.PathLike[str], options: Options,
     try:
         layout = claim(path)
         # The pid goes into LOCK once recovery has succeeded: a refused open leaves it alone.
-        dir_lock = DirectoryLock.acquire(layout.lock, record_owner=False)
+        try:
+            dir_lock = DirectoryLock.acquire(layout.lock, record_owner=False)
+        except CacheLockedError:
+            if _being_made_shared(layout):
+                raise lanes.shared_directory(layout.root) from None
+            raise
     except BaseException:
         if owns_backend and given is not None:
             given.close()
@@ -173,6 +183,22 @@ def _open_shared(path: str | os.PathLike[str], options: Options,
             database.close()
         lane.release()
         raise
+
+
+def _being_made_shared(layout: Layout) -> bool:
+    """Whether the LOCK a single-owner open could not take is held by a first shared open
+    marking the directory (`_make_shared`): lanes/ is made, or, before that, LOCK is held
+    shared only and no wal/ says single-owner. The open is then refused as a shared
+    directory's, not as "in use", which a retry would turn into that refusal anyway."""
+    if os.path.isdir(lanes.lanes_dir(layout.root)):
+        return True
+    if os.path.isdir(layout.wal):
+        return False
+    probe = DirectoryLock.acquire_shared(layout.lock)
+    if probe is None:
+        return False
+    probe.release()
+    return True
 
 
 def _make_shared(root: str) -> None:

@@ -224,9 +224,14 @@ def refuse_mismatch(root: str, shared: bool) -> None:
             f"{root} is a single-owner cache directory: open it without shared=True (one "
             f"process at a time), or use a new directory for a shared cache")
     if not shared and is_shared(root):
-        raise InvalidDirectoryError(
-            f"{root} is a shared cache directory (several processes, a lane each): open it "
-            f"with shared=True (wbcache.open(path, shared=True))")
+        raise shared_directory(root)
+
+
+def shared_directory(root: str) -> InvalidDirectoryError:
+    """The refusal of a single-owner open of the shared directory `root`."""
+    return InvalidDirectoryError(
+        f"{root} is a shared cache directory (several processes, a lane each): open it with "
+        f"shared=True (wbcache.open(path, shared=True))")
 
 
 def _fsync_dir(path: str) -> None:
