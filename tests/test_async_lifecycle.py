@@ -259,3 +259,40 @@ def test_close_from_another_event_loop_closes_without_error(tmp_path: Path) -> N
     cache = asyncio.run(wbcache.open_async(tmp_path / "c"))
     asyncio.run(cache.close())
     assert cache.closed
+
+
+def test_close_from_another_thread_s_loop_leaves_the_own_loop_s_reader_to_that_loop(
+        tmp_path: Path) -> None:
+    """The cache's loop still running in its thread, the close awaited in another thread's
+    loop: the notify descriptor is unregistered from the cache's loop in that loop's own
+    thread (a selector is not thread-safe; before, the closing thread did it), and then
+    closed."""
+    own = asyncio.new_event_loop()
+    runner = threading.Thread(target=own.run_forever)
+    runner.start()
+    removed_in: list[int] = []
+    removed = threading.Event()
+    try:
+        cache = asyncio.run_coroutine_threadsafe(wbcache.open_async(tmp_path / "c"),
+                                                 own).result(30)
+        asyncio.run_coroutine_threadsafe(cache.put("a", 1), own).result(30)
+        remove_reader = own.remove_reader
+
+        def recorded(fd: int) -> bool:
+            removed_in.append(threading.get_ident())
+            try:
+                return remove_reader(fd)
+            finally:
+                removed.set()
+
+        own.remove_reader = recorded  # type: ignore[method-assign]
+        asyncio.run(cache.close())
+        assert cache.closed
+        assert removed.wait(30)
+        assert removed_in == [runner.ident]
+    finally:
+        own.call_soon_threadsafe(own.stop)
+        runner.join(30)
+        own.close()
+    with wbcache.open(tmp_path / "c") as reopened:
+        assert reopened.get("a") == 1

@@ -441,8 +441,22 @@ class AsyncCache:
             raise
         finally:
             forking.untrack(self)
-            self._close_notify_fd()
-            self._resolve()  # the final fsync covered every write; fail any it did not
+            self._in_own_loop(self._close_notify_fd)
+            # the final fsync covered every write; fail any it did not
+            self._in_own_loop(self._resolve)
+
+    def _in_own_loop(self, call: Callable[[], None]) -> None:
+        """Run `call` (it touches the loop's reader or futures) now if this is the cache's
+        loop or that loop is not running; else hand it to that loop, running in another
+        thread (a close awaited from another loop): neither is safe across threads."""
+        own = self._loop
+        if _running_loop() is not own and own.is_running():
+            try:
+                own.call_soon_threadsafe(call)
+                return
+            except RuntimeError:  # it closed meanwhile: no other thread is in it now
+                pass
+        call()
 
     def _close_notify_fd(self) -> None:
         """The pipe is told first (another thread may still be closing the cache, its pipe
