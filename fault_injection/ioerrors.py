@@ -291,7 +291,9 @@ def _verify(directory: str, run: ScriptRun, faulty: FaultySyscalls, seed: int,
 
 class _Outage:
     """The database refuses every commit from the `nth` on (counted per phase, as every
-    plan's are) until `end`, called once a phase's writers are done."""
+    plan's are) until `end`, called once a phase's writers are done. An outage that had not
+    begun by then (the `nth` commit is the close's flush) is not ended: that phase closes
+    as under "always", and the next phase's `nth` commit begins it again."""
 
     def __init__(self, nth: int) -> None:
         self.nth = nth
