@@ -101,7 +101,7 @@ def test_the_read_only_commands_read_through_the_url_and_change_no_byte(
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
-def test_recover_replays_into_postgresql_and_keeps_nothing_of_the_url(
+def test_recover_replays_into_postgresql_and_keeps_nothing_of_the_url_but_its_table(
         killed: Path, url: str, pg_dsn: str, pg_schema: str, driver: str) -> None:
     result = run(driver, "recover", "--json", str(killed), env={"WBCACHE_BACKEND": url})
 
@@ -114,11 +114,49 @@ def test_recover_replays_into_postgresql_and_keeps_nothing_of_the_url(
     rows = query(pg_dsn, f"SELECT num FROM {pg_schema}.cache WHERE key = %s", (b"svisits",))
     assert rows == [(41,)]
     for entry in killed.rglob("*"):
-        if entry.is_file():
+        if entry.is_file() and entry.name != "backend":
             assert SECRET.encode() not in entry.read_bytes()
-            assert pg_schema.encode() not in entry.read_bytes()  # not even the table
+            assert pg_schema.encode() not in entry.read_bytes()  # no part of the URL
+    # the table alone, so that no log is replayed into another one
+    assert (killed / "backend").read_text() == f"postgresql {pg_schema}.cache\n"
     with wbcache.open(killed, backend=url) as cache:
         assert cache.recovery.replayed == 0 and dict(cache.items()) == AFTER_RECOVERY
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_url_naming_another_directory_s_table_is_refused_though_the_log_starts_at_lsn_1(
+        killed: Path, url: str, pg_dsn: str, pg_schema: str, driver: str) -> None:
+    """The killed cache flushed LSNs 1-4, but its log still starts at LSN 1 (segment 1 is
+    the one it writes): a table holding no checkpoint for it looked like one it never flushed
+    into, and `recover` replayed the log there and deleted it. The right table never had the
+    writes, and every later open read them as lost."""
+    other = pg_url(pg_dsn, f"{pg_schema}.other", password=SECRET)
+    with wbcache.open(killed.parent / "other", backend=other) as cache:
+        cache.put("x", 1)
+    assert sorted(os.listdir(killed / "wal"))[0] == f"{1:020d}.log"
+    before = tree_state(killed)
+    rows = f"SELECT key, num, value FROM {pg_schema}.other ORDER BY key"
+    written = query(pg_dsn, rows)
+
+    for args in (("recover",), ("recover", "--dry-run"), ("inspect",), ("verify",)):
+        result = run(driver, *args, str(killed), env={"WBCACHE_BACKEND": other})
+        assert_one_line_error(result, 2, f"{killed} flushes into table {pg_schema}.cache",
+                              f"not {pg_schema}.other", f"table={pg_schema}.cache")
+        assert_no_secret(result.stdout, result.stderr)
+    with pytest.raises(wbcache.InvalidDirectoryError, match=f"not {pg_schema}.other"):
+        wbcache.open(killed, backend=other)
+
+    assert tree_state(killed) == before and query(pg_dsn, rows) == written
+    with wbcache.open(killed, backend=url) as cache:  # its own table: everything is there
+        assert dict(cache.items()) == AFTER_RECOVERY
+
+
+def test_a_directory_recorded_without_its_table_gets_it_at_its_next_open(
+        killed: Path, url: str, pg_schema: str) -> None:
+    (killed / "backend").write_text("postgresql\n")  # as wbcache before tables were recorded
+    with wbcache.open(killed, backend=url) as cache:
+        assert dict(cache.items()) == AFTER_RECOVERY
+    assert (killed / "backend").read_text() == f"postgresql {pg_schema}.cache\n"
 
 
 @pytest.mark.parametrize("driver", DRIVERS)

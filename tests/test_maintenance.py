@@ -429,10 +429,11 @@ def test_recover_replays_a_postgresql_directory_into_its_database(
     assert outcome.report.checkpoint_after == checkpoint + 4
     assert os.listdir(tmp_path / "a" / "wal") == []
     assert query(pg_dsn, f"SELECT num FROM {table} WHERE key = %s", (b"sn",)) == [(115,)]
-    for name in os.listdir(tmp_path / "a"):  # nothing of the URL is kept in the directory
+    for name in os.listdir(tmp_path / "a"):  # nothing of the URL but its table (DIR/backend)
         if (tmp_path / "a" / name).is_file():
             text = (tmp_path / "a" / name).read_bytes()
-            assert b"Zq7xK9w" not in text and table.encode() not in text
+            assert b"Zq7xK9w" not in text
+            assert (table.encode() in text) == (name == "backend")
     with wbcache.open(tmp_path / "a", backend=url) as cache:
         assert cache.recovery.replayed == 0 and cache.get("n") == 115
 
@@ -459,20 +460,31 @@ def test_a_url_naming_another_table_is_refused_before_anything_is_written(
         tmp_path: Path, pg_dsn: str, pg_schema: str, table: str) -> None:
     """A table= naming no table is refused, and not made (reading made it: a dry run printed
     "nothing changed" over two new tables); one naming another directory's tables is refused
-    as holding no checkpoint for this one."""
+    as not the table recorded in DIR/backend, or, for a directory that recorded none (made
+    before tables were recorded), as holding no checkpoint for this one."""
     pg_directory(tmp_path / "a", pg_url(pg_dsn, table), {"a": 1}, logged=3)
     pg_directory(tmp_path / "b", pg_url(pg_dsn, f"{pg_schema}.other"), {"b": 1}, logged=1)
     missing, other = pg_url(pg_dsn, f"{pg_schema}.typo"), pg_url(pg_dsn, f"{pg_schema}.other")
     before = tree_state(tmp_path / "a")
+    not_its_table = f"flushes into table {table} of its postgresql database, not"
 
     for salvage, dry_run in ((False, False), (True, False), (False, True)):
         with pytest.raises(InvalidDirectoryError, match="there is no table"):
             recover_directory(tmp_path / "a", backend=missing, salvage=salvage,
                               dry_run=dry_run)
-        with pytest.raises(InvalidDirectoryError, match="holds no checkpoint for it"):
+        with pytest.raises(InvalidDirectoryError, match=not_its_table):
             recover_directory(tmp_path / "a", backend=other, salvage=salvage, dry_run=dry_run)
     with pytest.raises(InvalidDirectoryError, match="is table= the one"):
         open_snapshot(tmp_path / "a", backend=missing)
+    with pytest.raises(InvalidDirectoryError, match=not_its_table):
+        open_snapshot(tmp_path / "a", backend=other)
+    assert tree_state(tmp_path / "a") == before
+
+    (tmp_path / "a" / "backend").write_text("postgresql\n")  # recorded before tables were
+    before = tree_state(tmp_path / "a")
+    for salvage, dry_run in ((False, False), (True, False), (False, True)):
+        with pytest.raises(InvalidDirectoryError, match="holds no checkpoint for it"):
+            recover_directory(tmp_path / "a", backend=other, salvage=salvage, dry_run=dry_run)
     with pytest.raises(InvalidDirectoryError, match="is the URL's table= the one"):
         open_snapshot(tmp_path / "a", backend=other)
 

@@ -4,7 +4,8 @@
   1. `claim` the path (check it, create the root if missing: nothing else yet, so two first
      opens racing meet at the lock), then take the directory's exclusive lock;
   2. `complete` the layout under the lock (wal/, db/, cache_id), record which kind of
-     database the directory flushes into (and refuse another kind);
+     database the directory flushes into, and which table of a database many directories
+     share (and refuse another kind or table);
   3. open the database (the embedded one, or the one given or named by URL) and attach the
      directory's identity to it (a shared database keeps a checkpoint per directory);
   4. recover: replay what the log holds beyond the database's checkpoint.
@@ -56,6 +57,7 @@ from wbcache.layout import (
     SHARED_NAME,
     WAL_NAME,
     Layout,
+    check_backend,
     checked_entries,
     checked_lane_entries,
     claim,
@@ -124,7 +126,7 @@ def open_directory(path: str | os.PathLike[str], options: Options,
         complete(layout)
         if database is None:
             database = embedded_backend(layout.db, map_size=options.map_size)
-        record_backend(layout, database.kind)
+        record_backend(layout, database.kind, table_of(database))
         database.attach(layout.cache_id())
         if options.max_key_size > database.max_key_size:
             raise ValueError(f"option max_key_size ({options.max_key_size}) exceeds the "
@@ -261,6 +263,7 @@ class FoundDirectory:
     layout: Layout  # the root's: a single-owner directory's LOCK, wal/, db/ and cache_id
     shared: bool  # a lane per process (wbcache/lanes.py) instead of one LOCK and wal/
     kind: str  # the kind of database it flushes into: "lmdb" (the embedded one) or a URL's
+    table: str | None = None  # the table of that database its data goes to, if recorded
 
     @property
     def root(self) -> str:
@@ -314,7 +317,8 @@ def find_directory(path: str | os.PathLike[str]) -> FoundDirectory:
         raise InvalidDirectoryError(
             f"{root} is not a wbcache directory (it has no LOCK file and wal/ directory, nor "
             f"a SHARED mark)")
-    kind = layout.backend_kind() or EMBEDDED  # none recorded: made before DIR/backend was
+    recorded, table = layout.recorded_backend()
+    kind = recorded or EMBEDDED  # none recorded: made before DIR/backend was
     try:
         backend_class(kind)
     except KeyError:
@@ -322,7 +326,15 @@ def find_directory(path: str | os.PathLike[str]) -> FoundDirectory:
             f"{root} flushes into a {kind} database, which this wbcache cannot open: open it "
             f"with its backend (wbcache.open(path, backend=...)), which recovers it into that "
             f"database") from None
-    return FoundDirectory(layout, False, kind)
+    return FoundDirectory(layout, False, kind, table)
+
+
+def table_of(database: Backend) -> str | None:
+    """The table of its database that `database` keeps a directory's data in, for a backend
+    whose database many directories share (`PostgresBackend.table`): recorded in
+    DIR/backend with the kind, so that a log is never replayed into another table."""
+    table = getattr(database, "table", None)
+    return table if isinstance(table, str) else None
 
 
 class NoDatabase:
@@ -411,6 +423,8 @@ def _from_url(found: FoundDirectory, url: str) -> Backend:
         if database.kind != found.kind:
             raise InvalidDirectoryError(f"{found.root} flushes into a {found.kind} database, "
                                         f"and the URL given names a {database.kind} one")
+        check_backend(found.root, (found.kind, found.table), database.kind,
+                      table_of(database))
         database.attach(found.layout.cache_id())
     except BaseException:
         database.close()

@@ -100,11 +100,19 @@ class Layout:
     def backend_kind(self) -> str | None:
         """The kind of database the directory flushes into ("lmdb", "postgresql"), or None
         if no open has recorded one yet."""
+        return self.recorded_backend()[0]
+
+    def recorded_backend(self) -> tuple[str | None, str | None]:
+        """DIR/backend: the kind of database the directory flushes into and, for a database
+        many directories share, the table its data goes to ("postgresql wbcache"); None for
+        what no open has recorded yet (a table: before tables were recorded)."""
         try:
             with opened_root(self.root) as root_fd:
-                return _read_file(root_fd, self.root, BACKEND_NAME).strip() or None
+                text = _read_file(root_fd, self.root, BACKEND_NAME)
         except FileNotFoundError:
-            return None
+            return None, None
+        kind, _, table = text.strip().partition(" ")
+        return kind or None, table.strip() or None
 
 
 @contextmanager
@@ -227,20 +235,36 @@ def complete_lane(layout: Layout) -> None:
     SYSCALLS.fsync_dir(layout.root)
 
 
-def record_backend(layout: Layout, kind: str) -> None:
-    """Lock held: remember that the directory flushes into a `kind` database, or raise
-    `InvalidDirectoryError` if it already flushes into another. Replaying a log into the wrong
-    database would lose its writes for the right one."""
-    recorded = layout.backend_kind()
-    if recorded is None:
-        with opened_root(layout.root) as root_fd:
-            _write_durably(root_fd, layout.root, BACKEND_NAME, f"{kind}\n".encode())
-    elif recorded != kind:
+def record_backend(layout: Layout, kind: str, table: str | None = None) -> None:
+    """Lock held: remember that the directory flushes into a `kind` database (into `table`
+    of it, for a database many directories share), or raise `InvalidDirectoryError` if it
+    already flushes into another kind or table. Replaying a log into the wrong database
+    would lose its writes for the right one. A directory recorded before tables were gets
+    its table recorded now."""
+    recorded, recorded_table = layout.recorded_backend()
+    if recorded is not None:
+        check_backend(layout.root, (recorded, recorded_table), kind, table)
+    if recorded is None or (recorded_table is None and table is not None):
+        text = kind if table is None else f"{kind} {table}"
+        with opened_root(layout.root) as root_fd:  # an old record is replaced atomically
+            _write_durably(root_fd, layout.root, BACKEND_NAME, f"{text}\n".encode())
+
+
+def check_backend(root: str, recorded: tuple[str, str | None], kind: str,
+                  table: str | None) -> None:
+    """Refuse a database of `kind` (its `table`) for the directory at `root`, which has
+    `recorded` (kind, table) in DIR/backend, unless they match."""
+    recorded_kind, recorded_table = recorded
+    if recorded_kind != kind:
         raise InvalidDirectoryError(
-            f"{layout.root} flushes into a {recorded} database, not {kind}: open it with its "
+            f"{root} flushes into a {recorded_kind} database, not {kind}: open it with its "
             f"own backend (wbcache.open(path, backend=...)), or its log would be replayed "
-            f"into the wrong database"
-        )
+            f"into the wrong database")
+    if recorded_table is not None and table is not None and recorded_table != table:
+        raise InvalidDirectoryError(
+            f"{root} flushes into table {recorded_table} of its {kind} database, not "
+            f"{table}: give the URL table={recorded_table}, or its log would be replayed "
+            f"into the wrong table")
 
 
 def _check_entries(root_fd: int, root: str, names: frozenset[str],
@@ -298,8 +322,9 @@ def _read_file(root_fd: int, root: str, name: str) -> str:
 
 
 def _write_durably(root_fd: int, root: str, name: str, data: bytes) -> None:
-    """Create `name` in the checked directory holding `data`, atomically: a temporary file
-    (created with O_EXCL, never through a link), fsync, rename, directory fsync."""
+    """Create (or replace) `name` in the checked directory holding `data`, atomically: a
+    temporary file (created with O_EXCL, never through a link), fsync, rename, directory
+    fsync."""
     temporary = f"{name}.tmp"
     shown = os.path.join(root, temporary)
     flags = os.O_WRONLY | os.O_CREAT

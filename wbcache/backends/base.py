@@ -27,6 +27,10 @@ class Backend(Protocol):
         """What kind of database this is ("lmdb", "postgresql"): the cache records it in
         DIR/backend and refuses to open the directory with another kind."""
 
+    # Optional, not part of the protocol: `table` (a str), where in a database many
+    # directories share this backend keeps a directory's data (`PostgresBackend.table`). The
+    # cache records it with the kind and refuses another (wbcache/directory.py: table_of).
+
     @property
     def applies_increments(self) -> bool:
         """Whether `apply` takes `increments` (deltas added to what the database holds, for a
