@@ -189,8 +189,8 @@ class GroupCommitter:
         state = (self.durable_lsn, 0, self.batches)
         error: BaseException | None = None
         creating = False
-        self._lock.release()
-        try:
+        try:  # released inside the try: an interrupt as it returns must find the finally
+            self._lock.release()
             state = pipe.wait(last, FOLLOWER_RECHECK)  # asked even if all is durable: a
             while state[0] < last and not state[1]:  # failure since is seen here
                 state = pipe.wait(last, FOLLOWER_RECHECK)
@@ -325,8 +325,8 @@ class GroupCommitter:
     def _wait_for_pipe(self, pipe: Any, lsn: int) -> None:
         """Lock held, released meanwhile: sleep in C until `pipe` has made record `lsn`
         durable (or failed, or FOLLOWER_RECHECK has passed), then take in how far it got."""
-        self._lock.release()
-        try:
+        try:  # released inside the try (`rotate`)
+            self._lock.release()
             state = pipe.wait(lsn, FOLLOWER_RECHECK)
         finally:
             self._lock.acquire()
@@ -367,8 +367,8 @@ class GroupCommitter:
         woken.acquire()
         entry = [lsn, durable, woken]  # the waker sets entry[2] to None as it wakes us
         self._waiting.append(entry)
-        self._lock.release()
-        try:
+        try:  # released inside the try (`rotate`)
+            self._lock.release()
             woken.acquire(True, FOLLOWER_RECHECK)  # positional: a keyword costs 0.2 µs more
         except BaseException:  # interrupted (KeyboardInterrupt): leave, and hand on the wake
             self._lock.acquire()
@@ -423,8 +423,8 @@ class GroupCommitter:
         try:
             self._leader_active = True  # in the try: its finally is what clears it
             self._writing = bool(records)
-            self._lock.release()
-            try:
+            try:  # released inside the try (`rotate`): an interrupt fails the log
+                self._lock.release()
                 if records:
                     synced = self._writer.append(records, first_lsn, last_lsn, sync=do_sync)
                 elif do_sync:

@@ -1,0 +1,168 @@
+"""The group commit's release-then-try windows (wal/commit.py) under a KeyboardInterrupt.
+
+A thread that lets go of the sequencer's lock and retakes it in a `finally` must let go of it
+INSIDE that `try`: CPython raises a pending KeyboardInterrupt at the check that follows a C
+call, so a SIGINT that arrives while the main thread runs the few bytecodes up to
+`self._lock.release()` is raised as that call returns, with the lock already released. With
+the release before the `try`, the `finally` that retakes the lock (and resets the state the
+thread set up before letting go) never runs:
+
+  * `rotate`: `rotating` stays True for good; every later writer waits at admission, and so
+    does `close()`, forever;
+  * `_lead`: the records the batch took are neither written nor counted as a failure; the
+    next batch (`_pending_first_lsn` moved past them) acknowledges their writers;
+  * and the caller's `with sequencer.lock:` then releases a lock it does not hold.
+
+The interrupt is forced, not timed: the committer's view of the lock (`_lock`) is the same
+lock, whose release returns into a KeyboardInterrupt where the test says, as that signal
+would.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import wbcache
+from wbcache.errors import LogFailedError
+from wbcache.wal import commit as commit_module
+from wbcache.wal.commit import GroupCommitter
+
+needs_pipe = pytest.mark.skipif(commit_module.Pipe is None, reason="no wal/_pipe.c")
+
+
+class _InterruptedRelease:
+    """`lock`, except that the first release made while `when()` is true returns into a
+    KeyboardInterrupt, the lock released (a SIGINT raised at the check after the call)."""
+
+    def __init__(self, lock: Any, when: Callable[[], bool]) -> None:
+        self._lock, self._when = lock, when
+        self.fired = False
+
+    def acquire(self, *args: Any) -> bool:
+        return bool(self._lock.acquire(*args))
+
+    def release(self) -> None:
+        self._lock.release()
+        if not self.fired and self._when():
+            self.fired = True
+            raise KeyboardInterrupt
+
+    def locked(self) -> bool:
+        return bool(self._lock.locked())
+
+
+def _in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)  # daemon: a hang must not hang pytest
+    thread.start()
+    return thread, outcome
+
+
+@needs_pipe
+def test_an_interrupt_as_a_rotation_lets_go_of_the_lock_leaves_no_rotation_behind(
+        tmp_path: Path) -> None:
+    cache = wbcache.open(tmp_path / "c", segment_size=4096)
+    sequencer = cache._sequencer
+    committer = sequencer._committer
+    assert committer._pipe is not None
+    committer._lock = _InterruptedRelease(sequencer.lock,  # type: ignore[assignment]
+                                          lambda: committer.rotating)
+    done = 0
+    interrupted: BaseException | None = None
+    while interrupted is None:
+        try:
+            cache.put(f"k{done}", "v" * 100)
+            done += 1
+        except BaseException as exc:  # noqa: BLE001 - the rotation's interrupt, asserted below
+            interrupted = exc
+    committer._lock = sequencer.lock  # type: ignore[assignment]
+    # The writer that started the rotation gets its KeyboardInterrupt (not the RuntimeError
+    # of a `with` releasing a lock nobody holds), and the rotation is over.
+    assert not committer.rotating, (
+        f"an interrupted rotation ({interrupted!r}) left every writer, and close, shut out")
+    assert isinstance(interrupted, KeyboardInterrupt), repr(interrupted)
+    assert not sequencer.lock.locked()
+    late, outcome = _in_thread(lambda: cache.put("late", 1))
+    late.join(10)
+    assert not late.is_alive() and isinstance(outcome[0], int), outcome
+    closer, _ = _in_thread(cache.close)
+    closer.join(10)
+    assert not closer.is_alive() and cache.closed
+    with wbcache.open(tmp_path / "c") as reopened:
+        assert all(reopened.get(f"k{i}") == "v" * 100 for i in range(done))
+        assert reopened.get("late") == 1
+
+
+class _Recorder:
+    """A log writer for the group commit in Python: records what it is asked to do."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def append(self, records: list[bytes], first_lsn: int, last_lsn: int, *,
+               sync: bool = False) -> int:
+        self.calls.append(f"append {first_lsn}..{last_lsn}")
+        return self.sync() if sync else 0
+
+    def sync(self) -> int:
+        self.calls.append("sync")
+        return 0
+
+    def pipe_ready(self) -> bool:
+        return False
+
+    def write_mapped(self, record: bytes, lsn: int) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+def test_an_interrupt_as_a_leader_lets_go_of_the_lock_never_acknowledges_an_unwritten_record(
+        ) -> None:
+    """Two writers queue records 1 and 2; the writer of record 1 leads their batch and is
+    interrupted as it lets go of the lock. Record 2 was never written: its writer must be
+    told the log failed (as for any interrupted batch), not acknowledged by a lone fsync."""
+    lock = threading.Lock()
+    writer = _Recorder()
+    committer = GroupCommitter(lock, writer, next_lsn=1,  # type: ignore[arg-type]
+                               sync_every_batch=True)
+    interrupting = _InterruptedRelease(lock, lambda: committer._leader_active)
+    with lock:
+        committer.append(1, b"one")
+        committer.append(2, b"two")
+    committer._lock = interrupting  # type: ignore[assignment]
+    leader: list[BaseException] = []
+    try:
+        with lock:
+            committer.wait(1)
+    except BaseException as exc:  # noqa: BLE001 - asserted below
+        leader.append(exc)
+    committer._lock = lock
+    assert interrupting.fired and not lock.locked()
+    second, outcome = _in_thread(lambda: _wait(lock, committer, 2))
+    second.join(10)
+    assert not second.is_alive()
+    acknowledged_unwritten = outcome == [None] and "append 1..2" not in writer.calls
+    assert not acknowledged_unwritten, (
+        f"record 2 acknowledged, never written (the leader got {leader!r}): the writer was "
+        f"asked {writer.calls}")
+    assert len(outcome) == 1 and isinstance(outcome[0], LogFailedError), (outcome, writer.calls)
+    assert len(leader) == 1 and isinstance(leader[0], KeyboardInterrupt), leader
+
+
+def _wait(lock: threading.Lock, committer: GroupCommitter, lsn: int) -> None:
+    with lock:
+        committer.wait(lsn)
