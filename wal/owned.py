@@ -51,6 +51,11 @@ def check_private_dir(info: os.stat_result, shown: str) -> None:
             f"{shown} is owned by uid {info.st_uid}, not you (uid {me}): another user could "
             f"have planted files in it. Use a directory of your own, or run as its owner")
     mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022 and mode & stat.S_ISVTX:  # /tmp, /dev/shm: shared by design, keep it so
+        raise InvalidDirectoryError(
+            f"{shown} is shared: others may create files in it (mode {mode:04o}), so it "
+            f"cannot hold a cache; name a new directory inside it (wbcache creates it, mode "
+            f"0700), or, if it is a cache directory, chmod 0700 {shown}")
     if mode & 0o022:
         raise InvalidDirectoryError(
             f"{shown} is group- or world-writable (mode {mode:04o}), so others could plant "
