@@ -291,6 +291,28 @@ def test_a_url_backend_is_made_owned_and_closed_by_the_cache(tmp_path: Path, pg_
         pass
 
 
+def test_a_refused_open_with_a_url_creates_no_table(tmp_path: Path, pg_dsn: str,
+                                                   pg_schema: str, table: str) -> None:
+    """The URL's backend (which creates its tables) used to be made before the directory
+    was looked at: an LMDB directory, a file, or a PostgreSQL directory given another
+    table= were refused, with two new tables left in the database."""
+    with wbcache.open(tmp_path / "lmdb") as cache:
+        cache.put("k", 1)
+    (tmp_path / "file").write_text("not a directory")
+    with wbcache.open(tmp_path / "pg", backend=pg_url(pg_dsn, table)) as cache:
+        cache.put("k", 1)
+
+    for name, expected in (("lmdb", "flushes into a lmdb database, not postgresql"),
+                           ("file", "not a directory"), ("pg", f"flushes into table {table}")):
+        new_table = f"{pg_schema}.made_for_{name}"
+        with pytest.raises(wbcache.InvalidDirectoryError, match=expected):
+            wbcache.open(tmp_path / name, backend=pg_url(pg_dsn, new_table))
+        assert query(pg_dsn, "SELECT to_regclass(%s), to_regclass(%s)",
+                     (new_table, f"{new_table}_checkpoints")) == [(None, None)]
+    with wbcache.open(tmp_path / "pg", backend=pg_url(pg_dsn, table)) as cache:
+        assert cache.get("k") == 1
+
+
 def test_a_forked_child_neither_uses_nor_closes_the_parents_connections(
         open_pg: OpenCache) -> None:
     """Closing a psycopg connection sends a Terminate message; from a child it would end the

@@ -43,6 +43,7 @@ from wbcache.backends import (
     backend_class,
     backend_from_url,
     embedded_backend,
+    url_target,
 )
 from wbcache.errors import (
     CacheLockedError,
@@ -102,27 +103,27 @@ def open_directory(path: str | os.PathLike[str], options: Options,
     a URL (a backend made and owned here), or None for the embedded database."""
     if options.shared:
         return _open_shared(path, options, backend)
-    given: Backend | None
-    if isinstance(backend, str):
-        given, owns_backend = backend_from_url(backend), True
-    else:
-        given, owns_backend = backend, backend is None
+    # A URL's backend is made only once the directory is checked, locked and found to flush
+    # into what the URL names: making it connects, and may create tables.
+    url = backend if isinstance(backend, str) else None
+    target = url_target(url) if url is not None else None  # a bad URL: before anything
+    database = None if isinstance(backend, str) else backend
+    owns_backend = database is None  # made here (from the URL, or the embedded one)
+    layout = claim(path)
+    # The pid goes into LOCK once recovery has succeeded: a refused open leaves it alone.
     try:
-        layout = claim(path)
-        # The pid goes into LOCK once recovery has succeeded: a refused open leaves it alone.
-        try:
-            dir_lock = DirectoryLock.acquire(layout.lock, record_owner=False)
-        except CacheLockedError:
-            if _being_made_shared(layout):
-                raise lanes.shared_directory(layout.root) from None
-            raise
-    except BaseException:
-        if owns_backend and given is not None:
-            given.close()
+        dir_lock = DirectoryLock.acquire(layout.lock, record_owner=False)
+    except CacheLockedError:
+        if _being_made_shared(layout):
+            raise lanes.shared_directory(layout.root) from None
         raise
-    database: Backend | None = given
     try:
         lanes.refuse_mismatch(layout.root, shared=False)
+        if url is not None and target is not None:
+            recorded_kind, recorded_table = layout.recorded_backend()
+            if recorded_kind is not None:
+                check_backend(layout.root, (recorded_kind, recorded_table), *target)
+            database = backend_from_url(url)
         complete(layout)
         if database is None:
             database = embedded_backend(layout.db, map_size=options.map_size)

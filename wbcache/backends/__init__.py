@@ -32,13 +32,26 @@ def backend_from_url(url: str, **options: Any) -> Backend:
     """A backend made from a URL ("postgresql://user@host/db?table=t"), by its scheme, with
     keyword `options` for its class. Raises ValueError (the password never in the message)
     for an unknown scheme."""
+    backend: Backend = _url_class(url).from_url(url, **options)
+    return backend
+
+
+def url_target(url: str) -> tuple[str, str | None]:
+    """The kind of database `url` names and the table its data would go to (None for a class
+    without `url_table`), read from the URL alone: checked against a directory before any
+    connection is made (which may create tables). ValueError as `backend_from_url`."""
+    cls = _url_class(url)
+    url_table = getattr(cls, "url_table", None)
+    return cls.kind, None if url_table is None else url_table(url)
+
+
+def _url_class(url: str) -> Any:
     scheme = urlsplit(url).scheme
     if scheme not in _REGISTRY or scheme == EMBEDDED:
         schemes = ", ".join(f"{name}://" for name in _REGISTRY if name != EMBEDDED)
         raise ValueError(f"backend URL scheme {scheme + '://' if scheme else '(none)'} is not "
                          f"one wbcache knows ({schemes})")
-    backend: Backend = backend_class(scheme).from_url(url, **options)
-    return backend
+    return backend_class(scheme)
 
 
 def embedded_backend(path: str, *, map_size: int) -> Backend:

@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 __all__ = ["STATEMENT_BYTES", "CheckpointConflictError", "PostgresBackend", "PostgresError",
            "SchemaMismatchError", "redact", "redact_dsn_complaint"]
 
+_DEFAULT_TABLE = "wbcache"
 _ITEMS_CHUNK = 5000  # rows per FETCH when iterating the table
 _URL_OPTIONS = {"table": str, "cache_id": str, "timeout": float, "read_connections": int}
 
@@ -115,7 +116,7 @@ class PostgresBackend:
     applies_increments = True  # increments arrive as deltas and are added in the database
     default_read_ttl = 1.0  # s a clean entry is served from memory before it is read again
 
-    def __init__(self, dsn: str, table: str = "wbcache", cache_id: str | None = None, *,
+    def __init__(self, dsn: str, table: str = _DEFAULT_TABLE, cache_id: str | None = None, *,
                  timeout: float = 10.0, connect_timeout: float = 5.0,
                  read_connections: int = 4, statement_bytes: int = STATEMENT_BYTES,
                  create_tables: bool = True) -> None:
@@ -165,6 +166,19 @@ class PostgresBackend:
         """A backend from one URL: `postgresql://user@host:5432/db?table=wbcache`. The query
         parameters `table`, `cache_id`, `timeout` and `read_connections` are this class's;
         any other goes to libpq (e.g. `sslmode=require`). Keyword `options` win over the URL."""
+        dsn, ours = cls._url_arguments(url)
+        ours.update(options)
+        return cls(dsn, **ours)
+
+    @classmethod
+    def url_table(cls, url: str) -> str:
+        """The data table a backend made from `url` would use (as `table` reads it), without
+        connecting. ValueError for a URL `from_url` would refuse."""
+        return TableNames.parse(cls._url_arguments(url)[1].get("table", _DEFAULT_TABLE)).data
+
+    @staticmethod
+    def _url_arguments(url: str) -> tuple[str, dict[str, Any]]:
+        """`url` as the DSN for libpq and this class's keyword arguments."""
         if not isinstance(url, str):
             raise TypeError(f"url must be a str, not {type(url).__name__}")
         parts = urlsplit(url)
@@ -183,9 +197,8 @@ class PostgresBackend:
             except ValueError:
                 raise ValueError(f"URL parameter {name}={value!r} is not "
                                  f"a {kind.__name__}") from None
-        ours.update(options)
         # quote, not urlencode's quote_plus: libpq reads no "+" as a space
-        return cls(urlunsplit(parts._replace(query=urlencode(libpq, quote_via=quote))), **ours)
+        return urlunsplit(parts._replace(query=urlencode(libpq, quote_via=quote))), ours
 
     # ---------------------------------------------------------------- identity
 
