@@ -38,10 +38,20 @@ def assert_hidden(text: str) -> None:
     (f"postgresql://user@127.0.0.1:1/db?password={SECRET}&connect_timeout=x",
      "connect_timeout"),
     (f"postgresql://user:{SECRET}@127.0.0.1:notaport/db", "port"),
+    # a raw '?' cuts the password short: libpq quoted its second half (its '@' encoded)
+    ("postgresql://user:Zq7x?K9w@127.0.0.1:1/db", "invalid PostgreSQL DSN"),
+    ("postgresql://user:Zq7x?K9w@127.0.0.1:1/db?table=t", "invalid PostgreSQL DSN"),
 ])
 def test_a_bad_backend_url_is_refused_without_its_password(url: str, message: str) -> None:
     with pytest.raises((ValueError, PostgresError), match=message) as refused:
         PostgresBackend.from_url(url, connect_timeout=2)
+    assert_hidden(shown(refused.value))
+
+
+def test_an_unknown_url_parameter_is_named_though_the_url_holds_a_password() -> None:
+    # Its name was hidden with every other quoted text ("***"): no clue which one was wrong.
+    with pytest.raises(ValueError, match='invalid URI query parameter: "bogus"') as refused:
+        PostgresBackend.from_url(f"postgresql://user:{SECRET}@127.0.0.1:1/db?table=t&bogus=1")
     assert_hidden(shown(refused.value))
 
 

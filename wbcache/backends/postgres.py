@@ -90,6 +90,16 @@ def _summed(pending: Sequence[tuple[Key, int]]) -> dict[Key, int]:
     return sent
 
 
+def _link_module() -> Any:
+    """wbcache.backends.postgres_link, imported on first use (it imports psycopg)."""
+    try:
+        from wbcache.backends import postgres_link
+    except ImportError as exc:
+        raise ImportError("the PostgreSQL backend needs psycopg 3: "
+                          "pip install 'wbcache[postgres]'") from exc
+    return postgres_link
+
+
 class PostgresBackend:
     """A PostgreSQL database shared by many caches. See docs/postgres.md.
 
@@ -120,11 +130,8 @@ class PostgresBackend:
                  timeout: float = 10.0, connect_timeout: float = 5.0,
                  read_connections: int = 4, statement_bytes: int = STATEMENT_BYTES,
                  create_tables: bool = True) -> None:
-        try:
-            from wbcache.backends.postgres_link import Endpoint, Link, ReaderPool
-        except ImportError as exc:
-            raise ImportError("the PostgreSQL backend needs psycopg 3: "
-                              "pip install 'wbcache[postgres]'") from exc
+        link = _link_module()
+        Endpoint, Link, ReaderPool = link.Endpoint, link.Link, link.ReaderPool  # noqa: N806
         if not isinstance(dsn, str):
             raise TypeError(f"dsn must be a str, not {type(dsn).__name__}")
         for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
@@ -198,7 +205,11 @@ class PostgresBackend:
                 raise ValueError(f"URL parameter {name}={value!r} is not "
                                  f"a {kind.__name__}") from None
         # quote, not urlencode's quote_plus: libpq reads no "+" as a space
-        return urlunsplit(parts._replace(query=urlencode(libpq, quote_via=quote))), ours
+        dsn = urlunsplit(parts._replace(query=urlencode(libpq, quote_via=quote)))
+        # Read by libpq now, its complaint redacted as the URL given requires: rebuilt, a
+        # password cut short by a raw '?' is no longer one (its '@' is encoded).
+        _link_module().parse_dsn(dsn, given=url)
+        return dsn, ours
 
     # ---------------------------------------------------------------- identity
 

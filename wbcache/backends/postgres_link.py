@@ -36,6 +36,17 @@ T = TypeVar("T")
 Connection = psycopg.Connection[Any]
 
 
+def parse_dsn(dsn: str, given: str | None = None) -> dict[str, Any]:
+    """libpq's reading of `dsn`, or ValueError with its complaint, redacted as `given` (the
+    text the user gave, when `dsn` was rebuilt from it: a password a raw '?' cut short is
+    whole there only) requires."""
+    try:
+        return dict(conninfo_to_dict(dsn))
+    except psycopg.ProgrammingError as exc:
+        raise ValueError(f"invalid PostgreSQL DSN: "
+                         f"{redact_dsn_complaint(_one_line(exc), given or dsn)}") from None
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where the backend connects: the full conninfo (with wbcache's defaults) and a
@@ -50,11 +61,7 @@ class Endpoint:
 
     @classmethod
     def from_dsn(cls, dsn: str, *, connect_timeout: float, timeout: float) -> Endpoint:
-        try:
-            params: dict[str, Any] = dict(conninfo_to_dict(dsn))
-        except psycopg.ProgrammingError as exc:
-            raise ValueError(f"invalid PostgreSQL DSN: "
-                             f"{redact_dsn_complaint(_one_line(exc), dsn)}") from None
+        params = parse_dsn(dsn)
         secrets = _passwords(params)
         # The DSN's own settings win; these fill what it leaves out.
         defaults = {

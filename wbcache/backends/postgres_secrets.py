@@ -53,5 +53,20 @@ def redact_dsn_complaint(complaint: str, dsn: str) -> str:
                       or _URL_PASSWORD_WITH_SPACES.search(dsn) is not None)
     if not holds_password:
         return complaint
-    hidden = _QUOTED.sub(lambda match: match[0] if match[1] == "=" else f'"{MASK}"', complaint)
-    return redact(hidden) + " (quoted text hidden: the DSN holds a password)"
+    shown = {"=", *_query_names(dsn)}
+    hidden = _QUOTED.sub(lambda match: match[0] if match[1] in shown else f'"{MASK}"',
+                         complaint)
+    return redact(hidden) + " (other quoted text hidden: the DSN holds a password)"
+
+
+def _query_names(dsn: str) -> set[str]:
+    """The parameter names of a URL's query, when none can hold a piece of a password: the
+    password is delimited in the user info (one '@', no raw '/', '?' or '#' before it) and
+    the query has no password parameter. Otherwise none (a name may then be a piece of it)."""
+    match = re.fullmatch(r"postgres(?:ql)?://([^/?#@\s]*)@([^?#\s]*)\?([^#\s]*)", dsn)
+    if match is None or ":" not in match[1] or "@" in match[2]:
+        return set()
+    names = {pair.partition("=")[0] for pair in match[3].split("&")}
+    if any("password" in name.lower() for name in names):
+        return set()
+    return {name for name in names if re.fullmatch(r"[a-z_]+", name)}
