@@ -15,6 +15,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -421,3 +422,49 @@ def test_an_open_racing_a_first_shared_open_that_marks_the_directory_meanwhile(
     monkeypatch.setattr(layout, "_interrupted_layout", the_first_open_goes_on)
     with wbcache.open(root, shared=True) as cache:
         cache.put("k", 1)
+
+
+def test_a_single_owner_open_meeting_another_single_owner_first_open_is_not_told_shared(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """B cannot take the lock A (a single-owner first open) holds; by the time B looks at
+    who holds it, A has made wal/ and closed. B was told the directory was shared (and
+    that shared=True would open it, which is refused): it is "in use", and opens on retry."""
+    import wbcache.directory as directory_module
+    from wbcache.lock import DirectoryLock
+
+    directory = tmp_path / "new"
+    in_complete, go_on, a_done = threading.Event(), threading.Event(), threading.Event()
+    complete = directory_module.complete
+
+    def held_complete(layout: Any) -> None:
+        in_complete.set()
+        assert go_on.wait(30)
+        complete(layout)
+
+    def first_open() -> None:
+        with wbcache.open(directory) as cache:
+            cache.put("a", 1)
+        a_done.set()
+
+    monkeypatch.setattr(directory_module, "complete", held_complete)
+    a = threading.Thread(target=first_open)
+    a.start()
+    assert in_complete.wait(30)
+    probe = DirectoryLock.acquire_shared.__func__  # type: ignore[attr-defined]
+
+    def probe_once_a_is_done(cls: type, path: str, **options: Any) -> Any:
+        monkeypatch.setattr(directory_module, "complete", complete)
+        go_on.set()
+        assert a_done.wait(30)
+        return probe(cls, path, **options)
+
+    monkeypatch.setattr(DirectoryLock, "acquire_shared", classmethod(probe_once_a_is_done))
+    try:
+        with pytest.raises(wbcache.CacheLockedError, match="in use"):
+            wbcache.open(directory)  # B
+    finally:
+        go_on.set()
+        a.join(30)
+    monkeypatch.undo()
+    with wbcache.open(directory) as cache:
+        assert cache.get("a") == 1

@@ -81,7 +81,8 @@ def open_private_dir(name: str, *, dir_fd: int | None = None, shown: str | None 
         if follow and stat.S_ISLNK(link.st_mode):  # not missing: the link is there
             raise InvalidDirectoryError(
                 f"{shown} is a symbolic link to {os.readlink(name, dir_fd=dir_fd)}, which does "
-                f"not exist: create that directory (0700) or remove the link") from None
+                f"not exist: if that is a disk not mounted, mount it (what the cache wrote is "
+                f"there); make that directory (0700) only for a new cache") from None
         raise
     if stat.S_ISLNK(info.st_mode):
         raise InvalidDirectoryError(

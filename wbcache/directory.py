@@ -110,13 +110,7 @@ def open_directory(path: str | os.PathLike[str], options: Options,
     database = None if isinstance(backend, str) else backend
     owns_backend = database is None  # made here (from the URL, or the embedded one)
     layout = claim(path)
-    # The pid goes into LOCK once recovery has succeeded: a refused open leaves it alone.
-    try:
-        dir_lock = DirectoryLock.acquire(layout.lock, record_owner=False)
-    except CacheLockedError:
-        if _being_made_shared(layout):
-            raise lanes.shared_directory(layout.root) from None
-        raise
+    dir_lock = _lock_single_owner(layout)
     try:
         lanes.refuse_mismatch(layout.root, shared=False)
         if url is not None and target is not None:
@@ -188,20 +182,32 @@ def _open_shared(path: str | os.PathLike[str], options: Options,
         raise
 
 
-def _being_made_shared(layout: Layout) -> bool:
-    """Whether the LOCK a single-owner open could not take is held by a first shared open
-    marking the directory (`_make_shared`): lanes/ is made, or, before that, LOCK is held
-    shared only and no wal/ says single-owner. The open is then refused as a shared
-    directory's, not as "in use", which a retry would turn into that refusal anyway."""
-    if os.path.isdir(lanes.lanes_dir(layout.root)):
-        return True
-    if os.path.isdir(layout.wal):
-        return False
-    probe = DirectoryLock.acquire_shared(layout.lock)
-    if probe is None:
-        return False
-    probe.release()
-    return True
+def _lock_single_owner(layout: Layout) -> DirectoryLock:
+    """The directory's lock, taken exclusively for a single-owner open (the pid goes into it
+    once recovery has succeeded: a refused open leaves it alone). Held by another: refused
+    as "in use" (`CacheLockedError`), unless the holder is a first shared open marking the
+    directory (`_make_shared`, which holds it shared): then as a shared directory, as a
+    retry would be. Held shared, or let go since, and neither lanes/ nor wal/ yet: tried
+    once more, as another single-owner first open may just have failed or finished."""
+    for attempt in (1, 2):
+        try:
+            return DirectoryLock.acquire(layout.lock, record_owner=False)
+        except CacheLockedError:
+            if os.path.isdir(lanes.lanes_dir(layout.root)):
+                raise lanes.shared_directory(layout.root) from None
+            probe = DirectoryLock.acquire_shared(layout.lock)
+            if probe is None:  # held exclusively: a single-owner cache
+                raise
+            try:  # held shared (or by no one): no single-owner open can make wal/ meanwhile
+                made_single = os.path.isdir(layout.wal)
+                made_shared = os.path.isdir(lanes.lanes_dir(layout.root))
+            finally:
+                probe.release()
+            if made_shared or (attempt == 2 and not made_single):
+                raise lanes.shared_directory(layout.root) from None
+            if made_single:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _make_shared(root: str) -> None:
