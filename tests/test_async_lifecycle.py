@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from controlled import ControlledBackend, wait_until
@@ -296,3 +297,41 @@ def test_close_from_another_thread_s_loop_leaves_the_own_loop_s_reader_to_that_l
         own.close()
     with wbcache.open(tmp_path / "c") as reopened:
         assert reopened.get("a") == 1
+
+
+def test_close_from_another_loop_still_closes_the_descriptor_if_the_own_loop_stops_first(
+        tmp_path: Path) -> None:
+    """The cache's loop stops with the close's work queued in it, never to run it: the
+    close, awaited from another thread's loop, does that work itself once the loop has
+    stopped (it returned with the notify descriptor left open, and waiters unresolved)."""
+    own = asyncio.new_event_loop()
+    runner = threading.Thread(target=own.run_forever)
+    runner.start()
+    try:
+        cache = asyncio.run_coroutine_threadsafe(wbcache.open_async(tmp_path / "c"),
+                                                 own).result(30)
+        asyncio.run_coroutine_threadsafe(cache.put("a", 1), own).result(30)
+        fd = cache._notify_fd
+        assert fd is not None
+        queued = threading.Event()
+        call_soon_threadsafe = own.call_soon_threadsafe
+
+        def recorded(callback: Any, *args: Any, **kwargs: Any) -> Any:
+            handle = call_soon_threadsafe(callback, *args, **kwargs)
+            if callback.__qualname__.endswith("_in_own_loop.<locals>.run"):
+                queued.set()
+            return handle
+
+        def stop_once_the_close_is_queued() -> None:  # holds the loop, then stops it
+            assert queued.wait(30)
+            own.stop()
+
+        call_soon_threadsafe(stop_once_the_close_is_queued)
+        own.call_soon_threadsafe = recorded  # type: ignore[method-assign]
+        asyncio.run(cache.close())
+        assert cache.closed and cache._notify_fd is None
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    finally:
+        runner.join(30)
+        own.close()

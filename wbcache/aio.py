@@ -47,6 +47,7 @@ This module uses `Cache`'s public API, the sequencer's (`Cache.sequencer`) and
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import threading
@@ -441,22 +442,49 @@ class AsyncCache:
             raise
         finally:
             forking.untrack(self)
-            self._in_own_loop(self._close_notify_fd)
-            # the final fsync covered every write; fail any it did not
-            self._in_own_loop(self._resolve)
+            await self._in_own_loop(self._finish_close)
 
-    def _in_own_loop(self, call: Callable[[], None]) -> None:
-        """Run `call` (it touches the loop's reader or futures) now if this is the cache's
-        loop or that loop is not running; else hand it to that loop, running in another
-        thread (a close awaited from another loop): neither is safe across threads."""
+    def _finish_close(self) -> None:
+        self._close_notify_fd()
+        self._resolve()  # the final fsync covered every write; fail any it did not
+
+    async def _in_own_loop(self, call: Callable[[], None]) -> None:
+        """Run `call` (it touches the loop's reader and futures, which are not thread-safe)
+        here if this is the cache's loop or that loop is not running; else in that loop,
+        running in another thread (a close awaited from another loop), waited for. If that
+        loop stops first, `call` runs here after all: no other thread is in the loop then."""
         own = self._loop
-        if _running_loop() is not own and own.is_running():
-            try:
-                own.call_soon_threadsafe(call)
-                return
-            except RuntimeError:  # it closed meanwhile: no other thread is in it now
-                pass
-        call()
+        if _running_loop() is own or not own.is_running():
+            call()
+            return
+        ran: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            if ran.set_running_or_notify_cancel():  # not run here instead
+                try:
+                    call()
+                except BaseException as exc:
+                    ran.set_exception(exc)
+                else:
+                    ran.set_result(None)
+
+        try:
+            own.call_soon_threadsafe(run)
+        except RuntimeError:  # closed meanwhile
+            call()
+            return
+        waited = asyncio.wrap_future(ran)
+        try:
+            # a stop is seen by looking: a loop tells no one (a few looks, in a close only)
+            while not (await asyncio.wait({waited}, timeout=0.1))[0]:
+                if not own.is_running() and ran.cancel():
+                    call()
+                    return
+        except asyncio.CancelledError:
+            if ran.cancel():
+                call()
+            raise
+        waited.result()
 
     def _close_notify_fd(self) -> None:
         """The pipe is told first (another thread may still be closing the cache, its pipe
