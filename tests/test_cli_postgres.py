@@ -118,7 +118,7 @@ def test_recover_replays_into_postgresql_and_keeps_nothing_of_the_url_but_its_ta
             assert SECRET.encode() not in entry.read_bytes()
             assert pg_schema.encode() not in entry.read_bytes()  # no part of the URL
     # the table alone, so that no log is replayed into another one
-    assert (killed / "backend").read_text() == f"postgresql {pg_schema}.cache\n"
+    assert (killed / "backend").read_text() == f"postgresql\ntable={pg_schema}.cache\n"
     with wbcache.open(killed, backend=url) as cache:
         assert cache.recovery.replayed == 0 and dict(cache.items()) == AFTER_RECOVERY
 
@@ -151,12 +151,56 @@ def test_a_url_naming_another_directory_s_table_is_refused_though_the_log_starts
         assert dict(cache.items()) == AFTER_RECOVERY
 
 
+def test_the_table_is_recorded_as_the_server_resolves_it_and_moves_only_with_an_empty_log(
+        tmp_path: Path, pg_dsn: str, pg_schema: str) -> None:
+    """An unqualified table= is the table PostgreSQL's search_path finds: recorded as typed,
+    one in another schema passed for it (and the same table, qualified, was refused)."""
+    other_schema = f"{pg_schema}_b"
+    query(pg_dsn, f'CREATE SCHEMA "{other_schema}"')
+    try:
+        def found_in(schema: str) -> str:  # table=cache, found through search_path
+            return f"{pg_url(pg_dsn, 'cache')}&options=-csearch_path%3D{schema}"
+
+        path = tmp_path / "a"
+        with wbcache.open(path, backend=found_in(pg_schema)) as cache:
+            cache.put("k", 1)
+        assert (path / "backend").read_text() == f"postgresql\ntable={pg_schema}.cache\n"
+        with wbcache.open(path, backend=pg_url(pg_dsn, f"{pg_schema}.cache")) as cache:
+            assert cache.get("k") == 1  # the same table, named with its schema
+
+        for url in (found_in(other_schema), pg_url(pg_dsn, f"{other_schema}.cache")):
+            with pytest.raises(wbcache.InvalidDirectoryError,
+                               match=f"flushes into table {pg_schema}.cache of its"):
+                wbcache.open(path, backend=url)
+        assert query(pg_dsn, "SELECT to_regclass(%s)", (f"{other_schema}.cache",)) != [(None,)]
+
+        # The way to move it: recover into its table (which empties the log), then open.
+        assert run("runner", "recover", str(path),
+                   env={"WBCACHE_BACKEND": pg_url(pg_dsn, f"{pg_schema}.cache")}).exit_code == 0
+        with wbcache.open(path, backend=found_in(other_schema)) as cache:
+            cache.put("moved", 2)
+        assert (path / "backend").read_text() == f"postgresql\ntable={other_schema}.cache\n"
+    finally:
+        query(pg_dsn, f'DROP SCHEMA "{other_schema}" CASCADE')
+
+
+def test_a_kind_of_database_with_a_space_in_its_name_reads_back_whole(tmp_path: Path) -> None:
+    from wbcache.layout import Layout, record_backend
+
+    (tmp_path / "a").mkdir(mode=0o700)
+    layout = Layout(str(tmp_path / "a"))
+    record_backend(layout, "my kind")
+    assert layout.recorded_backend() == ("my kind", None)
+    record_backend(layout, "my kind", "app.cache")
+    assert layout.recorded_backend() == ("my kind", "app.cache")
+
+
 def test_a_directory_recorded_without_its_table_gets_it_at_its_next_open(
         killed: Path, url: str, pg_schema: str) -> None:
     (killed / "backend").write_text("postgresql\n")  # as wbcache before tables were recorded
     with wbcache.open(killed, backend=url) as cache:
         assert dict(cache.items()) == AFTER_RECOVERY
-    assert (killed / "backend").read_text() == f"postgresql {pg_schema}.cache\n"
+    assert (killed / "backend").read_text() == f"postgresql\ntable={pg_schema}.cache\n"
 
 
 @pytest.mark.parametrize("driver", DRIVERS)

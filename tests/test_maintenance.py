@@ -493,6 +493,25 @@ def test_a_url_naming_another_table_is_refused_before_anything_is_written(
                  (f"{pg_schema}.typo", f"{pg_schema}.typo_checkpoints")) == [(None, None)]
 
 
+def test_an_old_directory_is_not_opened_on_another_table_which_it_would_then_record(
+        tmp_path: Path, pg_dsn: str, pg_schema: str, table: str) -> None:
+    """A directory recorded before tables were ("postgresql" alone) gets its table at its
+    next open: opened with another directory's table, it replayed its log there and
+    recorded that one, refusing its own from then on."""
+    path = tmp_path / "a"
+    pg_directory(path, pg_url(pg_dsn, table), {"a": 1}, logged=3)  # log from LSN > 1
+    pg_directory(tmp_path / "b", pg_url(pg_dsn, f"{pg_schema}.other"), {"b": 1}, logged=1)
+    (path / "backend").write_text("postgresql\n")
+    before = tree_state(path)
+
+    with pytest.raises(InvalidDirectoryError, match="holds no checkpoint for it"):
+        wbcache.open(path, backend=pg_url(pg_dsn, f"{pg_schema}.other"))
+    assert tree_state(path) == before
+    with wbcache.open(path, backend=pg_url(pg_dsn, table)) as cache:
+        assert cache.get("logged") == "yes"
+    assert (path / "backend").read_text() == f"postgresql\ntable={table}\n"
+
+
 def test_a_live_lane_whose_lock_file_was_removed_is_read_as_in_use(tmp_path: Path) -> None:
     """A LOCK unlinked under a live cache (which still holds the file): the lane must not be
     read as free, or its increments would be counted without the guard a live log gets, and

@@ -68,7 +68,9 @@ from wbcache.layout import (
 from wbcache.lock import DirectoryLock
 from wbcache.options import Options
 from wbcache.recovery import RecoveryReport, replay_into
+from wbcache.recovery.scan import walk_log
 from wbcache.wal.records import DEFAULT_MAX_KEY_SIZE
+from wbcache.wal.segments import list_segments
 
 log = logging.getLogger("wbcache.recovery")
 
@@ -115,14 +117,17 @@ def open_directory(path: str | os.PathLike[str], options: Options,
         lanes.refuse_mismatch(layout.root, shared=False)
         if url is not None and target is not None:
             recorded_kind, recorded_table = layout.recorded_backend()
-            if recorded_kind is not None:
-                check_backend(layout.root, (recorded_kind, recorded_table), *target)
+            kind, table = target  # the table as typed: compared if its schema is there
+            if recorded_kind is not None and (recorded_kind != kind or (
+                    recorded_table is not None and table is not None and "." in table
+                    and table != recorded_table and _log_holds_writes(layout))):
+                check_backend(layout.root, (recorded_kind, recorded_table), kind, table)
             database = backend_from_url(url)
         complete(layout)
         if database is None:
             database = embedded_backend(layout.db, map_size=options.map_size)
-        record_backend(layout, database.kind, table_of(database))
         database.attach(layout.cache_id())
+        _record_database(layout, database)
         if options.max_key_size > database.max_key_size:
             raise ValueError(f"option max_key_size ({options.max_key_size}) exceeds the "
                              f"database's limit of {database.max_key_size} bytes")
@@ -135,6 +140,43 @@ def open_directory(path: str | os.PathLike[str], options: Options,
             database.close()
         dir_lock.release()
         raise
+
+
+def _record_database(layout: Layout, database: Backend) -> None:
+    """Lock held, `database` attached: record in DIR/backend what the directory flushes into
+    (its kind, and the table for a database many directories share: `table_of`), or refuse
+    a database its log does not belong to (`check_backend`). The record changes only for:
+    - a directory recorded without a table (by a wbcache before tables were): it gets this
+      one, unless the table holds no checkpoint for it although its log no longer starts at
+      LSN 1 (segments are deleted only once flushed: it flushed into another table);
+    - a directory whose log holds no write (after `wbcache recover`): it moves to this
+      table, as nothing of it can be lost."""
+    kind, table = database.kind, table_of(database)
+    recorded_kind, recorded_table = layout.recorded_backend()
+    if recorded_kind is not None:
+        if table is None or recorded_table == table:
+            check_backend(layout.root, (recorded_kind, recorded_table), kind, table)
+            return
+        if recorded_kind == kind and recorded_table is not None and not _log_holds_writes(
+                layout):
+            log.info("%s moves from table %s to %s: its log holds no write", layout.root,
+                     recorded_table, table)
+        else:
+            check_backend(layout.root, (recorded_kind, recorded_table), kind, table)
+            segments = list_segments(layout.wal)  # recorded without a table: the old guard
+            if segments and segments[0].first_lsn > 1 and not database.checkpoint():
+                raise InvalidDirectoryError(
+                    f"{layout.root} has flushed into its database before (its log starts at "
+                    f"LSN {segments[0].first_lsn}), but table {table} holds no checkpoint for "
+                    f"it (cache_id {layout.cache_id()}): is it the table the cache opens the "
+                    f"database with?")
+    record_backend(layout, kind, table)
+
+
+def _log_holds_writes(layout: Layout) -> bool:
+    """Whether the directory's log holds a write (or damage, which may hide some)."""
+    end = walk_log(layout.wal, 0, lambda frame: None)
+    return end.last_lsn != 0 or end.problem is not None
 
 
 def log_recovery(root: str, report: RecoveryReport) -> None:

@@ -103,16 +103,18 @@ class Layout:
         return self.recorded_backend()[0]
 
     def recorded_backend(self) -> tuple[str | None, str | None]:
-        """DIR/backend: the kind of database the directory flushes into and, for a database
-        many directories share, the table its data goes to ("postgresql wbcache"); None for
-        what no open has recorded yet (a table: before tables were recorded)."""
+        """DIR/backend: the kind of database the directory flushes into (its first line) and,
+        for a database many directories share, the table its data goes to, schema included
+        (a line "table=public.wbcache"); None for what no open has recorded yet (a table:
+        one recorded before tables were)."""
         try:
             with opened_root(self.root) as root_fd:
                 text = _read_file(root_fd, self.root, BACKEND_NAME)
         except FileNotFoundError:
             return None, None
-        kind, _, table = text.strip().partition(" ")
-        return kind or None, table.strip() or None
+        kind, *rest = text.splitlines() or [""]
+        tables = [line[len("table="):] for line in rest if line.startswith("table=")]
+        return kind.strip() or None, tables[-1].strip() if tables else None
 
 
 @contextmanager
@@ -236,24 +238,19 @@ def complete_lane(layout: Layout) -> None:
 
 
 def record_backend(layout: Layout, kind: str, table: str | None = None) -> None:
-    """Lock held: remember that the directory flushes into a `kind` database (into `table`
-    of it, for a database many directories share), or raise `InvalidDirectoryError` if it
-    already flushes into another kind or table. Replaying a log into the wrong database
-    would lose its writes for the right one. A directory recorded before tables were gets
-    its table recorded now."""
-    recorded, recorded_table = layout.recorded_backend()
-    if recorded is not None:
-        check_backend(layout.root, (recorded, recorded_table), kind, table)
-    if recorded is None or (recorded_table is None and table is not None):
-        text = kind if table is None else f"{kind} {table}"
-        with opened_root(layout.root) as root_fd:  # an old record is replaced atomically
-            _write_durably(root_fd, layout.root, BACKEND_NAME, f"{text}\n".encode())
+    """Lock held: write DIR/backend, durably and atomically (replacing what it held): the
+    directory flushes into a `kind` database, into its `table` if given. What may be
+    recorded over what was is wbcache/directory.py's to decide."""
+    text = kind if table is None else f"{kind}\ntable={table}"
+    with opened_root(layout.root) as root_fd:
+        _write_durably(root_fd, layout.root, BACKEND_NAME, f"{text}\n".encode())
 
 
 def check_backend(root: str, recorded: tuple[str, str | None], kind: str,
                   table: str | None) -> None:
-    """Refuse a database of `kind` (its `table`) for the directory at `root`, which has
-    `recorded` (kind, table) in DIR/backend, unless they match."""
+    """Refuse a database of `kind` (its `table`, if known) for the directory at `root`, which
+    has `recorded` (kind, table) in DIR/backend, unless they match: its log would be
+    replayed into the wrong database, whose right one would never have those writes."""
     recorded_kind, recorded_table = recorded
     if recorded_kind != kind:
         raise InvalidDirectoryError(
@@ -263,8 +260,10 @@ def check_backend(root: str, recorded: tuple[str, str | None], kind: str,
     if recorded_table is not None and table is not None and recorded_table != table:
         raise InvalidDirectoryError(
             f"{root} flushes into table {recorded_table} of its {kind} database, not "
-            f"{table}: give the URL table={recorded_table}, or its log would be replayed "
-            f"into the wrong table")
+            f"{table}: open it with table {recorded_table} (table={recorded_table} in a URL), "
+            f"or its log would be replayed into the wrong table. To move it to {table}, run "
+            f"wbcache recover with the URL of {recorded_table} (that empties its log), then "
+            f"open it with {table}")
 
 
 def _check_entries(root_fd: int, root: str, names: frozenset[str],

@@ -146,6 +146,7 @@ class PostgresBackend:
         self._explicit_id = _check_cache_id(cache_id) if cache_id is not None else None
         self._cache_id = self._explicit_id
         self._names = TableNames.parse(table)
+        self._table = self._names.data  # schema-qualified once the server has resolved it
         self._sql = Statements(self._names)
         self._link = Link(Endpoint.from_dsn(dsn, connect_timeout=connect_timeout,
                                             timeout=timeout), self._names.data)
@@ -238,7 +239,9 @@ class PostgresBackend:
 
     @property
     def table(self) -> str:
-        return self._names.data
+        """The data table, schema included as the server resolved it when the backend was
+        made ("public.wbcache" for table="wbcache"): what DIR/backend records."""
+        return self._table
 
     # ---------------------------------------------------------------- reads
 
@@ -416,6 +419,8 @@ class PostgresBackend:
                     conn.execute(sql.lock_ddl, (DDL_LOCK_CLASS, names.data_sql))
                     conn.execute(sql.create_data)
                     conn.execute(sql.create_checkpoints)
+            row = conn.execute(sql.schema_of, (names.data_sql,)).fetchone()
+            self._table = f"{row[0]}.{names.name}" if row else names.data
             return {kind: dict(conn.execute(sql.columns, (table,)).fetchall())
                     for kind, table in (("data", names.data_sql),
                                         ("checkpoints", names.checkpoints_sql))}

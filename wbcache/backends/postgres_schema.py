@@ -295,6 +295,8 @@ class Statements:
         self.exists = "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL"
         self.columns = ("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
                         "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped")
+        self.schema_of = ("SELECT n.nspname FROM pg_class c JOIN pg_namespace n "
+                          "ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)")
         self.get = f"SELECT num, value FROM {data} WHERE key = %b"
         self.count = f"SELECT count(*) FROM {data}"
         self.items = f"SELECT key, num, value FROM {data}"
