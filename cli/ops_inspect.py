@@ -8,6 +8,7 @@ read through the database given by --backend or WBCACHE_BACKEND.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
@@ -311,6 +312,8 @@ def _print_verification(document: dict[str, Any], log_damaged: bool) -> None:
     click.echo(f"{count(len(document['problems']), 'problem')} found; nothing was changed.",
                err=True)
     if log_damaged:
+        into = ("the quarantine/ of its lane" if "lanes" in document
+                else os.path.join(document["path"], "quarantine", ""))
         click.echo(f"`wbcache recover --salvage {directory}` replays the log up to the first "
-                   f"damage and moves the damaged segment and any after it into the "
-                   f"quarantine/ beside it (preview with --dry-run).", err=True)
+                   f"damage and moves the damaged segment and any after it into {into} "
+                   f"(preview with --dry-run).", err=True)

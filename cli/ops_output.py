@@ -134,11 +134,16 @@ def warn_if_stale(snapshot: DirectorySnapshot, *, reads_live_lanes: bool) -> Non
     live = [log for log in snapshot.logs if log.in_use]
     names = ", ".join(log.lane + (f" (pid {log.owner_pid})" if log.owner_pid else "")
                       for log in live if log.lane is not None)
-    what = ("its log is read as it stands: this view may be stale" if reads_live_lanes else
-            "what it has not flushed yet is not shown (its cache flushes it)")
-    lanes = "lane" if len(live) == 1 else "lanes"
-    click.echo(f"warning: {snapshot.path}: {lanes} {names} in use by a live cache; {what}",
-               err=True)
+    one = len(live) == 1
+    if reads_live_lanes:
+        what = ("its log is read as it stands" if one else
+                "their logs are read as they stand") + ": this view may be stale"
+    else:
+        what = ("what it has not flushed yet is not shown (its cache flushes it)" if one else
+                "what they have not flushed yet is not shown (their caches flush it)")
+    lanes = f"lane {names} in use by a live cache" if one else \
+        f"lanes {names} in use by live caches"
+    click.echo(f"warning: {snapshot.path}: {lanes}; {what}", err=True)
 
 
 def owner_fields(snapshot: DirectorySnapshot, url: str | None) -> dict[str, Any]:

@@ -153,9 +153,9 @@ def _print_shared_outcome(outcome: RecoverOutcome) -> None:
     free = count(len(recovered), "free lane")
     if outcome.dry_run:
         click.echo(f"dry run, nothing changed: recovering {outcome.path} would replay "
-                   f"{number(replayed)} log records from {free}")
+                   f"{count(replayed, 'log record')} from {free}")
     else:
-        click.echo(f"recovered {outcome.path}: replayed {number(replayed)} log records from "
+        click.echo(f"recovered {outcome.path}: replayed {count(replayed, 'log record')} from "
                    f"{free} into the database")
     table(("lane", "state", "segments", "records", "replayed", "torn bytes",
            "checkpoint before", "after"),
@@ -181,9 +181,9 @@ def _print_outcome(outcome: RecoverOutcome, database: str) -> None:
     assert report is not None
     if report.dry_run:
         click.echo(f"dry run, nothing changed: recovering {outcome.path} would replay "
-                   f"{number(report.replayed)} log records")
+                   f"{count(report.replayed, 'log record')}")
     else:
-        click.echo(f"recovered {outcome.path}: replayed {number(report.replayed)} log records "
+        click.echo(f"recovered {outcome.path}: replayed {count(report.replayed, 'log record')} "
                    f"into {database}")
     torn_note = (f"end of {os.path.basename(report.torn_segment)}"
                  if report.torn_segment else "")

@@ -195,7 +195,8 @@ def test_a_count_that_is_not_a_whole_number_says_so(argv: list[str], message: st
 
 
 @pytest.mark.parametrize("argv", [["demo", "--seconds", "nan"], ["torture", "--seconds", "inf"],
-                                  ["torture", "--seconds", "nan"]])
+                                  ["torture", "--seconds", "nan"],
+                                  ["demo", "--seconds", "abc"]])  # was "not a valid seconds"
 def test_seconds_that_are_not_a_number_are_refused(argv: list[str]) -> None:
     """A range lets nan through (every comparison with it is false): the demo slept nan
     seconds (a traceback, and its writer never killed: it never exited), torture ignored

@@ -153,6 +153,7 @@ def test_verify_lists_each_problem_on_its_own_line_and_exits_1(tmp_path: Path,
     ]
     assert "3 problems found; nothing was changed." in result.stderr
     assert f"wbcache recover --salvage {path}" in result.stderr
+    assert f"into {path}/quarantine/ (preview with --dry-run)" in result.stderr  # as recover's
     assert [(p["segment"], p["offset"]) for p in as_json.json()["problems"]] == [
         (str(segments[0]), first[49]), (str(segments[0]), first[80]), (str(segments[1]), second)]
     assert tree_state(path) == before

@@ -73,6 +73,21 @@ def test_inspect_shows_each_lane_its_owner_checkpoint_and_pending_records(
     assert any(line.split()[:2] == ["00000002", "free"] for line in lines)
 
 
+def test_the_warning_for_several_live_lanes_speaks_of_them_all(tmp_path: Path) -> None:
+    path = tmp_path / "shared"
+    with shared_lanes(path, dead=DEAD, live=LIVE) as holder, \
+            wbcache.open(path, shared=True) as mine:  # a second live lane, this process's
+        assert holder is not None
+        inspected = run("script", "inspect", str(path))
+        dumped = run("script", "dump", str(path))
+    lane = os.path.basename(mine._layout.root)
+    names = f"lanes 00000001 (pid {holder.pid}), {lane} (pid {os.getpid()})"
+    assert (f"warning: {path}: {names} in use by live caches; their logs are read as they "
+            f"stand: this view may be stale") in inspected.stderr
+    assert (f"warning: {path}: {names} in use by live caches; what they have not flushed "
+            f"yet is not shown (their caches flush it)") in dumped.stderr
+
+
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_recover_adopts_the_free_lanes_and_names_the_live_one_left_alone(
         tmp_path: Path, driver: str) -> None:
