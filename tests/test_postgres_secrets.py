@@ -39,8 +39,13 @@ def assert_hidden(text: str) -> None:
      "connect_timeout"),
     (f"postgresql://user:{SECRET}@127.0.0.1:notaport/db", "port"),
     # a raw '?' cuts the password short: libpq quoted its second half (its '@' encoded)
-    ("postgresql://user:Zq7x?K9w@127.0.0.1:1/db", "invalid PostgreSQL DSN"),
-    ("postgresql://user:Zq7x?K9w@127.0.0.1:1/db?table=t", "invalid PostgreSQL DSN"),
+    ("postgresql://user:Zq7x?K9w@127.0.0.1:1/db", "an '@' after its host"),
+    ("postgresql://user:Zq7x?K9w@127.0.0.1:1/db?table=t", "an '@' after its host"),
+    # ... or read as a parameter, the database or the port, and printed as such
+    ("postgresql://user:Zq7x?timeout=K9w@127.0.0.1:1/db?table=t", "an '@' after its host"),
+    ("postgresql://user:Zq7x/K9w@127.0.0.1:1/db", "an '@' after its host"),
+    ("postgresql://user:Zq7x?sslmode=prefer@127.0.0.1:1/db", "an '@' after its host"),
+    ("postgresql://user:ab@Zq7x/K9w@127.0.0.1:1/db", "an '@' after its host"),
 ])
 def test_a_bad_backend_url_is_refused_without_its_password(url: str, message: str) -> None:
     with pytest.raises((ValueError, PostgresError), match=message) as refused:
@@ -104,6 +109,8 @@ def test_a_connected_backend_shows_no_password_in_its_repr_or_errors(pg_dsn: str
      "postgres://user:***@h1,h2:5433/db?sslmode=require"),
     (f"postgresql://user@host/db?password={SECRET}&sslmode=require",
      "postgresql://user@host/db?password=***&sslmode=require"),
+    (f"postgresql://user@host/db?password={SPACED}&table=t",  # was "password=*** K9w"
+     "postgresql://user@host/db?password=***&table=t"),
     (f"host=h password={SECRET} user=u", "host=h password=*** user=u"),
     (f"host=h password = '{SPACED}' user=u", "host=h password = *** user=u"),
     (f"host=h sslpassword={SECRET}", "host=h sslpassword=***"),

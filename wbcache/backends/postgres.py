@@ -193,6 +193,12 @@ class PostgresBackend:
         if parts.scheme not in ("postgresql", "postgres"):
             found = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"  # never the URL
             raise ValueError(f"not a PostgreSQL URL (postgresql://...): {found}")
+        if "@" in parts.path + parts.query + parts.fragment:
+            # A raw '/', '?' or '#' in the password ends the user info early, and the rest of
+            # the password would be read (and printed) as the database, a parameter or a port.
+            raise ValueError("the URL has an '@' after its host: percent-encode a password's "
+                             "'/', '?', '#' and '@' (%2F, %3F, %23, %40), and an '@' in a "
+                             "parameter (%40)")
         libpq: list[tuple[str, str]] = []
         ours: dict[str, Any] = {}
         for name, value in parse_qsl(parts.query, keep_blank_values=True):

@@ -20,7 +20,8 @@ __all__ = ["MASK", "redact", "redact_dsn_complaint"]
 MASK = "***"
 
 _URL_USER_INFO = re.compile(r"(?P<head>(?:\b[A-Za-z][A-Za-z0-9+.-]*:)?//)(?P<info>\S*)@")
-_URL_QUERY_PASSWORD = re.compile(r"(?P<key>[?&](?:ssl)?password=)[^&#\s]*", re.IGNORECASE)
+# To the next & or # (or the line's end: a space in it is not an end, so more is hidden)
+_URL_QUERY_PASSWORD = re.compile(r"(?P<key>[?&](?:ssl)?password=)[^&#\n]*", re.IGNORECASE)
 # Not after ? or &: that is the URL query's, taken above (its value ends at the next &).
 _KEYWORD_PASSWORD = re.compile(
     r"(?<![?&])(?P<key>\b(?:ssl)?password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S+)", re.IGNORECASE)
