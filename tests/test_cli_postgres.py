@@ -184,6 +184,32 @@ def test_the_table_is_recorded_as_the_server_resolves_it_and_moves_only_with_an_
         query(pg_dsn, f'DROP SCHEMA "{other_schema}" CASCADE')
 
 
+def test_every_statement_names_the_schema_the_table_was_found_in(
+        tmp_path: Path, pg_dsn: str, pg_schema: str) -> None:
+    """table=cache found in the second schema of search_path; then a table of that name
+    appears in the first: the flushes went there (resolved per statement), while
+    DIR/backend named the second."""
+    first = f"{pg_schema}_a"
+    query(pg_dsn, f'CREATE SCHEMA "{first}"')
+    wbcache.open(tmp_path / "maker", backend=pg_url(pg_dsn, f"{pg_schema}.cache")).close()
+    try:
+        url = f"{pg_url(pg_dsn, 'cache')}&options=-csearch_path%3D{first},{pg_schema}"
+        with wbcache.open(tmp_path / "c", backend=url, flush_interval=3600) as cache:
+            cache.put("k1", 1)
+            cache.flush()
+            for name in ("cache", "cache_checkpoints"):
+                query(pg_dsn, f'CREATE TABLE "{first}".{name} '
+                              f'(LIKE "{pg_schema}".{name} INCLUDING ALL)')
+            cache.put("k2", 2)
+            cache.flush()
+        assert (tmp_path / "c" / "backend").read_text() == \
+            f"postgresql\ntable={pg_schema}.cache\n"
+        assert query(pg_dsn, f'SELECT count(*) FROM "{pg_schema}".cache') == [(2,)]
+        assert query(pg_dsn, f'SELECT count(*) FROM "{first}".cache') == [(0,)]
+    finally:
+        query(pg_dsn, f'DROP SCHEMA "{first}" CASCADE')
+
+
 def test_a_kind_of_database_with_a_space_in_its_name_reads_back_whole(tmp_path: Path) -> None:
     from wbcache.layout import Layout, record_backend
 

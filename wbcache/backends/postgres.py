@@ -145,8 +145,7 @@ class PostgresBackend:
         self._statement_bytes = statement_bytes
         self._explicit_id = _check_cache_id(cache_id) if cache_id is not None else None
         self._cache_id = self._explicit_id
-        self._names = TableNames.parse(table)
-        self._table = self._names.data  # schema-qualified once the server has resolved it
+        self._names = TableNames.parse(table)  # schema-qualified once the server resolves it
         self._sql = Statements(self._names)
         self._link = Link(Endpoint.from_dsn(dsn, connect_timeout=connect_timeout,
                                             timeout=timeout), self._names.data)
@@ -246,8 +245,9 @@ class PostgresBackend:
     @property
     def table(self) -> str:
         """The data table, schema included as the server resolved it when the backend was
-        made ("public.wbcache" for table="wbcache"): what DIR/backend records."""
-        return self._table
+        made ("public.wbcache" for table="wbcache"), which every statement names: what
+        DIR/backend records."""
+        return self._names.data
 
     # ---------------------------------------------------------------- reads
 
@@ -417,6 +417,7 @@ class PostgresBackend:
         names, sql = self._names, self._sql
 
         def create(conn: Connection) -> dict[str, dict[str, str]] | None:
+            nonlocal names, sql
             row = conn.execute(sql.exists, (names.data_sql, names.checkpoints_sql)).fetchone()
             if not (row and row[0]):
                 if not create_tables:
@@ -425,14 +426,19 @@ class PostgresBackend:
                     conn.execute(sql.lock_ddl, (DDL_LOCK_CLASS, names.data_sql))
                     conn.execute(sql.create_data)
                     conn.execute(sql.create_checkpoints)
+            # From here on every statement names the schema search_path found the table in
+            # now: that is the table DIR/backend records, whatever search_path says later.
             row = conn.execute(sql.schema_of, (names.data_sql,)).fetchone()
-            self._table = f"{row[0]}.{names.name}" if row else names.data
+            if row and names.schema is None:
+                names = TableNames(row[0], names.name)
+                sql = Statements(names)
             return {kind: dict(conn.execute(sql.columns, (table,)).fetchall())
                     for kind, table in (("data", names.data_sql),
                                         ("checkpoints", names.checkpoints_sql))}
 
         conn = self._writer_connection()
         found = self._link.call(conn, "creating the tables", create)
+        self._names, self._sql = names, sql
         if found is None:
             raise SchemaMismatchError(
                 f"{self._link.where}: there is no table {names.data} (with "
