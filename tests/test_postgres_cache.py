@@ -301,8 +301,12 @@ def test_a_refused_open_with_a_url_creates_no_table(tmp_path: Path, pg_dsn: str,
     (tmp_path / "file").write_text("not a directory")
     with wbcache.open(tmp_path / "pg", backend=pg_url(pg_dsn, table)) as cache:
         cache.put("k", 1)
+    with wbcache.open(tmp_path / "old", segment_size=4096) as cache:
+        cache.put_many((f"k{i}", i) for i in range(200))  # its log: past LSN 1 at the next open
+    (tmp_path / "old" / "backend").unlink()  # made before DIR/backend was: LMDB, as its db/ says
 
     for name, expected in (("lmdb", "flushes into a lmdb database, not postgresql"),
+                           ("old", "flushes into a lmdb database, not postgresql"),
                            ("file", "not a directory"), ("pg", f"flushes into table {table}")):
         new_table = f"{pg_schema}.made_for_{name}"
         with pytest.raises(wbcache.InvalidDirectoryError, match=expected):
@@ -311,6 +315,10 @@ def test_a_refused_open_with_a_url_creates_no_table(tmp_path: Path, pg_dsn: str,
                      (new_table, f"{new_table}_checkpoints")) == [(None, None)]
     with wbcache.open(tmp_path / "pg", backend=pg_url(pg_dsn, table)) as cache:
         assert cache.get("k") == 1
+    assert not (tmp_path / "old" / "backend").exists()  # the refused open recorded nothing
+    with wbcache.open(tmp_path / "old") as cache:
+        assert len(cache) == 200
+    assert (tmp_path / "old" / "backend").read_text() == "lmdb\n"
 
 
 def test_a_forked_child_neither_uses_nor_closes_the_parents_connections(

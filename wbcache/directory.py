@@ -116,7 +116,7 @@ def open_directory(path: str | os.PathLike[str], options: Options,
     try:
         lanes.refuse_mismatch(layout.root, shared=False)
         if url is not None and target is not None:
-            recorded_kind, recorded_table = layout.recorded_backend()
+            recorded_kind, recorded_table = _recorded(layout)
             kind, table = target  # the table as typed: compared if its schema is there
             if recorded_kind is not None and (recorded_kind != kind or (
                     recorded_table is not None and table is not None and "." in table
@@ -152,12 +152,13 @@ def _record_database(layout: Layout, database: Backend) -> None:
     - a directory whose log holds no write (after `wbcache recover`): it moves to this
       table, as nothing of it can be lost."""
     kind, table = database.kind, table_of(database)
-    recorded_kind, recorded_table = layout.recorded_backend()
+    recorded_kind, recorded_table = _recorded(layout)
     if recorded_kind is not None:
         if table is None or recorded_table == table:
             check_backend(layout.root, (recorded_kind, recorded_table), kind, table)
-            return
-        if recorded_kind == kind and recorded_table is not None and not _log_holds_writes(
+            if layout.backend_kind() is not None:
+                return  # else: an old LMDB directory, its kind recorded now
+        elif recorded_kind == kind and recorded_table is not None and not _log_holds_writes(
                 layout):
             log.info("%s moves from table %s to %s: its log holds no write", layout.root,
                      recorded_table, table)
@@ -171,6 +172,15 @@ def _record_database(layout: Layout, database: Backend) -> None:
                     f"it (cache_id {layout.cache_id()}): is it the table the cache opens the "
                     f"database with?")
     record_backend(layout, kind, table)
+
+
+def _recorded(layout: Layout) -> tuple[str | None, str | None]:
+    """`Layout.recorded_backend`, where a directory made before DIR/backend was, whose
+    db/ holds an LMDB database, flushes into that (as `find_directory` reads it)."""
+    kind, table = layout.recorded_backend()
+    if kind is None and os.path.lexists(os.path.join(layout.db, DATA_FILE)):
+        return EMBEDDED, None
+    return kind, table
 
 
 def _log_holds_writes(layout: Layout) -> bool:
