@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -333,5 +334,71 @@ def test_close_from_another_loop_still_closes_the_descriptor_if_the_own_loop_sto
         with pytest.raises(OSError):
             os.fstat(fd)
     finally:
+        runner.join(30)
+        own.close()
+
+
+def own_loop_in_a_thread(tmp_path: Path) -> tuple[asyncio.AbstractEventLoop, threading.Thread,
+                                                  AsyncCache]:
+    own = asyncio.new_event_loop()
+    runner = threading.Thread(target=own.run_forever)
+    runner.start()
+    cache = asyncio.run_coroutine_threadsafe(wbcache.open_async(tmp_path / "c"), own).result(30)
+    asyncio.run_coroutine_threadsafe(cache.put("a", 1), own).result(30)
+    return own, runner, cache
+
+
+def test_a_close_the_own_loop_waits_for_still_ends(tmp_path: Path) -> None:
+    """A callback of the cache's loop waits for the close it handed to another loop: the
+    close waited for that loop to run its part, forever. It now does the part itself once
+    the loop has not got to it in OWN_LOOP_WAIT."""
+    own, runner, cache = own_loop_in_a_thread(tmp_path)
+    other = asyncio.new_event_loop()
+    other_runner = threading.Thread(target=other.run_forever)
+    other_runner.start()
+    ended: list[float] = []
+
+    def wait_for_the_close() -> None:  # holds the cache's loop
+        started = time.monotonic()
+        asyncio.run_coroutine_threadsafe(cache.close(), other).result(30)
+        ended.append(time.monotonic() - started)
+
+    try:
+        own.call_soon_threadsafe(wait_for_the_close)
+        wait_until(lambda: bool(ended), 30, "the close to end while its loop is held")
+        assert cache.closed and cache._notify_fd is None
+        assert ended[0] < 30
+    finally:
+        for loop, thread in ((own, runner), (other, other_runner)):
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(30)
+            loop.close()
+
+
+def test_a_cancelled_close_leaves_its_part_to_the_own_loop_while_it_runs(
+        tmp_path: Path) -> None:
+    """`asyncio.run(wait_for(cache.close(), t))` from another thread: at its end asyncio.run
+    cancels the close, which then did the part queued in the (busy, running) cache's loop
+    in its own thread. It stays queued there, and runs there."""
+    own, runner, cache = own_loop_in_a_thread(tmp_path)
+    release = threading.Event()
+    removed_in: list[int] = []
+    remove_reader = own.remove_reader
+
+    def recorded(fd: int) -> bool:
+        removed_in.append(threading.get_ident())
+        return remove_reader(fd)
+
+    own.remove_reader = recorded  # type: ignore[method-assign]
+    try:
+        own.call_soon_threadsafe(release.wait, 30)  # busy until released
+        with pytest.raises(asyncio.TimeoutError):
+            asyncio.run(asyncio.wait_for(cache.close(), 0.3))
+        release.set()
+        wait_until(lambda: bool(removed_in), 30, "the close's part to run")
+        assert removed_in == [runner.ident]
+    finally:
+        release.set()
+        own.call_soon_threadsafe(own.stop)
         runner.join(30)
         own.close()

@@ -51,6 +51,7 @@ import concurrent.futures
 import logging
 import os
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -77,6 +78,9 @@ T = TypeVar("T")
 log = logging.getLogger("wbcache.aio")
 # The running loop or None (asyncio exports it): no exception to set up where none runs.
 _running_loop = asyncio._get_running_loop
+# How long a close awaited from another loop waits for the cache's own loop, still running, to
+# run the close's part there (`AsyncCache._in_own_loop`): a loop runs a callback in far less.
+OWN_LOOP_WAIT = 1.0
 _NO_DEFAULT: Any = object()
 
 
@@ -452,7 +456,9 @@ class AsyncCache:
         """Run `call` (it touches the loop's reader and futures, which are not thread-safe)
         here if this is the cache's loop or that loop is not running; else in that loop,
         running in another thread (a close awaited from another loop), waited for. If that
-        loop stops first, `call` runs here after all: no other thread is in the loop then."""
+        loop stops first, `call` runs here after all: no other thread is in the loop then.
+        If it runs but does not get to `call` within OWN_LOOP_WAIT (it is blocked, perhaps
+        waiting for this very close), `call` runs here too, as a lesser harm than a hang."""
         own = self._loop
         if _running_loop() is own or not own.is_running():
             call()
@@ -474,14 +480,15 @@ class AsyncCache:
             call()
             return
         waited = asyncio.wrap_future(ran)
+        deadline = time.monotonic() + OWN_LOOP_WAIT
         try:
             # a stop is seen by looking: a loop tells no one (a few looks, in a close only)
             while not (await asyncio.wait({waited}, timeout=0.1))[0]:
-                if not own.is_running() and ran.cancel():
+                if (not own.is_running() or time.monotonic() > deadline) and ran.cancel():
                     call()
                     return
-        except asyncio.CancelledError:
-            if ran.cancel():
+        except asyncio.CancelledError:  # queued there, it runs there, unless that loop stopped
+            if not own.is_running() and ran.cancel():
                 call()
             raise
         waited.result()
