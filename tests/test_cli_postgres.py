@@ -168,11 +168,16 @@ def test_the_table_is_recorded_as_the_server_resolves_it_and_moves_only_with_an_
         with wbcache.open(path, backend=pg_url(pg_dsn, f"{pg_schema}.cache")) as cache:
             assert cache.get("k") == 1  # the same table, named with its schema
 
-        for url in (found_in(other_schema), pg_url(pg_dsn, f"{other_schema}.cache")):
-            with pytest.raises(wbcache.InvalidDirectoryError,
-                               match=f"flushes into table {pg_schema}.cache of its"):
-                wbcache.open(path, backend=url)
-        assert query(pg_dsn, "SELECT to_regclass(%s)", (f"{other_schema}.cache",)) != [(None,)]
+        with pytest.raises(wbcache.InvalidDirectoryError,
+                           match=f"flushes into table {pg_schema}.cache of its"):
+            wbcache.open(path, backend=pg_url(pg_dsn, f"{other_schema}.cache"))
+        with pytest.raises(wbcache.SchemaMismatchError, match="there is no table cache"):
+            wbcache.open(path, backend=found_in(other_schema))  # made for nobody
+        assert query(pg_dsn, "SELECT to_regclass(%s)", (f"{other_schema}.cache",)) == [(None,)]
+        wbcache.open(tmp_path / "b", backend=pg_url(pg_dsn, f"{other_schema}.cache")).close()
+        with pytest.raises(wbcache.InvalidDirectoryError,  # another directory's, resolved
+                           match=f"flushes into table {pg_schema}.cache of its"):
+            wbcache.open(path, backend=found_in(other_schema))
 
         # The way to move it: recover into its table (which empties the log), then open.
         assert run("runner", "recover", str(path),

@@ -313,6 +313,11 @@ def test_a_refused_open_with_a_url_creates_no_table(tmp_path: Path, pg_dsn: str,
             wbcache.open(tmp_path / name, backend=pg_url(pg_dsn, new_table))
         assert query(pg_dsn, "SELECT to_regclass(%s), to_regclass(%s)",
                      (new_table, f"{new_table}_checkpoints")) == [(None, None)]
+    # A table named without its schema is known only once resolved: nothing is made for it.
+    found_in_schema = f"{pg_url(pg_dsn, 'typo')}&options=-csearch_path%3D{pg_schema}"
+    with pytest.raises(wbcache.SchemaMismatchError, match="there is no table"):
+        wbcache.open(tmp_path / "pg", backend=found_in_schema)
+    assert query(pg_dsn, "SELECT to_regclass(%s)", (f"{pg_schema}.typo",)) == [(None,)]
     with wbcache.open(tmp_path / "pg", backend=pg_url(pg_dsn, table)) as cache:
         assert cache.get("k") == 1
     assert not (tmp_path / "old" / "backend").exists()  # the refused open recorded nothing

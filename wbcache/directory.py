@@ -122,7 +122,11 @@ def open_directory(path: str | os.PathLike[str], options: Options,
                     recorded_table is not None and table is not None and "." in table
                     and table != recorded_table and _log_holds_writes(layout))):
                 check_backend(layout.root, (recorded_kind, recorded_table), kind, table)
-            database = backend_from_url(url)
+            # Tables are made only for the recorded table named with its schema (a database
+            # moved to a new server) or a first open: a table as typed without its schema is
+            # compared once resolved, and an open refused then must have made nothing.
+            known = recorded_table is None or table == recorded_table
+            database = backend_from_url(url, **({} if known else {"create_tables": False}))
         complete(layout)
         if database is None:
             database = embedded_backend(layout.db, map_size=options.map_size)
@@ -239,8 +243,8 @@ def _lock_single_owner(layout: Layout) -> DirectoryLock:
     once recovery has succeeded: a refused open leaves it alone). Held by another: refused
     as "in use" (`CacheLockedError`), unless the holder is a first shared open marking the
     directory (`_make_shared`, which holds it shared): then as a shared directory, as a
-    retry would be. Held shared, or let go since, and neither lanes/ nor wal/ yet: tried
-    once more, as another single-owner first open may just have failed or finished."""
+    retry would be. Held shared, or let go since: tried once more, as another single-owner
+    open may just have failed or finished (the holder found then is the one named)."""
     for attempt in (1, 2):
         try:
             return DirectoryLock.acquire(layout.lock, record_owner=False)
@@ -257,7 +261,7 @@ def _lock_single_owner(layout: Layout) -> DirectoryLock:
                 probe.release()
             if made_shared or (attempt == 2 and not made_single):
                 raise lanes.shared_directory(layout.root) from None
-            if made_single:
+            if attempt == 2:
                 raise
     raise AssertionError("unreachable")
 

@@ -263,7 +263,7 @@ def check_backend(root: str, recorded: tuple[str, str | None], kind: str,
             f"{table}: open it with table {recorded_table} (table={recorded_table} in a URL), "
             f"or its log would be replayed into the wrong table. To move it to {table}, run "
             f"wbcache recover with the URL of {recorded_table} (that empties its log), then "
-            f"open it with {table}")
+            f"open it with {table}, its schema named")
 
 
 def _check_entries(root_fd: int, root: str, names: frozenset[str],
