@@ -22,6 +22,10 @@ directory and its kind (single-owner or shared; which database) without creating
 anything, `open_database` opens its database through the registry, for reading or for
 recovery, attached to the directory's (or a lane's) identity as step 3 does, and `key_order`
 and `count_after_recovery` say what the data looks like once the log is replayed.
+
+One module (over 500 lines) because both halves apply the same rules (the layout's checks,
+the locks, which database and table a directory may be given): kept side by side, an open
+and a command cannot come to disagree about a directory.
 """
 
 from __future__ import annotations
