@@ -172,14 +172,26 @@ def _record_database(layout: Layout, database: Backend) -> None:
                      recorded_table, table)
         else:
             check_backend(layout.root, (recorded_kind, recorded_table), kind, table)
-            segments = list_segments(layout.wal)  # recorded without a table: the old guard
-            if segments and segments[0].first_lsn > 1 and not database.checkpoint():
-                raise InvalidDirectoryError(
-                    f"{layout.root} has flushed into its database before (its log starts at "
-                    f"LSN {segments[0].first_lsn}), but table {table} holds no checkpoint for "
-                    f"it (cache_id {layout.cache_id()}): is it the table the cache opens the "
-                    f"database with?")
+            # recorded without a table: the guard the commands apply
+            check_flushed_here(layout, layout.wal, database.checkpoint())
     record_backend(layout, kind, table)
+
+
+def check_flushed_here(layout: Layout, wal_dir: str, checkpoint: int) -> None:
+    """Refuse a database holding no checkpoint for the directory (`checkpoint`, 0) although
+    its log (`wal_dir`) no longer starts at LSN 1: segments are deleted only once flushed, so
+    the directory has flushed into another table (or database) than this one. Caught before
+    a recovery writes into the wrong table or the gap is taken for damage and salvaged
+    away."""
+    if checkpoint:
+        return
+    segments = list_segments(wal_dir)
+    if segments and segments[0].first_lsn > 1:
+        raise InvalidDirectoryError(
+            f"{layout.root} has flushed into its database before (its log starts at LSN "
+            f"{segments[0].first_lsn}), but the table the URL names holds no checkpoint for "
+            f"it (cache_id {layout.cache_id()}): is the URL's table= the one the cache opens "
+            f"it with?")
 
 
 def _recorded(layout: Layout) -> tuple[str | None, str | None]:

@@ -30,7 +30,13 @@ from dataclasses import dataclass, field
 
 from wbcache.backends import Backend, Key
 from wbcache.codec import check_key, decode_value
-from wbcache.directory import DATA_FILE, FoundDirectory, find_directory, open_database
+from wbcache.directory import (
+    DATA_FILE,
+    FoundDirectory,
+    check_flushed_here,
+    find_directory,
+    open_database,
+)
 from wbcache.directory import count_after_recovery as _count_after
 from wbcache.errors import CacheClosedError, ConcurrentChangeError, InvalidDirectoryError
 from wbcache.layout import QUARANTINE_NAME, Layout
@@ -44,7 +50,6 @@ from wbcache.recovery.pending import (
 from wbcache.recovery.verify import LogSurvey, check_format_versions, survey_log
 from wbcache.replayed import Found, Replayed, fold_log
 from wbcache.wal.records import State
-from wbcache.wal.segments import list_segments
 
 __all__ = ["DatabaseCheck", "DirectorySnapshot", "Found", "LogView", "QuarantinedFile",
            "check_checkpoint", "check_url", "open_snapshot"]
@@ -66,19 +71,10 @@ def check_url(found: FoundDirectory, url: str | None) -> None:
 
 
 def check_checkpoint(found: FoundDirectory, wal_dir: str, checkpoint: int) -> None:
-    """Refuse a database named by URL that holds no checkpoint for the directory although its
-    log no longer starts at LSN 1: segments are deleted only once flushed, so the directory
-    has flushed into another table (or database) than this one. Caught here, before a recovery
-    writes into the wrong table or the gap is taken for damage and salvaged away."""
-    if found.embedded or checkpoint:
-        return
-    segments = list_segments(wal_dir)
-    if segments and segments[0].first_lsn > 1:
-        raise InvalidDirectoryError(
-            f"{found.root} has flushed into its database before (its log starts at LSN "
-            f"{segments[0].first_lsn}), but the table the URL names holds no checkpoint for "
-            f"it (cache_id {found.layout.cache_id()}): is the URL's table= the one the cache "
-            f"opens it with?")
+    """`check_flushed_here` for a database named by URL (the embedded one is the
+    directory's own)."""
+    if not found.embedded:
+        check_flushed_here(found.layout, wal_dir, checkpoint)
 
 
 @dataclass(frozen=True)
