@@ -5,8 +5,9 @@
     .venv/bin/pyinstrument -m bench.hot_loops get-str
 
 Paths: put-interval (1 thread, fsync="interval"), put-always (1 thread), put-threads (16
-threads, or --threads N, fsync="always"), get-str and get-dict (hits), flush (fill 100,000
-dirty entries, flush, repeat). The same keys and values as the benchmark; files in a temp dir
+threads, or --threads N, fsync="always"), put-async (AsyncCache, 64 tasks, or --threads N,
+fsync="always"), get-str and get-dict (hits), flush (fill 100,000 dirty entries, flush,
+repeat). The same keys and values as the benchmark; files in a temp dir
 removed afterwards. (Recovery: profile the command itself, `py-spy record -- wbcache recover
 DIR`, on a copy of a log the benchmark's recovery rows write.)
 """
@@ -14,6 +15,7 @@ DIR`, on a copy of a log the benchmark's recovery rows write.)
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shutil
 import tempfile
 import threading
@@ -25,7 +27,8 @@ from typing import Any
 import wbcache
 from bench.workload import Workload
 
-PATHS = ("put-interval", "put-always", "put-threads", "get-str", "get-dict", "flush")
+PATHS = ("put-interval", "put-always", "put-threads", "put-async", "get-str", "get-dict",
+         "flush")
 
 
 def _until(seconds: float, step: Callable[[], int]) -> int:
@@ -56,9 +59,26 @@ def _gets(cache: wbcache.Cache, keys: list[str]) -> Callable[[], int]:
     return step
 
 
+async def _async_puts(directory: Path, seconds: float, tasks: int, keys: list[str],
+                      values: list[Any]) -> int:
+    counts = [0] * tasks
+    deadline = time.perf_counter() + seconds
+    async with await wbcache.open_async(directory / "c") as cache:
+        async def worker(i: int) -> None:
+            mine = list(zip(keys[i::tasks][:500], values[i::tasks][:500], strict=True))
+            while time.perf_counter() < deadline:
+                for k, v in mine:
+                    await cache.put(k, v)
+                counts[i] += len(mine)
+        await asyncio.gather(*(worker(i) for i in range(tasks)))
+    return sum(counts)
+
+
 def run(path: str, seconds: float, directory: Path, writers: int = 16) -> int:
     workload = Workload(100_000)
     keys, values = workload.keys, workload.dict_values
+    if path == "put-async":
+        return asyncio.run(_async_puts(directory, seconds, writers, keys, values))
     if path == "put-threads":
         with wbcache.open(directory / "c") as cache:
             counts = [0] * writers
@@ -103,12 +123,14 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", choices=PATHS)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--threads", type=int, default=16, help="writers of put-threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="writers of put-threads (16) or tasks of put-async (64)")
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="wbcache-hot-"))
     try:
         started = time.perf_counter()
-        done = run(args.path, args.seconds, directory, args.threads)
+        writers = args.threads or (64 if args.path == "put-async" else 16)
+        done = run(args.path, args.seconds, directory, writers)
         print(f"{args.path}: {done / (time.perf_counter() - started):,.0f} ops/s")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
