@@ -46,6 +46,9 @@ def assert_hidden(text: str) -> None:
     ("postgresql://user:Zq7x/K9w@127.0.0.1:1/db", "an '@' after its host"),
     ("postgresql://user:Zq7x?sslmode=prefer@127.0.0.1:1/db", "an '@' after its host"),
     ("postgresql://user:ab@Zq7x/K9w@127.0.0.1:1/db", "an '@' after its host"),
+    # a raw '@': libpq ends the user info at the first, and printed the rest as the host
+    ("postgresql://user:Zq7x@K9w@127.0.0.1:1/db", "more than one before it"),
+    ("postgresql://Zq7x@K9w@127.0.0.1:1/db?table=t", "more than one before it"),
 ])
 def test_a_bad_backend_url_is_refused_without_its_password(url: str, message: str) -> None:
     with pytest.raises((ValueError, PostgresError), match=message) as refused:
@@ -141,6 +144,7 @@ def test_redact_hides_a_known_secret_wherever_it_appears() -> None:
     f"mysql://user:{SECRET}@127.0.0.1/db",
     f"//user:{SECRET}@127.0.0.1/db",
     f"postgresql://user:{SECRET}@127.0.0.1/db?table=mine",
+    "postgresql://user:Zq7x@K9w@127.0.0.1:1/db",  # libpq ends the user info at the first '@'
 ])
 def test_torture_backend_errors_never_show_the_password(driver: str, url: str,
                                                         tmp_path: Path) -> None:

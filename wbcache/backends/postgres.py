@@ -192,12 +192,14 @@ class PostgresBackend:
         if parts.scheme not in ("postgresql", "postgres"):
             found = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"  # never the URL
             raise ValueError(f"not a PostgreSQL URL (postgresql://...): {found}")
-        if "@" in parts.path + parts.query + parts.fragment:
+        if "@" in parts.path + parts.query + parts.fragment or parts.netloc.count("@") > 1:
             # A raw '/', '?' or '#' in the password ends the user info early, and the rest of
-            # the password would be read (and printed) as the database, a parameter or a port.
-            raise ValueError("the URL has an '@' after its host: percent-encode a password's "
-                             "'/', '?', '#' and '@' (%2F, %3F, %23, %40), and an '@' in a "
-                             "parameter (%40)")
+            # the password would be read (and printed) as the database, a parameter or a port;
+            # a raw '@' ends it at the first '@' for libpq (at the last for urlsplit), and the
+            # rest would be printed as the host.
+            raise ValueError("the URL has an '@' after its host, or more than one before it: "
+                             "percent-encode a password's '/', '?', '#' and '@' (%2F, %3F, "
+                             "%23, %40), and an '@' in a parameter (%40)")
         libpq: list[tuple[str, str]] = []
         ours: dict[str, Any] = {}
         for name, value in parse_qsl(parts.query, keep_blank_values=True):
