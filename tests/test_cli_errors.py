@@ -25,6 +25,8 @@ from cli_support import (
     write_segment,
 )
 
+import wbcache
+
 COMMANDS = (
     ("recover",),
     ("recover", "--dry-run"),
@@ -117,6 +119,24 @@ def test_bad_input_is_one_line_and_an_exit_code_and_changes_nothing(
         assert_one_line_error(result, exit_code, message, str(path))
         assert result.stdout == "", command
     assert tree_state(tmp_path) == before  # nothing created, nothing changed
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("digit", ["\u00b2", "\uff11"])  # superscript two, fullwidth one
+def test_a_name_like_a_segment_s_with_other_digits_is_no_segment(tmp_path: Path, driver: str,
+                                                                 digit: str) -> None:
+    # str.isdigit took both: '²' then failed int() (a traceback from verify, a ValueError
+    # from open), and the fullwidth one read as segment 1, beside the real one.
+    path = new_cache_dir(tmp_path / "cache")
+    write_segment(path / "wal", puts(1, 10))
+    (path / "wal" / f"{'0' * 19}{digit}.log").write_bytes(b"not a segment")
+
+    result = run(driver, "verify", str(path))
+
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    with wbcache.open(path) as cache:
+        assert [cache.get(f"key-{lsn}") for lsn in range(1, 11)] == list(range(1, 11))
 
 
 @pytest.mark.parametrize("driver", DRIVERS)

@@ -40,7 +40,8 @@ def segment_name(first_lsn: int) -> str:
 def parse_segment_name(name: str) -> int | None:
     """The first LSN a segment file name encodes, or None if it is not a segment name."""
     stem, suffix = name[: -len(SUFFIX)], name[-len(SUFFIX):]
-    if suffix != SUFFIX or len(stem) != _NAME_DIGITS or not stem.isdigit():
+    # isascii: str.isdigit accepts '²' (which int() refuses) and other scripts' digits
+    if suffix != SUFFIX or len(stem) != _NAME_DIGITS or not (stem.isascii() and stem.isdigit()):
         return None
     return int(stem)
 
