@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +254,41 @@ def test_a_backend_url_is_refused_for_a_shared_directory(tmp_path: Path, driver:
     assert_one_line_error(result, 2, "flushes into its own LMDB database", "drop --backend")
     assert "Zq7xK9w" not in result.stderr
     assert tree_state(path) == before
+
+
+# A state no open makes, so that a log would be out of sight: every command and every open
+# refuses it, naming what is wrong, and changes nothing (the commands used to read such a
+# directory by its SHARED mark alone: "ok: no damage found", its wal/ never looked at).
+COMMANDS = (["verify"], ["recover"], ["inspect"], ["stats"], ["dump"], ["get", "k"])
+
+
+def _refused_everywhere(path: Path, driver: str, *fragments: str) -> None:
+    before = tree_state(path)
+    for command in COMMANDS:
+        result = run(driver, command[0], str(path), *command[1:])
+        assert_one_line_error(result, 2, *fragments)
+    for shared in (False, True):
+        with pytest.raises(wbcache.InvalidDirectoryError) as refused:
+            wbcache.open(path, shared=shared)
+        for fragment in fragments:
+            assert fragment in str(refused.value)
+    assert tree_state(path) == before
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_shared_mark_beside_a_single_owner_log_is_refused(tmp_path: Path,
+                                                            driver: str) -> None:
+    path = tmp_path / "cache"
+    with wbcache.open(path) as cache:
+        cache.put("k", 1)
+    (path / "SHARED").write_bytes(b"")
+    _refused_everywhere(path, driver, "both a SHARED mark", "wal/")
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_shared_directory_without_lanes_is_refused(tmp_path: Path, driver: str) -> None:
+    path = tmp_path / "shared"
+    with wbcache.open(path, shared=True) as cache:
+        cache.put("k", 1)
+    shutil.rmtree(path / "lanes")
+    _refused_everywhere(path, driver, "no lanes/ directory", "mkdir -m 0700")

@@ -391,6 +391,7 @@ def find_directory(path: str | os.PathLike[str]) -> FoundDirectory:
         raise InvalidDirectoryError(f"{root} is not a directory")
     names = checked_entries(layout, private_dirs=(QUARANTINE_NAME,))
     if SHARED_NAME in names:
+        lanes.check_marked(root)
         return FoundDirectory(layout, True, EMBEDDED)  # the mark says LMDB
     if not (WAL_NAME in names and LOCK_NAME in names):
         raise InvalidDirectoryError(

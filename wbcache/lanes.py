@@ -216,9 +216,31 @@ def sync_mark(root: str) -> None:
     _fsync_dir(root)
 
 
+def check_marked(root: str) -> None:
+    """Refuse a shared directory (`root`, marked `SHARED`) in a state no open makes: a
+    single-owner's `wal/` beside the mark (the first open's lock lets only one kind be
+    made), or no `lanes/` (made before the mark). Either would put a log out of sight of
+    the opens and the commands, which would call the directory sound."""
+    if os.path.isdir(os.path.join(root, "wal")):
+        raise InvalidDirectoryError(
+            f"{root} has both a SHARED mark (a shared directory's) and a wal/ directory (a "
+            f"single-owner one's log), which no open makes: wbcache will not guess which one "
+            f"the directory is. Nothing was changed. Keep the one it was made as: for a "
+            f"single-owner cache remove SHARED (and lanes/, if its lanes hold no log); for a "
+            f"shared one, move wal/ out of the directory")
+    if not os.path.isdir(lanes_dir(root)):
+        raise InvalidDirectoryError(
+            f"{root} has a SHARED mark but no lanes/ directory: its lanes, with any "
+            f"acknowledged writes their logs held that were not yet flushed, are gone. If "
+            f"lanes/ was removed on purpose, make it again (mkdir -m 0700 {lanes_dir(root)}) "
+            f"to open the directory with what its database holds")
+
+
 def refuse_mismatch(root: str, shared: bool) -> None:
     """Refuse to open a shared directory as a single-owner one, or the other way round,
-    saying which flag to use."""
+    saying which flag to use (or one in a state no open makes: `check_marked`)."""
+    if is_shared(root):
+        check_marked(root)
     if shared and os.path.isdir(os.path.join(root, "wal")):
         raise InvalidDirectoryError(
             f"{root} is a single-owner cache directory: open it without shared=True (one "
