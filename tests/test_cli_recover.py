@@ -18,6 +18,7 @@ import pytest
 from cli_support import (
     DRIVERS,
     WBCACHE,
+    assert_one_line_error,
     flip_byte,
     frame_offsets,
     kill_writer,
@@ -131,6 +132,21 @@ def test_dry_run_after_sigkill_reports_the_replay_and_changes_no_byte(tmp_path: 
 
 
 # ------------------------------------------------------------------ damage
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_cache_id_open_refuses_is_refused_by_recover_too(tmp_path: Path, driver: str) -> None:
+    # recover replayed the log (exit 0) into a directory that open and verify refuse, and
+    # that still could not be opened afterwards
+    path = tmp_path / "cache"
+    kill_writer(path, flushed=10, acks=50)
+    (path / "cache_id").write_bytes(bytes(range(200, 233)))
+    before = tree_state(path)
+
+    for command in ("recover", "verify"):
+        result = run(driver, command, str(path))
+        assert_one_line_error(result, 2, f"{path / 'cache_id'} is not a file wbcache wrote")
+    assert tree_state(path) == before
 
 
 @pytest.mark.parametrize("driver", DRIVERS)

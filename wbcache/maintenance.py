@@ -222,6 +222,8 @@ def _read(found: FoundDirectory, url: str | None, target: _Target, salvage: bool
     lane = _lane_of(target) if found.shared else None
     if found.shared and lane is None:
         return
+    if not found.shared:
+        _cache_id(target.layout)  # read as `wbcache.open` reads it: one it refuses, refused
     reader = open_database(found, url, lane=lane, still=True)
     try:
         check_checkpoint(found, target.layout.wal, reader.checkpoint())
