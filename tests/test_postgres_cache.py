@@ -305,9 +305,9 @@ def test_a_refused_open_with_a_url_creates_no_table(tmp_path: Path, pg_dsn: str,
         cache.put_many((f"k{i}", i) for i in range(200))  # its log: past LSN 1 at the next open
     (tmp_path / "old" / "backend").unlink()  # made before DIR/backend was: LMDB, as its db/ says
 
-    for name, expected in (("lmdb", "flushes into a lmdb database, not postgresql"),
-                           ("old", "flushes into a lmdb database, not postgresql"),
-                           ("file", "not a directory"), ("pg", f"flushes into table {table}")):
+    own = "flushes into its own LMDB database in db/: open it without backend="
+    for name, expected in (("lmdb", own), ("old", own), ("file", "not a directory"),
+                           ("pg", f"flushes into table {table}")):
         new_table = f"{pg_schema}.made_for_{name}"
         with pytest.raises(wbcache.InvalidDirectoryError, match=expected):
             wbcache.open(tmp_path / name, backend=pg_url(pg_dsn, new_table))

@@ -58,6 +58,7 @@ BACKEND_NAME = "backend"
 QUARANTINE_NAME = "quarantine"  # made by `wbcache recover --salvage` (wbcache.maintenance)
 SHARED_NAME = "SHARED"  # a shared directory (wbcache/lanes.py): lanes/ instead of LOCK and wal/
 LANES_NAME = "lanes"
+EMBEDDED_KIND = "lmdb"  # DIR/backend's kind for the LMDB database in db/ (backends.EMBEDDED)
 # What opening creates (wal/ and db/ stay empty until the cache writes). A crash part-way
 # through the first open leaves some of these and nothing else: that directory is completed,
 # not refused.
@@ -253,10 +254,12 @@ def check_backend(root: str, recorded: tuple[str, str | None], kind: str,
     replayed into the wrong database, whose right one would never have those writes."""
     recorded_kind, recorded_table = recorded
     if recorded_kind != kind:
-        raise InvalidDirectoryError(
-            f"{root} flushes into a {recorded_kind} database, not {kind}: open it with its "
-            f"own backend (wbcache.open(path, backend=...)), or its log would be replayed "
-            f"into the wrong database")
+        how = ("its own LMDB database in db/: open it without backend="
+               if recorded_kind == EMBEDDED_KIND else
+               f"a {recorded_kind} database, not {kind}: open it with a backend of that "
+               f"database (wbcache.open(path, backend=...))")
+        raise InvalidDirectoryError(f"{root} flushes into {how}, or its log would be replayed "
+                                    f"into the wrong database")
     if recorded_table is not None and table is not None and recorded_table != table:
         raise InvalidDirectoryError(
             f"{root} flushes into table {recorded_table} of its {kind} database, not "

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from wbcache.backends.base import Backend, Key
+from wbcache.layout import EMBEDDED_KIND
 
 # kind or URL scheme -> (module, class). A backend class has `from_url(url)` if it has a URL.
 _REGISTRY: dict[str, tuple[str, str]] = {
@@ -19,7 +20,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "postgresql": ("wbcache.backends.postgres", "PostgresBackend"),
     "postgres": ("wbcache.backends.postgres", "PostgresBackend"),
 }
-EMBEDDED = "lmdb"
+EMBEDDED = EMBEDDED_KIND  # the database in DIR/db/
 
 
 def backend_class(kind: str) -> Any:
