@@ -109,11 +109,13 @@ def torture(directory: str | None, mode: str, backend: str | None, shared: bool,
         raise click.UsageError(f"--lazyfs is for --mode {' and '.join(LAZYFS_MODES)} (and all); "
                                f"{', '.join(modes)} would not use it")
     try:
-        modes, skipped = lazyfs_modes(modes, lazyfs, asked=mode in LAZYFS_MODES)
+        kept, skipped = lazyfs_modes(modes, lazyfs, asked=mode in LAZYFS_MODES)
     except LazyfsUnavailable as exc:
         raise click.UsageError(str(exc)) from None
     if skipped:
-        click.echo(f"skipping lazyfs: {skipped}")
+        dropped = " and ".join(mode for mode in modes if mode not in kept)
+        click.echo(f"skipping {dropped}: {skipped}")
+    modes = kept
     if directory is not None:
         new_directory(directory)
     workdir = directory or tempfile.mkdtemp(prefix="wbcache-torture-")

@@ -12,9 +12,10 @@ import os
 import shutil
 from dataclasses import dataclass
 
-BUILD_HINT = ("build it with ../shared/tools/lazyfs/build.sh (run from the repository; root, "
-              "about a minute; its last line is the binary's path) and pass that path with "
-              "--lazyfs PATH or WBCACHE_LAZYFS")
+BUILD_HINT = ("build it with ../shared/tools/lazyfs/build.sh where the machine has it (run "
+              "from the repository; root, about a minute; its last line is the binary's "
+              "path), else from https://github.com/dsrhaslab/lazyfs as its README says, and "
+              "pass the binary's path with --lazyfs PATH or WBCACHE_LAZYFS")
 
 
 class LazyfsUnavailable(Exception):
