@@ -209,7 +209,7 @@ def _print_outcome(outcome: RecoverOutcome, database: str) -> None:
 def _print_set_aside(report: SalvageReport, *, err: bool) -> None:
     for item in report.segments:
         if item.reason is not None:
-            what = f"damaged at byte offset {item.offset:,}: {item.reason}"
+            what = f"damaged at byte offset {item.offset}: {item.reason}"
         else:
             what = "follows the damage"
         click.echo(f"  {item.name}  {item.size:,} bytes, {what}", err=err)
