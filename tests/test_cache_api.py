@@ -489,6 +489,16 @@ def test_bad_options_are_rejected_with_the_option_named(cache_dir: Path, options
     wbcache.open(cache_dir).close()
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_key_limit_past_lmdb_s_is_refused_before_anything_is_made(tmp_path: Path,
+                                                                    shared: bool) -> None:
+    # It was checked once the database was open: the refused open left a whole new cache
+    # directory (LOCK, cache_id, backend, db/, wal/ or lanes/) behind.
+    with pytest.raises(ValueError, match="max_key_size .600. exceeds the database's limit"):
+        wbcache.open(tmp_path / "new", max_key_size=600, shared=shared)
+    assert not (tmp_path / "new").exists()
+
+
 def test_options_dataclass_is_frozen_and_documents_defaults() -> None:
     options = Options()
     assert options.fsync == "always"

@@ -107,6 +107,8 @@ def open_directory(path: str | os.PathLike[str], options: Options,
                    backend: Backend | str | None = None) -> OpenedDirectory:
     """Steps 1 to 4 of the module docstring. `backend`: a `Backend` (the caller's to close),
     a URL (a backend made and owned here), or None for the embedded database."""
+    if backend is None:  # LMDB's limit is known: refused before any file is made
+        _check_key_limit(options, DEFAULT_MAX_KEY_SIZE)
     if options.shared:
         return _open_shared(path, options, backend)
     # A URL's backend is made only once the directory is checked, locked and found to flush
@@ -136,9 +138,7 @@ def open_directory(path: str | os.PathLike[str], options: Options,
             database = embedded_backend(layout.db, map_size=options.map_size)
         database.attach(layout.cache_id())
         _record_database(layout, database)
-        if options.max_key_size > database.max_key_size:
-            raise ValueError(f"option max_key_size ({options.max_key_size}) exceeds the "
-                             f"database's limit of {database.max_key_size} bytes")
+        _check_key_limit(options, database.max_key_size)
         report = replay_into(database, layout.wal)
         log_recovery(layout.root, report)
         dir_lock.record_owner()
@@ -240,9 +240,7 @@ def _open_shared(path: str | os.PathLike[str], options: Options,
     try:
         database = _shared_database(root, options.map_size)
         database.attach(lane.layout.cache_id())
-        if options.max_key_size > database.max_key_size:
-            raise ValueError(f"option max_key_size ({options.max_key_size}) exceeds the "
-                             f"database's limit of {database.max_key_size} bytes")
+        _check_key_limit(options, database.max_key_size)
         report = replay_into(database, lane.layout.wal)
         log_recovery(f"{root} (lane {lane.name})", report)
         adopt_orphans(root, options, mine=lane.layout.root)
@@ -252,6 +250,12 @@ def _open_shared(path: str | os.PathLike[str], options: Options,
             database.close()
         lane.release()
         raise
+
+
+def _check_key_limit(options: Options, limit: int) -> None:
+    if options.max_key_size > limit:
+        raise ValueError(f"option max_key_size ({options.max_key_size}) exceeds the "
+                         f"database's limit of {limit} bytes")
 
 
 def _lock_single_owner(layout: Layout) -> DirectoryLock:
