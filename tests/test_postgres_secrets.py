@@ -56,6 +56,30 @@ def test_a_bad_backend_url_is_refused_without_its_password(url: str, message: st
     assert_hidden(shown(refused.value))
 
 
+@pytest.mark.parametrize("url", ["postgresql://user:Zq7x/K9w@127.0.0.1:1/db",
+                                 "postgresql://user:Zq7x@K9w@127.0.0.1:1/db"])
+def test_a_url_given_as_the_dsn_is_refused_as_from_url_refuses_it(url: str) -> None:
+    # PostgresBackend(url) skipped from_url's check: "PostgreSQL at user:Zq7x database
+    # K9w@127.0.0.1:1/db" (the password read as the port), "failed to resolve host 'K9w@..."
+    with pytest.raises(ValueError, match="an '@' after its host") as refused:
+        PostgresBackend(url, cache_id="x", connect_timeout=2)
+    assert_hidden(shown(refused.value))
+
+
+def test_a_url_with_no_host_keeps_its_slashes(pg_dsn: str, pg_schema: str) -> None:
+    # urlunsplit dropped the "//": "postgresql:/test?host=..." is no URL libpq reads, so
+    # libpq's own form for a socket or a host given as a parameter was refused.
+    params = conninfo_to_dict(pg_dsn)
+    url = (f"postgresql:///{params['dbname']}?host={params.get('host', '127.0.0.1')}"
+           f"&port={params.get('port', 5432)}&user={params.get('user', 'postgres')}"
+           f"&table={pg_schema}.hostless")
+    backend = PostgresBackend.from_url(url, cache_id="x")
+    try:
+        assert backend.table == f"{pg_schema}.hostless"
+    finally:
+        backend.close()
+
+
 def test_an_unknown_url_parameter_is_named_though_the_url_holds_a_password() -> None:
     # Its name was hidden with every other quoted text ("***"): no clue which one was wrong.
     with pytest.raises(ValueError, match='invalid URI query parameter: "bogus"') as refused:

@@ -38,7 +38,7 @@ import threading
 from collections.abc import Collection, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit
 
 from wbcache import forking
 from wbcache.backends.base import Key
@@ -100,6 +100,18 @@ def _link_module() -> Any:
     return postgres_link
 
 
+def _check_ats(parts: SplitResult) -> None:
+    """Refuse a URL whose '@' would cut its password short, naming no part of it. A raw
+    '/', '?' or '#' in the password ends the user info early, and the rest of the password
+    would be read (and printed) as the database, a parameter or a port; a raw '@' ends it at
+    the first '@' for libpq (at the last for urlsplit), and the rest would be printed as the
+    host."""
+    if "@" in parts.path + parts.query + parts.fragment or parts.netloc.count("@") > 1:
+        raise ValueError("the URL has an '@' after its host, or more than one before it: "
+                         "percent-encode a password's '/', '?', '#' and '@' (%2F, %3F, %23, "
+                         "%40), and an '@' in a parameter (%40)")
+
+
 class PostgresBackend:
     """A PostgreSQL database shared by many caches. See docs/postgres.md.
 
@@ -134,6 +146,8 @@ class PostgresBackend:
         Endpoint, Link, ReaderPool = link.Endpoint, link.Link, link.ReaderPool  # noqa: N806
         if not isinstance(dsn, str):
             raise TypeError(f"dsn must be a str, not {type(dsn).__name__}")
+        if urlsplit(dsn).scheme in ("postgresql", "postgres"):  # a URL, not key=value pairs
+            _check_ats(urlsplit(dsn))
         for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value) or value <= 0:
@@ -192,14 +206,7 @@ class PostgresBackend:
         if parts.scheme not in ("postgresql", "postgres"):
             found = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"  # never the URL
             raise ValueError(f"not a PostgreSQL URL (postgresql://...): {found}")
-        if "@" in parts.path + parts.query + parts.fragment or parts.netloc.count("@") > 1:
-            # A raw '/', '?' or '#' in the password ends the user info early, and the rest of
-            # the password would be read (and printed) as the database, a parameter or a port;
-            # a raw '@' ends it at the first '@' for libpq (at the last for urlsplit), and the
-            # rest would be printed as the host.
-            raise ValueError("the URL has an '@' after its host, or more than one before it: "
-                             "percent-encode a password's '/', '?', '#' and '@' (%2F, %3F, "
-                             "%23, %40), and an '@' in a parameter (%40)")
+        _check_ats(parts)
         libpq: list[tuple[str, str]] = []
         ours: dict[str, Any] = {}
         for name, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -212,8 +219,11 @@ class PostgresBackend:
             except ValueError:
                 raise ValueError(f"URL parameter {name}={value!r} is not "
                                  f"a {kind.__name__}") from None
-        # quote, not urlencode's quote_plus: libpq reads no "+" as a space
-        dsn = urlunsplit(parts._replace(query=urlencode(libpq, quote_via=quote)))
+        # quote, not urlencode's quote_plus: libpq reads no "+" as a space. Joined by hand:
+        # urlunsplit drops the "//" of a URL with no host ("postgresql:///db?host=/run/pg")
+        query = urlencode(libpq, quote_via=quote)
+        dsn = (f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
+               + (f"#{parts.fragment}" if parts.fragment else ""))
         # Read by libpq now, its complaint redacted as the URL given requires: rebuilt, a
         # password cut short by a raw '?' is no longer one (its '@' is encoded).
         _link_module().parse_dsn(dsn, given=url)
