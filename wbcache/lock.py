@@ -118,6 +118,7 @@ class DirectoryLock:
 
 
 _PID_WIDTH = 20  # wider than any pid Linux hands out (pid_max is at most 2**22)
+_PID_MAX = 2**22  # Linux's largest pid_max
 
 # Every lock descriptor this process holds (module docstring); changed inside `no_fork()`.
 _held: set[int] = set()
@@ -161,7 +162,8 @@ def owner_pid(path: str) -> int | None:
         return None
     finally:
         os.close(fd)
-    if not text.isdigit():
+    # isascii: str.isdigit takes '²' (int() refuses it); a pid past what kill takes is none
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= _PID_MAX:
         return None
     pid = int(text)
     try:
