@@ -31,6 +31,14 @@ from wbcache.fault_injection.runner import worker_env
 MODULE = "wbcache.fault_injection.lazyfs_multi_check"
 
 
+_DIRECT_CAUSE = "\nThe above exception was the direct cause of the following exception:\n"
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1].strip() if lines else ""
+
+
 def lazyfs_truncate_artefact(stderr: str) -> bool:
     """Whether a process died of LazyFS's spurious truncate error: ENOENT from a truncate of an
     OPEN file, which no real file system returns. LazyFS's `lfs_truncate` (src/lazyfs.cpp)
@@ -43,7 +51,11 @@ def lazyfs_truncate_artefact(stderr: str) -> bool:
       * `lmdb.open(...)` raising `lmdb.Error: <dir>: No such file or directory` for the
         database directory just made (`os.makedirs`): inside, LMDB's only call that can fail
         so is the ftruncate that sizes lock.mdb (opening with O_CREAT in an existing
-        directory cannot)."""
+        directory cannot). It reaches the caller as the `DatabaseError` raised from it
+        (wbcache/backends/lmdb.py, `lmdb_errors`): the traceback of its cause is judged."""
+    *causes, last_raised = stderr.split(_DIRECT_CAUSE) or [""]
+    if causes and _last_line(last_raised).startswith("wbcache.errors.DatabaseError: "):
+        stderr = causes[-1]
     lines = [line.strip() for line in stderr.strip().splitlines()]
     lines = [line for line in lines if line.strip("^~ ")]  # 3.11's carets under the code
     if len(lines) < 2:

@@ -165,6 +165,19 @@ def test_only_enoent_from_a_truncate_of_an_open_file_is_excused_as_lazyfs_s() ->
                                                 "directory\n")
     assert not lazyfs_truncate_artefact(lmdb_open + "lmdb.Error: /m/shared/db: "
                                                     "MDB_CORRUPTED: Located page was wrong type\n")
+    # as the caller sees it: the DatabaseError raised from LMDB's error (backends/lmdb.py)
+    raised_from = ("\nThe above exception was the direct cause of the following exception:\n"
+                   "\nTraceback (most recent call last):\n"
+                   "  File \"/x/wbcache/backends/lmdb.py\", line 345, in lmdb_errors\n"
+                   "    raise DatabaseError(f\"cannot {doing} the LMDB database ...\") from exc\n"
+                   "wbcache.errors.DatabaseError: cannot open the LMDB database "
+                   "/m/shared/db/data.mdb: ")
+    assert lazyfs_truncate_artefact(lmdb_open + "lmdb.Error: /m/shared/db: No such file or "
+                                                "directory\n" + raised_from
+                                    + "/m/shared/db: No such file or directory\n")
+    assert not lazyfs_truncate_artefact(lmdb_open + "lmdb.CorruptedError: /m/shared/db: "
+                                                    "MDB_CORRUPTED\n" + raised_from
+                                        + "MDB_CORRUPTED\n")
     assert not lazyfs_truncate_artefact("")
 
 

@@ -30,12 +30,10 @@ and a command cannot come to disagree about a directory.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -483,17 +481,16 @@ def open_database(found: FoundDirectory, url: str | None, *, lane: Layout | None
     # read as "no database yet"
     if not write and not os.path.lexists(os.path.join(found.layout.db, DATA_FILE)):
         return NoDatabase(applies_increments=found.shared)
-    with _embedded_errors(found.layout.db, write=write):
-        if found.shared:
-            database = _shared_database(found.root, map_size)
-            if lane is not None:
-                database.attach(lane.cache_id())
-            return database
-        if write:
-            return embedded_backend(found.layout.db, map_size=map_size)
-        reader: Backend = backend_class(EMBEDDED)(found.layout.db, readonly=True,
-                                                  lock=not still)
-        return reader
+    # LMDB's own errors leave the backend as DatabaseError or PermissionError (its lmdb_errors)
+    if found.shared:
+        database = _shared_database(found.root, map_size)
+        if lane is not None:
+            database.attach(lane.cache_id())
+        return database
+    if write:
+        return embedded_backend(found.layout.db, map_size=map_size)
+    reader: Backend = backend_class(EMBEDDED)(found.layout.db, readonly=True, lock=not still)
+    return reader
 
 
 def _from_url(found: FoundDirectory, url: str) -> Backend:
@@ -514,21 +511,6 @@ def _from_url(found: FoundDirectory, url: str) -> Backend:
         database.close()
         raise
     return database
-
-
-@contextmanager
-def _embedded_errors(db: str, *, write: bool) -> Iterator[None]:
-    """LMDB's errors while opening `db` as a `PermissionError` naming it or a `DatabaseError`."""
-    import lmdb  # only on the embedded database's path: the core names no backend's errors
-
-    try:
-        yield
-    except lmdb.Error as exc:
-        text = str(exc)
-        if isinstance(exc, lmdb.ReadonlyError) or "Permission denied" in text:
-            raise PermissionError(errno.EACCES, "Permission denied", db) from None
-        raise DatabaseError(f"cannot {'open' if write else 'read'} the database in {db}: "
-                            f"{text}") from None
 
 
 # ---------------------------------------------------------------- the data after recovery

@@ -22,12 +22,17 @@ same way (`_begin`). A fork waits the same way (wbcache/forking.py): LMDB enviro
 not be used after fork(), and the child can close its copy safely only if no transaction was
 open.
 
+LMDB's errors leave this module as wbcache's (`lmdb_errors`: `DatabaseError`, or
+`PermissionError`), so no caller names a backend's errors; MapFullError and MapResizedError
+are handled here.
+
 A little over 500 lines: every use of an environment (transactions, growth, forks, a shared
 directory's one open per process) is here, so the rules above can be checked in one file.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -109,36 +114,27 @@ class LmdbDatabase:
         check_library_files(path, {DATA_FILE: not readonly, LMDB_LOCK_FILE: lock})
         self.path = path
         self._readonly = readonly
+        with lmdb_errors(path, "open"):
+            self._env = _open_environment(path, map_size=map_size, readonly=readonly,
+                                          lock=lock)
         try:
-            self._env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=3, sync=True,
-                                  metasync=True, readonly=readonly, mode=0o600, lock=lock,
-                                  create=not readonly, max_readers=MAX_READERS)
-        except lmdb.Error as exc:
-            if "already open in this process" not in str(exc):
-                raise
-            if os.path.realpath(path) in _left_open_at_fork:
-                raise DatabaseError(
-                    f"this process was forked while its parent had a transaction on the "
-                    f"database {path} open (for over {_FORK_WAIT:.0f} s: a long scan or "
-                    f"flush), so the copy it inherited could not be closed safely, and LMDB "
-                    f"allows one open per process: open the directory in a process forked "
-                    f"when no such transaction was open, or a fresh one (spawn)") from None
-            raise DatabaseError(
-                f"the database {path} is already open in this process (LMDB allows one open "
-                f"per process): close the cache that holds it first") from None
-        if not readonly:
-            self._env.reader_check()
-            # LMDB creates data.mdb and lock.mdb itself: make their directory entries durable
-            # before anything (a log deletion) depends on the database.
-            SYSCALLS.fsync_dir(path)
-        while True:  # no transaction handed out yet: a map grown meanwhile is adopted at once
-            try:
-                self._str = self._env.open_db(b"str", create=not readonly)
-                self._bytes = self._env.open_db(b"bytes", create=not readonly)
-                self._meta = self._env.open_db(b"meta", create=not readonly)
-                break
-            except lmdb.MapResizedError:
-                self._env.set_mapsize(0)
+            with lmdb_errors(path, "open"):
+                if not readonly:
+                    self._env.reader_check()
+                    # LMDB creates data.mdb and lock.mdb itself: make their directory entries
+                    # durable before anything (a log deletion) depends on the database.
+                    SYSCALLS.fsync_dir(path)
+                while True:  # no transaction handed out yet: a grown map is adopted at once
+                    try:
+                        self._str = self._env.open_db(b"str", create=not readonly)
+                        self._bytes = self._env.open_db(b"bytes", create=not readonly)
+                        self._meta = self._env.open_db(b"meta", create=not readonly)
+                        break
+                    except lmdb.MapResizedError:
+                        self._env.set_mapsize(0)
+        except BaseException:
+            self._env.close()  # LMDB allows one open per process: the next one must work
+            raise
         self._gate = ReadGate()
         self.resizes = 0  # the map grown here
         self._pid = os.getpid()
@@ -171,27 +167,31 @@ class LmdbDatabase:
 
         py-lmdb (3.0) frees an ended read-only transaction's reader slot only once the object
         is deallocated, and on Python 3.10 a scan closed part-way leaves these frames in a
-        reference cycle until a collection: so no frame keeps the transaction (`del txn`)."""
-        while True:
-            with self._gate.reading(slot=not write):
-                try:
-                    txn = self._env.begin(write=write, db=db)
-                except lmdb.MapResizedError:
-                    if self._gate.nested():
-                        raise
-                    txn = None
-                if txn is not None:
+        reference cycle until a collection: so no frame keeps the transaction (`del txn`).
+
+        Every other LMDB error, in the transaction or in beginning it, leaves as a
+        `DatabaseError` (`lmdb_errors`): every read and write of the database is in one."""
+        with lmdb_errors(self.path, "write" if write else "read"):
+            while True:
+                with self._gate.reading(slot=not write):
                     try:
-                        if write:
-                            yield txn
-                        else:
-                            with txn:
+                        txn = self._env.begin(write=write, db=db)
+                    except lmdb.MapResizedError:
+                        if self._gate.nested():
+                            raise
+                        txn = None
+                    if txn is not None:
+                        try:
+                            if write:
                                 yield txn
-                    finally:
-                        del txn
-                    return
-            with self._gate.resizing():
-                self._env.set_mapsize(0)  # LMDB's "adopt the size the data file has now"
+                            else:
+                                with txn:
+                                    yield txn
+                        finally:
+                            del txn
+                        return
+                with self._gate.resizing():
+                    self._env.set_mapsize(0)  # LMDB's "adopt the size the data file has now"
 
     def get(self, key: Key) -> bytes | None:
         db, raw = self._db_and_raw(key)
@@ -263,8 +263,8 @@ class LmdbDatabase:
                         self._gate.abort(txn)  # after a failed commit too: then a no-op
                         raise
                 return
-            except lmdb.MapFullError:
-                with self._gate.resizing():
+            except lmdb.MapFullError:  # let through by `_begin` (`lmdb_errors`)
+                with lmdb_errors(self.path, "grow"), self._gate.resizing():
                     self._env.set_mapsize(self._env.info()["map_size"] * 2)
                     self.resizes += 1
 
@@ -333,6 +333,51 @@ class LmdbDatabase:
         if _shared.get(self.path, (None,))[0] is self:  # the child starts with none shared
             del _shared[self.path]
         forking.disown(self, _ForkedLmdbDatabase, "LmdbDatabase", self.path, self._pid)
+
+
+def _open_environment(path: str, *, map_size: int, readonly: bool, lock: bool) -> Any:
+    """`lmdb.open` of the environment at `path`, as `LmdbDatabase` opens it; a second open in
+    this process is a `DatabaseError` saying why (other LMDB errors: `lmdb_errors`)."""
+    try:
+        return lmdb.open(path, map_size=map_size, subdir=True, max_dbs=3, sync=True,
+                         metasync=True, readonly=readonly, mode=0o600, lock=lock,
+                         create=not readonly, max_readers=MAX_READERS)
+    except lmdb.Error as exc:
+        if "already open in this process" not in str(exc):
+            raise
+        if os.path.realpath(path) in _left_open_at_fork:
+            raise DatabaseError(
+                f"this process was forked while its parent had a transaction on the "
+                f"database {path} open (for over {_FORK_WAIT:.0f} s: a long scan or "
+                f"flush), so the copy it inherited could not be closed safely, and LMDB "
+                f"allows one open per process: open the directory in a process forked "
+                f"when no such transaction was open, or a fresh one (spawn)") from None
+        raise DatabaseError(
+            f"the database {path} is already open in this process (LMDB allows one open "
+            f"per process): close the cache that holds it first") from None
+
+
+@contextmanager
+def lmdb_errors(path: str, doing: str) -> Iterator[None]:
+    """LMDB's errors inside, while `doing` ("open", "read", "write", "grow") the database in
+    the directory `path`, as wbcache's, so that no caller names a backend's errors: a
+    permission problem as `PermissionError` naming the directory, anything else (a damaged
+    page: MDB_CORRUPTED, MDB_PAGE_NOTFOUND; an I/O error; a full reader table) as
+    `DatabaseError` naming data.mdb and saying what LMDB said, raised from LMDB's error.
+    The flusher retries a failed flush whatever it raised, the log keeping every write.
+
+    MapFullError and MapResizedError go through untouched: they are this module's to handle
+    (`LmdbDatabase.write` grows the map, `_begin` adopts another process's size)."""
+    try:
+        yield
+    except (lmdb.MapFullError, lmdb.MapResizedError):
+        raise
+    except lmdb.Error as exc:
+        text = str(exc)
+        if isinstance(exc, lmdb.ReadonlyError) or "Permission denied" in text:
+            raise PermissionError(errno.EACCES, "Permission denied", path) from exc
+        raise DatabaseError(f"cannot {doing} the LMDB database {os.path.join(path, DATA_FILE)}:"
+                            f" {text}") from exc
 
 
 class _ForkedLmdbDatabase(LmdbDatabase, forking.Disowned):
