@@ -1,24 +1,30 @@
-"""A damaged embedded database (DIR/db/data.mdb): a page zeroed.
+"""A damaged embedded database (DIR/db/data.mdb): a page zeroed, the file cut short or emptied.
 
 The library raises `DatabaseError` naming the file (raised from LMDB's own error), the commands
-print one `Error:` line and exit 1, and the log keeps every acknowledged write. Commands run
-in child processes, so that one killed by the damage fails the test instead of the test run.
+print one `Error:` line and exit 1, no process dies of a signal, and the log keeps every
+acknowledged write. Opens and commands run in child processes where the damage could kill
+the process (LMDB maps the file: a page read past a cut-short end is a SIGBUS), so that a
+crash fails the test instead of the test run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import pytest
 from cli_support import assert_one_line_error, run, tree_state
 
 import wbcache
+from wbcache.backends.lmdb_file import check_data_file
 from wbcache.recovery.verify import survey_log
 
 FLUSHED = 150  # keys flushed into the database (LSNs 1..150)
@@ -30,6 +36,17 @@ KILLED_WRITER = textwrap.dedent("""
     for i in range(int(sys.argv[2])):
         cache.put(f"logged{i:04d}", i)
     os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+OPEN_IN_CHILD = textwrap.dedent("""
+    import json, sys, wbcache
+    try:
+        wbcache.open(sys.argv[1]).close()
+        print(json.dumps(None))
+    except Exception as exc:
+        cause = exc.__cause__
+        print(json.dumps([type(exc).__name__, str(exc),
+                          None if cause is None else type(cause).__name__]))
 """)
 
 
@@ -80,6 +97,15 @@ def zero_page(path: Path, page: int) -> None:
         file.write(bytes(4096))
         file.flush()
         os.fsync(file.fileno())
+
+
+def open_in_child(path: Path) -> Any:
+    """`wbcache.open(path)` in a child: None if it opened, else [error type, message, type of
+    its __cause__]. A child killed by a signal fails the test, naming the signal."""
+    child = subprocess.run([sys.executable, "-c", OPEN_IN_CHILD, str(path)],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, (child.returncode, child.stderr)
+    return json.loads(child.stdout)
 
 
 # ---------------------------------------------------------------- a zeroed page
@@ -133,3 +159,99 @@ def test_a_flush_into_a_damaged_database_fails_as_database_error_and_the_log_kee
             cache.close()
     survey = survey_log(str(path / "wal"), 1)
     assert survey.pending == 1 and survey.last_lsn == 2  # "after", still in the log
+
+
+# ---------------------------------------------------------------- cut short, or empty
+
+
+def test_a_truncated_data_mdb_is_refused_by_open_naming_it_and_changing_nothing(
+        cache_with_log: Path) -> None:
+    os.truncate(data_file(cache_with_log), 8192)
+    before = tree_state(cache_with_log)
+
+    refused = open_in_child(cache_with_log)
+
+    assert refused is not None and refused[0] == "DatabaseError", refused
+    assert str(data_file(cache_with_log)) in refused[1]
+    assert "8,192 bytes" in refused[1] and "cut short" in refused[1]
+    assert "nothing was changed" in refused[1]
+    assert tree_state(cache_with_log) == before  # lock.mdb too: refused before LMDB opened
+    assert_log_holds_the_acknowledged_writes(cache_with_log)
+
+
+@pytest.mark.parametrize("command", ["verify", "stats", "recover", "inspect"])
+def test_a_truncated_data_mdb_is_one_error_line_from_each_command(cache_with_log: Path,
+                                                                  command: str) -> None:
+    os.truncate(data_file(cache_with_log), 8192)
+    before = tree_state(cache_with_log)
+
+    result = run("script", command, str(cache_with_log))  # a SIGBUS: exit -7, not 1
+
+    assert_one_line_error(result, 1, str(data_file(cache_with_log)), "cut short")
+    assert tree_state(cache_with_log) == before
+    assert_log_holds_the_acknowledged_writes(cache_with_log)
+
+
+def test_an_empty_data_mdb_is_refused_by_open_and_left_empty(cache_with_log: Path) -> None:
+    os.truncate(data_file(cache_with_log), 0)
+    before = tree_state(cache_with_log)
+
+    refused = open_in_child(cache_with_log)
+
+    # LMDB would have written a new, empty database over it, and the open blamed the log
+    assert refused is not None and refused[0] == "DatabaseError", refused
+    assert str(data_file(cache_with_log)) in refused[1] and "empty (0 bytes)" in refused[1]
+    assert data_file(cache_with_log).stat().st_size == 0
+    assert tree_state(cache_with_log) == before
+    assert_log_holds_the_acknowledged_writes(cache_with_log)
+
+
+@pytest.mark.parametrize("command", ["verify", "recover"])
+def test_an_empty_data_mdb_is_one_error_line_naming_it(cache_with_log: Path,
+                                                       command: str) -> None:
+    os.truncate(data_file(cache_with_log), 0)
+    before = tree_state(cache_with_log)
+
+    result = run("script", command, str(cache_with_log))  # was "Bad file descriptor"
+
+    assert_one_line_error(result, 1, str(data_file(cache_with_log)), "empty (0 bytes)")
+    assert tree_state(cache_with_log) == before
+
+
+def test_a_data_mdb_without_meta_pages_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    db.mkdir(mode=0o700)
+    (db / "data.mdb").write_bytes(b"not lmdb" * 1024)
+    with pytest.raises(wbcache.DatabaseError, match="does not start with an LMDB meta page"):
+        check_data_file(str(db))
+    page_zero = bytearray(8192)  # one meta page, then nothing where the second belongs
+    struct.pack_into("@NHHI", page_zero, 0, 0, 0, 0x08, 0)
+    struct.pack_into("@II", page_zero, 16, 0xBEEFC0DE, 1)
+    struct.pack_into("@I", page_zero, 40, 4096)
+    (db / "data.mdb").write_bytes(bytes(page_zero))
+    with pytest.raises(wbcache.DatabaseError, match="no LMDB meta page at page 1"):
+        check_data_file(str(db))
+
+
+def test_an_unfinished_data_mdb_is_left_to_lmdb_where_another_process_may_be_making_it(
+        tmp_path: Path) -> None:
+    # The processes opening a new shared directory at once: one makes data.mdb (under LMDB's
+    # lock), another may see it 0 bytes long for a moment.
+    db = tmp_path / "db"
+    db.mkdir(mode=0o700)
+    (db / "data.mdb").write_bytes(b"")
+    check_data_file(str(db), others_create=True)
+    with pytest.raises(wbcache.DatabaseError):
+        check_data_file(str(db))
+
+
+def test_a_new_directory_and_a_shared_one_still_open(tmp_path: Path) -> None:
+    for shared in (False, True):
+        path = tmp_path / f"new-{shared}"
+        cache = wbcache.open(path, shared=shared)
+        cache.put("k", 1)
+        cache.close()
+        check_data_file(str(path / "db"))  # what LMDB made passes
+        cache = wbcache.open(path, shared=shared)
+        assert cache.get("k") == 1
+        cache.close()

@@ -24,7 +24,8 @@ open.
 
 LMDB's errors leave this module as wbcache's (`lmdb_errors`: `DatabaseError`, or
 `PermissionError`), so no caller names a backend's errors; MapFullError and MapResizedError
-are handled here.
+are handled here. A data.mdb LMDB would read past its end is refused before it is opened
+(`lmdb_file.check_data_file`).
 
 A little over 500 lines: every use of an environment (transactions, growth, forks, a shared
 directory's one open per process) is here, so the rules above can be checked in one file.
@@ -46,6 +47,7 @@ import msgpack
 
 from wbcache import forking
 from wbcache.backends.base import Key
+from wbcache.backends.lmdb_file import check_data_file
 from wbcache.backends.lmdb_gate import ReadGate
 from wbcache.errors import DatabaseError
 from wbcache.layout import DATA_FILE, LMDB_LOCK_FILE, check_library_files
@@ -100,18 +102,22 @@ SHARED_READ_TTL = 0.05  # s; see SharedLmdbBackend
 class LmdbDatabase:
     """The LMDB environment at `path` (a directory, created 0700), starting with a
     `map_size`-byte map. `lock=False` (readonly only) reads without LMDB's lock file, so
-    reading changes no byte on disk; safe only while no process writes the database."""
+    reading changes no byte on disk; safe only while no process writes the database.
+    `others_create`: other processes may be making the database right now (a shared
+    directory's: `check_data_file`)."""
 
     def __init__(self, path: str, *, map_size: int = 1 << 30, readonly: bool = False,
-                 lock: bool = True) -> None:
+                 lock: bool = True, others_create: bool = False) -> None:
         if not readonly:
             if not lock:
                 raise ValueError("LmdbDatabase: lock=False is only safe with readonly=True")
             os.makedirs(path, mode=0o700, exist_ok=True)
         # LMDB opens its files by path, following links and blocking on a FIFO: a planted
-        # data.mdb or lock.mdb is refused first. Every open of the environment (the cache's,
-        # a shared directory's, the CLI's read-only views) comes through here.
+        # data.mdb or lock.mdb is refused first, and so is a data.mdb shorter than the
+        # database its meta pages describe. Every open of the environment (the cache's, a
+        # shared directory's, the CLI's read-only views) comes through here.
         check_library_files(path, {DATA_FILE: not readonly, LMDB_LOCK_FILE: lock})
+        check_data_file(path, others_create=others_create)
         self.path = path
         self._readonly = readonly
         with lmdb_errors(path, "open"):
@@ -471,7 +477,7 @@ def shared_database(path: str, *, map_size: int) -> LmdbDatabase:
     with _shared_lock:
         database, users = _shared.get(real, (None, 0))
         if database is None:
-            database = LmdbDatabase(path, map_size=map_size)
+            database = LmdbDatabase(path, map_size=map_size, others_create=True)
             database.path = real
         _shared[real] = (database, users + 1)
         return database

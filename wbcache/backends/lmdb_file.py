@@ -1,0 +1,105 @@
+"""The embedded database's data file, `data.mdb`, checked against LMDB's own meta pages before
+LMDB opens it (`check_data_file`).
+
+LMDB maps the file and reads pages where its meta page says they are, without comparing the
+file's size with the database the meta describes: a data.mdb cut short (a full disk, a
+truncated copy, an operator's mistake) kills every process that reads past its end with
+SIGBUS, no message, no traceback. And an empty one is taken for a new database, written over
+by the first open that may write. Both are refused here, naming the file, before anything is
+changed.
+
+Only the file's first two pages are read; lmdb itself is not imported.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from typing import NamedTuple
+
+from wbcache.errors import DatabaseError
+from wbcache.layout import DATA_FILE
+
+# LMDB's meta pages (mdb.c, `MDB_page` and `MDB_meta`, native byte order and sizes): pages 0
+# and 1 each hold a page header (page number, pad, flags, lower/upper bounds) and then the
+# meta: magic, format version, address, map size, the free and main databases (`MDB_db`: pad,
+# flags, depth, branch, leaf and overflow pages, entries, root), last page used, transaction
+# id. The page size is the free database's pad (`mm_psize`).
+_PAGE_HEADER = struct.Struct("@NHHI")
+_META = struct.Struct("@IIPN" + "IHHNNNNN" * 2 + "NN")
+_P_META = 0x08
+_MDB_MAGIC = 0xBEEFC0DE
+
+
+class _Meta(NamedTuple):
+    txnid: int  # first: the newest meta is the larger
+    last_page: int
+    page_size: int
+
+
+def check_data_file(path: str, *, others_create: bool = False) -> None:
+    """Refuse, before LMDB opens it, a data.mdb in the directory `path` that LMDB would read
+    past its end: LMDB maps the file without comparing its size with the database its meta
+    pages describe, and touching a page beyond the end kills the process (SIGBUS). The file
+    must hold LMDB meta pages at pages 0 and 1 and reach the end of the last page the newer
+    of them uses. A 0-byte file is refused too: LMDB would write a new, empty database over
+    it, as if no flush had ever reached it. Raises `DatabaseError` naming the file and what
+    is wrong; nothing is changed. A missing file passes: the open makes a new database.
+
+    `others_create`: another process may be making the database now (a shared directory,
+    which many processes open at once). A file without its two meta pages yet (0 bytes, or
+    page 0 only) is then one being made, and left to LMDB, which makes a database under its
+    own lock, in a file it finds empty, and refuses one it cannot read (MDB_INVALID).
+
+    The metas are read before the size: a commit (a shared directory's other process)
+    extends the file with its pages before it writes the meta that names them."""
+    data_file = os.path.join(path, DATA_FILE)
+    try:
+        fd = os.open(data_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        first = _read_meta(fd, 0)
+        second = _read_meta(fd, first.page_size) if first is not None else None
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    if others_create and second is None and size < 2 * (
+            first.page_size if first is not None else mmap.PAGESIZE):
+        return
+    problem = None
+    if size == 0:
+        problem = "is empty (0 bytes)"
+    elif first is None:
+        problem = f"({size:,} bytes) does not start with an LMDB meta page"
+    elif second is None:
+        problem = (f"({size:,} bytes) has no LMDB meta page at page 1 (byte "
+                   f"{first.page_size:,}), where LMDB keeps its second")
+    else:
+        newest = max(first, second)
+        needed = (newest.last_page + 1) * newest.page_size
+        if size < needed:
+            problem = (f"is {size:,} bytes, but its meta page (transaction {newest.txnid}) "
+                       f"says the database fills {newest.last_page + 1:,} pages of "
+                       f"{newest.page_size:,} bytes ({needed:,} bytes): the file was cut "
+                       f"short")
+    if problem is not None:
+        raise DatabaseError(f"the LMDB database {data_file} {problem}; it is damaged, and "
+                            f"nothing was changed")
+
+
+def _read_meta(fd: int, offset: int) -> _Meta | None:
+    """The LMDB meta page at `offset`, or None if there is none there: too few bytes, not a
+    meta page, no magic, a page size LMDB never uses."""
+    raw = os.pread(fd, _PAGE_HEADER.size + _META.size, offset)
+    if len(raw) < _PAGE_HEADER.size + _META.size:
+        return None
+    flags = _PAGE_HEADER.unpack_from(raw)[2]
+    meta = _META.unpack_from(raw, _PAGE_HEADER.size)
+    magic, page_size, last_page, txnid = meta[0], meta[4], meta[-2], meta[-1]
+    if not flags & _P_META or magic != _MDB_MAGIC:
+        return None
+    if page_size < 512 or page_size > 1 << 16 or page_size & (page_size - 1):
+        return None
+    return _Meta(txnid, last_page, page_size)
