@@ -419,6 +419,17 @@ def table_of(database: Backend) -> str | None:
     return table if isinstance(table, str) else None
 
 
+def _not_made(data_file: str) -> bool:
+    """Whether no database was made durable at `data_file`: missing, or an empty file (a
+    first open cut short: `lmdb_file.check_data_file`). lstat: a link planted as data.mdb,
+    even a dangling one, is refused by the backend's check, not read as no database."""
+    try:
+        info = os.lstat(data_file)
+    except FileNotFoundError:
+        return True
+    return stat.S_ISREG(info.st_mode) and info.st_size == 0
+
+
 class NoDatabase:
     """The database of a directory whose `db/` holds none yet (no cache flushed, or a crash
     right after the first open made the layout): empty, checkpoint 0. Read-only; reading it
@@ -477,9 +488,7 @@ def open_database(found: FoundDirectory, url: str | None, *, lane: Layout | None
                          + ("give its URL" if url is None else "it takes no URL"))
     if url is not None:
         return _from_url(found, url)
-    # lexists: a dangling link planted as data.mdb is refused by the backend's check, not
-    # read as "no database yet"
-    if not write and not os.path.lexists(os.path.join(found.layout.db, DATA_FILE)):
+    if not write and _not_made(os.path.join(found.layout.db, DATA_FILE)):
         return NoDatabase(applies_increments=found.shared)
     # LMDB's own errors leave the backend as DatabaseError or PermissionError (its lmdb_errors)
     if found.shared:

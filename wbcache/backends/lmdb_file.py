@@ -4,9 +4,11 @@ LMDB opens it (`check_data_file`).
 LMDB maps the file and reads pages where its meta page says they are, without comparing the
 file's size with the database the meta describes: a data.mdb cut short (a full disk, a
 truncated copy, an operator's mistake) kills every process that reads past its end with
-SIGBUS, no message, no traceback. And an empty one is taken for a new database, written over
-by the first open that may write. Both are refused here, naming the file, before anything is
-changed.
+SIGBUS, no message, no traceback. It is refused here, naming the file, before anything is
+changed. An empty one is a database never made durable (a power cut during the first open:
+LMDB writes its meta pages without an fsync), so no flush ever reached it: LMDB makes it anew,
+and a log that no longer starts where an empty database needs it to is refused by the
+directory (`directory.check_flushed_here`).
 
 Only the file's first two pages are read; lmdb itself is not imported.
 """
@@ -43,9 +45,9 @@ def check_data_file(path: str, *, others_create: bool = False) -> None:
     past its end: LMDB maps the file without comparing its size with the database its meta
     pages describe, and touching a page beyond the end kills the process (SIGBUS). The file
     must hold LMDB meta pages at pages 0 and 1 and reach the end of the last page the newer
-    of them uses. A 0-byte file is refused too: LMDB would write a new, empty database over
-    it, as if no flush had ever reached it. Raises `DatabaseError` naming the file and what
-    is wrong; nothing is changed. A missing file passes: the open makes a new database.
+    of them uses. Raises `DatabaseError` naming the file and what is wrong; nothing is
+    changed. A missing or empty file passes: the open makes a new database (module
+    docstring).
 
     `others_create`: another process may be making the database now (a shared directory,
     which many processes open at once). A file without its two meta pages yet (0 bytes, or
@@ -70,8 +72,8 @@ def check_data_file(path: str, *, others_create: bool = False) -> None:
         return
     problem = None
     if size == 0:
-        problem = "is empty (0 bytes)"
-    elif first is None:
+        return
+    if first is None:
         problem = f"({size:,} bytes) does not start with an LMDB meta page"
     elif second is None:
         problem = (f"({size:,} bytes) has no LMDB meta page at page 1 (byte "
