@@ -402,3 +402,24 @@ def test_a_cancelled_close_leaves_its_part_to_the_own_loop_while_it_runs(
         own.call_soon_threadsafe(own.stop)
         runner.join(30)
         own.close()
+
+
+def test_close_from_another_loop_after_the_own_loop_closed_with_a_write_awaited(
+        tmp_path: Path) -> None:
+    # The own loop closed with a put's future still pending: the close resolved it, and
+    # set_result on a closed loop's future raised "Event loop is closed" out of the close.
+    loop = asyncio.new_event_loop()
+    cache = loop.run_until_complete(wbcache.open_async(tmp_path / "c"))
+
+    async def start() -> asyncio.Future[int]:
+        put = asyncio.ensure_future(cache.put("k", 1))
+        await asyncio.sleep(0)  # its first step: queued, in memory, awaiting the log
+        return put
+
+    put = loop.run_until_complete(start())
+    loop.close()
+    asyncio.run(cache.close())
+
+    assert cache.closed and not put.done()  # its loop is gone: no one can await it
+    with wbcache.open(tmp_path / "c") as reopened:
+        assert reopened.get("k") == 1  # the close made it durable all the same

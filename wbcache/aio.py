@@ -163,7 +163,10 @@ class AsyncCache:
         """A write was queued: have the log take it once the tasks that run in this loop
         iteration have queued theirs too, as one batch (`Sequencer.kick`). Kicking at each
         write woke the log's idle thread at the first, which then wrote it alone: with 64
-        tasks, batches of 13 records on average instead of 58 (docs/bench.md)."""
+        tasks, 12.7 records per fdatasync instead of 58.5 (docs/bench.md, "A thirteenth
+        run"). The price: the batch starts only after the rest of this iteration's callbacks,
+        so a lone write on a loop whose callbacks run long waits for them (Redis's
+        appendfsync always also writes and fsyncs once per event-loop iteration)."""
         self._kick_scheduled = True
         self._loop.call_soon(self._kick)
 
@@ -469,7 +472,8 @@ class AsyncCache:
 
     def _finish_close(self) -> None:
         self._close_notify_fd()
-        self._resolve()  # the final fsync covered every write; fail any it did not
+        if not self._loop.is_closed():  # a closed loop's futures are awaited by no one, and
+            self._resolve()  # cannot be resolved; else: the final fsync covered every write
 
     async def _in_own_loop(self, call: Callable[[], None]) -> None:
         """Run `call` (it touches the loop's reader and futures, which are not thread-safe)
