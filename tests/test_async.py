@@ -122,22 +122,6 @@ def test_many_tasks_share_fsyncs_and_each_gets_its_own_result(cache_dir: Path) -
     run(cache_dir, body)
 
 
-def test_writes_queued_in_one_loop_iteration_are_one_batch(cache_dir: Path) -> None:
-    # The log is told to write once per loop iteration, after the tasks have queued their
-    # writes: 64 writes started together are one fdatasync. A kick per write woke the log's
-    # idle thread at the first, which wrote it (and the few queued by then) alone.
-    async def body(cache: AsyncCache) -> None:
-        before = (await cache.stats())["log_batches"]
-        lsns = await asyncio.gather(*(cache.put(f"k{i}", i) for i in range(32)),
-                                    *(cache.delete(f"gone{i}") for i in range(32)))
-        stats = await cache.stats()
-        assert len(set(lsns)) == 64 and stats["writes"] == 64
-        assert stats["log_batches"] - before == 1
-        assert stats["durable_lsn"] == max(lsns)
-
-    run(cache_dir, body)
-
-
 def test_the_event_loop_thread_never_fsyncs_and_wakes_once_per_batch(cache_dir: Path) -> None:
     fsync_threads: set[int] = set()
     real = SYSCALLS.fdatasync

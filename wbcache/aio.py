@@ -4,13 +4,11 @@ object's state and one set of rules about which thread may touch it.
 
 A write is validated, logged and applied to memory in the loop thread by the sequencer's
 non-blocking calls (`put_nowait`, `submit_nowait`), exactly as `Cache` does it but without
-waiting: it gets an asyncio future instead. The log is told to write once per loop
-iteration (`_kick_soon`), after every task that runs in it has queued its write. Under
-fsync="always" the log's own thread (wal/_pipe.c, no Python, no GIL) writes and fdatasyncs
-each batch and then writes to an eventfd the loop watches (`_on_pipe`), which resolves
-every future the batch covered; under fsync="interval" (or the fault-injection harness) a
-background thread leads the group commit in Python and, after each batch, one
-`call_soon_threadsafe` does the same. So 1,000
+waiting: it gets an asyncio future instead. Under fsync="always" the log's own thread
+(wal/_pipe.c, no Python, no GIL) writes and fdatasyncs each batch and then writes to an
+eventfd the loop watches (`_on_pipe`), which resolves every future the batch covered; under
+fsync="interval" (or the fault-injection harness) a background thread leads the group commit
+in Python and, after each batch, one `call_soon_threadsafe` does the same. So 1,000
 concurrent tasks cost one fsync and one loop wake-up per batch, not one per write, and the
 event loop is never blocked by an fsync: a write that would start the next log segment (which
 waits for the batch in flight) goes to a worker thread, like one meeting backpressure. (The
@@ -99,7 +97,6 @@ class AsyncCache:
         # (lsn, future, result) in LSN order, appended in the loop thread
         self._waiters: deque[tuple[int, asyncio.Future[Any], Any]] = deque()
         self._resolve_scheduled = False
-        self._kick_scheduled = False
         self._closing: asyncio.Future[None] | None = None
         self._orphans = _orphans_of(cache.sequencer)
         self._committer.add_listener(self._on_batch)
@@ -158,21 +155,6 @@ class AsyncCache:
                 self._loop.call_soon_threadsafe(self._resolve)
             except RuntimeError:  # the loop is closed; nobody is waiting any more
                 pass
-
-    def _kick_soon(self) -> None:
-        """A write was queued: have the log take it once the tasks that run in this loop
-        iteration have queued theirs too, as one batch (`Sequencer.kick`). Kicking at each
-        write woke the log's idle thread at the first, which then wrote it alone: with 64
-        tasks, 12.7 records per fdatasync instead of 58.5 (docs/bench.md, "A thirteenth
-        run"). The price: the batch starts only after the rest of this iteration's callbacks,
-        so a lone write on a loop whose callbacks run long waits for them (Redis's
-        appendfsync always also writes and fsyncs once per event-loop iteration)."""
-        self._kick_scheduled = True
-        self._loop.call_soon(self._kick)
-
-    def _kick(self) -> None:
-        self._kick_scheduled = False
-        self._sequencer.kick()
 
     def _on_pipe(self) -> None:
         """In the loop: the log's pipe finished a batch (wal/_pipe.c)."""
@@ -234,8 +216,6 @@ class AsyncCache:
             lsn, result = fast()
         except (WouldBlock, NeedsRead):
             return await self._in_thread(slow, keys)
-        if not self._kick_scheduled:
-            self._kick_soon()
         return await self._expect(lsn, result)  # type: ignore[no-any-return]
 
     async def _in_thread(self, write: Callable[[], T], keys: frozenset[Key] | None) -> T:
@@ -334,8 +314,6 @@ class AsyncCache:
             await self._after_orphans(frozenset((key,)))
         try:
             lsn = self._sequencer.put_nowait(key, encoded, held)
-            if not self._kick_scheduled:
-                self._kick_soon()
         except (WouldBlock, NeedsRead):
             # the value as encoded at the call, not as it may be by the time a thread runs
             return await self._in_thread(lambda: self._sequencer.put(key, encoded, held),

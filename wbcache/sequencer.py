@@ -209,10 +209,11 @@ class Sequencer:
 
     def put_nowait(self, key: Key, encoded: bytes, held: Any) -> int:
         """`put` without waiting: the LSN to wait for. Raises `WouldBlock` under backpressure
-        (nothing written). The record waits to be written until someone waits for it or
-        calls `kick`."""
+        (nothing written)."""
         with self.lock:
-            return self._put(key, encoded, held, False)
+            lsn = self._put(key, encoded, held, False)
+            self._committer.kick()
+            return lsn
 
     def submit(self, plan: Plan[T], needs: Collection[Key] = ()) -> tuple[int, T]:
         """Run `plan` (lock held) on a `Transaction`, log what it wrote as ONE record, apply
@@ -244,19 +245,11 @@ class Sequencer:
     def submit_nowait(self, plan: Plan[T], needs: Collection[Key] = ()) -> tuple[int, T]:
         """`submit` without reading the database or waiting: (the LSN to wait for, the plan's
         result). Raises `WouldBlock` under backpressure and `NeedsRead` when the plan needs a
-        value memory cannot give (nothing written either way). As `put_nowait`, the record
-        waits for a waiter or `kick`."""
+        value memory cannot give (nothing written either way)."""
         with self.lock:
-            return self._log(plan, needs, None, False)
-
-    def kick(self) -> None:
-        """Have the records the non-blocking calls queued written, for a caller that does not
-        wait for them. An event loop calls this once per loop iteration, after its tasks
-        have queued what they write (wbcache/aio.py): one batch for all of them, where a
-        kick per write made the log's thread start a batch of the first record alone."""
-        with self.lock:
-            if not self._closed:
-                self._committer.kick()
+            lsn, result = self._log(plan, needs, None, False)
+            self._committer.kick()
+            return lsn, result
 
     def wait_for_room(self) -> None:
         """Return once a write would be admitted at once: backpressure waited out, a full
