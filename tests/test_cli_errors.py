@@ -4,6 +4,7 @@ and nothing created or changed, for every operating command, in-process and as a
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -137,6 +138,29 @@ def test_a_name_like_a_segment_s_with_other_digits_is_no_segment(tmp_path: Path,
     assert "Traceback" not in result.stdout + result.stderr
     with wbcache.open(path) as cache:
         assert [cache.get(f"key-{lsn}") for lsn in range(1, 11)] == list(range(1, 11))
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("text", ["\u00b2", "0", "12345678901234567890123"])
+def test_a_held_lock_whose_pid_is_no_pid_is_in_use_by_another_process(
+        tmp_path: Path, driver: str, text: str) -> None:
+    # Its LOCK held (as by an opener still recovering) with something no pid in it: '²'
+    # (str.isdigit took it, int() did not) was a ValueError from open and a traceback from
+    # inspect; a number past any pid an OverflowError from os.kill; 0 was "alive" (kill(0)
+    # signals our own process group).
+    path = tmp_path / "cache"
+    wbcache.open(path).close()
+    (path / "LOCK").write_text(text)
+    held = os.open(path / "LOCK", os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(wbcache.CacheLockedError, match="is in use by another cache$"):
+            wbcache.open(path)
+        inspected = run(driver, "inspect", "--json", str(path))
+    finally:
+        os.close(held)
+    assert inspected.exit_code == 0, inspected.stdout + inspected.stderr
+    assert (inspected.json()["live_owner"], inspected.json()["owner_pid"]) == (True, None)
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
