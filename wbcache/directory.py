@@ -267,7 +267,9 @@ def _lock_single_owner(layout: Layout) -> DirectoryLock:
         try:
             return DirectoryLock.acquire(layout.lock, record_owner=False)
         except CacheLockedError:
-            if os.path.isdir(lanes.lanes_dir(layout.root)):
+            # lanes/ and no wal/: a shared first open marking it (lanes/ beside wal/ was
+            # left by one interrupted before its mark: single-owner since, and in use)
+            if os.path.isdir(lanes.lanes_dir(layout.root)) and not os.path.isdir(layout.wal):
                 raise lanes.shared_directory(layout.root) from None
             probe = DirectoryLock.acquire_shared(layout.lock)
             if probe is None:  # held exclusively: a single-owner cache
