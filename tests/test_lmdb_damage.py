@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import struct
 import subprocess
@@ -271,3 +272,43 @@ def test_a_new_directory_and_a_shared_one_still_open(tmp_path: Path) -> None:
         cache = wbcache.open(path, shared=shared)
         assert cache.get("k") == 1
         cache.close()
+
+
+def _meta_end(db: Path) -> int:
+    """Bytes up to the end of the last page the newer meta page counts (`mm_last_pg`)."""
+    layout = struct.Struct("@IIPN" + "IHHNNNNN" * 2 + "NN")
+    metas = []
+    with open(db / "data.mdb", "rb") as file:
+        for page in (0, 1):
+            file.seek(page * 4096 + 16)
+            meta = layout.unpack(file.read(layout.size))
+            metas.append((meta[-1], (meta[-2] + 1) * meta[4]))
+    return max(metas)[1]
+
+
+def test_a_sound_file_shorter_than_its_last_page_opens(tmp_path: Path) -> None:
+    # LMDB counts pages a write transaction allocated and freed again ("loose") in the meta's
+    # last page but never writes them: a cache that puts, deletes and flushes can close with
+    # data.mdb ending before that page. Checked against it, such caches were refused at
+    # their next open as "cut short" (a review found 5 of 7 seeds so).
+    for seed in range(1, 17):
+        path = tmp_path / f"seed{seed}"
+        chance, live = random.Random(seed), set()
+        with wbcache.open(path, fsync="interval") as cache:
+            for _ in range(6):
+                for _ in range(chance.randint(50, 2000)):
+                    key = chance.randint(0, 20000)
+                    cache.put(f"a{key:06d}", "v" * chance.choice([10, 100, 300]))
+                    live.add(key)
+                for key in chance.sample(sorted(live), min(len(live), chance.randint(0, 3000))):
+                    cache.delete(f"a{key:06d}")
+                    live.discard(key)
+                cache.flush()
+        if data_file(path).stat().st_size < _meta_end(path / "db"):
+            break
+    else:
+        pytest.fail("no seed left data.mdb shorter than its last page: the case is not tested")
+
+    assert run("script", "verify", str(path)).exit_code == 0
+    with wbcache.open(path) as cache:
+        assert set(cache.keys()) == {f"a{key:06d}" for key in live}
