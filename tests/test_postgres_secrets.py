@@ -66,6 +66,19 @@ def test_a_url_given_as_the_dsn_is_refused_as_from_url_refuses_it(url: str) -> N
     assert_hidden(shown(refused.value))
 
 
+def test_libpq_reads_the_url_as_written() -> None:
+    # '+' went to libpq as a space (parse_qsl's reading; libpq's is '+'), and the URL joined
+    # by hand turned "postgresql:db" (no host) into "postgresql://db" (host "db").
+    dsn, ours = PostgresBackend._url_arguments(
+        "postgresql://u@h/db?application_name=a+b&password=x+y&table=t")
+    assert ours == {"table": "t"}
+    assert {key: value for key, value in conninfo_to_dict(dsn).items()
+            if key in ("application_name", "password")} == {"application_name": "a+b",
+                                                           "password": "x+y"}
+    with pytest.raises(ValueError, match="invalid PostgreSQL DSN"):
+        PostgresBackend._url_arguments("postgresql:db?connect_timeout=2")
+
+
 def test_a_url_with_no_host_keeps_its_slashes(pg_dsn: str, pg_schema: str) -> None:
     # urlunsplit dropped the "//": "postgresql:/test?host=..." is no URL libpq reads, so
     # libpq's own form for a socket or a host given as a parameter was refused.

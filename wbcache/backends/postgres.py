@@ -209,7 +209,8 @@ class PostgresBackend:
         _check_ats(parts)
         libpq: list[tuple[str, str]] = []
         ours: dict[str, Any] = {}
-        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        # '+' is kept: libpq reads it as itself, where parse_qsl would read a space
+        for name, value in parse_qsl(parts.query.replace("+", "%2B"), keep_blank_values=True):
             kind = _URL_OPTIONS.get(name)
             if kind is None:
                 libpq.append((name, value))
@@ -220,10 +221,12 @@ class PostgresBackend:
                 raise ValueError(f"URL parameter {name}={value!r} is not "
                                  f"a {kind.__name__}") from None
         # quote, not urlencode's quote_plus: libpq reads no "+" as a space. Joined by hand:
-        # urlunsplit drops the "//" of a URL with no host ("postgresql:///db?host=/run/pg")
+        # urlunsplit drops the "//" of a URL with no host ("postgresql:///db?host=/run/pg"),
+        # and none is added where there was none ("postgresql:db" is no host "db")
         query = urlencode(libpq, quote_via=quote)
-        dsn = (f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
-               + (f"#{parts.fragment}" if parts.fragment else ""))
+        slashes = "//" if parts.netloc or url.partition(":")[2].startswith("//") else ""
+        dsn = (f"{parts.scheme}:{slashes}{parts.netloc}{parts.path}"
+               + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else ""))
         # Read by libpq now, its complaint redacted as the URL given requires: rebuilt, a
         # password cut short by a raw '?' is no longer one (its '@' is encoded).
         _link_module().parse_dsn(dsn, given=url)
