@@ -267,19 +267,17 @@ def _lock_single_owner(layout: Layout) -> DirectoryLock:
         try:
             return DirectoryLock.acquire(layout.lock, record_owner=False)
         except CacheLockedError:
-            # lanes/ and no wal/: a shared first open marking it (lanes/ beside wal/ was
-            # left by one interrupted before its mark: single-owner since, and in use)
-            if os.path.isdir(lanes.lanes_dir(layout.root)) and not os.path.isdir(layout.wal):
-                raise lanes.shared_directory(layout.root) from None
             probe = DirectoryLock.acquire_shared(layout.lock)
-            if probe is None:  # held exclusively: a single-owner cache
+            if probe is None:  # held exclusively: a single-owner cache, or its first open
                 raise
             try:  # held shared (or by no one): no single-owner open can make wal/ meanwhile
                 made_single = os.path.isdir(layout.wal)
                 made_shared = os.path.isdir(lanes.lanes_dir(layout.root))
             finally:
                 probe.release()
-            if made_shared or (attempt == 2 and not made_single):
+            # lanes/ beside wal/ is single-owner: left by a shared first open interrupted
+            # before its mark, wal/ made since (a shared first open refuses a wal/)
+            if not made_single and (made_shared or attempt == 2):
                 raise lanes.shared_directory(layout.root) from None
             if attempt == 2:
                 raise
