@@ -21,7 +21,6 @@ Only the file's first two pages are read; lmdb itself is not imported.
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 from typing import NamedTuple
@@ -57,9 +56,10 @@ def check_data_file(path: str, *, others_create: bool = False) -> None:
     docstring).
 
     `others_create`: another process may be making the database now (a shared directory,
-    which many processes open at once). A file without its two meta pages yet (0 bytes, or
-    page 0 only) is then one being made, and left to LMDB, which makes a database under its
-    own lock, in a file it finds empty, and refuses one it cannot read (MDB_INVALID).
+    which many processes open at once). A file in which either meta page was not found may
+    then be one being made (LMDB writes both in one write, which may land between our reads
+    of the pages and of the size), and is left to LMDB, which makes a database under its own
+    lock, in a file it finds empty, and refuses one it cannot read (MDB_INVALID).
 
     The metas are read before the size: a commit (a shared directory's other process)
     extends the file with its pages before it writes the meta that names them."""
@@ -74,8 +74,7 @@ def check_data_file(path: str, *, others_create: bool = False) -> None:
         size = os.fstat(fd).st_size
     finally:
         os.close(fd)
-    if others_create and second is None and size < 2 * (
-            first.page_size if first is not None else mmap.PAGESIZE):
+    if others_create and second is None:  # perhaps being made: docstring
         return
     problem = None
     if size == 0:
