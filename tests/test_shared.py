@@ -468,36 +468,3 @@ def test_a_single_owner_open_meeting_another_single_owner_first_open_is_not_told
         a.join(30)
     assert a_done.is_set()
 
-
-def test_a_single_owner_directory_with_lanes_left_over_is_in_use_not_shared(
-        tmp_path: Path) -> None:
-    # A shared first open interrupted after making lanes/, before its SHARED mark; then a
-    # single-owner open made wal/. A second single-owner open was told "shared: open it with
-    # shared=True", which then said "single-owner: open it without".
-    from wbcache.layout import Layout
-    from wbcache.lock import DirectoryLock
-
-    root = tmp_path / "c"
-    root.mkdir(mode=0o700)
-    (root / "lanes").mkdir(mode=0o700)
-    first = DirectoryLock.acquire(Layout(str(root)).lock, record_owner=False)
-    try:  # a single-owner first open at work (its lock taken, no wal/ yet): in use
-        with pytest.raises(wbcache.CacheLockedError):
-            wbcache.open(root)
-    finally:
-        first.release()
-    with wbcache.open(root) as cache:
-        cache.put("k", 1)
-        with pytest.raises(wbcache.CacheLockedError):
-            wbcache.open(root)
-        with pytest.raises(wbcache.InvalidDirectoryError, match="is a single-owner"):
-            wbcache.open(root, shared=True)
-    # a shared open checking it (the lock held shared), then refused: in use meanwhile
-    checking = DirectoryLock.acquire_shared(Layout(str(root)).lock)
-    try:
-        with pytest.raises(wbcache.CacheLockedError):
-            wbcache.open(root)
-    finally:
-        checking.release()
-    with wbcache.open(root) as cache:
-        assert cache.get("k") == 1
