@@ -25,6 +25,7 @@ import pytest
 from cli_support import assert_one_line_error, run, tree_state
 
 import wbcache
+from wbcache.backends import lmdb_file
 from wbcache.backends.lmdb_file import check_data_file
 from wbcache.recovery.verify import survey_log
 
@@ -98,6 +99,15 @@ def zero_page(path: Path, page: int) -> None:
         file.write(bytes(4096))
         file.flush()
         os.fsync(file.fileno())
+
+
+def one_meta_page() -> bytes:
+    """LMDB's first meta page of a database of 4 KiB pages, alone."""
+    page = bytearray(4096)
+    struct.pack_into("@NHHI", page, 0, 0, 0, 0x08, 0)  # a page header: P_META
+    struct.pack_into("@II", page, 16, 0xBEEFC0DE, 1)  # magic, version
+    struct.pack_into("@I", page, 40, 4096)  # the free database's pad: the page size
+    return bytes(page)
 
 
 def open_in_child(path: Path) -> Any:
@@ -234,11 +244,8 @@ def test_a_data_mdb_without_meta_pages_is_refused(tmp_path: Path) -> None:
     (db / "data.mdb").write_bytes(b"not lmdb" * 1024)
     with pytest.raises(wbcache.DatabaseError, match="does not start with an LMDB meta page"):
         check_data_file(str(db))
-    page_zero = bytearray(8192)  # one meta page, then nothing where the second belongs
-    struct.pack_into("@NHHI", page_zero, 0, 0, 0, 0x08, 0)
-    struct.pack_into("@II", page_zero, 16, 0xBEEFC0DE, 1)
-    struct.pack_into("@I", page_zero, 40, 4096)
-    (db / "data.mdb").write_bytes(bytes(page_zero))
+    # one meta page, then nothing where the second belongs
+    (db / "data.mdb").write_bytes(one_meta_page() + bytes(4096))
     with pytest.raises(wbcache.DatabaseError, match="no LMDB meta page at page 1"):
         check_data_file(str(db))
 
@@ -252,11 +259,7 @@ def test_an_unfinished_data_mdb_is_left_to_lmdb_where_another_process_may_be_mak
     (db / "data.mdb").write_bytes(b"")
     check_data_file(str(db), others_create=True)
     check_data_file(str(db))  # empty: never made durable, made anew (module docstring)
-    page_zero = bytearray(4096)
-    struct.pack_into("@NHHI", page_zero, 0, 0, 0, 0x08, 0)
-    struct.pack_into("@II", page_zero, 16, 0xBEEFC0DE, 1)
-    struct.pack_into("@I", page_zero, 40, 4096)
-    (db / "data.mdb").write_bytes(page_zero)
+    (db / "data.mdb").write_bytes(one_meta_page())
     check_data_file(str(db), others_create=True)
     with pytest.raises(wbcache.DatabaseError, match="no LMDB meta page at page 1"):
         check_data_file(str(db))
@@ -282,11 +285,11 @@ def test_a_new_directory_and_a_shared_one_still_open(tmp_path: Path) -> None:
 
 def _meta_end(db: Path) -> int:
     """Bytes up to the end of the last page the newer meta page counts (`mm_last_pg`)."""
-    layout = struct.Struct("@IIPN" + "IHHNNNNN" * 2 + "NN")
+    layout = lmdb_file._META  # after the page header
     metas = []
     with open(db / "data.mdb", "rb") as file:
         for page in (0, 1):
-            file.seek(page * 4096 + 16)
+            file.seek(page * 4096 + lmdb_file._PAGE_HEADER.size)
             meta = layout.unpack(file.read(layout.size))
             metas.append((meta[-1], (meta[-2] + 1) * meta[4]))
     return max(metas)[1]

@@ -146,8 +146,9 @@ class PostgresBackend:
         Endpoint, Link, ReaderPool = link.Endpoint, link.Link, link.ReaderPool  # noqa: N806
         if not isinstance(dsn, str):
             raise TypeError(f"dsn must be a str, not {type(dsn).__name__}")
-        if urlsplit(dsn).scheme in ("postgresql", "postgres"):  # a URL, not key=value pairs
-            _check_ats(urlsplit(dsn))
+        parts = urlsplit(dsn)
+        if parts.scheme in ("postgresql", "postgres"):  # a URL, not key=value pairs
+            _check_ats(parts)
         for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value) or value <= 0:
