@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from wbcache.errors import CacheLockedError, InvalidDirectoryError
-from wbcache.layout import LANES_NAME, SHARED_NAME, Layout, complete_lane, opened_root
+from wbcache.layout import LANES_NAME, SHARED_NAME, WAL_NAME, Layout, complete_lane, opened_root
 from wbcache.lock import DirectoryLock
 from wbcache.wal.owned import check_private_dir, open_private_dir
 from wbcache.wal.syscalls import SYSCALLS
@@ -221,7 +221,7 @@ def check_marked(root: str) -> None:
     single-owner's `wal/` beside the mark (the first open's lock lets only one kind be
     made), or no `lanes/` (made before the mark). Either would put a log out of sight of
     the opens and the commands, which would call the directory sound."""
-    if os.path.isdir(os.path.join(root, "wal")):
+    if os.path.isdir(os.path.join(root, WAL_NAME)):
         raise InvalidDirectoryError(
             f"{root} has both a SHARED mark (a shared directory's) and a wal/ directory (a "
             f"single-owner one's log), which no open makes: wbcache will not guess which one "
@@ -241,7 +241,7 @@ def refuse_mismatch(root: str, shared: bool) -> None:
     saying which flag to use (or one in a state no open makes: `check_marked`)."""
     if is_shared(root):
         check_marked(root)
-    if shared and os.path.isdir(os.path.join(root, "wal")):
+    if shared and os.path.isdir(os.path.join(root, WAL_NAME)):
         raise InvalidDirectoryError(
             f"{root} is a single-owner cache directory: open it without shared=True (one "
             f"process at a time), or use a new directory for a shared cache")
