@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import secrets
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import wbcache
-from wbcache.backends.postgres import PostgresBackend, redact
+from wbcache.backends.postgres import URL_PREFIXES, PostgresBackend, redact, url_query_at
 
-__all__ = ["SCHEMES", "SharedTable", "check_url", "redact"]  # redact: for what callers print
+__all__ = ["SharedTable", "check_url", "redact"]  # redact: for what callers print
 
-SCHEMES = ("postgresql", "postgres")
-# `PostgresBackend.from_url`'s own query parameters; every other one is libpq's.
-_BACKEND_PARAMETERS = ("table", "cache_id", "timeout", "read_connections")
 _CHOSEN_HERE = ("table", "cache_id")  # the campaign picks these itself
 
 
@@ -29,28 +25,16 @@ def check_url(url: str) -> None:
     """Raise `ValueError` unless `url` is a postgresql:// URL the campaign can use as given.
     The messages never quote the URL (nor, if it holds a password, what libpq quotes of it);
     a URL that passes is one libpq reads, in which `redact` finds every password."""
-    parts = urlsplit(url)
-    if parts.scheme not in SCHEMES:
-        found = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
-        raise ValueError(f"only PostgreSQL backends can be tortured: give a postgresql:// URL, "
-                         f"not one with {found}")
-    chosen = [name for name, _ in parse_qsl(parts.query) if name in _CHOSEN_HERE]
+    if not url.startswith(URL_PREFIXES):
+        raise ValueError("only PostgreSQL backends can be tortured: give a postgresql:// URL")
+    try:  # what `wbcache.open` refuses (a raw '@' in the password, what libpq cannot read)
+        chosen = [name for name in _CHOSEN_HERE if name in PostgresBackend.split_url(url)[1]]
+    except ImportError:
+        return  # the run itself says that the backend needs psycopg
     if chosen:
         raise ValueError(f"leave {' and '.join(chosen)} out of the URL: the torture makes a "
                          f"fresh table of its own (and drops it), and each node has its own "
                          f"cache_id")
-    try:  # what `wbcache.open` refuses (a raw '@' in the password, what libpq cannot read)
-        PostgresBackend.url_table(url)
-    except ImportError:
-        return  # the run itself says that the backend needs psycopg
-
-
-def _libpq_url(url: str) -> str:
-    """`url` without `PostgresBackend.from_url`'s own parameters: what libpq is given."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    return urlunsplit(parts._replace(query=urlencode(
-        [(name, value) for name, value in query if name not in _BACKEND_PARAMETERS])))
 
 
 class SharedTable:
@@ -61,10 +45,9 @@ class SharedTable:
     def __init__(self, url: str) -> None:
         check_url(url)
         self.name = f"wbtorture_{secrets.token_hex(6)}"
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        self.url = urlunsplit(parts._replace(query=urlencode([*query, ("table", self.name)])))
-        self._libpq = _libpq_url(url)
+        # Added as written: a URL taken apart and joined again is not always the one given
+        self.url = f"{url}{'&' if url_query_at(url) != -1 else '?'}table={self.name}"
+        self._libpq = PostgresBackend.split_url(url)[0]
         self._created = False
 
     def __enter__(self) -> SharedTable:

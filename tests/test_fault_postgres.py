@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from pg_support import pg_dsn_fixture, pg_schema_fixture, query, stored_ints  # noqa: F401
+from psycopg.conninfo import conninfo_to_dict
 
 import wbcache
+from wbcache.backends.postgres import PostgresBackend
 from wbcache.cli import main
 from wbcache.fault_injection.backends import ControlledBackend, JournaledBackend
 from wbcache.fault_injection.counters import counter_of, marker_key, value_key, value_of
@@ -21,6 +23,7 @@ from wbcache.fault_injection.journal import Journal
 from wbcache.fault_injection.ledger import ThreadLedger, check_final
 from wbcache.fault_injection.nodes import TRIGGERS
 from wbcache.fault_injection.oracle import Tally
+from wbcache.fault_injection.shared_table import SharedTable
 from wbcache.fault_injection.torture import run_torture
 
 SEED = int(os.environ.get("WBCACHE_TORTURE_SEED", "4"))
@@ -80,6 +83,18 @@ def test_torture_backend_refuses_a_mode_that_cannot_run_there(mode: str) -> None
 def test_torture_backend_refuses_a_url_it_cannot_use(url: str, message: str) -> None:
     result = CliRunner().invoke(main, ["torture", "--backend", url])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_the_campaign_names_its_table_in_the_url_as_written() -> None:
+    # The URL was taken apart and joined again by urllib: a URL with no host
+    # ("postgresql:///db?host=/run/pg") lost its "//" and was no longer one libpq reads.
+    table = SharedTable("postgresql:///db?host=/run/pg&application_name=a%2Bb+c")
+    dsn, ours = PostgresBackend.split_url(table.url)
+    assert ours == {"table": table.name}
+    for given in (dsn, table._libpq):
+        params = conninfo_to_dict(given)
+        assert (params["host"], params["dbname"], params["application_name"]) == (
+            "/run/pg", "db", "a+b+c")
 
 
 def test_torture_backend_reports_an_unreachable_server_without_a_password_or_traceback(

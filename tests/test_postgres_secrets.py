@@ -69,14 +69,43 @@ def test_a_url_given_as_the_dsn_is_refused_as_from_url_refuses_it(url: str) -> N
 def test_libpq_reads_the_url_as_written() -> None:
     # '+' went to libpq as a space (parse_qsl's reading; libpq's is '+'), and the URL joined
     # by hand turned "postgresql:db" (no host) into "postgresql://db" (host "db").
-    dsn, ours = PostgresBackend._url_arguments(
+    dsn, ours = PostgresBackend.split_url(
         "postgresql://u@h/db?application_name=a+b&password=x+y&table=t")
     assert ours == {"table": "t"}
     assert {key: value for key, value in conninfo_to_dict(dsn).items()
             if key in ("application_name", "password")} == {"application_name": "a+b",
                                                            "password": "x+y"}
-    with pytest.raises(ValueError, match="invalid PostgreSQL DSN"):
-        PostgresBackend._url_arguments("postgresql:db?connect_timeout=2")
+    with pytest.raises(ValueError, match="not a PostgreSQL URL"):
+        PostgresBackend.split_url("postgresql:db?connect_timeout=2")
+
+
+@pytest.mark.parametrize(("url", "libpq_reads"), [
+    # urllib's reading, rebuilt: the '#' was taken for an empty fragment and dropped
+    ("postgresql://u@h/db#", {"dbname": "db#"}),
+    ("postgresql://u@h/db?application_name=a#b&table=t", {"application_name": "a#b"}),
+    # urlsplit refuses a list of IPv6 hosts (Python >= 3.11.11); libpq takes it
+    ("postgresql://[::1]:5432,[::2]:5433/db?table=t", {"host": "::1,::2", "port": "5432,5433"}),
+])
+def test_the_url_left_for_libpq_is_the_url_as_written(url: str,
+                                                     libpq_reads: dict[str, str]) -> None:
+    dsn, _ = PostgresBackend.split_url(url)
+    params = conninfo_to_dict(dsn)
+    assert {key: params.get(key) for key in libpq_reads} == libpq_reads
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    # accepted, and rebuilt into a URL libpq reads otherwise (or as U+FFFD)
+    ("POSTGRESQL://h/db", "not a PostgreSQL URL"),
+    ("postgresql://h/db?table=t&flag", 'missing key/value separator "=" in URI query parameter'),
+    ("postgresql://h/db?table=t%zz", "URL parameter table: not a percent-encoded UTF-8"),
+    ("postgresql://h/db?table=t%E9", "URL parameter table: not a percent-encoded UTF-8"),
+    ("postgresql://h/db?table=t%00", "URL parameter table: not a percent-encoded UTF-8"),
+    ("postgresql://h/d%E9b", "a percent-encoded value is not UTF-8"),  # a UnicodeDecodeError
+])
+def test_a_url_libpq_would_refuse_is_refused(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as refused:
+        PostgresBackend.split_url(url)
+    assert type(refused.value) is ValueError
 
 
 def test_a_url_with_no_host_keeps_its_slashes(pg_dsn: str, pg_schema: str) -> None:

@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 from collections.abc import Collection, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit
+from urllib.parse import unquote_to_bytes
 
 from wbcache import forking
 from wbcache.backends.base import Key
@@ -70,6 +71,7 @@ __all__ = ["STATEMENT_BYTES", "CheckpointConflictError", "PostgresBackend", "Pos
 
 _DEFAULT_TABLE = "wbcache"
 _ITEMS_CHUNK = 5000  # rows per FETCH when iterating the table
+URL_PREFIXES = ("postgresql://", "postgres://")  # libpq's
 _URL_OPTIONS = {"table": str, "cache_id": str, "timeout": float, "read_connections": int}
 
 
@@ -100,16 +102,38 @@ def _link_module() -> Any:
     return postgres_link
 
 
-def _check_ats(parts: SplitResult) -> None:
-    """Refuse a URL whose '@' would cut its password short, naming no part of it. A raw
-    '/', '?' or '#' in the password ends the user info early, and the rest of the password
-    would be read (and printed) as the database, a parameter or a port; a raw '@' ends it at
-    the first '@' for libpq (at the last for urlsplit), and the rest would be printed as the
-    host."""
-    if "@" in parts.path + parts.query + parts.fragment or parts.netloc.count("@") > 1:
+def _url_user_info_end(url: str) -> int:
+    """Where the host part of `url` (starting with one of `URL_PREFIXES`) starts, as libpq
+    reads it: after the user info, which ends at the first '@' met before any '/'. Refuses,
+    naming no part of it, a URL whose password such a reading would cut short: a raw '/',
+    '?' or '#' in the password makes the rest of it the database, a parameter or (for other
+    readers of URLs) a fragment, printed as such; a raw '@' ends the user info at the first
+    '@' for libpq (at the last for others), and the rest would be printed as the host."""
+    start = len(next(prefix for prefix in URL_PREFIXES if url.startswith(prefix)))
+    at = url.find("@", start)
+    if at != -1 and (url.count("@") > 1 or any(c in url[start:at] for c in "/?#")):
         raise ValueError("the URL has an '@' after its host, or more than one before it: "
                          "percent-encode a password's '/', '?', '#' and '@' (%2F, %3F, %23, "
                          "%40), and an '@' in a parameter (%40)")
+    return start if at == -1 else at + 1
+
+
+def url_query_at(url: str) -> int:
+    """Where the query of `url` (starting with one of `URL_PREFIXES`) starts: its '?', the
+    first after the user info, as libpq reads it; -1 without one. ValueError as
+    `_url_user_info_end`."""
+    return url.find("?", _url_user_info_end(url))
+
+
+def _url_value(name: str, text: str) -> str:
+    """A URL parameter's value, percent-decoded as libpq decodes it (a '+' is itself)."""
+    if re.search(r"%(?![0-9A-Fa-f]{2})|%00| ", text) is None:
+        try:
+            return unquote_to_bytes(text).decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    raise ValueError(f"URL parameter {name}: not a percent-encoded UTF-8 text without spaces "
+                     f"(%20) or %00")
 
 
 class PostgresBackend:
@@ -146,9 +170,8 @@ class PostgresBackend:
         Endpoint, Link, ReaderPool = link.Endpoint, link.Link, link.ReaderPool  # noqa: N806
         if not isinstance(dsn, str):
             raise TypeError(f"dsn must be a str, not {type(dsn).__name__}")
-        parts = urlsplit(dsn)
-        if parts.scheme in ("postgresql", "postgres"):  # a URL, not key=value pairs
-            _check_ats(parts)
+        if dsn.startswith(URL_PREFIXES):  # a URL, not key=value pairs
+            _url_user_info_end(dsn)
         for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value) or value <= 0:
@@ -188,7 +211,7 @@ class PostgresBackend:
         """A backend from one URL: `postgresql://user@host:5432/db?table=wbcache`. The query
         parameters `table`, `cache_id`, `timeout` and `read_connections` are this class's;
         any other goes to libpq (e.g. `sslmode=require`). Keyword `options` win over the URL."""
-        dsn, ours = cls._url_arguments(url)
+        dsn, ours = cls.split_url(url)
         ours.update(options)
         return cls(dsn, **ours)
 
@@ -196,40 +219,41 @@ class PostgresBackend:
     def url_table(cls, url: str) -> str:
         """The data table a backend made from `url` would use (as `table` reads it), without
         connecting. ValueError for a URL `from_url` would refuse."""
-        return TableNames.parse(cls._url_arguments(url)[1].get("table", _DEFAULT_TABLE)).data
+        return TableNames.parse(cls.split_url(url)[1].get("table", _DEFAULT_TABLE)).data
 
     @staticmethod
-    def _url_arguments(url: str) -> tuple[str, dict[str, Any]]:
-        """`url` as the DSN for libpq and this class's keyword arguments."""
+    def split_url(url: str) -> tuple[str, dict[str, Any]]:
+        """`url` as the DSN for libpq (the URL as written, this class's parameters taken out
+        of it) and this class's keyword arguments from it. ValueError as `from_url`."""
         if not isinstance(url, str):
             raise TypeError(f"url must be a str, not {type(url).__name__}")
-        parts = urlsplit(url)
-        if parts.scheme not in ("postgresql", "postgres"):
-            found = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"  # never the URL
-            raise ValueError(f"not a PostgreSQL URL (postgresql://...): {found}")
-        _check_ats(parts)
-        libpq: list[tuple[str, str]] = []
+        if not url.startswith(URL_PREFIXES):  # libpq's prefixes, in lower case
+            raise ValueError("not a PostgreSQL URL: one starts with postgresql:// or "
+                             "postgres://, in lower case")  # never the URL
+        # Only this class's parameters are taken out of the query; everything else is left
+        # as written, for libpq to read (and refuse) as it reads any URL.
+        query_at = url_query_at(url)
+        kept: list[str] = []
         ours: dict[str, Any] = {}
-        # '+' is kept: libpq reads it as itself, where parse_qsl would read a space
-        for name, value in parse_qsl(parts.query.replace("+", "%2B"), keep_blank_values=True):
-            kind = _URL_OPTIONS.get(name)
+        for piece in url[query_at + 1:].split("&") if query_at != -1 else ():
+            raw_name, equals, raw_value = piece.partition("=")
+            try:
+                name = _url_value("name", raw_name)
+            except ValueError:
+                name = None  # not one of ours: libpq refuses it
+            kind = _URL_OPTIONS.get(name) if equals and name is not None else None
             if kind is None:
-                libpq.append((name, value))
+                kept.append(piece)
                 continue
+            value = _url_value(name, raw_value)
             try:
                 ours[name] = kind(value)
             except ValueError:
                 raise ValueError(f"URL parameter {name}={value!r} is not "
                                  f"a {kind.__name__}") from None
-        # quote, not urlencode's quote_plus: libpq reads no "+" as a space. Joined by hand:
-        # urlunsplit drops the "//" of a URL with no host ("postgresql:///db?host=/run/pg"),
-        # and none is added where there was none ("postgresql:db" is no host "db")
-        query = urlencode(libpq, quote_via=quote)
-        slashes = "//" if parts.netloc or url.partition(":")[2].startswith("//") else ""
-        dsn = (f"{parts.scheme}:{slashes}{parts.netloc}{parts.path}"
-               + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else ""))
-        # Read by libpq now, its complaint redacted as the URL given requires: rebuilt, a
-        # password cut short by a raw '?' is no longer one (its '@' is encoded).
+        dsn = url if query_at == -1 or not ours else (
+            url[:query_at] + ("?" + "&".join(kept) if kept else ""))
+        # Read by libpq now, its complaint redacted as the URL given requires.
         _link_module().parse_dsn(dsn, given=url)
         return dsn, ours
 

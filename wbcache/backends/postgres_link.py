@@ -45,6 +45,9 @@ def parse_dsn(dsn: str, given: str | None = None) -> dict[str, Any]:
     except psycopg.ProgrammingError as exc:
         raise ValueError(f"invalid PostgreSQL DSN: "
                          f"{redact_dsn_complaint(_one_line(exc), given or dsn)}") from None
+    except UnicodeDecodeError:  # libpq read a value psycopg cannot: a byte left as %XX
+        raise ValueError("invalid PostgreSQL DSN: a percent-encoded value is not UTF-8 text"
+                         ) from None
 
 
 @dataclass(frozen=True)
