@@ -162,6 +162,20 @@ def test_opening_while_the_database_is_away_fails_clearly_and_leaves_the_directo
     backend.close()
 
 
+def test_a_first_open_whose_database_is_out_of_reach_leaves_no_directory(
+        tmp_path: Path) -> None:
+    # The URL's backend is made once the directory is claimed and locked: the refused open
+    # left a new directory holding LOCK behind.
+    away = "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2"
+    with pytest.raises(PostgresError, match="cannot connect"):
+        wbcache.open(tmp_path / "new", backend=away)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "made").mkdir()  # one the user made is theirs: left
+    with pytest.raises(PostgresError, match="cannot connect"):
+        wbcache.open(tmp_path / "made", backend=away)
+    assert (tmp_path / "made").is_dir()
+
+
 def test_a_commit_whose_answer_is_lost_counts_once(open_pg: OpenCache, pg_proxy: TcpProxy,
                                                   pg_dsn: str, table: str) -> None:
     cache = open_pg("a", dsn=pg_proxy.dsn, flush_interval=3600)

@@ -66,6 +66,7 @@ from wbcache.layout import (
     claim,
     complete,
     record_backend,
+    unclaim,
 )
 from wbcache.lock import DirectoryLock
 from wbcache.options import Options
@@ -115,6 +116,7 @@ def open_directory(path: str | os.PathLike[str], options: Options,
     target = url_target(url) if url is not None else None  # a bad URL: before anything
     database = None if isinstance(backend, str) else backend
     owns_backend = database is None  # made here (from the URL, or the embedded one)
+    new = not os.path.lexists(path)
     layout = claim(path)
     dir_lock = _lock_single_owner(layout)
     try:
@@ -144,6 +146,8 @@ def open_directory(path: str | os.PathLike[str], options: Options,
     except BaseException:
         if owns_backend and database is not None:
             database.close()
+        if new:
+            unclaim(layout)
         dir_lock.release()
         raise
 

@@ -199,6 +199,22 @@ def claim(path: str | os.PathLike[str]) -> Layout:
     return layout
 
 
+def unclaim(layout: Layout) -> None:
+    """Lock held, by a first open refused before `complete` (a database it could not reach):
+    remove the root `claim` made, if it holds nothing but LOCK, so that a refused open
+    leaves no directory behind (its missing parents, made with it, are left). A failure
+    here is ignored: the refusal is what the caller reports."""
+    try:
+        with opened_root(layout.root) as root_fd:
+            if os.listdir(root_fd) != [LOCK_NAME]:
+                return
+            os.unlink(LOCK_NAME, dir_fd=root_fd)
+        os.rmdir(layout.root)
+        SYSCALLS.fsync_dir(os.path.dirname(layout.root))
+    except OSError:
+        pass
+
+
 def complete(layout: Layout) -> None:
     """Lock held: create what the directory still lacks (wal/, db/, cache_id) and make the
     root's entries durable (the LOCK file the lock just created among them)."""
