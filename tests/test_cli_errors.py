@@ -140,6 +140,27 @@ def test_a_name_like_a_segment_s_with_other_digits_is_no_segment(tmp_path: Path,
         assert [cache.get(f"key-{lsn}") for lsn in range(1, 11)] == list(range(1, 11))
 
 
+def test_an_open_while_a_command_reads_the_directory_names_no_past_owner(
+        tmp_path: Path) -> None:
+    # `wbcache dump` holds the lock shared while it writes: the open was refused as "in use
+    # by another cache (pid N)", N the pid LOCK holds, a past owner's (here: this process).
+    path = tmp_path / "cache"
+    with wbcache.open(path) as cache:
+        cache.put_many({f"k{i}": "v" * 100 for i in range(5000)})  # more than a pipe holds
+    reader = subprocess.Popen([str(WBCACHE), "dump", str(path)], stdout=subprocess.PIPE)
+    try:
+        assert reader.stdout is not None and reader.stdout.readline()  # reading, lock held
+        with pytest.raises(wbcache.CacheLockedError) as refused:
+            wbcache.open(path)
+    finally:
+        reader.kill()
+        reader.wait()
+    assert str(refused.value) == (f"{path} is in use by another process: a wbcache command "
+                                  f"reading it, or a cache opening it; try again once it is "
+                                  f"done")
+    wbcache.open(path).close()
+
+
 @pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.parametrize("text", ["\u00b2", "0", "12345678901234567890123"])
 def test_a_held_lock_whose_pid_is_no_pid_is_in_use_by_another_process(

@@ -266,7 +266,8 @@ def _lock_single_owner(layout: Layout) -> DirectoryLock:
     as "in use" (`CacheLockedError`), unless the holder is a first shared open marking the
     directory (`_make_shared`, which holds it shared): then as a shared directory, as a
     retry would be. Held shared, or let go since: tried once more, as another single-owner
-    open may just have failed or finished (the holder found then is the one named)."""
+    open may just have failed or finished; held shared again, refused without naming the pid
+    LOCK holds (a past owner's: readers and probes write none)."""
     for attempt in (1, 2):
         try:
             return DirectoryLock.acquire(layout.lock, record_owner=False)
@@ -283,8 +284,10 @@ def _lock_single_owner(layout: Layout) -> DirectoryLock:
             # before its mark, wal/ made since (a shared first open refuses a wal/)
             if not made_single and (made_shared or attempt == 2):
                 raise lanes.shared_directory(layout.root) from None
-            if attempt == 2:
-                raise
+            if attempt == 2:  # held shared twice: the pid LOCK holds is not the holder's
+                raise CacheLockedError(
+                    f"{layout.root} is in use by another process: a wbcache command reading "
+                    f"it, or a cache opening it; try again once it is done") from None
     raise AssertionError("unreachable")
 
 
