@@ -13,6 +13,10 @@ thread set up before letting go) never runs:
     next batch (`_pending_first_lsn` moved past them) acknowledges their writers;
   * and the caller's `with sequencer.lock:` then releases a lock it does not hold.
 
+And the other way round: a KeyboardInterrupt raised while such a thread waits to take the
+lock back (CPython runs signal handlers in a blocking acquire) leaves it not taken, unless the
+retake goes on (`retake`, and `Condition` for the waits on conditions of that lock).
+
 The interrupt is forced, not timed: the committer's view of the lock (`_lock`) is the same
 lock, whose release returns into a KeyboardInterrupt where the test says, as that signal
 would.
@@ -30,7 +34,7 @@ import pytest
 import wbcache
 from wbcache.errors import LogFailedError
 from wbcache.wal import commit as commit_module
-from wbcache.wal.commit import GroupCommitter
+from wbcache.wal.commit import Condition, GroupCommitter
 
 needs_pipe = pytest.mark.skipif(commit_module.Pipe is None, reason="no wal/_pipe.c")
 
@@ -54,6 +58,34 @@ class _InterruptedRelease:
 
     def locked(self) -> bool:
         return bool(self._lock.locked())
+
+
+class _InterruptedRetake:
+    """`lock`, except that the first blocking acquire made while `when()` is true raises a
+    KeyboardInterrupt without taking it: what CPython's acquire does when a SIGINT's handler
+    raises while it waits (on POSIX the wait runs signal handlers)."""
+
+    def __init__(self, lock: Any, when: Callable[[], bool] = lambda: True) -> None:
+        self._lock, self._when = lock, when
+        self.fired = False
+
+    def acquire(self, *args: Any) -> bool:
+        if not args and not self.fired and self._when():
+            self.fired = True
+            raise KeyboardInterrupt
+        return bool(self._lock.acquire(*args))
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return bool(self._lock.locked())
+
+    def __enter__(self) -> bool:
+        return bool(self._lock.acquire())
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
 
 
 def _in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
@@ -166,3 +198,44 @@ def test_an_interrupt_as_a_leader_lets_go_of_the_lock_never_acknowledges_an_unwr
 def _wait(lock: threading.Lock, committer: GroupCommitter, lsn: int) -> None:
     with lock:
         committer.wait(lsn)
+
+
+def test_an_interrupt_while_a_leader_retakes_the_lock_is_raised_with_the_lock_held() -> None:
+    """The leader's batch is written; the interrupt comes as it waits to take the lock back.
+    It was raised with the lock not taken: the batch's end (waking the waiters, telling
+    `close`) raised RuntimeError on a lock not held, and the caller's `with` released a lock
+    nobody held (another thread's hold, had there been one)."""
+    lock = threading.Lock()
+    writer = _Recorder()
+    committer = GroupCommitter(lock, writer, next_lsn=1,  # type: ignore[arg-type]
+                               sync_every_batch=True)
+    interrupting = _InterruptedRetake(lock, lambda: committer._leader_active)
+    with lock:
+        committer.append(1, b"one")
+    committer._lock = interrupting  # type: ignore[assignment]
+    with pytest.raises(KeyboardInterrupt):
+        with lock:
+            committer.wait(1)
+    committer._lock = lock
+    assert interrupting.fired and not lock.locked()
+    # The batch is whole: written, fsync'd, counted; the log has not failed
+    assert writer.calls == ["append 1..1", "sync"]
+    assert (committer.durable_lsn, committer.failure, committer._leader_active) == (1, None, False)
+    with lock:
+        committer.append(2, b"two")
+    _wait(lock, committer, 2)
+    assert writer.calls[-2:] == ["append 2..2", "sync"]
+
+
+def test_an_interrupted_condition_wait_returns_with_the_lock_held() -> None:
+    """threading.Condition.wait retakes its lock in a `finally`, and raised an interrupt of
+    that with the lock not taken: the `with` around it then released a lock nobody held."""
+    lock = threading.Lock()
+    interrupting = _InterruptedRetake(lock)
+    condition = Condition(interrupting)  # type: ignore[arg-type]
+    with pytest.raises(KeyboardInterrupt):
+        with condition:
+            condition.wait(0.001)  # times out, then retakes the lock: interrupted there
+    assert interrupting.fired and not lock.locked()
+    with condition:  # a later wait is an ordinary one
+        assert condition.wait(0.001) is False

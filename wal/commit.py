@@ -64,6 +64,39 @@ FOLLOWER_RECHECK = 1.0
 log = logging.getLogger("wbcache.wal")
 
 
+def retake(lock: Any) -> BaseException | None:
+    """Take `lock` back, whatever interrupts the wait, and return the interruption (None if
+    none). On POSIX a blocking `acquire` lets signal handlers run while it waits, and a
+    KeyboardInterrupt raised there leaves the lock NOT taken, where every caller assumes it
+    holds it: its `with lock:` would then release a lock it does not hold (another thread's
+    hold). The caller raises the interruption once its state is whole."""
+    interrupted: BaseException | None = None
+    while True:
+        try:
+            lock.acquire()
+            return interrupted
+        except BaseException as exc:  # noqa: BLE001 - returned, raised by the caller
+            interrupted = interrupted or exc
+
+
+class Condition(threading.Condition):
+    """`threading.Condition` on a plain lock whose `wait` always returns (or raises) with the
+    lock held: its own retake of the lock is `retake`, and an interruption of that is raised
+    once the lock is held again (`threading.Condition` raises it with the lock not held)."""
+
+    _interrupted: BaseException | None = None  # set and read with the lock held
+
+    def _acquire_restore(self, saved: Any) -> None:
+        self._interrupted = retake(self._lock)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        notified = super().wait(timeout)
+        interrupted, self._interrupted = self._interrupted, None
+        if interrupted is not None:
+            raise interrupted
+        return notified
+
+
 def _log_failure(error: BaseException, first_lsn: int, last_lsn: int) -> None:
     """Lock held: log that the log failed, from a thread of its own (wal/deferred.py). A
     logging handler is the application's code, with its own lock, and may even read the
@@ -97,7 +130,7 @@ class GroupCommitter:
         self._syncing_through = next_lsn - 1  # what the batch in flight will have fsync'd
         self.failure: BaseException | None = None
         self._listeners: list[Listener] = []
-        self._kick = threading.Condition(lock)  # wakes the background leader
+        self._kick = Condition(lock)  # wakes the background leader
         self._background: threading.Thread | None = None
         self._closing = False
         self.fsyncs = 0
@@ -110,8 +143,8 @@ class GroupCommitter:
                 log.warning("the log is written without wal/_pipe.c's thread: %s", error)
         self._advancer_idle = False
         self.rotating = False  # a writer is starting the next segment for the pipe
-        self._rotated = threading.Condition(lock)
-        self._led = threading.Condition(lock)  # a leader's batch ended (`close` waits for it)
+        self._rotated = Condition(lock)
+        self._led = Condition(lock)  # a leader's batch ended (`close` waits for it)
         self._notify_fd: int | None = None
 
     @property
@@ -200,7 +233,7 @@ class GroupCommitter:
         except BaseException as exc:
             error = exc
         finally:
-            self._lock.acquire()
+            interrupted = retake(self._lock)
             self.rotating = False
             self._rotated.notify_all()
         self._advance(*state)
@@ -209,6 +242,8 @@ class GroupCommitter:
                 self._fail(error, last + 1)
             if not isinstance(error, Exception) or not creating:
                 raise error
+        if interrupted is not None:  # once the rotation is done: it changed nothing
+            raise interrupted
 
     def wait_for_rotation(self) -> None:
         """Lock held: sleep (lock released) until the rotation in progress is done."""
@@ -329,8 +364,10 @@ class GroupCommitter:
             self._lock.release()
             state = pipe.wait(lsn, FOLLOWER_RECHECK)
         finally:
-            self._lock.acquire()
+            interrupted = retake(self._lock)
         self._advance(*state)
+        if interrupted is not None:
+            raise interrupted
 
     def wait(self, lsn: int, *, durable: bool = False) -> None:
         """Return once record `lsn` is acknowledged (or fsync'd, if `durable`). Lock held.
@@ -371,13 +408,17 @@ class GroupCommitter:
             self._lock.release()
             woken.acquire(True, FOLLOWER_RECHECK)  # positional: a keyword costs 0.2 µs more
         except BaseException:  # interrupted (KeyboardInterrupt): leave, and hand on the wake
-            self._lock.acquire()
+            retake(self._lock)
             self._leave(entry)
             if self._waiting and not self._leader_active:
                 self._wake()  # we may have been the one woken to lead: someone must
             raise
-        self._lock.acquire()
+        interrupted = retake(self._lock)
         self._leave(entry)
+        if interrupted is not None:
+            if self._waiting and not self._leader_active:
+                self._wake()
+            raise interrupted
 
     def _leave(self, entry: list[Any]) -> None:
         """Lock held: take a waiter nobody woke (timed out, interrupted) out of the list."""
@@ -419,6 +460,7 @@ class GroupCommitter:
         self._sync_wanted = False
         self._syncing_through = last_lsn if do_sync else self.durable_lsn
         error: BaseException | None = None
+        interrupted: BaseException | None = None
         synced = 0
         try:
             self._leader_active = True  # in the try: its finally is what clears it
@@ -432,7 +474,7 @@ class GroupCommitter:
             except BaseException as exc:  # an interrupted write leaves the log unknown too
                 error = exc
             finally:
-                self._lock.acquire()
+                interrupted = retake(self._lock)  # raised last: the batch itself is whole
             if synced and error is None and self.failure is None:
                 # Lock held: mapped writers may have appended meanwhile. Not after a failure
                 # (another thread's): the log is unknown, and `close` may be under way.
@@ -463,6 +505,8 @@ class GroupCommitter:
             listener(self.acknowledged_lsn, self.durable_lsn)
         if error is not None and not isinstance(error, Exception):
             raise error
+        if interrupted is not None:
+            raise interrupted
 
     def close(self) -> None:
         """Write and fsync whatever is queued, then close the writer. Lock held."""

@@ -59,6 +59,7 @@ from wbcache.codec import from_encoded, increment, value_of
 from wbcache.errors import CacheClosedError, LogFailedError
 from wbcache.memory import TOMBSTONE, Entries
 from wbcache.wal import GroupCommitter, LogWriter, crashpoints
+from wbcache.wal.commit import Condition
 from wbcache.wal.deferred import log_later
 from wbcache.wal.format import MAX_SINGLE_RECORD
 from wbcache.wal.records import delete_item, encode_items, encode_put, incr_item, put_item
@@ -173,7 +174,7 @@ class Sequencer:
                  fetch: Callable[[Key], bytes | None], sync_every_batch: bool,
                  max_dirty: int, flush_threshold: int, name: str) -> None:
         self.lock = threading.Lock()
-        self._space = threading.Condition(self.lock)  # writers waiting out backpressure
+        self._space = Condition(self.lock)  # writers waiting out backpressure
         self._committer = GroupCommitter(self.lock, writer, next_lsn=next_lsn,
                                          sync_every_batch=sync_every_batch)
         self._entries = entries
