@@ -528,6 +528,8 @@ class AsyncCache:
 class _ForkedAsyncCache(AsyncCache, forking.Disowned):
     """An `AsyncCache` inherited through fork(): every use raises `ForkedCacheError`."""
 
+    __repr__ = forking.Disowned.__repr__  # repr() looks on the type: AsyncCache's comes first
+
     async def close(self) -> None:  # type: ignore[override]  # AsyncCache's, awaitable
         """In a child: nothing to do (awaitable, as `AsyncCache.close` is)."""
 

@@ -494,6 +494,8 @@ class Cache(MutableMapping[Key, Any]):
 class _ForkedCache(Cache, forking.Disowned):
     """A `Cache` inherited through fork(): every use raises `ForkedCacheError`."""
 
+    __repr__ = forking.Disowned.__repr__  # repr() looks on the type, where Cache's comes first
+
 
 class Batch(BatchOperations):
     """`with cache.batch() as b:` -- written as one record when the block exits cleanly."""
