@@ -19,7 +19,8 @@ optional = os.environ.get("WBCACHE_REQUIRE_C") != "1"
 setup(ext_modules=[Extension("wbcache.wal._walk", ["wal/_walk.c"], libraries=["z"],
                              optional=optional),
                    Extension("wbcache.wal._sync", ["wal/_sync.c"], optional=optional),
-                   Extension("wbcache.wal._pipe", ["wal/_pipe.c"], optional=optional),
+                   Extension("wbcache.wal._pipe", ["wal/_pipe.c"], libraries=["z"],
+                             optional=optional),
                    Extension("wbcache._hit", ["wbcache/_hit.c"], optional=optional),
                    Extension("wbcache.backends._pairs", ["wbcache/backends/_pairs.c"],
                              optional=optional)])

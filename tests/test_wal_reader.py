@@ -41,6 +41,7 @@ from wbcache.wal.format import (
 from wbcache.wal.reader import intact_frames
 from wbcache.wal.records import OP_BATCH, OP_DELETE, OP_INCR, OP_PUT
 from wbcache.wal.segments import segment_name
+from wbcache.wal.syscalls import SYSCALLS
 
 # ------------------------------------------------------------------ building segments
 
@@ -748,6 +749,25 @@ def test_a_write_larger_than_the_frame_limit_is_split_into_frames(tmp_path: Path
     path = tmp_path / segment_name(1)
     assert len(record_offsets(path.read_bytes())) == 2  # 4 records of a third each: 2 frames
     assert read(path)[0] == records
+
+
+def test_the_frames_of_a_synced_write_over_the_limit_are_each_synced_before_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Written back to back and synced once, a power cut could keep the second and lose the
+    # first: a bad frame followed by valid data, refused as corruption at the next open.
+    calls: list[str] = []
+    write, fdatasync = SYSCALLS.write, SYSCALLS.fdatasync
+    monkeypatch.setattr(SYSCALLS, "write", lambda fd, data: calls.append("write") or write(
+        fd, data))
+    monkeypatch.setattr(SYSCALLS, "fdatasync", lambda fd: calls.append("fdatasync") or
+                        fdatasync(fd))
+    big = "x" * (MAX_FRAME_PAYLOAD // 3)
+    records = [put_record(lsn, f"k{lsn}", big) for lsn in range(1, 5)]
+    writer = LogWriter(str(tmp_path), 1, segment_size=1 << 30)
+    calls.clear()  # the segment's creation
+    writer.append([msgpack.packb(record) for record in records], 1, 4, sync=True)
+    writer.close()
+    assert calls[:4] == ["write", "fdatasync", "write", "fdatasync"]
 
 
 # ------------------------------------------------ sync marks (fsync="interval")

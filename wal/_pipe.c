@@ -21,6 +21,16 @@
  *
  * Fork: the thread does not exist in a child. A child never touches its parent's log
  * (wbcache/forking.py disowns the cache), and a Pipe freed in a child neither locks nor joins.
+ *
+ * One frame per batch: writers hand over records framed one by one (wal/writer.py,
+ * `frame_one`), and a batch rewrites them, in place, as ONE frame of all its records before
+ * its write (`one_frame`). The kernel may write the pages of one write back in any order, so
+ * a power cut during a batch of several frames could keep a later frame and lose an earlier
+ * one: a bad frame followed by valid data, which the reader must take for corruption
+ * (docs/design.md, the damage rule), refusing to open. One frame torn is a torn tail. A batch
+ * over the frame limit is written as frames of at most that size, each fdatasync'd before
+ * the next is written. Bytes that are not such frames (tests hand over raw bytes) are
+ * written as they are.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -32,6 +42,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <zlib.h>
 
 /* A buffer up to this size is kept for the next batch; a bigger one (a big value) is freed. */
 #define KEEP_BUFFER (1 << 20)
@@ -71,6 +82,127 @@ static int write_all(int fd, const char *data, size_t len) {
     return 0;
 }
 
+/* The frame format (wal/format.py): magic, payload length, CRC-32 of the payload (both
+ * little-endian); a payload is a msgpack array of records, 0x91 for one record. */
+#define FRAME_HEADER 12
+#define ONE_HEAD (FRAME_HEADER + 1)
+#define MAX_HEAD (FRAME_HEADER + 5)
+#define MAX_PAYLOAD (64u * 1024 * 1024) /* MAX_FRAME_PAYLOAD */
+static const unsigned char FRAME_MAGIC[4] = {0xc1, 'W', 'B', 'C'};
+
+static uint32_t get32(const char *at) {
+    const unsigned char *b = (const unsigned char *)at;
+    return (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
+}
+
+static void put32(char *at, uint32_t value) {
+    for (int i = 0; i < 4; i++)
+        at[i] = (char)(value >> (8 * i));
+}
+
+/* The length of the record of the one-record frame at `at` (ending by `end`), or -1 if the
+ * bytes there are not such a frame. */
+static long long one_record(const char *at, const char *end) {
+    if (end - at < ONE_HEAD || memcmp(at, FRAME_MAGIC, 4) != 0 || (unsigned char)at[12] != 0x91)
+        return -1;
+    uint32_t length = get32(at + 4);
+    if (length < 1 || (uint64_t)length > (uint64_t)(end - at - FRAME_HEADER))
+        return -1;
+    return (long long)length - 1;
+}
+
+static int sync_fd(int fd) {
+    while (fdatasync(fd) < 0) {
+        if (errno != EINTR)
+            return errno;
+    }
+    return 0;
+}
+
+/* Write `data` (one-record frames, as `frame_one` makes them) as frames of as many records as
+ * fit in MAX_PAYLOAD (module docstring), each but the last fdatasync'd before the next is
+ * written; the caller fdatasyncs the last. Rewrites `data` in place: each record moves over
+ * the headers before it, the first by up to 4 bytes forward, so that the new header (12
+ * bytes, and the array's head of 1, 3 or 5) fits in front of it. */
+static int one_frame(int fd, char *data, size_t len) {
+    const char *end = data + len;
+    for (const char *at = data; at < end;) { /* every frame one of ours, or none is touched */
+        long long record = one_record(at, end);
+        if (record < 0)
+            return write_all(fd, data, len);
+        at += ONE_HEAD + record;
+    }
+    if ((size_t)(ONE_HEAD + one_record(data, end)) == len)
+        return write_all(fd, data, len); /* one record: already one frame */
+    char *chunk = data;
+    while (chunk < end) {
+        /* The chunk: frames from `chunk` while their records fit in one payload. */
+        uint64_t records = 0, count = 0;
+        const char *stop = chunk;
+        while (stop < end) {
+            long long record = one_record(stop, end);
+            if (count > 0 && records + (uint64_t)record + 5 > MAX_PAYLOAD)
+                break;
+            records += (uint64_t)record;
+            count++;
+            stop += ONE_HEAD + record;
+        }
+        int error;
+        if (count == 1) { /* a record too big to share a frame: already one */
+            if ((error = write_all(fd, chunk, (size_t)(stop - chunk))) != 0)
+                return error;
+            chunk = (char *)stop;
+            if (chunk < end && (error = sync_fd(fd)) != 0)
+                return error;
+            continue;
+        }
+        /* Move the records together, each right after the one before it, the first at
+         * chunk + MAX_HEAD (two frames or more: the chunk's bytes hold that); a frame's
+         * length is read before the record ahead of it moves (the first record, moving
+         * forward, covers the next frame's first bytes). */
+        char *out = chunk + MAX_HEAD;
+        const char *frame = chunk;
+        long long record = one_record(frame, end);
+        while (frame < stop) {
+            const char *next = frame + ONE_HEAD + record;
+            long long next_record = next < stop ? one_record(next, end) : 0;
+            memmove(out, frame + ONE_HEAD, (size_t)record);
+            out += record;
+            frame = next;
+            record = next_record;
+        }
+        unsigned char head[5];
+        size_t head_len;
+        if (count < 16) {
+            head[0] = (unsigned char)(0x90 | count);
+            head_len = 1;
+        } else if (count < 65536) {
+            head[0] = 0xdc;
+            head[1] = (unsigned char)(count >> 8);
+            head[2] = (unsigned char)count;
+            head_len = 3;
+        } else {
+            head[0] = 0xdd;
+            for (int i = 0; i < 4; i++)
+                head[1 + i] = (unsigned char)(count >> (24 - 8 * i));
+            head_len = 5;
+        }
+        char *start = chunk + MAX_HEAD - head_len - FRAME_HEADER;
+        memcpy(start, FRAME_MAGIC, 4);
+        memcpy(start + FRAME_HEADER, head, head_len);
+        uLong crc = crc32(0L, (const Bytef *)head, (uInt)head_len);
+        crc = crc32(crc, (const Bytef *)(chunk + MAX_HEAD), (uInt)records);
+        put32(start + 4, (uint32_t)(head_len + records));
+        put32(start + 8, (uint32_t)crc);
+        if ((error = write_all(fd, start, FRAME_HEADER + head_len + (size_t)records)) != 0)
+            return error;
+        chunk = (char *)stop;
+        if (chunk < end && (error = sync_fd(fd)) != 0)
+            return error;
+    }
+    return 0;
+}
+
 /* Write and fdatasync everything handed over, then publish it: called with the mutex held,
  * `busy` clear and records handed over; it lets go of the mutex around the I/O and returns
  * with it held. The pipe's thread runs it, and so does a writer waiting for its record that
@@ -89,15 +221,9 @@ static void lead_batch(Pipe *p) {
     p->busy = 1;
     p->through = through;
     pthread_mutex_unlock(&p->mu);
-    int error = write_all(fd, data, len);
-    if (error == 0) {
-        while (fdatasync(fd) < 0) {
-            if (errno != EINTR) {
-                error = errno;
-                break;
-            }
-        }
-    }
+    int error = one_frame(fd, data, len);
+    if (error == 0)
+        error = sync_fd(fd);
     pthread_mutex_lock(&p->mu);
     p->busy = 0;
     if (cap <= KEEP_BUFFER && p->spare == NULL) { /* a big batch's buffer goes back */

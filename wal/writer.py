@@ -112,7 +112,8 @@ class LogWriter:
                sync: bool = False) -> int:
         """Write records `first_lsn..last_lsn` (encoded, in LSN order) with ONE write call,
         as one frame (or more, only if they exceed the frame size limit: then a segment may be
-        started between two of them, so that none grows past one frame over its size). With
+        started between two of them, so that none grows past one frame over its size, and with
+        `sync` each is fdatasync'd before the next is written). With
         `sync`, then `sync()`: the last write and the fdatasync in one C call when they can be
         (`SYSCALLS.write_sync`: the GIL let go once, not twice). Returns what `sync()` does
         (0 without `sync`)."""
@@ -148,6 +149,10 @@ class LogWriter:
             self._last_lsn = last
             if crashpoints.ARMED:
                 crashpoints.reached("wal.after_write")
+            if sync and data is not last_frame:
+                # One unsynced frame at a time (docs/design.md, the log's rules): a power cut
+                # could keep the next and lose this one, a bad frame followed by valid data
+                SYSCALLS.fdatasync(self._fd)
         assert self._last_lsn == last_lsn
         return self.sync() if sync else 0
 
