@@ -91,34 +91,37 @@ class Phase:
 
 
 class _Watch:
-    """Called by `run_worker` for each event as it arrives: timestamps it, runs `on_ready`
-    once, and says when to kill (the trigger fired, or LazyFS died under the worker)."""
+    """Called by `run_worker` for each event as it arrives: timestamps it, runs `arm`'s
+    action once, at the first event its decision takes, and says when to kill (the trigger
+    fired, or LazyFS died under the worker)."""
 
     def __init__(self, fs: LazyfsMount, decide: Decision,
-                 on_ready: Callable[[], None] | None = None) -> None:
-        self.fs, self._decide, self._on_ready = fs, decide, on_ready
+                 arm: tuple[Decision, Callable[[], None]] | None = None) -> None:
+        self.fs, self._decide, self._arm = fs, decide, arm
         self.times: list[float] = []
-        self.ready_at: float | None = None
         self.cut_time: float | None = None
         self.failure: Exception | None = None
 
     def __call__(self, event: list[Any]) -> bool:
         now = time.monotonic()
         self.times.append(now)
-        if event[0] == READY and self.ready_at is None:
-            self.ready_at = now
-            if self._on_ready is not None:
-                try:
-                    self._on_ready()
-                except Exception as exc:  # kill the worker first (run_worker would leave it
-                    self.failure = exc    # running), raise once it is gone
-                    return True
+        if self._arm is not None and self._arm[0](event, now):
+            action, self._arm = self._arm[1], None
+            try:
+                action()
+            except Exception as exc:  # kill the worker first (run_worker would leave it
+                self.failure = exc    # running), raise once it is gone
+                return True
         if (event[0] == ERROR or len(self.times) % 256 == 0) and not self.fs.alive():
             return True  # the file system crashed at a fault: stop the worker
         if self._decide(event, now):
             self.cut_time = now
             return True
         return False
+
+
+def _on_ready(event: list[Any], _now: float) -> bool:
+    return bool(event[0] == READY)
 
 
 def run_lazyfs(settings: Settings) -> Outcome:
@@ -133,7 +136,7 @@ def run_lazyfs(settings: Settings) -> Outcome:
         keep_evidence(settings, "lazyfs-harness-error", *campaign.fs.evidence())
         raise
     finally:
-        campaign.fs.unmount()  # even when a cycle failed: nothing of ours stays mounted
+        campaign.fs.close()  # even when a cycle failed: nothing of ours stays mounted
         if not campaign.fs.mounted:  # never delete through a mount point
             shutil.rmtree(campaign.fs.base, ignore_errors=True)
         shutil.rmtree(campaign.scratch, ignore_errors=True)
@@ -234,6 +237,7 @@ class _Campaign:
         injections: list[Injection] = []
         arm: Arm | None = None
         arm_on_ready = False
+        tear_after: tuple[Decision, Callable[[], None]] | None = None  # armed as it runs
         decide: Decision = never
         kill_after: float | None = FAULT_WAIT
         segment = self._lazyfs_path("wal", f"{self.next_lsn:020d}.log")
@@ -248,21 +252,24 @@ class _Campaign:
         elif plan.kind == "log-unlink":
             arm = ("unlink", "/wal/", plan.unlink_timing)
             arm_on_ready = plan.unlink_after_ready
-        elif plan.kind == "torn-op":
-            injections.append(Injection("torn-op", (("file", segment),
-                                                    *sorted(plan.torn_op.items()))))
-        elif plan.kind == "torn-seq":  # a write-back of the mapped segment torn (plan)
-            injections.append(Injection("torn-op", (("file", segment),
-                                                    *sorted(plan.torn_seq.items()))))
+        elif plan.kind in ("torn-op", "torn-seq"):  # the next write once k are acknowledged
+            tear = plan.torn_op or plan.torn_seq
+            tear_after = (counting(ACK, tear["after_acks"]),
+                          lambda: self.fs.arm_torn(segment, tear["parts"], tear["persist"]))
         else:  # recovery kinds: a log-heavy writer, cut after some acknowledgements
             decide, kill_after = counting(ACK, plan.acks_before_cut, after_ready=False), \
                 TRIGGER_WAIT
         config = LazyfsWorkerConfig(directory=self.directory, seed=self.settings.seed,
                                     cycle=cycle, threads=self.settings.threads,
                                     options=plan.options, async_tasks=plan.async_tasks)
+        if arm is not None and arm_on_ready:
+            crash_fault = arm
+            tear_after, arm = (_on_ready, lambda: self.fs.arm_crash(*crash_fault)), None
         phase = self._powered(injections, lambda: self._run_worker(
-            config, decide, kill_after, arm if arm_on_ready else None), arm=None
-            if arm_on_ready else arm)
+            config, decide, kill_after, tear_after), arm=arm)
+        if plan.kind in ("torn-op", "torn-seq") and phase.crashed and any(
+                event[0] == ACK for event in phase.events):
+            self.rows["torn writes, after acknowledged writes"] += 1
         self._count_phase(plan.kind, phase, writer=True,
                           expects_crash=plan.kind in ("db-fsync", "log-unlink", "torn-op",
                                                       "torn-seq"))
@@ -329,9 +336,9 @@ class _Campaign:
         return phase
 
     def _run_worker(self, config: LazyfsWorkerConfig, decide: Decision,
-                    kill_after: float | None, arm: Arm | None) -> Phase:
-        on_ready = None if arm is None else (lambda: self.fs.arm_crash(*arm))
-        watch = _Watch(self.fs, decide, on_ready)
+                    kill_after: float | None,
+                    arm: tuple[Decision, Callable[[], None]] | None) -> Phase:
+        watch = _Watch(self.fs, decide, arm)
         run = run_worker(config, os.path.join(self.scratch, "worker"), kill_on=watch,
                          kill_after_seconds=kill_after, env=SAFE_PATH)
         if watch.failure is not None:

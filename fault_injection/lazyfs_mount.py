@@ -18,9 +18,12 @@ The harness starts the `lazyfs` process itself (in the foreground, so the pid it
 file system's own) and ends only that process, by that pid; `unmount` runs even when a cycle
 failed (use the mount as a context manager).
 
-LazyFS reads its fault FIFO 100 bytes at a time and a command must fit in one read, so long
-commands (a torn write of a file named by a long path) are given in config.toml as
-`[[injection]]` tables at mount time instead (lazyfs_config.py, `Injection`).
+LazyFS reads its fault FIFO 100 bytes at a time and a command must fit in one read. A torn
+write armed while a process runs (`arm_torn`: the next write to a file) names the file, so
+LazyFS is given the backing directory through a short symbolic link, /tmp/wl-<6 hex digits>
+(made at the first mount, removed by `close`): the names it uses and reports are under that
+link (`lazyfs_path`). Faults known before the process starts are given in config.toml as
+`[[injection]]` tables at mount time (lazyfs_config.py, `Injection`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
 import select
 import signal
 import subprocess
@@ -70,6 +74,8 @@ class LazyfsMount:
         self.binary = binary
         self.base = os.path.abspath(base)
         self.root = os.path.join(self.base, "root")
+        # How LazyFS names `root` (module docstring): short, so a command naming a file fits
+        self.link = os.path.join("/tmp", f"wl-{secrets.token_hex(3)}")
         self.mnt = os.path.join(self.base, "mnt")
         self.state = os.path.join(self.base, "state")
         self._faults = os.path.join(self.state, "faults.fifo")
@@ -88,11 +94,12 @@ class LazyfsMount:
         relative = os.path.relpath(os.path.abspath(path), self.mnt)
         if relative.startswith(os.pardir):
             raise ValueError(f"{path} is not under the mount point {self.mnt}")
-        return os.path.normpath(os.path.join(self.root, relative))
+        return os.path.normpath(os.path.join(self.link, relative))
 
     def backing_path(self, path: str) -> str:
         """Where the bytes of `path` (under the mount point) are kept."""
-        return self.lazyfs_path(path)
+        relative = os.path.relpath(self.lazyfs_path(path), self.link)
+        return os.path.normpath(os.path.join(self.root, relative))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -136,6 +143,10 @@ class LazyfsMount:
                              f"options at commas")
         for path in (self.root, self.mnt, self.state):
             os.makedirs(path, mode=0o700, exist_ok=True)
+        if os.path.islink(self.link) and os.readlink(self.link) != self.root:
+            raise LazyfsError(f"{self.link} exists and is not this harness's link")
+        if not os.path.islink(self.link):
+            os.symlink(self.root, self.link)  # never follows or replaces what is there
         self._write_config(injections)
         if not os.path.exists(self._completed):
             os.mkfifo(self._completed, 0o600)
@@ -154,7 +165,7 @@ class LazyfsMount:
             self._process = subprocess.Popen(
                 [self.binary, self.mnt, "--config-path", os.path.basename(self._config),
                  "-o", "modules=subdir",
-                 "-o", f"subdir={self.root}", "-f", "-s"],
+                 "-o", f"subdir={self.link}", "-f", "-s"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=self.state)
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not self.mounted:
@@ -180,11 +191,19 @@ class LazyfsMount:
                 os.close(self._completed_fd)
                 self._completed_fd = None
 
+    def close(self) -> None:
+        """Unmount, and remove the link to the backing directory (module docstring)."""
+        try:
+            self.unmount()
+        finally:
+            if os.path.islink(self.link) and os.readlink(self.link) == self.root:
+                os.unlink(self.link)
+
     def __enter__(self) -> LazyfsMount:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.unmount()
+        self.close()
 
     # ------------------------------------------------------------------ commands
 
@@ -236,6 +255,18 @@ class LazyfsMount:
         if "INVALID crash fault" in text:
             raise LazyfsError(f"LazyFS refused the crash fault op={op} from_rgx={path_regex}: "
                               f"{text[-500:]}")
+
+    def arm_torn(self, path: str, parts: int, persist: Sequence[int]) -> None:
+        """Make LazyFS tear the next write to `path` (as `lazyfs_path` names it) in `parts`
+        equal parts, write only those numbered in `persist` (from 1), and kill itself
+        (`lazyfs::torn-op`). Returns once LazyFS has accepted the fault."""
+        start = self._log_size()
+        self._command(f"lazyfs::torn-op::file={path}::parts={parts}"
+                      f"::persist={','.join(str(part) for part in persist)}")
+        text = self._await_log(start, ("configured successfully", "INVALID torn-op fault"),
+                               "answer to a torn-op fault")
+        if "INVALID torn-op fault" in text:
+            raise LazyfsError(f"LazyFS refused the torn-op fault on {path}: {text[-500:]}")
 
     def crash_report(self) -> Report:
         """What LazyFS reported unsynced when a crash fault ended it (it reports first)."""

@@ -194,7 +194,7 @@ class _MultiCampaign:
             keep_evidence(self.settings, f"{self.mode}-harness-error", *self.fs.evidence())
             raise
         finally:
-            self.fs.unmount()  # even when a cycle failed: nothing of ours stays mounted
+            self.fs.close()  # even when a cycle failed: nothing of ours stays mounted
             if not self.fs.mounted:  # never delete through a mount point
                 shutil.rmtree(self.fs.base, ignore_errors=True)
             shutil.rmtree(self.scratch, ignore_errors=True)

@@ -16,7 +16,12 @@ Kinds (each ends in a power cut, then a remount and the oracle's check):
                  the log through a memory map (wal/writer.py): little reaches the file system
                  between two fsyncs, and each fsync writes the dirty pages back, a run of them
                  in one write. One of those writes is torn in 2 to 4 parts, the last kept, the
-                 first not (the others at random), then LazyFS crashes
+                 first not (the others at random), then LazyFS crashes.
+                 Both tear the first write to the segment once the worker has had `after_acks`
+                 writes acknowledged: the fault is armed then (`LazyfsMount.arm_torn`), not
+                 counted from the mount, as the open's own writes (the header, and the zeros
+                 that reserve the first window: as many writes as FUSE cuts them into) would
+                 otherwise take the count, and the cut would come before any write.
     recovery     a log-heavy writer is cut; then the power goes again DURING the next open's
                  recovery (mid-replay commit, after it, mid-deletion, at data.mdb's fsync)
     recover-cli  the same, during `wbcache recover DIR` (the command line tool)
@@ -63,8 +68,8 @@ class CyclePlan:
     db_fsync: int = 0  # db-fsync: crash before fsync number db_fsync + 1 of data.mdb
     unlink_after_ready: bool = False  # log-unlink: arm once the worker is ready
     unlink_timing: str = "before"  # log-unlink: crash "before" or "after" the unlink
-    torn_op: dict[str, Any] = field(default_factory=dict)  # occurrence, parts, persist
-    torn_seq: dict[str, Any] = field(default_factory=dict)  # occurrence, parts, persist
+    torn_op: dict[str, Any] = field(default_factory=dict)  # after_acks, parts, persist
+    torn_seq: dict[str, Any] = field(default_factory=dict)  # after_acks, parts, persist
     acks_before_cut: int = 0  # recovery kinds: the log-heavy writer's acknowledgements
     second_cut: str = ""  # recovery kinds: how the power goes during the recovery
     second_at: float = 0.0  # its seconds (clock) or fsync number (db-fsync)
@@ -97,16 +102,14 @@ def plan_cycle(rng: random.Random, cycle: int) -> CyclePlan:
         options["segment_size"] = BIG_SEGMENT
         parts = rng.randint(2, 4)
         kept = sorted(rng.sample(range(1, parts + 1), rng.randint(1, parts - 1)))
-        # Write 1 of a segment is its header (fsync'd at once): tear a frame.
-        plan.torn_op = {"occurrence": rng.randint(2, 60), "parts": parts, "persist": kept}
+        plan.torn_op = {"after_acks": rng.randint(1, 60), "parts": parts, "persist": kept}
     elif kind == "torn-seq":
         options.update(fsync="interval", segment_size=BIG_SEGMENT,
                        fsync_interval=rng.choice([0.005, 0.02, 0.05]))
         parts = rng.randint(2, 4)
         middle = rng.sample(range(2, parts), rng.randint(0, parts - 2))
-        # Write 1 is the header; then each window's reserved zeros (LazyFS has no fallocate,
-        # wal/syscalls.py) and, from then on, one write (or a few) per fsync.
-        plan.torn_seq = {"occurrence": rng.randint(3, 6), "parts": parts,
+        # After the open's writes, one write (or a few) per fsync: the next write-back
+        plan.torn_seq = {"after_acks": rng.randint(1, 300), "parts": parts,
                          "persist": sorted({*middle, parts})}
     else:  # recovery, recover-cli: a long log first
         options.update(LOG_HEAVY, segment_size=rng.choice([4096, 8192]))

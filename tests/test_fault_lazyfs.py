@@ -78,6 +78,11 @@ def test_the_lazyfs_slice_passes_and_cuts_the_database_half(lazyfs_binary: str,
     assert outcome.tally.acknowledged > 1000, report.table()
     assert all(rows.get(f"kind {kind}", 0) >= 1 for kind in KINDS), report.table()
     assert rows["power cuts"] >= SLICE_CYCLES + 2  # the recovery kinds cut twice
+    # Every torn kind tore a write of the log once writes were acknowledged: counted from
+    # the mount, the tear fell on the open's own writes (the first window's reserved zeros)
+    # and the cut came before any write, in every torn cycle.
+    torn = rows["kind torn-op"] + rows["kind torn-seq"]
+    assert rows.get("torn writes, after acknowledged writes", 0) == torn >= 2, report.table()
     # LazyFS crashed itself at armed faults, and the cuts dropped unsynced bytes of both
     # halves, while flushes and segment deletions were in flight.
     assert sum(value for label, value in rows.items()
