@@ -24,6 +24,8 @@ would.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -239,3 +241,49 @@ def test_an_interrupted_condition_wait_returns_with_the_lock_held() -> None:
     assert interrupting.fired and not lock.locked()
     with condition:  # a later wait is an ordinary one
         assert condition.wait(0.001) is False
+
+
+RETAKE_RACE = """
+import os, signal, sys, threading, time
+from wbcache.wal.commit import retake
+
+lock = threading.Lock()
+main = threading.main_thread().ident
+go = threading.Event()
+spins = [0]
+
+def holder():
+    while True:
+        go.wait()
+        go.clear()
+        with lock:  # the main thread blocks in retake meanwhile
+            time.sleep(0.0005)
+        for _ in range(spins[0] % 400):  # a few microseconds, varied
+            pass
+        spins[0] += 37
+        signal.pthread_kill(main, signal.SIGINT)
+
+threading.Thread(target=holder, daemon=True).start()
+for _ in range(int(sys.argv[1])):
+    try:
+        go.set()
+        while not lock.locked():
+            pass
+        retake(lock)
+    except KeyboardInterrupt:  # raised after retake returned, the lock taken
+        pass
+    if lock.locked():
+        lock.release()
+    time.sleep(0.002)  # the signal lands before the next round
+print("done")
+"""
+
+
+def test_an_interrupt_just_after_the_lock_is_taken_back_never_hangs_the_thread() -> None:
+    """A SIGINT whose handler runs just AFTER the acquire took the lock (at the call's check
+    for pending signals) was caught by a retry loop in Python, which then took the lock it
+    held: the thread waited for good, and every later Ctrl-C was swallowed the same way
+    (found by a review; 5 runs of 5 hung in their first rounds). The loop is in C now."""
+    done = subprocess.run([sys.executable, "-c", RETAKE_RACE, "200"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == "done", done.stderr[-2000:]

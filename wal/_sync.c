@@ -12,6 +12,15 @@
  * 64 writer threads running Python meanwhile, the leader waited 80 and 200 us per batch for
  * the GIL between its write and its fdatasync, with the disk idle and every follower's
  * acknowledgement behind it (docs/bench.md, "A seventh run").
+ *
+ * retake(lock) takes a lock back whatever interrupts the wait (wal/commit.py, `retake`): a
+ * blocking acquire runs signal handlers while it waits, and a KeyboardInterrupt raised there
+ * leaves the lock not taken. Here such an exception is kept and the acquire tried again until
+ * it succeeds; the first one kept is returned (None if none), for the caller to raise once
+ * its state is whole. In C because in Python the handler may also run just AFTER acquire()
+ * has taken the lock, at the call's check for pending signals, still inside the loop's try:
+ * the loop would then take a lock it holds, and wait for good. Here no Python code runs
+ * between the acquire that succeeds and the return.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -67,10 +76,37 @@ static PyObject *write_sync(PyObject *module, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+static PyObject *retake(PyObject *module, PyObject *lock) {
+    PyObject *type = NULL, *value = NULL, *traceback = NULL;
+    for (;;) {
+        PyObject *result = PyObject_CallMethod(lock, "acquire", NULL);
+        if (result != NULL) {
+            Py_DECREF(result);
+            break;
+        }
+        if (type == NULL) {
+            PyErr_Fetch(&type, &value, &traceback);
+            PyErr_NormalizeException(&type, &value, &traceback);
+        } else {
+            PyErr_Clear(); /* a second interruption: the first one is what is raised */
+        }
+    }
+    if (type == NULL)
+        Py_RETURN_NONE;
+    if (traceback != NULL)
+        PyException_SetTraceback(value, traceback);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    return value;
+}
+
 static PyMethodDef methods[] = {
     {"write_sync", (PyCFunction)(void (*)(void))write_sync, METH_FASTCALL,
      "write_sync(fd, data): write every byte of data, then fdatasync fd, releasing the GIL "
      "once (see wal/_sync.c)."},
+    {"retake", (PyCFunction)retake, METH_O,
+     "retake(lock): acquire lock whatever interrupts the wait; the first interruption, or "
+     "None (see wal/_sync.c)."},
     {NULL, NULL, 0, NULL},
 };
 

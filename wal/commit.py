@@ -64,19 +64,22 @@ FOLLOWER_RECHECK = 1.0
 log = logging.getLogger("wbcache.wal")
 
 
-def retake(lock: Any) -> BaseException | None:
-    """Take `lock` back, whatever interrupts the wait, and return the interruption (None if
-    none). On POSIX a blocking `acquire` lets signal handlers run while it waits, and a
-    KeyboardInterrupt raised there leaves the lock NOT taken, where every caller assumes it
-    holds it: its `with lock:` would then release a lock it does not hold (another thread's
-    hold). The caller raises the interruption once its state is whole."""
-    interrupted: BaseException | None = None
-    while True:
-        try:
-            lock.acquire()
-            return interrupted
-        except BaseException as exc:  # noqa: BLE001 - returned, raised by the caller
-            interrupted = interrupted or exc
+# `retake(lock) -> BaseException | None`: take `lock` back, whatever interrupts the wait, and
+# return the interruption (None if none). On POSIX a blocking `acquire` lets signal handlers
+# run while it waits, and a KeyboardInterrupt raised there leaves the lock NOT taken, where
+# every caller assumes it holds it: its `with lock:` would then release a lock it does not
+# hold (another thread's hold). The caller raises the interruption once its state is whole.
+# The loop is in C (wal/_sync.c): in Python, a handler may also run just after acquire() has
+# taken the lock, still inside the loop's try, which would then wait for good on a lock it
+# holds.
+try:
+    from wbcache.wal._sync import retake
+except ImportError:  # pragma: no cover - a build without a C compiler
+
+    def retake(lock: Any) -> BaseException | None:
+        """Take `lock` back; interrupted, it is left not taken, as before `retake` was."""
+        lock.acquire()
+        return None
 
 
 class Condition(threading.Condition):
