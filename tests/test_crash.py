@@ -233,3 +233,36 @@ def test_a_single_owner_directory_with_lanes_left_over_is_in_use_not_shared(
         checking.release()
     with wbcache.open(root) as cache:
         assert cache.get("k") == 1
+
+
+def test_a_lock_on_a_lock_file_removed_meanwhile_is_let_go(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first open refused by its database removes the LOCK it made and its directory
+    (`unclaim`). Another open that had opened that LOCK just before, and flocks it just
+    after, held a lock on a file nobody else could find, while a third open made the
+    directory anew and locked the new LOCK: two owners of one directory (found by a review;
+    its script paused the second open between the two calls, as here)."""
+    from wbcache import lock as lock_module
+
+    path = tmp_path / "cache"
+    wbcache.open(path).close()
+    stale = os.open(path / "LOCK", os.O_RDWR)  # opened before the removal ...
+    os.close(os.open(path / "LOCK.new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    os.rename(path / "LOCK.new", path / "LOCK")  # ... which another open then made anew,
+    owner = wbcache.open(path)  # and holds
+    real_open = lock_module._open_lock_file
+    handed = []
+
+    def open_the_removed_one_first(lock_path: str, **kwargs: bool) -> int:
+        if not handed:
+            handed.append(stale)
+            return stale
+        return real_open(lock_path, **kwargs)
+
+    monkeypatch.setattr(lock_module, "_open_lock_file", open_the_removed_one_first)
+    try:
+        with pytest.raises(CacheLockedError, match="is in use by another cache"):
+            wbcache.open(path)
+        assert handed == [stale]  # the removed LOCK was flocked, and let go
+    finally:
+        owner.close()

@@ -72,21 +72,33 @@ class DirectoryLock:
         """The LOCK file at `path` opened and flocked (`operation`, without blocking), or None
         if another holder's lock conflicts. Tracked for fork() as it is opened: a child
         forked between the open and the tracking would keep a copy of the descriptor, and
-        with it the flock taken on it, the parent's or not (module docstring)."""
-        with forking.no_fork():
-            fd = _open_lock_file(path, writable=writable)
-            try:
-                fcntl.flock(fd, operation | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return None
-            except BaseException:
-                os.close(fd)
-                raise
-            lock = cls(fd, path)
-            _held.add(fd)
-            forking.track(lock)
-            return lock
+        with it the flock taken on it, the parent's or not (module docstring).
+
+        The file locked must still be the one at `path`: a first open refused by its
+        database removes the LOCK it made, and the directory (wbcache/layout.py, `unclaim`);
+        an open that had opened that LOCK before and flocks it after would hold a lock on a
+        file nobody else can find, while another open makes the directory anew. Such a lock
+        is let go and the file at `path` taken instead (or its absence reported)."""
+        for _ in range(_RETAKES):
+            with forking.no_fork():
+                fd = _open_lock_file(path, writable=writable)
+                try:
+                    fcntl.flock(fd, operation | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    return None
+                except BaseException:
+                    os.close(fd)
+                    raise
+                if not _still_at(fd, path):
+                    os.close(fd)
+                    continue
+                lock = cls(fd, path)
+                _held.add(fd)
+                forking.track(lock)
+                return lock
+        raise CacheLockedError(f"{os.path.dirname(path)} is being made and removed again by "
+                               f"other opens; try again")
 
     def record_owner(self) -> None:
         """Write this process's pid into the (exclusively held) LOCK file, as one fixed-width
@@ -117,6 +129,7 @@ class DirectoryLock:
         self._fd = None
 
 
+_RETAKES = 10  # LOCK files found removed under us (`_take`) before giving up
 _PID_WIDTH = 20  # wider than any pid Linux hands out (pid_max is at most 2**22)
 _PID_MAX = 2**22  # Linux's largest pid_max
 
@@ -148,6 +161,16 @@ def _open_lock_file(path: str, *, writable: bool) -> int:
             except FileExistsError:  # the usual case: it stays from the first open
                 return open_private_file(name, os.O_RDWR, dir_fd=dir_fd, shown=path)
         return open_private_file(name, os.O_RDONLY, dir_fd=dir_fd, shown=path)
+
+
+def _still_at(fd: int, path: str) -> bool:
+    """Whether the file open at `fd` is the one at `path` (neither removed nor replaced)."""
+    try:
+        at_path = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
 
 
 def owner_pid(path: str) -> int | None:
