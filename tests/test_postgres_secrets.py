@@ -49,6 +49,10 @@ def assert_hidden(text: str) -> None:
     # a raw '@': libpq ends the user info at the first, and printed the rest as the host
     ("postgresql://user:Zq7x@K9w@127.0.0.1:1/db", "more than one before it"),
     ("postgresql://Zq7x@K9w@127.0.0.1:1/db?table=t", "more than one before it"),
+    # a password parameter with an encoded name: libpq quoted its bad value whole
+    (f"postgresql://user@127.0.0.1:1/db?p%61ssword={SECRET}%zz", "invalid PostgreSQL DSN"),
+    (f"postgresql://user@127.0.0.1:1/db?sslp%61ssword={SECRET}%00&table=t",
+     "invalid PostgreSQL DSN"),
 ])
 def test_a_bad_backend_url_is_refused_without_its_password(url: str, message: str) -> None:
     with pytest.raises((ValueError, PostgresError), match=message) as refused:
@@ -183,6 +187,11 @@ def test_a_connected_backend_shows_no_password_in_its_repr_or_errors(pg_dsn: str
     (f"host=h password={SECRET} user=u", "host=h password=*** user=u"),
     (f"host=h password = '{SPACED}' user=u", "host=h password = *** user=u"),
     (f"host=h sslpassword={SECRET}", "host=h sslpassword=***"),
+    # libpq percent-decodes a query's names: p%61ssword is password
+    (f"postgresql://user@host/db?p%61ssword={SECRET}&table=t",
+     "postgresql://user@host/db?p%61ssword=***&table=t"),
+    (f"postgresql://user@host/db?sslp%41SSWORD={SECRET}&a=b",
+     "postgresql://user@host/db?sslp%41SSWORD=***&a=b"),
     ("postgresql://user@host/db", "postgresql://user@host/db"),
     ("host=h user=u", "host=h user=u"),
 ])

@@ -14,14 +14,26 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from urllib.parse import unquote
 
 __all__ = ["MASK", "redact", "redact_dsn_complaint"]
 
 MASK = "***"
 
 _URL_USER_INFO = re.compile(r"(?P<head>(?:\b[A-Za-z][A-Za-z0-9+.-]*:)?//)(?P<info>\S*)@")
+
+
+def _name_pattern(name: str) -> str:
+    """`name` as a URL query may spell it: libpq percent-decodes names, so each character
+    may also be %XX (p%61ssword is password)."""
+    return "".join(f"(?:{re.escape(char)}|%{ord(char.lower()):02x}|%{ord(char.upper()):02x})"
+                   for char in name)
+
+
 # To the next & or # (or the line's end: a space in it is not an end, so more is hidden)
-_URL_QUERY_PASSWORD = re.compile(r"(?P<key>[?&](?:ssl)?password=)[^&#\n]*", re.IGNORECASE)
+_URL_QUERY_PASSWORD = re.compile(
+    rf"(?P<key>[?&](?:{_name_pattern('ssl')})?{_name_pattern('password')}=)[^&#\n]*",
+    re.IGNORECASE)
 # Not after ? or &: that is the URL query's, taken above (its value ends at the next &).
 _KEYWORD_PASSWORD = re.compile(
     r"(?<![?&])(?P<key>\b(?:ssl)?password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S+)", re.IGNORECASE)
@@ -50,7 +62,7 @@ def redact_dsn_complaint(complaint: str, dsn: str) -> str:
     """libpq's message about a DSN it cannot parse. It quotes the text it stumbled on, which
     may be a piece of a password it could not delimit (`password=two words` gives `missing "="
     after "words"`): when the DSN holds a password, every quoted piece but "=" is hidden."""
-    holds_password = (redact(dsn) != dsn or "password" in dsn.lower()
+    holds_password = (redact(dsn) != dsn or "password" in unquote(dsn).lower()
                       or _URL_PASSWORD_WITH_SPACES.search(dsn) is not None)
     if not holds_password:
         return complaint
