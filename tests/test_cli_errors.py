@@ -140,6 +140,22 @@ def test_a_name_like_a_segment_s_with_other_digits_is_no_segment(tmp_path: Path,
         assert [cache.get(f"key-{lsn}") for lsn in range(1, 11)] == list(range(1, 11))
 
 
+def test_an_open_refused_by_another_open_in_progress_names_no_past_owner(
+        tmp_path: Path) -> None:
+    # The holder writes its pid once it has opened (recovery done): meanwhile LOCK held the
+    # pid of the last owner, which closed, here this very process, named as the holder.
+    path = tmp_path / "cache"
+    wbcache.open(path).close()
+    held = os.open(path / "LOCK", os.O_RDONLY)  # an open in progress holds it
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(wbcache.CacheLockedError) as refused:
+            wbcache.open(path)
+    finally:
+        os.close(held)
+    assert str(refused.value) == f"{path} is in use by another cache"
+
+
 def test_an_open_while_a_command_reads_the_directory_names_no_past_owner(
         tmp_path: Path) -> None:
     # `wbcache dump` holds the lock shared while it writes: the open was refused as "in use

@@ -36,6 +36,7 @@ class DirectoryLock:
     def __init__(self, fd: int, path: str) -> None:
         self._fd: int | None = fd
         self.path = path
+        self._recorded = False  # our pid is in the file: blanked as the lock is let go
 
     @classmethod
     def acquire(cls, path: str, *, record_owner: bool = True,
@@ -106,12 +107,18 @@ class DirectoryLock:
         fewer, and LazyFS's truncate of a file it has just created can fail with ENOENT)."""
         assert self._fd is not None
         os.pwrite(self._fd, f"{os.getpid():<{_PID_WIDTH}}\n".encode(), 0)
+        self._recorded = True
 
     def release(self) -> None:
         # Closed and untracked as one step: a child forked in between would keep an untracked
         # copy (the lock outliving us), or close a number since reused for another file.
         with forking.no_fork():
             if self._fd is not None:
+                if self._recorded:  # the next holder writes its pid only once it has opened:
+                    try:  # meanwhile "in use" must not name us (alive, or our pid reused)
+                        os.pwrite(self._fd, b" " * _PID_WIDTH + b"\n", 0)
+                    except OSError:
+                        pass
                 self._close()  # the last descriptor: the flock drops with it
                 forking.untrack(self)
 
