@@ -31,6 +31,9 @@
  * over the frame limit is written as frames of at most that size, each fdatasync'd before
  * the next is written. Bytes that are not such frames (tests hand over raw bytes) are
  * written as they are.
+ *
+ * Over the usual 500 lines: the batch's rewrite sits beside the batch it rewrites, so the
+ * bytes the log gets can be read in one file.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

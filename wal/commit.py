@@ -35,6 +35,10 @@ Invariants (under the lock): durable_lsn <= written_lsn <= queued_lsn; every rec
 LSN <= written_lsn has been handed to the OS, every record with LSN <= durable_lsn is fsync'd.
 Once an I/O error is seen, `failure` is set for good: after a failed fsync the kernel may have
 dropped the dirty pages, so a later fsync that succeeds proves nothing (the "fsyncgate" lesson).
+
+A little over 500 lines: every place that lets go of the sequencer's lock and takes it back
+(leader, follower, pipe, rotation, `retake`) is in this one file, where the lock order and the
+interrupt windows can be checked together.
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ commit later. Two things close it:
 `attach()`, called at every open before recovery, starts afresh; `checkpoint()` only reads.
 
 Layout of the tables and the SQL: `postgres_schema`. Connections, timeouts and the readers'
-pool: `postgres_link` (imported on first use, so `wbcache` imports without psycopg).
+pool: `postgres_link` (imported on first use, so `wbcache` imports without psycopg). A little
+over 500 lines: the URL's reading (libpq's rules, what is ours) stays beside the constructor
+it feeds, so what reaches libpq can be checked in one place.
 """
 
 from __future__ import annotations
