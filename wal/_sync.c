@@ -76,21 +76,42 @@ static PyObject *write_sync(PyObject *module, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+/* Keep the exception set (the first one: a later one is dropped). */
+static void keep(PyObject **type, PyObject **value, PyObject **traceback) {
+    if (*type == NULL) {
+        PyErr_Fetch(type, value, traceback);
+        PyErr_NormalizeException(type, value, traceback);
+    } else {
+        PyErr_Clear();
+    }
+}
+
+/* Failures in a row after which retake gives up: an acquire that fails at once, over and
+ * over, is not being interrupted while it waits (RecursionError at the recursion limit,
+ * MemoryError, a lock-like object that raises), and retrying it would spin with the GIL held,
+ * freezing the process. It then raises, the lock NOT taken, which its callers cannot tell
+ * from an interruption raised as it returned: a process in that state has lost its cache
+ * (the caller's `with` fails on a lock it does not hold), as it did before retake. */
+#define RETAKE_TRIES 100
+
 static PyObject *retake(PyObject *module, PyObject *lock) {
     PyObject *type = NULL, *value = NULL, *traceback = NULL;
-    for (;;) {
+    for (int failed = 0;; failed++) {
         PyObject *result = PyObject_CallMethod(lock, "acquire", NULL);
         if (result != NULL) {
             Py_DECREF(result);
             break;
         }
-        if (type == NULL) {
-            PyErr_Fetch(&type, &value, &traceback);
-            PyErr_NormalizeException(&type, &value, &traceback);
-        } else {
-            PyErr_Clear(); /* a second interruption: the first one is what is raised */
+        keep(&type, &value, &traceback);
+        if (failed + 1 >= RETAKE_TRIES) { /* raise the first, the lock not taken */
+            PyErr_Restore(type, value, traceback);
+            return NULL;
         }
     }
+    /* A signal that arrived as the acquire returned: handled here, so that its exception
+     * is returned with the others rather than raised at the caller's call, after us. */
+    if (PyErr_CheckSignals() < 0)
+        keep(&type, &value, &traceback);
     if (type == NULL)
         Py_RETURN_NONE;
     if (traceback != NULL)

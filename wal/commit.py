@@ -75,7 +75,8 @@ log = logging.getLogger("wbcache.wal")
 # hold (another thread's hold). The caller raises the interruption once its state is whole.
 # The loop is in C (wal/_sync.c): in Python, a handler may also run just after acquire() has
 # taken the lock, still inside the loop's try, which would then wait for good on a lock it
-# holds.
+# holds. A signal arriving as `retake` returns is raised at its call, the lock taken: every
+# caller catches that too, in a `try` of its own around the call, and treats it as returned.
 try:
     from wbcache.wal._sync import retake
 except ImportError:  # pragma: no cover - a build without a C compiler
@@ -94,7 +95,10 @@ class Condition(threading.Condition):
     _interrupted: BaseException | None = None  # set and read with the lock held
 
     def _acquire_restore(self, saved: Any) -> None:
-        self._interrupted = retake(self._lock)
+        try:
+            self._interrupted = retake(self._lock)
+        except BaseException as exc:  # raised as it returned: the lock is ours (`retake`)
+            self._interrupted = exc
 
     def wait(self, timeout: float | None = None) -> bool:
         notified = super().wait(timeout)
@@ -240,7 +244,10 @@ class GroupCommitter:
         except BaseException as exc:
             error = exc
         finally:
-            interrupted = retake(self._lock)
+            try:
+                interrupted = retake(self._lock)
+            except BaseException as exc:  # raised as it returned: the lock is ours (`retake`)
+                interrupted = exc
             self.rotating = False
             self._rotated.notify_all()
         self._advance(*state)
@@ -371,7 +378,10 @@ class GroupCommitter:
             self._lock.release()
             state = pipe.wait(lsn, FOLLOWER_RECHECK)
         finally:
-            interrupted = retake(self._lock)
+            try:
+                interrupted = retake(self._lock)
+            except BaseException as exc:  # raised as it returned: the lock is ours (`retake`)
+                interrupted = exc
         self._advance(*state)
         if interrupted is not None:
             raise interrupted
@@ -415,12 +425,18 @@ class GroupCommitter:
             self._lock.release()
             woken.acquire(True, FOLLOWER_RECHECK)  # positional: a keyword costs 0.2 µs more
         except BaseException:  # interrupted (KeyboardInterrupt): leave, and hand on the wake
-            retake(self._lock)
+            try:
+                retake(self._lock)
+            except BaseException:  # noqa: BLE001 - raised as it returned: the lock is ours
+                pass  # the first interruption is the one raised
             self._leave(entry)
             if self._waiting and not self._leader_active:
                 self._wake()  # we may have been the one woken to lead: someone must
             raise
-        interrupted = retake(self._lock)
+        try:
+            interrupted = retake(self._lock)
+        except BaseException as exc:  # raised as it returned: the lock is ours (`retake`)
+            interrupted = exc
         self._leave(entry)
         if interrupted is not None:
             if self._waiting and not self._leader_active:
@@ -481,7 +497,10 @@ class GroupCommitter:
             except BaseException as exc:  # an interrupted write leaves the log unknown too
                 error = exc
             finally:
-                interrupted = retake(self._lock)  # raised last: the batch itself is whole
+                try:  # raised last: the batch itself is whole
+                    interrupted = retake(self._lock)
+                except BaseException as exc:  # raised as it returned: the lock is ours
+                    interrupted = exc
             if synced and error is None and self.failure is None:
                 # Lock held: mapped writers may have appended meanwhile. Not after a failure
                 # (another thread's): the log is unknown, and `close` may be under way.
