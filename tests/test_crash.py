@@ -266,3 +266,28 @@ def test_a_lock_on_a_lock_file_removed_meanwhile_is_let_go(tmp_path: Path,
         assert handed == [stale]  # the removed LOCK was flocked, and let go
     finally:
         owner.close()
+
+
+def test_a_failed_check_of_the_locked_file_lets_the_lock_go(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check that the LOCK file is still the one at its path ran after the flock and
+    outside its cleanup: a stat failing there (EACCES, ESTALE, EIO, an interrupt) kept the
+    descriptor open and the directory locked for the life of the process (a review)."""
+    import errno
+
+    from wbcache import lock as lock_module
+
+    path = tmp_path / "cache"
+    wbcache.open(path).close()
+    real_stat = os.stat
+
+    def failing_once(target: str, *args: object, **kwargs: object) -> os.stat_result:
+        if str(target).endswith(os.sep + "LOCK") and kwargs.get("follow_symlinks") is False:
+            monkeypatch.setattr(lock_module.os, "stat", real_stat)
+            raise PermissionError(errno.EACCES, "Permission denied", str(target))
+        return real_stat(target, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lock_module.os, "stat", failing_once)
+    with pytest.raises(PermissionError):
+        wbcache.open(path)
+    wbcache.open(path).close()  # nothing of the failed open holds the lock

@@ -85,13 +85,14 @@ class DirectoryLock:
                 fd = _open_lock_file(path, writable=writable)
                 try:
                     fcntl.flock(fd, operation | fcntl.LOCK_NB)
+                    still_at = _still_at(fd, path)
                 except BlockingIOError:
                     os.close(fd)
                     return None
-                except BaseException:
+                except BaseException:  # no flock may outlive a failed take
                     os.close(fd)
                     raise
-                if not _still_at(fd, path):
+                if not still_at:
                     os.close(fd)
                     continue
                 lock = cls(fd, path)
