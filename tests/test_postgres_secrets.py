@@ -192,6 +192,9 @@ def test_a_connected_backend_shows_no_password_in_its_repr_or_errors(pg_dsn: str
      "postgresql://user@host/db?p%61ssword=***&table=t"),
     (f"postgresql://user@host/db?sslp%41SSWORD={SECRET}&a=b",
      "postgresql://user@host/db?sslp%41SSWORD=***&a=b"),
+    # libpq ends a query value at '&' only: a '#' in a password is part of it
+    (f"postgresql://user@host/db?password=ab#{SECRET}&table=t",
+     "postgresql://user@host/db?password=***&table=t"),
     ("postgresql://user@host/db", "postgresql://user@host/db"),
     ("host=h user=u", "host=h user=u"),
 ])

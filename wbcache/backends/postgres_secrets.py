@@ -30,9 +30,10 @@ def _name_pattern(name: str) -> str:
                    for char in name)
 
 
-# To the next & or # (or the line's end: a space in it is not an end, so more is hidden)
+# To the next & (libpq ends a value there only: a '#' is part of it), or the line's end (a
+# space in it is not an end, so more is hidden)
 _URL_QUERY_PASSWORD = re.compile(
-    rf"(?P<key>[?&](?:{_name_pattern('ssl')})?{_name_pattern('password')}=)[^&#\n]*",
+    rf"(?P<key>[?&](?:{_name_pattern('ssl')})?{_name_pattern('password')}=)[^&\n]*",
     re.IGNORECASE)
 # Not after ? or &: that is the URL query's, taken above (its value ends at the next &).
 _KEYWORD_PASSWORD = re.compile(
