@@ -249,7 +249,7 @@ from wbcache.wal.commit import retake
 
 lock = threading.Lock()
 main = threading.main_thread().ident
-go = threading.Event()
+go, held = threading.Event(), threading.Event()
 spins = [0]
 
 def holder():
@@ -257,21 +257,32 @@ def holder():
         go.wait()
         go.clear()
         with lock:  # the main thread blocks in retake meanwhile
+            held.set()
             time.sleep(0.0005)
         for _ in range(spins[0] % 400):  # a few microseconds, varied
             pass
         spins[0] += 37
         signal.pthread_kill(main, signal.SIGINT)
 
+armed = [False]  # a SIGINT raises only around retake: one landing elsewhere is not the case
+
+def on_sigint(signum, frame):
+    if armed[0]:
+        raise KeyboardInterrupt
+
+signal.signal(signal.SIGINT, on_sigint)
 threading.Thread(target=holder, daemon=True).start()
 for _ in range(int(sys.argv[1])):
+    go.set()
+    held.wait()  # the holder has the lock
+    held.clear()
     try:
-        go.set()
-        while not lock.locked():
-            pass
+        armed[0] = True
         retake(lock)
-    except KeyboardInterrupt:  # raised after retake returned, the lock taken
+    except KeyboardInterrupt:  # raised as retake returned, the lock taken
         pass
+    finally:
+        armed[0] = False
     if lock.locked():
         lock.release()
     time.sleep(0.002)  # the signal lands before the next round
@@ -294,7 +305,7 @@ import signal, sys, threading, time
 from wbcache.wal import commit
 
 lock = threading.Lock()
-go = threading.Event()
+go, held = threading.Event(), threading.Event()
 spins = [0]
 main = threading.main_thread().ident
 
@@ -305,8 +316,8 @@ class Writer:  # the real rotate(), a writer and a pipe that touch no disk
 class Pipe:
     def wait(self, lsn, timeout):
         go.set()  # the holder takes the lock while rotate() waits for the pipe
-        while not lock.locked():
-            pass
+        held.wait()
+        held.clear()
         return (lsn, 0, 1)
     def set_fd(self, fd): pass
 
@@ -315,12 +326,20 @@ def holder():
         go.wait()
         go.clear()
         with lock:
+            held.set()
             time.sleep(0.0005)
         for _ in range(spins[0] % 400):
             pass
         spins[0] += 37
         signal.pthread_kill(main, signal.SIGINT)  # as rotate() takes the lock back
 
+armed = [False]  # a SIGINT raises only inside rotate(): one landing elsewhere is not the case
+
+def on_sigint(signum, frame):
+    if armed[0]:
+        raise KeyboardInterrupt
+
+signal.signal(signal.SIGINT, on_sigint)
 threading.Thread(target=holder, daemon=True).start()
 committer = commit.GroupCommitter.__new__(commit.GroupCommitter)
 committer._lock, committer._writer, committer._pipe = lock, Writer(), Pipe()
@@ -332,9 +351,12 @@ stuck = 0
 for _ in range(int(sys.argv[1])):
     lock.acquire()
     try:
+        armed[0] = True
         committer.rotate()
     except KeyboardInterrupt:
         pass
+    finally:
+        armed[0] = False
     stuck += committer.rotating
     committer.rotating = False
     if lock.locked():
