@@ -380,7 +380,7 @@ BROKEN_LOCK = """
 from wbcache.wal.commit import retake
 
 class Broken:  # fails at once, every time: not a wait a signal cut short
-    def acquire(self):
+    def acquire(self, *args):
         raise RuntimeError("not a signal")
 
 try:
@@ -395,3 +395,137 @@ def test_a_lock_whose_acquire_always_fails_is_given_up_on() -> None:
     done = subprocess.run([sys.executable, "-c", BROKEN_LOCK], capture_output=True,
                           text=True, timeout=60)
     assert done.stdout.strip() == "raised not a signal", done.stderr[-2000:]
+
+
+# The committer's rotate() alone, with a writer and a pipe that touch no disk
+BARE_ROTATION = """
+import signal, sys, threading, time
+from wbcache.wal import commit
+
+lock = threading.Lock()
+
+class Writer:
+    def pipe_ready(self): return True
+    def rotate_to(self, lsn, set_fd): pass
+
+def bare(pipe):
+    committer = commit.GroupCommitter.__new__(commit.GroupCommitter)
+    committer._lock, committer._writer, committer._pipe = lock, Writer(), pipe
+    committer.queued_lsn, committer.durable_lsn, committer.written_lsn = 1, 0, 0
+    committer.batches = committer.fsyncs = 0
+    committer.failure, committer._waiting, committer._listeners = None, [], []
+    committer.rotating, committer._rotated = False, commit.Condition(lock)
+    return committer
+"""
+
+CTRL_C_HELD_DOWN = BARE_ROTATION + """
+main = threading.main_thread().ident
+inside, leave, stop = threading.Event(), threading.Event(), threading.Event()
+
+def holder():  # another writer, in its critical section for a while
+    with lock:
+        inside.set()
+        leave.wait(10)
+
+def ctrl_c_held_down():
+    while not stop.is_set():
+        signal.pthread_kill(main, signal.SIGINT)
+        time.sleep(0.005)
+
+class Pipe:
+    def wait(self, lsn, timeout):
+        threading.Thread(target=holder, daemon=True).start()
+        inside.wait()
+        threading.Timer(1.5, leave.set).start()  # 300 interrupts of the wait, then let go
+        threading.Thread(target=ctrl_c_held_down, daemon=True).start()
+        return (lsn, 0, 1)
+    def set_fd(self, fd): pass
+
+committer = bare(Pipe())
+lock.acquire()
+try:
+    committer.rotate()
+except KeyboardInterrupt:
+    pass
+stop.set()
+print("held by the rotation, after the holder let go:", leave.is_set() and lock.locked())
+"""
+
+
+def test_a_wait_interrupted_again_and_again_still_waits_for_the_lock() -> None:
+    """Every failed acquire counted towards giving up, interrupted waits too: 100 SIGINTs
+    (Ctrl-C held down) while another thread held the lock, and retake raised with the lock
+    not taken, which the caller took as held (a third review: the holder's critical section
+    shared). It gives up only when an acquire fails by itself, never for a signal."""
+    done = subprocess.run([sys.executable, "-c", CTRL_C_HELD_DOWN], capture_output=True,
+                          text=True, timeout=60)
+    assert "held by the rotation, after the holder let go: True" in done.stdout, (
+        done.stdout + done.stderr[-2000:])
+
+
+SIGNAL_AT = """
+def signal_at(name):  # a SIGINT arriving as the first call of `name` starts
+    def hook(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == name:
+            sys.setprofile(None)
+            signal.raise_signal(signal.SIGINT)
+    sys.setprofile(hook)
+"""
+
+NOTIFY_SKIPPED = BARE_ROTATION + SIGNAL_AT + """
+def waiter():
+    with lock:
+        committer.wait_for_rotation()  # as Sequencer._admit and close() do
+
+class Pipe:
+    def wait(self, lsn, timeout):
+        sleeper.start()
+        while not committer._rotated._waiters:
+            time.sleep(0.001)
+        signal_at("notify_all")  # the rotation's end, telling the waiters
+        return (lsn, 0, 1)
+    def set_fd(self, fd): pass
+
+committer = bare(Pipe())
+sleeper = threading.Thread(target=waiter, daemon=True)
+lock.acquire()
+try:
+    committer.rotate()
+except KeyboardInterrupt:
+    pass
+lock.release()
+sleeper.join(5)
+print("the waiter woke:", not sleeper.is_alive())
+"""
+
+
+def test_a_waiter_whose_notify_an_interrupt_skipped_wakes_by_itself() -> None:
+    # An interrupt raised at the rotation's notify (a SIGINT arriving as the lock was taken
+    # back, raised at the next check) left a waiter in wait_for_rotation asleep for good.
+    done = subprocess.run([sys.executable, "-c", NOTIFY_SKIPPED], capture_output=True,
+                          text=True, timeout=60)
+    assert "the waiter woke: True" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+CONDITION_ENTRY = SIGNAL_AT + """
+import signal, sys, threading
+from wbcache.wal import commit
+
+lock = threading.Lock()
+condition = commit.Condition(lock)
+lock.acquire()
+signal_at("_acquire_restore")  # threading's wait takes the lock back through it
+try:
+    condition.wait(0.05)
+except KeyboardInterrupt:
+    pass
+print("held:", lock.locked(), "waiters left:", len(condition._waiters))
+"""
+
+
+def test_an_interrupt_as_a_condition_wait_takes_the_lock_back_finds_it_held() -> None:
+    # threading's wait takes the lock back through a method (_acquire_restore): an interrupt
+    # at that method's entry came before retake, and wait raised with the lock not held.
+    done = subprocess.run([sys.executable, "-c", CONDITION_ENTRY], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == "held: True waiters left: 0", done.stdout + done.stderr

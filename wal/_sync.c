@@ -86,27 +86,38 @@ static void keep(PyObject **type, PyObject **value, PyObject **traceback) {
     }
 }
 
-/* Failures in a row after which retake gives up: an acquire that fails at once, over and
- * over, is not being interrupted while it waits (RecursionError at the recursion limit,
- * MemoryError, a lock-like object that raises), and retrying it would spin with the GIL held,
- * freezing the process. It then raises, the lock NOT taken, which its callers cannot tell
- * from an interruption raised as it returned: a process in that state has lost its cache
- * (the caller's `with` fails on a lock it does not hold), as it did before retake. */
-#define RETAKE_TRIES 100
-
+/* After each blocking acquire that failed (a signal's handler raised while it waited), a
+ * non-blocking one: it runs no handler, so it either takes the lock, finds it held (and the
+ * wait goes on), or fails by itself (RecursionError at the recursion limit, MemoryError, a
+ * lock-like object that raises). Then retake gives up, raising that error with the lock NOT
+ * taken (the callers let only a KeyboardInterrupt stand for "returned"): retrying would spin
+ * with the GIL held, freezing the process. */
 static PyObject *retake(PyObject *module, PyObject *lock) {
     PyObject *type = NULL, *value = NULL, *traceback = NULL;
-    for (int failed = 0;; failed++) {
+    for (;;) {
         PyObject *result = PyObject_CallMethod(lock, "acquire", NULL);
         if (result != NULL) {
             Py_DECREF(result);
             break;
         }
         keep(&type, &value, &traceback);
-        if (failed + 1 >= RETAKE_TRIES) { /* raise the first, the lock not taken */
-            PyErr_Restore(type, value, traceback);
+        result = PyObject_CallMethod(lock, "acquire", "O", Py_False);
+        if (result == NULL) { /* failing by itself: give up, with its own error */
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(traceback);
             return NULL;
         }
+        int taken = PyObject_IsTrue(result);
+        Py_DECREF(result);
+        if (taken < 0) {
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(traceback);
+            return NULL;
+        }
+        if (taken)
+            break;
     }
     /* A signal that arrived as the acquire returned: handled here, so that its exception
      * is returned with the others rather than raised at the caller's call, after us. */

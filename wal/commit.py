@@ -76,7 +76,8 @@ log = logging.getLogger("wbcache.wal")
 # The loop is in C (wal/_sync.c): in Python, a handler may also run just after acquire() has
 # taken the lock, still inside the loop's try, which would then wait for good on a lock it
 # holds. A signal arriving as `retake` returns is raised at its call, the lock taken: every
-# caller catches that too, in a `try` of its own around the call, and treats it as returned.
+# caller catches that KeyboardInterrupt too, in a `try` of its own around the call, and treats
+# it as returned. Any other exception from `retake` is its giving up, the lock not taken.
 try:
     from wbcache.wal._sync import retake
 except ImportError:  # pragma: no cover - a build without a C compiler
@@ -89,20 +90,37 @@ except ImportError:  # pragma: no cover - a build without a C compiler
 
 class Condition(threading.Condition):
     """`threading.Condition` on a plain lock whose `wait` always returns (or raises) with the
-    lock held: its own retake of the lock is `retake`, and an interruption of that is raised
-    once the lock is held again (`threading.Condition` raises it with the lock not held)."""
-
-    _interrupted: BaseException | None = None  # set and read with the lock held
-
-    def _acquire_restore(self, saved: Any) -> None:
-        try:
-            self._interrupted = retake(self._lock)
-        except BaseException as exc:  # raised as it returned: the lock is ours (`retake`)
-            self._interrupted = exc
+    lock held: the lock is taken back by `retake`, and an interruption raised once it is held
+    again (`threading.Condition` raises one of its retake with the lock not held). Its `wait`
+    is threading's own, with that retake called in place: through a method of its own
+    (`_acquire_restore`), an interrupt at that method's entry would still come first."""
 
     def wait(self, timeout: float | None = None) -> bool:
-        notified = super().wait(timeout)
-        interrupted, self._interrupted = self._interrupted, None
+        waiter = _allocate_lock()
+        waiter.acquire()
+        self._waiters.append(waiter)  # type: ignore[attr-defined]
+        notified = False
+        interrupted: BaseException | None = None
+        try:  # released inside the try (`rotate`)
+            self._lock.release()  # type: ignore[attr-defined]
+            if timeout is None:
+                notified = waiter.acquire()
+            elif timeout > 0:
+                notified = waiter.acquire(True, timeout)
+            else:
+                notified = waiter.acquire(False)
+        except BaseException as exc:  # noqa: BLE001 - raised below, the lock held
+            interrupted = exc
+        try:
+            late = retake(self._lock)  # type: ignore[attr-defined]
+        except KeyboardInterrupt as exc:  # raised as it returned: the lock is ours
+            late = exc
+        if not notified:
+            try:
+                self._waiters.remove(waiter)  # type: ignore[attr-defined]
+            except ValueError:  # notified meanwhile
+                pass
+        interrupted = interrupted or late
         if interrupted is not None:
             raise interrupted
         return notified
@@ -246,7 +264,7 @@ class GroupCommitter:
         finally:
             try:
                 interrupted = retake(self._lock)
-            except BaseException as exc:  # raised as it returned: the lock is ours (`retake`)
+            except KeyboardInterrupt as exc:  # raised as it returned: the lock is ours
                 interrupted = exc
             self.rotating = False
             self._rotated.notify_all()
@@ -262,7 +280,9 @@ class GroupCommitter:
     def wait_for_rotation(self) -> None:
         """Lock held: sleep (lock released) until the rotation in progress is done."""
         while self.rotating:
-            self._rotated.wait()
+            # A backstop, as a follower's (FOLLOWER_RECHECK): an interrupt landing just after
+            # the rotation's end took the lock back can skip its notify
+            self._rotated.wait(FOLLOWER_RECHECK)
 
     def _retire_pipe(self) -> None:
         """Lock held: from here on, the group commit in Python (wal/_pipe.c's thread is
@@ -380,7 +400,7 @@ class GroupCommitter:
         finally:
             try:
                 interrupted = retake(self._lock)
-            except BaseException as exc:  # raised as it returned: the lock is ours (`retake`)
+            except KeyboardInterrupt as exc:  # raised as it returned: the lock is ours
                 interrupted = exc
         self._advance(*state)
         if interrupted is not None:
@@ -427,7 +447,7 @@ class GroupCommitter:
         except BaseException:  # interrupted (KeyboardInterrupt): leave, and hand on the wake
             try:
                 retake(self._lock)
-            except BaseException:  # noqa: BLE001 - raised as it returned: the lock is ours
+            except KeyboardInterrupt:  # raised as it returned: the lock is ours
                 pass  # the first interruption is the one raised
             self._leave(entry)
             if self._waiting and not self._leader_active:
@@ -435,7 +455,7 @@ class GroupCommitter:
             raise
         try:
             interrupted = retake(self._lock)
-        except BaseException as exc:  # raised as it returned: the lock is ours (`retake`)
+        except KeyboardInterrupt as exc:  # raised as it returned: the lock is ours
             interrupted = exc
         self._leave(entry)
         if interrupted is not None:
@@ -499,7 +519,7 @@ class GroupCommitter:
             finally:
                 try:  # raised last: the batch itself is whole
                     interrupted = retake(self._lock)
-                except BaseException as exc:  # raised as it returned: the lock is ours
+                except KeyboardInterrupt as exc:  # raised as it returned: the lock is ours
                     interrupted = exc
             if synced and error is None and self.failure is None:
                 # Lock held: mapped writers may have appended meanwhile. Not after a failure
@@ -542,7 +562,7 @@ class GroupCommitter:
                 self.wait(self.queued_lsn, durable=True)
         finally:
             while self._leader_active:  # a lone fsync of a failed log: its segment is in use
-                self._led.wait()
+                self._led.wait(FOLLOWER_RECHECK)  # a backstop, as in `wait_for_rotation`
             self._closing = True
             self._kick.notify_all()
             if self._pipe is not None:
