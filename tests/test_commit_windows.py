@@ -386,7 +386,7 @@ class Broken:  # fails at once, every time: not a wait a signal cut short
 try:
     retake(Broken())
 except RuntimeError as exc:
-    print("raised", exc)
+    print("raised", type(exc).__name__, exc.__cause__)
 """
 
 
@@ -394,7 +394,7 @@ def test_a_lock_whose_acquire_always_fails_is_given_up_on() -> None:
     # Retried without end, with the GIL held: the process froze, Ctrl-C never delivered.
     done = subprocess.run([sys.executable, "-c", BROKEN_LOCK], capture_output=True,
                           text=True, timeout=60)
-    assert done.stdout.strip() == "raised not a signal", done.stderr[-2000:]
+    assert done.stdout.strip() == "raised RetakeFailed not a signal", done.stderr[-2000:]
 
 
 # The committer's rotate() alone, with a writer and a pipe that touch no disk
@@ -529,3 +529,59 @@ def test_an_interrupt_as_a_condition_wait_takes_the_lock_back_finds_it_held() ->
     done = subprocess.run([sys.executable, "-c", CONDITION_ENTRY], capture_output=True,
                           text=True, timeout=60)
     assert done.stdout.strip() == "held: True waiters left: 0", done.stdout + done.stderr
+
+
+SIGTERM_AS_RETAKE_RETURNS = BARE_ROTATION + """
+class Pipe:
+    def wait(self, lsn, timeout): return (lsn, 0, 1)
+    def set_fd(self, fd): pass
+
+def on_term(signum, frame):
+    sys.exit(0)  # a SIGTERM handler's usual exit
+
+def hook(frame, event, arg):  # SIGTERM arriving just as retake returned
+    if event == "c_return" and arg is commit.retake:
+        sys.setprofile(None)
+        signal.raise_signal(signal.SIGTERM)
+
+signal.signal(signal.SIGTERM, on_term)
+committer = bare(Pipe())
+sys.setprofile(hook)
+lock.acquire()
+try:
+    committer.rotate()
+except SystemExit:
+    pass
+sys.setprofile(None)
+print("held:", lock.locked(), "rotating:", committer.rotating)
+"""
+
+
+def test_any_exception_raised_as_retake_returns_leaves_the_state_whole() -> None:
+    # Callers took only a KeyboardInterrupt raised at retake's call for "returned": a SIGTERM
+    # handler's SystemExit skipped rotate()'s reset, and every writer and close() waited for
+    # the rotation for good (a fourth review). Anything but retake's own RetakeFailed is.
+    done = subprocess.run([sys.executable, "-c", SIGTERM_AS_RETAKE_RETURNS],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "held: True rotating: False", done.stdout + done.stderr
+
+
+UNOWNED_WAIT = """
+import threading
+from wbcache.wal import commit
+
+lock = threading.Lock()
+try:
+    commit.Condition(lock).wait(0.01)
+except RuntimeError as exc:
+    print(exc, "| locked:", lock.locked())
+"""
+
+
+def test_a_wait_without_the_lock_is_refused_and_takes_nothing() -> None:
+    # It released the lock it did not hold (caught), then took it back and kept it: a
+    # programming mistake became a deadlock on the sequencer's lock (a fourth review).
+    done = subprocess.run([sys.executable, "-c", UNOWNED_WAIT], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == "cannot wait on un-acquired lock | locked: False", (
+        done.stdout + done.stderr)

@@ -498,10 +498,11 @@ def test_strace_sees_each_record_written_then_fdatasynced_before_its_acknowledge
 
 @needs_pipe
 def test_a_writer_arriving_while_a_segment_is_started_waits_for_the_pipe_to_have_it(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The new segment exists (the writer's state says it has room) before the rotation is
     over: a writer admitted in between could hand the pipe a record before it has the new
-    descriptor, into the old segment."""
+    descriptor, into the old segment. It is woken by the rotation's end, not the backstop."""
+    monkeypatch.setattr(commit_module, "FOLLOWER_RECHECK", 30.0)
     cache = wbcache.open(tmp_path / "c", segment_size=4096)
     committer = cache._sequencer._committer
     writer = committer._writer
@@ -527,7 +528,8 @@ def test_a_writer_arriving_while_a_segment_is_started_waits_for_the_pipe_to_have
     while not hasattr(rotating, "other"):
         cache.put(f"k{i}", "v" * 100)
         i += 1
-    rotating.other.join()  # type: ignore[attr-defined]
+    rotating.other.join(10)  # type: ignore[attr-defined]
+    assert not rotating.other.is_alive(), "the rotation's end did not wake its waiter"  # type: ignore[attr-defined]
     assert len(late) == 1 and isinstance(late[0], int)
     cache.close()
     with wbcache.open(tmp_path / "c") as reopened:
@@ -605,7 +607,9 @@ def test_a_pipe_failing_while_a_rotation_drains_it_fails_the_log_with_no_new_seg
 
 
 @needs_pipe
-def test_close_during_a_rotation_waits_for_it(tmp_path: Path) -> None:
+def test_close_during_a_rotation_waits_for_it(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(commit_module, "FOLLOWER_RECHECK", 30.0)  # woken by the rotation's end
     cache = wbcache.open(tmp_path / "c", segment_size=4096)
     committer = cache._sequencer._committer
     writer = committer._writer
@@ -627,7 +631,7 @@ def test_close_during_a_rotation_waits_for_it(tmp_path: Path) -> None:
             done += 1
     except wbcache.CacheClosedError:
         pass
-    closer[0].join()
-    assert cache.closed
+    closer[0].join(10)
+    assert not closer[0].is_alive() and cache.closed
     with wbcache.open(tmp_path / "c") as reopened:
         assert all(reopened.get(f"k{i}") == "v" * 100 for i in range(done))

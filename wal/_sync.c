@@ -86,12 +86,37 @@ static void keep(PyObject **type, PyObject **value, PyObject **traceback) {
     }
 }
 
+static PyObject *RetakeFailed; /* the module's exception: retake gave up, the lock not taken */
+
+/* Raise RetakeFailed from the exception set (its __cause__ and __context__). */
+static PyObject *give_up(void) {
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL)
+        PyException_SetTraceback(value, traceback);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    PyObject *failed = PyObject_CallFunction(
+        RetakeFailed, "s", "the lock could not be taken back: its acquire fails by itself");
+    if (failed == NULL) {
+        Py_XDECREF(value);
+        return NULL;
+    }
+    Py_XINCREF(value);
+    PyException_SetCause(failed, value); /* steals the reference */
+    PyException_SetContext(failed, value); /* steals the other */
+    PyErr_SetObject(RetakeFailed, failed);
+    Py_DECREF(failed);
+    return NULL;
+}
+
 /* After each blocking acquire that failed (a signal's handler raised while it waited), a
  * non-blocking one: it runs no handler, so it either takes the lock, finds it held (and the
  * wait goes on), or fails by itself (RecursionError at the recursion limit, MemoryError, a
  * lock-like object that raises). Then retake gives up, raising that error with the lock NOT
- * taken (the callers let only a KeyboardInterrupt stand for "returned"): retrying would spin
- * with the GIL held, freezing the process. */
+ * taken, as RetakeFailed (the callers take any other exception raised at their call for a
+ * signal's, the lock taken): retrying would spin with the GIL held, freezing the process. */
 static PyObject *retake(PyObject *module, PyObject *lock) {
     PyObject *type = NULL, *value = NULL, *traceback = NULL;
     for (;;) {
@@ -102,19 +127,13 @@ static PyObject *retake(PyObject *module, PyObject *lock) {
         }
         keep(&type, &value, &traceback);
         result = PyObject_CallMethod(lock, "acquire", "O", Py_False);
-        if (result == NULL) { /* failing by itself: give up, with its own error */
+        int taken = result == NULL ? -1 : PyObject_IsTrue(result);
+        Py_XDECREF(result);
+        if (taken < 0) { /* failing by itself: give up (RetakeFailed, its error the cause) */
             Py_XDECREF(type);
             Py_XDECREF(value);
             Py_XDECREF(traceback);
-            return NULL;
-        }
-        int taken = PyObject_IsTrue(result);
-        Py_DECREF(result);
-        if (taken < 0) {
-            Py_XDECREF(type);
-            Py_XDECREF(value);
-            Py_XDECREF(traceback);
-            return NULL;
+            return give_up();
         }
         if (taken)
             break;
@@ -149,5 +168,16 @@ static struct PyModuleDef sync_module = {
 };
 
 PyMODINIT_FUNC PyInit__sync(void) {
-    return PyModule_Create(&sync_module);
+    PyObject *module = PyModule_Create(&sync_module);
+    if (module == NULL)
+        return NULL;
+    RetakeFailed = PyErr_NewExceptionWithDoc(
+        "wbcache.wal._sync.RetakeFailed",
+        "retake gave up: the lock's acquire fails by itself; the lock is not taken.",
+        PyExc_RuntimeError, NULL);
+    if (RetakeFailed == NULL || PyModule_AddObjectRef(module, "RetakeFailed", RetakeFailed) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

@@ -76,11 +76,15 @@ log = logging.getLogger("wbcache.wal")
 # The loop is in C (wal/_sync.c): in Python, a handler may also run just after acquire() has
 # taken the lock, still inside the loop's try, which would then wait for good on a lock it
 # holds. A signal arriving as `retake` returns is raised at its call, the lock taken: every
-# caller catches that KeyboardInterrupt too, in a `try` of its own around the call, and treats
-# it as returned. Any other exception from `retake` is its giving up, the lock not taken.
+# caller catches that too (whatever the handler raised: KeyboardInterrupt, SystemExit from a
+# SIGTERM handler...), in a `try` of its own around the call, and treats it as returned.
+# `RetakeFailed` is `retake` giving up, the lock not taken: let through.
 try:
-    from wbcache.wal._sync import retake
+    from wbcache.wal._sync import RetakeFailed, retake
 except ImportError:  # pragma: no cover - a build without a C compiler
+
+    class RetakeFailed(RuntimeError):  # type: ignore[no-redef]
+        """Never raised here: the plain acquire below raises what stopped it."""
 
     def retake(lock: Any) -> BaseException | None:
         """Take `lock` back; interrupted, it is left not taken, as before `retake` was."""
@@ -93,9 +97,12 @@ class Condition(threading.Condition):
     lock held: the lock is taken back by `retake`, and an interruption raised once it is held
     again (`threading.Condition` raises one of its retake with the lock not held). Its `wait`
     is threading's own, with that retake called in place: through a method of its own
-    (`_acquire_restore`), an interrupt at that method's entry would still come first."""
+    (`_acquire_restore`), an interrupt at that method's entry would still come first. For a
+    plain `threading.Lock` only (the sequencer's)."""
 
     def wait(self, timeout: float | None = None) -> bool:
+        if not self._is_owned():  # type: ignore[attr-defined]
+            raise RuntimeError("cannot wait on un-acquired lock")
         waiter = _allocate_lock()
         waiter.acquire()
         self._waiters.append(waiter)  # type: ignore[attr-defined]
@@ -113,7 +120,9 @@ class Condition(threading.Condition):
             interrupted = exc
         try:
             late = retake(self._lock)  # type: ignore[attr-defined]
-        except KeyboardInterrupt as exc:  # raised as it returned: the lock is ours
+        except RetakeFailed:
+            raise
+        except BaseException as exc:  # raised as it returned: the lock is ours
             late = exc
         if not notified:
             try:
@@ -264,7 +273,9 @@ class GroupCommitter:
         finally:
             try:
                 interrupted = retake(self._lock)
-            except KeyboardInterrupt as exc:  # raised as it returned: the lock is ours
+            except RetakeFailed:
+                raise
+            except BaseException as exc:  # raised as it returned: the lock is ours
                 interrupted = exc
             self.rotating = False
             self._rotated.notify_all()
@@ -400,7 +411,9 @@ class GroupCommitter:
         finally:
             try:
                 interrupted = retake(self._lock)
-            except KeyboardInterrupt as exc:  # raised as it returned: the lock is ours
+            except RetakeFailed:
+                raise
+            except BaseException as exc:  # raised as it returned: the lock is ours
                 interrupted = exc
         self._advance(*state)
         if interrupted is not None:
@@ -447,7 +460,9 @@ class GroupCommitter:
         except BaseException:  # interrupted (KeyboardInterrupt): leave, and hand on the wake
             try:
                 retake(self._lock)
-            except KeyboardInterrupt:  # raised as it returned: the lock is ours
+            except RetakeFailed:
+                raise
+            except BaseException:  # noqa: BLE001 - raised as it returned: the lock is ours
                 pass  # the first interruption is the one raised
             self._leave(entry)
             if self._waiting and not self._leader_active:
@@ -455,7 +470,9 @@ class GroupCommitter:
             raise
         try:
             interrupted = retake(self._lock)
-        except KeyboardInterrupt as exc:  # raised as it returned: the lock is ours
+        except RetakeFailed:
+            raise
+        except BaseException as exc:  # raised as it returned: the lock is ours
             interrupted = exc
         self._leave(entry)
         if interrupted is not None:
@@ -519,7 +536,9 @@ class GroupCommitter:
             finally:
                 try:  # raised last: the batch itself is whole
                     interrupted = retake(self._lock)
-                except KeyboardInterrupt as exc:  # raised as it returned: the lock is ours
+                except RetakeFailed:
+                    raise
+                except BaseException as exc:  # raised as it returned: the lock is ours
                     interrupted = exc
             if synced and error is None and self.failure is None:
                 # Lock held: mapped writers may have appended meanwhile. Not after a failure
