@@ -11,7 +11,9 @@ backstop), and an event loop woken through an eventfd with no thread of ours tak
 in between. Kills of the default configuration (tests/test_fault_kill.py) and the LazyFS
 campaigns' fsync="always" cycles run it too (their worker leaves the log's fdatasyncs alone
 there); the power-loss recorder and the I/O-error sweep replace calls, so they run the group
-commit in Python (wal/commit.py).
+commit in Python (wal/commit.py). Over 500 lines: the pipe's every hand-over (writers, its
+thread, an event loop, rotation, the harness, fork) sits beside the others, on one set of
+helpers. Its batches written as one frame: tests/test_pipe_frames.py.
 """
 
 from __future__ import annotations

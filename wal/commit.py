@@ -36,7 +36,7 @@ LSN <= written_lsn has been handed to the OS, every record with LSN <= durable_l
 Once an I/O error is seen, `failure` is set for good: after a failed fsync the kernel may have
 dropped the dirty pages, so a later fsync that succeeds proves nothing (the "fsyncgate" lesson).
 
-A little over 500 lines: every place that lets go of the sequencer's lock and takes it back
+Over 500 lines: every place that lets go of the sequencer's lock and takes it back
 (leader, follower, pipe, rotation, `retake`) is in this one file, where the lock order and the
 interrupt windows can be checked together.
 """

@@ -1,0 +1,358 @@
+"""`retake` (wal/_sync.c) and its callers in wal/commit.py under real signals.
+
+The sequencer's lock is let go and taken back around every write and fdatasync of the group
+commit. A SIGINT (or any signal whose handler raises) may reach the thread taking it back at
+three moments: while the blocking acquire waits (its handler runs there, the lock not taken),
+as the acquire returns (the handler runs at the caller's call, the lock taken), or at a later
+check, inside the state reset that follows. Each script here runs in a process of its own,
+sends real signals, or lands one at an exact point with a profile hook, and says what state it
+found: these are the cases four reviews found, each failing on the code before its fix.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+RETAKE_RACE = """
+import os, signal, sys, threading, time
+from wbcache.wal.commit import retake
+
+lock = threading.Lock()
+main = threading.main_thread().ident
+go, held = threading.Event(), threading.Event()
+spins = [0]
+
+def holder():
+    while True:
+        go.wait()
+        go.clear()
+        with lock:  # the main thread blocks in retake meanwhile
+            held.set()
+            time.sleep(0.0005)
+        for _ in range(spins[0] % 400):  # a few microseconds, varied
+            pass
+        spins[0] += 37
+        signal.pthread_kill(main, signal.SIGINT)
+
+armed = [False]  # a SIGINT raises only around retake: one landing elsewhere is not the case
+
+def on_sigint(signum, frame):
+    if armed[0]:
+        raise KeyboardInterrupt
+
+signal.signal(signal.SIGINT, on_sigint)
+threading.Thread(target=holder, daemon=True).start()
+for _ in range(int(sys.argv[1])):
+    go.set()
+    held.wait()  # the holder has the lock
+    held.clear()
+    try:
+        armed[0] = True
+        retake(lock)
+    except KeyboardInterrupt:  # raised as retake returned, the lock taken
+        pass
+    finally:
+        armed[0] = False
+    if lock.locked():
+        lock.release()
+    time.sleep(0.002)  # the signal lands before the next round
+print("done")
+"""
+
+
+def test_an_interrupt_just_after_the_lock_is_taken_back_never_hangs_the_thread() -> None:
+    """A SIGINT whose handler runs just AFTER the acquire took the lock (at the call's check
+    for pending signals) was caught by a retry loop in Python, which then took the lock it
+    held: the thread waited for good, and every later Ctrl-C was swallowed the same way
+    (found by a review; 5 runs of 5 hung in their first rounds). The loop is in C now."""
+    done = subprocess.run([sys.executable, "-c", RETAKE_RACE, "200"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == "done", done.stderr[-2000:]
+
+
+ROTATE_RACE = """
+import signal, sys, threading, time
+from wbcache.wal import commit
+
+lock = threading.Lock()
+go, held = threading.Event(), threading.Event()
+spins = [0]
+main = threading.main_thread().ident
+
+class Writer:  # the real rotate(), a writer and a pipe that touch no disk
+    def pipe_ready(self): return True
+    def rotate_to(self, lsn, set_fd): pass
+
+class Pipe:
+    def wait(self, lsn, timeout):
+        go.set()  # the holder takes the lock while rotate() waits for the pipe
+        held.wait()
+        held.clear()
+        return (lsn, 0, 1)
+    def set_fd(self, fd): pass
+
+def holder():
+    while True:
+        go.wait()
+        go.clear()
+        with lock:
+            held.set()
+            time.sleep(0.0005)
+        for _ in range(spins[0] % 400):
+            pass
+        spins[0] += 37
+        signal.pthread_kill(main, signal.SIGINT)  # as rotate() takes the lock back
+
+armed = [False]  # a SIGINT raises only inside rotate(): one landing elsewhere is not the case
+
+def on_sigint(signum, frame):
+    if armed[0]:
+        raise KeyboardInterrupt
+
+signal.signal(signal.SIGINT, on_sigint)
+threading.Thread(target=holder, daemon=True).start()
+committer = commit.GroupCommitter.__new__(commit.GroupCommitter)
+committer._lock, committer._writer, committer._pipe = lock, Writer(), Pipe()
+committer.queued_lsn, committer.durable_lsn, committer.written_lsn = 1, 0, 0
+committer.batches = committer.fsyncs = 0
+committer.failure, committer._waiting, committer._listeners = None, [], []
+committer.rotating, committer._rotated = False, commit.Condition(lock)
+stuck = 0
+for _ in range(int(sys.argv[1])):
+    lock.acquire()
+    try:
+        armed[0] = True
+        committer.rotate()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        armed[0] = False
+    stuck += committer.rotating
+    committer.rotating = False
+    if lock.locked():
+        lock.release()
+    time.sleep(0.002)
+print("stuck", stuck)
+"""
+
+
+def test_an_interrupt_as_the_lock_is_taken_back_leaves_no_rotation_behind() -> None:
+    """A SIGINT arriving as `retake` returned was raised at its call, the lock taken, and
+    skipped the rest of rotate()'s `finally`: `rotating` stayed True, and every writer and
+    close() waited for good (a review: 269 rounds of 300). Every caller of `retake` now
+    takes such an interrupt as returned."""
+    done = subprocess.run([sys.executable, "-c", ROTATE_RACE, "300"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.stdout.strip() == "stuck 0", done.stdout + done.stderr[-2000:]
+
+
+BROKEN_LOCK = """
+from wbcache.wal.commit import retake
+
+class Broken:  # fails at once, every time: not a wait a signal cut short
+    def acquire(self, *args):
+        raise RuntimeError("not a signal")
+
+try:
+    retake(Broken())
+except RuntimeError as exc:
+    print("raised", type(exc).__name__, exc.__cause__)
+"""
+
+
+def test_a_lock_whose_acquire_always_fails_is_given_up_on() -> None:
+    # Retried without end, with the GIL held: the process froze, Ctrl-C never delivered.
+    done = subprocess.run([sys.executable, "-c", BROKEN_LOCK], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == "raised RetakeFailed not a signal", done.stderr[-2000:]
+
+
+# The committer's rotate() alone, with a writer and a pipe that touch no disk
+BARE_ROTATION = """
+import signal, sys, threading, time
+from wbcache.wal import commit
+
+lock = threading.Lock()
+
+class Writer:
+    def pipe_ready(self): return True
+    def rotate_to(self, lsn, set_fd): pass
+
+def bare(pipe):
+    committer = commit.GroupCommitter.__new__(commit.GroupCommitter)
+    committer._lock, committer._writer, committer._pipe = lock, Writer(), pipe
+    committer.queued_lsn, committer.durable_lsn, committer.written_lsn = 1, 0, 0
+    committer.batches = committer.fsyncs = 0
+    committer.failure, committer._waiting, committer._listeners = None, [], []
+    committer.rotating, committer._rotated = False, commit.Condition(lock)
+    return committer
+"""
+
+CTRL_C_HELD_DOWN = BARE_ROTATION + """
+main = threading.main_thread().ident
+inside, leave, stop = threading.Event(), threading.Event(), threading.Event()
+
+def holder():  # another writer, in its critical section for a while
+    with lock:
+        inside.set()
+        leave.wait(10)
+
+def ctrl_c_held_down():
+    while not stop.is_set():
+        signal.pthread_kill(main, signal.SIGINT)
+        time.sleep(0.005)
+
+class Pipe:
+    def wait(self, lsn, timeout):
+        threading.Thread(target=holder, daemon=True).start()
+        inside.wait()
+        threading.Timer(1.5, leave.set).start()  # 300 interrupts of the wait, then let go
+        threading.Thread(target=ctrl_c_held_down, daemon=True).start()
+        return (lsn, 0, 1)
+    def set_fd(self, fd): pass
+
+committer = bare(Pipe())
+lock.acquire()
+try:
+    committer.rotate()
+except KeyboardInterrupt:
+    pass
+stop.set()
+print("held by the rotation, after the holder let go:", leave.is_set() and lock.locked())
+"""
+
+
+def test_a_wait_interrupted_again_and_again_still_waits_for_the_lock() -> None:
+    """Every failed acquire counted towards giving up, interrupted waits too: 100 SIGINTs
+    (Ctrl-C held down) while another thread held the lock, and retake raised with the lock
+    not taken, which the caller took as held (a third review: the holder's critical section
+    shared). It gives up only when an acquire fails by itself, never for a signal."""
+    done = subprocess.run([sys.executable, "-c", CTRL_C_HELD_DOWN], capture_output=True,
+                          text=True, timeout=60)
+    assert "held by the rotation, after the holder let go: True" in done.stdout, (
+        done.stdout + done.stderr[-2000:])
+
+
+SIGNAL_AT = """
+def signal_at(name):  # a SIGINT arriving as the first call of `name` starts
+    def hook(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == name:
+            sys.setprofile(None)
+            signal.raise_signal(signal.SIGINT)
+    sys.setprofile(hook)
+"""
+
+NOTIFY_SKIPPED = BARE_ROTATION + SIGNAL_AT + """
+def waiter():
+    with lock:
+        committer.wait_for_rotation()  # as Sequencer._admit and close() do
+
+class Pipe:
+    def wait(self, lsn, timeout):
+        sleeper.start()
+        while not committer._rotated._waiters:
+            time.sleep(0.001)
+        signal_at("notify_all")  # the rotation's end, telling the waiters
+        return (lsn, 0, 1)
+    def set_fd(self, fd): pass
+
+committer = bare(Pipe())
+sleeper = threading.Thread(target=waiter, daemon=True)
+lock.acquire()
+try:
+    committer.rotate()
+except KeyboardInterrupt:
+    pass
+lock.release()
+sleeper.join(5)
+print("the waiter woke:", not sleeper.is_alive())
+"""
+
+
+def test_a_waiter_whose_notify_an_interrupt_skipped_wakes_by_itself() -> None:
+    # An interrupt raised at the rotation's notify (a SIGINT arriving as the lock was taken
+    # back, raised at the next check) left a waiter in wait_for_rotation asleep for good.
+    done = subprocess.run([sys.executable, "-c", NOTIFY_SKIPPED], capture_output=True,
+                          text=True, timeout=60)
+    assert "the waiter woke: True" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+CONDITION_ENTRY = SIGNAL_AT + """
+import signal, sys, threading
+from wbcache.wal import commit
+
+lock = threading.Lock()
+condition = commit.Condition(lock)
+lock.acquire()
+signal_at("_acquire_restore")  # threading's wait takes the lock back through it
+try:
+    condition.wait(0.05)
+except KeyboardInterrupt:
+    pass
+print("held:", lock.locked(), "waiters left:", len(condition._waiters))
+"""
+
+
+def test_an_interrupt_as_a_condition_wait_takes_the_lock_back_finds_it_held() -> None:
+    # threading's wait takes the lock back through a method (_acquire_restore): an interrupt
+    # at that method's entry came before retake, and wait raised with the lock not held.
+    done = subprocess.run([sys.executable, "-c", CONDITION_ENTRY], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == "held: True waiters left: 0", done.stdout + done.stderr
+
+
+SIGTERM_AS_RETAKE_RETURNS = BARE_ROTATION + """
+class Pipe:
+    def wait(self, lsn, timeout): return (lsn, 0, 1)
+    def set_fd(self, fd): pass
+
+def on_term(signum, frame):
+    sys.exit(0)  # a SIGTERM handler's usual exit
+
+def hook(frame, event, arg):  # SIGTERM arriving just as retake returned
+    if event == "c_return" and arg is commit.retake:
+        sys.setprofile(None)
+        signal.raise_signal(signal.SIGTERM)
+
+signal.signal(signal.SIGTERM, on_term)
+committer = bare(Pipe())
+sys.setprofile(hook)
+lock.acquire()
+try:
+    committer.rotate()
+except SystemExit:
+    pass
+sys.setprofile(None)
+print("held:", lock.locked(), "rotating:", committer.rotating)
+"""
+
+
+def test_any_exception_raised_as_retake_returns_leaves_the_state_whole() -> None:
+    # Callers took only a KeyboardInterrupt raised at retake's call for "returned": a SIGTERM
+    # handler's SystemExit skipped rotate()'s reset, and every writer and close() waited for
+    # the rotation for good (a fourth review). Anything but retake's own RetakeFailed is.
+    done = subprocess.run([sys.executable, "-c", SIGTERM_AS_RETAKE_RETURNS],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "held: True rotating: False", done.stdout + done.stderr
+
+
+UNOWNED_WAIT = """
+import threading
+from wbcache.wal import commit
+
+lock = threading.Lock()
+try:
+    commit.Condition(lock).wait(0.01)
+except RuntimeError as exc:
+    print(exc, "| locked:", lock.locked())
+"""
+
+
+def test_a_wait_without_the_lock_is_refused_and_takes_nothing() -> None:
+    # It released the lock it did not hold (caught), then took it back and kept it: a
+    # programming mistake became a deadlock on the sequencer's lock (a fourth review).
+    done = subprocess.run([sys.executable, "-c", UNOWNED_WAIT], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == "cannot wait on un-acquired lock | locked: False", (
+        done.stdout + done.stderr)
