@@ -87,6 +87,7 @@ static void keep(PyObject **type, PyObject **value, PyObject **traceback) {
 }
 
 static PyObject *RetakeFailed; /* the module's exception: retake gave up, the lock not taken */
+static PyObject *ACQUIRE;      /* "acquire", interned once: retake runs for every durable put */
 
 /* Raise RetakeFailed from the exception set (its __cause__ and __context__). */
 static PyObject *give_up(void) {
@@ -120,13 +121,13 @@ static PyObject *give_up(void) {
 static PyObject *retake(PyObject *module, PyObject *lock) {
     PyObject *type = NULL, *value = NULL, *traceback = NULL;
     for (;;) {
-        PyObject *result = PyObject_CallMethod(lock, "acquire", NULL);
+        PyObject *result = PyObject_CallMethodNoArgs(lock, ACQUIRE);
         if (result != NULL) {
             Py_DECREF(result);
             break;
         }
         keep(&type, &value, &traceback);
-        result = PyObject_CallMethod(lock, "acquire", "O", Py_False);
+        result = PyObject_CallMethodOneArg(lock, ACQUIRE, Py_False);
         int taken = result == NULL ? -1 : PyObject_IsTrue(result);
         Py_XDECREF(result);
         if (taken < 0) { /* failing by itself: give up (RetakeFailed, its error the cause) */
@@ -171,6 +172,11 @@ PyMODINIT_FUNC PyInit__sync(void) {
     PyObject *module = PyModule_Create(&sync_module);
     if (module == NULL)
         return NULL;
+    ACQUIRE = PyUnicode_InternFromString("acquire");
+    if (ACQUIRE == NULL) {
+        Py_DECREF(module);
+        return NULL;
+    }
     RetakeFailed = PyErr_NewExceptionWithDoc(
         "wbcache.wal._sync.RetakeFailed",
         "retake gave up: the lock's acquire fails by itself; the lock is not taken.",

@@ -78,7 +78,9 @@ log = logging.getLogger("wbcache.wal")
 # holds. A signal arriving as `retake` returns is raised at its call, the lock taken: every
 # caller catches that too (whatever the handler raised: KeyboardInterrupt, SystemExit from a
 # SIGTERM handler...), in a `try` of its own around the call, and treats it as returned.
-# `RetakeFailed` is `retake` giving up, the lock not taken: let through.
+# `RetakeFailed` is `retake` giving up, the lock not taken: let through. That `try` is written
+# out at each call, not kept in a helper: a Python function's entry is itself a check for
+# pending signals, where an interrupt would escape with the lock not yet taken back.
 try:
     from wbcache.wal._sync import RetakeFailed, retake
 except ImportError:  # pragma: no cover - a build without a C compiler
