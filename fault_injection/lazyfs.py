@@ -235,9 +235,8 @@ class _Campaign:
     def _writer_phase(self, cycle: int, plan: CyclePlan) -> Phase:
         """The writing worker under LazyFS, then the cut: by trigger, fault or timer."""
         injections: list[Injection] = []
-        arm: Arm | None = None
-        arm_on_ready = False
-        tear_after: tuple[Decision, Callable[[], None]] | None = None  # armed as it runs
+        arm: Arm | None = None  # armed at the mount
+        arm_later: tuple[Decision, Callable[[], None]] | None = None  # armed as it runs
         decide: Decision = never
         kill_after: float | None = FAULT_WAIT
         segment = self._lazyfs_path("wal", f"{self.next_lsn:020d}.log")
@@ -250,23 +249,23 @@ class _Campaign:
             injections.append(_crash_before("fsync", self._lazyfs_path("db", "data.mdb"),
                                             plan.db_fsync))
         elif plan.kind == "log-unlink":
-            arm = ("unlink", "/wal/", plan.unlink_timing)
-            arm_on_ready = plan.unlink_after_ready
+            crash: Arm = ("unlink", "/wal/", plan.unlink_timing)
+            if plan.unlink_after_ready:
+                arm_later = (_on_ready, lambda: self.fs.arm_crash(*crash))
+            else:
+                arm = crash
         elif plan.kind in ("torn-op", "torn-seq"):  # the next write once k are acknowledged
             tear = plan.torn_op or plan.torn_seq
-            tear_after = (counting(ACK, tear["after_acks"]),
-                          lambda: self.fs.arm_torn(segment, tear["parts"], tear["persist"]))
+            arm_later = (counting(ACK, tear["after_acks"]),
+                         lambda: self.fs.arm_torn(segment, tear["parts"], tear["persist"]))
         else:  # recovery kinds: a log-heavy writer, cut after some acknowledgements
             decide, kill_after = counting(ACK, plan.acks_before_cut, after_ready=False), \
                 TRIGGER_WAIT
         config = LazyfsWorkerConfig(directory=self.directory, seed=self.settings.seed,
                                     cycle=cycle, threads=self.settings.threads,
                                     options=plan.options, async_tasks=plan.async_tasks)
-        if arm is not None and arm_on_ready:
-            crash_fault = arm
-            tear_after, arm = (_on_ready, lambda: self.fs.arm_crash(*crash_fault)), None
         phase = self._powered(injections, lambda: self._run_worker(
-            config, decide, kill_after, tear_after), arm=arm)
+            config, decide, kill_after, arm_later), arm=arm)
         if plan.kind in ("torn-op", "torn-seq") and phase.crashed and any(
                 event[0] == ACK for event in phase.events):
             self.rows["torn writes, after acknowledged writes"] += 1
