@@ -80,7 +80,7 @@ class DirectoryLock:
         an open that had opened that LOCK before and flocks it after would hold a lock on a
         file nobody else can find, while another open makes the directory anew. Such a lock
         is let go and the file at `path` taken instead (or its absence reported)."""
-        for _ in range(_RETAKES):
+        for _ in range(_LOCK_FILE_TRIES):
             with forking.no_fork():
                 fd = _open_lock_file(path, writable=writable)
                 try:
@@ -137,7 +137,7 @@ class DirectoryLock:
         self._fd = None
 
 
-_RETAKES = 10  # LOCK files found removed under us (`_take`) before giving up
+_LOCK_FILE_TRIES = 10  # LOCK files found removed under us (`_take`) before giving up
 _PID_WIDTH = 20  # wider than any pid Linux hands out (pid_max is at most 2**22)
 _PID_MAX = 2**22  # Linux's largest pid_max
 
