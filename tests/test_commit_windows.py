@@ -162,15 +162,21 @@ class _Recorder:
         self.calls.append("close")
 
 
+def _python_committer() -> tuple[threading.Lock, _Recorder, GroupCommitter]:
+    """A group commit in Python (no pipe) over a recording writer, fsyncing every batch."""
+    lock = threading.Lock()
+    writer = _Recorder()
+    committer = GroupCommitter(lock, writer, next_lsn=1,  # type: ignore[arg-type]
+                               sync_every_batch=True)
+    return lock, writer, committer
+
+
 def test_an_interrupt_as_a_leader_lets_go_of_the_lock_never_acknowledges_an_unwritten_record(
         ) -> None:
     """Two writers queue records 1 and 2; the writer of record 1 leads their batch and is
     interrupted as it lets go of the lock. Record 2 was never written: its writer must be
     told the log failed (as for any interrupted batch), not acknowledged by a lone fsync."""
-    lock = threading.Lock()
-    writer = _Recorder()
-    committer = GroupCommitter(lock, writer, next_lsn=1,  # type: ignore[arg-type]
-                               sync_every_batch=True)
+    lock, writer, committer = _python_committer()
     interrupting = _InterruptedRelease(lock, lambda: committer._leader_active)
     with lock:
         committer.append(1, b"one")
@@ -205,10 +211,7 @@ def test_an_interrupt_while_a_leader_retakes_the_lock_is_raised_with_the_lock_he
     It was raised with the lock not taken: the batch's end (waking the waiters, telling
     `close`) raised RuntimeError on a lock not held, and the caller's `with` released a lock
     nobody held (another thread's hold, had there been one)."""
-    lock = threading.Lock()
-    writer = _Recorder()
-    committer = GroupCommitter(lock, writer, next_lsn=1,  # type: ignore[arg-type]
-                               sync_every_batch=True)
+    lock, writer, committer = _python_committer()
     interrupting = _InterruptedRetake(lock, lambda: committer._leader_active)
     with lock:
         committer.append(1, b"one")
