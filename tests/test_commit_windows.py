@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 import wbcache
-from wbcache.errors import LogFailedError
+from wbcache.errors import CacheClosedError, LogFailedError
 from wbcache.wal import commit as commit_module
 from wbcache.wal.commit import Condition, GroupCommitter
 
@@ -243,3 +243,93 @@ def test_an_interrupted_condition_wait_returns_with_the_lock_held() -> None:
     with condition:  # a later wait is an ordinary one
         assert condition.wait(0.001) is False
 
+
+
+class _DonePipe:
+    """A pipe whose `kick` makes every queued record durable at once (wal/_pipe.c's job)."""
+
+    def __init__(self, committer: GroupCommitter) -> None:
+        self._committer, self.durable = committer, 0
+
+    def kick(self) -> None:
+        self.durable = self._committer.queued_lsn
+
+    def wait(self, lsn: int, timeout: float) -> tuple[int, int, int]:
+        return self.durable, 0, self.durable
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("pipe", [False, True], ids=["python", "pipe"])
+def test_a_background_leader_whose_kick_an_interrupt_cut_short_still_takes_the_records(
+        pipe: bool) -> None:
+    """AsyncCache queues a record and kicks the background leader (`kick`: lock held, then
+    a notify). An interrupt raised before the notify left the leader asleep for good, and the
+    record's future unresolved until another write kicked it."""
+    lock, writer, committer = _python_committer()
+    if pipe:
+        committer._pipe = _DonePipe(committer)
+    told = threading.Event()
+    committer.add_listener(lambda acknowledged, durable: acknowledged >= 1 and told.set())
+    committer.start_background_leader()
+    asleep = False
+    assert committer._background is not None
+    while not asleep and committer._background.is_alive():  # idle, waiting to be kicked
+        with lock:
+            asleep = bool(committer._kick._waiters)  # type: ignore[attr-defined]
+    kicks: list[str] = []
+
+    def interrupted_notify(n: int = 1) -> None:
+        kicks.append("skipped")
+        raise KeyboardInterrupt
+
+    committer._kick.notify = interrupted_notify  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt), lock:
+        if pipe:
+            committer.queued_lsn = 1  # as `_submit` leaves it
+        else:
+            committer.append(1, b"one")
+        committer.kick()
+    del committer._kick.notify
+    assert kicks == ["skipped"]
+    assert told.wait(5 * commit_module.FOLLOWER_RECHECK), "record 1 was never taken in"
+    with lock:
+        committer.close()
+    committer._background.join(5)
+    assert not committer._background.is_alive()
+
+
+def test_a_writer_waiting_out_backpressure_sees_a_close_whose_notify_was_cut_short(
+        tmp_path: Path) -> None:
+    """A writer waits for room (max_dirty reached, the flusher held off); close() sets the
+    cache closed and is interrupted before it tells the waiters. The writer slept for good;
+    it must find the cache closed by itself and raise CacheClosedError."""
+    cache = wbcache.open(tmp_path / "c", max_dirty=1, flush_interval=3600)
+    sequencer = cache._sequencer
+    wake_flusher, sequencer.wake_flusher = sequencer.wake_flusher, lambda: None
+    try:
+        cache.put("a", 1)  # the one dirty entry allowed
+        writer, outcome = _in_thread(lambda: cache.put("b", 2))
+        waiting = False
+        while not waiting and writer.is_alive():
+            with sequencer.lock:
+                waiting = bool(sequencer._space._waiters)  # type: ignore[attr-defined]
+        assert waiting, outcome
+
+        def interrupted_notify() -> None:
+            raise KeyboardInterrupt
+
+        sequencer._space.notify_all = interrupted_notify  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            sequencer.close()
+        del sequencer._space.notify_all
+        writer.join(5 * commit_module.FOLLOWER_RECHECK)
+        assert not writer.is_alive(), "the writer still waits for room in a closed cache"
+        assert len(outcome) == 1 and isinstance(outcome[0], CacheClosedError), outcome
+    finally:
+        sequencer.wake_flusher = wake_flusher
+        # close() found the sequencer closed and would wait for the interrupted close: the
+        # rest of the close is done here (an interrupt inside Sequencer.close is that window)
+        cache._close()
+        cache._close_done.set()

@@ -61,8 +61,9 @@ except ImportError:  # pragma: no cover - a build without a C compiler
 
 Listener = Callable[[int, int], None]
 _allocate_lock = threading.Lock
-# Seconds a follower sleeps at most before it looks again by itself (`_follow`): a backstop
-# for a wake-up a KeyboardInterrupt cut short; wake-ups come from the leader, not from this.
+# Seconds a waiter on the sequencer's lock sleeps at most before it looks again by itself
+# (followers, the rotation's waiters, backpressure, the background leader): a backstop for a
+# wake-up a KeyboardInterrupt cut short; wake-ups come from notifies, not from this.
 FOLLOWER_RECHECK = 1.0
 
 log = logging.getLogger("wbcache.wal")
@@ -397,12 +398,12 @@ class GroupCommitter:
                         self._wait_for_pipe(pipe, self.durable_lsn + 1)
                     else:
                         self._advancer_idle = True
-                        self._kick.wait()
-                        self._advancer_idle = False
+                        self._kick.wait(FOLLOWER_RECHECK)  # a backstop: an interrupt may
+                        self._advancer_idle = False  # cut `kick` short before its notify
                 elif self._pending and not self._leader_active and self.failure is None:
                     self._lead()
                 else:
-                    self._kick.wait()
+                    self._kick.wait(FOLLOWER_RECHECK)  # the same backstop
 
     def _wait_for_pipe(self, pipe: Any, lsn: int) -> None:
         """Lock held, released meanwhile: sleep in C until `pipe` has made record `lsn`

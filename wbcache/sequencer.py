@@ -59,7 +59,7 @@ from wbcache.codec import from_encoded, increment, value_of
 from wbcache.errors import CacheClosedError, LogFailedError
 from wbcache.memory import TOMBSTONE, Entries
 from wbcache.wal import GroupCommitter, LogWriter, crashpoints
-from wbcache.wal.commit import Condition
+from wbcache.wal.commit import FOLLOWER_RECHECK, Condition
 from wbcache.wal.deferred import log_later
 from wbcache.wal.format import MAX_SINGLE_RECORD
 from wbcache.wal.records import delete_item, encode_items, encode_put, incr_item, put_item
@@ -432,7 +432,9 @@ class Sequencer:
                 self.wake_flusher()
                 if not block:
                     raise WouldBlock
-                self._space.wait()
+                # A backstop, as a follower's: an interrupt may skip the notify of close() or
+                # of a tear (raised between setting the state and telling the waiters).
+                self._space.wait(FOLLOWER_RECHECK)
             elif committer.rotation_due():  # the pipe's segment is full: start the next
                 if not block:
                     raise WouldBlock  # an event loop does not wait for the fdatasync in it
