@@ -6,7 +6,8 @@ three moments: while the blocking acquire waits (its handler runs there, the loc
 as the acquire returns (the handler runs at the caller's call, the lock taken), or at a later
 check, inside the state reset that follows. Each script here runs in a process of its own,
 sends real signals, or lands one at an exact point with a profile hook, and says what state it
-found: these are the cases four reviews found, each failing on the code before its fix.
+found: these are the cases four reviews found, each failing on the code before its fix. The
+last is `Cache.close` interrupted just after it claimed the close.
 """
 
 from __future__ import annotations
@@ -356,3 +357,45 @@ def test_a_wait_without_the_lock_is_refused_and_takes_nothing() -> None:
                           text=True, timeout=60)
     assert done.stdout.strip() == "cannot wait on un-acquired lock | locked: False", (
         done.stdout + done.stderr)
+
+
+CLOSE_INTERRUPTED = """
+import shutil, signal, sys, tempfile, threading
+import wbcache
+
+scratch = tempfile.mkdtemp()
+path = scratch + "/c"
+cache = wbcache.open(path)
+cache.put("a", 1)
+
+def hook(frame, event, arg):  # a SIGINT as close() first tells the sequencer's waiters
+    if (event == "call" and frame.f_code.co_name == "notify_all"
+            and frame.f_back.f_code.co_filename.endswith("sequencer.py")):
+        sys.setprofile(None)
+        signal.raise_signal(signal.SIGINT)
+
+sys.setprofile(hook)
+try:
+    cache.close()
+except KeyboardInterrupt:
+    print("the first close was interrupted")
+sys.setprofile(None)
+second = threading.Thread(target=cache.close, daemon=True)
+second.start()
+second.join(10)
+print("the second close returned:", not second.is_alive())
+if not second.is_alive():
+    with wbcache.open(path) as again:
+        print("reopened:", again.get("a"))
+shutil.rmtree(scratch)
+"""
+
+
+def test_a_close_interrupted_as_it_tells_the_waiters_is_finished_by_the_next() -> None:
+    # close() claimed the close and was interrupted before its try: every later close()
+    # waited for good for a close nobody was finishing, the directory held meanwhile.
+    done = subprocess.run([sys.executable, "-c", CLOSE_INTERRUPTED], capture_output=True,
+                          text=True, timeout=60)
+    assert "the first close was interrupted" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "the second close returned: True" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "reopened: 1" in done.stdout, done.stdout + done.stderr[-2000:]

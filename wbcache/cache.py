@@ -435,7 +435,7 @@ class Cache(MutableMapping[Key, Any]):
         cache still closes (the log keeps every write; the next open replays it) and
         `FlushError` is raised.
         """
-        if not self._sequencer.close():
+        if not self._sequencer.claim_close():
             # Closed, or closing in another thread: return once that close has released the
             # directory, as a close that returns promises (reopening it next must work).
             self._close_done.wait()
@@ -448,7 +448,8 @@ class Cache(MutableMapping[Key, Any]):
     def _close(self) -> None:
         forking.untrack(self)
         failure: BaseException | None = None
-        steps = (self._flusher.stop,
+        steps = (self._sequencer.closed_now,  # a step: an interrupt in it is caught below
+                 self._flusher.stop,
                  self._syncer.stop if self._syncer is not None else None,
                  lambda: self._flusher.flush(self.options.flush_timeout),
                  self._sequencer.close_log,

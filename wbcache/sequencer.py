@@ -395,17 +395,32 @@ class Sequencer:
         return self._committer
 
     def close(self) -> bool:
-        """Refuse every write from now on; wake writers waiting out backpressure. Returns
-        False if it was closed already."""
+        """Refuse every write from now on (`claim_close`) and tell the waiters (`closed_now`).
+        Returns False if it was closed already."""
+        if not self.claim_close():
+            return False
+        self.closed_now()
+        return True
+
+    def claim_close(self) -> bool:
+        """Refuse every write from now on; False if it was closed already. Only that: the
+        caller that gets True must finish the close, so nothing here may be interrupted
+        between the claim and its return (a KeyboardInterrupt there would leave a closed
+        cache nobody finishes closing, and every later `Cache.close` waiting for it)."""
         with self.lock:
             if self._closed:
                 return False
             self._closed = True
-            self._space.notify_all()
-            for reads in self._reads.values():  # a read ending after close keeps nothing: a
-                for read in reads:  # hit on a closed cache must raise, not answer
-                    read.stale = True
             return True
+
+    def closed_now(self) -> None:
+        """After `claim_close`: wake writers waiting out backpressure (refused), and make
+        every read in flight keep nothing (a hit on a closed cache must raise, not answer)."""
+        with self.lock:
+            self._space.notify_all()
+            for reads in self._reads.values():
+                for read in reads:
+                    read.stale = True
 
     def close_log(self) -> None:
         """Write and fsync whatever is queued, then close the log."""
