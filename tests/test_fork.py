@@ -544,3 +544,43 @@ def test_a_signal_handler_forking_while_a_lock_is_being_taken_does_not_deadlock(
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # no at-fork hook failed, in the parent or the child
     assert done.stdout.split() == ["1", "0", "v"]
+
+
+# A child that holds a copy of the LOCK descriptor and has not run its after-fork hooks: one
+# forked in C (ctypes.pydll: CPython's hooks never run), waiting on a pipe.
+CHILD_HOLDING_THE_LOCK = """
+import ctypes, os, sys
+import wbcache
+
+cache = wbcache.open(sys.argv[1])
+cache.put("k", "v")
+read_end, write_end = os.pipe()
+pid = ctypes.pydll.LoadLibrary(None).fork()
+if pid == 0:
+    os.read(read_end, 1)
+    os._exit(0)
+try:
+    cache.close()
+    try:
+        with wbcache.open(sys.argv[1]) as again:
+            print("reopened:", again["k"])
+    except wbcache.CacheLockedError as exc:
+        print("refused:", exc)
+finally:
+    os.write(write_end, b"x")
+    os.waitpid(pid, 0)
+"""
+
+
+def test_a_closed_directory_reopens_at_once_whatever_children_hold_a_copy_of_its_lock(
+        tmp_path: Path) -> None:
+    # close() only closed its LOCK descriptor; a child's copy kept the flock until the child
+    # ran its hooks (or exited), and an open just after close() returned was refused as "in
+    # use". close() promises that reopening next works.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CHILD_HOLDING_THE_LOCK, str(tmp_path / "c")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "reopened: v", done.stdout + done.stderr

@@ -120,7 +120,15 @@ class DirectoryLock:
                         os.pwrite(self._fd, b" " * _PID_WIDTH + b"\n", 0)
                     except OSError:
                         pass
-                self._close()  # the last descriptor: the flock drops with it
+                # Unlocked, not only closed: a child forked before the release drops its
+                # copy of the descriptor only once it runs its after-fork hooks (or never,
+                # forked in C), and the flock lives as long as any copy does. The child
+                # never unlocks (`_disown_after_fork`); the holder letting go does.
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+                except OSError:
+                    pass
+                self._close()
                 forking.untrack(self)
 
     def _disown_after_fork(self) -> None:
