@@ -22,6 +22,13 @@ Hostile directories are refused before anything is created or written in them (t
   WAL), but only to a directory that passes the same check: owned by you and writable by no one
   else. Such a link can only be yours (nobody else can write in the directory), and its target
   is as private as the directory. No other link inside the directory is ever followed.
+* A linked `wal/` or `db/` belongs to one cache directory: `OWNER` in it names the directory
+  that uses it (its real path), written by the first open that finds it missing, and an open
+  or `wbcache recover` of another directory that links to it is refused while the directory it
+  names still links there too (`check_linked_dirs`). A copy made with `cp -a` keeps the link;
+  opening it would replay the original's unflushed writes into the copy's database and delete
+  them from the one log both use. A directory moved (its old path gone, or no longer linking
+  there) takes the link over.
 * A lane of a shared directory (wbcache/lanes.py): its `wal/` is never a link
   (`complete_lane` refuses one when a cache opens it; `checked_lane_entries` when a command
   such as `wbcache recover` does): a lane's log is replayed into the shared database and then
@@ -65,6 +72,9 @@ EMBEDDED_KIND = "lmdb"  # DIR/backend's kind for the LMDB database in db/ (backe
 _LAYOUT_NAMES = frozenset({WAL_NAME, DB_NAME, LOCK_NAME, CACHE_ID_NAME, f"{CACHE_ID_NAME}.tmp",
                            BACKEND_NAME, f"{BACKEND_NAME}.tmp", SHARED_NAME, LANES_NAME})
 _FILE_NAMES = _LAYOUT_NAMES - {WAL_NAME, DB_NAME, LANES_NAME}
+# In a wal/ or db/ that is a link: the real path of the cache directory that uses it
+# (`check_linked_dirs`)
+OWNER_NAME = "OWNER"
 _PRIVATE_DIRS = (LANES_NAME,)  # must be a private directory, never a link
 _LINKABLE_DIRS = (WAL_NAME, DB_NAME)  # may be a link to a private directory (module docstring)
 
@@ -226,6 +236,7 @@ def complete(layout: Layout) -> None:
                 pass
             os.close(open_private_dir(name, dir_fd=root_fd, follow=True,
                                       shown=os.path.join(layout.root, name)))
+        check_linked_dirs(layout)
         try:
             info = os.stat(CACHE_ID_NAME, dir_fd=root_fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -233,6 +244,50 @@ def complete(layout: Layout) -> None:
         else:
             check_regular(info, layout.cache_id_path)
     SYSCALLS.fsync_dir(layout.root)
+
+
+def check_linked_dirs(layout: Layout) -> None:
+    """Lock held, before the directory is written: each of wal/ and db/ that is a link must be
+    this directory's alone (module docstring). Records this directory in its `OWNER` when
+    none is recorded, or when the directory recorded no longer links there (moved). Raises
+    `InvalidDirectoryError` naming the other directory."""
+    me = os.path.realpath(layout.root)
+    with opened_root(layout.root) as root_fd:
+        for name in _LINKABLE_DIRS:
+            try:
+                target = os.readlink(name, dir_fd=root_fd)
+            except OSError:  # not a link (EINVAL), or missing: nobody else's
+                continue
+            shown = os.path.join(layout.root, name)
+            sub_fd = open_private_dir(name, dir_fd=root_fd, follow=True, shown=shown)
+            try:
+                try:
+                    recorded: str | None = _read_file(sub_fd, shown, OWNER_NAME).strip()
+                except FileNotFoundError:
+                    recorded = None
+                if recorded == me:
+                    continue
+                if recorded and _links_to(recorded, name, os.fstat(sub_fd)):
+                    what = "log" if name == WAL_NAME else "database"
+                    raise InvalidDirectoryError(
+                        f"{shown} links to {target}, the {what} of {recorded} (its {name} "
+                        f"links there too): two cache directories cannot share one {what}, "
+                        f"each would replay and delete the other's writes. A copy made with "
+                        f"`cp -a` keeps the link: give this directory a {what} of its own "
+                        f"(replace its {name} link by a copy of {target}, made while neither "
+                        f"directory is open)")
+                _write_durably(sub_fd, shown, OWNER_NAME, f"{me}\n".encode())
+            finally:
+                os.close(sub_fd)
+
+
+def _links_to(other_root: str, name: str, here: os.stat_result) -> bool:
+    """Whether `other_root`/`name` is the directory `here` (a link followed)."""
+    try:
+        there = os.stat(os.path.join(other_root, name))
+    except (OSError, ValueError):  # gone, or not a path at all
+        return False
+    return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
 
 
 def complete_lane(layout: Layout) -> None:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from wbcache.backends import Backend
 from wbcache.directory import DATA_FILE, FoundDirectory, find_directory, open_database
 from wbcache.errors import CacheLockedError, InvalidDirectoryError
-from wbcache.layout import LMDB_LOCK_FILE, QUARANTINE_NAME, Layout
+from wbcache.layout import LMDB_LOCK_FILE, QUARANTINE_NAME, Layout, check_linked_dirs
 from wbcache.lock import DirectoryLock, owner_pid
 from wbcache.recovery import RecoveryReport, replay_into
 from wbcache.recovery.pending import estimate_log_records
@@ -266,6 +266,8 @@ def _write(found: FoundDirectory, url: str | None, target: _Target, phases: _Pha
         target.done = plan.report(dry_run=False)
         return
     assert target.lock is not None
+    if not found.shared:  # a lane's wal/ is never a link
+        check_linked_dirs(target.layout)
     target.lock.record_owner()
     writer: Backend = open_database(found, url, lane=target.layout if found.shared else None,
                                     write=True)

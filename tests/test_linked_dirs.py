@@ -1,0 +1,137 @@
+"""A wal/ or db/ that is a symbolic link belongs to one cache directory (wbcache/layout.py).
+
+README allows the log (or the database) on another disk through a link. A copy of such a
+directory made with `cp -a` keeps the link, and each copy takes only its own LOCK: opening
+the copy replayed the original's acknowledged, unflushed writes into the COPY's database and
+deleted them from the one log both use; the original then refused to open ("records missing"),
+or, with both open at once, lost its writes to a segment the copy had deleted. The linked
+directory now names the directory that uses it (`OWNER`), and another directory linking to it
+is refused while that one still links there; a directory moved takes its link over.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_support import DRIVERS, assert_one_line_error, run
+from plant_support import state_of
+
+import wbcache
+from wbcache.errors import InvalidDirectoryError
+from wbcache.maintenance import recover_directory
+
+WRITER = """
+import os, signal, sys, wbcache
+cache = wbcache.open(sys.argv[1], flush_interval=3600)
+for n in range(100):
+    cache.put(f"x{n}", n)  # acknowledged: fsync'd, none flushed
+print("acknowledged", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def linked_cache(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """(a cache directory whose `name` (wal or db) is a link, the directory it links to);
+    opened once and closed."""
+    original, target = tmp_path / "original", tmp_path / f"elsewhere-{name}"
+    original.mkdir(mode=0o700)
+    target.mkdir(mode=0o700)
+    (original / name).symlink_to(target)
+    with wbcache.open(original) as cache:
+        cache.put("base", 0)
+    return original, target
+
+
+def copy_keeping_links(source: Path, copy: Path) -> None:
+    shutil.copytree(source, copy, symlinks=True)  # what `cp -a` does with the link
+    copy.chmod(0o700)
+
+
+def killed_writer(path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", WRITER, str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL and "acknowledged" in done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("name", ["wal", "db"])
+def test_a_copy_sharing_the_original_link_is_refused_and_the_original_loses_nothing(
+        tmp_path: Path, name: str) -> None:
+    original, target = linked_cache(tmp_path, name)
+    copy = tmp_path / "copy"
+    copy_keeping_links(original, copy)
+    killed_writer(original)  # 100 acknowledged writes, only in the log
+    before = state_of(target)
+
+    with pytest.raises(InvalidDirectoryError) as refused:
+        wbcache.open(copy)
+    assert str(original) in str(refused.value) and "cannot share" in str(refused.value)
+    assert state_of(target) == before  # the copy replayed and deleted nothing
+    with wbcache.open(original) as cache:
+        assert [cache.get(f"x{n}") for n in range(100)] == list(range(100))
+
+
+def test_a_copy_is_refused_while_the_original_is_open(tmp_path: Path) -> None:
+    original, _ = linked_cache(tmp_path, "wal")
+    copy = tmp_path / "copy"
+    copy_keeping_links(original, copy)
+    with wbcache.open(original) as cache:
+        cache.put("k", 1)
+        with pytest.raises(InvalidDirectoryError, match="cannot share"):
+            wbcache.open(copy)
+        cache.put("k", 2)
+    with wbcache.open(original) as cache:
+        assert cache.get("k") == 2
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_recover_of_the_copy_is_refused_with_one_line_and_changes_nothing(
+        tmp_path: Path, driver: str) -> None:
+    original, target = linked_cache(tmp_path, "wal")
+    copy = tmp_path / "copy"
+    copy_keeping_links(original, copy)
+    killed_writer(original)
+    before = state_of(target), state_of(copy)
+
+    with pytest.raises(InvalidDirectoryError, match="cannot share"):
+        recover_directory(copy)
+    result = run(driver, "recover", str(copy))
+    assert_one_line_error(result, 2, "cannot share one log", str(original))
+    assert (state_of(target), state_of(copy)) == before
+    with wbcache.open(original) as cache:
+        assert cache.get("x99") == 99
+
+
+def test_a_moved_directory_takes_its_link_over(tmp_path: Path) -> None:
+    original, target = linked_cache(tmp_path, "wal")
+    killed_writer(original)
+    moved = tmp_path / "moved"
+    os.rename(original, moved)
+
+    with wbcache.open(moved) as cache:  # the directory recorded is gone: not a sharer
+        assert cache.get("x42") == 42
+    assert (target / "OWNER").read_text() == f"{os.path.realpath(moved)}\n"
+    copy = tmp_path / "copy-of-moved"
+    copy_keeping_links(moved, copy)
+    with pytest.raises(InvalidDirectoryError, match=str(moved)):
+        wbcache.open(copy)
+
+
+def test_the_copy_opens_once_given_a_log_of_its_own(tmp_path: Path) -> None:
+    # What the refusal tells the user to do.
+    original, target = linked_cache(tmp_path, "wal")
+    copy = tmp_path / "copy"
+    copy_keeping_links(original, copy)
+    killed_writer(original)
+    (copy / "wal").unlink()
+    shutil.copytree(target, copy / "wal")
+
+    with wbcache.open(copy) as cache:
+        assert cache.get("x7") == 7
+    with wbcache.open(original) as cache:
+        assert cache.get("x7") == 7
