@@ -145,9 +145,11 @@ def header_problem(header: SegmentHeader) -> str | None:
     return None
 
 
-def max_segment_bytes(header: SegmentHeader) -> int:
-    """The largest file a writer can have left under this header (see the module docstring)."""
-    size = header.segment_size if header.segment_size is not None else MAX_SEGMENT_SIZE
+def max_segment_bytes(header: SegmentHeader | None) -> int:
+    """The largest file a writer can have left under this header (see the module docstring);
+    for a header that cannot be read (None), the largest any writer leaves."""
+    size = MAX_SEGMENT_SIZE if header is None or header.segment_size is None else (
+        header.segment_size)
     return size + FRAME_SIZE + MAX_FRAME_PAYLOAD + _MARK_BYTES
 
 

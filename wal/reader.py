@@ -190,7 +190,13 @@ def intact_frames(data: Data, start: int, size: int, max_key_size: int = DEFAULT
 
     Each magic's checksum comes from `_Checksums`, not from reading its payload: a damaged
     region full of frame-shaped headers, each claiming a long payload (a torn value holding
-    them), costs one pass over the bytes, not one per header."""
+    them), costs one pass over the bytes, not one per header.
+
+    A segment larger than any its writer leaves holds no frame of the writer's: none is
+    searched for (`read_segment` refuses it; a planted sparse file of many GiB would cost as
+    many GiB of reading to `wbcache verify`, `inspect` and salvage)."""
+    if size > max_segment_bytes(read_header(data[:32])):
+        return
     checksums = _Checksums(data, start)
     at = data.find(FRAME_MAGIC, start)
     while at != -1:
@@ -369,20 +375,22 @@ def read_segment(path: str, *, first_lsn: int, is_last: bool,
     with mapped(path) as (data, size):
         result.size = size
         header = read_header(data[:32])
-        if header is None:
-            _judge(result, data, 0, "damaged or missing segment header", None,
-                   is_last, max_key_size, None)
-            return result
-        problem = header_problem(header)
-        if problem is not None:
+        if header is not None and header_problem(header) is not None:
             if header.version not in READABLE_VERSIONS:
                 raise UnsupportedFormatError(path, header.version, FORMAT_VERSION)
-            result.damage = CorruptLogError(path, 0, f"segment header with {problem}")
+            result.damage = CorruptLogError(
+                path, 0, f"segment header with {header_problem(header)}")
             return result
+        # Before anything past the header is read, a header-less file too (it is searched
+        # for frames, below): a planted sparse file of many GiB costs nothing on disk.
         if size > max_segment_bytes(header):
             result.damage = CorruptLogError(
                 path, 0, f"segment of {size} bytes is larger than any its writer leaves "
                          f"({max_segment_bytes(header)} bytes); refusing to read it")
+            return result
+        if header is None:
+            _judge(result, data, 0, "damaged or missing segment header", None,
+                   is_last, max_key_size, None)
             return result
         yield from _walk(result, data, header, is_last, max_key_size)
     return result
