@@ -12,6 +12,7 @@ and `bytes` keys and msgpack values. The encoding (documented in docs/cli.md):
     dict, all keys str, none starting with "$"      JSON object
     any other dict            {"$map": [[key, value], ...]} (each key and value encoded)
     msgpack extension type    {"$ext": [code, "<base64>"]}
+    msgpack.Timestamp         {"$ext": [-1, "<base64>"]}    (msgpack's own extension type -1)
 
 So a JSON object with exactly one member whose name starts with "$" is always one of these
 tags, and every other object is a dict: `decode_json(encode_json(v)) == v` for every value a
@@ -78,7 +79,10 @@ def decode_json(document: Any) -> Any:
         if tag == "$map":
             return {decode_json(key): decode_json(item) for key, item in body}
         if tag == "$ext":
-            return msgpack.ExtType(body[0], base64.b64decode(body[1], validate=True))
+            data = base64.b64decode(body[1], validate=True)
+            if body[0] == -1:  # msgpack's Timestamp; ExtType refuses codes outside 0..127
+                return msgpack.Timestamp.from_bytes(data)
+            return msgpack.ExtType(body[0], data)
         if tag.startswith("$"):
             raise ValueError(f"unknown tag {tag!r} (known: {', '.join(_TAGS)})")
     return {key: decode_json(item) for key, item in document.items()}
