@@ -10,7 +10,6 @@ pending records replayed over it, in lane order (`DirectorySnapshot.items`).
 from __future__ import annotations
 
 import base64
-import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -19,11 +18,10 @@ import click
 import msgpack
 
 from wbcache.cli import EXIT_DAMAGE, CommandFailed
-from wbcache.cli.ops_encoding import decode_json, describe, encode_json
+from wbcache.cli.ops_encoding import decode_json, describe, dumps_json, encode_json
 from wbcache.cli.ops_output import (
     backend_option,
     directory_argument,
-    emit_json,
     json_option,
     lane_fields,
     open_directory,
@@ -62,6 +60,11 @@ def _encode(value: Any) -> Any:
     if type(value) is _Undecodable:
         return {"$raw": base64.b64encode(value).decode("ascii")}
     return encode_json(value)
+
+
+def _emit_json(document: dict[str, Any]) -> None:
+    """ops_output.emit_json, through `dumps_json`: a value may nest past the recursion limit."""
+    click.echo(dumps_json(document, indent=2))
 
 
 def _lanes(snapshot: DirectorySnapshot) -> dict[str, Any]:
@@ -126,15 +129,15 @@ def dump(directory: str, backend: str | None, output_format: str | None, pending
                          for key, value in snapshot.items())
         if as_json:
             listed = list(documents)
-            emit_json({"ok": not decoder.undecodable, "path": snapshot.path,
-                       **owner_fields(snapshot, backend), "pending": pending,
-                       "count": len(listed), "undecodable": decoder.undecodable,
-                       ("records" if pending else "entries"): listed, **_lanes(snapshot)})
+            _emit_json({"ok": not decoder.undecodable, "path": snapshot.path,
+                        **owner_fields(snapshot, backend), "pending": pending,
+                        "count": len(listed), "undecodable": decoder.undecodable,
+                        ("records" if pending else "entries"): listed, **_lanes(snapshot)})
         elif output_format == "table":
             _print_table(documents, pending)
         else:
             for document in documents:
-                click.echo(json.dumps(document))
+                click.echo(dumps_json(document))
     if decoder.undecodable:
         raise CommandFailed(f"{decoder.undecodable} stored values could not be decoded "
                             f"(printed as {{\"$raw\": base64}}); see `wbcache verify`",
@@ -248,9 +251,9 @@ def get(directory: str, key: str, backend: str | None, as_bytes: bool, as_hex: b
                     "value": _encode(decoder(encoded)) if encoded is not None else None,
                     **_lanes(snapshot)}
     if as_json:
-        emit_json(document)
+        _emit_json(document)
     elif encoded is not None:
-        click.echo(json.dumps(document["value"]))
+        click.echo(dumps_json(document["value"]))
     if encoded is None:
         hint = ""
         if other is not None:
