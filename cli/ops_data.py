@@ -22,6 +22,7 @@ from wbcache.cli.ops_encoding import decode_json, describe, dumps_json, encode_j
 from wbcache.cli.ops_output import (
     backend_option,
     directory_argument,
+    emit_json,
     json_option,
     lane_fields,
     open_directory,
@@ -60,11 +61,6 @@ def _encode(value: Any) -> Any:
     if type(value) is _Undecodable:
         return {"$raw": base64.b64encode(value).decode("ascii")}
     return encode_json(value)
-
-
-def _emit_json(document: dict[str, Any]) -> None:
-    """ops_output.emit_json, through `dumps_json`: a value may nest past the recursion limit."""
-    click.echo(dumps_json(document, indent=2))
 
 
 def _lanes(snapshot: DirectorySnapshot) -> dict[str, Any]:
@@ -129,7 +125,7 @@ def dump(directory: str, backend: str | None, output_format: str | None, pending
                          for key, value in snapshot.items())
         if as_json:
             listed = list(documents)
-            _emit_json({"ok": not decoder.undecodable, "path": snapshot.path,
+            emit_json({"ok": not decoder.undecodable, "path": snapshot.path,
                         **owner_fields(snapshot, backend), "pending": pending,
                         "count": len(listed), "undecodable": decoder.undecodable,
                         ("records" if pending else "entries"): listed, **_lanes(snapshot)})
@@ -251,7 +247,7 @@ def get(directory: str, key: str, backend: str | None, as_bytes: bool, as_hex: b
                     "value": _encode(decoder(encoded)) if encoded is not None else None,
                     **_lanes(snapshot)}
     if as_json:
-        _emit_json(document)
+        emit_json(document)
     elif encoded is not None:
         click.echo(dumps_json(document["value"]))
     if encoded is None:

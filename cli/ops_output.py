@@ -7,7 +7,6 @@ exactly one JSON object (errors included, see `WbcacheGroup`), so `| jq` always 
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ import click
 
 from wbcache.backends.postgres_secrets import redact
 from wbcache.cli import BadBackendUrl, WbcacheGroup
+from wbcache.cli.ops_encoding import dumps_json
 from wbcache.errors import WbcacheError
 from wbcache.maintenance import DirectorySnapshot, LogView, open_snapshot
 from wbcache.recovery.replay import PROGRESS_EVERY
@@ -50,7 +50,8 @@ def json_option(function: F) -> F:
 
 
 def emit_json(document: dict[str, Any]) -> None:
-    click.echo(json.dumps(document, indent=2))
+    """The document, indented; a value in it may nest past the recursion limit (`dumps_json`)."""
+    click.echo(dumps_json(document, indent=2))
 
 
 def number(value: int) -> str:
