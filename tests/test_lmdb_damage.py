@@ -150,6 +150,39 @@ def test_a_zeroed_page_is_one_error_line_from_each_command(cache_with_log: Path,
     assert_log_holds_the_acknowledged_writes(cache_with_log)
 
 
+def flip_last_page_top_bit(path: Path) -> None:
+    """Flip the top bit of `mm_last_pg` (offset 136 of a meta page, after the page header and
+    two MDB_db records) in the newer meta page (`mm_txnid`, offset 144, the larger)."""
+    with open(data_file(path), "r+b") as file:
+        pages = file.read(2 * 4096)
+        newest = max((0, 1), key=lambda page: struct.unpack_from("<Q", pages, page * 4096 + 144))
+        at = newest * 4096 + 136 + 7
+        file.seek(at)
+        file.write(bytes((pages[at] ^ 0x80,)))
+        file.flush()
+        os.fsync(file.fileno())
+
+
+@pytest.mark.parametrize("command", [None, "verify", "stats", "recover", "inspect", "dump"])
+def test_a_meta_page_claiming_more_than_its_map_is_database_error_not_lmdbs(
+        cache_with_log: Path, command: str | None) -> None:
+    # LMDB's open raised MapResizedError, which lmdb_errors lets through for the map growth
+    # it handles: a raw lmdb error from open, a traceback from every command.
+    flip_last_page_top_bit(cache_with_log)
+    wal_before = tree_state(cache_with_log / "wal")
+
+    if command is None:
+        failure = open_in_child(cache_with_log)
+        assert failure is not None and failure[0] == "DatabaseError", failure
+        assert str(data_file(cache_with_log)) in failure[1] and "damaged" in failure[1]
+        assert failure[2] == "MapResizedError"
+    else:
+        result = run("script", command, str(cache_with_log))
+        assert_one_line_error(result, 1, str(data_file(cache_with_log)), "damaged")
+    assert tree_state(cache_with_log / "wal") == wal_before
+    assert_log_holds_the_acknowledged_writes(cache_with_log)
+
+
 def test_a_flush_into_a_damaged_database_fails_as_database_error_and_the_log_keeps_it(
         tmp_path: Path) -> None:
     path = tmp_path / "cache"

@@ -343,24 +343,43 @@ class LmdbDatabase:
 
 def _open_environment(path: str, *, map_size: int, readonly: bool, lock: bool) -> Any:
     """`lmdb.open` of the environment at `path`, as `LmdbDatabase` opens it; a second open in
-    this process is a `DatabaseError` saying why (other LMDB errors: `lmdb_errors`)."""
-    try:
-        return lmdb.open(path, map_size=map_size, subdir=True, max_dbs=3, sync=True,
-                         metasync=True, readonly=readonly, mode=0o600, lock=lock,
-                         create=not readonly, max_readers=MAX_READERS)
-    except lmdb.Error as exc:
-        if "already open in this process" not in str(exc):
+    this process is a `DatabaseError` saying why (other LMDB errors: `lmdb_errors`).
+
+    The open reads the map size from data.mdb and begins a transaction: MapResizedError there
+    means another process grew the map in between (opened again, a few times), or a meta page
+    claiming more pages than its map holds, which is damage (`DatabaseError`)."""
+    for _ in range(_OPEN_TRIES):
+        try:
+            return lmdb.open(path, map_size=map_size, subdir=True, max_dbs=3, sync=True,
+                             metasync=True, readonly=readonly, mode=0o600, lock=lock,
+                             create=not readonly, max_readers=MAX_READERS)
+        except lmdb.MapResizedError as exc:
+            resized = exc
+        except lmdb.Error as exc:
+            _refuse_second_open(path, exc)
             raise
-        if os.path.realpath(path) in _left_open_at_fork:
-            raise DatabaseError(
-                f"this process was forked while its parent had a transaction on the "
-                f"database {path} open (for over {_FORK_WAIT:.0f} s: a long scan or "
-                f"flush), so the copy it inherited could not be closed safely, and LMDB "
-                f"allows one open per process: open the directory in a process forked "
-                f"when no such transaction was open, or a fresh one (spawn)") from None
+    raise DatabaseError(f"cannot open the LMDB database {os.path.join(path, DATA_FILE)}: its "
+                        f"meta page describes more than its map size ({resized}); the file is "
+                        f"damaged") from resized
+
+
+_OPEN_TRIES = 5  # opens met by another process's growth of the map before it counts as damage
+
+
+def _refuse_second_open(path: str, exc: Exception) -> None:
+    """Raise `DatabaseError` if `exc` is LMDB refusing a second open in this process."""
+    if "already open in this process" not in str(exc):
+        return
+    if os.path.realpath(path) in _left_open_at_fork:
         raise DatabaseError(
-            f"the database {path} is already open in this process (LMDB allows one open "
-            f"per process): close the cache that holds it first") from None
+            f"this process was forked while its parent had a transaction on the "
+            f"database {path} open (for over {_FORK_WAIT:.0f} s: a long scan or "
+            f"flush), so the copy it inherited could not be closed safely, and LMDB "
+            f"allows one open per process: open the directory in a process forked "
+            f"when no such transaction was open, or a fresh one (spawn)") from None
+    raise DatabaseError(
+        f"the database {path} is already open in this process (LMDB allows one open "
+        f"per process): close the cache that holds it first") from None
 
 
 @contextmanager
