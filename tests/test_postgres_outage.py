@@ -15,9 +15,12 @@ import pytest
 from controlled import wait_until
 from pg_support import (  # noqa: F401 (fixtures)
     TcpProxy,
+    make_backend_fixture,
+    pack,
     pg_dsn_fixture,
     pg_proxy_fixture,
     pg_schema_fixture,
+    query,
     stored_ints,
 )
 
@@ -117,3 +120,24 @@ def test_writes_survive_the_database_going_away_and_flushing_resumes_by_itself(
         backend.close()
     assert writer.acked > 400
     check_everything_arrived(pg_dsn, table, writer.acked)
+
+
+def test_a_flush_transaction_its_client_left_idle_is_ended_by_the_server(
+        make_backend: Callable[..., PostgresBackend], pg_dsn: str) -> None:
+    """A silent partition that swallows a flush's COMMIT leaves the server's session open,
+    idle in the transaction, holding its row locks: every other node's flush and this one's
+    reopen waited behind them until the server's TCP keepalive (two hours by default). The
+    writer's session now ends such a transaction after `timeout`."""
+    backend = make_backend(timeout=1.0)
+    backend.apply([("k", pack(1))], [], 1)
+    with backend._write_lock:
+        writer = backend._writer_connection()
+    writer.execute("BEGIN")
+    writer.execute("SELECT 1")  # and then nothing more: the client gone quiet
+    pid = writer.info.backend_pid
+    try:
+        wait_until(lambda: not query(pg_dsn, "SELECT 1 FROM pg_stat_activity WHERE pid = %s",
+                                     (pid,)),
+                   timeout=10, what="the idle transaction's session ended by the server")
+    finally:
+        writer.close()

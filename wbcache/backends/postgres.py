@@ -449,7 +449,7 @@ class PostgresBackend:
             if conn is not None:
                 conn.close()
             self._writer = None
-            self._writer = conn = self._link.connect()
+            self._writer = conn = self._link.connect(writer=True)
         return conn
 
     def _ensure_tables(self, create_tables: bool) -> None:

@@ -7,7 +7,8 @@ reset connection fails at once; a server that never answers a connection attempt
 data) and TCP keepalives (an idle wait); and anything that still holds a round trip past
 `timeout` (a proxy or middlebox that acknowledges but never forwards, a hung server) by the
 `RoundTripTimer`, which shuts the socket down under the waiting call. Server-side, the same
-`timeout` is the session's statement_timeout.
+`timeout` is the session's statement_timeout, and the writer's idle-in-transaction limit (a
+flush orphaned by a partition lets go of its row locks: `Link.connect`).
 
 Every message made here goes through `redact`: the DSN's password is never in one.
 """
@@ -176,16 +177,25 @@ class Link:
         self.where = f"PostgreSQL at {endpoint.description}, table {table}"
         self.timer = RoundTripTimer(endpoint.timeout)
 
-    def connect(self) -> Connection:
+    def connect(self, *, writer: bool = False) -> Connection:
+        """A connection whose session gives up on a statement after `timeout`; a `writer`'s
+        also on a transaction left idle that long. A flush whose client vanished in a silent
+        partition (its COMMIT lost, the socket still open on the server) kept its row locks,
+        and every other node's flush and this one's reopen waited behind them, until the
+        server's TCP keepalive (two hours by default). Readers are not limited so: a scan's
+        transaction (`wbcache dump` into a pager) waits for its consumer and holds no lock a
+        write waits for."""
         try:
             conn = psycopg.connect(self.endpoint.conninfo, autocommit=True)
         except psycopg.Error as exc:
             raise PostgresError(self.redact(f"{self.where}: cannot connect: {_one_line(exc)}")
                                 ) from self._printable(exc)
+        limit = str(int(self.endpoint.timeout * 1000))
         try:  # the server gives up on a statement when we would
             self.call(conn, "setting statement_timeout", lambda c: c.execute(
-                "SELECT set_config('statement_timeout', %s, false)",
-                (str(int(self.endpoint.timeout * 1000)),)))
+                "SELECT set_config('statement_timeout', %s, false), "
+                "set_config('idle_in_transaction_session_timeout', %s, false)",
+                (limit, limit if writer else "0")))
         except BaseException:
             conn.close()
             raise
