@@ -12,6 +12,7 @@ for every plant, so that the list of places wbcache opens is read in one place.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -385,6 +386,26 @@ def damaged_cache(path: Path) -> Path:
     segments = three_segment_log(path)
     flip_byte(segments[1], frame_offsets(segments[1])[49] + 20)
     return path
+
+
+def test_links_inside_the_quarantine_are_listed_never_followed(tmp_path: Path,
+                                                                 outside: Path) -> None:
+    # inspect listed a link to an outside file as a quarantined file of that file's size
+    # (stat through the link), and a dangling link failed the command.
+    path = closed_cache(tmp_path / "cache", k=1)
+    quarantine = path / "quarantine" / "20261207T000000"
+    quarantine.mkdir(mode=0o700, parents=True)
+    (path / "quarantine").chmod(0o700)
+    secret = secret_of(outside)
+    (quarantine / "to-a-secret").symlink_to(secret)
+    (quarantine / "dangling").symlink_to(tmp_path / "nowhere")
+
+    result = run("runner", "inspect", "--json", str(path))
+
+    assert result.exit_code == 0, result.stderr
+    listed = {item["path"]: item["size"] for item in json.loads(result.stdout)["quarantine"]}
+    assert listed == {"20261207T000000/dangling": len(str(tmp_path / "nowhere")),
+                      "20261207T000000/to-a-secret": len(str(secret))}
 
 
 @pytest.mark.parametrize("driver", DRIVERS)

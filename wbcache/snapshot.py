@@ -295,13 +295,19 @@ class DirectorySnapshot:
         return check
 
     def quarantine(self, log: LogView | None = None) -> list[QuarantinedFile]:
-        """Files set aside by earlier salvages, under the quarantine/ beside the log."""
+        """Files set aside by earlier salvages, under the quarantine/ beside the log. Listed,
+        never followed: a link in it is given its own size (a link to a file outside would
+        otherwise be listed as that file, and a dangling one fail the command)."""
         root = os.path.join(self._only(log).layout.root, QUARANTINE_NAME)
         found = []
         for directory, _, names in os.walk(root):
             for name in sorted(names):
                 full = os.path.join(directory, name)
-                found.append(QuarantinedFile(os.path.relpath(full, root), os.path.getsize(full)))
+                try:
+                    size = os.stat(full, follow_symlinks=False).st_size
+                except FileNotFoundError:  # removed since the listing
+                    continue
+                found.append(QuarantinedFile(os.path.relpath(full, root), size))
         return sorted(found, key=lambda item: item.path)
 
     # a log
