@@ -18,7 +18,7 @@ from log_bytes import frame
 
 import wbcache
 from wbcache import codec
-from wbcache.codec import encode_value
+from wbcache.codec import added, encode_value
 from wbcache.errors import CorruptLogError
 from wbcache.wal.format import encode_header
 from wbcache.wal.records import (
@@ -322,3 +322,21 @@ def test_a_lone_record_is_framed_in_one_step_as_a_batch_of_one_is(size: int) -> 
     from wbcache.wal.format import encode_frame, encode_one_frame, encode_records
     for record in (b"\x01" * size, encode_put(size, "k", b"v" * size)):
         assert encode_one_frame(record) == encode_frame(encode_records([record]))
+
+
+@pytest.mark.parametrize("stored", [0, 1, -1, 127, 128, -33, 1 << 31, (1 << 63) - 1, -(1 << 63),
+                                    (1 << 64) - 1, "x", {"a": 1}, None, 1.5, [1], b"\x05"])
+def test_added_counts_a_stored_int_and_anything_else_from_zero(stored: object) -> None:
+    base = stored if type(stored) is int else 0
+    assert added(msgpack.packb(stored), 5) == min(max(base + 5, -(1 << 63)), (1 << 63) - 1)
+
+
+def test_added_never_decodes_what_is_not_an_int(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 16 MiB stored dict was decoded (100 MB of objects) to find it was not an int.
+    decoded: list[bytes] = []
+    real = msgpack.unpackb
+    monkeypatch.setattr(msgpack, "unpackb", lambda data, **kw: decoded.append(data) or real(
+        data, **kw))
+    assert added(msgpack.packb({"big": "x" * 1000}), 2) == 2
+    assert added(msgpack.packb(40), 2) == 42
+    assert decoded == [msgpack.packb(40)]

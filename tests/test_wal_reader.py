@@ -963,6 +963,42 @@ def test_no_frame_is_searched_for_in_a_huge_sparse_segment(tmp_path: Path, heade
     assert found == []
 
 
+def test_a_crafted_value_is_checked_without_being_built(tmp_path: Path) -> None:
+    """Values of the frames the Python walk reads (here a batch) were checked by decoding
+    them: 4 MiB of nested one-entry maps decode to some 450 MB of dicts. wal/_walk.c's proof,
+    exact since, builds nothing."""
+    element = b"\x81\xc0" * 100 + b"\x80"  # {None: {None: ... {}}}, 100 deep
+    count = 20_000
+    value = b"\xdd" + count.to_bytes(4, "big") + element * count
+    path = write_segment(tmp_path, 1, [[1, OP_BATCH, [[OP_PUT, "k", value]]]])
+    tracemalloc.start()
+    try:
+        reading = read_segment(str(path), first_lsn=1, is_last=True)
+        records = [record for batch in reading for record in batch]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert records == [[1, OP_BATCH, [[OP_PUT, "k", value]]]]
+    assert peak < 5 * len(value), f"{peak / len(value):.0f}x the value"
+
+
+def test_a_frame_holding_maps_is_refused_at_the_first(tmp_path: Path) -> None:
+    """No frame holds a map, an ext type or an empty array: one of 4 MiB of empty maps was
+    decoded in full (256 MB of dicts) before its records were judged."""
+    count = 4 << 20
+    path = tmp_path / segment_name(1)
+    path.write_bytes(encode_header() + encode_frame(
+        b"\xdd" + count.to_bytes(4, "big") + b"\x80" * count))
+    tracemalloc.start()
+    try:
+        error = corruption(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "undecodable frame" in error.reason and "map" in error.reason
+    assert peak < 3 * count, f"{peak / count:.0f}x the frame"
+
+
 def test_a_segment_may_exceed_its_size_by_one_frame_only(tmp_path: Path) -> None:
     """The writer starts a new segment between frames, so the reader's bound holds."""
     writer = LogWriter(str(tmp_path), 1, segment_size=4096)

@@ -5,7 +5,7 @@
  * not sure of, leaving that frame to the Python walk, which judges it with the one rule of
  * wal/format.py and reports why. So what it accepts is a subset of what the Python walk
  * accepts, records included; everything else (sync marks, damage, deletes, increments,
- * batches, values holding ext types or nested deeper than MAX_DEPTH) goes the one Python way.
+ * batches, values that do not decode) goes the one Python way.
  *
  * A frame it accepts: magic b"\xc1WBC", payload length in 1..max_payload, inside the file,
  * crc32 right, payload one msgpack array of records that consumes it exactly, each record a
@@ -14,7 +14,8 @@
  * object that msgpack.unpackb(value, strict_map_key=False) decodes (`value_ok`).
  *
  * `decodes(value)`, the same proof that a value decodes, also serves the codec, which checks
- * each mutable value before it is logged (wbcache/codec.py).
+ * each mutable value before it is logged (wbcache/codec.py), and the Python walk, which checks
+ * every value of the frames left to it (wal/records.py): exact, it builds nothing.
  *
  * scan(data, pos, size, expected, max_key_size, max_payload, max_records, stop_at)
  *   -> (records, pos, expected)
@@ -29,7 +30,7 @@
 #include <zlib.h>
 
 #define FRAME_SIZE 12
-#define MAX_DEPTH 64 /* values nested deeper are left to the Python walk (msgpack allows 1024) */
+#define MAX_DEPTH 1024 /* containers nested deeper: msgpack refuses them (its stack's size) */
 
 static const unsigned char FRAME_MAGIC[4] = {0xc1, 'W', 'B', 'C'};
 
@@ -72,10 +73,25 @@ static int length_field(unsigned char t) {
     }
 }
 
-/* Skip one msgpack object at *p (end: one past the buffer), checking it as msgpack.unpackb
- * would: 1 if it is well formed and decodes, 0 if not or if unsure (ext types, nesting past
- * MAX_DEPTH, a map key that would decode to an unhashable list or dict). `key` says the
- * object is a map key. */
+/* Whether msgpack decodes the n bytes of a Timestamp extension (type -1) at p: 4 bytes of
+ * seconds, 8 of nanoseconds (30 bits) and seconds (34), or 12 of nanoseconds (32) and seconds
+ * (64); msgpack.Timestamp refuses nanoseconds past 999,999,999 and any other length. */
+static int timestamp_ok(const unsigned char *p, uint64_t n) {
+    if (n == 4)
+        return 1;
+    if (n == 8)
+        return (be(p, 8) >> 34) < 1000000000u;
+    if (n == 12)
+        return be(p, 4) < 1000000000u;
+    return 0;
+}
+
+/* Skip one msgpack object at *p (end: one past the buffer), checking it as
+ * msgpack.unpackb(..., strict_map_key=False) does: 1 if it decodes, 0 if it does not (bad
+ * bytes, invalid UTF-8, an invalid Timestamp, containers nested past msgpack's 1024, a map
+ * key that would decode to an unhashable list or dict). `key` says the object is a map key.
+ * Exact, so that a value never needs decoding to be checked: decoding a crafted one (nested
+ * one-entry maps) costs over 100 times its size in memory. */
 static int skip_object(const unsigned char **p, const unsigned char *end, int depth, int key) {
     const unsigned char *q = *p;
     if (q >= end)
@@ -110,9 +126,21 @@ static int skip_object(const unsigned char **p, const unsigned char *end, int de
     case 0xcf: case 0xd3: n = 8; goto fixed;
     default: break;
     }
+    if (t >= 0xd4 && t <= 0xd8) { /* fixext 1, 2, 4, 8, 16 */
+        n = (uint64_t)1 << (t - 0xd4);
+        goto ext;
+    }
+    if (t >= 0xc7 && t <= 0xc9) { /* ext 8, 16, 32 */
+        int size = t == 0xc7 ? 1 : t == 0xc8 ? 2 : 4;
+        if (end - q < size)
+            return 0;
+        n = be(q, size);
+        q += size;
+        goto ext;
+    }
     int width = length_field(t);
     if (width == 0)
-        return 0; /* 0xc1 (never used) and the ext types: left to the Python walk */
+        return 0; /* 0xc1: never used, refused by msgpack */
     if (end - q < width)
         return 0;
     n = be(q, width);
@@ -144,6 +172,13 @@ fixed:
     if (n > (uint64_t)(end - q))
         return 0;
     *p = q + n;
+    return 1;
+ext: /* a type byte, then n bytes: an ExtType, or for type -1 a Timestamp, which must be valid */
+    if (end - q < 1 || n > (uint64_t)(end - q - 1))
+        return 0;
+    if (*q == 0xff && !timestamp_ok(q + 1, n))
+        return 0;
+    *p = q + 1 + n;
     return 1;
 }
 
@@ -399,9 +434,8 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     return Py_BuildValue("(NnK)", out, pos, (unsigned long long)lsn);
 }
 
-/* decodes(value) -> bool: True if msgpack.unpackb(value, strict_map_key=False) surely decodes
- * it; False if it does not or if this cannot tell (ext types, nesting past MAX_DEPTH): ask
- * unpackb then. The codec's check of a value before it is logged (wbcache/codec.py). */
+/* decodes(value) -> bool: whether msgpack.unpackb(value, strict_map_key=False) decodes it,
+ * found without building anything (`skip_object`). */
 static PyObject *decodes(PyObject *self, PyObject *arg) {
     Py_buffer view;
     (void)self;
@@ -434,8 +468,8 @@ static PyMethodDef methods[] = {
      "crc32_shift(crc, count) -> int: crc32(A + B) ^ crc32(B) for any B of count bytes, "
      "given crc = crc32(A)."},
     {"decodes", decodes, METH_O,
-     "decodes(value) -> bool: True if msgpack.unpackb(value, strict_map_key=False) surely "
-     "decodes it; False if not, or if it cannot tell (then ask unpackb)."},
+     "decodes(value) -> bool: whether msgpack.unpackb(value, strict_map_key=False) decodes "
+     "it, found without building anything."},
     {"scan", scan, METH_VARARGS,
      "scan(data, pos, size, expected, max_key_size, max_payload, max_records, stop_at) -> "
      "(records, pos, expected): walk the plain-put frames from pos (see the module source)."},

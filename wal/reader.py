@@ -44,8 +44,6 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import msgpack
-
 from wbcache.errors import CorruptLogError, UnsupportedFormatError
 from wbcache.wal.format import (
     FORMAT_VERSION,
@@ -409,7 +407,6 @@ def _walk(result: SegmentEnd, data: Data, header: SegmentHeader, is_last: bool,
     marks = header.sync_marks
     unpack_frame = FRAME.unpack_from
     crc32 = zlib.crc32
-    unpackb = msgpack.unpackb
     released = 0  # pages before this offset were released
     release = (data.madvise if isinstance(data, mmap.mmap) and _RELEASE is not None
                else None)
@@ -460,7 +457,7 @@ def _walk(result: SegmentEnd, data: Data, header: SegmentHeader, is_last: bool,
             # From here the frame is a complete write: anything wrong is corruption.
             corrupt = True
             try:
-                records = unpackb(payload, raw=False, strict_map_key=False)
+                records = decode_frame(payload)
             except Exception as exc:  # msgpack raises several types for bad input
                 reason = f"undecodable frame ({exc})"
                 break

@@ -45,6 +45,10 @@ DEFAULT_MAX_KEY_SIZE = 511  # LMDB's; a reader given no database limit applies i
 
 packb = msgpack.packb
 _unpackb = msgpack.unpackb
+try:  # the exact proof that a value decodes, building nothing (wal/_walk.c)
+    from wbcache.wal._walk import decodes as _decodes
+except ImportError:  # not built: msgpack decides, by decoding
+    _decodes = None
 # The encoders below pack what the sequencer builds: ints, exact str or bytes keys, bytes
 # values, lists of those. Packing them runs no Python code, so the GIL is never released inside
 # one call and one Packer serves every thread (msgpack.packb builds a Packer per call: 0.9 us
@@ -116,6 +120,8 @@ def _key_problem(key: object, max_key_size: int) -> str | None:
 def _value_problem(value: object) -> str | None:
     if type(value) is not bytes:
         return f"a value of type {type(value).__name__}"
+    if _decodes is not None:  # exact, and builds nothing (decoding one can cost 100x its size)
+        return None if _decodes(value) else "a value that does not decode (as msgpack)"
     try:
         _unpackb(value, strict_map_key=False)  # limits follow len(value)
     except Exception as exc:  # msgpack raises several types for bad input
@@ -185,11 +191,15 @@ def frame_problem(records: object, max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> 
             if (op == OP_PUT and type(lsn) is int and lsn > 0 and type(value) is bytes
                     and (kind is str or kind is bytes) and 0 < len(key)
                     and (len(key) * 4 <= max_key_size or _key_problem(key, max_key_size) is None)):
-                try:
-                    _unpackb(value, strict_map_key=False)
-                    continue
-                except Exception:  # reported with its reason below
-                    pass
+                if _decodes is not None:
+                    if _decodes(value):
+                        continue
+                else:
+                    try:
+                        _unpackb(value, strict_map_key=False)
+                        continue
+                    except Exception:  # reported with its reason below
+                        pass
         found = problem(record, max_key_size)
         if found is not None:
             return f"malformed record: {found}"
@@ -197,8 +207,26 @@ def frame_problem(records: object, max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> 
 
 
 def decode_frame(payload: bytes) -> Any:
-    """msgpack-decode a frame payload (limits follow len(payload), itself capped)."""
-    return _unpackb(payload, raw=False, strict_map_key=False, use_list=True)
+    """msgpack-decode a frame payload (limits follow len(payload), itself capped). A frame
+    holds arrays, ints, str and bin alone (values are bin, checked by `_decodes`): a map, an
+    ext type or an empty array is refused as met, so a crafted frame cannot make the decoder
+    build many objects out of few bytes (an empty map is 64 bytes of memory for one byte)."""
+    return _unpackb(payload, raw=False, strict_map_key=False, use_list=True,
+                    list_hook=_no_empty_list, object_pairs_hook=_no_map, ext_hook=_no_ext)
+
+
+def _no_empty_list(items: list[Any]) -> list[Any]:
+    if not items:
+        raise ValueError("an empty array, which no frame holds")
+    return items
+
+
+def _no_map(pairs: object) -> None:
+    raise ValueError("a map, which no frame holds")
+
+
+def _no_ext(code: int, data: bytes) -> None:
+    raise ValueError("an ext type, which no frame holds")
 
 
 # ------------------------------------------------------------------ folding

@@ -31,6 +31,21 @@ IMMUTABLE_TYPES = frozenset({str, bytes, int, float, bool, type(None)})
 
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
+# msgpack's int formats: their first byte -> the size of the whole encoding
+_INT_SIZES = {**{byte: 1 for byte in range(0x80)}, **{byte: 1 for byte in range(0xE0, 0x100)},
+              0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9, 0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9}
+
+
+def added(stored: bytes | None, delta: int) -> int:
+    """What a database that adds increments stores for `delta` added to `stored` (the
+    encoding it holds, None if none): a stored int plus `delta`, anything else counting from
+    0, the sum held to the int64 range (`SharedLmdbBackend`, `PostgresBackend`, and a
+    recovery's view of them). Only an int's encoding is decoded: a big value is not decoded
+    to find that it is not one."""
+    base = 0
+    if stored and _INT_SIZES.get(stored[0]) == len(stored):
+        base = msgpack.unpackb(stored)
+    return min(max(base + delta, INT64_MIN), INT64_MAX)
 
 packb = msgpack.packb
 # msgpack.packb builds a Packer per call (about 0.4 us here). Packing an immutable value (an

@@ -18,10 +18,8 @@ import heapq
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
-import msgpack
-
 from wbcache.backends import Backend, Key
-from wbcache.codec import INT64_MAX, INT64_MIN, packb
+from wbcache.codec import added, packb
 from wbcache.directory import key_order
 from wbcache.recovery.scan import walk_log
 from wbcache.wal.records import Deltas, Record, State, fold_frame
@@ -64,7 +62,7 @@ class Replayed:
         for key, encoded in state.items():
             if self._applies_increments and key in deltas:
                 if key in self._values:
-                    self._values[key] = (packb(_added(self._values[key][0], deltas[key])), lane)
+                    self._values[key] = (packb(added(self._values[key][0], deltas[key])), lane)
                 else:
                     earlier = self._deltas.get(key, ([], None))[0]
                     self._deltas[key] = ([*earlier, deltas[key]], lane)
@@ -109,20 +107,6 @@ class Replayed:
 
     def _resolve(self, key: Key, stored: bytes | None) -> bytes:
         for delta in self._deltas[key][0]:  # one per lane, each added (and held) in turn
-            stored = packb(_added(stored, delta))
+            stored = packb(added(stored, delta))
         assert stored is not None
         return stored
-
-
-def _added(stored: bytes | None, delta: int) -> int:
-    """What a database that adds increments stores for `delta` added to `stored` (as
-    `SharedLmdbBackend` and `PostgresBackend` do)."""
-    base = 0
-    if stored is not None:
-        try:
-            value = msgpack.unpackb(stored)
-        except Exception:  # not decodable: counts from 0, as a non-int value does
-            value = None
-        if type(value) is int:
-            base = value
-    return min(max(base + delta, INT64_MIN), INT64_MAX)

@@ -49,6 +49,7 @@ from wbcache import forking
 from wbcache.backends.base import Key
 from wbcache.backends.lmdb_file import check_data_file
 from wbcache.backends.lmdb_gate import ReadGate
+from wbcache.codec import added
 from wbcache.errors import DatabaseError
 from wbcache.layout import DATA_FILE, LMDB_LOCK_FILE, check_library_files
 from wbcache.wal.syscalls import SYSCALLS
@@ -93,7 +94,6 @@ _FORK_WAIT = 5.0  # s a fork waits for this process's open transactions to end
 # LMDB sizes the lock file when a process opens the environment alone: one an older wbcache
 # made keeps LMDB's default, 126, until then.
 MAX_READERS = 1024
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 # In a child: the databases whose inherited copy could not be closed (`_disown_after_fork`)
 _left_open_at_fork: set[str] = set()
 SHARED_READ_TTL = 0.05  # s; see SharedLmdbBackend
@@ -261,7 +261,7 @@ class LmdbDatabase:
                             txn.delete(raw, db=db)
                         for key, delta in increments:
                             db, raw = self._db_and_raw(key)
-                            txn.put(raw, msgpack.packb(_added(txn.get(raw, db=db), delta)),
+                            txn.put(raw, msgpack.packb(added(txn.get(raw, db=db), delta)),
                                     db=db)
                         txn.put(checkpoint_name, stamp, db=self._meta)
                         txn.commit()
@@ -407,18 +407,6 @@ def lmdb_errors(path: str, doing: str) -> Iterator[None]:
 
 class _ForkedLmdbDatabase(LmdbDatabase, forking.Disowned):
     """An `LmdbDatabase` inherited through fork(): every use raises `ForkedCacheError`."""
-
-
-def _added(stored: bytes | None, delta: int) -> int:
-    base = 0
-    if stored is not None:
-        try:
-            value = msgpack.unpackb(stored)
-        except Exception:  # not decodable: counts from 0, as a non-int value does
-            value = None
-        if type(value) is int:
-            base = value
-    return min(max(base + delta, INT64_MIN), INT64_MAX)
 
 
 class LmdbBackend:
