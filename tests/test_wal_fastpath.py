@@ -127,6 +127,8 @@ HOSTILE = {
     "timestamp64 of 10**9 nanoseconds": b"\xd7\xff" + (10**9 << 34 | 5).to_bytes(8, "big"),
     "timestamp96 of 10**9 nanoseconds": b"\xc7\x0c\xff" + (10**9).to_bytes(4, "big") + bytes(8),
     "ext8 cut short": b"\xc7\x05\x01ab",
+    "ext of code -2": b"\xd4\xfe\x00",
+    "ext8 of code -128": b"\xc7\x01\x80\x00",
     "nested past msgpack's limit": b"\x91" * 1100 + b"\x01",
     "nested one past msgpack's limit": b"\x91" * 1025 + b"\x01",
     "a list key deep inside": b"\x91" * 100 + b"\x81\x91\x01\x01",
@@ -225,6 +227,18 @@ objects = st.recursive(leaves, lambda inner: st.lists(inner, max_size=5)
 @given(objects)
 def test_any_value_a_user_can_store_is_taken(value: Any) -> None:
     assert taken(msgpack.packb(value))
+
+
+@needs_fast
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-128, 127), st.integers(0, 20), st.data())
+def test_an_ext_value_of_any_code_and_length_is_taken_exactly_when_it_decodes(
+        code: int, length: int, data: st.DataObject) -> None:
+    head = {1: b"\xd4", 2: b"\xd5", 4: b"\xd6", 8: b"\xd7", 16: b"\xd8"}.get(length)
+    body = data.draw(st.binary(min_size=length, max_size=length))
+    value = (head if head else b"\xc7" + bytes([length])) + code.to_bytes(1, "big",
+                                                                         signed=True) + body
+    assert taken(value) == decodes(value)
 
 
 @needs_fast

@@ -173,10 +173,11 @@ fixed:
         return 0;
     *p = q + n;
     return 1;
-ext: /* a type byte, then n bytes: an ExtType, or for type -1 a Timestamp, which must be valid */
+ext: /* a type byte, then n bytes: an ExtType (codes 0..127), or for -1 a valid Timestamp;
+      * msgpack refuses the other negative codes (ExtType's "code must be 0~127") */
     if (end - q < 1 || n > (uint64_t)(end - q - 1))
         return 0;
-    if (*q == 0xff && !timestamp_ok(q + 1, n))
+    if (*q == 0xff ? !timestamp_ok(q + 1, n) : *q >= 0x80)
         return 0;
     *p = q + 1 + n;
     return 1;
