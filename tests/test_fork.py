@@ -584,3 +584,38 @@ def test_a_closed_directory_reopens_at_once_whatever_children_hold_a_copy_of_its
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "reopened: v", done.stdout + done.stderr
+
+
+# A child forked in C (its hooks never ran) releasing the lock it inherited, as its close()
+# does last: the flock is the open file description's, shared with the parent.
+C_CHILD_RELEASES = """
+import ctypes, os, subprocess, sys
+import wbcache
+
+cache = wbcache.open(sys.argv[1])
+pid = ctypes.pydll.LoadLibrary(None).fork()
+if pid == 0:
+    try:
+        cache._dir_lock.release()
+    finally:
+        os._exit(0)
+os.waitpid(pid, 0)
+probe = subprocess.run([sys.executable, "-c", "import sys, wbcache\\n"
+                        "try:\\n    wbcache.open(sys.argv[1]).close(); print('opened')\\n"
+                        "except wbcache.CacheLockedError: print('refused')", sys.argv[1]],
+                       capture_output=True, text=True)
+print(probe.stdout.strip() or probe.stderr)
+cache.close()
+"""
+
+
+def test_a_child_forked_in_c_releasing_the_lock_leaves_the_parent_its_owner(
+        tmp_path: Path) -> None:
+    # Only the process that took the lock unlocks it (LOCK_UN); a copy elsewhere only closes.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", C_CHILD_RELEASES, str(tmp_path / "c")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "refused", done.stdout + done.stderr

@@ -141,3 +141,18 @@ def test_a_flush_transaction_its_client_left_idle_is_ended_by_the_server(
                    timeout=10, what="the idle transaction's session ended by the server")
     finally:
         writer.close()
+
+
+def test_a_readers_idle_limit_stays_what_the_dsn_sets(
+        make_backend: Callable[..., PostgresBackend], pg_dsn: str) -> None:
+    # Only the flushing session gets `timeout` as its idle limit; a reader's was forced to 0,
+    # overriding the server's or the DSN's own.
+    dsn = pg_dsn + ("&" if "?" in pg_dsn else "?") + (
+        "options=-c%20idle_in_transaction_session_timeout%3D7000")
+    backend = make_backend(dsn=dsn, timeout=2.0)
+    backend.apply([("k", pack(1))], [], 1)
+    with backend._write_lock:
+        writer = backend._writer_connection()
+        assert writer.execute("SHOW idle_in_transaction_session_timeout").fetchone() == ("2s",)
+    with backend._readers.connection() as reader:
+        assert reader.execute("SHOW idle_in_transaction_session_timeout").fetchone() == ("7s",)

@@ -35,6 +35,7 @@ class DirectoryLock:
 
     def __init__(self, fd: int, path: str) -> None:
         self._fd: int | None = fd
+        self._pid = os.getpid()  # the holder: only it may unlock (`release`)
         self.path = path
         self._recorded = False  # our pid is in the file: blanked as the lock is let go
 
@@ -124,10 +125,11 @@ class DirectoryLock:
                 # copy of the descriptor only once it runs its after-fork hooks (or never,
                 # forked in C), and the flock lives as long as any copy does. The child
                 # never unlocks (`_disown_after_fork`); the holder letting go does.
-                try:
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
-                except OSError:
-                    pass
+                if os.getpid() == self._pid:  # not in a child forked in C (no hooks ran):
+                    try:  # its unlock would be the parent's
+                        fcntl.flock(self._fd, fcntl.LOCK_UN)
+                    except OSError:
+                        pass
                 self._close()
                 forking.untrack(self)
 

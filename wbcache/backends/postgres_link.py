@@ -191,11 +191,14 @@ class Link:
             raise PostgresError(self.redact(f"{self.where}: cannot connect: {_one_line(exc)}")
                                 ) from self._printable(exc)
         limit = str(int(self.endpoint.timeout * 1000))
+        # A reader's idle limit is left as the server or the DSN's options set it.
+        settings = "statement_timeout" + (" idle_in_transaction_session_timeout" if writer
+                                          else "")
         try:  # the server gives up on a statement when we would
             self.call(conn, "setting statement_timeout", lambda c: c.execute(
-                "SELECT set_config('statement_timeout', %s, false), "
-                "set_config('idle_in_transaction_session_timeout', %s, false)",
-                (limit, limit if writer else "0")))
+                "SELECT " + ", ".join(f"set_config('{name}', %s, false)"
+                                      for name in settings.split()),
+                (limit,) * len(settings.split())))
         except BaseException:
             conn.close()
             raise
