@@ -100,26 +100,83 @@ def test_recover_of_the_copy_is_refused_with_one_line_and_changes_nothing(
 
     with pytest.raises(InvalidDirectoryError, match="cannot share"):
         recover_directory(copy)
-    result = run(driver, "recover", str(copy))
-    assert_one_line_error(result, 2, "cannot share one log", str(original))
+    for options in ((), ("--dry-run",), ("--salvage", "--yes")):
+        result = run(driver, "recover", *options, str(copy))
+        assert_one_line_error(result, 2, "cannot share one log", str(original))
     assert (state_of(target), state_of(copy)) == before
     with wbcache.open(original) as cache:
         assert cache.get("x99") == 99
 
 
-def test_a_moved_directory_takes_its_link_over(tmp_path: Path) -> None:
+def owner_path(target: Path) -> str:
+    return os.fsdecode(bytes.fromhex((target / "OWNER").read_text().split()[2]))
+
+
+def test_a_directory_moved_within_its_file_system_keeps_its_link(tmp_path: Path) -> None:
     original, target = linked_cache(tmp_path, "wal")
     killed_writer(original)
     moved = tmp_path / "moved"
-    os.rename(original, moved)
+    os.rename(original, moved)  # the same directory (its inode): not a copy
 
-    with wbcache.open(moved) as cache:  # the directory recorded is gone: not a sharer
+    with wbcache.open(moved) as cache:
         assert cache.get("x42") == 42
-    assert (target / "OWNER").read_text() == f"{os.path.realpath(moved)}\n"
+    assert owner_path(target) == str(moved)
     copy = tmp_path / "copy-of-moved"
     copy_keeping_links(moved, copy)
     with pytest.raises(InvalidDirectoryError, match=str(moved)):
         wbcache.open(copy)
+
+
+def test_the_same_directory_by_another_path_is_not_a_copy(tmp_path: Path) -> None:
+    original, _ = linked_cache(tmp_path, "wal")
+    other_path = tmp_path / "another-path"
+    other_path.symlink_to(tmp_path)  # a bind mount or a volume mounted elsewhere, in effect
+    with wbcache.open(other_path / "original") as cache:
+        assert cache.get("base") == 0
+    with wbcache.open(original) as cache:
+        assert cache.get("base") == 0
+
+
+def test_a_copy_whose_original_moved_away_is_refused_and_the_original_keeps_its_writes(
+        tmp_path: Path) -> None:
+    # A review's case: cp -a a b; mv a a2. b found a's path gone and took the log over,
+    # replaying a's writes into b's database and deleting them; a2 then refused to open.
+    original, target = linked_cache(tmp_path, "wal")
+    copy = tmp_path / "copy"
+    copy_keeping_links(original, copy)
+    killed_writer(original)
+    moved = tmp_path / "moved"
+    os.rename(original, moved)
+    before = state_of(target)
+
+    with pytest.raises(InvalidDirectoryError, match="remove .*OWNER"):
+        wbcache.open(copy)
+    assert state_of(target) == before
+    with wbcache.open(moved) as cache:
+        assert [cache.get(f"x{n}") for n in range(100)] == list(range(100))
+
+
+def test_a_directory_restored_elsewhere_opens_once_told_so(tmp_path: Path) -> None:
+    original, target = linked_cache(tmp_path, "wal")
+    killed_writer(original)
+    restored = tmp_path / "restored"
+    copy_keeping_links(original, restored)  # a new directory: a backup put back
+    shutil.rmtree(original)
+
+    with pytest.raises(InvalidDirectoryError, match="remove .*OWNER"):
+        wbcache.open(restored)
+    (target / "OWNER").unlink()  # what the refusal says to do
+    with wbcache.open(restored) as cache:
+        assert cache.get("x99") == 99
+
+
+def test_a_path_that_is_not_ascii_reopens(tmp_path: Path) -> None:
+    # OWNER held the path as UTF-8, and was then refused as "not ASCII text" by every open.
+    root = tmp_path / "café"
+    root.mkdir()
+    original, _ = linked_cache(root, "wal")
+    with wbcache.open(original) as cache:
+        assert cache.get("base") == 0
 
 
 def test_the_copy_opens_once_given_a_log_of_its_own(tmp_path: Path) -> None:

@@ -23,12 +23,13 @@ Hostile directories are refused before anything is created or written in them (t
   else. Such a link can only be yours (nobody else can write in the directory), and its target
   is as private as the directory. No other link inside the directory is ever followed.
 * A linked `wal/` or `db/` belongs to one cache directory: `OWNER` in it names the directory
-  that uses it (its real path), written by the first open that finds it missing, and an open
-  or `wbcache recover` of another directory that links to it is refused while the directory it
-  names still links there too (`check_linked_dirs`). A copy made with `cp -a` keeps the link;
-  opening it would replay the original's unflushed writes into the copy's database and delete
-  them from the one log both use. A directory moved (its old path gone, or no longer linking
-  there) takes the link over.
+  that uses it (device, inode and path), written by the first open that finds it missing, and
+  an open or `wbcache recover` of any other directory that links to it is refused
+  (`check_linked_dirs`). A copy made with `cp -a` keeps the link; opening it would replay the
+  original's unflushed writes into the copy's database and delete them from the one log both
+  use. The same directory by another path (a bind mount), or moved within its file system,
+  keeps its identity; one moved elsewhere or restored is told to remove `OWNER` first. Shared
+  directories are not checked so (a copy of one with a linked `db/` is not detected).
 * A lane of a shared directory (wbcache/lanes.py): its `wal/` is never a link
   (`complete_lane` refuses one when a cache opens it; `checked_lane_entries` when a command
   such as `wbcache recover` does): a lane's log is replayed into the shared database and then
@@ -246,13 +247,18 @@ def complete(layout: Layout) -> None:
     SYSCALLS.fsync_dir(layout.root)
 
 
-def check_linked_dirs(layout: Layout) -> None:
+def check_linked_dirs(layout: Layout, *, write: bool = True) -> None:
     """Lock held, before the directory is written: each of wal/ and db/ that is a link must be
-    this directory's alone (module docstring). Records this directory in its `OWNER` when
-    none is recorded, or when the directory recorded no longer links there (moved). Raises
-    `InvalidDirectoryError` naming the other directory."""
-    me = os.path.realpath(layout.root)
+    this directory's alone (module docstring). `OWNER` there names the directory that uses it
+    by its identity (device and inode) and its path. This directory is it if the identities
+    match (whatever path reached it, or after a move within its file system: the path is then
+    brought up to date); if none is recorded, it becomes it (unless `write` is False: a dry
+    run). Raises `InvalidDirectoryError` when another directory is recorded: a copy made with
+    `cp -a` (the directory recorded still links there), or one whose link the directory
+    recorded had (moved to another file system, restored from a backup, or a copy whose
+    original moved away): only the user can tell these apart."""
     with opened_root(layout.root) as root_fd:
+        me = os.fstat(root_fd)
         for name in _LINKABLE_DIRS:
             try:
                 target = os.readlink(name, dir_fd=root_fd)
@@ -261,24 +267,41 @@ def check_linked_dirs(layout: Layout) -> None:
             shown = os.path.join(layout.root, name)
             sub_fd = open_private_dir(name, dir_fd=root_fd, follow=True, shown=shown)
             try:
+                owner = os.path.join(target, OWNER_NAME)
                 try:
-                    recorded: str | None = _read_file(sub_fd, shown, OWNER_NAME).strip()
+                    recorded = _parse_owner(_read_file(sub_fd, shown, OWNER_NAME), owner)
                 except FileNotFoundError:
                     recorded = None
-                if recorded == me:
-                    continue
-                if recorded and _links_to(recorded, name, os.fstat(sub_fd)):
-                    what = "log" if name == WAL_NAME else "database"
+                ours = f"{me.st_dev} {me.st_ino} {os.fsencode(layout.root).hex()}\n"
+                if recorded is not None and recorded[0] != (me.st_dev, me.st_ino):
+                    other, what = recorded[1], "log" if name == WAL_NAME else "database"
+                    if _links_to(other, name, os.fstat(sub_fd)):
+                        raise InvalidDirectoryError(
+                            f"{shown} links to {target}, the {what} of {other} (its {name} "
+                            f"links there too): two cache directories cannot share one {what}, "
+                            f"each would replay and delete the other's writes. A copy made "
+                            f"with `cp -a` keeps the link: give this directory a {what} of its "
+                            f"own (replace its {name} link by a copy of {target}, made while "
+                            f"neither directory is open)")
                     raise InvalidDirectoryError(
-                        f"{shown} links to {target}, the {what} of {recorded} (its {name} "
-                        f"links there too): two cache directories cannot share one {what}, "
-                        f"each would replay and delete the other's writes. A copy made with "
-                        f"`cp -a` keeps the link: give this directory a {what} of its own "
-                        f"(replace its {name} link by a copy of {target}, made while neither "
-                        f"directory is open)")
-                _write_durably(sub_fd, shown, OWNER_NAME, f"{me}\n".encode())
+                        f"{shown} links to {target}, which the cache directory {other} used "
+                        f"(a different directory: {owner} says so). If this directory is that "
+                        f"one, moved to another file system or restored from a backup, remove "
+                        f"{owner} and open it again; if it is a copy, give it a {what} of its "
+                        f"own (replace its {name} link by a copy of {target})")
+                if write and (recorded is None or _read_file(sub_fd, shown, OWNER_NAME) != ours):
+                    _write_durably(sub_fd, shown, OWNER_NAME, ours.encode())
             finally:
                 os.close(sub_fd)
+
+
+def _parse_owner(text: str, shown: str) -> tuple[tuple[int, int], str]:
+    """((device, inode), path) from an OWNER file's text (`check_linked_dirs`)."""
+    try:
+        device, inode, path = text.split()
+        return (int(device), int(inode)), os.fsdecode(bytes.fromhex(path))
+    except ValueError:
+        raise InvalidDirectoryError(f"{shown} is not a file wbcache wrote: remove it") from None
 
 
 def _links_to(other_root: str, name: str, here: os.stat_result) -> bool:

@@ -157,6 +157,8 @@ def recover_directory(path: str | os.PathLike[str], *, backend: str | None = Non
             raise CacheLockedError(f"{layout.root} is in use by {holder}; stop it first "
                                    f"(opening the cache recovers the directory anyway)")
         free = [target for target in targets if target.lock is not None or target.unlocked]
+        if not found.shared and free:  # before anything is read (a lane's wal/ is no link)
+            check_linked_dirs(found.layout, write=False)
         for target in free:
             check_format_versions(target.layout.wal)
         phases = _Phases(progress, [target.layout.wal for target in free])
@@ -266,8 +268,6 @@ def _write(found: FoundDirectory, url: str | None, target: _Target, phases: _Pha
         target.done = plan.report(dry_run=False)
         return
     assert target.lock is not None
-    if not found.shared:  # a lane's wal/ is never a link
-        check_linked_dirs(target.layout)
     target.lock.record_owner()
     writer: Backend = open_database(found, url, lane=target.layout if found.shared else None,
                                     write=True)
