@@ -15,6 +15,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 RETAKE_RACE = """
 import os, signal, sys, threading, time
 from wbcache.wal.commit import retake
@@ -399,3 +401,55 @@ def test_a_close_interrupted_as_it_tells_the_waiters_is_finished_by_the_next() -
     assert "the first close was interrupted" in done.stdout, done.stdout + done.stderr[-2000:]
     assert "the second close returned: True" in done.stdout, done.stdout + done.stderr[-2000:]
     assert "reopened: 1" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+CLOSE_CUT_SHORT = """
+import shutil, sys, tempfile, threading
+import wbcache
+from wbcache import forking
+from wbcache.sequencer import Sequencer
+
+scratch = tempfile.mkdtemp()
+path = scratch + "/c"
+cache = wbcache.open(path)
+cache.put("a", 1)
+where = sys.argv[1]
+if where == "after the claim":  # raised as claim_close's `with` lets go of the lock
+    claim = Sequencer.claim_close
+    def claim_then_interrupt(self):
+        claim(self)
+        Sequencer.claim_close = claim
+        raise KeyboardInterrupt
+    Sequencer.claim_close = claim_then_interrupt
+else:  # raised in the first thing close does after the claim
+    untrack = forking.untrack
+    def untrack_interrupted(thing):
+        forking.untrack = untrack
+        raise KeyboardInterrupt
+    forking.untrack = untrack_interrupted
+try:
+    cache.close()
+except KeyboardInterrupt:
+    print("the first close was interrupted")
+second = threading.Thread(target=cache.close, daemon=True)
+second.start()
+second.join(10)
+print("the second close returned:", not second.is_alive())
+if not second.is_alive():
+    with wbcache.open(path) as again:
+        print("reopened:", again.get("a"))
+shutil.rmtree(scratch)
+"""
+
+
+@pytest.mark.parametrize("where", ["after the claim", "in the first step"])
+def test_a_close_cut_short_anywhere_is_finished_by_the_next(where: str) -> None:
+    # A review of 25a598f: an interrupt as claim_close returned left every later close()
+    # waiting for good; one in forking.untrack (before the steps) left the directory locked,
+    # the flusher running and the log open, with later closes returning at once.
+    done = subprocess.run([sys.executable, "-c", CLOSE_CUT_SHORT, where], capture_output=True,
+                          text=True, timeout=60)
+    out = done.stdout + done.stderr[-2000:]
+    assert "the first close was interrupted" in done.stdout, out
+    assert "the second close returned: True" in done.stdout, out
+    assert "reopened: 1" in done.stdout, out

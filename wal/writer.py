@@ -339,8 +339,11 @@ class LogWriter:
             return max(self._size, self._file_end) + closed_bytes, len(self._closed) + 1
 
     def close(self) -> None:
+        """Idempotent: an interrupted `Cache.close` runs its steps again."""
         self._unmap()
-        SYSCALLS.close(self._fd)
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            SYSCALLS.close(fd)
 
 
 def _unwatched() -> bool:

@@ -108,7 +108,8 @@ class Cache(MutableMapping[Key, Any]):
                         if options.fsync == "interval" else None)
         self._rebind()
         self._pid = os.getpid()
-        self._close_done = threading.Event()  # set once the first close() has finished
+        self._close_lock = threading.Lock()  # one close() at a time
+        self._close_steps: list[Callable[[], object]] | None = None  # what close() has left
         self._flusher.start()
         if self._syncer is not None:
             self._syncer.start()
@@ -435,36 +436,33 @@ class Cache(MutableMapping[Key, Any]):
         cache still closes (the log keeps every write; the next open replays it) and
         `FlushError` is raised.
         """
-        if not self._sequencer.claim_close():
-            # Closed, or closing in another thread: return once that close has released the
-            # directory, as a close that returns promises (reopening it next must work).
-            self._close_done.wait()
-            return
-        try:
-            self._close()
-        finally:
-            self._close_done.set()
-
-    def _close(self) -> None:
-        forking.untrack(self)
-        failure: BaseException | None = None
-        steps = (self._sequencer.closed_now,  # a step: an interrupt in it is caught below
-                 self._flusher.stop,
-                 self._syncer.stop if self._syncer is not None else None,
-                 lambda: self._flusher.flush(self.options.flush_timeout),
-                 self._sequencer.close_log,
-                 self._backend.close if self._owns_backend else None,
-                 self._dir_lock.release)
-        for step in steps:
-            if step is None:
-                continue
-            try:
-                step()
-            except BaseException as exc:  # finish closing, then report the first failure
-                failure = failure or exc
-        self._entries.clear()
-        if failure is not None:
-            raise failure
+        self._sequencer.claim_close()  # every write refused from here on
+        # One close at a time; a second waits for the first, as a close that returns promises
+        # the directory released (reopening it next must work). A KeyboardInterrupt may end a
+        # close anywhere (Python raises it at any check): the steps left stay in the list,
+        # and the next close() carries them out. Each may run twice (interrupted just after
+        # it ran): each is idempotent.
+        with self._close_lock:
+            if self._close_steps is None:
+                self._close_steps = [step for step in (
+                    lambda: forking.untrack(self),
+                    self._sequencer.closed_now,
+                    self._flusher.stop,
+                    self._syncer.stop if self._syncer is not None else None,
+                    lambda: self._flusher.flush(self.options.flush_timeout),
+                    self._sequencer.close_log,
+                    self._backend.close if self._owns_backend else None,
+                    self._dir_lock.release,
+                    self._entries.clear) if step is not None]
+            steps, failure = self._close_steps, None
+            while steps:
+                try:
+                    steps[0]()
+                except BaseException as exc:  # finish closing, then report the first failure
+                    failure = failure or exc
+                del steps[0]
+            if failure is not None:
+                raise failure
 
     def _disown_after_fork(self) -> None:
         """In a child just forked (wbcache/forking.py): close the descriptors it inherited
