@@ -231,7 +231,8 @@ def _json_items(value: list[Any] | tuple[Any, ...] | dict[str, Any], depth: int,
     for index, item in enumerate(value.items() if is_dict else value):
         yield separator if index else before
         if is_dict:
-            yield json.dumps(item[0]) + ": "
+            key = item[0]  # as json.dumps writes a key: always a string
+            yield json.dumps(key if type(key) is str else json.dumps(key)) + ": "
             item = item[1]
         yield _Nested(item)
     yield after + ("}" if is_dict else "]")

@@ -133,3 +133,19 @@ def test_the_pending_formats_show_a_deeply_nested_logged_value(tmp_path: Path,
         assert lines.stdout == json.dumps(
             {"lsn": 1, "op": "put", "key": "k", "value": encode_json(value)}) + "\n"
     assert table.stdout.splitlines()[1] == "  1  put  'k'  " + repr(nested(30))[:59] + "…"
+
+
+def test_a_deep_document_with_keys_that_are_not_str_is_written_as_json_dumps_writes_it() -> None:
+    # The walk that takes over past the recursion limit wrote such keys unquoted (1: 4).
+    from wbcache.cli.ops_encoding import dumps_json
+
+    document: Any = {1: 4, None: 2, 2.5: [1], False: 0, "a": {"b": 1}}
+    for _ in range(1100):
+        document = [document]
+    written = dumps_json(document, indent=2)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)
+    try:
+        assert written == json.dumps(document, indent=2)
+    finally:
+        sys.setrecursionlimit(limit)

@@ -45,6 +45,7 @@ DEFAULT_MAX_KEY_SIZE = 511  # LMDB's; a reader given no database limit applies i
 
 packb = msgpack.packb
 _unpackb = msgpack.unpackb
+_DECODED_FOR_REASON = 64 * 1024  # a value that does not decode, up to this size: msgpack says why
 try:  # the exact proof that a value decodes, building nothing (wal/_walk.c)
     from wbcache.wal._walk import decodes as _decodes
 except ImportError:  # not built: msgpack decides, by decoding
@@ -120,8 +121,9 @@ def _key_problem(key: object, max_key_size: int) -> str | None:
 def _value_problem(value: object) -> str | None:
     if type(value) is not bytes:
         return f"a value of type {type(value).__name__}"
-    if _decodes is not None:  # exact, and builds nothing (decoding one can cost 100x its size)
-        return None if _decodes(value) else "a value that does not decode (as msgpack)"
+    if _decodes is not None and (_decodes(value) or len(value) > _DECODED_FOR_REASON):
+        # exact, and builds nothing (decoding one can cost 100x its size)
+        return None if _decodes(value) else "a value that does not decode"
     try:
         _unpackb(value, strict_map_key=False)  # limits follow len(value)
     except Exception as exc:  # msgpack raises several types for bad input
