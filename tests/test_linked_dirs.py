@@ -192,3 +192,14 @@ def test_the_copy_opens_once_given_a_log_of_its_own(tmp_path: Path) -> None:
         assert cache.get("x7") == 7
     with wbcache.open(original) as cache:
         assert cache.get("x7") == 7
+
+
+def test_a_directory_whose_device_number_changed_is_still_itself(tmp_path: Path) -> None:
+    # NFS, btrfs subvolumes, overlayfs or device-mapper may renumber the device at a remount:
+    # the directory recorded by path is then this one, and was refused as a copy of itself.
+    original, target = linked_cache(tmp_path, "wal")
+    device, inode, path = (target / "OWNER").read_text().split()
+    (target / "OWNER").write_text(f"{int(device) + 1} {inode} {path}\n")
+    with wbcache.open(original) as cache:
+        assert cache.get("base") == 0
+    assert (target / "OWNER").read_text().split()[0] == device  # brought up to date

@@ -340,3 +340,14 @@ def test_added_never_decodes_what_is_not_an_int(monkeypatch: pytest.MonkeyPatch)
     assert added(msgpack.packb({"big": "x" * 1000}), 2) == 2
     assert added(msgpack.packb(40), 2) == 42
     assert decoded == [msgpack.packb(40)]
+
+
+def test_a_small_value_that_does_not_decode_is_refused_with_msgpacks_reason() -> None:
+    # The C proof answers without a reason; a value up to 64 KiB is asked of msgpack too. A
+    # larger one is not decoded (a crafted one can cost 100 times its size).
+    assert problem([1, OP_PUT, "k", b"\x81\x80\x01"]) == (
+        "a value that does not decode (TypeError: unhashable type: 'dict')")
+    from wbcache.wal import records
+    big = problem([1, OP_PUT, "k", b"\x81\x80\x01" + bytes(70_000)])
+    assert big == "a value that does not decode" if records._decodes else big.startswith(
+        "a value that does not decode (ExtraData")

@@ -39,7 +39,7 @@ from wbcache.wal.format import (
     encode_records,
 )
 from wbcache.wal.reader import intact_frames, mapped
-from wbcache.wal.records import OP_BATCH, OP_DELETE, OP_INCR, OP_PUT
+from wbcache.wal.records import OP_BATCH, OP_DELETE, OP_INCR, OP_PUT, encode_put
 from wbcache.wal.segments import segment_name
 from wbcache.wal.syscalls import SYSCALLS
 
@@ -1033,3 +1033,19 @@ def test_the_pages_of_a_log_of_big_values_are_released_as_it_is_read(tmp_path: P
     end = walk_log(str(tmp_path), 0, on_batch)
     assert end.records == 192 and end.last_lsn == 192
     assert highest < 24 << 10, f"{highest} KiB of the 48 MiB segment stayed mapped"
+
+
+@pytest.mark.parametrize("sync_marks", [False, True], ids=["always", "interval"])
+def test_closing_a_log_writer_twice_closes_its_descriptor_once(tmp_path: Path,
+                                                               sync_marks: bool) -> None:
+    """An interrupted Cache.close runs its steps again: a second close of the segment's
+    descriptor raised EBADF, or closed a file that had since taken its number."""
+    writer = LogWriter(str(tmp_path), 1, 1 << 20, sync_marks=sync_marks)
+    writer.append([encode_put(1, "k", msgpack.packb(1))], 1, 1, sync=True)
+    writer.close()
+    reused = os.open(os.devnull, os.O_RDONLY)  # likely the number just freed
+    try:
+        writer.close()
+        os.fstat(reused)  # still open
+    finally:
+        os.close(reused)

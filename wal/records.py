@@ -121,9 +121,11 @@ def _key_problem(key: object, max_key_size: int) -> str | None:
 def _value_problem(value: object) -> str | None:
     if type(value) is not bytes:
         return f"a value of type {type(value).__name__}"
-    if _decodes is not None and (_decodes(value) or len(value) > _DECODED_FOR_REASON):
-        # exact, and builds nothing (decoding one can cost 100x its size)
-        return None if _decodes(value) else "a value that does not decode"
+    if _decodes is not None:  # exact, and builds nothing (decoding one can cost 100x its size)
+        if _decodes(value):
+            return None
+        if len(value) > _DECODED_FOR_REASON:
+            return "a value that does not decode"
     try:
         _unpackb(value, strict_map_key=False)  # limits follow len(value)
     except Exception as exc:  # msgpack raises several types for bad input

@@ -109,7 +109,9 @@ class Cache(MutableMapping[Key, Any]):
         self._rebind()
         self._pid = os.getpid()
         self._close_lock = threading.Lock()  # one close() at a time
-        self._close_steps: list[Callable[[], object]] | None = None  # what close() has left
+        self._closing_in: int | None = None  # the thread running close(), while it does
+        # what close() has left: (step, run again if an interruption stopped it)
+        self._close_steps: list[tuple[Callable[[], object], bool]] | None = None
         self._flusher.start()
         if self._syncer is not None:
             self._syncer.start()
@@ -437,32 +439,53 @@ class Cache(MutableMapping[Key, Any]):
         `FlushError` is raised.
         """
         self._sequencer.claim_close()  # every write refused from here on
+        if self._closing_in == threading.get_ident():
+            return  # called inside this thread's own close (a signal handler): that one ends it
         # One close at a time; a second waits for the first, as a close that returns promises
         # the directory released (reopening it next must work). A KeyboardInterrupt may end a
         # close anywhere (Python raises it at any check): the steps left stay in the list,
         # and the next close() carries them out. Each may run twice (interrupted just after
-        # it ran): each is idempotent.
+        # it ran): each is idempotent. Untracked last: a child forked before the close is
+        # done must still be disowned, not left to carry out the parent's steps.
         with self._close_lock:
-            if self._close_steps is None:
-                self._close_steps = [step for step in (
-                    lambda: forking.untrack(self),
-                    self._sequencer.closed_now,
-                    self._flusher.stop,
-                    self._syncer.stop if self._syncer is not None else None,
-                    lambda: self._flusher.flush(self.options.flush_timeout),
-                    self._sequencer.close_log,
-                    self._backend.close if self._owns_backend else None,
-                    self._dir_lock.release,
-                    self._entries.clear) if step is not None]
-            steps, failure = self._close_steps, None
-            while steps:
-                try:
-                    steps[0]()
-                except BaseException as exc:  # finish closing, then report the first failure
-                    failure = failure or exc
-                del steps[0]
-            if failure is not None:
-                raise failure
+            self._closing_in = threading.get_ident()
+            try:
+                self._close_steps_left()
+            finally:
+                self._closing_in = None
+
+    def _close_steps_left(self) -> None:
+        """Carry out the steps of the close still to do (`close`). An ordinary failure is
+        reported once every step has run. An interruption (KeyboardInterrupt, SystemExit) is
+        raised at once, its step left first in the list for the next close(), since it may
+        have stopped half-way (an LMDB environment still open); except the final flush,
+        which is dropped: the log keeps every write, and a close that is asked to stop
+        waiting for the database must not wait for it again."""
+        if self._close_steps is None:
+            self._close_steps = [(step, again) for step, again in (
+                (self._sequencer.closed_now, True),
+                (self._flusher.stop, True),
+                (self._syncer.stop if self._syncer is not None else None, True),
+                (lambda: self._flusher.flush(self.options.flush_timeout), False),
+                (self._sequencer.close_log, True),
+                (self._backend.close if self._owns_backend else None, True),
+                (self._dir_lock.release, True),
+                (self._entries.clear, True),
+                (lambda: forking.untrack(self), True)) if step is not None]
+        steps, failure = self._close_steps, None
+        while steps:
+            step, again = steps[0]
+            try:
+                step()
+            except Exception as exc:  # finish closing, then report the first failure
+                failure = failure or exc
+            except BaseException as exc:
+                if again:
+                    raise
+                failure = failure or exc
+            del steps[0]
+        if failure is not None:
+            raise failure
 
     def _disown_after_fork(self) -> None:
         """In a child just forked (wbcache/forking.py): close the descriptors it inherited

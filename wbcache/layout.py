@@ -273,7 +273,8 @@ def check_linked_dirs(layout: Layout, *, write: bool = True) -> None:
                 except FileNotFoundError:
                     recorded = None
                 ours = f"{me.st_dev} {me.st_ino} {os.fsencode(layout.root).hex()}\n"
-                if recorded is not None and recorded[0] != (me.st_dev, me.st_ino):
+                if (recorded is not None and recorded[0] != (me.st_dev, me.st_ino)
+                        and not _is_dir(recorded[1], me)):  # a device renumbered: still us
                     other, what = recorded[1], "log" if name == WAL_NAME else "database"
                     if _links_to(other, name, os.fstat(sub_fd)):
                         raise InvalidDirectoryError(
@@ -285,10 +286,11 @@ def check_linked_dirs(layout: Layout, *, write: bool = True) -> None:
                             f"neither directory is open)")
                     raise InvalidDirectoryError(
                         f"{shown} links to {target}, which the cache directory {other} used "
-                        f"(a different directory: {owner} says so). If this directory is that "
-                        f"one, moved to another file system or restored from a backup, remove "
-                        f"{owner} and open it again; if it is a copy, give it a {what} of its "
-                        f"own (replace its {name} link by a copy of {target})")
+                        f"(a different directory: {owner} says so). If it is a copy, give it a "
+                        f"{what} of its own (replace its {name} link by a copy of {target}). "
+                        f"Only if you are sure it is that directory, moved to another file "
+                        f"system or restored from a backup, remove {owner} and open it again: "
+                        f"a copy opened so replays and deletes the other's unflushed writes")
                 if write and (recorded is None or _read_file(sub_fd, shown, OWNER_NAME) != ours):
                     _write_durably(sub_fd, shown, OWNER_NAME, ours.encode())
             finally:
@@ -304,13 +306,18 @@ def _parse_owner(text: str, shown: str) -> tuple[tuple[int, int], str]:
         raise InvalidDirectoryError(f"{shown} is not a file wbcache wrote: remove it") from None
 
 
-def _links_to(other_root: str, name: str, here: os.stat_result) -> bool:
-    """Whether `other_root`/`name` is the directory `here` (a link followed)."""
+def _is_dir(path: str, here: os.stat_result) -> bool:
+    """Whether `path` is the directory `here` (a link followed)."""
     try:
-        there = os.stat(os.path.join(other_root, name))
+        there = os.stat(path)
     except (OSError, ValueError):  # gone, or not a path at all
         return False
     return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
+
+
+def _links_to(other_root: str, name: str, here: os.stat_result) -> bool:
+    """Whether `other_root`/`name` is the directory `here` (a link followed)."""
+    return _is_dir(os.path.join(other_root, name), here)
 
 
 def complete_lane(layout: Layout) -> None:

@@ -116,7 +116,8 @@ class DirectoryLock:
         # copy (the lock outliving us), or close a number since reused for another file.
         with forking.no_fork():
             if self._fd is not None:
-                if self._recorded:  # the next holder writes its pid only once it has opened:
+                holder = os.getpid() == self._pid  # not a child forked in C (no hooks ran)
+                if self._recorded and holder:  # the next holder writes its pid only once opened:
                     try:  # meanwhile "in use" must not name us (alive, or our pid reused)
                         os.pwrite(self._fd, b" " * _PID_WIDTH + b"\n", 0)
                     except OSError:
@@ -125,8 +126,8 @@ class DirectoryLock:
                 # copy of the descriptor only once it runs its after-fork hooks (or never,
                 # forked in C), and the flock lives as long as any copy does. The child
                 # never unlocks (`_disown_after_fork`); the holder letting go does.
-                if os.getpid() == self._pid:  # not in a child forked in C (no hooks ran):
-                    try:  # its unlock would be the parent's
+                if holder:  # a child's unlock would be the parent's
+                    try:
                         fcntl.flock(self._fd, fcntl.LOCK_UN)
                     except OSError:
                         pass
