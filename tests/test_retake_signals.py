@@ -7,7 +7,8 @@ as the acquire returns (the handler runs at the caller's call, the lock taken), 
 check, inside the state reset that follows. Each script here runs in a process of its own,
 sends real signals, or lands one at an exact point with a profile hook, and says what state it
 found: these are the cases four reviews found, each failing on the code before its fix. The
-last is `Cache.close` interrupted just after it claimed the close.
+last ones are `Cache.close` interrupted anywhere, which the next close must finish. Over 500
+lines: each case is a script of its own, and they share one way of landing a signal.
 """
 
 from __future__ import annotations

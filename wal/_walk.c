@@ -22,6 +22,9 @@
  * walks frames from `pos` while pos < size, stopping after the frame that brings the record
  * count to `max_records` or pos to `stop_at` (the Python walk's batch ends). `records` are
  * lists [lsn, 1, key, value], as msgpack.unpackb gives them.
+ *
+ * A little over 500 lines: the walk and the exact proof of a value (msgpack's grammar,
+ * checked as its unpacker checks it) must be read together.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
