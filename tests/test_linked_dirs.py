@@ -203,3 +203,19 @@ def test_a_directory_whose_device_number_changed_is_still_itself(tmp_path: Path)
     with wbcache.open(original) as cache:
         assert cache.get("base") == 0
     assert (target / "OWNER").read_text().split()[0] == device  # brought up to date
+
+
+def test_a_copy_put_at_the_original_path_is_refused(tmp_path: Path) -> None:
+    # A review: mv c c.old; cp -a c.old c while c.old is open. The device-renumbering rule
+    # (the path recorded leads here) took the copy for the original and let it delete the
+    # live cache's segment.
+    original, target = linked_cache(tmp_path, "wal")
+    aside = tmp_path / "original.old"
+    with wbcache.open(original, flush_interval=3600) as cache:
+        cache.put("k", 1)
+        os.rename(original, aside)  # moved while open: OWNER still names the old path
+        copy_keeping_links(aside, original)  # a new directory at the path OWNER names
+        with pytest.raises(InvalidDirectoryError, match="cannot share"):
+            wbcache.open(original)
+    with wbcache.open(aside) as cache:
+        assert cache.get("k") == 1

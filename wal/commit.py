@@ -577,16 +577,24 @@ class GroupCommitter:
             raise interrupted
 
     def close(self) -> None:
-        """Write and fsync whatever is queued, then close the writer. Lock held."""
+        """Write and fsync whatever is queued, then close the writer. Lock held. Interrupted
+        (KeyboardInterrupt) before the fsync, it leaves the writer open: `Cache.close` runs
+        it again, and the tail must still be fsync'd then."""
         self.wait_for_rotation()  # its writer is using the segments (lock released)
         try:
             if self.failure is None:
                 self.wait(self.queued_lsn, durable=True)
-        finally:
-            while self._leader_active:  # a lone fsync of a failed log: its segment is in use
-                self._led.wait(FOLLOWER_RECHECK)  # a backstop, as in `wait_for_rotation`
-            self._closing = True
-            self._kick.notify_all()
-            if self._pipe is not None:
-                self._pipe.close()
-            self._writer.close()
+        except Exception:
+            self._close_writer()
+            raise
+        self._close_writer()
+
+    def _close_writer(self) -> None:
+        """Lock held: once no leader is writing, stop the pipe and close the writer."""
+        while self._leader_active:  # a lone fsync of a failed log: its segment is in use
+            self._led.wait(FOLLOWER_RECHECK)  # a backstop, as in `wait_for_rotation`
+        self._closing = True
+        self._kick.notify_all()
+        if self._pipe is not None:
+            self._pipe.close()
+        self._writer.close()

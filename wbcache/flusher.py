@@ -104,7 +104,9 @@ class Flusher:
         self._served = 0
         self._wakeup = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="wbcache-flusher", daemon=True)
+        self._ended = threading.Event()  # set as the thread's last act (`_join`)
+        self._thread = threading.Thread(target=self._run_then_end, name="wbcache-flusher",
+                                        daemon=True)
         self.checkpoint_lsn = checkpoint_lsn
         self.flushes = 0
         self.flushed_entries = 0
@@ -162,8 +164,13 @@ class Flusher:
         self._wakeup.set()
         with self._turns:
             self._turns.notify_all()
-        if self._thread.is_alive():
-            self._thread.join()
+        _join(self._thread, self._ended)
+
+    def _run_then_end(self) -> None:
+        try:
+            self._run()
+        finally:
+            self._ended.set()
 
     def _run(self) -> None:
         # One attempt per turn, holding the mutex; the backoff after a failure is spent
@@ -303,6 +310,7 @@ class IntervalSyncer:
         self._sequencer = sequencer
         self._interval = interval
         self._stop = threading.Event()
+        self._ended = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wbcache-fsync", daemon=True)
 
     def start(self) -> None:
@@ -310,9 +318,20 @@ class IntervalSyncer:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        _join(self._thread, self._ended)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._sequencer.sync_unsynced()
+        try:
+            while not self._stop.wait(self._interval):
+                self._sequencer.sync_unsynced()
+        finally:
+            self._ended.set()
+
+
+def _join(thread: threading.Thread, ended: threading.Event) -> None:
+    """Wait until `thread`, once started, has ended (`ended` is set as its last act). Not
+    `is_alive`: a KeyboardInterrupt in `join` makes CPython mark the thread stopped while it
+    runs on, and a close run again (wbcache/cache.py) would then go on beside it."""
+    if thread.ident is not None:
+        ended.wait()
+        thread.join()

@@ -274,7 +274,8 @@ def check_linked_dirs(layout: Layout, *, write: bool = True) -> None:
                     recorded = None
                 ours = f"{me.st_dev} {me.st_ino} {os.fsencode(layout.root).hex()}\n"
                 if (recorded is not None and recorded[0] != (me.st_dev, me.st_ino)
-                        and not _is_dir(recorded[1], me)):  # a device renumbered: still us
+                        # a device renumbered: the same inode, found at the path recorded
+                        and not (recorded[0][1] == me.st_ino and _is_dir(recorded[1], me))):
                     other, what = recorded[1], "log" if name == WAL_NAME else "database"
                     if _links_to(other, name, os.fstat(sub_fd)):
                         raise InvalidDirectoryError(

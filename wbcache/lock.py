@@ -122,6 +122,7 @@ class DirectoryLock:
                         os.pwrite(self._fd, b" " * _PID_WIDTH + b"\n", 0)
                     except OSError:
                         pass
+                    self._recorded = False  # once: run again, it would blank the next holder's
                 # Unlocked, not only closed: a child forked before the release drops its
                 # copy of the descriptor only once it runs its after-fork hooks (or never,
                 # forked in C), and the flock lives as long as any copy does. The child
@@ -143,9 +144,9 @@ class DirectoryLock:
 
     def _close(self) -> None:
         assert self._fd is not None
-        _held.discard(self._fd)
-        os.close(self._fd)
-        self._fd = None
+        fd, self._fd = self._fd, None  # first: a release run again never reaches a number
+        _held.discard(fd)  # that may since be another file's
+        os.close(fd)
 
 
 _LOCK_FILE_TRIES = 10  # LOCK files found removed under us (`_take`) before giving up

@@ -500,8 +500,8 @@ def release_shared(database: LmdbDatabase) -> None:
         if users > 1:
             _shared[database.path] = (database, users - 1)
             return
+        database.close()  # then forgotten: a release run again after an interrupt finds it
         del _shared[database.path]
-        database.close()
 
 
 class SharedLmdbBackend:
@@ -562,5 +562,5 @@ class SharedLmdbBackend:
 
     def close(self) -> None:
         if not self._closed:
-            self._closed = True
             release_shared(self._database)
+            self._closed = True  # once released: a close run again after an interrupt ends it
