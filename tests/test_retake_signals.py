@@ -18,6 +18,12 @@ import sys
 
 import pytest
 
+
+def run_script(script: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`script` run in a Python process of its own (its signals are its own)."""
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
+                          text=True, timeout=timeout)
+
 RETAKE_RACE = """
 import os, signal, sys, threading, time
 from wbcache.wal.commit import retake
@@ -70,8 +76,7 @@ def test_an_interrupt_just_after_the_lock_is_taken_back_never_hangs_the_thread()
     for pending signals) was caught by a retry loop in Python, which then took the lock it
     held: the thread waited for good, and every later Ctrl-C was swallowed the same way
     (found by a review; 5 runs of 5 hung in their first rounds). The loop is in C now."""
-    done = subprocess.run([sys.executable, "-c", RETAKE_RACE, "200"], capture_output=True,
-                          text=True, timeout=60)
+    done = run_script(RETAKE_RACE, "200")
     assert done.stdout.strip() == "done", done.stderr[-2000:]
 
 
@@ -146,8 +151,7 @@ def test_an_interrupt_as_the_lock_is_taken_back_leaves_no_rotation_behind() -> N
     skipped the rest of rotate()'s `finally`: `rotating` stayed True, and every writer and
     close() waited for good (a review: 269 rounds of 300). Every caller of `retake` now
     takes such an interrupt as returned."""
-    done = subprocess.run([sys.executable, "-c", ROTATE_RACE, "300"], capture_output=True,
-                          text=True, timeout=120)
+    done = run_script(ROTATE_RACE, "300", timeout=120)
     assert done.stdout.strip() == "stuck 0", done.stdout + done.stderr[-2000:]
 
 
@@ -167,8 +171,7 @@ except RuntimeError as exc:
 
 def test_a_lock_whose_acquire_always_fails_is_given_up_on() -> None:
     # Retried without end, with the GIL held: the process froze, Ctrl-C never delivered.
-    done = subprocess.run([sys.executable, "-c", BROKEN_LOCK], capture_output=True,
-                          text=True, timeout=60)
+    done = run_script(BROKEN_LOCK)
     assert done.stdout.strip() == "raised RetakeFailed not a signal", done.stderr[-2000:]
 
 
@@ -232,8 +235,7 @@ def test_a_wait_interrupted_again_and_again_still_waits_for_the_lock() -> None:
     (Ctrl-C held down) while another thread held the lock, and retake raised with the lock
     not taken, which the caller took as held (a third review: the holder's critical section
     shared). It gives up only when an acquire fails by itself, never for a signal."""
-    done = subprocess.run([sys.executable, "-c", CTRL_C_HELD_DOWN], capture_output=True,
-                          text=True, timeout=60)
+    done = run_script(CTRL_C_HELD_DOWN)
     assert "held by the rotation, after the holder let go: True" in done.stdout, (
         done.stdout + done.stderr[-2000:])
 
@@ -277,8 +279,7 @@ print("the waiter woke:", not sleeper.is_alive())
 def test_a_waiter_whose_notify_an_interrupt_skipped_wakes_by_itself() -> None:
     # An interrupt raised at the rotation's notify (a SIGINT arriving as the lock was taken
     # back, raised at the next check) left a waiter in wait_for_rotation asleep for good.
-    done = subprocess.run([sys.executable, "-c", NOTIFY_SKIPPED], capture_output=True,
-                          text=True, timeout=60)
+    done = run_script(NOTIFY_SKIPPED)
     assert "the waiter woke: True" in done.stdout, done.stdout + done.stderr[-2000:]
 
 
@@ -301,8 +302,7 @@ print("held:", lock.locked(), "waiters left:", len(condition._waiters))
 def test_an_interrupt_as_a_condition_wait_takes_the_lock_back_finds_it_held() -> None:
     # threading's wait takes the lock back through a method (_acquire_restore): an interrupt
     # at that method's entry came before retake, and wait raised with the lock not held.
-    done = subprocess.run([sys.executable, "-c", CONDITION_ENTRY], capture_output=True,
-                          text=True, timeout=60)
+    done = run_script(CONDITION_ENTRY)
     assert done.stdout.strip() == "held: True waiters left: 0", done.stdout + done.stderr
 
 
@@ -336,8 +336,7 @@ def test_any_exception_raised_as_retake_returns_leaves_the_state_whole() -> None
     # Callers took only a KeyboardInterrupt raised at retake's call for "returned": a SIGTERM
     # handler's SystemExit skipped rotate()'s reset, and every writer and close() waited for
     # the rotation for good (a fourth review). Anything but retake's own RetakeFailed is.
-    done = subprocess.run([sys.executable, "-c", SIGTERM_AS_RETAKE_RETURNS],
-                          capture_output=True, text=True, timeout=60)
+    done = run_script(SIGTERM_AS_RETAKE_RETURNS)
     assert done.stdout.strip() == "held: True rotating: False", done.stdout + done.stderr
 
 
@@ -356,8 +355,7 @@ except RuntimeError as exc:
 def test_a_wait_without_the_lock_is_refused_and_takes_nothing() -> None:
     # It released the lock it did not hold (caught), then took it back and kept it: a
     # programming mistake became a deadlock on the sequencer's lock (a fourth review).
-    done = subprocess.run([sys.executable, "-c", UNOWNED_WAIT], capture_output=True,
-                          text=True, timeout=60)
+    done = run_script(UNOWNED_WAIT)
     assert done.stdout.strip() == "cannot wait on un-acquired lock | locked: False", (
         done.stdout + done.stderr)
 
@@ -397,8 +395,7 @@ shutil.rmtree(scratch)
 def test_a_close_interrupted_as_it_tells_the_waiters_is_finished_by_the_next() -> None:
     # close() claimed the close and was interrupted before its try: every later close()
     # waited for good for a close nobody was finishing, the directory held meanwhile.
-    done = subprocess.run([sys.executable, "-c", CLOSE_INTERRUPTED], capture_output=True,
-                          text=True, timeout=60)
+    done = run_script(CLOSE_INTERRUPTED)
     assert "the first close was interrupted" in done.stdout, done.stdout + done.stderr[-2000:]
     assert "the second close returned: True" in done.stdout, done.stdout + done.stderr[-2000:]
     assert "reopened: 1" in done.stdout, done.stdout + done.stderr[-2000:]
@@ -448,8 +445,7 @@ def test_a_close_cut_short_anywhere_is_finished_by_the_next(where: str) -> None:
     # A review of 25a598f: an interrupt as claim_close returned left every later close()
     # waiting for good; one in forking.untrack (before the steps) left the directory locked,
     # the flusher running and the log open, with later closes returning at once.
-    done = subprocess.run([sys.executable, "-c", CLOSE_CUT_SHORT, where], capture_output=True,
-                          text=True, timeout=60)
+    done = run_script(CLOSE_CUT_SHORT, where)
     out = done.stdout + done.stderr[-2000:]
     assert "the first close was interrupted" in done.stdout, out
     assert "the second close returned: True" in done.stdout, out
@@ -480,8 +476,7 @@ shutil.rmtree(scratch)
 
 def test_a_close_called_by_a_signal_handler_inside_close_returns() -> None:
     # The handler's close waited for the close lock its own thread held: a hang for good.
-    done = subprocess.run([sys.executable, "-c", CLOSE_FROM_A_HANDLER], capture_output=True,
-                          text=True, timeout=60)
+    done = run_script(CLOSE_FROM_A_HANDLER)
     assert done.stdout.split("\n")[:2] == ["closed", "reopened: 1"], done.stdout + done.stderr
 
 
@@ -530,8 +525,7 @@ shutil.rmtree(scratch)
 def test_a_child_forked_after_a_close_was_cut_short_is_disowned() -> None:
     # close() untracked the cache first: a child forked before the rest of the close was
     # a `Cache`, and its close() carried out the parent's remaining steps on inherited state.
-    done = subprocess.run([sys.executable, "-c", FORK_AFTER_A_CUT_SHORT_CLOSE],
-                          capture_output=True, text=True, timeout=60)
+    done = run_script(FORK_AFTER_A_CUT_SHORT_CLOSE)
     assert done.stdout.split() == ["steps", "left:", "True", "_ForkedCache", "reopened:", "1"], (
         done.stdout + done.stderr)
 
@@ -559,8 +553,7 @@ shutil.rmtree(scratch)
 
 def test_ctrl_c_in_the_final_flush_still_closes_the_rest_at_once() -> None:
     # The one step an interruption drops: a close told to stop waiting for the database.
-    done = subprocess.run([sys.executable, "-c", CTRL_C_IN_THE_FINAL_FLUSH],
-                          capture_output=True, text=True, timeout=60)
+    done = run_script(CTRL_C_IN_THE_FINAL_FLUSH)
     assert done.stdout.split("\n")[:2] == ["interrupted", "reopened: 1"], (
         done.stdout + done.stderr)
 
@@ -616,8 +609,7 @@ shutil.rmtree(scratch)
 def test_ctrl_c_while_close_waits_for_the_flusher_still_waits_for_it_next_time() -> None:
     # CPython marks a thread stopped when a join of it is interrupted; the close run again
     # asked is_alive(), skipped the join, and closed the log and LMDB under the live flusher.
-    done = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_CLOSE_JOINS_THE_FLUSHER],
-                          capture_output=True, text=True, timeout=60)
+    done = run_script(CTRL_C_WHILE_CLOSE_JOINS_THE_FLUSHER)
     assert done.stdout.split("\n")[:3] == [
         "interrupted", "flusher ended before close returned: True", "reopened: 1"], (
         done.stdout + done.stderr)
@@ -657,8 +649,7 @@ shutil.rmtree(scratch)
 def test_a_lock_release_run_again_never_touches_a_descriptor_it_closed() -> None:
     # A review: the release was interrupted between closing its descriptor and forgetting
     # it; run again, it blanked offset 0 of whatever file took the number, and closed it.
-    done = subprocess.run([sys.executable, "-c", RELEASE_CUT_SHORT], capture_output=True,
-                          text=True, timeout=60)
+    done = run_script(RELEASE_CUT_SHORT)
     assert done.stdout.strip() == "b'precious'", done.stdout + done.stderr
 
 
@@ -690,8 +681,7 @@ def test_a_close_interrupted_before_the_logs_final_fsync_makes_it_next_time() ->
     # A review: the log's close closed its writer in a `finally` even when interrupted
     # before the final fsync; the close run again failed on the closed descriptor, and the
     # tail of an fsync="interval" log was never fsync'd.
-    done = subprocess.run([sys.executable, "-c", CLOSE_LOG_CUT_SHORT], capture_output=True,
-                          text=True, timeout=60)
+    done = run_script(CLOSE_LOG_CUT_SHORT)
     assert done.stdout.split("\n")[:2] == ["interrupted", "fsync'd through: 1 of 1"], (
         done.stdout + done.stderr)
 
@@ -724,7 +714,6 @@ shutil.rmtree(scratch)
 def test_a_shared_lane_whose_release_was_cut_short_lets_go_of_lmdb_next_time() -> None:
     # A review: the shared backend marked itself closed, then released the environment; cut
     # short there, the close run again did nothing, and no open in the process could follow.
-    done = subprocess.run([sys.executable, "-c", SHARED_RELEASE_CUT_SHORT],
-                          capture_output=True, text=True, timeout=60)
+    done = run_script(SHARED_RELEASE_CUT_SHORT)
     assert done.stdout.split("\n")[:2] == ["interrupted", "reopened: 1"], (
         done.stdout + done.stderr)

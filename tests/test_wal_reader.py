@@ -15,8 +15,9 @@ import threading
 import time
 import tracemalloc
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 import pytest
@@ -114,6 +115,21 @@ def scan(wal_dir: Path, checkpoint: int = 0) -> tuple[list[list[Any]], LogEnd]:
     end = walk_log(str(wal_dir), checkpoint, records.extend)
     end.check()
     return records, end
+
+
+T = TypeVar("T")
+
+
+def traced(call: Callable[[], T]) -> tuple[T, int, float]:
+    """(what `call` returns, the peak of Python's allocations meanwhile, its seconds)."""
+    started = time.perf_counter()
+    tracemalloc.start()
+    try:
+        result = call()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return result, peak, time.perf_counter() - started
 
 
 def corruption(path: Path, *, first_lsn: int = 1, is_last: bool = True) -> CorruptLogError:
@@ -606,19 +622,13 @@ def test_huge_length_at_the_tail_is_torn_without_allocating_it(tmp_path: Path,
     clean_size = path.stat().st_size
     append(path, _frame_with_length(length) + b"payload")
 
-    tracemalloc.start()
-    started = time.perf_counter()
-    try:
-        got, reader = read(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    (got, reader), peak, seconds = traced(lambda: read(path))
 
     assert got == records
     assert reader.torn_bytes == FRAME_SIZE + len(b"payload")
     assert reader.end == clean_size
     assert peak < 1 << 20  # never the record's claimed size
-    assert time.perf_counter() - started < 2.0
+    assert seconds < 2.0
 
 
 @pytest.mark.parametrize("length", [MAX_FRAME_PAYLOAD + 1, 0xFFFFFFFF])
@@ -627,12 +637,7 @@ def test_huge_length_before_valid_records_is_corruption_without_allocating_it(
     path, start, _ = _middle_record(tmp_path)
     overwrite(path, start + 4, length.to_bytes(4, "little"))
 
-    tracemalloc.start()
-    try:
-        error = corruption(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    error, peak, _ = traced(lambda: corruption(path))
 
     assert (error.path, error.offset) == (str(path), start)
     assert str(length) in error.reason
@@ -925,40 +930,23 @@ def test_a_symlink_named_like_a_segment_is_refused_not_followed(tmp_path: Path) 
     assert "symbolic link" in corruption(path).reason
 
 
-def test_a_huge_sparse_segment_is_refused_at_once_by_its_size(tmp_path: Path) -> None:
-    """Before, a 20 GiB sparse segment took a minute and 20 GB of memory to be refused."""
-    path = write_segment(tmp_path, 1, puts(1, 2))
-    os.truncate(path, 20 << 30)
-    started = time.perf_counter()
-    tracemalloc.start()
-    try:
-        error = corruption(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert time.perf_counter() - started < 1.0 and peak < 1 << 20
-    assert error.offset == 0 and "larger than any its writer leaves" in error.reason
-
-
 @pytest.mark.parametrize("header", ["intact", "unreadable"])
 def test_no_frame_is_searched_for_in_a_huge_sparse_segment(tmp_path: Path, header: str) -> None:
-    """A segment whose header cannot be read was searched for frames (is it a torn tail?)
-    before its size was checked, and `wbcache verify`, `inspect` and salvage searched every
-    oversized segment after its damage: 8 GiB of holes took 25 s and 8.6 GB of memory."""
+    """Before, a 20 GiB sparse segment took a minute and 20 GB of memory to be refused; one
+    whose header cannot be read was searched for frames (is it a torn tail?) before its size
+    was checked, and `wbcache verify`, `inspect` and salvage searched every oversized segment
+    after its damage: 8 GiB of holes took 25 s and 8.6 GB of memory."""
     path = write_segment(tmp_path, 1, puts(1, 2))
     if header == "unreadable":
         flip_byte(path, 3)
     os.truncate(path, 20 << 30)
-    started = time.perf_counter()
-    tracemalloc.start()
-    try:
-        error = corruption(path)
+
+    def refuse_and_search() -> tuple[CorruptLogError, list[Any]]:
         with mapped(str(path)) as (data, size):
-            found = list(intact_frames(data, 0, size))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert time.perf_counter() - started < 1.0 and peak < 1 << 20
+            return corruption(path), list(intact_frames(data, 0, size))
+
+    (error, found), peak, seconds = traced(refuse_and_search)
+    assert seconds < 1.0 and peak < 1 << 20
     assert error.offset == 0 and "larger than any its writer leaves" in error.reason
     assert found == []
 
@@ -971,13 +959,9 @@ def test_a_crafted_value_is_checked_without_being_built(tmp_path: Path) -> None:
     count = 20_000
     value = b"\xdd" + count.to_bytes(4, "big") + element * count
     path = write_segment(tmp_path, 1, [[1, OP_BATCH, [[OP_PUT, "k", value]]]])
-    tracemalloc.start()
-    try:
-        reading = read_segment(str(path), first_lsn=1, is_last=True)
-        records = [record for batch in reading for record in batch]
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    records, peak, _ = traced(lambda: [
+        record for batch in read_segment(str(path), first_lsn=1, is_last=True)
+        for record in batch])
     assert records == [[1, OP_BATCH, [[OP_PUT, "k", value]]]]
     assert peak < 5 * len(value), f"{peak / len(value):.0f}x the value"
 
@@ -989,12 +973,7 @@ def test_a_frame_holding_maps_is_refused_at_the_first(tmp_path: Path) -> None:
     path = tmp_path / segment_name(1)
     path.write_bytes(encode_header() + encode_frame(
         b"\xdd" + count.to_bytes(4, "big") + b"\x80" * count))
-    tracemalloc.start()
-    try:
-        error = corruption(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    error, peak, _ = traced(lambda: corruption(path))
     assert "undecodable frame" in error.reason and "map" in error.reason
     assert peak < 3 * count, f"{peak / count:.0f}x the frame"
 
