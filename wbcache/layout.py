@@ -269,9 +269,10 @@ def check_linked_dirs(layout: Layout, *, write: bool = True) -> None:
             try:
                 owner = os.path.join(target, OWNER_NAME)
                 try:
-                    recorded = _parse_owner(_read_file(sub_fd, shown, OWNER_NAME), owner)
+                    text: str | None = _read_file(sub_fd, shown, OWNER_NAME)
                 except FileNotFoundError:
-                    recorded = None
+                    text = None
+                recorded = None if text is None else _parse_owner(text, owner)
                 ours = f"{me.st_dev} {me.st_ino} {os.fsencode(layout.root).hex()}\n"
                 if (recorded is not None and recorded[0] != (me.st_dev, me.st_ino)
                         # a device renumbered: the same inode, found at the path recorded
@@ -292,7 +293,7 @@ def check_linked_dirs(layout: Layout, *, write: bool = True) -> None:
                         f"Only if you are sure it is that directory, moved to another file "
                         f"system or restored from a backup, remove {owner} and open it again: "
                         f"a copy opened so replays and deletes the other's unflushed writes")
-                if write and (recorded is None or _read_file(sub_fd, shown, OWNER_NAME) != ours):
+                if write and text != ours:  # none yet, or this directory by a new path
                     _write_durably(sub_fd, shown, OWNER_NAME, ours.encode())
             finally:
                 os.close(sub_fd)

@@ -192,13 +192,12 @@ class Link:
                                 ) from self._printable(exc)
         limit = str(int(self.endpoint.timeout * 1000))
         # A reader's idle limit is left as the server or the DSN's options set it.
-        settings = "statement_timeout" + (" idle_in_transaction_session_timeout" if writer
-                                          else "")
+        settings = ["statement_timeout"] + (["idle_in_transaction_session_timeout"] if writer
+                                            else [])
         try:  # the server gives up on a statement when we would
             self.call(conn, "setting statement_timeout", lambda c: c.execute(
-                "SELECT " + ", ".join(f"set_config('{name}', %s, false)"
-                                      for name in settings.split()),
-                (limit,) * len(settings.split())))
+                "SELECT " + ", ".join(f"set_config('{name}', %s, false)" for name in settings),
+                [limit] * len(settings)))
         except BaseException:
             conn.close()
             raise
