@@ -35,6 +35,7 @@ import wbcache
 from bench.config import BenchConfig
 from bench.measurement import Measurement, Sample
 from bench.workload import Scratch
+from wbcache import CheckpointTokens
 
 SECTION_BASE = "baselines"
 SECTION = "wbcache"
@@ -159,7 +160,7 @@ class EveryKeyBackend:
     def __init__(self) -> None:
         self._checkpoint = 0
 
-    def attach(self, cache_id: str) -> None:
+    def attach(self, cache_id: str, tokens: CheckpointTokens | None = None) -> None:
         pass
 
     def get(self, key: Any) -> bytes | None:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
-from wbcache import Backend
+from wbcache import Backend, CheckpointTokens
 from wbcache.fault_injection.journal import DB_BEGIN, DB_DONE, Journal
 
 Key = Any  # str | bytes
@@ -53,8 +53,8 @@ class _Delegating:
     def default_read_ttl(self) -> float | None:
         return self.inner.default_read_ttl
 
-    def attach(self, cache_id: str) -> None:
-        self.inner.attach(cache_id)
+    def attach(self, cache_id: str, tokens: CheckpointTokens | None = None) -> None:
+        self.inner.attach(cache_id, tokens)
 
     @property
     def max_key_size(self) -> int:
@@ -179,8 +179,8 @@ class ControlledBackend(_Delegating):
         self.committed = 0
         self._lock = threading.Lock()
 
-    def attach(self, cache_id: str) -> None:
-        super().attach(cache_id)
+    def attach(self, cache_id: str, tokens: CheckpointTokens | None = None) -> None:
+        super().attach(cache_id, tokens)
         self.committed = self.inner.checkpoint()
 
     def apply(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],

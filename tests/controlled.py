@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import wbcache
-from wbcache.backends.base import Key
+from wbcache.backends.base import CheckpointTokens, Key
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0,
@@ -76,8 +76,8 @@ class ControlledBackend:
     def max_key_size(self) -> int:
         return int(self.inner.max_key_size)
 
-    def attach(self, cache_id: str) -> None:
-        self.inner.attach(cache_id)
+    def attach(self, cache_id: str, tokens: CheckpointTokens | None = None) -> None:
+        self.inner.attach(cache_id, tokens)
 
     def apply(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
               checkpoint: int, increments: Sequence[tuple[Key, int]] = ()) -> None:

@@ -15,6 +15,7 @@ from pg_support import pg_dsn_fixture, pg_schema_fixture, query, stored_ints  # 
 from psycopg.conninfo import conninfo_to_dict
 
 import wbcache
+from wbcache.backends.base import CheckpointTokens
 from wbcache.backends.postgres import PostgresBackend
 from wbcache.cli import main
 from wbcache.fault_injection.backends import ControlledBackend, JournaledBackend
@@ -197,7 +198,7 @@ class _SharedStub:
         self.attached: list[str] = []
         self.applied: list[tuple[Any, ...]] = []
 
-    def attach(self, cache_id: str) -> None:
+    def attach(self, cache_id: str, tokens: CheckpointTokens | None = None) -> None:
         self.attached.append(cache_id)
 
     def apply(self, puts: Collection[tuple[Any, bytes]], deletes: Sequence[Any],

@@ -17,7 +17,7 @@ import pytest
 
 import wbcache
 from wbcache import FlushError
-from wbcache.backends.base import Key
+from wbcache.backends.base import CheckpointTokens, Key
 from wbcache.recovery import replay_into
 from wbcache.wal.format import (
     encode_frame,
@@ -65,7 +65,7 @@ class BackendView:
         self.shared = shared
         self.cache_id: str | None = None
 
-    def attach(self, cache_id: str) -> None:
+    def attach(self, cache_id: str, tokens: CheckpointTokens | None = None) -> None:
         self.cache_id = cache_id
 
     def checkpoint(self) -> int:

@@ -43,7 +43,7 @@ from wbcache.errors import (
 
 if TYPE_CHECKING:
     from wbcache.aio import AsyncBatch, AsyncCache, open_async
-    from wbcache.backends.base import Backend
+    from wbcache.backends.base import Backend, CheckpointTokens
     from wbcache.backends.lmdb import LmdbBackend
     from wbcache.backends.postgres import PostgresBackend
     from wbcache.cache import Batch, Cache
@@ -67,6 +67,7 @@ _LAZY = {
     "AsyncCache": "wbcache.aio",
     "open_async": "wbcache.aio",
     "Backend": "wbcache.backends.base",
+    "CheckpointTokens": "wbcache.backends.base",
     "LmdbBackend": "wbcache.backends.lmdb",
     "PostgresBackend": "wbcache.backends.postgres",
     "Batch": "wbcache.cache",
@@ -123,6 +124,7 @@ __all__ = [
     "CacheClosedError",
     "CacheLockedError",
     "CheckpointConflictError",
+    "CheckpointTokens",
     "ConcurrentChangeError",
     "CorruptLogError",
     "CorruptValueError",

@@ -41,6 +41,7 @@ from wbcache import lanes
 from wbcache.backends import (
     EMBEDDED,
     Backend,
+    CheckpointTokens,
     Key,
     backend_class,
     backend_from_url,
@@ -136,7 +137,7 @@ def open_directory(path: str | os.PathLike[str], options: Options,
         complete(layout)
         if database is None:
             database = embedded_backend(layout.db, map_size=options.map_size)
-        database.attach(layout.cache_id())
+        database.attach(layout.cache_id(), layout.tokens())
         _record_database(layout, database)
         _check_key_limit(options, database.max_key_size)
         report = replay_into(database, layout.wal)
@@ -449,7 +450,7 @@ class NoDatabase:
     def __init__(self, *, applies_increments: bool) -> None:
         self.applies_increments = applies_increments  # as the database, once made, will
 
-    def attach(self, cache_id: str) -> None:
+    def attach(self, cache_id: str, tokens: CheckpointTokens | None = None) -> None:
         pass
 
     def get(self, key: Key) -> bytes | None:
@@ -522,7 +523,7 @@ def _from_url(found: FoundDirectory, url: str) -> Backend:
                                         f"and the URL given names a {database.kind} one")
         check_backend(found.root, (found.kind, found.table), database.kind,
                       table_of(database))
-        database.attach(found.layout.cache_id())
+        database.attach(found.layout.cache_id(), found.layout.tokens())
     except BaseException:
         database.close()
         raise

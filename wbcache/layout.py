@@ -1,6 +1,7 @@
 """The cache directory: `DIR/LOCK`, `DIR/wal/` (log segments), `DIR/db/` (LMDB), `DIR/cache_id`
-(the directory's identity in a shared database) and `DIR/backend` (which kind of database the
-directory flushes into, so that it is never recovered into another).
+(the directory's identity in a shared database), `DIR/backend` (which kind of database the
+directory flushes into, so that it is never recovered into another) and, for PostgreSQL,
+`DIR/checkpoint_token` (`TokenFile`: what tells the directory from a copy of it).
 
 Opening is `claim` (check the path, create the root: nothing else, so two first opens racing
 meet at the lock), then the lock, then `complete` (create the rest, under the lock).
@@ -41,6 +42,9 @@ Hostile directories are refused before anything is created or written in them (t
 * The PARENTS of the directory are not checked (a sticky, world-writable /tmp must stay usable
   as a parent); the path given, up to and including its last name, is the user's choice. If
   that last name is a symbolic link, the directory it names is the one checked and used.
+
+A little over 500 lines: every file of the directory is read and written here, through the
+same checked descriptor, so no file escapes the checks above.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ DB_NAME = "db"
 DATA_FILE, LMDB_LOCK_FILE = "data.mdb", "lock.mdb"
 CACHE_ID_NAME = "cache_id"
 BACKEND_NAME = "backend"
+CHECKPOINT_TOKEN_NAME = "checkpoint_token"  # `TokenFile`
 QUARANTINE_NAME = "quarantine"  # made by `wbcache recover --salvage` (wbcache.maintenance)
 SHARED_NAME = "SHARED"  # a shared directory (wbcache/lanes.py): lanes/ instead of LOCK and wal/
 LANES_NAME = "lanes"
@@ -71,7 +76,8 @@ EMBEDDED_KIND = "lmdb"  # DIR/backend's kind for the LMDB database in db/ (backe
 # through the first open leaves some of these and nothing else: that directory is completed,
 # not refused.
 _LAYOUT_NAMES = frozenset({WAL_NAME, DB_NAME, LOCK_NAME, CACHE_ID_NAME, f"{CACHE_ID_NAME}.tmp",
-                           BACKEND_NAME, f"{BACKEND_NAME}.tmp", SHARED_NAME, LANES_NAME})
+                           BACKEND_NAME, f"{BACKEND_NAME}.tmp", CHECKPOINT_TOKEN_NAME,
+                           f"{CHECKPOINT_TOKEN_NAME}.tmp", SHARED_NAME, LANES_NAME})
 _FILE_NAMES = _LAYOUT_NAMES - {WAL_NAME, DB_NAME, LANES_NAME}
 # In a wal/ or db/ that is a link: the real path of the cache directory that uses it
 # (`check_linked_dirs`)
@@ -127,6 +133,47 @@ class Layout:
         kind, *rest = text.splitlines() or [""]
         tables = [line[len("table="):] for line in rest if line.startswith("table=")]
         return kind.strip() or None, tables[-1].strip() if tables else None
+
+    def tokens(self) -> TokenFile:
+        return TokenFile(self.root)
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    """DIR/checkpoint_token: the directory's side of the checkpoint tokens of a database
+    shared by many directories (`CheckpointTokens` in wbcache/backends/base.py). Two lines:
+    "known TOKEN" and "pending TOKEN DEV INO" (each TOKEN "-" if none), DEV and INO being the
+    directory's own (st_dev, st_ino) when it was saved. A pending token may have been
+    written to the database after the directory was copied (a flush sent, then the copy
+    made), so it is the saving directory's alone: a copy has another inode."""
+
+    root: str
+
+    def read(self) -> tuple[str | None, str | None]:
+        shown = os.path.join(self.root, CHECKPOINT_TOKEN_NAME)
+        with opened_root(self.root) as root_fd:
+            try:
+                text = _read_file(root_fd, self.root, CHECKPOINT_TOKEN_NAME)
+            except FileNotFoundError:
+                return None, None
+            here = os.fstat(root_fd)
+        fields = [line.split() for line in text.splitlines()]
+        if (len(fields) != 2 or fields[0][:1] != ["known"] or len(fields[0]) != 2
+                or fields[1][:1] != ["pending"] or len(fields[1]) != 4
+                or not all(f.isdigit() for f in fields[1][2:])):
+            raise InvalidDirectoryError(f"{shown} is not a file wbcache wrote (see "
+                                        f"docs/postgres.md, \"A copied directory\")")
+        known = None if fields[0][1] == "-" else fields[0][1]
+        token, dev, ino = fields[1][1], int(fields[1][2]), int(fields[1][3])
+        mine = token != "-" and (dev, ino) == (here.st_dev, here.st_ino)
+        return known, token if mine else None
+
+    def save(self, known: str | None, pending: str | None) -> None:
+        with opened_root(self.root) as root_fd:
+            here = os.fstat(root_fd)
+            text = (f"known {known or '-'}\n"
+                    f"pending {pending or '-'} {here.st_dev} {here.st_ino}\n")
+            _write_durably(root_fd, self.root, CHECKPOINT_TOKEN_NAME, text.encode("ascii"))
 
 
 @contextmanager

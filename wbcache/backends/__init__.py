@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 from urllib.parse import urlsplit
 
-from wbcache.backends.base import Backend, Key
+from wbcache.backends.base import Backend, CheckpointTokens, Key
 from wbcache.layout import EMBEDDED_KIND
 
 # kind or URL scheme -> (module, class). A backend class has `from_url(url)` if it has a URL.
@@ -69,5 +69,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Backend", "EMBEDDED", "Key", "backend_class", "backend_from_url",
+__all__ = ["Backend", "CheckpointTokens", "EMBEDDED", "Key", "backend_class", "backend_from_url",
            "embedded_backend"]

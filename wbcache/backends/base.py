@@ -18,6 +18,23 @@ from typing import Protocol, runtime_checkable
 Key = str | bytes
 
 
+class CheckpointTokens(Protocol):
+    """DIR/checkpoint_token (wbcache/layout.py): the random token that the directory's last
+    known checkpoint was written with, and the one its next flush writes, saved before that
+    flush is sent (and saved as known once it committed). A copy of the directory has the
+    same file, but it never learns a token that the original writes after the copy was made:
+    a database shared by many directories stores the token beside each checkpoint and
+    refuses a directory that does not know it."""
+
+    def read(self) -> tuple[str | None, str | None]:
+        """(known, pending), each None if absent. `pending` is given only to the directory
+        that saved it, not to a copy of it (the file records where it was saved)."""
+
+    def save(self, known: str | None, pending: str | None) -> None:
+        """Replace both, durably: before a flush that writes `pending` is sent, and once it
+        committed (as `known`, nothing pending)."""
+
+
 @runtime_checkable
 class Backend(Protocol):
     # Read-only: a class attribute satisfies each of these as well as a property does.
@@ -47,11 +64,13 @@ class Backend(Protocol):
     def max_key_size(self) -> int:
         """The largest key, in bytes, this database accepts."""
 
-    def attach(self, cache_id: str) -> None:
+    def attach(self, cache_id: str, tokens: CheckpointTokens | None = None) -> None:
         """Called at every open, before recovery, with the directory's id (DIR/cache_id): a
         database shared by many caches keeps one checkpoint per directory. It also starts a
-        recovery: what the backend remembered of earlier flushes is forgotten. A database
-        of one cache ignores it."""
+        recovery: what the backend remembered of earlier flushes is forgotten. `tokens`: the
+        directory's own record of the checkpoints it wrote, with which such a database tells
+        the directory from a copy of it that has the same id (None: not checked). A database
+        of one cache ignores both."""
 
     def get(self, key: Key) -> bytes | None:
         """The encoded value stored under `key`, or None."""

@@ -46,7 +46,7 @@ import lmdb
 import msgpack
 
 from wbcache import forking
-from wbcache.backends.base import Key
+from wbcache.backends.base import CheckpointTokens, Key
 from wbcache.backends.lmdb_file import check_data_file
 from wbcache.backends.lmdb_gate import ReadGate
 from wbcache.codec import added
@@ -434,7 +434,7 @@ class LmdbBackend:
     def resizes(self) -> int:
         return self._database.resizes
 
-    def attach(self, cache_id: str) -> None:
+    def attach(self, cache_id: str, tokens: CheckpointTokens | None = None) -> None:
         """One cache per database: nothing to attach."""
 
     def get(self, key: Key) -> bytes | None:
@@ -535,7 +535,9 @@ class SharedLmdbBackend:
     def resizes(self) -> int:
         return self._database.resizes
 
-    def attach(self, cache_id: str) -> None:
+    def attach(self, cache_id: str, tokens: CheckpointTokens | None = None) -> None:
+        """A lane's checkpoint; copies of a shared directory share no database (`tokens`
+        are not needed)."""
         self._name = LANE_CHECKPOINT_PREFIX + cache_id.encode()
 
     def _checkpoint_name(self) -> bytes:

@@ -26,6 +26,14 @@ commit later. Two things close it:
     subtracted from what is sent next (a retry of that very transaction becomes a no-op).
 `attach()`, called at every open before recovery, starts afresh; `checkpoint()` only reads.
 
+A copy of a directory (`cp -a`) has the same cache_id. Once the original has flushed past the
+copy's unflushed writes, the stored checkpoint covers their LSNs, and the copy's recovery
+would take them for flushed. So each flush also moves a random token, stored beside the
+checkpoint, from the one it read to a new one that the directory saved first (DIR/
+checkpoint_token, wbcache/layout.py `TokenFile`); a directory that meets a token it never
+saved is refused at `checkpoint()` and at every flush (`_check_owner`). A backend used
+without a directory (`cache_id=` given, no `attach` tokens) checks no token and clears it.
+
 Layout of the tables and the SQL: `postgres_schema`. Connections, timeouts and the readers'
 pool: `postgres_link` (imported on first use, so `wbcache` imports without psycopg). A little
 over 500 lines: the URL's reading (libpq's rules, what is ours) stays beside the constructor
@@ -34,9 +42,11 @@ it feeds, so what reaches libpq can be checked in one place.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
+import secrets
 import threading
 from collections.abc import Collection, Generator, Sequence
 from dataclasses import dataclass, field
@@ -44,8 +54,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from wbcache import forking
-from wbcache.backends.base import Key
+from wbcache.backends.base import CheckpointTokens, Key
 from wbcache.backends.postgres_schema import (
+    ADDED_COLUMNS,
     CHECKPOINT_CONFLICT_MARK,
     DDL_LOCK_CLASS,
     EXPECTED_COLUMNS,
@@ -63,6 +74,7 @@ from wbcache.errors import (
     CheckpointConflictError,
     PostgresError,
     SchemaMismatchError,
+    WbcacheError,
 )
 
 if TYPE_CHECKING:
@@ -71,8 +83,11 @@ if TYPE_CHECKING:
 __all__ = ["STATEMENT_BYTES", "CheckpointConflictError", "PostgresBackend", "PostgresError",
            "SchemaMismatchError", "redact", "redact_dsn_complaint"]
 
+log = logging.getLogger("wbcache.postgres")
+
 _DEFAULT_TABLE = "wbcache"
 _ITEMS_CHUNK = 5000  # rows per FETCH when iterating the table
+_MINE_KEPT = 1024  # tokens this backend remembers having known (`_mine`), at most
 URL_PREFIXES = ("postgresql://", "postgres://")  # libpq's
 _URL_OPTIONS = {"table": str, "cache_id": str, "timeout": float, "read_connections": int}
 
@@ -196,6 +211,13 @@ class PostgresBackend:
         # flushes sent from it whose answer was lost; the deltas of the batch in flight that
         # one of those committed (so they are in the database already).
         self._known: int | None = None
+        # With `_known`: the token stored with it, the one the next flush writes (saved in
+        # the directory first), and every token this backend has known since `attach` (read
+        # without the lock by `checkpoint`, so replaced, never changed in place).
+        self._tokens: CheckpointTokens | None = None
+        self._token: str | None = None
+        self._pending: str | None = None
+        self._mine: frozenset[str] = frozenset()
         self._uncertain: list[_Attempt] = []
         self._settled: dict[Key, int] = {}
         self._closed = False
@@ -261,9 +283,11 @@ class PostgresBackend:
 
     # ---------------------------------------------------------------- identity
 
-    def attach(self, cache_id: str) -> None:
-        """Called by `wbcache.open` with the directory's id: from here on, `checkpoint` and
-        `apply` read and write that directory's checkpoint. One backend serves one directory."""
+    def attach(self, cache_id: str, tokens: CheckpointTokens | None = None) -> None:
+        """Called by `wbcache.open` with the directory's id and token file: from here on,
+        `checkpoint` and `apply` read and write that directory's checkpoint, and refuse one
+        a copy of the directory wrote (module docstring). One backend serves one
+        directory."""
         cache_id = _check_cache_id(cache_id)
         if self._explicit_id is not None and cache_id != self._explicit_id:
             raise ValueError(f"this PostgresBackend was made with cache_id={self._explicit_id!r} "
@@ -274,6 +298,7 @@ class PostgresBackend:
                                  f"use one backend per cache directory (not {cache_id!r})")
             self._cache_id = cache_id
             self._known = None
+            self._tokens, self._token, self._pending, self._mine = tokens, None, None, frozenset()
             self._forget_attempts()
 
     @property
@@ -336,8 +361,7 @@ class PostgresBackend:
         afresh."""
         cache_id = self._require_cache_id()
         with self._readers.connection() as conn:
-            return self._link.call(conn, f"reading the checkpoint of cache {cache_id}",
-                                   self._read_checkpoint)
+            return self._stored(conn, f"reading the checkpoint of cache {cache_id}")[0]
 
     # ---------------------------------------------------------------- the flush
 
@@ -356,7 +380,7 @@ class PostgresBackend:
             assert self._known is not None
             rows, beyond = flush_rows(puts, deletes, pending)  # bad keys raise before any I/O
             statements = self._sql.flush(rows, beyond, cache_id, checkpoint, self._known,
-                                         self._statement_bytes)
+                                         self._statement_bytes, self._next_tokens())
             action = (f"flush of {len(puts)} puts, {len(deletes)} deletes and {len(pending)} "
                       f"increments up to LSN {checkpoint} of cache {cache_id}")
             try:
@@ -382,6 +406,22 @@ class PostgresBackend:
                 raise
             self._known = checkpoint
             self._forget_attempts()  # the batch in flight is all in the database now
+            if self._pending is not None:
+                self._token, self._pending = self._pending, None
+                self._save_known()
+
+    def _save_known(self) -> None:
+        """Write lock held, a flush just committed: its token saved as known, so that neither
+        a reopen nor a copy made from here on depends on the pending token's inode rule.
+        The flush is done whatever happens here: a failure is logged, and until a later
+        save the directory still knows the token as its pending one."""
+        assert self._tokens is not None
+        try:
+            self._tokens.save(self._token, None)
+        except (OSError, WbcacheError) as exc:
+            log.warning("%s: could not record the checkpoint token of cache %s in the cache "
+                        "directory (%s); the flush itself is done", self._link.where,
+                        self._cache_id, exc)
 
     def _settle(self, conn: Connection, checkpoint: int,
                 increments: Sequence[tuple[Key, int]]) -> list[tuple[Key, int]] | None:
@@ -389,19 +429,21 @@ class PostgresBackend:
         checkpoint is known and any flush whose answer was lost is settled; None if this flush
         is one of those and it committed."""
         if self._known is None or self._uncertain:
-            stored = self._link.call(conn, "reading the checkpoint before a flush",
-                                     self._read_checkpoint)
+            stored, token = self._stored(conn, "reading the checkpoint before a flush")
             if self._known is None:
-                self._known = stored
+                self._known, self._token = stored, token
+                self._pending = self._saved_pending(token)
             elif stored != self._known:
                 committed = next((attempt for attempt in self._uncertain
                                   if attempt.checkpoint == stored), None)
-                if committed is None:
+                if committed is None or (self._tokens is not None and token != self._pending):
                     raise self._conflict(checkpoint, f"the stored checkpoint is {stored}, "
                                                      f"this cache last knew {self._known}")
                 for key, delta in committed.increments.items():
                     self._settled[key] = self._settled.get(key, 0) + delta
-                self._known = stored
+                self._known, self._token, self._pending = stored, token, None
+                if self._tokens is not None:
+                    self._save_known()
                 self._uncertain = []  # sent from the old known value: none can commit now
                 if checkpoint == stored:
                     self._settled = {}
@@ -413,6 +455,46 @@ class PostgresBackend:
             return list(increments)
         return [(key, delta - settled.get(key, 0)) for key, delta in increments
                 if delta != settled.get(key, 0)]
+
+    def _saved_pending(self, stored: str | None) -> str | None:
+        """Write lock held, the stored token just read (and found ours). The pending token
+        the directory saved, if the next flush must write it again: flushes of an earlier
+        open may have been sent with it and not answered, from the token still stored, and
+        may yet commit; a new token would leave the directory unable to recognise theirs."""
+        if self._tokens is None:
+            return None
+        known, pending = self._tokens.read()
+        return pending if pending is not None and pending != stored else None
+
+    def _next_tokens(self) -> tuple[str | None, str] | None:
+        """Write lock held, just before a flush is sent: (the token stored, the one this
+        flush writes), the latter saved in the directory first; None without tokens."""
+        if self._tokens is None:
+            return None
+        if self._pending is None:
+            pending = secrets.token_hex(16)
+            self._tokens.save(self._token, pending)
+            self._pending = pending
+        mine = self._mine if len(self._mine) < _MINE_KEPT else frozenset()
+        self._mine = mine | {token for token in (self._token, self._pending) if token}
+        return self._token, self._pending
+
+    def _check_owner(self, lsn: int, token: str | None) -> None:
+        """Refuse a checkpoint written by a directory that is not this one (a copy of it, or
+        its original), which this directory's recovery would take for its own."""
+        if self._tokens is None or token is None or token in self._mine:
+            return
+        if token in self._tokens.read():
+            return
+        raise CheckpointConflictError(
+            f"{self._link.where}: the checkpoint of cache {self._cache_id} in "
+            f"{self._names.checkpoints} (LSN {lsn}) was written by another directory with the "
+            f"same cache_id, a copy of this one or its original (this directory never saved "
+            f"the token stored with it); this directory's log would be taken as flushed up to "
+            f"LSN {lsn}, so nothing was replayed, dropped or written. Run one directory per "
+            f"cache_id. If this directory really is the one that wrote it (restored from a "
+            f"backup), clear the token and open it again: UPDATE {self._names.checkpoints} "
+            f"SET token = NULL WHERE cache_id = '{self._cache_id}'")
 
     def _forget_attempts(self) -> None:
         self._uncertain = []
@@ -428,9 +510,14 @@ class PostgresBackend:
 
     # ---------------------------------------------------------------- plumbing
 
-    def _read_checkpoint(self, conn: Connection) -> int:
-        row = conn.execute(self._sql.checkpoint, (self._cache_id,)).fetchone()
-        return 0 if row is None else int(row[0])
+    def _stored(self, conn: Connection, action: str) -> tuple[int, str | None]:
+        """The stored checkpoint (0 if none) and its token, refused if another directory
+        wrote them."""
+        row = self._link.call(conn, action, lambda c: c.execute(
+            self._sql.checkpoint, (self._cache_id,)).fetchone())
+        lsn, token = (0, None) if row is None else (int(row[0]), row[1])
+        self._check_owner(lsn, token)
+        return lsn, token
 
     def _require_cache_id(self) -> str:
         if self._cache_id is None:
@@ -455,7 +542,9 @@ class PostgresBackend:
     def _ensure_tables(self, create_tables: bool) -> None:
         """Write lock held. Create the tables if missing (several nodes may start at once: the
         DDL runs under a transaction-scoped advisory lock, so one creates and the others find
-        them), or without `create_tables` refuse; then check their columns."""
+        them), or without `create_tables` refuse; then check their columns, adding those the
+        first tables lacked (`ADDED_COLUMNS`) unless `create_tables` is off (tokens are then
+        neither read nor written: `Statements(tokens=False)`)."""
         names, sql = self._names, self._sql
 
         def create(conn: Connection) -> dict[str, dict[str, str]] | None:
@@ -474,12 +563,23 @@ class PostgresBackend:
             if row and names.schema is None:
                 names = TableNames(row[0], names.name)
                 sql = Statements(names)
-            return {kind: dict(conn.execute(sql.columns, (table,)).fetchall())
-                    for kind, table in (("data", names.data_sql),
-                                        ("checkpoints", names.checkpoints_sql))}
+            def columns() -> dict[str, dict[str, str]]:
+                return {kind: dict(conn.execute(sql.columns, (table,)).fetchall())
+                        for kind, table in (("data", names.data_sql),
+                                            ("checkpoints", names.checkpoints_sql))}
+
+            found = columns()
+            if create_tables and "token" not in found["checkpoints"]:
+                with conn.transaction():
+                    conn.execute(sql.lock_ddl, (DDL_LOCK_CLASS, names.data_sql))
+                    conn.execute(sql.add_token)
+                found = columns()
+            return found
 
         conn = self._writer_connection()
         found = self._link.call(conn, "creating the tables", create)
+        if found is not None and "token" not in found["checkpoints"]:
+            sql = Statements(names, tokens=False)
         self._names, self._sql = names, sql
         if found is None:
             raise SchemaMismatchError(
@@ -488,8 +588,10 @@ class PostgresBackend:
                 f"opens the database with?")
         for kind, expected in EXPECTED_COLUMNS.items():
             table = names.data if kind == "data" else names.checkpoints
-            wrong = {name: found[kind].get(name) for name, type_ in expected.items()
-                     if found[kind].get(name) != type_}
+            added = ADDED_COLUMNS.get(kind, {})
+            wrong = {name: found[kind].get(name) for name, type_ in {**expected, **added}.items()
+                     if found[kind].get(name) != type_
+                     and (name not in added or name in found[kind])}
             if wrong:
                 raise SchemaMismatchError(
                     f"{self._link.where}: table {table} exists but is not a wbcache table: "

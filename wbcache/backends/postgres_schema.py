@@ -10,8 +10,15 @@ and values are laid out in their columns. Pure Python: nothing here talks to a s
     CREATE TABLE <table>_checkpoints (
         cache_id   text PRIMARY KEY,  -- one row per cache directory (DIR/cache_id)
         lsn        bigint NOT NULL,   -- every log record <= lsn of that directory is in <table>
-        updated_at timestamptz NOT NULL DEFAULT now()
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        token      text               -- who wrote lsn: a token only that directory knows
     );
+
+`token` came after the first tables: an open adds it to a table without it (`add_token`).
+Each flush of a directory writes a new random token with its checkpoint, from the one it
+read; a copy of the directory, which has the same cache_id but never learns the tokens the
+original writes after the copy, is refused instead of taking the original's checkpoint for
+its own and dropping its unflushed writes as flushed (wbcache/layout.py, `TokenFile`).
 
 Why a prefix byte rather than a (kind, key) pair: one bytea primary key keeps "a" and b"a"
 apart, sorts the same in Python and in PostgreSQL (bytewise), and keeps every statement to a
@@ -282,7 +289,10 @@ def _size(keys: list[bytes], nums: list[int | None], values: list[bytes | None],
 class Statements:
     """Every SQL statement the backend runs, rendered once for one pair of tables."""
 
-    def __init__(self, names: TableNames) -> None:
+    def __init__(self, names: TableNames, *, tokens: bool = True) -> None:
+        """`tokens`: whether the checkpoints table has its `token` column (a table made before
+        it, which this session could not alter, has not: tokens are then neither read nor
+        written)."""
         data, checkpoints = names.data_sql, names.checkpoints_sql
         self.names = names
         self.create_data = (
@@ -290,7 +300,8 @@ class Statements:
             f"CHECK ((num IS NULL) <> (value IS NULL)))")
         self.create_checkpoints = (
             f"CREATE TABLE IF NOT EXISTS {checkpoints} (cache_id text PRIMARY KEY, "
-            f"lsn bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())")
+            f"lsn bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), token text)")
+        self.add_token = f"ALTER TABLE {checkpoints} ADD COLUMN IF NOT EXISTS token text"
         self.lock_ddl = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
         self.exists = "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL"
         self.columns = ("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
@@ -300,7 +311,8 @@ class Statements:
         self.get = f"SELECT num, value FROM {data} WHERE key = %b"
         self.count = f"SELECT count(*) FROM {data}"
         self.items = f"SELECT key, num, value FROM {data}"
-        self.checkpoint = f"SELECT lsn FROM {checkpoints} WHERE cache_id = %s"
+        self.checkpoint = (f"SELECT lsn, {'token' if tokens else 'NULL::text'} "
+                           f"FROM {checkpoints} WHERE cache_id = %s")
         # The first pass of a flush: every key in one statement (per run), sorted, and unnest
         # keeps array order, so rows are locked in key order. An increment's key is also in
         # the last array: the conflict branch adds its delta to what the row holds (a delta on
@@ -326,20 +338,30 @@ class Statements:
         # a bigint), which aborts the whole transaction before its COMMIT is sent -- the check
         # has to stop the data too. It keeps the checkpoint growing
         # and, with it, exactly-once: of several transactions sent from the same `known` (a
-        # flush whose answer was lost, then its retry), at most one can ever commit.
+        # flush whose answer was lost, then its retry), at most one can ever commit. With
+        # tokens, the stored token must be the one known too (unless the check is off: a
+        # backend used without a directory), and the new one replaces it.
+        token_check, token_set, token_column, token_value = (
+            ("(NOT %s::boolean OR c.token IS NOT DISTINCT FROM %s::text) AND ",
+             ", token = EXCLUDED.token", ", token", ", %s") if tokens else ("", "", "", ""))
         self.set_checkpoint = (
-            f"INSERT INTO {checkpoints} AS c (cache_id, lsn) VALUES (%s, %s) "
-            f"ON CONFLICT (cache_id) DO UPDATE SET updated_at = now(), lsn = CASE "
-            f"WHEN c.lsn = %s::bigint AND c.lsn < EXCLUDED.lsn THEN EXCLUDED.lsn "
+            f"INSERT INTO {checkpoints} AS c (cache_id, lsn{token_column}) "
+            f"VALUES (%s, %s{token_value}) "
+            f"ON CONFLICT (cache_id) DO UPDATE SET updated_at = now(){token_set}, lsn = CASE "
+            f"WHEN c.lsn = %s::bigint AND {token_check}c.lsn < EXCLUDED.lsn THEN EXCLUDED.lsn "
             f"ELSE ('{CHECKPOINT_CONFLICT_MARK} the stored checkpoint is ' || c.lsn)::bigint END")
+        self.tokens = tokens
 
     def flush(self, rows: Sequence[FlushRow], beyond: Sequence[Sequence[FlushRow]], cache_id: str,
-              checkpoint: int, known: int, budget: int) -> Iterator[Statement]:
+              checkpoint: int, known: int, budget: int,
+              tokens: tuple[str | None, str] | None = None) -> Iterator[Statement]:
         """The statements of one flush transaction (without BEGIN and COMMIT), made as they
         are sent: for each run of `rows` (from `flush_rows`) of at most `budget` bytes, its
         upsert, then the delete of its tombstones; the deltas `beyond` int64; last, the
-        checkpoint moving from `known` to `checkpoint`. Every statement holds keys in order,
-        and each run follows the one before it, so the rows are locked in key order."""
+        checkpoint moving from `known` to `checkpoint` (and, given `tokens`, the token from the
+        first to the second; without, the stored one is not checked and is cleared). Every
+        statement holds keys in order, and each run follows the one before it, so the rows
+        are locked in key order."""
         for (keys, nums, values, kinds), size in _runs(rows, budget):
             yield self._upsert(keys, nums, values, kinds, size)
             if DELETE in kinds:
@@ -348,7 +370,13 @@ class Statements:
         for layer in beyond:  # keys this transaction holds already
             for columns, size in _runs(layer, budget):
                 yield self._upsert(*columns, size)
-        yield Statement(self.set_checkpoint, (cache_id, checkpoint, known), len(cache_id) + 16)
+        if not self.tokens:
+            parameters: tuple[Any, ...] = (cache_id, checkpoint, known)
+        elif tokens is None:
+            parameters = (cache_id, checkpoint, None, known, False, None)
+        else:
+            parameters = (cache_id, checkpoint, tokens[1], known, True, tokens[0])
+        yield Statement(self.set_checkpoint, parameters, len(cache_id) + 80)
 
     def _upsert(self, keys: list[bytes], nums: list[int | None], values: list[bytes | None],
                 kinds: list[int], size: int) -> Statement:
@@ -361,3 +389,5 @@ EXPECTED_COLUMNS = {
     "data": {"key": "bytea", "num": "bigint", "value": "bytea"},
     "checkpoints": {"cache_id": "text", "lsn": "bigint"},
 }
+# Columns added since the first tables: an open adds the missing one (`Statements.add_token`).
+ADDED_COLUMNS = {"checkpoints": {"token": "text"}}

@@ -1,0 +1,271 @@
+"""A copy of a directory that flushes into a shared PostgreSQL table (`cp -a`: the same
+cache_id) is refused once its original has flushed, instead of taking the original's
+checkpoint for its own and dropping its unflushed writes as flushed: the checkpoint tokens
+(wbcache/backends/postgres.py, wbcache/layout.py `TokenFile`). Also: the token column is added
+to tables made before it, and the way out the error gives for a directory restored from a
+backup works as written."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from cli_support import assert_one_line_error, pg_url, run
+from pg_support import pg_dsn_fixture, pg_schema_fixture, query  # noqa: F401 (fixtures)
+
+import wbcache
+from wbcache import FlushError
+from wbcache.backends.postgres import CheckpointConflictError, PostgresBackend
+from wbcache.layout import Layout, TokenFile
+
+OpenCache = Callable[..., wbcache.Cache]
+
+# A copy's own writes, acknowledged, then kill -9 before any flush.
+COPY_WRITER = textwrap.dedent("""
+    import os, signal, sys, wbcache
+    from wbcache.backends.postgres import PostgresBackend
+    path, dsn, table = sys.argv[1:4]
+    cache = wbcache.open(path, backend=PostgresBackend(dsn, table=table), flush_interval=3600,
+                         flush_threshold=10**9)
+    for i in range(20):
+        cache.put(f"copy:{i}", i)
+    print("acked", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+@pytest.fixture
+def table(pg_schema: str) -> str:
+    return f"{pg_schema}.wbcache"
+
+
+@pytest.fixture
+def open_pg(tmp_path: Path, pg_dsn: str, table: str) -> Iterator[OpenCache]:
+    opened: list[tuple[wbcache.Cache, PostgresBackend]] = []
+
+    def open_(name: str, **options: Any) -> wbcache.Cache:
+        backend = PostgresBackend(pg_dsn, table=table, **options.pop("backend_options", {}))
+        try:
+            cache = wbcache.open(tmp_path / name, backend=backend, flush_interval=3600,
+                                 flush_threshold=10**9, **options)
+        except BaseException:
+            backend.close()
+            raise
+        opened.append((cache, backend))
+        return cache
+
+    yield open_
+    for cache, backend in opened:
+        try:
+            cache.close()
+        except (FlushError, CheckpointConflictError):
+            pass  # the original of a copy that took its checkpoint: its log keeps its writes
+        backend.close()
+
+
+def copy_dir(source: Path, target: Path) -> None:
+    subprocess.run(["cp", "-a", str(source), str(target)], check=True)
+
+
+def log_bytes(path: Path) -> dict[str, bytes]:
+    return {entry.name: entry.read_bytes() for entry in sorted((path / "wal").iterdir())}
+
+
+def test_a_copy_is_refused_once_its_original_flushed_past_its_writes_and_keeps_them(
+        tmp_path: Path, pg_dsn: str, table: str, open_pg: OpenCache) -> None:
+    original = open_pg("a")
+    original.put("base", 0)
+    original.flush()
+    copy_dir(tmp_path / "a", tmp_path / "b")
+    # The copy runs (the stored checkpoint is still one both know), acknowledges writes
+    # of its own and is killed before it flushes them.
+    child = subprocess.run([sys.executable, "-c", COPY_WRITER, str(tmp_path / "b"), pg_dsn,
+                            table], capture_output=True, text=True, timeout=60)
+    assert child.returncode == -signal.SIGKILL and child.stdout == "acked\n", child.stderr
+    # The original writes more than the copy did, and flushes past the copy's LSNs.
+    for i in range(40):
+        original.put(f"original:{i}", i)
+    original.flush()
+    kept = log_bytes(tmp_path / "b")
+    assert b"copy:19" in b"".join(kept.values())
+
+    with pytest.raises(CheckpointConflictError, match=r"written by another directory with the "
+                                                      r"same cache_id.*nothing was replayed"):
+        open_pg("b")
+    assert log_bytes(tmp_path / "b") == kept  # the copy's acknowledged writes are all there
+    assert query(pg_dsn, f"SELECT count(*) FROM {table} WHERE key >= %s AND key < %s",
+                 (b"scopy:", b"scopy;")) == [(0,)]
+    # The original is not disturbed: it goes on flushing, and reopens.
+    original.put("after", 1)
+    original.flush()
+    original.close()
+    with open_pg("a") as again:
+        assert again.get("after") == 1 and again.recovery.replayed == 0
+
+
+def test_a_copy_made_while_a_flush_was_failing_is_refused_after_that_flush_commits(
+        tmp_path: Path, pg_dsn: str, table: str, open_pg: OpenCache) -> None:
+    """The token a flush writes is saved in the directory before it is sent, so a copy made
+    while it is unanswered (or failing) has it too: only the directory that saved it may
+    take it for its own (the file records that directory's inode)."""
+    original = open_pg("a", backend_options={"timeout": 1.0}, flush_timeout=2.0)
+    original.put("held", 0)
+    original.flush()
+    with psycopg.connect(pg_dsn) as blocker:  # holds the row: the next flush times out
+        blocker.execute(f"SELECT 1 FROM {table} WHERE key = %s FOR UPDATE", (b"sheld",))
+        original.put("held", 1)
+        with pytest.raises(FlushError):
+            original.flush()
+        copy_dir(tmp_path / "a", tmp_path / "b")
+    original.flush()  # the same token, from the same stored one: it commits now
+    original.close()
+    with pytest.raises(CheckpointConflictError, match="written by another directory"):
+        open_pg("b")
+    with open_pg("a") as again:  # and the directory that saved it opens, whatever it finds
+        assert again.get("held") == 1
+
+
+@pytest.mark.parametrize("crash_at", ["flush.before_commit:2", "flush.after_commit:2"])
+def test_the_original_killed_around_a_commit_reopens(
+        tmp_path: Path, pg_dsn: str, table: str, open_pg: OpenCache, crash_at: str) -> None:
+    """Killed with its new token saved and the commit sent (or not yet sent): the directory
+    finds the stored token among its own whichever way the commit went."""
+    script = textwrap.dedent("""
+        import sys, wbcache
+        from wbcache.backends.postgres import PostgresBackend
+        path, dsn, table = sys.argv[1:4]
+        cache = wbcache.open(path, backend=PostgresBackend(dsn, table=table),
+                             flush_interval=3600, flush_threshold=10**9)
+        for round in range(3):
+            cache.put("n", round)
+            cache.flush()
+    """)
+    child = subprocess.run([sys.executable, "-c", script, str(tmp_path / "a"), pg_dsn, table],
+                           capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "WBCACHE_CRASH_AT": crash_at})
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    with open_pg("a") as cache:
+        assert cache.get("n") == 1
+        cache.put("n", 5)
+        cache.flush()
+    with open_pg("a") as cache:
+        assert cache.get("n") == 5
+
+
+def test_a_token_not_saved_as_known_after_its_commit_is_still_the_directory_s(
+        tmp_path: Path, open_pg: OpenCache, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The window between a flush's commit and its token's save as known (a crash there, or a
+    full disk): the directory that saved the token as pending takes it for its own."""
+    save = TokenFile.save
+
+    def no_space_once_committed(self: TokenFile, known: str | None,
+                                pending: str | None) -> None:
+        if pending is None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(self, known, pending)
+
+    monkeypatch.setattr(TokenFile, "save", no_space_once_committed)
+    with open_pg("a") as cache:
+        cache.put("k", 1)
+        cache.flush()  # done, though its token stays saved as pending only
+        assert Layout(str(tmp_path / "a")).tokens().read()[1] is not None
+    assert "could not record the checkpoint token" in caplog.text
+    monkeypatch.undo()
+    with open_pg("a") as cache:
+        assert cache.get("k") == 1 and cache.recovery.replayed == 0
+        cache.put("k", 2)
+    with open_pg("a") as cache:
+        assert cache.get("k") == 2
+
+
+def test_a_restored_directory_opens_once_the_token_is_cleared_as_the_error_says(
+        tmp_path: Path, pg_dsn: str, table: str, open_pg: OpenCache) -> None:
+    with open_pg("a") as cache:
+        cache.put("k", "old")
+    copy_dir(tmp_path / "a", tmp_path / "backup")
+    with open_pg("a") as cache:
+        cache.put("k", "new")
+    subprocess.run(["rm", "-rf", str(tmp_path / "a")], check=True)
+    (tmp_path / "backup").rename(tmp_path / "a")
+    with pytest.raises(CheckpointConflictError) as refused:
+        open_pg("a")
+    statement = re.search(r"UPDATE \S+ SET token = NULL WHERE cache_id = '[0-9a-f]+'",
+                          str(refused.value))
+    assert statement is not None, refused.value
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(statement.group(0).encode())
+    with open_pg("a") as cache:
+        assert cache.get("k") == "new"  # the database's: the restored log held nothing newer
+        cache.put("k", "after")
+    with open_pg("a") as cache:
+        assert cache.get("k") == "after"
+
+
+@pytest.mark.parametrize("driver", ["runner", "script"])
+def test_recover_of_a_copy_is_refused_in_one_line(tmp_path: Path, pg_dsn: str, pg_schema: str,
+                                                  open_pg: OpenCache, driver: str) -> None:
+    with open_pg("a") as cache:
+        cache.put("k", 1)
+        copy_dir(tmp_path / "a", tmp_path / "b")
+        cache.put("k", 2)
+    kept = log_bytes(tmp_path / "b")
+    url = pg_url(pg_dsn, f"{pg_schema}.wbcache")
+    result = run(driver, "recover", str(tmp_path / "b"), env={"WBCACHE_BACKEND": url})
+    assert_one_line_error(result, 1, "written by another directory with the same cache_id")
+    assert log_bytes(tmp_path / "b") == kept
+
+
+def test_a_table_made_before_tokens_gets_the_column_and_a_reader_does_without(
+        tmp_path: Path, pg_dsn: str, pg_schema: str) -> None:
+    old = f"{pg_schema}.old"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # the tables of wbcache 0.1
+        conn.execute(f"CREATE TABLE {old} (key bytea PRIMARY KEY, num bigint, value bytea, "
+                     f"CHECK ((num IS NULL) <> (value IS NULL)))")
+        conn.execute(f"CREATE TABLE {old}_checkpoints (cache_id text PRIMARY KEY, lsn bigint "
+                     f"NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())")
+        conn.execute(f"INSERT INTO {old}_checkpoints (cache_id, lsn) VALUES ('x', 5)")
+    reader = PostgresBackend(pg_dsn, table=old, cache_id="x", create_tables=False)
+    try:  # no column, and not allowed to add it: read and write without tokens
+        assert reader.checkpoint() == 5
+        reader.apply([], [], 6)
+        assert reader.checkpoint() == 6
+    finally:
+        reader.close()
+    assert "token" not in dict(query(pg_dsn, "SELECT attname, 1 FROM pg_attribute WHERE "
+                                             f"attrelid = '{old}_checkpoints'::regclass"))
+    path = tmp_path / "a"
+    with wbcache.open(path, backend=PostgresBackend(pg_dsn, table=old)) as cache:
+        cache.put("k", 1)
+    rows = query(pg_dsn, f"SELECT cache_id, lsn, token FROM {old}_checkpoints "
+                         f"WHERE cache_id <> 'x'")
+    assert len(rows) == 1 and rows[0][1] >= 1 and rows[0][2] is not None
+    assert Layout(str(path)).tokens().read() == (rows[0][2], None)  # saved once committed
+
+
+def test_a_backend_used_without_a_directory_clears_the_token_and_the_directory_takes_it(
+        tmp_path: Path, pg_dsn: str, table: str, open_pg: OpenCache) -> None:
+    with open_pg("a") as cache:
+        cache.put("k", 1)
+        cache_id = Layout(str(tmp_path / "a")).cache_id()
+    alone = PostgresBackend(pg_dsn, table=table, cache_id=cache_id)
+    try:
+        checkpoint = alone.checkpoint()
+        alone.apply([], [], checkpoint + 1)
+    finally:
+        alone.close()
+    assert query(pg_dsn, f"SELECT token FROM {table}_checkpoints WHERE cache_id = %s",
+                 (cache_id,)) == [(None,)]
+    with open_pg("a") as cache:
+        assert cache.get("k") == 1
+        cache.put("k", 2)
