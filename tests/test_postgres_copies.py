@@ -8,7 +8,6 @@ backup works as written."""
 from __future__ import annotations
 
 import errno
-import os
 import re
 import signal
 import subprocess
@@ -21,11 +20,18 @@ from typing import Any
 import psycopg
 import pytest
 from cli_support import assert_one_line_error, pg_url, run
-from pg_support import pg_dsn_fixture, pg_schema_fixture, query  # noqa: F401 (fixtures)
+from pg_support import (  # noqa: F401 (fixtures)
+    TcpProxy,
+    pg_dsn_fixture,
+    pg_proxy_fixture,
+    pg_schema_fixture,
+    query,
+    value_of,
+)
 
 import wbcache
 from wbcache import FlushError
-from wbcache.backends.postgres import CheckpointConflictError, PostgresBackend
+from wbcache.backends.postgres import CheckpointConflictError, PostgresBackend, PostgresError
 from wbcache.layout import Layout, TokenFile
 
 OpenCache = Callable[..., wbcache.Cache]
@@ -135,29 +141,55 @@ def test_a_copy_made_while_a_flush_was_failing_is_refused_after_that_flush_commi
         assert again.get("held") == 1
 
 
-@pytest.mark.parametrize("crash_at", ["flush.before_commit:2", "flush.after_commit:2"])
+# Killed at a step of the token's life: "sent" after the pending token is saved, before the
+# flush is sent; "committed" between the commit and the token's save as known.
+KILLED_AT = textwrap.dedent("""
+    import os, signal, sys, wbcache
+    from wbcache.backends.postgres import PostgresBackend
+    from wbcache.layout import TokenFile
+    path, dsn, table, step = sys.argv[1:5]
+    save = TokenFile.save
+    saves = []
+
+    def save_then_die(self, known, pending):
+        saves.append(pending)
+        if step == "committed" and len(saves) == 4:  # the 2nd flush's known save
+            os.kill(os.getpid(), signal.SIGKILL)
+        save(self, known, pending)
+        if step == "sent" and len(saves) == 3:  # the 2nd flush's pending save
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    TokenFile.save = save_then_die
+    cache = wbcache.open(path, backend=PostgresBackend(dsn, table=table), flush_interval=3600,
+                         flush_threshold=10**9)
+    for round in range(3):
+        cache.put("n", round)
+        cache.flush()
+""")
+
+
+@pytest.mark.parametrize("step", ["sent", "committed"])
+@pytest.mark.parametrize("remount", [False, True])
 def test_the_original_killed_around_a_commit_reopens(
-        tmp_path: Path, pg_dsn: str, table: str, open_pg: OpenCache, crash_at: str) -> None:
-    """Killed with its new token saved and the commit sent (or not yet sent): the directory
-    finds the stored token among its own whichever way the commit went."""
-    script = textwrap.dedent("""
-        import sys, wbcache
-        from wbcache.backends.postgres import PostgresBackend
-        path, dsn, table = sys.argv[1:4]
-        cache = wbcache.open(path, backend=PostgresBackend(dsn, table=table),
-                             flush_interval=3600, flush_threshold=10**9)
-        for round in range(3):
-            cache.put("n", round)
-            cache.flush()
-    """)
-    child = subprocess.run([sys.executable, "-c", script, str(tmp_path / "a"), pg_dsn, table],
-                           capture_output=True, text=True, timeout=60,
-                           env={**os.environ, "WBCACHE_CRASH_AT": crash_at})
+        tmp_path: Path, pg_dsn: str, table: str, open_pg: OpenCache, step: str,
+        remount: bool) -> None:
+    """Killed with its new token saved but not sent, or committed but not yet saved as known:
+    the directory finds the stored token among its own, even if its file system comes back
+    with another device number (a remount: NFS, overlayfs, a re-attached volume)."""
+    path = tmp_path / "a"
+    child = subprocess.run([sys.executable, "-c", KILLED_AT, str(path), pg_dsn, table, step],
+                           capture_output=True, text=True, timeout=60)
     assert child.returncode == -signal.SIGKILL, child.stderr
+    token_file = path / "checkpoint_token"
+    known, pending = token_file.read_text().splitlines()
+    assert pending.split()[1] != "-"  # the window: the token saved as pending only
+    if remount:
+        fields = pending.split()
+        fields[2] = str(int(fields[2]) + 1)
+        token_file.write_text(f"{known}\n{' '.join(fields)}\n")
     with open_pg("a") as cache:
         assert cache.get("n") == 1
         cache.put("n", 5)
-        cache.flush()
     with open_pg("a") as cache:
         assert cache.get("n") == 5
 
@@ -269,3 +301,138 @@ def test_a_backend_used_without_a_directory_clears_the_token_and_the_directory_t
     with open_pg("a") as cache:
         assert cache.get("k") == 1
         cache.put("k", 2)
+
+
+def test_a_directory_reopened_by_a_url_without_its_schema_gets_the_column_and_refuses_a_copy(
+        tmp_path: Path, pg_dsn: str, pg_schema: str) -> None:
+    """DIR/backend records the table with its schema, so a reopen by a URL naming it without
+    (the documented default) makes its backend with create_tables=False: the column is added
+    at the first flush, not with the tables, or the table of an upgraded node stayed
+    tokenless and its copies went on dropping writes."""
+    url = pg_url(pg_dsn, "wbcache") + f"&options=-csearch_path%3D{pg_schema}"
+    a, b = tmp_path / "a", tmp_path / "b"
+    with wbcache.open(a, backend=url) as cache:
+        cache.put("base", 0)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # the table as 0.1 made it
+        conn.execute(f"ALTER TABLE {pg_schema}.wbcache_checkpoints DROP COLUMN token")
+    original = wbcache.open(a, backend=url, flush_interval=3600, flush_threshold=10**9)
+    try:
+        original.put("base", 1)
+        original.flush()
+        assert query(pg_dsn, f"SELECT token IS NOT NULL FROM {pg_schema}.wbcache_checkpoints"
+                     ) == [(True,)]
+        copy_dir(a, b)
+        child = subprocess.run([sys.executable, "-c", COPY_WRITER, str(b), pg_dsn,
+                                f"{pg_schema}.wbcache"], capture_output=True, text=True,
+                               timeout=60)
+        assert child.returncode == -signal.SIGKILL, child.stderr
+        for i in range(40):
+            original.put(f"original:{i}", i)
+        original.flush()
+    finally:
+        original.close()
+    with pytest.raises(CheckpointConflictError, match="written by another directory"):
+        wbcache.open(b, backend=url)
+
+
+def test_a_column_that_cannot_be_added_leaves_the_flushes_tokenless_and_exactly_once(
+        tmp_path: Path, pg_dsn: str, pg_schema: str, pg_proxy: TcpProxy,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The ALTER waits past `timeout` (another session holds the table; a role that may not
+    alter it fails the same way): the open goes on as before tokens, says so, and a lost
+    answer that committed is settled, not refused for the token it could not write."""
+    old = f"{pg_schema}.old"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {old} (key bytea PRIMARY KEY, num bigint, value bytea, "
+                     f"CHECK ((num IS NULL) <> (value IS NULL)))")
+        conn.execute(f"CREATE TABLE {old}_checkpoints (cache_id text PRIMARY KEY, lsn bigint "
+                     f"NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())")
+    directory = tmp_path / "d"
+    directory.mkdir(mode=0o700)
+    backend = PostgresBackend(pg_proxy.dsn, table=old, timeout=1.0)
+    truth = PostgresBackend(pg_dsn, table=old, cache_id="x")
+    try:
+        backend.attach("x", TokenFile(str(directory)))
+        with psycopg.connect(pg_dsn) as holder:  # an open transaction that read the table
+            holder.execute(f"SELECT * FROM {old}_checkpoints")
+            backend.apply([], [], 1, [("n", 5)])
+        assert "cannot be told from a copy" in caplog.text and "ADD COLUMN" in caplog.text
+        pg_proxy.swallow_commit_reply()
+        with pytest.raises(PostgresError) as lost:
+            backend.apply([], [], 2, [("n", 3)])
+        assert lost.value.ambiguous and truth.checkpoint() == 2  # it committed
+        backend.apply([], [], 3, [("n", 3 + 4)])  # the retry, merged with a newer delta
+        assert value_of(truth, "n") == 12 and truth.checkpoint() == 3
+    finally:
+        backend.close()
+        truth.close()
+
+
+@pytest.mark.parametrize("where", ["after the commit", "while settling a lost answer"])
+def test_an_interrupt_while_the_token_is_saved_counts_every_increment_once(
+        tmp_path: Path, pg_dsn: str, pg_schema: str, pg_proxy: TcpProxy,
+        monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Ctrl-C in the token's save as known, after its flush committed: the flush is settled
+    as a lost answer is, so the batch sent again adds nothing twice, and is not refused."""
+    directory = tmp_path / "d"
+    directory.mkdir(mode=0o700)
+    backend = PostgresBackend(pg_proxy.dsn, table=f"{pg_schema}.t")
+    truth = PostgresBackend(pg_dsn, table=f"{pg_schema}.t", cache_id="x")
+    save = TokenFile.save
+    armed = [False]
+
+    def interrupted(self: TokenFile, known: str | None, pending: str | None) -> None:
+        if pending is None and armed[0]:
+            armed[0] = False
+            signal.raise_signal(signal.SIGINT)
+        save(self, known, pending)
+
+    monkeypatch.setattr(TokenFile, "save", interrupted)
+    try:
+        backend.attach("x", TokenFile(str(directory)))
+        backend.apply([], [], 1, [("n", 5)])
+        if where == "while settling a lost answer":
+            pg_proxy.swallow_commit_reply()
+            with pytest.raises(PostgresError):
+                backend.apply([], [], 2, [("n", 3)])
+        armed[0] = True
+        with pytest.raises(KeyboardInterrupt):
+            backend.apply([], [], 2, [("n", 3)])
+        assert not armed[0] and truth.checkpoint() == 2  # interrupted; it had committed
+        backend.apply([], [], 2, [("n", 3)])  # the flusher sends the same batch again
+        backend.apply([], [], 3, [("n", 1)])
+        assert value_of(truth, "n") == 9 and truth.checkpoint() == 3
+    finally:
+        backend.close()
+        truth.close()
+
+
+def test_a_command_reading_beside_the_live_cache_is_not_refused_when_a_flush_lands_between(
+        tmp_path: Path, pg_dsn: str, table: str, open_pg: OpenCache,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stats` or `inspect` beside the live cache reads the stored token, then the
+    directory's file: a flush that commits and saves its token as known in between left
+    the reader with a token the file no longer holds, refused as a copy's."""
+    cache = open_pg("a")
+    cache.put("k", 0)
+    cache.flush()
+    read = TokenFile.read
+    flushed = []
+
+    def flush_first(self: TokenFile) -> tuple[str | None, str | None]:
+        if not flushed:  # the reader's first look at the file: a flush lands just before
+            flushed.append(True)
+            cache.put("k", len(flushed))
+            cache.flush()
+            cache.put("k", 2)
+            cache.flush()
+        return read(self)
+
+    reader = PostgresBackend(pg_dsn, table=table)
+    try:
+        reader.attach(Layout(str(tmp_path / "a")).cache_id(),
+                      Layout(str(tmp_path / "a")).tokens())
+        monkeypatch.setattr(TokenFile, "read", flush_first)
+        assert reader.checkpoint() == 3 and flushed
+    finally:
+        reader.close()

@@ -142,10 +142,12 @@ class Layout:
 class TokenFile:
     """DIR/checkpoint_token: the directory's side of the checkpoint tokens of a database
     shared by many directories (`CheckpointTokens` in wbcache/backends/base.py). Two lines:
-    "known TOKEN" and "pending TOKEN DEV INO" (each TOKEN "-" if none), DEV and INO being the
-    directory's own (st_dev, st_ino) when it was saved. A pending token may have been
-    written to the database after the directory was copied (a flush sent, then the copy
-    made), so it is the saving directory's alone: a copy has another inode."""
+    "known TOKEN" and "pending TOKEN DEV INO PATH" (each TOKEN "-" if none; PATH in hex),
+    the directory's own (st_dev, st_ino) and path when it was saved. A pending token may
+    have been written to the database after the directory was copied (a flush sent, then
+    the copy made), so it is the saving directory's alone: a copy has another inode. As for
+    OWNER (`check_linked_dirs`), a device renumbered (a remount) keeps the identity of the
+    same inode at the path recorded."""
 
     root: str
 
@@ -159,20 +161,22 @@ class TokenFile:
             here = os.fstat(root_fd)
         fields = [line.split() for line in text.splitlines()]
         if (len(fields) != 2 or fields[0][:1] != ["known"] or len(fields[0]) != 2
-                or fields[1][:1] != ["pending"] or len(fields[1]) != 4
-                or not all(f.isdigit() for f in fields[1][2:])):
+                or fields[1][:1] != ["pending"] or len(fields[1]) != 5
+                or not all(f.isdigit() for f in fields[1][2:4])
+                or not all(c in "0123456789abcdef" for c in fields[1][4])):
             raise InvalidDirectoryError(f"{shown} is not a file wbcache wrote (see "
                                         f"docs/postgres.md, \"A copied directory\")")
         known = None if fields[0][1] == "-" else fields[0][1]
         token, dev, ino = fields[1][1], int(fields[1][2]), int(fields[1][3])
-        mine = token != "-" and (dev, ino) == (here.st_dev, here.st_ino)
-        return known, token if mine else None
+        same = ino == here.st_ino and (dev == here.st_dev or fields[1][4] == _hex_path(self.root))
+        return known, token if token != "-" and same else None
 
     def save(self, known: str | None, pending: str | None) -> None:
         with opened_root(self.root) as root_fd:
             here = os.fstat(root_fd)
             text = (f"known {known or '-'}\n"
-                    f"pending {pending or '-'} {here.st_dev} {here.st_ino}\n")
+                    f"pending {pending or '-'} {here.st_dev} {here.st_ino} "
+                    f"{_hex_path(self.root)}\n")
             _write_durably(root_fd, self.root, CHECKPOINT_TOKEN_NAME, text.encode("ascii"))
 
 
@@ -320,7 +324,7 @@ def check_linked_dirs(layout: Layout, *, write: bool = True) -> None:
                 except FileNotFoundError:
                     text = None
                 recorded = None if text is None else _parse_owner(text, owner)
-                ours = f"{me.st_dev} {me.st_ino} {os.fsencode(layout.root).hex()}\n"
+                ours = f"{me.st_dev} {me.st_ino} {_hex_path(layout.root)}\n"
                 if (recorded is not None and recorded[0] != (me.st_dev, me.st_ino)
                         # a device renumbered: the same inode, found at the path recorded
                         and not (recorded[0][1] == me.st_ino and _is_dir(recorded[1], me))):
@@ -344,6 +348,10 @@ def check_linked_dirs(layout: Layout, *, write: bool = True) -> None:
                     _write_durably(sub_fd, shown, OWNER_NAME, ours.encode())
             finally:
                 os.close(sub_fd)
+
+
+def _hex_path(path: str) -> str:
+    return os.fsencode(path).hex()
 
 
 def _parse_owner(text: str, shown: str) -> tuple[tuple[int, int], str]:

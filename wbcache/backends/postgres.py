@@ -31,7 +31,7 @@ copy's unflushed writes, the stored checkpoint covers their LSNs, and the copy's
 would take them for flushed. So each flush also moves a random token, stored beside the
 checkpoint, from the one it read to a new one that the directory saved first (DIR/
 checkpoint_token, wbcache/layout.py `TokenFile`); a directory that meets a token it never
-saved is refused at `checkpoint()` and at every flush (`_check_owner`). A backend used
+saved is refused at `checkpoint()` and at every flush (`_stored`). A backend used
 without a directory (`cache_id=` given, no `attach` tokens) checks no token and clears it.
 
 Layout of the tables and the SQL: `postgres_schema`. Connections, timeouts and the readers'
@@ -88,6 +88,7 @@ log = logging.getLogger("wbcache.postgres")
 _DEFAULT_TABLE = "wbcache"
 _ITEMS_CHUNK = 5000  # rows per FETCH when iterating the table
 _MINE_KEPT = 1024  # tokens this backend remembers having known (`_mine`), at most
+_OWNER_READS = 5  # reads of a stored token missing from the directory's file (`_stored`)
 URL_PREFIXES = ("postgresql://", "postgres://")  # libpq's
 _URL_OPTIONS = {"table": str, "cache_id": str, "timeout": float, "read_connections": int}
 
@@ -404,20 +405,25 @@ class PostgresBackend:
                 # met a checkpoint it did not expect.
                 self._uncertain.append(_Attempt(checkpoint, _summed(pending)))
                 raise
+            if self._pending is not None:
+                try:
+                    self._save_known(self._pending)
+                except BaseException:  # an interrupt: settled by the next flush, as a lost answer
+                    self._uncertain.append(_Attempt(checkpoint, _summed(pending)))
+                    raise
+                self._token, self._pending = self._pending, None
             self._known = checkpoint
             self._forget_attempts()  # the batch in flight is all in the database now
-            if self._pending is not None:
-                self._token, self._pending = self._pending, None
-                self._save_known()
 
-    def _save_known(self) -> None:
-        """Write lock held, a flush just committed: its token saved as known, so that neither
-        a reopen nor a copy made from here on depends on the pending token's inode rule.
-        The flush is done whatever happens here: a failure is logged, and until a later
-        save the directory still knows the token as its pending one."""
+    def _save_known(self, token: str) -> None:
+        """Write lock held, the flush that wrote `token` committed, and nothing of it noted
+        yet (so an interrupt here leaves it to be settled as a lost answer): the token saved
+        as known, so that neither a reopen nor a copy made from here on depends on the
+        pending token's inode rule. The flush is done whatever happens here: a failure is
+        logged, and until a later save the directory still knows the token as pending."""
         assert self._tokens is not None
         try:
-            self._tokens.save(self._token, None)
+            self._tokens.save(token, None)
         except (OSError, WbcacheError) as exc:
             log.warning("%s: could not record the checkpoint token of cache %s in the cache "
                         "directory (%s); the flush itself is done", self._link.where,
@@ -429,6 +435,8 @@ class PostgresBackend:
         checkpoint is known and any flush whose answer was lost is settled; None if this flush
         is one of those and it committed."""
         if self._known is None or self._uncertain:
+            if self._known is None and self._tokens is not None and not self._sql.tokens:
+                self._add_token_column(conn)
             stored, token = self._stored(conn, "reading the checkpoint before a flush")
             if self._known is None:
                 self._known, self._token = stored, token
@@ -436,14 +444,15 @@ class PostgresBackend:
             elif stored != self._known:
                 committed = next((attempt for attempt in self._uncertain
                                   if attempt.checkpoint == stored), None)
-                if committed is None or (self._tokens is not None and token != self._pending):
+                if committed is None or (self._checks and token != self._pending):
                     raise self._conflict(checkpoint, f"the stored checkpoint is {stored}, "
                                                      f"this cache last knew {self._known}")
+                if self._checks:
+                    assert token is not None
+                    self._save_known(token)  # first: an interrupt leaves all to settle again
                 for key, delta in committed.increments.items():
                     self._settled[key] = self._settled.get(key, 0) + delta
                 self._known, self._token, self._pending = stored, token, None
-                if self._tokens is not None:
-                    self._save_known()
                 self._uncertain = []  # sent from the old known value: none can commit now
                 if checkpoint == stored:
                     self._settled = {}
@@ -461,16 +470,18 @@ class PostgresBackend:
         the directory saved, if the next flush must write it again: flushes of an earlier
         open may have been sent with it and not answered, from the token still stored, and
         may yet commit; a new token would leave the directory unable to recognise theirs."""
-        if self._tokens is None:
+        if not self._checks:
             return None
+        assert self._tokens is not None
         known, pending = self._tokens.read()
         return pending if pending is not None and pending != stored else None
 
     def _next_tokens(self) -> tuple[str | None, str] | None:
         """Write lock held, just before a flush is sent: (the token stored, the one this
         flush writes), the latter saved in the directory first; None without tokens."""
-        if self._tokens is None:
+        if not self._checks:
             return None
+        assert self._tokens is not None
         if self._pending is None:
             pending = secrets.token_hex(16)
             self._tokens.save(self._token, pending)
@@ -479,22 +490,40 @@ class PostgresBackend:
         self._mine = mine | {token for token in (self._token, self._pending) if token}
         return self._token, self._pending
 
-    def _check_owner(self, lsn: int, token: str | None) -> None:
-        """Refuse a checkpoint written by a directory that is not this one (a copy of it, or
-        its original), which this directory's recovery would take for its own."""
-        if self._tokens is None or token is None or token in self._mine:
+    @property
+    def _checks(self) -> bool:
+        """Whether tokens are read and written: a directory's token file given, and the
+        table has the column."""
+        return self._tokens is not None and self._sql.tokens
+
+    def _owns(self, token: str | None) -> bool:
+        """Whether the stored `token` is one this directory wrote (or there is none to
+        check)."""
+        if not self._checks or token is None or token in self._mine:
+            return True
+        assert self._tokens is not None
+        return token in self._tokens.read()
+
+    def _add_token_column(self, conn: Connection) -> None:
+        """Write lock held, the first flush since `attach` on a table made before tokens:
+        add the column (under the lock table creation takes), unless the role may not, or
+        it would wait past `timeout` (a flush of another node holding the table): then this
+        open goes on without tokens, as before them, and says so."""
+        names = self._names
+
+        def alter(c: Connection) -> None:
+            with c.transaction():
+                c.execute(self._sql.lock_ddl, (DDL_LOCK_CLASS, names.data_sql))
+                c.execute(self._sql.add_token)
+
+        try:
+            self._link.call(conn, f"adding the column token to {names.checkpoints}", alter)
+        except PostgresError as exc:
+            log.warning("%s; until it is added this directory cannot be told from a copy of "
+                        "it (docs/postgres.md, \"A copied directory\"): the table's owner can "
+                        "run %s", " ".join(str(exc).split()), self._sql.add_token)
             return
-        if token in self._tokens.read():
-            return
-        raise CheckpointConflictError(
-            f"{self._link.where}: the checkpoint of cache {self._cache_id} in "
-            f"{self._names.checkpoints} (LSN {lsn}) was written by another directory with the "
-            f"same cache_id, a copy of this one or its original (this directory never saved "
-            f"the token stored with it); this directory's log would be taken as flushed up to "
-            f"LSN {lsn}, so nothing was replayed, dropped or written. Run one directory per "
-            f"cache_id. If this directory really is the one that wrote it (restored from a "
-            f"backup), clear the token and open it again: UPDATE {self._names.checkpoints} "
-            f"SET token = NULL WHERE cache_id = '{self._cache_id}'")
+        self._sql = Statements(names)
 
     def _forget_attempts(self) -> None:
         self._uncertain = []
@@ -512,12 +541,30 @@ class PostgresBackend:
 
     def _stored(self, conn: Connection, action: str) -> tuple[int, str | None]:
         """The stored checkpoint (0 if none) and its token, refused if another directory
-        wrote them."""
-        row = self._link.call(conn, action, lambda c: c.execute(
-            self._sql.checkpoint, (self._cache_id,)).fetchone())
-        lsn, token = (0, None) if row is None else (int(row[0]), row[1])
-        self._check_owner(lsn, token)
-        return lsn, token
+        wrote them (a copy of this one, or its original), which this directory's recovery
+        would take for its own. A token missing from the directory's file is read again:
+        a flush of this directory may have committed and saved a newer one between the two
+        reads (a command reading beside the live cache), and then the stored one changed."""
+        refused: str | None = None
+        for _ in range(_OWNER_READS):
+            row = self._link.call(conn, action, lambda c: c.execute(
+                self._sql.checkpoint, (self._cache_id,)).fetchone())
+            lsn, token = (0, None) if row is None else (int(row[0]), row[1])
+            if self._owns(token):
+                return lsn, token
+            if token == refused:
+                break  # unchanged while the file did not hold it: not this directory's
+            refused = token
+        raise CheckpointConflictError(
+            f"{self._link.where}: the checkpoint of cache {self._cache_id} in "
+            f"{self._names.checkpoints} (LSN {lsn}) was written by another directory with the "
+            f"same cache_id, a copy of this one or its original (this directory never saved "
+            f"the token stored with it); this directory's log would be taken as flushed up to "
+            f"LSN {lsn}, so nothing was replayed, dropped or written: its log keeps every "
+            f"write it holds. Run one directory per cache_id. Only if every write of its log "
+            f"up to LSN {lsn} is in the database (a backup of this very directory, restored), "
+            f"clear the token and open it again: UPDATE "
+            f"{self._names.checkpoints} SET token = NULL WHERE cache_id = '{self._cache_id}'")
 
     def _require_cache_id(self) -> str:
         if self._cache_id is None:
@@ -542,9 +589,9 @@ class PostgresBackend:
     def _ensure_tables(self, create_tables: bool) -> None:
         """Write lock held. Create the tables if missing (several nodes may start at once: the
         DDL runs under a transaction-scoped advisory lock, so one creates and the others find
-        them), or without `create_tables` refuse; then check their columns, adding those the
-        first tables lacked (`ADDED_COLUMNS`) unless `create_tables` is off (tokens are then
-        neither read nor written: `Statements(tokens=False)`)."""
+        them), or without `create_tables` refuse; then check their columns. A checkpoints
+        table made before tokens (`ADDED_COLUMNS`) gets the column at the first flush
+        (`_add_token_column`); until then tokens are neither read nor written."""
         names, sql = self._names, self._sql
 
         def create(conn: Connection) -> dict[str, dict[str, str]] | None:
@@ -563,18 +610,9 @@ class PostgresBackend:
             if row and names.schema is None:
                 names = TableNames(row[0], names.name)
                 sql = Statements(names)
-            def columns() -> dict[str, dict[str, str]]:
-                return {kind: dict(conn.execute(sql.columns, (table,)).fetchall())
-                        for kind, table in (("data", names.data_sql),
-                                            ("checkpoints", names.checkpoints_sql))}
-
-            found = columns()
-            if create_tables and "token" not in found["checkpoints"]:
-                with conn.transaction():
-                    conn.execute(sql.lock_ddl, (DDL_LOCK_CLASS, names.data_sql))
-                    conn.execute(sql.add_token)
-                found = columns()
-            return found
+            return {kind: dict(conn.execute(sql.columns, (table,)).fetchall())
+                    for kind, table in (("data", names.data_sql),
+                                        ("checkpoints", names.checkpoints_sql))}
 
         conn = self._writer_connection()
         found = self._link.call(conn, "creating the tables", create)
