@@ -19,6 +19,7 @@ from click.core import ParameterSource
 
 from wbcache.cli import Seconds, WholeNumber, new_directory
 from wbcache.fault_injection.lazyfs_config import LAZYFS_MODES, LazyfsUnavailable, lazyfs_modes
+from wbcache.fault_injection.lazyfs_mount import LazyfsError
 from wbcache.fault_injection.report import verdict
 from wbcache.fault_injection.shared_table import check_url, redact
 from wbcache.fault_injection.torture import BACKEND_MODES, MODES, run_torture
@@ -134,6 +135,10 @@ def torture(directory: str | None, mode: str, backend: str | None, shared: bool,
         report = run_torture(workdir, modes=modes, cycles=cycles, seed=seed, threads=threads,
                              seconds=seconds, progress=None if quiet else click.echo,
                              backend=backend, fsync=fsync)
+    except LazyfsError as exc:  # it would not mount (not LazyFS?), or stopped mid-campaign
+        reason = " ".join(str(exc).split())
+        raise click.ClickException(f"LazyFS could not run the power cuts: {reason} (scratch "
+                                   f"kept in {workdir})") from None
     except Exception as exc:
         if backend is None:
             raise

@@ -373,7 +373,7 @@ class LazyfsMount:
     def _output_tail(self) -> str:
         try:
             with open(os.path.join(self.state, "lazyfs.out"), "rb") as out:
-                return out.read()[-1500:].decode("utf-8", "replace").strip()
+                return out.read()[-1500:].decode("utf-8", "replace").strip() or "(no output)"
         except FileNotFoundError:
             return "(no output)"
 

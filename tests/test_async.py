@@ -79,6 +79,9 @@ def test_put_many_and_batch_are_atomic(cache_dir: Path) -> None:
                 failed.put("never", 1)
                 raise RuntimeError("abort")
         assert await cache.get("never") is None
+        outside = cache.batch()  # never entered: never written, so refused
+        with pytest.raises(ValueError, match="`async with` for AsyncCache"):
+            outside.put("outside", 1)
         assert (await cache.stats())["next_lsn"] == lsn + 2
 
     run(cache_dir, body)

@@ -275,6 +275,21 @@ def test_batch_cannot_be_reused_after_exit(open_cache: OpenCache) -> None:
         batch.put("b", 2)
 
 
+def test_a_batch_used_without_its_with_block_refuses_every_operation(
+        open_cache: OpenCache) -> None:
+    """Nothing but the block's exit ever writes a batch: ops added outside it were accepted
+    and silently never written."""
+    cache = open_cache()
+    batch = cache.batch()
+    for add in (lambda: batch.put("x", 1), lambda: batch.incr("n"),
+                lambda: batch.delete("x")):
+        with pytest.raises(ValueError, match="inside `with cache.batch"):
+            add()
+    with batch:  # entered later, it works as any batch
+        batch.put("x", 2)
+    assert cache.get("x") == 2 and "n" not in cache
+
+
 def test_flush_writes_to_the_database_and_leaves_only_the_active_segment(
         open_cache: OpenCache, cache_dir: Path) -> None:
     # no background flush: the segments are all still there when counted
@@ -416,11 +431,22 @@ def test_context_manager_closes(cache_dir: Path) -> None:
 def test_second_open_in_the_same_process_is_refused(open_cache: OpenCache,
                                                      cache_dir: Path) -> None:
     cache = open_cache()
-    with pytest.raises(CacheLockedError):
+    with pytest.raises(CacheLockedError, match=f"already open in this process \\(pid "
+                                               f"{os.getpid()}\\): close that cache first"):
         wbcache.open(cache_dir)
     cache.put("still", "usable")
     cache.close()
     assert open_cache().get("still") == "usable"
+
+
+def test_an_empty_path_or_a_backend_of_the_wrong_type_is_refused_before_any_file_is_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # "" was the working directory, made a cache
+    with pytest.raises(ValueError, match="the directory path is empty"):
+        wbcache.open("")
+    with pytest.raises(TypeError, match="backend must be a Backend .* not int"):
+        wbcache.open(tmp_path / "cache", backend=42)  # type: ignore[arg-type]
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("key, error", [

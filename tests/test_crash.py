@@ -261,7 +261,7 @@ def test_a_lock_on_a_lock_file_removed_meanwhile_is_let_go(tmp_path: Path,
 
     monkeypatch.setattr(lock_module, "_open_lock_file", open_the_removed_one_first)
     try:
-        with pytest.raises(CacheLockedError, match="is in use by another cache"):
+        with pytest.raises(CacheLockedError, match="is already open in this process"):
             wbcache.open(path)
         assert handed == [stale]  # the removed LOCK was flocked, and let go
     finally:

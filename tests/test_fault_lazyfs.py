@@ -10,6 +10,7 @@ WBCACHE_REQUIRE_SERVICES=1 (CI).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -142,6 +143,20 @@ def test_a_missing_lazyfs_is_refused_by_name_with_how_to_build_it(tmp_path: Path
     assert "../shared/tools/lazyfs/build.sh" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "work").exists()
+
+
+def test_a_binary_that_does_not_mount_is_one_line_saying_where_the_scratch_is(
+        tmp_path: Path, lazyfs_binary: str) -> None:
+    """An executable that is not LazyFS (here `true`) passes every check made before the
+    campaign; its first mount fails, which was a traceback."""
+    work = tmp_path / "work"
+    result = CliRunner().invoke(main, ["torture", str(work), "--mode", "lazyfs", "--cycles",
+                                       "1", "--lazyfs", shutil.which("true") or "/bin/true"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.exception is not None
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: LazyFS could not run the power cuts: LazyFS did not mount")
+    assert f"its output: (no output) (scratch kept in {work})" in last
 
 
 def test_all_skips_a_missing_lazyfs_and_says_why(

@@ -542,6 +542,7 @@ class AsyncBatch(BatchOperations):
         self._owner = owner
 
     async def __aenter__(self) -> AsyncBatch:
+        self._entered = True
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:

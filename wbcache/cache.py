@@ -523,6 +523,7 @@ class Batch(BatchOperations):
     """`with cache.batch() as b:` -- written as one record when the block exits cleanly."""
 
     def __enter__(self) -> Batch:
+        self._entered = True
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:

@@ -107,6 +107,11 @@ def open_directory(path: str | os.PathLike[str], options: Options,
                    backend: Backend | str | None = None) -> OpenedDirectory:
     """Steps 1 to 4 of the module docstring. `backend`: a `Backend` (the caller's to close),
     a URL (a backend made and owned here), or None for the embedded database."""
+    if not os.fspath(path):  # "" would be the working directory
+        raise ValueError("the directory path is empty")
+    if backend is not None and not isinstance(backend, (str, Backend)):
+        raise TypeError(f"backend must be a Backend (such as PostgresBackend) or a "
+                        f"postgresql:// URL, not {type(backend).__name__}")
     if backend is None:  # LMDB's limit is known: refused before any file is made
         _check_key_limit(options, DEFAULT_MAX_KEY_SIZE)
     if options.shared:

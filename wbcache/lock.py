@@ -51,6 +51,10 @@ class DirectoryLock:
         lock = cls._take(path, fcntl.LOCK_EX, writable=writable)
         if lock is None:
             pid = owner_pid(path)
+            if pid == os.getpid():
+                raise CacheLockedError(
+                    f"{os.path.dirname(path)} is already open in this process (pid {pid}): "
+                    f"close that cache first (`with wbcache.open(...) as cache:` closes it)")
             owner = f" (pid {pid})" if pid is not None else ""
             raise CacheLockedError(f"{os.path.dirname(path)} is in use by another cache{owner}")
         if record_owner:

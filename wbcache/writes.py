@@ -179,6 +179,7 @@ class BatchOperations:
         self._limits = limits
         self._commit_ops = commit
         self._ops: list[Op] = []
+        self._entered = False  # by its `with` (`async with`): nothing else ever commits it
         self._done = False
         self.lsn: int | None = None
 
@@ -197,6 +198,9 @@ class BatchOperations:
     def _check(self) -> None:
         if self._done:
             raise ValueError("this batch has already been committed or discarded")
+        if not self._entered:
+            raise ValueError("a batch is written when its block exits: add to it inside "
+                             "`with cache.batch() as b:` (`async with` for AsyncCache)")
 
     def _take(self, exc_type: type[BaseException] | None) -> list[Op] | None:
         """The ops to commit when the block exits (None if it raised: nothing is written)."""
