@@ -30,6 +30,7 @@ EXIT_OK = 0
 EXIT_DAMAGE = 1
 EXIT_USAGE = 2
 EXIT_LOCKED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
 
 
 class CommandFailed(click.ClickException):
@@ -139,6 +140,10 @@ class WbcacheGroup(click.Group):
                                segment=exc.path, version=exc.version) from None
         except WbcacheError as exc:
             raise self._failed(ctx, str(exc), "error", EXIT_DAMAGE) from None
+        except KeyboardInterrupt:
+            raise self._failed(ctx, "interrupted: nothing durable was lost, and the command "
+                                    "can be run again (recover replays what the database still "
+                                    "lacks)", "interrupted", EXIT_INTERRUPTED) from None
         except BrokenPipeError:
             # The reader went away (`wbcache dump DIR | head`): stop quietly, as `cat` does.
             # Point stdout at /dev/null so the interpreter's final flush cannot fail again.

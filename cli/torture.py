@@ -17,7 +17,7 @@ import tempfile
 import click
 from click.core import ParameterSource
 
-from wbcache.cli import Seconds, WholeNumber, new_directory
+from wbcache.cli import EXIT_INTERRUPTED, CommandFailed, Seconds, WholeNumber, new_directory
 from wbcache.fault_injection.lazyfs_config import LAZYFS_MODES, LazyfsUnavailable, lazyfs_modes
 from wbcache.fault_injection.lazyfs_mount import LazyfsError
 from wbcache.fault_injection.report import verdict
@@ -135,6 +135,9 @@ def torture(directory: str | None, mode: str, backend: str | None, shared: bool,
         report = run_torture(workdir, modes=modes, cycles=cycles, seed=seed, threads=threads,
                              seconds=seconds, progress=None if quiet else click.echo,
                              backend=backend, fsync=fsync)
+    except KeyboardInterrupt:
+        raise CommandFailed(f"interrupted; the scratch directory is kept: {workdir}",
+                            EXIT_INTERRUPTED) from None
     except LazyfsError as exc:  # it would not mount (not LazyFS?), or stopped mid-campaign
         reason = " ".join(str(exc).split())
         raise click.ClickException(f"LazyFS could not run the power cuts: {reason} (scratch "

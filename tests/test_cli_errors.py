@@ -321,3 +321,30 @@ def test_every_command_has_help_with_an_example(command: str) -> None:
 
     assert result.exit_code == 0
     assert "Example" in result.stdout and "Exit status" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["recover", "torture"])
+def test_ctrl_c_is_one_line_saying_what_to_do_and_exit_130(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    """Click printed only "Aborted!" (exit 1): not whether running it again is safe, nor
+    where torture's scratch directory was."""
+    import wbcache.cli.ops_recover as cli_recover
+    import wbcache.cli.torture as cli_torture
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    path = tmp_path / "cache"
+    wbcache.open(path).close()
+    if command == "recover":
+        monkeypatch.setattr(cli_recover, "recover_directory", interrupted)
+        args = ["recover", str(path)]
+    else:
+        monkeypatch.setattr(cli_torture, "run_torture", interrupted)
+        args = ["torture", str(tmp_path / "scratch"), "--mode", "kill", "--cycles", "1"]
+    result = run("runner", *args)
+    assert_one_line_error(result, 130, "interrupted")
+    if command == "recover":
+        assert "can be run again" in result.stderr
+    else:
+        assert f"the scratch directory is kept: {tmp_path / 'scratch'}" in result.stderr

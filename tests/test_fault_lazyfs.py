@@ -146,9 +146,11 @@ def test_a_missing_lazyfs_is_refused_by_name_with_how_to_build_it(tmp_path: Path
 
 
 def test_a_binary_that_does_not_mount_is_one_line_saying_where_the_scratch_is(
-        tmp_path: Path, lazyfs_binary: str) -> None:
+        tmp_path: Path, lazyfs_binary: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """An executable that is not LazyFS (here `true`) passes every check made before the
     campaign; its first mount fails, which was a traceback."""
+    # the command names its binary in $WBCACHE_LAZYFS for the campaign: put ours back after
+    monkeypatch.setenv("WBCACHE_LAZYFS", lazyfs_binary)
     work = tmp_path / "work"
     result = CliRunner().invoke(main, ["torture", str(work), "--mode", "lazyfs", "--cycles",
                                        "1", "--lazyfs", shutil.which("true") or "/bin/true"])
