@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 from cli_support import assert_one_line_error, pg_url, run
+from controlled import wait_until
 from pg_support import (  # noqa: F401 (fixtures)
     TcpProxy,
     pg_dsn_fixture,
@@ -436,3 +439,161 @@ def test_a_command_reading_beside_the_live_cache_is_not_refused_when_a_flush_lan
         assert reader.checkpoint() == 3 and flushed
     finally:
         reader.close()
+
+
+# ------------------------------------------------------------------ a second review's cases
+
+def make_old_tables(dsn: str, old: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:  # the tables of wbcache 0.1
+        conn.execute(f"CREATE TABLE {old} (key bytea PRIMARY KEY, num bigint, value bytea, "
+                     f"CHECK ((num IS NULL) <> (value IS NULL)))")
+        conn.execute(f"CREATE TABLE {old}_checkpoints (cache_id text PRIMARY KEY, lsn bigint "
+                     f"NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())")
+
+
+def test_a_backend_made_before_the_column_was_added_still_refuses_a_copy(
+        tmp_path: Path, pg_dsn: str, pg_schema: str) -> None:
+    """The backend saw no token column when it was made; another open added it since. The
+    copy's recovery reads the checkpoint before any flush (and replays nothing, the copy's
+    LSNs being covered), so a check switched on only by a flush never ran."""
+    old = f"{pg_schema}.old"
+    make_old_tables(pg_dsn, old)
+    early = PostgresBackend(pg_dsn, table=old)
+    try:
+        with wbcache.open(tmp_path / "a", backend=PostgresBackend(pg_dsn, table=old),
+                          flush_interval=3600, flush_threshold=10**9) as original:
+            original.put("base", 0)
+            original.flush()  # adds the column
+            copy_dir(tmp_path / "a", tmp_path / "b")
+            child = subprocess.run([sys.executable, "-c", COPY_WRITER, str(tmp_path / "b"),
+                                    pg_dsn, old], capture_output=True, text=True, timeout=60)
+            assert child.returncode == -signal.SIGKILL, child.stderr
+            for i in range(40):
+                original.put(f"original:{i}", i)
+        kept = log_bytes(tmp_path / "b")
+        with pytest.raises(CheckpointConflictError, match="written by another directory"):
+            wbcache.open(tmp_path / "b", backend=early)
+        assert log_bytes(tmp_path / "b") == kept
+    finally:
+        early.close()
+
+
+def test_a_late_commit_of_the_last_open_after_recovery_read_the_checkpoint_adds_nothing_twice(
+        tmp_path: Path, pg_dsn: str, pg_schema: str, pg_proxy: TcpProxy) -> None:
+    """Records 1 (n += 5), 2 (n += 3), 3 (n += 1). The flush of record 2 loses its answer
+    and its process is gone; the reopen's recovery reads checkpoint 1, then that COMMIT
+    lands. Replaying records 2-3 from 2 added record 2's delta twice: the first flush now
+    moves from what recovery read, is refused, and the next open replays only record 3."""
+    table = f"{pg_schema}.t"
+    directory = tmp_path / "d"
+    directory.mkdir(mode=0o700)
+    gone = PostgresBackend(pg_proxy.dsn, table=table, timeout=1.0)
+    reopened = PostgresBackend(pg_dsn, table=table)
+    truth = PostgresBackend(pg_dsn, table=table, cache_id="x")
+    try:
+        gone.attach("x", TokenFile(str(directory)))
+        gone.apply([], [], 1, [("n", 5)])
+        pg_proxy.hold_commit()
+        with pytest.raises(PostgresError, match="no answer within") as lost:
+            gone.apply([], [], 2, [("n", 3)])
+        assert lost.value.ambiguous
+        reopened.attach("x", TokenFile(str(directory)))
+        assert reopened.checkpoint() == 1  # what recovery replays from
+        pg_proxy.thaw()
+        wait_until(lambda: truth.checkpoint() == 2, 10, "the late commit")
+        with pytest.raises(CheckpointConflictError, match="stored checkpoint is 2"):
+            reopened.apply([], [], 3, [("n", 3 + 1)])  # recovery's replay of records 2-3
+        assert value_of(truth, "n") == 8
+        reopened.attach("x", TokenFile(str(directory)))  # the next open
+        assert reopened.checkpoint() == 2  # the late token is this directory's
+        reopened.apply([], [], 3, [("n", 1)])
+        assert value_of(truth, "n") == 9 and truth.checkpoint() == 3
+    finally:
+        gone.close()
+        reopened.close()
+        truth.close()
+
+
+def test_a_failed_read_of_the_token_file_at_the_first_read_keeps_the_pending_token(
+        tmp_path: Path, pg_dsn: str, pg_schema: str, pg_proxy: TcpProxy,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reopen's first read meets an error reading DIR/checkpoint_token (EMFILE, EIO, an
+    interrupt). Its state was set before that read, so the next flush saved a new pending
+    token over the one a late COMMIT of the last open carries: that COMMIT then made the
+    directory refuse itself."""
+    table = f"{pg_schema}.t"
+    directory = tmp_path / "d"
+    directory.mkdir(mode=0o700)
+    gone = PostgresBackend(pg_proxy.dsn, table=table, timeout=1.0)
+    reopened = PostgresBackend(pg_dsn, table=table, timeout=10.0)
+    try:
+        gone.attach("x", TokenFile(str(directory)))
+        gone.apply([], [], 1, [("n", 5)])
+        pg_proxy.hold_commit()
+        with pytest.raises(PostgresError, match="no answer within"):
+            gone.apply([], [], 2, [("n", 3)])  # its COMMIT held: it lands later
+        reopened.attach("x", TokenFile(str(directory)))
+        read = TokenFile.read
+        calls: list[str] = []
+
+        def fails_second(self: TokenFile) -> tuple[str | None, str | None]:
+            calls.append("read")
+            if len(calls) == 2:  # after the ownership check: the pending token's read
+                raise OSError(errno.EMFILE, "Too many open files")
+            return read(self)
+
+        monkeypatch.setattr(TokenFile, "read", fails_second)
+        with pytest.raises(OSError, match="Too many open files"):
+            reopened.checkpoint()
+        monkeypatch.undo()
+        failures: list[BaseException] = []
+
+        def flush() -> None:  # waits for the row the held transaction locked
+            try:
+                reopened.apply([], [], 3, [("n", 3 + 1)])
+            except BaseException as exc:  # noqa: BLE001 (reported below)
+                failures.append(exc)
+
+        flusher = threading.Thread(target=flush)
+        flusher.start()
+        wait_until(lambda: query(pg_dsn, "SELECT count(*) FROM pg_stat_activity WHERE "
+                                         "wait_event_type = 'Lock' AND query LIKE %s",
+                                 (f"%{pg_schema}%",))[0][0] > 0, 10, "the flush waiting")
+        pg_proxy.thaw()  # the late COMMIT lands first
+        flusher.join(30)
+        assert [type(exc) for exc in failures] == [CheckpointConflictError]
+        again = PostgresBackend(pg_dsn, table=table)
+        try:
+            again.attach("x", TokenFile(str(directory)))
+            assert again.checkpoint() == 2  # not refused: the late token is still known
+        finally:
+            again.close()
+    finally:
+        gone.close()
+        reopened.close()
+
+
+def test_the_column_added_while_another_node_s_flush_holds_the_table_waits_briefly(
+        tmp_path: Path, pg_dsn: str, pg_schema: str) -> None:
+    """An ALTER queued behind another node's open transaction held up every read and flush
+    of every node behind it, up to `timeout`: it now gives up after a moment and tries
+    again later, and the other nodes never wait for it."""
+    old = f"{pg_schema}.old"
+    make_old_tables(pg_dsn, old)
+    directory = tmp_path / "d"
+    directory.mkdir(mode=0o700)
+    migrating = PostgresBackend(pg_dsn, table=old, timeout=5.0)
+    other = PostgresBackend(pg_dsn, table=old, cache_id="c", timeout=5.0)
+    try:
+        migrating.attach("b", TokenFile(str(directory)))
+        with psycopg.connect(pg_dsn) as holder:  # node a's flush, under way
+            holder.execute(f"INSERT INTO {old}_checkpoints (cache_id, lsn) VALUES ('a', 1)")
+            started = time.monotonic()
+            migrating.apply([], [], 1, [("n", 1)])  # its ALTER gives up: a tokenless flush
+            assert time.monotonic() - started < 2.5
+            assert other.checkpoint() == 0  # nobody queues behind an ALTER
+        assert query(pg_dsn, f"SELECT lsn FROM {old}_checkpoints WHERE cache_id = 'b'"
+                     ) == [(1,)]  # flushed without a token, the column still missing
+    finally:
+        migrating.close()
+        other.close()

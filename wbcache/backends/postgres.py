@@ -48,6 +48,7 @@ import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Collection, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -89,6 +90,8 @@ _DEFAULT_TABLE = "wbcache"
 _ITEMS_CHUNK = 5000  # rows per FETCH when iterating the table
 _MINE_KEPT = 1024  # tokens this backend remembers having known (`_mine`), at most
 _OWNER_READS = 5  # reads of a stored token missing from the directory's file (`_stored`)
+_ALTER_LOCK_TIMEOUT = "100ms"  # the ALTER's wait for the checkpoints table (`_add_token_column`)
+_ALTER_AGAIN = 60.0  # s before a flush tries an ALTER that failed again
 URL_PREFIXES = ("postgresql://", "postgres://")  # libpq's
 _URL_OPTIONS = {"table": str, "cache_id": str, "timeout": float, "read_connections": int}
 
@@ -219,6 +222,10 @@ class PostgresBackend:
         self._token: str | None = None
         self._pending: str | None = None
         self._mine: frozenset[str] = frozenset()
+        # A table without the token column: whether this attach looked for it again (another
+        # node may have added it), and when a flush may next try to add it.
+        self._column_looked = False
+        self._alter_at = 0.0
         self._uncertain: list[_Attempt] = []
         self._settled: dict[Key, int] = {}
         self._closed = False
@@ -300,6 +307,7 @@ class PostgresBackend:
             self._cache_id = cache_id
             self._known = None
             self._tokens, self._token, self._pending, self._mine = tokens, None, None, frozenset()
+            self._column_looked, self._alter_at = False, 0.0
             self._forget_attempts()
 
     @property
@@ -356,13 +364,21 @@ class PostgresBackend:
                     conn.close()
 
     def checkpoint(self) -> int:
-        """This cache's checkpoint LSN as stored now (0 if it never flushed). Only a read: a
-        flush whose answer was lost stays remembered until a later flush settles it (it may
-        still commit after this read); `attach`, at every open, is where a cache starts
-        afresh."""
+        """This cache's checkpoint LSN as stored now (0 if it never flushed). A flush whose
+        answer was lost stays remembered until a later flush settles it (it may still commit
+        after this read); `attach`, at every open, is where a cache starts afresh. The first
+        read after `attach` is what recovery replays from, so the first flush starts from it
+        too: a flush of an earlier open that commits after it (its answer lost, the process
+        gone) then refuses that flush, and the next open settles it, where a flush from the
+        value found later would have added the replayed increments on top of it."""
         cache_id = self._require_cache_id()
         with self._readers.connection() as conn:
-            return self._stored(conn, f"reading the checkpoint of cache {cache_id}")[0]
+            lsn, token = self._stored(conn, f"reading the checkpoint of cache {cache_id}")
+        if self._known is None:
+            with self._write_lock:
+                if self._known is None:
+                    self._start_from(lsn, token)
+        return lsn
 
     # ---------------------------------------------------------------- the flush
 
@@ -434,13 +450,13 @@ class PostgresBackend:
         """Write lock held. The increments this flush still has to send, once the stored
         checkpoint is known and any flush whose answer was lost is settled; None if this flush
         is one of those and it committed."""
+        if (self._tokens is not None and not self._sql.tokens and not self._uncertain
+                and time.monotonic() >= self._alter_at):
+            self._add_token_column(conn)
         if self._known is None or self._uncertain:
-            if self._known is None and self._tokens is not None and not self._sql.tokens:
-                self._add_token_column(conn)
             stored, token = self._stored(conn, "reading the checkpoint before a flush")
             if self._known is None:
-                self._known, self._token = stored, token
-                self._pending = self._saved_pending(token)
+                self._start_from(stored, token)
             elif stored != self._known:
                 committed = next((attempt for attempt in self._uncertain
                                   if attempt.checkpoint == stored), None)
@@ -465,16 +481,19 @@ class PostgresBackend:
         return [(key, delta - settled.get(key, 0)) for key, delta in increments
                 if delta != settled.get(key, 0)]
 
-    def _saved_pending(self, stored: str | None) -> str | None:
-        """Write lock held, the stored token just read (and found ours). The pending token
-        the directory saved, if the next flush must write it again: flushes of an earlier
-        open may have been sent with it and not answered, from the token still stored, and
-        may yet commit; a new token would leave the directory unable to recognise theirs."""
-        if not self._checks:
-            return None
-        assert self._tokens is not None
-        known, pending = self._tokens.read()
-        return pending if pending is not None and pending != stored else None
+    def _start_from(self, stored: int, token: str | None) -> None:
+        """Write lock held, the first checkpoint read since `attach` (and its token, found
+        ours): what the first flush moves from. With the pending token the directory saved,
+        if that flush must write it again: flushes of an earlier open may have been sent with
+        it and not answered, from the token still stored, and may yet commit; a new token
+        would leave the directory unable to recognise theirs. Read before anything is set,
+        so that a failure here leaves it all to the next read."""
+        pending = None
+        if self._checks:
+            assert self._tokens is not None
+            pending = self._tokens.read()[1]
+        self._known, self._token = stored, token
+        self._pending = pending if pending is not None and pending != token else None
 
     def _next_tokens(self) -> tuple[str | None, str] | None:
         """Write lock held, just before a flush is sent: (the token stored, the one this
@@ -505,25 +524,40 @@ class PostgresBackend:
         return token in self._tokens.read()
 
     def _add_token_column(self, conn: Connection) -> None:
-        """Write lock held, the first flush since `attach` on a table made before tokens:
-        add the column (under the lock table creation takes), unless the role may not, or
-        it would wait past `timeout` (a flush of another node holding the table): then this
-        open goes on without tokens, as before them, and says so."""
+        """Write lock held, a flush with no answer outstanding, on a table made before tokens:
+        add the column (under the lock table creation takes). The ALTER waits for the table
+        at most `_ALTER_LOCK_TIMEOUT`: queued, it would hold up every other node's reads and
+        flushes behind it. If it fails (busy, or a role that may not), the flushes go on
+        without tokens, as before them, it says so, and a flush tries again after
+        `_ALTER_AGAIN`. The switch is safe between flushes: this directory's row has no
+        token yet, which is what `_token` (None) says."""
         names = self._names
 
         def alter(c: Connection) -> None:
             with c.transaction():
                 c.execute(self._sql.lock_ddl, (DDL_LOCK_CLASS, names.data_sql))
+                c.execute(f"SET LOCAL lock_timeout = '{_ALTER_LOCK_TIMEOUT}'")
                 c.execute(self._sql.add_token)
 
         try:
             self._link.call(conn, f"adding the column token to {names.checkpoints}", alter)
         except PostgresError as exc:
+            self._alter_at = time.monotonic() + _ALTER_AGAIN
             log.warning("%s; until it is added this directory cannot be told from a copy of "
                         "it (docs/postgres.md, \"A copied directory\"): the table's owner can "
                         "run %s", " ".join(str(exc).split()), self._sql.add_token)
             return
         self._sql = Statements(names)
+
+    def _look_for_column(self, conn: Connection) -> None:
+        """Once per `attach`, before a checkpoint read on a table that had no token column
+        when this backend was made: another node (or an earlier open) may have added it
+        since, and a read that ignored it would let a copy's recovery through."""
+        self._column_looked = True
+        columns = self._link.call(conn, "looking for the token column", lambda c: dict(
+            c.execute(self._sql.columns, (self._names.checkpoints_sql,)).fetchall()))
+        if "token" in columns:
+            self._sql = Statements(self._names)
 
     def _forget_attempts(self) -> None:
         self._uncertain = []
@@ -545,6 +579,8 @@ class PostgresBackend:
         would take for its own. A token missing from the directory's file is read again:
         a flush of this directory may have committed and saved a newer one between the two
         reads (a command reading beside the live cache), and then the stored one changed."""
+        if self._tokens is not None and not self._sql.tokens and not self._column_looked:
+            self._look_for_column(conn)
         refused: str | None = None
         for _ in range(_OWNER_READS):
             row = self._link.call(conn, action, lambda c: c.execute(
