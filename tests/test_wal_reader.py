@@ -3,7 +3,7 @@
 In the manner of LevelDB's log_test.cc: segments are built with the real writer or by hand
 with `wbcache.wal.format`, bytes are damaged with tiny helpers, and each test asserts exactly
 which records survived and how many bytes were dropped, or exactly where corruption was found.
-One file for the one walker's damage rule (about 800 lines): each case sits beside its
+One file for the one walker's damage rule (over 1,000 lines): each case sits beside its
 neighbours, so a gap in the rule shows.
 """
 
@@ -21,7 +21,14 @@ from typing import Any, TypeVar
 
 import msgpack
 import pytest
-from log_bytes import flip_byte, frame, in_a_thread, record_offsets, truncate
+from log_bytes import (
+    flip_byte,
+    frame,
+    in_a_thread,
+    record_offsets,
+    segment_records,
+    truncate,
+)
 
 from wbcache.errors import CorruptLogError, UnsupportedFormatError
 from wbcache.recovery import LogEnd, walk_log
@@ -966,16 +973,52 @@ def test_a_crafted_value_is_checked_without_being_built(tmp_path: Path) -> None:
     assert peak < 5 * len(value), f"{peak / len(value):.0f}x the value"
 
 
-def test_a_frame_holding_maps_is_refused_at_the_first(tmp_path: Path) -> None:
-    """No frame holds a map, an ext type or an empty array: one of 4 MiB of empty maps was
-    decoded in full (256 MB of dicts) before its records were judged."""
-    count = 4 << 20
-    path = tmp_path / segment_name(1)
-    path.write_bytes(encode_header() + encode_frame(
-        b"\xdd" + count.to_bytes(4, "big") + b"\x80" * count))
-    error, peak, _ = traced(lambda: corruption(path))
-    assert "undecodable frame" in error.reason and "map" in error.reason
-    assert peak < 3 * count, f"{peak / count:.0f}x the frame"
+def _crafted(element: bytes, tail: bytes = b"") -> Callable[[], bytes]:
+    """A frame payload of some 16 MiB, built when asked: an array of `element` repeated, then
+    `tail` (one element more)."""
+    count = (16 << 20) // len(element)
+    return lambda: (b"\xdd" + (count + bool(tail)).to_bytes(4, "big") + element * count
+                    + tail)
+
+
+def _after(head: bytes, crafted: Callable[[], bytes]) -> Callable[[], bytes]:
+    return lambda: head + crafted()
+
+
+@pytest.mark.parametrize("payload, why", [
+    (_crafted(b"\x80"), "undecodable frame (a map"),
+    (_crafted(b"\x91\x01"), "not a record"),
+    (_crafted(b"\x91\x91\x01"), "not a record"),
+    (_crafted(b"\x92\x03\x02"), "not a record"),
+    (_crafted(msgpack.packb([3, OP_DELETE, "k", 1, 1, 1])), "a delete of the wrong length"),
+    (_crafted(b"\x93\xa2ab\xa2ab\xa2ab"), "a bad LSN 'ab'"),
+    (_crafted(b"\xa2ab"), "not a record"),
+    (_crafted(b"\x91" * 1000 + b"\x01"), "not a record"),
+    (_crafted(msgpack.packb([3, OP_PUT, "kk", b"\xc1"])), "a value that does not decode"),
+    (_after(b"\x91\x93\x03\x04", _crafted(b"\x91\x01")),
+     "a batch item that is not an operation"),
+    (_after(b"\x91\x95\x03\x02\xa1k\x01", _crafted(b"\x01")),
+     "too big to decode to say why"),
+    (_crafted(msgpack.packb([3, OP_DELETE, "k"]), b"\x91\x01"), "not a record"),
+], ids=["maps", "one-element arrays", "arrays of arrays", "two-element arrays", "six fields",
+        "strs", "tiny items", "nested 1000 deep", "bad values", "batch of one-element arrays",
+        "a record of 16M fields", "usable records, then one that is not"])
+def test_a_frame_of_crafted_records_is_refused_at_the_first(
+        tmp_path: Path, payload: Callable[[], bytes], why: str) -> None:
+    """No usable record decodes to much more than its size, but a crafted frame of records of
+    any other shape was decoded in full before its records were judged: 65 times its size for
+    arrays nested deep, 45 for one-element arrays, 15 to 28 for records of the wrong length or
+    types. wal/_walk.c judges the records before anything is decoded; only the first one that
+    is not usable is, to say why. (Maps, ext types and empty arrays were refused at the first
+    already: no frame holds one.) The frames before it are read as ever."""
+    path = write_segment(tmp_path, 1, puts(1, 2))
+    at = path.stat().st_size
+    append(path, encode_frame(payload()))
+    size = path.stat().st_size
+    (records, end), peak, _ = traced(lambda: segment_records(path))
+    assert lsns(records) == [1, 2]
+    assert peak < 2 * size, f"{peak / size:.0f}x the segment"
+    assert end.damage is not None and end.damage.offset == at and why in end.damage.reason
 
 
 def test_a_segment_may_exceed_its_size_by_one_frame_only(tmp_path: Path) -> None:

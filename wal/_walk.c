@@ -17,14 +17,19 @@
  * each mutable value before it is logged (wbcache/codec.py), and the Python walk, which checks
  * every value of the frames left to it (wal/records.py): exact, it builds nothing.
  *
+ * `unusable(payload, ...)` judges the frames left to the Python walk (deletes, increments,
+ * batches...) before they are decoded: exactly the records wal/records.py's `problem` takes,
+ * and where one is not, where it is, so that only that record is decoded to say why.
+ *
  * scan(data, pos, size, expected, max_key_size, max_payload, max_records, stop_at)
  *   -> (records, pos, expected)
  * walks frames from `pos` while pos < size, stopping after the frame that brings the record
  * count to `max_records` or pos to `stop_at` (the Python walk's batch ends). `records` are
  * lists [lsn, 1, key, value], as msgpack.unpackb gives them.
  *
- * A little over 500 lines: the walk and the exact proof of a value (msgpack's grammar,
- * checked as its unpacker checks it) must be read together.
+ * Over 500 lines (some 780): the walk, the exact proof of a value (msgpack's grammar, checked
+ * as its unpacker checks it) and the exact check of a record share their msgpack readers and
+ * must be read together.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -438,6 +443,270 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     return Py_BuildValue("(NnK)", out, pos, (unsigned long long)lsn);
 }
 
+/* ------------------------------------------------------------------ records, judged whole
+ *
+ * `unusable` finds the first record of a frame payload that wal/records.py's `problem` would
+ * refuse, before anything is decoded: a crafted frame of records of any other shape (arrays
+ * of one element, of the wrong length, of the wrong types, nested deep, or many tiny ones)
+ * decoded to up to 65 times its size before it was refused. Where every record is usable it
+ * says so; the Python walk then decodes the frame and judges it as before. */
+
+/* The array header at *p: 1 with its length in *n and *p past the header, 0 if the object
+ * there is not an array or claims more elements than bytes are left (each takes one). */
+static int array_header(const unsigned char **p, const unsigned char *end, uint64_t *n) {
+    const unsigned char *q = *p;
+    if (q >= end)
+        return 0;
+    unsigned char t = *q++;
+    if (t >= 0x90 && t <= 0x9f) {
+        *n = t & 0x0f;
+    } else if (t == 0xdc || t == 0xdd) {
+        int width = length_field(t);
+        if (end - q < width)
+            return 0;
+        *n = be(q, width);
+        q += width;
+    } else {
+        return 0;
+    }
+    if (*n > (uint64_t)(end - q))
+        return 0;
+    *p = q;
+    return 1;
+}
+
+/* The int at *p, as msgpack decodes it (Python's int, never a bool): 1 with *p past it and
+ * its value in *value, or *above set for a uint64 over INT64_MAX (too big for *value); 0 if
+ * the object there is not an int. */
+static int int_field(const unsigned char **p, const unsigned char *end, int64_t *value,
+                     int *above) {
+    const unsigned char *q = *p;
+    if (q >= end)
+        return 0;
+    unsigned char t = *q++;
+    *above = 0;
+    if (t <= 0x7f || t >= 0xe0) { /* positive and negative fixint */
+        *value = t <= 0x7f ? t : (int64_t)t - 256;
+    } else if (t >= 0xcc && t <= 0xd3) { /* uint8..uint64, int8..int64 */
+        int width = 1 << ((t - 0xcc) & 3);
+        if (end - q < width)
+            return 0;
+        uint64_t v = be(q, width);
+        q += width;
+        if (t <= 0xcf) {
+            *above = v > INT64_MAX;
+        } else if (width < 8 && v >> (8 * width - 1)) {
+            v -= (uint64_t)1 << (8 * width); /* negative: two's complement over 64 bits */
+        }
+        *value = (int64_t)v;
+    } else {
+        return 0;
+    }
+    *p = q;
+    return 1;
+}
+
+/* The op code the object at *p equals under Python's == (an int, true, or a float such as
+ * 1.0: records.py compares with ==), with *p past it; 0 if it equals none of 1..4. */
+static int op_field(const unsigned char **p, const unsigned char *end) {
+    const unsigned char *q = *p;
+    int64_t value;
+    int above;
+    double real;
+    if (int_field(&q, end, &value, &above)) {
+        if (above || value < 1 || value > 4)
+            return 0;
+        *p = q;
+        return (int)value;
+    }
+    if (q < end && *q == 0xc3) { /* true == 1 */
+        *p = q + 1;
+        return 1;
+    }
+    if (q < end && *q == 0xca && end - q >= 5) {
+        uint32_t bits = (uint32_t)be(q + 1, 4);
+        float single;
+        memcpy(&single, &bits, 4);
+        real = single;
+        q += 5;
+    } else if (q < end && *q == 0xcb && end - q >= 9) {
+        uint64_t bits = be(q + 1, 8);
+        memcpy(&real, &bits, 8);
+        q += 9;
+    } else {
+        return 0;
+    }
+    if (!(real >= 1 && real <= 4) || real != (int)real)
+        return 0;
+    *p = q;
+    return (int)real;
+}
+
+/* A key records.py takes, with *p past it: a str (valid UTF-8) or bin of 1..max_key_size
+ * bytes (a str's UTF-8 bytes are its msgpack bytes). */
+static int key_field(const unsigned char **p, const unsigned char *end, uint64_t max_key_size) {
+    const unsigned char *key;
+    uint64_t len;
+    int is_str;
+    return str_or_bin(p, end, &key, &len, &is_str) && len > 0 && len <= max_key_size
+        && (!is_str || utf8_ok(key, (Py_ssize_t)len));
+}
+
+/* A value records.py takes, with *p past it: a bin holding one msgpack object that decodes. */
+static int value_field(const unsigned char **p, const unsigned char *end) {
+    const unsigned char *value;
+    uint64_t len;
+    int is_str;
+    return str_or_bin(p, end, &value, &len, &is_str) && !is_str
+        && value_ok(value, (Py_ssize_t)len);
+}
+
+/* Whether the `fields` objects at *p, an op code first, are an operation records.py's
+ * `_item_problem` takes: [1, key, value], [2, key] or [3, key, delta, result] with delta and
+ * result 64-bit ints. *p is left past them if they are. */
+static int operation_ok(const unsigned char **p, const unsigned char *end, uint64_t fields,
+                        uint64_t max_key_size) {
+    int64_t number;
+    int above;
+    switch (op_field(p, end)) {
+    case 1:
+        return fields == 3 && key_field(p, end, max_key_size) && value_field(p, end);
+    case 2:
+        return fields == 2 && key_field(p, end, max_key_size);
+    case 3:
+        return fields == 4 && key_field(p, end, max_key_size)
+            && int_field(p, end, &number, &above) && !above
+            && int_field(p, end, &number, &above) && !above;
+    default:
+        return 0;
+    }
+}
+
+/* Whether the record at *p is one records.py's `problem` takes: [lsn, op...] with a positive
+ * int LSN and an operation, or [lsn, 4, [operation, ...]] (a batch of at least one). *p is
+ * left past it if it is; if not, *unit is where what to report starts: the record, or its
+ * first unusable operation when the record is a batch otherwise sound (*in_batch set), as
+ * `problem` reports a batch. */
+static int record_ok(const unsigned char **p, const unsigned char *end, uint64_t max_key_size,
+                     const unsigned char **unit, int *in_batch) {
+    const unsigned char *q = *p, *op;
+    uint64_t fields, items;
+    int64_t lsn;
+    int above;
+    *unit = q;
+    *in_batch = 0;
+    if (!array_header(&q, end, &fields) || fields < 3 || !int_field(&q, end, &lsn, &above)
+            || (!above && lsn < 1))
+        return 0;
+    op = q;
+    if (op_field(&q, end) != 4) {
+        q = op;
+        if (!operation_ok(&q, end, fields - 1, max_key_size))
+            return 0;
+    } else {
+        if (fields != 3 || !array_header(&q, end, &items) || items == 0)
+            return 0;
+        *in_batch = 1;
+        for (uint64_t i = 0; i < items; i++) {
+            *unit = q;
+            if (!array_header(&q, end, &fields) || fields < 2
+                    || !operation_ok(&q, end, fields, max_key_size))
+                return 0;
+        }
+    }
+    *p = q;
+    return 1;
+}
+
+/* Where the object at p ends if decoding it builds at most `budget` things: an object, a slot
+ * of an array or map, a byte of a str count one each (a bin's bytes, copied once, do not; a
+ * str may take 4 bytes a character). `end` if its bytes run out or go wrong first (decoding
+ * p..end stops there), NULL if it would build more. Not a check: msgpack judges what is
+ * decoded. */
+static const unsigned char *bounded_end(const unsigned char *p, const unsigned char *end,
+                                        uint64_t budget) {
+    const uint64_t size = (uint64_t)(end - p);
+    uint64_t pending = 1, built = 0; /* objects still to come; what those met so far build */
+    while (pending > 0) {
+        if (p >= end)
+            return end;
+        unsigned char t = *p++;
+        uint64_t skip = 0, slots = 0, chars = 0, n;
+        if (t <= 0x7f || t >= 0xe0 || t == 0xc0 || t == 0xc2 || t == 0xc3) {
+            /* fixint, nil, false, true */
+        } else if (t >= 0xa0 && t <= 0xbf) {
+            chars = t & 0x1f;
+        } else if (t >= 0x90 && t <= 0x9f) {
+            slots = t & 0x0f;
+        } else if (t >= 0x80 && t <= 0x8f) {
+            slots = 2 * (t & 0x0f);
+        } else if (t >= 0xca && t <= 0xd3) { /* float32, float64, uint8..64, int8..64 */
+            skip = t == 0xca ? 4 : t == 0xcb ? 8 : (uint64_t)1 << ((t - 0xcc) & 3);
+        } else if (t >= 0xd4 && t <= 0xd8) { /* fixext: its type byte, then its data */
+            skip = 1 + ((uint64_t)1 << (t - 0xd4));
+        } else {
+            int ext = t >= 0xc7 && t <= 0xc9, width = ext ? 1 << (t - 0xc7) : length_field(t);
+            if (width == 0 || end - p < width)
+                return end;
+            n = be(p, width);
+            p += width;
+            if (ext)
+                skip = 1 + n;
+            else if (t == 0xc4 || t == 0xc5 || t == 0xc6)
+                skip = n;
+            else if (t == 0xd9 || t == 0xda || t == 0xdb)
+                chars = n;
+            else
+                slots = t == 0xdc || t == 0xdd ? n : 2 * n;
+        }
+        skip += chars;
+        if (skip > (uint64_t)(end - p) || slots > size)
+            return end; /* cut short, or more elements than p..end has bytes: msgpack builds
+                         * none of it (max_array_len, max_map_len) */
+        built += 1 + slots + chars;
+        if (built > budget)
+            return NULL;
+        pending = pending - 1 + slots;
+        p += skip;
+    }
+    return p;
+}
+
+/* unusable(payload, max_key_size, budget) -> None | (start, stop, in_batch): None if the
+ * payload is one non-empty array of records records.py takes and nothing else; else where to
+ * look for why: payload[start:stop] is the first record that is not usable, or that
+ * record's first unusable operation (in_batch), or the whole payload (start 0) when it is not
+ * one array of records. stop is 0 when decoding that much would build more than `budget`
+ * things (`bounded_end`). */
+static PyObject *unusable(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t max_key, budget;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nn", &view, &max_key, &budget))
+        return NULL;
+    const unsigned char *start = view.buf, *p = start, *end = start + view.len, *unit = start;
+    uint64_t max_key_size = max_key < 0 ? 0 : (uint64_t)max_key, records, i = 0;
+    int in_batch = 0;
+    if (array_header(&p, end, &records) && records > 0) {
+        while (i < records && record_ok(&p, end, max_key_size, &unit, &in_batch))
+            i++;
+        if (i == records) {
+            if (p == end) {
+                PyBuffer_Release(&view);
+                Py_RETURN_NONE;
+            }
+            unit = start; /* bytes after the array of records */
+            in_batch = 0;
+        }
+    }
+    const unsigned char *stop = bounded_end(unit, end, budget < 0 ? 0 : (uint64_t)budget);
+    PyObject *found = Py_BuildValue("(nnO)", (Py_ssize_t)(unit - start),
+                                    stop == NULL ? (Py_ssize_t)0 : (Py_ssize_t)(stop - start),
+                                    in_batch ? Py_True : Py_False);
+    PyBuffer_Release(&view);
+    return found;
+}
+
 /* decodes(value) -> bool: whether msgpack.unpackb(value, strict_map_key=False) decodes it,
  * found without building anything (`skip_object`). */
 static PyObject *decodes(PyObject *self, PyObject *arg) {
@@ -474,6 +743,9 @@ static PyMethodDef methods[] = {
     {"decodes", decodes, METH_O,
      "decodes(value) -> bool: whether msgpack.unpackb(value, strict_map_key=False) decodes "
      "it, found without building anything."},
+    {"unusable", unusable, METH_VARARGS,
+     "unusable(payload, max_key_size, budget) -> None | (start, stop, in_batch): where the "
+     "first record of a frame payload that is not usable is (see the module source)."},
     {"scan", scan, METH_VARARGS,
      "scan(data, pos, size, expected, max_key_size, max_payload, max_records, stop_at) -> "
      "(records, pos, expected): walk the plain-put frames from pos (see the module source)."},

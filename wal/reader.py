@@ -63,8 +63,7 @@ from wbcache.wal.records import (
     DEFAULT_MAX_KEY_SIZE,
     OP_PUT,
     Record,
-    decode_frame,
-    frame_problem,
+    read_frame,
 )
 
 try:  # the optional C fast path over runs of plain-put frames (wal/_walk.c, built by setup.py)
@@ -169,11 +168,8 @@ def intact_frame(data: Data, at: int, size: int, max_key_size: int = DEFAULT_MAX
         payload = data[at + FRAME_SIZE:end]
         if zlib.crc32(payload) != crc:
             return [], 0
-    try:
-        records = decode_frame(payload)
-    except Exception:  # msgpack raises several types for bad input
-        return [], 0
-    if frame_problem(records, max_key_size) is not None:
+    records, reason = read_frame(payload, max_key_size)
+    if reason is not None:
         return [], 0
     return [record[0] for record in records], end
 
@@ -456,12 +452,7 @@ def _walk(result: SegmentEnd, data: Data, header: SegmentHeader, is_last: bool,
                 break
             # From here the frame is a complete write: anything wrong is corruption.
             corrupt = True
-            try:
-                records = decode_frame(payload)
-            except Exception as exc:  # msgpack raises several types for bad input
-                reason = f"undecodable frame ({exc})"
-                break
-            reason = frame_problem(records, max_key_size)
+            records, reason = read_frame(payload, max_key_size)
             if reason is not None:
                 break
             first = expected

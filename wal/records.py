@@ -16,7 +16,8 @@ that is not usable is corruption (the writer never writes one), refused where it
 it can never stop a recovery half-way or surface later as a raw decoding error.
 
 Adding an operation touches this file (its code, encoder, `problem` and `fold` branches,
-`describe`), its tests, and the API method that writes it.
+`describe`), wal/_walk.c (`operation_ok`, which checks records before they are decoded), their
+tests, and the API method that writes it.
 """
 
 from __future__ import annotations
@@ -46,10 +47,14 @@ DEFAULT_MAX_KEY_SIZE = 511  # LMDB's; a reader given no database limit applies i
 packb = msgpack.packb
 _unpackb = msgpack.unpackb
 _DECODED_FOR_REASON = 64 * 1024  # a value that does not decode, up to this size: msgpack says why
-try:  # the exact proof that a value decodes, building nothing (wal/_walk.c)
+try:  # the exact proofs that a value decodes and a frame's records are usable (wal/_walk.c)
     from wbcache.wal._walk import decodes as _decodes
+    from wbcache.wal._walk import unusable as _unusable
 except ImportError:  # not built: msgpack decides, by decoding
-    _decodes = None
+    _decodes = _unusable = None
+# What decoding a record that is not usable may build to say why (objects, slots, characters:
+# `bounded_end` in wal/_walk.c); a bigger one is refused without decoding.
+_BUILT_FOR_REASON = 64 * 1024
 # The encoders below pack what the sequencer builds: ints, exact str or bytes keys, bytes
 # values, lists of those. Packing them runs no Python code, so the GIL is never released inside
 # one call and one Packer serves every thread (msgpack.packb builds a Packer per call: 0.9 us
@@ -182,10 +187,11 @@ def problem(record: object, max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> str | N
 def frame_problem(records: object, max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> str | None:
     """Why a decoded frame payload is not a non-empty list of usable records, or None.
 
-    This is the reader's hot path: a plain put, the common record, is checked inline. The
-    reader's C fast path (wal/_walk.c) mirrors the plain put's rules, taking a subset of what
-    this accepts: a change here that refuses more must be made there too
-    (tests/test_wal_fastpath.py reads every case both ways)."""
+    Where wal/_walk.c is not built, this is the reader's hot path (`read_frame`): a plain
+    put, the common record, is checked inline. wal/_walk.c mirrors these rules: its `scan`
+    takes a subset of what this accepts (plain puts), its `unusable` exactly what this
+    accepts; a change here must be made there too (tests/test_wal_fastpath.py and
+    tests/test_wal_record_check.py read every case both ways)."""
     if type(records) is not list or not records:
         return "a frame that is not a list of records"
     for record in records:
@@ -208,6 +214,54 @@ def frame_problem(records: object, max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> 
         if found is not None:
             return f"malformed record: {found}"
     return None
+
+
+def read_frame(payload: bytes, max_key_size: int = DEFAULT_MAX_KEY_SIZE
+               ) -> tuple[list[Record], str | None]:
+    """(the records of a frame payload, None) if it is a non-empty list of usable records,
+    else ([], why not: "undecodable frame (...)" or "malformed record: ...").
+
+    The reader's hot path for frames that are not plain puts. Where wal/_walk.c is built, its
+    check (`unusable`, exact: tests/test_wal_record_check.py) judges the records before anything
+    is decoded, and where one is not usable, only that record (or the batch's operation) is
+    decoded, to say why: a crafted frame of records of any other shape (arrays of one element,
+    of the wrong length or types, nested deep, many tiny ones) cost up to 65 times its size
+    decoded whole before its first record was judged. So the first record that is not usable
+    is reported even where a later one does not decode at all."""
+    if _unusable is not None:
+        found = _unusable(payload, min(max_key_size, len(payload)), _BUILT_FOR_REASON)
+        if found is None:  # every record is usable: this cannot fail
+            return decode_frame(payload), None
+        reason = _unusable_reason(payload, *found, max_key_size)
+        if reason is not None:
+            return [], reason
+    try:
+        records = decode_frame(payload)
+    except Exception as exc:  # msgpack raises several types for bad input
+        return [], f"undecodable frame ({exc})"
+    reason = frame_problem(records, max_key_size)
+    return ([], reason) if reason is not None else (records, None)
+
+
+def _unusable_reason(payload: bytes, start: int, stop: int, in_batch: bool,
+                     max_key_size: int) -> str | None:
+    """Why payload[start:stop], the first record that is not usable (or that batch's first
+    operation that is not), is not; None to judge the whole payload by decoding it (start 0:
+    it is not one array of records, and small)."""
+    if not stop:  # decoding it would build too much to say more
+        if start == 0:
+            return "malformed record: a frame that is not a list of records"
+        what = "a batch holding an operation" if in_batch else "a record"
+        return f"malformed record: {what} that is not usable, too big to decode to say why"
+    if start == 0:
+        return None
+    try:
+        unit = decode_frame(memoryview(payload)[start:stop])
+    except Exception as exc:  # msgpack raises several types for bad input
+        return f"undecodable frame ({exc})"
+    # A batch's record is sound when its operation is not (the LSN a stand-in: _walk.c took it).
+    found = problem([1, OP_BATCH, [unit]] if in_batch else unit, max_key_size)
+    return None if found is None else f"malformed record: {found}"
 
 
 def decode_frame(payload: bytes) -> Any:
