@@ -1,8 +1,10 @@
 """Plant bugs in the C fast paths: the reader's (wal/_walk.c), caught by
-tests/test_wal_fastpath.py; the cache hit's (wbcache/_hit.c, mutations named hit-*), caught by
-tests/test_hit_path.py; a flush's LMDB puts (wbcache/backends/_pairs.c, pairs-*), caught by
-tests/test_lmdb_pairs.py; the group commit's write and fdatasync (wal/_sync.c, sync-*), caught
-by tests/test_wal_sync.py; the log's thread (wal/_pipe.c, pipe-*), caught by tests/test_pipe.py.
+tests/test_wal_fastpath.py, and its check of records before they are decoded (records-*),
+caught by tests/test_wal_record_check.py; the cache hit's (wbcache/_hit.c, mutations named
+hit-*), caught by tests/test_hit_path.py; a flush's LMDB puts (wbcache/backends/_pairs.c,
+pairs-*), caught by tests/test_lmdb_pairs.py; the group commit's write and fdatasync
+(wal/_sync.c, sync-*), caught by tests/test_wal_sync.py; the log's thread (wal/_pipe.c,
+pipe-*), caught by tests/test_pipe.py.
 
     python mutants/walk_c.py              # every mutation (about 15 s each)
     python mutants/walk_c.py utf8 lsn     # some, by name
@@ -64,6 +66,38 @@ MUTATIONS: list[tuple[str, str, str | tuple[str, ...], str | tuple[str, ...]]] =
      (PEEK, "if (count == 0)\n            return 0;"), ("", "")),
     ("batch-end", "batches do not end at max_records (pages released, generator steps)",
      "PyList_GET_SIZE(out) < max_records &&", ""),
+]
+# The check of the records of the frames left to the Python walk (`unusable`, records-*): each
+# takes a record records.py refuses, or refuses one it takes (decoded whole to be judged).
+MUTATIONS += [
+    ("records-key-empty", "an empty key is taken",
+     "&& len > 0 && len <= max_key_size", "&& len <= max_key_size"),
+    ("records-key-limit", "keys over the database's limit are taken",
+     "&& len > 0 && len <= max_key_size", "&& len > 0"),
+    ("records-key-utf8", "a str key of invalid UTF-8 is taken",
+     "\n        && (!is_str || utf8_ok(key, (Py_ssize_t)len));", ";"),
+    ("records-value-str", "a value stored as a str, not a bin, is taken",
+     "&& !is_str\n        && value_ok(", "&& value_ok("),
+    ("records-value", "a value that does not decode is taken",
+     "\n        && value_ok(value, (Py_ssize_t)len);", ";"),
+    ("records-int64", "a uint64 over INT64_MAX passes for an int64 (a delta, a result)",
+     "*above = v > INT64_MAX;", "*above = 0;"),
+    ("records-signed", "int8..int64 are read as unsigned (an LSN of -1 is taken)",
+     "v -= (uint64_t)1 << (8 * width);", ""),
+    ("records-lsn", "an LSN of 0 is taken", "|| (!above && lsn < 1))", "|| (!above && lsn < 0))"),
+    ("records-op-true", "op true (== 1 in Python) is refused: such a frame is decoded whole",
+     "if (q < end && *q == 0xc3) {", "if (0) {"),
+    ("records-op-float", "an op of 1.5 is taken as 1", "real != (int)real", "0"),
+    ("records-arity", "a delete of three fields is taken",
+     "return fields == 2 && key_field", "return fields >= 2 && key_field"),
+    ("records-batch-empty", "an empty batch is taken", "|| items == 0)", ")"),
+    ("records-batch-length", "a batch record of four fields is taken",
+     "if (fields != 3 || !array_header(&q, end, &items)", "if (!array_header(&q, end, &items)"),
+    ("records-frame-end", "a payload with bytes after its array of records is taken",
+     "if (p == end) {\n                PyBuffer_Release(&view);",
+     "if (1) {\n                PyBuffer_Release(&view);"),
+    ("records-budget", "a record that is not usable is decoded however much it builds",
+     "if (built > budget)\n            return NULL;", ""),
 ]
 # The hit path: each mutation makes the C differ from the closure in one step.
 MUTATIONS += [
@@ -132,6 +166,8 @@ def source_of(name: str) -> tuple[str, str]:
         return "wal/_sync.c", "tests/test_wal_sync.py"
     if name.startswith("pipe-"):
         return "wal/_pipe.c", "tests/test_pipe.py"
+    if name.startswith("records-"):
+        return "wal/_walk.c", "tests/test_wal_record_check.py"
     return "wal/_walk.c", TESTS
 
 
