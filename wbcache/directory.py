@@ -109,7 +109,10 @@ def open_directory(path: str | os.PathLike[str], options: Options,
     a URL (a backend made and owned here), or None for the embedded database."""
     if not os.fspath(path):  # "" would be the working directory
         raise ValueError("the directory path is empty")
-    if backend is not None and not isinstance(backend, (str, Backend)):
+    # Duck-typed, as the protocol is used: isinstance(x, Backend) reads attributes statically
+    # from Python 3.12 on, and refuses a wrapper that forwards them through __getattr__.
+    if backend is not None and not isinstance(backend, str) and not all(
+            callable(getattr(backend, name, None)) for name in ("attach", "apply", "get")):
         raise TypeError(f"backend must be a Backend (such as PostgresBackend) or a "
                         f"postgresql:// URL, not {type(backend).__name__}")
     if backend is None:  # LMDB's limit is known: refused before any file is made
