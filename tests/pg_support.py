@@ -18,6 +18,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -26,10 +27,13 @@ import pytest
 from conftest import require_service
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+import wbcache
+from wbcache import FlushError
 from wbcache.backends.postgres import PostgresBackend
 
 DSN_VARIABLE = "WBCACHE_TEST_PG_DSN"
 MakeBackend = Callable[..., PostgresBackend]
+OpenCache = Callable[..., wbcache.Cache]
 
 
 LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -93,6 +97,37 @@ def make_backend_fixture(pg_dsn: str, pg_schema: str) -> Iterator[MakeBackend]:
 
     yield make
     for backend in made:
+        backend.close()
+
+
+@pytest.fixture(name="table")
+def table_fixture(pg_schema: str) -> str:
+    return f"{pg_schema}.wbcache"
+
+
+@pytest.fixture(name="open_pg")
+def open_pg_fixture(tmp_path: Path, pg_dsn: str, table: str) -> Iterator[OpenCache]:
+    """Open a cache directory `name` over the test's table (through `dsn` if given); every
+    cache and backend is closed at teardown, before the schema is dropped."""
+    opened: list[tuple[wbcache.Cache, PostgresBackend]] = []
+
+    def open_(name: str, dsn: str | None = None, backend_options: dict[str, Any] | None = None,
+              **options: Any) -> wbcache.Cache:
+        backend = PostgresBackend(dsn or pg_dsn, table=table, **(backend_options or {}))
+        try:
+            cache = wbcache.open(tmp_path / name, backend=backend, **options)
+        except BaseException:
+            backend.close()
+            raise
+        opened.append((cache, backend))
+        return cache
+
+    yield open_
+    for cache, backend in opened:
+        try:
+            cache.close()
+        except FlushError:  # a test that left the database away, or a refused copy's original:
+            pass  # the log keeps the data
         backend.close()
 
 

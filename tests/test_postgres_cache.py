@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,51 +18,21 @@ import pytest
 from cli_support import pg_url
 from controlled import wait_until
 from pg_support import (  # noqa: F401 (fixtures)
+    OpenCache,
     TcpProxy,
+    open_pg_fixture,
     pg_dsn_fixture,
     pg_proxy_fixture,
     pg_schema_fixture,
     query,
     stored_ints,
+    table_fixture,
 )
 
 import wbcache
 from wbcache import FlushError
 from wbcache.backends.postgres import PostgresBackend, PostgresError
 from wbcache.snapshot import open_snapshot
-
-OpenCache = Callable[..., wbcache.Cache]
-
-
-@pytest.fixture
-def table(pg_schema: str) -> str:
-    return f"{pg_schema}.wbcache"
-
-
-@pytest.fixture
-def open_pg(tmp_path: Path, pg_dsn: str, table: str) -> Iterator[OpenCache]:
-    """Open a cache directory `name` over the test's table (through `dsn` if given); every
-    cache and backend is closed at teardown, before the schema is dropped."""
-    opened: list[tuple[wbcache.Cache, PostgresBackend]] = []
-
-    def open_(name: str, dsn: str | None = None, backend_options: dict[str, Any] | None = None,
-              **options: Any) -> wbcache.Cache:
-        backend = PostgresBackend(dsn or pg_dsn, table=table, **(backend_options or {}))
-        try:
-            cache = wbcache.open(tmp_path / name, backend=backend, **options)
-        except BaseException:
-            backend.close()
-            raise
-        opened.append((cache, backend))
-        return cache
-
-    yield open_
-    for cache, backend in opened:
-        try:
-            cache.close()
-        except FlushError:
-            pass  # a test that left the database away; the log keeps the data
-        backend.close()
 
 
 def test_values_and_keys_round_trip_through_the_database(open_pg: OpenCache) -> None:

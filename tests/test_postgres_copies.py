@@ -17,20 +17,21 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 from cli_support import assert_one_line_error, pg_url, run
 from controlled import wait_until
 from pg_support import (  # noqa: F401 (fixtures)
+    OpenCache,
     TcpProxy,
+    open_pg_fixture,
     pg_dsn_fixture,
     pg_proxy_fixture,
     pg_schema_fixture,
     query,
+    table_fixture,
     value_of,
 )
 
@@ -38,8 +39,6 @@ import wbcache
 from wbcache import FlushError
 from wbcache.backends.postgres import CheckpointConflictError, PostgresBackend, PostgresError
 from wbcache.layout import Layout, TokenFile
-
-OpenCache = Callable[..., wbcache.Cache]
 
 # A copy's own writes, acknowledged, then kill -9 before any flush.
 COPY_WRITER = textwrap.dedent("""
@@ -55,33 +54,11 @@ COPY_WRITER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture
-def table(pg_schema: str) -> str:
-    return f"{pg_schema}.wbcache"
-
-
-@pytest.fixture
-def open_pg(tmp_path: Path, pg_dsn: str, table: str) -> Iterator[OpenCache]:
-    opened: list[tuple[wbcache.Cache, PostgresBackend]] = []
-
-    def open_(name: str, **options: Any) -> wbcache.Cache:
-        backend = PostgresBackend(pg_dsn, table=table, **options.pop("backend_options", {}))
-        try:
-            cache = wbcache.open(tmp_path / name, backend=backend, flush_interval=3600,
-                                 flush_threshold=10**9, **options)
-        except BaseException:
-            backend.close()
-            raise
-        opened.append((cache, backend))
-        return cache
-
-    yield open_
-    for cache, backend in opened:
-        try:
-            cache.close()
-        except (FlushError, CheckpointConflictError):
-            pass  # the original of a copy that took its checkpoint: its log keeps its writes
-        backend.close()
+@pytest.fixture(name="open_quiet")
+def open_quiet_fixture(open_pg: OpenCache) -> OpenCache:
+    """`open_pg` with the flusher held off: flushes happen where the test says."""
+    return lambda name, **options: open_pg(name, flush_interval=3600, flush_threshold=10**9,
+                                           **options)
 
 
 def copy_dir(source: Path, target: Path) -> None:
@@ -93,8 +70,8 @@ def log_bytes(path: Path) -> dict[str, bytes]:
 
 
 def test_a_copy_is_refused_once_its_original_flushed_past_its_writes_and_keeps_them(
-        tmp_path: Path, pg_dsn: str, table: str, open_pg: OpenCache) -> None:
-    original = open_pg("a")
+        tmp_path: Path, pg_dsn: str, table: str, open_quiet: OpenCache) -> None:
+    original = open_quiet("a")
     original.put("base", 0)
     original.flush()
     copy_dir(tmp_path / "a", tmp_path / "b")
@@ -112,7 +89,7 @@ def test_a_copy_is_refused_once_its_original_flushed_past_its_writes_and_keeps_t
 
     with pytest.raises(CheckpointConflictError, match=r"written by another directory with the "
                                                       r"same cache_id.*nothing was replayed"):
-        open_pg("b")
+        open_quiet("b")
     assert log_bytes(tmp_path / "b") == kept  # the copy's acknowledged writes are all there
     assert query(pg_dsn, f"SELECT count(*) FROM {table} WHERE key >= %s AND key < %s",
                  (b"scopy:", b"scopy;")) == [(0,)]
@@ -120,16 +97,16 @@ def test_a_copy_is_refused_once_its_original_flushed_past_its_writes_and_keeps_t
     original.put("after", 1)
     original.flush()
     original.close()
-    with open_pg("a") as again:
+    with open_quiet("a") as again:
         assert again.get("after") == 1 and again.recovery.replayed == 0
 
 
 def test_a_copy_made_while_a_flush_was_failing_is_refused_after_that_flush_commits(
-        tmp_path: Path, pg_dsn: str, table: str, open_pg: OpenCache) -> None:
+        tmp_path: Path, pg_dsn: str, table: str, open_quiet: OpenCache) -> None:
     """The token a flush writes is saved in the directory before it is sent, so a copy made
     while it is unanswered (or failing) has it too: only the directory that saved it may
     take it for its own (the file records that directory's inode)."""
-    original = open_pg("a", backend_options={"timeout": 1.0}, flush_timeout=2.0)
+    original = open_quiet("a", backend_options={"timeout": 1.0}, flush_timeout=2.0)
     original.put("held", 0)
     original.flush()
     with psycopg.connect(pg_dsn) as blocker:  # holds the row: the next flush times out
@@ -141,8 +118,8 @@ def test_a_copy_made_while_a_flush_was_failing_is_refused_after_that_flush_commi
     original.flush()  # the same token, from the same stored one: it commits now
     original.close()
     with pytest.raises(CheckpointConflictError, match="written by another directory"):
-        open_pg("b")
-    with open_pg("a") as again:  # and the directory that saved it opens, whatever it finds
+        open_quiet("b")
+    with open_quiet("a") as again:  # and the directory that saved it opens, whatever it finds
         assert again.get("held") == 1
 
 
@@ -176,7 +153,7 @@ KILLED_AT = textwrap.dedent("""
 @pytest.mark.parametrize("step", ["sent", "committed"])
 @pytest.mark.parametrize("remount", [False, True])
 def test_the_original_killed_around_a_commit_reopens(
-        tmp_path: Path, pg_dsn: str, table: str, open_pg: OpenCache, step: str,
+        tmp_path: Path, pg_dsn: str, table: str, open_quiet: OpenCache, step: str,
         remount: bool) -> None:
     """Killed with its new token saved but not sent, or committed but not yet saved as known:
     the directory finds the stored token among its own, even if its file system comes back
@@ -192,15 +169,15 @@ def test_the_original_killed_around_a_commit_reopens(
         fields = pending.split()
         fields[2] = str(int(fields[2]) + 1)
         token_file.write_text(f"{known}\n{' '.join(fields)}\n")
-    with open_pg("a") as cache:
+    with open_quiet("a") as cache:
         assert cache.get("n") == 1
         cache.put("n", 5)
-    with open_pg("a") as cache:
+    with open_quiet("a") as cache:
         assert cache.get("n") == 5
 
 
 def test_a_token_not_saved_as_known_after_its_commit_is_still_the_directory_s(
-        tmp_path: Path, open_pg: OpenCache, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, open_quiet: OpenCache, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     """The window between a flush's commit and its token's save as known (a crash there, or a
     full disk): the directory that saved the token as pending takes it for its own."""
@@ -213,46 +190,46 @@ def test_a_token_not_saved_as_known_after_its_commit_is_still_the_directory_s(
         save(self, known, pending)
 
     monkeypatch.setattr(TokenFile, "save", no_space_once_committed)
-    with open_pg("a") as cache:
+    with open_quiet("a") as cache:
         cache.put("k", 1)
         cache.flush()  # done, though its token stays saved as pending only
         assert Layout(str(tmp_path / "a")).tokens().read()[1] is not None
     assert "could not record the checkpoint token" in caplog.text
     monkeypatch.undo()
-    with open_pg("a") as cache:
+    with open_quiet("a") as cache:
         assert cache.get("k") == 1 and cache.recovery.replayed == 0
         cache.put("k", 2)
-    with open_pg("a") as cache:
+    with open_quiet("a") as cache:
         assert cache.get("k") == 2
 
 
 def test_a_restored_directory_opens_once_the_token_is_cleared_as_the_error_says(
-        tmp_path: Path, pg_dsn: str, table: str, open_pg: OpenCache) -> None:
-    with open_pg("a") as cache:
+        tmp_path: Path, pg_dsn: str, table: str, open_quiet: OpenCache) -> None:
+    with open_quiet("a") as cache:
         cache.put("k", "old")
     copy_dir(tmp_path / "a", tmp_path / "backup")
-    with open_pg("a") as cache:
+    with open_quiet("a") as cache:
         cache.put("k", "new")
     subprocess.run(["rm", "-rf", str(tmp_path / "a")], check=True)
     (tmp_path / "backup").rename(tmp_path / "a")
     with pytest.raises(CheckpointConflictError) as refused:
-        open_pg("a")
+        open_quiet("a")
     statement = re.search(r"UPDATE \S+ SET token = NULL WHERE cache_id = '[0-9a-f]+'",
                           str(refused.value))
     assert statement is not None, refused.value
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(statement.group(0).encode())
-    with open_pg("a") as cache:
+    with open_quiet("a") as cache:
         assert cache.get("k") == "new"  # the database's: the restored log held nothing newer
         cache.put("k", "after")
-    with open_pg("a") as cache:
+    with open_quiet("a") as cache:
         assert cache.get("k") == "after"
 
 
 @pytest.mark.parametrize("driver", ["runner", "script"])
 def test_recover_of_a_copy_is_refused_in_one_line(tmp_path: Path, pg_dsn: str, pg_schema: str,
-                                                  open_pg: OpenCache, driver: str) -> None:
-    with open_pg("a") as cache:
+                                                  open_quiet: OpenCache, driver: str) -> None:
+    with open_quiet("a") as cache:
         cache.put("k", 1)
         copy_dir(tmp_path / "a", tmp_path / "b")
         cache.put("k", 2)
@@ -291,8 +268,8 @@ def test_a_table_made_before_tokens_gets_the_column_and_a_reader_does_without(
 
 
 def test_a_backend_used_without_a_directory_clears_the_token_and_the_directory_takes_it(
-        tmp_path: Path, pg_dsn: str, table: str, open_pg: OpenCache) -> None:
-    with open_pg("a") as cache:
+        tmp_path: Path, pg_dsn: str, table: str, open_quiet: OpenCache) -> None:
+    with open_quiet("a") as cache:
         cache.put("k", 1)
         cache_id = Layout(str(tmp_path / "a")).cache_id()
     alone = PostgresBackend(pg_dsn, table=table, cache_id=cache_id)
@@ -303,7 +280,7 @@ def test_a_backend_used_without_a_directory_clears_the_token_and_the_directory_t
         alone.close()
     assert query(pg_dsn, f"SELECT token FROM {table}_checkpoints WHERE cache_id = %s",
                  (cache_id,)) == [(None,)]
-    with open_pg("a") as cache:
+    with open_quiet("a") as cache:
         assert cache.get("k") == 1
         cache.put("k", 2)
 
@@ -413,12 +390,12 @@ def test_an_interrupt_while_the_token_is_saved_counts_every_increment_once(
 
 
 def test_a_command_reading_beside_the_live_cache_is_not_refused_when_a_flush_lands_between(
-        tmp_path: Path, pg_dsn: str, table: str, open_pg: OpenCache,
+        tmp_path: Path, pg_dsn: str, table: str, open_quiet: OpenCache,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """`stats` or `inspect` beside the live cache reads the stored token, then the
     directory's file: a flush that commits and saves its token as known in between left
     the reader with a token the file no longer holds, refused as a copy's."""
-    cache = open_pg("a")
+    cache = open_quiet("a")
     cache.put("k", 0)
     cache.flush()
     read = TokenFile.read
