@@ -90,7 +90,6 @@ log = logging.getLogger("wbcache.postgres")
 
 _DEFAULT_TABLE = "wbcache"
 _ITEMS_CHUNK = 5000  # rows per FETCH when iterating the table
-_MINE_KEPT = 1024  # tokens this backend remembers having known (`_mine`), at most
 _OWNER_READS = 5  # reads of a stored token missing from the directory's file (`_stored`)
 _ALTER_LOCK_TIMEOUT = "100ms"  # the ALTER's wait for the checkpoints table (`_add_token_column`)
 _ALTER_AGAIN = 60.0  # s before a flush tries an ALTER that failed again
@@ -217,13 +216,11 @@ class PostgresBackend:
         # flushes sent from it whose answer was lost; the deltas of the batch in flight that
         # one of those committed (so they are in the database already).
         self._known: int | None = None
-        # With `_known`: the token stored with it, the one the next flush writes (saved in
-        # the directory first), and every token this backend has known since `attach` (read
-        # without the lock by `checkpoint`, so replaced, never changed in place).
+        # With `_known`: the token stored with it, and the one the next flush writes (saved
+        # in the directory first).
         self._tokens: CheckpointTokens | None = None
         self._token: str | None = None
         self._pending: str | None = None
-        self._mine: frozenset[str] = frozenset()
         # A table without the token column: whether this attach looked for it again (another
         # node may have added it), and when a flush may next try to add it.
         self._column_looked = False
@@ -308,7 +305,7 @@ class PostgresBackend:
                                  f"use one backend per cache directory (not {cache_id!r})")
             self._cache_id = cache_id
             self._known = None
-            self._tokens, self._token, self._pending, self._mine = tokens, None, None, frozenset()
+            self._tokens, self._token, self._pending = tokens, None, None
             self._column_looked, self._alter_at = False, 0.0
             self._forget_attempts()
 
@@ -507,8 +504,6 @@ class PostgresBackend:
             pending = secrets.token_hex(16)
             self._tokens.save(self._token, pending)
             self._pending = pending
-        mine = self._mine if len(self._mine) < _MINE_KEPT else frozenset()
-        self._mine = mine | {token for token in (self._token, self._pending) if token}
         return self._token, self._pending
 
     @property
@@ -519,8 +514,9 @@ class PostgresBackend:
 
     def _owns(self, token: str | None) -> bool:
         """Whether the stored `token` is one this directory wrote (or there is none to
-        check)."""
-        if not self._checks or token is None or token in self._mine:
+        check). Read without the lock by `checkpoint`: a flush moving the tokens meanwhile
+        sends it to the file, and `_stored` reads a token missing there again."""
+        if not self._checks or token is None or token in (self._token, self._pending):
             return True
         assert self._tokens is not None
         return token in self._tokens.read()
