@@ -35,6 +35,7 @@ from log_bytes import frame
 import wbcache
 from wbcache.backends.lmdb import LmdbBackend
 from wbcache.errors import CorruptLogError
+from wbcache.maintenance import recover_directory
 from wbcache.wal.format import FRAME, FRAME_MAGIC, FRAME_SIZE
 
 
@@ -376,6 +377,24 @@ def test_a_long_log_shows_a_progress_bar_on_a_terminal_but_not_with_json(tmp_pat
     assert b"reading the log" in terminal and b"70000/70000" in terminal
     assert json_code == 0 and json_terminal == b""
     assert json.loads(json_stdout)["replayed"] == 70_000
+
+
+def test_the_replay_bar_is_sized_by_the_records_the_read_counted(tmp_path: Path) -> None:
+    """The first pass's total is sampled from the last segment, and runs of small and large
+    records mislead it (38,446 for this log of 70,000). The replay pass's bar was sized by
+    the same guess; it now takes the reading pass's count."""
+    path = new_cache_dir(tmp_path / "cache")
+    write_segment(path / "wal", [put(lsn, f"key-{lsn}", "x" * (1 if lsn // 5000 % 2 else 300))
+                                 for lsn in range(1, 70_001)])
+    seen: list[tuple[str, int, int]] = []
+
+    recover_directory(path, progress=lambda *report: seen.append(report))
+
+    reading = [estimate for phase, _, estimate in seen if phase == "reading"]
+    replaying = [estimate for phase, _, estimate in seen if phase == "replaying"]
+    assert reading[0] != 70_000  # the sample's guess, which this log makes wrong
+    assert replaying and set(replaying) == {70_000}
+    assert seen[-1] == ("replaying", 70_000, 70_000)
 
 
 @pytest.mark.parametrize("driver", DRIVERS)

@@ -336,7 +336,8 @@ def _check_writable(found: FoundDirectory, logs: list[Layout], *, salvage: bool)
 
 
 class _Phases:
-    """Progress over every log, per pass; the estimate is made once (the logs are locked)."""
+    """Progress over every log, per pass: the first pass's estimate is sampled, a later one's is
+    the records the pass before read (the logs are locked)."""
 
     def __init__(self, progress: Progress | None, wal_dirs: list[str]) -> None:
         self._progress = progress
@@ -361,6 +362,8 @@ class _Phases:
         self._done += records
 
     def end(self) -> None:
-        """The phase is over: its true total, so a bar ends full."""
+        """The phase is over: its true total, so a bar ends full. The next pass reads the same
+        locked logs, so that total is its estimate (the sampled one may be well off)."""
         if self._progress is not None:
             self._progress(self._phase, self._done, self._done)
+        self._estimate = self._done
