@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from plant_support import state_of
 
 import wbcache
 from wbcache.errors import InvalidDirectoryError
+from wbcache.layout import Layout, check_linked_dirs
 from wbcache.maintenance import recover_directory
 
 WRITER = """
@@ -219,3 +221,91 @@ def test_a_copy_put_at_the_original_path_is_refused(tmp_path: Path) -> None:
             wbcache.open(original)
     with wbcache.open(aside) as cache:
         assert cache.get("k") == 1
+
+
+# ------------------------------------------------------------------ shared directories
+
+SHARED_WRITER = WRITER.replace("open(sys.argv[1], ", "open(sys.argv[1], shared=True, ")
+
+
+def test_a_copy_of_a_shared_directory_sharing_its_linked_db_is_refused(tmp_path: Path) -> None:
+    # A copy of a shared directory keeps its lanes, and so their identities: opening it
+    # replayed the copy's lanes into the original's database under the original's
+    # checkpoints (dropping what they took for flushed) and deleted the logs.
+    original, target = tmp_path / "original", tmp_path / "elsewhere-db"
+    original.mkdir(mode=0o700)
+    target.mkdir(mode=0o700)
+    (original / "db").symlink_to(target)
+    with wbcache.open(original, shared=True) as cache:
+        cache.put("base", 0)
+    copy = tmp_path / "copy"
+    copy_keeping_links(original, copy)
+    done = subprocess.run([sys.executable, "-c", SHARED_WRITER, str(original)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL and "acknowledged" in done.stdout, done.stderr
+    before = state_of(target)
+
+    with pytest.raises(InvalidDirectoryError, match="cannot share") as refused:
+        wbcache.open(copy, shared=True)
+    assert str(original) in str(refused.value)
+    with pytest.raises(InvalidDirectoryError, match="cannot share"):
+        recover_directory(copy)
+    assert state_of(target) == before
+    with wbcache.open(original, shared=True) as cache:
+        assert [cache.get(f"x{n}") for n in range(100)] == list(range(100))
+
+
+OPENER = """
+import sys, wbcache
+with wbcache.open(sys.argv[1], shared=True) as cache:
+    cache.put(sys.argv[2], 1)
+"""
+
+
+def test_shared_opens_at_once_all_record_the_same_owner(tmp_path: Path) -> None:
+    # Each open holds only its lane's lock, so several write OWNER at once; with one
+    # temporary name for all, one could rename another's half-written file into place.
+    root, target = tmp_path / "shared", tmp_path / "elsewhere-db"
+    root.mkdir(mode=0o700)
+    target.mkdir(mode=0o700)
+    (root / "db").symlink_to(target)
+    openers = [subprocess.Popen([sys.executable, "-c", OPENER, str(root), f"k{n}"],
+                                stderr=subprocess.PIPE, text=True) for n in range(8)]
+    errors = [opener.communicate(timeout=120)[1] for opener in openers]
+
+    assert [opener.returncode for opener in openers] == [0] * 8, errors
+    assert owner_path(target) == str(root)
+    assert sorted(os.listdir(target)) == ["OWNER", "data.mdb", "lock.mdb"]
+    with wbcache.open(root, shared=True) as cache:
+        assert [cache.get(f"k{n}") for n in range(8)] == [1] * 8
+
+
+def test_owner_written_by_many_at_once_is_always_whole(tmp_path: Path) -> None:
+    # The race above, made frequent: each thread reaches the directory by a path of its own
+    # (so each call rewrites OWNER), as processes opening it through several mounts would.
+    root, target = tmp_path / "shared", tmp_path / "elsewhere-db"
+    root.mkdir(mode=0o700)
+    target.mkdir(mode=0o700)
+    (root / "db").symlink_to(target)
+    paths = []
+    for n in range(4):
+        (tmp_path / f"by-{n}").symlink_to(tmp_path)
+        paths.append(tmp_path / f"by-{n}" / "shared")
+    failures: list[BaseException] = []
+
+    def check_often(path: Path) -> None:
+        try:
+            for _ in range(150):
+                check_linked_dirs(Layout(str(path)), shared=True)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=check_often, args=(path,)) for path in paths]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert failures == []
+    assert owner_path(target) in {str(path) for path in paths}
+    assert sorted(os.listdir(target)) == ["OWNER"]

@@ -62,6 +62,7 @@ from wbcache.layout import (
     WAL_NAME,
     Layout,
     check_backend,
+    check_linked_dirs,
     checked_entries,
     checked_lane_entries,
     claim,
@@ -249,6 +250,7 @@ def _open_shared(path: str | os.PathLike[str], options: Options,
     lane = lanes.claim(root)
     database: Backend | None = None
     try:
+        check_linked_dirs(Layout(root), shared=True)  # a copy's db/ linked to the original's
         database = _shared_database(root, options.map_size)
         database.attach(lane.layout.cache_id())
         _check_key_limit(options, database.max_key_size)

@@ -29,8 +29,9 @@ Hostile directories are refused before anything is created or written in them (t
   (`check_linked_dirs`). A copy made with `cp -a` keeps the link; opening it would replay the
   original's unflushed writes into the copy's database and delete them from the one log both
   use. The same directory by another path (a bind mount), or moved within its file system,
-  keeps its identity; one moved elsewhere or restored is told to remove `OWNER` first. Shared
-  directories are not checked so (a copy of one with a linked `db/` is not detected).
+  keeps its identity; one moved elsewhere or restored is told to remove `OWNER` first. A
+  shared directory's `db/` is checked so too, by every open (each holding only its lane's
+  lock: `OWNER` is written through a temporary file of the writer's own).
 * A lane of a shared directory (wbcache/lanes.py): its `wal/` is never a link
   (`complete_lane` refuses one when a cache opens it; `checked_lane_entries` when a command
   such as `wbcache recover` does): a lane's log is replayed into the shared database and then
@@ -298,7 +299,7 @@ def complete(layout: Layout) -> None:
     SYSCALLS.fsync_dir(layout.root)
 
 
-def check_linked_dirs(layout: Layout, *, write: bool = True) -> None:
+def check_linked_dirs(layout: Layout, *, write: bool = True, shared: bool = False) -> None:
     """Lock held, before the directory is written: each of wal/ and db/ that is a link must be
     this directory's alone (module docstring). `OWNER` there names the directory that uses it
     by its identity (device and inode) and its path. This directory is it if the identities
@@ -307,7 +308,11 @@ def check_linked_dirs(layout: Layout, *, write: bool = True) -> None:
     run). Raises `InvalidDirectoryError` when another directory is recorded: a copy made with
     `cp -a` (the directory recorded still links there), or one whose link the directory
     recorded had (moved to another file system, restored from a backup, or a copy whose
-    original moved away): only the user can tell these apart."""
+    original moved away): only the user can tell these apart.
+
+    For a `shared` directory the lock held is a lane's, so other processes may check and write
+    `OWNER` at the same time: each writes it through a temporary file of its own, and what
+    they write names the same directory."""
     with opened_root(layout.root) as root_fd:
         me = os.fstat(root_fd)
         for name in _LINKABLE_DIRS:
@@ -345,7 +350,9 @@ def check_linked_dirs(layout: Layout, *, write: bool = True) -> None:
                         f"system or restored from a backup, remove {owner} and open it again: "
                         f"a copy opened so replays and deletes the other's unflushed writes")
                 if write and text != ours:  # none yet, or this directory by a new path
-                    _write_durably(sub_fd, shown, OWNER_NAME, ours.encode())
+                    _write_durably(sub_fd, shown, OWNER_NAME, ours.encode(),
+                                   temporary=f"{OWNER_NAME}.{uuid.uuid4().hex}.tmp"
+                                   if shared else None)
             finally:
                 os.close(sub_fd)
 
@@ -481,11 +488,13 @@ def _read_file(root_fd: int, root: str, name: str) -> str:
             f"remove it") from None
 
 
-def _write_durably(root_fd: int, root: str, name: str, data: bytes) -> None:
+def _write_durably(root_fd: int, root: str, name: str, data: bytes, *,
+                   temporary: str | None = None) -> None:
     """Create (or replace) `name` in the checked directory holding `data`, atomically: a
     temporary file (created with O_EXCL, never through a link), fsync, rename, directory
-    fsync."""
-    temporary = f"{name}.tmp"
+    fsync. The temporary file is `name.tmp` unless named: one writer at a time may use that
+    name (a lock held); writers that may run at once each name one of their own."""
+    temporary = temporary or f"{name}.tmp"
     shown = os.path.join(root, temporary)
     flags = os.O_WRONLY | os.O_CREAT
     try:

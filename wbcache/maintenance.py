@@ -157,7 +157,7 @@ def recover_directory(path: str | os.PathLike[str], *, backend: str | None = Non
             raise CacheLockedError(f"{layout.root} is in use by {holder}; stop it first "
                                    f"(opening the cache recovers the directory anyway)")
         free = [target for target in targets if target.lock is not None or target.unlocked]
-        if not found.shared and free:  # before anything is read (a lane's wal/ is no link)
+        if free:  # before anything is read (a lane's wal/ is no link; a shared db/ may be)
             check_linked_dirs(found.layout, write=False)
         for target in free:
             check_format_versions(target.layout.wal)
