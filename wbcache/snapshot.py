@@ -38,7 +38,12 @@ from wbcache.directory import (
     open_database,
 )
 from wbcache.directory import count_after_recovery as _count_after
-from wbcache.errors import CacheClosedError, ConcurrentChangeError, InvalidDirectoryError
+from wbcache.errors import (
+    CacheClosedError,
+    ConcurrentChangeError,
+    CorruptLogError,
+    InvalidDirectoryError,
+)
 from wbcache.layout import QUARANTINE_NAME, Layout
 from wbcache.lock import DirectoryLock, owner_pid
 from wbcache.recovery.pending import (
@@ -330,8 +335,8 @@ class DirectorySnapshot:
         try:
             yield from pending_records(log.wal, log.checkpoint,
                                        max_key_size=self._database().max_key_size)
-        except FileNotFoundError as exc:
-            raise _changed_under(log, exc) from None
+        except (FileNotFoundError, CorruptLogError) as exc:
+            raise self._read_failed(log, exc) from None
 
     def pending_summary(self, log: LogView | None = None) -> PendingSummary:
         """Counts over the records a recovery would replay from `log` (one pass). Raises
@@ -340,8 +345,8 @@ class DirectorySnapshot:
         try:
             return summarize_pending(log.wal, log.checkpoint,
                                      max_key_size=self._database().max_key_size)
-        except FileNotFoundError as exc:
-            raise _changed_under(log, exc) from None
+        except (FileNotFoundError, CorruptLogError) as exc:
+            raise self._read_failed(log, exc) from None
 
     # the data as the caches will see it after recovery
 
@@ -381,6 +386,23 @@ class DirectorySnapshot:
                     f"the live cache of {log.layout.root} flushed its increments while they "
                     "were being read; run the command again")
 
+    def _read_failed(self, log: LogView, exc: FileNotFoundError | CorruptLogError
+                     ) -> Exception:
+        """What a failed read of `log` means. A live cache may flush between the snapshot's
+        read of its checkpoint and the read of its log, and delete the segments its new
+        checkpoint covers: a segment vanishes under the read, or (deleted before the listing)
+        the records after the old checkpoint look missing. Its checkpoint, read again, tells
+        that from damage (a segment is deleted only once a checkpoint covering it commits)."""
+        if not log.in_use:
+            return exc
+        if isinstance(exc, FileNotFoundError):
+            return ConcurrentChangeError(f"the live cache deleted {exc.filename} while it was "
+                                         "being read (it flushed); run the command again")
+        if self._checkpoint_of(log) != log.checkpoint:
+            return ConcurrentChangeError(f"the live cache of {log.layout.root} flushed while "
+                                         "its log was being read; run the command again")
+        return exc
+
     def _replayed(self) -> Replayed:
         """Read once per snapshot: the logs replayed cannot change while it holds their locks
         (or belong to a live cache, whose view is stale anyway)."""
@@ -390,8 +412,8 @@ class DirectorySnapshot:
             for log in self.replayed_logs:
                 try:
                     state, deltas = fold_log(log.wal, log.checkpoint, database.max_key_size)
-                except FileNotFoundError as exc:
-                    raise _changed_under(log, exc) from None
+                except (FileNotFoundError, CorruptLogError) as exc:
+                    raise self._read_failed(log, exc) from None
                 view.add(log.lane, state, deltas)
                 if log.in_use and deltas and database.applies_increments:
                     self._delta_logs.append(log)
@@ -399,11 +421,6 @@ class DirectorySnapshot:
         return self._replayed_view
 
 
-def _changed_under(log: LogView, exc: FileNotFoundError) -> Exception:
-    if not log.in_use:
-        return exc
-    return ConcurrentChangeError(f"the live cache deleted {exc.filename} while it was being "
-                                 "read (it flushed); run the command again")
 
 
 def open_snapshot(path: str | os.PathLike[str], *, backend: str | None = None
