@@ -109,3 +109,20 @@ class ControlledBackend:
 
     def close(self) -> None:
         self.inner.close()
+
+
+def flush_writing_meanwhile(cache: wbcache.Cache, write: Callable[[wbcache.Cache], Any]) -> None:
+    """`cache.flush()`, with `write(cache)` run once its transaction has committed and
+    before the flush ends: a write served while the flush ran."""
+    backend = cache._backend
+    apply = backend.apply
+
+    def apply_then_write(*args: Any, **kwargs: Any) -> None:
+        apply(*args, **kwargs)
+        write(cache)
+
+    backend.apply = apply_then_write  # type: ignore[method-assign]
+    try:
+        cache.flush()
+    finally:
+        del backend.apply  # the class's again

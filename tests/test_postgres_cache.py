@@ -16,7 +16,7 @@ import msgpack
 import psycopg
 import pytest
 from cli_support import pg_url
-from controlled import wait_until
+from controlled import flush_writing_meanwhile, wait_until
 from pg_support import (  # noqa: F401 (fixtures)
     OpenCache,
     TcpProxy,
@@ -70,6 +70,21 @@ def test_increments_from_two_caches_add_up_and_puts_are_last_flush_wins(
     assert dict(query(pg_dsn, f"SELECT cache_id, lsn FROM {table}_checkpoints")) == {
         first.cache_id: first.stats()["checkpoint_lsn"],
         second.cache_id: second.stats()["checkpoint_lsn"]}
+
+
+def test_a_counter_incremented_during_every_flush_shows_the_other_nodes_increments(
+        open_pg: OpenCache, pg_dsn: str, table: str) -> None:
+    # tests/test_shared.py has the story: a node that kept counting never saw another's.
+    mine = open_pg("a", flush_interval=3600)
+    other = open_pg("b", flush_interval=3600)
+    assert mine.incr("hits") == 1
+    other.incr("hits", 1_000_000)
+    other.flush()
+    for flushes in range(1, 3):
+        flush_writing_meanwhile(mine, lambda cache: cache.incr("hits"))
+        assert mine.get("hits") == 1_000_001 + flushes
+    mine.flush()
+    assert stored_ints(pg_dsn, table, "hits") == {"hits": 1_000_003}
 
 
 def test_a_snapshot_of_a_live_cache_never_counts_a_flushed_increment_twice(

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from controlled import wait_until
+from controlled import flush_writing_meanwhile, wait_until
 
 import wbcache
 from wbcache import ForkedCacheError, InvalidDirectoryError
@@ -159,6 +159,35 @@ def test_caches_of_one_process_on_a_shared_directory_add_up_and_see_each_other(
     with wbcache.open(directory, shared=True) as cache:
         assert cache.get("n") == 55
         assert len(lane_roots(str(directory))) == 2  # a free lane was reused
+
+
+def test_a_counter_incremented_during_every_flush_still_shows_the_others_increments(
+        tmp_path: Path) -> None:
+    """A counter flushed as increments becomes clean and is read again; one incremented
+    again while its flush ran stays dirty, and a dirty entry is never read again. So a worker
+    that kept counting hits never saw another worker's (12 s and more, in an outside hunt,
+    with flush_interval=1). It is now rebased on the database's total after each flush."""
+    directory = tmp_path / "shared"
+    mine = wbcache.open(directory, shared=True, flush_interval=3600)
+    other = wbcache.open(directory, shared=True, flush_interval=3600)
+    try:
+        assert mine.incr("hits") == 1  # on the database's 0
+        other.incr("hits", 1_000_000)
+        other.flush()
+        for flushes in range(1, 4):
+            flush_writing_meanwhile(mine, lambda cache: cache.incr("hits"))
+            assert mine.get("hits") == 1_000_001 + flushes
+        assert mine.incr("hits") == 1_000_005  # incr returns the rebased view too
+        flush_writing_meanwhile(mine, lambda cache: cache.put("hits", 7))
+        assert mine.get("hits") == 7  # a put since the flush is this cache's newest state
+        flush_writing_meanwhile(mine, lambda cache: cache.incr("hits", 2))
+        assert mine.get("hits") == 9  # its total, 7, and the 2 still to flush
+        mine.flush()
+    finally:
+        mine.close()
+        other.close()
+    with wbcache.open(directory, shared=True) as cache:
+        assert cache.get("hits") == 9
 
 
 def test_a_write_by_another_process_is_visible_within_flush_interval_plus_read_ttl(

@@ -7,6 +7,8 @@ A flush cycle:
   2. `backend.apply(puts, deletes, S, increments)`: one transaction, retried with backoff on
      error while the log keeps the data;
   3. tell the sequencer: the in-flight entries become clean (unless rewritten meanwhile);
+     counters flushed as increments and incremented again meanwhile are read back from the
+     database and rebased on its total (`Sequencer.rebase`), at most `REBASE_PER_FLUSH`;
   4. delete the log segments whose last LSN <= S. Never before step 2 has committed.
 
 Cycles run on the timer, when woken (dirty threshold, backpressure, capacity pressure), and in
@@ -42,6 +44,8 @@ _FIRST_RETRY_DELAY = 0.01  # seconds; doubles after each failure
 _MAX_RETRY_DELAY = 2.0
 _CALLERS_FIRST = 1.0  # seconds a cycle waits at most for the callers of paused() to go first
 OUTAGE_REPORT_EVERY = 30.0  # seconds between summaries while the database keeps failing
+# Counters read back per flush (a round trip each to PostgreSQL); the rest wait for the next.
+REBASE_PER_FLUSH = 256
 
 log = logging.getLogger("wbcache.flusher")
 
@@ -237,6 +241,7 @@ class Flusher:
             if not self._apply(changes, deltas, lsn, deadline):
                 return False
             self._sequencer.flushed()
+            self._rebase_counters()
             self._outage.succeeded()
             self.checkpoint_lsn = lsn
             self.flushes += 1
@@ -244,6 +249,21 @@ class Flusher:
             self.last_flush_seconds = time.perf_counter() - started
         self._delete_covered_segments(strict=deadline is not None)  # also retries a failed one
         return True
+
+    def _rebase_counters(self) -> None:
+        """Mutex held, a flush just committed: what the database holds for the counters this
+        cache incremented during it, for `Sequencer.rebase`. A failed read leaves them as
+        they are: they are rebased after a later flush, or read again once clean."""
+        keys = self._sequencer.counters_to_rebase(REBASE_PER_FLUSH)
+        if not keys:
+            return
+        try:
+            totals = {key: self._backend.get(key) for key in keys}
+        except Exception as exc:  # the flush itself is done
+            _say(logging.DEBUG, "reading back %d counters after a flush failed: %s",
+                 len(keys), exc)
+            return
+        self._sequencer.rebase(totals)
 
     def _delete_covered_segments(self, *, strict: bool) -> None:
         """Delete the log segments the committed checkpoint covers (never before the commit).

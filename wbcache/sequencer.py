@@ -14,6 +14,12 @@ Invariants, under `lock`:
     took it; `_inflight` what the flush in progress is writing. A key in either is pinned.
   * `_deltas` (and `_inflight_deltas`) hold, for the dirty keys written ONLY by increments
     since, the sum of those increments: a database shared by many caches adds it.
+  * `_rebase` holds the counters flushed as increments and incremented again (only) while
+    that flush ran: their value in memory is built on a total read from the database before
+    it, which other caches' increments may have passed since. The flusher, its mutex still
+    held (so none of `_deltas` is in the database), reads their totals and `rebase` adds
+    `_deltas` to them. Without it, a counter this cache kept incrementing never showed
+    another cache's increments: dirty entries are never read again.
   * `_reads` holds the database reads in progress, per key. Anything that may make memory
     newer than a read's answer, or drop a newer value from memory, marks the key's reads
     stale: a write of it, a flush that made it clean, its eviction. A stale answer is never
@@ -47,6 +53,7 @@ the invariants above can be checked by reading one file (the plans each write ru
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Collection, Iterable
@@ -55,7 +62,7 @@ from typing import Any, NamedTuple, TypeVar
 import msgpack
 
 from wbcache.backends.base import Key
-from wbcache.codec import from_encoded, increment, value_of
+from wbcache.codec import added, from_encoded, increment, value_of
 from wbcache.errors import CacheClosedError, LogFailedError
 from wbcache.memory import TOMBSTONE, Entries
 from wbcache.wal import GroupCommitter, LogWriter, crashpoints
@@ -188,6 +195,7 @@ class Sequencer:
         self._inflight: Changes = {}
         self._deltas: Deltas = {}
         self._inflight_deltas: Deltas = {}
+        self._rebase: dict[Key, None] = {}  # in the order they were found (module docstring)
         self._reads: dict[Key, list[_Read]] = {}
         self._flush_woken = False
         self._torn: BaseException | None = None  # a write interrupted mid-way (docstring)
@@ -368,10 +376,44 @@ class Sequencer:
                     self._mark_stale(key)
             self._entries.now_clean((key for key in inflight if key not in dirty),
                                     deltas.__contains__)
+            newer_deltas = self._deltas
+            for key in deltas:
+                if key in newer_deltas:  # incremented again, only, while the flush ran
+                    self._rebase[key] = None
             self._inflight, self._inflight_deltas = {}, {}
             self._entries.unblock()
             self._space.notify_all()
             self._evict()
+
+    def counters_to_rebase(self, limit: int) -> list[Key]:
+        """After `flushed`, the flusher's mutex held: up to `limit` counters of `_rebase`
+        (module docstring), the longest waiting first, taken out of it."""
+        with self.lock:
+            waiting = self._rebase
+            keys = list(itertools.islice(waiting, limit))
+            for key in keys:
+                del waiting[key]
+            return keys
+
+    def rebase(self, totals: dict[Key, bytes | None]) -> None:
+        """The flusher's mutex held since `counters_to_rebase`, so no increment of this cache
+        reached the database meanwhile: `totals` (each key's encoded value there, read
+        since) hold none of `_deltas`. A counter still written only by increments since the
+        last flush becomes its total plus them, as the database will add them; one written
+        otherwise since (a put, a delete) is left as it is."""
+        with self.lock:
+            if self._torn is not None:
+                return
+            deltas, dirty = self._deltas, self._dirty
+            for key, stored in totals.items():
+                delta = deltas.get(key)
+                if delta is None or key in self._inflight:
+                    continue
+                value = added(stored, delta)
+                self._entries.write(key, value)
+                dirty[key] = packb(value)
+                if self._reads:
+                    self._mark_stale(key)
 
     # ------------------------------------------------------------------ state
 
