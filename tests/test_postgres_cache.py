@@ -85,6 +85,17 @@ def test_a_counter_incremented_during_every_flush_shows_the_other_nodes_incremen
         assert mine.get("hits") == 1_000_001 + flushes
     mine.flush()
     assert stored_ints(pg_dsn, table, "hits") == {"hits": 1_000_003}
+    mine.put("name", "x")
+    mine.put(b"raw", [1, 2])
+    mine.flush()
+    reader = PostgresBackend(pg_dsn, table=table, cache_id="reader")
+    try:  # the flusher's read back: one statement for every counter
+        keys = ["hits", "name", b"raw", "missing", b"hits"]
+        assert reader.get_many(keys) == {key: reader.get(key) for key in keys}
+        assert reader.get_many(keys)["hits"] == msgpack.packb(1_000_003)
+        assert reader.get_many(keys)[b"hits"] is None  # bytes keys are keys of their own
+    finally:
+        reader.close()
 
 
 def test_a_snapshot_of_a_live_cache_never_counts_a_flushed_increment_twice(

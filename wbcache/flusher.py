@@ -44,7 +44,7 @@ _FIRST_RETRY_DELAY = 0.01  # seconds; doubles after each failure
 _MAX_RETRY_DELAY = 2.0
 _CALLERS_FIRST = 1.0  # seconds a cycle waits at most for the callers of paused() to go first
 OUTAGE_REPORT_EVERY = 30.0  # seconds between summaries while the database keeps failing
-# Counters read back per flush (a round trip each to PostgreSQL); the rest wait for the next.
+# Counters read back per flush (`_rebase_counters`); the rest wait for the next.
 REBASE_PER_FLUSH = 256
 
 log = logging.getLogger("wbcache.flusher")
@@ -257,8 +257,12 @@ class Flusher:
         keys = self._sequencer.counters_to_rebase(REBASE_PER_FLUSH)
         if not keys:
             return
+        get_many = getattr(self._backend, "get_many", None)  # one round trip (PostgreSQL)
         try:
-            totals = {key: self._backend.get(key) for key in keys}
+            if get_many is not None:
+                totals = get_many(keys)
+            else:
+                totals = {key: self._backend.get(key) for key in keys}
         except Exception as exc:  # the flush itself is done
             _say(logging.DEBUG, "reading back %d counters after a flush failed: %s",
                  len(keys), exc)

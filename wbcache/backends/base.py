@@ -73,7 +73,9 @@ class Backend(Protocol):
         of one cache ignores both."""
 
     def get(self, key: Key) -> bytes | None:
-        """The encoded value stored under `key`, or None."""
+        """The encoded value stored under `key`, or None. A backend whose reads cost a round
+        trip may also offer `get_many(keys) -> dict[key, bytes | None]`, all in one (not part
+        of the protocol: the flusher uses it where there is one)."""
 
     def apply(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
               checkpoint: int, increments: Sequence[tuple[Key, int]] = ()) -> None:

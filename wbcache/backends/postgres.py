@@ -333,6 +333,18 @@ class PostgresBackend:
                 binary=True).execute(self._sql.get, (stored,)).fetchone())
         return None if row is None else join_value(*row)
 
+    def get_many(self, keys: Collection[Key]) -> dict[Key, bytes | None]:
+        """`get` of each of `keys`, in one statement: one round trip, however many keys (the
+        flusher reads counters back after a flush: wbcache/flusher.py)."""
+        stored = {encode_key(key): key for key in keys}
+        with self._readers.connection() as conn:
+            rows = self._link.call(conn, f"reading {len(stored)} keys", lambda c: c.cursor(
+                binary=True).execute(self._sql.get_many, (list(stored),)).fetchall())
+        found: dict[Key, bytes | None] = dict.fromkeys(keys)
+        for key, num, value in rows:
+            found[stored[bytes(key)]] = join_value(num, value)
+        return found
+
     def count(self) -> int:
         with self._readers.connection() as conn:
             row = self._link.call(conn, "counting keys",

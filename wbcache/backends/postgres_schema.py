@@ -309,6 +309,7 @@ class Statements:
         self.schema_of = ("SELECT n.nspname FROM pg_class c JOIN pg_namespace n "
                           "ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)")
         self.get = f"SELECT num, value FROM {data} WHERE key = %b"
+        self.get_many = f"SELECT key, num, value FROM {data} WHERE key = ANY(%b::bytea[])"
         self.count = f"SELECT count(*) FROM {data}"
         self.items = f"SELECT key, num, value FROM {data}"
         self.checkpoint = (f"SELECT lsn, {'token' if tokens else 'NULL::text'} "
