@@ -112,5 +112,6 @@ def continuity_problem(segment: SegmentFile, previous_last: int | None,
     if segment.first_lsn > expected and segment.first_lsn - 1 > checkpoint:
         return CorruptLogError(segment.path, 0,
                                f"records {expected}..{segment.first_lsn - 1} are missing "
-                               f"(database checkpoint {checkpoint})")
+                               f"(database checkpoint {checkpoint})",
+                               missing=(expected, segment.first_lsn - 1))
     return None

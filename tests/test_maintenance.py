@@ -338,6 +338,39 @@ def test_a_gap_in_a_live_log_whose_checkpoint_did_not_move_is_still_damage(
         live.wait()
 
 
+ONE_SEGMENT_WRITER = LIVE_WRITER.replace("segment_size=4096, ", "").replace(
+    "cache.close()", "os._exit(0)  # its damaged log left as it is").replace(
+    "import sys, wbcache", "import os, sys, wbcache")
+
+
+@pytest.mark.parametrize("flush_meanwhile", [False, True])
+def test_damage_in_a_live_log_is_damage_even_if_the_cache_flushed_meanwhile(
+        tmp_path: Path, flush_meanwhile: bool) -> None:
+    """A review: only records missing below the moved checkpoint are a flush's doing; a bad
+    frame followed by good ones is corruption whatever the checkpoint did."""
+    path = tmp_path / "cache"
+    live = subprocess.Popen([sys.executable, "-c", ONE_SEGMENT_WRITER, str(path), "single"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert live.stdin is not None and live.stdout is not None
+    try:
+        assert live.stdout.readline() == "written\n"
+        [segment] = sorted((path / "wal").iterdir())
+        flip_byte(segment, segment.stat().st_size // 3)  # a bad frame, good ones after it
+        with open_snapshot(path) as snapshot:
+            log = snapshot.logs[0]
+            assert log.in_use and log.checkpoint == 0
+            if flush_meanwhile:
+                live.stdin.write("flush\n")
+                live.stdin.flush()
+                assert live.stdout.readline() == "flushed\n"
+                assert segment.exists()  # the active segment, damaged, stays
+            with pytest.raises(CorruptLogError):
+                snapshot.get("k1")
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_a_shared_snapshot_shows_what_the_caches_see_once_the_orphans_are_adopted(
         shared_dir: tuple[Path, wbcache.Cache]) -> None:
     path, live = shared_dir

@@ -73,12 +73,15 @@ class CorruptLogError(RecoveryError):
 
     `path` is the damaged segment and `offset` the byte offset of the first bad record.
     `wbcache recover --salvage` replays up to the damage and moves the segment aside.
+    `missing`: for records missing before the segment, their first and last LSNs.
     """
 
-    def __init__(self, path: str | os.PathLike[str], offset: int, reason: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], offset: int, reason: str,
+                 missing: tuple[int, int] | None = None) -> None:
         self.path = os.fspath(path)
         self.offset = offset
         self.reason = reason
+        self.missing = missing
         super().__init__(f"corrupt log segment {self.path} at byte offset {offset}: {reason}")
 
 

@@ -392,13 +392,16 @@ class DirectorySnapshot:
         read of its checkpoint and the read of its log, and delete the segments its new
         checkpoint covers: a segment vanishes under the read, or (deleted before the listing)
         the records after the old checkpoint look missing. Its checkpoint, read again, tells
-        that from damage (a segment is deleted only once a checkpoint covering it commits)."""
+        that from damage (a segment is deleted only once a checkpoint covering it commits).
+        Any other problem is damage however the checkpoint moved."""
         if not log.in_use:
             return exc
         if isinstance(exc, FileNotFoundError):
             return ConcurrentChangeError(f"the live cache deleted {exc.filename} while it was "
                                          "being read (it flushed); run the command again")
-        if self._checkpoint_of(log) != log.checkpoint:
+        missing = exc.missing
+        if (missing is not None and missing[0] == log.checkpoint + 1
+                and missing[1] <= self._checkpoint_of(log)):
             return ConcurrentChangeError(f"the live cache of {log.layout.root} flushed while "
                                          "its log was being read; run the command again")
         return exc
