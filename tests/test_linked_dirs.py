@@ -309,3 +309,27 @@ def test_owner_written_by_many_at_once_is_always_whole(tmp_path: Path) -> None:
     assert failures == []
     assert owner_path(target) in {str(path) for path in paths}
     assert sorted(os.listdir(target)) == ["OWNER"]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_failed_owner_write_leaves_no_temporary_file(
+        tmp_path: Path, shared: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A review: a shared writer's temporary file has a name of its own, so one a failed
+    # write left was never replaced or removed by a later one.
+    root, target = tmp_path / "dir", tmp_path / "elsewhere-db"
+    root.mkdir(mode=0o700)
+    target.mkdir(mode=0o700)
+    (root / "db").symlink_to(target)
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error (injected)")
+
+    for _ in range(3):
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+        with pytest.raises(OSError):
+            check_linked_dirs(Layout(str(root)), shared=shared)
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        assert os.listdir(target) == []
+    check_linked_dirs(Layout(str(root)), shared=shared)
+    assert sorted(os.listdir(target)) == ["OWNER"] and owner_path(target) == str(root)

@@ -506,13 +506,20 @@ def _write_durably(root_fd: int, root: str, name: str, data: bytes, *,
         os.unlink(temporary, dir_fd=root_fd)
         fd = open_private_file(temporary, flags, dir_fd=root_fd, shown=shown)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temporary, name, src_dir_fd=root_fd, dst_dir_fd=root_fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, name, src_dir_fd=root_fd, dst_dir_fd=root_fd)
+    except BaseException:  # a temporary file of its own would otherwise stay for good
+        try:
+            os.unlink(temporary, dir_fd=root_fd)
+        except OSError:
+            pass
+        raise
     SYSCALLS.fsync_dir(root)
 
 
