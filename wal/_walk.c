@@ -19,7 +19,8 @@
  *
  * `unusable(payload, ...)` judges the frames left to the Python walk (deletes, increments,
  * batches...) before they are decoded: exactly the records wal/records.py's `problem` takes,
- * and where one is not, where it is, so that only that record is decoded to say why.
+ * and where one is not, where it is, so that only that record is decoded to say why; given the
+ * LSN the frame must start at, also the first record whose LSN is out of sequence.
  *
  * scan(data, pos, size, expected, max_key_size, max_payload, max_records, stop_at)
  *   -> (records, pos, expected)
@@ -27,7 +28,7 @@
  * count to `max_records` or pos to `stop_at` (the Python walk's batch ends). `records` are
  * lists [lsn, 1, key, value], as msgpack.unpackb gives them.
  *
- * Over 500 lines (some 780): the walk, the exact proof of a value (msgpack's grammar, checked
+ * Over 500 lines (some 800): the walk, the exact proof of a value (msgpack's grammar, checked
  * as its unpacker checks it) and the exact check of a record share their msgpack readers and
  * must be read together.
  */
@@ -584,11 +585,11 @@ static int operation_ok(const unsigned char **p, const unsigned char *end, uint6
 
 /* Whether the record at *p is one records.py's `problem` takes: [lsn, op...] with a positive
  * int LSN and an operation, or [lsn, 4, [operation, ...]] (a batch of at least one). *p is
- * left past it if it is; if not, *unit is where what to report starts: the record, or its
- * first unusable operation when the record is a batch otherwise sound (*in_batch set), as
- * `problem` reports a batch. */
+ * left past it and its LSN in *at if it is; if not, *unit is where what to report starts: the
+ * record, or its first unusable operation when the record is a batch otherwise sound
+ * (*in_batch set), as `problem` reports a batch. */
 static int record_ok(const unsigned char **p, const unsigned char *end, uint64_t max_key_size,
-                     const unsigned char **unit, int *in_batch) {
+                     const unsigned char **unit, int *in_batch, uint64_t *at) {
     const unsigned char *q = *p, *op;
     uint64_t fields, items;
     int64_t lsn;
@@ -615,6 +616,7 @@ static int record_ok(const unsigned char **p, const unsigned char *end, uint64_t
         }
     }
     *p = q;
+    *at = (uint64_t)lsn; /* positive: as an int64, or over INT64_MAX (above) */
     return 1;
 }
 
@@ -672,27 +674,50 @@ static const unsigned char *bounded_end(const unsigned char *p, const unsigned c
     return p;
 }
 
-/* unusable(payload, max_key_size, budget) -> None | (start, stop, in_batch): None if the
- * payload is one non-empty array of records records.py takes and nothing else; else where to
- * look for why: payload[start:stop] is the first record that is not usable, or that
- * record's first unusable operation (in_batch), or the whole payload (start 0) when it is not
- * one array of records. stop is 0 when decoding that much would build more than `budget`
- * things (`bounded_end`). */
+/* unusable(payload, max_key_size, budget[, expected]) -> None | (start, stop, in_batch)
+ * | (index, lsn): None if the payload is one non-empty array of records records.py takes and
+ * nothing else (and, given `expected`, an int, their LSNs are expected, expected + 1...: a
+ * batch takes one, as the Python walk counts them); else where to look for why:
+ * payload[start:stop] is the first record that is not usable, or that record's first
+ * unusable operation (in_batch), or the whole payload (start 0) when it is not one array of
+ * records. stop is 0 when decoding that much would build more than `budget` things
+ * (`bounded_end`). Where every record is usable and one's LSN is not the one expected there,
+ * (index, lsn) are the first such record's place in the frame and its LSN. */
 static PyObject *unusable(PyObject *self, PyObject *args) {
     Py_buffer view;
     Py_ssize_t max_key, budget;
+    PyObject *expected = Py_None;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*nn", &view, &max_key, &budget))
+    if (!PyArg_ParseTuple(args, "y*nn|O", &view, &max_key, &budget, &expected))
         return NULL;
     const unsigned char *start = view.buf, *p = start, *end = start + view.len, *unit = start;
     uint64_t max_key_size = max_key < 0 ? 0 : (uint64_t)max_key, records, i = 0;
     int in_batch = 0;
+    /* The LSN the next record must have; 0, which no usable record has, once none can have it:
+     * an `expected` out of a uint64's range (as_u64 leaves `want` alone), or past UINT64_MAX
+     * (want++ wraps). `sequenced` until a record is out of sequence; `misplaced` is then its
+     * place in the frame plus 1 (0: none), `misplaced_lsn` its LSN. */
+    uint64_t want = 0, lsn = 0, misplaced = 0, misplaced_lsn = 0;
+    int sequenced = expected != Py_None;
+    if (sequenced)
+        as_u64(expected, &want);
     if (array_header(&p, end, &records) && records > 0) {
-        while (i < records && record_ok(&p, end, max_key_size, &unit, &in_batch))
+        while (i < records && record_ok(&p, end, max_key_size, &unit, &in_batch, &lsn)) {
+            if (sequenced && lsn != want) { /* the first out of sequence: judged once the
+                                             * others are found usable, as the walk does */
+                sequenced = 0;
+                misplaced = i + 1;
+                misplaced_lsn = lsn;
+            }
+            want++;
             i++;
+        }
         if (i == records) {
             if (p == end) {
                 PyBuffer_Release(&view);
+                if (misplaced)
+                    return Py_BuildValue("(KK)", (unsigned long long)(misplaced - 1),
+                                         (unsigned long long)misplaced_lsn);
                 Py_RETURN_NONE;
             }
             unit = start; /* bytes after the array of records */
@@ -744,8 +769,9 @@ static PyMethodDef methods[] = {
      "decodes(value) -> bool: whether msgpack.unpackb(value, strict_map_key=False) decodes "
      "it, found without building anything."},
     {"unusable", unusable, METH_VARARGS,
-     "unusable(payload, max_key_size, budget) -> None | (start, stop, in_batch): where the "
-     "first record of a frame payload that is not usable is (see the module source)."},
+     "unusable(payload, max_key_size, budget[, expected]) -> None | (start, stop, in_batch) "
+     "| (index, lsn): where the first record of a frame payload that is not usable is, or "
+     "the first whose LSN is out of sequence (see the module source)."},
     {"scan", scan, METH_VARARGS,
      "scan(data, pos, size, expected, max_key_size, max_payload, max_records, stop_at) -> "
      "(records, pos, expected): walk the plain-put frames from pos (see the module source)."},

@@ -452,18 +452,10 @@ def _walk(result: SegmentEnd, data: Data, header: SegmentHeader, is_last: bool,
                 break
             # From here the frame is a complete write: anything wrong is corruption.
             corrupt = True
-            records, reason = read_frame(payload, max_key_size)
-            if reason is not None:
+            records, reason = read_frame(payload, max_key_size, expected)
+            if reason is not None:  # nothing of a wrong frame counts
                 break
-            first = expected
-            for record in records:
-                if record[0] != expected:
-                    reason = f"record has LSN {record[0]} where {expected} was expected"
-                    break
-                expected += 1
-            if reason is not None:
-                expected = first  # nothing of a wrong frame counts
-                break
+            expected += len(records)
             corrupt = False
             pos = end
         count += len(records)

@@ -216,10 +216,12 @@ def frame_problem(records: object, max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> 
     return None
 
 
-def read_frame(payload: bytes, max_key_size: int = DEFAULT_MAX_KEY_SIZE
-               ) -> tuple[list[Record], str | None]:
-    """(the records of a frame payload, None) if it is a non-empty list of usable records,
-    else ([], why not: "undecodable frame (...)" or "malformed record: ...").
+def read_frame(payload: bytes, max_key_size: int = DEFAULT_MAX_KEY_SIZE,
+               expected: int | None = None) -> tuple[list[Record], str | None]:
+    """(the records of a frame payload, None) if it is a non-empty list of usable records
+    (and, given `expected`, their LSNs are expected, expected + 1...: the walker's rule, a
+    batch taking one), else ([], why not: "undecodable frame (...)", "malformed record: ..."
+    or, every record usable, "record has LSN ... where ... was expected").
 
     The reader's hot path for frames that are not plain puts. Where wal/_walk.c is built, its
     check (`unusable`, exact: tests/test_wal_record_check.py) judges the records before anything
@@ -227,11 +229,15 @@ def read_frame(payload: bytes, max_key_size: int = DEFAULT_MAX_KEY_SIZE
     decoded, to say why: a crafted frame of records of any other shape (arrays of one element,
     of the wrong length or types, nested deep, many tiny ones) cost up to 65 times its size
     decoded whole before its first record was judged. So the first record that is not usable
-    is reported even where a later one does not decode at all."""
+    is reported even where a later one does not decode at all. A frame of usable records out
+    of sequence is refused by the same check, before anything is decoded."""
     if _unusable is not None:
-        found = _unusable(payload, min(max_key_size, len(payload)), _BUILT_FOR_REASON)
-        if found is None:  # every record is usable: this cannot fail
+        found = _unusable(payload, min(max_key_size, len(payload)), _BUILT_FOR_REASON,
+                          expected)
+        if found is None:  # every record is usable (and in sequence): this cannot fail
             return decode_frame(payload), None
+        if expected is not None and len(found) == 2:  # (index, lsn): all usable, that one
+            return [], _out_of_sequence(found[1], expected + found[0])  # out of sequence
         reason = _unusable_reason(payload, *found, max_key_size)
         if reason is not None:
             return [], reason
@@ -240,7 +246,16 @@ def read_frame(payload: bytes, max_key_size: int = DEFAULT_MAX_KEY_SIZE
     except Exception as exc:  # msgpack raises several types for bad input
         return [], f"undecodable frame ({exc})"
     reason = frame_problem(records, max_key_size)
+    if reason is None and expected is not None:
+        for index, record in enumerate(records):
+            if record[0] != expected + index:
+                reason = _out_of_sequence(record[0], expected + index)
+                break
     return ([], reason) if reason is not None else (records, None)
+
+
+def _out_of_sequence(lsn: int, expected: int) -> str:
+    return f"record has LSN {lsn} where {expected} was expected"
 
 
 def _unusable_reason(payload: bytes, start: int, stop: int, in_batch: bool,
