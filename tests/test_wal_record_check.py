@@ -7,6 +7,11 @@ check must take exactly the frames `frame_problem` takes, records and all, and p
 record `frame_problem` would name. Each test reads the same payload both ways (the check
 there and `records._unusable` None), over records encoded every way msgpack allows (an int
 as a fixint or an int64, op codes as true or 1.0, which Python's == takes), damaged or not.
+Given the LSN the frame must start at, the check also finds the first record out of sequence
+(the walker's rule: consecutive LSNs, a batch taking one), where every record is usable.
+
+Over 500 lines (some 530): the records' shapes and their LSN order are judged by one pass of
+one check, whose cases (and the strategies that build them) must be read together.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -21,8 +27,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from wbcache.recovery import walk_log
+from wbcache.recovery.verify import survey_log
 from wbcache.wal import records
+from wbcache.wal.format import encode_frame, encode_header
 from wbcache.wal.records import OP_BATCH, OP_DELETE, OP_INCR, OP_PUT, read_frame
+from wbcache.wal.segments import segment_name
 
 needs_check = pytest.mark.skipif(records._unusable is None,
                                  reason="wal/_walk.c is not built (tests/test_wal_fastpath.py)")
@@ -38,13 +48,15 @@ def decoding_only() -> Iterator[None]:
         records._unusable = saved
 
 
-def both_ways(payload: bytes, max_key_size: int = 511) -> tuple[Any, Any]:
+def both_ways(payload: bytes, max_key_size: int = 511, expected: int | None = None
+              ) -> tuple[Any, Any]:
     """What `read_frame` returns with the check and without, the check asserted to take the
     payload exactly when decoding does (a stricter check is never wrong, only costly)."""
-    checked = read_frame(payload, max_key_size)
+    checked = read_frame(payload, max_key_size, expected)
     with decoding_only():
-        decoded = read_frame(payload, max_key_size)
-    assert (records._unusable(payload, max_key_size, 1 << 16) is None) == (decoded[1] is None)
+        decoded = read_frame(payload, max_key_size, expected)
+    assert ((records._unusable(payload, max_key_size, 1 << 16, expected) is None)
+            == (decoded[1] is None))
     return checked, decoded
 
 
@@ -191,6 +203,8 @@ def a_frame(draw: Draw, max_key_size: int, count: int) -> bytes:
 
 
 LIMITS = st.sampled_from([511, 511, 1, 3, 2000])
+# The LSN a frame must start at (None: not asked); a_frame's records mostly start at 1.
+STARTS = st.sampled_from([None, None, 1, 1, 1, 2, 0, 2**64 + 1])
 
 
 # ------------------------------------------------------------------ the tests
@@ -198,10 +212,11 @@ LIMITS = st.sampled_from([511, 511, 1, 3, 2000])
 @needs_check
 @settings(max_examples=800, deadline=None)
 @given(st.tuples(LIMITS, st.integers(1, 3)).flatmap(
-    lambda case: st.tuples(st.just(case[0]), a_frame(*case))))
-def test_a_frame_is_judged_as_decoding_judges_it(case: tuple[int, bytes]) -> None:
+    lambda case: st.tuples(st.just(case[0]), a_frame(*case))), STARTS)
+def test_a_frame_is_judged_as_decoding_judges_it(case: tuple[int, bytes],
+                                                 expected: int | None) -> None:
     max_key_size, payload = case
-    checked, decoded = both_ways(payload, max_key_size)
+    checked, decoded = both_ways(payload, max_key_size, expected)
     assert checked[0] == decoded[0] and (checked[1] is None) == (decoded[1] is None)
     if checked[1] != decoded[1]:
         # The first record (or batch operation) that is not usable is named, where decoding
@@ -212,9 +227,9 @@ def test_a_frame_is_judged_as_decoding_judges_it(case: tuple[int, bytes]) -> Non
 @needs_check
 @settings(max_examples=400, deadline=None)
 @given(LIMITS.flatmap(lambda limit: st.tuples(st.just(limit), a_frame(limit, 2))),
-       st.data())
-def test_a_damaged_frame_is_taken_exactly_when_decoding_takes_it(case: tuple[int, bytes],
-                                                                 data: st.DataObject) -> None:
+       STARTS, st.data())
+def test_a_damaged_frame_is_taken_exactly_when_decoding_takes_it(
+        case: tuple[int, bytes], expected: int | None, data: st.DataObject) -> None:
     max_key_size, payload = case
     damaged = bytearray(payload)
     at = data.draw(st.integers(0, len(damaged) - 1))
@@ -225,7 +240,7 @@ def test_a_damaged_frame_is_taken_exactly_when_decoding_takes_it(case: tuple[int
         del damaged[at + 1:]
     else:
         damaged.insert(at, data.draw(st.integers(0, 255)))
-    checked, decoded = both_ways(bytes(damaged), max_key_size)
+    checked, decoded = both_ways(bytes(damaged), max_key_size, expected)
     assert checked[0] == decoded[0] and (checked[1] is None) == (decoded[1] is None)
 
 
@@ -348,3 +363,172 @@ def test_a_record_too_big_to_decode_is_refused_without_saying_more() -> None:
             "decode to say why")
     assert read_frame(b"\x81\xc0" + many) == (
         [], "malformed record: a frame that is not a list of records")
+
+
+# ------------------------------------------------------------------ LSN order
+
+def a_usable_record(draw: Draw, lsn: int) -> bytes:
+    """A usable record of any kind at `lsn`, its LSN in any width that holds it."""
+    def op(code: int) -> bytes:  # as an int, a float or (1) true, which Python's == takes
+        forms = [an_int(draw, code), a_float(draw, float(code))] + [b"\xc3"] * (code == 1)
+        return draw(st.sampled_from(forms))  # type: ignore[no-any-return]
+
+    fields = draw(st.sampled_from([
+        [op(OP_PUT), a_str(draw, "k"), _ONE],
+        [op(OP_DELETE), a_bin(draw, b"k")],
+        [op(OP_INCR), a_str(draw, "k"), an_int(draw, -1), an_int(draw, 2**63 - 1)],
+        [op(OP_BATCH), an_array(draw, [an_array(draw, [op(OP_DELETE), a_str(draw, "k")])] * 2)],
+    ]))
+    return an_array(draw, [an_int(draw, lsn), *fields])
+
+
+_TOP = 2**64 - 1  # the largest LSN a record can hold
+
+
+@st.composite
+def lsns_near(draw: Draw, expected: int) -> list[int]:
+    """LSNs of a frame that must start at `expected`: in sequence, or one skipped, repeated,
+    swapped, behind or out of range; every one a usable record's (1..2**64 - 1)."""
+    count = draw(st.integers(1, 5))
+    lsns = [expected + i for i in range(count)]
+    at = draw(st.integers(0, count - 1))
+    how = draw(st.sampled_from(["none", "skip", "repeat", "swap", "behind", "top", "one",
+                                "shift"]))
+    if how == "skip":
+        lsns[at:] = [lsn + draw(st.integers(1, 3)) for lsn in lsns[at:]]
+    elif how == "repeat" and at > 0:
+        lsns[at] = lsns[at - 1]
+    elif how == "swap" and at > 0:
+        lsns[at - 1], lsns[at] = lsns[at], lsns[at - 1]
+    elif how == "behind":
+        lsns[at] -= draw(st.integers(1, 3))
+    elif how in ("top", "one"):
+        lsns[at] = _TOP if how == "top" else 1
+    elif how == "shift":  # a frame of another segment: the same order, another start
+        lsns = [lsn + draw(st.sampled_from([-1, 1, 2**32, -2**32])) for lsn in lsns]
+    return [min(max(lsn, 1), _TOP) for lsn in lsns]
+
+
+_EXPECTED = st.sampled_from([1, 2, 7, 2**32, 2**63 - 2, 2**63, _TOP - 2, _TOP - 1, _TOP,
+                             _TOP + 1, _TOP + 2, 0, -1])
+
+
+@needs_check
+@settings(max_examples=800, deadline=None)
+@given(_EXPECTED, st.data())
+def test_lsns_out_of_sequence_are_judged_as_decoding_judges_them(expected: int,
+                                                                 data: st.DataObject) -> None:
+    """The same refusal, naming the same record, with the check and by decoding, for frames
+    of usable records of every kind whose LSNs skip, repeat, swap, fall behind, cross the end
+    of a uint64 or start elsewhere; sometimes with an unusable record after them, which is
+    named first (the records are judged before their order)."""
+    lsns = data.draw(lsns_near(expected))
+    items = [a_usable_record(data.draw, lsn) for lsn in lsns]
+    if data.draw(st.integers(0, 4)) == 0:  # a record that decodes and is not usable
+        items.insert(data.draw(st.integers(0, len(items))), data.draw(st.sampled_from(
+            [b"\xc0", b"\x91\x01", msgpack.packb([1, OP_DELETE, ""]),
+             msgpack.packb([expected % 2**64 or 1, OP_PUT, "k", b"\xc1"])])))
+    payload = an_array(data.draw, items)
+    checked, decoded = both_ways(payload, 511, expected)
+    assert checked == decoded
+    if len(items) == len(lsns):  # every record usable
+        first_off = next((i for i, lsn in enumerate(lsns) if lsn != expected + i), None)
+        assert (checked[1] is None) == (first_off is None)
+        if first_off is not None:
+            assert checked[1] == (f"record has LSN {lsns[first_off]} where "
+                                  f"{expected + first_off} was expected")
+
+
+@needs_check
+@pytest.mark.parametrize("expected, lsns, why", [
+    (3, [3, 4, 5], None),
+    (3, [4], "record has LSN 4 where 3 was expected"),
+    (3, [3, 5, 6], "record has LSN 5 where 4 was expected"),
+    (3, [3, 3], "record has LSN 3 where 4 was expected"),
+    (3, [4, 3], "record has LSN 4 where 3 was expected"),
+    (5, [5, 6, 4], "record has LSN 4 where 7 was expected"),
+    (2**63 - 1, [2**63 - 1, 2**63], None),
+    (_TOP - 1, [_TOP - 1, _TOP], None),
+    (_TOP, [_TOP, _TOP], f"record has LSN {_TOP} where {_TOP + 1} was expected"),
+    (_TOP + 1, [1], f"record has LSN 1 where {_TOP + 1} was expected"),
+    (_TOP + 2, [1], f"record has LSN 1 where {_TOP + 2} was expected"),
+    (0, [1], "record has LSN 1 where 0 was expected"),
+], ids=["in sequence", "skipped first", "skipped", "repeated", "swapped", "behind",
+        "across int64", "up to the top", "past the top", "expected past a uint64",
+        "expected 2**64 + 2", "expected 0"])
+@pytest.mark.parametrize("op", [OP_PUT, OP_DELETE, OP_BATCH])
+def test_lsns_at_the_edges_of_the_order_are_judged_as_decoding_judges_them(
+        expected: int, lsns: list[int], why: str | None, op: int) -> None:
+    record = {OP_PUT: lambda lsn: [lsn, OP_PUT, "k", _ONE[2:]],
+              OP_DELETE: lambda lsn: [lsn, OP_DELETE, b"k"],
+              OP_BATCH: lambda lsn: [lsn, OP_BATCH, [[OP_DELETE, "k"], [OP_PUT, "a", _ONE[2:]]]],
+              }[op]
+    payload = msgpack.packb([record(lsn) for lsn in lsns])
+    checked, decoded = both_ways(payload, 511, expected)
+    assert checked == decoded == (([record(lsn) for lsn in lsns], None) if why is None
+                                  else ([], why))
+    assert read_frame(payload) == ([record(lsn) for lsn in lsns], None)  # order not asked
+
+
+@needs_check
+def test_a_frame_out_of_sequence_is_refused_without_being_decoded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its records are all usable: the check names the first out of sequence, and nothing of
+    the frame is decoded (a crafted one decoded whole cost 11 to 29 times its size)."""
+    payload = msgpack.packb([[5, OP_PUT, "k", _ONE[2:]], [3, OP_DELETE, "k"]])
+
+    def no_decoding(payload: bytes) -> None:
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(records, "decode_frame", no_decoding)
+    assert read_frame(payload, 511, 5) == ([], "record has LSN 3 where 6 was expected")
+    assert read_frame(payload, 511, 4) == ([], "record has LSN 5 where 4 was expected")
+
+
+def _log_view(wal_dir: Path, checkpoint: int) -> tuple[Any, ...]:
+    """What recovery's reading and `wbcache verify`'s survey make of a log: records, ends,
+    torn tails, damage (as text)."""
+    got: list[Any] = []
+    end = walk_log(str(wal_dir), checkpoint, got.extend)
+    survey = survey_log(str(wal_dir), checkpoint)
+    return (got, [(s.records, s.end, s.last_lsn, s.torn_bytes, s.torn_reason, str(s.damage))
+                  for s in end.segments], str(end.problem),
+            [(s.records, s.last_lsn, s.pending, s.torn_bytes, str(s.damage))
+             for s in survey.segments], [str(problem) for problem in survey.problems])
+
+
+@needs_check
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_a_log_out_of_sequence_is_read_and_verified_as_decoding_reads_it(
+        tmp_path_factory: pytest.TempPathFactory, data: st.DataObject) -> None:
+    """Whole logs, the frame out of sequence anywhere (the first frame of a segment, against
+    the segment's name; a later frame; the last segment or not; valid frames after it): what
+    recovery and `wbcache verify` find, with the check and by decoding, is the same."""
+    wal_dir = tmp_path_factory.mktemp("wal")
+    first = data.draw(st.sampled_from([1, 1, 100]))
+    lsn, segments = first, []
+    for _ in range(data.draw(st.integers(1, 2))):
+        frames = []
+        for _ in range(data.draw(st.integers(1, 4))):
+            count = data.draw(st.integers(1, 3))
+            frames.append(list(range(lsn, lsn + count)))
+            lsn += count
+        segments.append(frames)
+    names = [segment_name(segment[0][0]) for segment in segments]
+    wrong = data.draw(st.sampled_from([frame for segment in segments for frame in segment]))
+    at = data.draw(st.integers(0, len(wrong) - 1))  # one LSN put out of sequence
+    moved = wrong[at] + data.draw(st.sampled_from([-2, -1, 1, 2]))
+    wrong[at] = moved if moved >= 1 else wrong[at] + 1
+    kinds = [lambda n: [n, OP_PUT, "k", _ONE[2:]], lambda n: [n, OP_DELETE, "k"],
+             lambda n: [n, OP_INCR, "c", 1, 1], lambda n: [n, OP_BATCH, [[OP_DELETE, "k"]]]]
+    for name, segment in zip(names, segments, strict=True):
+        body = b"".join(encode_frame(msgpack.packb([data.draw(st.sampled_from(kinds))(n)
+                                                    for n in lsns]))
+                        for lsns in segment)
+        (wal_dir / name).write_bytes(encode_header() + body)
+    checked = _log_view(wal_dir, first - 1)
+    with decoding_only():
+        decoded = _log_view(wal_dir, first - 1)
+    assert checked == decoded
+    assert "was expected" in checked[2]
