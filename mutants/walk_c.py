@@ -99,6 +99,24 @@ MUTATIONS += [
     ("records-budget", "a record that is not usable is decoded however much it builds",
      "if (built > budget)\n            return NULL;", ""),
 ]
+# The same check's LSN order (records-lsn-*): each takes a frame out of sequence, refuses one
+# in sequence, or names another record or LSN than the walker's rule names.
+MUTATIONS += [
+    ("records-lsn-order", "usable records out of sequence are taken (and decoded whole)",
+     "if (sequenced && lsn != want) {", "if (sequenced && 0) {"),
+    ("records-lsn-step", "every record of a frame is expected at the frame's first LSN",
+     "want++;\n            i++;", "i++;"),
+    ("records-lsn-first", "the last record out of sequence is named, not the first",
+     "sequenced = 0;\n", ""),
+    ("records-lsn-range", "an expected LSN past a uint64 is read modulo 2**64",
+     "as_u64(expected, &want);", "want = PyLong_AsUnsignedLongLongMask(expected);"),
+    ("records-lsn-above", "an LSN over INT64_MAX is compared as 0 (never in sequence)",
+     "*at = (uint64_t)lsn;", "*at = above ? 0 : (uint64_t)lsn;"),
+    ("records-lsn-index", "the record after the one out of sequence is named as its place",
+     "(unsigned long long)(misplaced - 1)", "(unsigned long long)misplaced"),
+    ("records-lsn-named", "the LSN expected is reported as the record's",
+     "misplaced_lsn = lsn;", "misplaced_lsn = want;"),
+]
 # The hit path: each mutation makes the C differ from the closure in one step.
 MUTATIONS += [
     ("hit-incref", "the entry is borrowed, not held, while the hit notes it",
