@@ -437,7 +437,8 @@ def test_the_resync_rule_costs_one_pass_over_frame_headers_claiming_long_payload
     tail = frame(put_record(9, "after", "junk"))
     data = junk + tail + bytes(1 << 20)
 
-    result = in_a_thread(lambda: list(intact_frames(data, 0, len(data))))
+    result = in_a_thread(lambda: [(at, list(lsns), end)
+                                  for at, lsns, end in intact_frames(data, 0, len(data))])
 
     assert result, "still searching after 60 s"
     assert result[0] == [(len(junk), [9], len(junk) + len(tail))]
@@ -1037,6 +1038,40 @@ def test_a_frame_of_crafted_records_is_refused_at_the_first(
     assert lsns(records) == [1, 2]
     assert peak < 1.25 * size, f"{peak / size:.2f}x the segment"  # its payload, sliced once
     assert end.damage is not None and end.damage.offset == at and why in end.damage.reason
+
+
+@pytest.mark.parametrize("record", [
+    lambda lsn: [lsn, OP_DELETE, "k"],
+    lambda lsn: [lsn, OP_BATCH, [[OP_DELETE, "k"]]],
+    lambda lsn: [lsn, OP_PUT, "k", b"\x01"],
+], ids=["deletes", "batches", "puts"])
+def test_a_big_intact_frame_after_damage_is_judged_without_being_decoded(
+        tmp_path: Path, record: Callable[[int], list[Any]]) -> None:
+    """After damage the reader asks the next intact frame for its first LSN (a valid record
+    after damage is corruption, not a torn tail), and verify and salvage ask every later one.
+    The frame was decoded whole to answer: 15 times its size for 16 MiB of deletes. Its
+    records in sequence are now judged by wal/_walk.c, undecoded."""
+    path = write_segment(tmp_path, 1, puts(1, 2))
+    damaged = bytearray(frame(put_record(3, "k", "v")))
+    damaged[-1] ^= 0xFF  # its checksum no longer matches
+    append(path, bytes(damaged))
+    count = (16 << 20) // len(msgpack.packb(record(4)))
+    after = path.stat().st_size
+    append(path, encode_frame(b"\xdd" + count.to_bytes(4, "big")
+                              + b"".join(msgpack.packb(record(4 + i)) for i in range(count))))
+    size = path.stat().st_size
+
+    def judge() -> tuple[tuple[list[list[Any]], Any], list[tuple[int, int, int, int]]]:
+        with mapped(str(path)) as (data, length):
+            frames = [(at, lsns[0], len(lsns), end)
+                      for at, lsns, end in intact_frames(data, after, length)]
+        return segment_records(path), frames
+
+    ((records, end), frames), peak, _ = traced(judge)
+    assert lsns(records) == [1, 2]
+    assert end.damage is not None and "a valid record follows" in end.damage.reason
+    assert frames == [(after, 4, count, size)]
+    assert peak < 1.25 * size, f"{peak / size:.2f}x the segment"
 
 
 def test_a_segment_may_exceed_its_size_by_one_frame_only(tmp_path: Path) -> None:

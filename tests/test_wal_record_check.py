@@ -31,7 +31,7 @@ from wbcache.recovery import walk_log
 from wbcache.recovery.verify import survey_log
 from wbcache.wal import records
 from wbcache.wal.format import encode_frame, encode_header
-from wbcache.wal.records import OP_BATCH, OP_DELETE, OP_INCR, OP_PUT, read_frame
+from wbcache.wal.records import OP_BATCH, OP_DELETE, OP_INCR, OP_PUT, frame_lsns, read_frame
 from wbcache.wal.segments import segment_name
 
 needs_check = pytest.mark.skipif(records._unusable is None,
@@ -483,6 +483,38 @@ def test_a_frame_out_of_sequence_is_refused_without_being_decoded(
     monkeypatch.setattr(records, "decode_frame", no_decoding)
     assert read_frame(payload, 511, 5) == ([], "record has LSN 3 where 6 was expected")
     assert read_frame(payload, 511, 4) == ([], "record has LSN 5 where 4 was expected")
+
+
+@needs_check
+@settings(max_examples=400, deadline=None)
+@given(_EXPECTED, st.data())
+def test_a_frames_lsns_are_found_as_decoding_finds_them(expected: int,
+                                                       data: st.DataObject) -> None:
+    """`frame_lsns` (the resync rule's question) gives the LSNs decoding gives, in any order,
+    and refuses what decoding refuses; records in sequence are not decoded to answer."""
+    lsns = data.draw(lsns_near(expected))
+    items = [a_usable_record(data.draw, lsn) for lsn in lsns]
+    if data.draw(st.integers(0, 4)) == 0:
+        items.insert(data.draw(st.integers(0, len(items))), data.draw(st.sampled_from(
+            [b"\xc0", b"\x91\x01", msgpack.packb([1, OP_DELETE, ""])])))
+    payload = an_array(data.draw, items)
+    found = frame_lsns(payload)
+    with decoding_only():
+        decoded = frame_lsns(payload)
+    assert decoded == (lsns if len(items) == len(lsns) else None)
+    assert (None if found is None else list(found)) == decoded
+
+
+@needs_check
+def test_a_frame_in_sequence_gives_its_lsns_without_being_decoded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_decoding(payload: bytes) -> None:
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(records, "decode_frame", no_decoding)
+    payload = msgpack.packb([[7, OP_PUT, "k", _ONE[2:]], [8, OP_DELETE, "k"],
+                             [9, OP_BATCH, [[OP_DELETE, "k"]]]])
+    assert frame_lsns(payload) == range(7, 10)
 
 
 def _log_view(wal_dir: Path, checkpoint: int) -> tuple[Any, ...]:

@@ -40,7 +40,7 @@ import mmap
 import os
 import stat
 import zlib
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -63,6 +63,7 @@ from wbcache.wal.records import (
     DEFAULT_MAX_KEY_SIZE,
     OP_PUT,
     Record,
+    frame_lsns,
     read_frame,
 )
 
@@ -149,7 +150,7 @@ def mapped(path: str) -> Iterator[tuple[Data, int]]:
 # ------------------------------------------------------------------ the resync rule
 
 def intact_frame(data: Data, at: int, size: int, max_key_size: int = DEFAULT_MAX_KEY_SIZE,
-                 checksums: _Checksums | None = None) -> tuple[list[int], int]:
+                 checksums: _Checksums | None = None) -> tuple[Sequence[int], int]:
     """(LSNs of its records, end offset) of an intact frame at `at`, or ([], 0). Intact:
     magic, length in range, inside the file, checksum right, every record usable. Whether its
     LSNs fit the log around it is the caller's question. `checksums` computes the payload's
@@ -168,15 +169,13 @@ def intact_frame(data: Data, at: int, size: int, max_key_size: int = DEFAULT_MAX
         payload = data[at + FRAME_SIZE:end]
         if zlib.crc32(payload) != crc:
             return [], 0
-    records, reason = read_frame(payload, max_key_size)
-    if reason is not None:
-        return [], 0
-    return [record[0] for record in records], end
+    lsns = frame_lsns(payload, max_key_size)
+    return ([], 0) if lsns is None else (lsns, end)
 
 
 def intact_frames(data: Data, start: int, size: int, max_key_size: int = DEFAULT_MAX_KEY_SIZE,
                   candidate: Callable[[int], bool] | None = None
-                  ) -> Iterator[tuple[int, list[int], int]]:
+                  ) -> Iterator[tuple[int, Sequence[int], int]]:
     """(offset, LSNs, end) of every intact frame at or after `start`, in file order, found by
     the resync rule: search for the frame magic, accept only an intact frame there, go on
     from its end (or from the byte after a magic that did not start one). `candidate(at)`,

@@ -23,6 +23,7 @@ tests, and the API method that writes it.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -252,6 +253,36 @@ def read_frame(payload: bytes, max_key_size: int = DEFAULT_MAX_KEY_SIZE,
                 reason = _out_of_sequence(record[0], expected + index)
                 break
     return ([], reason) if reason is not None else (records, None)
+
+
+def frame_lsns(payload: bytes, max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> Sequence[int] | None:
+    """The LSNs of a frame payload's records if every one is usable (whatever their order),
+    else None. The resync rule asks this of each frame it meets after damage. Where
+    wal/_walk.c is built, records in sequence (as the writer writes every frame) are judged
+    without decoding anything: decoded, a 16 MiB frame of small records cost 15 times its
+    size. Out of sequence (crafted), they are decoded to list their LSNs."""
+    head = _first_lsn(payload) if _unusable is not None else None
+    if head is not None:
+        count, first = head
+        if _unusable(payload, min(max_key_size, len(payload)), _BUILT_FOR_REASON,
+                     first) is None:
+            return range(first, first + count)
+    records, reason = read_frame(payload, max_key_size)  # refused undecoded if not usable
+    return None if reason is not None else [record[0] for record in records]
+
+
+def _first_lsn(payload: bytes) -> tuple[int, int] | None:
+    """(how many records, the first one's LSN) from a frame payload's first bytes, or None
+    where they are not an array of arrays whose first element is a positive int."""
+    unpacker = msgpack.Unpacker(max_buffer_size=32)  # its default buffer is 1 MiB
+    unpacker.feed(payload[:32])  # two array headers and an int: 19 bytes at most
+    try:
+        count = unpacker.read_array_header()
+        unpacker.read_array_header()
+        lsn = unpacker.unpack()
+    except Exception:  # msgpack raises several types for bad input
+        return None
+    return (count, lsn) if count and type(lsn) is int and lsn > 0 else None
 
 
 def _out_of_sequence(lsn: int, expected: int) -> str:
