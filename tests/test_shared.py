@@ -26,6 +26,7 @@ from controlled import flush_writing_meanwhile, wait_until
 
 import wbcache
 from wbcache import ForkedCacheError, InvalidDirectoryError
+from wbcache.flusher import REBASE_PER_FLUSH
 from wbcache.lanes import lane_roots
 
 WORKER = Path(__file__).with_name("shared_worker.py")
@@ -188,6 +189,46 @@ def test_a_counter_incremented_during_every_flush_still_shows_the_others_increme
         other.close()
     with wbcache.open(directory, shared=True) as cache:
         assert cache.get("hits") == 9
+
+
+def test_counters_past_one_flushs_read_back_wait_for_the_next_and_close_reads_none(
+        tmp_path: Path) -> None:
+    """At most REBASE_PER_FLUSH counters are read back after a flush, the rest after the
+    next. The last flush of close() reads none back: nothing reads memory after it, and a
+    database gone by then would hold close for its whole timeout."""
+    directory = tmp_path / "shared"
+    cache = wbcache.open(directory, shared=True, flush_interval=3600)
+    keys = [f"c{i}" for i in range(REBASE_PER_FLUSH + 10)]
+    reads: list[Any] = []
+    backend = cache._backend
+    get = backend.get
+
+    def counting_get(key: Any) -> Any:
+        reads.append(key)
+        return get(key)
+
+    def count_all(cache: wbcache.Cache) -> None:
+        for key in keys:
+            cache.incr(key)
+
+    try:
+        count_all(cache)
+        backend.get = counting_get  # type: ignore[method-assign]
+        flush_writing_meanwhile(cache, count_all)
+        assert len(reads) == REBASE_PER_FLUSH
+        reads.clear()
+        cache.flush()
+        assert sorted(reads) == sorted(keys[REBASE_PER_FLUSH:])  # the longest waiting
+        reads.clear()
+        count_all(cache)
+        flush_writing_meanwhile(cache, count_all)
+        assert len(reads) == REBASE_PER_FLUSH  # 10 left waiting again
+        reads.clear()
+    finally:
+        cache.close()
+    assert reads == []
+    with wbcache.open(directory, shared=True) as cache:
+        assert [cache.get(key) for key in keys] == [4] * len(keys)
 
 
 def test_a_write_by_another_process_is_visible_within_flush_interval_plus_read_ttl(

@@ -253,7 +253,10 @@ class Flusher:
     def _rebase_counters(self) -> None:
         """Mutex held, a flush just committed: what the database holds for the counters this
         cache incremented during it, for `Sequencer.rebase`. A failed read leaves them as
-        they are: they are rebased after a later flush, or read again once clean."""
+        they are: they are rebased after a later flush, or read again once clean. A closing
+        cache's last flush reads none (close would wait for a database that may be gone)."""
+        if self._sequencer.closed:  # nothing reads memory after close: no round trip
+            return
         keys = self._sequencer.counters_to_rebase(REBASE_PER_FLUSH)
         if not keys:
             return
