@@ -292,3 +292,31 @@ def test_a_shared_directory_without_lanes_is_refused(tmp_path: Path, driver: str
         cache.put("k", 1)
     shutil.rmtree(path / "lanes")
     _refused_everywhere(path, driver, "no lanes/ directory", "mkdir -m 0700")
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_lane_named_as_a_cache_directory_is_refused_and_nothing_changes(
+        tmp_path: Path, driver: str) -> None:
+    """A lane holds what a single-owner directory holds (LOCK, wal/, cache_id). Recovered or
+    opened as one, its log went into a new database inside the lane and was deleted: its
+    acknowledged writes gone from the shared database, and the shared directory refused at
+    its next open, records missing (an outside hunt). Every command and open refuses it."""
+    path = tmp_path / "shared"
+    dead = (4,)
+    with shared_lanes(path, dead=dead, live=None):
+        pass  # its writer SIGKILLed: lane 1's log holds its acknowledged writes
+    lane = path / "lanes" / "00000001"
+    link = tmp_path / "link"
+    link.symlink_to(lane)
+    before = tree_state(path)
+    for command in ("recover", "verify", "inspect", "stats", "dump"):
+        for named in (lane, link):
+            assert_one_line_error(run(driver, command, str(named)), 2,
+                                  "lane 00000001 of the shared cache directory")
+    for named in (lane, link):
+        for shared in (False, True):
+            with pytest.raises(wbcache.InvalidDirectoryError, match="lane 00000001 of the"):
+                wbcache.open(named, shared=shared)
+    assert tree_state(path) == before
+    with wbcache.open(path, shared=True) as cache:
+        assert dict(cache.items()) == after_shared_recovery(dead, None)

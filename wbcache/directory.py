@@ -126,6 +126,7 @@ def open_directory(path: str | os.PathLike[str], options: Options,
     target = url_target(url) if url is not None else None  # a bad URL: before anything
     database = None if isinstance(backend, str) else backend
     owns_backend = database is None  # made here (from the URL, or the embedded one)
+    lanes.refuse_lane(os.fspath(path))  # before anything is made in it
     new = not os.path.lexists(path)
     layout = claim(path)
     dir_lock = _lock_single_owner(layout)
@@ -241,6 +242,7 @@ def _open_shared(path: str | os.PathLike[str], options: Options,
         raise ValueError("shared=True uses the directory's own LMDB database, shared by the "
                          "processes of this machine; for caches on many machines, give each "
                          "its own directory and a PostgreSQL backend instead")
+    lanes.refuse_lane(os.fspath(path))
     root = claim(path).root
     if lanes.is_shared(root):
         lanes.refuse_mismatch(root, shared=True)
@@ -409,6 +411,7 @@ def find_directory(path: str | os.PathLike[str]) -> FoundDirectory:
         raise InvalidDirectoryError(f"{root} does not exist (a parent is a file)") from None
     if not stat.S_ISDIR(mode):
         raise InvalidDirectoryError(f"{root} is not a directory")
+    lanes.refuse_lane(root)
     names = checked_entries(layout, private_dirs=(QUARANTINE_NAME,))
     if SHARED_NAME in names:
         lanes.check_marked(root)

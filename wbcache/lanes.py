@@ -249,6 +249,22 @@ def refuse_mismatch(root: str, shared: bool) -> None:
         raise shared_directory(root)
 
 
+def refuse_lane(path: str) -> None:
+    """Refuse `path` if it is a lane of a shared directory. A lane holds what a single-owner
+    directory holds (LOCK, wal/, cache_id), so opened or recovered as one, its log would be
+    replayed into a new database inside the lane and deleted: its acknowledged writes gone
+    from the shared database, and the shared directory refused at its next open (records
+    missing from the lane's log). Nothing is changed."""
+    real = os.path.realpath(path)
+    lanes_path, name = os.path.split(real)
+    root = os.path.dirname(lanes_path)
+    if os.path.basename(lanes_path) == LANES_NAME and _is_lane_name(name) and is_shared(root):
+        raise InvalidDirectoryError(
+            f"{real} is lane {name} of the shared cache directory {root}, not a cache "
+            f"directory of its own: open {root} with shared=True (wbcache.open(path, "
+            f"shared=True)), and name {root} to the wbcache commands. Nothing was changed")
+
+
 def shared_directory(root: str) -> InvalidDirectoryError:
     """The refusal of a single-owner open of the shared directory `root`."""
     return InvalidDirectoryError(
