@@ -8,6 +8,7 @@ finish. No timing is involved; the interleaving is forced.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -226,3 +227,59 @@ def test_a_cold_get_ending_after_close_leaves_nothing_for_the_closed_cache_to_se
     assert outcome == ["v"]  # the read began before the close: its answer is still right
     with pytest.raises(wbcache.CacheClosedError):
         cache.get("k")
+
+
+def test_a_clear_waiting_for_the_flusher_while_close_runs_raises_cache_closed(
+        tmp_path: Path) -> None:
+    """clear() looked for a close before it waited for the flusher's pause; a close meanwhile
+    flushed and closed the database, and clear then read it: DatabaseError, "cannot read the
+    LMDB database", which reads like damage (an outside hunt). It is CacheClosedError."""
+    cache = wbcache.open(tmp_path / "c", flush_interval=3600)
+    cache.put("k", "v")
+    named, waiting, go = threading.Event(), threading.Event(), threading.Event()
+    paused = cache._flusher.paused
+
+    @contextlib.contextmanager
+    def paused_once_closed(timeout: float) -> Iterator[None]:
+        if threading.current_thread() is thread:  # the clear; close's flush goes through
+            waiting.set()
+            assert go.wait(10)
+        with paused(timeout):
+            yield
+
+    cache._flusher.paused = paused_once_closed  # type: ignore[method-assign]
+    thread, outcome = in_thread(lambda: (named.wait(10), cache.clear())[1])
+    named.set()  # `thread` is assigned: the clear may start
+    assert waiting.wait(10)
+    cache.close()
+    go.set()
+    thread.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], wbcache.CacheClosedError), outcome
+    with wbcache.open(tmp_path / "c") as cache:
+        assert dict(cache.items()) == {"k": "v"}  # nothing cleared
+
+
+def test_a_popitem_scanning_the_database_while_close_runs_raises_cache_closed(
+        tmp_path: Path) -> None:
+    """popitem() of a cache whose memory holds no key scans the database, outside any lock;
+    a close meanwhile closes the database under it: CacheClosedError, not DatabaseError."""
+    with wbcache.open(tmp_path / "c") as cache:
+        cache.put("k", "v")
+    cache = wbcache.open(tmp_path / "c", flush_interval=3600)  # "k" in the database only
+    scanning, go = threading.Event(), threading.Event()
+    items = cache._backend.items
+
+    def items_once_closed() -> Any:
+        scanning.set()
+        assert go.wait(10)
+        return items()
+
+    cache._backend.items = items_once_closed  # type: ignore[method-assign]
+    thread, outcome = in_thread(cache.popitem)
+    assert scanning.wait(10)
+    cache.close()
+    go.set()
+    thread.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], wbcache.CacheClosedError), outcome
+    with wbcache.open(tmp_path / "c") as cache:
+        assert dict(cache.items()) == {"k": "v"}

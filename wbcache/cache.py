@@ -269,13 +269,24 @@ class Cache(MutableMapping[Key, Any]):
         # Memory holds none: the database's first key that memory has not deleted. Memory is
         # asked alone: a read of the database inside this scan would wait for a second
         # connection of a pool the scan holds one of (PostgreSQL's: for good, at one).
-        for key, _ in self._backend.items():
+        for key in self._stored_keys():
             try:
                 if self._get_nowait(key, _MISSING) is not _MISSING:
                     return key
             except WouldBlock:  # not in memory: the database's value is the cache's
                 return key
         return _MISSING
+
+    def _stored_keys(self) -> Iterator[Key]:
+        """The database's keys. A scan that fails because close() closed the database under
+        it raises `CacheClosedError`, not the database's error (which reads like damage)."""
+        try:
+            for key, _ in self._backend.items():
+                yield key
+        except Exception as exc:
+            if self._sequencer.closed:
+                raise CacheClosedError(f"cache {self.path} is closed") from exc
+            raise
 
     def setdefault(self, key: Key, default: Any = None) -> Any:
         """The value of `key`; if there is none, store `default` and return it (atomically).
@@ -315,7 +326,10 @@ class Cache(MutableMapping[Key, Any]):
             raise CacheClosedError(f"cache {self.path} is closed")
         while True:
             with self._flusher.paused(self.options.flush_timeout):
-                stored = [key for key, _ in self._backend.items()]
+                # Checked again here: a close that began while we waited for the pause has
+                # flushed and may be closing the database now.
+                self._sequencer._check_open()
+                stored = list(self._stored_keys())
                 try:  # never wait for room here: only a flush makes it, and flushes are held
                     lsn = self._sequencer.submit_nowait(delete_all_plan(stored))[0]
                     break
