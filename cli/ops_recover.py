@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from wbcache.backends.postgres_secrets import redact
-from wbcache.cli import EXIT_LOCKED, CommandFailed
+from wbcache.cli import EXIT_DAMAGE, EXIT_LOCKED, CommandFailed, WbcacheGroup
 from wbcache.cli.ops_output import (
     LogProgress,
     backend_errors,
@@ -89,12 +89,11 @@ def recover(directory: str, backend: str | None, dry_run: bool, salvage: bool, y
             confirmed = click.confirm("Recover up to the damage and move these segments into "
                                       "the quarantine?", err=True)
         except click.Abort:  # input ended (no terminal) or was interrupted: no answer
-            raise CommandFailed(
-                "no confirmation was given (no terminal to ask on, or the input ended): "
-                "nothing was changed; run again with --yes to set these segments aside "
-                "without asking") from None
+            raise _refused("no confirmation was given (no terminal to ask on, or the input "
+                           "ended): nothing was changed; run again with --yes to set these "
+                           "segments aside without asking") from None
         if not confirmed:
-            raise CommandFailed("not confirmed: nothing was changed")
+            raise _refused("not confirmed: nothing was changed")
 
     with LogProgress(as_json=as_json) as progress, backend_errors(backend):
         outcome = recover_directory(directory, backend=backend, dry_run=dry_run,
@@ -224,3 +223,8 @@ def _print_set_aside(report: SalvageReport, *, err: bool) -> None:
         click.echo(f"  ...already in the database  {report.records_in_database:>12,}  "
                    f"(nothing lost)", err=err)
     click.echo(f"  bytes set aside             {report.bytes_set_aside:>12,}", err=err)
+
+
+def _refused(message: str) -> CommandFailed:
+    """Salvage not confirmed: exit 1, and with --json the error as JSON on stdout too."""
+    return WbcacheGroup._failed(click.get_current_context(), message, "error", EXIT_DAMAGE)

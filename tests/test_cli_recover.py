@@ -262,6 +262,13 @@ def test_salvage_asks_first_and_a_no_changes_nothing(tmp_path: Path, driver: str
     assert unanswered.exit_code == 1 and "Aborted!" not in unanswered.stderr
     assert "run again with --yes" in unanswered.stderr
     assert tree_state(path) == before
+    for answer, says in (("n\n", "not confirmed"), ("", "run again with --yes")):
+        as_json = run(driver, "recover", "--salvage", "--json", str(path), input=answer)
+        assert as_json.exit_code == 1  # and, as every error with --json, one JSON object
+        document = as_json.json()
+        assert (document["ok"], document["exit_code"], document["error"]) == (False, 1, "error")
+        assert says in document["message"] and "nothing was changed" in document["message"]
+    assert tree_state(path) == before
     accepted = run(driver, "recover", "--salvage", str(path), input="y\n")
     assert accepted.exit_code == 0, accepted.stderr
     assert len(list((path / "quarantine").iterdir())) == 1
