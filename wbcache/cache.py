@@ -97,7 +97,8 @@ class Cache(MutableMapping[Key, Any]):
                                     entries=self._entries, fetch=backend.get,
                                     sync_every_batch=options.fsync == "always",
                                     max_dirty=options.max_dirty,
-                                    flush_threshold=options.flush_threshold, name=self.path)
+                                    flush_threshold=options.flush_threshold, name=self.path,
+                                    rebase_counters=backend.applies_increments)
         self._flusher = Flusher(sequencer=self._sequencer, backend=backend, writer=self._writer,
                                 interval=options.flush_interval,
                                 checkpoint_lsn=recovery.checkpoint_after,

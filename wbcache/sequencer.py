@@ -19,7 +19,9 @@ Invariants, under `lock`:
     it, which other caches' increments may have passed since. The flusher, its mutex still
     held (so none of `_deltas` is in the database), reads their totals and `rebase` adds
     `_deltas` to them. Without it, a counter this cache kept incrementing never showed
-    another cache's increments: dirty entries are never read again.
+    another cache's increments: dirty entries are never read again. Kept only for a database
+    that applies increments (`rebase_counters`): one this cache alone writes holds nothing
+    memory lacks. A counter written otherwise since it was found is dropped when taken.
   * `_reads` holds the database reads in progress, per key. Anything that may make memory
     newer than a read's answer, or drop a newer value from memory, marks the key's reads
     stale: a write of it, a flush that made it clean, its eviction. A stale answer is never
@@ -53,7 +55,6 @@ the invariants above can be checked by reading one file (the plans each write ru
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 from collections.abc import Callable, Collection, Iterable
@@ -179,7 +180,8 @@ class Sequencer:
 
     def __init__(self, *, writer: LogWriter, next_lsn: int, entries: Entries,
                  fetch: Callable[[Key], bytes | None], sync_every_batch: bool,
-                 max_dirty: int, flush_threshold: int, name: str) -> None:
+                 max_dirty: int, flush_threshold: int, name: str,
+                 rebase_counters: bool = False) -> None:
         self.lock = threading.Lock()
         self._space = Condition(self.lock)  # writers waiting out backpressure
         self._committer = GroupCommitter(self.lock, writer, next_lsn=next_lsn,
@@ -196,6 +198,7 @@ class Sequencer:
         self._deltas: Deltas = {}
         self._inflight_deltas: Deltas = {}
         self._rebase: dict[Key, None] = {}  # in the order they were found (module docstring)
+        self._rebase_counters = rebase_counters
         self._reads: dict[Key, list[_Read]] = {}
         self._flush_woken = False
         self._torn: BaseException | None = None  # a write interrupted mid-way (docstring)
@@ -376,10 +379,11 @@ class Sequencer:
                     self._mark_stale(key)
             self._entries.now_clean((key for key in inflight if key not in dirty),
                                     deltas.__contains__)
-            newer_deltas = self._deltas
-            for key in deltas:
-                if key in newer_deltas:  # incremented again, only, while the flush ran
-                    self._rebase[key] = None
+            if self._rebase_counters:
+                newer_deltas = self._deltas
+                for key in deltas:
+                    if key in newer_deltas:  # incremented again, only, while the flush ran
+                        self._rebase[key] = None
             self._inflight, self._inflight_deltas = {}, {}
             self._entries.unblock()
             self._space.notify_all()
@@ -387,11 +391,19 @@ class Sequencer:
 
     def counters_to_rebase(self, limit: int) -> list[Key]:
         """After `flushed`, the flusher's mutex held: up to `limit` counters of `_rebase`
-        (module docstring), the longest waiting first, taken out of it."""
+        (module docstring), the longest waiting first, taken out of it. Those written
+        otherwise since (a put, a delete, flushed: no longer in `_deltas`) are dropped on the
+        way, so they neither take a read nor pile up ahead of the counters still waiting."""
         with self.lock:
-            waiting = self._rebase
-            keys = list(itertools.islice(waiting, limit))
-            for key in keys:
+            waiting, deltas = self._rebase, self._deltas
+            keys, seen = [], []
+            for key in waiting:
+                seen.append(key)
+                if key in deltas:
+                    keys.append(key)
+                    if len(keys) == limit:
+                        break
+            for key in seen:
                 del waiting[key]
             return keys
 
