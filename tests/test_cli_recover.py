@@ -34,7 +34,7 @@ from log_bytes import frame
 
 import wbcache
 from wbcache.backends.lmdb import LmdbBackend
-from wbcache.errors import CorruptLogError
+from wbcache.errors import CorruptLogError, InvalidDirectoryError
 from wbcache.maintenance import recover_directory
 from wbcache.wal.format import FRAME, FRAME_MAGIC, FRAME_SIZE
 
@@ -133,6 +133,33 @@ def test_dry_run_after_sigkill_reports_the_replay_and_changes_no_byte(tmp_path: 
 
 
 # ------------------------------------------------------------------ damage
+
+
+@pytest.mark.parametrize("planted", ["", "../../etc", "0123456789abcdef", "node-1" * 6])
+def test_a_cache_id_that_is_not_an_identity_wbcache_made_is_refused(tmp_path: Path,
+                                                                    planted: str) -> None:
+    # An empty or edited cache_id was taken as the identity: two directories with an empty
+    # one would share one checkpoint row in PostgreSQL and replay into each other's.
+    path = tmp_path / "cache"
+    acked = kill_writer(path, flushed=10, acks=50)
+    identity = (path / "cache_id").read_text()
+    (path / "cache_id").write_text(planted + "\n")
+    before = tree_state(path)
+
+    for command in ("recover", "verify", "inspect"):
+        assert_one_line_error(run("runner", command, str(path)), 2,
+                              f"{path / 'cache_id'} is not a file wbcache wrote",
+                              "not an identity of 32 hexadecimal digits")
+    assert tree_state(path) == before
+    with pytest.raises(InvalidDirectoryError, match="not an identity of 32 hexadecimal"):
+        wbcache.open(path)
+    after = tree_state(path)
+    for state in (before, after):  # but LMDB's reader table, which the open's database uses
+        state.pop("db/lock.mdb")
+    assert after == before
+    (path / "cache_id").write_text(identity)  # restored: every acknowledged write is there
+    with wbcache.open(path) as cache:
+        assert {key: cache.get(key) for key in acked} == acked
 
 
 @pytest.mark.parametrize("driver", DRIVERS)

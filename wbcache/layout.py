@@ -112,9 +112,19 @@ class Layout:
         return os.path.join(self.root, BACKEND_NAME)
 
     def cache_id(self) -> str:
-        """The directory's identity, made once (at the first open) and never changed."""
+        """The directory's identity, made once (at the first open) and never changed: 32
+        hexadecimal digits. Anything else (an empty file, a path) is refused: it names this
+        directory's checkpoint in a database, and two directories sharing one would replay
+        into each other's."""
         with opened_root(self.root) as root_fd:
-            return _read_file(root_fd, self.root, CACHE_ID_NAME).strip()
+            text = _read_file(root_fd, self.root, CACHE_ID_NAME).strip()
+        if len(text) != 32 or not all(c in "0123456789abcdef" for c in text):
+            raise InvalidDirectoryError(
+                f"{self.cache_id_path} is not a file wbcache wrote (it holds {text[:40]!r}, "
+                f"not an identity of 32 hexadecimal digits): it names this directory's "
+                f"checkpoint in its database, so wbcache will not guess it. Nothing was "
+                f"changed; restore the file from a copy of this directory")
+        return text
 
     def backend_kind(self) -> str | None:
         """The kind of database the directory flushes into ("lmdb", "postgresql"), or None
