@@ -113,12 +113,12 @@ def torture(directory: str | None, mode: str, backend: str | None, shared: bool,
         kept, skipped = lazyfs_modes(modes, lazyfs, asked=mode in LAZYFS_MODES)
     except LazyfsUnavailable as exc:
         raise click.UsageError(str(exc)) from None
+    if directory is not None:  # refused (not empty) before anything is said about modes
+        new_directory(directory)
     if skipped:
         dropped = " and ".join(mode for mode in modes if mode not in kept)
         click.echo(f"skipping {dropped}: {skipped}")
     modes = kept
-    if directory is not None:
-        new_directory(directory)
     workdir = directory or tempfile.mkdtemp(prefix="wbcache-torture-")
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
     threads = threads or (THREADS if backend is None else BACKEND_THREADS)

@@ -315,6 +315,18 @@ def test_demo_and_torture_refuse_a_directory_a_cache_could_not_use(
     assert len(result.stderr.splitlines()) == 1 and os.listdir(open_to_all) == ["file"]
 
 
+def test_torture_refuses_a_directory_that_is_not_empty_before_it_says_anything(
+        tmp_path: Path) -> None:
+    """It printed which modes it would skip (LazyFS missing) and only then refused."""
+    (tmp_path / "file").write_text("")
+    result = subprocess.run([str(WBCACHE), "torture", str(tmp_path)], capture_output=True,
+                            text=True, timeout=60,
+                            env=dict(os.environ, WBCACHE_LAZYFS=str(tmp_path / "no-lazyfs")))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"Error: {tmp_path} is not empty; give a new or empty directory"]
+
+
 @pytest.mark.parametrize("command", ["recover", "inspect", "verify", "stats", "dump", "get"])
 def test_every_command_has_help_with_an_example(command: str) -> None:
     result = run("runner", command, "--help")
