@@ -732,6 +732,46 @@ static PyObject *unusable(PyObject *self, PyObject *args) {
     return found;
 }
 
+/* lsns(payload, max_key_size) -> bytes | None: the LSNs of a frame payload's records, in
+ * frame order, each a native uint64 (memoryview(found).cast("Q")), if `unusable` finds every
+ * record usable, whatever their order (the same walk, `record_ok`); else None. What the
+ * resync rule asks of a frame out of sequence: 8 bytes a record, nothing decoded. */
+static PyObject *lsns(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t max_key;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &max_key))
+        return NULL;
+    const unsigned char *start = view.buf, *p = start, *end = start + view.len, *unit;
+    uint64_t max_key_size = max_key < 0 ? 0 : (uint64_t)max_key, records, lsn;
+    int in_batch;
+    PyObject *found = NULL;
+    /* A usable record takes 4 bytes at least ([lsn, op, key]): more records than that
+     * allows are refused before anything is allocated for them. */
+    if (!array_header(&p, end, &records) || records == 0
+            || records > (uint64_t)view.len / 4)
+        goto none;
+    found = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(records * sizeof(uint64_t)));
+    if (found == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    char *slots = PyBytes_AS_STRING(found);
+    for (uint64_t i = 0; i < records; i++) {
+        if (!record_ok(&p, end, max_key_size, &unit, &in_batch, &lsn))
+            goto none;
+        memcpy(slots + i * sizeof(uint64_t), &lsn, sizeof(uint64_t));
+    }
+    if (p != end)
+        goto none;
+    PyBuffer_Release(&view);
+    return found;
+none:
+    Py_XDECREF(found);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
 /* decodes(value) -> bool: whether msgpack.unpackb(value, strict_map_key=False) decodes it,
  * found without building anything (`skip_object`). */
 static PyObject *decodes(PyObject *self, PyObject *arg) {
@@ -772,6 +812,9 @@ static PyMethodDef methods[] = {
      "unusable(payload, max_key_size, budget[, expected]) -> None | (start, stop, in_batch) "
      "| (index, lsn): where the first record of a frame payload that is not usable is, or "
      "the first whose LSN is out of sequence (see the module source)."},
+    {"lsns", lsns, METH_VARARGS,
+     "lsns(payload, max_key_size) -> bytes | None: the LSNs of a frame payload's records as "
+     "native uint64s, if every record is usable, whatever their order; else None."},
     {"scan", scan, METH_VARARGS,
      "scan(data, pos, size, expected, max_key_size, max_payload, max_records, stop_at) -> "
      "(records, pos, expected): walk the plain-put frames from pos (see the module source)."},

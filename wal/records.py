@@ -53,6 +53,10 @@ try:  # the exact proofs that a value decodes and a frame's records are usable (
     from wbcache.wal._walk import unusable as _unusable
 except ImportError:  # not built: msgpack decides, by decoding
     _decodes = _unusable = None
+try:  # a frame's LSNs, whatever their order (`frame_lsns`)
+    from wbcache.wal._walk import lsns as _lsns
+except ImportError:  # not built, or built before it
+    _lsns = None
 # What decoding a record that is not usable may build to say why (objects, slots, characters:
 # `bounded_end` in wal/_walk.c); a bigger one is refused without decoding.
 _BUILT_FOR_REASON = 64 * 1024
@@ -260,13 +264,17 @@ def frame_lsns(payload: bytes, max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> Sequ
     else None. The resync rule asks this of each frame it meets after damage. Where
     wal/_walk.c is built, records in sequence (as the writer writes every frame) are judged
     without decoding anything: decoded, a 16 MiB frame of small records cost 15 times its
-    size. Out of sequence (crafted), they are decoded to list their LSNs."""
+    size. Out of sequence (crafted), the same check lists their LSNs, 8 bytes each, still
+    undecoded (a module built before it had `lsns` decodes them)."""
     head = _first_lsn(payload) if _unusable is not None else None
     if head is not None:
         count, first = head
         if _unusable(payload, min(max_key_size, len(payload)), _BUILT_FOR_REASON,
                      first) is None:
             return range(first, first + count)
+    if _unusable is not None and _lsns is not None:  # out of sequence (crafted): undecoded
+        found = _lsns(payload, min(max_key_size, len(payload)))
+        return None if found is None else memoryview(found).cast("Q")
     records, reason = read_frame(payload, max_key_size)  # refused undecoded if not usable
     return None if reason is not None else [record[0] for record in records]
 
