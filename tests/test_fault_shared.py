@@ -33,7 +33,9 @@ def test_processes_killed_on_a_shared_directory_leave_every_counter_and_register
     tally = outcome.tally
     assert report.ok, "\n".join(tally.messages)
     assert tally.cycles == 12  # every kill landed (a worker that exited is an error)
-    assert tally.recovered == tally.acknowledged > 1_000
+    # Enough writes to mean something, not a throughput bar: kills on a timer land after
+    # fewer writes on a busy machine (385 at load 5 on 2 cores; thousands when quiet).
+    assert tally.recovered == tally.acknowledged > 200
     assert tally.counters == 100 and tally.counter_mismatches == 0
     assert tally.forked >= 3  # children forked, refused the inherited cache, reopened
     used = dict(part.split() for part in outcome.rows["kill triggers"].split(", "))
