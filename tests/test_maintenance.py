@@ -4,6 +4,9 @@ and `wbcache.maintenance` (recover_directory, open_snapshot), on single-owner di
 shared ones with a live lane and orphan lanes (the live cache open in this process, the
 orphans left by writer processes killed with SIGKILL), and PostgreSQL directories (a fresh
 schema per test).
+
+Over 500 lines (some 620): the three kinds of directory share their fixtures here, and the
+snapshot's races with a live flush sit beside the snapshot's other cases.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ counters from 8 threads each and are SIGKILLed at random; each increment carries
 written in the same record, so after any crash the markers say exactly which increments
 survived, and each counter must equal its markers: counted exactly once, never lost, never
 twice.
+
+Over 500 lines (some 570): what many processes on one directory see of each other (lanes,
+counters read back after a flush, staleness) is one story, told in one file.
 """
 
 from __future__ import annotations
