@@ -24,6 +24,7 @@ from wbcache.errors import (
     UnsupportedFormatError,
     WbcacheError,
 )
+from wbcache.lanes import refuse_lane
 from wbcache.wal.owned import open_private_dir
 
 EXIT_OK = 0
@@ -84,6 +85,7 @@ def new_directory(directory: str) -> None:
     """Make `demo`'s or `torture`'s DIRECTORY (or take it if it is empty): a usage error (exit
     2) if its parent is missing, if it holds anything, or if it is not yours alone, as a cache
     directory must be (wbcache/wal/owned.py): the scratch work and its evidence go there."""
+    refuse_lane(directory)  # a lane's place: a shared open would take what is made there
     parent = os.path.dirname(os.path.abspath(directory))
     if not os.path.isdir(parent):  # one line, as every error found in a directory
         raise InvalidDirectoryError(f"{parent} is not a directory: give a DIRECTORY in one "

@@ -318,5 +318,21 @@ def test_a_lane_named_as_a_cache_directory_is_refused_and_nothing_changes(
             with pytest.raises(wbcache.InvalidDirectoryError, match="lane 00000001 of the"):
                 wbcache.open(named, shared=shared)
     assert tree_state(path) == before
+    for command in (["demo"], ["torture", "--mode", "kill", "--cycles", "1"]):
+        new_lane = path / "lanes" / "00000009"  # a lane's place: a shared open would take it
+        assert_one_line_error(run(driver, *command, str(new_lane)), 2,
+                              "lane 00000009 of the shared cache directory")
+        assert not new_lane.exists()
+    # Reached outside lanes/ (moved, copied, bind-mounted), its LANE mark still tells.
+    moved = tmp_path / "moved"
+    lane.rename(moved)
+    moved_before = tree_state(moved)
+    for command in ("recover", "verify"):
+        assert_one_line_error(run(driver, command, str(moved)), 2,
+                              "is a lane of a shared cache directory (it holds LANE)")
+    with pytest.raises(wbcache.InvalidDirectoryError, match="it holds LANE"):
+        wbcache.open(moved)
+    assert tree_state(moved) == moved_before
+    moved.rename(lane)
     with wbcache.open(path, shared=True) as cache:
         assert dict(cache.items()) == after_shared_recovery(dead, None)

@@ -4,7 +4,8 @@
     DIR/backend               "lmdb"
     DIR/db/                   the database every lane flushes into (`SharedLmdbBackend`)
     DIR/lanes/<8 digits>/     a lane: LOCK, wal/, cache_id (the log half of a single-owner
-                              directory, with the same rules)
+                              directory, with the same rules), and LANE, which marks it a
+                              lane wherever it is reached from (`refuse_lane`)
 
 A lane is named by its number, 8 digits (`00000001`); a new lane takes the lowest number no lane
 has, so numbers stay near the peak number of processes too. Every name of 8 digits or more in
@@ -35,7 +36,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from wbcache.errors import CacheLockedError, InvalidDirectoryError
-from wbcache.layout import LANES_NAME, SHARED_NAME, WAL_NAME, Layout, complete_lane, opened_root
+from wbcache.layout import (
+    LANE_NAME,
+    LANES_NAME,
+    SHARED_NAME,
+    WAL_NAME,
+    Layout,
+    complete_lane,
+    opened_root,
+)
 from wbcache.lock import DirectoryLock
 from wbcache.wal.owned import check_private_dir, open_private_dir
 from wbcache.wal.syscalls import SYSCALLS
@@ -263,6 +272,13 @@ def refuse_lane(path: str) -> None:
             f"{real} is lane {name} of the shared cache directory {root}, not a cache "
             f"directory of its own: open {root} with shared=True (wbcache.open(path, "
             f"shared=True)), and name {root} to the wbcache commands. Nothing was changed")
+    if os.path.lexists(os.path.join(real, LANE_NAME)):  # a lane elsewhere (module docstring)
+        raise InvalidDirectoryError(
+            f"{real} is a lane of a shared cache directory (it holds {LANE_NAME}), reached "
+            f"outside that directory's lanes/ (moved, copied or mounted there), not a cache "
+            f"directory of its own: its log belongs to the shared directory's database. "
+            f"Nothing was changed. Put it back in the shared directory's lanes/ (under a "
+            f"number no lane has) and open that directory with shared=True")
 
 
 def shared_directory(root: str) -> InvalidDirectoryError:

@@ -72,13 +72,15 @@ CHECKPOINT_TOKEN_NAME = "checkpoint_token"  # `TokenFile`
 QUARANTINE_NAME = "quarantine"  # made by `wbcache recover --salvage` (wbcache.maintenance)
 SHARED_NAME = "SHARED"  # a shared directory (wbcache/lanes.py): lanes/ instead of LOCK and wal/
 LANES_NAME = "lanes"
+LANE_NAME = "LANE"  # in each lane (`complete_lane`): a lane moved or mounted elsewhere is known
 EMBEDDED_KIND = "lmdb"  # DIR/backend's kind for the LMDB database in db/ (backends.EMBEDDED)
 # What opening creates (wal/ and db/ stay empty until the cache writes). A crash part-way
 # through the first open leaves some of these and nothing else: that directory is completed,
 # not refused.
 _LAYOUT_NAMES = frozenset({WAL_NAME, DB_NAME, LOCK_NAME, CACHE_ID_NAME, f"{CACHE_ID_NAME}.tmp",
                            BACKEND_NAME, f"{BACKEND_NAME}.tmp", CHECKPOINT_TOKEN_NAME,
-                           f"{CHECKPOINT_TOKEN_NAME}.tmp", SHARED_NAME, LANES_NAME})
+                           f"{CHECKPOINT_TOKEN_NAME}.tmp", SHARED_NAME, LANES_NAME,
+                           LANE_NAME, f"{LANE_NAME}.tmp"})
 _FILE_NAMES = _LAYOUT_NAMES - {WAL_NAME, DB_NAME, LANES_NAME}
 # In a wal/ or db/ that is a link: the real path of the cache directory that uses it
 # (`check_linked_dirs`)
@@ -395,21 +397,25 @@ def _links_to(other_root: str, name: str, here: os.stat_result) -> bool:
 
 
 def complete_lane(layout: Layout) -> None:
-    """Lane lock held: create what a lane of a shared directory still lacks (wal/, cache_id;
-    its database is the shared directory's) and make the lane's entries durable. A lane's
-    wal/ is never a link."""
+    """Lane lock held: create what a lane of a shared directory still lacks (LANE, wal/,
+    cache_id; its database is the shared directory's) and make the lane's entries durable.
+    A lane's wal/ is never a link. LANE marks it a lane wherever it is reached from (a bind
+    mount, a copy, a move): it holds what a single-owner directory holds, and opened as
+    one, its log would be replayed into a database of its own (`lanes.refuse_lane`)."""
     with opened_root(layout.root) as root_fd:
         try:
             os.mkdir(WAL_NAME, 0o700, dir_fd=root_fd)
         except FileExistsError:
             pass
         os.close(open_private_dir(WAL_NAME, dir_fd=root_fd, shown=layout.wal))
-        try:
-            info = os.stat(CACHE_ID_NAME, dir_fd=root_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            _write_durably(root_fd, layout.root, CACHE_ID_NAME, f"{uuid.uuid4().hex}\n".encode())
-        else:
-            check_regular(info, layout.cache_id_path)
+        for name, text in ((LANE_NAME, "wbcache lane\n"),
+                           (CACHE_ID_NAME, f"{uuid.uuid4().hex}\n")):
+            try:
+                info = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                _write_durably(root_fd, layout.root, name, text.encode())
+            else:
+                check_regular(info, os.path.join(layout.root, name))
     SYSCALLS.fsync_dir(layout.root)
 
 
