@@ -329,10 +329,14 @@ def test_a_lane_named_as_a_cache_directory_is_refused_and_nothing_changes(
     moved_before = tree_state(moved)
     for command in ("recover", "verify"):
         assert_one_line_error(run(driver, command, str(moved)), 2,
-                              "is a lane of a shared cache directory (it holds LANE)")
-    with pytest.raises(wbcache.InvalidDirectoryError, match="it holds LANE"):
+                              "holds LANE, the mark of a lane of a shared cache directory")
+    with pytest.raises(wbcache.InvalidDirectoryError, match="holds LANE, the mark of a lane"):
         wbcache.open(moved)
     assert tree_state(moved) == moved_before
+    (moved / "LANE").rename(moved / "LANE.tmp")  # its first use killed before the rename
+    with pytest.raises(wbcache.InvalidDirectoryError, match="holds LANE.tmp, the mark of a"):
+        wbcache.open(moved)
+    (moved / "LANE.tmp").rename(moved / "LANE")
     moved.rename(lane)
     with wbcache.open(path, shared=True) as cache:
         assert dict(cache.items()) == after_shared_recovery(dead, None)

@@ -272,13 +272,17 @@ def refuse_lane(path: str) -> None:
             f"{real} is lane {name} of the shared cache directory {root}, not a cache "
             f"directory of its own: open {root} with shared=True (wbcache.open(path, "
             f"shared=True)), and name {root} to the wbcache commands. Nothing was changed")
-    if os.path.lexists(os.path.join(real, LANE_NAME)):  # a lane elsewhere (module docstring)
-        raise InvalidDirectoryError(
-            f"{real} is a lane of a shared cache directory (it holds {LANE_NAME}), reached "
-            f"outside that directory's lanes/ (moved, copied or mounted there), not a cache "
-            f"directory of its own: its log belongs to the shared directory's database. "
-            f"Nothing was changed. Put it back in the shared directory's lanes/ (under a "
-            f"number no lane has) and open that directory with shared=True")
+    for mark in (LANE_NAME, f"{LANE_NAME}.tmp"):  # a lane elsewhere (module docstring); .tmp:
+        if os.path.lexists(os.path.join(real, mark)):  # its first use killed mid-write
+            raise InvalidDirectoryError(
+                f"{real} holds {mark}, the mark of a lane of a shared cache directory: it is "
+                f"taken for a lane reached outside that directory's lanes/ (moved, copied or "
+                f"mounted there), not a cache directory of its own, as its log belongs to the "
+                f"shared directory's database. Nothing was changed. A copy: remove it (the "
+                f"lane itself, with its log, is still in lanes/; two lanes of one identity "
+                f"would share a checkpoint). Moved out: put it back in lanes/ under a number no "
+                f"lane has, and open the shared directory with shared=True. Never a lane: "
+                f"remove {mark}")
 
 
 def shared_directory(root: str) -> InvalidDirectoryError:
