@@ -229,6 +229,16 @@ def test_a_cold_get_ending_after_close_leaves_nothing_for_the_closed_cache_to_se
         cache.get("k")
 
 
+def close_while_held(cache: wbcache.Cache, thread: threading.Thread, held: threading.Event,
+                     go: threading.Event) -> None:
+    """Once the call in `thread` is held where the test stops it (`held` set), close the cache
+    under it, then let it go on and wait for it to end."""
+    assert held.wait(10)
+    cache.close()
+    go.set()
+    thread.join(10)
+
+
 def test_a_clear_waiting_for_the_flusher_while_close_runs_raises_cache_closed(
         tmp_path: Path) -> None:
     """clear() looked for a close before it waited for the flusher's pause; a close meanwhile
@@ -250,10 +260,7 @@ def test_a_clear_waiting_for_the_flusher_while_close_runs_raises_cache_closed(
     cache._flusher.paused = paused_once_closed  # type: ignore[method-assign]
     thread, outcome = in_thread(lambda: (named.wait(10), cache.clear())[1])
     named.set()  # `thread` is assigned: the clear may start
-    assert waiting.wait(10)
-    cache.close()
-    go.set()
-    thread.join(10)
+    close_while_held(cache, thread, waiting, go)
     assert len(outcome) == 1 and isinstance(outcome[0], wbcache.CacheClosedError), outcome
     with wbcache.open(tmp_path / "c") as cache:
         assert dict(cache.items()) == {"k": "v"}  # nothing cleared
@@ -276,10 +283,7 @@ def test_a_popitem_scanning_the_database_while_close_runs_raises_cache_closed(
 
     cache._backend.items = items_once_closed  # type: ignore[method-assign]
     thread, outcome = in_thread(cache.popitem)
-    assert scanning.wait(10)
-    cache.close()
-    go.set()
-    thread.join(10)
+    close_while_held(cache, thread, scanning, go)
     assert len(outcome) == 1 and isinstance(outcome[0], wbcache.CacheClosedError), outcome
     with wbcache.open(tmp_path / "c") as cache:
         assert dict(cache.items()) == {"k": "v"}
