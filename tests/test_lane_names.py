@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cli_support import assert_one_line_error, run, tree_state
 from controlled import wait_until
 
 import wbcache
@@ -173,3 +175,35 @@ def test_claim_refuses_once_every_lane_number_is_held(tmp_path: Path,
     finally:
         for lane in held:
             lane.release()
+
+
+# ------------------------------------------------------------ one identity, one lane
+
+
+@pytest.mark.parametrize("driver", ["runner", "script"])
+def test_a_lane_copied_back_into_lanes_is_refused_while_its_original_runs(
+        tmp_path: Path, driver: str) -> None:
+    """A copy of a lane put back in lanes/ has the lane's identity, and so its checkpoint.
+    Claimed beside its original (held by a running cache), a flush of the original counted
+    the copy's unflushed writes as flushed: a process writing on the copy and SIGKILLed
+    lost its acknowledged write at the next open. Now an open and every command refuse the
+    two lanes, naming both, and change nothing; the running cache is unharmed."""
+    shared = tmp_path / "shared"
+    with wbcache.open(shared, shared=True, flush_interval=3600) as cache:
+        cache.put("a", 1)
+        cache.flush()
+        original = Path(cache._layout.root)
+        copy = original.parent / "00000002"
+        shutil.copytree(original, copy, symlinks=True)
+        before = tree_state(shared)
+        with pytest.raises(InvalidDirectoryError, match="one identity") as refused:
+            wbcache.open(shared, shared=True)
+        assert str(original) in str(refused.value) and str(copy) in str(refused.value)
+        assert_one_line_error(run(driver, "stats", str(shared)), 2, "one identity",
+                              str(copy))
+        assert tree_state(shared) == before
+        cache.put("b", 2)
+        assert cache.get("a") == 1
+    shutil.rmtree(copy)  # as the message says: the copy out of lanes/
+    with wbcache.open(shared, shared=True) as cache:
+        assert (cache.get("a"), cache.get("b")) == (1, 2)

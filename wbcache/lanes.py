@@ -72,7 +72,8 @@ def lane_roots(root: str) -> list[str]:
     `InvalidDirectoryError` (no lane is skipped, as a skipped lane's log would be silently
     out of sight). Followed, a link would make a directory that is not this one's lane a
     lane: its log replayed into this database and deleted, our log written there. lanes/ is
-    private (checked here too), so nobody else can swap a lane checked here for a link."""
+    private (checked here too), so nobody else can swap a lane checked here for a link. Two
+    lanes of one identity raise it too (`_refuse_twins`)."""
     lanes_path = lanes_dir(root)
     try:
         with opened_root(root) as root_fd:
@@ -86,7 +87,31 @@ def lane_roots(root: str) -> list[str]:
             _check_lane(lanes_fd, os.path.join(lanes_path, name))
     finally:
         os.close(lanes_fd)
-    return [os.path.join(lanes_path, name) for name in names]
+    roots = [os.path.join(lanes_path, name) for name in names]
+    _refuse_twins(roots)
+    return roots
+
+
+def _refuse_twins(roots: list[str]) -> None:
+    """Refuse lanes of one identity (cache_id): a lane copied back into lanes/. Their
+    checkpoint is one, so a flush of either would mark the other's unflushed records as in
+    the database, and a crash would then lose them. A lane not yet given its identity (its
+    first use in progress), or whose identity is not one wbcache wrote (refused when used),
+    is not compared."""
+    seen: dict[str, str] = {}
+    for root in roots:
+        try:
+            identity = Layout(root).cache_id()
+        except (FileNotFoundError, InvalidDirectoryError):
+            continue
+        twin = seen.setdefault(identity, root)
+        if twin != root:
+            raise InvalidDirectoryError(
+                f"lanes {twin} and {root} have one identity (cache_id {identity}): one is a "
+                f"copy of the other, and the two would share one checkpoint in the database "
+                f"(a flush of either would count the other's unflushed writes as flushed). "
+                f"Nothing was changed. Stop every process using the directory, keep the lane "
+                f"that was in use last and move the other out of lanes/")
 
 
 def _is_lane_name(name: str) -> bool:
