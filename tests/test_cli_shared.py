@@ -340,3 +340,21 @@ def test_a_lane_named_as_a_cache_directory_is_refused_and_nothing_changes(
     moved.rename(lane)
     with wbcache.open(path, shared=True) as cache:
         assert dict(cache.items()) == after_shared_recovery(dead, None)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_shared_directorys_lanes_named_as_a_cache_directory_is_refused(
+        tmp_path: Path, driver: str) -> None:
+    """`lanes/` itself, empty (a first shared open interrupted before its first lane), was
+    taken for a new directory: `wbcache demo S/lanes` or an open built a single-owner cache
+    there, out of sight of every shared open and command. Refused, nothing made."""
+    path = tmp_path / "shared"
+    wbcache.open(path, shared=True).close()
+    shutil.rmtree(path / "lanes" / "00000001")
+    before = tree_state(path)
+    assert_one_line_error(run(driver, "demo", str(path / "lanes")), 2,
+                          "holds the lanes of the shared cache directory")
+    for shared in (False, True):
+        with pytest.raises(wbcache.InvalidDirectoryError, match="holds the lanes of the"):
+            wbcache.open(path / "lanes", shared=shared)
+    assert tree_state(path) == before

@@ -290,6 +290,11 @@ def refuse_lane(path: str) -> None:
     from the shared database, and the shared directory refused at its next open (records
     missing from the lane's log). Nothing is changed."""
     real = os.path.realpath(path)
+    if os.path.basename(real) == LANES_NAME and is_shared(os.path.dirname(real)):
+        raise InvalidDirectoryError(  # empty, it would be taken for a new directory
+            f"{real} holds the lanes of the shared cache directory {os.path.dirname(real)}, "
+            f"and is not a cache directory of its own: open {os.path.dirname(real)} with "
+            f"shared=True, and name it to the wbcache commands. Nothing was changed")
     lanes_path, name = os.path.split(real)
     root = os.path.dirname(lanes_path)
     if os.path.basename(lanes_path) == LANES_NAME and _is_lane_name(name) and is_shared(root):
