@@ -347,6 +347,15 @@ class AsyncCache:
         return await self._write(lambda: self._sequencer.submit_nowait(plan, (key,)), slow,
                                  frozenset((key,)))
 
+    async def popitem(self) -> tuple[Key, Any]:
+        """`Cache.popitem`: remove and return some (key, value) pair, atomically; KeyError
+        when the cache is empty. Which key may take a scan of the database: in a worker
+        thread, after every write still running in one (its key is not known before)."""
+        self._check_loop()
+        if self._orphans:
+            await self._after_orphans(None)
+        return await self._in_thread(self._cache.popitem, None)
+
     async def setdefault(self, key: Key, default: Any = None) -> Any:
         """`Cache.setdefault`, atomically."""
         key, op = self._limits.setdefault_op(key, default)
