@@ -108,6 +108,25 @@ def test_flush_raises_after_its_timeout_and_keeps_every_write(
     assert backend.inner.get("k") is not None
 
 
+@pytest.mark.parametrize("timeout, error, message", [
+    ("1", TypeError, "timeout must be a number of seconds, not str"),
+    (True, TypeError, "not bool"),
+    (-1, ValueError, "from 0 to"),
+    (float("nan"), ValueError, "not nan"),
+    (float("inf"), ValueError, "not inf"),
+])
+def test_a_flush_timeout_that_is_not_a_number_of_seconds_is_refused_clearly(
+        open_cache: OpenCache, timeout: object, error: type[Exception], message: str) -> None:
+    """Was: `unsupported operand type(s) for +: 'float' and 'str'`, msgpack-like NaN and
+    OverflowError messages, and -1 taken by `Lock.acquire` as "wait for good"."""
+    cache = open_cache(flush_interval=3600)
+    cache.put("k", 1)
+    with pytest.raises(error, match=message):
+        cache.flush(timeout)  # type: ignore[arg-type]
+    cache.flush(0.5)
+    assert cache.stats()["checkpoint_lsn"] == cache.stats()["next_lsn"] - 1
+
+
 def test_close_with_the_database_down_raises_but_the_log_keeps_everything(
         cache_dir: Path, backend: ControlledBackend) -> None:
     cache = wbcache.open(cache_dir, backend=backend, flush_interval=3600, flush_timeout=0.2)

@@ -38,7 +38,7 @@ from wbcache.hit_path import hit_path
 from wbcache.layout import Layout
 from wbcache.lock import DirectoryLock
 from wbcache.memory import Entries
-from wbcache.options import Options
+from wbcache.options import Options, check_timeout
 from wbcache.recovery import RecoveryReport
 from wbcache.sequencer import ABSENT, Sequencer, WouldBlock
 from wbcache.wal import LogWriter
@@ -393,9 +393,11 @@ class Cache(MutableMapping[Key, Any]):
         log segments it covered are deleted. Raises `FlushError` once `timeout` seconds
         (default: `Options.flush_timeout`) have passed and the database has not accepted it
         (an attempt already under way is let finish: the backend's own timeout bounds it), or
-        if the covered segments could not be deleted; the log keeps every write either way."""
+        if the covered segments could not be deleted; the log keeps every write either way.
+        A `timeout` that is not a number of seconds from 0 raises `TypeError`/`ValueError`."""
+        timeout = self.options.flush_timeout if timeout is None else check_timeout(timeout)
         self._sequencer._check_open()
-        self._flusher.flush(self.options.flush_timeout if timeout is None else timeout)
+        self._flusher.flush(timeout)
 
     def sync(self) -> None:
         """Block until every earlier write is fsync'd (a no-op wait under fsync="always").

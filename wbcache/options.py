@@ -137,6 +137,16 @@ def _check_seconds(name: str, value: object) -> None:
                          f"years), not {value!r}")
 
 
+def check_timeout(value: object) -> float:
+    """A method's `timeout`: a number of seconds from 0 to MAX_SECONDS, else TypeError or
+    ValueError naming it (a negative one would wait for good, as `Lock.acquire` takes it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds, not {type(value).__name__}")
+    if not 0 <= value <= MAX_SECONDS:  # NaN too
+        raise ValueError(f"timeout must be from 0 to {MAX_SECONDS:g} seconds, not {value!r}")
+    return value
+
+
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"option {name} must be an int, not {type(value).__name__}")
