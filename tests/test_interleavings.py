@@ -287,3 +287,33 @@ def test_a_popitem_scanning_the_database_while_close_runs_raises_cache_closed(
     assert len(outcome) == 1 and isinstance(outcome[0], wbcache.CacheClosedError), outcome
     with wbcache.open(tmp_path / "c") as cache:
         assert dict(cache.items()) == {"k": "v"}
+
+
+def test_a_batch_whose_known_key_is_evicted_during_another_keys_read_reads_each_once(
+        backend: ControlledBackend, tmp_path: Path) -> None:
+    """A write needing two keys: "b" in memory, "a" read from the database. Evicted while
+    "a" was read, "b" was read next, and the read of "a" dropped: then "a" again, "b"
+    dropped... the batch read the database for good (an outside hunt: PostgreSQL, where
+    read_ttl and counters flushed as deltas make memory forget a key at any moment). Every
+    read made is now kept until the write is logged."""
+    cache = stored_then_cold(tmp_path / "c", backend, {"a": 1, "b": 1}, capacity=2)
+    try:
+        assert cache.get("b") == 1  # in memory, clean
+        reads_before = backend.reads
+
+        def batch() -> None:
+            with cache.batch() as b:
+                b.incr("a")
+                b.incr("b")
+        thread, outcome = held_read(backend, batch)  # reading "a"
+        cache.put_many({"x": 1, "y": 2, "z": 3})
+        cache.flush()
+        assert not cache.sequencer.in_memory("b")  # evicted
+        backend.read_gate.set()
+        thread.join(10)
+        assert not thread.is_alive(), f"the batch still reads: {backend.reads} reads"
+        assert outcome == [None]
+        assert backend.reads - reads_before == 2  # "a", then "b"
+        assert (cache.get("a"), cache.get("b")) == (2, 2)
+    finally:
+        cache.close()  # a batch still reading then raises CacheClosedError, and ends

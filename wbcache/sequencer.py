@@ -236,23 +236,33 @@ class Sequencer:
         What the plan raises propagates, with nothing written. Also raises
         `CacheClosedError`, `LogFailedError`, `ValueError` for a record over the log's
         limit."""
-        reads: Reads | None = None
-        while True:
-            with self.lock:
-                try:
-                    lsn, result = self._log(plan, needs, reads, True)
-                except NeedsRead as need:
-                    keys = need.keys
-                else:
-                    keys = []
-                finally:
-                    if reads is not None:
+        # Every read made is kept until the write is logged: a pass that drops them reads only
+        # the keys its own NeedsRead named, so while one key was read another could expire
+        # from memory (read_ttl; a counter flushed as a delta), then the first again: the
+        # write read the database for good (an outside hunt, PostgreSQL batches of incr).
+        reads: Reads = {}
+        try:
+            while True:
+                with self.lock:
+                    try:
+                        lsn, result = self._log(plan, needs, reads, True)
+                    except NeedsRead as need:
+                        fresh = self._more_reads(reads, need.keys)
+                    else:
                         self._end_reads(reads)
-                if not keys:
-                    self._committer.wait(lsn)
-                    return lsn, result
-                reads = self._start_reads(keys)
-            self._fill_reads(reads, count_on_memory=True)
+                        reads = {}
+                        self._committer.wait(lsn)
+                        return lsn, result
+                try:
+                    self._fill_reads(fresh, count_on_memory=True)
+                except BaseException:
+                    for key in fresh:  # ended by `_fill_reads`
+                        del reads[key]
+                    raise
+        finally:
+            if reads:
+                with self.lock:
+                    self._end_reads(reads)
 
     def submit_nowait(self, plan: Plan[T], needs: Collection[Key] = ()) -> tuple[int, T]:
         """`submit` without reading the database or waiting: (the LSN to wait for, the plan's
@@ -679,6 +689,17 @@ class Sequencer:
         for key, read in reads.items():
             self._reads.setdefault(key, []).append(read)
         return reads
+
+    def _more_reads(self, reads: Reads, keys: Iterable[Key]) -> Reads:
+        """Register a read of each of `keys`, in place of any stale one `reads` holds, add
+        them to `reads` and return them (to be filled)."""
+        for key in keys:
+            stale = reads.pop(key, None)
+            if stale is not None:
+                self._end_reads({key: stale})
+        fresh = self._start_reads(keys)
+        reads.update(fresh)
+        return fresh
 
     def _end_reads(self, reads: Reads) -> None:
         for key, read in reads.items():
