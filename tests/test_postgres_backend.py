@@ -274,6 +274,39 @@ def test_an_existing_table_with_other_columns_is_refused(pg_dsn: str, pg_schema:
         PostgresBackend(pg_dsn, table=f"{pg_schema}.taken")
 
 
+CHECKPOINTS = ("CREATE TABLE {t}_checkpoints (cache_id text PRIMARY KEY, lsn bigint NOT NULL, "
+               "updated_at timestamptz NOT NULL DEFAULT now(), token text)")
+
+
+@pytest.mark.parametrize("data, checkpoints, refusal", [
+    ("CREATE TABLE {t} (key bytea PRIMARY KEY, num bigint, value bytea, owner text NOT NULL)",
+     CHECKPOINTS, "expected columns"),
+    ("CREATE TABLE {t} (key bytea PRIMARY KEY, num bigint, value bytea, note text)",
+     CHECKPOINTS, "expected columns"),
+    ("CREATE TABLE {t} (key bytea, num bigint, value bytea)", CHECKPOINTS,
+     "its column key is not its primary key"),
+    ("CREATE TABLE {t} (key bytea, num bigint, value bytea, PRIMARY KEY (key, num))",
+     CHECKPOINTS, "its column key is not its primary key"),
+    ("CREATE TABLE {t} (key bytea PRIMARY KEY, num bigint, value bytea)",
+     "CREATE TABLE {t}_checkpoints (cache_id text, lsn bigint NOT NULL, token text)",
+     "its column cache_id is not its primary key"),
+], ids=["extra-not-null", "extra-nullable", "no-primary-key", "wider-primary-key",
+        "checkpoints-without-primary-key"])
+def test_an_existing_table_every_flush_would_fail_on_is_refused_at_open(
+        pg_dsn: str, pg_schema: str, data: str, checkpoints: str, refusal: str) -> None:
+    """Such tables were taken: the open returned, writes were acknowledged (kept by the log),
+    then every flush failed (a NOT NULL column wbcache never fills; ON CONFLICT (key) with no
+    unique index to find the row by) until close raised FlushError (an outside hunt). The
+    docs say a table with other columns is refused: at open, nothing written."""
+    table = f"{pg_schema}.foreign"
+    query(pg_dsn, data.format(t=table))
+    query(pg_dsn, checkpoints.format(t=table))
+    with pytest.raises(SchemaMismatchError, match=refusal):
+        PostgresBackend(pg_dsn, table=table)
+    assert query(pg_dsn, f"SELECT count(*) FROM {table}") == [(0,)]
+    assert query(pg_dsn, f"SELECT count(*) FROM {table}_checkpoints") == [(0,)]
+
+
 @pytest.mark.parametrize("table", ["", "a.b.c", "drop table x;", "1abc", "x" * 60, "sch.\"q\""])
 def test_a_bad_table_name_is_refused_before_connecting(table: str) -> None:
     with pytest.raises(ValueError, match="table"):

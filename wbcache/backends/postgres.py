@@ -64,7 +64,9 @@ from wbcache.backends.postgres_schema import (
     DDL_LOCK_CLASS,
     EXPECTED_COLUMNS,
     MAX_KEY_SIZE,
+    OPTIONAL_COLUMNS,
     STATEMENT_BYTES,
+    UNIQUE_COLUMN,
     Statements,
     TableNames,
     decode_key,
@@ -656,13 +658,14 @@ class PostgresBackend:
             if row and names.schema is None:
                 names = TableNames(row[0], names.name)
                 sql = Statements(names)
-            return {kind: dict(conn.execute(sql.columns, (table,)).fetchall())
+            return {kind: (dict(conn.execute(sql.columns, (table,)).fetchall()),
+                           {row[0] for row in conn.execute(sql.unique_columns, (table,))})
                     for kind, table in (("data", names.data_sql),
                                         ("checkpoints", names.checkpoints_sql))}
 
         conn = self._writer_connection()
         found = self._link.call(conn, "creating the tables", create)
-        if found is not None and "token" not in found["checkpoints"]:
+        if found is not None and "token" not in found["checkpoints"][0]:
             sql = Statements(names, tokens=False)
         self._names, self._sql = names, sql
         if found is None:
@@ -673,13 +676,19 @@ class PostgresBackend:
         for kind, expected in EXPECTED_COLUMNS.items():
             table = names.data if kind == "data" else names.checkpoints
             added = ADDED_COLUMNS.get(kind, {})
-            wrong = {name: found[kind].get(name) for name, type_ in {**expected, **added}.items()
-                     if found[kind].get(name) != type_
-                     and (name not in added or name in found[kind])}
-            if wrong:
+            columns, unique = found[kind]
+            wrong = {name: columns.get(name) for name, type_ in {**expected, **added}.items()
+                     if columns.get(name) != type_ and (name not in added or name in columns)}
+            other = set(columns) - set(expected) - set(added) - OPTIONAL_COLUMNS[kind]
+            if wrong or other:  # another's table: a column it needs would stop every flush
                 raise SchemaMismatchError(
                     f"{self._link.where}: table {table} exists but is not a wbcache table: "
-                    f"expected columns {expected}, found {found[kind]}")
+                    f"expected columns {expected}, found {columns}")
+            if UNIQUE_COLUMN[kind] not in unique:
+                raise SchemaMismatchError(
+                    f"{self._link.where}: table {table} exists but is not a wbcache table: "
+                    f"its column {UNIQUE_COLUMN[kind]} is not its primary key (no unique "
+                    f"index on it alone), which every flush needs to find its rows")
 
     def close(self) -> None:
         """Close every connection; idempotent."""

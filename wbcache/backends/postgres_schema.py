@@ -306,6 +306,13 @@ class Statements:
         self.exists = "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL"
         self.columns = ("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
                         "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped")
+        # The single columns a unique index (whole, valid, on no expression) covers: what
+        # `ON CONFLICT (key)` and `ON CONFLICT (cache_id)` need to find their row.
+        self.unique_columns = (
+            "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+            "AND a.attnum = i.indkey[0] WHERE i.indrelid = to_regclass(%s) AND i.indisunique "
+            "AND i.indisvalid AND i.indnkeyatts = 1 AND i.indpred IS NULL "
+            "AND i.indexprs IS NULL")
         self.schema_of = ("SELECT n.nspname FROM pg_class c JOIN pg_namespace n "
                           "ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)")
         self.get = f"SELECT num, value FROM {data} WHERE key = %b"
@@ -392,3 +399,7 @@ EXPECTED_COLUMNS = {
 }
 # Columns added since the first tables: an open adds the missing one (`Statements.add_token`).
 ADDED_COLUMNS = {"checkpoints": {"token": "text"}}
+# Columns a table may have beyond those (the checkpoints' time of the last flush, unread), and
+# the column each table's rows are found by (a unique index on it alone: ON CONFLICT).
+OPTIONAL_COLUMNS = {"data": set(), "checkpoints": {"updated_at"}}
+UNIQUE_COLUMN = {"data": "key", "checkpoints": "cache_id"}
