@@ -21,8 +21,15 @@ from dataclasses import dataclass, field
 from wbcache.errors import CorruptLogError, UnsupportedFormatError
 from wbcache.recovery.replay import PROGRESS_EVERY
 from wbcache.recovery.scan import continuity_problem
-from wbcache.wal.format import FORMAT_VERSION, READABLE_VERSIONS, read_header
-from wbcache.wal.reader import SegmentEnd, intact_frames, mapped, read_segment
+from wbcache.wal.format import FORMAT_VERSION, READABLE_VERSIONS, decode_mark, read_header
+from wbcache.wal.reader import (
+    SegmentEnd,
+    intact_frames,
+    intact_marks,
+    mapped,
+    read_segment,
+    zero_tail,
+)
 from wbcache.wal.records import DEFAULT_MAX_KEY_SIZE
 from wbcache.wal.segments import list_segments
 
@@ -145,8 +152,9 @@ def survey_log(wal_dir: str, checkpoint: int, *,
 def further_damage(path: str, offset: int,
                    max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> list[CorruptLogError]:
     """Damage in a segment after its first damage (at `offset`), which stops the walker: each
-    later run of bytes holding no intact frame, found with the resync rule. Empty when the
-    rest of the segment is intact."""
+    later run of bytes holding neither an intact frame (found with the resync rule) nor an
+    intact sync mark, and not the zeros a mapped segment's writer reserved to its end (as the
+    walker reads them: wal/reader.py). Empty when the rest of the segment is intact."""
     try:
         with mapped(path) as (data, size):
             problems = []
@@ -155,13 +163,18 @@ def further_damage(path: str, offset: int,
             if first is None:
                 return []
             pos = first[2]
-            for at, _, end in frames:
+            marks = [(at, decode_mark(data, at, size)[1])  # type: ignore[index]
+                     for at, _ in intact_marks(data, pos, size)]
+            pieces = sorted([*((at, end) for at, _, end in frames), *marks])
+            for at, end in pieces:
                 if at > pos:
                     problems.append(CorruptLogError(
                         path, pos, f"further damage: bytes {pos}..{at - 1} hold no intact "
                                    f"record"))
-                pos = end
-            if pos < size:
+                pos = max(pos, end)  # a mark inside a frame's value is the value's
+            header = read_header(data[:32])
+            reserved = header is not None and header.sync_marks and zero_tail(data, pos, size)
+            if pos < size and not reserved:
                 problems.append(CorruptLogError(
                     path, pos, f"further damage: bytes {pos}..{size - 1} hold no intact record"))
             return problems

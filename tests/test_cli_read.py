@@ -30,12 +30,15 @@ from cli_support import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from log_bytes import frame
 
 import wbcache
 from wbcache.backends.lmdb import LmdbBackend
 from wbcache.cli.ops_encoding import decode_json, encode_json
 from wbcache.errors import CorruptLogError
+from wbcache.wal.format import encode_header, encode_mark
 from wbcache.wal.records import OP_BATCH, OP_DELETE, OP_INCR, OP_PUT
+from wbcache.wal.segments import segment_name
 
 
 def seed_database(path: Path, entries: dict[Any, Any], checkpoint: int) -> None:
@@ -157,6 +160,39 @@ def test_verify_lists_each_problem_on_its_own_line_and_exits_1(tmp_path: Path,
     assert [(p["segment"], p["offset"]) for p in as_json.json()["problems"]] == [
         (str(segments[0]), first[49]), (str(segments[0]), first[80]), (str(segments[1]), second)]
     assert tree_state(path) == before
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_verify_takes_sync_marks_and_a_reserved_zero_tail_for_the_writers_own(
+        tmp_path: Path, driver: str) -> None:
+    """An fsync="interval" segment holds sync marks between its frames and zeros reserved to
+    its end, which the walker reads as the writer's. After a first damage, verify's look for
+    further damage called each mark and the zero tail "further damage" too (an outside hunt:
+    6 problems listed for 1). A real further damage is still listed, alone."""
+    path = new_cache_dir(tmp_path / "cache")
+    frames = [frame(put(lsn, f"k{lsn}", lsn)) for lsn in range(1, 11)]
+    header = encode_header(sync_marks=True)
+    data = bytearray(header)
+    offsets = []
+    for index, framed in enumerate(frames):
+        offsets.append(len(data))
+        data += framed
+        if index in (3, 6):
+            data += encode_mark(len(data))
+    data += bytes(4096)  # reserved by the writer, never reached
+    segment = path / "wal" / segment_name(1)
+    segment.write_bytes(bytes(data))
+    flip_byte(segment, offsets[1] + 20)  # the first damage: the walker stops there
+    result = run(driver, "verify", str(path))
+    assert result.exit_code == 1
+    assert "1 problem found" in result.stderr, result.stdout + result.stderr
+    flip_byte(segment, offsets[8] + 20)  # a further damage, between a mark and the tail
+    result = run(driver, "verify", str(path))
+    damaged = [line for line in result.stdout.splitlines() if line.startswith("DAMAGED: ")]
+    assert damaged[1:] == [
+        f"DAMAGED: corrupt log segment {segment} at byte offset {offsets[8]}: further damage: "
+        f"bytes {offsets[8]}..{offsets[9] - 1} hold no intact record"]
+    assert "2 problems found" in result.stderr
 
 
 def _damage(path: Path, kind: str) -> None:
