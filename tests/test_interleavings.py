@@ -9,12 +9,14 @@ finish. No timing is involved; the interleaving is forced.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from controlled import ControlledBackend
 
@@ -317,3 +319,63 @@ def test_a_batch_whose_known_key_is_evicted_during_another_keys_read_reads_each_
         assert (cache.get("a"), cache.get("b")) == (2, 2)
     finally:
         cache.close()  # a batch still reading then raises CacheClosedError, and ends
+
+
+class KeyGatedBackend(ControlledBackend):
+    """Holds the reads of the keys named with `hold` (their answer read first) until `let_go`."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gates: dict[str, threading.Event] = {}
+        self.inside: dict[str, threading.Event] = {}
+
+    def get(self, key: Any) -> bytes | None:
+        value = self.inner.get(key)
+        if key in self.gates:
+            self.inside[key].set()
+            self.gates[key].wait(10)
+        return value  # type: ignore[no-any-return]
+
+    def hold(self, key: str) -> None:
+        self.gates[key], self.inside[key] = threading.Event(), threading.Event()
+
+    def let_go(self, key: str) -> None:
+        self.gates.pop(key).set()
+
+
+def test_a_read_a_write_keeps_never_puts_its_older_answer_over_a_newer_read(
+        tmp_path: Path) -> None:
+    """A batch keeps its read of "a" (1) while it reads "b". Meanwhile another cache writes
+    a = 50 and a get here reads it into memory; that entry then expires (read_ttl). The batch
+    must not build on its older answer, and so put a = 2 over the 50 this cache has shown (a
+    review of the read-keeping fix): the newer read made the kept one stale."""
+    backend = KeyGatedBackend(tmp_path / "db")
+    try:
+        with cold(tmp_path / "c", backend) as cache:
+            cache.put_many({"a": 1, "b": 1})
+        cache = cold(tmp_path / "c", backend, capacity=2, read_ttl=3600)
+        assert cache.get("b") == 1
+        backend.hold("a")
+
+        def batch() -> None:
+            with cache.batch() as b:
+                b.incr("a")
+                b.incr("b")
+        thread, outcome = in_thread(batch)
+        assert backend.inside["a"].wait(10)  # its read of "a" has 1
+        backend.hold("b")
+        cache.put_many({"x": 1, "y": 2, "z": 3})
+        cache.flush()  # "b" evicted
+        backend.let_go("a")
+        assert backend.inside["b"].wait(10)  # reading "b", the read of "a" kept
+        backend.inner.apply([("a", msgpack.packb(50))], [], backend.inner.checkpoint())
+        assert cache.get("a") == 50  # another cache's write, read into memory
+        cache.sequencer._entries.clean_since["a"] = -math.inf  # and expired (read_ttl)
+        backend.let_go("b")
+        thread.join(10)
+        assert outcome == [None]
+        assert cache.get("a") == 51 and cache.get("b") == 2
+        cache.close()
+        assert msgpack.unpackb(backend.inner.get("a")) == 51
+    finally:
+        backend.close()

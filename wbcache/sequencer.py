@@ -249,18 +249,13 @@ class Sequencer:
                     except NeedsRead as need:
                         fresh = self._more_reads(reads, need.keys)
                     else:
-                        self._end_reads(reads)
-                        reads = {}
+                        ended, reads = reads, {}
+                        self._end_reads(ended)
                         self._committer.wait(lsn)
                         return lsn, result
-                try:
-                    self._fill_reads(fresh, count_on_memory=True)
-                except BaseException:
-                    for key in fresh:  # ended by `_fill_reads`
-                        del reads[key]
-                    raise
+                self._fill_reads(fresh, count_on_memory=True)  # ends them if it fails
         finally:
-            if reads:
+            if reads:  # ending a read twice is harmless (`_end_reads`)
                 with self.lock:
                     self._end_reads(reads)
 
@@ -674,6 +669,7 @@ class Sequencer:
         """The value `read` found (ABSENT if none), kept in memory unless stale."""
         if read.stale:  # still a right answer for a read: it overlapped the change; not kept
             return ABSENT if read.encoded is None else from_encoded(read.encoded, read.key)[0]
+        self._supersede(read)
         if read.encoded is None:
             self._entries.forget(read.key)  # deleted by another cache
             return ABSENT
@@ -681,6 +677,14 @@ class Sequencer:
         if self._entries.keep_clean(read.key, held, read.started):
             self._evict()
         return value
+
+    def _supersede(self, read: _Read) -> None:
+        """`read`'s answer goes into memory: every read of its key started no later is stale
+        (a write may keep its reads for long, `submit`; once memory's entry expired, one of
+        them would otherwise put its older answer over this one)."""
+        for other in self._reads.get(read.key, ()):
+            if other is not read and other.started <= read.started:
+                other.stale = True
 
     def _start_reads(self, keys: Iterable[Key]) -> Reads:
         """Register a read of each key; end them with `_end_reads`."""
@@ -694,7 +698,7 @@ class Sequencer:
         """Register a read of each of `keys`, in place of any stale one `reads` holds, add
         them to `reads` and return them (to be filled)."""
         for key in keys:
-            stale = reads.pop(key, None)
+            stale = reads.get(key)
             if stale is not None:
                 self._end_reads({key: stale})
         fresh = self._start_reads(keys)
@@ -702,11 +706,14 @@ class Sequencer:
         return fresh
 
     def _end_reads(self, reads: Reads) -> None:
+        """Unregister `reads`; one already ended is passed over (an interrupt in `submit` may
+        leave it to be ended again)."""
         for key, read in reads.items():
-            registered = self._reads[key]
-            registered.remove(read)
-            if not registered:
-                del self._reads[key]
+            registered = self._reads.get(key)
+            if registered is not None and read in registered:
+                registered.remove(read)
+                if not registered:
+                    del self._reads[key]
 
     def _mark_stale(self, key: Key) -> None:
         """Memory's state of `key` changed: no read in progress may be kept."""
