@@ -366,6 +366,23 @@ def test_a_planted_segment_is_refused_and_never_read_or_deleted(tmp_path: Path, 
     assert os.path.lexists(path / "wal" / segment_name(7))  # refused, not deleted
 
 
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_segment_another_user_owns_is_refused_and_never_read_or_deleted(
+        tmp_path: Path, driver: str) -> None:
+    """Was read, replayed and deleted by an open, and printed by `wbcache dump` (an outside
+    hunt), though every other file of the directory another user owns is refused."""
+    path = tmp_path / "cache"
+    segments = three_segment_log(path)
+    os.chown(segments[1], NOBODY, NOBODY)
+    expected = f"owned by uid {NOBODY}, not you (uid {ME})"
+    with unchanged(path / "wal"):  # (an open's LMDB lock.mdb takes its reader slots anew)
+        refused(lambda: wbcache.open(path), str(segments[1]), expected)
+    with unchanged(path):
+        for command in ("dump", "recover", "verify"):
+            assert_one_line_error(run(driver, command, str(path)), 2, str(segments[1]),
+                                  expected)
+
+
 @pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "fifo"])
 def test_a_new_segment_is_never_created_through_a_planted_name(tmp_path: Path, outside: Path,
                                                                kind: str) -> None:

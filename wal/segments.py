@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from wbcache.errors import InvalidDirectoryError
 from wbcache.wal import crashpoints
-from wbcache.wal.owned import describe
+from wbcache.wal.owned import check_regular, describe
 from wbcache.wal.syscalls import SYSCALLS, write_all
 
 SUFFIX = ".log"
@@ -58,6 +58,7 @@ def list_segments(wal_dir: str) -> list[SegmentFile]:
                 continue
             if not entry.is_file(follow_symlinks=False):
                 raise _not_a_segment(entry.path, entry.stat(follow_symlinks=False).st_mode)
+            check_regular(entry.stat(follow_symlinks=False), entry.path)  # another's: refused
             found.append(SegmentFile(lsn, entry.path))
     found.sort(key=lambda segment: segment.first_lsn)
     return found
