@@ -333,3 +333,45 @@ def test_a_failed_owner_write_leaves_no_temporary_file(
         assert os.listdir(target) == []
     check_linked_dirs(Layout(str(root)), shared=shared)
     assert sorted(os.listdir(target)) == ["OWNER"] and owner_path(target) == str(root)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("name", ["wal", "db"])
+def test_a_link_to_another_cache_directorys_own_wal_or_db_is_refused(
+        tmp_path: Path, name: str, driver: str) -> None:
+    """Another directory's own wal/ or db/ (not a link) holds no OWNER: that directory never
+    looks for one in its own. Linked to, it was claimed: the log replayed into this
+    directory's database and deleted (the other's next open: records 1..100 missing), or
+    this directory's flushes moved the other's checkpoint (its writes gone). An outside hunt.
+    Refused by an open and by every command, nothing changed anywhere."""
+    other = tmp_path / "other"
+    killed_writer(other)  # 100 acknowledged writes, only in its log
+    mine = tmp_path / "mine"
+    wbcache.open(mine).close()
+    shutil.rmtree(mine / name)
+    (mine / name).symlink_to(other / name)
+    before = state_of(other)
+    with pytest.raises(InvalidDirectoryError, match=f"the cache directory {other} "
+                                                    f"\\(its own {name}\\)"):
+        wbcache.open(mine)
+    assert_one_line_error(run(driver, "recover", str(mine)), 2, "two cache directories "
+                          "cannot share one")
+    assert state_of(other) == before
+    with wbcache.open(other) as cache:
+        assert [cache.get(f"x{n}") for n in range(100)] == list(range(100))
+
+
+def test_a_link_to_a_lane_or_a_shared_directorys_db_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    with wbcache.open(shared, shared=True) as cache:
+        cache.put("k", 1)
+        lane = Path(cache._layout.root)
+    for name, target in (("wal", lane / "wal"), ("db", shared / "db")):
+        mine = tmp_path / f"mine-{name}"
+        wbcache.open(mine).close()
+        shutil.rmtree(mine / name)
+        (mine / name).symlink_to(target)
+        with pytest.raises(InvalidDirectoryError, match="two cache directories cannot share"):
+            wbcache.open(mine)
+    with wbcache.open(shared, shared=True) as cache:
+        assert cache.get("k") == 1

@@ -341,6 +341,8 @@ def check_linked_dirs(layout: Layout, *, write: bool = True, shared: bool = Fals
                 except FileNotFoundError:
                     text = None
                 recorded = None if text is None else _parse_owner(text, owner)
+                if recorded is None:
+                    _refuse_anothers_own(shown, target, name, sub_fd, me)
                 ours = f"{me.st_dev} {me.st_ino} {_hex_path(layout.root)}\n"
                 if (recorded is not None and recorded[0] != (me.st_dev, me.st_ino)
                         # a device renumbered: the same inode, found at the path recorded
@@ -367,6 +369,33 @@ def check_linked_dirs(layout: Layout, *, write: bool = True, shared: bool = Fals
                                    if shared else None)
             finally:
                 os.close(sub_fd)
+
+
+def _refuse_anothers_own(shown: str, target: str, name: str, sub_fd: int,
+                         me: os.stat_result) -> None:
+    """Refuse the linked `name` (open as `sub_fd`) that no OWNER claims if it is another cache
+    directory's own wal/ or db/ (not a link there): that directory never looks for OWNER in
+    its own, so this one would replay and delete its log, or flush over its database."""
+    real = os.path.realpath(shown)
+    parent = os.path.dirname(real)
+    here = os.fstat(sub_fd)
+    try:
+        found = os.stat(real, follow_symlinks=False)
+        there = os.stat(parent)
+    except OSError:  # moved meanwhile: not the directory opened
+        return
+    if ((found.st_dev, found.st_ino) != (here.st_dev, here.st_ino)
+            or (there.st_dev, there.st_ino) == (me.st_dev, me.st_ino)
+            or os.path.basename(real) != name):
+        return
+    if any(os.path.lexists(os.path.join(parent, mark))
+           for mark in (CACHE_ID_NAME, SHARED_NAME)):
+        what = "log" if name == WAL_NAME else "database"
+        raise InvalidDirectoryError(
+            f"{shown} links to {target}, the {what} of the cache directory {parent} (its own "
+            f"{name}): two cache directories cannot share one {what}, each would replay and "
+            f"delete the other's writes. Nothing was changed. Give this directory a {what} of "
+            f"its own (remove the link, or point it at a directory no cache uses)")
 
 
 def _hex_path(path: str) -> str:
