@@ -64,7 +64,6 @@ from wbcache.backends.postgres_schema import (
     DDL_LOCK_CLASS,
     EXPECTED_COLUMNS,
     MAX_KEY_SIZE,
-    OPTIONAL_COLUMNS,
     STATEMENT_BYTES,
     UNIQUE_COLUMN,
     Statements,
@@ -659,6 +658,7 @@ class PostgresBackend:
                 names = TableNames(row[0], names.name)
                 sql = Statements(names)
             return {kind: (dict(conn.execute(sql.columns, (table,)).fetchall()),
+                           {row[0] for row in conn.execute(sql.required_columns, (table,))},
                            {row[0] for row in conn.execute(sql.unique_columns, (table,))})
                     for kind, table in (("data", names.data_sql),
                                         ("checkpoints", names.checkpoints_sql))}
@@ -676,14 +676,20 @@ class PostgresBackend:
         for kind, expected in EXPECTED_COLUMNS.items():
             table = names.data if kind == "data" else names.checkpoints
             added = ADDED_COLUMNS.get(kind, {})
-            columns, unique = found[kind]
+            columns, required, unique = found[kind]
             wrong = {name: columns.get(name) for name, type_ in {**expected, **added}.items()
                      if columns.get(name) != type_ and (name not in added or name in columns)}
-            other = set(columns) - set(expected) - set(added) - OPTIONAL_COLUMNS[kind]
-            if wrong or other:  # another's table: a column it needs would stop every flush
+            if wrong:
                 raise SchemaMismatchError(
                     f"{self._link.where}: table {table} exists but is not a wbcache table: "
                     f"expected columns {expected}, found {columns}")
+            other = sorted(required - set(expected) - set(added))
+            if other:  # a column of its own (NOT NULL, no default) would stop every flush
+                raise SchemaMismatchError(
+                    f"{self._link.where}: table {table} exists but is not a wbcache table: "
+                    f"its column(s) {', '.join(other)} must be given a value (NOT NULL, no "
+                    f"default), which wbcache never writes. Columns of your own may stand "
+                    f"beside wbcache's if they may be NULL or have a default")
             if UNIQUE_COLUMN[kind] not in unique:
                 raise SchemaMismatchError(
                     f"{self._link.where}: table {table} exists but is not a wbcache table: "

@@ -311,8 +311,13 @@ class Statements:
         self.unique_columns = (
             "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
             "AND a.attnum = i.indkey[0] WHERE i.indrelid = to_regclass(%s) AND i.indisunique "
-            "AND i.indisvalid AND i.indnkeyatts = 1 AND i.indpred IS NULL "
+            "AND i.indisvalid AND i.indimmediate AND i.indnkeyatts = 1 AND i.indpred IS NULL "
             "AND i.indexprs IS NULL")
+        # Columns an insert must fill, as wbcache's never do: NOT NULL, with no default and
+        # not an identity column.
+        self.required_columns = (
+            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 "
+            "AND NOT attisdropped AND attnotnull AND NOT atthasdef AND attidentity = ''")
         self.schema_of = ("SELECT n.nspname FROM pg_class c JOIN pg_namespace n "
                           "ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)")
         self.get = f"SELECT num, value FROM {data} WHERE key = %b"
@@ -395,11 +400,10 @@ class Statements:
 
 EXPECTED_COLUMNS = {
     "data": {"key": "bytea", "num": "bigint", "value": "bytea"},
-    "checkpoints": {"cache_id": "text", "lsn": "bigint"},
+    "checkpoints": {"cache_id": "text", "lsn": "bigint",
+                    "updated_at": "timestamp with time zone"},  # set by every flush
 }
 # Columns added since the first tables: an open adds the missing one (`Statements.add_token`).
 ADDED_COLUMNS = {"checkpoints": {"token": "text"}}
-# Columns a table may have beyond those (the checkpoints' time of the last flush, unread), and
-# the column each table's rows are found by (a unique index on it alone: ON CONFLICT).
-OPTIONAL_COLUMNS = {"data": set(), "checkpoints": {"updated_at"}}
+# The column each table's rows are found by: a unique index on it alone (ON CONFLICT).
 UNIQUE_COLUMN = {"data": "key", "checkpoints": "cache_id"}
