@@ -163,8 +163,10 @@ def further_damage(path: str, offset: int,
             if first is None:
                 return []
             pos = first[2]
+            header = read_header(data[:32])
+            marked = header is not None and header.sync_marks  # else a mark is damage too
             marks = [(at, decode_mark(data, at, size)[1])  # type: ignore[index]
-                     for at, _ in intact_marks(data, pos, size)]
+                     for at, _ in intact_marks(data, pos, size)] if marked else []
             pieces = sorted([*((at, end) for at, _, end in frames), *marks])
             for at, end in pieces:
                 if at > pos:
@@ -172,8 +174,7 @@ def further_damage(path: str, offset: int,
                         path, pos, f"further damage: bytes {pos}..{at - 1} hold no intact "
                                    f"record"))
                 pos = max(pos, end)  # a mark inside a frame's value is the value's
-            header = read_header(data[:32])
-            reserved = header is not None and header.sync_marks and zero_tail(data, pos, size)
+            reserved = marked and zero_tail(data, pos, size)
             if pos < size and not reserved:
                 problems.append(CorruptLogError(
                     path, pos, f"further damage: bytes {pos}..{size - 1} hold no intact record"))

@@ -193,6 +193,13 @@ def test_verify_takes_sync_marks_and_a_reserved_zero_tail_for_the_writers_own(
         f"DAMAGED: corrupt log segment {segment} at byte offset {offsets[8]}: further damage: "
         f"bytes {offsets[8]}..{offsets[9] - 1} hold no intact record"]
     assert "2 problems found" in result.stderr
+    # In a segment whose header says no marks, a mark is not the writer's: damage like any.
+    segment.write_bytes(encode_header() + bytes(data[len(header):]))
+    damaged = [line for line in run(driver, "verify", str(path)).stdout.splitlines()
+               if line.startswith("DAMAGED: ")]
+    assert len(damaged) == 3 and "bad frame marker" in damaged[0], damaged
+    assert all("further damage: bytes " in line for line in damaged[1:]), damaged  # the
+    # second mark, and the zeros (no reserved end without marks)
 
 
 def _damage(path: Path, kind: str) -> None:
