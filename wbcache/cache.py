@@ -395,9 +395,9 @@ class Cache(MutableMapping[Key, Any]):
         (an attempt already under way is let finish: the backend's own timeout bounds it), or
         if the covered segments could not be deleted; the log keeps every write either way.
         A `timeout` that is not a number of seconds from 0 raises `TypeError`/`ValueError`."""
-        timeout = self.options.flush_timeout if timeout is None else check_timeout(timeout)
         self._sequencer._check_open()
-        self._flusher.flush(timeout)
+        self._flusher.flush(self.options.flush_timeout if timeout is None
+                            else check_timeout(timeout))
 
     def sync(self) -> None:
         """Block until every earlier write is fsync'd (a no-op wait under fsync="always").

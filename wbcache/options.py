@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -140,11 +141,11 @@ def _check_seconds(name: str, value: object) -> None:
 def check_timeout(value: object) -> float:
     """A method's `timeout`: a number of seconds from 0 to MAX_SECONDS, else TypeError or
     ValueError naming it (a negative one would wait for good, as `Lock.acquire` takes it)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"timeout must be a number of seconds, not {type(value).__name__}")
     if not 0 <= value <= MAX_SECONDS:  # NaN too
         raise ValueError(f"timeout must be from 0 to {MAX_SECONDS:g} seconds, not {value!r}")
-    return value
+    return float(value)
 
 
 def _check_positive_int(name: str, value: object) -> None:
