@@ -25,7 +25,7 @@ from wbcache.errors import (
     WbcacheError,
 )
 from wbcache.lanes import refuse_lane
-from wbcache.wal.owned import open_private_dir
+from wbcache.wal.owned import check_parents, open_private_dir
 
 EXIT_OK = 0
 EXIT_DAMAGE = 1
@@ -86,6 +86,7 @@ def new_directory(directory: str) -> None:
     2) if its parent is missing, if it holds anything, or if it is not yours alone, as a cache
     directory must be (wbcache/wal/owned.py): the scratch work and its evidence go there."""
     refuse_lane(directory)  # a lane's place: a shared open would take what is made there
+    check_parents(directory)
     parent = os.path.dirname(os.path.abspath(directory))
     if not os.path.isdir(parent):  # one line, as every error found in a directory
         raise InvalidDirectoryError(f"{parent} is not a directory: give a DIRECTORY in one "

@@ -288,7 +288,46 @@ def test_a_group_or_world_writable_wal_or_db_is_refused(tmp_path: Path, sub: str
         refused(lambda: wbcache.open(path), str(path / sub), "(mode 0777)", "chmod go-w")
 
 
-def test_the_parents_are_not_checked_so_a_sticky_tmp_is_a_usable_parent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("problem", ["another user's", "world-writable"])
+def test_a_parent_another_user_could_rename_the_directory_in_is_refused(
+        tmp_path: Path, driver: str, problem: str) -> None:
+    """Was taken: another user owning a parent (or anyone, where it is world-writable and
+    not sticky) renamed the cache directory away while it ran and put one of their own at
+    its path, with wal/ linked to a directory of root's: the writer created its segments
+    there and the flusher deleted another file (an attacker's hunt). Refused, with the
+    directory it names, by an open (a new directory is not made) and every command."""
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    path = closed_cache(parent / "cache", a=1)
+    if problem == "another user's":
+        os.chown(parent, NOBODY, NOBODY)
+        expected = f"{parent}, a parent of {path}, is owned by uid {NOBODY}"
+    else:
+        parent.chmod(0o777)
+        expected = f"{parent}, a parent of {path}, may be written by others (mode 0777)"
+    with unchanged(parent):
+        refused(lambda: wbcache.open(path), expected)
+        refused(lambda: wbcache.open(parent / "new"), f"{parent}, a parent of")
+        for command in ("verify", "recover", "dump"):
+            assert_one_line_error(run(driver, command, str(path)), 2, expected)
+
+
+def test_another_users_link_on_the_way_to_the_directory_is_refused(tmp_path: Path) -> None:
+    """Its owner could point it elsewhere while the cache runs."""
+    real = tmp_path / "real"
+    real.mkdir()
+    closed_cache(real / "cache", a=1)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    os.chown(link, NOBODY, NOBODY, follow_symlinks=False)
+    refused(lambda: wbcache.open(link / "cache"), f"{link}, on the way to",
+            f"owned by uid {NOBODY}")
+    with wbcache.open(real / "cache") as cache:  # by a path of its owner's
+        assert cache.get("a") == 1
+
+
+def test_the_parents_may_be_a_sticky_tmp(tmp_path: Path) -> None:
     shared = tmp_path / "tmp"
     shared.mkdir()
     shared.chmod(0o1777)  # what /tmp is

@@ -8,11 +8,12 @@ Then no other user can create, replace or rename an entry in it, so an entry che
 entry used. Files are opened relative to the descriptor of their checked directory (`dir_fd`),
 with O_NOFOLLOW, and their type checked on the opened descriptor; creations use O_EXCL.
 
-The PARENTS of a cache directory are not checked: a sticky, world-writable /tmp must stay
-usable as a parent, and the user chose the path. Whoever can write in a parent can still rename
-the directory itself away; the descriptor-relative opens here keep landing in the directory
-that was checked, but code that goes by path (the log writer, LMDB) trusts the parents as the
-user does.
+The PARENTS of a cache directory (and of the directory a linked wal/ or db/ points at) are
+checked as sudo and ssh check theirs (`check_parents`): each owned by the user or root, and
+writable by no one else unless sticky (a sticky /tmp stays usable: there nobody can rename
+another's entry). Otherwise another user could rename the directory away and put one of their
+own at its path while the cache runs, and code that goes by path (the log writer, LMDB) would
+create and delete files in it. Links on the way must be the user's or root's too.
 
 Every refusal is an `InvalidDirectoryError` naming the path, what is wrong and how to fix it.
 """
@@ -38,6 +39,50 @@ _KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
 def describe(mode: int) -> str:
     """What kind of file `mode` (an st_mode) is, for a message: "a symbolic link", ..."""
     return next((name for test, name in _KINDS if test(mode)), "a special file")
+
+
+def check_parents(path: str) -> None:
+    """Raise `InvalidDirectoryError` if another user could rename `path` (or a directory on
+    the way to it) away: a parent owned by another user (root aside), or one others may write
+    into that is not sticky; or a link on the way owned by another user (module docstring).
+    The parents of what `path` resolves to are checked, and each link met on the way."""
+    me = os.geteuid()
+    trusted = (me, 0)
+    absolute = os.path.abspath(path)
+    prefix = os.sep
+    for part in absolute.split(os.sep)[1:-1]:  # the links met on the way
+        prefix = os.path.join(prefix, part)
+        try:
+            info = os.lstat(prefix)
+        except OSError:  # missing (made by the open, under checked parents) or unreadable
+            break
+        if stat.S_ISLNK(info.st_mode) and info.st_uid not in trusted:
+            raise InvalidDirectoryError(
+                f"{prefix}, on the way to {absolute}, is a symbolic link owned by uid "
+                f"{info.st_uid}, not by you: its owner could point it elsewhere. Use a path "
+                f"without another user's link")
+    parent = os.path.dirname(os.path.realpath(absolute))
+    while True:
+        try:
+            info = os.stat(parent)
+        except OSError:
+            info = None  # missing: made by the open, in its own parent
+        if info is not None:
+            mode = stat.S_IMODE(info.st_mode)
+            if info.st_uid not in trusted:
+                raise InvalidDirectoryError(
+                    f"{parent}, a parent of {absolute}, is owned by uid {info.st_uid}, not by "
+                    f"you or root: its owner could rename the cache directory away and put one "
+                    f"of their own in its place. Use a directory under parents of your own")
+            if mode & 0o022 and not mode & stat.S_ISVTX:
+                raise InvalidDirectoryError(
+                    f"{parent}, a parent of {absolute}, may be written by others (mode "
+                    f"{mode:04o}) and is not sticky: anyone could rename the cache directory "
+                    f"away and put one of their own in its place. chmod go-w {parent} (or "
+                    f"+t, as /tmp is)")
+        if parent == os.path.dirname(parent):
+            return
+        parent = os.path.dirname(parent)
 
 
 def check_private_dir(info: os.stat_result, shown: str) -> None:

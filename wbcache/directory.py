@@ -74,6 +74,7 @@ from wbcache.lock import DirectoryLock
 from wbcache.options import Options
 from wbcache.recovery import RecoveryReport, replay_into
 from wbcache.recovery.scan import walk_log
+from wbcache.wal.owned import check_parents
 from wbcache.wal.records import DEFAULT_MAX_KEY_SIZE
 from wbcache.wal.segments import list_segments
 
@@ -411,6 +412,7 @@ def find_directory(path: str | os.PathLike[str]) -> FoundDirectory:
         raise InvalidDirectoryError(f"{root} does not exist (a parent is a file)") from None
     if not stat.S_ISDIR(mode):
         raise InvalidDirectoryError(f"{root} is not a directory")
+    check_parents(root)
     lanes.refuse_lane(root)
     names = checked_entries(layout, private_dirs=(QUARANTINE_NAME,))
     if SHARED_NAME in names:

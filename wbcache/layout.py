@@ -57,7 +57,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from wbcache.errors import InvalidDirectoryError
-from wbcache.wal.owned import check_regular, open_private_dir, open_private_file
+from wbcache.wal.owned import (
+    check_parents,
+    check_regular,
+    open_private_dir,
+    open_private_file,
+)
 from wbcache.wal.syscalls import SYSCALLS
 
 LOCK_NAME = "LOCK"
@@ -253,6 +258,7 @@ def claim(path: str | os.PathLike[str]) -> Layout:
     `InvalidDirectoryError` and is left untouched."""
     layout = Layout(os.path.abspath(os.fspath(path)))
     root = layout.root
+    check_parents(root)
     try:
         root_fd = open_private_dir(root, follow=True)
     except FileNotFoundError:
@@ -335,6 +341,7 @@ def check_linked_dirs(layout: Layout, *, write: bool = True, shared: bool = Fals
             shown = os.path.join(layout.root, name)
             sub_fd = open_private_dir(name, dir_fd=root_fd, follow=True, shown=shown)
             try:
+                check_parents(shown)  # the log (or database) elsewhere: its parents too
                 owner = os.path.join(target, OWNER_NAME)
                 try:
                     text: str | None = _read_file(sub_fd, shown, OWNER_NAME)
