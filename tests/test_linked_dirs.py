@@ -375,3 +375,39 @@ def test_a_link_to_a_lane_or_a_shared_directorys_db_is_refused(tmp_path: Path) -
             wbcache.open(mine)
     with wbcache.open(shared, shared=True) as cache:
         assert cache.get("k") == 1
+
+
+def test_a_log_directory_swapped_for_a_link_while_the_cache_runs_is_never_written_through(
+        tmp_path: Path) -> None:
+    """The writer makes and deletes segments by path: a running cache's wal/ moved away and
+    replaced by a link to another cache's log had its flusher delete that cache's segments
+    (its next open: records missing) and its rotation make segments there (an attacker's
+    hunt). The log now checks, at each, that the path still leads to the directory it
+    opened: the flush says so (nothing deleted), a write needing a new segment fails the
+    log, and the other cache keeps every write."""
+    other = tmp_path / "other"
+    killed_writer(other)  # 100 acknowledged writes in its log
+    mine = tmp_path / "mine"
+    cache = wbcache.open(mine, flush_interval=3600, segment_size=64 * 1024)
+    try:
+        for batch in range(2):  # the second in a new segment: the first closed
+            cache.put_many({f"a{batch}-{n}": "v" * 1000 for n in range(100)})
+        (mine / "wal").rename(tmp_path / "moved-wal")
+        (mine / "wal").symlink_to(other / "wal")
+        before = state_of(other)
+        with pytest.raises(wbcache.FlushError, match="no longer the log directory"):
+            cache.flush()
+        with pytest.raises(wbcache.LogFailedError, match="no longer the log directory"):
+            cache.put_many({f"b{n}": "v" * 1000 for n in range(100)})  # the next segment
+        assert state_of(other) == before
+    finally:
+        try:
+            cache.close()
+        except wbcache.WbcacheError as exc:  # its last flush cannot delete its segments
+            assert "no longer the log directory" in str(exc)
+    with wbcache.open(other) as reopened:
+        assert [reopened.get(f"x{n}") for n in range(100)] == list(range(100))
+    (mine / "wal").unlink()
+    (tmp_path / "moved-wal").rename(mine / "wal")
+    with wbcache.open(mine) as reopened:
+        assert reopened.get("a1-99") == "v" * 1000

@@ -84,13 +84,20 @@ class LogWriter:
     def __init__(self, wal_dir: str, next_lsn: int, segment_size: int, *,
                  sync_marks: bool = False) -> None:
         self._wal_dir = wal_dir
+        # Held for the writer's life: segments are made and deleted by path, so each time the
+        # path must still lead to this directory (`_check_dir`).
+        self._dir_fd = os.open(wal_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._segment_size = segment_size
         self._header = encode_header(segment_size=segment_size, sync_marks=sync_marks)
         self._sync_marks = sync_marks
         # The mapped segment (module docstring): under fsync="interval", until retired.
         self._mapping = sync_marks and _unwatched()
-        self._fd, self._path = create_segment(wal_dir, next_lsn, self._header,
-                                              mappable=self._mapping)
+        try:
+            self._fd, self._path = create_segment(wal_dir, next_lsn, self._header,
+                                                  mappable=self._mapping)
+        except BaseException:
+            os.close(self._dir_fd)
+            raise
         self._first_lsn = next_lsn
         self._last_lsn = next_lsn - 1  # no record yet
         self._size = len(self._header)
@@ -301,6 +308,7 @@ class LogWriter:
         self._unmap()
         if not synced:
             SYSCALLS.fdatasync(self._fd)
+        self._check_dir()
         fd, path = create_segment(self._wal_dir, first_lsn, self._header,
                                   mappable=self._mapping)
         old_fd = self._fd
@@ -327,6 +335,7 @@ class LogWriter:
             return 0
         # Forget them only once deleted (and the directory fsync'd): after an error, the next
         # call tries again.
+        self._check_dir()
         delete_segments(self._wal_dir, [segment.path for segment in drop])
         with self._closed_lock:
             self._closed = [segment for segment in self._closed if segment not in drop]
@@ -338,12 +347,32 @@ class LogWriter:
             closed_bytes = sum(segment.size for segment in self._closed)
             return max(self._size, self._file_end) + closed_bytes, len(self._closed) + 1
 
+    def _check_dir(self) -> None:
+        """Raise OSError (ESTALE: a failed I/O to the flusher and the group commit) unless
+        the log's path still leads to the directory it named at open: one moved away, or
+        swapped for a link, while the cache runs would have segments made, and another
+        cache's deleted, in whatever is there now."""
+        try:
+            now = os.stat(self._wal_dir)
+        except OSError:
+            now = None
+        held = os.fstat(self._dir_fd)
+        if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            raise OSError(
+                errno.ESTALE,
+                f"{self._wal_dir} is no longer the log directory this cache opened (moved, "
+                f"removed or replaced while it ran): no segment is made or deleted through it; "
+                f"close the cache and put its directory back")
+
     def close(self) -> None:
         """Idempotent: an interrupted `Cache.close` runs its steps again."""
         self._unmap()
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             SYSCALLS.close(fd)
+        if self._dir_fd >= 0:
+            dir_fd, self._dir_fd = self._dir_fd, -1
+            os.close(dir_fd)
 
 
 def _unwatched() -> bool:
