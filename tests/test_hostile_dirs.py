@@ -32,6 +32,7 @@ from cli_support import (
     assert_one_line_error,
     flip_byte,
     frame_offsets,
+    kill_writer,
     new_cache_dir,
     run,
     run_all,
@@ -420,6 +421,28 @@ def test_a_segment_another_user_owns_is_refused_and_never_read_or_deleted(
         for command in ("dump", "recover", "verify"):
             assert_one_line_error(run(driver, command, str(path)), 2, str(segments[1]),
                                   expected)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_refusal_leaves_the_lock_file_as_it_found_it(tmp_path: Path, driver: str) -> None:
+    """A refused `wbcache recover` (a second name for db/lock.mdb, found once it had the
+    lock) and a refused shared open (a lane's cache_id another user owns) rewrote LOCK: the
+    dead owner's pid it held was gone (an attacker's hunt). The pid is now written only once
+    the checks have passed."""
+    path = tmp_path / "cache"
+    kill_writer(path, flushed=5, acks=10)
+    os.link(path / "db" / "lock.mdb", tmp_path / "second-name")
+    lock = (path / "LOCK").read_bytes()
+    assert lock.strip()  # the dead writer's pid
+    assert_one_line_error(run(driver, "recover", str(path)), 2, "hard links")
+    assert (path / "LOCK").read_bytes() == lock
+    shared = tmp_path / "shared"
+    wbcache.open(shared, shared=True).close()
+    lane = shared / "lanes" / "00000001"
+    (lane / "LOCK").write_bytes(lock)  # as a dead owner left it
+    os.chown(lane / "cache_id", NOBODY, NOBODY)
+    refused(lambda: wbcache.open(shared, shared=True), f"owned by uid {NOBODY}")
+    assert (lane / "LOCK").read_bytes() == lock
 
 
 @pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "fifo"])

@@ -147,11 +147,12 @@ def take(lane_root: str) -> Lane | None:
     """The lane at `lane_root`, locked and complete, or None if another process holds it."""
     layout = Layout(lane_root)
     try:
-        lock = DirectoryLock.acquire(layout.lock)
+        lock = DirectoryLock.acquire(layout.lock, record_owner=False)
     except CacheLockedError:
         return None
     try:
-        complete_lane(layout)
+        complete_lane(layout)  # may refuse the lane: its LOCK then still as found
+        lock.record_owner()
     except BaseException:
         lock.release()
         raise

@@ -268,9 +268,13 @@ def _write(found: FoundDirectory, url: str | None, target: _Target, phases: _Pha
         target.done = plan.report(dry_run=False)
         return
     assert target.lock is not None
-    target.lock.record_owner()
     writer: Backend = open_database(found, url, lane=target.layout if found.shared else None,
-                                    write=True)
+                                    write=True)  # may refuse (its files): LOCK still as found
+    try:
+        target.lock.record_owner()
+    except BaseException:
+        writer.close()
+        raise
     try:
         if isinstance(plan, SalvagePlan):
             quarantine = os.path.join(target.layout.root, QUARANTINE_NAME)
