@@ -303,13 +303,13 @@ def test_a_parent_another_user_could_rename_the_directory_in_is_refused(
     path = closed_cache(parent / "cache", a=1)
     if problem == "another user's":
         os.chown(parent, NOBODY, NOBODY)
-        expected = f"{parent}, a parent of {path}, is owned by uid {NOBODY}"
+        expected = f"{parent}, on the way to {path}, is owned by uid {NOBODY}"
     else:
         parent.chmod(0o777)
-        expected = f"{parent}, a parent of {path}, may be written by others (mode 0777)"
+        expected = f"{parent}, on the way to {path}, may be written by everyone (mode 0777)"
     with unchanged(parent):
         refused(lambda: wbcache.open(path), expected)
-        refused(lambda: wbcache.open(parent / "new"), f"{parent}, a parent of")
+        refused(lambda: wbcache.open(parent / "new"), f"{parent}, on the way to")
         for command in ("verify", "recover", "dump"):
             assert_one_line_error(run(driver, command, str(path)), 2, expected)
 
@@ -326,6 +326,28 @@ def test_another_users_link_on_the_way_to_the_directory_is_refused(tmp_path: Pat
             f"owned by uid {NOBODY}")
     with wbcache.open(real / "cache") as cache:  # by a path of its owner's
         assert cache.get("a") == 1
+
+
+def test_your_own_link_in_a_directory_everyone_may_write_is_refused(tmp_path: Path) -> None:
+    """Anyone could rename the link there and put one of their own in its place."""
+    public = tmp_path / "public"
+    public.mkdir()
+    closed_cache(tmp_path / "real" / "cache", a=1)
+    (public / "link").symlink_to(tmp_path / "real")
+    public.chmod(0o777)
+    refused(lambda: wbcache.open(public / "link" / "cache"), f"{public}, on the way to",
+            "may be written by everyone")
+
+
+def test_a_group_writable_parent_is_let_be(tmp_path: Path) -> None:
+    """A private group and umask 002 (Debian's default for users) make ~/app 0775: as
+    Debian's ssh does, that is no reason to refuse (a review: it was refused)."""
+    parent = tmp_path / "app"
+    parent.mkdir()
+    parent.chmod(0o775)
+    with wbcache.open(parent / "cache") as cache:
+        cache.put("k", 1)
+    assert run("runner", "verify", str(parent / "cache")).exit_code == 0
 
 
 def test_the_parents_may_be_a_sticky_tmp(tmp_path: Path) -> None:

@@ -9,11 +9,12 @@ entry used. Files are opened relative to the descriptor of their checked directo
 with O_NOFOLLOW, and their type checked on the opened descriptor; creations use O_EXCL.
 
 The PARENTS of a cache directory (and of the directory a linked wal/ or db/ points at) are
-checked as sudo and ssh check theirs (`check_parents`): each owned by the user or root, and
-writable by no one else unless sticky (a sticky /tmp stays usable: there nobody can rename
-another's entry). Otherwise another user could rename the directory away and put one of their
-own at its path while the cache runs, and code that goes by path (the log writer, LMDB) would
-create and delete files in it. Links on the way must be the user's or root's too.
+checked much as ssh checks theirs (`check_parents`): each owned by the user or root, and not
+writable by everyone unless sticky (a sticky /tmp stays usable: there nobody can rename
+another's entry; group-writable is let be, as Debian's ssh does for private groups).
+Otherwise another user could rename the directory away and put one of their own at its path
+while the cache runs, and code that goes by path (the log writer, LMDB) would create and
+delete files in it. Links on the way must be the user's or root's too.
 
 Every refusal is an `InvalidDirectoryError` naming the path, what is wrong and how to fix it.
 """
@@ -42,47 +43,54 @@ def describe(mode: int) -> str:
 
 
 def check_parents(path: str) -> None:
-    """Raise `InvalidDirectoryError` if another user could rename `path` (or a directory on
-    the way to it) away: a parent owned by another user (root aside), or one others may write
-    into that is not sticky; or a link on the way owned by another user (module docstring).
-    The parents of what `path` resolves to are checked, and each link met on the way."""
+    """Raise `InvalidDirectoryError` if another user could rename `path` away and put their
+    own in its place: a directory on the way to it (as typed, and as its links resolve) owned
+    by another user (root aside), or writable by everyone and not sticky; or a link on the
+    way owned by another user. Group-writable is let be (a private group and umask 002,
+    Debian's default, as its ssh lets be); the cache directory itself is stricter (module
+    docstring)."""
     me = os.geteuid()
-    trusted = (me, 0)
     absolute = os.path.abspath(path)
+    places = set()  # the directories a name on the way is looked up in
     prefix = os.sep
-    for part in absolute.split(os.sep)[1:-1]:  # the links met on the way
+    for part in absolute.split(os.sep)[1:]:
+        places.add(os.path.realpath(prefix))
         prefix = os.path.join(prefix, part)
         try:
             info = os.lstat(prefix)
-        except OSError:  # missing (made by the open, under checked parents) or unreadable
+        except OSError:  # missing (made by the open, under checked places) or unreadable
             break
-        if stat.S_ISLNK(info.st_mode) and info.st_uid not in trusted:
+        if stat.S_ISLNK(info.st_mode) and info.st_uid not in (me, 0):
             raise InvalidDirectoryError(
                 f"{prefix}, on the way to {absolute}, is a symbolic link owned by uid "
                 f"{info.st_uid}, not by you: its owner could point it elsewhere. Use a path "
                 f"without another user's link")
     parent = os.path.dirname(os.path.realpath(absolute))
-    while True:
-        try:
-            info = os.stat(parent)
-        except OSError:
-            info = None  # missing: made by the open, in its own parent
-        if info is not None:
-            mode = stat.S_IMODE(info.st_mode)
-            if info.st_uid not in trusted:
-                raise InvalidDirectoryError(
-                    f"{parent}, a parent of {absolute}, is owned by uid {info.st_uid}, not by "
-                    f"you or root: its owner could rename the cache directory away and put one "
-                    f"of their own in its place. Use a directory under parents of your own")
-            if mode & 0o022 and not mode & stat.S_ISVTX:
-                raise InvalidDirectoryError(
-                    f"{parent}, a parent of {absolute}, may be written by others (mode "
-                    f"{mode:04o}) and is not sticky: anyone could rename the cache directory "
-                    f"away and put one of their own in its place. chmod go-w {parent} (or "
-                    f"+t, as /tmp is)")
+    while True:  # and every directory above what it resolves to
+        places.add(parent)
         if parent == os.path.dirname(parent):
-            return
+            break
         parent = os.path.dirname(parent)
+    for place in sorted(places):
+        _check_place(place, absolute, me)
+
+
+def _check_place(place: str, absolute: str, me: int) -> None:
+    try:
+        info = os.stat(place)
+    except OSError:
+        return  # missing: made by the open, in a checked place; unreadable: the open says so
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid not in (me, 0):
+        raise InvalidDirectoryError(
+            f"{place}, on the way to {absolute}, is owned by uid {info.st_uid}, not by you "
+            f"or root: its owner could rename the cache directory away and put one of their "
+            f"own in its place. Use a directory under parents of your own (or root's)")
+    if mode & 0o002 and not mode & stat.S_ISVTX:
+        raise InvalidDirectoryError(
+            f"{place}, on the way to {absolute}, may be written by everyone (mode {mode:04o}) "
+            f"and is not sticky: anyone could rename the cache directory away and put one of "
+            f"their own in its place. chmod o-w {place} (or +t, as /tmp is)")
 
 
 def check_private_dir(info: os.stat_result, shown: str) -> None:

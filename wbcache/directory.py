@@ -412,9 +412,9 @@ def find_directory(path: str | os.PathLike[str]) -> FoundDirectory:
         raise InvalidDirectoryError(f"{root} does not exist (a parent is a file)") from None
     if not stat.S_ISDIR(mode):
         raise InvalidDirectoryError(f"{root} is not a directory")
-    check_parents(root)
     lanes.refuse_lane(root)
     names = checked_entries(layout, private_dirs=(QUARANTINE_NAME,))
+    check_parents(root)  # after the directory's own checks: their refusal says more
     if SHARED_NAME in names:
         lanes.check_marked(root)
         return FoundDirectory(layout, True, EMBEDDED)  # the mark says LMDB

@@ -258,14 +258,20 @@ def claim(path: str | os.PathLike[str]) -> Layout:
     `InvalidDirectoryError` and is left untouched."""
     layout = Layout(os.path.abspath(os.fspath(path)))
     root = layout.root
-    check_parents(root)
     try:
         root_fd = open_private_dir(root, follow=True)
     except FileNotFoundError:
+        check_parents(root)  # before anything is made there
         _make_dir(root)
         root_fd = open_private_dir(root, follow=True)
     except NotADirectoryError:
         raise InvalidDirectoryError(f"{root} cannot be a directory: a parent is a file") from None
+    else:
+        try:  # the directory's own refusal first: it says more
+            check_parents(root)
+        except BaseException:
+            os.close(root_fd)
+            raise
     try:
         names = frozenset(os.listdir(root_fd))
         _check_entries(root_fd, root, names, ())
