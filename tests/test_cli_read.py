@@ -2,6 +2,7 @@
 no byte, that they run beside a live cache, and that the JSON encoding of values is exact.
 
 Each test runs the command in-process (CliRunner) and as a subprocess of the installed script.
+A little over 500 lines: the five read commands share their directory builders here.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ case is refused with an `InvalidDirectoryError` that names the path, what is wro
 fix it, and the file the plant points at keeps its bytes and its mtime.
 
 The tests run as root; another user is uid 65534 (`nobody`), made with `os.chown`. One file
-for every plant, so that the list of places wbcache opens is read in one place: a little over
-500 lines for that reason.
+for every plant, so that the list of places wbcache opens is read in one place (its parents
+included): about 650 lines for that reason.
 """
 
 from __future__ import annotations
