@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from wbcache.errors import CorruptLogError, UnsupportedFormatError
 from wbcache.recovery.replay import PROGRESS_EVERY
 from wbcache.recovery.scan import continuity_problem
-from wbcache.wal.format import FORMAT_VERSION, READABLE_VERSIONS, decode_mark, read_header
+from wbcache.wal.format import FORMAT_VERSION, MARK_SIZE, READABLE_VERSIONS, read_header
 from wbcache.wal.reader import (
     SegmentEnd,
     intact_frames,
@@ -165,7 +165,7 @@ def further_damage(path: str, offset: int,
             pos = first[2]
             header = read_header(data[:32])
             marked = header is not None and header.sync_marks  # else a mark is damage too
-            marks = [(at, decode_mark(data, at, size)[1])  # type: ignore[index]
+            marks = [(at, at + MARK_SIZE)
                      for at, _ in intact_marks(data, pos, size)] if marked else []
             pieces = sorted([*((at, end) for at, _, end in frames), *marks])
             for at, end in pieces:

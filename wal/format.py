@@ -185,6 +185,9 @@ def encode_one_frame(record: bytes) -> bytes:
                             _ONE_RECORD_HEAD) + record
 
 
+MARK_SIZE = FRAME_SIZE + 9  # a sync mark: its frame header and a msgpack uint64
+
+
 def encode_mark(synced_end: int) -> bytes:
     """A sync mark: every byte of this segment before `synced_end` is fsync'd."""
     payload = synced_end.to_bytes(8, "big")
@@ -199,7 +202,7 @@ def decode_mark(data: bytes | memoryview | mmap.mmap, at: int, size: int
         return None
     magic, length, crc = FRAME.unpack_from(data, at)
     end = at + FRAME_SIZE + length
-    if magic != MARK_MAGIC or length != 9 or end > size:
+    if magic != MARK_MAGIC or end != at + MARK_SIZE or end > size:
         return None
     payload = bytes(data[at + FRAME_SIZE:end])
     if zlib.crc32(payload) != crc or payload[0] != 0xCF:
