@@ -93,6 +93,16 @@ class Cache(MutableMapping[Key, Any]):
         next_lsn = recovery.checkpoint_after + 1
         self._writer = LogWriter(layout.wal, next_lsn, options.segment_size,
                                  sync_marks=options.fsync == "interval")
+        self._flusher = self._syncer = None  # type: ignore[assignment]
+        try:
+            self._start(layout, backend, options, recovery, next_lsn)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _start(self, layout: Layout, backend: Backend, options: Options,
+               recovery: RecoveryReport, next_lsn: int) -> None:
+        """The rest of `__init__`, once the log's writer holds its descriptors."""
         self._sequencer = Sequencer(writer=self._writer, next_lsn=next_lsn,
                                     entries=self._entries, fetch=backend.get,
                                     sync_every_batch=options.fsync == "always",
@@ -117,6 +127,15 @@ class Cache(MutableMapping[Key, Any]):
         if self._syncer is not None:
             self._syncer.start()
         forking.track(self)
+
+    def _abandon(self) -> None:
+        """`__init__` failed after the writer was made (a thread that could not start, an
+        interrupt): stop what started and close the log's descriptors, so that nothing
+        leaks and nothing runs on; `Cache.open` then releases the directory and database."""
+        for thread in (self._flusher, self._syncer):
+            if thread is not None:
+                thread.stop()
+        self._writer.close()
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], options: Options,
