@@ -102,9 +102,9 @@ class Entries:
         entry expired meanwhile (another cache may have changed the key in between)."""
         if self.blocked and len(self.map) >= self.capacity:
             return False
+        if self.clean_since is not None:  # first: interrupted between the two, no clean
+            self.clean_since[key] = read_at  # entry is left without its age (never expiring)
         self.map[key] = held
-        if self.clean_since is not None:
-            self.clean_since[key] = read_at
         return True
 
     def forget(self, key: Key) -> None:
@@ -129,10 +129,12 @@ class Entries:
         within capacity. Returns False (and stops trying until `unblock`) when every entry
         over capacity is pinned: the caller then has a flush started.
 
-        Only atomic OrderedDict operations (popitem, setitem), never an iterator: hits read
-        the map without the lock. A pinned or visited entry popped on the way goes back to
-        the end; meanwhile a reader racing the pop-and-reinsert misses memory, and its slow
-        path finds the entry again under the lock."""
+        Each step is one atomic OrderedDict operation (a look at the first key, move_to_end,
+        del): hits read the map without the lock. And none takes an entry out that is not
+        evicted: a pinned entry popped, to be put back, was lost for good when an interrupt
+        (KeyboardInterrupt, a signal handler's exception, raised between two bytecodes) came
+        in between, and a later write built on the database's older value (an outside
+        hunt). An interrupt now leaves every entry where it was or where it was going."""
         entries = self.map
         if len(entries) <= self.capacity or self.blocked:
             return True
@@ -147,17 +149,18 @@ class Entries:
                 self.blocked = True
                 return False
             budget -= 1
-            key, held = entries.popitem(last=False)
+            key = next(iter(entries))
             if pinned(key):
-                entries[key] = held
+                entries.move_to_end(key)
             elif key in visited:
+                entries.move_to_end(key)
                 visited.discard(key)
-                entries[key] = held
             else:
+                evicted(key)  # first: its reads are stale before it leaves
+                del entries[key]
                 self.evictions += 1
                 if clean_since is not None:
                     clean_since.pop(key, None)
-                evicted(key)
         return True
 
     def newest(self, usable: Callable[[Key], bool]) -> Any:

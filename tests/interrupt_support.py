@@ -1,0 +1,96 @@
+"""Interrupts where CPython raises them, at each such point of the code under test in turn.
+
+A signal handler's exception (KeyboardInterrupt from SIGINT, SystemExit from a SIGTERM handler,
+a SIGALRM timeout) is raised in the main thread where the interpreter checks for pending
+signals: as a function's frame starts or resumes, as a call returns (before its result is
+stored), at a jump back. Not between other bytecodes, and not between a `with` statement's
+`__enter__` and its block. `InterruptAt(n, codes)` raises KeyboardInterrupt at the n-th such
+point reached in `codes` (frames of other code are left alone), through the tracing hook, in
+this thread only. One interrupt a run: the handlers it sets off run whole, as they do unless
+a second signal comes. Walking n from 1 until it no longer fires (`every_point`) puts an
+interrupt at every point of one run.
+"""
+
+from __future__ import annotations
+
+import dis
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from types import CodeType, FrameType
+from typing import Any
+
+
+def code_of(function: Callable[..., Any]) -> CodeType:
+    """The code of a function, a method, or a @contextmanager's generator function."""
+    while hasattr(function, "__wrapped__"):
+        function = function.__wrapped__
+    return function.__code__  # type: ignore[attr-defined, no-any-return]
+
+
+_CALLS: dict[CodeType, frozenset[int]] = {}
+
+
+def _calls(code: CodeType) -> frozenset[int]:
+    """Offsets of `code`'s calls: the interpreter checks for signals as each returns (CALL,
+    and 3.10's CALL_FUNCTION, CALL_METHOD...; not 3.11's PRECALL, nor CALL_INTRINSIC)."""
+    found = _CALLS
+    if code not in found:
+        found[code] = frozenset(
+            ins.offset for ins in dis.get_instructions(code)
+            if ins.opname.startswith("CALL") and not ins.opname.startswith("CALL_INTRINSIC"))
+    return found[code]
+
+
+class InterruptAt:
+    def __init__(self, n: int, codes: Iterable[CodeType]) -> None:
+        self.n = n
+        self.codes = set(codes)
+        self.seen = 0
+        self.fired_in: str | None = None  # "function:line" where it was raised
+        self._last: dict[int, int] = {}  # frame id -> offset of the bytecode it ran last
+
+    @property
+    def fired(self) -> bool:
+        return self.fired_in is not None
+
+    def __enter__(self) -> InterruptAt:
+        assert threading.current_thread() is threading.main_thread()
+        self._before = sys.gettrace()
+        sys.settrace(self._call)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.settrace(self._before)
+
+    def _call(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "call" and frame.f_code in self.codes and self.fired_in is None:
+            self._last.pop(id(frame), None)  # started or resumed: a point
+            frame.f_trace_opcodes = True
+            frame.f_trace_lines = False
+            return self._opcode
+        return None
+
+    def _opcode(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "opcode" and self.fired_in is None:
+            offset, last = frame.f_lasti, self._last.get(id(frame))
+            self._last[id(frame)] = offset
+            if last is not None and offset > last and last not in _calls(frame.f_code):
+                return self._opcode  # not a point where a signal's exception is raised
+            self.seen += 1
+            if self.seen == self.n:
+                self.fired_in = f"{frame.f_code.co_name}:{frame.f_lineno}"
+                raise KeyboardInterrupt(f"injected at {self.fired_in}")
+        return self._opcode
+
+
+def every_point(codes: Iterable[CodeType], limit: int = 100_000) -> Iterator[InterruptAt]:
+    """InterruptAt(1), InterruptAt(2)... for the caller to run the code under, until one does
+    not fire (the run ended before its n-th bytecode): every point has then had its turn."""
+    codes = list(codes)
+    for n in range(1, limit):
+        point = InterruptAt(n, codes)
+        yield point
+        if not point.fired:
+            return
+    raise AssertionError(f"still interrupting after {limit} points")
