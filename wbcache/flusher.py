@@ -102,8 +102,14 @@ class Flusher:
         self._backend = backend
         self._writer = writer
         self._interval = interval
-        self._mutex = threading.Lock()  # one cycle at a time
-        self._turns = threading.Condition()  # callers of paused(): waiting, and served
+        # One cycle at a time. Reentrant only so that `paused` can tell it holds it (an
+        # interrupt as `acquire` returned): nothing takes it twice.
+        self._mutex = threading.RLock()
+        # Callers of paused(): waiting, and served. Entered through its lock, whose `with` is
+        # C's: a Condition's own `__enter__` is Python, and an interrupt at its return left
+        # the lock held for good.
+        self._turns_lock = threading.Lock()
+        self._turns = threading.Condition(self._turns_lock)
         self._waiting = 0
         self._served = 0
         self._wakeup = threading.Event()
@@ -141,32 +147,42 @@ class Flusher:
     def paused(self, timeout: float) -> Iterator[None]:
         """Hold off every flush cycle (the database then changes only through us). Waits for
         at most the attempt in progress; raises `FlushError` after `timeout` seconds."""
-        counted = acquired = False
+        # Interrupt-safe (a KeyboardInterrupt, a signal handler's exception, raised as a call
+        # returns or a function starts: tests/test_interrupt_points.py): once the mutex is
+        # taken, it is released whatever comes, even as `acquire` returns, before `acquired`
+        # is set; the count of waiting callers goes back down whatever comes.
+        acquired = False
         try:
-            with self._turns:
-                counted = True  # first: an interrupt must never leave a caller counted
-                self._waiting += 1
-            acquired = self._mutex.acquire(timeout=timeout)
-        finally:
-            if counted:
-                with self._turns:
-                    self._waiting -= 1
-                    self._served += acquired
-                    self._turns.notify_all()
-        if not acquired:
-            raise FlushError(f"timed out after {timeout} s waiting for the flusher (last "
-                             f"database error: {self.last_error!r}); the log keeps every write")
-        try:
+            counted = False
+            try:
+                with self._turns_lock:
+                    self._waiting += 1
+                    counted = True  # with no call in between: both, or neither
+                acquired = self._mutex.acquire(timeout=timeout)
+            except BaseException:
+                acquired = self._mutex._is_owned()  # type: ignore[attr-defined]
+                raise
+            finally:
+                if counted:
+                    with self._turns_lock:
+                        self._waiting -= 1
+                        self._served += acquired
+                        self._turns.notify_all()
+            if not acquired:
+                raise FlushError(f"timed out after {timeout} s waiting for the flusher (last "
+                                 f"database error: {self.last_error!r}); the log keeps every "
+                                 f"write")
             yield
         finally:
-            self._mutex.release()
+            if acquired:
+                self._mutex.release()
 
     def stop(self) -> None:
         """Stop the background thread. A batch it could not commit stays in flight and the
         next cycle (close's final flush) takes it again."""
         self._stop.set()
         self._wakeup.set()
-        with self._turns:
+        with self._turns_lock:
             self._turns.notify_all()
         _join(self._thread, self._ended)
 
@@ -213,7 +229,7 @@ class Flusher:
         they wait for the attempt in progress at most, never for the cycles after it. Callers
         that come later do not hold this cycle back."""
         deadline = time.monotonic() + _CALLERS_FIRST
-        with self._turns:
+        with self._turns_lock:
             owed = self._served + self._waiting
             while self._waiting and self._served < owed and not self._stop.is_set():
                 remaining = deadline - time.monotonic()

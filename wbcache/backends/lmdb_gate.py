@@ -10,12 +10,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from wbcache.wal.commit import Condition
+
 PREFER_RESIZER = 0.1  # s a new transaction waits at most for a waiting resizer
 # Read-only transactions open at once in one process. Each holds a slot of LMDB's reader table
 # (py-lmdb opens with MDB_NOTLS), which has 126 for every process of the machine unless the
 # environment asks for more (lmdb.py asks for MAX_READERS): past it, a read raised
 # ReadersFullError. A thread beyond this many waits for a slot instead.
 READ_SLOTS = 120
+RECHECK = 1.0  # s a wait lasts at most before it looks again (a notify an interrupt skipped)
 
 
 class ReadGate:
@@ -38,7 +41,13 @@ class ReadGate:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        # Entered through its lock, whose `with` is C's: a Condition's own `__enter__` is
+        # Python, and an interrupt (KeyboardInterrupt, a signal handler's exception) at its
+        # return left the lock held by the reader, which went on; the flusher's next write
+        # then waited for it for good (tests/test_interrupt_points.py). An interrupt may also
+        # skip a notify: every wait looks again after RECHECK at most.
+        self._lock = threading.Lock()
+        self._cond = Condition(self._lock)
         self._readers = 0
         self._slots = 0  # read-only transactions open (`reading(slot=True)`)
         self._open: dict[int, int] = {}  # thread ident -> transactions it has open here
@@ -52,7 +61,7 @@ class ReadGate:
         me = threading.get_ident()
         counted = False
         try:
-            with self._cond:
+            with self._lock:
                 self._wait_to_read(me, slot)
                 # No call from here to `counted`: an interrupt lands before or after, whole.
                 self._readers += 1
@@ -62,7 +71,7 @@ class ReadGate:
             yield
         finally:
             if counted:
-                with self._cond:
+                with self._lock:
                     self._readers -= 1
                     self._slots -= slot
                     if self._open[me] == 1:
@@ -74,7 +83,7 @@ class ReadGate:
 
     def nested(self) -> bool:
         """Whether this thread, inside `reading`, has another transaction open too."""
-        with self._cond:
+        with self._lock:
             return self._open.get(threading.get_ident(), 0) > 1
 
     def _wait_to_read(self, me: int, slot: bool) -> None:
@@ -84,7 +93,7 @@ class ReadGate:
         while (self._resizing or self._aborting or me not in self._open and (
                 self._wanted or slot and self._slots >= READ_SLOTS)):
             if self._resizing or self._aborting or self._slots >= READ_SLOTS and slot:
-                self._cond.wait()
+                self._cond.wait(RECHECK)
                 continue
             if deadline is None:
                 deadline = time.monotonic() + PREFER_RESIZER
@@ -98,15 +107,15 @@ class ReadGate:
         transactions held off (class docstring)."""
         mine = False
         try:
-            with self._cond:
+            with self._lock:
                 while self._aborting:  # one writer at a time in LMDB anyway
-                    self._cond.wait()
+                    self._cond.wait(RECHECK)
                 mine = True  # first: an interrupt must never leave the flag set
                 self._aborting = True
             txn.abort()
         finally:
             if mine:
-                with self._cond:
+                with self._lock:
                     self._aborting = False
                     self._cond.notify_all()
 
@@ -121,14 +130,14 @@ class ReadGate:
     def acquire_exclusive(self, timeout: float | None) -> bool:
         """Wait until no transaction is open and keep new ones out; False after `timeout`."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with self._lock:
             try:
                 self._wanted += 1  # inside the try: an interrupt cannot leave it counted
                 while self._resizing or self._readers:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
+                    remaining = RECHECK if deadline is None else deadline - time.monotonic()
+                    if remaining <= 0:
                         return False
-                    self._cond.wait(remaining)
+                    self._cond.wait(min(remaining, RECHECK))
                 self._resizing = True
                 return True
             finally:
@@ -136,6 +145,6 @@ class ReadGate:
                 self._cond.notify_all()  # readers held off for us may go (or wait on us)
 
     def release_exclusive(self) -> None:
-        with self._cond:
+        with self._lock:
             self._resizing = False
             self._cond.notify_all()
