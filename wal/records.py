@@ -47,6 +47,11 @@ DEFAULT_MAX_KEY_SIZE = 511  # LMDB's; a reader given no database limit applies i
 
 packb = msgpack.packb
 _unpackb = msgpack.unpackb
+# What msgpack raises for input it cannot decode (ExtraData, FormatError, StackError and
+# UnicodeDecodeError are ValueErrors; TypeError: an unhashable map key; OutOfData). Only these
+# are caught as "does not decode": anything else, such as a signal handler's TimeoutError
+# raised as msgpack returns, goes through as itself, not as damage.
+UNDECODABLE = (ValueError, TypeError, msgpack.UnpackException)
 _DECODED_FOR_REASON = 64 * 1024  # a value that does not decode, up to this size: msgpack says why
 try:  # the exact proofs that a value decodes and a frame's records are usable (wal/_walk.c)
     from wbcache.wal._walk import decodes as _decodes
@@ -138,7 +143,7 @@ def _value_problem(value: object) -> str | None:
             return "a value that does not decode"
     try:
         _unpackb(value, strict_map_key=False)  # limits follow len(value)
-    except Exception as exc:  # msgpack raises several types for bad input
+    except UNDECODABLE as exc:
         return f"a value that does not decode ({type(exc).__name__}: {exc})"
     return None
 
@@ -213,7 +218,7 @@ def frame_problem(records: object, max_key_size: int = DEFAULT_MAX_KEY_SIZE) -> 
                     try:
                         _unpackb(value, strict_map_key=False)
                         continue
-                    except Exception:  # reported with its reason below
+                    except UNDECODABLE:  # reported with its reason below
                         pass
         found = problem(record, max_key_size)
         if found is not None:
@@ -248,7 +253,7 @@ def read_frame(payload: bytes, max_key_size: int = DEFAULT_MAX_KEY_SIZE,
             return [], reason
     try:
         records = decode_frame(payload)
-    except Exception as exc:  # msgpack raises several types for bad input
+    except UNDECODABLE as exc:
         return [], f"undecodable frame ({exc})"
     reason = frame_problem(records, max_key_size)
     if reason is None and expected is not None:
@@ -288,7 +293,7 @@ def _first_lsn(payload: bytes) -> tuple[int, int] | None:
         count = unpacker.read_array_header()
         unpacker.read_array_header()
         lsn = unpacker.unpack()
-    except Exception:  # msgpack raises several types for bad input
+    except UNDECODABLE:
         return None
     return (count, lsn) if count and type(lsn) is int and lsn > 0 else None
 
@@ -311,7 +316,7 @@ def _unusable_reason(payload: bytes, start: int, stop: int, in_batch: bool,
         return None
     try:
         unit = decode_frame(memoryview(payload)[start:stop])
-    except Exception as exc:  # msgpack raises several types for bad input
+    except UNDECODABLE as exc:
         return f"undecodable frame ({exc})"
     # A batch's record is sound when its operation is not (the LSN a stand-in: _walk.c took it).
     found = problem([1, OP_BATCH, [unit]] if in_batch else unit, max_key_size)

@@ -25,7 +25,7 @@ import msgpack
 
 from wbcache.backends.base import Key
 from wbcache.errors import CorruptValueError
-from wbcache.wal.records import SHARE_PACKER
+from wbcache.wal.records import SHARE_PACKER, UNDECODABLE
 
 IMMUTABLE_TYPES = frozenset({str, bytes, int, float, bool, type(None)})
 
@@ -129,7 +129,7 @@ def encode_value(value: object, max_size: int, key: object = None) -> bytes:
         # small dict); what it cannot prove, decoding once here decides exactly.
         try:
             msgpack.unpackb(encoded, strict_map_key=False)
-        except Exception as exc:  # msgpack raises several types
+        except UNDECODABLE as exc:
             raise TypeError(
                 f"value for key {key!r} cannot be read back ({exc}); dict keys must be "
                 f"str, bytes, int, float, bool or None"
@@ -166,7 +166,7 @@ def decode_value(encoded: bytes, key: object = None) -> Any:
     `CorruptValueError` (never a raw msgpack error) when it does not decode."""
     try:
         return msgpack.unpackb(encoded, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several types for bad input
+    except UNDECODABLE as exc:
         raise CorruptValueError(
             f"the stored value of key {key!r} cannot be decoded ({type(exc).__name__}: {exc}); "
             f"the database holds bytes wbcache did not write") from None
