@@ -18,6 +18,8 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -465,6 +467,27 @@ def test_a_refusal_leaves_the_lock_file_as_it_found_it(tmp_path: Path, driver: s
     os.chown(lane / "cache_id", NOBODY, NOBODY)
     refused(lambda: wbcache.open(shared, shared=True), f"owned by uid {NOBODY}")
     assert (lane / "LOCK").read_bytes() == lock
+    # Refused later, by the lane's own replay (an outside audit): the pid was recorded once
+    # the lane was complete, then blanked as the refused open let go.
+    os.chown(lane / "cache_id", os.getuid(), os.getgid())
+    killed = subprocess.Popen([sys.executable, "-c", SHARED_WRITER_KILLED, str(shared)])
+    assert killed.wait() == -signal.SIGKILL
+    lock = (lane / "LOCK").read_bytes()
+    assert lock.split() == [str(killed.pid).encode()]  # the killed writer's
+    [segment] = (lane / "wal").iterdir()
+    flip_byte(segment, 100)  # an early record: good ones after it, so damage, not a tear
+    with pytest.raises(wbcache.CorruptLogError):
+        wbcache.open(shared, shared=True)
+    assert (lane / "LOCK").read_bytes() == lock
+
+
+SHARED_WRITER_KILLED = """
+import os, signal, sys, wbcache
+cache = wbcache.open(sys.argv[1], shared=True, flush_interval=3600)
+for i in range(20):
+    cache.put(f"k{i}", i)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
 
 
 @pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "fifo"])

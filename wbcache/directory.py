@@ -260,6 +260,7 @@ def _open_shared(path: str | os.PathLike[str], options: Options,
         report = replay_into(database, lane.layout.wal)
         log_recovery(f"{root} (lane {lane.name})", report)
         adopt_orphans(root, options, mine=lane.layout.root)
+        lane.lock.record_owner()  # last: a refused open leaves the lane's LOCK as found
         return OpenedDirectory(lane.layout, lane.lock, database, True, report, root)
     except BaseException:
         if database is not None:

@@ -144,7 +144,10 @@ class Lane:
 
 
 def take(lane_root: str) -> Lane | None:
-    """The lane at `lane_root`, locked and complete, or None if another process holds it."""
+    """The lane at `lane_root`, locked and complete, or None if another process holds it. Its
+    LOCK still names the process that last held it: a shared open records its own pid once
+    nothing can refuse it any more (its replay, a linked wal/), so a refusal leaves the file
+    as found (wbcache/directory.py); an adoption, which lets go at once, records none."""
     layout = Layout(lane_root)
     try:
         lock = DirectoryLock.acquire(layout.lock, record_owner=False)
@@ -152,7 +155,6 @@ def take(lane_root: str) -> Lane | None:
         return None
     try:
         complete_lane(layout)  # may refuse the lane: its LOCK then still as found
-        lock.record_owner()
     except BaseException:
         lock.release()
         raise
