@@ -337,7 +337,7 @@ class AsyncCache:
         try:
             key = self._limits.delete_op(key)[1]
         except (TypeError, ValueError):  # a key that cannot be stored is not there
-            self._sequencer._check_open()  # as for every other call on a closed cache
+            self._sequencer.check_open()  # as for every other call on a closed cache
             if default is _NO_DEFAULT:
                 raise KeyError(key) from None
             return default

@@ -264,7 +264,7 @@ class Cache(MutableMapping[Key, Any]):
         try:
             key = check_key(key, self._limits.stored_key_size)
         except (TypeError, ValueError):  # a key that cannot be stored is not there
-            self._sequencer._check_open()  # as for every other call on a closed cache
+            self._sequencer.check_open()  # as for every other call on a closed cache
             if default is _NO_DEFAULT:
                 raise KeyError(key) from None
             return default
@@ -348,7 +348,7 @@ class Cache(MutableMapping[Key, Any]):
             with self._flusher.paused(self.options.flush_timeout):
                 # Checked again here: a close that began while we waited for the pause has
                 # flushed and may be closing the database now.
-                self._sequencer._check_open()
+                self._sequencer.check_open()
                 stored = list(self._stored_keys())
                 try:  # never wait for room here: only a flush makes it, and flushes are held
                     lsn = self._sequencer.submit_nowait(delete_all_plan(stored))[0]
@@ -361,7 +361,7 @@ class Cache(MutableMapping[Key, Any]):
     def batch(self) -> Batch:
         """`with cache.batch() as b: b.put(..); b.delete(..); b.incr(..)`: one atomic write
         on exit; nothing at all if the block raises."""
-        self._sequencer._check_open()
+        self._sequencer.check_open()
         return Batch(self._limits, self._commit)
 
     def _commit(self, ops: list[Op]) -> int:
@@ -414,7 +414,7 @@ class Cache(MutableMapping[Key, Any]):
         (an attempt already under way is let finish: the backend's own timeout bounds it), or
         if the covered segments could not be deleted; the log keeps every write either way.
         A `timeout` that is not a number of seconds from 0 raises `TypeError`/`ValueError`."""
-        self._sequencer._check_open()
+        self._sequencer.check_open()
         self._flusher.flush(self.options.flush_timeout if timeout is None
                             else check_timeout(timeout))
 
@@ -431,7 +431,7 @@ class Cache(MutableMapping[Key, Any]):
         flusher, sequencer = self._flusher, self._sequencer
         committer = sequencer.committer
         with sequencer.lock:
-            sequencer._check_open()
+            sequencer.check_open()
             return {
                 "hits": self._hits(),
                 "misses": sequencer.misses,
@@ -539,7 +539,7 @@ class Cache(MutableMapping[Key, Any]):
         forking.disown(self, _ForkedCache, "Cache", self.path, self._pid, reopen)
 
     def __enter__(self) -> Cache:
-        self._sequencer._check_open()
+        self._sequencer.check_open()
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -286,7 +286,7 @@ class Sequencer:
         """Wait until every write so far is fsync'd. Raises `LogFailedError`,
         `CacheClosedError`."""
         with self.lock:
-            self._check_open()
+            self.check_open()
             # Torn, the last LSN taken may never reach the log: up to the last record queued.
             last = self._next_lsn - 1 if self._torn is None else self._committer.queued_lsn
             self._committer.wait(last, durable=True)
@@ -318,7 +318,7 @@ class Sequencer:
         database, then kept as a clean entry unless memory has become newer meanwhile.
         Raises the backend's error if the read fails, `CacheClosedError`."""
         with self.lock:
-            self._check_open()
+            self.check_open()
             self.misses += 1
             value = self._from_memory(key)
             if value is not NOT_KNOWN:  # a write or another read got there first
@@ -338,14 +338,14 @@ class Sequencer:
         """The newest key memory holds a value for (answerable without the database), or
         ABSENT when it holds none."""
         with self.lock:
-            self._check_open()
+            self.check_open()
             key = self._entries.newest(lambda key: self._from_memory(key) is not NOT_KNOWN)
             return ABSENT if key is None else key
 
     def pending(self) -> Changes:
         """Every write not yet in the database, newest per key (a copy)."""
         with self.lock:
-            self._check_open()
+            self.check_open()
             pending = dict(self._inflight)
             pending.update(self._dirty)
             return pending
@@ -486,7 +486,8 @@ class Sequencer:
         with self.lock:
             self._committer.close()
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """Raise `CacheClosedError` once the cache is closed (for its front ends too)."""
         if self._closed:
             raise CacheClosedError(f"cache {self._name} is closed")
 
@@ -521,7 +522,7 @@ class Sequencer:
             self._check_writable()  # the log may have failed while we waited
 
     def _check_writable(self) -> None:
-        self._check_open()
+        self.check_open()
         if self._torn is not None:
             raise LogFailedError(
                 f"a write to {self._name} was interrupted ({self._torn!r}) after it was "
