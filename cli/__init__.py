@@ -89,8 +89,8 @@ def new_directory(directory: str) -> None:
     check_parents(directory)
     parent = os.path.dirname(os.path.abspath(directory))
     if not os.path.isdir(parent):  # one line, as every error found in a directory
-        raise InvalidDirectoryError(f"{parent} is not a directory: give a DIRECTORY in one "
-                                    f"that is")
+        what = "is not a directory" if os.path.lexists(parent) else "does not exist"
+        raise InvalidDirectoryError(f"{parent} {what}: give a DIRECTORY in one that does")
     if os.path.isdir(directory) and os.listdir(directory):
         raise InvalidDirectoryError(f"{directory} is not empty; give a new or empty directory")
     try:
@@ -144,9 +144,13 @@ class WbcacheGroup(click.Group):
         except WbcacheError as exc:
             raise self._failed(ctx, str(exc), "error", EXIT_DAMAGE) from None
         except KeyboardInterrupt:
-            raise self._failed(ctx, "interrupted: nothing durable was lost, and the command "
-                                    "can be run again (recover replays what the database still "
-                                    "lacks)", "interrupted", EXIT_INTERRUPTED) from None
+            again = ("the command can be run again (recover replays what the database still "
+                     "lacks)")
+            if ctx.invoked_subcommand == "demo":  # its DIRECTORY is no longer new or empty
+                again = ("to run the demo again, give a new or empty directory (the one given "
+                         "keeps this run's cache)")
+            raise self._failed(ctx, f"interrupted: nothing durable was lost; {again}",
+                               "interrupted", EXIT_INTERRUPTED) from None
         except BrokenPipeError:
             # The reader went away (`wbcache dump DIR | head`): stop quietly, as `cat` does.
             # Point stdout at /dev/null so the interpreter's final flush cannot fail again.

@@ -306,8 +306,12 @@ def test_demo_and_torture_refuse_a_directory_a_cache_could_not_use(
         assert message in result.stderr and len(result.stderr.splitlines()) == 1
         assert os.listdir(directory) == []
     result = run("script", *command, str(tmp_path / "missing" / "dir"))
-    assert result.exit_code == 2 and "is not a directory: give a DIRECTORY" in result.stderr
+    assert result.exit_code == 2 and "missing does not exist: give a DIRECTORY" in result.stderr
     assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "missing").exists()
+    (tmp_path / "a-file").write_text("")
+    result = run("script", *command, str(tmp_path / "a-file" / "dir"))
+    assert result.exit_code == 2 and "a-file is not a directory: give" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
     (open_to_all / "file").write_text("")
     open_to_all.chmod(0o700)
     result = run("script", *command, str(open_to_all))
@@ -335,11 +339,13 @@ def test_every_command_has_help_with_an_example(command: str) -> None:
     assert "Example" in result.stdout and "Exit status" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["recover", "torture"])
+@pytest.mark.parametrize("command", ["recover", "torture", "demo"])
 def test_ctrl_c_is_one_line_saying_what_to_do_and_exit_130(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
     """Click printed only "Aborted!" (exit 1): not whether running it again is safe, nor
-    where torture's scratch directory was."""
+    where torture's scratch directory was. `demo DIR` said it could be run again, which its
+    DIR, no longer empty, then refused (a new user's walk)."""
+    import wbcache.cli.demo as cli_demo
     import wbcache.cli.ops_recover as cli_recover
     import wbcache.cli.torture as cli_torture
 
@@ -351,12 +357,19 @@ def test_ctrl_c_is_one_line_saying_what_to_do_and_exit_130(
     if command == "recover":
         monkeypatch.setattr(cli_recover, "recover_directory", interrupted)
         args = ["recover", str(path)]
-    else:
+    elif command == "torture":
         monkeypatch.setattr(cli_torture, "run_torture", interrupted)
         args = ["torture", str(tmp_path / "scratch"), "--mode", "kill", "--cycles", "1"]
+    else:
+        monkeypatch.setattr(cli_demo, "_run_and_kill", interrupted)
+        args = ["demo", str(tmp_path / "demo")]
     result = run("runner", *args)
     assert_one_line_error(result, 130, "interrupted")
     if command == "recover":
         assert "can be run again" in result.stderr
-    else:
+    elif command == "torture":
         assert f"the scratch directory is kept: {tmp_path / 'scratch'}" in result.stderr
+    else:
+        assert "can be run again" not in result.stderr
+        assert "give a new or empty directory" in result.stderr
+        assert os.listdir(tmp_path / "demo")  # which is why
