@@ -295,14 +295,23 @@ CHECKPOINTS = ("CREATE TABLE {t}_checkpoints (cache_id text PRIMARY KEY, lsn big
     ("CREATE TABLE {t} (key bytea PRIMARY KEY, num bigint, value bytea)",
      "CREATE TABLE {t}_checkpoints (cache_id text PRIMARY KEY, lsn bigint NOT NULL)",
      "expected columns"),
+    ("CREATE TABLE {t} (key bytea PRIMARY KEY, num bigint, value bytea NOT NULL)",
+     CHECKPOINTS, r"column\(s\) value are NOT NULL, where wbcache stores NULL"),
+    ("CREATE TABLE {t} (key bytea PRIMARY KEY, num bigint NOT NULL DEFAULT 0, value bytea)",
+     CHECKPOINTS, r"column\(s\) num are NOT NULL"),
+    ("CREATE TABLE {t} (key bytea PRIMARY KEY, num bigint, value bytea)",
+     CHECKPOINTS.replace("token text", "token text NOT NULL DEFAULT ''"),
+     r"column\(s\) token are NOT NULL"),
 ], ids=["extra-not-null", "no-primary-key", "wider-primary-key", "deferrable-primary-key",
-        "checkpoints-without-primary-key", "checkpoints-without-updated-at"])
+        "checkpoints-without-primary-key", "checkpoints-without-updated-at", "value-not-null",
+        "num-not-null", "token-not-null"])
 def test_an_existing_table_every_flush_would_fail_on_is_refused_at_open(
         pg_dsn: str, pg_schema: str, data: str, checkpoints: str, refusal: str) -> None:
     """Such tables were taken: the open returned, writes were acknowledged (kept by the log),
-    then every flush failed (a NOT NULL column wbcache never fills; ON CONFLICT (key) with no
-    unique index to find the row by) until close raised FlushError (an outside hunt). The
-    docs say a table with other columns is refused: at open, nothing written."""
+    then every flush failed (a NOT NULL column wbcache never fills, or one of its own where it
+    stores NULL, as every int's value; ON CONFLICT (key) with no unique index to find the row
+    by) until close raised FlushError (outside hunts). The docs say a table with other
+    columns is refused: at open, nothing written."""
     table = f"{pg_schema}.foreign"
     query(pg_dsn, data.format(t=table))
     query(pg_dsn, checkpoints.format(t=table))

@@ -64,6 +64,7 @@ from wbcache.backends.postgres_schema import (
     DDL_LOCK_CLASS,
     EXPECTED_COLUMNS,
     MAX_KEY_SIZE,
+    NULLABLE,
     STATEMENT_BYTES,
     UNIQUE_COLUMN,
     Statements,
@@ -658,7 +659,7 @@ class PostgresBackend:
                 names = TableNames(row[0], names.name)
                 sql = Statements(names)
             return {kind: (dict(conn.execute(sql.columns, (table,)).fetchall()),
-                           {row[0] for row in conn.execute(sql.required_columns, (table,))},
+                           dict(conn.execute(sql.not_null_columns, (table,)).fetchall()),
                            {row[0] for row in conn.execute(sql.unique_columns, (table,))})
                     for kind, table in (("data", names.data_sql),
                                         ("checkpoints", names.checkpoints_sql))}
@@ -676,7 +677,8 @@ class PostgresBackend:
         for kind, expected in EXPECTED_COLUMNS.items():
             table = names.data if kind == "data" else names.checkpoints
             added = ADDED_COLUMNS.get(kind, {})
-            columns, required, unique = found[kind]
+            columns, not_null, unique = found[kind]
+            required = {name for name, filled in not_null.items() if not filled}
             wrong = {name: columns.get(name) for name, type_ in {**expected, **added}.items()
                      if columns.get(name) != type_ and (name not in added or name in columns)}
             if wrong:
@@ -695,6 +697,13 @@ class PostgresBackend:
                     f"{self._link.where}: table {table} exists but is not a wbcache table: "
                     f"its column {UNIQUE_COLUMN[kind]} is not its primary key (no unique "
                     f"index on it alone), which every flush needs to find its rows")
+            refused = [name for name in NULLABLE[kind] if name in not_null]
+            if refused:  # every flush that stores a NULL there would fail
+                raise SchemaMismatchError(
+                    f"{self._link.where}: table {table} exists but is not a wbcache table: "
+                    f"its column(s) {', '.join(refused)} are NOT NULL, where wbcache stores "
+                    f"NULL in some rows (an int goes in num with value NULL, any other value "
+                    f"in value with num NULL; token may be NULL): drop the NOT NULL")
 
     def close(self) -> None:
         """Close every connection; idempotent."""

@@ -313,11 +313,13 @@ class Statements:
             "AND a.attnum = i.indkey[0] WHERE i.indrelid = to_regclass(%s) AND i.indisunique "
             "AND i.indisvalid AND i.indimmediate AND i.indnkeyatts = 1 AND i.indpred IS NULL "
             "AND i.indexprs IS NULL")
-        # Columns an insert must fill, as wbcache's never do: NOT NULL, with no default and
-        # not an identity column.
-        self.required_columns = (
-            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 "
-            "AND NOT attisdropped AND attnotnull AND NOT atthasdef AND attidentity = ''")
+        # The NOT NULL columns, each with whether an insert that leaves it out fills it (a
+        # default, an identity column): one of your own that it does not, wbcache never
+        # fills; one of wbcache's own that it stores NULL in (`NULLABLE`) it cannot write.
+        self.not_null_columns = (
+            "SELECT attname, atthasdef OR attidentity <> '' FROM pg_attribute "
+            "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped "
+            "AND attnotnull")
         self.schema_of = ("SELECT n.nspname FROM pg_class c JOIN pg_namespace n "
                           "ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)")
         self.get = f"SELECT num, value FROM {data} WHERE key = %b"
@@ -405,5 +407,8 @@ EXPECTED_COLUMNS = {
 }
 # Columns added since the first tables: an open adds the missing one (`Statements.add_token`).
 ADDED_COLUMNS = {"checkpoints": {"token": "text"}}
+# wbcache's columns that hold NULL in some rows: an int's value, any other value's num; a
+# checkpoint written without a token.
+NULLABLE = {"data": ("num", "value"), "checkpoints": ("token",)}
 # The column each table's rows are found by: a unique index on it alone (ON CONFLICT).
 UNIQUE_COLUMN = {"data": "key", "checkpoints": "cache_id"}
