@@ -105,6 +105,8 @@ def test_recover_of_the_copy_is_refused_with_one_line_and_changes_nothing(
     for options in ((), ("--dry-run",), ("--salvage", "--yes")):
         result = run(driver, "recover", *options, str(copy))
         assert_one_line_error(result, 2, "cannot share one log", str(original))
+    for command in ("inspect", "verify", "dump"):  # read-only: not the original's as its own
+        assert_one_line_error(run(driver, command, str(copy)), 2, "cannot share one log")
     assert (state_of(target), state_of(copy)) == before
     with wbcache.open(original) as cache:
         assert cache.get("x99") == 99
@@ -354,8 +356,10 @@ def test_a_link_to_another_cache_directorys_own_wal_or_db_is_refused(
     with pytest.raises(InvalidDirectoryError, match=f"the cache directory {other} "
                                                     f"\\(its own {name}\\)"):
         wbcache.open(mine)
-    assert_one_line_error(run(driver, "recover", str(mine)), 2, "two cache directories "
-                          "cannot share one")
+    for command in ("recover", "inspect", "verify", "dump"):  # read-only ones too: they
+        # reported the other's records as this directory's, "replayed by recover or open"
+        assert_one_line_error(run(driver, command, str(mine)), 2, "two cache directories "
+                              "cannot share one")
     assert state_of(other) == before
     with wbcache.open(other) as cache:
         assert [cache.get(f"x{n}") for n in range(100)] == list(range(100))

@@ -44,7 +44,7 @@ from wbcache.errors import (
     CorruptLogError,
     InvalidDirectoryError,
 )
-from wbcache.layout import QUARANTINE_NAME, Layout
+from wbcache.layout import QUARANTINE_NAME, Layout, check_linked_dirs
 from wbcache.lock import DirectoryLock, owner_pid
 from wbcache.recovery.pending import (
     LoggedRecord,
@@ -171,6 +171,10 @@ class DirectorySnapshot:
                     self.logs.append(_watch(lane, os.path.basename(lane.root)))
             else:
                 self.logs.append(_watch(found.layout, None))
+            # A wal/ or db/ linked to another directory's (a copy's link, or another cache's
+            # own): open and recover refuse it, so the view does too, before reading it, not
+            # report another cache's records as this one's (an outside audit).
+            check_linked_dirs(found.layout, write=False)
             for log in self.logs:
                 if log.has_log:
                     check_format_versions(log.wal)
