@@ -461,3 +461,20 @@ def test_a_file_system_refusing_the_map_gets_the_records_written(
     cache.close()
     reopened = open_cache(**INTERVAL)
     assert [reopened.get(f"k{i}") == value(i, 1_000) for i in range(6)] == [True] * 6
+
+
+def test_a_full_disk_at_open_names_the_segment_it_could_not_reserve(
+        cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fallocate's ENOSPC carried no file name: opening an fsync="interval" cache on a full
+    disk said only "[Errno 28] No space left on device" (an outside hunt)."""
+    def full(fd: int, start: int, end: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(SYSCALLS, "reserve", full)
+    with pytest.raises(OSError) as refused:
+        wbcache.open(cache_dir, fsync="interval")
+    assert refused.value.errno == errno.ENOSPC
+    assert refused.value.filename == str(cache_dir / "wal" / "00000000000000000001.log")
+    monkeypatch.undo()
+    with wbcache.open(cache_dir, fsync="interval") as cache:  # room again: it opens
+        cache.put("a", 1)

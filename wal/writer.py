@@ -221,8 +221,12 @@ class LogWriter:
         self._unmap()
         start = at - at % self._window
         length = min(self._window, self._map_limit - start)
-        # From the file's end: every byte written is before it.
-        SYSCALLS.reserve(self._fd, max(start, self._file_end), start + length)
+        try:  # from the file's end: every byte written is before it
+            SYSCALLS.reserve(self._fd, max(start, self._file_end), start + length)
+        except OSError as error:  # a full disk: say which file (fallocate's error names none)
+            if error.filename is not None:
+                raise
+            raise OSError(error.errno, error.strerror, self._path) from None
         self._file_end = max(self._file_end, start + length)
         self._map = mmap.mmap(self._fd, length, offset=start)
         self._map_start, self._map_end = start, start + length
