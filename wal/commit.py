@@ -138,6 +138,39 @@ class Condition(threading.Condition):
         return notified
 
 
+class Event:
+    """`threading.Event` entered through its plain lock (C's `with`): threading's enters
+    its Condition through `Condition.__enter__`, a Python function, and an interrupt
+    (KeyboardInterrupt, a signal handler's exception) at its return, or at `__exit__`'s
+    start, left the lock held for good, so that every later `set` and `wait` blocked: a
+    write waking the flusher under backpressure held the sequencer's lock meanwhile, and
+    close() waited for ever (an outside hunt). An interrupt may skip `set`'s notify, never
+    the flag: waiters that must not sleep long wait with a timeout."""
+
+    def __init__(self) -> None:
+        self._lock = _allocate_lock()
+        self._cond = Condition(self._lock)
+        self._flag = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        with self._lock:
+            self._flag = True
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._flag = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._lock:
+            if not self._flag:
+                self._cond.wait(timeout)
+            return self._flag
+
+
 def _log_failure(error: BaseException, first_lsn: int, last_lsn: int) -> None:
     """Lock held: log that the log failed, from a thread of its own (wal/deferred.py). A
     logging handler is the application's code, with its own lock, and may even read the

@@ -11,8 +11,9 @@ A flush cycle:
      database and rebased on its total (`Sequencer.rebase`), at most `REBASE_PER_FLUSH`;
   4. delete the log segments whose last LSN <= S. Never before step 2 has committed.
 
-Cycles run on the timer, when woken (dirty threshold, backpressure, capacity pressure), and in
-the caller's thread for `flush()`; `_mutex` keeps them one at a time. Lock order: `_mutex`,
+Cycles run on the timer, when woken (dirty threshold, backpressure, capacity pressure), and
+for `flush()` in a thread of its own, the caller waiting (`flush`); `_mutex` keeps them one at
+a time. Lock order: `_mutex`,
 then the sequencer's lock (taken inside `take_dirty` and `flushed`, never across `apply`).
 `_turns` (a condition of its own lock, which takes no other) only counts callers waiting for
 `_mutex`, and is last in the order (a caller that got `_mutex` takes it to say so): the
@@ -38,6 +39,7 @@ from wbcache.errors import FlushError
 from wbcache.recovery import apply_changes
 from wbcache.sequencer import Changes, Deltas, Sequencer
 from wbcache.wal import LogWriter, crashpoints
+from wbcache.wal.commit import Event
 from wbcache.wal.deferred import log_later
 
 _FIRST_RETRY_DELAY = 0.01  # seconds; doubles after each failure
@@ -87,7 +89,7 @@ class _Outage:
 
 class Flusher:
     """Moves dirty entries into the database: a background thread on the timer and when
-    woken, and `flush()` in the caller's thread (see the module docstring for one cycle)."""
+    woken, and `flush()` in a thread of its own (see the module docstring for one cycle)."""
 
     def __init__(self, *, sequencer: Sequencer, backend: Backend, writer: LogWriter,
                  interval: float, checkpoint_lsn: int,
@@ -112,9 +114,10 @@ class Flusher:
         self._turns = threading.Condition(self._turns_lock)
         self._waiting = 0
         self._served = 0
-        self._wakeup = threading.Event()
-        self._stop = threading.Event()
-        self._ended = threading.Event()  # set as the thread's last act (`_join`)
+        # Interrupt-safe events (wal/commit.py): `wake` and `stop` run in callers' threads.
+        self._wakeup = Event()
+        self._stop = Event()
+        self._ended = Event()  # set as the thread's last act (`_join`)
         self._thread = threading.Thread(target=self._run_then_end, name="wbcache-flusher",
                                         daemon=True)
         self.checkpoint_lsn = checkpoint_lsn
@@ -132,16 +135,38 @@ class Flusher:
         self._wakeup.set()
 
     def flush(self, timeout: float) -> None:
-        """Run a cycle in this thread, retrying with backoff; raise `FlushError` if it cannot
-        commit (and delete the segments it covers) within `timeout` seconds."""
+        """Run a cycle, retrying with backoff; raise `FlushError` if it cannot commit (and
+        delete the segments it covers) within `timeout` seconds.
+
+        The cycle runs in a thread of its own while the caller waits: a signal handler's
+        exception (KeyboardInterrupt) is raised in the main thread only, and one raised in a
+        cycle between the database's commit and the sequencer hearing of it left the batch in
+        flight, for the next cycle to commit again: a shared directory, whose database adds
+        increments, counted them twice (an outside hunt). Interrupted, the caller stops
+        waiting, and the cycle ends by itself, as a background one would."""
         torn = self._sequencer.torn
         if torn is not None:  # memory may hold half a write: nothing is flushed from it
             raise FlushError("nothing can be flushed: a write was interrupted after it was "
                              "logged; the log keeps every write, and reopening the cache "
                              "replays it") from torn
         deadline = time.monotonic() + timeout
-        with self.paused(timeout):
-            self._cycle(deadline)
+        failure: list[BaseException] = []
+        done = threading.Lock()
+        done.acquire()
+
+        def cycle() -> None:
+            try:
+                with self.paused(timeout):
+                    self._cycle(deadline)
+            except BaseException as exc:  # raised in the caller's thread
+                failure.append(exc)
+            finally:
+                done.release()
+
+        threading.Thread(target=cycle, name="wbcache-flush", daemon=True).start()
+        done.acquire()
+        if failure:
+            raise failure[0]
 
     @contextmanager
     def paused(self, timeout: float) -> Iterator[None]:
@@ -352,8 +377,8 @@ class IntervalSyncer:
     def __init__(self, sequencer: Sequencer, interval: float) -> None:
         self._sequencer = sequencer
         self._interval = interval
-        self._stop = threading.Event()
-        self._ended = threading.Event()
+        self._stop = Event()
+        self._ended = Event()
         self._thread = threading.Thread(target=self._run, name="wbcache-fsync", daemon=True)
 
     def start(self) -> None:
@@ -371,7 +396,7 @@ class IntervalSyncer:
             self._ended.set()
 
 
-def _join(thread: threading.Thread, ended: threading.Event) -> None:
+def _join(thread: threading.Thread, ended: Event) -> None:
     """Wait until `thread`, once started, has ended (`ended` is set as its last act). Not
     `is_alive`: a KeyboardInterrupt in `join` makes CPython mark the thread stopped while it
     runs on, and a close run again (wbcache/cache.py) would then go on beside it."""
