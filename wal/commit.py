@@ -38,7 +38,8 @@ dropped the dirty pages, so a later fsync that succeeds proves nothing (the "fsy
 
 Over 500 lines: every place that lets go of the sequencer's lock and takes it back
 (leader, follower, pipe, rotation, `retake`) is in this one file, where the lock order and the
-interrupt windows can be checked together.
+interrupt windows can be checked together; so are the interrupt-safe `Condition` and `Event`
+the rest of wbcache waits on (tests/test_interrupt_points.py).
 """
 
 from __future__ import annotations
