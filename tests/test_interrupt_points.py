@@ -283,3 +283,28 @@ def test_an_interrupted_flush_of_a_shared_directory_counts_each_increment_once(
     cache.close()
     with wbcache.open(path, shared=True) as cache:
         assert cache["ctr"] == total == 5 * points
+
+
+def test_a_flush_where_no_thread_can_start_runs_in_the_callers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """flush() runs its cycle in a thread of its own; where none can start (RuntimeError: at
+    interpreter shutdown, as in an atexit handler's close on Python 3.12.0), in the
+    caller's, as before."""
+    start = threading.Thread.start
+
+    def refused(thread: threading.Thread) -> None:
+        if thread.name == "wbcache-flush":
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        start(thread)
+
+    path = tmp_path / "c"
+    cache = wbcache.open(path, flush_interval=3600)
+    cache.put("k", 1)
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    cache.flush()
+    assert cache.stats()["flushes"] == 1
+    cache.close()
+    monkeypatch.undo()
+    with wbcache.open(path) as cache:
+        assert cache.recovery.replayed == 0  # all in the database: flushed
+        assert cache["k"] == 1

@@ -163,7 +163,10 @@ class Flusher:
             finally:
                 done.release()
 
-        threading.Thread(target=cycle, name="wbcache-flush", daemon=True).start()
+        try:
+            threading.Thread(target=cycle, name="wbcache-flush", daemon=True).start()
+        except RuntimeError:  # no thread starts at interpreter shutdown (an atexit close())
+            cycle()
         done.acquire()
         if failure:
             raise failure[0]
