@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -308,3 +310,56 @@ def test_a_flush_where_no_thread_can_start_runs_in_the_callers(
     with wbcache.open(path) as cache:
         assert cache.recovery.replayed == 0  # all in the database: flushed
         assert cache["k"] == 1
+
+
+def _database_away(backend: Any) -> list[str]:
+    """Make every flush of `backend` fail; return the list its applies and its close are
+    recorded in."""
+    from wbcache.errors import DatabaseError
+
+    events: list[str] = []
+    close = backend.close
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        events.append("apply")
+        raise DatabaseError("the database is away")
+
+    def closing() -> None:
+        events.append("close")
+        close()
+
+    backend.apply = refuse
+    backend.close = closing
+    return events
+
+
+def test_a_close_interrupted_in_its_final_flush_waits_for_the_attempt_not_the_retries(
+        tmp_path: Path) -> None:
+    """A Ctrl-C during close's final flush skips it (README). The cycle runs in a thread of
+    its own: let go on, it must neither keep retrying for flush_timeout nor find the database
+    closed under it (close closes it next); close waits for the attempt under way only."""
+    codes = [code_of(Flusher.flush)]
+    points = 0
+    for point in every_point(codes):
+        path = tmp_path / f"c{points}"
+        cache = wbcache.open(path, flush_interval=3600, flush_timeout=10)
+        cache.put("k", points)
+        events = _database_away(cache._backend)
+        with point:
+            try:
+                cache.close()
+            except KeyboardInterrupt:
+                assert point.fired
+            except wbcache.FlushError:
+                assert not point.fired  # not interrupted: it retried for flush_timeout
+        if point.fired:  # (not: the attempt, then each retry until flush_timeout)
+            assert time.monotonic() - point.fired_at < 8, point.fired_in
+        for thread in threading.enumerate():  # a flush let go on, if any, has ended by now
+            if thread.name == "wbcache-flush" and thread.is_alive():
+                thread.join(30)
+        assert events[-1] == "close" and "apply" not in events[events.index("close"):]
+        assert _returns(cache.close)
+        with wbcache.open(path) as cache:
+            assert cache["k"] == points  # the log kept it
+        points += 1
+    assert points > 3

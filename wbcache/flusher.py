@@ -114,6 +114,10 @@ class Flusher:
         self._turns = threading.Condition(self._turns_lock)
         self._waiting = 0
         self._served = 0
+        # `shut`: the cache is closing (a flush gives up retrying), then closed (no cycle runs
+        # again: what close closes next, the log and the database, no cycle may be using).
+        self._closing = False
+        self._shut = False
         # Interrupt-safe events (wal/commit.py): `wake` and `stop` run in callers' threads.
         self._wakeup = Event()
         self._stop = Event()
@@ -157,6 +161,9 @@ class Flusher:
         def cycle() -> None:
             try:
                 with self.paused(timeout):
+                    if self._shut:  # an abandoned flush that got its turn after the close
+                        raise FlushError("nothing was flushed: the cache closed first; the "
+                                         "log keeps every write")
                     self._cycle(deadline)
             except BaseException as exc:  # raised in the caller's thread
                 failure.append(exc)
@@ -204,6 +211,14 @@ class Flusher:
         finally:
             if acquired:
                 self._mutex.release()
+
+    def shut(self) -> None:
+        """For close, after its final flush: wait until no cycle runs (one whose caller stopped
+        waiting, a Ctrl-C's, gives up retrying and ends with the attempt under way), and let
+        none run again, before the log and the database it would use are closed."""
+        self._closing = True
+        with self._mutex:  # C's `with`: an interrupt while waiting leaves it not taken
+            self._shut = True
 
     def stop(self) -> None:
         """Stop the background thread. A batch it could not commit stays in flight and the
@@ -345,6 +360,9 @@ class Flusher:
                 self._failed(exc)
                 if deadline is None:
                     return False
+                if self._closing:  # abandoned by a close's Ctrl-C: the log keeps the data
+                    raise FlushError(f"the database did not accept the flush: {exc!r}; the "
+                                     f"cache is closing, and the log keeps every write") from exc
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise FlushError(f"the database did not accept the flush: {exc!r}; "
