@@ -16,7 +16,6 @@ from __future__ import annotations
 import dis
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from types import CodeType, FrameType
 from typing import Any
@@ -49,7 +48,6 @@ class InterruptAt:
         self.codes = set(codes)
         self.seen = 0
         self.fired_in: str | None = None  # "function:line" where it was raised
-        self.fired_at = 0.0  # when (time.monotonic)
         self._last: dict[int, int] = {}  # frame id -> offset of the bytecode it ran last
 
     @property
@@ -82,7 +80,6 @@ class InterruptAt:
             self.seen += 1
             if self.seen == self.n:
                 self.fired_in = f"{frame.f_code.co_name}:{frame.f_lineno}"
-                self.fired_at = time.monotonic()
                 raise KeyboardInterrupt(f"injected at {self.fired_in}")
         return self._opcode
 

@@ -11,9 +11,8 @@ A flush cycle:
      database and rebased on its total (`Sequencer.rebase`), at most `REBASE_PER_FLUSH`;
   4. delete the log segments whose last LSN <= S. Never before step 2 has committed.
 
-Cycles run on the timer, when woken (dirty threshold, backpressure, capacity pressure), and
-for `flush()` in a thread of its own, the caller waiting (`flush`); `_mutex` keeps them one at
-a time. Lock order: `_mutex`,
+Cycles run on the timer, when woken (dirty threshold, backpressure, capacity pressure), and in
+the caller's thread for `flush()`; `_mutex` keeps them one at a time. Lock order: `_mutex`,
 then the sequencer's lock (taken inside `take_dirty` and `flushed`, never across `apply`).
 `_turns` (a condition of its own lock, which takes no other) only counts callers waiting for
 `_mutex`, and is last in the order (a caller that got `_mutex` takes it to say so): the
@@ -89,7 +88,7 @@ class _Outage:
 
 class Flusher:
     """Moves dirty entries into the database: a background thread on the timer and when
-    woken, and `flush()` in a thread of its own (see the module docstring for one cycle)."""
+    woken, and `flush()` in the caller's thread (see the module docstring for one cycle)."""
 
     def __init__(self, *, sequencer: Sequencer, backend: Backend, writer: LogWriter,
                  interval: float, checkpoint_lsn: int,
@@ -114,10 +113,6 @@ class Flusher:
         self._turns = threading.Condition(self._turns_lock)
         self._waiting = 0
         self._served = 0
-        # `shut`: the cache is closing (a flush gives up retrying), then closed (no cycle runs
-        # again: what close closes next, the log and the database, no cycle may be using).
-        self._closing = False
-        self._shut = False
         # Interrupt-safe events (wal/commit.py): `wake` and `stop` run in callers' threads.
         self._wakeup = Event()
         self._stop = Event()
@@ -139,44 +134,16 @@ class Flusher:
         self._wakeup.set()
 
     def flush(self, timeout: float) -> None:
-        """Run a cycle, retrying with backoff; raise `FlushError` if it cannot commit (and
-        delete the segments it covers) within `timeout` seconds.
-
-        The cycle runs in a thread of its own while the caller waits: a signal handler's
-        exception (KeyboardInterrupt) is raised in the main thread only, and one raised in a
-        cycle between the database's commit and the sequencer hearing of it left the batch in
-        flight, for the next cycle to commit again: a shared directory, whose database adds
-        increments, counted them twice (an outside hunt). Interrupted, the caller stops
-        waiting, and the cycle ends by itself, as a background one would."""
+        """Run a cycle in this thread, retrying with backoff; raise `FlushError` if it cannot
+        commit (and delete the segments it covers) within `timeout` seconds."""
         torn = self._sequencer.torn
         if torn is not None:  # memory may hold half a write: nothing is flushed from it
             raise FlushError("nothing can be flushed: a write was interrupted after it was "
                              "logged; the log keeps every write, and reopening the cache "
                              "replays it") from torn
         deadline = time.monotonic() + timeout
-        failure: list[BaseException] = []
-        done = threading.Lock()
-        done.acquire()
-
-        def cycle() -> None:
-            try:
-                with self.paused(timeout):
-                    if self._shut:  # an abandoned flush that got its turn after the close
-                        raise FlushError("nothing was flushed: the cache closed first; the "
-                                         "log keeps every write")
-                    self._cycle(deadline)
-            except BaseException as exc:  # raised in the caller's thread
-                failure.append(exc)
-            finally:
-                done.release()
-
-        try:
-            threading.Thread(target=cycle, name="wbcache-flush", daemon=True).start()
-        except RuntimeError:  # no thread starts at interpreter shutdown (an atexit close())
-            cycle()
-        done.acquire()
-        if failure:
-            raise failure[0]
+        with self.paused(timeout):
+            self._cycle(deadline)
 
     @contextmanager
     def paused(self, timeout: float) -> Iterator[None]:
@@ -211,14 +178,6 @@ class Flusher:
         finally:
             if acquired:
                 self._mutex.release()
-
-    def shut(self) -> None:
-        """For close, after its final flush: wait until no cycle runs (one whose caller stopped
-        waiting, a Ctrl-C's, gives up retrying and ends with the attempt under way), and let
-        none run again, before the log and the database it would use are closed."""
-        self._closing = True
-        with self._mutex:  # C's `with`: an interrupt while waiting leaves it not taken
-            self._shut = True
 
     def stop(self) -> None:
         """Stop the background thread. A batch it could not commit stays in flight and the
@@ -360,9 +319,6 @@ class Flusher:
                 self._failed(exc)
                 if deadline is None:
                     return False
-                if self._closing:  # abandoned by a close's Ctrl-C: the log keeps the data
-                    raise FlushError(f"the database did not accept the flush: {exc!r}; the "
-                                     f"cache is closing, and the log keeps every write") from exc
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise FlushError(f"the database did not accept the flush: {exc!r}; "
