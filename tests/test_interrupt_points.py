@@ -86,6 +86,14 @@ def test_an_interrupted_eviction_loses_no_acknowledged_increment(tmp_path: Path,
         assert cache["ctr"] == 9
 
 
+def _returns(call: object, seconds: float = 30) -> bool:
+    """Whether `call()`, in another thread, returns within `seconds`."""
+    other = threading.Thread(target=call, daemon=True)  # type: ignore[arg-type]
+    other.start()
+    other.join(seconds)
+    return not other.is_alive()
+
+
 def _mutex_free(flusher: Flusher) -> bool:
     if not flusher._mutex.acquire(timeout=5):
         return False
@@ -125,10 +133,7 @@ def test_an_interrupt_anywhere_in_a_pause_of_the_flusher_leaves_it_free(
 
 def _gate_free(gate: ReadGate) -> bool:
     """Whether another thread can enter the gate (its lock is not held)."""
-    other = threading.Thread(target=gate.nested, daemon=True)
-    other.start()
-    other.join(5)
-    return not other.is_alive()
+    return _returns(gate.nested, 5)
 
 
 def test_an_interrupt_anywhere_in_a_gated_read_leaves_the_gate_free(tmp_path: Path) -> None:
@@ -187,14 +192,6 @@ def test_a_handlers_exception_while_a_value_decodes_is_not_called_corruption(
 THREADING = [code_of(method) for method in (
     threading.Condition.__enter__, threading.Condition.__exit__, threading.Condition.notify_all,
     threading.Event.set, threading.Event.wait, threading.Event.clear)]
-
-
-def _returns(call: object, seconds: float = 30) -> bool:
-    """Whether `call()`, in another thread, returns within `seconds`."""
-    other = threading.Thread(target=call, daemon=True)  # type: ignore[arg-type]
-    other.start()
-    other.join(seconds)
-    return not other.is_alive()
 
 
 @pytest.mark.parametrize("fsync", ["always", "interval"])

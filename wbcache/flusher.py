@@ -107,8 +107,7 @@ class Flusher:
         # interrupt as `acquire` returned): nothing takes it twice.
         self._mutex = threading.RLock()
         # Callers of paused(): waiting, and served. Entered through its lock, whose `with` is
-        # C's: a Condition's own `__enter__` is Python, and an interrupt at its return left
-        # the lock held for good.
+        # C's, not the Condition's (why: wal/commit.py's `Event`).
         self._turns_lock = threading.Lock()
         self._turns = threading.Condition(self._turns_lock)
         self._waiting = 0

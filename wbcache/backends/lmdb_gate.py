@@ -41,11 +41,9 @@ class ReadGate:
     """
 
     def __init__(self) -> None:
-        # Entered through its lock, whose `with` is C's: a Condition's own `__enter__` is
-        # Python, and an interrupt (KeyboardInterrupt, a signal handler's exception) at its
-        # return left the lock held by the reader, which went on; the flusher's next write
-        # then waited for it for good (tests/test_interrupt_points.py). An interrupt may also
-        # skip a notify: every wait looks again after RECHECK at most.
+        # Entered through its lock, whose `with` is C's, not the Condition's (why:
+        # wal/commit.py's `Event`): a reader interrupted there kept the lock, and the
+        # flusher's next write waited for good. A skipped notify costs RECHECK at most.
         self._lock = threading.Lock()
         self._cond = Condition(self._lock)
         self._readers = 0
