@@ -4,11 +4,15 @@ A signal handler's exception (KeyboardInterrupt from SIGINT, SystemExit from a S
 a SIGALRM timeout) is raised in the main thread where the interpreter checks for pending
 signals: as a function's frame starts or resumes, as a call returns (before its result is
 stored), at a jump back. Not between other bytecodes, and not between a `with` statement's
-`__enter__` and its block. `InterruptAt(n, codes)` raises KeyboardInterrupt at the n-th such
-point reached in `codes` (frames of other code are left alone), through the tracing hook, in
-this thread only. One interrupt a run: the handlers it sets off run whole, as they do unless
-a second signal comes. Walking n from 1 until it no longer fires (`every_point`) puts an
-interrupt at every point of one run.
+`__enter__` and its block. Raised by the tracing hook as the next instruction starts, which
+is where CPython raises it, except after a block's last call (`return f()` inside `with`): the
+call's instruction is inside the block and the next is not, so that point is left out.
+
+`InterruptAt(n, codes)` raises KeyboardInterrupt at the n-th such point reached in `codes`
+(frames of other code are left alone), through the tracing hook, in this thread only. One
+interrupt a run: the handlers it sets off run whole, as they do unless a second signal comes.
+Walking n from 1 until it no longer fires (`every_point`) puts an interrupt at every point of
+one run.
 """
 
 from __future__ import annotations
@@ -40,6 +44,20 @@ def _calls(code: CodeType) -> frozenset[int]:
             ins.offset for ins in dis.get_instructions(code)
             if ins.opname.startswith("CALL") and not ins.opname.startswith("CALL_INTRINSIC"))
     return found[code]
+
+
+_HANDLERS: dict[CodeType, dict[int, int | None]] = {}
+
+
+def _handler(code: CodeType, offset: int) -> int | None:
+    """Where an exception raised at `offset` of `code` is handled (3.11's exception table; None:
+    it leaves the frame). Before 3.11 (a block stack, popped by an instruction of its own)
+    every point is taken as handled where it is met."""
+    if code not in _HANDLERS:
+        _HANDLERS[code] = {inside: entry.target
+                           for entry in getattr(dis.Bytecode(code), "exception_entries", ())
+                           for inside in range(entry.start, entry.end, 2)}
+    return _HANDLERS[code].get(offset)
 
 
 class InterruptAt:
@@ -77,6 +95,11 @@ class InterruptAt:
             self._last[id(frame)] = offset
             if last is not None and offset > last and last not in _calls(frame.f_code):
                 return self._opcode  # not a point where a signal's exception is raised
+            if last is not None and _handler(frame.f_code, last) != _handler(frame.f_code,
+                                                                                offset):
+                # CPython raises it in the call's own instruction, whose handler (a `with`
+                # block's exit, say) differs from the next one's: not raised from here
+                return self._opcode
             self.seen += 1
             if self.seen == self.n:
                 self.fired_in = f"{frame.f_code.co_name}:{frame.f_lineno}"
