@@ -163,8 +163,8 @@ def test_a_connected_backend_shows_no_password_in_its_repr_or_errors(pg_dsn: str
     dsn = make_conninfo(**{**conninfo_to_dict(pg_dsn), "password": SECRET})
     backend = PostgresBackend(dsn, table=f"{pg_schema}.wbcache", cache_id="x")
     try:
-        backend.apply([], [], 1)
-        assert backend.checkpoint() == 1
+        backend.apply([], [], 2)
+        assert backend.checkpoint() == 2
         assert_hidden(repr(backend))
         with pytest.raises(PostgresError) as failed:
             backend.apply([], [], 1)  # a checkpoint that does not grow is refused

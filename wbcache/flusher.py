@@ -10,6 +10,9 @@ A flush cycle:
      counters flushed as increments and incremented again meanwhile are read back from the
      database and rebased on its total (`Sequencer.rebase`), at most `REBASE_PER_FLUSH`;
   4. delete the log segments whose last LSN <= S. Never before step 2 has committed.
+A batch taken is sent unchanged until step 3 has run for it: one whose attempt failed, or was
+interrupted (its commit then unknown: it may have gone through), is sent again alone before
+the next is taken, and a backend that finds its checkpoint already stored adds nothing.
 
 Cycles run on the timer, when woken (dirty threshold, backpressure, capacity pressure), and in
 the caller's thread for `flush()`; `_mutex` keeps them one at a time. Lock order: `_mutex`,
@@ -36,7 +39,7 @@ from contextlib import contextmanager
 from wbcache.backends.base import Backend
 from wbcache.errors import FlushError
 from wbcache.recovery import apply_changes
-from wbcache.sequencer import Changes, Deltas, Sequencer
+from wbcache.sequencer import Changes, Deltas, FlushBatch, Sequencer
 from wbcache.wal import LogWriter, crashpoints
 from wbcache.wal.commit import Event
 from wbcache.wal.deferred import log_later
@@ -119,6 +122,7 @@ class Flusher:
         self._thread = threading.Thread(target=self._run_then_end, name="wbcache-flusher",
                                         daemon=True)
         self.checkpoint_lsn = checkpoint_lsn
+        self._sent: FlushBatch | None = None  # the batch in flight, until it is flushed
         self.flushes = 0
         self.flushed_entries = 0
         self.flush_errors = 0
@@ -251,20 +255,37 @@ class Flusher:
 
     def _cycle(self, deadline: float | None) -> bool:
         """One flush, mutex held. With a `deadline` (a caller's flush), retry until it passes,
-        then raise `FlushError`; without, try once and return whether it committed."""
+        then raise `FlushError`; without, try once and return whether it committed. A batch
+        sent before and not known to have committed (`_sent`) is sent again first, alone."""
+        if self._sent is not None and not self._send(self._sent, deadline):
+            return False
+        self._sent = self._sequencer.take_dirty()
+        if not self._send(self._sent, deadline):
+            return False
+        self._delete_covered_segments(strict=deadline is not None)  # also retries a failed one
+        return True
+
+    def _send(self, batch: FlushBatch, deadline: float | None) -> bool:
+        """Apply `batch` (the one in flight, `_sent`), then mark it flushed. Until it is
+        marked, its commit is not known here: an interrupt (a KeyboardInterrupt, a signal
+        handler's exception) may have left `apply` or this method after the database
+        committed it. So it is sent again, unchanged, before anything else, and the backend
+        finds its checkpoint stored and adds nothing (`Backend.apply`); merged with newer
+        writes, its increments would be added twice."""
         started = time.perf_counter()
-        changes, deltas, lsn = self._sequencer.take_dirty()
+        changes, deltas, lsn = batch
         if changes or lsn > self.checkpoint_lsn:
             if not self._apply(changes, deltas, lsn, deadline):
                 return False
             self._sequencer.flushed()
-            self._rebase_counters()
-            self._outage.succeeded()
+            self._sent = None
             self.checkpoint_lsn = lsn
             self.flushes += 1
             self.flushed_entries += len(changes)
             self.last_flush_seconds = time.perf_counter() - started
-        self._delete_covered_segments(strict=deadline is not None)  # also retries a failed one
+            self._rebase_counters()
+            self._outage.succeeded()
+        self._sent = None
         return True
 
     def _rebase_counters(self) -> None:

@@ -81,7 +81,12 @@ class Backend(Protocol):
               checkpoint: int, increments: Sequence[tuple[Key, int]] = ()) -> None:
         """In ONE transaction: store `puts`, remove `deletes` (missing keys are fine), set the
         checkpoint LSN and (only if `applies_increments`) add `increments` to the stored ints.
-        Either all of it is durable when this returns, or none of it."""
+        Either all of it is durable when this returns, or none of it.
+
+        The same call may come again after one that committed, when the caller could not
+        learn that it had (an interrupt as it returned): a backend that adds `increments`
+        must then add nothing, as the checkpoint it holds for this cache is `checkpoint`
+        already; putting the same values again is harmless."""
 
     def checkpoint(self) -> int:
         """The checkpoint LSN of the last `apply` (0 for a new database)."""

@@ -218,12 +218,12 @@ class LmdbDatabase:
             finally:  # nothing to keep: a write transaction is aborted, a read one ended
                 if write:
                     self._gate.abort(txn)
-        return int.from_bytes(raw, "big") if raw else 0
+        return _lsn(raw)
 
     def checkpoints(self, prefix: bytes) -> dict[str, int]:
         """Every checkpoint whose name starts with `prefix`, by the rest of its name."""
         with self._begin(db=self._meta) as txn:
-            return {bytes(name[len(prefix):]).decode(): int.from_bytes(raw, "big")
+            return {bytes(name[len(prefix):]).decode(): _lsn(raw)
                     for name, raw in txn.cursor() if bytes(name).startswith(prefix)}
 
     def count(self) -> int:
@@ -241,10 +241,12 @@ class LmdbDatabase:
 
     def write(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
               increments: Sequence[tuple[Key, int]], checkpoint_name: bytes,
-              checkpoint: int) -> None:
+              checkpoint: int, *, once: bool = False) -> None:
         """One write transaction: puts, deletes, increments added to what is stored (a
         missing or non-int value counts from 0; the sum held to the int64 range), and the
-        checkpoint. The map grows and the transaction is retried if it does not fit."""
+        checkpoint. The map grows and the transaction is retried if it does not fit. `once`:
+        nothing is written if the checkpoint stored is `checkpoint` (this write, sent again,
+        committed before: `Backend.apply`)."""
         if iter(puts) is puts:  # walked once per key type, and again after a MapFullError
             puts = list(puts)
         stamp = checkpoint.to_bytes(8, "big")
@@ -252,6 +254,9 @@ class LmdbDatabase:
             try:
                 with self._begin(write=True) as txn:
                     try:
+                        if once and _lsn(txn.get(checkpoint_name, db=self._meta)) == checkpoint:
+                            self._gate.abort(txn)
+                            return
                         str_pairs = _pairs(puts, True)  # built as putmulti takes them
                         txn.cursor(db=self._str).putmulti(str_pairs)
                         if str_pairs.other:
@@ -339,6 +344,11 @@ class LmdbDatabase:
         if _shared.get(self.path, (None,))[0] is self:  # the child starts with none shared
             del _shared[self.path]
         forking.disown(self, _ForkedLmdbDatabase, "LmdbDatabase", self.path, self._pid)
+
+
+def _lsn(stored: bytes | None) -> int:
+    """A checkpoint as stored (8 bytes, big-endian); 0 if there is none."""
+    return int.from_bytes(stored, "big") if stored else 0
 
 
 def _open_environment(path: str, *, map_size: int, readonly: bool, lock: bool) -> Any:
@@ -560,7 +570,10 @@ class SharedLmdbBackend:
 
     def apply(self, puts: Collection[tuple[Key, bytes]], deletes: Sequence[Key],
               checkpoint: int, increments: Sequence[tuple[Key, int]] = ()) -> None:
-        self._database.write(puts, deletes, increments, self._checkpoint_name(), checkpoint)
+        """Adds nothing if this lane's checkpoint is `checkpoint` already (`Backend.apply`):
+        the lane is this cache's alone while it is open."""
+        self._database.write(puts, deletes, increments, self._checkpoint_name(), checkpoint,
+                             once=True)
 
     def close(self) -> None:
         if not self._closed:

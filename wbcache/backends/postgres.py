@@ -229,6 +229,9 @@ class PostgresBackend:
         self._alter_at = 0.0
         self._uncertain: list[_Attempt] = []
         self._settled: dict[Key, int] = {}
+        # The last checkpoint a flush of this attach committed (a flush sent again after an
+        # interrupt hid its commit is recognised by it; a copy's flush is still refused).
+        self._committed: int | None = None
         self._closed = False
         self._pid = os.getpid()
         try:
@@ -306,7 +309,7 @@ class PostgresBackend:
                 raise ValueError(f"this PostgresBackend is attached to cache {self._cache_id!r}; "
                                  f"use one backend per cache directory (not {cache_id!r})")
             self._cache_id = cache_id
-            self._known = None
+            self._known = self._committed = None
             self._tokens, self._token, self._pending = tokens, None, None
             self._column_looked, self._alter_at = False, 0.0
             self._forget_attempts()
@@ -408,6 +411,9 @@ class PostgresBackend:
             if pending is None:
                 return  # this very transaction had committed before the connection broke
             assert self._known is not None
+            if checkpoint == self._committed:  # sent again (`Backend.apply`): it is in
+                self._forget_attempts()
+                return
             rows, beyond = flush_rows(puts, deletes, pending)  # bad keys raise before any I/O
             statements = self._sql.flush(rows, beyond, cache_id, checkpoint, self._known,
                                          self._statement_bytes, self._next_tokens())
@@ -434,14 +440,14 @@ class PostgresBackend:
                 # met a checkpoint it did not expect.
                 self._uncertain.append(_Attempt(checkpoint, _summed(pending)))
                 raise
-            if self._pending is not None:
-                try:
+            try:
+                if self._pending is not None:
                     self._save_known(self._pending)
-                except BaseException:  # an interrupt: settled by the next flush, as a lost answer
-                    self._uncertain.append(_Attempt(checkpoint, _summed(pending)))
-                    raise
-                self._token, self._pending = self._pending, None
-            self._known = checkpoint
+                    self._token, self._pending = self._pending, None
+                self._known = self._committed = checkpoint
+            except BaseException:  # an interrupt: settled by the next flush, as a lost answer
+                self._uncertain.append(_Attempt(checkpoint, _summed(pending)))
+                raise
             self._forget_attempts()  # the batch in flight is all in the database now
 
     def _save_known(self, token: str) -> None:
@@ -482,6 +488,7 @@ class PostgresBackend:
                 for key, delta in committed.increments.items():
                     self._settled[key] = self._settled.get(key, 0) + delta
                 self._known, self._token, self._pending = stored, token, None
+                self._committed = stored
                 self._uncertain = []  # sent from the old known value: none can commit now
                 if checkpoint == stored:
                     self._settled = {}
