@@ -31,12 +31,12 @@ from typing import Any
 from wbcache import forking
 from wbcache.backends.base import Backend, Key
 from wbcache.codec import check_key, from_encoded
-from wbcache.directory import count_after_recovery, key_order, open_directory
+from wbcache.directory import OpenedDirectory, count_after_recovery, key_order, open_directory
 from wbcache.errors import CacheClosedError
 from wbcache.flusher import Flusher, IntervalSyncer
 from wbcache.hit_path import hit_path
 from wbcache.layout import Layout
-from wbcache.lock import DirectoryLock
+from wbcache.lock import DirectoryLock, taking
 from wbcache.memory import Entries
 from wbcache.options import Options, check_timeout
 from wbcache.recovery import RecoveryReport
@@ -75,6 +75,8 @@ class Cache(MutableMapping[Key, Any]):
     module docstring for how it differs from `dict`.
     """
 
+    _ready = False  # set once built whole: `open` closes it if interrupted as it returns
+
     def __init__(self, layout: Layout, dir_lock: DirectoryLock, backend: Backend,
                  options: Options, recovery: RecoveryReport, *, owns_backend: bool,
                  root: str | None = None) -> None:
@@ -99,6 +101,7 @@ class Cache(MutableMapping[Key, Any]):
         except BaseException:
             self._abandon()
             raise
+        self._ready = True
 
     def _start(self, layout: Layout, backend: Backend, options: Options,
                recovery: RecoveryReport, next_lsn: int) -> None:
@@ -141,12 +144,25 @@ class Cache(MutableMapping[Key, Any]):
     def open(cls, path: str | os.PathLike[str], options: Options,
              backend: Backend | str | None = None) -> Cache:
         """Lock the directory, recover it, start the background threads. See `wbcache.open`."""
-        opened = open_directory(path, options, backend)
+        # An interrupt (KeyboardInterrupt, a signal handler's exception) may land as any call
+        # here returns. As the directory's lock is handed up, before it is bound: `taking`
+        # lets it go. As the cache is returned, built: the cache is closed, not only what
+        # the open took (its threads would run on beside the next open of the directory).
+        opened: OpenedDirectory | None = None
+        cache: Cache | None = None
         try:
-            return cls(opened.layout, opened.lock, opened.backend, options, opened.recovery,
-                       owns_backend=opened.owns_backend, root=opened.root)
+            with taking():
+                opened = open_directory(path, options, backend)
+            cache = cls.__new__(cls)
+            cache.__init__(opened.layout, opened.lock, opened.backend,  # type: ignore[misc]
+                           options, opened.recovery, owns_backend=opened.owns_backend,
+                           root=opened.root)
+            return cache
         except BaseException:
-            opened.close()
+            if cache is not None and cache._ready:
+                cache.close()
+            elif opened is not None:
+                opened.close()
             raise
 
     def _adopt_orphans(self, say: Callable[..., None]) -> None:

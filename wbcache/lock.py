@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from wbcache import forking
 from wbcache.errors import CacheLockedError, InvalidDirectoryError
@@ -88,22 +91,25 @@ class DirectoryLock:
         for _ in range(_LOCK_FILE_TRIES):
             with forking.no_fork():
                 fd = _open_lock_file(path, writable=writable)
+                lock = None
                 try:
                     fcntl.flock(fd, operation | fcntl.LOCK_NB)
-                    still_at = _still_at(fd, path)
+                    if _still_at(fd, path):
+                        lock = cls(fd, path)
+                        _held.add(fd)
+                        forking.track(lock)
+                        _listed(lock)
+                        return lock
                 except BlockingIOError:
                     os.close(fd)
                     return None
                 except BaseException:  # no flock may outlive a failed take
-                    os.close(fd)
+                    if lock is None:
+                        os.close(fd)
+                    else:
+                        lock.release()
                     raise
-                if not still_at:
-                    os.close(fd)
-                    continue
-                lock = cls(fd, path)
-                _held.add(fd)
-                forking.track(lock)
-                return lock
+                os.close(fd)
         raise CacheLockedError(f"{os.path.dirname(path)} is being made and removed again by "
                                f"other opens; try again")
 
@@ -153,6 +159,35 @@ class DirectoryLock:
         os.close(fd)
 
 
+@contextmanager
+def taking() -> Iterator[None]:
+    """Every lock this thread takes inside the block is let go if the block raises. A lock is
+    handed up through calls, and an interrupt (a KeyboardInterrupt, a signal handler's
+    exception) as one of them returns it, before a caller has bound it, would leave the
+    flock held for the rest of the process, the directory (or a shared directory's lane,
+    with the writes in its log) refused to every later open in it. The caller binds what it
+    keeps inside the block, in its own `try`, and releases it there."""
+    scopes = _taking.__dict__.setdefault("scopes", [])
+    taken: list[DirectoryLock] = []
+    scopes.append(taken)
+    try:
+        yield
+    except BaseException:
+        for lock in taken:
+            lock.release()  # a lock its taker released already: a no-op
+        raise
+    finally:
+        scopes.remove(taken)
+
+
+def _listed(lock: DirectoryLock) -> None:
+    """`lock` just taken, in the innermost `taking()` block of this thread, if any."""
+    scopes = getattr(_taking, "scopes", None)
+    if scopes:
+        scopes[-1].append(lock)
+
+
+_taking = threading.local()
 _LOCK_FILE_TRIES = 10  # LOCK files found removed under us (`_take`) before giving up
 _PID_WIDTH = 20  # wider than any pid Linux hands out (pid_max is at most 2**22)
 _PID_MAX = 2**22  # Linux's largest pid_max
