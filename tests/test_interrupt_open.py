@@ -14,14 +14,18 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pg_support import pg_dsn_fixture, pg_schema_fixture, query, table_fixture  # noqa: F401
 
 import wbcache
 from tests.interrupt_support import code_of, every_point
 from wbcache import directory, lanes
 from wbcache.backends.lmdb import LmdbDatabase, SharedLmdbBackend, shared_database
+from wbcache.backends.postgres import PostgresBackend
 from wbcache.cache import Cache
 from wbcache.recovery import apply_changes, replay_into
 from wbcache.recovery.replay import Replay
@@ -29,12 +33,13 @@ from wbcache.recovery.replay import Replay
 INCREMENTS = 3
 
 
-def _crashed_directory(path: Path, shared: bool) -> None:
+def _crashed_directory(path: Path, options: str) -> None:
     """A directory whose log holds writes the database lacks: written by a process that
-    exits without closing (os._exit: no flush, no close)."""
+    exits without closing (os._exit: no flush, no close). `options`: wbcache.open's, as
+    Python source."""
     script = textwrap.dedent(f"""
         import os, wbcache
-        cache = wbcache.open({str(path)!r}, shared={shared}, flush_interval=3600)
+        cache = wbcache.open({str(path)!r}, flush_interval=3600, {options})
         cache.put("k", "v")
         for _ in range({INCREMENTS}):
             cache.incr("n")
@@ -59,22 +64,38 @@ CODES = [code_of(function) for function in (
     Cache._abandon)]
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["single-owner", "shared"])
+@pytest.mark.parametrize("kind", ["single-owner", "shared", "postgresql"])
 def test_an_interrupted_replay_leaves_every_write_once_for_the_next_open(
-        tmp_path: Path, shared: bool) -> None:
+        tmp_path: Path, kind: str, request: pytest.FixtureRequest) -> None:
+    options: dict[str, Any] = {"shared": kind == "shared"}
+    codes = CODES
+    start_afresh: Callable[[], object] = lambda: None  # noqa: E731
+    if kind == "postgresql":  # its fixtures only here: the others need no server
+        dsn, table = request.getfixturevalue("pg_dsn"), request.getfixturevalue("table")
+        options = {"backend": f"{dsn}?table={table}"}
+        codes = CODES + [code_of(function) for function in (
+            PostgresBackend.apply, PostgresBackend.attach, PostgresBackend.checkpoint,
+            PostgresBackend._settle, PostgresBackend._save_known)]
+
+        def start_afresh() -> None:  # each copy of the directory is the one that crashed
+            for name in (table, f"{table}_checkpoints"):
+                query(dsn, f"DELETE FROM {name}")
+
     template = tmp_path / "template"
-    _crashed_directory(template, shared)
+    _crashed_directory(template, ", ".join(f"{name}={value!r}"
+                                           for name, value in options.items()))
     points = 0
-    for point in every_point(CODES):
+    for point in every_point(codes):
         path = tmp_path / f"c{points}"
         shutil.copytree(template, path, symlinks=True)
+        start_afresh()
         with point:
             try:
-                wbcache.open(path, shared=shared).close()
+                wbcache.open(path, **options).close()
             except KeyboardInterrupt:
                 assert point.fired
         assert not _threads_of_a_cache(), point.fired_in  # none left running, unreachable
-        with wbcache.open(path, shared=shared) as cache:
+        with wbcache.open(path, **options) as cache:
             assert cache.get("n") == INCREMENTS, point.fired_in
             assert cache.get("k") == "w", point.fired_in
         shutil.rmtree(path)
