@@ -519,6 +519,7 @@ class Cache(MutableMapping[Key, Any]):
                 (self._flusher.stop, True),
                 (self._syncer.stop if self._syncer is not None else None, True),
                 (lambda: self._flusher.flush(self.options.flush_timeout), False),
+                (self._flusher.retire, True),
                 (self._sequencer.close_log, True),
                 (self._backend.close if self._owns_backend else None, True),
                 (self._dir_lock.release, True),

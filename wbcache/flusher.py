@@ -12,10 +12,12 @@ A flush cycle:
   4. delete the log segments whose last LSN <= S. Never before step 2 has committed.
 A batch taken is sent unchanged until step 3 has run for it: one whose attempt failed, or was
 interrupted (its commit then unknown: it may have gone through), is sent again alone before
-the next is taken, and a backend that finds its checkpoint already stored adds nothing.
+the next is taken (`Sequencer.take_dirty`), and a backend that finds it committed that very
+call adds nothing (`Backend.apply`).
 
 Cycles run on the timer, when woken (dirty threshold, backpressure, capacity pressure), and in
-the caller's thread for `flush()`; `_mutex` keeps them one at a time. Lock order: `_mutex`,
+the caller's thread for `flush()`; `_mutex` keeps them one at a time (a cycle asked for
+inside a cycle of the same thread, by a signal handler, is refused: `paused`). Lock order: `_mutex`,
 then the sequencer's lock (taken inside `take_dirty` and `flushed`, never across `apply`).
 `_turns` (a condition of its own lock, which takes no other) only counts callers waiting for
 `_mutex`, and is last in the order (a caller that got `_mutex` takes it to say so): the
@@ -46,6 +48,7 @@ from wbcache.wal.deferred import log_later
 
 _FIRST_RETRY_DELAY = 0.01  # seconds; doubles after each failure
 _MAX_RETRY_DELAY = 2.0
+_STOP_RECHECK = 0.5  # s between looks at `stop` while the thread waits for the mutex
 _CALLERS_FIRST = 1.0  # seconds a cycle waits at most for the callers of paused() to go first
 OUTAGE_REPORT_EVERY = 30.0  # seconds between summaries while the database keeps failing
 # Counters read back per flush (`_rebase_counters`); the rest wait for the next.
@@ -122,7 +125,9 @@ class Flusher:
         self._thread = threading.Thread(target=self._run_then_end, name="wbcache-flusher",
                                         daemon=True)
         self.checkpoint_lsn = checkpoint_lsn
-        self._sent: FlushBatch | None = None  # the batch in flight, until it is flushed
+        # Set by close() once its final flush is over: a flush still going on (the one a
+        # signal handler calling close() interrupted) stops retrying a closed database.
+        self.retired = False
         self.flushes = 0
         self.flushed_entries = 0
         self.flush_errors = 0
@@ -132,6 +137,10 @@ class Flusher:
 
     def start(self) -> None:
         self._thread.start()
+
+    def retire(self) -> None:
+        """Called by close() once its final flush is over (`retired`)."""
+        self.retired = True
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -151,11 +160,19 @@ class Flusher:
     @contextmanager
     def paused(self, timeout: float) -> Iterator[None]:
         """Hold off every flush cycle (the database then changes only through us). Waits for
-        at most the attempt in progress; raises `FlushError` after `timeout` seconds."""
+        at most the attempt in progress; raises `FlushError` after `timeout` seconds, or at
+        once inside a cycle of this thread."""
         # Interrupt-safe (a KeyboardInterrupt, a signal handler's exception, raised as a call
         # returns or a function starts: tests/test_interrupt_points.py): once the mutex is
         # taken, it is released whatever comes, even as `acquire` returns, before `acquired`
         # is set; the count of waiting callers goes back down whatever comes.
+        if self._mutex._is_owned():  # type: ignore[attr-defined]
+            # This thread is inside a cycle: a signal handler (or a finalizer) that
+            # interrupted it. A nested cycle would take and send the batch the outer one is
+            # sending; waiting would wait for ever.
+            raise FlushError("called inside a flush of this same thread (from a signal "
+                             "handler?): the flush under way goes on when the handler "
+                             "returns; the log keeps every write")
         acquired = False
         try:
             counted = False
@@ -184,7 +201,7 @@ class Flusher:
 
     def stop(self) -> None:
         """Stop the background thread. A batch it could not commit stays in flight and the
-        next cycle (close's final flush) takes it again."""
+        next cycle (close's final flush) sends it again."""
         self._stop.set()
         self._wakeup.set()
         with self._turns_lock:
@@ -218,16 +235,29 @@ class Flusher:
                     continue  # woke for the sweep only
             next_flush = time.monotonic() + self._interval
             self._let_callers_go()
-            with self._mutex:
-                if self._stop.is_set():
-                    return
-                try:
-                    failing = not self._cycle(None)
-                except Exception as exc:  # keep flushing; the error is counted and kept
-                    self._failed(exc)
-                    failing = True
+            if not self._take_mutex():
+                return
+            try:
+                failing = not self._cycle(None)
+            except Exception as exc:  # keep flushing; the error is counted and kept
+                self._failed(exc)
+                failing = True
+            finally:
+                self._mutex.release()
             if not failing:
                 delay = _FIRST_RETRY_DELAY
+
+    def _take_mutex(self) -> bool:
+        """In the background thread: the mutex, or False once `stop` is set. Its holder may be
+        the very thread stopping this one: `close()` from a signal handler that interrupted a
+        `flush()` in the main thread; a plain wait would then never end."""
+        while not self._mutex.acquire(timeout=_STOP_RECHECK):
+            if self._stop.is_set():
+                return False
+        if self._stop.is_set():
+            self._mutex.release()
+            return False
+        return True
 
     def _let_callers_go(self) -> None:
         """Wait until the callers of `paused()` waiting now have had the mutex (or gave up):
@@ -256,36 +286,34 @@ class Flusher:
     def _cycle(self, deadline: float | None) -> bool:
         """One flush, mutex held. With a `deadline` (a caller's flush), retry until it passes,
         then raise `FlushError`; without, try once and return whether it committed. A batch
-        sent before and not known to have committed (`_sent`) is sent again first, alone."""
-        if self._sent is not None and not self._send(self._sent, deadline):
+        still in flight from an earlier attempt comes first, alone (`Sequencer.take_dirty`),
+        then the writes since."""
+        batch = self._sequencer.take_dirty()
+        if not self._send(batch, deadline):
             return False
-        self._sent = self._sequencer.take_dirty()
-        if not self._send(self._sent, deadline):
+        if batch.again and not self._send(self._sequencer.take_dirty(), deadline):
             return False
         self._delete_covered_segments(strict=deadline is not None)  # also retries a failed one
         return True
 
     def _send(self, batch: FlushBatch, deadline: float | None) -> bool:
-        """Apply `batch` (the one in flight, `_sent`), then mark it flushed. Until it is
-        marked, its commit is not known here: an interrupt (a KeyboardInterrupt, a signal
-        handler's exception) may have left `apply` or this method after the database
-        committed it. So it is sent again, unchanged, before anything else, and the backend
-        finds its checkpoint stored and adds nothing (`Backend.apply`); merged with newer
-        writes, its increments would be added twice."""
+        """Apply `batch`, then mark it flushed. Until it is marked, it stays in flight, and
+        its commit is not known here: an interrupt (a KeyboardInterrupt, a signal handler's
+        exception) may have left `apply`, or this method, after the database committed it.
+        Then it is sent again, unchanged, and the backend, finding that it committed it,
+        adds nothing (`Backend.apply`)."""
         started = time.perf_counter()
-        changes, deltas, lsn = batch
+        changes, deltas, lsn, _ = batch
         if changes or lsn > self.checkpoint_lsn:
             if not self._apply(changes, deltas, lsn, deadline):
                 return False
             self._sequencer.flushed()
-            self._sent = None
             self.checkpoint_lsn = lsn
             self.flushes += 1
             self.flushed_entries += len(changes)
             self.last_flush_seconds = time.perf_counter() - started
             self._rebase_counters()
             self._outage.succeeded()
-        self._sent = None
         return True
 
     def _rebase_counters(self) -> None:
@@ -339,6 +367,9 @@ class Flusher:
                 self._failed(exc)
                 if deadline is None:
                     return False
+                if self.retired:  # closed by a signal handler that interrupted this flush
+                    raise FlushError(f"the cache was closed during this flush ({exc!r}); the "
+                                     f"log keeps every write") from exc
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise FlushError(f"the database did not accept the flush: {exc!r}; "
@@ -351,14 +382,15 @@ class Flusher:
         self._last_sweep = time.monotonic()
         assert self._sweep is not None
         self._let_callers_go()
-        with self._mutex:
-            if self._stop.is_set():
-                return
-            try:
-                self._sweep(log_later)
-            except Exception as exc:  # the next sweep (or open) tries again
-                _say(logging.WARNING, "adopting orphan lanes failed: %s; the next sweep tries "
-                     "again", exc)
+        if not self._take_mutex():
+            return
+        try:
+            self._sweep(log_later)
+        except Exception as exc:  # the next sweep (or open) tries again
+            _say(logging.WARNING, "adopting orphan lanes failed: %s; the next sweep tries "
+                 "again", exc)
+        finally:
+            self._mutex.release()
 
     def _failed(self, error: BaseException) -> None:
         # Said first: its thread is running by the time the failure shows in stats, so a

@@ -100,11 +100,13 @@ class NeedsRead(Exception):
 
 class FlushBatch(NamedTuple):
     """What a flush writes: the entries, the increments among them, and the LSN they reflect
-    (every record with LSN <= `lsn` is in them)."""
+    (every record with LSN <= `lsn` is in them). `again`: taken before, by a flush that
+    failed or was interrupted, and handed out unchanged."""
 
     changes: Changes
     deltas: Deltas
     lsn: int
+    again: bool = False
 
 
 class _Read:
@@ -197,6 +199,7 @@ class Sequencer:
         self._inflight: Changes = {}
         self._deltas: Deltas = {}
         self._inflight_deltas: Deltas = {}
+        self._inflight_lsn = 0  # the LSN the batch in flight reflects
         self._rebase: dict[Key, None] = {}  # in the order they were found (module docstring)
         self._rebase_counters = rebase_counters
         self._reads: dict[Key, list[_Read]] = {}
@@ -354,26 +357,22 @@ class Sequencer:
 
     def take_dirty(self) -> FlushBatch:
         """The dirty entries, their deltas and the LSN they reflect; they are in flight until
-        `flushed`. A batch left by a flush that gave up is taken again, newer values winning
-        (a delta stays a delta only if both halves were increments)."""
+        `flushed`. While a batch is in flight (its flush failed, or was interrupted after the
+        database may have committed it), that batch, unchanged (`again`): merged with newer
+        writes, a database that adds increments would add its increments twice if it had
+        committed it (wbcache/flusher.py)."""
         with self.lock:
             if self._torn is not None:  # memory may hold half a write: the log has it whole
                 return FlushBatch({}, {}, 0)
-            batch, deltas = self._inflight, self._inflight_deltas
-            if batch:
-                newer_deltas = self._deltas
-                for key, encoded in self._dirty.items():
-                    if key in newer_deltas and (key in deltas or key not in batch):
-                        deltas[key] = deltas.get(key, 0) + newer_deltas[key]
-                    else:
-                        deltas.pop(key, None)
-                    batch[key] = encoded
-            else:
-                batch, deltas = self._dirty, self._deltas
-            self._inflight, self._inflight_deltas = batch, deltas
+            if self._inflight:
+                return FlushBatch(self._inflight, self._inflight_deltas, self._inflight_lsn,
+                                  again=True)
+            # No call between these stores: an interrupt leaves all or none of them.
+            self._inflight, self._inflight_deltas, self._inflight_lsn = \
+                self._dirty, self._deltas, self._next_lsn - 1
             self._dirty, self._deltas = {}, {}
             self._flush_woken = False
-            return FlushBatch(batch, deltas, self._next_lsn - 1)
+            return FlushBatch(self._inflight, self._inflight_deltas, self._inflight_lsn)
 
     def flushed(self) -> None:
         """The batch in flight is committed: its entries are clean (unless rewritten)."""

@@ -84,9 +84,11 @@ class Backend(Protocol):
         Either all of it is durable when this returns, or none of it.
 
         The same call may come again after one that committed, when the caller could not
-        learn that it had (an interrupt as it returned): a backend that adds `increments`
-        must then add nothing, as the checkpoint it holds for this cache is `checkpoint`
-        already; putting the same values again is harmless."""
+        learn that it had (an interrupt between the commit and the caller marking the batch
+        flushed). A database only this cache writes may simply write it again. One shared by
+        many caches (`applies_increments`) must write nothing: its increments would be added
+        twice, and its puts and deletes could undo another cache's newer writes. It tells
+        the call by its checkpoint: the one it last committed for this cache."""
 
     def checkpoint(self) -> int:
         """The checkpoint LSN of the last `apply` (0 for a new database)."""
