@@ -167,6 +167,28 @@ def test_writers_wait_at_max_dirty_and_resume_after_a_flush(
     assert cache.get("k5") == 5
 
 
+def test_a_key_rewritten_while_its_batch_is_in_flight_counts_once_against_max_dirty(
+        backend: ControlledBackend, open_cache: OpenCache) -> None:
+    # A batch that failed stays in flight, unmerged with newer writes; a writer rewriting its
+    # keys during the outage was counted twice and waited for the whole outage.
+    cache = open_cache(backend=backend, flush_interval=3600, max_dirty=10, flush_threshold=1000)
+    for i in range(6):
+        cache.put(f"k{i}", 0)
+    backend.failing = True
+    with pytest.raises(FlushError):
+        cache.flush(timeout=0.05)  # the 6 keys stay in flight
+    for i in range(6):
+        writer = threading.Thread(target=cache.put, args=(f"k{i}", 1))
+        writer.start()
+        writer.join(10)
+        assert not writer.is_alive()  # 6 keys not in the database, 10 allowed
+    assert cache.stats()["dirty"] == 6
+    backend.failing = False
+    cache.flush()
+    assert cache.stats()["dirty"] == 0
+    assert [backend.inner.get(f"k{i}") for i in range(6)] == [b"\x01"] * 6
+
+
 def test_clear_at_max_dirty_lets_the_flush_it_waits_for_run(open_cache: OpenCache,
                                                              cache_dir: Path) -> None:
     # clear() holds flushes off while it reads the database's keys. Its write used to wait out

@@ -103,3 +103,19 @@ def test_an_interrupted_replay_leaves_every_write_once_for_the_next_open(
         shutil.rmtree(path)
         points += 1
     assert points > 20
+
+
+def test_a_lock_taken_in_a_block_that_raises_is_let_go_with_scopes_nested(
+        tmp_path: Path) -> None:
+    """Scopes were told apart by equality: an inner one that took nothing removed the outer
+    one's empty list, and the outer's exit then failed (ValueError) with its lock held."""
+    from wbcache.lock import DirectoryLock, taking
+
+    path = str(tmp_path / "LOCK")
+    with pytest.raises(KeyboardInterrupt):
+        with taking():
+            with taking():  # e.g. a signal handler's open that took no lock
+                pass
+            DirectoryLock.acquire(path)  # unbound: an interrupt as it returned
+            raise KeyboardInterrupt
+    DirectoryLock.acquire(path).release()  # free again in this process

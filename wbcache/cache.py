@@ -160,7 +160,10 @@ class Cache(MutableMapping[Key, Any]):
             return cache
         except BaseException:
             if cache is not None and cache._ready:
-                cache.close()
+                try:
+                    cache.close()
+                except Exception:  # FlushError (the log keeps every write): raise the first
+                    pass
             elif opened is not None:
                 opened.close()
             raise

@@ -170,9 +170,9 @@ class Flusher:
             # This thread is inside a cycle: a signal handler (or a finalizer) that
             # interrupted it. A nested cycle would take and send the batch the outer one is
             # sending; waiting would wait for ever.
-            raise FlushError("called inside a flush of this same thread (from a signal "
-                             "handler?): the flush under way goes on when the handler "
-                             "returns; the log keeps every write")
+            raise FlushError("called inside a flush, len(), keys() or clear() of this same "
+                             "thread (from a signal handler?), which holds the flusher; the "
+                             "log keeps every write")
         acquired = False
         try:
             counted = False

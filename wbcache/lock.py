@@ -177,7 +177,10 @@ def taking() -> Iterator[None]:
             lock.release()  # a lock its taker released already: a no-op
         raise
     finally:
-        scopes.remove(taken)
+        for at in range(len(scopes) - 1, -1, -1):  # by identity: empty scopes are all equal
+            if scopes[at] is taken:
+                del scopes[at]
+                break
 
 
 def _listed(lock: DirectoryLock) -> None:

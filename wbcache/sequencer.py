@@ -200,6 +200,9 @@ class Sequencer:
         self._deltas: Deltas = {}
         self._inflight_deltas: Deltas = {}
         self._inflight_lsn = 0  # the LSN the batch in flight reflects
+        # Keys in both `_dirty` and `_inflight` (rewritten while in flight), counted once
+        # against `max_dirty`: a batch in flight is no longer merged with newer writes.
+        self._overlap = 0
         self._rebase: dict[Key, None] = {}  # in the order they were found (module docstring)
         self._rebase_counters = rebase_counters
         self._reads: dict[Key, list[_Read]] = {}
@@ -370,7 +373,7 @@ class Sequencer:
             # No call between these stores: an interrupt leaves all or none of them.
             self._inflight, self._inflight_deltas, self._inflight_lsn = \
                 self._dirty, self._deltas, self._next_lsn - 1
-            self._dirty, self._deltas = {}, {}
+            self._dirty, self._deltas, self._overlap = {}, {}, 0
             self._flush_woken = False
             return FlushBatch(self._inflight, self._inflight_deltas, self._inflight_lsn)
 
@@ -388,7 +391,7 @@ class Sequencer:
                 for key in deltas:
                     if key in newer_deltas:  # incremented again, only, while the flush ran
                         self._rebase[key] = None
-            self._inflight, self._inflight_deltas = {}, {}
+            self._inflight, self._inflight_deltas, self._overlap = {}, {}, 0
             self._entries.unblock()
             self._space.notify_all()
             self._evict()
@@ -444,7 +447,8 @@ class Sequencer:
 
     @property
     def dirty(self) -> int:
-        return len(self._dirty) + len(self._inflight)
+        """Keys not yet in the database (one both in flight and rewritten since counts once)."""
+        return len(self._dirty) + len(self._inflight) - self._overlap
 
     @property
     def committer(self) -> GroupCommitter:
@@ -502,7 +506,7 @@ class Sequencer:
         if self._closed or self._torn is not None or committer.failure is not None:
             self._check_writable()  # raises
         while True:
-            if len(self._dirty) + len(self._inflight) >= self._max_dirty:
+            if len(self._dirty) + len(self._inflight) - self._overlap >= self._max_dirty:
                 self.wake_flusher()
                 if not block:
                     raise WouldBlock
@@ -607,6 +611,8 @@ class Sequencer:
             return
         if delta is not None:
             deltas[key] = delta
+        if self._inflight and key in self._inflight:
+            self._overlap += 1
         if before + 1 >= self._flush_threshold and not self._flush_woken:
             self._flush_woken = True
             self.wake_flusher()
