@@ -84,6 +84,9 @@ class InterruptAt:
     def _call(self, frame: FrameType, event: str, arg: Any) -> Any:
         if event == "call" and frame.f_code in self.codes and self.fired_in is None:
             self._last.pop(id(frame), None)  # started or resumed: a point
+            # The local trace first: on 3.12+ (sys.monitoring underneath) opcode events are
+            # turned on for a frame only once it has one; set after, they never came.
+            frame.f_trace = self._opcode
             frame.f_trace_opcodes = True
             frame.f_trace_lines = False
             return self._opcode
