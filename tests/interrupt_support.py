@@ -81,6 +81,15 @@ class InterruptAt:
     def __exit__(self, *exc: object) -> None:
         sys.settrace(self._before)
 
+    def run(self, call: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        """`call(*args, **kwargs)` with this point armed; the KeyboardInterrupt it injects is
+        caught here, and only that one (another would fail the assertion)."""
+        with self:
+            try:
+                call(*args, **kwargs)
+            except KeyboardInterrupt:
+                assert self.fired
+
     def _call(self, frame: FrameType, event: str, arg: Any) -> Any:
         if event == "call" and frame.f_code in self.codes and self.fired_in is None:
             self._last.pop(id(frame), None)  # started or resumed: a point

@@ -45,11 +45,7 @@ def _walk(cache: wbcache.Cache, codes: list[CodeType]) -> int:
         for _ in range(INCREMENTS):
             cache.incr("n")
         cache.put("k", points)
-        with point:
-            try:
-                cache.flush()
-            except KeyboardInterrupt:
-                assert point.fired
+        point.run(cache.flush)
         cache.incr("n")  # merged into a batch committed already, it was added twice
         cache.flush()
         assert _stored(cache, "n") == (INCREMENTS + 1) * (points + 1), point.fired_in

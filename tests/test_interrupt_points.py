@@ -38,11 +38,7 @@ def test_an_interrupt_anywhere_in_an_eviction_never_drops_a_pinned_entry() -> No
             entries.clean_since[key] = 0.0  # type: ignore[index]
         entries.visited.add(visited_key)
         evicted: list[int] = []
-        with point:
-            try:
-                entries.evict(pinned, evicted.append)
-            except KeyboardInterrupt:
-                assert point.fired
+        point.run(entries.evict, pinned, evicted.append)
         for key in pinned_keys:
             assert entries.map.get(key) == f"v{key}", point.fired_in
         for key in range(6):
@@ -115,11 +111,7 @@ def test_an_interrupt_anywhere_in_a_pause_of_the_flusher_leaves_it_free(
     points = 0
     for point in every_point(codes):
         cache.put("k", points)
-        with point:
-            try:
-                cache.flush() if call == "flush" else len(cache)
-            except KeyboardInterrupt:
-                assert point.fired
+        point.run(cache.flush if call == "flush" else cache.__len__)
         assert _mutex_free(flusher), point.fired_in
         assert flusher._waiting == 0, point.fired_in
         points += 1
@@ -128,6 +120,10 @@ def test_an_interrupt_anywhere_in_a_pause_of_the_flusher_leaves_it_free(
     closer.start()
     closer.join(30)
     assert not closer.is_alive()
+
+
+def _reads(cache: wbcache.Cache, key: str, expected: object) -> None:
+    assert cache.get(key) == expected
 
 
 def _gate_free(gate: ReadGate) -> bool:
@@ -151,11 +147,7 @@ def test_an_interrupt_anywhere_in_a_gated_read_leaves_the_gate_free(tmp_path: Pa
     for point in every_point(codes):
         number = 10 + points % 30  # not in memory (capacity 2): a read of the database
         assert f"cold{number}" not in cache._entries.map
-        with point:
-            try:
-                assert cache.get(f"cold{number}") == number
-            except KeyboardInterrupt:
-                assert point.fired
+        point.run(_reads, cache, f"cold{number}", number)
         assert _gate_free(gate), point.fired_in
         assert gate._readers == 0 and not gate._open, point.fired_in
         points += 1
@@ -210,11 +202,7 @@ def test_an_interrupt_anywhere_in_a_close_leaves_it_to_be_finished(tmp_path: Pat
         path = tmp_path / f"c{points}"
         cache = wbcache.open(path, fsync=fsync, flush_interval=3600)
         cache.put("k", points)
-        with point:
-            try:
-                cache.close()
-            except KeyboardInterrupt:
-                assert point.fired
+        point.run(cache.close)
         assert _returns(cache.close), point.fired_in
         with wbcache.open(path) as cache:
             assert cache["k"] == points, point.fired_in
@@ -236,11 +224,7 @@ def test_an_interrupt_anywhere_in_a_write_waking_the_flusher_leaves_it_wakeable(
         cache.flush()
         cache.put("a", points)
         cache.put("b", points)
-        with point:
-            try:
-                cache.put("c", points)  # at the limit: wakes the flusher, then waits for it
-            except KeyboardInterrupt:
-                assert point.fired
+        point.run(cache.put, "c", points)  # at the limit: wakes the flusher, waits for it
         assert _returns(functools.partial(cache.put, "d", points)), point.fired_in  # wakes
         assert cache.get("a") == points
         points += 1
