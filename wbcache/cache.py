@@ -17,7 +17,7 @@ It is a `collections.abc.MutableMapping`, with these differences from `dict`, ea
   * every write is durable when it returns; `update`, `pop`, `popitem`, `setdefault` and
     `clear` are atomic, one log record and one fsync each.
 
-About 550 lines: the whole public mapping API in one place; each method is a few lines over
+About 590 lines: the whole public mapping API in one place; each method is a few lines over
 the sequencer and the directory, and nothing here would be simpler split across files.
 """
 

@@ -27,7 +27,7 @@ LMDB's errors leave this module as wbcache's (`lmdb_errors`: `DatabaseError`, or
 are handled here. A data.mdb LMDB would read past its end is refused before it is opened
 (`lmdb_file.check_data_file`).
 
-A little over 500 lines: every use of an environment (transactions, growth, forks, a shared
+About 580 lines: every use of an environment (transactions, growth, forks, a shared
 directory's one open per process) is here, so the rules above can be checked in one file.
 """
 
