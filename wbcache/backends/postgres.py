@@ -419,11 +419,19 @@ class PostgresBackend:
                                          self._statement_bytes, self._next_tokens())
             action = (f"flush of {len(puts)} puts, {len(deletes)} deletes and {len(pending)} "
                       f"increments up to LSN {checkpoint} of cache {cache_id}")
+            # Recorded as a lost answer before it is sent, and forgotten only once known
+            # not to have committed: an interrupt (KeyboardInterrupt) anywhere from here on,
+            # a second one inside the handling of a first included, leaves it to be settled
+            # (one that never commits is harmless to keep). Recorded in a handler, after the
+            # COMMIT, a second interrupt could skip it, and every later flush met a
+            # checkpoint it did not expect until a reopen.
+            attempt = _Attempt(checkpoint, _summed(pending))
+            self._uncertain.append(attempt)
             try:
                 self._link.transaction(conn, action, statements, self._statement_bytes)
             except PostgresError as exc:
-                if exc.ambiguous:
-                    self._uncertain.append(_Attempt(checkpoint, _summed(pending)))
+                if not exc.ambiguous:  # refused or never sent: it did not commit
+                    self._uncertain.remove(attempt)
                 cause = str(exc.__cause__)
                 if CHECKPOINT_CONFLICT_MARK not in cause:
                     raise
@@ -433,21 +441,12 @@ class PostgresBackend:
                                         f"flush whose answer was lost has committed ({detail}); "
                                         f"the next attempt settles it") from exc.__cause__
                 raise self._conflict(checkpoint, detail) from exc.__cause__
-            except BaseException:
-                # An interrupt (KeyboardInterrupt) mid-transaction: psycopg waits for the
-                # COMMIT under way, which may have gone through. Settled as a lost answer
-                # is (one that did not commit is harmless to keep); else every later flush
-                # met a checkpoint it did not expect.
-                self._uncertain.append(_Attempt(checkpoint, _summed(pending)))
-                raise
-            try:
-                if self._pending is not None:
-                    self._save_known(self._pending)
-                    self._token, self._pending = self._pending, None
-                self._known = self._committed = checkpoint
-            except BaseException:  # an interrupt: settled by the next flush, as a lost answer
-                self._uncertain.append(_Attempt(checkpoint, _summed(pending)))
-                raise
+            # Committed. Interrupted in what follows, the next flush settles it as a lost
+            # answer (it is still recorded).
+            if self._pending is not None:
+                self._save_known(self._pending)
+                self._token, self._pending = self._pending, None
+            self._known = self._committed = checkpoint
             self._forget_attempts()  # the batch in flight is all in the database now
 
     def _save_known(self, token: str) -> None:
