@@ -1,6 +1,7 @@
 """AsyncCache: open and close when their caller is cancelled; writes whose value waits for a
 worker thread (backpressure, a read of the database) store it as it was at the call; and
-setdefault and update take what dict's take."""
+setdefault and update take what dict's take; a close awaited from another loop than that of
+a close under way."""
 
 from __future__ import annotations
 
@@ -423,3 +424,66 @@ def test_close_from_another_loop_after_the_own_loop_closed_with_a_write_awaited(
     assert cache.closed and not put.done()  # its loop is gone: no one can await it
     with wbcache.open(tmp_path / "c") as reopened:
         assert reopened.get("k") == 1  # the close made it durable all the same
+
+
+def test_a_close_from_another_loop_while_the_own_loop_s_close_runs_waits_for_it(
+        tmp_path: Path) -> None:
+    """The own loop's close under way (its final flush held by the database), a close awaited
+    in another thread's loop: it raised RuntimeError ("attached to a different loop"),
+    awaiting the first close's future from a loop it does not belong to. Now it closes too,
+    once the first is done."""
+    backend = ControlledBackend(tmp_path / "db")
+    own = asyncio.new_event_loop()
+    runner = threading.Thread(target=own.run_forever)
+    runner.start()
+    try:
+        cache = asyncio.run_coroutine_threadsafe(
+            wbcache.open_async(tmp_path / "c", backend=backend), own).result(30)
+        asyncio.run_coroutine_threadsafe(cache.put("a", 1), own).result(30)
+        backend.gate.clear()
+        backend.entered.clear()
+        first = asyncio.run_coroutine_threadsafe(cache.close(), own)
+        assert backend.entered.wait(30)  # the first close is in its final flush
+
+        async def second() -> None:
+            closing = asyncio.ensure_future(cache.close())
+            await asyncio.sleep(0)  # started; it must wait for the first, not fail
+            assert not closing.done()
+            backend.gate.set()
+            await asyncio.wait_for(closing, 30)
+
+        asyncio.run(second())
+        first.result(30)
+        assert cache.closed
+    finally:
+        backend.gate.set()
+        own.call_soon_threadsafe(own.stop)
+        runner.join(30)
+        own.close()
+    with wbcache.open(tmp_path / "c", backend=backend) as reopened:
+        assert reopened.get("a") == 1
+    backend.close()
+
+
+def test_a_close_begun_in_a_loop_that_closed_before_it_ran_is_done_by_the_next(
+        tmp_path: Path) -> None:
+    """A fire-and-forget close in a loop that then closed before running it (its task never
+    runs): every close from a new loop raised RuntimeError, and the directory stayed locked
+    for the rest of the process."""
+    loop = asyncio.new_event_loop()
+    cache = loop.run_until_complete(wbcache.open_async(tmp_path / "c"))
+    loop.run_until_complete(cache.put("a", 1))
+
+    async def shutdown_hook() -> None:
+        asyncio.ensure_future(cache.close())  # scheduled, not yet run
+
+    loop.run_until_complete(shutdown_hook())
+    abandoned = asyncio.all_tasks(loop)  # the close's tasks, never to run
+    loop.close()
+    asyncio.run(cache.close())
+    assert cache.closed
+    asyncio.run(cache.close())  # idempotent
+    for task in abandoned:  # else Python warns, when it collects them, of a coroutine
+        task.get_coro().close()  # never awaited
+    with wbcache.open(tmp_path / "c") as reopened:
+        assert reopened.get("a") == 1

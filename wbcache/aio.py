@@ -415,9 +415,14 @@ class AsyncCache:
     async def close(self) -> None:
         """Flush, fsync, release the directory (in a thread of its own). Idempotent. Once
         called, the close goes on whatever happens to its caller: cancelled (a timeout), or
-        the loop ending."""
+        the loop ending. Awaited in a loop other than the one of a close under way, it runs a
+        close of its own instead of waiting for that one, whose loop it cannot await (and
+        which may never run again: stopped, closed): `Cache.close` lets one close run at a
+        time, so it returns once the first is done, without that one's error if it had one
+        (its own caller gets it)."""
         closing = self._closing
-        if closing is None or closing.done():
+        if (closing is None or closing.done()
+                or closing.get_loop() is not asyncio.get_running_loop()):
             closing = self._closing = asyncio.ensure_future(self._close())
             closing.add_done_callback(_retrieve)  # a caller that timed out no longer looks
         await asyncio.shield(closing)
