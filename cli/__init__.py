@@ -117,9 +117,11 @@ class WbcacheGroup(click.Group):
     LAZY = {"torture": ("wbcache.cli.torture", "torture")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        _register()
         return sorted({*super().list_commands(ctx), *self.LAZY})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        _register()
         if cmd_name in self.LAZY and cmd_name not in self.commands:
             module, name = self.LAZY[cmd_name]
             self.add_command(getattr(importlib.import_module(module), name))
@@ -191,16 +193,17 @@ def main() -> None:
 
 
 def _register() -> None:
-    # Each module owns its commands; this is the only list of them.
-    # (and WbcacheGroup.LAZY those imported when named)
+    """Each module owns its commands; this is the only list of them (and WbcacheGroup.LAZY
+    those imported when named). Imported when the group first looks for a command, not when
+    this module is: most of the command's start-up, and a Ctrl-C there printed a traceback
+    (now it meets `invoke`'s one line, or click's own "Aborted!")."""
+    if "demo" in main.commands:
+        return
     from wbcache.cli import demo, ops
 
-    main.add_command(demo.demo)
     for command in ops.COMMANDS:
         main.add_command(command)
-
-
-_register()
+    main.add_command(demo.demo)  # last: the mark that all of them are in
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import subprocess
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -373,3 +374,27 @@ def test_ctrl_c_is_one_line_saying_what_to_do_and_exit_130(
         assert "can be run again" not in result.stderr
         assert "give a new or empty directory" in result.stderr
         assert os.listdir(tmp_path / "demo")  # which is why
+
+
+def test_ctrl_c_while_the_commands_are_imported_is_one_line_too(tmp_path: Path) -> None:
+    """A Ctrl-C in the command's start-up, while the commands' modules are imported (most of
+    it: they were imported with `wbcache.cli` itself, outside every handler), printed a
+    traceback (an outside hunt: `timeout -s INT 0.2 wbcache inspect DIR`). Here the interrupt
+    comes as the script imports `wbcache.cli.ops` (an audit hook in sitecustomize raises it
+    there, as a signal arriving then would)."""
+    path = tmp_path / "cache"
+    wbcache.open(path).close()
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(textwrap.dedent("""\
+        import sys
+
+        def interrupt_at_the_commands(event, args):
+            if event == "import" and args[0] == "wbcache.cli.ops":
+                raise KeyboardInterrupt
+
+        sys.addaudithook(interrupt_at_the_commands)
+        """))
+    pythonpath = os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))
+    result = run("script", "inspect", str(path), env={"PYTHONPATH": pythonpath})
+    assert_one_line_error(result, 130, "interrupted")
