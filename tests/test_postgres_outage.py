@@ -26,6 +26,7 @@ from pg_support import (  # noqa: F401 (fixtures)
 
 import wbcache
 from wbcache import FlushError
+from wbcache.errors import PostgresError
 from wbcache.backends.postgres import PostgresBackend
 
 OUTAGE_SECONDS = 3.0
@@ -141,6 +142,43 @@ def test_a_flush_transaction_its_client_left_idle_is_ended_by_the_server(
                    timeout=10, what="the idle transaction's session ended by the server")
     finally:
         writer.close()
+
+
+def test_a_flush_cut_off_after_its_pipeline_holds_no_node_back_for_good(
+        make_backend: Callable[..., PostgresBackend], pg_dsn: str, pg_schema: str,
+        pg_proxy: TcpProxy) -> None:
+    """A partition swallows a flush's COMMIT and keeps the socket open (the proxy holds it):
+    the server's session waits inside the transaction, holding its row locks. Its idle limit
+    never fired: after a pipeline psycopg sends a Flush message, on which PostgreSQL stops
+    that timer. Every flush of the same keys, on every node, timed out behind the locks for
+    good, this node's own too once its network was back (an outside hunt). The backends now
+    end such sessions once they are idle for twice `timeout`."""
+    a = make_backend("node-a", dsn=pg_proxy.dsn, timeout=1.0)
+    b = make_backend("node-b", timeout=1.0)
+    a.apply([], [], 1, [("n", 1)])
+    with a._write_lock:
+        orphan = a._writer_connection().info.backend_pid
+    pg_proxy.hold_commit()
+    with pytest.raises(PostgresError) as cut:
+        a.apply([], [], 2, [("n", 1)])
+    assert cut.value.ambiguous
+    assert query(pg_dsn, "SELECT state FROM pg_stat_activity WHERE pid = %s",
+                 (orphan,)) == [("idle in transaction",)]
+
+    def until_it_commits(flush: Callable[[], None]) -> int:
+        deadline, failures = time.monotonic() + 30, 0
+        while True:  # each failure is a statement_timeout behind the orphan's locks
+            try:
+                flush()
+                return failures
+            except PostgresError:
+                failures += 1
+                assert time.monotonic() < deadline, "still held back by the flush cut off"
+
+    assert until_it_commits(lambda: b.apply([], [], 1, [("n", 10)])) <= 4
+    assert query(pg_dsn, "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (orphan,)) == []
+    assert until_it_commits(lambda: a.apply([], [], 2, [("n", 1)])) == 0  # settled: not in
+    assert stored_ints(pg_dsn, f"{pg_schema}.wbcache", "n") == {"n": 12}
 
 
 def test_a_readers_idle_limit_stays_what_the_dsn_sets(

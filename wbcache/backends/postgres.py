@@ -232,6 +232,9 @@ class PostgresBackend:
         # The last checkpoint a flush of this attach committed (a flush sent again after an
         # interrupt hid its commit is recognised by it; a copy's flush is still refused).
         self._committed: int | None = None
+        # A flush failed since the last that committed: the next looks for flushes cut off
+        # first (`_end_stuck_flushes`), whose row locks may be what it failed on.
+        self._retrying = False
         self._closed = False
         self._pid = os.getpid()
         try:
@@ -407,12 +410,16 @@ class PostgresBackend:
         cache_id = self._require_cache_id()
         with self._write_lock:
             conn = self._writer_connection()
+            if self._retrying:
+                self._end_stuck_flushes(conn)
             pending = self._settle(conn, checkpoint, increments)
             if pending is None:
+                self._retrying = False
                 return  # this very transaction had committed before the connection broke
             assert self._known is not None
             if checkpoint == self._committed:  # sent again (`Backend.apply`): it is in
                 self._forget_attempts()
+                self._retrying = False
                 return
             rows, beyond = flush_rows(puts, deletes, pending)  # bad keys raise before any I/O
             statements = self._sql.flush(rows, beyond, cache_id, checkpoint, self._known,
@@ -427,6 +434,7 @@ class PostgresBackend:
             # checkpoint it did not expect until a reopen.
             attempt = _Attempt(checkpoint, _summed(pending))
             self._uncertain.append(attempt)
+            self._retrying = True  # until it is known to have committed
             try:
                 self._link.transaction(conn, action, statements, self._statement_bytes)
             except PostgresError as exc:
@@ -448,6 +456,7 @@ class PostgresBackend:
                 self._token, self._pending = self._pending, None
             self._known = self._committed = checkpoint
             self._forget_attempts()  # the batch in flight is all in the database now
+            self._retrying = False
 
     def _save_known(self, token: str) -> None:
         """Write lock held, the flush that wrote `token` committed, and nothing of it noted
@@ -638,7 +647,34 @@ class PostgresBackend:
                 conn.close()
             self._writer = None
             self._writer = conn = self._link.connect(writer=True)
+            self._end_stuck_flushes(conn)
         return conn
+
+    def _end_stuck_flushes(self, conn: Connection) -> None:
+        """Write lock held: end the server sessions left idle inside a flush of these tables
+        for twice `timeout` (their client cut off by a partition, its COMMIT lost), whose
+        row locks every later flush of the same keys waits behind, this node's own included.
+        The writer's idle-in-transaction limit does not end them: after a pipeline psycopg
+        sends a Flush message, on which PostgreSQL stops that timer and never restarts it
+        (an outside hunt: a node's sessions stuck for good, every node's flush timing out).
+        Run when the writer connects and before a flush that follows a failed one. What
+        the server refuses (a session of another role) is logged, and the flush goes on."""
+        twice = 2 * self._link.endpoint.timeout
+        names = self._names
+        try:
+            ended = self._link.call(conn, "ending flushes cut off", lambda c: c.execute(
+                self._sql.end_stuck_flushes,
+                (twice, names.data_sql, names.checkpoints_sql)).fetchall())
+        except PostgresError as exc:
+            if conn.closed:
+                raise
+            log.warning("%s", exc)
+            return
+        if ended:
+            log.warning("%s: ended %d server sessions left idle for over %g s inside a flush "
+                        "whose client was cut off (process ids %s): their row locks held "
+                        "every flush of the same keys back", self._link.where, len(ended),
+                        twice, ", ".join(str(pid) for pid, _ in ended))
 
     def _ensure_tables(self, create_tables: bool) -> None:
         """Write lock held. Create the tables if missing (several nodes may start at once: the

@@ -8,7 +8,9 @@ data) and TCP keepalives (an idle wait); and anything that still holds a round t
 `timeout` (a proxy or middlebox that acknowledges but never forwards, a hung server) by the
 `RoundTripTimer`, which shuts the socket down under the waiting call. Server-side, the same
 `timeout` is the session's statement_timeout, and the writer's idle-in-transaction limit (a
-flush orphaned by a partition lets go of its row locks: `Link.connect`).
+flush orphaned by a partition lets go of its row locks: `Link.connect`; that limit does not
+survive a pipeline, so the backend also ends such flushes itself: `_end_stuck_flushes` in
+postgres.py).
 
 Every message made here goes through `redact`: the DSN's password is never in one.
 """
@@ -182,9 +184,11 @@ class Link:
         also on a transaction left idle that long. A flush whose client vanished in a silent
         partition (its COMMIT lost, the socket still open on the server) kept its row locks,
         and every other node's flush and this one's reopen waited behind them, until the
-        server's TCP keepalive (two hours by default). Readers are not limited so: a scan's
-        transaction (`wbcache dump` into a pager) waits for its consumer and holds no lock a
-        write waits for."""
+        server's TCP keepalive (two hours by default). (Not after a pipeline, though: psycopg
+        ends one with a Flush message, on which PostgreSQL stops the idle timer and never
+        restarts it; PostgresBackend ends those sessions itself.) Readers are not limited so:
+        a scan's transaction (`wbcache dump` into a pager) waits for its consumer and holds no
+        lock a write waits for."""
         try:
             conn = psycopg.connect(self.endpoint.conninfo, autocommit=True)
         except psycopg.Error as exc:

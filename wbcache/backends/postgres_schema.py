@@ -295,6 +295,17 @@ class Statements:
         written)."""
         data, checkpoints = names.data_sql, names.checkpoints_sql
         self.names = names
+        # Sessions idle inside a transaction that wrote to these tables (a flush whose client
+        # was cut off), for longer than the given seconds: ended, so their row locks go.
+        # Only sessions whose state this role may see (its own; pg_read_all_stats) match.
+        self.end_stuck_flushes = (
+            "SELECT a.pid, pg_terminate_backend(a.pid) FROM pg_stat_activity a "
+            "WHERE a.pid <> pg_backend_pid() AND a.datname = current_database() "
+            "AND a.state IN ('idle in transaction', 'idle in transaction (aborted)') "
+            "AND a.state_change < clock_timestamp() - make_interval(secs => %s) "
+            "AND EXISTS (SELECT FROM pg_locks l WHERE l.pid = a.pid AND l.granted "
+            "AND l.mode = 'RowExclusiveLock' "
+            "AND l.relation IN (to_regclass(%s), to_regclass(%s)))")
         self.create_data = (
             f"CREATE TABLE IF NOT EXISTS {data} (key bytea PRIMARY KEY, num bigint, value bytea, "
             f"CHECK ((num IS NULL) <> (value IS NULL)))")
