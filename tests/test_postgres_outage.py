@@ -26,8 +26,8 @@ from pg_support import (  # noqa: F401 (fixtures)
 
 import wbcache
 from wbcache import FlushError
-from wbcache.errors import PostgresError
 from wbcache.backends.postgres import PostgresBackend
+from wbcache.errors import PostgresError
 
 OUTAGE_SECONDS = 3.0
 

@@ -647,7 +647,6 @@ class PostgresBackend:
                 conn.close()
             self._writer = None
             self._writer = conn = self._link.connect(writer=True)
-            self._end_stuck_flushes(conn)
         return conn
 
     def _end_stuck_flushes(self, conn: Connection) -> None:
@@ -657,8 +656,9 @@ class PostgresBackend:
         The writer's idle-in-transaction limit does not end them: after a pipeline psycopg
         sends a Flush message, on which PostgreSQL stops that timer and never restarts it
         (an outside hunt: a node's sessions stuck for good, every node's flush timing out).
-        Run when the writer connects and before a flush that follows a failed one. What
-        the server refuses (a session of another role) is logged, and the flush goes on."""
+        Run only before a flush that follows a failed one (never by a use that must change
+        nothing: inspect, dump), and only on sessions of this role. What the server refuses
+        is logged, and the flush goes on."""
         twice = 2 * self._link.endpoint.timeout
         names = self._names
         try:

@@ -295,12 +295,14 @@ class Statements:
         written)."""
         data, checkpoints = names.data_sql, names.checkpoints_sql
         self.names = names
-        # Sessions idle inside a transaction that wrote to these tables (a flush whose client
-        # was cut off), for longer than the given seconds: ended, so their row locks go.
-        # Only sessions whose state this role may see (its own; pg_read_all_stats) match.
+        # Sessions of this role idle inside a transaction that wrote to these tables (a
+        # flush whose client was cut off), for longer than the given seconds: ended, so their
+        # row locks go. Never another role's (an administrator's transaction, say), which
+        # a superuser could end, and which, unless it may, fails the whole statement.
         self.end_stuck_flushes = (
             "SELECT a.pid, pg_terminate_backend(a.pid) FROM pg_stat_activity a "
             "WHERE a.pid <> pg_backend_pid() AND a.datname = current_database() "
+            "AND a.usename = current_user "
             "AND a.state IN ('idle in transaction', 'idle in transaction (aborted)') "
             "AND a.state_change < clock_timestamp() - make_interval(secs => %s) "
             "AND EXISTS (SELECT FROM pg_locks l WHERE l.pid = a.pid AND l.granted "
