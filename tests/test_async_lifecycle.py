@@ -1,7 +1,7 @@
 """AsyncCache: open and close when their caller is cancelled; writes whose value waits for a
 worker thread (backpressure, a read of the database) store it as it was at the call; and
 setdefault and update take what dict's take; a close awaited from another loop than that of
-a close under way."""
+a close under way; the loop's descriptor let go whoever closes the cache."""
 
 from __future__ import annotations
 
@@ -485,5 +485,44 @@ def test_a_close_begun_in_a_loop_that_closed_before_it_ran_is_done_by_the_next(
     asyncio.run(cache.close())  # idempotent
     for task in abandoned:  # else Python warns, when it collects them, of a coroutine
         task.get_coro().close()  # never awaited
+    with wbcache.open(tmp_path / "c") as reopened:
+        assert reopened.get("a") == 1
+
+
+@pytest.mark.parametrize("where", ["after its loop ended", "in its loop", "from another thread"])
+def test_closing_the_cache_underneath_lets_go_of_the_loop_s_descriptor(
+        tmp_path: Path, where: str) -> None:
+    """`async_cache.cache.close()` instead of `await async_cache.close()`: the eventfd the loop
+    watched was never closed, one per cache (an outside hunt: 200 opens, 200 descriptors)."""
+    before = eventfds()
+
+    async def open_put() -> AsyncCache:
+        cache = await wbcache.open_async(tmp_path / "c", fsync="always")
+        await cache.put("a", 1)
+        return cache
+
+    if where == "after its loop ended":
+        cache = asyncio.run(open_put())
+        assert eventfds() == before + 1  # the loop is gone, its descriptor is not
+        cache.cache.close()
+    elif where == "in its loop":
+        async def main() -> AsyncCache:
+            cache = await open_put()
+            cache.cache.close()
+            return cache
+        cache = asyncio.run(main())
+    else:
+        own = asyncio.new_event_loop()
+        runner = threading.Thread(target=own.run_forever)
+        runner.start()
+        try:
+            cache = asyncio.run_coroutine_threadsafe(open_put(), own).result(30)
+            cache.cache.close()  # the descriptor is let go in the loop's thread, queued there
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), own).result(30)  # after it
+        finally:
+            own.call_soon_threadsafe(own.stop)
+            runner.join(30)
+            own.close()
+    assert cache.closed and eventfds() == before
     with wbcache.open(tmp_path / "c") as reopened:
         assert reopened.get("a") == 1

@@ -103,6 +103,9 @@ class AsyncCache:
         self._notify_fd = self._committer.notify_fd()
         if self._notify_fd is not None:
             loop.add_reader(self._notify_fd, self._on_pipe)
+            # `.cache.close()` (not this close) kept the descriptor open for good, one per
+            # cache (an outside hunt of descriptors over many opens and closes).
+            cache._when_closed(self._cache_closed)
         else:
             self._committer.start_background_leader()
         self._pid = os.getpid()
@@ -461,6 +464,20 @@ class AsyncCache:
         finally:
             forking.untrack(self)
             await self._in_own_loop(self._finish_close)
+
+    def _cache_closed(self) -> None:
+        """The `Cache`'s log is closed, by this close or by a caller of `.cache.close()`, in
+        whichever thread: `_finish_close` in the loop's own thread while it runs (queued
+        there; this close also runs it itself, which the first of the two does), else
+        here (as `_in_own_loop`)."""
+        own = self._loop
+        if _running_loop() is not own and own.is_running():
+            try:
+                own.call_soon_threadsafe(self._finish_close)
+                return
+            except RuntimeError:  # closed meanwhile
+                pass
+        self._finish_close()
 
     def _finish_close(self) -> None:
         self._close_notify_fd()

@@ -17,7 +17,7 @@ It is a `collections.abc.MutableMapping`, with these differences from `dict`, ea
   * every write is durable when it returns; `update`, `pop`, `popitem`, `setdefault` and
     `clear` are atomic, one log record and one fsync each.
 
-About 590 lines: the whole public mapping API in one place; each method is a few lines over
+About 600 lines: the whole public mapping API in one place; each method is a few lines over
 the sequencer and the directory, and nothing here would be simpler split across files.
 """
 
@@ -126,6 +126,7 @@ class Cache(MutableMapping[Key, Any]):
         self._closing_in: int | None = None  # the thread running close(), while it does
         # what close() has left: (step, run again if an interruption stopped it)
         self._close_steps: list[tuple[Callable[[], object], bool]] | None = None
+        self._closed_hooks: list[Callable[[], None]] = []  # `_when_closed`
         self._flusher.start()
         if self._syncer is not None:
             self._syncer.start()
@@ -524,6 +525,7 @@ class Cache(MutableMapping[Key, Any]):
                 (lambda: self._flusher.flush(self.options.flush_timeout), False),
                 (self._flusher.retire, True),
                 (self._sequencer.close_log, True),
+                (self._run_closed_hooks, True),
                 (self._backend.close if self._owns_backend else None, True),
                 (self._dir_lock.release, True),
                 (self._entries.clear, True),
@@ -542,6 +544,16 @@ class Cache(MutableMapping[Key, Any]):
             del steps[0]
         if failure is not None:
             raise failure
+
+    def _when_closed(self, hook: Callable[[], None]) -> None:
+        """Run `hook` once the log is closed, in the thread that closes the cache (the front
+        ends': AsyncCache lets go of its loop's descriptor so, whoever closes the `Cache`)."""
+        self._closed_hooks.append(hook)
+
+    def _run_closed_hooks(self) -> None:
+        hooks, self._closed_hooks = self._closed_hooks, []
+        for hook in hooks:
+            hook()
 
     def _disown_after_fork(self) -> None:
         """In a child just forked (wbcache/forking.py): close the descriptors it inherited
