@@ -100,6 +100,9 @@ class AsyncCache:
         self._closing: asyncio.Future[None] | None = None
         self._orphans = _orphans_of(cache.sequencer)
         self._committer.add_listener(self._on_batch)
+        # Taken by one thread only (`_close_notify_fd`): a close queues that in the loop's
+        # thread and may also run it in its own, when the loop is stuck.
+        self._notify_lock = threading.Lock()
         self._notify_fd = self._committer.notify_fd()
         if self._notify_fd is not None:
             loop.add_reader(self._notify_fd, self._on_pipe)
@@ -528,7 +531,8 @@ class AsyncCache:
     def _close_notify_fd(self) -> None:
         """The pipe is told first (another thread may still be closing the cache, its pipe
         still writing batches): a closed number may be reused by any open in the process."""
-        fd, self._notify_fd = self._notify_fd, None
+        with self._notify_lock:
+            fd, self._notify_fd = self._notify_fd, None
         if fd is not None:
             self._loop.remove_reader(fd)
             self._committer.drop_notify()
