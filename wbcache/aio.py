@@ -40,8 +40,9 @@ Writes made through the thread-safe `Cache` itself (`.cache`) do not wait for or
 An AsyncCache belongs to the event loop that opened it: awaiting it from another loop raises
 `LoopMismatchError` before anything is written.
 
-This module uses `Cache`'s public API, the sequencer's (`Cache.sequencer`) and
-`Cache._get_nowait` (a get answered by memory alone), nothing else.
+This module uses `Cache`'s public API, the sequencer's (`Cache.sequencer`),
+`Cache._get_nowait` (a get answered by memory alone) and `Cache._when_closed` (the loop's
+eventfd let go however the cache is closed), nothing else.
 """
 
 from __future__ import annotations
