@@ -489,7 +489,8 @@ def test_a_close_begun_in_a_loop_that_closed_before_it_ran_is_done_by_the_next(
         assert reopened.get("a") == 1
 
 
-@pytest.mark.parametrize("where", ["after its loop ended", "in its loop", "from another thread"])
+@pytest.mark.parametrize("where", ["after its loop ended", "in its loop", "from another thread",
+                                   "from another thread, its loop held, then stopped"])
 def test_closing_the_cache_underneath_lets_go_of_the_loop_s_descriptor(
         tmp_path: Path, where: str) -> None:
     """`async_cache.cache.close()` instead of `await async_cache.close()`: the eventfd the loop
@@ -517,8 +518,21 @@ def test_closing_the_cache_underneath_lets_go_of_the_loop_s_descriptor(
         runner.start()
         try:
             cache = asyncio.run_coroutine_threadsafe(open_put(), own).result(30)
-            cache.cache.close()  # the descriptor is let go in the loop's thread, queued there
-            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), own).result(30)  # after it
+            if where == "from another thread":
+                cache.cache.close()  # the descriptor is let go in the loop's thread
+            else:  # a review: queued in the loop, which stopped before it ran it
+                held, release = threading.Event(), threading.Event()
+
+                def hold_then_stop() -> None:
+                    held.set()
+                    release.wait(30)
+                    own.stop()
+
+                own.call_soon_threadsafe(hold_then_stop)
+                assert held.wait(30)
+                cache.cache.close()  # waits OWN_LOOP_WAIT for the loop, then does it itself
+                release.set()
+                runner.join(30)
         finally:
             own.call_soon_threadsafe(own.stop)
             runner.join(30)
@@ -526,3 +540,31 @@ def test_closing_the_cache_underneath_lets_go_of_the_loop_s_descriptor(
     assert cache.closed and eventfds() == before
     with wbcache.open(tmp_path / "c") as reopened:
         assert reopened.get("a") == 1
+
+
+def test_an_interrupt_in_the_close_hook_leaves_no_descriptor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: a KeyboardInterrupt inside the hook (here, as the pipe is told to stop
+    writing to the descriptor) lost the descriptor: the hooks were taken off before they ran,
+    and the number was taken before it was closed; neither the next close nor
+    AsyncCache.close got to it."""
+    before = eventfds()
+
+    async def open_put() -> AsyncCache:
+        cache = await wbcache.open_async(tmp_path / "c", fsync="always")
+        await cache.put("a", 1)
+        return cache
+
+    cache = asyncio.run(open_put())
+    committer = cache.cache.sequencer.committer
+    drop_notify = committer.drop_notify
+
+    def interrupted() -> None:
+        monkeypatch.setattr(committer, "drop_notify", drop_notify)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(committer, "drop_notify", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.cache.close()
+    cache.cache.close()  # what an interrupted close left, the next one does
+    assert cache.closed and eventfds() == before

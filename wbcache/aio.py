@@ -104,6 +104,7 @@ class AsyncCache:
         # Taken by one thread only (`_close_notify_fd`): a close queues that in the loop's
         # thread and may also run it in its own, when the loop is stuck.
         self._notify_lock = threading.Lock()
+        self._closing_itself = False  # `_close` has begun (`_cache_closed`)
         self._notify_fd = self._committer.notify_fd()
         if self._notify_fd is not None:
             loop.add_reader(self._notify_fd, self._on_pipe)
@@ -441,6 +442,7 @@ class AsyncCache:
         # job queued there is dropped if its task is cancelled before it runs.
         loop = asyncio.get_running_loop()  # awaited here, whichever loop this one is
         closed = loop.create_future()
+        self._closing_itself = True  # `_finish_close` is left to the `finally` below
 
         def close() -> None:
             failure: BaseException | None = None
@@ -470,18 +472,24 @@ class AsyncCache:
             await self._in_own_loop(self._finish_close)
 
     def _cache_closed(self) -> None:
-        """The `Cache`'s log is closed, by this close or by a caller of `.cache.close()`, in
-        whichever thread: `_finish_close` in the loop's own thread while it runs (queued
-        there; this close also runs it itself, which the first of the two does), else
-        here (as `_in_own_loop`)."""
-        own = self._loop
-        if _running_loop() is not own and own.is_running():
+        """The `Cache`'s log is closed (its close hook), in whichever thread. Under this
+        close, nothing: `_close` runs `_finish_close` itself once `Cache.close` returns.
+        Otherwise (a caller of `.cache.close()`) `_finish_close` runs as `_in_own_loop` would
+        run it, waited for here: without it, the loop's descriptor stayed open for good."""
+        if self._closing_itself:
+            return
+        ran = self._queue_in_own_loop(self._finish_close)
+        if ran is None:
+            return
+        deadline = time.monotonic() + OWN_LOOP_WAIT
+        while True:
             try:
-                own.call_soon_threadsafe(self._finish_close)
+                ran.result(0.1)
                 return
-            except RuntimeError:  # closed meanwhile
-                pass
-        self._finish_close()
+            except concurrent.futures.TimeoutError:
+                if self._gave_up_on_own_loop(ran, deadline):
+                    self._finish_close()
+                    return
 
     def _finish_close(self) -> None:
         self._close_notify_fd()
@@ -495,10 +503,32 @@ class AsyncCache:
         loop stops first, `call` runs here after all: no other thread is in the loop then.
         If it runs but does not get to `call` within OWN_LOOP_WAIT (it is blocked, perhaps
         waiting for this very close), `call` runs here too, as a lesser harm than a hang."""
+        ran = self._queue_in_own_loop(call)
+        if ran is None:
+            return
+        waited = asyncio.wrap_future(ran)
+        deadline = time.monotonic() + OWN_LOOP_WAIT
+        try:
+            # a stop is seen by looking: a loop tells no one (a few looks, in a close only)
+            while not (await asyncio.wait({waited}, timeout=0.1))[0]:
+                if self._gave_up_on_own_loop(ran, deadline):
+                    call()
+                    return
+        except asyncio.CancelledError:  # queued there, it runs there, unless that loop stopped
+            if not self._loop.is_running() and ran.cancel():
+                call()
+            raise
+        waited.result()
+
+    def _queue_in_own_loop(self, call: Callable[[], None]
+                           ) -> concurrent.futures.Future[None] | None:
+        """`_in_own_loop`'s start: `call` run here (None), or queued in the cache's loop,
+        running in another thread: the future of that run, which the waiter cancels to run
+        `call` itself instead (`_gave_up_on_own_loop`)."""
         own = self._loop
         if _running_loop() is own or not own.is_running():
             call()
-            return
+            return None
         ran: concurrent.futures.Future[None] = concurrent.futures.Future()
 
         def run() -> None:
@@ -514,20 +544,15 @@ class AsyncCache:
             own.call_soon_threadsafe(run)
         except RuntimeError:  # closed meanwhile
             call()
-            return
-        waited = asyncio.wrap_future(ran)
-        deadline = time.monotonic() + OWN_LOOP_WAIT
-        try:
-            # a stop is seen by looking: a loop tells no one (a few looks, in a close only)
-            while not (await asyncio.wait({waited}, timeout=0.1))[0]:
-                if (not own.is_running() or time.monotonic() > deadline) and ran.cancel():
-                    call()
-                    return
-        except asyncio.CancelledError:  # queued there, it runs there, unless that loop stopped
-            if not own.is_running() and ran.cancel():
-                call()
-            raise
-        waited.result()
+            return None
+        return ran
+
+    def _gave_up_on_own_loop(self, ran: concurrent.futures.Future[None],
+                             deadline: float) -> bool:
+        """Whether the waiter for `ran` runs the call itself now: the loop stopped, or it
+        has not got to it by `deadline`, and it has not started it (cancelled)."""
+        return ((not self._loop.is_running() or time.monotonic() > deadline)
+                and ran.cancel())
 
     def _close_notify_fd(self) -> None:
         """The pipe is told first (another thread may still be closing the cache, its pipe
@@ -535,9 +560,11 @@ class AsyncCache:
         with self._notify_lock:
             fd, self._notify_fd = self._notify_fd, None
         if fd is not None:
-            self._loop.remove_reader(fd)
-            self._committer.drop_notify()
-            os.close(fd)
+            try:
+                self._loop.remove_reader(fd)
+                self._committer.drop_notify()
+            finally:  # taken: nobody else will close it (an interrupt above included)
+                os.close(fd)
 
     async def __aenter__(self) -> AsyncCache:
         if self._cache.closed:

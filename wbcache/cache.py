@@ -551,9 +551,10 @@ class Cache(MutableMapping[Key, Any]):
         self._closed_hooks.append(hook)
 
     def _run_closed_hooks(self) -> None:
-        hooks, self._closed_hooks = self._closed_hooks, []
-        for hook in hooks:
-            hook()
+        hooks = self._closed_hooks
+        while hooks:  # each taken off once run: an interrupted one runs at the next close
+            hooks[0]()
+            del hooks[0]
 
     def _disown_after_fork(self) -> None:
         """In a child just forked (wbcache/forking.py): close the descriptors it inherited
