@@ -568,3 +568,30 @@ def test_an_interrupt_in_the_close_hook_leaves_no_descriptor(
         cache.cache.close()
     cache.cache.close()  # what an interrupted close left, the next one does
     assert cache.closed and eventfds() == before
+
+
+def test_a_close_whose_loop_closes_before_it_ends_lets_go_of_the_descriptor(
+        tmp_path: Path) -> None:
+    """A review: `wait_for(close(), t)` timing out (the final flush is slow), then the loop
+    closed (no asyncio.run to wait for the close): the close goes on in its thread, but the
+    part left to its coroutine's `finally` never ran, and the descriptor stayed open."""
+    before = eventfds()
+    backend = ControlledBackend(tmp_path / "db")
+    loop = asyncio.new_event_loop()
+    cache = loop.run_until_complete(wbcache.open_async(tmp_path / "c", backend=backend))
+    loop.run_until_complete(cache.put("a", 1))
+    backend.gate.clear()
+    backend.entered.clear()
+    with pytest.raises(asyncio.TimeoutError):
+        loop.run_until_complete(asyncio.wait_for(cache.close(), 0.05))
+    assert backend.entered.is_set()  # the close is in its final flush, held there
+    abandoned = asyncio.all_tasks(loop)
+    loop.close()
+    backend.gate.set()
+    wait_until(lambda: cache.closed and eventfds() == before, 30,
+               "the close to end and let go of the descriptor")
+    for task in abandoned:  # the close's coroutine, never to resume
+        task.get_coro().close()
+    with wbcache.open(tmp_path / "c", backend=backend) as reopened:
+        assert reopened.get("a") == 1
+    backend.close()

@@ -104,7 +104,7 @@ class AsyncCache:
         # Taken by one thread only (`_close_notify_fd`): a close queues that in the loop's
         # thread and may also run it in its own, when the loop is stuck.
         self._notify_lock = threading.Lock()
-        self._closing_itself = False  # `_close` has begun (`_cache_closed`)
+        self._closing_loop: asyncio.AbstractEventLoop | None = None  # `_close`'s (its hook)
         self._notify_fd = self._committer.notify_fd()
         if self._notify_fd is not None:
             loop.add_reader(self._notify_fd, self._on_pipe)
@@ -442,7 +442,7 @@ class AsyncCache:
         # job queued there is dropped if its task is cancelled before it runs.
         loop = asyncio.get_running_loop()  # awaited here, whichever loop this one is
         closed = loop.create_future()
-        self._closing_itself = True  # `_finish_close` is left to the `finally` below
+        self._closing_loop = loop  # while it runs, `_finish_close` is left to the `finally`
 
         def close() -> None:
             failure: BaseException | None = None
@@ -453,6 +453,7 @@ class AsyncCache:
             try:
                 loop.call_soon_threadsafe(_settle, closed, failure)
             except RuntimeError:  # the loop is closed: nobody waits, so the failure is logged
+                self._let_go_of_the_loop()  # and the `finally` below never runs
                 if failure is not None:
                     log.error("closing %s failed after its event loop ended: %s",
                               self._cache.path, failure)
@@ -473,11 +474,16 @@ class AsyncCache:
 
     def _cache_closed(self) -> None:
         """The `Cache`'s log is closed (its close hook), in whichever thread. Under this
-        close, nothing: `_close` runs `_finish_close` itself once `Cache.close` returns.
-        Otherwise (a caller of `.cache.close()`) `_finish_close` runs as `_in_own_loop` would
-        run it, waited for here: without it, the loop's descriptor stayed open for good."""
-        if self._closing_itself:
-            return
+        close, while its loop runs, nothing: `_close` runs `_finish_close` itself once
+        `Cache.close` returns. Otherwise (a caller of `.cache.close()`, or this close's loop
+        stopped or closed before its end) `_let_go_of_the_loop`: without it, the loop's
+        descriptor stayed open for good."""
+        closing = self._closing_loop
+        if closing is None or not closing.is_running():
+            self._let_go_of_the_loop()
+
+    def _let_go_of_the_loop(self) -> None:
+        """`_finish_close` as `_in_own_loop` runs it, waited for here."""
         ran = self._queue_in_own_loop(self._finish_close)
         if ran is None:
             return
