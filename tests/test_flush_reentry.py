@@ -4,11 +4,13 @@ The flusher's mutex is reentrant, so a nested flush ran a second cycle inside th
 which then sent its batch as the nested one had changed it, at a stale checkpoint (a shared
 directory's counter stored as 27 for 16 written); a nested close stopped the background
 thread, which was waiting for that mutex, and waited for it for ever. Here the "handler" is
-called where the hunt's signal landed: as `take_dirty` returns in the outer cycle."""
+called where the hunt's signal landed: as `take_dirty` returns in the outer cycle. Inside a
+write, a real SIGTERM's handler that closes the cache is refused (last test)."""
 
 from __future__ import annotations
 
 import linecache
+import subprocess
 import sys
 import threading
 import time
@@ -116,3 +118,56 @@ def test_a_close_inside_a_flush_of_the_same_thread_returns(
     assert cache.closed
     with wbcache.open(path) as cache:
         assert cache["k"] == 1
+
+
+HANDLER_CLOSES_INSIDE_A_WRITE = """
+import signal, sys
+import wbcache
+from wbcache.memory import Entries
+
+cache = wbcache.open(sys.argv[1], fsync=sys.argv[2])
+outcome = []
+
+def on_term(signum, frame):
+    try:
+        cache.close()
+        outcome.append("closed")
+    except wbcache.WbcacheError as exc:
+        outcome.append(f"refused: {exc}")
+        raise
+
+signal.signal(signal.SIGTERM, on_term)
+write = Entries.write
+def write_then_signal(self, key, held):  # the cache's lock held: a put in the middle
+    write(self, key, held)
+    if key == "k50":
+        signal.raise_signal(signal.SIGTERM)  # the handler runs before this put ends
+Entries.write = write_then_signal
+
+acked = 0
+try:
+    for i in range(100):
+        cache.put(f"k{i}", i)
+        acked = i + 1
+except wbcache.WbcacheError:
+    pass
+print(acked, outcome[0] if outcome else "no handler", flush=True)
+"""
+
+
+@pytest.mark.parametrize("fsync", ["always", "interval"])
+def test_a_signal_handler_s_close_inside_a_write_of_the_same_thread_is_refused(
+        tmp_path: Path, fsync: str) -> None:
+    """A SIGTERM handler that closes the cache, run while the main thread was in the middle
+    of a put (the sequencer's lock held, not reentrant): the close waited for that lock, held
+    beneath it, for ever (an outside hunt, 8 hangs in 12 runs). It is refused now, with an
+    error saying what to do instead, and nothing acknowledged is lost."""
+    child = subprocess.run([sys.executable, "-c", HANDLER_CLOSES_INSIDE_A_WRITE,
+                            str(tmp_path / "c"), fsync],
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0, child.stderr
+    acked, _, outcome = child.stdout.strip().partition(" ")
+    assert outcome.startswith("refused: close() of cache") and "signal handler" in outcome
+    assert int(acked) == 50  # the put of k50 was interrupted by the handler's error
+    with wbcache.open(tmp_path / "c") as cache:
+        assert all(cache[f"k{i}"] == i for i in range(int(acked)))

@@ -64,7 +64,7 @@ from wbcache.backends.base import Backend, Key
 from wbcache.cache import Cache
 from wbcache.errors import CacheClosedError, LogFailedError, LoopMismatchError
 from wbcache.options import Options
-from wbcache.sequencer import NeedsRead, Sequencer, WouldBlock
+from wbcache.sequencer import NeedsRead, Sequencer, WouldBlock, holds_lock
 from wbcache.writes import (
     BatchOperations,
     Op,
@@ -164,6 +164,7 @@ class AsyncCache:
             except RuntimeError:  # the loop is closed; nobody is waiting any more
                 pass
 
+    @holds_lock
     def _on_pipe(self) -> None:
         """In the loop: the log's pipe finished a batch (wal/_pipe.c)."""
         self._resolve_scheduled = True  # resolved right here, not through call_soon

@@ -40,7 +40,7 @@ from wbcache.lock import DirectoryLock, taking
 from wbcache.memory import Entries
 from wbcache.options import Options, check_timeout
 from wbcache.recovery import RecoveryReport
-from wbcache.sequencer import ABSENT, Sequencer, WouldBlock
+from wbcache.sequencer import ABSENT, Sequencer, WouldBlock, holds_lock
 from wbcache.wal import LogWriter
 from wbcache.writes import (
     BatchOperations,
@@ -443,6 +443,7 @@ class Cache(MutableMapping[Key, Any]):
         Raises `LogFailedError` if the fsync fails, `CacheClosedError`."""
         self._sequencer.sync()
 
+    @holds_lock
     def stats(self) -> dict[str, Any]:
         """Counters and state (README, "stats()"). `hits`/`misses`: reads served from memory /
         that needed the database (hits are not locked, so concurrent readers may undercount
@@ -494,6 +495,7 @@ class Cache(MutableMapping[Key, Any]):
         cache still closes (the log keeps every write; the next open replays it) and
         `FlushError` is raised.
         """
+        self._sequencer.refuse_own_hold("close()")  # a signal handler's, inside a write
         self._sequencer.claim_close()  # every write refused from here on
         if self._closing_in == threading.get_ident():
             return  # called inside this thread's own close (a signal handler): that one ends it

@@ -56,17 +56,19 @@ the invariants above can be checked by reading one file (the plans each write ru
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable, Collection, Iterable
+from types import CodeType
 from typing import Any, NamedTuple, TypeVar
 
 import msgpack
 
 from wbcache.backends.base import Key
 from wbcache.codec import added, from_encoded, increment, value_of
-from wbcache.errors import CacheClosedError, LogFailedError
+from wbcache.errors import CacheClosedError, LogFailedError, WbcacheError
 from wbcache.memory import TOMBSTONE, Entries
-from wbcache.wal import GroupCommitter, LogWriter, crashpoints
+from wbcache.wal import GroupCommitter, LogWriter, commit, crashpoints
 from wbcache.wal.commit import FOLLOWER_RECHECK, Condition
 from wbcache.wal.deferred import log_later
 from wbcache.wal.format import MAX_SINGLE_RECORD
@@ -80,6 +82,23 @@ NOT_KNOWN: Any = object()  # memory cannot tell; the database must be read
 _MISSING: Any = object()
 
 packb = msgpack.packb
+
+# Where a thread may hold `lock`: this module, the group commit it calls, and the few front-end
+# functions that take it themselves (`holds_lock`). Looked at only by `refuse_own_hold`.
+_HOLDER_FILES = frozenset({__file__, commit.__file__})
+_HOLDERS: set[CodeType] = set()
+# How long `refuse_own_hold` waits for `lock` before it looks whether this thread holds it
+# (no critical section lasts near as long: the leader lets go of it for its I/O).
+OWN_HOLD_WAIT = 1.0
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def holds_lock(function: F) -> F:
+    """Mark a function outside this module that takes `Sequencer.lock` (no wrapper: nothing
+    is added to its calls)."""
+    _HOLDERS.add(function.__code__)
+    return function
 
 Changes = dict[Key, "bytes | None"]  # key -> newest encoded value, None: deleted
 Deltas = dict[Key, int]
@@ -463,6 +482,28 @@ class Sequencer:
             return False
         self.closed_now()
         return True
+
+    def refuse_own_hold(self, call: str) -> None:
+        """Before `call` takes `lock` from where it may have interrupted this very thread
+        with `lock` held (a signal handler's `close()`, which ran while the main thread was in
+        the middle of a write: `lock` is not reentrant, and the handler waited for itself for
+        ever, an outside hunt): raise `WbcacheError` if `lock` has not come free within
+        OWN_HOLD_WAIT and a frame of this thread is where `lock` is held. Otherwise return,
+        and the caller takes it as usual."""
+        if self.lock.acquire(True, OWN_HOLD_WAIT):
+            self.lock.release()
+            return
+        frame = sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            if code.co_filename in _HOLDER_FILES or code in _HOLDERS:
+                raise WbcacheError(
+                    f"{call} of cache {self._name} was called from a signal handler that "
+                    f"interrupted this thread inside a cache operation ({code.co_name}), which "
+                    f"holds the cache's lock: it cannot run there. Raise from the handler "
+                    f"instead (SystemExit, KeyboardInterrupt) and close the cache in a `with` "
+                    f"block or a `finally`; the log keeps every acknowledged write")
+            frame = frame.f_back
 
     def claim_close(self) -> bool:
         """Refuse every write from now on; False if it was closed already. Only that: the
