@@ -200,6 +200,7 @@ class GroupCommitter:
         self.written_lsn = next_lsn - 1
         self.durable_lsn = next_lsn - 1
         self._leader_active = False
+        self._leader_ident = 0  # the thread leading, while `_leader_active` (`led_here`)
         self._writing = False  # a leader is writing records (lock released): none is mapped
         self._sync_wanted = False  # the next batch must fsync: a durable waiter asked
         self._syncing_through = next_lsn - 1  # what the batch in flight will have fsync'd
@@ -372,6 +373,11 @@ class GroupCommitter:
     def add_listener(self, listener: Listener) -> None:
         """Call `listener(acknowledged_lsn, durable_lsn)` after every batch, lock held."""
         self._listeners.append(listener)
+
+    def led_here(self) -> bool:
+        """Lock held: whether this thread is leading a batch (its write and fsync under way,
+        the lock released): a signal handler it runs must not wait for that batch."""
+        return self._leader_active and self._leader_ident == threading.get_ident()
 
     def notify_fd(self) -> int | None:
         """Lock NOT held. With a pipe: an eventfd it writes to after every batch (for an
@@ -561,6 +567,7 @@ class GroupCommitter:
         synced = 0
         try:
             self._leader_active = True  # in the try: its finally is what clears it
+            self._leader_ident = threading.get_ident()
             self._writing = bool(records)
             try:  # released inside the try (`rotate`): an interrupt fails the log
                 self._lock.release()
@@ -586,6 +593,7 @@ class GroupCommitter:
                     error = exc
         finally:
             self._leader_active = self._writing = False
+            self._leader_ident = 0
             self._led.notify_all()
         self.batches += 1
         if error is None:

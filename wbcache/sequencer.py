@@ -488,22 +488,38 @@ class Sequencer:
         with `lock` held (a signal handler's `close()`, which ran while the main thread was in
         the middle of a write: `lock` is not reentrant, and the handler waited for itself for
         ever, an outside hunt): raise `WbcacheError` if `lock` has not come free within
-        OWN_HOLD_WAIT and a frame of this thread is where `lock` is held. Otherwise return,
-        and the caller takes it as usual."""
+        OWN_HOLD_WAIT and a frame of this thread is where `lock` is held, or if this thread
+        leads the group commit's batch (the lock let go for its write, which the close waits
+        for: a review). Otherwise return, and the caller takes it as usual."""
         if self.lock.acquire(True, OWN_HOLD_WAIT):
-            self.lock.release()
-            return
-        frame = sys._getframe(1)
+            try:  # the lock is free while a leader writes: the handler may have cut it short
+                if not self._committer.led_here():
+                    return
+                where = "the group commit's write"
+            finally:
+                self.lock.release()
+        else:
+            where = self._holder_below()
+            if where is None:
+                return
+        raise WbcacheError(
+            f"{call} of cache {self._name} was called from a signal handler that interrupted "
+            f"this thread inside a cache operation ({where}), which the cache waits for: it "
+            f"cannot run there. Raise from the handler instead (SystemExit, "
+            f"KeyboardInterrupt) and close the cache in a `with` block or a `finally`; the "
+            f"log keeps every acknowledged write")
+
+    @staticmethod
+    def _holder_below() -> str | None:
+        """The name of a function of this thread's stack (below the caller's caller) where
+        `lock` is held, or None."""
+        frame = sys._getframe(2)
         while frame is not None:
             code = frame.f_code
             if code.co_filename in _HOLDER_FILES or code in _HOLDERS:
-                raise WbcacheError(
-                    f"{call} of cache {self._name} was called from a signal handler that "
-                    f"interrupted this thread inside a cache operation ({code.co_name}), which "
-                    f"holds the cache's lock: it cannot run there. Raise from the handler "
-                    f"instead (SystemExit, KeyboardInterrupt) and close the cache in a `with` "
-                    f"block or a `finally`; the log keeps every acknowledged write")
+                return code.co_name
             frame = frame.f_back
+        return None
 
     def claim_close(self) -> bool:
         """Refuse every write from now on; False if it was closed already. Only that: the
