@@ -35,7 +35,7 @@ saved is refused at `checkpoint()` and at every flush (`_stored`). A backend use
 without a directory (`cache_id=` given, no `attach` tokens) checks no token and clears it.
 
 Layout of the tables and the SQL: `postgres_schema`. Connections, timeouts and the readers'
-pool: `postgres_link` (imported on first use, so `wbcache` imports without psycopg). About 700
+pool: `postgres_link` (imported on first use, so `wbcache` imports without psycopg). About 780
 lines: the flush's state (the checkpoint known, the flushes whose answer was lost, the
 tokens) is one state machine under one lock, read in one place; and the URL's reading
 (libpq's rules, what is ours) stays beside the constructor it feeds, so what reaches libpq
