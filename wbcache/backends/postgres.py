@@ -419,7 +419,6 @@ class PostgresBackend:
             assert self._known is not None
             if checkpoint == self._committed:  # sent again (`Backend.apply`): it is in
                 self._forget_attempts()
-                self._retrying = False
                 return
             rows, beyond = flush_rows(puts, deletes, pending)  # bad keys raise before any I/O
             statements = self._sql.flush(rows, beyond, cache_id, checkpoint, self._known,
@@ -456,7 +455,6 @@ class PostgresBackend:
                 self._token, self._pending = self._pending, None
             self._known = self._committed = checkpoint
             self._forget_attempts()  # the batch in flight is all in the database now
-            self._retrying = False
 
     def _save_known(self, token: str) -> None:
         """Write lock held, the flush that wrote `token` committed, and nothing of it noted
@@ -587,8 +585,10 @@ class PostgresBackend:
             self._sql = Statements(self._names)
 
     def _forget_attempts(self) -> None:
+        """The batch in flight is committed (or a new attach): nothing to settle or retry."""
         self._uncertain = []
         self._settled = {}
+        self._retrying = False
 
     def _conflict(self, checkpoint: int, detail: str) -> CheckpointConflictError:
         return CheckpointConflictError(
