@@ -133,6 +133,34 @@ def test_keys_items_count_flush_sync(cache_dir: Path) -> None:
     run(cache_dir, body, fsync="interval")
 
 
+def test_a_task_that_only_writes_lets_the_other_tasks_run(cache_dir: Path) -> None:
+    """Under fsync="interval" a write is acknowledged as it is made, and awaiting a future
+    already done does not yield: a task that only wrote kept every other task, and a signal
+    handler's callback, waiting until it stopped (12 s in a shutdown hunt)."""
+    async def body(cache: AsyncCache) -> None:
+        turns, writing = 0, True
+
+        async def other() -> None:
+            nonlocal turns
+            while writing:
+                turns += 1
+                await asyncio.sleep(0)
+
+        other_task = asyncio.ensure_future(other())
+        await asyncio.sleep(0)  # it has started
+        before = turns
+        for i in range(20_000):  # a few hundred milliseconds of writes
+            await cache.put(f"k{i}", i)
+            await cache.put_many({f"m{i}": i})
+        during = turns - before
+        writing = False
+        await other_task
+        assert during >= 5, f"the other task ran {during} times in 40,000 writes"
+        assert await cache.get("k19999") == 19_999 and await cache.get("m19999") == 19_999
+
+    run(cache_dir, body, fsync="interval")
+
+
 def test_many_tasks_share_fsyncs_and_each_gets_its_own_result(cache_dir: Path) -> None:
     async def body(cache: AsyncCache) -> None:
         async def worker(task: int) -> list[int]:

@@ -11,7 +11,9 @@ fsync="interval" (or the fault-injection harness) a background thread leads the 
 in Python and, after each batch, one `call_soon_threadsafe` does the same. So 1,000
 concurrent tasks cost one fsync and one loop wake-up per batch, not one per write, and the
 event loop is never blocked by an fsync: a write that would start the next log segment (which
-waits for the batch in flight) goes to a worker thread, like one meeting backpressure. (The
+waits for the batch in flight) goes to a worker thread, like one meeting backpressure. A write
+acknowledged as it is made (fsync="interval": copied into the mapped log) gives the loop a
+turn once every `YIELD_EVERY` (2 ms), so that a task that only writes does not starve the rest. (The
 pipe has one eventfd: a second AsyncCache over the same Cache is told of batches by a
 background thread instead.)
 
@@ -82,6 +84,10 @@ _running_loop = asyncio._get_running_loop
 # How long a close awaited from another loop waits for the cache's own loop, still running, to
 # run the close's part there (`AsyncCache._in_own_loop`): a loop runs a callback in far less.
 OWN_LOOP_WAIT = 1.0
+# How long writes acknowledged as they are made (fsync="interval") may keep the loop before
+# one gives it back (`_expect`): awaiting a future already done does not yield, and a task
+# that only wrote kept every other task and callback (a signal handler's) waiting for seconds.
+YIELD_EVERY = 0.002
 _NO_DEFAULT: Any = object()
 
 
@@ -98,6 +104,7 @@ class AsyncCache:
         # (lsn, future, result) in LSN order, appended in the loop thread
         self._waiters: deque[tuple[int, asyncio.Future[Any], Any]] = deque()
         self._resolve_scheduled = False
+        self._yield_at = 0.0  # `time.monotonic()` from which a write gives the loop back
         self._closing: asyncio.Future[None] | None = None
         self._orphans = _orphans_of(cache.sequencer)
         self._committer.add_listener(self._on_batch)
@@ -196,7 +203,8 @@ class AsyncCache:
     def _expect(self, lsn: int, result: Any) -> asyncio.Future[Any]:
         """A future that resolves to `result` once record `lsn` is acknowledged. Appended
         first, checked second: a batch acknowledged in between either sees the waiter or is
-        seen here, so no acknowledgement is missed."""
+        seen here, so no acknowledgement is missed. One already acknowledged is resolved at
+        once, except once every `YIELD_EVERY` s (a turn of the loop later)."""
         future = self._create_future()
         self._waiters.append((lsn, future, result))
         committer = self._committer
@@ -204,7 +212,12 @@ class AsyncCache:
         # a record just queued nearly always, so the property is rarely read
         if (committer.written_lsn >= lsn and committer.acknowledged_lsn >= lsn
                 or committer.failure is not None):
-            self._resolve()
+            now = time.monotonic()
+            if now < self._yield_at:
+                self._resolve()
+            else:  # resolved in the loop's next turn: the writer's task lets the others run
+                self._yield_at = now + YIELD_EVERY
+                self._loop.call_soon(self._resolve)
         return future
 
     def _check_loop(self) -> None:
