@@ -49,9 +49,11 @@ from plant_support import (
 )
 
 import wbcache
+from wbcache import layout
 from wbcache.errors import InvalidDirectoryError
 from wbcache.maintenance import recover_directory
 from wbcache.wal.format import encode_header
+from wbcache.wal.owned import _lookups as lookups
 from wbcache.wal.segments import create_segment, segment_name
 
 ME = os.geteuid()
@@ -328,6 +330,71 @@ def test_another_users_link_on_the_way_to_the_directory_is_refused(tmp_path: Pat
             f"owned by uid {NOBODY}")
     with wbcache.open(real / "cache") as cache:  # by a path of its owner's
         assert cache.get("a") == 1
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_another_users_link_reached_through_a_link_of_your_own_is_refused(
+        tmp_path: Path, driver: str) -> None:
+    """Was followed: only the names as typed were looked at, so a link of one's own whose
+    target went through another user's link let that user choose which directory the cache
+    opened, wrote and recovered into (an attacker's hunt switched it between two of the
+    victim's caches). Every name a link's target is resolved through is looked at too."""
+    real = tmp_path / "real"
+    real.mkdir()
+    closed_cache(real / "cache", a=1)
+    theirs = tmp_path / "theirs"
+    theirs.symlink_to(real)
+    os.chown(theirs, NOBODY, NOBODY, follow_symlinks=False)
+    (tmp_path / "sub").mkdir()
+    mine = tmp_path / "sub" / "mine"
+    mine.symlink_to(Path("..") / "theirs" / "cache")  # relative, through `..`
+    expected = f"{theirs}, on the way to {mine}, is a symbolic link owned by uid {NOBODY}"
+    with unchanged(real):
+        refused(lambda: wbcache.open(mine), expected)
+        refused(lambda: wbcache.open(mine / "nested"), f"{theirs}, on the way to")
+        assert_one_line_error(run(driver, "dump", str(mine)), 2, expected)
+    os.chown(theirs, ME, ME, follow_symlinks=False)  # the same chain, every link yours
+    with wbcache.open(mine) as cache:
+        assert cache.get("a") == 1
+
+
+@pytest.mark.parametrize("target", ["../real/./x/..", "/ABS/real", "../hop",
+                                    "../real/x/../../real"])
+def test_the_walk_of_a_path_ends_where_the_kernel_resolves_it(tmp_path: Path,
+                                                             target: str) -> None:
+    """`check_parents` looks at every name the kernel looks up; its walk must end where
+    `os.path.realpath` does, through relative and absolute links, `.` and `..`."""
+    (tmp_path / "real" / "x").mkdir(parents=True)
+    (tmp_path / "hop").symlink_to("real")
+    (tmp_path / "sub").mkdir()
+    link = tmp_path / "sub" / "link"
+    link.symlink_to(target.replace("/ABS", str(tmp_path)))
+    walk = lookups(str(link / "x"))
+    assert walk[-1][1] == os.path.realpath(link / "x")
+    assert all(info is not None for _, _, info in walk)
+
+
+def test_a_missing_parent_another_user_makes_first_is_refused_before_anything_is_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was taken: a first open checked the parents that existed, then made the missing ones
+    as `mkdir -p` does, taking one another user made first in a shared place (an attacker's
+    hunt won that race in 3 to 21 tries) and making the cache inside it. The parents are
+    checked again once made: the open is refused and nothing is made in the cache directory.
+    The race is won here every time, at the moment the open makes the directories."""
+    make_dir = layout._make_dir
+    public = tmp_path / "public"
+
+    def taken_first(path: str) -> None:  # called for each missing directory
+        if not public.exists():
+            public.mkdir()
+            public.chmod(0o777)
+            os.chown(public, NOBODY, NOBODY)
+        make_dir(path)
+
+    monkeypatch.setattr(layout, "_make_dir", taken_first)
+    path = public / "b" / "cache"
+    refused(lambda: wbcache.open(path), f"{public}, on the way to {path}, is owned by uid")
+    assert list(path.iterdir()) == []
 
 
 def test_your_own_link_in_a_directory_everyone_may_write_is_refused(tmp_path: Path) -> None:

@@ -44,35 +44,68 @@ def describe(mode: int) -> str:
 
 def check_parents(path: str) -> None:
     """Raise `InvalidDirectoryError` if another user could rename `path` away and put their
-    own in its place: a directory on the way to it (as typed, and as its links resolve) owned
-    by another user (root aside), or writable by everyone and not sticky; or a link on the
-    way owned by another user. Group-writable is let be (a private group and umask 002,
-    Debian's default, as its ssh lets be); the cache directory itself is stricter (module
-    docstring)."""
+    own in its place: a directory on the way to it (as typed, and as its links resolve, each
+    link's target walked as the kernel walks it) owned by another user (root aside), or
+    writable by everyone and not sticky; or a link on the way owned by another user. Group-
+    writable is let be (a private group and umask 002, Debian's default, as its ssh lets be);
+    the cache directory itself is stricter (module docstring). What is missing is not looked
+    at (the open makes it, in places checked here; `wbcache/layout.py` checks again once it
+    has: another user may make a missing name first)."""
     me = os.geteuid()
     absolute = os.path.abspath(path)
-    places = set()  # the directories a name on the way is looked up in
-    prefix = os.sep
-    for part in absolute.split(os.sep)[1:]:
-        places.add(os.path.realpath(prefix))
-        prefix = os.path.join(prefix, part)
-        try:
-            info = os.lstat(prefix)
-        except OSError:  # missing (made by the open, under checked places) or unreadable
-            break
-        if stat.S_ISLNK(info.st_mode) and info.st_uid not in (me, 0):
+    checked = set()
+    for place, entry, info in _lookups(absolute):
+        if place not in checked:
+            checked.add(place)
+            _check_place(place, absolute, me)
+        if info is not None and stat.S_ISLNK(info.st_mode) and info.st_uid not in (me, 0):
             raise InvalidDirectoryError(
-                f"{prefix}, on the way to {absolute}, is a symbolic link owned by uid "
+                f"{entry}, on the way to {absolute}, is a symbolic link owned by uid "
                 f"{info.st_uid}, not by you: its owner could point it elsewhere. Use a path "
                 f"without another user's link")
-    parent = os.path.dirname(os.path.realpath(absolute))
-    while True:  # and every directory above what it resolves to
-        places.add(parent)
-        if parent == os.path.dirname(parent):
+
+
+_MAX_LINKS = 40  # as Linux's path walk (ELOOP)
+
+
+def _lookups(absolute: str) -> list[tuple[str, str, os.stat_result | None]]:
+    """Every lookup the kernel makes to resolve `absolute`, in order: (the directory looked
+    in, the entry's path, its lstat or None when missing or unreadable: the walk ends there).
+    Links are followed as the kernel follows them, so the entries of a link's target are
+    looked up too (a link of one's own may lead through another user's). The directories
+    are physical paths: every one above the last was looked in before it."""
+    found: list[tuple[str, str, os.stat_result | None]] = []
+    pending = absolute.split(os.sep)[1:]
+    pending.reverse()  # a stack: the next name last
+    current, links = os.sep, 0
+    while pending:
+        part = pending.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            current = os.path.dirname(current)
+            continue
+        entry = os.path.join(current, part)
+        try:
+            info = os.lstat(entry)
+        except OSError:  # missing (made by the open) or unreadable (the open says so)
+            found.append((current, entry, None))
             break
-        parent = os.path.dirname(parent)
-    for place in sorted(places):
-        _check_place(place, absolute, me)
+        found.append((current, entry, info))
+        if stat.S_ISLNK(info.st_mode):
+            links += 1
+            if links > _MAX_LINKS:
+                raise InvalidDirectoryError(f"{absolute}: too many levels of symbolic links")
+            try:
+                target = os.readlink(entry)
+            except OSError:  # replaced meanwhile: by its owner, checked above
+                break
+            if target.startswith(os.sep):
+                current = os.sep
+            pending.extend(reversed(target.split(os.sep)))
+        else:
+            current = entry
+    return found
 
 
 def _check_place(place: str, absolute: str, me: int) -> None:

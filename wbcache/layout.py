@@ -266,12 +266,11 @@ def claim(path: str | os.PathLike[str]) -> Layout:
         root_fd = open_private_dir(root, follow=True)
     except NotADirectoryError:
         raise InvalidDirectoryError(f"{root} cannot be a directory: a parent is a file") from None
-    else:
-        try:  # the directory's own refusal first: it says more
-            check_parents(root)
-        except BaseException:
-            os.close(root_fd)
-            raise
+    try:  # the directory's own refusal first: it says more. Again once made: a missing parent
+        check_parents(root)  # may be made by another user first (an attacker's hunt won that
+    except BaseException:  # race in 3 to 21 tries, and the cache was made in their directory)
+        os.close(root_fd)
+        raise
     try:
         names = frozenset(os.listdir(root_fd))
         _check_entries(root_fd, root, names, ())
@@ -583,7 +582,7 @@ def _write_durably(root_fd: int, root: str, name: str, data: bytes, *,
 
 def _make_dir(path: str) -> None:
     """mkdir -p, 0700, fsyncing each parent; another process creating it first is fine. The
-    parents are the user's choice and are not checked (module docstring)."""
+    parents are the user's choice: `claim` checks them before and after (module docstring)."""
     parent = os.path.dirname(path)
     if parent and not os.path.isdir(parent):
         _make_dir(parent)
