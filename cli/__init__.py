@@ -8,6 +8,7 @@ missing --backend URL), 3 directory (or, for `recover`, a lane of it) in use by 
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import math
 import os
@@ -190,6 +191,10 @@ class WbcacheGroup(click.Group):
 @click.version_option(__version__, prog_name="wbcache")
 def main() -> None:
     """wbcache: a crash-durable write-back cache. Run `wbcache COMMAND --help` for details."""
+    # A path that is not UTF-8 (Latin-1, as os.fsdecode gives it) is printed as its bytes,
+    # as `ls` prints it: under a UTF-8 locale stdout's "strict" gave a traceback instead.
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="surrogateescape")
 
 
 def _register() -> None:

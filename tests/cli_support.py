@@ -83,7 +83,9 @@ def run_all(driver: str, commands: list[list[str]], *, input: str | None = None,
 
 
 def _start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen([str(WBCACHE), *args], text=True, stdin=subprocess.PIPE,
+    # surrogateescape: a path that is not UTF-8 is printed as its bytes
+    return subprocess.Popen([str(WBCACHE), *args], text=True, errors="surrogateescape",
+                            stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, **env} if env else None)
 

@@ -493,6 +493,24 @@ def test_get_of_a_key_no_write_can_have_stored_is_a_usage_error(tmp_path: Path,
     assert (as_bytes.exit_code, json.loads(as_bytes.stdout)) == (0, 1)
 
 
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_cache_directory_whose_name_is_not_utf8_is_opened_read_and_recovered(
+        tmp_path: Path, driver: str) -> None:
+    """A legal Linux name that is not UTF-8 (Latin-1's e-acute) gave every command a traceback
+    and the open a raw UnicodeEncodeError (py-lmdb encodes a str path as strict UTF-8),
+    leaving acknowledged writes in a log no command could reach (an attacker's hunt)."""
+    path = Path(os.fsdecode(os.fsencode(tmp_path) + b"/cach\xe9"))
+    acked = kill_writer(path, flushed=20, acks=200)  # opened new there, then SIGKILLed
+    strict = {"PYTHONIOENCODING": "utf-8:strict"}  # stdout as under a UTF-8 locale
+    for command in ("inspect", "verify", "stats", "dump"):
+        result = run(driver, command, str(path), env=strict)
+        assert result.exit_code == 0 and "Traceback" not in result.stderr, result.stderr
+    assert f"{tmp_path}/cach" in run(driver, "inspect", str(path), env=strict).stdout
+    assert run(driver, "recover", str(path), env=strict).exit_code == 0
+    with wbcache.open(path) as cache:
+        assert {key: cache.get(key) for key in acked} == acked
+
+
 # ------------------------------------------------------------------ stats
 
 

@@ -360,9 +360,11 @@ def _open_environment(path: str, *, map_size: int, readonly: bool, lock: bool) -
     claiming more pages than its map holds, which is damage (`DatabaseError`)."""
     for _ in range(_OPEN_TRIES):
         try:
-            return lmdb.open(path, map_size=map_size, subdir=True, max_dbs=3, sync=True,
-                             metasync=True, readonly=readonly, mode=0o600, lock=lock,
-                             create=not readonly, max_readers=MAX_READERS)
+            # the path's bytes: py-lmdb encodes a str as strict UTF-8, which a name that
+            # is not UTF-8 (Latin-1, as os.fsdecode gives it) fails (an attacker's hunt)
+            return lmdb.open(os.fsencode(path), map_size=map_size, subdir=True, max_dbs=3,
+                             sync=True, metasync=True, readonly=readonly, mode=0o600,
+                             lock=lock, create=not readonly, max_readers=MAX_READERS)
         except lmdb.MapResizedError as exc:
             resized = exc
         except lmdb.Error as exc:
