@@ -127,6 +127,27 @@ def test_a_key_equal_to_a_held_one_but_not_storable_is_answered_as_on_a_miss(
     assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (2, 0)
 
 
+def test_a_str_subclass_that_overrides_eq_reads_the_key_it_stands_for(
+        cache: wbcache.Cache) -> None:
+    """A key is stored as the plain str a subclass stands for, but the hit path looked the
+    subclass itself up in memory: a case-insensitive str found another key's entry there,
+    so `get(CIStr("FOO"))` gave "foo"'s value while `pop` found nothing, and a read's answer
+    changed with what memory held (an outside hunt of bad input)."""
+    class CIStr(str):
+        def __hash__(self) -> int:
+            return hash(self.lower())
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, str) and self.lower() == other.lower()
+
+    cache.put("foo", "lower")
+    assert cache.get(CIStr("FOO"), "absent") == "absent" and CIStr("FOO") not in cache
+    cache.put(CIStr("BAR"), "upper")  # stored as "BAR"
+    cache.put("bar", "lower")
+    assert cache.get(CIStr("BAR")) == "upper" and cache.get(CIStr("bar")) == "lower"
+    assert cache.pop(CIStr("BAR")) == "upper" and cache.get(CIStr("BAR")) is None
+
+
 def test_hits_are_counted_and_noted_for_the_clock(cache: wbcache.Cache) -> None:
     cache.put("a", "x")
     cache.put("d", {"k": 1})

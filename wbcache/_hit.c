@@ -82,19 +82,17 @@ static PyObject *hit_call(Hit *self, PyObject *const *args, size_t nargsf, PyObj
     if (deflt == NULL)
         deflt = Py_None;
 
+    PyObject *slow[2] = {key, deflt};
     PyObject *held = PyDict_GetItemWithError(self->entries, key); /* borrowed */
     if (held == NULL) {
         if (PyErr_Occurred())
             return NULL;
-        PyObject *miss[2] = {key, deflt};
-        return PyObject_Vectorcall(self->read, miss, 2, NULL);
+        return PyObject_Vectorcall(self->read, slow, 2, NULL);
     }
-    if (!PyUnicode_Check(key) && !PyBytes_Check(key)) {
-        /* held under an equal key, but not a key (a memoryview): the slow path checks it, as
-         * it does when memory does not hold the key (a str subclass is a key: a StrEnum) */
-        PyObject *other[2] = {key, deflt};
-        return PyObject_Vectorcall(self->read, other, 2, NULL);
-    }
+    if (!PyUnicode_CheckExact(key) && !PyBytes_CheckExact(key))
+        /* the slow path checks it and looks up the plain str (or bytes) a subclass stands
+         * for: one overriding __eq__ (a case-insensitive str) found another key's entry */
+        return PyObject_Vectorcall(self->read, slow, 2, NULL);
     Py_INCREF(held); /* note_hit may let another thread drop the entry */
     PyObject *noted = PyObject_CallOneArg(self->note_hit, key);
     if (noted == NULL) {

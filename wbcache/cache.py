@@ -235,14 +235,16 @@ class Cache(MutableMapping[Key, Any]):
     def _read(self, key: Key, default: Any) -> Any:
         """Not answerable from memory: the sequencer reads the database (no lock held)."""
         try:
-            key = check_key(key, self._limits.stored_key_size)
+            plain = check_key(key, self._limits.stored_key_size)
         except (TypeError, ValueError):
             if self._sequencer.closed:
                 raise CacheClosedError(f"cache {self.path} is closed") from None
             return default  # a key that cannot be stored is not there
+        if plain is not key:  # a subclass (a StrEnum): the hit path, with the key it stands for
+            return self._get(plain, default)
         if _memory_only.on:
             raise WouldBlock
-        value = self._sequencer.read(key)
+        value = self._sequencer.read(plain)
         return default if value is ABSENT else value
 
     def __getitem__(self, key: Key) -> Any:

@@ -60,8 +60,10 @@ def hit_path(cache: Cache, doc: str | None) -> tuple[Callable[..., Any], Callabl
         if held is _MISSING:
             return read(key, default)
         kind = type(key)
-        if kind is not str and kind is not bytes and not isinstance(key, (str, bytes)):
-            return read(key, default)  # an equal key, but no key (a memoryview): read checks
+        if kind is not str and kind is not bytes:
+            # read checks it and looks up the plain str (or bytes) a subclass stands for: one
+            # overriding __eq__ (a case-insensitive str) found another key's entry here
+            return read(key, default)
         note_hit(key)
         if type(held) is tuple:  # a mutable value, as its encoding (codec.py)
             hits += 1
