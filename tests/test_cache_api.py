@@ -4,6 +4,7 @@ a method without a test shows; the mapping methods are in test_mapping.py."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -617,6 +618,35 @@ def test_values_the_fast_checks_leave_to_msgpack_are_stored_and_read_back(
     assert cache.get("k") == value
     cache.close()
     assert open_cache().get("k") == value
+
+
+def _lists(depth: int) -> list[Any]:
+    """`depth` lists, each in the one before, the last empty."""
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("value, message", [
+    (_lists(1024), None),  # the deepest msgpack decodes: stored
+    (_lists(1025), "nested deeper than msgpack decodes (1,024 levels)"),
+    (memoryview(b"abcdefgh")[::2], "not C-contiguous"),
+    ({"in": [memoryview(b"abcdefgh")[::2]]}, "not C-contiguous"),
+], ids=["nested-1024", "nested-1025", "strided-memoryview", "strided-memoryview-inside"])
+def test_a_value_msgpack_cannot_take_is_refused_with_a_value_error_that_says_why(
+        open_cache: OpenCache, value: Any, message: str | None) -> None:
+    """Were refused with a raw BufferError, and with "cannot be read back (); dict keys must
+    be ..." for a list one level too deep (an outside hunt of bad input)."""
+    cache = open_cache()
+    if message is None:
+        cache.put("k", value)
+        assert msgpack.packb(cache.get("k")) == msgpack.packb(value)  # == recurses too deep
+        return
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cache.put("k", value)
+    cache.put("other", 1)  # nothing written, the cache as usable as before
+    assert list(cache.items()) == [("other", 1)]
 
 
 def test_put_many_rejects_strings_as_pairs(open_cache: OpenCache) -> None:

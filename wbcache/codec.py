@@ -115,7 +115,7 @@ def encode_value(value: object, max_size: int, key: object = None) -> bytes:
             f"value for key {key!r} cannot be stored: {exc} (supported: None, bool, int, "
             f"float, str, bytes, list, dict)"
         ) from None
-    except (OverflowError, ValueError) as exc:
+    except (OverflowError, ValueError, BufferError) as exc:  # Buffer: a strided memoryview
         raise ValueError(f"value for key {key!r} cannot be stored: {exc}") from None
     if len(encoded) > max_size:
         raise ValueError(
@@ -129,6 +129,9 @@ def encode_value(value: object, max_size: int, key: object = None) -> bytes:
         # small dict); what it cannot prove, decoding once here decides exactly.
         try:
             msgpack.unpackb(encoded, strict_map_key=False)
+        except msgpack.StackError:  # packed, but deeper than the decoder goes
+            raise ValueError(f"value for key {key!r} cannot be stored: it is nested deeper "
+                             f"than msgpack decodes (1,024 levels)") from None
         except UNDECODABLE as exc:
             raise TypeError(
                 f"value for key {key!r} cannot be read back ({exc}); dict keys must be "
