@@ -19,8 +19,18 @@ FRAGMENTS = ("Zq7x", "K9w")
 
 
 def shown(exc: BaseException) -> str:
-    """All that a traceback of `exc` would print: every message in its chain, and its repr."""
-    return "".join(traceback.format_exception(exc)) + repr(exc)
+    """All that a traceback of `exc` would print: every message in its chain, and its repr;
+    and every exception chained to it, a `__context__` that `from None` hides from the
+    traceback included (it is kept, for whatever walks it: an error reporter, a debugger).
+    libpq's complaint about a DSN it cannot parse, password and all, was kept so."""
+    seen: list[BaseException] = []
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        link = pending.pop()
+        if link is not None and all(link is not other for other in seen):
+            seen.append(link)
+            pending += [link.__cause__, link.__context__]
+    return "".join(traceback.format_exception(exc)) + "".join(map(repr, seen))
 
 
 def assert_hidden(text: str) -> None:

@@ -46,11 +46,12 @@ def parse_dsn(dsn: str, given: str | None = None) -> dict[str, Any]:
     try:
         return dict(conninfo_to_dict(dsn))
     except psycopg.ProgrammingError as exc:
-        raise ValueError(f"invalid PostgreSQL DSN: "
-                         f"{redact_dsn_complaint(_one_line(exc), given or dsn)}") from None
+        complaint = redact_dsn_complaint(_one_line(exc), given or dsn)
     except UnicodeDecodeError:  # libpq read a value psycopg cannot: a byte left as %XX
-        raise ValueError("invalid PostgreSQL DSN: a percent-encoded value is not UTF-8 text"
-                         ) from None
+        complaint = "a percent-encoded value is not UTF-8 text"
+    # Raised out of the handler: `from None` hides libpq's complaint from a traceback, but
+    # keeps it, password and all, as `__context__` for whatever walks it (an outside hunt).
+    raise ValueError(f"invalid PostgreSQL DSN: {complaint}")
 
 
 @dataclass(frozen=True)
@@ -192,8 +193,13 @@ class Link:
         try:
             conn = psycopg.connect(self.endpoint.conninfo, autocommit=True)
         except psycopg.Error as exc:
-            raise PostgresError(self.redact(f"{self.where}: cannot connect: {_one_line(exc)}")
-                                ) from self._printable(exc)
+            error = PostgresError(self.redact(f"{self.where}: cannot connect: "
+                                              f"{_one_line(exc)}"))
+            cause = self._printable(exc)
+        else:
+            error = None
+        if error is not None:  # out of the handler (`_printable`)
+            raise error from cause
         limit = str(int(self.endpoint.timeout * 1000))
         # A reader's idle limit is left as the server or the DSN's options set it.
         settings = ["statement_timeout"] + (["idle_in_transaction_session_timeout"] if writer
@@ -274,11 +280,12 @@ class Link:
             if not rejected or not self._rolled_back(conn):
                 conn.close()
             ambiguous = commit_sent is not None and commit_sent() and not rejected
-            raise self.failure(action, exc, timed_out=fired,
-                               ambiguous=ambiguous) from self._printable(exc)
+            error = self.failure(action, exc, timed_out=fired, ambiguous=ambiguous)
+            cause = self._printable(exc)
         except BaseException:
             conn.close()  # interrupted in the middle of who knows what: never reuse it
             raise
+        raise error from cause  # out of the handler (`_printable`)
 
     def failure(self, action: str, exc: BaseException, *, timed_out: bool = False,
                 ambiguous: bool = False) -> PostgresError:
@@ -297,7 +304,8 @@ class Link:
 
     def _printable(self, exc: BaseException) -> BaseException | None:
         """`exc` as the cause of ours, unless its text holds a password (a traceback prints
-        it): then none."""
+        it): then none. Ours is raised out of the handler of `exc`, which would otherwise be
+        kept as its `__context__` (hidden from a traceback, not from what walks it)."""
         text = str(exc)
         return exc if self.redact(text) == text else None
 
