@@ -447,6 +447,14 @@ def test_an_empty_path_or_a_backend_of_the_wrong_type_is_refused_before_any_file
         wbcache.open("")
     with pytest.raises(TypeError, match="backend must be a Backend .* not int"):
         wbcache.open(tmp_path / "cache", backend=42)  # type: ignore[arg-type]
+
+    class BytesPath:  # os.PathLike[bytes]: failed deep in the open, mixing str and bytes
+        def __fspath__(self) -> bytes:
+            return os.fsencode(tmp_path / "cache")
+
+    for shared in (False, True):
+        with pytest.raises(TypeError, match="os.PathLike giving a str, not one giving bytes"):
+            wbcache.open(BytesPath(), shared=shared)  # type: ignore[arg-type]
     assert os.listdir(tmp_path) == []
 
 

@@ -368,6 +368,23 @@ def test_from_url_takes_its_own_parameters_and_passes_the_rest_to_libpq(
         PostgresBackend.from_url("postgresql://x/y?timeout=soon")
 
 
+@pytest.mark.parametrize("make", [
+    lambda: PostgresBackend("host=x", timeout=3e6),  # libpq refused it as "cannot connect"
+    lambda: PostgresBackend.from_url("postgresql://x/y?timeout=1e300"),
+    lambda: PostgresBackend("host=x", connect_timeout=3e6),
+], ids=["timeout", "timeout-in-url", "connect_timeout"])
+def test_a_timeout_libpq_cannot_take_is_refused_before_connecting(make: Any) -> None:
+    """Over 2**31 ms, libpq's tcp_user_timeout fails the connection ("invalid integer
+    value"), reported as a server that cannot be reached (an outside hunt of bad input)."""
+    with pytest.raises(ValueError, match="must be at most 2,000,000 seconds"):
+        make()
+
+
+def test_create_tables_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="create_tables must be True or False, not 'no'"):
+        PostgresBackend("host=x", create_tables="no")  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------ the wire
 
 def test_a_flush_of_10000_entries_is_two_round_trips_its_statements_then_its_commit(

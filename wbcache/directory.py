@@ -105,11 +105,22 @@ class OpenedDirectory:
             self.lock.release()
 
 
+def _path_text(path: str | os.PathLike[str]) -> str:
+    """`os.fspath(path)`, which must be a str: a PathLike giving bytes failed deep in the
+    open with "Can't mix strings and bytes in path components" (an outside hunt)."""
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise TypeError(f"path must be a str or an os.PathLike giving a str, not one giving "
+                        f"{type(text).__name__} (os.fsdecode turns bytes into a str)")
+    return text
+
+
 def open_directory(path: str | os.PathLike[str], options: Options,
                    backend: Backend | str | None = None) -> OpenedDirectory:
     """Steps 1 to 4 of the module docstring. `backend`: a `Backend` (the caller's to close),
     a URL (a backend made and owned here), or None for the embedded database."""
-    if not os.fspath(path):  # "" would be the working directory
+    path = _path_text(path)
+    if not path:  # "" would be the working directory
         raise ValueError("the directory path is empty")
     # Duck-typed, as the protocol is used: isinstance(x, Backend) reads attributes statically
     # from Python 3.12 on, and refuses a wrapper that forwards them through __getattr__.
@@ -400,7 +411,7 @@ def find_directory(path: str | os.PathLike[str]) -> FoundDirectory:
     A directory another user owns is refused too, even to read: nothing is read from (or
     written through) a path the user does not own, as its owner could point its entries
     anywhere. An administrator reads it as its owner (sudo -u)."""
-    raw = os.fspath(path)
+    raw = _path_text(path)
     if not raw:
         raise InvalidDirectoryError("the directory path is empty")
     layout = Layout(os.path.abspath(raw))

@@ -91,6 +91,7 @@ __all__ = ["STATEMENT_BYTES", "CheckpointConflictError", "PostgresBackend", "Pos
 log = logging.getLogger("wbcache.postgres")
 
 _DEFAULT_TABLE = "wbcache"
+MAX_TIMEOUT = 2_000_000  # s: libpq takes tcp_user_timeout in ms, a 32-bit int (2**31 ms)
 _ITEMS_CHUNK = 5000  # rows per FETCH when iterating the table
 _OWNER_READS = 5  # reads of a stored token missing from the directory's file (`_stored`)
 _ALTER_LOCK_TIMEOUT = "100ms"  # the ALTER's wait for the checkpoints table (`_add_token_column`)
@@ -200,6 +201,11 @@ class PostgresBackend:
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+            if value > MAX_TIMEOUT:  # passed on to libpq in ms, as a 32-bit int
+                raise ValueError(f"{name} must be at most {MAX_TIMEOUT:,} seconds (about 23 "
+                                 f"days), not {value!r}")
+        if not isinstance(create_tables, bool):  # "no" would count as True
+            raise TypeError(f"create_tables must be True or False, not {create_tables!r}")
         for name, count in (("read_connections", read_connections),
                             ("statement_bytes", statement_bytes)):
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
