@@ -134,7 +134,10 @@ MUTATIONS += [
     ("hit-keyword", "default= is taken as the key",
      "slot = &deflt;", "slot = &key;"),
     ("hit-miss-default", "a miss is read with None as its default",
-     "PyObject *miss[2] = {key, deflt};", "PyObject *miss[2] = {key, Py_None};"),
+     "PyObject *slow[2] = {key, deflt};", "PyObject *slow[2] = {key, Py_None};"),
+    ("hit-subclass", "a str subclass is answered by the entry it compares equal to",
+     "if (!PyUnicode_CheckExact(key) && !PyBytes_CheckExact(key))",
+     "if (!PyUnicode_Check(key) && !PyBytes_Check(key))"),
 ]
 # A flush's LMDB puts: each mutation makes the C differ from the Python loop in one step.
 MUTATIONS += [
