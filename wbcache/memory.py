@@ -102,9 +102,16 @@ class Entries:
         entry expired meanwhile (another cache may have changed the key in between)."""
         if self.blocked and len(self.map) >= self.capacity:
             return False
-        if self.clean_since is not None:  # first: interrupted between the two, no clean
-            self.clean_since[key] = read_at  # entry is left without its age (never expiring)
+        clean_since = self.clean_since
+        if clean_since is None:
+            self.map[key] = held
+            return True
+        # Expired first, aged last: a hit (no lock) between the two steps must find neither
+        # the old value made young (it was served, however old: an outside hunt) nor the new
+        # one without an age (never expiring, were an interrupt to land there).
+        clean_since[key] = -math.inf
         self.map[key] = held
+        clean_since[key] = read_at
         return True
 
     def forget(self, key: Key) -> None:

@@ -55,6 +55,7 @@ the invariants above can be checked by reading one file (the plans each write ru
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import threading
@@ -128,10 +129,15 @@ class FlushBatch(NamedTuple):
     again: bool = False
 
 
+# Ticks of the reads' questions and answers (`_Read.asked`, `.answered`): their order is the
+# order in which the database was asked and answered (`next` is atomic).
+_ticks = itertools.count(1)
+
+
 class _Read:
     """A database read of `key`, registered under the lock before it starts."""
 
-    __slots__ = ("key", "started", "encoded", "stale", "failed")
+    __slots__ = ("key", "started", "encoded", "stale", "failed", "asked", "answered")
 
     def __init__(self, key: Key, started: float) -> None:
         self.key = key
@@ -139,6 +145,8 @@ class _Read:
         self.encoded: bytes | None = None
         self.stale = False  # memory may be newer than this answer: never keep or build on it
         self.failed = False  # the database was away; memory's value may be counted on
+        self.asked = 0  # a tick taken just before the database was asked (0: not yet)
+        self.answered = 0  # a tick taken once it answered
 
 
 Reads = dict[Key, _Read]
@@ -730,9 +738,9 @@ class Sequencer:
 
     def _value_read(self, read: _Read) -> Any:
         """The value `read` found (ABSENT if none), kept in memory unless stale."""
+        self._supersede(read)  # kept or not, its caller is shown it
         if read.stale:  # still a right answer for a read: it overlapped the change; not kept
             return ABSENT if read.encoded is None else from_encoded(read.encoded, read.key)[0]
-        self._supersede(read)
         if read.encoded is None:
             self._entries.forget(read.key)  # deleted by another cache
             return ABSENT
@@ -742,11 +750,17 @@ class Sequencer:
         return value
 
     def _supersede(self, read: _Read) -> None:
-        """`read`'s answer goes into memory: every read of its key started no later is stale
-        (a write may keep its reads for long, `submit`; once memory's entry expired, one of
-        them would otherwise put its older answer over this one)."""
+        """`read`'s answer is shown (and kept, unless stale): every read of its key that
+        asked the database before that answer came is stale, as its answer may be older (a
+        write may keep its reads for long, `submit`; once memory's entry expired, one of
+        them would otherwise put its older answer over this one). Not the reads registered
+        before it: one may ask the database after another registered later has its answer
+        (waiting for a connection), and the older answer went over the newer one, which a
+        reader had seen (an outside hunt, with two caches on one database). A read that has
+        not asked yet will have a newer answer, and is kept."""
+        answered = read.answered
         for other in self._reads.get(read.key, ()):
-            if other is not read and other.started <= read.started:
+            if other is not read and 0 < other.asked < answered:
                 other.stale = True
 
     def _start_reads(self, keys: Iterable[Key]) -> Reads:
@@ -791,7 +805,9 @@ class Sequencer:
         try:
             for read in reads.values():
                 try:
+                    read.asked = next(_ticks)
                     read.encoded = self._fetch(read.key)
+                    read.answered = next(_ticks)
                 except Exception:
                     if not (count_on_memory and read.key in self._entries.map):
                         raise
