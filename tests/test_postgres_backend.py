@@ -6,6 +6,8 @@ beside the others, so a case the settling misses shows."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -30,6 +32,7 @@ from pg_support import (  # noqa: F401 (fixtures)
     value_of,
 )
 
+from wbcache.backends import postgres_link
 from wbcache.backends.postgres import (
     CheckpointConflictError,
     PostgresBackend,
@@ -587,3 +590,94 @@ def test_a_flush_interrupted_after_its_commit_is_settled_like_a_lost_answer(
     backend.apply([("p", pack(1))], [], 2, [("n", 3)])  # the flusher's retry: same batch
     backend.apply([], [], 3, [("n", 1)])
     assert value_of(backend, "n") == 5 + 3 + 1 and backend.checkpoint() == 3
+
+
+# ------------------------------------------------------------------ the readers' pool
+
+
+class _Conn:  # what the pool looks at: open, not broken, nothing to read on its socket
+    closed = broken = False
+
+    def __init__(self) -> None:
+        self._sockets = socket.socketpair()
+
+    def fileno(self) -> int:
+        return self._sockets[0].fileno()
+
+    def close(self) -> None:
+        self.closed = True
+        for end in self._sockets:
+            end.close()
+
+
+def _blocked_in_acquire(thread: threading.Thread) -> bool:
+    frame = sys._current_frames().get(thread.ident or 0)
+    return frame is not None and frame.f_code.co_name in ("__enter__", "acquire", "wait")
+
+
+def test_the_readers_pool_hands_a_connection_back_to_the_thread_that_waited_longest() -> None:
+    """threading's semaphore let the thread that gave a connection back take it again at
+    once: 8 threads reading in a loop kept the pool, and `keys()` or a flush's read waited up
+    to 14 s for one (an outside hunt on PostgreSQL). A slot given back goes to the thread
+    that has waited longest."""
+    class OneLink:  # a link whose connections are dummies
+        where = "test"
+
+        def connect(self) -> _Conn:
+            return _Conn()
+
+    pool = postgres_link.ReaderPool(OneLink(), 1)  # type: ignore[arg-type]
+    order: list[str] = []
+    inside, release = threading.Event(), threading.Event()
+
+    def greedy() -> None:
+        with pool.connection():
+            inside.set()
+            assert release.wait(10)
+        with pool.connection():  # again at once, as a reading loop does
+            order.append("greedy")
+
+    def patient() -> None:
+        with pool.connection():
+            order.append("patient")
+
+    first = threading.Thread(target=greedy)
+    second = threading.Thread(target=patient)
+    first.start()
+    assert inside.wait(10)
+    second.start()
+    deadline = time.monotonic() + 10
+    while not _blocked_in_acquire(second):  # it waits for the one connection
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    release.set()
+    first.join(10)
+    second.join(10)
+    pool.close()
+    assert order == ["patient", "greedy"]
+
+
+def test_a_reader_interrupted_while_it_waits_for_a_slot_takes_none_away() -> None:
+    """Its place in the queue is given up: the slot given back later is free, not handed to
+    a thread no longer waiting (the pool would shrink by one for good)."""
+    slots = postgres_link.FairSlots(1)
+    slots.__enter__()  # held by another reader
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(*_: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(Interrupted), slots:
+            pytest.fail("the slot is held")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    slots.__exit__()  # given back: nobody waits
+    assert (slots._free, len(slots._waiting)) == (1, 0)
+    with slots:
+        assert slots._free == 0

@@ -22,6 +22,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -345,13 +346,54 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+class FairSlots:
+    """A semaphore that serves its waiters in turn: a slot given back goes to the thread that
+    has waited longest. threading's lets the thread that gives it back take it again at once
+    (it holds the GIL), so 8 threads reading in a loop kept the pool, and `keys()`, `len()`
+    and the flusher's reads, all waiting for a connection with the flusher's mutex held,
+    waited up to 14 s: no flush, writers stalled on backpressure (an outside hunt)."""
+
+    def __init__(self, size: int) -> None:
+        self._lock = threading.Lock()
+        self._free = size
+        self._waiting: deque[threading.Lock] = deque()  # each held until given a slot
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._free and not self._waiting:
+                self._free -= 1
+                return
+            turn = threading.Lock()
+            turn.acquire()
+            self._waiting.append(turn)
+        try:
+            turn.acquire()  # `__exit__` releases it, handing its slot over
+        except BaseException:  # interrupted: give up the place, or the slot if it came
+            with self._lock:
+                try:
+                    self._waiting.remove(turn)
+                    handed = False
+                except ValueError:
+                    handed = True
+            if handed:
+                self.__exit__()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().release()
+            else:
+                self._free += 1
+
+
 class ReaderPool:
-    """Up to `size` autocommit connections shared by reading threads; a connection that failed
-    is dropped and replaced on demand."""
+    """Up to `size` autocommit connections shared by reading threads, handed out in turn
+    (`FairSlots`); a connection that failed is dropped and replaced on demand."""
 
     def __init__(self, link: Link, size: int) -> None:
         self._link = link
-        self._slots = threading.BoundedSemaphore(size)
+        self._slots = FairSlots(size)
         self._lock = threading.Lock()
         self._idle: list[Connection] = []
         self._closed = False
