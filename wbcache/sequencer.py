@@ -292,12 +292,15 @@ class Sequencer:
                 with self.lock:
                     self._end_reads(reads)
 
-    def submit_nowait(self, plan: Plan[T], needs: Collection[Key] = ()) -> tuple[int, T]:
+    def submit_nowait(self, plan: Plan[T], needs: Collection[Key] = (), *,
+                      backpressure: bool = True) -> tuple[int, T]:
         """`submit` without reading the database or waiting: (the LSN to wait for, the plan's
         result). Raises `WouldBlock` under backpressure and `NeedsRead` when the plan needs a
-        value memory cannot give (nothing written either way)."""
+        value memory cannot give (nothing written either way). Without `backpressure`,
+        admitted however many entries are dirty (only `Cache.clear`: it holds flushes off, so
+        no room it waited for would be left to it, below)."""
         with self.lock:
-            lsn, result = self._log(plan, needs, None, False)
+            lsn, result = self._log(plan, needs, None, False, backpressure)
             self._committer.kick()
             return lsn, result
 
@@ -561,17 +564,18 @@ class Sequencer:
 
     # ------------------------------------------------------------------ lock held
 
-    def _admit(self, block: bool) -> int:
-        """Refuse if closed or the log failed; wait out backpressure, and start the pipe's
-        next log segment when this one is full (or, with `block` False, raise WouldBlock).
-        Return the LSN the write will get (consumed only by `_queue`). The rotation is here,
-        before the LSN is taken, because it lets go of the lock: in the middle of a write,
-        the flusher could take a dirty set and checkpoint without it."""
+    def _admit(self, block: bool, backpressure: bool = True) -> int:
+        """Refuse if closed or the log failed; wait out backpressure (unless told not to),
+        and start the pipe's next log segment when this one is full (or, with `block` False,
+        raise WouldBlock). Return the LSN the write will get (consumed only by `_queue`). The
+        rotation is here, before the LSN is taken, because it lets go of the lock: in the
+        middle of a write, the flusher could take a dirty set and checkpoint without it."""
         committer = self._committer
         if self._closed or self._torn is not None or committer.failure is not None:
             self._check_writable()  # raises
         while True:
-            if len(self._dirty) + len(self._inflight) - self._overlap >= self._max_dirty:
+            if backpressure and (len(self._dirty) + len(self._inflight) - self._overlap
+                                 >= self._max_dirty):
                 self.wake_flusher()
                 if not block:
                     raise WouldBlock
@@ -632,8 +636,8 @@ class Sequencer:
         return lsn
 
     def _log(self, plan: Plan[T], needs: Collection[Key], reads: Reads | None,
-             block: bool) -> tuple[int, T]:
-        lsn = self._admit(block)
+             block: bool, backpressure: bool = True) -> tuple[int, T]:
+        lsn = self._admit(block, backpressure)
         if needs:
             self._check_known(needs, reads)
         transaction = Transaction(self, reads)
