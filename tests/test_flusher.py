@@ -218,19 +218,25 @@ def test_clear_at_max_dirty_lets_the_flush_it_waits_for_run(open_cache: OpenCach
         assert dict(reopened.items()) == {"after": 2}
 
 
+@pytest.mark.parametrize("segment", ["room", "full"])
 def test_clear_at_max_dirty_is_not_held_back_by_writers_waiting_for_room(
-        backend: ControlledBackend, open_cache: OpenCache, cache_dir: Path) -> None:
+        backend: ControlledBackend, open_cache: OpenCache, cache_dir: Path,
+        segment: str) -> None:
     """clear() was refused for the lack of room, let flushes run, waited for room and tried
     again; writers already waiting took each room a flush made first, and under steady
     writes with a small max_dirty it never ran (an outside hunt: over 2 minutes on
     PostgreSQL). Here no flush makes room at all (the database refuses every one): it is
-    admitted as it is, past max_dirty, as a clear of more keys than that always was."""
-    cache = open_cache(backend=backend, flush_interval=3600, max_dirty=3, flush_threshold=1000)
+    admitted as it is, past max_dirty, as a clear of more keys than that always was. With
+    the log's segment full, it starts the next one without waiting for room either (a
+    review: the writers held back by it never would)."""
+    cache = open_cache(backend=backend, flush_interval=3600, max_dirty=3, flush_threshold=1000,
+                       segment_size=4096)
     cache.put("stored", 0)
     cache.flush()  # one key only the database holds: clear() must read it
     backend.failing = True
-    for key in ("a", "b", "c"):
-        cache.put(key, 1)  # dirty == max_dirty, and no flush will make room
+    for key in ("a", "b", "c"):  # dirty == max_dirty, and no flush will make room
+        cache.put(key, "x" * 1400 if segment == "full" else 1)
+    assert cache.sequencer.committer.rotation_due() == (segment == "full")
     done: list[BaseException | None] = []
 
     def clear() -> None:

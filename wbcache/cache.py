@@ -383,7 +383,8 @@ class Cache(MutableMapping[Key, Any]):
                     break
                 except WouldBlock:  # the pipe's segment is full: started outside the pause
                     pass
-            self._sequencer.wait_for_room()  # flushes allowed again; then read afresh
+            # (not waiting for room either: writers held back by it never start the segment)
+            self._sequencer.wait_for_room(backpressure=False)  # then the keys read afresh
         self._sequencer.wait(lsn)
 
     def batch(self) -> Batch:
