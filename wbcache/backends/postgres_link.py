@@ -356,35 +356,47 @@ class FairSlots:
     def __init__(self, size: int) -> None:
         self._lock = threading.Lock()
         self._free = size
-        self._waiting: deque[threading.Lock] = deque()  # each held until given a slot
+        self._waiting: deque[_Turn] = deque()
 
     def __enter__(self) -> None:
-        with self._lock:
-            if self._free and not self._waiting:
-                self._free -= 1
-                return
-            turn = threading.Lock()
-            turn.acquire()
-            self._waiting.append(turn)
+        turn: _Turn | None = None
         try:
-            turn.acquire()  # `__exit__` releases it, handing its slot over
-        except BaseException:  # interrupted: give up the place, or the slot if it came
             with self._lock:
-                try:
-                    self._waiting.remove(turn)
-                    handed = False
-                except ValueError:
-                    handed = True
-            if handed:
-                self.__exit__()
+                if self._free and not self._waiting:
+                    self._free -= 1
+                    return
+                turn = _Turn()
+                self._waiting.append(turn)
+            turn.lock.acquire()  # `__exit__` releases it, handing its slot over
+        except BaseException:  # interrupted: give up the place, or the slot if it came
+            if turn is not None:
+                with self._lock:
+                    if turn in self._waiting:
+                        self._waiting.remove(turn)
+                        turn = None
+                if turn is not None and turn.handed:
+                    self.__exit__()
             raise
 
     def __exit__(self, *exc: object) -> None:
         with self._lock:
             if self._waiting:
-                self._waiting.popleft().release()
+                turn = self._waiting.popleft()
+                turn.handed = True
+                turn.lock.release()
             else:
                 self._free += 1
+
+
+class _Turn:
+    """A thread's place in `FairSlots`' queue: `lock` is held until a slot is `handed`."""
+
+    __slots__ = ("lock", "handed")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.handed = False
 
 
 class ReaderPool:
