@@ -193,8 +193,11 @@ def main() -> None:
     """wbcache: a crash-durable write-back cache. Run `wbcache COMMAND --help` for details."""
     # A path that is not UTF-8 (Latin-1, as os.fsdecode gives it) is printed as its bytes,
     # as `ls` prints it: under a UTF-8 locale stdout's "strict" gave a traceback instead.
-    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
-        sys.stdout.reconfigure(errors="surrogateescape")
+    # Put back as the command ends, for a program that runs it in its own process.
+    stdout = sys.stdout
+    if isinstance(stdout, io.TextIOWrapper) and stdout.errors == "strict":
+        stdout.reconfigure(errors="surrogateescape")
+        click.get_current_context().call_on_close(lambda: stdout.reconfigure(errors="strict"))
 
 
 def _register() -> None:

@@ -103,8 +103,10 @@ def _lookups(absolute: str) -> list[tuple[str, str, os.stat_result | None]]:
             if target.startswith(os.sep):
                 current = os.sep
             pending.extend(reversed(target.split(os.sep)))
-        else:
+        elif stat.S_ISDIR(info.st_mode):
             current = entry
+        else:  # a file where a directory would be looked in: the open says so (ENOTDIR)
+            break
     return found
 
 

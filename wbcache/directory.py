@@ -108,6 +108,9 @@ class OpenedDirectory:
 def _path_text(path: str | os.PathLike[str]) -> str:
     """`os.fspath(path)`, which must be a str: a PathLike giving bytes failed deep in the
     open with "Can't mix strings and bytes in path components" (an outside hunt)."""
+    if isinstance(path, bytes):
+        raise TypeError("path must be a str or an os.PathLike, not bytes (os.fsdecode turns "
+                        "bytes into a str)")
     text = os.fspath(path)
     if not isinstance(text, str):
         raise TypeError(f"path must be a str or an os.PathLike giving a str, not one giving "

@@ -24,8 +24,9 @@ Invariants, under `lock`:
     memory lacks. A counter written otherwise since it was found is dropped when taken.
   * `_reads` holds the database reads in progress, per key. Anything that may make memory
     newer than a read's answer, or drop a newer value from memory, marks the key's reads
-    stale: a write of it, a flush that made it clean, its eviction. A stale answer is never
-    kept in memory nor built on; a write retries with a fresh read.
+    stale: a write of it, a flush that made it clean, its eviction; and so does another
+    answer shown by a read of the key answered after it asked (`_supersede`). A stale answer
+    is never kept in memory nor built on; a write retries with a fresh read.
 
 **A write interrupted once its LSN is taken** (a KeyboardInterrupt, raised between two
 bytecodes, in `_queue` or while its effects are applied): its record may or may not be
