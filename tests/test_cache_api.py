@@ -3,7 +3,10 @@ a method without a test shows; the mapping methods are in test_mapping.py."""
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import os
+import pickle
 import re
 import threading
 from collections.abc import Callable
@@ -832,3 +835,23 @@ def test_cached_containers_add_nothing_for_the_garbage_collector_to_walk(
     grown = len(gc.get_objects()) - before
     assert cache.get("k9999") == {"n": [9999]} and len(cache) == 10_001
     assert grown < 1_000, f"{grown:,} more objects tracked for 10,000 cached dicts"
+
+
+def test_a_cache_sent_to_another_process_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    """A pool's task argument is pickled: pickle named py-lmdb's Environment, deep inside,
+    and said nothing of what to do (an outside hunt of process pools). Copying is refused
+    the same way (a second object over one open directory). The cache goes on."""
+    async def main() -> None:
+        async with await wbcache.open_async(tmp_path / "async") as async_cache:
+            for send in (pickle.dumps, copy.copy):
+                with pytest.raises(TypeError, match="wbcache.AsyncCache cannot be pickled"):
+                    send(async_cache)
+            await async_cache.put("still", 1)
+
+    with wbcache.open(tmp_path / "c", shared=True) as cache:
+        for send in (pickle.dumps, copy.copy, lambda c: pickle.dumps([{"cache": c}])):
+            with pytest.raises(TypeError, match="Open the directory in the other process"):
+                send(cache)
+        cache.put("still", 1)
+        assert cache.get("still") == 1
+    asyncio.run(main())

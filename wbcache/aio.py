@@ -59,11 +59,11 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from wbcache import forking
 from wbcache.backends.base import Backend, Key
-from wbcache.cache import Cache
+from wbcache.cache import Cache, not_sendable
 from wbcache.errors import CacheClosedError, LogFailedError, LoopMismatchError
 from wbcache.options import Options
 from wbcache.sequencer import NeedsRead, Sequencer, WouldBlock, holds_lock
@@ -596,6 +596,9 @@ class AsyncCache:
 
     def __repr__(self) -> str:
         return f"<wbcache.AsyncCache {self.path!r} {'closed' if self.closed else 'open'}>"
+
+    def __reduce__(self) -> NoReturn:
+        raise not_sendable("AsyncCache", self.path)
 
     def _disown_after_fork(self) -> None:
         """In a child just forked: refuse every use (the `Cache` underneath is disowned too)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from typing import Any
+from typing import Any, NoReturn
 
 from wbcache import forking
 from wbcache.backends.base import Backend, Key
@@ -591,6 +591,18 @@ class Cache(MutableMapping[Key, Any]):
 
     def __repr__(self) -> str:
         return f"<wbcache.Cache {self.path!r} {'closed' if self.closed else 'open'}>"
+
+    def __reduce__(self) -> NoReturn:
+        raise not_sendable("Cache", self.path)
+
+
+def not_sendable(kind: str, path: str) -> TypeError:
+    """Why a cache cannot be pickled (sent to a pool's worker) or copied: pickle's own
+    message named py-lmdb's Environment, deep inside (an outside hunt of process pools)."""
+    return TypeError(f"a wbcache.{kind} cannot be pickled or copied: it is this process's open "
+                     f"directory {path}. Open the directory in the other process instead, "
+                     f"with shared=True for many processes (a pool's initializer can open it "
+                     f"once per worker)")
 
 
 class _ForkedCache(Cache, forking.Disowned):
