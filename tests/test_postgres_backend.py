@@ -1,7 +1,7 @@
 """`PostgresBackend` on its own, against a real server: the protocol, the table layout, table
-creation racing, two round trips per flush, ambiguous commits, timeouts and server errors.
-About 500 lines: every way a flush's commit can end (answered, lost, late, interrupted) sits
-beside the others, so a case the settling misses shows."""
+creation racing, two round trips per flush, ambiguous commits, timeouts and server errors,
+and the readers' pool. About 700 lines: every way a flush's commit can end (answered, lost,
+late, interrupted) sits beside the others, so a case the settling misses shows."""
 
 from __future__ import annotations
 

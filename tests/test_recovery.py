@@ -2,7 +2,8 @@
 
 Logs are built by hand with `wbcache.wal.format` (or written by a real cache and copied before
 it closes), replayed into an `LmdbBackend` in a temporary directory, and the database, the
-report and the bytes left on disk are checked against what the contract says.
+report and the bytes left on disk are checked against what the contract says. Just over 500
+lines: every rule of the replay (the checkpoint, gaps, damage, torn tails, chunks) in one file.
 """
 
 from __future__ import annotations
