@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -375,6 +375,94 @@ def test_an_older_answer_never_replaces_a_newer_one_a_reader_was_shown(
         view.answer.set()
         late.join(10)
         early.join(10)
+        writer.close()
+        reader.close()
+
+
+class GatedReads:
+    """A backend view whose reads from the threads named in `names` wait before they ask the
+    database until `ask[name]` is set (`waiting[name]` says one does), and with their answer
+    until `answer[name]` is set (`holding[name]`)."""
+
+    def __init__(self, inner: Any, names: Sequence[str]) -> None:
+        self._inner = inner
+        self.waiting = {name: threading.Event() for name in names}
+        self.ask = {name: threading.Event() for name in names}
+        self.holding = {name: threading.Event() for name in names}
+        self.answer = {name: threading.Event() for name in names}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def get(self, key: Key) -> bytes | None:
+        name = threading.current_thread().name
+        if name in self.ask:
+            self.waiting[name].set()
+            assert self.ask[name].wait(10)
+        value: bytes | None = self._inner.get(key)
+        if name in self.answer:
+            self.holding[name].set()
+            assert self.answer[name].wait(10)
+        return value
+
+    def release_all(self) -> None:
+        for event in (*self.ask.values(), *self.answer.values()):
+            event.set()
+
+
+@pytest.mark.parametrize("last", ["get", "incr"])
+def test_an_older_answer_shown_last_does_not_make_another_as_old_look_newest(
+        tmp_path: Path, shared: SharedMemoryBackend, monkeypatch: pytest.MonkeyPatch,
+        last: str) -> None:
+    """Three reads: r2 registered first but asked last (6, shown, kept); r3 and r1 asked
+    before the write (5). r3, stale, was shown 5 after 6, and its answer, the last shown,
+    made r1's 5 look like the newest answer: r1 was kept, fresh, and served 5 after 6 had
+    been shown, or an incr built on 5 returned 6 (a review). Two answers shown since a read
+    asked that differ make it stale."""
+    clock = FakeClock()
+    monkeypatch.setattr("wbcache.memory.time", clock)
+    view = GatedReads(shared.view(), ["r1", "r2", "r3"])
+    writer = wbcache.open(tmp_path / "a", backend=shared.view(), flush_interval=3600)
+    reader = wbcache.open(tmp_path / "b", backend=view, flush_interval=3600, read_ttl=1.0)
+    shown: dict[str, Any] = {}
+
+    def start(name: str, call: Callable[[], Any]) -> threading.Thread:
+        thread = threading.Thread(target=lambda: shown.update({name: call()}), name=name)
+        thread.start()
+        assert view.waiting[name].wait(10)
+        return thread
+
+    threads = []
+    try:
+        writer.put("k", 5)
+        writer.flush()
+        threads.append(start("r2", lambda: reader.get("k")))  # registered, waits to ask
+        clock.now += 0.5
+        for name, call in (("r3", lambda: reader.get("k")),
+                           ("r1", (lambda: reader.incr("k")) if last == "incr"
+                            else lambda: reader.get("k"))):
+            threads.append(start(name, call))
+            view.ask[name].set()
+            assert view.holding[name].wait(10)  # 5
+        writer.put("k", 6)
+        writer.flush()
+        view.ask["r2"].set()
+        view.answer["r2"].set()
+        threads[0].join(10)
+        assert shown == {"r2": 6}
+        clock.now += 0.55  # r2's entry expires; r1's answer would be young
+        view.answer["r3"].set()
+        threads[1].join(10)
+        view.answer["r1"].set()
+        threads[2].join(10)
+        assert shown["r3"] == 5  # a right answer for a read that overlapped the write
+        if last == "incr":
+            assert shown["r1"] == 7  # built on 6, not on 5
+        assert reader.get("k") == (7 if last == "incr" else 6)
+    finally:
+        view.release_all()
+        for thread in threads:
+            thread.join(10)
         writer.close()
         reader.close()
 

@@ -779,11 +779,17 @@ class Sequencer:
         another registered later has its answer (waiting for a connection), and the older
         answer went over the newer one, which a reader had seen (an outside hunt, with two
         caches on one database). A read that has not asked yet will have a newer answer."""
-        answered = read.answered
+        answered, encoded = read.answered, read.encoded
         for other in self._reads.get(read.key, ()):
-            if other is not read and 0 < other.asked < answered and (
-                    other.newer is None or other.newer[0] < answered):
-                other.newer = (answered, read.encoded)
+            if other is not read and 0 < other.asked < answered:
+                newer = other.newer
+                if newer is not None and newer[1] != encoded:
+                    # two answers shown since it asked differ: its own differs from one of
+                    # them, which may be the newer (the one shown last need not be: a stale
+                    # read of an older answer, shown after, turned it back: a review)
+                    other.stale = True
+                elif newer is None or newer[0] < answered:
+                    other.newer = (answered, encoded)
 
     def _start_reads(self, keys: Iterable[Key]) -> Reads:
         """Register a read of each key; end them with `_end_reads`."""
