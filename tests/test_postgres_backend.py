@@ -686,10 +686,10 @@ def test_a_reader_interrupted_while_it_waits_for_a_slot_takes_none_away() -> Non
 
 def test_a_reader_interrupted_anywhere_in_taking_a_slot_leaves_the_pool_whole() -> None:
     """An interrupt at each point CPython raises one in `FairSlots.__enter__` (the suite's
-    harness), while it waits for a slot another reader gives back: afterwards one slot is
-    free and nobody is queued. A place taken in the queue just before the wait had no
-    handler around it, and the slot given back then went to nobody, for good (a review).
-    (As any `__exit__` written in Python, one interrupted as its frame starts is left out.)"""
+    harness), with a slot free and while it waits for one another reader gives back:
+    afterwards one slot is free and nobody is queued. A place taken in the queue just before
+    the wait had no handler around it, and the slot given back then went to nobody, for
+    good; nor had a slot taken at once, interrupted as the lock was let go (two reviews)."""
     def give_back(slots: postgres_link.FairSlots, ended: threading.Event) -> None:
         wait_until(lambda: slots._waiting or ended.is_set(), what="a reader waiting")
         slots.__exit__()
@@ -702,14 +702,49 @@ def test_a_reader_interrupted_anywhere_in_taking_a_slot_leaves_the_pool_whole() 
             ended.set()
 
     points = 0
-    for point in every_point([code_of(postgres_link.FairSlots.__enter__)]):
+    for held in (False, True):
+        for point in every_point([code_of(postgres_link.FairSlots.__enter__)]):
+            slots = postgres_link.FairSlots(1)
+            ended = threading.Event()
+            holder = None
+            if held:  # by another reader, who gives it back once we wait, or gave up
+                slots.__enter__()
+                holder = threading.Thread(target=give_back, args=(slots, ended))
+                holder.start()
+            point.run(take, slots, ended)
+            if holder is not None:
+                holder.join(10)
+            assert (slots._free, len(slots._waiting)) == (1, 0), (held, point)
+            points += 1
+    assert points >= 7
+
+
+def test_a_slot_handed_over_by_an_interrupted_reader_still_reaches_its_waiter(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt at each point of `FairSlots.__exit__` while a reader waits: the waiter
+    gets the slot (its wake-up cut short, it sees it was handed on its next look), or it
+    stays queued with the slot for the next to give back. Handed but never woken, it waited
+    for good (a review). Left out: the point as `__exit__`'s frame starts, as for any
+    `__exit__` written in Python."""
+    monkeypatch.setattr(postgres_link.FairSlots, "RECHECK", 0.05)
+    points = 0
+    for point in every_point([code_of(postgres_link.FairSlots.__exit__)]):
         slots = postgres_link.FairSlots(1)
-        slots.__enter__()  # held by another reader, who gives it back once we wait, or gave up
-        ended = threading.Event()
-        holder = threading.Thread(target=give_back, args=(slots, ended))
-        holder.start()
-        point.run(take, slots, ended)
-        holder.join(10)
-        assert (slots._free, len(slots._waiting)) == (1, 0), point
+        slots.__enter__()
+        got = threading.Event()
+
+        def wait_for_it(slots: postgres_link.FairSlots, got: threading.Event) -> None:
+            with slots:
+                got.set()
+
+        waiter = threading.Thread(target=wait_for_it, args=(slots, got), daemon=True)
+        waiter.start()
+        wait_until(lambda: slots._waiting, what="a reader waiting")  # noqa: B023
+        point.run(slots.__exit__)
         points += 1
-    assert points >= 5
+        if points == 1:  # as the frame starts: nothing done, the slot still held
+            slots.__exit__()
+        assert got.wait(10), point
+        waiter.join(10)
+        assert (slots._free, len(slots._waiting)) == (1, 0), point
+    assert points >= 3

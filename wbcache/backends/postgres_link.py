@@ -358,31 +358,43 @@ class FairSlots:
         self._free = size
         self._waiting: deque[_Turn] = deque()
 
+    # Interrupts (a signal handler's exception) land where CPython checks for them: as a
+    # call returns, never between two plain statements. Each step below is ordered so that a
+    # slot is never lost or given twice wherever one lands (tests/test_postgres_backend.py).
+    RECHECK = 1.0  # s between a waiter's looks at `handed`, should its wake-up have been cut
+
     def __enter__(self) -> None:
         turn: _Turn | None = None
+        took = False
         try:
             with self._lock:
                 if self._free and not self._waiting:
                     self._free -= 1
-                    return
+                    took = True  # no interrupt between the two; one as the lock is let go
+                    return  # is handled below: the slot goes back
                 turn = _Turn()
                 self._waiting.append(turn)
-            turn.lock.acquire()  # `__exit__` releases it, handing its slot over
+            while not turn.lock.acquire(True, self.RECHECK):  # `__exit__` releases it
+                with self._lock:
+                    if turn.handed:  # handed, its release cut short
+                        break
         except BaseException:  # interrupted: give up the place, or the slot if it came
             if turn is not None:
                 with self._lock:
                     if turn in self._waiting:
                         self._waiting.remove(turn)
                         turn = None
-                if turn is not None and turn.handed:
-                    self.__exit__()
+                took = turn is not None and turn.handed
+            if took:
+                self.__exit__()
             raise
 
     def __exit__(self, *exc: object) -> None:
         with self._lock:
             if self._waiting:
-                turn = self._waiting.popleft()
-                turn.handed = True
+                turn = self._waiting[0]
+                turn.handed = True  # first: the waiter sees it should what follows be cut
+                self._waiting.popleft()
                 turn.lock.release()
             else:
                 self._free += 1
