@@ -773,12 +773,13 @@ class Sequencer:
     def _supersede(self, read: _Read) -> None:
         """`read`'s answer is shown (and kept, unless stale): every read of its key that
         asked the database before that answer came is stale unless its answer is the same
-        (`_Read.newer`), as it may be older (a write may keep its reads for long, `submit`;
-        once memory's entry expired, one of them would otherwise put its older answer over
-        this one). Not the reads registered before it: one may ask the database after
-        another registered later has its answer (waiting for a connection), and the older
-        answer went over the newer one, which a reader had seen (an outside hunt, with two
-        caches on one database). A read that has not asked yet will have a newer answer."""
+        as every answer so shown (`_Read.newer`; two that differ make it stale at once), as
+        it may be older (a write may keep its reads for long, `submit`; once memory's entry
+        expired, one of them would otherwise put its older answer over this one). Not the
+        reads registered before it: one may ask the database after another registered
+        later has its answer (waiting for a connection), and the older answer went over
+        the newer one, which a reader had seen (an outside hunt, with two caches on one
+        database). A read that has not asked yet will have a newer answer."""
         answered, encoded = read.answered, read.encoded
         for other in self._reads.get(read.key, ()):
             if other is not read and 0 < other.asked < answered:
