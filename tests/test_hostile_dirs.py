@@ -318,14 +318,21 @@ def test_a_parent_another_user_could_rename_the_directory_in_is_refused(
             assert_one_line_error(run(driver, command, str(path)), 2, expected)
 
 
-def test_another_users_link_on_the_way_to_the_directory_is_refused(tmp_path: Path) -> None:
-    """Its owner could point it elsewhere while the cache runs."""
+def cache_behind_anothers_link(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A closed cache at tmp_path/real/cache (a=1), and a link `name` to real owned by
+    another user."""
     real = tmp_path / "real"
     real.mkdir()
     closed_cache(real / "cache", a=1)
-    link = tmp_path / "link"
+    link = tmp_path / name
     link.symlink_to(real)
     os.chown(link, NOBODY, NOBODY, follow_symlinks=False)
+    return real, link
+
+
+def test_another_users_link_on_the_way_to_the_directory_is_refused(tmp_path: Path) -> None:
+    """Its owner could point it elsewhere while the cache runs."""
+    real, link = cache_behind_anothers_link(tmp_path, "link")
     refused(lambda: wbcache.open(link / "cache"), f"{link}, on the way to",
             f"owned by uid {NOBODY}")
     with wbcache.open(real / "cache") as cache:  # by a path of its owner's
@@ -339,12 +346,7 @@ def test_another_users_link_reached_through_a_link_of_your_own_is_refused(
     target went through another user's link let that user choose which directory the cache
     opened, wrote and recovered into (an attacker's hunt switched it between two of the
     victim's caches). Every name a link's target is resolved through is looked at too."""
-    real = tmp_path / "real"
-    real.mkdir()
-    closed_cache(real / "cache", a=1)
-    theirs = tmp_path / "theirs"
-    theirs.symlink_to(real)
-    os.chown(theirs, NOBODY, NOBODY, follow_symlinks=False)
+    real, theirs = cache_behind_anothers_link(tmp_path, "theirs")
     (tmp_path / "sub").mkdir()
     mine = tmp_path / "sub" / "mine"
     mine.symlink_to(Path("..") / "theirs" / "cache")  # relative, through `..`
