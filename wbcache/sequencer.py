@@ -133,6 +133,7 @@ class FlushBatch(NamedTuple):
 # Ticks of the reads' questions and answers (`_Read.asked`, `.answered`): their order is the
 # order in which the database was asked and answered (`next` is atomic).
 _ticks = itertools.count(1)
+_UNSEEN: Any = object()  # `_Read.newer` before any answer was shown
 
 
 class _Read:
@@ -148,9 +149,9 @@ class _Read:
         self.failed = False  # the database was away; memory's value may be counted on
         self.asked = 0  # a tick taken just before the database was asked (0: not yet)
         self.answered = 0  # a tick taken once it answered
-        # (answered, encoded) of the latest answer shown of a read that answered after this
-        # one asked (`_supersede`): this answer may be older than that one
-        self.newer: tuple[int, bytes | None] | None = None
+        # The answer shown by every read answered after this one asked (`_supersede`; stale
+        # if two differ), which this answer may be older than; _UNSEEN while none was
+        self.newer: Any = _UNSEEN
 
     @property
     def stale(self) -> bool:
@@ -158,8 +159,7 @@ class _Read:
         changed meanwhile, or a read that may be newer showed another answer. A newer answer
         that is the same is no reason: a write's read of a key readers poll was made stale by
         each of theirs, and retried for good (a review: 59,142 reads for one incr)."""
-        newer = self.newer
-        return self._stale or (newer is not None and newer[1] != self.encoded)
+        return self._stale or (self.newer is not _UNSEEN and self.newer != self.encoded)
 
     @stale.setter
     def stale(self, value: bool) -> None:
@@ -783,14 +783,13 @@ class Sequencer:
         answered, encoded = read.answered, read.encoded
         for other in self._reads.get(read.key, ()):
             if other is not read and 0 < other.asked < answered:
-                newer = other.newer
-                if newer is not None and newer[1] != encoded:
+                if other.newer is _UNSEEN:
+                    other.newer = encoded
+                elif other.newer != encoded:
                     # two answers shown since it asked differ: its own differs from one of
                     # them, which may be the newer (the one shown last need not be: a stale
                     # read of an older answer, shown after, turned it back: a review)
                     other.stale = True
-                elif newer is None or newer[0] < answered:
-                    other.newer = (answered, encoded)
 
     def _start_reads(self, keys: Iterable[Key]) -> Reads:
         """Register a read of each key; end them with `_end_reads`."""
