@@ -312,73 +312,6 @@ def test_a_slow_read_never_brings_back_what_a_later_read_replaced(
         reader.close()
 
 
-class AsksInTurn:
-    """A backend view whose reads from the thread named "late" wait before they ask the
-    database (as for a pool's connection) until `ask` is set, and whose reads from the thread
-    named "early" wait with their answer until `answer` is set."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.late_waiting, self.ask = threading.Event(), threading.Event()
-        self.early_holding, self.answer = threading.Event(), threading.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def get(self, key: Key) -> bytes | None:
-        name = threading.current_thread().name
-        if name == "late":
-            self.late_waiting.set()
-            assert self.ask.wait(10)
-        value: bytes | None = self._inner.get(key)
-        if name == "early":
-            self.early_holding.set()
-            assert self.answer.wait(10)
-        return value
-
-
-def test_an_older_answer_never_replaces_a_newer_one_a_reader_was_shown(
-        tmp_path: Path, shared: SharedMemoryBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Reads were ordered by when they were registered, not by when they asked the database:
-    a read registered first but asking last (waiting for a connection) brought in 6 and
-    showed it; one registered later, which had asked before the write and held its answer
-    5, then put 5 over 6 in memory once that entry expired, and readers were shown 5 after
-    6 (an outside hunt, two caches on PostgreSQL and on a shared LMDB directory)."""
-    clock = FakeClock()
-    monkeypatch.setattr("wbcache.memory.time", clock)
-    view = AsksInTurn(shared.view())
-    writer = wbcache.open(tmp_path / "a", backend=shared.view(), flush_interval=3600)
-    reader = wbcache.open(tmp_path / "b", backend=view, flush_interval=3600, read_ttl=1.0)
-    shown: dict[str, Any] = {}
-    late = threading.Thread(target=lambda: shown.update(late=reader.get("k")), name="late")
-    early = threading.Thread(target=lambda: shown.update(early=reader.get("k")), name="early")
-    try:
-        writer.put("k", 5)
-        writer.flush()
-        late.start()
-        assert view.late_waiting.wait(10)  # registered, not yet asked
-        clock.now += 0.5
-        early.start()
-        assert view.early_holding.wait(10)  # registered later, asked first: 5
-        writer.put("k", 6)
-        writer.flush()
-        view.ask.set()
-        late.join(10)
-        assert shown == {"late": 6}  # kept in memory, as old as its registration
-        clock.now += 0.55  # that entry expires; the held answer would be young enough
-        view.answer.set()
-        early.join(10)
-        assert shown == {"late": 6, "early": 5}  # a right answer for a read that overlapped
-        assert reader.get("k") == 6  # never 5 again
-    finally:
-        view.ask.set()
-        view.answer.set()
-        late.join(10)
-        early.join(10)
-        writer.close()
-        reader.close()
-
-
 class GatedReads:
     """A backend view whose reads from the threads named in `names` wait before they ask the
     database until `ask[name]` is set (`waiting[name]` says one does), and with their answer
@@ -408,6 +341,49 @@ class GatedReads:
     def release_all(self) -> None:
         for event in (*self.ask.values(), *self.answer.values()):
             event.set()
+
+
+def test_an_older_answer_never_replaces_a_newer_one_a_reader_was_shown(
+        tmp_path: Path, shared: SharedMemoryBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads were ordered by when they were registered, not by when they asked the database:
+    a read registered first but asking last (waiting for a connection) brought in 6 and
+    showed it; one registered later, which had asked before the write and held its answer
+    5, then put 5 over 6 in memory once that entry expired, and readers were shown 5 after
+    6 (an outside hunt, two caches on PostgreSQL and on a shared LMDB directory)."""
+    clock = FakeClock()
+    monkeypatch.setattr("wbcache.memory.time", clock)
+    view = GatedReads(shared.view(), ["late", "early"])
+    view.answer["late"].set()  # "late" waits only to ask, "early" only with its answer
+    view.ask["early"].set()
+    writer = wbcache.open(tmp_path / "a", backend=shared.view(), flush_interval=3600)
+    reader = wbcache.open(tmp_path / "b", backend=view, flush_interval=3600, read_ttl=1.0)
+    shown: dict[str, Any] = {}
+    late = threading.Thread(target=lambda: shown.update(late=reader.get("k")), name="late")
+    early = threading.Thread(target=lambda: shown.update(early=reader.get("k")), name="early")
+    try:
+        writer.put("k", 5)
+        writer.flush()
+        late.start()
+        assert view.waiting["late"].wait(10)  # registered, not yet asked
+        clock.now += 0.5
+        early.start()
+        assert view.holding["early"].wait(10)  # registered later, asked first: 5
+        writer.put("k", 6)
+        writer.flush()
+        view.ask["late"].set()
+        late.join(10)
+        assert shown == {"late": 6}  # kept in memory, as old as its registration
+        clock.now += 0.55  # that entry expires; the held answer would be young enough
+        view.answer["early"].set()
+        early.join(10)
+        assert shown == {"late": 6, "early": 5}  # a right answer for a read that overlapped
+        assert reader.get("k") == 6  # never 5 again
+    finally:
+        view.release_all()
+        late.join(10)
+        early.join(10)
+        writer.close()
+        reader.close()
 
 
 @pytest.mark.parametrize("last", ["get", "incr"])
