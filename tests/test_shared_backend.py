@@ -2,8 +2,8 @@
 
 `SharedMemoryBackend` is a small in-process database with the semantics a shared server
 (PostgreSQL) has: one checkpoint per attached cache directory, and increments added to what is
-stored. It lets these tests pin the cache's side of the contract without a server. Just over
-500 lines: the reads' races against other caches' writes (read_ttl, the order of answers)
+stored. It lets these tests pin the cache's side of the contract without a server. About
+560 lines: the reads' races against other caches' writes (read_ttl, the order of answers)
 share its backend views.
 """
 
